@@ -1,0 +1,132 @@
+"""Output folders that appear whole or not at all.
+
+Work happens in ``.<name>.tmp-lora-convert-<pid>-<token>`` beside the target; only a complete
+folder is renamed into place.  A run killed with SIGKILL leaves its temp folder behind; the
+next run in the same place recognises it (its pid is gone) and removes it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+from pathlib import Path
+from types import FrameType
+from typing import Iterable
+
+from ..errors import OutputError
+
+TMP_MARK = ".tmp-lora-convert-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(target: Path) -> list[Path]:
+    """Remove temp folders of dead runs that were writing ``target``."""
+    removed = []
+    parent = target.parent
+    if not parent.is_dir():
+        return removed
+    for p in parent.glob(f".{target.name}{TMP_MARK}*"):
+        try:
+            pid = int(p.name.rsplit(TMP_MARK, 1)[1].split("-")[0])
+        except ValueError:
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _inside(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or a.is_relative_to(b)
+
+
+class _Terminated(BaseException):
+    """SIGTERM turned into an exception so that ``finally`` blocks run."""
+
+
+class AtomicOutput:
+    """``with AtomicOutput(target, force=..., inputs=[...]) as tmp: write into tmp``."""
+
+    def __init__(self, target: str | Path, *, force: bool = False, inputs: Iterable[str | Path] = ()) -> None:
+        self.target = Path(target)
+        self.force = force
+        self.inputs = [Path(p) for p in inputs]
+        self.tmp: Path | None = None
+        self._old_term = None
+
+    def check(self) -> None:
+        """Refuse before any work: existing target without --force, output inside an input, input inside output."""
+        t = self.target
+        for inp in self.inputs:
+            if not inp.exists():
+                continue
+            base = inp if inp.is_dir() else inp.parent
+            if _inside(t, base) and inp.is_dir():
+                raise OutputError("output folder is inside an input folder", path=t,
+                                  hint=f"write it outside {inp}")
+            if t.exists() and _inside(inp, t):
+                raise OutputError("an input lies inside the output folder, which --force would delete", path=t)
+        if t.exists() and not self.force:
+            raise OutputError("already exists", path=t, hint="choose another path or pass --force to replace it")
+        if t.exists() and not t.is_dir():
+            raise OutputError("exists and is not a folder", path=t)
+        parent = t.parent if str(t.parent) else Path(".")
+        if not parent.exists():
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OutputError(f"cannot create parent folder: {exc.strerror}", path=parent) from None
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputError("folder is not writable", path=parent)
+
+    def __enter__(self) -> Path:
+        self.check()
+        clean_stale(self.target)
+        name = f".{self.target.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+        self.tmp = self.target.parent / name
+        try:
+            self.tmp.mkdir()
+        except OSError as exc:
+            raise OutputError(f"cannot create temp folder: {exc.strerror}", path=self.tmp) from None
+        try:
+            self._old_term = signal.signal(signal.SIGTERM, self._on_term)
+        except ValueError:  # not the main thread
+            self._old_term = None
+        return self.tmp
+
+    @staticmethod
+    def _on_term(signum: int, frame: FrameType | None) -> None:
+        raise _Terminated()
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
+        if self._old_term is not None:
+            signal.signal(signal.SIGTERM, self._old_term)
+        assert self.tmp is not None
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            if exc_type is _Terminated:
+                raise OutputError("terminated by SIGTERM; nothing was written", path=self.target) from None
+            return
+        try:
+            if self.target.exists():
+                trash = self.target.parent / f".{self.target.name}{TMP_MARK}{os.getpid()}-old"
+                os.rename(self.target, trash)
+                os.rename(self.tmp, self.target)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.rename(self.tmp, self.target)
+        except OSError as exc:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise OutputError(f"cannot move the finished folder into place: {exc.strerror}", path=self.target) from None

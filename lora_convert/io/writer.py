@@ -1,0 +1,174 @@
+"""Streaming safetensors writer with huggingface_hub-style sharding.
+
+The header is computed from the plan (names, dtypes, shapes are all known before any
+data), so each file is written front to back in one pass and memory never holds more
+than the chunk being written.  A tensor may arrive in several row blocks.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from ..errors import OutputError
+from .safetensors_format import build_header, dtype_size
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"`` -> 5_000_000_000 (decimal units, as huggingface_hub; ``GiB`` is binary)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (use e.g. 5GB, 500MB, 2GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * dtype_size(self.dtype)
+
+
+def assign_shards(entries: list[PlannedTensor], max_shard_size: int) -> list[list[PlannedTensor]]:
+    """Greedy in plan order, like transformers' ``shard_checkpoint``: a tensor larger than the
+    limit gets a shard of its own."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for e in entries:
+        if shards[-1] and size + e.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.nbytes
+    return shards
+
+
+def shard_names(n: int, stem: str = "model") -> list[str]:
+    if n == 1:
+        return [f"{stem}.safetensors"]
+    return [f"{stem}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def _as_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().contiguous().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+class SafetensorsWriter:
+    """Writes planned tensors into ``folder`` as one file or shards plus an index."""
+
+    def __init__(self, folder: Path, entries: list[PlannedTensor], *, max_shard_size: int | str = "5GB",
+                 stem: str = "model", metadata: dict[str, str] | None = None) -> None:
+        self.folder = Path(folder)
+        self.entries = list(entries)
+        names = [e.name for e in self.entries]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise ValueError(f"tensor planned twice: {dup}")
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.shards = assign_shards(self.entries, parse_size(max_shard_size))
+        self.files = shard_names(len(self.shards), stem)
+        self.stem = stem
+        self._order = [(si, e) for si, shard in enumerate(self.shards) for e in shard]
+        self._pos = 0  # index into _order of the tensor being written
+        self._written = 0  # bytes of that tensor written so far
+        self._fh: BinaryIO | None = None
+        self._shard = -1
+
+    @property
+    def total_size(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    def _open_shard(self, si: int) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        header, _ = build_header([(e.name, e.dtype, e.shape) for e in self.shards[si]], self.metadata)
+        path = self.folder / self.files[si]
+        self._fh = open(path, "wb")
+        self._shard = si
+        self._guard(self._fh.write, header, path)
+
+    def _guard(self, fn, data, path) -> None:  # type: ignore[no-untyped-def]
+        try:
+            fn(data)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise OutputError("disk full while writing", path=path, hint="free space or write elsewhere") from None
+            raise OutputError(f"write failed: {exc.strerror}", path=path) from None
+
+    def write(self, name: str, data: torch.Tensor) -> None:
+        """Write ``data`` — the whole tensor ``name`` or its next block of rows — in plan order."""
+        if self._pos >= len(self._order):
+            raise ValueError(f"{name}: all planned tensors are already written")
+        si, entry = self._order[self._pos]
+        if entry.name != name:
+            raise ValueError(f"{name}: written out of plan order (expected {entry.name})")
+        if data.dtype != entry.dtype:
+            raise ValueError(f"{name}: dtype {data.dtype}, planned {entry.dtype}")
+        if self._shard != si:
+            self._open_shard(si)
+        raw = _as_bytes(data)
+        if self._written + len(raw) > entry.nbytes:
+            raise ValueError(f"{name}: more bytes than its planned shape {entry.shape}")
+        assert self._fh is not None
+        self._guard(self._fh.write, raw, self.folder / self.files[si])
+        self._written += len(raw)
+        if self._written == entry.nbytes:
+            self._pos += 1
+            self._written = 0
+
+    def close(self) -> list[str]:
+        """Finish the last file and write the index; returns the file names written."""
+        while self._pos < len(self._order) and self._order[self._pos][1].nbytes == 0:
+            si, entry = self._order[self._pos]
+            if self._shard != si:
+                self._open_shard(si)
+            self._pos += 1
+        if self._pos != len(self._order):
+            raise ValueError(f"{self._order[self._pos][1].name}: planned but not written")
+        if self._fh is not None:
+            path = self.folder / self.files[self._shard]
+            self._guard(lambda _: (self._fh.flush(), self._fh.close()), None, path)  # type: ignore[union-attr]
+            self._fh = None
+        if not self.entries:
+            header, _ = build_header([], self.metadata)
+            (self.folder / self.files[0]).write_bytes(header)
+        if len(self.files) > 1:
+            index = {
+                "metadata": {"total_size": self.total_size},
+                "weight_map": {e.name: self.files[si] for si, shard in enumerate(self.shards) for e in shard},
+            }
+            path = self.folder / f"{self.stem}.safetensors.index.json"
+            self._guard(path.write_text, json.dumps(index, indent=2, sort_keys=True) + "\n", path)
+        return list(self.files)
+
+    def abort(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def write_tensors(folder: Path, tensors: dict[str, torch.Tensor], *, max_shard_size: int | str = "5GB",
+                  stem: str = "model", metadata: dict[str, str] | None = None) -> list[str]:
+    """Write small in-memory tensors (adapters) through the same writer."""
+    entries = [PlannedTensor(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    w = SafetensorsWriter(folder, entries, max_shard_size=max_shard_size, stem=stem, metadata=metadata)
+    for k, v in tensors.items():
+        w.write(k, v)
+    return w.close()
