@@ -1,0 +1,79 @@
+"""Model cards (README.md) for every output folder, with Hub metadata in the YAML header."""
+
+from __future__ import annotations
+
+from typing import Any
+
+PIPELINE_BY_ARCH_SUFFIX = {
+    "ForCausalLM": "text-generation",
+    "LMHeadModel": "text-generation",
+    "ForSequenceClassification": "text-classification",
+    "ForTokenClassification": "token-classification",
+    "ForQuestionAnswering": "question-answering",
+    "ForConditionalGeneration": "text-generation",
+    "ForMaskedLM": "fill-mask",
+}
+
+
+def pipeline_tag(model_config: dict[str, Any] | None) -> str | None:
+    for arch in (model_config or {}).get("architectures") or []:
+        for suffix, tag in PIPELINE_BY_ARCH_SUFFIX.items():
+            if str(arch).endswith(suffix):
+                return tag
+    return None
+
+
+def _yaml_scalar(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    s = str(v)
+    if s == "" or any(c in s for c in ":#{}[],&*?|<>=!%@`'\"\n") or s.strip() != s:
+        return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return s
+
+
+def render_card(*, form: str, base_model: str | None, model_config: dict[str, Any] | None, command: str | None,
+                summary: list[str], tables: list[str] | None = None) -> str:
+    """A README.md: YAML metadata the Hub understands, then what was done and how."""
+    meta: dict[str, Any] = {}
+    tags = ["lora", "lora-convert"]
+    if form == "adapter":
+        meta["library_name"] = "peft"
+        relation = "adapter"
+        tags.append("peft")
+    else:
+        meta["library_name"] = "transformers"
+        relation = "merge" if form == "merged" else None
+    if base_model:
+        meta["base_model"] = base_model
+        if relation:
+            meta["base_model_relation"] = relation
+        if form == "adapter":
+            tags.append(f"base_model:adapter:{base_model}")
+    tag = pipeline_tag(model_config)
+    if tag:
+        meta["pipeline_tag"] = tag
+    meta["tags"] = tags
+    lines = ["---"]
+    for k, v in meta.items():
+        if isinstance(v, list):
+            lines.append(f"{k}:")
+            lines += [f"- {_yaml_scalar(x)}" for x in v]
+        else:
+            lines.append(f"{k}: {_yaml_scalar(v)}")
+    lines += ["---", "", f"# {form.capitalize()} checkpoint", ""]
+    what = {
+        "merged": "LoRA weights folded into the base weights (`W + s·B·A`, computed in fp32 and rounded once).",
+        "adapter": "A PEFT LoRA adapter: load it with `PeftModel.from_pretrained(base, this_folder)`.",
+        "unmerged": "The full model with LoRA layers inside it, in PEFT's state-dict layout.",
+        "base": "The base model, with the LoRA modules stripped and the original key names restored.",
+    }.get(form, "")
+    lines += [what, ""]
+    if base_model:
+        lines += [f"Base model: `{base_model}`", ""]
+    lines += [f"- {s}" for s in summary]
+    if command:
+        lines += ["", "Made with [lora-convert](https://github.com/) by:", "", "```", command, "```"]
+    for t in tables or []:
+        lines += ["", t]
+    return "\n".join(lines) + "\n"

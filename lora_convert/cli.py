@@ -1,0 +1,206 @@
+"""The ``lora-convert`` command: parse arguments, call the API, print. Nothing else lives here."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from . import api
+from .detect import detect as detect_fn
+from .errors import LoraConvertError
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _command_line() -> str:
+    return "lora-convert " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def run_guarded(fn: Callable[[], Any], debug: bool) -> Any:
+    """Turn our exceptions into one ``error:`` line and exit 1."""
+    try:
+        return fn()
+    except LoraConvertError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted; nothing was written", err=True)
+        sys.exit(130)
+
+
+def _print_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lora-convert")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Detect, convert, merge and extract LoRA checkpoints, tensor by tensor."""
+    ctx.obj = {"debug": debug}
+
+
+def _debug(ctx: click.Context) -> bool:
+    return bool(ctx.obj and ctx.obj.get("debug"))
+
+
+@main.command()
+@click.argument("path")
+@click.option("--base", help="Compare a plain checkpoint with this base (reads tensor data).")
+@click.option("--adapter", help="Adapter name, for folders with several.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.pass_context
+def detect(ctx: click.Context, path: str, base: str | None, adapter: str | None, as_json: bool) -> None:
+    """Say which form PATH is in (adapter, unmerged, plain / base / merged) and why."""
+    res = run_guarded(lambda: detect_fn(path, base=base, adapter=adapter), _debug(ctx))
+    if as_json:
+        _print_json(res.to_dict())
+        return
+    out.print(f"[bold]form:[/bold] {res.form}")
+    out.print(f"files: {', '.join(res.files)} ({res.layout}); {res.tensors} tensors, {_human(res.total_bytes)}; "
+              + ", ".join(f"{k} {_human(v)}" for k, v in res.dtypes.items()))
+    for a in res.adapters:
+        t = Table(title=f"adapter '{a.name}'", show_lines=False)
+        for col in ("module", "count", "layers", "rank", "alpha", "scaling"):
+            t.add_column(col)
+        for g in a.modules:
+            layers = _ranges(g.layers) if g.layers else "-"
+            t.add_row(g.name, str(g.count), layers, ",".join(map(str, g.ranks)),
+                      ",".join(f"{x:g}" for x in g.alphas) or "?", ",".join(f"{x:g}" for x in g.scalings) or "?")
+        out.print(t)
+        flags = [f"DoRA: {a.dora}", f"rsLoRA: {a.use_rslora}", f"lora_bias: {a.lora_bias}",
+                 f"LoRA params: {a.lora_parameters:,}"]
+        if a.modules_to_save:
+            flags.append("modules_to_save: " + ", ".join(a.modules_to_save))
+        if a.saved_layers:
+            flags.append("saved whole: " + ", ".join(a.saved_layers))
+        if a.trainable_tokens:
+            flags.append("trainable tokens: " + ", ".join(f"{k} ({v})" for k, v in a.trainable_tokens.items()))
+        if a.rank_pattern:
+            flags.append(f"rank_pattern: {a.rank_pattern}")
+        if a.alpha_pattern:
+            flags.append(f"alpha_pattern: {a.alpha_pattern}")
+        out.print("; ".join(flags))
+    if res.differs_from_base:
+        shown = ", ".join(res.differs_from_base[:8])
+        more = f" and {len(res.differs_from_base) - 8} more" if len(res.differs_from_base) > 8 else ""
+        out.print(f"differs from base: {shown}{more}")
+    if res.base_comparison and res.base_comparison.get("summary"):
+        out.print(res.base_comparison["summary"])
+    for w in res.warnings:
+        err.print(f"[yellow]warning:[/yellow] {w}")
+
+
+def _ranges(xs: list[int]) -> str:
+    if not xs:
+        return ""
+    parts, start, prev = [], xs[0], xs[0]
+    for x in xs[1:] + [None]:  # type: ignore[list-item]
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        parts.append(f"{start}-{prev}" if prev != start else str(start))
+        if x is not None:
+            start = prev = x
+    return ",".join(parts)
+
+
+def _conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for opt in reversed([
+        click.option("-o", "--output", required=True, help="Output folder (created atomically)."),
+        click.option("--base", help="Base model folder or Hub repo id."),
+        click.option("--adapter", help="Adapter name, for checkpoints with several."),
+        click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+                     help="Output dtype of floating tensors (auto: the base's)."),
+        click.option("--max-shard-size", default="5GB", show_default=True, help="Shard limit, decimal units."),
+        click.option("--force", is_flag=True, help="Replace an existing output folder."),
+        click.option("--json", "as_json", is_flag=True, help="Print a JSON summary."),
+        click.option("--push-to", help="Push the output folder to this Hub repo id afterwards."),
+        click.option("--private", is_flag=True, help="With --push-to: create the repo private."),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _report_conversion(res: Any, as_json: bool, pushed: Any = None) -> None:
+    if as_json:
+        d = res.to_dict()
+        if pushed is not None:
+            d["pushed"] = pushed.__dict__ if hasattr(pushed, "__dict__") else pushed
+        _print_json(d)
+        return
+    out.print(f"[green]wrote[/green] {res.output} ({res.target_form}, from {res.source_form}): {res.tensors} tensors, "
+              f"{_human(res.total_bytes)} in {res.seconds:.1f} s")
+    if res.ops:
+        out.print("  " + ", ".join(f"{k}: {v}" for k, v in sorted(res.ops.items())))
+    for k, v in res.config_changes.items():
+        out.print(f"  config.json: {k} = {v}")
+    for w in res.warnings:
+        err.print(f"[yellow]warning:[/yellow] {w}")
+    if pushed is not None:
+        out.print(f"[green]pushed[/green] {getattr(pushed, 'commit_url', pushed)}")
+
+
+def _maybe_push(folder: str, push_to: str | None, private: bool) -> Any:
+    if not push_to:
+        return None
+    from .io.hub import push_folder
+
+    return push_folder(folder, push_to, private=private, progress=False)
+
+
+@main.command()
+@click.argument("source")
+@click.option("--to", "to", required=True, type=click.Choice(["merged", "adapter", "unmerged", "base"]),
+              help="Target form.")
+@_conversion_options
+@click.pass_context
+def convert(ctx: click.Context, source: str, to: str, output: str, base: str | None, adapter: str | None, dtype: str,
+            max_shard_size: str, force: bool, as_json: bool, push_to: str | None, private: bool) -> None:
+    """Convert SOURCE to another storage form."""
+    def go() -> Any:
+        res = api.convert(source, to, output=output, base=base, adapter=adapter, dtype=dtype,
+                          max_shard_size=max_shard_size, force=force, progress=not as_json and err.is_terminal,
+                          command=_command_line())
+        return res, _maybe_push(output, push_to, private)
+
+    res, pushed = run_guarded(go, _debug(ctx))
+    _report_conversion(res, as_json, pushed)
+
+
+@main.command()
+@click.argument("source")
+@_conversion_options
+@click.pass_context
+def merge(ctx: click.Context, source: str, output: str, base: str | None, adapter: str | None, dtype: str,
+          max_shard_size: str, force: bool, as_json: bool, push_to: str | None, private: bool) -> None:
+    """Fold LoRA into the base weights (SOURCE: an adapter with --base, or an unmerged checkpoint)."""
+    def go() -> Any:
+        res = api.merge(source, output=output, base=base, adapter=adapter, dtype=dtype, max_shard_size=max_shard_size,
+                        force=force, progress=not as_json and err.is_terminal, command=_command_line())
+        return res, _maybe_push(output, push_to, private)
+
+    res, pushed = run_guarded(go, _debug(ctx))
+    _report_conversion(res, as_json, pushed)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,168 @@
+"""Which storage form a checkpoint is in, and the evidence — from headers only.
+
+Only ``--base`` comparisons read tensor data (to tell a base from a merged model)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import AdapterConfig
+from .inventory import Inventory, build_inventory
+from .io.reader import Checkpoint, open_checkpoint
+from .keys import layer_index, short_name
+
+
+@dataclass
+class ModuleGroup:
+    """All modules of one kind (``q_proj``) in one adapter."""
+
+    name: str
+    count: int
+    layers: list[int]
+    ranks: list[int]
+    alphas: list[float]
+    scalings: list[float]
+
+
+@dataclass
+class AdapterSummary:
+    name: str
+    target_modules: list[str]
+    layers: list[int]
+    ranks: list[int]
+    lora_alpha: float | None
+    use_rslora: bool
+    dora: bool
+    lora_bias: bool
+    modules_to_save: list[str]
+    saved_layers: list[str]  # base layers saved whole in the adapter (embeddings of a resized vocab, biases)
+    trainable_tokens: dict[str, int]
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    modules: list[ModuleGroup]
+    lora_parameters: int
+
+
+@dataclass
+class DetectResult:
+    form: str  # adapter | unmerged | plain | base | merged
+    path: str
+    layout: str
+    files: list[str]
+    tensors: int
+    total_bytes: int
+    dtypes: dict[str, int]
+    adapters: list[AdapterSummary] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    differs_from_base: list[str] = field(default_factory=list)
+    base_comparison: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _summarise(ck: Checkpoint, inv: Inventory, name: str, cfg: AdapterConfig | None, warnings: list[str]) -> AdapterSummary:
+    mods = inv.modules(name)
+    groups: dict[str, list] = {}
+    params = 0
+    for m in mods.values():
+        groups.setdefault(m.name, []).append(m)
+        params += m.rank * (m.in_features + m.out_features)
+        if m.magnitude_key:
+            params += m.out_features
+        if m.bias_key:
+            params += m.out_features
+    mg = []
+    for g, ms in sorted(groups.items()):
+        alphas = sorted({cfg.alpha_for(m.module) for m in ms}) if cfg else []
+        scal = sorted({round(cfg.scaling_for(m.module, m.rank), 6) for m in ms}) if cfg else []
+        mg.append(ModuleGroup(g, len(ms), sorted({m.layer for m in ms if m.layer is not None}),
+                              sorted({m.rank for m in ms}), alphas, scal))
+    replace = inv.replace.get(name, {})
+    for k in replace.values():
+        params += ck.info(k).numel
+    tokens = {short_name(m): ck.info(k).shape[0] for m, k in inv.tokens.get(name, {}).items()}
+    for k in inv.tokens.get(name, {}).values():
+        params += ck.info(k).numel
+    if cfg is not None:
+        bad = [m for m in mods.values() if cfg.rank_for(m.module) != m.rank]
+        if bad:
+            m = bad[0]
+            warnings.append(f"adapter {name}: config says r={cfg.rank_for(m.module)} for {m.module} but the tensors "
+                            f"have rank {m.rank} ({len(bad)} module(s) disagree); the tensors settle it")
+        has_mag = any(m.magnitude_key for m in mods.values())
+        if cfg.use_dora and mods and not has_mag:
+            warnings.append(f"adapter {name}: use_dora is set but no lora_magnitude_vector tensors were found")
+        if has_mag and not cfg.use_dora:
+            warnings.append(f"adapter {name}: DoRA magnitude tensors found but use_dora is false in the config")
+        for reason in cfg.unsupported_reasons():
+            warnings.append(f"adapter {name}: not plain LoRA: {reason}")
+    return AdapterSummary(
+        name=name,
+        target_modules=sorted(groups),
+        layers=sorted({m.layer for m in mods.values() if m.layer is not None}),
+        ranks=sorted({m.rank for m in mods.values()}),
+        lora_alpha=cfg.lora_alpha if cfg else None,
+        use_rslora=bool(cfg.use_rslora) if cfg else False,
+        dora=any(m.magnitude_key for m in mods.values()),
+        lora_bias=any(m.bias_key for m in mods.values()),
+        modules_to_save=sorted({k.rsplit(".", 1)[0] for k in replace if k not in inv.saved_layers.get(name, ())}),
+        saved_layers=sorted(inv.saved_layers.get(name, ())),
+        trainable_tokens=tokens,
+        rank_pattern=dict(cfg.rank_pattern) if cfg else {},
+        alpha_pattern=dict(cfg.alpha_pattern) if cfg else {},
+        modules=mg,
+        lora_parameters=params,
+    )
+
+
+def detect(path: str | Path, *, base: str | Path | None = None, adapter: str | None = None) -> DetectResult:
+    """Say which form ``path`` is in: adapter, unmerged, plain (or base / merged with ``base``)."""
+    from .api import _resolve
+
+    p = _resolve(path, what="checkpoint")
+    with open_checkpoint(p, adapter_name=adapter) as ck:
+        inv = build_inventory(ck)
+        cfg = AdapterConfig.load(ck.adapter_config_path) if ck.adapter_config_path else None
+        warnings: list[str] = []
+        if inv.form in ("adapter", "unmerged") and cfg is None:
+            warnings.append("no adapter_config.json: rank comes from the tensors, alpha and scaling are unknown")
+        res = DetectResult(
+            form=inv.form, path=str(path), layout=ck.layout,
+            files=[str(f.relative_to(ck.root)) if f.is_relative_to(ck.root) else str(f) for f in ck.files],
+            tensors=len(ck.tensors), total_bytes=ck.total_bytes, dtypes=ck.dtypes(), warnings=warnings,
+        )
+        for name in inv.adapters:
+            res.adapters.append(_summarise(ck, inv, name, cfg, warnings))
+        if inv.old_layout:
+            warnings.append("older PEFT layout: base weights at <module>.weight beside the LoRA tensors")
+        if base is not None and inv.form == "plain":
+            _compare_with_base(ck, _resolve(base, what="base"), res)
+    return res
+
+
+def _compare_with_base(ck: Checkpoint, base_path: Path, res: DetectResult) -> None:
+    """Tensor-by-tensor comparison with a base: equal everywhere is ``base``, otherwise ``merged``."""
+    try:
+        from .extract import analyse_difference  # richer: effective rank per module
+    except ImportError:
+        analyse_difference = None
+    with open_checkpoint(base_path) as b:
+        if analyse_difference is not None:
+            res.base_comparison = analyse_difference(ck, b)
+            res.differs_from_base = list(res.base_comparison.get("changed", []))
+        else:
+            changed = []
+            for name, info in ck.tensors.items():
+                if name not in b.tensors:
+                    changed.append(name)
+                    continue
+                if b.info(name).shape != info.shape or not torch.equal(ck.read(name), b.read(name)):
+                    changed.append(name)
+            missing = [n for n in b.tensors if n not in ck.tensors]
+            res.differs_from_base = changed + missing
+    res.form = "merged" if res.differs_from_base else "base"

@@ -1,0 +1,117 @@
+"""LoRA weight math, pure tensors in and out: no files, no config parsing.
+
+Every route merges through :func:`merge_rows`: one fp32 ``addmm`` per block of output rows,
+``W_rows(fp32) + s · left_rows @ right``, rounded once to the output dtype.  It never builds
+a full-size fp32 ΔW, and it gives ``round(fp32(W) + ΔW)`` rather than PEFT's
+``W + round(ΔW)`` double rounding.
+
+Orientation: a stored weight is either *row-major in the LoRA sense* (nn.Linear: W is
+(out, in) and ΔW = B·A) or *transposed* (GPT-2 Conv1D: W is (in, out); nn.Embedding: W is
+(vocab, dim) and ΔW = (B_e·A_e)ᵀ).  :class:`DeltaFactors` hides which: rows of the stored ΔW
+are ``left[rows] @ right``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FP32 = torch.float32
+
+
+@dataclass
+class DeltaFactors:
+    """Stored-orientation ΔW = scaling · left @ right, with left (rows, r) and right (r, cols)."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+    scaling: float
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.left.shape[0], self.right.shape[1])
+
+    @property
+    def rank(self) -> int:
+        return self.left.shape[1]
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """fp32 ΔW rows ``start:stop`` (small: one block)."""
+        return torch.mm(self.left[start:stop], self.right).mul_(self.scaling)
+
+    def full(self) -> torch.Tensor:
+        return self.rows(0, self.shape[0])
+
+
+def linear_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *, transposed: bool) -> DeltaFactors:
+    """nn.Linear (W (out, in), ΔW = B·A) or, with ``transposed``, GPT-2 Conv1D (W (in, out), ΔW = (B·A)ᵀ)."""
+    a, b = lora_A.to(FP32), lora_B.to(FP32)
+    if transposed:
+        return DeltaFactors(a.t().contiguous(), b.t().contiguous(), scaling)
+    return DeltaFactors(b.contiguous(), a.contiguous(), scaling)
+
+
+def embedding_factors(lora_embedding_A: torch.Tensor, lora_embedding_B: torch.Tensor, scaling: float) -> DeltaFactors:
+    """nn.Embedding: A_e is (r, vocab), B_e is (dim, r), W is (vocab, dim), ΔW = (B_e·A_e)ᵀ·s."""
+    return DeltaFactors(lora_embedding_A.to(FP32).t().contiguous(), lora_embedding_B.to(FP32).t().contiguous(), scaling)
+
+
+def merge_rows(w_rows: torch.Tensor, delta: DeltaFactors, start: int, out_dtype: torch.dtype,
+               col_scale: torch.Tensor | None = None, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``start:start+len(w_rows)`` of the merged weight, rounded once to ``out_dtype``.
+
+    ``row_scale``/``col_scale`` (fp32) apply DoRA's m/‖W+ΔW‖ along the stored rows or columns.
+    """
+    stop = start + w_rows.shape[0]
+    acc = w_rows.to(FP32, copy=True)
+    acc.addmm_(delta.left[start:stop], delta.right, alpha=delta.scaling)
+    if row_scale is not None:
+        acc.mul_(row_scale[start:stop].unsqueeze(1))
+    if col_scale is not None:
+        acc.mul_(col_scale.unsqueeze(0))
+    return acc.to(out_dtype)
+
+
+def dora_row_norms(w_rows: torch.Tensor, delta: DeltaFactors, start: int) -> torch.Tensor:
+    """‖W + ΔW‖ over each stored row in the block (nn.Linear: one norm per output feature)."""
+    stop = start + w_rows.shape[0]
+    acc = w_rows.to(FP32, copy=True)
+    acc.addmm_(delta.left[start:stop], delta.right, alpha=delta.scaling)
+    return torch.linalg.vector_norm(acc, dim=1)
+
+
+def dora_col_sq_norms(w_rows: torch.Tensor, delta: DeltaFactors, start: int) -> torch.Tensor:
+    """Partial Σ (W + ΔW)² over stored columns for one block (Conv1D/Embedding: per output feature)."""
+    stop = start + w_rows.shape[0]
+    acc = w_rows.to(FP32, copy=True)
+    acc.addmm_(delta.left[start:stop], delta.right, alpha=delta.scaling)
+    return acc.square_().sum(dim=0)
+
+
+def dora_scale(magnitude: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """m / ‖W + ΔW‖, as PEFT's DoRA merge computes it."""
+    return magnitude.to(FP32) / norms
+
+
+def block_rows(n_rows: int, n_cols: int, budget_bytes: int = 64 << 20) -> int:
+    """Rows per block so that one fp32 tile stays near ``budget_bytes``: large enough for fast GEMMs,
+    small enough to stay in cache-friendly, RSS-flat territory."""
+    return max(1, min(n_rows, budget_bytes // max(1, 4 * n_cols)))
+
+
+def is_transposed(base_shape: tuple[int, ...], in_features: int, out_features: int, *, hint: bool) -> bool:
+    """Whether a stored linear weight is (in, out) (Conv1D).  Decided from the shape; ``hint``
+    (fan_in_fan_out or a Conv1D architecture) only settles square matrices."""
+    if len(base_shape) != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {base_shape}")
+    if in_features != out_features:
+        if tuple(base_shape) == (out_features, in_features):
+            return False
+        if tuple(base_shape) == (in_features, out_features):
+            return True
+        raise ValueError(f"weight shape {tuple(base_shape)} fits neither (out, in)=({out_features}, {in_features}) "
+                         "nor its transpose")
+    if tuple(base_shape) != (out_features, in_features):
+        raise ValueError(f"weight shape {tuple(base_shape)} does not fit ({out_features}, {in_features})")
+    return hint
