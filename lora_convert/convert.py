@@ -121,15 +121,19 @@ def _input_embedding_key(keys: list[str]) -> str | None:
 
 
 def _tied(model_config: dict[str, Any] | None, base: BaseView) -> tuple[str | None, str | None]:
-    """(input embedding key, output embedding key) when the base ties them and omits lm_head."""
+    """(input embedding key, output embedding key) when the model ties them.
+
+    A tied model's lm_head *is* the input embedding at load time, whether or not the file
+    also stores ``lm_head.weight``; so its base value is always the embedding's."""
     out_key = "lm_head.weight"
     emb = _input_embedding_key(base.keys())
-    if emb is None or out_key in base:
+    if emb is None:
         return None, None
-    tie = True
-    if model_config is not None:
-        tie = bool(model_config.get("tie_word_embeddings", (model_config.get("text_config") or {}).get(
-            "tie_word_embeddings", True)))
+    cfg = model_config or {}
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else {}
+    tie = cfg.get("tie_word_embeddings", text.get("tie_word_embeddings"))
+    if tie is None:  # transformers' default is True; a file without lm_head can only be tied
+        tie = out_key not in base
     return (emb, out_key) if tie else (None, None)
 
 
@@ -310,7 +314,7 @@ def plan_merge(base: BaseView, ad: Checkpoint, inv: Inventory, adapter: str, cfg
     emb_key, out_key = _tied(model_config, base)
     keys = base.keys()
     tied_view = dict(base.map)
-    if out_key is not None:
+    if out_key is not None and out_key not in tied_view:
         tied_view[out_key] = base.map[emb_key]
     view = BaseView(base.ck, tied_view)
     all_mods = sorted({m for m in modules} | {k.rsplit(".", 1)[0] for k in replace if k not in view}
@@ -322,6 +326,8 @@ def plan_merge(base: BaseView, ad: Checkpoint, inv: Inventory, adapter: str, cfg
         return f"{remap.get(mod, mod)}.{param}" if mod in remap else key
 
     ops: dict[str, _KeyOps] = {k: _KeyOps((view.ck, view.map[k])) for k in view.map}
+    if out_key is not None:
+        ops[out_key] = _KeyOps((view.ck, view.map[emb_key]))
     new_keys: list[str] = []
     for k, src in replace.items():
         bk = rk(k)
@@ -345,6 +351,8 @@ def plan_merge(base: BaseView, ad: Checkpoint, inv: Inventory, adapter: str, cfg
     token_map = cfg.trainable_token_map()
     for mod, key in tokens.items():
         wk = f"{remap.get(mod, mod)}.weight"
+        if wk == out_key and emb_key is not None and any(f"{remap.get(m, m)}.weight" == emb_key for m in tokens):
+            continue  # the tied lm_head's token adapter is the embedding's (PEFT ties them); applied below
         idx = token_map.get(short_name(mod)) or token_map.get(mod)
         if idx is None:
             raise AdapterError(f"trainable tokens for {mod} but trainable_token_indices names no indices for it",
@@ -355,7 +363,8 @@ def plan_merge(base: BaseView, ad: Checkpoint, inv: Inventory, adapter: str, cfg
     config_changes: dict[str, Any] = {}
     if out_key is not None:
         if ops[out_key].signature() != ops[emb_key].signature():
-            new_keys.append(out_key)
+            if out_key not in keys:
+                new_keys.append(out_key)
             config_changes["tie_word_embeddings"] = False
             warnings.append("embed_tokens and lm_head were tied in the base but differ after the merge: "
                             "both are written and tie_word_embeddings is set to false")

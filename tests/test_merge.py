@@ -1,0 +1,178 @@
+"""Merged output must give the logits of PEFT's *unmerged* model (max |Δ| ≤ 1e-5 in fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lora_convert as lc
+from tiny import gpt2, llama, load_merged, logits, peft_wrap, qwen2, read_json, save_unmerged
+
+TOL = 1e-5
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ALL = ATTN + ["gate_proj", "up_proj", "down_proj"]
+
+
+def _check(tmp_path, base_model, pm, *, via="adapter", name="default", expect_untied=None):
+    ref = logits(pm)
+    base_dir = tmp_path / "base"
+    pm.get_base_model()  # noqa: B018 - keep the wrapper alive
+    with pm.disable_adapter():
+        pass
+    base_model_for_save = base_model
+    base_model_for_save.save_pretrained(str(base_dir)) if not base_dir.exists() else None
+    out = tmp_path / "merged"
+    if via == "adapter":
+        pm.save_pretrained(str(tmp_path / "adapter"))
+        src = tmp_path / "adapter" / (name if name != "default" else "")
+        res = lc.merge(src, base=base_dir, output=out)
+    else:
+        src = save_unmerged(pm, tmp_path / "unmerged", prefixed=(via == "unmerged"))
+        res = lc.merge(src, output=out)
+    got = logits(load_merged(out))
+    assert got.shape == ref.shape
+    diff = (got - ref).abs().max().item()
+    assert diff <= TOL, f"max |Δlogits| = {diff}"
+    if expect_untied is not None:
+        cfg = read_json(out / "config.json")
+        assert (cfg.get("tie_word_embeddings") is False) == expect_untied
+    return res
+
+
+def _fresh_base(factory, tmp_path, **kw):
+    """Save the base before PEFT wraps it (get_peft_model modifies the model in place)."""
+    m = factory(**kw)
+    m.save_pretrained(str(tmp_path / "base"))
+    return m
+
+
+CASES = {
+    "llama-attn": (llama, {}, dict(r=8, lora_alpha=16, target_modules=ATTN)),
+    "llama-all-linears": (llama, {}, dict(r=4, lora_alpha=8, target_modules=ALL)),
+    "llama-embed-lmhead": (llama, {}, dict(r=8, lora_alpha=16,
+                                           target_modules=["q_proj", "v_proj", "o_proj", "embed_tokens", "lm_head"])),
+    "llama-rslora": (llama, {}, dict(r=16, lora_alpha=8, use_rslora=True, target_modules=ALL)),
+    "llama-patterns": (llama, {}, dict(r=4, lora_alpha=8, target_modules=ALL,
+                                       rank_pattern={"q_proj": 2, "model.layers.1.mlp.down_proj": 6},
+                                       alpha_pattern={"^model.layers.0.self_attn.v_proj": 3, "up_proj": 32})),
+    "llama-dora": (llama, {}, dict(r=4, lora_alpha=8, use_dora=True, target_modules=ALL + ["lm_head"])),
+    "llama-dora-embed": (llama, {}, dict(r=4, lora_alpha=8, use_dora=True, target_modules=["embed_tokens", "q_proj"])),
+    "llama-modules-to-save": (llama, {}, dict(r=4, lora_alpha=8, target_modules=ATTN,
+                                              modules_to_save=["input_layernorm", "norm"])),
+    "llama-layers-to-transform": (llama, {}, dict(r=4, lora_alpha=8, target_modules=ALL, layers_to_transform=[1])),
+    "llama-trainable-tokens": (llama, {}, dict(r=4, lora_alpha=8, target_modules=ATTN,
+                                               trainable_token_indices=[3, 7, 50])),
+    "qwen2-tied-embed": (qwen2, {}, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])),
+    "qwen2-tied-lmhead": (qwen2, {}, dict(r=4, lora_alpha=8, target_modules=["lm_head", "v_proj"])),
+    "qwen2-tied-tokens": (qwen2, {}, dict(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                          trainable_token_indices=[3, 9])),
+    "qwen2-lora-bias": (qwen2, {"tie": False}, dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"],
+                                                     lora_bias=True)),
+    "qwen2-bias-lora-only": (qwen2, {"tie": False}, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                          bias="lora_only")),
+    "gpt2-conv1d": (gpt2, {}, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                                   fan_in_fan_out=True)),
+    "gpt2-conv1d-dora": (gpt2, {}, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
+                                        use_dora=True)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("via", ["adapter", "unmerged"])
+def test_merge_matches_peft_unmerged_logits(tmp_path, case, via):
+    factory, model_kw, lora_kw = CASES[case]
+    base = _fresh_base(factory, tmp_path, **model_kw)
+    pm = peft_wrap(base, **lora_kw)
+    _check(tmp_path, base, pm, via=via)
+
+
+def test_merge_old_unprefixed_unmerged_layout(tmp_path):
+    base = _fresh_base(llama, tmp_path)
+    pm = peft_wrap(base, r=4, lora_alpha=8, target_modules=ATTN)
+    _check(tmp_path, base, pm, via="unprefixed")
+
+
+def test_named_adapter_subfolder(tmp_path):
+    base = _fresh_base(llama, tmp_path)
+    pm = peft_wrap(base, adapter_name="mine", r=4, lora_alpha=8, target_modules=ATTN)
+    _check(tmp_path, base, pm, via="adapter", name="mine")
+
+
+def test_tied_embedding_lora_unties_and_peft_merge_does_not(tmp_path):
+    """PEFT's merge_and_unload writes the embedding delta into the shared tensor; we untie."""
+    base = _fresh_base(qwen2, tmp_path)
+    pm = peft_wrap(base, r=4, lora_alpha=8, target_modules=["embed_tokens"])
+    ref = logits(pm)
+    _check(tmp_path, base, pm, expect_untied=True)
+    peft_merged = pm.merge_and_unload()
+    assert (logits(peft_merged) - ref).abs().max() > 1e-3  # the bug we fix is real
+
+
+def test_tied_without_change_stays_tied(tmp_path):
+    base = _fresh_base(qwen2, tmp_path)
+    pm = peft_wrap(base, r=4, lora_alpha=8, target_modules=["q_proj"])
+    _check(tmp_path, base, pm, expect_untied=False)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+
+
+def test_resized_vocabulary(tmp_path):
+    """An adapter saved with resized embeddings carries the new embed_tokens/lm_head whole."""
+    base = _fresh_base(llama, tmp_path)
+    base.resize_token_embeddings(VOCAB2 := 112)
+    pm = peft_wrap(base, r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens", "lm_head"])
+    ref = logits(pm, torch.tensor([[1, 100, 111, 5]]))
+    pm.save_pretrained(str(tmp_path / "adapter"), save_embedding_layers=True)
+    res = lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "merged")
+    assert read_json(tmp_path / "merged" / "config.json")["vocab_size"] == VOCAB2
+    assert res.config_changes["vocab_size"] == VOCAB2
+    got = logits(load_merged(tmp_path / "merged"), torch.tensor([[1, 100, 111, 5]]))
+    assert (got - ref).abs().max() <= TOL
+
+
+def test_bf16_rounded_once(tmp_path):
+    """bf16 output equals bf16(fp32(W) + ΔW); PEFT-style double rounding must not pass."""
+    base = _fresh_base(llama, tmp_path, dtype=torch.bfloat16)
+    pm = peft_wrap(base, r=8, lora_alpha=16, target_modules=["q_proj"])
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "merged")
+    from safetensors.torch import load_file
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    basew = load_file(str(tmp_path / "base" / "model.safetensors"))
+    ad = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    key = "model.layers.0.self_attn.q_proj"
+    A = ad[f"base_model.model.{key}.lora_A.weight"].float()
+    B = ad[f"base_model.model.{key}.lora_B.weight"].float()
+    delta = (B @ A) * 2.0
+    W = basew[f"{key}.weight"]
+    once = (W.float() + delta).to(torch.bfloat16)
+    twice = W + delta.to(torch.bfloat16)
+    got = merged[f"{key}.weight"]
+    assert got.dtype == torch.bfloat16
+    ulp_off = (got.float() - once.float()).abs() > 0
+    # fp32 summation order may flip at most 1 ulp on a rare element
+    assert ulp_off.float().mean() < 0.01
+    assert not torch.equal(once, twice), "test data must tell single from double rounding"
+    assert (got != twice).sum() > (got != once).sum()
+
+
+def test_dtype_option_and_sharding(tmp_path):
+    base = _fresh_base(llama, tmp_path)
+    pm = peft_wrap(base, r=4, lora_alpha=8, target_modules=ATTN)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    res = lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "m16", dtype="fp16",
+                   max_shard_size="20KB")
+    idx = read_json(tmp_path / "m16" / "model.safetensors.index.json")
+    assert len(set(idx["weight_map"].values())) == len(res.files) > 1
+    m = load_merged(tmp_path / "m16")
+    from safetensors import safe_open
+    first = sorted(idx["weight_map"].values())[0]
+    with safe_open(str(tmp_path / "m16" / first), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
+        assert f.metadata() == {"format": "pt"}
+    ref = logits(pm)
+    assert (logits(m) - ref).abs().max() < 5e-2  # fp16 rounding only
+
+
+VOCAB = 96

@@ -1,0 +1,87 @@
+"""Tiny real models built from transformers configs, wrapped with PEFT — the oracle for every test."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+VOCAB = 96
+SEQ = torch.tensor([[1, 5, 9, 17, 33, 2, 64, 80, 95, 3, 7, 11]])
+
+
+def llama(*, tie: bool = False, vocab: int = VOCAB, layers: int = 2, seed: int = 0, dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
+                      max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def qwen2(*, tie: bool = True, vocab: int = VOCAB, seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
+                      max_position_embeddings=64)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def gpt2(*, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def peft_wrap(model, adapter_name: str = "default", seed: int = 1, **lora_kwargs):
+    """PEFT model with non-zero, random LoRA weights (B = 0 would make every test pass)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    lora_kwargs.setdefault("init_lora_weights", False)
+    pm = get_peft_model(model, LoraConfig(**lora_kwargs), adapter_name=adapter_name)
+    with torch.no_grad():  # make magnitudes / saved copies differ from the base too
+        for name, p in pm.named_parameters():
+            if "lora_magnitude_vector" in name or "modules_to_save" in name or "trainable_tokens_delta" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            if "lora_B" in name and name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.1)
+    return pm.eval()
+
+
+@torch.no_grad()
+def logits(model, seq: torch.Tensor = SEQ) -> torch.Tensor:
+    return model(seq).logits.float()
+
+
+def save_unmerged(pm, path: Path, *, prefixed: bool = True) -> Path:
+    """An 'unmerged' checkpoint as users store one: the PEFT model's full state dict, its
+    adapter_config.json and the base's config.json."""
+    path.mkdir(parents=True, exist_ok=True)
+    sd = pm.state_dict()
+    if not prefixed:
+        sd = {k.removeprefix("base_model.model."): v for k, v in sd.items()}
+    save_file({k: v.detach().clone().contiguous() for k, v in sd.items()}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    name = next(iter(pm.peft_config))
+    pm.peft_config[name].save_pretrained(str(path))
+    pm.get_base_model().config.save_pretrained(str(path))
+    return path
+
+
+def load_merged(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
