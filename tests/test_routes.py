@@ -1,0 +1,139 @@
+"""unmerged -> adapter / base, adapter + base -> unmerged, checked against PEFT itself."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lora_convert as lc
+from tiny import gpt2, llama, logits, peft_wrap, qwen2, read_json, save_unmerged
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _peft_load(base_factory, adapter_dir, **kw):
+    """Load an adapter we wrote into PEFT; fail on any missing/unexpected-key warning."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = PeftModel.from_pretrained(base_factory(**kw), str(adapter_dir))
+    bad = [str(w.message) for w in caught if "key" in str(w.message).lower() and (
+        "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower())]
+    assert not bad, bad
+    return pm.eval()
+
+
+LORA_CASES = {
+    "llama-embed-dora": (llama, {}, dict(r=4, lora_alpha=8, use_dora=True,
+                                         target_modules=["q_proj", "v_proj", "embed_tokens", "lm_head"])),
+    "llama-mts-tokens": (llama, {}, dict(r=4, lora_alpha=8, target_modules=ATTN, modules_to_save=["norm"],
+                                         trainable_token_indices=[2, 5])),
+    "qwen2-lora-bias": (qwen2, {"tie": False}, dict(r=4, lora_alpha=8, target_modules=["q_proj"], lora_bias=True)),
+    "gpt2": (gpt2, {}, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LORA_CASES))
+def test_unmerged_to_adapter_loads_in_peft(tmp_path, case):
+    factory, mkw, lkw = LORA_CASES[case]
+    pm = peft_wrap(factory(**mkw), **lkw)
+    ref = logits(pm)
+    src = save_unmerged(pm, tmp_path / "unmerged")
+    res = lc.convert(src, "adapter", output=tmp_path / "adapter")
+    assert res.route == "unmerged->adapter"
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    loaded = _peft_load(factory, tmp_path / "adapter", **mkw)
+    assert (logits(loaded) - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("prefixed", [True, False])
+def test_unmerged_to_base_is_bit_identical(tmp_path, prefixed):
+    base = llama()
+    base.save_pretrained(str(tmp_path / "base"))
+    pm = peft_wrap(base, r=4, lora_alpha=8, target_modules=ATTN + ["embed_tokens"], modules_to_save=["norm"])
+    src = save_unmerged(pm, tmp_path / "unmerged", prefixed=prefixed)
+    lc.convert(src, "base", output=tmp_path / "restored")
+    orig = load_file(str(tmp_path / "base" / "model.safetensors"))
+    got = load_file(str(tmp_path / "restored" / "model.safetensors"))
+    assert set(orig) == set(got)
+    for k in orig:
+        assert orig[k].dtype == got[k].dtype and torch.equal(orig[k], got[k]), k
+    assert read_json(tmp_path / "restored" / "config.json")["model_type"] == "llama"
+
+
+@pytest.mark.parametrize("case", sorted(LORA_CASES))
+def test_adapter_plus_base_to_unmerged_matches_peft_state_dict(tmp_path, case):
+    factory, mkw, lkw = LORA_CASES[case]
+    base = factory(**mkw)
+    base.save_pretrained(str(tmp_path / "base"))
+    pm = peft_wrap(base, **lkw)
+    ref = logits(pm)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    lc.convert(tmp_path / "adapter", "unmerged", base=tmp_path / "base", output=tmp_path / "unmerged")
+    got = load_file(str(tmp_path / "unmerged" / "model.safetensors"))
+    want = {k: v for k, v in pm.state_dict().items()}
+    # tied weights are stored once, under the embedding's name
+    missing = set(want) - set(got)
+    assert all("lm_head" in k for k in missing), sorted(missing)[:5]
+    assert set(got) <= set(want), sorted(set(got) - set(want))[:5]
+    for k, v in got.items():
+        assert torch.equal(v, want[k].detach()), k
+    # and it loads strictly into a fresh PEFT model, giving the same logits
+    from peft import LoraConfig, get_peft_model
+    fresh = get_peft_model(factory(**mkw, seed=123), LoraConfig.from_pretrained(str(tmp_path / "unmerged")))
+    fresh.load_state_dict(got, strict=False)
+    assert (logits(fresh.eval()) - ref).abs().max() <= 1e-5
+    assert read_json(tmp_path / "unmerged" / "adapter_config.json")["peft_type"] == "LORA"
+
+
+def test_round_trip_adapter_unmerged_adapter(tmp_path):
+    base = llama()
+    base.save_pretrained(str(tmp_path / "base"))
+    pm = peft_wrap(base, r=4, lora_alpha=8, target_modules=ATTN + ["lm_head"], use_dora=True)
+    pm.save_pretrained(str(tmp_path / "a1"))
+    lc.convert(tmp_path / "a1", "unmerged", base=tmp_path / "base", output=tmp_path / "u")
+    lc.convert(tmp_path / "u", "adapter", output=tmp_path / "a2")
+    a1 = load_file(str(tmp_path / "a1" / "adapter_model.safetensors"))
+    a2 = load_file(str(tmp_path / "a2" / "adapter_model.safetensors"))
+    # PEFT also saves the untouched base lm_head whole ("save_embedding_layers"); we need not
+    assert set(a2) <= set(a1) and all(".base_layer." in k for k in set(a1) - set(a2))
+    assert all(torch.equal(a1[k], a2[k]) for k in a2)
+
+
+def test_impossible_routes_say_what_is_missing(tmp_path):
+    base = llama()
+    base.save_pretrained(str(tmp_path / "base"))
+    pm = peft_wrap(base, r=4, lora_alpha=8, target_modules=ATTN)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    with pytest.raises(lc.RouteError, match="needs the base"):
+        lc.convert(tmp_path / "adapter", "merged", output=tmp_path / "x")
+    with pytest.raises(lc.RouteError, match="holds no base"):
+        lc.convert(tmp_path / "adapter", "base", output=tmp_path / "x")
+    with pytest.raises(lc.RouteError, match="no LoRA tensors"):
+        lc.convert(tmp_path / "base", "merged", output=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_inputs_untouched_and_carried_files(tmp_path):
+    base = llama()
+    base.save_pretrained(str(tmp_path / "base"))
+    (tmp_path / "base" / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    (tmp_path / "base" / "chat_template.jinja").write_text("{{ messages }}")
+    pm = peft_wrap(base, r=4, lora_alpha=8, target_modules=ATTN)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    before = {p: _sha(p) for d in ("base", "adapter") for p in (tmp_path / d).iterdir()}
+    lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "m")
+    assert before == {p: _sha(p) for d in ("base", "adapter") for p in (tmp_path / d).iterdir()}
+    names = {p.name for p in (tmp_path / "m").iterdir()}
+    assert {"config.json", "generation_config.json", "tokenizer_config.json", "chat_template.jinja",
+            "README.md", "model.safetensors"} <= names
+    assert not [p for p in tmp_path.iterdir() if ".tmp-lora-convert" in p.name]
