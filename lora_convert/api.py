@@ -94,7 +94,10 @@ def convert(source: str | Path, to: str, *, output: str | Path, base: str | Path
         raise RouteError(f"unknown target form {to!r} (choose from {', '.join(cv.FORMS)})")
     if dtype not in cv.DTYPES:
         raise RouteError(f"unknown dtype {dtype!r} (choose from auto, bf16, fp16, fp32)")
-    parse_size(max_shard_size)
+    try:
+        parse_size(max_shard_size)
+    except ValueError as exc:
+        raise RouteError(f"--max-shard-size: {exc}") from None
     out_dtype = cv.DTYPES[dtype]
     src_ck, inv, cfg = load_source(source, adapter=adapter)
     form = inv.form

@@ -16,7 +16,7 @@ from .detect import detect as detect_fn
 from .errors import LoraConvertError
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one warning, one line (grep-able, like error:)
 
 
 def _human(n: float) -> str:

@@ -120,22 +120,34 @@ class Checkpoint:
         self.close()
 
 
-def _load_json(path: Path) -> Any:
+class _Pairs(list):  # type: ignore[type-arg]
+    """A JSON object kept as its (key, value) pairs, so that repeated keys stay visible."""
+
+
+def _load_json(path: Path, *, keep_pairs: bool = False) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        return json.loads(text, object_pairs_hook=_Pairs if keep_pairs else None)
     except FileNotFoundError:
         raise CheckpointError("file not found", path=path) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"not valid JSON ({exc})", path=path) from None
+    except IsADirectoryError:
+        raise CheckpointError("is a directory, expected a JSON file", path=path) from None
+    except PermissionError:
+        raise CheckpointError("permission denied", path=path) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"not valid JSON ({str(exc)[:200]})", path=path) from None
 
 
 def _safe_member(root: Path, rel: Any, index: Path) -> Path:
     """A shard named in an index must be a plain file inside the checkpoint folder."""
-    if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or ".." in Path(rel).parts or ":" in rel:
-        raise UnsafeInputError(f"shard path {rel!r} escapes the checkpoint folder", path=index)
-    full = (root / rel).resolve()
-    if not full.is_relative_to(root.resolve()):
-        raise UnsafeInputError(f"shard path {rel!r} escapes the checkpoint folder", path=index)
+    # Checked on the spelling, not on the resolved path: a Hub cache snapshot is a folder of
+    # symlinks into ../../blobs, which is fine; an index that *names* a path outside is not.
+    if not isinstance(rel, str) or not rel:
+        raise UnsafeInputError(f"shard path {rel!r} is not a file name", path=index)
+    if (rel.startswith(("/", "\\")) or ".." in rel.replace("\\", "/").split("/") or ":" in rel
+            or "\0" in rel or Path(rel).is_absolute()):
+        raise UnsafeInputError(f"shard path {rel!r} escapes the checkpoint folder", path=index,
+                               hint="an index may only name files inside its own folder")
     return root / rel
 
 
@@ -256,10 +268,17 @@ def open_checkpoint(path: str | Path, *, adapter_name: str | None = None) -> Che
 
 def _files_from_index(root: Path, index: Path, tensors: dict[str, TensorInfo],
                       bins: dict[Path, dict[str, torch.Tensor]]) -> list[Path]:
-    data = _load_json(index)
-    wm = data.get("weight_map") if isinstance(data, dict) else None
-    if not isinstance(wm, dict) or not wm:
+    data = _load_json(index, keep_pairs=True)
+    top = dict(data) if isinstance(data, _Pairs) else None
+    pairs = top.get("weight_map") if top is not None else None
+    if not isinstance(pairs, _Pairs) or not pairs:
         raise CheckpointError("index has no weight_map", path=index)
+    wm: dict[str, Any] = {}
+    for name, rel in pairs:
+        if name in wm and wm[name] != rel:
+            raise CheckpointError(f"index places this tensor in two shards ({wm[name]} and {rel})", path=index,
+                                  tensor=name, hint="the index is corrupted; re-download it")
+        wm[name] = rel
     by_file: dict[str, set[str]] = {}
     for name, rel in wm.items():
         _safe_member(root, rel, index)

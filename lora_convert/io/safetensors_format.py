@@ -109,13 +109,14 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> Header:
         raise CheckpointError("header is not UTF-8", path=path, hint="not a safetensors file") from None
     try:
         obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # JSONDecodeError, or an integer over Python's digit limit
         raise CheckpointError("header is not valid JSON", path=path, hint="not a safetensors file") from None
     if not isinstance(obj, dict):
         raise CheckpointError("header is not a JSON object", path=path)
     data_start = 8 + len(raw)
     data_len = file_size - data_start
-    metadata = obj.pop("__metadata__", None) or {}
+    metadata = obj.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError("__metadata__ must map strings to strings", path=path)
     spans: list[tuple[int, int, str]] = []
@@ -126,7 +127,7 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> Header:
         dtype_name = info.get("dtype")
         shape = info.get("shape")
         offsets = info.get("data_offsets")
-        if dtype_name not in DTYPES:
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
             raise CheckpointError(f"unknown dtype {dtype_name!r}", path=path, tensor=name)
         if (not isinstance(shape, list) or len(shape) > 16
                 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**53 for d in shape)):
