@@ -1,0 +1,173 @@
+"""Low-rank factorisation of a weight difference: pure tensors in and out, no I/O.
+
+``ΔW ≈ B·A`` with ``B = U_r·√S_r`` (out, r) and ``A = √S_r·V_rᵀ`` (r, in), so PEFT's
+``scaling`` is 1 when ``lora_alpha == r``.
+
+Two solvers:
+
+* exact thin SVD (``torch.linalg.svd``), for small matrices or when asked;
+* the randomized range finder of Halko, Martinsson & Tropp (2011, Alg. 4.4 + 5.1): a Gaussian
+  sketch with oversampling, ``q`` power iterations re-orthonormalised by QR after every product,
+  then an exact SVD of the small projected matrix.  Everything in fp32 with a fixed seed.
+
+Energy and error figures come from singular values and the *actual* Frobenius norm of ΔW:
+the captured energy ``Σ_{i≤r} σ_i²`` of a randomized factorisation is exactly ``‖P·ΔW‖²_F`` for
+the orthogonal projector ``P`` it found, so ``‖ΔW‖²_F − Σ_{i≤r} σ_i²`` is the true residual, not
+an extrapolation of a spectrum we never computed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+FP32 = torch.float32
+OVERSAMPLE = 10
+POWER_ITERS = 3
+EXACT_MAX_DIM = 1024  # auto: exact SVD when the short side is at most this
+
+
+@dataclass
+class Factorisation:
+    """Top singular triplets of ΔW (``k`` of them, ``k ≥`` any rank that will be kept)."""
+
+    U: torch.Tensor  # (m, k)
+    S: torch.Tensor  # (k,)  descending
+    Vh: torch.Tensor  # (k, n)
+    total_energy: float  # ‖ΔW‖²_F, from ΔW itself (fp64 accumulation)
+    method: str  # "exact" | "randomized"
+    complete: bool  # S holds the whole spectrum (exact SVD)
+
+    def kept_energy(self, r: int) -> float:
+        return float(self.S[:r].double().pow(2).sum())
+
+    def residual_energy(self, r: int) -> float:
+        """``‖ΔW − ΔW_r‖²_F``.  With the full spectrum: the tail sum (no cancellation);
+        otherwise the total minus what the top ``r`` directions capture."""
+        if self.complete:
+            return float(self.S[r:].double().pow(2).sum())
+        return max(self.total_energy - self.kept_energy(r), 0.0)
+
+    def energy_fraction(self, r: int) -> float:
+        return 1.0 if self.total_energy == 0 else min(self.kept_energy(r) / self.total_energy, 1.0)
+
+    def relative_error(self, r: int) -> float:
+        return 0.0 if self.total_energy == 0 else math.sqrt(self.residual_energy(r) / self.total_energy)
+
+    def factors(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, A)`` with the √S split: B (m, r), A (r, n), contiguous fp32."""
+        s = self.S[:r].clamp_min(0).sqrt()
+        B = (self.U[:, :r] * s).contiguous()
+        A = (s[:, None] * self.Vh[:r]).contiguous()
+        return B, A
+
+
+def frobenius_sq(x: torch.Tensor) -> float:
+    """‖x‖²_F accumulated in fp64 (row blocks, so no fp64 copy of the whole matrix)."""
+    if x.ndim < 2:
+        return float(x.double().pow(2).sum())
+    total = 0.0
+    step = max(1, (1 << 22) // max(1, x.shape[1]))
+    for i in range(0, x.shape[0], step):
+        total += float(x[i:i + step].double().pow(2).sum())
+    return total
+
+
+def choose_method(shape: tuple[int, int], k: int, svd: str = "auto") -> str:
+    if svd in ("exact", "randomized"):
+        return svd
+    short = min(shape)
+    if short <= EXACT_MAX_DIM or k + OVERSAMPLE >= short // 2:
+        return "exact"
+    return "randomized"
+
+
+def exact_svd(delta: torch.Tensor, total: float | None = None) -> Factorisation:
+    U, S, Vh = torch.linalg.svd(delta.to(FP32), full_matrices=False)
+    return Factorisation(U, S, Vh, frobenius_sq(delta) if total is None else total, "exact", True)
+
+
+def randomized_svd(delta: torch.Tensor, k: int, *, oversample: int = OVERSAMPLE, power_iters: int = POWER_ITERS,
+                   seed: int = 0, total: float | None = None) -> Factorisation:
+    """Top-``k`` SVD by a randomized range finder (Halko–Martinsson–Tropp), fp32."""
+    A = delta.to(FP32)
+    m, n = A.shape
+    transpose = m < n  # sketch the long side so the projected matrix is small
+    if transpose:
+        A = A.T
+        m, n = n, m
+    ell = min(n, k + oversample)
+    gen = torch.Generator(device=A.device).manual_seed(seed)
+    omega = torch.randn(n, ell, generator=gen, device=A.device, dtype=FP32)
+    Q, _ = torch.linalg.qr(A @ omega)
+    for _ in range(power_iters):
+        Z, _ = torch.linalg.qr(A.T @ Q)
+        Q, _ = torch.linalg.qr(A @ Z)
+    Bsmall = Q.T @ A  # (ell, n)
+    Ub, S, Vh = torch.linalg.svd(Bsmall, full_matrices=False)
+    U = Q @ Ub
+    k = min(k, ell)
+    U, S, Vh = U[:, :k], S[:k], Vh[:k]
+    if transpose:  # A = ΔWᵀ = U S Vh  =>  ΔW = Vhᵀ S Uᵀ
+        U, Vh = Vh.T.contiguous(), U.T.contiguous()
+    full = frobenius_sq(delta) if total is None else total
+    return Factorisation(U, S, Vh, full, "randomized", False)
+
+
+def factorise(delta: torch.Tensor, k: int, *, svd: str = "auto", seed: int = 0) -> Factorisation:
+    """Top-``k`` (at least) singular triplets of a 2-D ΔW, by the method ``svd`` picks."""
+    if delta.ndim != 2:
+        raise ValueError(f"ΔW must be 2-D, got shape {tuple(delta.shape)}")
+    k = max(1, min(k, min(delta.shape)))
+    total = frobenius_sq(delta)
+    if choose_method(tuple(delta.shape), k, svd) == "exact":
+        return exact_svd(delta, total)
+    return randomized_svd(delta, k, seed=seed, total=total)
+
+
+def pick_rank(f: Factorisation, *, rank: int | None = None, energy: float | None = None,
+              max_error: float | None = None, max_rank: int = 128) -> tuple[int, bool]:
+    """The rank to keep, and whether ``max_rank`` (or the spectrum we have) capped it short of the target.
+
+    ``rank``: fixed.  ``energy``: smallest r with ``Σ_{i≤r} σ_i² ≥ energy·‖ΔW‖²``.
+    ``max_error``: smallest r with ``‖ΔW − ΔW_r‖_F ≤ max_error·‖ΔW‖_F``."""
+    avail = int(f.S.numel())
+    cap = max(1, min(max_rank, avail))
+    if rank is not None:
+        r = max(1, min(rank, cap))
+        return r, r < rank
+    if f.total_energy == 0:
+        return 1, False
+    s2 = f.S.double().pow(2)
+    kept = torch.cumsum(s2, 0)
+    if energy is not None:
+        ok = kept >= energy * f.total_energy * (1 - 1e-12)
+    elif max_error is not None:
+        if f.complete:
+            tail = torch.flip(torch.cumsum(torch.flip(s2, [0]), 0), [0])[1:]
+            tail = torch.cat([tail, tail.new_zeros(1)])
+        else:
+            tail = (f.total_energy - kept).clamp_min(0)
+        ok = tail <= (max_error ** 2) * f.total_energy
+    else:
+        raise ValueError("give rank, energy or max_error")
+    hits = torch.nonzero(ok[:cap]).flatten()
+    if hits.numel():
+        return int(hits[0]) + 1, False
+    return cap, True
+
+
+def effective_rank(delta: torch.Tensor, energy: float = 0.999, *, k: int = 64, seed: int = 0) -> tuple[int | None, int | None]:
+    """(rank reaching ``energy``, or None if above ``k``; the rank after the largest spectral gap ≥ 10×)."""
+    f = factorise(delta, k, seed=seed)
+    r, capped = pick_rank(f, energy=energy, max_rank=k)
+    S = f.S[: min(k, f.S.numel())].double()
+    gap = None
+    if S.numel() > 1 and float(S[0]) > 0:
+        ratios = S[:-1] / S[1:].clamp_min(float(S[0]) * 1e-12)
+        i = int(torch.argmax(ratios))
+        if float(ratios[i]) >= 10:
+            gap = i + 1
+    return (None if capped else r), gap
