@@ -202,5 +202,57 @@ def merge(ctx: click.Context, source: str, output: str, base: str | None, adapte
     _report_conversion(res, as_json, pushed)
 
 
+@main.command()
+@click.argument("tuned")
+@click.option("--base", required=True, help="Base model folder or Hub repo id.")
+@click.option("-o", "--output", required=True, help="Output adapter folder (created atomically).")
+@click.option("--rank", type=int, help="Fixed rank per module (default 16 when no other criterion is given).")
+@click.option("--energy", type=float, help="Smallest rank keeping this fraction of ||dW||_F^2, e.g. 0.95.")
+@click.option("--max-error", type=float, help="Smallest rank with relative Frobenius error at most this.")
+@click.option("--max-rank", type=int, default=128, show_default=True, help="Cap on every module's rank.")
+@click.option("--include", multiple=True, help="Only modules whose path matches this regex (repeatable).")
+@click.option("--exclude", multiple=True, help="Leave out modules whose path matches this regex (repeatable).")
+@click.option("--layers", help="Only these decoder layers, e.g. 0-15,20.")
+@click.option("--embeddings", type=click.Choice(["lora", "full", "skip"]), default="lora", show_default=True,
+              help="Embeddings and lm_head: factor, save whole (modules_to_save), or leave out.")
+@click.option("--save-other", is_flag=True, help="Save modules whose norms/biases changed whole (modules_to_save).")
+@click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
+@click.option("--push-to", help="Push the output folder to this Hub repo id afterwards.")
+@click.option("--private", is_flag=True, help="With --push-to: create the repo private.")
+@click.pass_context
+def extract(ctx: click.Context, tuned: str, base: str, output: str, rank: int | None, energy: float | None,
+            max_error: float | None, max_rank: int, include: tuple[str, ...], exclude: tuple[str, ...],
+            layers: str | None, embeddings: str, save_other: bool, svd: str, device: str, seed: int, force: bool,
+            as_json: bool, push_to: str | None, private: bool) -> None:
+    """Extract a LoRA adapter from TUNED minus BASE by SVD of every changed weight."""
+    from .extract import extract as extract_fn
+
+    def go() -> Any:
+        res = extract_fn(tuned, base=base, output=output, rank=rank, energy=energy, max_error=max_error,
+                         max_rank=max_rank, include=list(include), exclude=list(exclude), layers=layers,
+                         embeddings=embeddings, svd=svd, device=device, seed=seed, save_other=save_other,
+                         force=force, progress=not as_json and err.is_terminal, command=_command_line())
+        return res, _maybe_push(output, push_to, private)
+
+    res, pushed = run_guarded(go, _debug(ctx))
+    if as_json:
+        _report_conversion(res, True, pushed)
+        return
+    t = Table(title="extracted modules")
+    for col in ("module", "shape", "rank", "energy kept", "rel. error", "svd"):
+        t.add_column(col)
+    for m in res.modules:
+        t.add_row(m.module, f"{m.shape[0]}x{m.shape[1]}", f"{m.rank}{'*' if m.capped else ''}", f"{m.energy:.6f}",
+                  f"{m.error:.3e}", m.method)
+    out.print(t)
+    for line in res.summary_lines():
+        out.print(line)
+    _report_conversion(res, False, pushed)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
