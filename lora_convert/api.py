@@ -182,7 +182,8 @@ def convert(source: str | Path, to: str, *, output: str | Path, base: str | Path
         summary += [f"{k}: {v}" for k, v in sorted(ops.items())]
         (tmp / "README.md").write_text(render_card(form=to, base_model=base_name, model_config=read_json(
             tmp / "config.json") or model_config, command=command, summary=summary + warnings), encoding="utf-8")
-        result = cv.ConvertResult(str(output), f"{form}->{to}", form, to, sorted(set(files)), len(jobs) or len(files),
+        n_tensors = len(jobs) if jobs else ops.get("lora", 0)
+        result = cv.ConvertResult(str(output), f"{form}->{to}", form, to, sorted(set(files)), n_tensors,
                                   total, ops, config_changes, warnings)
     src_ck.close()
     if base_ck is not None:
