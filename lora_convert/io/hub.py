@@ -157,9 +157,6 @@ def _map_error(exc: BaseException, repo_id: str, action: str, revision: str | No
         # huggingface_hub's own checks (invalid README metadata, malformed server answers...)
         text = " ".join(str(exc).split())[:300]
         return HubError(f"cannot {action} {where}: {text}", hint="fix the input and retry")
-    offline_types = tuple(
-        t for t in (e.OfflineModeIsEnabled, getattr(e, "RevisionResolutionError", None)) if t is not None
-    )
     transport = _transport_errors()
     for err in _chain(exc):
         reason = _server_reason(err)
@@ -179,12 +176,19 @@ def _map_error(exc: BaseException, repo_id: str, action: str, revision: str | No
                 f"cannot {action} {where}: revision not found in the repo",
                 hint="check the branch, tag or commit after '@'",
             )
-        if isinstance(err, getattr(e, "IncompleteSnapshotError", ())) or isinstance(err, e.LocalEntryNotFoundError):
+        if isinstance(err, e.LocalEntryNotFoundError) and _offline():
+            return HubError(
+                f"cannot {action} {where}: offline mode is on (HF_HUB_OFFLINE) and the files are not (all) cached",
+                hint="unset HF_HUB_OFFLINE or download the repo once while online",
+            )
+        if isinstance(err, e.LocalEntryNotFoundError):
+            if any(isinstance(c, (e.HfHubHTTPError, *transport)) for c in list(_chain(err))[1:]):
+                continue  # the underlying HTTP or network error says more
             return HubError(
                 f"cannot {action} {where}: the Hub cannot be reached and the files are not (all) in the local cache",
                 hint="connect and unset HF_HUB_OFFLINE, or download the repo once while online",
             )
-        if isinstance(err, offline_types):
+        if isinstance(err, e.OfflineModeIsEnabled):
             return HubError(
                 f"cannot {action} {where}: offline mode is on (HF_HUB_OFFLINE) and nothing usable is cached",
                 hint="unset HF_HUB_OFFLINE or download the repo once while online",
