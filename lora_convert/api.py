@@ -32,7 +32,7 @@ def _resolve(ref: str | Path | None, *, what: str) -> Path | None:
         from .io.hub import is_repo_id, resolve_checkpoint
     except ImportError:  # pragma: no cover - hub module always ships
         return p
-    if is_repo_id(str(ref)):
+    if is_repo_id(str(ref).split("@", 1)[0]):  # org/name or org/name@revision
         return resolve_checkpoint(str(ref))
     return p
 
