@@ -202,6 +202,42 @@ def merge(ctx: click.Context, source: str, output: str, base: str | None, adapte
     _report_conversion(res, as_json, pushed)
 
 
+@main.command("report")
+@click.argument("path")
+@click.option("--base", help="Base model (folder with weights, or only config.json) for an adapter.")
+@click.option("--adapter", help="Adapter name, for checkpoints with several.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True,
+              help="Context length for the attention FLOPs.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--markdown", is_flag=True, help="Print Markdown tables for a model card.")
+@click.pass_context
+def report_cmd(ctx: click.Context, path: str, base: str | None, adapter: str | None, seq_len: int, as_json: bool,
+               markdown: bool) -> None:
+    """Parameters, bytes on disk and FLOPs per token of PATH in every form (headers only)."""
+    from .report import build_report, form_table, module_table, report_markdown
+
+    if as_json and markdown:
+        raise click.UsageError("--json and --markdown are exclusive")
+    rep = run_guarded(lambda: build_report(path, base=base, seq_len=seq_len, adapter=adapter), _debug(ctx))
+    if as_json:
+        _print_json(rep.to_dict())
+        return
+    if markdown:
+        click.echo(report_markdown(rep), nl=False)
+        return
+    for title, (head, rows) in ((f"{path} ({rep.source_form})", form_table(rep)), ("LoRA modules", module_table(rep))):
+        if not rows:
+            continue
+        t = Table(title=title)
+        for h in head:
+            t.add_column(h)
+        for r in rows:
+            t.add_row(*r)
+        out.print(t)
+    for n in rep.notes:
+        err.print(f"note: {n}")
+
+
 @main.command()
 @click.argument("tuned")
 @click.option("--base", required=True, help="Base model folder or Hub repo id.")
@@ -252,6 +288,29 @@ def extract(ctx: click.Context, tuned: str, base: str, output: str, rank: int | 
     for line in res.summary_lines():
         out.print(line)
     _report_conversion(res, False, pushed)
+
+
+@main.command()
+@click.argument("folder")
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--revision", help="Branch to push to (created from main if missing).")
+@click.option("--message", help="Commit message.")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of pushing to the branch.")
+@click.option("--force", is_flag=True, help="Push even a folder that does not look like a complete output.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+@click.pass_context
+def push(ctx: click.Context, folder: str, repo_id: str, private: bool, revision: str | None, message: str | None,
+         create_pr: bool, force: bool, as_json: bool) -> None:
+    """Push FOLDER (an output of ours) to the Hub as REPO_ID in one commit."""
+    from .io.hub import push_folder
+
+    res = run_guarded(lambda: push_folder(folder, repo_id, private=private, revision=revision, message=message,
+                                          create_pr=create_pr, force=force, progress=not as_json), _debug(ctx))
+    if as_json:
+        _print_json(res.__dict__)
+    else:
+        out.print(f"[green]pushed[/green] {folder} -> {res.commit_url}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,58 @@
+"""merge -> push -> snapshot_download round trip against the local fake Hub, card metadata parsed back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from lora_convert.cli import main
+
+
+def test_merge_push_download_round_trip(tmp_path, hub_server):
+    from huggingface_hub import ModelCard, snapshot_download
+
+    out = tmp_path / "merged"
+    r = CliRunner().invoke(main, ["merge", "fixtures/tiny-llama-lora", "--base", "fixtures/tiny-llama-base",
+                                  "-o", str(out), "--push-to", "me/merged", "--private"])
+    assert r.exit_code == 0, r.output + str(r.exception)
+    got = Path(snapshot_download("me/merged", cache_dir=str(tmp_path / "dl")))
+    local = sorted(p.name for p in out.iterdir())
+    assert sorted(p.name for p in got.iterdir() if p.name != ".gitattributes") == local  # the Hub adds it
+    for name in local:
+        assert (got / name).read_bytes() == (out / name).read_bytes(), name
+    card = ModelCard.load(str(got / "README.md"))
+    assert card.data.base_model == "fixtures/tiny-llama-base"
+    assert card.data.base_model_relation == "merge"
+    assert card.data.library_name == "transformers"
+    assert "lora" in card.data.tags
+
+
+def test_push_adapter_to_branch_and_card(tmp_path, hub_server):
+    from huggingface_hub import ModelCard, snapshot_download
+
+    out = tmp_path / "adapter"
+    r = CliRunner().invoke(main, ["convert", "fixtures/tiny-llama-unmerged", "--to", "adapter", "-o", str(out),
+                                  "--base", "fixtures/tiny-llama-base"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["push", str(out), "me/ad", "--revision", "dev", "--json"])
+    assert r.exit_code == 0, r.output + str(r.exception)
+    got = Path(snapshot_download("me/ad", revision="dev", cache_dir=str(tmp_path / "dl")))
+    assert (got / "adapter_model.safetensors").read_bytes() == (out / "adapter_model.safetensors").read_bytes()
+    card = ModelCard.load(str(got / "README.md"))
+    assert card.data.library_name == "peft" and card.data.base_model_relation == "adapter"
+    assert "base_model:adapter:fixtures/tiny-llama-base" in card.data.tags
+
+
+def test_push_without_token_fails_cleanly(tmp_path, hub_server, monkeypatch):
+    hub_server.set_token(None) if hasattr(hub_server, "set_token") else None
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_TOKEN_PATH", str(tmp_path / "no-token"), raising=False)
+    monkeypatch.setattr(c, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"), raising=False)
+    out = tmp_path / "m"
+    r = CliRunner().invoke(main, ["merge", "fixtures/tiny-llama-lora", "--base", "fixtures/tiny-llama-base",
+                                  "-o", str(out)])
+    assert r.exit_code == 0
+    r = CliRunner().invoke(main, ["push", str(out), "me/x"])
+    assert r.exit_code == 1 and r.stderr.startswith("error: ")
