@@ -56,3 +56,27 @@ def test_push_without_token_fails_cleanly(tmp_path, hub_server, monkeypatch):
     assert r.exit_code == 0
     r = CliRunner().invoke(main, ["push", str(out), "me/x"])
     assert r.exit_code == 1 and r.stderr.startswith("error: ")
+
+
+def _seed_folder(hub_server, repo_id: str, folder: str) -> None:
+    hub_server.seed(repo_id, {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()})
+
+
+def test_merge_from_hub_repo_ids_then_offline_from_cache(tmp_path, hub_server):
+    import torch
+    from safetensors.torch import load_file
+
+    _seed_folder(hub_server, "org/base", "fixtures/tiny-llama-base")
+    _seed_folder(hub_server, "org/adapter", "fixtures/tiny-llama-lora")
+    r = CliRunner().invoke(main, ["merge", "org/adapter", "--base", "org/base", "-o", str(tmp_path / "m1")])
+    assert r.exit_code == 0, r.output + str(r.exception)
+    want = load_file("fixtures/tiny-llama-merged/model.safetensors")
+    got = load_file(str(tmp_path / "m1" / "model.safetensors"))
+    assert max((got[k] - want[k]).abs().max().item() for k in want) <= 1e-6
+    hub_server.set_offline(True)
+    r = CliRunner().invoke(main, ["merge", "org/adapter", "--base", "org/base", "-o", str(tmp_path / "m2")])
+    assert r.exit_code == 0, r.output + str(r.exception)
+    assert (tmp_path / "m2" / "model.safetensors").read_bytes() == (tmp_path / "m1" / "model.safetensors").read_bytes()
+    r = CliRunner().invoke(main, ["merge", "org/never-fetched", "--base", "org/base", "-o", str(tmp_path / "m3")])
+    assert r.exit_code == 1 and r.stderr.startswith("error: ") and not (tmp_path / "m3").exists()
+    del torch
