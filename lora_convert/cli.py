@@ -225,10 +225,17 @@ def report_cmd(ctx: click.Context, path: str, base: str | None, adapter: str | N
     if markdown:
         click.echo(report_markdown(rep), nl=False)
         return
-    for title, (head, rows) in ((f"{path} ({rep.source_form})", form_table(rep)), ("LoRA modules", module_table(rep))):
-        if not rows:
-            continue
-        t = Table(title=title)
+    head, rows = form_table(rep)
+    t = Table(title=f"{path} ({rep.source_form})")  # transposed: one column per form fits a terminal
+    t.add_column("")
+    for r in rows:
+        t.add_column(r[0], justify="right")
+    for i, h in enumerate(head[1:], start=1):
+        t.add_row(h, *(r[i] for r in rows))
+    out.print(t)
+    head, rows = module_table(rep)
+    if rows:
+        t = Table(title="LoRA modules")
         for h in head:
             t.add_column(h)
         for r in rows:
