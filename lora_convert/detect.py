@@ -83,8 +83,10 @@ def _summarise(ck: Checkpoint, inv: Inventory, name: str, cfg: AdapterConfig | N
         mg.append(ModuleGroup(g, len(ms), sorted({m.layer for m in ms if m.layer is not None}),
                               sorted({m.rank for m in ms}), alphas, scal))
     replace = inv.replace.get(name, {})
-    for k in replace.values():
-        params += ck.info(k).numel
+    saved = inv.saved_layers.get(name, set())
+    for bk, k in replace.items():
+        if bk not in saved:  # layers PEFT saves whole (save_embedding_layers) are not trained parameters
+            params += ck.info(k).numel
     tokens = {short_name(m): ck.info(k).shape[0] for m, k in inv.tokens.get(name, {}).items()}
     for k in inv.tokens.get(name, {}).values():
         params += ck.info(k).numel
