@@ -7,6 +7,7 @@ next run in the same place recognises it (its pid is gone) and removes it.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -15,7 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Iterable
 
-from ..errors import OutputError
+from ..errors import LoraConvertError, OutputError
 
 TMP_MARK = ".tmp-lora-convert-"
 
@@ -96,15 +97,30 @@ class AtomicOutput:
         clean_stale(self.target)
         name = f".{self.target.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
         self.tmp = self.target.parent / name
-        try:
-            self.tmp.mkdir()
-        except OSError as exc:
-            raise OutputError(f"cannot create temp folder: {exc.strerror}", path=self.tmp) from None
-        try:
+        try:  # before mkdir, so that no SIGTERM can land between the folder and its cleanup
             self._old_term = signal.signal(signal.SIGTERM, self._on_term)
         except ValueError:  # not the main thread
             self._old_term = None
+        try:
+            self.tmp.mkdir()
+        except BaseException as exc:
+            if self._old_term is not None:
+                signal.signal(signal.SIGTERM, self._old_term)
+            if isinstance(exc, _Terminated):
+                raise OutputError("terminated by SIGTERM; nothing was written", path=self.target) from None
+            if isinstance(exc, OSError):
+                raise OutputError(f"cannot create temp folder: {exc.strerror}", path=self.tmp) from None
+            raise
         return self.tmp
+
+    def _public(self, path: str | os.PathLike[str]) -> str:
+        """A path inside the temp folder, spelled as its place in the target."""
+        assert self.tmp is not None
+        p = Path(path)
+        try:
+            return str(self.target / p.relative_to(self.tmp))
+        except ValueError:
+            return str(p)
 
     @staticmethod
     def _on_term(signum: int, frame: FrameType | None) -> None:
@@ -118,15 +134,29 @@ class AtomicOutput:
             shutil.rmtree(self.tmp, ignore_errors=True)
             if exc_type is _Terminated:
                 raise OutputError("terminated by SIGTERM; nothing was written", path=self.target) from None
+            if isinstance(exc, OSError) and isinstance(exc.__context__, OutputError) and not exc.filename:
+                exc = exc.__context__  # cleanup (closing a file on a full disk) failed again: report the first
+            if isinstance(exc, OutputError):
+                # name the file as it would have been, not the deleted temp folder
+                where = self._public(exc.path) if exc.path else None
+                raise OutputError(exc.message, path=where, tensor=exc.tensor, hint=exc.hint) from None
+            elif isinstance(exc, OSError) and not isinstance(exc, LoraConvertError):
+                where = self._public(exc.filename) if exc.filename else str(self.target)
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise OutputError("disk full while writing; nothing was written", path=where,
+                                      hint="free space or write elsewhere") from None
+                raise OutputError(f"write failed: {exc.strerror or exc}; nothing was written", path=where) from None
             return
+        trash = self.target.parent / f".{self.target.name}{TMP_MARK}{os.getpid()}-old"
         try:
             if self.target.exists():
-                trash = self.target.parent / f".{self.target.name}{TMP_MARK}{os.getpid()}-old"
                 os.rename(self.target, trash)
                 os.rename(self.tmp, self.target)
                 shutil.rmtree(trash, ignore_errors=True)
             else:
                 os.rename(self.tmp, self.target)
         except OSError as exc:
+            if trash.exists() and not self.target.exists():
+                os.rename(trash, self.target)  # put the old output back
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise OutputError(f"cannot move the finished folder into place: {exc.strerror}", path=self.target) from None

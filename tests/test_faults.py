@@ -1,0 +1,180 @@
+"""Faults: a merge interrupted by SIGKILL, SIGTERM or Ctrl-C, or by a full disk, leaves no
+folder at the target, never touches its inputs, and leaves no temp folder behind (or, after
+SIGKILL, one that the next run recognises and removes)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lora_convert.cli import main
+from lora_convert.errors import OutputError
+from lora_convert.io.output import TMP_MARK, AtomicOutput
+
+# A child that runs the real CLI, slowed down between tensors so that a signal lands midway.
+SLOW_CHILD = r"""
+import sys, time
+import lora_convert.io.writer as w
+orig = w.SafetensorsWriter.write
+def slow(self, name, data):
+    orig(self, name, data)
+    self._fh.flush()
+    time.sleep(0.1)
+w.SafetensorsWriter.write = slow
+from lora_convert.cli import main
+sys.argv = ["lora-convert"] + sys.argv[1:]
+main()
+"""
+
+
+@pytest.fixture(scope="session")
+def pair(tmp_path_factory) -> Path:
+    """base/ (Llama hidden 32, 2 layers, vocab 8192: ~2 MB, over a 1 MB tmpfs) and adapter/."""
+    from tiny import llama, peft_wrap
+
+    root = tmp_path_factory.mktemp("faults")
+    m = llama(vocab=8192)
+    m.save_pretrained(str(root / "base"))
+    peft_wrap(m, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]).save_pretrained(str(root / "adapter"))
+    return root
+
+
+def checksums(*folders: Path) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+            for f in folders for p in sorted(f.rglob("*")) if p.is_file()}
+
+
+def temps(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if TMP_MARK in p.name]
+
+
+def start_slow_merge(pair: Path, out: Path) -> subprocess.Popen:
+    args = ["merge", str(pair / "adapter"), "--base", str(pair / "base"), "-o", str(out)]
+    return subprocess.Popen([sys.executable, "-c", SLOW_CHILD, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_midway(proc: subprocess.Popen, folder: Path, timeout: float = 60) -> Path:
+    """Until the child's temp folder holds part of the weights file."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        for t in temps(folder):
+            f = t / "model.safetensors"
+            if f.is_file() and f.stat().st_size > 64 * 1024:
+                return t
+        if proc.poll() is not None:
+            pytest.fail(f"the merge ended before it could be interrupted: {proc.communicate()}")
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail("the merge never got midway")
+
+
+def merge_ok(pair: Path, out: Path):
+    res = CliRunner().invoke(main, ["merge", str(pair / "adapter"), "--base", str(pair / "base"), "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    return res
+
+
+def test_sigkill_midway_then_next_run_cleans(pair, tmp_path):
+    before = checksums(pair / "base", pair / "adapter")
+    out = tmp_path / "merged"
+    proc = start_slow_merge(pair, out)
+    tmp = wait_midway(proc, tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists(), "no folder at the target after SIGKILL"
+    assert tmp.exists(), "SIGKILL leaves its temp folder (nothing can run)"
+    assert checksums(pair / "base", pair / "adapter") == before
+    merge_ok(pair, out)
+    assert not tmp.exists(), "the next run removes the dead run's temp folder"
+    assert temps(tmp_path) == []
+    assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("sig,code,needle", [
+    (signal.SIGTERM, 1, "terminated by SIGTERM; nothing was written"),
+    (signal.SIGINT, 130, "interrupted; nothing was written"),
+])
+def test_signal_midway_leaves_nothing(pair, tmp_path, sig, code, needle):
+    before = checksums(pair / "base", pair / "adapter")
+    out = tmp_path / "merged"
+    proc = start_slow_merge(pair, out)
+    wait_midway(proc, tmp_path)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == code, stderr
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], stderr
+    assert not out.exists()
+    assert temps(tmp_path) == [], "the temp folder is removed on the way out"
+    assert checksums(pair / "base", pair / "adapter") == before
+
+
+def test_sigkill_during_force_replace_keeps_old_until_done(pair, tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    args = ["merge", str(pair / "adapter"), "--base", str(pair / "base"), "-o", str(out), "--force"]
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_midway(proc, tmp_path)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert (out / "old.txt").read_text() == "old", "the old output stays whole until the new one is complete"
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    d = tmp_path / "small"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a 1 MB tmpfs ({r.stderr.strip() or r.returncode}); needs root with CAP_SYS_ADMIN")
+    yield d
+    subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_disk_full(pair, tiny_fs):
+    before = checksums(pair / "base", pair / "adapter")
+    out = tiny_fs / "merged"
+    res = CliRunner().invoke(main, ["merge", str(pair / "adapter"), "--base", str(pair / "base"), "-o", str(out)])
+    assert res.exit_code == 1, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {out}/model.safetensors: disk full"), res.stderr
+    assert "free space or write elsewhere" in lines[0]
+    assert not out.exists()
+    assert os.listdir(tiny_fs) == [], "temp folder removed"
+    assert checksums(pair / "base", pair / "adapter") == before
+
+
+def test_disk_full_outside_the_writer(tmp_path):
+    """ENOSPC from any other write (config, README, tokenizer copy) is the same one-line error."""
+    target = tmp_path / "out"
+    with pytest.raises(OutputError) as ei:
+        with AtomicOutput(target) as tmp:
+            (tmp / "config.json").write_text("{}")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / "README.md"))
+    assert str(ei.value).startswith(f"{target}/README.md: disk full while writing")
+    assert not target.exists() and temps(tmp_path) == []
+
+
+def test_stale_temp_of_live_process_is_kept(tmp_path):
+    """Only temp folders of dead runs are removed: a concurrent run's work is left alone."""
+    target = tmp_path / "out"
+    live = tmp_path / f".out{TMP_MARK}{os.getppid()}-abcd"
+    dead_pid = 2**22 + 12345  # above pid_max's default
+    dead = tmp_path / f".out{TMP_MARK}{dead_pid}-abcd"
+    live.mkdir()
+    dead.mkdir()
+    with AtomicOutput(target) as tmp:
+        (tmp / "x").write_text("x")
+    assert live.exists() and not dead.exists() and (target / "x").is_file()
