@@ -1,0 +1,233 @@
+"""Extraction of a LoRA adapter from TUNED − BASE: tiny real models, real numbers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from lora_convert import svd as S
+from lora_convert.extract import extract
+from lora_convert.io.reader import open_checkpoint
+from lora_convert.extract import analyse_difference
+
+torch.set_num_threads(2)
+V, H = 96, 48
+
+
+def _llama(tie=False):
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie))
+
+
+def _merge(base_dir, out_dir, r, targets, cls=LlamaForCausalLM, seed=1, dtype=None, rank_pattern=None):
+    torch.manual_seed(seed)
+    m = cls.from_pretrained(base_dir)
+    pm = get_peft_model(m, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False,
+                                         rank_pattern=rank_pattern or {}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = pm.merge_and_unload()
+    if dtype is not None:
+        merged = merged.to(dtype)
+    merged.save_pretrained(out_dir)
+    return merged
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pair")
+    _llama().save_pretrained(d / "base")
+    merged = _merge(d / "base", d / "tuned", 4, ["q_proj", "v_proj", "down_proj", "embed_tokens", "lm_head"])
+    return d, merged
+
+
+def _load_quiet(base_dir, adapter_dir, cls=LlamaForCausalLM):
+    """PeftModel.from_pretrained, returning the model and every warning/log message it produced."""
+    msgs = []
+
+    class H_(logging.Handler):
+        def emit(self, rec):
+            msgs.append(rec.getMessage())
+
+    h = H_()
+    logging.getLogger().addHandler(h)
+    try:
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            p = PeftModel.from_pretrained(cls.from_pretrained(base_dir), adapter_dir)
+    finally:
+        logging.getLogger().removeHandler(h)
+    msgs += [str(x.message) for x in w]
+    bad = [m for m in msgs if "missing" in m.lower() or "unexpected" in m.lower() or "tie" in m.lower()]
+    return p.eval(), bad
+
+
+def _logits(model):
+    x = torch.arange(20).reshape(2, 10) % V
+    with torch.no_grad():
+        return model(x).logits
+
+
+def test_recovers_merged_lora_exactly(pair, tmp_path):
+    d, merged = pair
+    res = extract(d / "tuned", base=d / "base", output=tmp_path / "a", rank=4)
+    kinds = {m.module: m.kind for m in res.modules}
+    assert len(res.modules) == 2 * 3 + 2 and kinds["model.embed_tokens"] == "embedding"
+    assert kinds["lm_head"] == "lm_head"
+    assert all(m.rank == 4 for m in res.modules)
+    assert res.worst_error <= 1e-4, res.worst_error
+    # independent check of ΔW from the written tensors
+    sd = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    t, b = open_checkpoint(d / "tuned"), open_checkpoint(d / "base")
+    pre = "base_model.model."
+    for mod in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"):
+        dw = t.read(mod + ".weight") - b.read(mod + ".weight")
+        approx = sd[f"{pre}{mod}.lora_B.weight"] @ sd[f"{pre}{mod}.lora_A.weight"]
+        assert ((dw - approx).norm() / dw.norm()) <= 1e-4
+    dw = t.read("model.embed_tokens.weight") - b.read("model.embed_tokens.weight")
+    approx = (sd[f"{pre}model.embed_tokens.lora_embedding_B"] @ sd[f"{pre}model.embed_tokens.lora_embedding_A"]).T
+    assert ((dw - approx).norm() / dw.norm()) <= 1e-4
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["r"] == cfg["lora_alpha"] == 4 and cfg["rank_pattern"] == {}
+    p, bad = _load_quiet(d / "base", tmp_path / "a")
+    assert not bad, bad
+    assert (_logits(p) - _logits(merged)).abs().max() <= 1e-4
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "| `lm_head` |" in card and "worst" in card
+
+
+def test_randomized_near_eckart_young():
+    torch.manual_seed(0)
+    dw = torch.randn(1500, 700) @ torch.diag(torch.linspace(1, 0.2, 700)) @ torch.randn(700, 700) / 30
+    r = 16
+    f = S.factorise(dw, r, svd="randomized", seed=0)
+    assert f.method == "randomized"
+    B, A = f.factors(r)
+    err = ((dw - B @ A).norm() / dw.norm()).item()
+    s = torch.linalg.svdvals(dw.double())
+    optimal = (s[r:].pow(2).sum().sqrt() / s.pow(2).sum().sqrt()).item()
+    assert err <= optimal * 1.01, (err, optimal)
+    assert abs(f.relative_error(r) - err) <= 1e-3 * err  # the honest residual estimate matches the measured one
+    ex = S.factorise(dw, r, svd="exact")
+    assert abs(ex.relative_error(r) - optimal) <= 1e-4
+
+
+def test_energy_and_max_error_pick_promised_ranks(tmp_path):
+    d = tmp_path
+    _llama().save_pretrained(d / "base")
+    merged = _merge(d / "base", d / "tuned", 8, ["q_proj", "o_proj"], rank_pattern={"o_proj": 2})
+    for kw in ({"energy": 0.9}, {"max_error": 0.2}):
+        res = extract(d / "tuned", base=d / "base", output=d / f"o{len(kw)}{list(kw)[0]}", **kw)
+        t, b = open_checkpoint(d / "tuned"), open_checkpoint(d / "base")
+        ranks = {}
+        for m in res.modules:
+            dw = t.read(m.module + ".weight") - b.read(m.module + ".weight")
+            s2 = torch.linalg.svdvals(dw.double()).pow(2)
+            frac = (s2.cumsum(0) / s2.sum())
+            err = (1 - frac).clamp_min(0).sqrt()
+            ok = frac >= 0.9 if "energy" in kw else err <= 0.2
+            assert m.rank == int(torch.nonzero(ok)[0]) + 1, (m.module, m.rank)
+            if "energy" in kw:
+                assert m.energy >= 0.9
+            else:
+                assert m.error <= 0.2 + 1e-6
+            ranks[m.module] = m.rank
+        assert len(set(ranks.values())) > 1, ranks
+        out = d / f"o{len(kw)}{list(kw)[0]}"
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        assert cfg["rank_pattern"] and cfg["rank_pattern"] == cfg["alpha_pattern"]
+        p, bad = _load_quiet(d / "base", out)
+        assert not bad, bad
+        for mod, r in ranks.items():
+            layer = p.base_model.model.get_submodule(mod)
+            assert layer.r["default"] == r and layer.scaling["default"] == 1.0
+        # the adapter reproduces exactly the truncated ΔW the report promised
+        q = p.base_model.model.get_submodule("model.layers.0.self_attn.q_proj")
+        sd = load_file(out / "adapter_model.safetensors")
+        assert torch.equal(q.lora_A["default"].weight,
+                           sd["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"])
+
+
+def test_filters_embeddings_and_1d(pair, tmp_path):
+    d, merged = pair
+    res = extract(d / "tuned", base=d / "base", output=tmp_path / "f", rank=4, layers="0", exclude=["v_proj"],
+                  embeddings="skip")
+    assert sorted(m.module for m in res.modules) == ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
+    reasons = {s["tensor"]: s["reason"] for s in res.skipped}
+    assert reasons["model.layers.1.self_attn.q_proj.weight"] == "outside --layers"
+    assert reasons["model.layers.0.self_attn.v_proj.weight"] == "matched by --exclude"
+    assert reasons["model.embed_tokens.weight"] == "--embeddings skip" and reasons["lm_head.weight"] == "--embeddings skip"
+    _, bad = _load_quiet(d / "base", tmp_path / "f")
+    assert not bad
+    res = extract(d / "tuned", base=d / "base", output=tmp_path / "inc", rank=4, include=[r"mlp"], embeddings="full")
+    assert [m.module for m in res.modules] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert sorted(s["module"] for s in res.saved_whole) == ["lm_head", "model.embed_tokens"]
+    cfg = json.loads((tmp_path / "inc" / "adapter_config.json").read_text())
+    assert sorted(cfg["modules_to_save"]) == ["lm_head", "model.embed_tokens"]
+    p, bad = _load_quiet(d / "base", tmp_path / "inc")
+    assert not bad, bad
+    assert torch.equal(p.base_model.model.lm_head.modules_to_save["default"].weight, merged.lm_head.weight)
+
+
+def test_changed_norm_reported_and_saved_on_request(pair, tmp_path):
+    d, merged = pair
+    m = LlamaForCausalLM.from_pretrained(d / "tuned")
+    with torch.no_grad():
+        m.model.norm.weight.add_(0.25)
+    m.save_pretrained(tmp_path / "t2")
+    res = extract(tmp_path / "t2", base=d / "base", output=tmp_path / "x", rank=4)
+    reasons = {s["tensor"]: s["reason"] for s in res.skipped}
+    assert "model.norm.weight" in reasons and "--save-other" in reasons["model.norm.weight"]
+    assert any("left out" in w for w in res.warnings)
+    res = extract(tmp_path / "t2", base=d / "base", output=tmp_path / "y", rank=4, save_other=True)
+    assert "model.norm" in [s["module"] for s in res.saved_whole] and not res.skipped
+    p, bad = _load_quiet(d / "base", tmp_path / "y")
+    assert not bad, bad
+    assert (_logits(p) - _logits(m)).abs().max() <= 1e-4
+
+
+def test_tied_embeddings_qwen2(tmp_path):
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=True)
+    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    merged = _merge(tmp_path / "base", tmp_path / "tuned", 4, ["q_proj", "embed_tokens"], cls=Qwen2ForCausalLM)
+    assert "lm_head.weight" not in open_checkpoint(tmp_path / "tuned").tensors
+    res = extract(tmp_path / "tuned", base=tmp_path / "base", output=tmp_path / "a", rank=4)
+    assert res.worst_error <= 1e-4
+    p, bad = _load_quiet(tmp_path / "base", tmp_path / "a", cls=Qwen2ForCausalLM)
+    assert not bad, bad
+    ref = _logits(merged)  # logits here are ~150 in size: compare relative to that (fp32 summation order)
+    assert (_logits(p) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_bf16_floor(tmp_path, capsys):
+    torch.manual_seed(0)
+    _llama().to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    _merge(tmp_path / "base", tmp_path / "tuned", 4, ["q_proj", "v_proj"], dtype=torch.bfloat16)
+    res = extract(tmp_path / "tuned", base=tmp_path / "base", output=tmp_path / "a", rank=4)
+    t, b = open_checkpoint(tmp_path / "tuned"), open_checkpoint(tmp_path / "base")
+    assert t.info("model.layers.0.self_attn.q_proj.weight").dtype == torch.bfloat16
+    dw = t.read("model.layers.0.self_attn.q_proj.weight").float() - b.read("model.layers.0.self_attn.q_proj.weight").float()
+    s = torch.linalg.svdvals(dw.double())
+    floor = (s[4:].pow(2).sum() / s.pow(2).sum()).sqrt().item()  # what bf16 rounding leaves beyond rank 4
+    m = next(x for x in res.modules if x.module == "model.layers.0.self_attn.q_proj")
+    assert abs(m.error - floor) <= 1e-4 and 1e-4 < floor < 0.2
+    print(f"\nbf16 floor: worst {res.worst_error:.4f}, mean {res.mean_error:.4f} relative Frobenius error at rank 4")
+
+
+def test_analyse_difference(pair):
+    d, _ = pair
+    with open_checkpoint(d / "tuned") as t, open_checkpoint(d / "base") as b:
+        res = analyse_difference(t, b)
+    assert len(res["changed"]) == 8
+    assert "q_proj, v_proj" in res["summary"] and "in all 2 layers" in res["summary"]
+    assert "r=4" in res["summary"]
