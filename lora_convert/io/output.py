@@ -78,19 +78,26 @@ class AtomicOutput:
                 raise OutputError("output folder is inside an input folder", path=t,
                                   hint=f"write it outside {inp}")
             if t.exists() and _inside(inp, t):
-                raise OutputError("an input lies inside the output folder, which --force would delete", path=t)
+                raise OutputError(f"an input ({inp}) lies inside the output folder, which --force would delete",
+                                  path=t, hint="choose another output folder")
         if t.exists() and not self.force:
             raise OutputError("already exists", path=t, hint="choose another path or pass --force to replace it")
         if t.exists() and not t.is_dir():
             raise OutputError("exists and is not a folder", path=t)
         parent = t.parent if str(t.parent) else Path(".")
+        for above in (parent, *parent.parents):
+            if above.exists():
+                if not above.is_dir():
+                    raise OutputError("is a file, so the output folder cannot be created below it", path=above,
+                                      hint="choose another output path")
+                break
         if not parent.exists():
             try:
                 parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise OutputError(f"cannot create parent folder: {exc.strerror}", path=parent) from None
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise OutputError("folder is not writable", path=parent)
+            raise OutputError("folder is not writable", path=parent, hint="choose a writable location for -o")
 
     def __enter__(self) -> Path:
         self.check()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -155,8 +156,11 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
+        text = str(exc)
+        m = re.search(r"[Uu]nsupported (?:GLOBAL|global:?)\s*(?:GLOBAL\s*)?([\w.]+)", text)
+        what = f"it asks to import {m.group(1)}" if m else " ".join(text.split())[:200]
         raise UnsafeInputError(
-            f"refused to unpickle: {str(exc).splitlines()[0][:200]}", path=path,
+            f"refused to unpickle: {what}, which a file of plain tensors never does", path=path,
             hint="the file holds more than plain tensors; convert it to safetensors from a trusted source") from None
     except Exception as exc:  # torch raises RuntimeError/EOFError/zipfile errors for broken files
         raise CheckpointError(f"cannot read PyTorch file: {type(exc).__name__}: {str(exc)[:200]}", path=path) from None
