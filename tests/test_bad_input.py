@@ -256,12 +256,13 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_bin_pickle_payload_never_runs(work):
+@pytest.mark.parametrize("zipfile", [True, False], ids=["zip", "legacy"])
+def test_bin_pickle_payload_never_runs(work, zipfile):
     marker = work / "PWNED"
     sd = load_file(str(work / "adapter" / ADAPTER_FILE))
     sd["evil"] = _Evil(str(marker))  # type: ignore[assignment]
     (work / "adapter" / ADAPTER_FILE).unlink()
-    torch.save(sd, str(work / "adapter" / "adapter_model.bin"))
+    torch.save(sd, str(work / "adapter" / "adapter_model.bin"), _use_new_zipfile_serialization=zipfile)
     res, out = merge(work)
     assert_error(res, str(work / "adapter" / "adapter_model.bin"), "refused to unpickle: it asks to import posix.system",
                  "convert it to safetensors from a trusted source", out=out)
@@ -269,6 +270,16 @@ def test_bin_pickle_payload_never_runs(work):
     # detect refuses the same way
     assert_error(cli("detect", str(work / "adapter")), "refused to unpickle")
     assert not marker.exists()
+
+
+def test_legacy_bin_adapter_still_merges(work):
+    """The pre-zip torch.save format cannot be mmapped but is read (weights_only) all the same."""
+    sd = load_file(str(work / "adapter" / ADAPTER_FILE))
+    (work / "adapter" / ADAPTER_FILE).unlink()
+    torch.save(sd, str(work / "adapter" / "adapter_model.bin"), _use_new_zipfile_serialization=False)
+    res, out = merge(work)
+    assert res.exit_code == 0, res.output
+    assert (out / "model.safetensors").is_file()
 
 
 # -- adapter vs base ---------------------------------------------------------------------------------------

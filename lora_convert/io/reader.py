@@ -154,7 +154,13 @@ def _safe_member(root: Path, rel: Any, index: Path) -> Path:
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap can only be used" not in str(exc):
+                raise
+            # the legacy (pre-1.6, non-zip) format cannot be mmapped; still weights_only
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         m = re.search(r"[Uu]nsupported (?:GLOBAL|global:?)\s*(?:GLOBAL\s*)?([\w.]+)", text)
