@@ -1,0 +1,194 @@
+"""Benchmark ``lora-convert merge`` against ``cp -r`` (the floor) and PEFT's recipe.
+
+For each model size (``--layers``, default 11 and 22 layers of TinyLlama-1.1B shapes):
+generate (or reuse) the synthetic base and r=16 adapter (bench/synth.py), then time side
+by side, each as a child process with the page cache dropped before it (see measure.py):
+
+  cp     cp -r BASE OUT
+  ours   python -m lora_convert.cli merge ADAPTER --base BASE -o OUT --force
+  peft   python bench/peft_merge.py BASE ADAPTER OUT   (from_pretrained -> PeftModel ->
+         merge_and_unload -> save_pretrained)
+
+and print wall s, CPU s (user+sys), peak RSS MB, the ratios merge/cp wall, PEFT/merge
+wall, PEFT/merge RSS, and how far the merged tensors of ours and PEFT's lie apart.
+
+    python bench/bench_merge.py                    # 11 and 22 layers, all three tools
+    python bench/bench_merge.py --layers 22 --skip-peft
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import synth  # noqa: E402
+from common import (  # noqa: E402
+    OUT_ROOT, TensorFolder, child_env, fmt, folder_bytes, lora_convert_cmd, ratio, read_json, rm, table,
+)
+from measure import Measurement, can_drop_caches, measure  # noqa: E402
+
+BENCH_DIR = Path(__file__).resolve().parent
+
+
+def compare_merged(base: Path, adapter: Path, ours: Path, peft: Path | None, layers: int) -> list[str]:
+    """Max abs differences on a few tensors: ours vs PEFT, and each vs an fp32 reference
+    (W + alpha/r * B@A, rounded once to bf16)."""
+    cfg = read_json(adapter / "adapter_config.json")
+    scale = cfg["lora_alpha"] / cfg["r"]
+    fb, fa = TensorFolder(base), TensorFolder(adapter)
+    fo = TensorFolder(ours) if ours.exists() else None
+    fp = TensorFolder(peft) if peft is not None and peft.exists() else None
+    mid = layers // 2
+    names = [
+        "model.embed_tokens.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        f"model.layers.{mid}.self_attn.k_proj.weight",
+        f"model.layers.{mid}.mlp.down_proj.weight",
+        f"model.layers.{layers - 1}.mlp.gate_proj.weight",
+        f"model.layers.{layers - 1}.self_attn.o_proj.weight",
+        "lm_head.weight",
+        "model.norm.weight",
+    ]
+    lines = []
+    worst = {"ours-peft": 0.0, "ours-ref": 0.0, "peft-ref": 0.0}
+    for name in names:
+        w = fb.get(name).float()
+        mod = name.removesuffix(".weight")
+        pa = f"base_model.model.{mod}"
+        if f"{pa}.lora_A.weight" in fa:
+            delta = fa.get(f"{pa}.lora_B.weight").float() @ fa.get(f"{pa}.lora_A.weight").float()
+        elif f"{pa}.lora_embedding_A" in fa:
+            delta = (fa.get(f"{pa}.lora_embedding_B").float() @ fa.get(f"{pa}.lora_embedding_A").float()).T
+        else:
+            delta = torch.zeros_like(w)
+        ref = (w + scale * delta).to(torch.bfloat16).float()
+        parts = [f"{name:<44}"]
+        o = fo.get(name).float() if fo is not None and name in fo else None
+        p = fp.get(name).float() if fp is not None and name in fp else None
+        for label, x, y in (("ours-peft", o, p), ("ours-ref", o, ref), ("peft-ref", p, ref)):
+            if x is None or y is None:
+                parts.append(f"{label} {'-':>9}")
+                continue
+            d = (x - y).abs().max().item()
+            worst[label] = max(worst[label], d)
+            parts.append(f"{label} {d:9.2e}")
+        lines.append("  ".join(parts))
+    summary = "  ".join(f"{k} {v:.2e}" for k, v in worst.items())
+    lines.append(f"{'max over these tensors':<44}  {summary}")
+    return lines
+
+
+def run_size(layers: int, args: argparse.Namespace, env: dict[str, str]) -> dict:
+    t0 = time.perf_counter()
+    base = synth.make_base(layers, args.seed)
+    adapter = synth.make_adapter(base, layers, args.seed)
+    print(f"[bench] L={layers}: inputs ready in {time.perf_counter() - t0:.1f} s"
+          f" (base {folder_bytes(base) / 1e9:.2f} GB, adapter {folder_bytes(adapter) / 1e6:.1f} MB)", file=sys.stderr)
+    out_root = OUT_ROOT / f"merge-L{layers}"
+    out_root.mkdir(parents=True, exist_ok=True)
+    outs = {"cp": out_root / "cp", "ours": out_root / "ours", "peft": out_root / "peft"}
+    cmds = {
+        "cp": ["cp", "-r", str(base), str(outs["cp"])],
+        "ours": lora_convert_cmd(args.tool_cmd) + ["merge", str(adapter), "--base", str(base), "-o", str(outs["ours"]), "--force"],
+        "peft": [sys.executable, str(BENCH_DIR / "peft_merge.py"), str(base), str(adapter), str(outs["peft"])],
+    }
+    tools = ["cp", "ours"] + ([] if args.skip_peft else ["peft"])
+    results: dict[str, Measurement] = {}
+    for tool in tools:
+        for _ in range(args.repeat):
+            rm(outs[tool])
+            print(f"[bench] L={layers}: {tool}: {' '.join(cmds[tool])}", file=sys.stderr)
+            m = measure(cmds[tool], cache=args.cache, inputs=[base, adapter], env=env, cwd=str(BENCH_DIR.parent), timeout=args.timeout)
+            m.extra["out_bytes"] = folder_bytes(outs[tool])
+            if tool not in results or (m.ok and m.wall_s < results[tool].wall_s):
+                results[tool] = m
+            if not m.ok:
+                print(f"[bench] L={layers}: {tool} failed: {m.failure()}", file=sys.stderr)
+                break
+    diff_lines = []
+    if results["ours"].ok or results.get("peft", None) is not None and results["peft"].ok:
+        try:
+            diff_lines = compare_merged(base, adapter, outs["ours"], outs["peft"] if "peft" in results else None, layers)
+        except Exception as e:  # a malformed output must not lose the timings
+            diff_lines = [f"comparison failed: {type(e).__name__}: {e}"]
+    if not args.keep:
+        for p in outs.values():
+            rm(p)
+    return {"layers": layers, "base_bytes": folder_bytes(base), "results": results, "diff": diff_lines}
+
+
+def report(sizes: list[dict], args: argparse.Namespace) -> str:
+    label = {"cp": "cp -r (floor)", "ours": "lora-convert merge", "peft": "PEFT merge_and_unload"}
+    rows = []
+    for s in sizes:
+        for tool, m in s["results"].items():
+            status = "ok" if m.ok else m.failure(120)
+            rows.append([label[tool], s["layers"], fmt(m.wall_s, 2), fmt(m.cpu_s, 2), fmt(m.peak_rss_mb, 0),
+                         fmt(m.sync_s, 2), fmt(m.extra["out_bytes"] / 1e6, 0), f"{m.load_before:.1f}/{m.load_after:.1f}", status])
+    out = [table(["tool", "layers", "wall s", "CPU s", "peak RSS MB", "sync s", "out MB", "load b/a", "status"], rows,
+                 right={1, 2, 3, 4, 5, 6, 7})]
+    cache = {m.cache for s in sizes for m in s["results"].values()}
+    out.append(f"page cache before each run: {', '.join(sorted(cache))}; best of {args.repeat} run(s) per tool;"
+               f" load b/a = 1-min load average before/after the run ({os.cpu_count()} CPUs)")
+    out.append("")
+    ratio_rows = []
+    for s in sizes:
+        r = s["results"]
+
+        def g(tool: str, attr: str) -> float | None:
+            m = r.get(tool)
+            return getattr(m, attr) if m is not None and m.ok else None
+
+        ratio_rows.append([s["layers"], ratio(g("ours", "wall_s"), g("cp", "wall_s")),
+                           ratio(g("peft", "wall_s"), g("ours", "wall_s")),
+                           ratio(g("peft", "peak_rss_mb"), g("ours", "peak_rss_mb"))])
+    out.append(table(["layers", "merge wall / cp wall", "PEFT wall / merge wall", "PEFT RSS / merge RSS"], ratio_rows))
+    ours_rss = [(s["layers"], s["results"]["ours"].peak_rss_mb) for s in sizes if s["results"]["ours"].ok]
+    if len(ours_rss) > 1:
+        out.append("lora-convert merge peak RSS by size: " + ", ".join(f"L{n}: {v:.0f} MB" for n, v in ours_rss)
+                   + f" (largest/smallest {max(v for _, v in ours_rss) / min(v for _, v in ours_rss):.2f}x)")
+    for s in sizes:
+        if s["diff"]:
+            out.append("")
+            out.append(f"merged tensors, max abs diff, L={s['layers']} (ref = fp32 W + s*B@A rounded once to bf16):")
+            out.extend("  " + ln for ln in s["diff"])
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, nargs="+", default=[11, 22], help="model sizes (default: 11 22)")
+    ap.add_argument("--skip-peft", action="store_true", help="do not run the PEFT recipe")
+    ap.add_argument("--keep", action="store_true", help=f"keep the outputs under {OUT_ROOT}")
+    ap.add_argument("--cache", choices=("drop", "warm", "none"), default="drop",
+                    help="page cache before each run: drop (cold; falls back to warm without root), warm, none")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per tool, best kept")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per command")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tool-cmd", help="how to call lora-convert (default: python -m lora_convert.cli)")
+    ap.add_argument("--json", type=Path, help="also write the raw measurements here")
+    args = ap.parse_args(argv)
+    if args.cache == "drop" and not can_drop_caches():
+        print("[bench] cannot drop the page cache (not root?): warming inputs before each run instead", file=sys.stderr)
+
+    env = child_env()
+    sizes = [run_size(n, args, env) for n in args.layers]
+    print(report(sizes, args))
+    if args.json:
+        args.json.write_text(json.dumps(
+            [{**s, "results": {k: {**asdict(m), "cpu_s": m.cpu_s} for k, m in s["results"].items()}} for s in sizes],
+            indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
