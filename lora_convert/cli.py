@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import gc
 import sys
 from typing import Any, Callable
 
@@ -56,6 +57,9 @@ def _print_json(obj: Any) -> None:
 def main(ctx: click.Context, debug: bool) -> None:
     """Detect, convert, merge and extract LoRA checkpoints, tensor by tensor."""
     ctx.obj = {"debug": debug}
+    # Everything imported so far (torch alone is ~10^6 objects) lives for the whole run: move it
+    # out of the collector's sight, or every full collection re-walks it (~4% of a merge's CPU).
+    gc.freeze()
 
 
 def _debug(ctx: click.Context) -> bool:

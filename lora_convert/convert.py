@@ -11,7 +11,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -23,8 +23,9 @@ from .inventory import Inventory, LoraModule, build_inventory
 from .io.output import AtomicOutput
 from .io.reader import Checkpoint, open_checkpoint
 from .io.safetensors_format import FLOAT_DTYPES
-from .io.writer import PlannedTensor, SafetensorsWriter, parse_size, write_tensors
+from .io.writer import parse_size, write_tensors
 from .keys import Role, format_key, short_name
+from .pipeline import Buffers, Job, execute
 
 FORMS = ("merged", "adapter", "unmerged", "base")
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
@@ -32,22 +33,7 @@ DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp1
 CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 INPUT_EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "embeddings")
 QUANT_DTYPES = {torch.int8, torch.uint8} | {getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)}
-COPY_BLOCK = 64 << 20
-
-
-@dataclass
-class Job:
-    """One output tensor: its plan (name, dtype, shape) and a generator of its row blocks."""
-
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    blocks: Callable[[], Iterator[torch.Tensor]]
-    op: str = "copy"
-
-    @property
-    def planned(self) -> PlannedTensor:
-        return PlannedTensor(self.name, self.dtype, self.shape)
+COPY_BLOCK = 1 << 20  # bytes per block of a plain copy: cache-sized, like the merge's output blocks
 
 
 @dataclass
@@ -74,20 +60,27 @@ def _copy_job(ck: Checkpoint, src: str, name: str, dtype: torch.dtype | None = N
     info = ck.info(src)
     out_dtype = dtype if (dtype is not None and info.dtype in FLOAT_DTYPES) else info.dtype
 
-    def blocks() -> Iterator[torch.Tensor]:
+    def blocks(buf: Buffers) -> Iterator[torch.Tensor]:
         if not info.shape or info.shape[0] == 0:
             yield ck.read(src).to(out_dtype)
             return
-        row_bytes = max(1, info.nbytes // info.shape[0])
+        rows, rest = info.shape[0], info.shape[1:]
+        row_bytes = max(1, info.nbytes // rows)
         step = max(1, COPY_BLOCK // row_bytes)
-        for s in range(0, info.shape[0], step):
-            yield ck.read_rows(src, s, s + step).to(out_dtype)
+        for s in range(0, rows, step):
+            n = min(step, rows - s)
+            ck.prefetch(src, s + step, s + 2 * step)
+            if out_dtype == info.dtype:
+                yield ck.read_rows(src, s, s + n, out=buf.out((n, *rest), out_dtype))
+            else:
+                w = ck.read_rows(src, s, s + n, out=buf.scratch("read", (n, *rest), info.dtype))
+                yield buf.out((n, *rest), out_dtype).copy_(w)
 
     return Job(name, out_dtype, info.shape, blocks, op)
 
 
 def _check_finite(t: torch.Tensor, ck: Checkpoint, key: str) -> torch.Tensor:
-    if t.is_floating_point() and not torch.isfinite(t).all():
+    if not lm.all_finite(t):
         raise AdapterError("holds NaN or Inf values", path=ck.root, tensor=key)
     return t
 
@@ -234,9 +227,19 @@ def _merge_job(name: str, ops: _KeyOps, shape: tuple[int, ...], out_dtype: torch
     src_ck, src_key = ops.source
     m, lck = ops.lora, ops.lora_ck
 
-    def blocks() -> Iterator[torch.Tensor]:
+    def blocks(buf: Buffers) -> Iterator[torch.Tensor]:
         rows_total, cols = shape[0], (shape[1] if len(shape) > 1 else 1)
         step = lm.block_rows(rows_total, cols)
+        src_dtype = src_ck.info(src_key).dtype
+
+        def read(s: int) -> torch.Tensor:
+            n = min(step, rows_total - s)
+            src_ck.prefetch(src_key, s + step, s + 2 * step)
+            return src_ck.read_rows(src_key, s, s + n, out=buf.scratch("read", (n, cols), src_dtype))
+
+        def acc(n: int) -> torch.Tensor:
+            return buf.scratch("acc", (n, cols), torch.float32)
+
         delta, transposed = _factors(m, lck, cfg, shape, conv1d_hint) if m is not None else (None, False)
         row_scale = col_scale = None
         if m is not None and m.magnitude_key is not None:
@@ -246,13 +249,14 @@ def _merge_job(name: str, ops: _KeyOps, shape: tuple[int, ...], out_dtype: torch
             if not transposed:
                 row_scale = torch.empty(rows_total, dtype=torch.float32)
                 for s in range(0, rows_total, step):
-                    w = src_ck.read_rows(src_key, s, s + step)
-                    row_scale[s:s + w.shape[0]] = lm.dora_row_norms(w, delta, s)
+                    w = read(s)
+                    row_scale[s:s + w.shape[0]] = lm.dora_row_norms(w, delta, s, acc(w.shape[0]))
                 row_scale = lm.dora_scale(mag, row_scale)
             else:
                 sq = torch.zeros(cols, dtype=torch.float32)
                 for s in range(0, rows_total, step):
-                    sq += lm.dora_col_sq_norms(src_ck.read_rows(src_key, s, s + step), delta, s)
+                    w = read(s)
+                    sq += lm.dora_col_sq_norms(w, delta, s, acc(w.shape[0]))
                 col_scale = lm.dora_scale(mag, sq.sqrt_())
         tok_rows = tok_delta = None
         if ops.tokens is not None:
@@ -265,16 +269,17 @@ def _merge_job(name: str, ops: _KeyOps, shape: tuple[int, ...], out_dtype: torch
             if len(idx) and (max(idx) >= rows_total or min(idx) < 0):
                 raise AdapterError(f"token index out of range for vocabulary {rows_total}", path=tck.root, tensor=tkey)
         for s in range(0, rows_total, step):
-            w = src_ck.read_rows(src_key, s, s + step)
+            w = read(s)
+            out = buf.out(tuple(w.shape), out_dtype)
             if delta is not None:
-                out = lm.merge_rows(w, delta, s, out_dtype, col_scale=col_scale, row_scale=row_scale)
+                lm.merge_rows(w, delta, s, out, acc=acc(w.shape[0]), col_scale=col_scale, row_scale=row_scale)
             else:
-                out = w.to(out_dtype)
+                out.copy_(w)
             if tok_rows is not None:
                 sel = (tok_rows >= s) & (tok_rows < s + w.shape[0])
                 if sel.any():
                     out[tok_rows[sel] - s] = tok_delta[sel].to(out_dtype)
-            if out.is_floating_point() and not torch.isfinite(out).all():
+            if not lm.all_finite(out):
                 raise AdapterError("merged weight holds NaN or Inf", path=src_ck.root, tensor=name,
                                    hint="the adapter or the base has extreme values")
             yield out
@@ -288,7 +293,7 @@ def _bias_job(name: str, ops: _KeyOps, out_dtype: torch.dtype, cfg: AdapterConfi
     m, lck = ops.bias_add
     shape = src_ck.info(src_key).shape
 
-    def blocks() -> Iterator[torch.Tensor]:
+    def blocks(buf: Buffers) -> Iterator[torch.Tensor]:
         b = src_ck.read(src_key).to(torch.float32)
         extra = _check_finite(lck.read(m.bias_key), lck, m.bias_key).to(torch.float32)
         if extra.shape != b.shape:
@@ -463,21 +468,3 @@ def plan_attach(base: BaseView, ad: Checkpoint, inv: Inventory, adapter: str, cf
         else:
             jobs.append(_copy_job(src[0], src[1], f"base_model.model.{k}"))
     return jobs
-
-
-# -- execution ---------------------------------------------------------------------------
-
-def execute(jobs: list[Job], folder: Path, *, max_shard_size: int | str = "5GB", stem: str = "model",
-            progress: Any = None) -> list[str]:
-    """Stream every job's blocks into safetensors files in ``folder``."""
-    writer = SafetensorsWriter(folder, [j.planned for j in jobs], max_shard_size=max_shard_size, stem=stem)
-    task = progress.add_task("writing", total=writer.total_size) if progress is not None else None
-    try:
-        for j in jobs:
-            for block in j.blocks():
-                writer.write(j.name, block)
-                if progress is not None:
-                    progress.advance(task, block.numel() * block.element_size())
-        return writer.close()
-    finally:
-        writer.abort()

@@ -1,9 +1,10 @@
 """Lazy checkpoints: list every tensor from headers, read one tensor (or a block of rows) at a time.
 
-Data is read with plain ``readinto`` into a fresh buffer rather than through an mmap:
-pages touched through an mmap count in the process's RSS until the kernel reclaims them,
-so streaming a 10 GB checkpoint through mmap shows 10 GB of RSS.  ``readinto`` leaves
-the bytes in the page cache (not ours) and our RSS bounded by the buffers we hold.
+Data is read with ``preadv`` into a buffer (the caller's, when streaming) rather than through
+an mmap: pages touched through an mmap count in the process's RSS until the kernel reclaims
+them, so streaming a 10 GB checkpoint through mmap shows 10 GB of RSS, and a file truncated
+under an mmap kills the process with SIGBUS instead of raising.  ``preadv`` leaves the bytes in
+the page cache (not ours) and our RSS bounded by the buffers we hold.
 """
 
 from __future__ import annotations
@@ -74,26 +75,61 @@ class Checkpoint:
             return self._bin_tensor(info).clone()
         return self._read_bytes(info, info.offset, info.nbytes).view(info.dtype).reshape(info.shape)
 
-    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of a tensor (along dim 0) — a contiguous byte range on disk."""
+    def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor (along dim 0) — a contiguous byte range on disk.
+
+        With ``out`` (a contiguous tensor of the stored dtype and at least that many elements) the
+        bytes land there and a view of it is returned: the streaming routes reuse a few buffers
+        instead of faulting in fresh pages for every block, which measured ~40% of a merge's CPU.
+        """
         info = self.info(name)
         if info.offset < 0:
-            return self._bin_tensor(info)[start:stop].clone()
+            rows = self._bin_tensor(info)[start:stop]
+            if out is None:
+                return rows.clone()
+            dst = out.reshape(-1)[:rows.numel()].view(rows.shape)
+            return dst.copy_(rows)
         if not info.shape:
             return self.read(name)
         stop = min(stop, info.shape[0])
         row = (info.nbytes // info.shape[0]) if info.shape[0] else 0
-        out = self._read_bytes(info, info.offset + start * row, (stop - start) * row)
-        return out.view(info.dtype).reshape((stop - start, *info.shape[1:]))
+        shape = (stop - start, *info.shape[1:])
+        nbytes = (stop - start) * row
+        if out is None:
+            buf = None
+        else:
+            if out.dtype != info.dtype or not out.is_contiguous() or out.numel() * out.element_size() < nbytes:
+                raise ValueError(f"{name}: buffer of {out.dtype} x {out.numel()} cannot hold rows {start}:{stop}")
+            buf = out.reshape(-1).view(torch.uint8)[:nbytes]
+        data = self._read_bytes(info, info.offset + start * row, nbytes, buf)
+        return data.view(info.dtype).reshape(shape)
 
-    def _read_bytes(self, info: TensorInfo, offset: int, nbytes: int) -> torch.Tensor:
+    def prefetch(self, name: str, start: int, stop: int) -> None:
+        """Ask the kernel to start reading rows ``start:stop`` now (``POSIX_FADV_WILLNEED``), so the
+        disk works while we compute on the previous block.  A hint: errors are ignored."""
+        info = self.tensors.get(name)
+        if info is None or info.offset < 0 or not info.shape or not hasattr(os, "posix_fadvise"):
+            return
+        fh = self._handles.get(info.file)
+        if fh is None:
+            return
+        row = info.nbytes // info.shape[0] if info.shape[0] else 0
+        stop = min(stop, info.shape[0])
+        if stop > start:
+            try:
+                os.posix_fadvise(fh.fileno(), info.offset + start * row, (stop - start) * row, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass
+
+    def _read_bytes(self, info: TensorInfo, offset: int, nbytes: int, buf: torch.Tensor | None = None) -> torch.Tensor:
         fh = self._handles.get(info.file)
         if fh is None:
             try:
                 fh = self._handles[info.file] = open(info.file, "rb", buffering=0)
             except OSError as exc:
                 raise CheckpointError(f"cannot open: {exc.strerror}", path=info.file, tensor=info.name) from None
-        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if buf is None:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             view = memoryview(buf.numpy())
             got = 0

@@ -1,0 +1,92 @@
+"""The two-stage pipeline: blocks in order, buffers recycled without corrupting what is written,
+errors from either side surface once, in the caller's thread, and no thread is left behind."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lora_convert as lc
+from lora_convert import lora_math
+from lora_convert import pipeline as pl
+from lora_convert.errors import AdapterError
+from tiny import llama, peft_wrap
+
+
+def _row_job(name: str, rows: int, cols: int, step: int, seed: int) -> tuple[pl.Job, torch.Tensor]:
+    full = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+
+    def blocks(buf: pl.Buffers):
+        for s in range(0, rows, step):
+            n = min(step, rows - s)
+            yield buf.out((n, cols), torch.float32).copy_(full[s:s + n])
+
+    return pl.Job(name, torch.float32, (rows, cols), blocks), full
+
+
+def _producers() -> int:
+    return sum(t.name == "lora-convert-producer" for t in threading.enumerate())
+
+
+def test_many_blocks_through_a_small_pool(tmp_path, monkeypatch):
+    """More blocks than pool slots, and blocks of both pooled and oversized (fresh) kinds: every byte
+    written must be the block's, i.e. no slot is reused before the writer is done with it."""
+    monkeypatch.setattr(pl, "TILE_BYTES", 4096)
+    jobs, want = [], {}
+    for i, (rows, cols, step) in enumerate([(97, 8, 3), (40, 33, 31), (5, 7, 5), (64, 16, 1)]):
+        job, full = _row_job(f"t{i}", rows, cols, step, i)
+        jobs.append(job)
+        want[job.name] = full
+    pl.execute(jobs, tmp_path)
+    got = load_file(str(tmp_path / "model.safetensors"))
+    assert set(got) == set(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert _producers() == 0
+
+
+def test_producer_error_reaches_the_caller_with_its_type(tmp_path):
+    def blocks(buf):
+        yield buf.out((2, 2), torch.float32).zero_()
+        raise AdapterError("boom", tensor="t0")
+
+    jobs = [pl.Job("t0", torch.float32, (4, 2), blocks)] + [_row_job(f"x{i}", 50, 50, 1, i)[0] for i in range(3)]
+    with pytest.raises(AdapterError, match="boom"):
+        pl.execute(jobs, tmp_path)
+    assert _producers() == 0
+
+
+def test_writer_error_stops_the_producer(tmp_path):
+    """A block that contradicts the plan fails in the writer; the producer, blocked on a full queue
+    or an empty pool, must be told to stop and joined."""
+    def bad(buf):
+        yield buf.out((3, 3), torch.float16)  # planned float32
+
+    jobs = [_row_job("a", 300, 64, 1, 0)[0], pl.Job("b", torch.float32, (3, 3), bad),
+            _row_job("c", 300, 64, 1, 1)[0]]
+    with pytest.raises(ValueError, match="dtype"):
+        pl.execute(jobs, tmp_path)
+    assert _producers() == 0
+
+
+def test_merge_is_the_same_whatever_the_block_size(tmp_path, monkeypatch):
+    """Blocks of one row (many pool round trips, DoRA's two passes) give the files of the default
+    blocking, up to fp32 summation order (a one-row GEMM may take another kernel): a recycled slot
+    written too early would show up as whole rows of wrong values, far outside this tolerance."""
+    base = llama()
+    base.save_pretrained(str(tmp_path / "base"))
+    pm = peft_wrap(base, r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "embed_tokens", "lm_head"])
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "default")
+    real = lora_math.block_rows
+    monkeypatch.setattr(lora_math, "block_rows", lambda rows, cols, budget=0: real(rows, cols, 1))
+    lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "rows")
+    a = load_file(str(tmp_path / "default" / "model.safetensors"))
+    b = load_file(str(tmp_path / "rows" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype == torch.float32
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
