@@ -69,14 +69,19 @@ def _copy_job(ck: Checkpoint, src: str, name: str, dtype: torch.dtype | None = N
         step = max(1, COPY_BLOCK // row_bytes)
         for s in range(0, rows, step):
             n = min(step, rows - s)
-            ck.prefetch(src, s + step, s + 2 * step)
             if out_dtype == info.dtype:
                 yield ck.read_rows(src, s, s + n, out=buf.out((n, *rest), out_dtype))
             else:
                 w = ck.read_rows(src, s, s + n, out=buf.scratch("read", (n, *rest), info.dtype))
                 yield buf.out((n, *rest), out_dtype).copy_(w)
 
-    return Job(name, out_dtype, info.shape, blocks, op)
+    return Job(name, out_dtype, info.shape, blocks, op, prefetch=lambda: _prefetch(ck, src))
+
+
+def _prefetch(ck: Checkpoint, key: str) -> None:
+    info = ck.info(key)
+    if info.shape:
+        ck.prefetch(key, 0, info.shape[0])
 
 
 def _check_finite(t: torch.Tensor, ck: Checkpoint, key: str) -> torch.Tensor:
@@ -234,7 +239,6 @@ def _merge_job(name: str, ops: _KeyOps, shape: tuple[int, ...], out_dtype: torch
 
         def read(s: int) -> torch.Tensor:
             n = min(step, rows_total - s)
-            src_ck.prefetch(src_key, s + step, s + 2 * step)
             return src_ck.read_rows(src_key, s, s + n, out=buf.scratch("read", (n, cols), src_dtype))
 
         def acc(n: int) -> torch.Tensor:
@@ -285,7 +289,7 @@ def _merge_job(name: str, ops: _KeyOps, shape: tuple[int, ...], out_dtype: torch
             yield out
 
     op = "dora" if (m is not None and m.magnitude_key) else ("merge" if m is not None else "tokens")
-    return Job(name, out_dtype, shape, blocks, op)
+    return Job(name, out_dtype, shape, blocks, op, prefetch=lambda: _prefetch(src_ck, src_key))
 
 
 def _bias_job(name: str, ops: _KeyOps, out_dtype: torch.dtype, cfg: AdapterConfig) -> Job:

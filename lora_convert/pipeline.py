@@ -102,6 +102,7 @@ class Job:
     shape: tuple[int, ...]
     blocks: Callable[[Buffers], Iterator[torch.Tensor]]
     op: str = "copy"
+    prefetch: Callable[[], None] | None = None  # ask the kernel to start reading this job's input
 
     @property
     def planned(self) -> PlannedTensor:
@@ -154,7 +155,12 @@ def _produce(jobs: list[Job], buffers: Buffers) -> Iterator[tuple[str, torch.Ten
 
     def work() -> None:
         try:
-            for j in jobs:
+            for i, j in enumerate(jobs):
+                # Keep the disk one tensor ahead: measured on a cold cache, reading block by block
+                # left the CPUs ~45% idle waiting for the disk, at half of `cat`'s read speed.
+                for ahead in jobs[i:i + 2] if i == 0 else jobs[i + 1:i + 2]:
+                    if ahead.prefetch is not None:
+                        ahead.prefetch()
                 for block in j.blocks(buffers):
                     put((j.name, block))
             put(_DONE)

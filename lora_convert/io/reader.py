@@ -110,8 +110,9 @@ class Checkpoint:
         info = self.tensors.get(name)
         if info is None or info.offset < 0 or not info.shape or not hasattr(os, "posix_fadvise"):
             return
-        fh = self._handles.get(info.file)
-        if fh is None:
+        try:
+            fh = self._handle(info)
+        except CheckpointError:
             return
         row = info.nbytes // info.shape[0] if info.shape[0] else 0
         stop = min(stop, info.shape[0])
@@ -121,13 +122,17 @@ class Checkpoint:
             except OSError:
                 pass
 
-    def _read_bytes(self, info: TensorInfo, offset: int, nbytes: int, buf: torch.Tensor | None = None) -> torch.Tensor:
+    def _handle(self, info: TensorInfo) -> Any:
         fh = self._handles.get(info.file)
         if fh is None:
             try:
                 fh = self._handles[info.file] = open(info.file, "rb", buffering=0)
             except OSError as exc:
                 raise CheckpointError(f"cannot open: {exc.strerror}", path=info.file, tensor=info.name) from None
+        return fh
+
+    def _read_bytes(self, info: TensorInfo, offset: int, nbytes: int, buf: torch.Tensor | None = None) -> torch.Tensor:
+        fh = self._handle(info)
         if buf is None:
             buf = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
