@@ -1,8 +1,12 @@
 """Extract a PEFT LoRA adapter from a fine-tuned (or merged) checkpoint and its base: ``ΔW ≈ B·A`` by SVD.
 
-Tensor by tensor: each pair (tuned, base) is read, ``ΔW = W_tuned − W_base`` is formed in fp32
-from the stored values, factored (:mod:`.svd`) and dropped; the next pair is read by a background
-thread while the current one is factored.  Memory stays at a few copies of the largest matrix.
+Tensor by tensor: ``ΔW = W_tuned − W_base`` is formed in fp32 from the stored values, row block by
+row block straight from the two files (never a whole stored or fp32 copy of either side), factored
+(:mod:`.svd`) and dropped; the kernel is asked to read the next pair while the current one is
+factored.  Memory stays at ΔW of the largest matrix plus the SVD's thin factors.
+
+GPT-2-style ``Conv1D`` weights are stored (in, out): their ΔW is factored in the (out, in) view that
+PEFT's ``B·A`` describes, and ``fan_in_fan_out`` is set.
 
 Adapter layout (what ``PeftModel.from_pretrained(base, OUT)`` loads with no missing or unexpected keys):
 
@@ -22,26 +26,31 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from . import svd as S
 from .card import render_card
 from .config import AdapterConfig
-from .errors import RouteError
+from .convert import CONV1D_MODEL_TYPES
+from .errors import CheckpointError, RouteError, UnsupportedError
 from .folder import carry_files, write_json
 from .inventory import build_inventory
 from .io.output import AtomicOutput
 from .io.reader import Checkpoint, open_checkpoint
 from .io.writer import write_tensors
 from .keys import PEFT_PREFIX, Role, format_key, layer_index, short_name
+from .lora_math import all_finite
 
 FP32 = torch.float32
 EMBED_NAMES = {"embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "embeddings"}
+# Learned position tables are nn.Embedding too (GPT-2 wpe, OPT embed_positions, BERT-style): PEFT gives
+# them lora_embedding_A/B, so an ordinary lora_A/B for them would load as unexpected keys.
+POSITION_NAMES = {"wpe", "embed_positions", "position_embeddings"}
+DELTA_BLOCK = 4 << 20  # bytes of fp32 ΔW built per step from the two files
 HEAD_NAMES = {"lm_head", "embed_out", "output"}
 EMBEDDING_MODES = ("lora", "full", "skip")
 
@@ -148,7 +157,7 @@ def _kind(name: str, shape: tuple[int, ...], vocab: int | None) -> str:
     short = short_name(name[: -len(".weight")])
     if short in HEAD_NAMES:
         return "lm_head"
-    if short in EMBED_NAMES or (vocab and shape[0] == vocab and "embed" in name):
+    if short in EMBED_NAMES or short in POSITION_NAMES or (vocab and shape[0] == vocab and "embed" in name):
         return "embedding"
     return "linear"
 
@@ -182,19 +191,57 @@ class _Task:
     base_name: str | None  # tensor to subtract (None: tied head computed from the embedding)
 
 
-def _pairs(tuned: Checkpoint, base: Checkpoint, tasks: list[_Task]) -> Iterator[tuple[_Task, torch.Tensor, torch.Tensor]]:
-    """(task, tuned, base) in order, the next pair read by a background thread meanwhile."""
-    def load(t: _Task) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuned.read(t.name), base.read(t.base_name or t.name)
-    if not tasks:
-        return
-    with ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(load, tasks[0])
-        for i, t in enumerate(tasks):
-            a, b = fut.result()
-            if i + 1 < len(tasks):
-                fut = pool.submit(load, tasks[i + 1])
-            yield t, a, b
+def _prefetch(ck: Checkpoint, name: str) -> None:
+    info = ck.tensors.get(name)
+    if info is not None and info.shape:
+        ck.prefetch(name, 0, info.shape[0])
+
+
+def _delta(tuned: Checkpoint, base: Checkpoint, t: _Task, *, keep: bool = True) -> torch.Tensor | None:
+    """fp32 ``ΔW = W_tuned − W_base``, built row block by row block straight from the two files, or
+    None when the tensors are equal.
+
+    Why blocks: reading both tensors whole and converting them costs 2 stored + 2 fp32 copies next
+    to ΔW (for a 32000x2048 bf16 embedding ~1 GB at once, which was most of the extract's peak
+    RSS); here the peak is ΔW itself plus two small read buffers.  With ``keep=False`` no ΔW is
+    kept at all: only whether the tensors differ (for tensors that are only reported).
+    A NaN or Inf in either file is an error naming the tensor: no factorisation can carry it.
+    """
+    ti = tuned.info(t.name)
+    bname = t.base_name or t.name
+    bi = base.info(bname)
+    shape = ti.shape
+    rows = shape[0] if shape else 1
+    cols = max(1, ti.nbytes // max(1, ti.dtype.itemsize) // max(1, rows))
+    step = max(1, DELTA_BLOCK // (4 * cols))
+    delta = torch.empty((rows, cols) if keep else (min(step, rows), cols), dtype=FP32)
+    changed = False
+    for s in range(0, rows, step):
+        n = min(step, rows - s)
+        if shape:
+            a = tuned.read_rows(t.name, s, s + n).reshape(n, cols)
+            b = base.read_rows(bname, s, s + n).reshape(n, cols)
+        else:
+            a, b = tuned.read(t.name).reshape(1, 1), base.read(bname).reshape(1, 1)
+        if not (a.is_floating_point() and b.is_floating_point()):
+            if keep:
+                raise UnsupportedError(f"{a.dtype}/{b.dtype} weight: a quantized checkpoint cannot be "
+                                       "differenced exactly", path=tuned.root, tensor=t.name,
+                                       hint="extract from the unquantized tuned model and base")
+            changed = changed or not torch.equal(a, b)  # integer buffers: compare exactly
+            continue
+        for ck, key, x in ((tuned, t.name, a), (base, bname, b)):
+            if not all_finite(x):
+                raise CheckpointError("holds NaN or Inf values", path=ck.root, tensor=key,
+                                      hint="no adapter can carry a non-finite difference")
+        d = delta[s:s + n] if keep else delta[:n]
+        d.copy_(a).sub_(b)  # b is promoted inside the kernel: no fp32 copy of either side
+        if d.numel():
+            lo, hi = torch.aminmax(d)
+            changed = changed or bool(lo != 0) or bool(hi != 0)
+    if not changed:
+        return None
+    return delta.reshape(shape) if keep else delta
 
 
 def _residual_error(delta: torch.Tensor, B: torch.Tensor, A: torch.Tensor, total: float) -> float:
@@ -335,6 +382,8 @@ def _extract(tk: Checkpoint, bk: Checkpoint, tuned_ref: Path, base_ref: str | Pa
     warnings: list[str] = []
     lora_modules: list[str] = []
     embed_lora = False
+    conv1d_model = _cfg_get(tk.config or bk.config, "model_type") in CONV1D_MODEL_TYPES
+    any_conv1d = False
     for module, reason in whole_plan:
         modules_to_save.append(module)
         saved_whole.append({"module": module, "reason": reason})
@@ -342,9 +391,14 @@ def _extract(tk: Checkpoint, bk: Checkpoint, tuned_ref: Path, base_ref: str | Pa
         if tied:
             warnings.append("tied embeddings with a resized vocabulary: the output head follows the embedding")
     with _progress_bar(progress, len(tasks) + len(others)) as advance:
-        for task, w_t, w_b in _pairs(tk, bk, tasks):
+        for i, task in enumerate(tasks):
             advance()
-            if torch.equal(w_t, w_b):
+            if i + 1 < len(tasks):  # the disk reads the next pair while we factor this one
+                _prefetch(tk, tasks[i + 1].name)
+                _prefetch(bk, tasks[i + 1].base_name or tasks[i + 1].name)
+            factor = task.kind not in _SKIP_REASONS and task.kind != "full"
+            delta = _delta(tk, bk, task, keep=factor)
+            if delta is None:
                 continue
             if task.kind in _SKIP_REASONS:
                 skipped.append({"tensor": task.name, "reason": _SKIP_REASONS[task.kind]})
@@ -352,11 +406,14 @@ def _extract(tk: Checkpoint, bk: Checkpoint, tuned_ref: Path, base_ref: str | Pa
             if task.kind == "full":
                 modules_to_save.append(task.module)
                 saved_whole.append({"module": task.module, "reason": "--embeddings full"})
-                tensors[f"{PEFT_PREFIX}{task.module}.weight"] = w_t
+                tensors[f"{PEFT_PREFIX}{task.module}.weight"] = tk.read(task.name)
                 continue
             t1 = time.perf_counter()
-            delta = w_t.to(dev, FP32) - w_b.to(dev, FP32)
-            del w_t, w_b
+            conv1d = task.kind == "linear" and conv1d_model
+            if conv1d:  # GPT-2 Conv1D stores (in, out): factor the (out, in) view PEFT's B·A describes
+                delta = delta.T
+                any_conv1d = True
+            delta = delta.to(dev)
             k = opts["rank"] if opts["rank"] is not None else opts["max_rank"]
             k = min(k, opts["max_rank"])
             f = S.factorise(delta, k, svd=opts["svd"], seed=opts["seed"])
@@ -371,8 +428,9 @@ def _extract(tk: Checkpoint, bk: Checkpoint, tuned_ref: Path, base_ref: str | Pa
             if task.kind == "embedding":  # ΔW (vocab, dim) = (B_e·A_e)ᵀ: B_e = Aᵀ (dim, r), A_e = Bᵀ (r, vocab)
                 tensors[format_key(task.module, Role.EMBED_A)] = B.T.contiguous()
                 tensors[format_key(task.module, Role.EMBED_B)] = A.T.contiguous()
-                embed_lora = True
-                if tied:  # the head shares the weight, so it shares the delta: lora_A = A, lora_B = B
+                token_table = short_name(task.module) not in POSITION_NAMES
+                embed_lora = embed_lora or token_table
+                if tied and token_table:  # the head shares the weight, so it shares the delta: lora_A = A, lora_B = B
                     tensors[format_key("lm_head", Role.LORA_A)] = A
                     tensors[format_key("lm_head", Role.LORA_B)] = B
             else:
@@ -384,8 +442,8 @@ def _extract(tk: Checkpoint, bk: Checkpoint, tuned_ref: Path, base_ref: str | Pa
         other_changed = []
         for name in others:
             advance()
-            a, b = tk.read(name), bk.read(name)
-            if a.shape != b.shape or not torch.equal(a, b):
+            if tk.info(name).shape != bk.info(name).shape or _delta(tk, bk, _Task(name, name, "other", None),
+                                                                     keep=False) is not None:
                 other_changed.append(name)
     for name in other_changed:
         module = name.rsplit(".", 1)[0]
@@ -409,8 +467,9 @@ def _extract(tk: Checkpoint, bk: Checkpoint, tuned_ref: Path, base_ref: str | Pa
     if not lora_modules:
         raise RouteError("no tensor was factored (only whole modules to save): PEFT needs at least one LoRA module",
                          path=tk.root, hint="widen --include/--layers or use --embeddings lora")
-    if tied and any(r.kind == "embedding" for r in reports) or tied and any(
-            s["module"] in modules_to_save for s in saved_whole if s["reason"] == "--embeddings full"):
+    ensure_tying = tied and (embed_lora or any(s["module"] in modules_to_save for s in saved_whole
+                                               if s["reason"] == "--embeddings full"))
+    if ensure_tying:
         warnings.append("tied embeddings: ensure_weight_tying is set so the output head gets the same change")
     ranks = Counter(r.rank for r in reports)
     r0 = sorted(ranks.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
@@ -421,8 +480,9 @@ def _extract(tk: Checkpoint, bk: Checkpoint, tuned_ref: Path, base_ref: str | Pa
     cfg = AdapterConfig(
         r=r0, lora_alpha=r0, rank_pattern=rank_pattern, alpha_pattern={k: v for k, v in rank_pattern.items()},
         target_modules=_target_regex(targets), modules_to_save=modules_to_save or None,
+        fan_in_fan_out=any_conv1d,
         base_model_name_or_path=str(base_ref), task_type=_task_type(tk.config or bk.config),
-        raw={"lora_dropout": 0.0, "inference_mode": True, "ensure_weight_tying": bool(tied)},
+        raw={"lora_dropout": 0.0, "inference_mode": True, "ensure_weight_tying": bool(ensure_tying)},
     ).to_dict()
     n_params = sum(t.numel() for t in tensors.values())
     errors = [r.error for r in reports]
@@ -500,26 +560,35 @@ def analyse_difference(tuned_ck: Checkpoint, base_ck: Checkpoint, *, energy: flo
         if name not in base_ck.tensors:
             changed.append(name)
     for name in names:
-        a, b = tuned_ck.read(name), base_ck.read(name)
-        if a.shape != b.shape:
+        ta, tb = tuned_ck.info(name), base_ck.info(name)
+        if ta.shape != tb.shape:
             changed.append(name)
-            modules[name] = {"kind": "resized", "shape": [list(b.shape), list(a.shape)]}
+            modules[name] = {"kind": "resized", "shape": [list(tb.shape), list(ta.shape)]}
             continue
-        if torch.equal(a, b):
+        kind = _kind(name, tuple(ta.shape), vocab)
+        factor = kind != "other" and ta.dtype.is_floating_point and tb.dtype.is_floating_point
+        d = _delta(tuned_ck, base_ck, _Task(name, name, kind, None), keep=factor)
+        if d is None:
             continue
         changed.append(name)
-        kind = _kind(name, tuple(a.shape), vocab)
-        entry: dict[str, Any] = {"kind": kind, "shape": list(a.shape)}
-        if kind != "other":
-            d = a.to(FP32) - b.to(FP32)
-            del a, b
+        entry: dict[str, Any] = {"kind": kind, "shape": list(ta.shape)}
+        if factor:
             er, gap = S.effective_rank(d, energy, k=k)
             entry.update(rank_at_energy=er, rank_at_gap=gap,
-                         relative_change=(S.frobenius_sq(d) / max(S.frobenius_sq(tuned_ck.read(name).to(FP32)),
-                                                                   1e-300)) ** 0.5)
+                         relative_change=(S.frobenius_sq(d) / max(_frobenius_sq_stored(tuned_ck, name), 1e-300)) ** 0.5)
+        del d
         modules[name] = entry
     changed += [n for n in base_ck.tensors if n not in tuned_ck.tensors]
     return {"changed": changed, "modules": modules, "summary": _summary(changed, modules, cfg, energy, k)}
+
+
+def _frobenius_sq_stored(ck: Checkpoint, name: str) -> float:
+    """‖W‖²_F of a stored tensor, read in row blocks (fp64 accumulation)."""
+    info = ck.info(name)
+    rows = info.shape[0] if info.shape else 1
+    step = max(1, DELTA_BLOCK // max(1, info.nbytes // max(1, rows)))
+    return sum(S.frobenius_sq(ck.read_rows(name, s, s + step).to(FP32)) for s in range(0, rows, step)) \
+        if info.shape else S.frobenius_sq(ck.read(name).to(FP32))
 
 
 def _summary(changed: list[str], modules: dict[str, dict[str, Any]], cfg: dict[str, Any] | None,

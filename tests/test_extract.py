@@ -66,7 +66,7 @@ def _load_quiet(base_dir, adapter_dir, cls=LlamaForCausalLM):
     finally:
         logging.getLogger().removeHandler(h)
     msgs += [str(x.message) for x in w]
-    bad = [m for m in msgs if "missing" in m.lower() or "unexpected" in m.lower() or "tie" in m.lower()]
+    bad = [m for m in msgs if any(w in m.lower() for w in ("missing", "unexpected", "tie", "fan_in_fan_out"))]
     return p.eval(), bad
 
 
@@ -207,6 +207,52 @@ def test_tied_embeddings_qwen2(tmp_path):
     assert not bad, bad
     ref = _logits(merged)  # logits here are ~150 in size: compare relative to that (fp32 summation order)
     assert (_logits(p) - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_gpt2_conv1d_and_position_embedding(tmp_path):
+    """GPT-2 stores Conv1D weights (in, out), so ΔW is (B·A)ᵀ there; its square attn.c_proj would load
+    without complaint in the wrong orientation.  wpe is an nn.Embedding: lora_embedding_A/B."""
+    from transformers import GPT2LMHeadModel
+
+    from tiny import gpt2
+
+    gpt2().save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    pm = get_peft_model(GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+                        LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc", "wpe"],
+                                   fan_in_fan_out=True, init_lora_weights=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged = pm.merge_and_unload()
+    merged.save_pretrained(tmp_path / "tuned")
+    res = extract(tmp_path / "tuned", base=tmp_path / "base", output=tmp_path / "a", rank=4)
+    kinds = {m.module: (m.kind, tuple(m.shape)) for m in res.modules}
+    assert kinds["transformer.h.0.attn.c_attn"] == ("linear", (96, 32))  # (out, in), as PEFT's B·A
+    assert kinds["transformer.wpe"][0] == "embedding"
+    assert res.worst_error <= 1e-4, res.worst_error
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["fan_in_fan_out"] is True
+    p, bad = _load_quiet(tmp_path / "base", tmp_path / "a", cls=GPT2LMHeadModel)
+    assert not bad, bad
+    x = torch.arange(20).reshape(2, 10)
+    with torch.no_grad():
+        assert (p(x).logits - merged(x).logits).abs().max() <= 1e-4
+
+
+def test_non_finite_difference_is_an_error(pair, tmp_path):
+    from safetensors.torch import save_file
+
+    from lora_convert.errors import CheckpointError
+
+    d, _ = pair
+    sd = load_file(d / "tuned" / "model.safetensors")
+    sd["model.layers.1.self_attn.v_proj.weight"][3, 5] = float("inf")
+    (tmp_path / "bad").mkdir()
+    save_file(sd, tmp_path / "bad" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "bad" / "config.json").write_text((d / "tuned" / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="v_proj.weight.*NaN or Inf"):
+        extract(tmp_path / "bad", base=d / "base", output=tmp_path / "a", rank=4)
+    assert not (tmp_path / "a").exists()
 
 
 def test_bf16_floor(tmp_path, capsys):
