@@ -109,6 +109,10 @@ def convert(source: str | Path, to: str, *, output: str | Path, base: str | Path
 
         return extract(source, base=base, output=output, force=force, progress=progress, command=command,
                        **(extract_options or {}))
+    if extract_options:
+        raise RouteError(f"{', '.join('--' + k.replace('_', '-') for k in extract_options)}: extraction options "
+                         f"apply only to a plain checkpoint converted --to adapter with --base, not {form} -> {to}",
+                         path=src_ck.root)
     if form == "plain":
         raise RouteError(f"holds no LoRA tensors (a base or merged model); nothing to convert to {to}",
                          path=src_ck.root)

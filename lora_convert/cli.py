@@ -171,23 +171,85 @@ def _maybe_push(folder: str, push_to: str | None, private: bool) -> Any:
     return push_folder(folder, push_to, private=private, progress=False)
 
 
+_EXTRACT_DEFAULTS = {"max_rank": 128, "include": (), "exclude": (), "embeddings": "lora", "save_other": False,
+                     "svd": "auto", "device": "cpu", "seed": 0}
+
+
+def _extraction_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The SVD options, shared by ``extract`` and ``convert --to adapter`` (defaults applied by the API)."""
+    for opt in reversed([
+        click.option("--rank", type=int, help="Fixed rank per module (default 16 when no other criterion is given)."),
+        click.option("--energy", type=float, help="Smallest rank keeping this fraction of ||dW||_F^2, e.g. 0.95."),
+        click.option("--max-error", type=float, help="Smallest rank with relative Frobenius error at most this."),
+        click.option("--max-rank", type=int, help="Cap on every module's rank.  [default: 128]"),
+        click.option("--include", multiple=True, help="Only modules whose path matches this regex (repeatable)."),
+        click.option("--exclude", multiple=True, help="Leave out modules whose path matches this regex (repeatable)."),
+        click.option("--layers", help="Only these decoder layers, e.g. 0-15,20."),
+        click.option("--embeddings", type=click.Choice(["lora", "full", "skip"]),
+                     help="Embeddings and lm_head: factor, save whole (modules_to_save), or leave out.  "
+                          "[default: lora]"),
+        click.option("--save-other", is_flag=True, default=None,
+                     help="Save modules whose norms/biases changed whole (modules_to_save)."),
+        click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), help="[default: auto]"),
+        click.option("--device", help="cpu or cuda.  [default: cpu]"),
+        click.option("--seed", type=int, help="Seed of the randomized SVD.  [default: 0]"),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _given(**opts: Any) -> dict[str, Any]:
+    """The extraction options the user actually gave (click passes None / () for the others)."""
+    return {k: v for k, v in opts.items() if v is not None and v != ()}
+
+
+def _print_extract(res: Any, as_json: bool, pushed: Any) -> None:
+    if as_json:
+        _report_conversion(res, True, pushed)
+        return
+    t = Table(title="extracted modules")
+    for col in ("module", "shape", "rank", "energy kept", "rel. error", "svd"):
+        t.add_column(col)
+    for m in res.modules:
+        t.add_row(m.module, f"{m.shape[0]}x{m.shape[1]}", f"{m.rank}{'*' if m.capped else ''}", f"{m.energy:.6f}",
+                  f"{m.error:.3e}", m.method)
+    out.print(t)
+    for line in res.summary_lines():
+        out.print(line)
+    _report_conversion(res, False, pushed)
+
+
 @main.command()
 @click.argument("source")
 @click.option("--to", "to", required=True, type=click.Choice(["merged", "adapter", "unmerged", "base"]),
               help="Target form.")
 @_conversion_options
+@_extraction_options
 @click.pass_context
 def convert(ctx: click.Context, source: str, to: str, output: str, base: str | None, adapter: str | None, dtype: str,
-            max_shard_size: str, force: bool, as_json: bool, push_to: str | None, private: bool) -> None:
-    """Convert SOURCE to another storage form."""
+            max_shard_size: str, force: bool, as_json: bool, push_to: str | None, private: bool,
+            **svd_opts: Any) -> None:
+    """Convert SOURCE to another storage form.
+
+    A plain (merged or fine-tuned) SOURCE with --to adapter --base BASE is extracted by SVD and
+    takes the extraction options (--rank, --energy, ...); they are refused on every other route.
+    """
+    given = _given(**svd_opts)
+    for k in ("include", "exclude"):
+        if k in given:
+            given[k] = list(given[k])
+
     def go() -> Any:
         res = api.convert(source, to, output=output, base=base, adapter=adapter, dtype=dtype,
                           max_shard_size=max_shard_size, force=force, progress=not as_json and err.is_terminal,
-                          command=_command_line())
+                          command=_command_line(), extract_options=given or None)
         return res, _maybe_push(output, push_to, private)
 
     res, pushed = run_guarded(go, _debug(ctx))
-    _report_conversion(res, as_json, pushed)
+    if hasattr(res, "modules"):  # the SVD route
+        _print_extract(res, as_json, pushed)
+    else:
+        _report_conversion(res, as_json, pushed)
 
 
 @main.command()
@@ -253,52 +315,26 @@ def report_cmd(ctx: click.Context, path: str, base: str | None, adapter: str | N
 @click.argument("tuned")
 @click.option("--base", required=True, help="Base model folder or Hub repo id.")
 @click.option("-o", "--output", required=True, help="Output adapter folder (created atomically).")
-@click.option("--rank", type=int, help="Fixed rank per module (default 16 when no other criterion is given).")
-@click.option("--energy", type=float, help="Smallest rank keeping this fraction of ||dW||_F^2, e.g. 0.95.")
-@click.option("--max-error", type=float, help="Smallest rank with relative Frobenius error at most this.")
-@click.option("--max-rank", type=int, default=128, show_default=True, help="Cap on every module's rank.")
-@click.option("--include", multiple=True, help="Only modules whose path matches this regex (repeatable).")
-@click.option("--exclude", multiple=True, help="Leave out modules whose path matches this regex (repeatable).")
-@click.option("--layers", help="Only these decoder layers, e.g. 0-15,20.")
-@click.option("--embeddings", type=click.Choice(["lora", "full", "skip"]), default="lora", show_default=True,
-              help="Embeddings and lm_head: factor, save whole (modules_to_save), or leave out.")
-@click.option("--save-other", is_flag=True, help="Save modules whose norms/biases changed whole (modules_to_save).")
-@click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), default="auto", show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
+@_extraction_options
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
 @click.option("--push-to", help="Push the output folder to this Hub repo id afterwards.")
 @click.option("--private", is_flag=True, help="With --push-to: create the repo private.")
 @click.pass_context
-def extract(ctx: click.Context, tuned: str, base: str, output: str, rank: int | None, energy: float | None,
-            max_error: float | None, max_rank: int, include: tuple[str, ...], exclude: tuple[str, ...],
-            layers: str | None, embeddings: str, save_other: bool, svd: str, device: str, seed: int, force: bool,
-            as_json: bool, push_to: str | None, private: bool) -> None:
+def extract(ctx: click.Context, tuned: str, base: str, output: str, force: bool, as_json: bool, push_to: str | None,
+            private: bool, **svd_opts: Any) -> None:
     """Extract a LoRA adapter from TUNED minus BASE by SVD of every changed weight."""
     from .extract import extract as extract_fn
 
     def go() -> Any:
-        res = extract_fn(tuned, base=base, output=output, rank=rank, energy=energy, max_error=max_error,
-                         max_rank=max_rank, include=list(include), exclude=list(exclude), layers=layers,
-                         embeddings=embeddings, svd=svd, device=device, seed=seed, save_other=save_other,
-                         force=force, progress=not as_json and err.is_terminal, command=_command_line())
+        opts = {**_EXTRACT_DEFAULTS, **_given(**svd_opts)}
+        opts["include"], opts["exclude"] = list(opts["include"]), list(opts["exclude"])
+        res = extract_fn(tuned, base=base, output=output, force=force, progress=not as_json and err.is_terminal,
+                         command=_command_line(), **opts)
         return res, _maybe_push(output, push_to, private)
 
     res, pushed = run_guarded(go, _debug(ctx))
-    if as_json:
-        _report_conversion(res, True, pushed)
-        return
-    t = Table(title="extracted modules")
-    for col in ("module", "shape", "rank", "energy kept", "rel. error", "svd"):
-        t.add_column(col)
-    for m in res.modules:
-        t.add_row(m.module, f"{m.shape[0]}x{m.shape[1]}", f"{m.rank}{'*' if m.capped else ''}", f"{m.energy:.6f}",
-                  f"{m.error:.3e}", m.method)
-    out.print(t)
-    for line in res.summary_lines():
-        out.print(line)
-    _report_conversion(res, False, pushed)
+    _print_extract(res, as_json, pushed)
 
 
 @main.command()

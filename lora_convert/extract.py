@@ -340,24 +340,22 @@ def _plan(tk: Checkpoint, bk: Checkpoint, opts: dict[str, Any], inc: list[re.Pat
                 skipped.append({"tensor": name, "reason": f"shape changed {list(bk.info(name).shape)} -> "
                                                           f"{list(info.shape)}"})
             continue
-        if kind in ("embedding", "lm_head"):
-            if embeddings == "skip":
-                tasks.append(_Task(name, module, "skip-embedding", None))
-                continue
-            if embeddings == "full":
-                tasks.append(_Task(name, module, "full", None))
-                continue
-        else:
-            li = layer_index(module)
-            if layer_set is not None and li is not None and li not in layer_set:
-                tasks.append(_Task(name, module, "skip-layers", None))
-                continue
-            if inc and not any(p.search(module) for p in inc):
-                tasks.append(_Task(name, module, "skip-include", None))
-                continue
-            if any(p.search(module) for p in exc):
-                tasks.append(_Task(name, module, "skip-exclude", None))
-                continue
+        # --embeddings full/skip decide the embeddings and heads outright; everything that is to be
+        # decomposed (embeddings too, under --embeddings lora) goes through --include/--exclude, and
+        # decoder-layer modules through --layers.
+        if kind in ("embedding", "lm_head") and embeddings != "lora":
+            tasks.append(_Task(name, module, "skip-embedding" if embeddings == "skip" else "full", None))
+            continue
+        li = layer_index(module)
+        if kind == "linear" and layer_set is not None and li is not None and li not in layer_set:
+            tasks.append(_Task(name, module, "skip-layers", None))
+            continue
+        if inc and not any(p.search(module) for p in inc):
+            tasks.append(_Task(name, module, "skip-include", None))
+            continue
+        if any(p.search(module) for p in exc):
+            tasks.append(_Task(name, module, "skip-exclude", None))
+            continue
         tasks.append(_Task(name, module, kind, None))
     for name in bk.tensors:
         if name not in tk.tensors and not (tied and _kind(name, bk.info(name).shape, vocab) == "lm_head"):

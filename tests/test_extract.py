@@ -277,3 +277,24 @@ def test_analyse_difference(pair):
     assert len(res["changed"]) == 8
     assert "q_proj, v_proj" in res["summary"] and "in all 2 layers" in res["summary"]
     assert "r=4" in res["summary"]
+
+
+def test_cli_convert_to_adapter_takes_the_extraction_options(pair, tmp_path):
+    from click.testing import CliRunner
+
+    from lora_convert.cli import main
+
+    d, merged = pair
+    r = CliRunner().invoke(main, ["convert", str(d / "tuned"), "--to", "adapter", "--base", str(d / "base"), "-o",
+                                  str(tmp_path / "a"), "--rank", "2", "--exclude", "embed|lm_head", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert {m["rank"] for m in out["modules"]} == {2}
+    assert not any("embed" in m["module"] or "lm_head" in m["module"] for m in out["modules"])
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["r"] == 2
+    # the same options on a route that is not extraction: refused, nothing written
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "a"), "--to", "merged", "--base", str(d / "base"), "-o",
+                                  str(tmp_path / "m"), "--rank", "2"])
+    assert r.exit_code == 1 and "--rank" in r.output and "extraction options" in r.output
+    assert not (tmp_path / "m").exists()
