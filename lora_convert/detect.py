@@ -49,7 +49,7 @@ class AdapterSummary:
 
 @dataclass
 class DetectResult:
-    form: str  # adapter | unmerged | plain | base | merged
+    form: str  # adapter | unmerged | plain | base | merged | fine-tuned (the last three need --base)
     path: str
     layout: str
     files: list[str]
@@ -123,7 +123,7 @@ def _summarise(ck: Checkpoint, inv: Inventory, name: str, cfg: AdapterConfig | N
 
 
 def detect(path: str | Path, *, base: str | Path | None = None, adapter: str | None = None) -> DetectResult:
-    """Say which form ``path`` is in: adapter, unmerged, plain (or base / merged with ``base``)."""
+    """Say which form ``path`` is in: adapter, unmerged, plain (or, with ``base``: base, merged, fine-tuned)."""
     from .api import _resolve
 
     p = _resolve(path, what="checkpoint")
@@ -148,23 +148,24 @@ def detect(path: str | Path, *, base: str | Path | None = None, adapter: str | N
 
 
 def _compare_with_base(ck: Checkpoint, base_path: Path, res: DetectResult) -> None:
-    """Tensor-by-tensor comparison with a base: equal everywhere is ``base``, otherwise ``merged``."""
-    try:
-        from .extract import analyse_difference  # richer: effective rank per module
-    except ImportError:
-        analyse_difference = None
+    """Tensor-by-tensor comparison with a base: equal everywhere is ``base``; a difference of low
+    effective rank in every changed weight is ``merged`` (a LoRA folded in); anything else —
+    full-rank changes, or only norms/biases/resized tables — is ``fine-tuned``."""
+    from .extract import analyse_difference  # effective rank per module; imported late (SVD code)
+
     with open_checkpoint(base_path) as b:
-        if analyse_difference is not None:
-            res.base_comparison = analyse_difference(ck, b)
-            res.differs_from_base = list(res.base_comparison.get("changed", []))
-        else:
-            changed = []
-            for name, info in ck.tensors.items():
-                if name not in b.tensors:
-                    changed.append(name)
-                    continue
-                if b.info(name).shape != info.shape or not torch.equal(ck.read(name), b.read(name)):
-                    changed.append(name)
-            missing = [n for n in b.tensors if n not in ck.tensors]
-            res.differs_from_base = changed + missing
-    res.form = "merged" if res.differs_from_base else "base"
+        res.base_comparison = analyse_difference(ck, b)
+    res.differs_from_base = list(res.base_comparison.get("changed", []))
+    if not res.differs_from_base:
+        res.form = "base"
+        return
+    k = res.base_comparison.get("k", 64)
+    weights = [e for e in res.base_comparison["modules"].values() if e["kind"] in ("linear", "embedding", "lm_head")]
+
+    def low(e: dict) -> bool:  # low next to the matrix: at most half of what the shape (and k) allow
+        cap = min(k, *e["shape"]) // 2
+        r, gap = e.get("rank_at_energy"), e.get("rank_at_gap")
+        return (r is not None and r <= cap) or (gap is not None and gap <= cap)
+
+    low_rank = bool(weights) and all(low(e) for e in weights)
+    res.form = "merged" if low_rank else "fine-tuned"

@@ -577,7 +577,7 @@ def analyse_difference(tuned_ck: Checkpoint, base_ck: Checkpoint, *, energy: flo
         del d
         modules[name] = entry
     changed += [n for n in base_ck.tensors if n not in tuned_ck.tensors]
-    return {"changed": changed, "modules": modules, "summary": _summary(changed, modules, cfg, energy, k)}
+    return {"changed": changed, "modules": modules, "k": k, "summary": _summary(changed, modules, cfg, energy, k)}
 
 
 def _frobenius_sq_stored(ck: Checkpoint, name: str) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import lora_convert as lc
@@ -101,6 +102,17 @@ def test_plain_base_merged(tmp_path):
     d = lc.detect(tmp_path / "m", base=tmp_path / "base")
     assert d.form == "merged"
     assert sorted(d.differs_from_base) == [f"model.layers.{i}.self_attn.q_proj.weight" for i in (0, 1)]
+    # a full-rank change is a fine-tune, not a merged LoRA
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(tmp_path / "base" / "model.safetensors")
+    w = sd["model.layers.0.mlp.up_proj.weight"]
+    sd["model.layers.0.mlp.up_proj.weight"] = w + 0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
+    (tmp_path / "ft").mkdir()
+    save_file(sd, tmp_path / "ft" / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "ft" / "config.json").write_text((tmp_path / "base" / "config.json").read_text())
+    ft = lc.detect(tmp_path / "ft", base=tmp_path / "base")
+    assert ft.form == "fine-tuned" and ft.differs_from_base == ["model.layers.0.mlp.up_proj.weight"]
 
 
 def test_config_disagrees_with_tensors_warns(tmp_path):
