@@ -202,6 +202,42 @@ class _KeyOps:
                 self.tokens[1] if self.tokens else None)
 
 
+def _same_tensor(a: tuple[Checkpoint, str], b: tuple[Checkpoint, str]) -> bool:
+    """Bit-equal stored tensors, compared in row blocks (embeddings can be GBs)."""
+    (ca, ka), (cb, kb) = a, b
+    ia, ib = ca.info(ka), cb.info(kb)
+    if ia.shape != ib.shape or ia.dtype != ib.dtype:
+        return False
+    rows = ia.shape[0] if ia.shape else 1
+    step = max(1, COPY_BLOCK * 16 // max(1, ia.nbytes // max(1, rows)))
+    return all(torch.equal(ca.read_rows(ka, s, s + step), cb.read_rows(kb, s, s + step)) for s in range(0, rows, step))
+
+
+def _mirrors(head: _KeyOps, emb: _KeyOps, cfg: AdapterConfig) -> bool:
+    """Whether the tied head ends up equal to the embedding although its ops are spelled differently.
+
+    PEFT's ``ensure_weight_tying`` gives the head the embedding's adapter (lora_A = B_eᵀ, lora_B = A_eᵀ,
+    the same parameters) and saves both, each with its own copy of the shared base weight; the two
+    sides then stay equal and should stay tied, as in the unmerged model.
+    """
+    if head.tokens is not None or emb.tokens is not None or head.bias_add or emb.bias_add:
+        return False
+    if head.replaced != emb.replaced or (head.replaced and not _same_tensor(head.source, emb.source)):
+        return False
+    if (head.lora is None) != (emb.lora is None):
+        return False
+    if head.lora is None:
+        return True
+    h, e = head.lora, emb.lora
+    if h.kind == "embedding" or e.kind != "embedding" or h.magnitude_key or e.magnitude_key:
+        return False
+    if _scaling(cfg, h) != _scaling(cfg, e) or head.lora_ck is None or emb.lora_ck is None:
+        return False
+    ha, hb = head.lora_ck.read(h.a_key), head.lora_ck.read(h.b_key)
+    ea, eb = emb.lora_ck.read(e.a_key), emb.lora_ck.read(e.b_key)
+    return ha.shape == eb.T.shape and hb.shape == ea.T.shape and torch.equal(ha, eb.T) and torch.equal(hb, ea.T)
+
+
 def _scaling(cfg: AdapterConfig, m: LoraModule) -> float:
     return cfg.scaling_for(m.module, m.rank)
 
@@ -371,7 +407,7 @@ def plan_merge(base: BaseView, ad: Checkpoint, inv: Inventory, adapter: str, cfg
             ops[out_key].tokens = (ad, key, idx)  # PEFT ties the token adapter of a tied lm_head
     config_changes: dict[str, Any] = {}
     if out_key is not None:
-        if ops[out_key].signature() != ops[emb_key].signature():
+        if ops[out_key].signature() != ops[emb_key].signature() and not _mirrors(ops[out_key], ops[emb_key], cfg):
             if out_key not in keys:
                 new_keys.append(out_key)
             config_changes["tie_word_embeddings"] = False

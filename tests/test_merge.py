@@ -108,6 +108,27 @@ def test_tied_embedding_lora_unties_and_peft_merge_does_not(tmp_path):
     assert (logits(peft_merged) - ref).abs().max() > 1e-3  # the bug we fix is real
 
 
+@pytest.mark.parametrize("targets", [["embed_tokens", "q_proj"], ["lm_head", "v_proj"], ["embed_tokens", "lm_head"]])
+def test_ensure_weight_tying(tmp_path, targets):
+    """With ensure_weight_tying PEFT gives the tied head the embedding's adapter in the unmerged model:
+    the merged model must follow that (both sides changed alike), whatever PEFT's merge does."""
+    base = _fresh_base(qwen2, tmp_path)
+    pm = peft_wrap(base, r=4, lora_alpha=8, target_modules=targets, ensure_weight_tying=True)
+    with torch.no_grad():  # PEFT shares these with the head: a random-init delta on both sides makes
+        for n, p in pm.named_parameters():  # logits ~250, where 1e-5 is below one fp32 ulp
+            if "lora_embedding" in n:
+                p.mul_(0.1)
+    head = pm.base_model.model.lm_head
+    assert head.lora_A["default"].weight.data_ptr() == pm.base_model.model.model.embed_tokens.lora_embedding_B[
+        "default"].data_ptr(), "PEFT ties the head's adapter to the embedding's"
+    assert logits(pm).abs().max() < 5
+    res = _check(tmp_path, base, pm, expect_untied=False)
+    assert "tie_word_embeddings" not in res.config_changes
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys(), "both sides changed alike: they stay one tied tensor"
+
+
 def test_tied_without_change_stays_tied(tmp_path):
     base = _fresh_base(qwen2, tmp_path)
     pm = peft_wrap(base, r=4, lora_alpha=8, target_modules=["q_proj"])
