@@ -189,11 +189,18 @@ def convert(source: str | Path, to: str, *, output: str | Path, base: str | Path
         n_tensors = len(jobs) if jobs else ops.get("lora", 0)
         result = cv.ConvertResult(str(output), f"{form}->{to}", form, to, sorted(set(files)), n_tensors,
                                   total, ops, config_changes, warnings)
+    if out.stale_removed:
+        result.warnings.append(_stale_note(out.stale_removed))
     src_ck.close()
     if base_ck is not None:
         base_ck.close()
     result.seconds = round(time.perf_counter() - t0, 3)
     return result
+
+
+def _stale_note(paths: list[Path]) -> str:
+    return (f"removed {len(paths)} unfinished temp folder(s) left by killed runs: "
+            + ", ".join(p.name for p in paths))
 
 
 def merge(source: str | Path, *, output: str | Path, base: str | Path | None = None, **kwargs: Any) -> cv.ConvertResult:

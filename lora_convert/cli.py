@@ -41,8 +41,9 @@ def run_guarded(fn: Callable[[], Any], debug: bool) -> Any:
             raise
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("error: interrupted; nothing was written", err=True)
+    except KeyboardInterrupt as exc:
+        where = getattr(exc, "output_target", None)  # set by AtomicOutput on its way out
+        click.echo(f"error: {where + ': ' if where else ''}interrupted; nothing was written", err=True)
         sys.exit(130)
 
 

@@ -507,6 +507,10 @@ def _extract(tk: Checkpoint, bk: Checkpoint, tuned_ref: Path, base_ref: str | Pa
         (tmp / "README.md").write_text(render_card(form="adapter", base_model=str(base_ref), model_config=tk.config,
                                                    command=command, summary=summary,
                                                    tables=[result.markdown_table()]), encoding="utf-8")
+    if out.stale_removed:
+        from .api import _stale_note
+
+        result.warnings.append(_stale_note(out.stale_removed))
     result.seconds = round(time.perf_counter() - t0, 3)
     return result
 

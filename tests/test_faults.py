@@ -114,7 +114,7 @@ def test_signal_midway_leaves_nothing(pair, tmp_path, sig, code, needle):
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == code, stderr
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: {out}: ") and needle in lines[0], stderr
     assert not out.exists()
     assert temps(tmp_path) == [], "the temp folder is removed on the way out"
     assert checksums(pair / "base", pair / "adapter") == before
@@ -130,6 +130,38 @@ def test_sigkill_during_force_replace_keeps_old_until_done(pair, tmp_path):
     proc.kill()
     proc.communicate(timeout=30)
     assert (out / "old.txt").read_text() == "old", "the old output stays whole until the new one is complete"
+
+
+def test_killed_between_the_two_renames_gets_the_old_output_back(tmp_path):
+    """--force renames the old output aside, then the new one in.  SIGKILL between the two leaves no
+    target: the next run puts the old output back (and still refuses to replace it without --force)."""
+    dead_pid = 2**22 + 4242
+    target = tmp_path / "out"
+    old = tmp_path / f".out{TMP_MARK}{dead_pid}-old"
+    half = tmp_path / f".out{TMP_MARK}{dead_pid}-beef"
+    old.mkdir()
+    (old / "old.txt").write_text("old")
+    half.mkdir()
+    with pytest.raises(OutputError, match="already exists"):
+        with AtomicOutput(target):
+            pass
+    assert (target / "old.txt").read_text() == "old" and not half.exists() and not old.exists()
+    with AtomicOutput(target, force=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert (target / "new.txt").is_file() and not (target / "old.txt").exists()
+
+
+def test_stale_temps_are_reported(pair, tmp_path):
+    out = tmp_path / "merged"
+    dead = tmp_path / f".merged{TMP_MARK}{2**22 + 99}-abcd"
+    dead.mkdir()
+    r = CliRunner().invoke(main, ["merge", str(pair / "adapter"), "--base", str(pair / "base"), "-o", str(out),
+                                  "--json"])
+    assert r.exit_code == 0, r.output
+    import json
+
+    w = json.loads(r.output)["warnings"]
+    assert any("removed 1 unfinished temp folder" in x and dead.name in x for x in w), w
 
 
 @pytest.fixture

@@ -32,19 +32,31 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale(target: Path) -> list[Path]:
-    """Remove temp folders of dead runs that were writing ``target``."""
+    """Remove temp folders of dead runs that were writing ``target``.
+
+    One exception: a run killed between its two renames under ``--force`` leaves the previous
+    output as ``…-old`` and no target.  That folder is the user's last complete output, so it is
+    put back in place rather than deleted (the unfinished new one is removed like any temp).
+    """
     removed = []
     parent = target.parent
     if not parent.is_dir():
         return removed
-    for p in parent.glob(f".{target.name}{TMP_MARK}*"):
+    for p in sorted(parent.glob(f".{target.name}{TMP_MARK}*")):
         try:
             pid = int(p.name.rsplit(TMP_MARK, 1)[1].split("-")[0])
         except ValueError:
             continue
-        if not _pid_alive(pid):
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
+        if _pid_alive(pid):
+            continue
+        if p.name.endswith("-old") and not target.exists():
+            try:
+                os.rename(p, target)
+                continue
+            except OSError:
+                pass
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
     return removed
 
 
@@ -66,6 +78,7 @@ class AtomicOutput:
         self.inputs = [Path(p) for p in inputs]
         self.tmp: Path | None = None
         self._old_term = None
+        self.stale_removed: list[Path] = []  # temp folders of dead runs, cleaned up on entry
 
     def check(self) -> None:
         """Refuse before any work: existing target without --force, output inside an input, input inside output."""
@@ -100,8 +113,8 @@ class AtomicOutput:
             raise OutputError("folder is not writable", path=parent, hint="choose a writable location for -o")
 
     def __enter__(self) -> Path:
+        self.stale_removed = clean_stale(self.target)  # first: it may put a previous output back
         self.check()
-        clean_stale(self.target)
         name = f".{self.target.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
         self.tmp = self.target.parent / name
         try:  # before mkdir, so that no SIGTERM can land between the folder and its cleanup
@@ -141,6 +154,8 @@ class AtomicOutput:
             shutil.rmtree(self.tmp, ignore_errors=True)
             if exc_type is _Terminated:
                 raise OutputError("terminated by SIGTERM; nothing was written", path=self.target) from None
+            if isinstance(exc, KeyboardInterrupt):
+                exc.output_target = str(self.target)  # type: ignore[attr-defined]  # for the CLI's one-line message
             if isinstance(exc, OSError) and isinstance(exc.__context__, OutputError) and not exc.filename:
                 exc = exc.__context__  # cleanup (closing a file on a full disk) failed again: report the first
             if isinstance(exc, OutputError):
