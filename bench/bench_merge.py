@@ -100,15 +100,17 @@ def run_size(layers: int, args: argparse.Namespace, env: dict[str, str]) -> dict
         "cp": ["cp", "-r", str(base), str(outs["cp"])],
         "ours": lora_convert_cmd(args.tool_cmd) + ["merge", str(adapter), "--base", str(base), "-o", str(outs["ours"]), "--force"],
         "peft": [sys.executable, str(BENCH_DIR / "peft_merge.py"), str(base), str(adapter), str(outs["peft"])],
+        "torch": [sys.executable, "-c", "import torch"],
     }
-    tools = ["cp", "ours"] + ([] if args.skip_peft else ["peft"])
+    tools = ["cp", "torch", "ours"] + ([] if args.skip_peft else ["peft"])
     results: dict[str, Measurement] = {}
     for tool in tools:
         for _ in range(args.repeat):
-            rm(outs[tool])
+            if tool in outs:
+                rm(outs[tool])
             print(f"[bench] L={layers}: {tool}: {' '.join(cmds[tool])}", file=sys.stderr)
             m = measure(cmds[tool], cache=args.cache, inputs=[base, adapter], env=env, cwd=str(BENCH_DIR.parent), timeout=args.timeout)
-            m.extra["out_bytes"] = folder_bytes(outs[tool])
+            m.extra["out_bytes"] = folder_bytes(outs[tool]) if tool in outs else 0
             if tool not in results or (m.ok and m.wall_s < results[tool].wall_s):
                 results[tool] = m
             if not m.ok:
@@ -126,8 +128,25 @@ def run_size(layers: int, args: argparse.Namespace, env: dict[str, str]) -> dict
     return {"layers": layers, "base_bytes": folder_bytes(base), "results": results, "diff": diff_lines}
 
 
+def marginal(sizes: list[dict]) -> str:
+    """Seconds per extra GB between the smallest and the largest model: what a tool costs per byte once
+    its fixed start-up (interpreter, imports) is paid.  `python -c 'import torch'` measures the part
+    of that start-up every torch-based tool pays; cp pays none."""
+    small, big = min(sizes, key=lambda s: s["base_bytes"]), max(sizes, key=lambda s: s["base_bytes"])
+    gb = (big["base_bytes"] - small["base_bytes"]) / 1e9
+    slope: dict[str, float | None] = {}
+    for tool in ("cp", "ours", "peft"):
+        a, b = small["results"].get(tool), big["results"].get(tool)
+        slope[tool] = (b.wall_s - a.wall_s) / gb if a is not None and b is not None and a.ok and b.ok and gb > 0 else None
+    rows = [[f"L{small['layers']} -> L{big['layers']}", fmt(slope["cp"], 2), fmt(slope["ours"], 2), fmt(slope["peft"], 2),
+             ratio(slope["ours"], slope["cp"]), ratio(slope["peft"], slope["ours"])]]
+    return table(["sizes", "cp s/GB", "merge s/GB", "PEFT s/GB", "merge / cp", "PEFT / merge"], rows,
+                 right={1, 2, 3, 4, 5}) + "\n(marginal wall time per GB of checkpoint: the fixed start-up cancels out)"
+
+
 def report(sizes: list[dict], args: argparse.Namespace) -> str:
-    label = {"cp": "cp -r (floor)", "ours": "lora-convert merge", "peft": "PEFT merge_and_unload"}
+    label = {"cp": "cp -r (floor)", "torch": "python -c 'import torch'", "ours": "lora-convert merge",
+             "peft": "PEFT merge_and_unload"}
     rows = []
     for s in sizes:
         for tool, m in s["results"].items():
@@ -152,6 +171,9 @@ def report(sizes: list[dict], args: argparse.Namespace) -> str:
                            ratio(g("peft", "wall_s"), g("ours", "wall_s")),
                            ratio(g("peft", "peak_rss_mb"), g("ours", "peak_rss_mb"))])
     out.append(table(["layers", "merge wall / cp wall", "PEFT wall / merge wall", "PEFT RSS / merge RSS"], ratio_rows))
+    if len(sizes) > 1:
+        out.append("")
+        out.append(marginal(sizes))
     ours_rss = [(s["layers"], s["results"]["ours"].peak_rss_mb) for s in sizes if s["results"]["ours"].ok]
     if len(ours_rss) > 1:
         out.append("lora-convert merge peak RSS by size: " + ", ".join(f"L{n}: {v:.0f} MB" for n, v in ours_rss)

@@ -25,7 +25,7 @@ from .io.reader import Checkpoint, open_checkpoint
 from .io.safetensors_format import FLOAT_DTYPES
 from .io.writer import parse_size, write_tensors
 from .keys import Role, format_key, short_name
-from .pipeline import Buffers, Job, execute
+from .pipeline import Buffers, Job, Read, execute
 
 FORMS = ("merged", "adapter", "unmerged", "base")
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
@@ -59,29 +59,27 @@ class ConvertResult:
 def _copy_job(ck: Checkpoint, src: str, name: str, dtype: torch.dtype | None = None, op: str = "copy") -> Job:
     info = ck.info(src)
     out_dtype = dtype if (dtype is not None and info.dtype in FLOAT_DTYPES) else info.dtype
+    blockwise = bool(info.shape) and info.shape[0] > 0
+    rows = info.shape[0] if blockwise else 0
+    step = max(1, COPY_BLOCK // max(1, info.nbytes // rows)) if blockwise else 1
+
+    def reads() -> list[Read]:
+        return [Read(ck, src, s, min(s + step, rows)) for s in range(0, rows, step)]
 
     def blocks(buf: Buffers) -> Iterator[torch.Tensor]:
-        if not info.shape or info.shape[0] == 0:
+        if not blockwise:
             yield ck.read(src).to(out_dtype)
             return
-        rows, rest = info.shape[0], info.shape[1:]
-        row_bytes = max(1, info.nbytes // rows)
-        step = max(1, COPY_BLOCK // row_bytes)
-        for s in range(0, rows, step):
-            n = min(step, rows - s)
+        for r in reads():
+            w = buf.read(r)
             if out_dtype == info.dtype:
-                yield ck.read_rows(src, s, s + n, out=buf.out((n, *rest), out_dtype))
+                yield w  # the read block goes to the writer as it is, and back to its pool from there
             else:
-                w = ck.read_rows(src, s, s + n, out=buf.scratch("read", (n, *rest), info.dtype))
-                yield buf.out((n, *rest), out_dtype).copy_(w)
+                out = buf.out(tuple(w.shape), out_dtype).copy_(w)
+                buf.give_back(w)
+                yield out
 
-    return Job(name, out_dtype, info.shape, blocks, op, prefetch=lambda: _prefetch(ck, src))
-
-
-def _prefetch(ck: Checkpoint, key: str) -> None:
-    info = ck.info(key)
-    if info.shape:
-        ck.prefetch(key, 0, info.shape[0])
+    return Job(name, out_dtype, info.shape, blocks, op, reads=reads)
 
 
 def _check_finite(t: torch.Tensor, ck: Checkpoint, key: str) -> torch.Tensor:
@@ -274,8 +272,7 @@ def _merge_job(name: str, ops: _KeyOps, shape: tuple[int, ...], out_dtype: torch
         src_dtype = src_ck.info(src_key).dtype
 
         def read(s: int) -> torch.Tensor:
-            n = min(step, rows_total - s)
-            return src_ck.read_rows(src_key, s, s + n, out=buf.scratch("read", (n, cols), src_dtype))
+            return buf.read(Read(src_ck, src_key, s, min(s + step, rows_total)))
 
         def acc(n: int) -> torch.Tensor:
             return buf.scratch("acc", (n, cols), torch.float32)
@@ -291,12 +288,14 @@ def _merge_job(name: str, ops: _KeyOps, shape: tuple[int, ...], out_dtype: torch
                 for s in range(0, rows_total, step):
                     w = read(s)
                     row_scale[s:s + w.shape[0]] = lm.dora_row_norms(w, delta, s, acc(w.shape[0]))
+                    buf.give_back(w)
                 row_scale = lm.dora_scale(mag, row_scale)
             else:
                 sq = torch.zeros(cols, dtype=torch.float32)
                 for s in range(0, rows_total, step):
                     w = read(s)
                     sq += lm.dora_col_sq_norms(w, delta, s, acc(w.shape[0]))
+                    buf.give_back(w)
                 col_scale = lm.dora_scale(mag, sq.sqrt_())
         tok_rows = tok_delta = None
         if ops.tokens is not None:
@@ -315,6 +314,7 @@ def _merge_job(name: str, ops: _KeyOps, shape: tuple[int, ...], out_dtype: torch
                 lm.merge_rows(w, delta, s, out, acc=acc(w.shape[0]), col_scale=col_scale, row_scale=row_scale)
             else:
                 out.copy_(w)
+            buf.give_back(w)
             if tok_rows is not None:
                 sel = (tok_rows >= s) & (tok_rows < s + w.shape[0])
                 if sel.any():
@@ -325,7 +325,14 @@ def _merge_job(name: str, ops: _KeyOps, shape: tuple[int, ...], out_dtype: torch
             yield out
 
     op = "dora" if (m is not None and m.magnitude_key) else ("merge" if m is not None else "tokens")
-    return Job(name, out_dtype, shape, blocks, op, prefetch=lambda: _prefetch(src_ck, src_key))
+
+    def reads() -> list[Read]:
+        rows_total, cols = shape[0], (shape[1] if len(shape) > 1 else 1)
+        step = lm.block_rows(rows_total, cols)
+        once = [Read(src_ck, src_key, s, min(s + step, rows_total)) for s in range(0, rows_total, step)]
+        return once * 2 if (m is not None and m.magnitude_key is not None) else once  # DoRA: norms, then merge
+
+    return Job(name, out_dtype, shape, blocks, op, reads=reads)
 
 
 def _bias_job(name: str, ops: _KeyOps, out_dtype: torch.dtype, cfg: AdapterConfig) -> Job:

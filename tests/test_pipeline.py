@@ -3,6 +3,7 @@ errors from either side surface once, in the caller's thread, and no thread is l
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -28,7 +29,7 @@ def _row_job(name: str, rows: int, cols: int, step: int, seed: int) -> tuple[pl.
 
 
 def _producers() -> int:
-    return sum(t.name == "lora-convert-producer" for t in threading.enumerate())
+    return sum(t.name.startswith("lora-convert-") for t in threading.enumerate())
 
 
 def test_many_blocks_through_a_small_pool(tmp_path, monkeypatch):
@@ -90,3 +91,59 @@ def test_merge_is_the_same_whatever_the_block_size(tmp_path, monkeypatch):
     for k in a:
         assert a[k].dtype == b[k].dtype == torch.float32
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def _saved(tmp_path, **tensors):
+    from safetensors.torch import save_file
+
+    from lora_convert.io.reader import open_checkpoint
+
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    return open_checkpoint(tmp_path)
+
+
+def _reading_job(ck, key, name, step):
+    rows = ck.info(key).shape[0]
+
+    def reads():
+        return [pl.Read(ck, key, s, min(s + step, rows)) for s in range(0, rows, step)]
+
+    def blocks(buf):
+        for r in reads():
+            yield buf.read(r)
+
+    return pl.Job(name, ck.info(key).dtype, ck.info(key).shape, blocks, reads=reads)
+
+
+def test_reader_stage_feeds_blocks_in_declared_order(tmp_path, monkeypatch):
+    monkeypatch.setattr(pl, "TILE_BYTES", 256)  # a tiny read pool: the reader must wait for slots
+    monkeypatch.setattr(pl, "READ_SLOTS", 2)
+    x = torch.randn(300, 8)
+    y = torch.arange(1000, dtype=torch.int64).reshape(100, 10)
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    ck = _saved(tmp_path / "in", x=x, y=y)
+    pl.execute([_reading_job(ck, "x", "x", 7), _reading_job(ck, "y", "y", 1)], tmp_path / "out")
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert torch.equal(got["x"], x) and torch.equal(got["y"], y)
+    assert _producers() == 0
+
+
+def test_read_error_and_order_mismatch_surface_in_the_caller(tmp_path):
+    for d in ("in", "o1", "o2"):
+        (tmp_path / d).mkdir()
+    ck = _saved(tmp_path / "in", x=torch.randn(64, 4))
+    job = _reading_job(ck, "x", "x", 8)
+    real_reads = job.reads
+    job.reads = lambda: real_reads()[::-1]  # declares one order, reads in another
+    with pytest.raises(RuntimeError, match="out of declared order"):
+        pl.execute([job], tmp_path / "o1")
+    assert _producers() == 0
+    # the file shrinks under us after opening: the reader's CheckpointError reaches the caller
+    from lora_convert.errors import CheckpointError
+
+    f = tmp_path / "in" / "model.safetensors"
+    os.truncate(f, f.stat().st_size - 100)
+    with pytest.raises(CheckpointError, match="file ended"):
+        pl.execute([_reading_job(ck, "x", "x", 8)], tmp_path / "o2")
+    assert _producers() == 0

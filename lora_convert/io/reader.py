@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -42,6 +43,7 @@ class Checkpoint:
     adapter_name: str | None = None  # from a named-adapter subfolder
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
     _bin: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # -- listing ---------------------------------------------------------------------
     def __contains__(self, name: str) -> bool:
@@ -125,10 +127,14 @@ class Checkpoint:
     def _handle(self, info: TensorInfo) -> Any:
         fh = self._handles.get(info.file)
         if fh is None:
-            try:
-                fh = self._handles[info.file] = open(info.file, "rb", buffering=0)
-            except OSError as exc:
-                raise CheckpointError(f"cannot open: {exc.strerror}", path=info.file, tensor=info.name) from None
+            with self._lock:  # the pipeline's reader and worker may open the same file at once
+                fh = self._handles.get(info.file)
+                if fh is None:
+                    try:
+                        fh = self._handles[info.file] = open(info.file, "rb", buffering=0)
+                    except OSError as exc:
+                        raise CheckpointError(f"cannot open: {exc.strerror}", path=info.file,
+                                              tensor=info.name) from None
         return fh
 
     def _read_bytes(self, info: TensorInfo, offset: int, nbytes: int, buf: torch.Tensor | None = None) -> torch.Tensor:
