@@ -18,7 +18,9 @@ Adapter layout (what ``PeftModel.from_pretrained(base, OUT)`` loads with no miss
   ``ΔW = (B·A)ᵀ``; ``lm_head`` an ordinary ``lora_A``/``lora_B``; ``--embeddings full`` and a
   resized vocabulary save the tuned matrix whole through ``modules_to_save``;
 * with tied embeddings (no ``lm_head.weight`` stored), ``ensure_weight_tying`` makes PEFT apply the
-  embedding's delta to the output head too, as in the tuned model.
+  embedding's delta to the output head too, as in the tuned model;
+* when the bias of a factored module changed, ``bias="lora_only"`` and ``<module>.base_layer.bias`` for
+  every factored module that has a bias (what PEFT itself saves in that mode).
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ class ExtractResult:
     mean_error: float
     options: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    carried_biases: list[str] = field(default_factory=list)  # <module>.bias saved as base_layer.bias (lora_only)
     config_changes: dict[str, Any] = field(default_factory=dict)
     route: str = "plain->adapter"
     source_form: str = "plain"
@@ -121,6 +124,8 @@ class ExtractResult:
                         f"{m.energy:.6f} | {m.error:.3e} | {m.method} |")
         for s in self.saved_whole:
             rows.append(f"| `{s['module']}` | whole | – | 1 | 0 | modules_to_save: {s['reason']} |")
+        for b in self.carried_biases:
+            rows.append(f"| `{b}` | whole | – | 1 | 0 | bias of a LoRA module (bias=lora_only) |")
         for s in self.skipped:
             rows.append(f"| `{s['tensor']}` | – | – | 0 | 1 | skipped: {s['reason']} |")
         return "\n".join(rows)
@@ -131,6 +136,9 @@ class ExtractResult:
                  f"relative Frobenius error: worst {self.worst_error:.3e}, mean {self.mean_error:.3e}"]
         if self.saved_whole:
             lines.append("saved whole (modules_to_save): " + ", ".join(s["module"] for s in self.saved_whole))
+        if self.carried_biases:
+            lines.append(f"{len(self.carried_biases)} bias(es) of LoRA modules saved whole (bias='lora_only'), "
+                         "since some changed")
         if self.skipped:
             lines.append(f"{len(self.skipped)} changed tensor(s) not in the adapter: " + "; ".join(
                 f"{s['tensor']} ({s['reason']})" for s in self.skipped[:12]) + (" …" if len(self.skipped) > 12 else ""))
@@ -443,8 +451,20 @@ def _extract(tk: Checkpoint, bk: Checkpoint, tuned_ref: Path, base_ref: str | Pa
             if tk.info(name).shape != bk.info(name).shape or _delta(tk, bk, _Task(name, name, "other", None),
                                                                      keep=False) is not None:
                 other_changed.append(name)
+    # A changed bias of a module that gets LoRA travels the way PEFT saves it with bias="lora_only":
+    # ``<module>.base_layer.bias`` for every LoRA module that has a bias (PEFT saves them all).
+    lora_set = set(lora_modules)
+    carry_bias = any(n.endswith(".bias") and n.rsplit(".", 1)[0] in lora_set for n in other_changed)
+    carried: list[str] = []
+    if carry_bias:
+        for module in lora_modules:
+            if f"{module}.bias" in tk.tensors:
+                tensors[f"{PEFT_PREFIX}{module}.base_layer.bias"] = tk.read(f"{module}.bias")
+                carried.append(f"{module}.bias")
     for name in other_changed:
         module = name.rsplit(".", 1)[0]
+        if carry_bias and name.endswith(".bias") and module in lora_set:
+            continue
         if opts["save_other"] and module not in lora_modules and module not in modules_to_save:
             modules_to_save.append(module)
             saved_whole.append({"module": module, "reason": "changed tensor a LoRA cannot carry (--save-other)"})
@@ -454,9 +474,7 @@ def _extract(tk: Checkpoint, bk: Checkpoint, tuned_ref: Path, base_ref: str | Pa
         elif opts["save_other"] and module in modules_to_save:
             continue
         else:
-            why = ("a LoRA cannot carry it (1-D/norm/bias); pass --save-other to save its module whole"
-                   if module not in lora_modules else
-                   "bias of a module that has LoRA; PEFT cannot save both, so it is left out")
+            why = "a LoRA cannot carry it (1-D/norm/bias); pass --save-other to save its module whole"
             skipped.append({"tensor": name, "reason": why})
     if not lora_modules and not modules_to_save:
         raise RouteError("no changed tensor went into the adapter" if skipped else
@@ -478,7 +496,7 @@ def _extract(tk: Checkpoint, bk: Checkpoint, tuned_ref: Path, base_ref: str | Pa
     cfg = AdapterConfig(
         r=r0, lora_alpha=r0, rank_pattern=rank_pattern, alpha_pattern={k: v for k, v in rank_pattern.items()},
         target_modules=_target_regex(targets), modules_to_save=modules_to_save or None,
-        fan_in_fan_out=any_conv1d,
+        fan_in_fan_out=any_conv1d, bias="lora_only" if carry_bias else "none",
         base_model_name_or_path=str(base_ref), task_type=_task_type(tk.config or bk.config),
         raw={"lora_dropout": 0.0, "inference_mode": True, "ensure_weight_tying": bool(ensure_tying)},
     ).to_dict()
@@ -489,7 +507,8 @@ def _extract(tk: Checkpoint, bk: Checkpoint, tuned_ref: Path, base_ref: str | Pa
         warnings.append(f"{n} changed tensor(s) left out: {reason}")
     result = ExtractResult(
         output=str(output), files=[], tensors=len(tensors), total_bytes=0,
-        ops={"lora": len(reports), "modules_to_save": len(saved_whole), "skipped": len(skipped)},
+        ops={"lora": len(reports), "modules_to_save": len(modules_to_save), "skipped": len(skipped),
+             **({"lora_biases": len(carried)} if carried else {})}, carried_biases=carried,
         modules=reports, skipped=skipped, saved_whole=saved_whole, adapter_parameters=n_params,
         worst_error=max(errors) if errors else 0.0, mean_error=sum(errors) / len(errors) if errors else 0.0,
         options=opts, warnings=warnings,
