@@ -107,8 +107,10 @@ def convert(source: str | Path, to: str, *, output: str | Path, base: str | Path
                              path=src_ck.root, hint="pass --base BASE")
         from .extract import extract  # the SVD route
 
-        return extract(source, base=base, output=output, force=force, progress=progress, command=command,
-                       **(extract_options or {}))
+        opts = dict(extract_options or {})
+        if dtype != "auto":  # --dtype names the factors' dtype on this route
+            opts.setdefault("dtype", {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype))
+        return extract(source, base=base, output=output, force=force, progress=progress, command=command, **opts)
     if extract_options:
         raise RouteError(f"{', '.join('--' + k.replace('_', '-') for k in extract_options)}: extraction options "
                          f"apply only to a plain checkpoint converted --to adapter with --base, not {form} -> {to}",

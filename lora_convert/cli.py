@@ -173,7 +173,7 @@ def _maybe_push(folder: str, push_to: str | None, private: bool) -> Any:
 
 
 _EXTRACT_DEFAULTS = {"max_rank": 128, "include": (), "exclude": (), "embeddings": "lora", "save_other": False,
-                     "svd": "auto", "device": "cpu", "seed": 0}
+                     "svd": "auto", "device": "cpu", "seed": 0, "dtype": "fp32"}
 
 
 def _extraction_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -194,14 +194,20 @@ def _extraction_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), help="[default: auto]"),
         click.option("--device", help="cpu or cuda.  [default: cpu]"),
         click.option("--seed", type=int, help="Seed of the randomized SVD.  [default: 0]"),
+        click.option("--factor-dtype", type=click.Choice(["fp32", "bf16", "fp16"]),
+                     help="dtype of the written LoRA factors (the error is measured on them).  [default: fp32]"),
     ]):
         f = opt(f)
     return f
 
 
 def _given(**opts: Any) -> dict[str, Any]:
-    """The extraction options the user actually gave (click passes None / () for the others)."""
-    return {k: v for k, v in opts.items() if v is not None and v != ()}
+    """The extraction options the user actually gave (click passes None / () for the others), named as
+    the API names them (--factor-dtype is extract(dtype=...))."""
+    out = {k: v for k, v in opts.items() if v is not None and v != ()}
+    if "factor_dtype" in out:
+        out["dtype"] = out.pop("factor_dtype")
+    return out
 
 
 def _print_extract(res: Any, as_json: bool, pushed: Any) -> None:

@@ -55,6 +55,7 @@ POSITION_NAMES = {"wpe", "embed_positions", "position_embeddings"}
 DELTA_BLOCK = 4 << 20  # bytes of fp32 ΔW built per step from the two files
 HEAD_NAMES = {"lm_head", "embed_out", "output"}
 EMBEDDING_MODES = ("lora", "full", "skip")
+FACTOR_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # -- options and results ----------------------------------------------------------------------
@@ -268,9 +269,12 @@ def extract(tuned: str | Path, *, base: str | Path, output: str | Path, rank: in
             energy: float | None = None, max_error: float | None = None, max_rank: int = 128,
             include: list[str] | tuple[str, ...] = (), exclude: list[str] | tuple[str, ...] = (),
             layers: str | None = None, embeddings: str = "lora", svd: str = "auto", device: str = "cpu",
-            seed: int = 0, save_other: bool = False, force: bool = False, progress: bool = False,
-            command: str | None = None) -> ExtractResult:
-    """Factor every changed tensor of ``tuned`` against ``base`` into a PEFT LoRA adapter in ``output``."""
+            seed: int = 0, save_other: bool = False, dtype: str = "fp32", force: bool = False,
+            progress: bool = False, command: str | None = None) -> ExtractResult:
+    """Factor every changed tensor of ``tuned`` against ``base`` into a PEFT LoRA adapter in ``output``.
+
+    ``dtype`` is that of the written factors (fp32, bf16, fp16); the reported error is measured on the
+    factors as written, rounding included."""
     from .api import _resolve
 
     t0 = time.perf_counter()
@@ -289,6 +293,8 @@ def extract(tuned: str | Path, *, base: str | Path, output: str | Path, rank: in
         raise RouteError("--max-rank must be at least 1")
     if embeddings not in EMBEDDING_MODES:
         raise RouteError(f"--embeddings must be one of {', '.join(EMBEDDING_MODES)}")
+    if dtype not in FACTOR_DTYPES:
+        raise RouteError(f"--dtype must be one of {', '.join(FACTOR_DTYPES)} for the adapter's factors")
     if svd not in ("auto", "exact", "randomized"):
         raise RouteError("--svd must be auto, exact or randomized")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -301,7 +307,7 @@ def extract(tuned: str | Path, *, base: str | Path, output: str | Path, rank: in
     layer_set = parse_layers(layers)
     options = dict(rank=rank, energy=energy, max_error=max_error, max_rank=max_rank, include=list(include),
                    exclude=list(exclude), layers=layers, embeddings=embeddings, svd=svd, device=device, seed=seed,
-                   save_other=save_other)
+                   save_other=save_other, dtype=dtype)
 
     tuned_path = _resolve(tuned, what="source")
     base_path = _resolve(base, what="base")
@@ -426,7 +432,9 @@ def _extract(tk: Checkpoint, bk: Checkpoint, tuned_ref: Path, base_ref: str | Pa
             r, capped = S.pick_rank(f, rank=opts["rank"], energy=opts["energy"], max_error=opts["max_error"],
                                     max_rank=opts["max_rank"])
             B, A = f.factors(r)
-            err_meas = _residual_error(delta, B, A, f.total_energy)
+            if FACTOR_DTYPES[opts["dtype"]] != FP32:  # measure what is written: rounded factors
+                B, A = B.to(FACTOR_DTYPES[opts["dtype"]]), A.to(FACTOR_DTYPES[opts["dtype"]])
+            err_meas = _residual_error(delta, B.to(FP32), A.to(FP32), f.total_energy)
             rep = ModuleReport(task.module, task.kind, list(delta.shape), r, f.energy_fraction(r), err_meas,
                                f.method, capped)
             del delta, f

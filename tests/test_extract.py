@@ -329,3 +329,27 @@ def test_changed_bias_of_a_lora_module_is_carried(tmp_path):
     with torch.no_grad():
         p.base_model.model.model.layers[1].self_attn.q_proj.base_layer.bias.sub_(0.5)
     assert (_logits(p) - _logits(merged)).abs().max() > 1e-3
+
+
+def test_factor_dtype_bf16_is_measured_as_written(pair, tmp_path):
+    from click.testing import CliRunner
+
+    from lora_convert.cli import main
+
+    d, merged = pair
+    r = CliRunner().invoke(main, ["extract", str(d / "tuned"), "--base", str(d / "base"), "-o", str(tmp_path / "a"),
+                                  "--rank", "4", "--factor-dtype", "bf16", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    sd = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert {t.dtype for t in sd.values()} == {torch.bfloat16}
+    # the error reported is that of the bf16 factors: above fp32's ~1e-7, and equal to a recomputation
+    t, b = open_checkpoint(d / "tuned"), open_checkpoint(d / "base")
+    mod = "model.layers.0.self_attn.q_proj"
+    dw = (t.read(mod + ".weight") - b.read(mod + ".weight")).double()
+    approx = sd[f"base_model.model.{mod}.lora_B.weight"].double() @ sd[f"base_model.model.{mod}.lora_A.weight"].double()
+    want = ((dw - approx).norm() / dw.norm()).item()
+    got = next(m["error"] for m in out["modules"] if m["module"] == mod)
+    assert 1e-4 < got < 2e-2 and abs(got - want) <= 1e-3 * want
+    p, bad = _load_quiet(d / "base", tmp_path / "a")
+    assert not bad, bad
