@@ -3,63 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
-
 from . import convert as cv
 from .card import render_card
 from .config import AdapterConfig
-from .errors import AdapterError, LoraConvertError, RouteError
+from .errors import AdapterError, RouteError
 from .folder import carry_files, read_json, update_config, write_json
 from .inventory import Inventory, build_inventory
-from .io.output import AtomicOutput
+from .io.output import AtomicOutput, stale_note
 from .io.reader import Checkpoint, open_checkpoint
 from .io.writer import parse_size, write_tensors
-
-
-def _resolve(ref: str | Path | None, *, what: str) -> Path | None:
-    """A local path, or a Hub repo id fetched into the cache."""
-    if ref is None:
-        return None
-    p = Path(ref)
-    if p.exists():
-        return p
-    try:
-        from .io.hub import is_repo_id, resolve_checkpoint
-    except ImportError:  # pragma: no cover - hub module always ships
-        return p
-    if is_repo_id(str(ref).split("@", 1)[0]):  # org/name or org/name@revision
-        return resolve_checkpoint(str(ref))
-    return p
-
-
-def load_source(path: str | Path, *, adapter: str | None = None) -> tuple[Checkpoint, Inventory, AdapterConfig | None]:
-    """Open a checkpoint and sort its tensors; the adapter config is loaded when there is one."""
-    p = _resolve(path, what="source")
-    ck = open_checkpoint(p, adapter_name=adapter)
-    inv = build_inventory(ck)
-    cfg = AdapterConfig.load(ck.adapter_config_path) if ck.adapter_config_path else None
-    if cfg is None and inv.form == "adapter":
-        raise AdapterError("adapter_config.json is missing", path=ck.root,
-                           hint="an adapter needs the adapter_config.json PEFT writes beside its weights")
-    return ck, inv, cfg
-
-
-def _pick_adapter(inv: Inventory, want: str | None, ck: Checkpoint) -> str:
-    names = inv.adapters
-    if want is not None:
-        if want in names or (ck.adapter_name == want):
-            return want
-        if inv.form == "adapter" and len(names) == 1:
-            return names[0]
-        raise RouteError(f"no adapter named {want!r} (found: {', '.join(names) or 'none'})", path=ck.root)
-    if len(names) > 1:
-        raise RouteError(f"holds several adapters: {', '.join(names)}", path=ck.root, hint="choose one with --adapter")
-    return names[0] if names else "default"
+from .sources import load_source, pick_adapter, resolve
 
 
 @contextlib.contextmanager
@@ -75,10 +32,10 @@ def _progress(enabled: bool) -> Iterator[Any]:
 
 def _base_for(inv_cfg: AdapterConfig | None, base: str | Path | None, route: str) -> Path:
     if base is not None:
-        return _resolve(base, what="base")  # type: ignore[return-value]
+        return resolve(base, what="base")  # type: ignore[return-value]
     hint_path = inv_cfg.base_model_name_or_path if inv_cfg else None
     if hint_path:
-        p = _resolve(hint_path, what="base")
+        p = resolve(hint_path, what="base")
         if p is not None and p.exists():
             return p
     raise RouteError(f"{route} needs the base model", hint="pass --base BASE (a folder or a Hub repo id)")
@@ -120,7 +77,7 @@ def convert(source: str | Path, to: str, *, output: str | Path, base: str | Path
                          path=src_ck.root)
     if form == to:
         raise RouteError(f"is already in {form} form", path=src_ck.root)
-    name = _pick_adapter(inv, adapter, src_ck)
+    name = pick_adapter(inv, adapter, src_ck)
     if cfg is None:
         raise AdapterError("no adapter_config.json beside the LoRA tensors, so the scaling (lora_alpha / r) "
                            "is unknown", path=src_ck.root, hint="put the adapter_config.json of this fine-tune there")
@@ -192,17 +149,12 @@ def convert(source: str | Path, to: str, *, output: str | Path, base: str | Path
         result = cv.ConvertResult(str(output), f"{form}->{to}", form, to, sorted(set(files)), n_tensors,
                                   total, ops, config_changes, warnings)
     if out.stale_removed:
-        result.warnings.append(_stale_note(out.stale_removed))
+        result.warnings.append(stale_note(out.stale_removed))
     src_ck.close()
     if base_ck is not None:
         base_ck.close()
     result.seconds = round(time.perf_counter() - t0, 3)
     return result
-
-
-def _stale_note(paths: list[Path]) -> str:
-    return (f"removed {len(paths)} unfinished temp folder(s) left by killed runs: "
-            + ", ".join(p.name for p in paths))
 
 
 def merge(source: str | Path, *, output: str | Path, base: str | Path | None = None, **kwargs: Any) -> cv.ConvertResult:

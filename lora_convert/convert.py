@@ -1,14 +1,12 @@
 """Routes between the storage forms, each a list of tensor jobs streamed through the writer.
 
-A :class:`Job` knows its output name, dtype and shape before any data is read, and yields
-its data as blocks of rows; :func:`execute` writes the jobs into an atomic output folder.
+A :class:`~.pipeline.Job` knows its output name, dtype and shape before any data is read, declares
+the blocks it will read, and yields its data as blocks of rows; :func:`~.pipeline.execute` streams
+the jobs into a folder (the API makes that folder atomic).
 """
 
 from __future__ import annotations
 
-import json
-import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,15 +15,12 @@ import torch
 
 from . import lora_math as lm
 from .config import AdapterConfig
-from .errors import AdapterError, CheckpointError, RouteError, UnsupportedError
-from .folder import carry_files, read_json, update_config, write_json
-from .inventory import Inventory, LoraModule, build_inventory
-from .io.output import AtomicOutput
-from .io.reader import Checkpoint, open_checkpoint
+from .errors import AdapterError, UnsupportedError
+from .inventory import Inventory, LoraModule
+from .io.reader import Checkpoint
 from .io.safetensors_format import FLOAT_DTYPES
-from .io.writer import parse_size, write_tensors
 from .keys import Role, format_key, short_name
-from .pipeline import Buffers, Job, Read, execute
+from .pipeline import Buffers, Job, Read, execute  # noqa: F401 - execute: the routes' runner, cv.execute
 
 FORMS = ("merged", "adapter", "unmerged", "base")
 DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
@@ -269,7 +264,6 @@ def _merge_job(name: str, ops: _KeyOps, shape: tuple[int, ...], out_dtype: torch
     def blocks(buf: Buffers) -> Iterator[torch.Tensor]:
         rows_total, cols = shape[0], (shape[1] if len(shape) > 1 else 1)
         step = lm.block_rows(rows_total, cols)
-        src_dtype = src_ck.info(src_key).dtype
 
         def read(s: int) -> torch.Tensor:
             return buf.read(Read(src_ck, src_key, s, min(s + step, rows_total)))

@@ -8,12 +8,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .config import AdapterConfig
 from .inventory import Inventory, build_inventory
 from .io.reader import Checkpoint, open_checkpoint
-from .keys import layer_index, short_name
+from .keys import short_name
 
 
 @dataclass
@@ -124,9 +122,9 @@ def _summarise(ck: Checkpoint, inv: Inventory, name: str, cfg: AdapterConfig | N
 
 def detect(path: str | Path, *, base: str | Path | None = None, adapter: str | None = None) -> DetectResult:
     """Say which form ``path`` is in: adapter, unmerged, plain (or, with ``base``: base, merged, fine-tuned)."""
-    from .api import _resolve
+    from .sources import resolve
 
-    p = _resolve(path, what="checkpoint")
+    p = resolve(path, what="checkpoint")
     with open_checkpoint(p, adapter_name=adapter) as ck:
         inv = build_inventory(ck)
         cfg = AdapterConfig.load(ck.adapter_config_path) if ck.adapter_config_path else None
@@ -143,7 +141,7 @@ def detect(path: str | Path, *, base: str | Path | None = None, adapter: str | N
         if inv.old_layout:
             warnings.append("older PEFT layout: base weights at <module>.weight beside the LoRA tensors")
         if base is not None and inv.form == "plain":
-            _compare_with_base(ck, _resolve(base, what="base"), res)
+            _compare_with_base(ck, resolve(base, what="base"), res)
     return res
 
 

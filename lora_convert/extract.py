@@ -41,7 +41,7 @@ from .convert import CONV1D_MODEL_TYPES
 from .errors import CheckpointError, RouteError, UnsupportedError
 from .folder import carry_files, write_json
 from .inventory import build_inventory
-from .io.output import AtomicOutput
+from .io.output import AtomicOutput, stale_note
 from .io.reader import Checkpoint, open_checkpoint
 from .io.writer import write_tensors
 from .keys import PEFT_PREFIX, Role, format_key, layer_index, short_name
@@ -218,7 +218,6 @@ def _delta(tuned: Checkpoint, base: Checkpoint, t: _Task, *, keep: bool = True) 
     """
     ti = tuned.info(t.name)
     bname = t.base_name or t.name
-    bi = base.info(bname)
     shape = ti.shape
     rows = shape[0] if shape else 1
     cols = max(1, ti.nbytes // max(1, ti.dtype.itemsize) // max(1, rows))
@@ -275,7 +274,7 @@ def extract(tuned: str | Path, *, base: str | Path, output: str | Path, rank: in
 
     ``dtype`` is that of the written factors (fp32, bf16, fp16); the reported error is measured on the
     factors as written, rounding included."""
-    from .api import _resolve
+    from .sources import resolve
 
     t0 = time.perf_counter()
     chosen = [x is not None for x in (rank, energy, max_error)]
@@ -309,8 +308,8 @@ def extract(tuned: str | Path, *, base: str | Path, output: str | Path, rank: in
                    exclude=list(exclude), layers=layers, embeddings=embeddings, svd=svd, device=device, seed=seed,
                    save_other=save_other, dtype=dtype)
 
-    tuned_path = _resolve(tuned, what="source")
-    base_path = _resolve(base, what="base")
+    tuned_path = resolve(tuned, what="source")
+    base_path = resolve(base, what="base")
     tk = open_checkpoint(tuned_path)
     bk = open_checkpoint(base_path)
     try:
@@ -535,9 +534,7 @@ def _extract(tk: Checkpoint, bk: Checkpoint, tuned_ref: Path, base_ref: str | Pa
                                                    command=command, summary=summary,
                                                    tables=[result.markdown_table()]), encoding="utf-8")
     if out.stale_removed:
-        from .api import _stale_note
-
-        result.warnings.append(_stale_note(out.stale_removed))
+        result.warnings.append(stale_note(out.stale_removed))
     result.seconds = round(time.perf_counter() - t0, 3)
     return result
 

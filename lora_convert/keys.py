@@ -68,13 +68,13 @@ class ParsedKey:
 
 _NAME = r"(?:\.(?P<name>[^.]+))"
 _PATTERNS: list[tuple[Role, re.Pattern[str]]] = [
-    (Role.LORA_A, re.compile(rf"^(?P<mod>.+)\.lora_A(?:\.(?P<name>[^.]+))?\.(?P<param>weight|bias)$")),
-    (Role.LORA_B, re.compile(rf"^(?P<mod>.+)\.lora_B(?:\.(?P<name>[^.]+))?\.(?P<param>weight|bias)$")),
+    (Role.LORA_A, re.compile(r"^(?P<mod>.+)\.lora_A(?:\.(?P<name>[^.]+))?\.(?P<param>weight|bias)$")),
+    (Role.LORA_B, re.compile(r"^(?P<mod>.+)\.lora_B(?:\.(?P<name>[^.]+))?\.(?P<param>weight|bias)$")),
     (Role.EMBED_A, re.compile(rf"^(?P<mod>.+)\.lora_embedding_A{_NAME}?$")),
     (Role.EMBED_B, re.compile(rf"^(?P<mod>.+)\.lora_embedding_B{_NAME}?$")),
     (
         Role.MAGNITUDE,
-        re.compile(rf"^(?P<mod>.+)\.lora_magnitude_vector(?:\.(?P<name>(?!weight$)[^.]+))?(?:\.(?P<param>weight))?$"),
+        re.compile(r"^(?P<mod>.+)\.lora_magnitude_vector(?:\.(?P<name>(?!weight$)[^.]+))?(?:\.(?P<param>weight))?$"),
     ),
     (Role.TOKENS_DELTA, re.compile(rf"^(?P<mod>.+)\.token_adapter\.trainable_tokens_delta{_NAME}?$")),
     (Role.MODULES_TO_SAVE, re.compile(r"^(?P<mod>.+?)\.modules_to_save\.(?P<name>[^.]+)\.(?P<param>.+)$")),

@@ -38,8 +38,8 @@ from typing import Any
 
 from .config import AdapterConfig
 from .errors import CheckpointError, RouteError
-from .inventory import Inventory, LoraModule, build_inventory
-from .io.reader import Checkpoint, open_checkpoint
+from .inventory import LoraModule, build_inventory
+from .io.reader import open_checkpoint
 from .io.safetensors_format import DTYPE_NAMES, dtype_size
 from .keys import short_name
 
@@ -323,9 +323,9 @@ def _base_from_config(folder: Path) -> tuple[dict[str, _T], dict[str, Any]]:
 
 
 def _open_base(ref: str | Path, notes: list[str]) -> tuple[dict[str, _T] | None, dict[str, Any] | None, str | None]:
-    from .api import _resolve
+    from .sources import resolve
 
-    p = _resolve(ref, what="base")
+    p = resolve(ref, what="base")
     if p is None or not p.exists():
         notes.append(f"base {ref} not found: base numbers unknown")
         return None, None, None
@@ -350,17 +350,17 @@ def _open_base(ref: str | Path, notes: list[str]) -> tuple[dict[str, _T] | None,
 def build_report(path: str | Path, *, base: str | Path | None = None, seq_len: int = 2048,
                  adapter: str | None = None) -> Report:
     """Count parameters, bytes and FLOPs per token of every form of ``path``, from headers only."""
-    from .api import _pick_adapter, _resolve
+    from .sources import pick_adapter, resolve
 
     if seq_len < 1:
         raise RouteError("--seq-len must be at least 1")
     notes: list[str] = []
-    p = _resolve(path, what="checkpoint")
+    p = resolve(path, what="checkpoint")
     with open_checkpoint(p, adapter_name=adapter) as ck:  # type: ignore[arg-type]
         inv = build_inventory(ck)
         cfg = AdapterConfig.load(ck.adapter_config_path) if ck.adapter_config_path else None
         form = inv.form
-        name = _pick_adapter(inv, adapter, ck) if form != "plain" else None
+        name = pick_adapter(inv, adapter, ck) if form != "plain" else None
         if form != "plain" and cfg is None:
             notes.append("no adapter_config.json: scaling unknown")
         src_bytes = ck.dtypes()

@@ -60,6 +60,12 @@ def clean_stale(target: Path) -> list[Path]:
     return removed
 
 
+def stale_note(paths: list[Path]) -> str:
+    """The warning that tells the user which leftovers of killed runs were removed."""
+    return (f"removed {len(paths)} unfinished temp folder(s) left by killed runs: "
+            + ", ".join(p.name for p in paths))
+
+
 def _inside(a: Path, b: Path) -> bool:
     a, b = a.resolve(), b.resolve()
     return a == b or a.is_relative_to(b)
