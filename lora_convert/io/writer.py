@@ -159,9 +159,14 @@ class SafetensorsWriter:
         return list(self.files)
 
     def abort(self) -> None:
+        """Close whatever is open after a failure.  Closing flushes, which on a full disk fails
+        again: that second error says nothing new and must not hide the first, so it is dropped."""
         if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
+            try:
+                fh.close()
+            except OSError:
+                pass
 
 
 def write_tensors(folder: Path, tensors: dict[str, torch.Tensor], *, max_shard_size: int | str = "5GB",
