@@ -197,3 +197,17 @@ def test_dtype_option_and_sharding(tmp_path):
 
 
 VOCAB = 96
+
+
+def test_bin_base_streams_through_the_pipeline(tmp_path):
+    """A base saved as pytorch_model.bin (weights_only load) is read block by block like safetensors."""
+    base = _fresh_base(llama, tmp_path)
+    pm = peft_wrap(base, r=4, lora_alpha=8, target_modules=ALL + ["embed_tokens", "lm_head"], use_dora=True)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    bin_dir = tmp_path / "binbase"
+    bin_dir.mkdir()
+    from safetensors.torch import load_file
+    torch.save(load_file(str(tmp_path / "base" / "model.safetensors")), bin_dir / "pytorch_model.bin")
+    (bin_dir / "config.json").write_text((tmp_path / "base" / "config.json").read_text())
+    lc.merge(tmp_path / "adapter", base=bin_dir, output=tmp_path / "merged")
+    assert (logits(load_merged(tmp_path / "merged")) - logits(pm)).abs().max() <= TOL
