@@ -54,12 +54,12 @@ class ConvertResult:
 def _copy_job(ck: Checkpoint, src: str, name: str, dtype: torch.dtype | None = None, op: str = "copy") -> Job:
     info = ck.info(src)
     out_dtype = dtype if (dtype is not None and info.dtype in FLOAT_DTYPES) else info.dtype
-    blockwise = bool(info.shape) and info.shape[0] > 0
-    rows = info.shape[0] if blockwise else 0
-    step = max(1, COPY_BLOCK // max(1, info.nbytes // rows)) if blockwise else 1
+    numel = info.nbytes // info.dtype.itemsize
+    blockwise = bool(info.shape) and numel > 0
+    step = max(1, COPY_BLOCK // info.dtype.itemsize)  # a copy is a byte range: bounded pieces, any shape
 
     def reads() -> list[Read]:
-        return [Read(ck, src, s, min(s + step, rows)) for s in range(0, rows, step)]
+        return [Read(ck, src, s, min(s + step, numel), flat=True) for s in range(0, numel, step)] if blockwise else []
 
     def blocks(buf: Buffers) -> Iterator[torch.Tensor]:
         if not blockwise:
@@ -260,10 +260,10 @@ def _merge_job(name: str, ops: _KeyOps, shape: tuple[int, ...], out_dtype: torch
                conv1d_hint: bool) -> Job:
     src_ck, src_key = ops.source
     m, lck = ops.lora, ops.lora_ck
+    rows_total, cols = shape[0], (shape[1] if len(shape) > 1 else 1)
+    step = lm.block_rows(rows_total, cols, elem_bytes=max(src_ck.info(src_key).dtype.itemsize, out_dtype.itemsize))
 
     def blocks(buf: Buffers) -> Iterator[torch.Tensor]:
-        rows_total, cols = shape[0], (shape[1] if len(shape) > 1 else 1)
-        step = lm.block_rows(rows_total, cols)
 
         def read(s: int) -> torch.Tensor:
             return buf.read(Read(src_ck, src_key, s, min(s + step, rows_total)))
@@ -321,8 +321,6 @@ def _merge_job(name: str, ops: _KeyOps, shape: tuple[int, ...], out_dtype: torch
     op = "dora" if (m is not None and m.magnitude_key) else ("merge" if m is not None else "tokens")
 
     def reads() -> list[Read]:
-        rows_total, cols = shape[0], (shape[1] if len(shape) > 1 else 1)
-        step = lm.block_rows(rows_total, cols)
         once = [Read(src_ck, src_key, s, min(s + step, rows_total)) for s in range(0, rows_total, step)]
         return once * 2 if (m is not None and m.magnitude_key is not None) else once  # DoRA: norms, then merge
 

@@ -114,8 +114,9 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
-def block_rows(n_rows: int, n_cols: int, budget_bytes: int = 2 << 20) -> int:
-    """Rows per block so that one fp32 tile stays near ``budget_bytes``.
+def block_rows(n_rows: int, n_cols: int, budget_bytes: int = 2 << 20, *, elem_bytes: int = 4) -> int:
+    """Rows per block so that one fp32 tile — or a block of ``elem_bytes`` elements, when those are
+    wider (fp64 inputs) — stays near ``budget_bytes``.
 
     Small on purpose: the block goes read() -> bf16 -> fp32 tile -> addmm -> bf16 -> write(), and
     when every stage fits in a core's L2/L3 share, the kernel's copies in read() and write() run
@@ -123,7 +124,7 @@ def block_rows(n_rows: int, n_cols: int, budget_bytes: int = 2 << 20) -> int:
     in-process time from ~3.3 s to ~2.5 s against 8 MB, and 64 MB was slower still.  A rank-16
     GEMM is memory-bound at any of these sizes, so nothing is lost on the arithmetic side.
     """
-    return max(1, min(n_rows, budget_bytes // max(1, 4 * n_cols)))
+    return max(1, min(n_rows, budget_bytes // max(1, max(4, elem_bytes) * n_cols)))
 
 
 def is_transposed(base_shape: tuple[int, ...], in_features: int, out_features: int, *, hint: bool) -> bool:

@@ -10,7 +10,11 @@ writing, one after the other; as stages they overlap.
 Why buffer pools: a fresh tensor per block means the kernel maps and zeroes new pages for every
 block (for a 2 GB merge: ~9 GB of page faults across reads, fp32 tiles and outputs).  Reusing a
 few dozen small slots measured 1.6x faster on the compute side and keeps memory flat: the pools,
-the scratch tiles and the queues are all a conversion ever holds (~60 MB).  Read slots and output
+the scratch tiles and the queues are all a conversion ever holds (~60 MB).  Copies move flat byte
+ranges, so that bound holds whatever the shape; a merge block is at least one row of a 2-D weight.
+
+The reader follows the plan the jobs declare (``Job.reads``); reading past it, or leaving part of it
+unread, is an error rather than a hang.  Read slots and output
 slots are separate pools, so a reader that runs ahead can never starve the worker of output slots.
 """
 
@@ -88,6 +92,7 @@ class Read:
     key: str
     start: int
     stop: int
+    flat: bool = False  # start/stop count elements of the flattened tensor, not rows
 
 
 class Buffers:
@@ -100,12 +105,12 @@ class Buffers:
     * ``give_back`` returns any pooled block to its pool (fresh tensors are simply dropped).
     """
 
-    def __init__(self, out_slots: int = QUEUE_DEPTH + 2, read_slots: int = READ_SLOTS,
+    def __init__(self, out_slots: int | None = None, read_slots: int | None = None,
                  slot_bytes: int | None = None) -> None:
         self.closed = threading.Event()
         size = slot_bytes or TILE_BYTES
-        self._out = _Pool(out_slots, size, self.closed)
-        self._read = _Pool(read_slots, size, self.closed)
+        self._out = _Pool(out_slots or QUEUE_DEPTH + 2, size, self.closed)
+        self._read = _Pool(read_slots or READ_SLOTS, size, self.closed)
         self._scratch: dict[str, torch.Tensor] = {}
         self._fetched: queue.Queue[Any] | None = None  # the reader stage's output, when it runs
 
@@ -120,14 +125,31 @@ class Buffers:
         item = _get(self._fetched, self.closed)
         if isinstance(item, BaseException):
             raise item
+        if item is _DONE:
+            raise RuntimeError(f"read beyond the declared plan: {r.key}[{r.start}:{r.stop}]")
         got, block = item
         if got != r:
             raise RuntimeError(f"read out of declared order: asked {r.key}[{r.start}:{r.stop}], "
                                f"the reader fetched {got.key}[{got.start}:{got.stop}]")
         return block
 
+    def finish(self) -> None:
+        """After the last job: every declared read must have been consumed (a job that read fewer
+        blocks than it declared would otherwise pass unnoticed, or leave the reader waiting)."""
+        if self._fetched is None:
+            return
+        item = _get(self._fetched, self.closed)
+        if isinstance(item, BaseException):
+            raise item
+        if item is not _DONE:
+            got = item[0]
+            raise RuntimeError(f"declared read never consumed: {got.key}[{got.start}:{got.stop}]")
+
     def fetch(self, r: Read) -> torch.Tensor:
         info = r.ck.info(r.key)
+        if r.flat:
+            stop = min(r.stop, info.nbytes // info.dtype.itemsize)
+            return r.ck.read_flat(r.key, r.start, stop, out=self._read.take((stop - r.start,), info.dtype))
         stop = min(r.stop, info.shape[0])
         return r.ck.read_rows(r.key, r.start, stop, out=self._read.take((stop - r.start, *info.shape[1:]), info.dtype))
 
@@ -150,6 +172,8 @@ class Buffers:
 
 def _read_bytes(r: Read) -> int:
     info = r.ck.info(r.key)
+    if r.flat:
+        return (min(r.stop, info.nbytes // info.dtype.itemsize) - r.start) * info.dtype.itemsize
     rows = info.shape[0] if info.shape else 1
     return (min(r.stop, rows) - r.start) * (info.nbytes // max(1, rows))
 
@@ -232,11 +256,12 @@ def _stages(jobs: list[Job], buffers: Buffers) -> Iterator[tuple[str, torch.Tens
                 # ~1.9 s for 2.2 GB without it (the kernel's own readahead stalls with the reader).
                 while asked < len(plan) and window < READAHEAD:
                     q = plan[asked]
-                    q.ck.prefetch(q.key, q.start, q.stop)
+                    q.ck.prefetch(q.key, q.start, q.stop, flat=q.flat)
                     window += sizes[asked]
                     asked += 1
                 _put(fetched, (r, buffers.fetch(r)), closed)
                 window -= sizes[i]
+            _put(fetched, _DONE, closed)
         except _Stopped:
             return
         except BaseException as exc:  # noqa: BLE001 - the worker re-raises it at the read that failed
@@ -250,6 +275,7 @@ def _stages(jobs: list[Job], buffers: Buffers) -> Iterator[tuple[str, torch.Tens
             for j in jobs:
                 for block in j.blocks(buffers):
                     _put(made, (j.name, block), closed)
+            buffers.finish()
             _put(made, _DONE, closed)
         except _Stopped:
             return
@@ -261,9 +287,9 @@ def _stages(jobs: list[Job], buffers: Buffers) -> Iterator[tuple[str, torch.Tens
 
     threads = [threading.Thread(target=read_all, name="lora-convert-reader", daemon=True),
                threading.Thread(target=work, name="lora-convert-worker", daemon=True)]
-    for t in threads:
-        t.start()
     try:
+        for t in threads:  # inside the try: if the second cannot start, the first is stopped and joined
+            t.start()
         while True:
             item = made.get()
             if item is _DONE:
@@ -274,4 +300,5 @@ def _stages(jobs: list[Job], buffers: Buffers) -> Iterator[tuple[str, torch.Tens
     finally:
         closed.set()
         for t in threads:
-            t.join()
+            if t.ident is not None:
+                t.join()

@@ -83,7 +83,7 @@ def test_merge_is_the_same_whatever_the_block_size(tmp_path, monkeypatch):
     pm.save_pretrained(str(tmp_path / "adapter"))
     lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "default")
     real = lora_math.block_rows
-    monkeypatch.setattr(lora_math, "block_rows", lambda rows, cols, budget=0: real(rows, cols, 1))
+    monkeypatch.setattr(lora_math, "block_rows", lambda rows, cols, budget=0, **kw: real(rows, cols, 1, **kw))
     lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "rows")
     a = load_file(str(tmp_path / "default" / "model.safetensors"))
     b = load_file(str(tmp_path / "rows" / "model.safetensors"))
@@ -118,6 +118,7 @@ def _reading_job(ck, key, name, step):
 def test_reader_stage_feeds_blocks_in_declared_order(tmp_path, monkeypatch):
     monkeypatch.setattr(pl, "TILE_BYTES", 256)  # a tiny read pool: the reader must wait for slots
     monkeypatch.setattr(pl, "READ_SLOTS", 2)
+    assert pl.Buffers()._read.slots == 2
     x = torch.randn(300, 8)
     y = torch.arange(1000, dtype=torch.int64).reshape(100, 10)
     (tmp_path / "in").mkdir()
@@ -147,3 +148,38 @@ def test_read_error_and_order_mismatch_surface_in_the_caller(tmp_path):
     with pytest.raises(CheckpointError, match="file ended"):
         pl.execute([_reading_job(ck, "x", "x", 8)], tmp_path / "o2")
     assert _producers() == 0
+
+
+def test_reading_more_or_fewer_blocks_than_declared_is_an_error_not_a_hang(tmp_path):
+    for d in ("in", "o1", "o2"):
+        (tmp_path / d).mkdir()
+    ck = _saved(tmp_path / "in", x=torch.randn(64, 4))
+    more = _reading_job(ck, "x", "x", 8)
+    declared = more.reads
+    more.reads = lambda: declared()[:-1]  # reads all 8 blocks, declares 7
+    with pytest.raises(RuntimeError, match="beyond the declared plan"):
+        pl.execute([more], tmp_path / "o1")
+    assert _producers() == 0
+    fewer = _reading_job(ck, "x", "x", 8)
+    fewer.reads = lambda: declared() + [pl.Read(ck, "x", 0, 8)]  # declares one block it never reads
+    with pytest.raises(RuntimeError, match="never consumed"):
+        pl.execute([fewer], tmp_path / "o2")
+    assert _producers() == 0
+
+
+def test_copy_of_a_tensor_with_huge_rows_moves_in_bounded_pieces(tmp_path):
+    """Fused MoE experts (E, out, in): one row along dim 0 can be hundreds of MB.  A copy is a byte
+    range, so it is declared and moved in COPY_BLOCK pieces whatever the shape."""
+    from lora_convert.convert import COPY_BLOCK, _copy_job
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    experts = torch.randn(3, 700, 600)  # 1.68 MB per expert, above COPY_BLOCK
+    ck = _saved(tmp_path / "in", experts=experts, bias=torch.randn(5))
+    jobs = [_copy_job(ck, "experts", "experts"), _copy_job(ck, "bias", "bias", torch.bfloat16)]
+    sizes = [(r.stop - r.start) * 4 for r in jobs[0].reads()]
+    assert max(sizes) <= COPY_BLOCK and sum(sizes) == experts.numel() * 4
+    pl.execute(jobs, tmp_path / "out")
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert torch.equal(got["experts"], experts)
+    assert got["bias"].dtype == torch.bfloat16 and torch.equal(got["bias"], ck.read("bias").to(torch.bfloat16))

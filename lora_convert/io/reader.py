@@ -106,7 +106,25 @@ class Checkpoint:
         data = self._read_bytes(info, info.offset + start * row, nbytes, buf)
         return data.view(info.dtype).reshape(shape)
 
-    def prefetch(self, name: str, start: int, stop: int) -> None:
+    def read_flat(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Elements ``start:stop`` of the flattened tensor (1-D): a contiguous byte range whatever the
+        shape, so a copy can move a tensor whose single rows are huge (fused MoE experts) in
+        bounded pieces."""
+        info = self.info(name)
+        if info.offset < 0:
+            piece = self._bin_tensor(info).reshape(-1)[start:stop]
+            return piece.clone() if out is None else out.reshape(-1)[:piece.numel()].copy_(piece)
+        size = info.dtype.itemsize
+        stop = min(stop, info.nbytes // size)
+        nbytes = (stop - start) * size
+        buf = None
+        if out is not None:
+            if out.dtype != info.dtype or not out.is_contiguous() or out.numel() * size < nbytes:
+                raise ValueError(f"{name}: buffer of {out.dtype} x {out.numel()} cannot hold elements {start}:{stop}")
+            buf = out.reshape(-1).view(torch.uint8)[:nbytes]
+        return self._read_bytes(info, info.offset + start * size, nbytes, buf).view(info.dtype)
+
+    def prefetch(self, name: str, start: int, stop: int, *, flat: bool = False) -> None:
         """Ask the kernel to start reading rows ``start:stop`` now (``POSIX_FADV_WILLNEED``), so the
         disk works while we compute on the previous block.  A hint: errors are ignored."""
         info = self.tensors.get(name)
@@ -116,8 +134,11 @@ class Checkpoint:
             fh = self._handle(info)
         except CheckpointError:
             return
-        row = info.nbytes // info.shape[0] if info.shape[0] else 0
-        stop = min(stop, info.shape[0])
+        if flat:
+            row, stop = info.dtype.itemsize, min(stop, info.nbytes // info.dtype.itemsize)
+        else:
+            row = info.nbytes // info.shape[0] if info.shape[0] else 0
+            stop = min(stop, info.shape[0])
         if stop > start:
             try:
                 os.posix_fadvise(fh.fileno(), info.offset + start * row, (stop - start) * row, os.POSIX_FADV_WILLNEED)
