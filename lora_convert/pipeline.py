@@ -147,11 +147,8 @@ class Buffers:
 
     def fetch(self, r: Read) -> torch.Tensor:
         info = r.ck.info(r.key)
-        if r.flat:
-            stop = min(r.stop, info.nbytes // info.dtype.itemsize)
-            return r.ck.read_flat(r.key, r.start, stop, out=self._read.take((stop - r.start,), info.dtype))
-        stop = min(r.stop, info.shape[0])
-        return r.ck.read_rows(r.key, r.start, stop, out=self._read.take((stop - r.start, *info.shape[1:]), info.dtype))
+        slot = self._read.take((r.ck.span(r.key, r.start, r.stop, flat=r.flat)[1],), torch.uint8).view(info.dtype)
+        return (r.ck.read_flat if r.flat else r.ck.read_rows)(r.key, r.start, r.stop, out=slot)
 
     def give_back(self, block: torch.Tensor) -> None:
         ptr = block.untyped_storage().data_ptr()
@@ -168,14 +165,6 @@ class Buffers:
         if have is None or have.numel() < nbytes:
             have = self._scratch[role] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
         return have[:nbytes].view(dtype).view(shape)
-
-
-def _read_bytes(r: Read) -> int:
-    info = r.ck.info(r.key)
-    if r.flat:
-        return (min(r.stop, info.nbytes // info.dtype.itemsize) - r.start) * info.dtype.itemsize
-    rows = info.shape[0] if info.shape else 1
-    return (min(r.stop, rows) - r.start) * (info.nbytes // max(1, rows))
 
 
 def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -248,7 +237,7 @@ def _stages(jobs: list[Job], buffers: Buffers) -> Iterator[tuple[str, torch.Tens
     def read_all() -> None:
         try:
             plan = [r for j in jobs for r in j.reads()]
-            sizes = [_read_bytes(r) for r in plan]
+            sizes = [r.ck.span(r.key, r.start, r.stop, flat=r.flat)[1] for r in plan]
             asked, window = 0, 0  # plan[:asked] requested from the disk; bytes of those not yet read
             for i, r in enumerate(plan):
                 # Keep READAHEAD bytes requested ahead (POSIX_FADV_WILLNEED): the disk keeps working

@@ -93,18 +93,10 @@ class Checkpoint:
             return dst.copy_(rows)
         if not info.shape:
             return self.read(name)
-        stop = min(stop, info.shape[0])
-        row = (info.nbytes // info.shape[0]) if info.shape[0] else 0
-        shape = (stop - start, *info.shape[1:])
-        nbytes = (stop - start) * row
-        if out is None:
-            buf = None
-        else:
-            if out.dtype != info.dtype or not out.is_contiguous() or out.numel() * out.element_size() < nbytes:
-                raise ValueError(f"{name}: buffer of {out.dtype} x {out.numel()} cannot hold rows {start}:{stop}")
-            buf = out.reshape(-1).view(torch.uint8)[:nbytes]
-        data = self._read_bytes(info, info.offset + start * row, nbytes, buf)
-        return data.view(info.dtype).reshape(shape)
+        offset, nbytes = self.span(name, start, stop)
+        rows = max(0, min(stop, info.shape[0]) - start)
+        data = self._read_bytes(info, offset, nbytes, _byte_view(out, info, nbytes, f"rows {start}:{stop}"))
+        return data.view(info.dtype).reshape((rows, *info.shape[1:]))
 
     def read_flat(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Elements ``start:stop`` of the flattened tensor (1-D): a contiguous byte range whatever the
@@ -114,15 +106,22 @@ class Checkpoint:
         if info.offset < 0:
             piece = self._bin_tensor(info).reshape(-1)[start:stop]
             return piece.clone() if out is None else out.reshape(-1)[:piece.numel()].copy_(piece)
-        size = info.dtype.itemsize
-        stop = min(stop, info.nbytes // size)
-        nbytes = (stop - start) * size
-        buf = None
-        if out is not None:
-            if out.dtype != info.dtype or not out.is_contiguous() or out.numel() * size < nbytes:
-                raise ValueError(f"{name}: buffer of {out.dtype} x {out.numel()} cannot hold elements {start}:{stop}")
-            buf = out.reshape(-1).view(torch.uint8)[:nbytes]
-        return self._read_bytes(info, info.offset + start * size, nbytes, buf).view(info.dtype)
+        offset, nbytes = self.span(name, start, stop, flat=True)
+        return self._read_bytes(info, offset, nbytes,
+                                _byte_view(out, info, nbytes, f"elements {start}:{stop}")).view(info.dtype)
+
+    def span(self, name: str, start: int, stop: int, *, flat: bool = False) -> tuple[int, int]:
+        """(offset in its file, byte count) of rows ``start:stop`` — or, with ``flat``, of elements of
+        the flattened tensor — clamped to the tensor's end.  The one place that turns a block into
+        bytes: reads, prefetches and the pipeline's read-ahead window all go through it."""
+        info = self.info(name)
+        if flat:
+            unit, count = info.dtype.itemsize, info.nbytes // info.dtype.itemsize
+        else:
+            count = info.shape[0] if info.shape else 1
+            unit = info.nbytes // count if count else 0
+        start = min(start, count)
+        return info.offset + start * unit, (max(start, min(stop, count)) - start) * unit
 
     def prefetch(self, name: str, start: int, stop: int, *, flat: bool = False) -> None:
         """Ask the kernel to start reading rows ``start:stop`` now (``POSIX_FADV_WILLNEED``), so the
@@ -134,14 +133,10 @@ class Checkpoint:
             fh = self._handle(info)
         except CheckpointError:
             return
-        if flat:
-            row, stop = info.dtype.itemsize, min(stop, info.nbytes // info.dtype.itemsize)
-        else:
-            row = info.nbytes // info.shape[0] if info.shape[0] else 0
-            stop = min(stop, info.shape[0])
-        if stop > start:
+        offset, nbytes = self.span(name, start, stop, flat=flat)
+        if nbytes:
             try:
-                os.posix_fadvise(fh.fileno(), info.offset + start * row, (stop - start) * row, os.POSIX_FADV_WILLNEED)
+                os.posix_fadvise(fh.fileno(), offset, nbytes, os.POSIX_FADV_WILLNEED)
             except OSError:
                 pass
 
@@ -187,6 +182,15 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _byte_view(out: torch.Tensor | None, info: TensorInfo, nbytes: int, what: str) -> torch.Tensor | None:
+    """The first ``nbytes`` of the caller's buffer as uint8, after checking it can hold them."""
+    if out is None:
+        return None
+    if out.dtype != info.dtype or not out.is_contiguous() or out.numel() * out.element_size() < nbytes:
+        raise ValueError(f"{info.name}: buffer of {out.dtype} x {out.numel()} cannot hold {what}")
+    return out.reshape(-1).view(torch.uint8)[:nbytes]
 
 
 class _Pairs(list):  # type: ignore[type-arg]
