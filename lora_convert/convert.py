@@ -262,11 +262,10 @@ def _merge_job(name: str, ops: _KeyOps, shape: tuple[int, ...], out_dtype: torch
     m, lck = ops.lora, ops.lora_ck
     rows_total, cols = shape[0], (shape[1] if len(shape) > 1 else 1)
     step = lm.block_rows(rows_total, cols, elem_bytes=max(src_ck.info(src_key).dtype.itemsize, out_dtype.itemsize))
+    passes = 2 if (m is not None and m.magnitude_key is not None) else 1  # DoRA: norms, then merge
+    plan = [Read(src_ck, src_key, s, min(s + step, rows_total)) for s in range(0, rows_total, step)]
 
     def blocks(buf: Buffers) -> Iterator[torch.Tensor]:
-
-        def read(s: int) -> torch.Tensor:
-            return buf.read(Read(src_ck, src_key, s, min(s + step, rows_total)))
 
         def acc(n: int) -> torch.Tensor:
             return buf.scratch("acc", (n, cols), torch.float32)
@@ -279,16 +278,16 @@ def _merge_job(name: str, ops: _KeyOps, shape: tuple[int, ...], out_dtype: torch
             mag = _check_finite(lck.read(m.magnitude_key), lck, m.magnitude_key)
             if not transposed:
                 row_scale = torch.empty(rows_total, dtype=torch.float32)
-                for s in range(0, rows_total, step):
-                    w = read(s)
-                    row_scale[s:s + w.shape[0]] = lm.dora_row_norms(w, delta, s, acc(w.shape[0]))
+                for r in plan:
+                    w = buf.read(r)
+                    row_scale[r.start:r.stop] = lm.dora_row_norms(w, delta, r.start, acc(w.shape[0]))
                     buf.give_back(w)
                 row_scale = lm.dora_scale(mag, row_scale)
             else:
                 sq = torch.zeros(cols, dtype=torch.float32)
-                for s in range(0, rows_total, step):
-                    w = read(s)
-                    sq += lm.dora_col_sq_norms(w, delta, s, acc(w.shape[0]))
+                for r in plan:
+                    w = buf.read(r)
+                    sq += lm.dora_col_sq_norms(w, delta, r.start, acc(w.shape[0]))
                     buf.give_back(w)
                 col_scale = lm.dora_scale(mag, sq.sqrt_())
         tok_rows = tok_delta = None
@@ -301,8 +300,8 @@ def _merge_job(name: str, ops: _KeyOps, shape: tuple[int, ...], out_dtype: torch
                                    f"[{len(idx)}, {cols}]", path=tck.root, tensor=tkey)
             if len(idx) and (max(idx) >= rows_total or min(idx) < 0):
                 raise AdapterError(f"token index out of range for vocabulary {rows_total}", path=tck.root, tensor=tkey)
-        for s in range(0, rows_total, step):
-            w = read(s)
+        for r in plan:
+            s, w = r.start, buf.read(r)
             out = buf.out(tuple(w.shape), out_dtype)
             if delta is not None:
                 lm.merge_rows(w, delta, s, out, acc=acc(w.shape[0]), col_scale=col_scale, row_scale=row_scale)
@@ -320,11 +319,7 @@ def _merge_job(name: str, ops: _KeyOps, shape: tuple[int, ...], out_dtype: torch
 
     op = "dora" if (m is not None and m.magnitude_key) else ("merge" if m is not None else "tokens")
 
-    def reads() -> list[Read]:
-        once = [Read(src_ck, src_key, s, min(s + step, rows_total)) for s in range(0, rows_total, step)]
-        return once * 2 if (m is not None and m.magnitude_key is not None) else once  # DoRA: norms, then merge
-
-    return Job(name, out_dtype, shape, blocks, op, reads=reads)
+    return Job(name, out_dtype, shape, blocks, op, reads=lambda: plan * passes)
 
 
 def _bias_job(name: str, ops: _KeyOps, out_dtype: torch.dtype, cfg: AdapterConfig) -> Job:
