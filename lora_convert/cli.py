@@ -172,10 +172,6 @@ def _maybe_push(folder: str, push_to: str | None, private: bool) -> Any:
     return push_folder(folder, push_to, private=private, progress=False)
 
 
-_EXTRACT_DEFAULTS = {"max_rank": 128, "include": (), "exclude": (), "embeddings": "lora", "save_other": False,
-                     "svd": "auto", "device": "cpu", "seed": 0, "dtype": "fp32"}
-
-
 def _extraction_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The SVD options, shared by ``extract`` and ``convert --to adapter`` (defaults applied by the API)."""
     for opt in reversed([
@@ -202,9 +198,10 @@ def _extraction_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _given(**opts: Any) -> dict[str, Any]:
-    """The extraction options the user actually gave (click passes None / () for the others), named as
-    the API names them (--factor-dtype is extract(dtype=...))."""
-    out = {k: v for k, v in opts.items() if v is not None and v != ()}
+    """The extraction options the user actually gave (click passes None / () for the others), as the
+    API takes them: --factor-dtype is extract(dtype=...), repeated options are lists.  extract()
+    supplies the defaults of the rest."""
+    out = {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items() if v is not None and v != ()}
     if "factor_dtype" in out:
         out["dtype"] = out.pop("factor_dtype")
     return out
@@ -242,9 +239,6 @@ def convert(ctx: click.Context, source: str, to: str, output: str, base: str | N
     takes the extraction options (--rank, --energy, ...); they are refused on every other route.
     """
     given = _given(**svd_opts)
-    for k in ("include", "exclude"):
-        if k in given:
-            given[k] = list(given[k])
 
     def go() -> Any:
         res = api.convert(source, to, output=output, base=base, adapter=adapter, dtype=dtype,
@@ -334,10 +328,8 @@ def extract(ctx: click.Context, tuned: str, base: str, output: str, force: bool,
     from .extract import extract as extract_fn
 
     def go() -> Any:
-        opts = {**_EXTRACT_DEFAULTS, **_given(**svd_opts)}
-        opts["include"], opts["exclude"] = list(opts["include"]), list(opts["exclude"])
         res = extract_fn(tuned, base=base, output=output, force=force, progress=not as_json and err.is_terminal,
-                         command=_command_line(), **opts)
+                         command=_command_line(), **_given(**svd_opts))
         return res, _maybe_push(output, push_to, private)
 
     res, pushed = run_guarded(go, _debug(ctx))
