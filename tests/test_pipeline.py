@@ -130,13 +130,24 @@ def test_reader_stage_feeds_blocks_in_declared_order(tmp_path, monkeypatch):
     assert _producers() == 0
 
 
-def test_read_error_and_order_mismatch_surface_in_the_caller(tmp_path):
+def _one_tensor(tmp_path):
+    """A 64x4 checkpoint in tmp_path/in and two empty output folders o1, o2."""
     for d in ("in", "o1", "o2"):
         (tmp_path / d).mkdir()
-    ck = _saved(tmp_path / "in", x=torch.randn(64, 4))
+    return _saved(tmp_path / "in", x=torch.randn(64, 4))
+
+
+def _misdeclared(ck, edit):
+    """A job that reads x in 8 blocks but declares ``edit(the true plan)``."""
     job = _reading_job(ck, "x", "x", 8)
-    real_reads = job.reads
-    job.reads = lambda: real_reads()[::-1]  # declares one order, reads in another
+    true_plan = job.reads
+    job.reads = lambda: edit(true_plan())
+    return job
+
+
+def test_read_error_and_order_mismatch_surface_in_the_caller(tmp_path):
+    ck = _one_tensor(tmp_path)
+    job = _misdeclared(ck, lambda plan: plan[::-1])  # declares one order, reads in another
     with pytest.raises(RuntimeError, match="out of declared order"):
         pl.execute([job], tmp_path / "o1")
     assert _producers() == 0
@@ -151,17 +162,12 @@ def test_read_error_and_order_mismatch_surface_in_the_caller(tmp_path):
 
 
 def test_reading_more_or_fewer_blocks_than_declared_is_an_error_not_a_hang(tmp_path):
-    for d in ("in", "o1", "o2"):
-        (tmp_path / d).mkdir()
-    ck = _saved(tmp_path / "in", x=torch.randn(64, 4))
-    more = _reading_job(ck, "x", "x", 8)
-    declared = more.reads
-    more.reads = lambda: declared()[:-1]  # reads all 8 blocks, declares 7
+    ck = _one_tensor(tmp_path)
+    more = _misdeclared(ck, lambda plan: plan[:-1])  # reads all 8 blocks, declares 7
     with pytest.raises(RuntimeError, match="beyond the declared plan"):
         pl.execute([more], tmp_path / "o1")
     assert _producers() == 0
-    fewer = _reading_job(ck, "x", "x", 8)
-    fewer.reads = lambda: declared() + [pl.Read(ck, "x", 0, 8)]  # declares one block it never reads
+    fewer = _misdeclared(ck, lambda plan: plan + [pl.Read(ck, "x", 0, 8)])  # declares one block it never reads
     with pytest.raises(RuntimeError, match="never consumed"):
         pl.execute([fewer], tmp_path / "o2")
     assert _producers() == 0
