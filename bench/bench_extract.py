@@ -39,7 +39,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import synth  # noqa: E402
 from common import (  # noqa: E402
-    OUT_ROOT, TensorFolder, child_env, fmt, folder_bytes, lora_convert_cmd, ratio, read_json, rm, table,
+    OUT_ROOT,
+    TensorFolder,
+    child_env,
+    fmt,
+    folder_bytes,
+    lora_convert_cmd,
+    ratio,
+    read_json,
+    rm,
+    table,
 )
 from measure import Measurement, can_drop_caches, measure  # noqa: E402
 

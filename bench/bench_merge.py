@@ -32,7 +32,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import synth  # noqa: E402
 from common import (  # noqa: E402
-    OUT_ROOT, TensorFolder, child_env, fmt, folder_bytes, lora_convert_cmd, ratio, read_json, rm, table,
+    OUT_ROOT,
+    TensorFolder,
+    child_env,
+    fmt,
+    folder_bytes,
+    lora_convert_cmd,
+    ratio,
+    read_json,
+    rm,
+    table,
 )
 from measure import Measurement, can_drop_caches, measure  # noqa: E402
 
@@ -163,7 +172,7 @@ def report(sizes: list[dict], args: argparse.Namespace) -> str:
     for s in sizes:
         r = s["results"]
 
-        def g(tool: str, attr: str) -> float | None:
+        def g(tool: str, attr: str, r: dict = r) -> float | None:
             m = r.get(tool)
             return getattr(m, attr) if m is not None and m.ok else None
 

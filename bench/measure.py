@@ -37,9 +37,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 

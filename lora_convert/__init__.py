@@ -6,18 +6,31 @@ Everything the CLI does is a function here::
     lc.detect("my-adapter").form               # "adapter"
     lc.merge("my-adapter", base="base-model", output="merged")
     lc.convert("unmerged-ckpt", "adapter", output="adapter-out")
+    lc.extract("merged", base="base-model", output="adapter-out", rank=16)
+    lc.report("my-adapter", base="base-model").rows
+    lc.push("merged", "me/my-model")
+
+Importing the package does not import torch: ``detect``, ``report`` and ``push`` never need it, and the
+conversions import it when they run.
 """
 
-from .api import convert, load_source, merge
-from .detect import DetectResult, detect
-from .errors import (AdapterError, CheckpointError, HubError, LoraConvertError, OutputError, RouteError,
-                     UnsafeInputError, UnsupportedError)
+from .api import convert, detect, extract, load_source, merge, push, report
+from .errors import (
+                     AdapterError,
+                     CheckpointError,
+                     HubError,
+                     LoraConvertError,
+                     OutputError,
+                     RouteError,
+                     UnsafeInputError,
+                     UnsupportedError,
+)
 from .io.reader import Checkpoint, open_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterError", "Checkpoint", "CheckpointError", "DetectResult", "HubError", "LoraConvertError", "OutputError",
-    "RouteError", "UnsafeInputError", "UnsupportedError", "convert", "detect", "load_source", "merge",
-    "open_checkpoint", "__version__",
+    "AdapterError", "Checkpoint", "CheckpointError", "HubError", "LoraConvertError", "OutputError",
+    "RouteError", "UnsafeInputError", "UnsupportedError", "convert", "detect", "extract", "load_source", "merge",
+    "open_checkpoint", "push", "report", "__version__",
 ]

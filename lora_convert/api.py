@@ -1,188 +1,235 @@
-"""The Python API: every CLI command is one call here."""
+"""The Python API: every CLI command is one call here.
+
+``detect``, ``report`` and ``push`` read headers and config files only, and never import torch; the
+conversions import it when they start.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any
 
-from . import convert as cv
-from .card import render_card
-from .config import AdapterConfig
 from .errors import AdapterError, RouteError
-from .folder import carry_files, read_json, update_config, write_json
-from .inventory import Inventory, build_inventory
-from .io.output import AtomicOutput, stale_note
-from .io.reader import Checkpoint, open_checkpoint
-from .io.writer import parse_size, write_tensors
-from .sources import load_source, pick_adapter, resolve
+from .inputs import load_source, open_plain, pick_adapter, resolve  # noqa: F401 - load_source is public
+from .inventory import Inventory
+from .io.writer import parse_size
+
+if TYPE_CHECKING:
+    from .assemble import ConvertResult
+    from .costs import Report
+    from .detection import DetectResult
+    from .io.hub import PushResult
+    from .routes.extract import ExtractOptions
 
 
-@contextlib.contextmanager
-def _progress(enabled: bool) -> Iterator[Any]:
-    if not enabled:
-        yield None
-        return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                  TransferSpeedColumn(), TimeRemainingColumn(), transient=True) as p:
-        yield p
+def detect(path: str | Path, *, base: str | Path | None = None, adapter: str | None = None) -> DetectResult:
+    """Say which storage form ``path`` is in, and what it holds.
+
+    Args:
+        path: a checkpoint folder or file, or a Hub repo id (``org/name[@revision]``).
+        base: with a plain checkpoint, compare it with this base (reads tensor data): the form becomes
+            ``base``, ``merged`` (a low-rank difference) or ``fine-tuned``.
+        adapter: the adapter subfolder to read, for folders with several.
+
+    Returns:
+        A :class:`~lora_convert.detect.DetectResult` (``.form``, adapters with their modules, warnings).
+
+    Raises:
+        CheckpointError: missing, truncated or malformed files.  AdapterError: LoRA tensors that do not
+        add up (half a pair, mismatched ranks).  HubError: a repo id that cannot be fetched.
+    """
+    from .detection import detect as detect_checkpoint
+
+    return detect_checkpoint(path, base=base, adapter=adapter)
 
 
-def _base_for(inv_cfg: AdapterConfig | None, base: str | Path | None, route: str) -> Path:
-    if base is not None:
-        return resolve(base, what="base")  # type: ignore[return-value]
-    hint_path = inv_cfg.base_model_name_or_path if inv_cfg else None
-    if hint_path:
-        p = resolve(hint_path, what="base")
-        if p is not None and p.exists():
-            return p
-    raise RouteError(f"{route} needs the base model", hint="pass --base BASE (a folder or a Hub repo id)")
+def report(path: str | Path, *, base: str | Path | None = None, seq_len: int = 2048,
+           adapter: str | None = None) -> Report:
+    """Parameters, bytes on disk and FLOPs per token of ``path`` in every storage form, from headers.
+
+    Args:
+        path: an adapter, unmerged or plain checkpoint (folder, file or Hub repo id).
+        base: the base model of an adapter: a folder with weights, or one with only ``config.json``.
+        seq_len: the context length the attention FLOPs are counted at.
+        adapter: which adapter, for checkpoints with several.
+
+    Returns:
+        A :class:`~lora_convert.report.Report` with one row per form and one per LoRA module kind.
+
+    Raises:
+        CheckpointError, AdapterError, RouteError (a base that holds LoRA tensors), HubError.
+    """
+    from .costs import build_report
+
+    return build_report(path, base=base, seq_len=seq_len, adapter=adapter)
+
+
+def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
+         message: str | None = None, create_pr: bool = False, force: bool = False,
+         progress: bool = True) -> PushResult:
+    """Upload an output folder of ours to the Hub as one commit.
+
+    Args:
+        folder: a complete output folder (checked unless ``force``).
+        repo_id: ``namespace/name``; created when missing (``private`` applies to a new repo).
+        revision: the branch (created from main when missing).  message: the commit message.
+        create_pr: open a pull request instead of committing to the branch.
+
+    Returns:
+        A :class:`~lora_convert.io.hub.PushResult` (commit URL, files).
+
+    Raises:
+        HubError: authentication, permissions, network; OutputError-like problems of the folder as HubError.
+    """
+    from .io.hub import push_folder
+
+    return push_folder(folder, repo_id, private=private, revision=revision, message=message, create_pr=create_pr,
+                       force=force, progress=progress)
 
 
 def convert(source: str | Path, to: str, *, output: str | Path, base: str | Path | None = None,
             adapter: str | None = None, dtype: str = "auto", max_shard_size: str | int = "5GB",
             force: bool = False, progress: bool = False, command: str | None = None,
-            extract_options: dict[str, Any] | None = None) -> cv.ConvertResult:
-    """Convert ``source`` to the form ``to`` (merged, adapter, unmerged, base) in ``output``."""
-    t0 = time.perf_counter()
-    if to not in cv.FORMS:
-        raise RouteError(f"unknown target form {to!r} (choose from {', '.join(cv.FORMS)})")
-    if dtype not in cv.DTYPES:
-        raise RouteError(f"unknown dtype {dtype!r} (choose from auto, bf16, fp16, fp32)")
+            extract_options: ExtractOptions | dict[str, Any] | None = None) -> ConvertResult:
+    """Convert ``source`` to the storage form ``to`` in the folder ``output``.
+
+    Args:
+        source: an adapter, unmerged or plain checkpoint (folder, file or Hub repo id).
+        to: ``merged``, ``adapter``, ``unmerged`` or ``base``.
+        output: the folder to create (atomically: it appears whole or not at all).
+        base: the base model, for adapter -> merged/unmerged and for extraction (plain -> adapter).
+        adapter: which adapter, for checkpoints with several.
+        dtype: ``auto`` (each tensor's own), ``bf16``, ``fp16`` or ``fp32`` for floating tensors; on the
+            extraction route, the dtype of the factors.
+        max_shard_size: shard limit of model outputs (``5GB``, ``500MB``, an int of bytes).
+        force: replace an existing ``output``.
+        progress: show progress bars.  command: the command line, quoted in the model card.
+        extract_options: :class:`~lora_convert.routes.extract.ExtractOptions` (or its fields as a dict),
+            for plain -> adapter only.
+
+    Returns:
+        A :class:`~lora_convert.assemble.ConvertResult`; ``.extraction`` holds the SVD report.
+
+    Raises:
+        RouteError: no such route, or a missing base.  CheckpointError, AdapterError (the adapter does not
+        fit the base, or its config is missing), UnsupportedError (what cannot be merged exactly),
+        OutputError (the output exists, lies inside an input, the disk filled up), HubError.
+    """
+    started = time.perf_counter()
+    from .routes import FORMS, NEEDS_BASE, Request, planner
+    from .routes.plan import output_dtype
+
+    if to not in FORMS:
+        raise RouteError(f"unknown target form {to!r} (choose from {', '.join(FORMS)})")
+    output_dtype(dtype)
     try:
         parse_size(max_shard_size)
     except ValueError as exc:
         raise RouteError(f"--max-shard-size: {exc}") from None
-    out_dtype = cv.DTYPES[dtype]
-    src_ck, inv, cfg = load_source(source, adapter=adapter)
-    form = inv.form
-    if form == "plain" and to == "adapter":
-        if base is None:
-            raise RouteError("a plain checkpoint holds no LoRA tensors; extracting an adapter needs the base",
-                             path=src_ck.root, hint="pass --base BASE")
-        from .extract import extract  # the SVD route
-
-        opts = dict(extract_options or {})
-        if dtype != "auto":  # --dtype names the factors' dtype on this route
-            opts.setdefault("dtype", {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype))
-        return extract(source, base=base, output=output, force=force, progress=progress, command=command, **opts)
-    if extract_options:
-        raise RouteError(f"{', '.join('--' + k.replace('_', '-') for k in extract_options)}: extraction options "
-                         f"apply only to a plain checkpoint converted --to adapter with --base, not {form} -> {to}",
-                         path=src_ck.root)
-    if form == "plain":
-        raise RouteError(f"holds no LoRA tensors (a base or merged model); nothing to convert to {to}",
-                         path=src_ck.root)
-    if form == to:
-        raise RouteError(f"is already in {form} form", path=src_ck.root)
-    name = pick_adapter(inv, adapter, src_ck)
-    if cfg is None:
-        raise AdapterError("no adapter_config.json beside the LoRA tensors, so the scaling (lora_alpha / r) "
-                           "is unknown", path=src_ck.root, hint="put the adapter_config.json of this fine-tune there")
-    warnings: list[str] = []
-    config_changes: dict[str, Any] = {}
-    base_ck: Checkpoint | None = None
-    inputs = [src_ck.root]
-    model_dir: Path | None = src_ck.root if form == "unmerged" else None
-    if form == "adapter":
-        if to == "base":
-            raise RouteError("an adapter holds no base weights: the base is the model it was trained on",
-                             path=src_ck.root)
-        base_path = _base_for(cfg, base, f"adapter -> {to}")
-        base_ck = open_checkpoint(base_path)
-        if build_inventory(base_ck).form != "plain":
-            raise RouteError("the base holds LoRA tensors itself", path=base_ck.root,
-                             hint="give the plain base model as --base")
-        inputs.append(base_ck.root)
-        model_dir = base_ck.root
-        view = cv.BaseView(base_ck)
-        model_config = base_ck.config
-    else:
-        view = cv.BaseView(src_ck, inv.base)
-        model_config = src_ck.config
-    for w in _config_warnings(cfg, inv, name):
-        warnings.append(w)
-    out = AtomicOutput(output, force=force, inputs=inputs)
-    with out as tmp, _progress(progress) as prog:
-        files: list[str]
-        ops: dict[str, int] = {}
-        if to == "merged":
-            jobs, config_changes, w = cv.plan_merge(view, src_ck if form == "adapter" else src_ck, inv, name, cfg,
-                                                    out_dtype, model_config)
-            warnings += w
-            files = cv.execute(jobs, tmp, max_shard_size=max_shard_size, progress=prog)
-            ops = _count_ops(jobs)
-        elif to == "base":
-            jobs = cv.plan_strip(inv, src_ck)
-            files = cv.execute(jobs, tmp, max_shard_size=max_shard_size, progress=prog)
-            ops = _count_ops(jobs)
-        elif to == "unmerged":
-            jobs = cv.plan_attach(view, src_ck, inv, name, cfg, model_config)
-            files = cv.execute(jobs, tmp, max_shard_size=max_shard_size, progress=prog)
-            ops = _count_ops(jobs)
-        else:  # unmerged -> adapter
-            mapping = cv.plan_split(inv, src_ck, name)
-            tensors = {k: src_ck.read(v) for k, v in mapping.items()}
-            files = write_tensors(tmp, tensors, stem="adapter_model", max_shard_size=10**15)
-            jobs = []
-            ops = {"lora": len(tensors)}
-        if to == "adapter":
-            carry_files(src_ck.root, tmp, only_tokenizer=True)
-            write_json(tmp / "adapter_config.json", _adapter_config_out(cfg, base))
-            files.append("adapter_config.json")
+    ck, inv = load_source(source, adapter=adapter)
+    base_ck = None
+    try:
+        form = inv.form
+        if form == "plain" and to == "adapter":
+            if base is None:
+                raise RouteError("a plain checkpoint holds no LoRA tensors; extracting an adapter needs the base",
+                                 path=ck.root, hint="pass --base BASE")
+            opts = _extract_options(extract_options, dtype)
+        elif extract_options:
+            names = extract_options if isinstance(extract_options, dict) else {"extract_options": 1}
+            raise RouteError(f"{', '.join('--' + k.replace('_', '-') for k in names)}: extraction options apply "
+                             f"only to a plain checkpoint converted --to adapter with --base, not {form} -> {to}",
+                             path=ck.root)
         else:
-            carry_files(model_dir, tmp)
-            if form == "adapter":
-                carry_files(src_ck.root, tmp, only_tokenizer=True)  # a resized vocab ships its tokenizer
-            update_config(tmp, config_changes)
-            if to == "unmerged":
-                write_json(tmp / "adapter_config.json", _adapter_config_out(cfg, base))
-        total = sum((tmp / f).stat().st_size for f in files if (tmp / f).exists())
-        base_name = str(base) if base is not None else (cfg.base_model_name_or_path if cfg else None)
-        summary = [f"source: `{source}` ({form} form)", f"{len(jobs) or ops.get('lora', 0)} tensors written"]
-        summary += [f"{k}: {v}" for k, v in sorted(ops.items())]
-        (tmp / "README.md").write_text(render_card(form=to, base_model=base_name, model_config=read_json(
-            tmp / "config.json") or model_config, command=command, summary=summary + warnings), encoding="utf-8")
-        n_tensors = len(jobs) if jobs else ops.get("lora", 0)
-        result = cv.ConvertResult(str(output), f"{form}->{to}", form, to, sorted(set(files)), n_tensors,
-                                  total, ops, config_changes, warnings)
-    if out.stale_removed:
-        result.warnings.append(stale_note(out.stale_removed))
-    src_ck.close()
-    if base_ck is not None:
-        base_ck.close()
-    result.seconds = round(time.perf_counter() - t0, 3)
-    return result
+            opts = None
+        plan_for = planner(form, to, path=ck.root)
+        name = pick_adapter(inv, adapter, ck) if form != "plain" else "default"
+        warnings = _check_adapter(inv, name, ck.root) if form != "plain" else []
+        if (form, to) in NEEDS_BASE:
+            base_ck = open_plain(_base_ref(inv, name, base, f"{form} -> {to}"), "the base")
+        req = Request(ck, str(source) if form != "plain" else str(Path(str(source))), inv, name, base_ck,
+                      str(base) if base is not None else None, dtype, opts, progress)
+        plan = plan_for(req)
+        plan.warnings[:0] = warnings
+        from .assemble import write_output
+
+        return write_output(plan, req, output=output, force=force, max_shard_size=max_shard_size,
+                            progress=progress, command=command, started=started)
+    finally:
+        ck.close()
+        if base_ck is not None:
+            base_ck.close()
 
 
-def merge(source: str | Path, *, output: str | Path, base: str | Path | None = None, **kwargs: Any) -> cv.ConvertResult:
-    """Fold the LoRA of an adapter (with ``base``) or of an unmerged checkpoint into the base weights."""
+def merge(source: str | Path, *, output: str | Path, base: str | Path | None = None, **kwargs: Any) -> ConvertResult:
+    """Fold the LoRA of an adapter (with ``base``) or of an unmerged checkpoint into the base weights.
+
+    The same as ``convert(source, "merged", ...)``: see :func:`convert` for the arguments and errors."""
     return convert(source, "merged", output=output, base=base, **kwargs)
 
 
-def _count_ops(jobs: list[cv.Job]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for j in jobs:
-        out[j.op] = out.get(j.op, 0) + 1
-    return out
+def extract(tuned: str | Path, *, base: str | Path, output: str | Path, options: ExtractOptions | None = None,
+            force: bool = False, progress: bool = False, command: str | None = None,
+            **option_fields: Any) -> ConvertResult:
+    """Factor every changed tensor of ``tuned`` against ``base`` into a PEFT LoRA adapter (SVD).
+
+    Args:
+        tuned: a fine-tuned or merged (plain) checkpoint.  base: the model it was tuned from.
+        output: the adapter folder to create.
+        options: an :class:`~lora_convert.routes.extract.ExtractOptions`; or give its fields as keyword
+            arguments (``rank=8``, ``energy=0.95``, ``include=[...]``, ``dtype="bf16"`` for the factors...).
+
+    Returns:
+        A :class:`~lora_convert.assemble.ConvertResult` whose ``.extraction`` has each module's rank,
+        energy kept and relative error measured on the factors as written.
+
+    Raises:
+        RouteError: bad options, LoRA tensors in either input, nothing to extract.  CheckpointError:
+        NaN/Inf in either input.  UnsupportedError: quantized tensors.  OutputError, HubError.
+    """
+    if options is not None and option_fields:
+        raise RouteError("give the extraction options either as options= or as keyword arguments, not both")
+    opts = options if options is not None else _extract_options(option_fields, "auto")
+    return convert(tuned, "adapter", output=output, base=base, force=force, progress=progress, command=command,
+                   extract_options=opts)
 
 
-def _adapter_config_out(cfg: AdapterConfig, base: str | Path | None) -> dict[str, Any]:
-    d = cfg.to_dict()
-    d["inference_mode"] = True
+def _extract_options(given: ExtractOptions | dict[str, Any] | None, dtype: str) -> ExtractOptions:
+    from .routes.extract import ExtractOptions
+
+    if isinstance(given, ExtractOptions):
+        return given.validate()
+    fields = dict(given or {})
+    if dtype != "auto":  # --dtype names the factors' dtype on this route
+        fields.setdefault("dtype", {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype))
+    unknown = set(fields) - set(ExtractOptions.__dataclass_fields__)
+    if unknown:
+        raise RouteError(f"unknown extraction option(s): {', '.join(sorted(unknown))}")
+    return ExtractOptions(**fields).validate()
+
+
+def _base_ref(inv: Inventory, adapter: str, base: str | Path | None, route: str) -> Path:
+    """The base model: the one given, else the adapter config's ``base_model_name_or_path`` when it exists."""
     if base is not None:
-        d["base_model_name_or_path"] = str(base)
-    return d
+        return resolve(base)
+    cfg = inv.config(adapter)
+    if cfg is not None and cfg.base_model_name_or_path:
+        p = resolve(cfg.base_model_name_or_path)
+        if p.exists():
+            return p
+    raise RouteError(f"{route} needs the base model", hint="pass --base BASE (a folder or a Hub repo id)")
 
 
-def _config_warnings(cfg: AdapterConfig, inv: Inventory, name: str) -> list[str]:
-    out = []
+def _check_adapter(inv: Inventory, name: str, root: Path) -> list[str]:
+    """The adapter's config must be known (it sets the scaling); a rank it contradicts is a warning."""
+    cfg = inv.config(name)
+    if cfg is None:
+        raise AdapterError("no adapter_config.json beside the LoRA tensors, so the scaling (lora_alpha / r) "
+                           "is unknown", path=root, hint="put the adapter_config.json of this fine-tune there")
     for m in inv.modules(name).values():
         r_cfg = cfg.rank_for(m.module)
         if r_cfg != m.rank:
-            out.append(f"{m.module}: config says r={r_cfg}, the tensors have rank {m.rank}; the tensors' rank is used "
-                       f"(scaling {cfg.scaling_for(m.module, m.rank):g})")
-            break
-    return out
+            return [f"{m.module}: config says r={r_cfg}, the tensors have rank {m.rank}; the tensors' rank is used "
+                    f"(scaling {m.scaling:g})"]
+    return []

@@ -2,30 +2,23 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import shlex
-import gc
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
 from . import api
-from .detect import detect as detect_fn
 from .errors import LoraConvertError
+from .fmt import human_bytes, ranges
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)  # one warning, one line (grep-able, like error:)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return str(n)
 
 
 def _command_line() -> str:
@@ -75,19 +68,19 @@ def _debug(ctx: click.Context) -> bool:
 @click.pass_context
 def detect(ctx: click.Context, path: str, base: str | None, adapter: str | None, as_json: bool) -> None:
     """Say which form PATH is in (adapter, unmerged, plain / base / merged) and why."""
-    res = run_guarded(lambda: detect_fn(path, base=base, adapter=adapter), _debug(ctx))
+    res = run_guarded(lambda: api.detect(path, base=base, adapter=adapter), _debug(ctx))
     if as_json:
         _print_json(res.to_dict())
         return
     out.print(f"[bold]form:[/bold] {res.form}")
-    out.print(f"files: {', '.join(res.files)} ({res.layout}); {res.tensors} tensors, {_human(res.total_bytes)}; "
-              + ", ".join(f"{k} {_human(v)}" for k, v in res.dtypes.items()))
+    out.print(f"files: {', '.join(res.files)} ({res.layout}); {res.tensors} tensors, {human_bytes(res.total_bytes)}; "
+              + ", ".join(f"{k} {human_bytes(v)}" for k, v in res.dtypes.items()))
     for a in res.adapters:
         t = Table(title=f"adapter '{a.name}'", show_lines=False)
         for col in ("module", "count", "layers", "rank", "alpha", "scaling"):
             t.add_column(col)
         for g in a.modules:
-            layers = _ranges(g.layers) if g.layers else "-"
+            layers = ranges(g.layers) if g.layers else "-"
             t.add_row(g.name, str(g.count), layers, ",".join(map(str, g.ranks)),
                       ",".join(f"{x:g}" for x in g.alphas) or "?", ",".join(f"{x:g}" for x in g.scalings) or "?")
         out.print(t)
@@ -112,20 +105,6 @@ def detect(ctx: click.Context, path: str, base: str | None, adapter: str | None,
         out.print(res.base_comparison["summary"])
     for w in res.warnings:
         err.print(f"[yellow]warning:[/yellow] {w}")
-
-
-def _ranges(xs: list[int]) -> str:
-    if not xs:
-        return ""
-    parts, start, prev = [], xs[0], xs[0]
-    for x in xs[1:] + [None]:  # type: ignore[list-item]
-        if x is not None and x == prev + 1:
-            prev = x
-            continue
-        parts.append(f"{start}-{prev}" if prev != start else str(start))
-        if x is not None:
-            start = prev = x
-    return ",".join(parts)
 
 
 def _conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -153,7 +132,7 @@ def _report_conversion(res: Any, as_json: bool, pushed: Any = None) -> None:
         _print_json(d)
         return
     out.print(f"[green]wrote[/green] {res.output} ({res.target_form}, from {res.source_form}): {res.tensors} tensors, "
-              f"{_human(res.total_bytes)} in {res.seconds:.1f} s")
+              f"{human_bytes(res.total_bytes)} in {res.seconds:.1f} s")
     if res.ops:
         out.print("  " + ", ".join(f"{k}: {v}" for k, v in sorted(res.ops.items())))
     for k, v in res.config_changes.items():
@@ -167,9 +146,7 @@ def _report_conversion(res: Any, as_json: bool, pushed: Any = None) -> None:
 def _maybe_push(folder: str, push_to: str | None, private: bool) -> Any:
     if not push_to:
         return None
-    from .io.hub import push_folder
-
-    return push_folder(folder, push_to, private=private, progress=False)
+    return api.push(folder, push_to, private=private, progress=False)
 
 
 def _extraction_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -214,11 +191,11 @@ def _print_extract(res: Any, as_json: bool, pushed: Any) -> None:
     t = Table(title="extracted modules")
     for col in ("module", "shape", "rank", "energy kept", "rel. error", "svd"):
         t.add_column(col)
-    for m in res.modules:
+    for m in res.extraction.modules:
         t.add_row(m.module, f"{m.shape[0]}x{m.shape[1]}", f"{m.rank}{'*' if m.capped else ''}", f"{m.energy:.6f}",
                   f"{m.error:.3e}", m.method)
     out.print(t)
-    for line in res.summary_lines():
+    for line in res.extraction.summary_lines(res.total_bytes):
         out.print(line)
     _report_conversion(res, False, pushed)
 
@@ -247,7 +224,7 @@ def convert(ctx: click.Context, source: str, to: str, output: str, base: str | N
         return res, _maybe_push(output, push_to, private)
 
     res, pushed = run_guarded(go, _debug(ctx))
-    if hasattr(res, "modules"):  # the SVD route
+    if res.extraction is not None:  # the SVD route
         _print_extract(res, as_json, pushed)
     else:
         _report_conversion(res, as_json, pushed)
@@ -281,11 +258,11 @@ def merge(ctx: click.Context, source: str, output: str, base: str | None, adapte
 def report_cmd(ctx: click.Context, path: str, base: str | None, adapter: str | None, seq_len: int, as_json: bool,
                markdown: bool) -> None:
     """Parameters, bytes on disk and FLOPs per token of PATH in every form (headers only)."""
-    from .report import build_report, form_table, module_table, report_markdown
+    from .costs import form_table, module_table, report_markdown
 
     if as_json and markdown:
         raise click.UsageError("--json and --markdown are exclusive")
-    rep = run_guarded(lambda: build_report(path, base=base, seq_len=seq_len, adapter=adapter), _debug(ctx))
+    rep = run_guarded(lambda: api.report(path, base=base, seq_len=seq_len, adapter=adapter), _debug(ctx))
     if as_json:
         _print_json(rep.to_dict())
         return
@@ -325,11 +302,10 @@ def report_cmd(ctx: click.Context, path: str, base: str | None, adapter: str | N
 def extract(ctx: click.Context, tuned: str, base: str, output: str, force: bool, as_json: bool, push_to: str | None,
             private: bool, **svd_opts: Any) -> None:
     """Extract a LoRA adapter from TUNED minus BASE by SVD of every changed weight."""
-    from .extract import extract as extract_fn
 
     def go() -> Any:
-        res = extract_fn(tuned, base=base, output=output, force=force, progress=not as_json and err.is_terminal,
-                         command=_command_line(), **_given(**svd_opts))
+        res = api.extract(tuned, base=base, output=output, force=force, progress=not as_json and err.is_terminal,
+                          command=_command_line(), **_given(**svd_opts))
         return res, _maybe_push(output, push_to, private)
 
     res, pushed = run_guarded(go, _debug(ctx))
@@ -349,10 +325,8 @@ def extract(ctx: click.Context, tuned: str, base: str, output: str, force: bool,
 def push(ctx: click.Context, folder: str, repo_id: str, private: bool, revision: str | None, message: str | None,
          create_pr: bool, force: bool, as_json: bool) -> None:
     """Push FOLDER (an output of ours) to the Hub as REPO_ID in one commit."""
-    from .io.hub import push_folder
-
-    res = run_guarded(lambda: push_folder(folder, repo_id, private=private, revision=revision, message=message,
-                                          create_pr=create_pr, force=force, progress=not as_json), _debug(ctx))
+    res = run_guarded(lambda: api.push(folder, repo_id, private=private, revision=revision, message=message,
+                                       create_pr=create_pr, force=force, progress=not as_json), _debug(ctx))
     if as_json:
         _print_json(res.__dict__)
     else:

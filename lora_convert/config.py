@@ -58,7 +58,7 @@ class AdapterConfig:
 
     # -- loading -----------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str | None = None) -> "AdapterConfig":
+    def from_dict(cls, data: dict[str, Any], *, source: str | None = None) -> AdapterConfig:
         if not isinstance(data, dict):
             raise AdapterError("adapter config is not a JSON object", path=source)
         known = {f for f in cls.__dataclass_fields__ if f not in ("raw", "source")}
@@ -75,7 +75,7 @@ class AdapterConfig:
         return cfg
 
     @classmethod
-    def load(cls, path: str | Path) -> "AdapterConfig":
+    def load(cls, path: str | Path) -> AdapterConfig:
         path = Path(path)
         try:
             text = path.read_text(encoding="utf-8")

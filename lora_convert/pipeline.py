@@ -3,15 +3,17 @@ job declared it will read, a worker thread that transforms them, and the calling
 writes the results.
 
 Why stages: reading (``preadv``, and waiting for the disk), the tensor kernels and ``write`` all run
-outside the GIL.  Measured on the 2-core machine with a cold page cache (22-layer TinyLlama-shaped
-merge), one thread doing read + merge + write spent ~1.0 s reading, ~0.9 s merging and ~0.6 s
-writing, one after the other; as stages they overlap.
+outside the GIL; one thread doing read + merge + write does them one after the other, as stages they
+overlap (the profile that showed it is in bench/README.md).
 
 Why buffer pools: a fresh tensor per block means the kernel maps and zeroes new pages for every
-block (for a 2 GB merge: ~9 GB of page faults across reads, fp32 tiles and outputs).  Reusing a
-few dozen small slots measured 1.6x faster on the compute side and keeps memory flat: the pools,
-the scratch tiles and the queues are all a conversion ever holds (~60 MB).  Copies move flat byte
-ranges, so that bound holds whatever the shape; a merge block is at least one row of a 2-D weight.
+block (for a 2 GB merge, several times the checkpoint in page faults across reads, fp32 tiles and
+outputs).  Reusing a few dozen small slots is faster on the compute side and keeps memory flat: the
+pools, the scratch tiles and the queues are all a conversion ever holds (~60 MB).  Copies move flat
+byte ranges, so that bound holds whatever the shape; a merge block is at least one row of a 2-D weight.
+
+Jobs that write nothing (``Job.writes`` false: extraction's factorisations) run through the same
+stages, so their reads are fetched ahead too; they hand their results back through their own state.
 
 The reader follows the plan the jobs declare (``Job.reads``); reading past it, or leaving part of it
 unread, is an error rather than a hang.  Read slots and output
@@ -23,14 +25,14 @@ from __future__ import annotations
 import os
 import queue
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
 from .io.reader import Checkpoint
-from .io.writer import PlannedTensor, SafetensorsWriter
+from .io.writer import PlannedTensor, TensorSink
 
 QUEUE_DEPTH = 3  # blocks waiting for the writer
 READ_SLOTS = 16  # blocks the reader may hold ahead of the worker (plus those on their way to the writer)
@@ -190,33 +192,41 @@ class Job:
     blocks: Callable[[Buffers], Iterator[torch.Tensor]]
     op: str = "copy"
     reads: Callable[[], list[Read]] = lambda: []
+    writes: bool = True  # False: a job that only computes (it yields no blocks and is not planned)
 
     @property
     def planned(self) -> PlannedTensor:
         return PlannedTensor(self.name, self.dtype, self.shape)
 
 
-def execute(jobs: list[Job], folder: Path, *, max_shard_size: int | str = "5GB", stem: str = "model",
-            progress: Any = None) -> list[str]:
-    """Stream every job's blocks into safetensors files in ``folder``; returns the file names."""
-    writer = SafetensorsWriter(folder, [j.planned for j in jobs], max_shard_size=max_shard_size, stem=stem)
-    task = progress.add_task("writing", total=writer.total_size) if progress is not None else None
+def execute(jobs: list[Job], sink: TensorSink | None, *, progress: Callable[[int], None] | None = None,
+            threads: int | None = None) -> list[str]:
+    """Stream every job's blocks into ``sink``; returns the names of the files it wrote.
+
+    ``progress`` is called with the bytes of each block written.  ``threads`` is torch's thread count
+    for the jobs' kernels; by default one core is left to the reader and the writer, whose copies into
+    and out of the page cache need a CPU of their own (oversubscribed OpenMP workers spin against
+    the writer: same wall time, far more CPU time).  Jobs whose kernels dominate (an SVD) take all."""
+    planned = [j.planned for j in jobs if j.writes]
+    if planned and sink is None:
+        raise ValueError("jobs that write need a sink")
+    if sink is not None:
+        sink.open(planned)
     buffers = Buffers()
-    threads = torch.get_num_threads()
-    # The writer (and the reader) need CPU of their own for their copies into and out of the page
-    # cache; the worker's torch kernels get the rest.  Oversubscribing made OpenMP workers spin
-    # against the writer on 2 cores: same wall time, 1.8x the CPU time.
-    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or max(1, min(before, (os.cpu_count() or 2) - 1)))
     try:
         for name, block in _stages(jobs, buffers):
-            writer.write(name, block)
+            assert sink is not None
+            sink.write(name, block)
             if progress is not None:
-                progress.advance(task, block.numel() * block.element_size())
+                progress(block.numel() * block.element_size())
             buffers.give_back(block)
-        return writer.close()
+        return sink.close() if sink is not None else []
     finally:
-        torch.set_num_threads(threads)
-        writer.abort()
+        torch.set_num_threads(before)
+        if sink is not None:
+            sink.abort()
 
 
 _DONE = object()
@@ -263,6 +273,8 @@ def _stages(jobs: list[Job], buffers: Buffers) -> Iterator[tuple[str, torch.Tens
         try:
             for j in jobs:
                 for block in j.blocks(buffers):
+                    if not j.writes:
+                        raise RuntimeError(f"{j.name}: a job planned to write nothing yielded a block")
                     _put(made, (j.name, block), closed)
             buffers.finish()
             _put(made, _DONE, closed)

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from tiny import gpt2, llama, peft_wrap, qwen2, save_unmerged
 
 import lora_convert as lc
 from lora_convert.cli import main
-from tiny import gpt2, llama, peft_wrap, qwen2, save_unmerged
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -131,12 +131,12 @@ def test_config_disagrees_with_tensors_warns(tmp_path):
 def test_detect_reads_headers_only(tmp_path, monkeypatch):
     pm = peft_wrap(llama(), r=4, lora_alpha=8, target_modules=["q_proj"])
     save_unmerged(pm, tmp_path / "u")
-    from lora_convert.io import reader
+    from lora_convert.io import sources
 
     def boom(*a, **k):
         raise AssertionError("detect read tensor data")
 
-    monkeypatch.setattr(reader.Checkpoint, "_read_bytes", boom)
+    monkeypatch.setattr(sources.SafetensorsSource, "read_into", boom)
     assert lc.detect(tmp_path / "u").form == "unmerged"
 
 

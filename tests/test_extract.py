@@ -12,10 +12,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from lora_convert import extract
 from lora_convert import svd as S
-from lora_convert.extract import extract
+from lora_convert.compare import analyse_difference
 from lora_convert.io.reader import open_checkpoint
-from lora_convert.extract import analyse_difference
 
 torch.set_num_threads(2)
 V, H = 96, 48
@@ -79,11 +79,11 @@ def _logits(model):
 def test_recovers_merged_lora_exactly(pair, tmp_path):
     d, merged = pair
     res = extract(d / "tuned", base=d / "base", output=tmp_path / "a", rank=4)
-    kinds = {m.module: m.kind for m in res.modules}
-    assert len(res.modules) == 2 * 3 + 2 and kinds["model.embed_tokens"] == "embedding"
+    kinds = {m.module: m.kind for m in res.extraction.modules}
+    assert len(res.extraction.modules) == 2 * 3 + 2 and kinds["model.embed_tokens"] == "embedding"
     assert kinds["lm_head"] == "lm_head"
-    assert all(m.rank == 4 for m in res.modules)
-    assert res.worst_error <= 1e-4, res.worst_error
+    assert all(m.rank == 4 for m in res.extraction.modules)
+    assert res.extraction.worst_error <= 1e-4, res.extraction.worst_error
     # independent check of ΔW from the written tensors
     sd = load_file(tmp_path / "a" / "adapter_model.safetensors")
     t, b = open_checkpoint(d / "tuned"), open_checkpoint(d / "base")
@@ -123,12 +123,12 @@ def test_randomized_near_eckart_young():
 def test_energy_and_max_error_pick_promised_ranks(tmp_path):
     d = tmp_path
     _llama().save_pretrained(d / "base")
-    merged = _merge(d / "base", d / "tuned", 8, ["q_proj", "o_proj"], rank_pattern={"o_proj": 2})
+    _merge(d / "base", d / "tuned", 8, ["q_proj", "o_proj"], rank_pattern={"o_proj": 2})
     for kw in ({"energy": 0.9}, {"max_error": 0.2}):
         res = extract(d / "tuned", base=d / "base", output=d / f"o{len(kw)}{list(kw)[0]}", **kw)
         t, b = open_checkpoint(d / "tuned"), open_checkpoint(d / "base")
         ranks = {}
-        for m in res.modules:
+        for m in res.extraction.modules:
             dw = t.read(m.module + ".weight") - b.read(m.module + ".weight")
             s2 = torch.linalg.svdvals(dw.double()).pow(2)
             frac = (s2.cumsum(0) / s2.sum())
@@ -160,16 +160,16 @@ def test_filters_embeddings_and_1d(pair, tmp_path):
     d, merged = pair
     res = extract(d / "tuned", base=d / "base", output=tmp_path / "f", rank=4, layers="0", exclude=["v_proj"],
                   embeddings="skip")
-    assert sorted(m.module for m in res.modules) == ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
-    reasons = {s["tensor"]: s["reason"] for s in res.skipped}
+    assert sorted(m.module for m in res.extraction.modules) == ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
+    reasons = {s["tensor"]: s["reason"] for s in res.extraction.skipped}
     assert reasons["model.layers.1.self_attn.q_proj.weight"] == "outside --layers"
     assert reasons["model.layers.0.self_attn.v_proj.weight"] == "matched by --exclude"
     assert reasons["model.embed_tokens.weight"] == "--embeddings skip" and reasons["lm_head.weight"] == "--embeddings skip"
     _, bad = _load_quiet(d / "base", tmp_path / "f")
     assert not bad
     res = extract(d / "tuned", base=d / "base", output=tmp_path / "inc", rank=4, include=[r"mlp"], embeddings="full")
-    assert [m.module for m in res.modules] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
-    assert sorted(s["module"] for s in res.saved_whole) == ["lm_head", "model.embed_tokens"]
+    assert [m.module for m in res.extraction.modules] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert sorted(s["module"] for s in res.extraction.saved_whole) == ["lm_head", "model.embed_tokens"]
     cfg = json.loads((tmp_path / "inc" / "adapter_config.json").read_text())
     assert sorted(cfg["modules_to_save"]) == ["lm_head", "model.embed_tokens"]
     p, bad = _load_quiet(d / "base", tmp_path / "inc")
@@ -184,11 +184,11 @@ def test_changed_norm_reported_and_saved_on_request(pair, tmp_path):
         m.model.norm.weight.add_(0.25)
     m.save_pretrained(tmp_path / "t2")
     res = extract(tmp_path / "t2", base=d / "base", output=tmp_path / "x", rank=4)
-    reasons = {s["tensor"]: s["reason"] for s in res.skipped}
+    reasons = {s["tensor"]: s["reason"] for s in res.extraction.skipped}
     assert "model.norm.weight" in reasons and "--save-other" in reasons["model.norm.weight"]
     assert any("left out" in w for w in res.warnings)
     res = extract(tmp_path / "t2", base=d / "base", output=tmp_path / "y", rank=4, save_other=True)
-    assert "model.norm" in [s["module"] for s in res.saved_whole] and not res.skipped
+    assert "model.norm" in [s["module"] for s in res.extraction.saved_whole] and not res.extraction.skipped
     p, bad = _load_quiet(d / "base", tmp_path / "y")
     assert not bad, bad
     assert (_logits(p) - _logits(m)).abs().max() <= 1e-4
@@ -202,7 +202,7 @@ def test_tied_embeddings_qwen2(tmp_path):
     merged = _merge(tmp_path / "base", tmp_path / "tuned", 4, ["q_proj", "embed_tokens"], cls=Qwen2ForCausalLM)
     assert "lm_head.weight" not in open_checkpoint(tmp_path / "tuned").tensors
     res = extract(tmp_path / "tuned", base=tmp_path / "base", output=tmp_path / "a", rank=4)
-    assert res.worst_error <= 1e-4
+    assert res.extraction.worst_error <= 1e-4
     p, bad = _load_quiet(tmp_path / "base", tmp_path / "a", cls=Qwen2ForCausalLM)
     assert not bad, bad
     ref = _logits(merged)  # logits here are ~150 in size: compare relative to that (fp32 summation order)
@@ -212,9 +212,8 @@ def test_tied_embeddings_qwen2(tmp_path):
 def test_gpt2_conv1d_and_position_embedding(tmp_path):
     """GPT-2 stores Conv1D weights (in, out), so ΔW is (B·A)ᵀ there; its square attn.c_proj would load
     without complaint in the wrong orientation.  wpe is an nn.Embedding: lora_embedding_A/B."""
-    from transformers import GPT2LMHeadModel
-
     from tiny import gpt2
+    from transformers import GPT2LMHeadModel
 
     gpt2().save_pretrained(tmp_path / "base")
     torch.manual_seed(1)
@@ -226,10 +225,10 @@ def test_gpt2_conv1d_and_position_embedding(tmp_path):
         merged = pm.merge_and_unload()
     merged.save_pretrained(tmp_path / "tuned")
     res = extract(tmp_path / "tuned", base=tmp_path / "base", output=tmp_path / "a", rank=4)
-    kinds = {m.module: (m.kind, tuple(m.shape)) for m in res.modules}
+    kinds = {m.module: (m.kind, tuple(m.shape)) for m in res.extraction.modules}
     assert kinds["transformer.h.0.attn.c_attn"] == ("linear", (96, 32))  # (out, in), as PEFT's B·A
     assert kinds["transformer.wpe"][0] == "embedding"
-    assert res.worst_error <= 1e-4, res.worst_error
+    assert res.extraction.worst_error <= 1e-4, res.extraction.worst_error
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert cfg["fan_in_fan_out"] is True
     p, bad = _load_quiet(tmp_path / "base", tmp_path / "a", cls=GPT2LMHeadModel)
@@ -265,9 +264,9 @@ def test_bf16_floor(tmp_path, capsys):
     dw = t.read("model.layers.0.self_attn.q_proj.weight").float() - b.read("model.layers.0.self_attn.q_proj.weight").float()
     s = torch.linalg.svdvals(dw.double())
     floor = (s[4:].pow(2).sum() / s.pow(2).sum()).sqrt().item()  # what bf16 rounding leaves beyond rank 4
-    m = next(x for x in res.modules if x.module == "model.layers.0.self_attn.q_proj")
+    m = next(x for x in res.extraction.modules if x.module == "model.layers.0.self_attn.q_proj")
     assert abs(m.error - floor) <= 1e-4 and 1e-4 < floor < 0.2
-    print(f"\nbf16 floor: worst {res.worst_error:.4f}, mean {res.mean_error:.4f} relative Frobenius error at rank 4")
+    print(f"\nbf16 floor: worst {res.extraction.worst_error:.4f}, mean {res.extraction.mean_error:.4f} relative Frobenius error at rank 4")
 
 
 def test_analyse_difference(pair):
@@ -312,8 +311,8 @@ def test_changed_bias_of_a_lora_module_is_carried(tmp_path):
         merged.model.layers[1].self_attn.q_proj.bias.add_(0.5)
     merged.save_pretrained(tmp_path / "tuned")
     res = extract(tmp_path / "tuned", base=tmp_path / "base", output=tmp_path / "a", rank=4)
-    assert res.carried_biases == [f"model.layers.{i}.self_attn.{p}.bias" for i in (0, 1) for p in ("q_proj", "v_proj")]
-    assert not res.skipped
+    assert res.extraction.carried_biases == [f"model.layers.{i}.self_attn.{p}.bias" for i in (0, 1) for p in ("q_proj", "v_proj")]
+    assert not res.extraction.skipped
     cfg_out = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert cfg_out["bias"] == "lora_only"
     p, bad = _load_quiet(tmp_path / "base", tmp_path / "a", cls=Qwen2ForCausalLM)

@@ -8,14 +8,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import pytest
-import torch
-from safetensors.torch import save_file
-
 import huggingface_hub
 import huggingface_hub.constants as hf_constants
+import pytest
+import torch
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import OfflineModeIsEnabled, RepositoryNotFoundError
+from safetensors.torch import save_file
 
 from lora_convert.errors import CheckpointError, HubError
 from lora_convert.io.hub import (

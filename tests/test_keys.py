@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora_convert.keys import Role, format_key, layer_index, parse_key
+from lora_convert.arch import layer_index
+from lora_convert.dialects.peft_keys import Role, format_key, parse_key
 
 ident = st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True).filter(
     lambda s: s not in {"weight", "bias", "base_layer", "lora_A", "lora_B", "modules_to_save", "original_module",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import gpt2, llama, load_merged, logits, peft_wrap, qwen2, read_json, save_unmerged
 
 import lora_convert as lc
-from tiny import gpt2, llama, load_merged, logits, peft_wrap, qwen2, read_json, save_unmerged
 
 TOL = 1e-5
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]

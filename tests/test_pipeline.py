@@ -9,12 +9,13 @@ import threading
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import llama, peft_wrap
 
 import lora_convert as lc
 from lora_convert import lora_math
 from lora_convert import pipeline as pl
 from lora_convert.errors import AdapterError
-from tiny import llama, peft_wrap
+from lora_convert.io.writer import SafetensorsSink
 
 
 def _row_job(name: str, rows: int, cols: int, step: int, seed: int) -> tuple[pl.Job, torch.Tensor]:
@@ -41,7 +42,7 @@ def test_many_blocks_through_a_small_pool(tmp_path, monkeypatch):
         job, full = _row_job(f"t{i}", rows, cols, step, i)
         jobs.append(job)
         want[job.name] = full
-    pl.execute(jobs, tmp_path)
+    pl.execute(jobs, SafetensorsSink(tmp_path))
     got = load_file(str(tmp_path / "model.safetensors"))
     assert set(got) == set(want)
     for k in want:
@@ -56,7 +57,7 @@ def test_producer_error_reaches_the_caller_with_its_type(tmp_path):
 
     jobs = [pl.Job("t0", torch.float32, (4, 2), blocks)] + [_row_job(f"x{i}", 50, 50, 1, i)[0] for i in range(3)]
     with pytest.raises(AdapterError, match="boom"):
-        pl.execute(jobs, tmp_path)
+        pl.execute(jobs, SafetensorsSink(tmp_path))
     assert _producers() == 0
 
 
@@ -69,7 +70,7 @@ def test_writer_error_stops_the_producer(tmp_path):
     jobs = [_row_job("a", 300, 64, 1, 0)[0], pl.Job("b", torch.float32, (3, 3), bad),
             _row_job("c", 300, 64, 1, 1)[0]]
     with pytest.raises(ValueError, match="dtype"):
-        pl.execute(jobs, tmp_path)
+        pl.execute(jobs, SafetensorsSink(tmp_path))
     assert _producers() == 0
 
 
@@ -124,7 +125,7 @@ def test_reader_stage_feeds_blocks_in_declared_order(tmp_path, monkeypatch):
     (tmp_path / "in").mkdir()
     (tmp_path / "out").mkdir()
     ck = _saved(tmp_path / "in", x=x, y=y)
-    pl.execute([_reading_job(ck, "x", "x", 7), _reading_job(ck, "y", "y", 1)], tmp_path / "out")
+    pl.execute([_reading_job(ck, "x", "x", 7), _reading_job(ck, "y", "y", 1)], SafetensorsSink(tmp_path / "out"))
     got = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert torch.equal(got["x"], x) and torch.equal(got["y"], y)
     assert _producers() == 0
@@ -149,7 +150,7 @@ def test_read_error_and_order_mismatch_surface_in_the_caller(tmp_path):
     ck = _one_tensor(tmp_path)
     job = _misdeclared(ck, lambda plan: plan[::-1])  # declares one order, reads in another
     with pytest.raises(RuntimeError, match="out of declared order"):
-        pl.execute([job], tmp_path / "o1")
+        pl.execute([job], SafetensorsSink(tmp_path / "o1"))
     assert _producers() == 0
     # the file shrinks under us after opening: the reader's CheckpointError reaches the caller
     from lora_convert.errors import CheckpointError
@@ -157,7 +158,7 @@ def test_read_error_and_order_mismatch_surface_in_the_caller(tmp_path):
     f = tmp_path / "in" / "model.safetensors"
     os.truncate(f, f.stat().st_size - 100)
     with pytest.raises(CheckpointError, match="file ended"):
-        pl.execute([_reading_job(ck, "x", "x", 8)], tmp_path / "o2")
+        pl.execute([_reading_job(ck, "x", "x", 8)], SafetensorsSink(tmp_path / "o2"))
     assert _producers() == 0
 
 
@@ -165,18 +166,19 @@ def test_reading_more_or_fewer_blocks_than_declared_is_an_error_not_a_hang(tmp_p
     ck = _one_tensor(tmp_path)
     more = _misdeclared(ck, lambda plan: plan[:-1])  # reads all 8 blocks, declares 7
     with pytest.raises(RuntimeError, match="beyond the declared plan"):
-        pl.execute([more], tmp_path / "o1")
+        pl.execute([more], SafetensorsSink(tmp_path / "o1"))
     assert _producers() == 0
     fewer = _misdeclared(ck, lambda plan: plan + [pl.Read(ck, "x", 0, 8)])  # declares one block it never reads
     with pytest.raises(RuntimeError, match="never consumed"):
-        pl.execute([fewer], tmp_path / "o2")
+        pl.execute([fewer], SafetensorsSink(tmp_path / "o2"))
     assert _producers() == 0
 
 
 def test_copy_of_a_tensor_with_huge_rows_moves_in_bounded_pieces(tmp_path):
     """Fused MoE experts (E, out, in): one row along dim 0 can be hundreds of MB.  A copy is a byte
     range, so it is declared and moved in COPY_BLOCK pieces whatever the shape."""
-    from lora_convert.convert import COPY_BLOCK, _copy_job
+    from lora_convert.routes.common import COPY_BLOCK
+    from lora_convert.routes.common import copy_job as _copy_job
 
     (tmp_path / "in").mkdir()
     (tmp_path / "out").mkdir()
@@ -185,7 +187,7 @@ def test_copy_of_a_tensor_with_huge_rows_moves_in_bounded_pieces(tmp_path):
     jobs = [_copy_job(ck, "experts", "experts"), _copy_job(ck, "bias", "bias", torch.bfloat16)]
     sizes = [(r.stop - r.start) * 4 for r in jobs[0].reads()]
     assert max(sizes) <= COPY_BLOCK and sum(sizes) == experts.numel() * 4
-    pl.execute(jobs, tmp_path / "out")
+    pl.execute(jobs, SafetensorsSink(tmp_path / "out"))
     got = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert torch.equal(got["experts"], experts)
     assert got["bias"].dtype == torch.bfloat16 and torch.equal(got["bias"], ck.read("bias").to(torch.bfloat16))

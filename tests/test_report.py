@@ -23,7 +23,7 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config  # noqa: E402
 
 from lora_convert.cli import main  # noqa: E402
-from lora_convert.report import build_report, report_markdown  # noqa: E402
+from lora_convert.costs import build_report, report_markdown  # noqa: E402
 
 CASES = {
     "llama": (

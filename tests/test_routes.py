@@ -8,9 +8,9 @@ import warnings
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import gpt2, llama, logits, peft_wrap, qwen2, read_json, save_unmerged
 
 import lora_convert as lc
-from tiny import gpt2, llama, logits, peft_wrap, qwen2, read_json, save_unmerged
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from tiny import llama, logits
 
 from lora_convert.io.reader import open_checkpoint
 from lora_convert.io.writer import PlannedTensor, SafetensorsWriter, parse_size
-from tiny import llama, logits
 
 
 def test_parse_size():

@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
-from contextlib import contextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from ..errors import CheckpointError, HubError
+from ..progress import hub_progress
+from .output import TMP_MARK
+from .safetensors_format import read_header
 
 __all__ = [
     "DEFAULT_ALLOW_PATTERNS",
@@ -48,8 +49,6 @@ DEFAULT_ALLOW_PATTERNS: tuple[str, ...] = (
 )
 _BIN_PATTERNS: tuple[str, ...] = ("*.bin", "*.bin.index.json")
 
-#: Marker of the temporary names the writers use while an output is incomplete.
-TEMP_MARKER = ".tmp-lora-convert"
 
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 _REPO_ID_RE = re.compile(rf"^{_NAME}/{_NAME}$")
@@ -350,20 +349,9 @@ class PushResult:
 def _is_safetensors_sound(path: Path) -> str | None:
     """A problem with a safetensors file's framing, or None (cheap: reads only the header)."""
     try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return "too short to be safetensors"
-            (n,) = struct.unpack("<Q", head)
-            if n > size - 8:
-                return "header length runs past the end of the file"
-            header = json.loads(f.read(n))
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end != size:
-            return f"truncated or padded: tensors end at byte {8 + n + end}, file has {size}"
-    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as exc:
-        return f"unreadable safetensors header ({type(exc).__name__})"
+        read_header(path)
+    except CheckpointError as exc:
+        return exc.message + (f" ({exc.hint})" if exc.hint else "")
     return None
 
 
@@ -383,10 +371,10 @@ def check_complete_output(folder: str | os.PathLike[str]) -> list[str]:
         rel = p.relative_to(root).as_posix()
         if ".git" in p.relative_to(root).parts:
             continue
-        if TEMP_MARKER in p.name:
+        if TMP_MARK in p.name:
             problems.append(f"leftover temporary {'folder' if p.is_dir() else 'file'} {rel} (interrupted write?)")
             continue
-        if any(TEMP_MARKER in part for part in p.relative_to(root).parts[:-1]):
+        if any(TMP_MARK in part for part in p.relative_to(root).parts[:-1]):
             continue
         if p.is_file():
             files.append(rel)
@@ -428,23 +416,6 @@ def _pushed_files(src: Path) -> list[str]:
             continue
         out.append("/".join(parts))
     return sorted(out)
-
-
-@contextmanager
-def _progress_bars(enabled: bool) -> Iterator[None]:
-    if enabled:
-        yield
-        return
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-
-    was_disabled = are_progress_bars_disabled()
-    if not was_disabled:
-        disable_progress_bars()
-    try:
-        yield
-    finally:
-        if not was_disabled:
-            enable_progress_bars()
 
 
 def push_folder(
@@ -508,7 +479,7 @@ def push_folder(
     files = _pushed_files(src)
     step = "create"
     try:
-        with _progress_bars(progress):
+        with hub_progress(progress):
             api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
             if not create_pr and branch != "main" and not branch.startswith("refs/pr/"):
                 step = "create branch"

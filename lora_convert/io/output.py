@@ -12,9 +12,9 @@ import os
 import secrets
 import shutil
 import signal
+from collections.abc import Iterable
 from pathlib import Path
 from types import FrameType
-from typing import Iterable
 
 from ..errors import LoraConvertError, OutputError
 

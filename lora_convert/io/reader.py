@@ -1,27 +1,24 @@
 """Lazy checkpoints: list every tensor from headers, read one tensor (or a block of rows) at a time.
 
-Data is read with ``preadv`` into a buffer (the caller's, when streaming) rather than through
-an mmap: pages touched through an mmap count in the process's RSS until the kernel reclaims
-them, so streaming a 10 GB checkpoint through mmap shows 10 GB of RSS, and a file truncated
-under an mmap kills the process with SIGBUS instead of raising.  ``preadv`` leaves the bytes in
-the page cache (not ours) and our RSS bounded by the buffers we hold.
+A checkpoint is a folder (or one file) of :mod:`~lora_convert.io.sources`, one per shard; this module
+finds the files (Hugging Face layouts, sharded indexes, named-adapter subfolders) and turns row and
+element ranges into byte ranges.  Torch is imported only when tensor data is read.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import pickle
-import re
-import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError, UnsafeInputError
-from .safetensors_format import TensorInfo, dtype_size, read_header
+from .safetensors_format import TensorInfo
+from .sources import TensorSource, open_source
+
+if TYPE_CHECKING:
+    import torch
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 MODEL_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -30,7 +27,7 @@ MODEL_SINGLES = ("model.safetensors", "pytorch_model.bin")
 
 @dataclass
 class Checkpoint:
-    """A checkpoint on disk.  Holds headers and open file handles, never tensor data."""
+    """A checkpoint on disk.  Holds headers and open sources, never tensor data."""
 
     root: Path  # the folder (or the file's folder)
     files: list[Path]
@@ -41,9 +38,7 @@ class Checkpoint:
     config: dict[str, Any] | None = None  # config.json
     adapter_config_path: Path | None = None
     adapter_name: str | None = None  # from a named-adapter subfolder
-    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
-    _bin: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    sources: list[TensorSource] = field(default_factory=list, repr=False)
 
     # -- listing ---------------------------------------------------------------------
     def __contains__(self, name: str) -> bool:
@@ -73,29 +68,20 @@ class Checkpoint:
     def read(self, name: str) -> torch.Tensor:
         """One whole tensor, in its stored dtype, owned by the caller."""
         info = self.info(name)
-        if info.offset < 0:
-            return self._bin_tensor(info).clone()
-        return self._read_bytes(info, info.offset, info.nbytes).view(info.dtype).reshape(info.shape)
+        return info.source.read_into(info, 0, info.nbytes, None).view(info.dtype).reshape(info.shape)
 
     def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Rows ``start:stop`` of a tensor (along dim 0) — a contiguous byte range on disk.
+        """Rows ``start:stop`` of a tensor (along dim 0) — a contiguous byte range of its data.
 
         With ``out`` (a contiguous tensor of the stored dtype and at least that many elements) the
         bytes land there and a view of it is returned: the streaming routes reuse a few buffers
-        instead of faulting in fresh pages for every block, which measured ~40% of a merge's CPU.
-        """
+        instead of faulting in fresh pages for every block."""
         info = self.info(name)
-        if info.offset < 0:
-            rows = self._bin_tensor(info)[start:stop]
-            if out is None:
-                return rows.clone()
-            dst = out.reshape(-1)[:rows.numel()].view(rows.shape)
-            return dst.copy_(rows)
         if not info.shape:
             return self.read(name)
         offset, nbytes = self.span(name, start, stop)
         rows = max(0, min(stop, info.shape[0]) - start)
-        data = self._read_bytes(info, offset, nbytes, _byte_view(out, info, nbytes, f"rows {start}:{stop}"))
+        data = info.source.read_into(info, offset, nbytes, _byte_view(out, info, nbytes, f"rows {start}:{stop}"))
         return data.view(info.dtype).reshape((rows, *info.shape[1:]))
 
     def read_flat(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -103,81 +89,34 @@ class Checkpoint:
         shape, so a copy can move a tensor whose single rows are huge (fused MoE experts) in
         bounded pieces."""
         info = self.info(name)
-        if info.offset < 0:
-            piece = self._bin_tensor(info).reshape(-1)[start:stop]
-            return piece.clone() if out is None else out.reshape(-1)[:piece.numel()].copy_(piece)
         offset, nbytes = self.span(name, start, stop, flat=True)
-        return self._read_bytes(info, offset, nbytes,
-                                _byte_view(out, info, nbytes, f"elements {start}:{stop}")).view(info.dtype)
+        buf = _byte_view(out, info, nbytes, f"elements {start}:{stop}")
+        return info.source.read_into(info, offset, nbytes, buf).view(info.dtype)
 
     def span(self, name: str, start: int, stop: int, *, flat: bool = False) -> tuple[int, int]:
-        """(offset in its file, byte count) of rows ``start:stop`` — or, with ``flat``, of elements of
-        the flattened tensor — clamped to the tensor's end.  The one place that turns a block into
-        bytes: reads, prefetches and the pipeline's read-ahead window all go through it."""
+        """(offset within the tensor's data, byte count) of rows ``start:stop`` — or, with ``flat``, of
+        elements of the flattened tensor — clamped to the tensor's end.  The one place that turns a
+        block into bytes: reads, prefetches and the pipeline's read-ahead window all go through it."""
         info = self.info(name)
         if flat:
-            unit, count = info.dtype.itemsize, info.nbytes // info.dtype.itemsize
+            unit, count = info.itemsize, info.nbytes // info.itemsize
         else:
             count = info.shape[0] if info.shape else 1
             unit = info.nbytes // count if count else 0
         start = min(start, count)
-        return info.offset + start * unit, (max(start, min(stop, count)) - start) * unit
+        return start * unit, (max(start, min(stop, count)) - start) * unit
 
     def prefetch(self, name: str, start: int, stop: int, *, flat: bool = False) -> None:
-        """Ask the kernel to start reading rows ``start:stop`` now (``POSIX_FADV_WILLNEED``), so the
-        disk works while we compute on the previous block.  A hint: errors are ignored."""
+        """Ask for rows ``start:stop`` to be read ahead (see :meth:`TensorSource.prefetch`)."""
         info = self.tensors.get(name)
-        if info is None or info.offset < 0 or not info.shape or not hasattr(os, "posix_fadvise"):
-            return
-        try:
-            fh = self._handle(info)
-        except CheckpointError:
-            return
-        offset, nbytes = self.span(name, start, stop, flat=flat)
-        if nbytes:
-            try:
-                os.posix_fadvise(fh.fileno(), offset, nbytes, os.POSIX_FADV_WILLNEED)
-            except OSError:
-                pass
-
-    def _handle(self, info: TensorInfo) -> Any:
-        fh = self._handles.get(info.file)
-        if fh is None:
-            with self._lock:  # the pipeline's reader and worker may open the same file at once
-                fh = self._handles.get(info.file)
-                if fh is None:
-                    try:
-                        fh = self._handles[info.file] = open(info.file, "rb", buffering=0)
-                    except OSError as exc:
-                        raise CheckpointError(f"cannot open: {exc.strerror}", path=info.file,
-                                              tensor=info.name) from None
-        return fh
-
-    def _read_bytes(self, info: TensorInfo, offset: int, nbytes: int, buf: torch.Tensor | None = None) -> torch.Tensor:
-        fh = self._handle(info)
-        if buf is None:
-            buf = torch.empty(nbytes, dtype=torch.uint8)
-        if nbytes:
-            view = memoryview(buf.numpy())
-            got = 0
-            while got < nbytes:
-                n = os.preadv(fh.fileno(), [view[got:]], offset + got)
-                if n == 0:
-                    raise CheckpointError("file ended while reading this tensor (truncated after opening?)",
-                                          path=info.file, tensor=info.name)
-                got += n
-        return buf
-
-    def _bin_tensor(self, info: TensorInfo) -> torch.Tensor:
-        return self._bin[info.file][info.name]
+        if info is not None and info.shape:
+            info.source.prefetch(info, *self.span(name, start, stop, flat=flat))
 
     def close(self) -> None:
-        for fh in self._handles.values():
-            fh.close()
-        self._handles.clear()
-        self._bin.clear()
+        for src in self.sources:
+            src.close()
 
-    def __enter__(self) -> "Checkpoint":
+    def __enter__(self) -> Checkpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -188,6 +127,8 @@ def _byte_view(out: torch.Tensor | None, info: TensorInfo, nbytes: int, what: st
     """The first ``nbytes`` of the caller's buffer as uint8, after checking it can hold them."""
     if out is None:
         return None
+    import torch
+
     if out.dtype != info.dtype or not out.is_contiguous() or out.numel() * out.element_size() < nbytes:
         raise ValueError(f"{info.name}: buffer of {out.dtype} x {out.numel()} cannot hold {what}")
     return out.reshape(-1).view(torch.uint8)[:nbytes]
@@ -224,53 +165,18 @@ def _safe_member(root: Path, rel: Any, index: Path) -> Path:
     return root / rel
 
 
-def _load_bin(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap can only be used" not in str(exc):
-                raise
-            # the legacy (pre-1.6, non-zip) format cannot be mmapped; still weights_only
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        text = str(exc)
-        m = re.search(r"[Uu]nsupported (?:GLOBAL|global:?)\s*(?:GLOBAL\s*)?([\w.]+)", text)
-        what = f"it asks to import {m.group(1)}" if m else " ".join(text.split())[:200]
-        raise UnsafeInputError(
-            f"refused to unpickle: {what}, which a file of plain tensors never does", path=path,
-            hint="the file holds more than plain tensors; convert it to safetensors from a trusted source") from None
-    except Exception as exc:  # torch raises RuntimeError/EOFError/zipfile errors for broken files
-        raise CheckpointError(f"cannot read PyTorch file: {type(exc).__name__}: {str(exc)[:200]}", path=path) from None
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError("not a state dict of tensors", path=path)
-    return obj
-
-
-def _add_file(tensors: dict[str, TensorInfo], bins: dict[Path, dict[str, torch.Tensor]], path: Path,
+def _add_file(tensors: dict[str, TensorInfo], sources: list[TensorSource], path: Path,
               only: set[str] | None = None) -> dict[str, str]:
-    if path.suffix == ".bin":
-        sd = _load_bin(path)
-        bins[path] = sd
-        items = sd.items()
-        for name, t in items:
-            if only is not None and name not in only:
-                continue
-            if name in tensors:
-                raise CheckpointError("tensor appears in two files", path=path, tensor=name)
-            tensors[name] = TensorInfo(name, t.dtype, tuple(t.shape), path, -1, t.numel() * dtype_size(t.dtype))
-        return {}
-    header = read_header(path)
-    for name, info in header.tensors.items():
+    src = open_source(path)
+    sources.append(src)
+    for name, info in src.infos().items():
         if only is not None and name not in only:
             continue
         if name in tensors:
             raise CheckpointError(f"tensor appears in two shards ({tensors[name].file.name} and {path.name})",
                                   path=path, tensor=name)
         tensors[name] = info
-    return header.metadata
+    return src.metadata
 
 
 def _pick_adapter_dir(root: Path, adapter_name: str | None) -> tuple[Path, str | None]:
@@ -295,18 +201,17 @@ def open_checkpoint(path: str | Path, *, adapter_name: str | None = None) -> Che
     if not path.exists():
         raise CheckpointError("no such file or folder", path=path)
     tensors: dict[str, TensorInfo] = {}
-    bins: dict[Path, dict[str, torch.Tensor]] = {}
+    sources: list[TensorSource] = []
     if path.is_file():
         if path.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
             raise CheckpointError("not a .safetensors or .bin file", path=path)
-        metadata = _add_file(tensors, bins, path)
+        metadata = _add_file(tensors, sources, path)
         root = path.parent
         kind = "adapter" if path.name.startswith("adapter_model") else "model"
         layout = "bin" if path.suffix != ".safetensors" else "safetensors"
         cfg_path = root / "adapter_config.json"
         ck = Checkpoint(root, [path], layout, kind, tensors, metadata, None,
-                        cfg_path if kind == "adapter" and cfg_path.is_file() else None)
-        ck._bin = bins
+                        cfg_path if kind == "adapter" and cfg_path.is_file() else None, sources=sources)
         _attach_config(ck, root)
         return ck
     root, picked = _pick_adapter_dir(path, adapter_name)
@@ -322,7 +227,7 @@ def open_checkpoint(path: str | Path, *, adapter_name: str | None = None) -> Che
         for index_name in MODEL_INDEXES:
             index = root / index_name
             if index.is_file():
-                files = _files_from_index(root, index, tensors, bins)
+                files = _files_from_index(root, index, tensors, sources)
                 layout = "sharded-" + ("safetensors" if index_name.startswith("model") else "bin")
                 break
         else:
@@ -339,17 +244,16 @@ def open_checkpoint(path: str | Path, *, adapter_name: str | None = None) -> Che
                 files, layout = loose, "safetensors" if len(loose) == 1 else "sharded-safetensors"
     if not tensors:
         for f in files:
-            metadata.update(_add_file(tensors, bins, f))
+            metadata.update(_add_file(tensors, sources, f))
     cfg = root / "adapter_config.json"
     ck = Checkpoint(root, files, layout, kind, tensors, metadata, None,
-                    cfg if cfg.is_file() else None, picked)
-    ck._bin = bins
+                    cfg if cfg.is_file() else None, picked, sources=sources)
     _attach_config(ck, path if picked else root)
     return ck
 
 
 def _files_from_index(root: Path, index: Path, tensors: dict[str, TensorInfo],
-                      bins: dict[Path, dict[str, torch.Tensor]]) -> list[Path]:
+                      sources: list[TensorSource]) -> list[Path]:
     data = _load_json(index, keep_pairs=True)
     top = dict(data) if isinstance(data, _Pairs) else None
     pairs = top.get("weight_map") if top is not None else None
@@ -372,7 +276,7 @@ def _files_from_index(root: Path, index: Path, tensors: dict[str, TensorInfo],
             raise CheckpointError(f"index names shard {rel!r}, which is missing", path=index,
                                   hint="download every shard the index lists")
         files.append(f)
-        _add_file(tensors, bins, f, only=names)
+        _add_file(tensors, sources, f, only=names)
         missing = names - {n for n, t in tensors.items() if t.file == f}
         if missing:
             first = sorted(missing)[0]

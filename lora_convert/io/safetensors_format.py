@@ -4,6 +4,10 @@ We parse headers ourselves (rather than only through ``safe_open``) for two reas
 listing a multi-GB checkpoint must cost one small read per file, and a file from a
 stranger must be checked *before* we trust any number in it — every offset, shape and
 dtype is validated, and an error names the file and the tensor.
+
+Torch-free on purpose: ``detect``, ``report`` and ``--help`` list checkpoints from headers
+alone and must not pay for importing torch.  Dtypes are safetensors' own names ("BF16");
+:func:`torch_dtype` maps one to torch when a tensor is actually read or written.
 """
 
 from __future__ import annotations
@@ -11,52 +15,79 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import CheckpointError
 
+if TYPE_CHECKING:
+    import torch
+
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+#: safetensors dtype name -> (bytes per element, torch attribute name)
+DTYPE_TABLE: dict[str, tuple[int, str]] = {
+    "F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
+    "I64": (8, "int64"), "I32": (4, "int32"), "I16": (2, "int16"), "I8": (1, "int8"),
+    "U64": (8, "uint64"), "U32": (4, "uint32"), "U16": (2, "uint16"), "U8": (1, "uint8"), "BOOL": (1, "bool"),
+    "F8_E4M3": (1, "float8_e4m3fn"), "F8_E5M2": (1, "float8_e5m2"), "F8_E8M0": (1, "float8_e8m0fnu"),
 }
-for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
-                     ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
-                     ("F8_E8M0", "float8_e8m0fnu")):
-    if hasattr(torch, _attr):
-        DTYPES[_name] = getattr(torch, _attr)
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-FLOAT_DTYPES = {torch.float64, torch.float32, torch.float16, torch.bfloat16}
+FLOAT_NAMES = frozenset({"F64", "F32", "F16", "BF16"})  # what a merge computes in and writes back
 
 
-def dtype_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name (imports torch: only for tensors actually touched)."""
+    import torch
+
+    return getattr(torch, DTYPE_TABLE[name][1])
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of a torch dtype; ValueError for one safetensors cannot store."""
+    attr = str(dtype).removeprefix("torch.")
+    for name, (_, a) in DTYPE_TABLE.items():
+        if a == attr:
+            return name
+    raise ValueError(f"dtype {attr} has no safetensors equivalent")
+
+
+def dtype_size(dtype: Any) -> int:
+    """Bytes per element of a torch dtype or a safetensors dtype name."""
+    if isinstance(dtype, str):
+        return DTYPE_TABLE[dtype][0]
+    return dtype.itemsize
 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lies: enough to read it, or a slice of its rows, without the rest."""
+    """Where one tensor lies: enough to read it, or a slice of its rows, without the rest.
+
+    ``source`` is the :class:`~lora_convert.io.sources.TensorSource` that reads its bytes."""
 
     name: str
-    dtype: torch.dtype
+    dtype_name: str  # safetensors' name: "BF16", "F32", ...
     shape: tuple[int, ...]
     file: Path
-    offset: int  # absolute byte offset of the data in ``file`` (-1 for .bin tensors)
+    offset: int  # byte offset of the data within what ``source`` reads (the file, for safetensors)
     nbytes: int
+    source: Any = field(default=None, compare=False, repr=False)
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
     @property
-    def dtype_name(self) -> str:
-        return DTYPE_NAMES.get(self.dtype, str(self.dtype).removeprefix("torch."))
+    def itemsize(self) -> int:
+        return DTYPE_TABLE[self.dtype_name][0]
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype_name in FLOAT_NAMES
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype_name)
 
 
 @dataclass
@@ -127,7 +158,7 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> Header:
         dtype_name = info.get("dtype")
         shape = info.get("shape")
         offsets = info.get("data_offsets")
-        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPE_TABLE:
             raise CheckpointError(f"unknown dtype {dtype_name!r}", path=path, tensor=name)
         if (not isinstance(shape, list) or len(shape) > 16
                 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**53 for d in shape)):
@@ -142,14 +173,13 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> Header:
             raise CheckpointError(
                 f"data_offsets end {end} is past the end of the data ({data_len} bytes)", path=path, tensor=name,
                 hint="the file is truncated or its header lies")
-        dtype = DTYPES[dtype_name]
-        expected = math.prod(shape) * dtype_size(dtype)
+        expected = math.prod(shape) * DTYPE_TABLE[dtype_name][0]
         if expected != end - begin:
             raise CheckpointError(
                 f"shape {shape} x {dtype_name} needs {expected} bytes but data_offsets span {end - begin}",
                 path=path, tensor=name)
         spans.append((begin, end, name))
-        tensors[name] = TensorInfo(name, dtype, tuple(shape), path, data_start + begin, end - begin)
+        tensors[name] = TensorInfo(name, dtype_name, tuple(shape), path, data_start + begin, end - begin)
     spans.sort()
     pos = 0
     for begin, end, name in spans:
@@ -174,7 +204,7 @@ def build_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
     starts: list[int] = []
     for name, dtype, shape in entries:
         nbytes = math.prod(shape) * dtype_size(dtype)
-        obj[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        obj[name] = {"dtype": dtype_name(dtype), "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
         starts.append(pos)
         pos += nbytes
     raw = json.dumps(obj, separators=(",", ":")).encode("utf-8")

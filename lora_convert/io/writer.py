@@ -1,8 +1,10 @@
-"""Streaming safetensors writer with huggingface_hub-style sharding.
+"""Tensor sinks — where a conversion's output tensors go — and the streaming safetensors one.
 
-The header is computed from the plan (names, dtypes, shapes are all known before any
-data), so each file is written front to back in one pass and memory never holds more
-than the chunk being written.  A tensor may arrive in several row blocks.
+A sink is told the whole plan first (names, dtypes, shapes: every job knows them before any data is
+read), then receives each tensor's data in plan order, whole or as consecutive row blocks.  A new
+output format is one sink.  The safetensors sink computes each file's header from the plan, so it
+writes each file front to back in one pass and never holds more than the block being written;
+sharding follows huggingface_hub (an index when there are several files).
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from ..errors import OutputError
 from .safetensors_format import build_header, dtype_size
+
+if TYPE_CHECKING:
+    import torch
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -66,8 +69,26 @@ def shard_names(n: int, stem: str = "model") -> list[str]:
 
 
 def _as_bytes(t: torch.Tensor) -> memoryview:
+    import torch
+
     t = t.detach().contiguous().reshape(-1)
     return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+class TensorSink(Protocol):
+    """Where planned tensors are written."""
+
+    def open(self, plan: list[PlannedTensor]) -> None:
+        """Every tensor that will be written, in order, before any data."""
+
+    def write(self, name: str, data: torch.Tensor) -> None:
+        """The whole tensor ``name``, or its next block of rows, in plan order."""
+
+    def close(self) -> list[str]:
+        """Finish writing; returns the names of the files written."""
+
+    def abort(self) -> None:
+        """Release what is open after a failure (the caller removes the files)."""
 
 
 class SafetensorsWriter:
@@ -169,11 +190,26 @@ class SafetensorsWriter:
                 pass
 
 
-def write_tensors(folder: Path, tensors: dict[str, torch.Tensor], *, max_shard_size: int | str = "5GB",
-                  stem: str = "model", metadata: dict[str, str] | None = None) -> list[str]:
-    """Write small in-memory tensors (adapters) through the same writer."""
-    entries = [PlannedTensor(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
-    w = SafetensorsWriter(folder, entries, max_shard_size=max_shard_size, stem=stem, metadata=metadata)
-    for k, v in tensors.items():
-        w.write(k, v)
-    return w.close()
+class SafetensorsSink:
+    """The :class:`TensorSink` of safetensors files (``{stem}.safetensors``, or shards and an index)."""
+
+    def __init__(self, folder: Path, *, max_shard_size: int | str = "5GB", stem: str = "model",
+                 metadata: dict[str, str] | None = None) -> None:
+        self.folder, self.max_shard_size, self.stem, self.metadata = Path(folder), max_shard_size, stem, metadata
+        self._writer: SafetensorsWriter | None = None
+
+    def open(self, plan: list[PlannedTensor]) -> None:
+        self._writer = SafetensorsWriter(self.folder, plan, max_shard_size=self.max_shard_size, stem=self.stem,
+                                         metadata=self.metadata)
+
+    def write(self, name: str, data: torch.Tensor) -> None:
+        assert self._writer is not None, "open() first"
+        self._writer.write(name, data)
+
+    def close(self) -> list[str]:
+        assert self._writer is not None, "open() first"
+        return self._writer.close()
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()

@@ -36,26 +36,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import AdapterConfig
-from .errors import CheckpointError, RouteError
-from .inventory import LoraModule, build_inventory
-from .io.reader import open_checkpoint
-from .io.safetensors_format import DTYPE_NAMES, dtype_size
-from .keys import short_name
-
-KINDS = ("embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head",
-         "other")
-_ALIASES = {
-    "embed_tokens": "embed_tokens", "wte": "embed_tokens", "word_embeddings": "embed_tokens",
-    "tok_embeddings": "embed_tokens", "embed_in": "embed_tokens",
-    "q_proj": "q_proj", "query": "q_proj", "k_proj": "k_proj", "key": "k_proj", "v_proj": "v_proj", "value": "v_proj",
-    "o_proj": "o_proj", "out_proj": "o_proj", "gate_proj": "gate_proj", "w1": "gate_proj", "up_proj": "up_proj",
-    "w3": "up_proj", "c_fc": "up_proj", "fc1": "up_proj", "down_proj": "down_proj", "w2": "down_proj",
-    "fc2": "down_proj", "lm_head": "lm_head", "embed_out": "lm_head",
-}
-EMBEDDING_NAMES = {"embed_tokens", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type_embeddings",
-                   "embed_positions", "embed_in", "tok_embeddings", "shared", "embeddings"}
-LM_HEAD_NAMES = {"lm_head", "embed_out"}
+from . import arch
+from .arch import ModelShape, module_of
+from .errors import CheckpointError, UnsupportedError
+from .fmt import human_bytes
+from .inputs import load_source, open_plain, pick_adapter, resolve
+from .inventory import Inventory, LoraModule
+from .io.reader import Checkpoint
+from .io.safetensors_format import dtype_size
 
 CONVENTIONS = [
     "FLOPs: 2 per multiply-add, matrix products only (element-wise ops, norms, softmax, rotary not counted)",
@@ -103,19 +91,6 @@ class KindRow:
 
 
 @dataclass
-class ModelShape:
-    layers: int | None = None
-    heads: int | None = None
-    kv_heads: int | None = None
-    head_dim: int | None = None
-    hidden: int | None = None
-    vocab: int | None = None
-    tied: bool = False
-    window_layers: int = 0
-    sliding_window: int | None = None
-
-
-@dataclass
 class Report:
     path: str
     source_form: str
@@ -155,16 +130,12 @@ def _t(info: Any) -> _T:
     return _T(tuple(info.shape), info.dtype_name, info.nbytes)
 
 
-def _module_of(key: str) -> str:
-    return key.rsplit(".", 1)[0] if "." in key else key
-
-
 def _is_embedding(key: str) -> bool:
-    return short_name(_module_of(key)) in EMBEDDING_NAMES
+    return arch.is_embedding(module_of(key))
 
 
 def _is_lm_head(key: str) -> bool:
-    return short_name(_module_of(key)) in LM_HEAD_NAMES
+    return arch.is_head(module_of(key))
 
 
 def _tied_duplicate(tensors: dict[str, _T], tied: bool) -> str | None:
@@ -219,44 +190,6 @@ def _matmul_flops(tensors: dict[str, _T], shape: ModelShape) -> int:
     return total
 
 
-# -- model shape from config.json ------------------------------------------------------------
-def _first(cfg: dict[str, Any], *names: str) -> Any:
-    for n in names:
-        v = cfg.get(n)
-        if v is not None:
-            return v
-    return None
-
-
-def model_shape(config: dict[str, Any] | None) -> ModelShape:
-    if not config:
-        return ModelShape()
-    cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    s = ModelShape(
-        layers=_first(cfg, "num_hidden_layers", "n_layer", "num_layers"),
-        heads=_first(cfg, "num_attention_heads", "n_head", "num_heads"),
-        hidden=_first(cfg, "hidden_size", "n_embd", "d_model"),
-        vocab=_first(cfg, "vocab_size"),
-    )
-    s.kv_heads = _first(cfg, "num_key_value_heads") or s.heads
-    s.head_dim = _first(cfg, "head_dim")
-    if s.head_dim is None and s.hidden and s.heads:
-        s.head_dim = s.hidden // s.heads
-    tied = _first(config, "tie_word_embeddings")
-    if tied is None:
-        tied = cfg.get("tie_word_embeddings")
-    s.tied = bool(tied) if tied is not None else False
-    window = cfg.get("sliding_window")
-    types = cfg.get("layer_types")
-    if window and isinstance(types, list):
-        s.window_layers = sum(1 for t in types if t == "sliding_attention")
-        s.sliding_window = int(window)
-    elif window and cfg.get("use_sliding_window"):
-        s.window_layers = int(s.layers or 0)
-        s.sliding_window = int(window)
-    return s
-
-
 def attention_flops(shape: ModelShape, seq_len: int) -> int | None:
     """Score + value FLOPs of one token attending to ``seq_len`` positions, summed over layers."""
     if not (shape.layers and shape.heads and shape.head_dim):
@@ -292,20 +225,16 @@ def merge_module_flops(m: LoraModule) -> int:
     return flops
 
 
-def kind_of(module: str) -> str:
-    """Module kind for the breakdown; GPT-2's ``c_proj`` is o_proj under ``attn``, down_proj under ``mlp``."""
-    parts = module.split(".")
-    if parts[-1] == "c_proj" and len(parts) > 1:
-        return {"attn": "o_proj", "mlp": "down_proj"}.get(parts[-2], "other")
-    return _ALIASES.get(parts[-1], "other")
-
-
 # -- the base model ------------------------------------------------------------------------------
 def _base_from_config(folder: Path) -> tuple[dict[str, _T], dict[str, Any]]:
-    """Parameter shapes of a model built on the meta device from its config.json: no weights needed."""
-    import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
+    """Parameter shapes of a model built on the meta device from its config.json: no weights needed,
+    but transformers (and so torch) is."""
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    except ImportError:
+        raise UnsupportedError("counting a base from its config.json alone needs transformers", path=folder,
+                               hint="pip install transformers, or pass a base folder with its weights") from None
     conf = AutoConfig.from_pretrained(str(folder))
     raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     dt = getattr(conf, "dtype", None) or getattr(conf, "torch_dtype", None) or torch.float32
@@ -316,194 +245,214 @@ def _base_from_config(folder: Path) -> tuple[dict[str, _T], dict[str, Any]]:
             model = AutoModelForCausalLM.from_config(conf)
         except ValueError:
             model = AutoModel.from_config(conf)
-    name = DTYPE_NAMES.get(dt, "F32")
+    from .io.safetensors_format import dtype_name
+
+    name = dtype_name(dt)
     size = dtype_size(dt)
     out = {k: _T(tuple(p.shape), name, p.numel() * size) for k, p in model.named_parameters()}
     return out, raw
 
 
 def _open_base(ref: str | Path, notes: list[str]) -> tuple[dict[str, _T] | None, dict[str, Any] | None, str | None]:
-    from .sources import resolve
-
-    p = resolve(ref, what="base")
-    if p is None or not p.exists():
+    p = resolve(ref)
+    if not p.exists():
         notes.append(f"base {ref} not found: base numbers unknown")
         return None, None, None
     folder = p.parent if p.is_file() and p.name == "config.json" else p
     if p.is_file() and p.name == "config.json":
         return (*_base_from_config(folder), "config.json")
     try:
-        with open_checkpoint(p) as ck:
-            inv = build_inventory(ck)
-            if inv.form != "plain":
-                raise RouteError("the base holds LoRA tensors itself", path=ck.root,
-                                 hint="give the plain base model as --base")
-            return {k: _t(ck.info(v)) for k, v in inv.base.items()}, ck.config, "weights"
+        ck = open_plain(p, "the base")
     except CheckpointError:
         if folder.is_dir() and (folder / "config.json").is_file():
             notes.append("base has no weights: its parameter shapes come from config.json (meta-device model)")
             return (*_base_from_config(folder), "config.json")
         raise
+    with ck:
+        return {k: _t(ck.info(k)) for k in ck.tensors}, ck.config, "weights"
+
+
+@dataclass
+class _Base:
+    tensors: dict[str, _T] | None
+    config: dict[str, Any] | None
+    source: str | None  # "weights" | "config.json" | None
+    name: str | None  # as the report names it
+
+
+def _adapter_base(ck: Checkpoint, base: str | Path | None, base_name: str | None, notes: list[str]) -> _Base:
+    """The base of an adapter: the one given, the config's base path when it exists, or the config.json
+    beside the adapter."""
+    cfg_base = base_name if base is None else None
+    ref = base if base is not None else (cfg_base if cfg_base and Path(cfg_base).exists() else None)
+    if ref is not None:
+        tensors, bconf, source = _open_base(ref, notes)
+        return _Base(tensors, bconf or ck.config, source, base_name)
+    if ck.config and (ck.root / "config.json").is_file():
+        tensors, conf = _base_from_config(ck.root)
+        notes.append("base shapes from the config.json beside the adapter (meta-device model)")
+        return _Base(tensors, conf, "config.json", base_name)
+    notes.append("base unknown (pass --base, a folder with weights or only config.json): "
+                 "base parameters, bytes and FLOPs are not reported")
+    return _Base(None, ck.config, None, base_name)
+
+
+@dataclass
+class _Adapter:
+    """The tensors of the adapter reported on, sorted for counting."""
+
+    modules: dict[str, LoraModule]
+    tensors: dict[str, _T]  # every tensor the adapter form stores
+    replace: dict[str, _T]  # base key -> replacement
+    trained: set[str]  # replacement / token keys that count as trained parameters
+    saved_whole: set[str]
+    tokens: dict[str, str]  # module -> trainable-tokens delta key
+
+
+def _adapter(ck: Checkpoint, inv: Inventory, name: str | None, notes: list[str]) -> _Adapter:
+    mods = inv.modules(name) if name else {}
+    out = _Adapter(mods, {}, {}, set(), inv.saved_layers.get(name or "", set()), inv.tokens.get(name or "", {}))
+    for m in mods.values():
+        for k in (m.a_key, m.b_key, m.bias_key, m.magnitude_key):
+            if k:
+                out.tensors[k] = _t(ck.info(k))
+    for bk, k in inv.replace.get(name or "", {}).items():
+        out.tensors[k] = out.replace[bk] = _t(ck.info(k))
+        if bk not in out.saved_whole:
+            out.trained.add(k)
+    for k in out.tokens.values():
+        out.tensors[k] = _t(ck.info(k))
+        out.trained.add(k)
+    if out.saved_whole:
+        notes.append("base layers saved whole in the adapter (PEFT's save_embedding_layers) are not trained: "
+                     "counted in bytes, not as LoRA parameters: " + ", ".join(sorted(out.saved_whole)))
+    others = [a for a in inv.adapters if a != name]
+    if others:
+        notes.append(f"other adapters in the checkpoint not counted: {', '.join(others)}")
+    if inv.tokens.get(name or ""):
+        notes.append("trainable-token deltas are counted as LoRA parameters (no FLOPs)")
+    if any(m.magnitude_key for m in mods.values()) and inv.config(name or ""):
+        notes.append("DoRA: the unmerged forward also recomputes ‖W + s·B·A‖ per module each forward "
+                     "(2·r·d_in·d_out + element-wise, not per token; not counted)")
+    return out
 
 
 # -- the report -------------------------------------------------------------------------------------
 def build_report(path: str | Path, *, base: str | Path | None = None, seq_len: int = 2048,
                  adapter: str | None = None) -> Report:
     """Count parameters, bytes and FLOPs per token of every form of ``path``, from headers only."""
-    from .sources import pick_adapter, resolve
-
     if seq_len < 1:
+        from .errors import RouteError
+
         raise RouteError("--seq-len must be at least 1")
     notes: list[str] = []
-    p = resolve(path, what="checkpoint")
-    with open_checkpoint(p, adapter_name=adapter) as ck:  # type: ignore[arg-type]
-        inv = build_inventory(ck)
-        cfg = AdapterConfig.load(ck.adapter_config_path) if ck.adapter_config_path else None
+    ck, inv = load_source(path, adapter=adapter)
+    with ck:
         form = inv.form
         name = pick_adapter(inv, adapter, ck) if form != "plain" else None
+        cfg = inv.config(name) if name else None
         if form != "plain" and cfg is None:
             notes.append("no adapter_config.json: scaling unknown")
-        src_bytes = ck.dtypes()
-        base_set: dict[str, _T] | None
-        base_source: str | None = None
-        base_name: str | None = None
-        model_config = ck.config
         if form == "adapter":
-            ref = base
-            if ref is None and cfg is not None and cfg.base_model_name_or_path and \
-                    Path(cfg.base_model_name_or_path).exists():
-                ref = cfg.base_model_name_or_path
-            base_name = str(base) if base is not None else (cfg.base_model_name_or_path if cfg else None)
-            if ref is not None:
-                base_set, bconf, base_source = _open_base(ref, notes)
-                model_config = bconf or model_config
-            elif ck.config and (ck.root / "config.json").is_file():
-                base_set, model_config = _base_from_config(ck.root)
-                base_source = "config.json"
-                notes.append("base shapes from the config.json beside the adapter (meta-device model)")
-            else:
-                base_set = None
-                notes.append("base unknown (pass --base, a folder with weights or only config.json): "
-                             "base parameters, bytes and FLOPs are not reported")
+            named = str(base) if base is not None else (cfg.base_model_name_or_path if cfg else None)
+            b = _adapter_base(ck, base, named, notes)
         else:
-            base_set = {k: _t(ck.info(v)) for k, v in inv.base.items()}
-            base_source = "weights"
-        adapter_set: dict[str, _T] = {}
-        replace: dict[str, _T] = {}
-        mods = inv.modules(name) if name else {}
-        for m in mods.values():
-            for k in (m.a_key, m.b_key, m.bias_key, m.magnitude_key):
-                if k:
-                    adapter_set[k] = _t(ck.info(k))
-        saved_whole = inv.saved_layers.get(name or "", set())
-        for bk, k in inv.replace.get(name or "", {}).items():
-            adapter_set[k] = replace[bk] = _t(ck.info(k))
-        trained = {k for bk, k in inv.replace.get(name or "", {}).items() if bk not in saved_whole}
-        trained |= set(inv.tokens.get(name or "", {}).values())
-        if saved_whole:
-            notes.append("base layers saved whole in the adapter (PEFT's save_embedding_layers) are not trained: "
-                         "counted in bytes, not as LoRA parameters: " + ", ".join(sorted(saved_whole)))
-        for k in inv.tokens.get(name or "", {}).values():
-            adapter_set[k] = _t(ck.info(k))
-        others = [a for a in inv.adapters if a != name]
-        if others:
-            notes.append(f"other adapters in the checkpoint not counted: {', '.join(others)}")
-        if inv.tokens.get(name or ""):
-            notes.append("trainable-token deltas are counted as LoRA parameters (no FLOPs)")
-
-    shape = model_shape(model_config)
-    if base_set is not None and shape.vocab is None:
-        emb = [t for k, t in base_set.items() if _is_embedding(k) and len(t.shape) == 2]
+            b = _Base({k: _t(ck.info(v)) for k, v in inv.base.items()}, ck.config, "weights", None)
+        ad = _adapter(ck, inv, name, notes)
+        src_bytes = ck.dtypes()
+    shape = arch.model_shape(b.config, head_stored=b.tensors is not None and arch.HEAD_KEY in b.tensors)
+    if b.tensors is not None and shape.vocab is None:
+        emb = [t for k, t in b.tensors.items() if _is_embedding(k) and len(t.shape) == 2]
         shape.vocab = emb[0].shape[0] if emb else None
-    if cfg is not None and any(m.magnitude_key for m in mods.values()):
-        notes.append("DoRA: the unmerged forward also recomputes ‖W + s·B·A‖ per module each forward "
-                     "(2·r·d_in·d_out + element-wise, not per token; not counted)")
+    rows = _rows(form, b, ad, shape, seq_len, src_bytes, notes)
+    modules = _kinds(ad)
+    if set(ad.replace) - ad.saved_whole:
+        notes.append("modules_to_save copies are counted as LoRA parameters: " +
+                     ", ".join(sorted(module_of(k) for k in set(ad.replace) - ad.saved_whole)))
+    return Report(str(path), form, name, b.name, b.source, seq_len, shape, rows, modules, notes)
 
-    lora_params = sum(lora_module_params(m) for m in mods.values()) + sum(adapter_set[k].numel for k in trained)
-    lora_flops = sum(lora_module_flops(m) for m in mods.values())
-    merge_flops = sum(merge_module_flops(m) for m in mods.values())
+
+def _merged_tensors(b: _Base, ad: _Adapter) -> dict[str, _T] | None:
+    """The merged model's tensors: the base's, replacements written in the base's dtype."""
+    if b.tensors is None:
+        return None
+    merged = dict(b.tensors)
+    for bk, t in ad.replace.items():
+        old = b.tensors.get(bk)
+        dt = old.dtype if old is not None else t.dtype
+        size = old.nbytes // max(old.numel, 1) if old is not None and old.numel else t.nbytes // max(t.numel, 1)
+        merged[bk] = _T(t.shape, dt, t.numel * size)
+    return merged
+
+
+def _percent(a: int, b: int | None) -> float | None:
+    return round(100.0 * a / b, 4) if b else None
+
+
+def _rows(form: str, b: _Base, ad: _Adapter, shape: ModelShape, seq_len: int, src_bytes: dict[str, int],
+          notes: list[str]) -> list[FormRow]:
+    lora_params = sum(lora_module_params(m) for m in ad.modules.values()) + sum(ad.tensors[k].numel for k in ad.trained)
+    lora_flops = sum(lora_module_flops(m) for m in ad.modules.values())
     attn = attention_flops(shape, seq_len)
     if attn is None:
         notes.append("config.json lacks layers/heads: attention FLOPs not reported")
-    attn_n = attn or 0
-
-    merged_set: dict[str, _T] | None = None
-    if base_set is not None:
-        merged_set = dict(base_set)
-        for bk, t in replace.items():
-            old = base_set.get(bk)
-            dt = old.dtype if old is not None else t.dtype
-            size = old.nbytes // max(old.numel, 1) if old is not None and old.numel else t.nbytes // max(t.numel, 1)
-            merged_set[bk] = _T(t.shape, dt, t.numel * size)
-    base_params = _params(base_set, shape.tied) if base_set is not None else None
-    merged_params = _params(merged_set, shape.tied) if merged_set is not None else None
-    mm = _matmul_flops(merged_set, shape) if merged_set is not None else None
-    merged_total = mm + attn_n if mm is not None else None
-
-    def pct(a: int, b: int | None) -> float | None:
-        return round(100.0 * a / b, 4) if b else None
-
-    rows: list[FormRow] = []
-    adapter_bytes = _bytes(adapter_set) if form != "adapter" else src_bytes
-    base_bytes = _bytes(base_set) if base_set is not None else None
+    merged = _merged_tensors(b, ad)
+    base_params = _params(b.tensors, shape.tied) if b.tensors is not None else None
+    merged_params = _params(merged, shape.tied) if merged is not None else None
+    mm = _matmul_flops(merged, shape) if merged is not None else None
+    merged_total = mm + (attn or 0) if mm is not None else None
     if form == "plain":
-        rows.append(FormRow("plain", base_params, 0, base_params, 0.0 if base_params else None, src_bytes,
-                            sum(src_bytes.values()), sum(src_bytes.values()), mm, 0, attn, merged_total, 0.0,
-                            measured=True))
-    else:
-        if form == "unmerged":
-            ub: dict[str, int] | None = src_bytes
-        else:
-            ub = _add_bytes(base_bytes, adapter_bytes) if base_bytes is not None else None
-        total = base_params + lora_params if base_params is not None else None
-        rows.append(FormRow(
-            "unmerged", base_params, lora_params, total, pct(lora_params, base_params), ub or {},
-            sum(ub.values()) if ub else 0, sum(ub.values()) if ub else None, mm, lora_flops, attn,
-            merged_total + lora_flops if merged_total is not None else None, pct(lora_flops, merged_total),
-            measured=form == "unmerged"))
-        mb = _bytes(merged_set) if merged_set is not None else {}
-        rows.append(FormRow(
-            "merged", merged_params, 0, merged_params, 0.0 if merged_params is not None else None, mb,
-            sum(mb.values()), sum(mb.values()) if merged_set is not None else None, mm, 0, attn, merged_total,
-            0.0 if merged_total is not None else None))
-        ab = sum(adapter_bytes.values())
-        rows.append(FormRow(
-            "adapter", base_params, lora_params, total, pct(lora_params, base_params), adapter_bytes, ab,
-            ab + sum(base_bytes.values()) if base_bytes is not None else None, mm, 0, attn, merged_total,
-            0.0 if merged_total is not None else None, merge_flops=merge_flops, measured=form == "adapter"))
+        return [FormRow("plain", base_params, 0, base_params, 0.0 if base_params else None, src_bytes,
+                        sum(src_bytes.values()), sum(src_bytes.values()), mm, 0, attn, merged_total, 0.0,
+                        measured=True)]
+    adapter_bytes = _bytes(ad.tensors) if form != "adapter" else src_bytes
+    base_bytes = _bytes(b.tensors) if b.tensors is not None else None
+    ub = src_bytes if form == "unmerged" else (_add_bytes(base_bytes, adapter_bytes) if base_bytes else None)
+    total = base_params + lora_params if base_params is not None else None
+    mb = _bytes(merged) if merged is not None else {}
+    ab = sum(adapter_bytes.values())
+    return [
+        FormRow("unmerged", base_params, lora_params, total, _percent(lora_params, base_params), ub or {},
+                sum(ub.values()) if ub else 0, sum(ub.values()) if ub else None, mm, lora_flops, attn,
+                merged_total + lora_flops if merged_total is not None else None, _percent(lora_flops, merged_total),
+                measured=form == "unmerged"),
+        FormRow("merged", merged_params, 0, merged_params, 0.0 if merged_params is not None else None, mb,
+                sum(mb.values()), sum(mb.values()) if merged is not None else None, mm, 0, attn, merged_total,
+                0.0 if merged_total is not None else None),
+        FormRow("adapter", base_params, lora_params, total, _percent(lora_params, base_params), adapter_bytes, ab,
+                ab + sum(base_bytes.values()) if base_bytes is not None else None, mm, 0, attn, merged_total,
+                0.0 if merged_total is not None else None,
+                merge_flops=sum(merge_module_flops(m) for m in ad.modules.values()), measured=form == "adapter"),
+    ]
 
+
+def _kinds(ad: _Adapter) -> list[KindRow]:
     kinds: dict[str, KindRow] = {}
-    for m in mods.values():
-        k = kind_of(m.module)
-        row = kinds.setdefault(k, KindRow(k, 0, [], [], 0, 0, 0))
-        row.count += 1
-        if m.rank not in row.ranks:
-            row.ranks.append(m.rank)
-        if cfg is not None:
-            s = round(cfg.scaling_for(m.module, m.rank), 6)
-            if s not in row.scalings:
-                row.scalings.append(s)
-        row.lora_parameters += lora_module_params(m)
-        row.extra_flops += lora_module_flops(m)
-        row.merge_flops += merge_module_flops(m)
-    for bk, t in replace.items():
-        if bk in saved_whole:
-            continue
-        k = kind_of(_module_of(bk))
-        row = kinds.setdefault(k, KindRow(k, 0, [], [], 0, 0, 0))
-        row.lora_parameters += t.numel
-    for mod, key in inv.tokens.get(name or "", {}).items():
-        k = kind_of(mod)
-        row = kinds.setdefault(k, KindRow(k, 0, [], [], 0, 0, 0))
-        row.lora_parameters += adapter_set[key].numel
-    modules = [kinds[k] for k in KINDS if k in kinds]
-    for r in modules:
+
+    def row(module: str) -> KindRow:
+        k = arch.report_kind(module)
+        return kinds.setdefault(k, KindRow(k, 0, [], [], 0, 0, 0))
+
+    for m in ad.modules.values():
+        r = row(m.module)
+        r.count += 1
+        if m.rank not in r.ranks:
+            r.ranks.append(m.rank)
+        if m.scaling is not None and round(m.scaling, 6) not in r.scalings:
+            r.scalings.append(round(m.scaling, 6))
+        r.lora_parameters += lora_module_params(m)
+        r.extra_flops += lora_module_flops(m)
+        r.merge_flops += merge_module_flops(m)
+    for bk, t in ad.replace.items():
+        if bk not in ad.saved_whole:
+            row(module_of(bk)).lora_parameters += t.numel
+    for mod, key in ad.tokens.items():
+        row(mod).lora_parameters += ad.tensors[key].numel
+    out = [kinds[k] for k in arch.REPORT_KINDS if k in kinds]
+    for r in out:
         r.ranks.sort()
         r.scalings.sort()
-    if set(replace) - saved_whole:
-        notes.append("modules_to_save copies are counted as LoRA parameters: " +
-                     ", ".join(sorted(_module_of(k) for k in set(replace) - saved_whole)))
-    return Report(str(path), form, name, base_name, base_source, seq_len, shape, rows, modules, notes)
+    return out
 
 
 # -- rendering ------------------------------------------------------------------------------------
@@ -513,16 +462,6 @@ def _n(x: int | float | None) -> str:
     if isinstance(x, float):
         return f"{x:.3g}"
     return f"{x:,}"
-
-
-def _size(n: int | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n} B" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000  # type: ignore[assignment]
-    return str(n)
 
 
 def _pct(x: float | None) -> str:
@@ -535,12 +474,12 @@ def form_table(report: Report) -> tuple[list[str], list[list[str]]]:
             "total FLOPs/token", "overhead", "merge FLOPs (once)"]
     rows = []
     for r in report.rows:
-        by_dtype = ", ".join(f"{k} {_size(v)}" for k, v in sorted(r.bytes.items()))
-        disk = f"{_size(r.bytes_total)} ({by_dtype})" if by_dtype else "?"
+        by_dtype = ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(r.bytes.items()))
+        disk = f"{human_bytes(r.bytes_total)} ({by_dtype})" if by_dtype else "?"
         if r.bytes_total and not r.measured:
             disk += " est."
         rows.append([r.form, _n(r.base_parameters), _n(r.lora_parameters), _n(r.total_parameters),
-                     _pct(r.added_percent), disk, _size(r.load_bytes_total), _n(r.flops_base_matmul),
+                     _pct(r.added_percent), disk, human_bytes(r.load_bytes_total), _n(r.flops_base_matmul),
                      _n(r.flops_lora), _n(r.flops_attention), _n(r.flops_total), _pct(r.overhead_percent),
                      _n(r.merge_flops) if r.merge_flops is not None else "-"])
     return head, rows

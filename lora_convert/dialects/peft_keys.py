@@ -1,4 +1,4 @@
-"""One grammar for every state-dict key PEFT writes.
+"""PEFT's key grammar: one parser for every state-dict key PEFT writes, and its inverse.
 
 A key is parsed into the *module* it belongs to (the path of the module in the base
 model, e.g. ``model.layers.0.self_attn.q_proj``), its *role* (base weight, ``lora_A``,
@@ -45,7 +45,6 @@ class Role(str, Enum):
 
 
 LORA_ROLES = frozenset({Role.LORA_A, Role.LORA_B, Role.EMBED_A, Role.EMBED_B, Role.MAGNITUDE})
-ADAPTER_ROLES = LORA_ROLES | {Role.MODULES_TO_SAVE, Role.TOKENS_DELTA}
 
 
 @dataclass(frozen=True)
@@ -137,17 +136,3 @@ def format_key(
     if role is Role.ORIGINAL_MODULE:
         return f"{prefix}{module}.original_module.{param}"
     raise ValueError(role)
-
-
-_LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks|block|layer)\.(\d+)\.")
-
-
-def layer_index(module: str) -> int | None:
-    """Decoder-layer index of a module path (``model.layers.3.mlp.up_proj`` -> 3), if any."""
-    m = _LAYER_INDEX.search(f".{module}.")
-    return int(m.group(1)) if m else None
-
-
-def short_name(module: str) -> str:
-    """The last path component (``q_proj``), which is what ``target_modules`` usually names."""
-    return module.rsplit(".", 1)[-1]

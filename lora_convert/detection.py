@@ -8,10 +8,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .arch import short_name
 from .config import AdapterConfig
-from .inventory import Inventory, build_inventory
+from .inputs import load_source, resolve
+from .inventory import Inventory
 from .io.reader import Checkpoint, open_checkpoint
-from .keys import short_name
 
 
 @dataclass
@@ -54,6 +55,7 @@ class DetectResult:
     tensors: int
     total_bytes: int
     dtypes: dict[str, int]
+    dialect: str = "peft"
     adapters: list[AdapterSummary] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     differs_from_base: list[str] = field(default_factory=list)
@@ -77,7 +79,7 @@ def _summarise(ck: Checkpoint, inv: Inventory, name: str, cfg: AdapterConfig | N
     mg = []
     for g, ms in sorted(groups.items()):
         alphas = sorted({cfg.alpha_for(m.module) for m in ms}) if cfg else []
-        scal = sorted({round(cfg.scaling_for(m.module, m.rank), 6) for m in ms}) if cfg else []
+        scal = sorted({round(m.scaling, 6) for m in ms if m.scaling is not None})
         mg.append(ModuleGroup(g, len(ms), sorted({m.layer for m in ms if m.layer is not None}),
                               sorted({m.rank for m in ms}), alphas, scal))
     replace = inv.replace.get(name, {})
@@ -122,26 +124,23 @@ def _summarise(ck: Checkpoint, inv: Inventory, name: str, cfg: AdapterConfig | N
 
 def detect(path: str | Path, *, base: str | Path | None = None, adapter: str | None = None) -> DetectResult:
     """Say which form ``path`` is in: adapter, unmerged, plain (or, with ``base``: base, merged, fine-tuned)."""
-    from .sources import resolve
-
-    p = resolve(path, what="checkpoint")
-    with open_checkpoint(p, adapter_name=adapter) as ck:
-        inv = build_inventory(ck)
-        cfg = AdapterConfig.load(ck.adapter_config_path) if ck.adapter_config_path else None
+    ck, inv = load_source(path, adapter=adapter)
+    with ck:
         warnings: list[str] = []
-        if inv.form in ("adapter", "unmerged") and cfg is None:
+        if inv.form in ("adapter", "unmerged") and not inv.configs:
             warnings.append("no adapter_config.json: rank comes from the tensors, alpha and scaling are unknown")
         res = DetectResult(
             form=inv.form, path=str(path), layout=ck.layout,
             files=[str(f.relative_to(ck.root)) if f.is_relative_to(ck.root) else str(f) for f in ck.files],
-            tensors=len(ck.tensors), total_bytes=ck.total_bytes, dtypes=ck.dtypes(), warnings=warnings,
+            tensors=len(ck.tensors), total_bytes=ck.total_bytes, dtypes=ck.dtypes(), dialect=inv.dialect,
+            warnings=warnings,
         )
         for name in inv.adapters:
-            res.adapters.append(_summarise(ck, inv, name, cfg, warnings))
+            res.adapters.append(_summarise(ck, inv, name, inv.config(name), warnings))
         if inv.old_layout:
             warnings.append("older PEFT layout: base weights at <module>.weight beside the LoRA tensors")
         if base is not None and inv.form == "plain":
-            _compare_with_base(ck, resolve(base, what="base"), res)
+            _compare_with_base(ck, resolve(base), res)
     return res
 
 
@@ -149,7 +148,7 @@ def _compare_with_base(ck: Checkpoint, base_path: Path, res: DetectResult) -> No
     """Tensor-by-tensor comparison with a base: equal everywhere is ``base``; a difference of low
     effective rank in every changed weight is ``merged`` (a LoRA folded in); anything else —
     full-rank changes, or only norms/biases/resized tables — is ``fine-tuned``."""
-    from .extract import analyse_difference  # effective rank per module; imported late (SVD code)
+    from .compare import analyse_difference  # effective rank per module; imported late (torch, SVD)
 
     with open_checkpoint(base_path) as b:
         res.base_comparison = analyse_difference(ck, b)

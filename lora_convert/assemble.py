@@ -1,0 +1,100 @@
+"""One output-folder assembly for every route: the plan's tensors through the pipeline into a
+safetensors sink, then carried files, config edits, the adapter config and the model card — all in a
+temporary folder that is renamed into place only when complete (:class:`~.io.output.AtomicOutput`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .card import render_card
+from .folder import carry_files, read_json, update_config, write_json
+from .io.output import AtomicOutput, stale_note
+from .io.writer import SafetensorsSink
+from .pipeline import execute
+from .progress import progress_bar
+from .routes.extract import Extraction
+from .routes.plan import Plan, Request
+
+UNSHARDED = 10**15  # an adapter is one file whatever its size, as PEFT writes it
+
+
+@dataclass
+class ConvertResult:
+    """What a conversion wrote.  ``extraction`` holds the SVD route's per-module report (None elsewhere)."""
+
+    output: str
+    route: str
+    source_form: str
+    target_form: str
+    files: list[str]
+    tensors: int
+    total_bytes: int
+    ops: dict[str, int]
+    config_changes: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    extraction: Extraction | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat JSON-able dict; the extraction's fields sit beside the common ones."""
+        d = {k: v for k, v in asdict(self).items() if k != "extraction"}
+        if self.extraction is not None:
+            d.update(self.extraction.to_dict())
+        return d
+
+
+def write_output(plan: Plan, req: Request, *, output: str | Path, force: bool, max_shard_size: str | int,
+                 progress: bool, command: str | None, started: float) -> ConvertResult:
+    """Write ``plan`` into ``output`` atomically and say what was written."""
+    inputs = [req.source.root] + ([req.base.root] if req.base is not None else [])
+    out = AtomicOutput(output, force=force, inputs=inputs)
+    with out as tmp:
+        sink = SafetensorsSink(tmp, max_shard_size=max_shard_size if plan.sharded else UNSHARDED, stem=plan.stem)
+        planned = sum(j.planned.nbytes for j in plan.jobs if j.writes)
+        with progress_bar(progress, planned, "writing") as advance:
+            files = execute(plan.jobs, sink, progress=advance)
+        files += _side_files(tmp, plan)
+        total = sum((tmp / f).stat().st_size for f in files)
+        _write_card(tmp, plan, req, command, total)
+        n_tensors = sum(1 for j in plan.jobs if j.writes)
+        result = ConvertResult(str(output), f"{req.inventory.form}->{plan.target_form}", req.inventory.form,
+                               plan.target_form, sorted(set(files)), n_tensors, total, plan.ops(),
+                               plan.config_changes, list(plan.warnings), extraction=plan.extraction)
+    if out.stale_removed:
+        result.warnings.append(stale_note(out.stale_removed))
+    result.seconds = round(time.perf_counter() - started, 3)
+    return result
+
+
+def _side_files(tmp: Path, plan: Plan) -> list[str]:
+    """Carried config/tokenizer files, config edits and the adapter config; returns the names counted as
+    the output's files (the adapter config; carried files are not counted)."""
+    carry_files(plan.carry_from, tmp)
+    for folder in plan.tokenizer_from:
+        carry_files(folder, tmp, only_tokenizer=True)  # a resized vocab ships its tokenizer
+    update_config(tmp, plan.config_changes)
+    if plan.adapter_config is None:
+        return []
+    write_json(tmp / "adapter_config.json", plan.adapter_config)
+    return ["adapter_config.json"]
+
+
+def _write_card(tmp: Path, plan: Plan, req: Request, command: str | None, total: int) -> None:
+    if plan.card_lines is not None:
+        summary = plan.card_lines(total)
+    else:
+        n = sum(1 for j in plan.jobs if j.writes)
+        summary = [f"source: `{req.ref}` ({req.inventory.form} form)", f"{n} tensors written"]
+        summary += [f"{k}: {v}" for k, v in sorted(plan.ops().items())] + plan.warnings
+    base_model = plan.base_model
+    if base_model is None:
+        base_model = req.base_ref if req.base_ref is not None else (
+            req.config.base_model_name_or_path if req.config else None)
+    card = render_card(form=plan.target_form, base_model=base_model,
+                       model_config=read_json(tmp / "config.json") or plan.card_config or req.model_config,
+                       command=command, summary=summary, tables=plan.card_tables)
+    (tmp / "README.md").write_text(card, encoding="utf-8")

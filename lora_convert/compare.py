@@ -1,0 +1,113 @@
+"""``detect --base``: how a plain checkpoint differs from a base, tensor by tensor — which tensors
+changed, which module kinds in which layers, and the effective rank of each change (a merged LoRA
+shows a low rank, a full fine-tune does not)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from . import svd
+from .arch import config_value, layer_index, short_name, tensor_kind
+from .difference import DELTA_BLOCK, difference
+from .fmt import ranges
+from .io.reader import Checkpoint
+
+
+def analyse_difference(tuned_ck: Checkpoint, base_ck: Checkpoint, *, energy: float = 0.999,
+                       k: int = 64) -> dict[str, Any]:
+    """Which tensors differ from the base, which module kinds in which layers, and the effective rank."""
+    model_config = tuned_ck.config or base_ck.config
+    vocab = config_value(model_config, "vocab_size")
+    changed: list[str] = []
+    modules: dict[str, dict[str, Any]] = {}
+    names = [n for n in tuned_ck.tensors if n in base_ck.tensors]
+    for name in tuned_ck.tensors:
+        if name not in base_ck.tensors:
+            changed.append(name)
+    for name in names:
+        ta, tb = tuned_ck.info(name), base_ck.info(name)
+        if ta.shape != tb.shape:
+            changed.append(name)
+            modules[name] = {"kind": "resized", "shape": [list(tb.shape), list(ta.shape)]}
+            continue
+        kind = tensor_kind(name, tuple(ta.shape), vocab)
+        factor = kind != "other" and ta.is_float and tb.is_float
+        d = difference(tuned_ck, base_ck, name, keep=factor)
+        if d is None:
+            continue
+        changed.append(name)
+        entry: dict[str, Any] = {"kind": kind, "shape": list(ta.shape)}
+        if factor:
+            er, gap = svd.effective_rank(d, energy, k=k)
+            entry.update(rank_at_energy=er, rank_at_gap=gap,
+                         relative_change=(svd.frobenius_sq(d) / max(_frobenius_sq_stored(tuned_ck, name), 1e-300)) ** 0.5)
+        del d
+        modules[name] = entry
+    changed += [n for n in base_ck.tensors if n not in tuned_ck.tensors]
+    return {"changed": changed, "modules": modules, "k": k,
+            "summary": _summary(changed, modules, model_config, energy, k)}
+
+
+def _frobenius_sq_stored(ck: Checkpoint, name: str) -> float:
+    """‖W‖²_F of a stored tensor, read in row blocks (fp64 accumulation)."""
+    info = ck.info(name)
+    rows = info.shape[0] if info.shape else 1
+    step = max(1, DELTA_BLOCK // max(1, info.nbytes // max(1, rows)))
+    if not info.shape:
+        return svd.frobenius_sq(ck.read(name).to(torch.float32))
+    return sum(svd.frobenius_sq(ck.read_rows(name, s, s + step).to(torch.float32)) for s in range(0, rows, step))
+
+
+def _summary(changed: list[str], modules: dict[str, dict[str, Any]], model_config: dict[str, Any] | None,
+             energy: float, k: int) -> str:
+    if not changed:
+        return "identical to the base"
+    n_layers = config_value(model_config, "num_hidden_layers")
+    kinds: dict[str, set[int]] = {}
+    outside: list[str] = []
+    ranks: list[int | None] = []
+    gaps: list[int | None] = []
+    other = 0
+    for name, e in modules.items():
+        if e["kind"] == "other":
+            other += 1
+            continue
+        mod = name[: -len(".weight")] if name.endswith(".weight") else name
+        li = layer_index(mod)
+        if li is None:
+            outside.append(short_name(mod))
+        else:
+            kinds.setdefault(short_name(mod), set()).add(li)
+        if e["kind"] != "resized":
+            ranks.append(e.get("rank_at_energy"))
+            gaps.append(e.get("rank_at_gap"))
+    parts = []
+    by_layers: dict[tuple[int, ...], list[str]] = {}
+    for kname, ls in sorted(kinds.items()):
+        by_layers.setdefault(tuple(sorted(ls)), []).append(kname)
+    for ls, knames in by_layers.items():
+        if n_layers and len(ls) == n_layers:
+            where = f"in all {n_layers} layers"
+        else:
+            where = f"in layers {ranges(list(ls))}"
+        parts.append(f"{', '.join(knames)} {where}")
+    if outside:
+        parts.append(", ".join(sorted(set(outside))))
+    text = "; ".join(parts) + " changed" if parts else "only tensors a LoRA cannot carry changed"
+    if other:
+        text += f" (+{other} norm/bias/1-D tensor(s))"
+    if ranks:
+        if all(r is not None for r in ranks):
+            rmax = max(r for r in ranks if r is not None)
+            text += f"; rank ≤ {rmax} at {energy * 100:g}% energy"
+            if rmax <= k // 2:
+                text += f": looks like a merged LoRA of r={rmax}"
+        else:
+            text += f"; rank > {k} at {energy * 100:g}% energy in some modules (a full fine-tune, or rounding noise)"
+            known_gaps = [g for g in gaps if g is not None]
+            if known_gaps and len(known_gaps) == len(gaps):
+                text += f"; but the spectrum drops by ≥10× after rank {max(known_gaps)}: likely a merged LoRA of " \
+                        f"r={max(known_gaps)} plus rounding"
+    return text

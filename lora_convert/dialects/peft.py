@@ -1,0 +1,132 @@
+"""PEFT's layouts — the saved adapter (``adapter_model.safetensors``) and the in-model state dict of an
+unmerged checkpoint — read into an :class:`~lora_convert.inventory.Inventory`.
+
+Keys are parsed by :mod:`.peft_keys`; ranks come from the tensors, ``lora_alpha``/patterns/rsLoRA from
+``adapter_config.json`` (:class:`~lora_convert.config.AdapterConfig`), resolved per module here so that
+every route reads one number, :attr:`LoraModule.scaling`.
+"""
+
+from __future__ import annotations
+
+from ..config import AdapterConfig
+from ..errors import AdapterError
+from ..inventory import DEFAULT_ADAPTER, Inventory, LoraModule
+from ..io.reader import Checkpoint
+from .peft_keys import ParsedKey, Role, parse_key
+
+_FACTOR_ROLES = (Role.LORA_A, Role.LORA_B, Role.EMBED_A, Role.EMBED_B)
+
+
+class PeftDialect:
+    """PEFT's key layouts (every version since 0.7, the older in-model one too).  Claims anything: the
+    fallback dialect, under which a checkpoint without LoRA keys is a plain model."""
+
+    name = "peft"
+
+    def claims(self, ck: Checkpoint) -> bool:
+        return True
+
+    def read(self, ck: Checkpoint) -> Inventory:
+        inv = build_inventory(ck)
+        if inv.form == "plain":
+            return inv
+        cfg = AdapterConfig.load(ck.adapter_config_path) if ck.adapter_config_path else None
+        if cfg is None and inv.form == "adapter":
+            raise AdapterError("adapter_config.json is missing", path=ck.root,
+                               hint="an adapter needs the adapter_config.json PEFT writes beside its weights")
+        if cfg is not None:
+            for name in inv.adapters:
+                inv.configs[name] = cfg
+                for m in inv.modules(name).values():
+                    m.scaling = cfg.scaling_for(m.module, m.rank)
+        return inv
+
+
+def _form(ck: Checkpoint, parsed: list[ParsedKey]) -> str:
+    """adapter | unmerged | plain, from the key names (and the file name: adapter_model.*)."""
+    if not any(p.role.is_lora or p.role in (Role.TOKENS_DELTA, Role.MODULES_TO_SAVE) for p in parsed):
+        return "plain"
+    if ck.kind == "adapter":
+        return "adapter"
+    named = any(p.adapter for p in parsed if p.role in _FACTOR_ROLES)
+    if named or any(p.role is Role.ORIGINAL_MODULE for p in parsed):
+        return "unmerged"  # in-model layout: PEFT keeps adapter names only inside the model
+    # saved layout without names: an adapter stored under a model-like file name, unless the base is there too
+    lora_modules = {p.module for p in parsed if p.role.is_lora}
+    plain = {p.module for p in parsed if p.role is Role.BASE and not p.via_base_layer}
+    via_base_layer = any(p.via_base_layer for p in parsed)
+    return "unmerged" if via_base_layer and len(plain - lora_modules) > len(lora_modules) else "adapter"
+
+
+def build_inventory(ck: Checkpoint) -> Inventory:
+    """Sort every tensor of ``ck`` into base / LoRA / replacement (scaling left unset: see
+    :meth:`PeftDialect.read`).  Raises AdapterError for half-present LoRA pairs (lora_A without lora_B, ...)."""
+    parsed = [parse_key(k) for k in ck.tensors]
+    form = _form(ck, parsed)
+    inv = Inventory(form=form, prefixed=any(p.prefixed for p in parsed))
+    fallback = ck.adapter_name or DEFAULT_ADAPTER
+    parts: dict[tuple[str, str], dict[Role, ParsedKey]] = {}
+    bias_parts: dict[tuple[str, str], ParsedKey] = {}
+    for p in parsed:
+        ad = p.adapter or fallback
+        if p.role.is_lora:
+            if p.role is Role.LORA_B and p.param == "bias":
+                bias_parts[(ad, p.module)] = p
+            elif p.role is Role.LORA_A and p.param == "bias":
+                raise AdapterError("lora_A has no bias in PEFT's LoRA", path=ck.root, tensor=p.key)
+            else:
+                parts.setdefault((ad, p.module), {})[p.role] = p
+        elif p.role is Role.TOKENS_DELTA:
+            inv.tokens.setdefault(ad, {})[p.module] = p.key
+        elif p.role is Role.MODULES_TO_SAVE:
+            inv.replace.setdefault(ad, {})[p.base_key] = p.key
+        elif p.role is Role.ORIGINAL_MODULE:
+            inv.base[p.base_key] = p.key
+        elif form == "adapter":
+            # In a saved adapter every non-LoRA tensor replaces a base tensor: modules_to_save,
+            # embedding layers saved whole (resized vocab), biases with bias="all"/"lora_only".
+            inv.replace.setdefault(fallback, {})[p.base_key] = p.key
+            if p.via_base_layer:
+                inv.saved_layers.setdefault(fallback, set()).add(p.base_key)
+        elif not (p.base_key in inv.base and not p.via_base_layer):  # original_module already gave the base value
+            inv.base[p.base_key] = p.key
+    for (ad, module), roles in sorted(parts.items()):
+        inv.lora.setdefault(ad, {})[module] = _module(ck, ad, module, roles, bias_parts.pop((ad, module), None))
+    for (_, module), p in bias_parts.items():
+        raise AdapterError(f"lora_B.bias without lora_A/lora_B for module {module}", path=ck.root, tensor=p.key)
+    if form == "unmerged":
+        inv.old_layout = not any(p.via_base_layer for p in parsed) and any(
+            f"{m.module}.weight" in inv.base for mods in inv.lora.values() for m in mods.values())
+    return inv
+
+
+def _module(ck: Checkpoint, adapter: str, module: str, roles: dict[Role, ParsedKey],
+            bias: ParsedKey | None) -> LoraModule:
+    """One LoRA module from its keys, after checking that the factors fit each other."""
+    a = roles.get(Role.LORA_A) or roles.get(Role.EMBED_A)
+    b = roles.get(Role.LORA_B) or roles.get(Role.EMBED_B)
+    if a is None or b is None:
+        have = next(iter(roles.values()))
+        missing = "lora_A" if a is None else "lora_B"
+        if Role.EMBED_A in roles or Role.EMBED_B in roles:
+            missing = "lora_embedding_A" if a is None else "lora_embedding_B"
+        raise AdapterError(f"{missing} is missing for module {module}", path=ck.root, tensor=have.key)
+    embedding = a.role is Role.EMBED_A
+    if embedding != (b.role is Role.EMBED_B):
+        raise AdapterError(f"mixes lora_A/B with lora_embedding_A/B for module {module}", path=ck.root, tensor=a.key)
+    ia, ib = ck.info(a.key), ck.info(b.key)
+    if len(ia.shape) != 2 or len(ib.shape) != 2:
+        raise AdapterError(f"LoRA factors must be 2-D, got {list(ia.shape)} and {list(ib.shape)}",
+                           path=ck.root, tensor=a.key)
+    r_a, r_b = ia.shape[0], ib.shape[1]
+    if r_a != r_b:
+        raise AdapterError(f"rank mismatch: A has {r_a} rows, B has {r_b} columns", path=ck.root, tensor=a.key)
+    if r_a == 0:
+        raise AdapterError("rank 0", path=ck.root, tensor=a.key)
+    mag = roles.get(Role.MAGNITUDE)
+    m = LoraModule(module, adapter, "embedding" if embedding else "linear", a.key, b.key, r_a,
+                   ia.shape[1], ib.shape[0], bias.key if bias else None, mag.key if mag else None)
+    if mag is not None and ck.info(mag.key).shape != (m.out_features,):
+        raise AdapterError(f"DoRA magnitude has shape {list(ck.info(mag.key).shape)}, expected "
+                           f"[{m.out_features}]", path=ck.root, tensor=mag.key)
+    return m

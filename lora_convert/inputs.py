@@ -1,0 +1,60 @@
+"""Where a checkpoint comes from: a local path or a Hub repo id, opened and read by its dialect.
+
+Shared by every command, below the API and above the I/O.  Torch-free.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .dialects import read_inventory
+from .errors import RouteError
+from .inventory import Inventory
+from .io.reader import Checkpoint, open_checkpoint
+
+
+def resolve(ref: str | Path) -> Path:
+    """A local path as it is, or a Hub repo id (``org/name[@revision]``) fetched into the cache."""
+    p = Path(ref)
+    if p.exists():
+        return p
+    from .io.hub import is_repo_id, resolve_checkpoint
+
+    if is_repo_id(str(ref).split("@", 1)[0]):
+        return resolve_checkpoint(str(ref))
+    return p
+
+
+def load_source(ref: str | Path, *, adapter: str | None = None) -> tuple[Checkpoint, Inventory]:
+    """Open a checkpoint and read it in its dialect (an adapter's config is part of the inventory)."""
+    ck = open_checkpoint(resolve(ref), adapter_name=adapter)
+    try:
+        return ck, read_inventory(ck)
+    except BaseException:
+        ck.close()
+        raise
+
+
+def open_plain(ref: str | Path, what: str) -> Checkpoint:
+    """A base (or tuned) model: a checkpoint without LoRA tensors."""
+    ck, inv = load_source(ref)
+    if inv.form != "plain":
+        ck.close()
+        raise RouteError(f"{what} holds LoRA tensors itself", path=ck.root,
+                         hint="give the plain base model as --base" if what == "the base" else
+                         "extract works on two plain checkpoints (merge an adapter first)")
+    return ck
+
+
+def pick_adapter(inv: Inventory, want: str | None, ck: Checkpoint) -> str:
+    """The adapter a command works on: the one asked for, or the only one there is."""
+    names = inv.adapters
+    if want is not None:
+        if want in names or (ck.adapter_name == want):
+            return want
+        if inv.form == "adapter" and len(names) == 1:
+            return names[0]
+        raise RouteError(f"no adapter named {want!r} (found: {', '.join(names) or 'none'})", path=ck.root)
+    if len(names) > 1:
+        raise RouteError(f"holds several adapters: {', '.join(names)}", path=ck.root, hint="choose one with --adapter")
+    return names[0] if names else "default"

@@ -1,0 +1,523 @@
+"""plain (tuned or merged) + base -> adapter: a PEFT LoRA adapter with ``ΔW ≈ B·A`` by SVD.
+
+Two passes through the pipeline.  The first runs one job per changed tensor: its row blocks are read
+ahead from both files (the reader stage), ΔW is formed in fp32 (:mod:`..difference`), factored
+(:mod:`..svd`) and dropped, keeping only the thin factors.  The second writes the adapter: the factors,
+and tensors saved whole, streamed from the tuned checkpoint.
+
+GPT-2-style ``Conv1D`` weights are stored (in, out): their ΔW is factored in the (out, in) view that
+PEFT's ``B·A`` describes, and ``fan_in_fan_out`` is set.
+
+Adapter layout (what ``PeftModel.from_pretrained(base, OUT)`` loads with no missing or unexpected keys):
+
+* ``target_modules`` is one regex that fullmatches exactly the modules we factored;
+* ``lora_alpha == r`` for every module (``alpha_pattern`` mirrors ``rank_pattern``), so scaling is 1;
+* ``rank_pattern`` keys are escaped full module paths, matching one module each under PEFT's
+  ``re.match(rf"(.*\\.)?({key})$", name)``;
+* input embeddings get ``lora_embedding_A`` (r, vocab) / ``lora_embedding_B`` (dim, r) with
+  ``ΔW = (B·A)ᵀ``; ``lm_head`` an ordinary ``lora_A``/``lora_B``; ``--embeddings full`` and a
+  resized vocabulary save the tuned matrix whole through ``modules_to_save``;
+* with tied embeddings (no ``lm_head.weight`` stored), ``ensure_weight_tying`` makes PEFT apply the
+  embedding's delta to the output head too, as in the tuned model;
+* when the bias of a factored module changed, ``bias="lora_only"`` and ``<module>.base_layer.bias`` for
+  every factored module that has a bias (what PEFT itself saves in that mode).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .. import arch, svd
+from ..config import AdapterConfig
+from ..dialects.peft_keys import PEFT_PREFIX, Role, format_key
+from ..difference import Difference, row_blocks
+from ..errors import RouteError
+from ..io.reader import Checkpoint
+from ..pipeline import Buffers, Job, Read, execute
+from ..progress import progress_bar
+from .common import copy_job
+from .plan import Plan, Request
+
+FP32 = torch.float32
+EMBEDDING_MODES = ("lora", "full", "skip")
+FACTOR_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SVD_METHODS = ("auto", "exact", "randomized")
+
+
+# -- options ----------------------------------------------------------------------------------
+
+@dataclass
+class ExtractOptions:
+    """How to factor: one criterion (``rank``, ``energy`` or ``max_error``; rank 16 when none is given)
+    capped at ``max_rank``; which tensors (``include``/``exclude`` regexes, ``layers`` "0-15,20",
+    ``embeddings`` lora|full|skip, ``save_other``); the solver (``svd``, ``device``, ``seed``); and the
+    dtype of the written factors (``dtype``: fp32, bf16, fp16)."""
+
+    rank: int | None = None
+    energy: float | None = None
+    max_error: float | None = None
+    max_rank: int = 128
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+    layers: str | None = None
+    embeddings: str = "lora"
+    svd: str = "auto"
+    device: str = "cpu"
+    seed: int = 0
+    save_other: bool = False
+    dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        self.include, self.exclude = list(self.include), list(self.exclude)
+
+    def validate(self) -> ExtractOptions:
+        """Check every option (RouteError naming it); the default criterion is rank 16."""
+        chosen = [x is not None for x in (self.rank, self.energy, self.max_error)]
+        if sum(chosen) > 1:
+            raise RouteError("give at most one of --rank, --energy, --max-error")
+        if not any(chosen):
+            self.rank = 16
+        checks = [
+            (self.rank is None or self.rank >= 1, "--rank must be at least 1"),
+            (self.energy is None or 0 < self.energy <= 1, "--energy must be in (0, 1]"),
+            (self.max_error is None or 0 <= self.max_error < 1, "--max-error must be in [0, 1)"),
+            (self.max_rank >= 1, "--max-rank must be at least 1"),
+            (self.embeddings in EMBEDDING_MODES, f"--embeddings must be one of {', '.join(EMBEDDING_MODES)}"),
+            (self.dtype in FACTOR_DTYPES, f"--dtype must be one of {', '.join(FACTOR_DTYPES)} for the adapter's factors"),
+            (self.svd in SVD_METHODS, "--svd must be auto, exact or randomized"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RouteError(message)
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise RouteError("--device cuda: no CUDA device is available", hint="use --device cpu")
+        self.patterns()
+        parse_layers(self.layers)
+        return self
+
+    def patterns(self) -> tuple[list[re.Pattern[str]], list[re.Pattern[str]]]:
+        try:
+            return [re.compile(p) for p in self.include], [re.compile(p) for p in self.exclude]
+        except re.error as e:
+            raise RouteError(f"bad --include/--exclude regex: {e}") from None
+
+    def criterion(self) -> str:
+        if self.energy is not None:
+            return f"energy {self.energy}"
+        if self.max_error is not None:
+            return f"max error {self.max_error}"
+        return f"rank {self.rank}"
+
+
+def parse_layers(spec: str | None) -> set[int] | None:
+    """``"0-15,20"`` -> {0..15, 20}."""
+    if spec is None or str(spec).strip() == "":
+        return None
+    out: set[int] = set()
+    for part in str(spec).split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)\s*-\s*(\d+)|(\d+)", part)
+        if not m:
+            raise RouteError(f"--layers: cannot read {part!r} (use e.g. 0-15,20)")
+        if m.group(3) is not None:
+            out.add(int(m.group(3)))
+        else:
+            a, b = int(m.group(1)), int(m.group(2))
+            if b < a:
+                raise RouteError(f"--layers: empty range {part!r}")
+            out.update(range(a, b + 1))
+    return out
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+@dataclass
+class ModuleReport:
+    module: str
+    kind: str  # linear | embedding | lm_head
+    shape: list[int]
+    rank: int
+    energy: float  # fraction of ‖ΔW‖²_F kept
+    error: float  # ‖ΔW − B·A‖_F / ‖ΔW‖_F, measured on the factors written
+    method: str  # exact | randomized
+    capped: bool = False  # --max-rank (or the matrix size) stopped short of the target
+    seconds: float = 0.0
+
+
+@dataclass
+class Extraction:
+    """What the SVD route did, module by module."""
+
+    modules: list[ModuleReport]
+    skipped: list[dict[str, str]]  # {"tensor":..., "reason":...}: changed but not in the adapter
+    saved_whole: list[dict[str, str]]  # {"module":..., "reason":...}: in modules_to_save
+    adapter_parameters: int
+    worst_error: float
+    mean_error: float
+    options: dict[str, Any]
+    carried_biases: list[str] = field(default_factory=list)  # <module>.bias saved as base_layer.bias (lora_only)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def markdown_table(self) -> str:
+        rows = ["| module | shape | rank | energy kept | rel. error | method |", "|---|---|---|---|---|---|"]
+        for m in self.modules:
+            rows.append(f"| `{m.module}` | {m.shape[0]}×{m.shape[1]} | {m.rank}{' (capped)' if m.capped else ''} | "
+                        f"{m.energy:.6f} | {m.error:.3e} | {m.method} |")
+        for s in self.saved_whole:
+            rows.append(f"| `{s['module']}` | whole | – | 1 | 0 | modules_to_save: {s['reason']} |")
+        for b in self.carried_biases:
+            rows.append(f"| `{b}` | whole | – | 1 | 0 | bias of a LoRA module (bias=lora_only) |")
+        for s in self.skipped:
+            rows.append(f"| `{s['tensor']}` | – | – | 0 | 1 | skipped: {s['reason']} |")
+        return "\n".join(rows)
+
+    def summary_lines(self, total_bytes: int) -> list[str]:
+        lines = [f"{len(self.modules)} modules factored; adapter parameters: {self.adapter_parameters:,}; "
+                 f"size on disk: {total_bytes:,} bytes",
+                 f"relative Frobenius error: worst {self.worst_error:.3e}, mean {self.mean_error:.3e}"]
+        if self.saved_whole:
+            lines.append("saved whole (modules_to_save): " + ", ".join(s["module"] for s in self.saved_whole))
+        if self.carried_biases:
+            lines.append(f"{len(self.carried_biases)} bias(es) of LoRA modules saved whole (bias='lora_only'), "
+                         "since some changed")
+        if self.skipped:
+            lines.append(f"{len(self.skipped)} changed tensor(s) not in the adapter: " + "; ".join(
+                f"{s['tensor']} ({s['reason']})" for s in self.skipped[:12]) + (" …" if len(self.skipped) > 12 else ""))
+        return lines
+
+
+# -- classifying tensors ----------------------------------------------------------------------------
+
+@dataclass
+class _Task:
+    name: str  # tensor name in the tuned checkpoint
+    module: str
+    kind: str  # linear | embedding | lm_head | full | skip-* (see _SKIP_REASONS)
+
+
+_SKIP_REASONS = {"skip-embedding": "--embeddings skip", "skip-layers": "outside --layers",
+                 "skip-include": "not matched by --include", "skip-exclude": "matched by --exclude"}
+
+
+@dataclass
+class _Inputs:
+    """The tuned checkpoint's tensors, sorted."""
+
+    tasks: list[_Task]  # to factor, save whole or report, if changed
+    whole: list[tuple[str, str]]  # (module, reason) saved whole because their shape changed
+    skipped: list[dict[str, str]]
+    others: list[str]  # tensors a LoRA cannot carry: compared, reported (or saved with --save-other)
+    tied: bool
+
+
+def _classify(tk: Checkpoint, bk: Checkpoint, opts: ExtractOptions) -> _Inputs:
+    model_config = tk.config or bk.config
+    vocab = arch.config_value(model_config, "vocab_size")
+    inc, exc = opts.patterns()
+    layer_set = parse_layers(opts.layers)
+    heads_stored = any(arch.tensor_kind(n, tk.info(n).shape, vocab) == "lm_head" for n in tk.tensors)
+    out = _Inputs([], [], [], [], arch.ties_embeddings(model_config, heads_stored) and not heads_stored)
+    for name, info in tk.tensors.items():
+        kind = arch.tensor_kind(name, info.shape, vocab)
+        if name not in bk.tensors:
+            out.skipped.append({"tensor": name, "reason": "not in the base"})
+            continue
+        module = arch.module_of(name)
+        if kind == "other":
+            out.others.append(name)
+            continue
+        if bk.info(name).shape != info.shape:
+            change = f"shape changed {list(bk.info(name).shape)} -> {list(info.shape)}"
+            if kind in ("embedding", "lm_head") and opts.embeddings != "skip":
+                out.whole.append((module, f"{change} (vocabulary resized: resize the base's embeddings before "
+                                          "loading)"))
+            else:
+                out.skipped.append({"tensor": name, "reason": change})
+            continue
+        # --embeddings full/skip decide the embeddings and heads outright; everything that is to be
+        # decomposed (embeddings too, under --embeddings lora) goes through --include/--exclude, and
+        # decoder-layer modules through --layers.
+        if kind in ("embedding", "lm_head") and opts.embeddings != "lora":
+            kind = "skip-embedding" if opts.embeddings == "skip" else "full"
+        elif kind == "linear" and layer_set is not None and arch.layer_index(module) not in (None, *layer_set):
+            kind = "skip-layers"
+        elif inc and not any(p.search(module) for p in inc):
+            kind = "skip-include"
+        elif any(p.search(module) for p in exc):
+            kind = "skip-exclude"
+        out.tasks.append(_Task(name, module, kind))
+    for name in bk.tensors:
+        if name not in tk.tensors and not (out.tied and arch.tensor_kind(name, bk.info(name).shape, vocab) == "lm_head"):
+            out.skipped.append({"tensor": name, "reason": "in the base but not in the tuned checkpoint"})
+    return out
+
+
+# -- pass 1: differences and factors ---------------------------------------------------------------
+
+@dataclass
+class _Factored:
+    """The outcome of one task: None (unchanged), or changed; factors when it was factored."""
+
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, A) as written
+    report: ModuleReport | None = None
+
+
+def _difference_job(tk: Checkpoint, bk: Checkpoint, name: str, keep: bool,
+                    done: Any) -> Job:
+    """A job that forms ΔW of ``name`` from read-ahead blocks and hands it to ``done`` (None: unchanged)."""
+    blocks_ = row_blocks(tk.info(name))
+
+    def reads() -> list[Read]:
+        return [r for s, e in blocks_ for r in (Read(tk, name, s, e), Read(bk, name, s, e))]
+
+    def run(buf: Buffers) -> Iterator[torch.Tensor]:
+        d = Difference((tk, name), (bk, name), keep=keep)
+        for s, e in blocks_:
+            a = buf.read(Read(tk, name, s, e))
+            b = buf.read(Read(bk, name, s, e))
+            d.add(s, a, b)
+            buf.give_back(a)
+            buf.give_back(b)
+        done(d.result())
+        return
+        yield  # a generator that writes nothing
+
+    return Job(name, FP32, (), run, "factor", reads=reads, writes=False)
+
+
+def _factor(delta: torch.Tensor, task: _Task, opts: ExtractOptions, conv1d: bool) -> _Factored:
+    t1 = time.perf_counter()
+    if conv1d:  # GPT-2 Conv1D stores (in, out): factor the (out, in) view PEFT's B·A describes
+        delta = delta.T
+    delta = delta.to(torch.device(opts.device))
+    k = min(opts.rank if opts.rank is not None else opts.max_rank, opts.max_rank)
+    f = svd.factorise(delta, k, svd=opts.svd, seed=opts.seed)
+    r, capped = svd.pick_rank(f, rank=opts.rank, energy=opts.energy, max_error=opts.max_error, max_rank=opts.max_rank)
+    B, A = f.factors(r)
+    if FACTOR_DTYPES[opts.dtype] != FP32:  # measure what is written: rounded factors
+        B, A = B.to(FACTOR_DTYPES[opts.dtype]), A.to(FACTOR_DTYPES[opts.dtype])
+    err = _residual_error(delta, B.to(FP32), A.to(FP32), f.total_energy)
+    rep = ModuleReport(task.module, task.kind, list(delta.shape), r, f.energy_fraction(r), err, f.method, capped)
+    rep.seconds = round(time.perf_counter() - t1, 4)
+    return _Factored((B.cpu(), A.cpu()), rep)
+
+
+def _residual_error(delta: torch.Tensor, B: torch.Tensor, A: torch.Tensor, total: float) -> float:
+    """‖ΔW − B·A‖_F / ‖ΔW‖_F, in row blocks (measured, not estimated)."""
+    if total == 0:
+        return 0.0
+    acc = 0.0
+    step = max(1, (1 << 20) // max(1, delta.shape[1]))
+    for i in range(0, delta.shape[0], step):
+        r = torch.addmm(delta[i:i + step], B[i:i + step], A, alpha=-1)
+        acc += float(torch.sum(r * r))  # fp32 cascade sum per block, fp64 across blocks (see svd.frobenius_sq)
+    return (acc / total) ** 0.5
+
+
+def _first_pass(tk: Checkpoint, bk: Checkpoint, inputs: _Inputs, opts: ExtractOptions,
+                progress: bool) -> tuple[dict[int, _Factored], list[str]]:
+    """Factor every changed task; returns task index -> outcome (changed tasks only) and the changed 'others'."""
+    conv1d_model = arch.stores_conv1d(tk.config or bk.config)
+    outcomes: dict[int, _Factored] = {}
+    jobs: list[Job] = []
+    with progress_bar(progress, len(inputs.tasks) + len(inputs.others), "extracting", unit="items") as advance:
+        for i, task in enumerate(inputs.tasks):
+            factor = task.kind not in _SKIP_REASONS and task.kind != "full"
+
+            def done(delta: torch.Tensor | None, i: int = i, task: _Task = task, factor: bool = factor) -> None:
+                advance(1)
+                if delta is not None:
+                    conv1d = task.kind == "linear" and conv1d_model
+                    outcomes[i] = _factor(delta, task, opts, conv1d) if factor else _Factored()
+
+            jobs.append(_difference_job(tk, bk, task.name, factor, done))
+        others: dict[int, bool] = {}
+        for i, name in enumerate(inputs.others):
+            if tk.info(name).shape != bk.info(name).shape:
+                others[i] = True
+                advance(1)
+                continue
+
+            def other_done(delta: torch.Tensor | None, i: int = i) -> None:
+                advance(1)
+                others[i] = delta is not None
+
+            jobs.append(_difference_job(tk, bk, name, False, other_done))
+        execute(jobs, None, threads=torch.get_num_threads())  # the SVD's kernels take every core
+    changed_others = [name for i, name in enumerate(inputs.others) if others.get(i)]
+    return outcomes, changed_others
+
+
+# -- pass 2: the adapter ------------------------------------------------------------------------------
+
+@dataclass
+class _Adapter:
+    """The adapter being put together: output tensors in order (factors in memory, or tensors of the
+    tuned checkpoint copied whole), and what the config and the report say about them."""
+
+    tk: Checkpoint
+    entries: list[tuple[str, torch.Tensor | str]] = field(default_factory=list)
+    reports: list[ModuleReport] = field(default_factory=list)
+    lora_modules: list[str] = field(default_factory=list)
+    modules_to_save: list[str] = field(default_factory=list)
+    saved_whole: list[dict[str, str]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    carried: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    embed_lora: bool = False
+
+    def save_whole(self, module: str, reason: str, keys: list[str]) -> None:
+        self.modules_to_save.append(module)
+        self.saved_whole.append({"module": module, "reason": reason})
+        self.entries += [(f"{PEFT_PREFIX}{k}", k) for k in keys]
+
+    def add_factors(self, task: _Task, got: _Factored, tied: bool) -> None:
+        assert got.factors is not None and got.report is not None
+        B, A = got.factors
+        if task.kind == "embedding":  # ΔW (vocab, dim) = (B_e·A_e)ᵀ: B_e = Aᵀ (dim, r), A_e = Bᵀ (r, vocab)
+            self.entries += [(format_key(task.module, Role.EMBED_A), B.T.contiguous()),
+                             (format_key(task.module, Role.EMBED_B), A.T.contiguous())]
+            token_table = not arch.is_position_embedding(task.module)
+            self.embed_lora = self.embed_lora or token_table
+            if tied and token_table:  # the head shares the weight, so it shares the delta: lora_A = A, lora_B = B
+                self.entries += [(format_key("lm_head", Role.LORA_A), A), (format_key("lm_head", Role.LORA_B), B)]
+        else:
+            self.entries += [(format_key(task.module, Role.LORA_A), A), (format_key(task.module, Role.LORA_B), B)]
+        self.lora_modules.append(task.module)
+        self.reports.append(got.report)
+
+    def parameters(self) -> int:
+        return sum(v.numel() if isinstance(v, torch.Tensor) else self.tk.info(v).numel for _, v in self.entries)
+
+    def jobs(self) -> list[Job]:
+        return [copy_job(self.tk, v, name, op="save") if isinstance(v, str) else _tensor_job(name, v)
+                for name, v in self.entries]
+
+
+def _tensor_job(name: str, t: torch.Tensor) -> Job:
+    def blocks(buf: Buffers) -> Iterator[torch.Tensor]:
+        yield t
+
+    return Job(name, t.dtype, tuple(t.shape), blocks, "lora")
+
+
+def _collect(tk: Checkpoint, inputs: _Inputs, outcomes: dict[int, _Factored]) -> _Adapter:
+    out = _Adapter(tk, skipped=list(inputs.skipped))
+    for module, reason in inputs.whole:
+        out.save_whole(module, reason, [f"{module}.weight"])
+        if inputs.tied:
+            out.warnings.append("tied embeddings with a resized vocabulary: the output head follows the embedding")
+    for i, task in enumerate(inputs.tasks):
+        got = outcomes.get(i)
+        if got is None:
+            continue
+        if task.kind in _SKIP_REASONS:
+            out.skipped.append({"tensor": task.name, "reason": _SKIP_REASONS[task.kind]})
+        elif task.kind == "full":
+            out.save_whole(task.module, "--embeddings full", [task.name])
+        else:
+            out.add_factors(task, got, inputs.tied)
+    return out
+
+
+def _others(out: _Adapter, changed: list[str], save_other: bool) -> None:
+    """Changed tensors a LoRA cannot carry.  A changed bias of a factored module travels the way PEFT
+    saves it with bias="lora_only": ``<module>.base_layer.bias`` for every LoRA module that has a bias."""
+    lora_set = set(out.lora_modules)
+    carry_bias = any(n.endswith(".bias") and arch.module_of(n) in lora_set for n in changed)
+    if carry_bias:
+        for module in out.lora_modules:
+            if f"{module}.bias" in out.tk.tensors:
+                out.entries.append((f"{PEFT_PREFIX}{module}.base_layer.bias", f"{module}.bias"))
+                out.carried.append(f"{module}.bias")
+    for name in changed:
+        module = arch.module_of(name)
+        if carry_bias and name.endswith(".bias") and module in lora_set:
+            continue
+        if save_other and module not in lora_set and module not in out.modules_to_save:
+            out.save_whole(module, "changed tensor a LoRA cannot carry (--save-other)",
+                           [k for k in out.tk.tensors if arch.module_of(k) == module])
+        elif not (save_other and module in out.modules_to_save):
+            out.skipped.append({"tensor": name, "reason": "a LoRA cannot carry it (1-D/norm/bias); pass --save-other "
+                                                          "to save its module whole"})
+
+
+def _adapter_config(out: _Adapter, tied: bool, base_ref: str, model_config: dict[str, Any] | None) -> dict[str, Any]:
+    ensure_tying = tied and (out.embed_lora or any(
+        s["module"] in out.modules_to_save for s in out.saved_whole if s["reason"] == "--embeddings full"))
+    if ensure_tying:
+        out.warnings.append("tied embeddings: ensure_weight_tying is set so the output head gets the same change")
+    ranks = Counter(r.rank for r in out.reports)
+    r0 = sorted(ranks.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
+    rank_pattern = {re.escape(r.module): r.rank for r in out.reports if r.rank != r0}
+    targets = list(out.lora_modules)
+    if tied and out.embed_lora:  # PEFT ties the head's adapter to the embedding's when both are targeted
+        targets.append("lm_head")
+    return AdapterConfig(
+        r=r0, lora_alpha=r0, rank_pattern=rank_pattern, alpha_pattern=dict(rank_pattern),
+        target_modules=target_regex(targets), modules_to_save=out.modules_to_save or None,
+        fan_in_fan_out=arch.stores_conv1d(model_config) and any(r.kind == "linear" for r in out.reports),
+        bias="lora_only" if out.carried else "none", base_model_name_or_path=base_ref,
+        task_type=arch.task_type(model_config),
+        raw={"lora_dropout": 0.0, "inference_mode": True, "ensure_weight_tying": bool(ensure_tying)},
+    ).to_dict()
+
+
+def target_regex(modules: list[str]) -> str:
+    """One regex fullmatching exactly ``modules``: paths grouped by their layer-index template."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    plain: list[str] = []
+    for m in modules:
+        mm = arch.LAYER_INDEX.search(f".{m}.")
+        if mm is None:
+            plain.append(re.escape(m))
+            continue
+        start, end = mm.start(1) - 1, mm.end(1) - 1  # positions in m (we prefixed a dot)
+        groups.setdefault((m[:start], m[end:]), []).append(int(m[start:end]))
+    parts = []
+    for (pre, post), idx in groups.items():
+        alts = "|".join(str(i) for i in sorted(set(idx)))
+        parts.append(f"{re.escape(pre)}(?:{alts}){re.escape(post)}")
+    parts += plain
+    return "^(?:" + "|".join(parts) + ")$" if len(parts) > 1 else "^" + parts[0] + "$"
+
+
+def plan_extract(req: Request) -> Plan:
+    """Factor every changed tensor of the tuned checkpoint against the base into a PEFT adapter."""
+    tk, bk, opts = req.source, req.base, req.extract
+    assert bk is not None and opts is not None and req.base_ref is not None
+    inputs = _classify(tk, bk, opts)
+    outcomes, changed_others = _first_pass(tk, bk, inputs, opts, req.progress)
+    out = _collect(tk, inputs, outcomes)
+    _others(out, changed_others, opts.save_other)
+    if not out.lora_modules and not out.modules_to_save:
+        raise RouteError("no changed tensor went into the adapter" if out.skipped else
+                         "the tuned checkpoint equals the base: nothing to extract", path=tk.root,
+                         hint="see the skipped tensors with --json" if out.skipped else None)
+    if not out.lora_modules:
+        raise RouteError("no tensor was factored (only whole modules to save): PEFT needs at least one LoRA module",
+                         path=tk.root, hint="widen --include/--layers or use --embeddings lora")
+    model_config = tk.config or bk.config
+    config = _adapter_config(out, inputs.tied, str(req.base_ref), model_config)
+    for reason, n in Counter(s["reason"] for s in out.skipped).items():
+        out.warnings.append(f"{n} changed tensor(s) left out: {reason}")
+    errors = [r.error for r in out.reports]
+    report = Extraction(out.reports, out.skipped, out.saved_whole, out.parameters(), max(errors),
+                        sum(errors) / len(errors), asdict(opts), out.carried)
+    ops = {"lora": len(out.reports), "modules_to_save": len(out.modules_to_save), "skipped": len(out.skipped),
+           **({"lora_biases": len(out.carried)} if out.carried else {})}
+    head = (f"extracted from `{req.ref}` minus base `{req.base_ref}` by SVD "
+            f"({opts.criterion()}, max rank {opts.max_rank}, svd {opts.svd})")
+    return Plan("adapter", out.jobs(), stem="adapter_model", sharded=False, tokenizer_from=[tk.root],
+                adapter_config=config, warnings=out.warnings, base_model=str(req.base_ref),
+                card_lines=lambda total: [head, *report.summary_lines(total)], card_tables=[report.markdown_table()],
+                card_config=tk.config, extraction=report, op_counts=ops)

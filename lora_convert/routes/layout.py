@@ -1,0 +1,107 @@
+"""The routes that only move tensors between PEFT's layouts, bytes untouched:
+
+* unmerged -> base: strip the LoRA modules, the base tensors under their original names;
+* unmerged -> adapter: split the LoRA tensors out under PEFT's saved-adapter names;
+* adapter + base -> unmerged: attach, PEFT's in-model state dict (``base_layer``, ``lora_A.<name>``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import arch
+from ..dialects.peft_keys import PEFT_PREFIX, Role, format_key
+from ..inventory import Inventory
+from ..pipeline import Job
+from .common import BaseView, copy_job, remap_modules, same_tensor
+from .plan import Plan, Request
+
+
+def adapter_config_out(req: Request) -> dict[str, Any]:
+    """The adapter_config.json written beside an adapter: the source's, for inference, naming the base
+    the user gave."""
+    assert req.config is not None
+    d = req.config.to_dict()
+    d["inference_mode"] = True
+    if req.base_ref is not None:
+        d["base_model_name_or_path"] = str(req.base_ref)
+    return d
+
+
+def plan_strip(req: Request) -> Plan:
+    """unmerged -> base: the base tensors under their original names, bytes untouched.  A tied head that
+    repeats the embedding is left out, as transformers' ``save_pretrained`` leaves it out."""
+    ck, base = req.source, req.inventory.base
+    keys = list(base)
+    tied = arch.tied_pair(ck.config, keys)
+    if tied is not None and tied[1] in base and same_tensor((ck, base[tied[0]]), (ck, base[tied[1]])):
+        keys.remove(tied[1])
+    return Plan("base", [copy_job(ck, base[k], k) for k in keys], carry_from=ck.root)
+
+
+def plan_split(req: Request) -> Plan:
+    """unmerged -> adapter: the adapter's tensors under PEFT's saved-adapter names."""
+    ck = req.source
+    jobs = [copy_job(ck, src, name, op="lora") for name, src in split_names(req.inventory, req.adapter).items()]
+    return Plan("adapter", jobs, stem="adapter_model", sharded=False, tokenizer_from=[ck.root],
+                adapter_config=adapter_config_out(req))
+
+
+def split_names(inv: Inventory, adapter: str) -> dict[str, str]:
+    """Output key (PEFT's saved layout) -> source key, for every tensor of ``adapter``."""
+    out: dict[str, str] = {}
+    for mod, m in inv.modules(adapter).items():
+        roles = (Role.EMBED_A, Role.EMBED_B) if m.kind == "embedding" else (Role.LORA_A, Role.LORA_B)
+        out[format_key(mod, roles[0])] = m.a_key
+        out[format_key(mod, roles[1])] = m.b_key
+        if m.bias_key:
+            out[format_key(mod, Role.LORA_B, param="bias")] = m.bias_key
+        if m.magnitude_key:
+            out[format_key(mod, Role.MAGNITUDE)] = m.magnitude_key
+    for bk, src in inv.replace.get(adapter, {}).items():
+        out[f"{PEFT_PREFIX}{bk}"] = src
+    for mod, src in inv.tokens.get(adapter, {}).items():
+        out[format_key(mod, Role.TOKENS_DELTA)] = src
+    return out
+
+
+def plan_attach(req: Request) -> Plan:
+    """adapter + base -> unmerged: PEFT's in-model state dict (``base_layer``, ``lora_A.<name>``)."""
+    assert req.base is not None and req.config is not None
+    req.config.check_supported()
+    inv, ad, name = req.inventory, req.source, req.adapter
+    base = BaseView(req.base)
+    modules, replace, tokens = inv.modules(name), inv.replace.get(name, {}), inv.tokens.get(name, {})
+    targets = sorted(set(modules) | set(tokens))
+    remap = remap_modules(targets, base, "adapter modules", ad.root) if targets else {}
+    lora_by_base = {remap[m]: lm for m, lm in modules.items()}
+    tok_by_base = {remap[m]: key for m, key in tokens.items()}
+    saved_modules = {k.rsplit(".", 1)[0] for k in replace} - set(lora_by_base) - set(tok_by_base)
+    jobs: list[Job] = []
+    for k in base.keys():
+        mod, _, param = k.rpartition(".")
+        src = (ad, replace[k]) if k in replace else base.where(k)
+        if mod in lora_by_base:
+            m = lora_by_base[mod]
+            jobs.append(copy_job(*src, format_key(mod, Role.BASE, param=param, base_layer=True)))
+            if param != "weight":
+                continue
+            roles = (Role.EMBED_A, Role.EMBED_B) if m.kind == "embedding" else (Role.LORA_A, Role.LORA_B)
+            jobs.append(copy_job(ad, m.a_key, format_key(mod, roles[0], adapter=name), op="lora"))
+            jobs.append(copy_job(ad, m.b_key, format_key(mod, roles[1], adapter=name), op="lora"))
+            if m.bias_key:
+                jobs.append(copy_job(ad, m.bias_key, format_key(mod, Role.LORA_B, param="bias", adapter=name),
+                                     op="lora"))
+            if m.magnitude_key:
+                jobs.append(copy_job(ad, m.magnitude_key, format_key(mod, Role.MAGNITUDE, adapter=name), op="lora"))
+        elif mod in tok_by_base and param == "weight":
+            jobs.append(copy_job(*src, f"{PEFT_PREFIX}{mod}.token_adapter.base_layer.weight"))
+            jobs.append(copy_job(ad, tok_by_base[mod], format_key(mod, Role.TOKENS_DELTA, adapter=name), op="lora"))
+        elif mod in saved_modules and k in replace:
+            jobs.append(copy_job(*base.where(k), format_key(mod, Role.ORIGINAL_MODULE, param=param)))
+            jobs.append(copy_job(ad, replace[k], format_key(mod, Role.MODULES_TO_SAVE, param=param, adapter=name),
+                                 op="replace"))
+        else:
+            jobs.append(copy_job(*src, f"{PEFT_PREFIX}{k}"))
+    return Plan("unmerged", jobs, carry_from=req.base.root, tokenizer_from=[ad.root],
+                adapter_config=adapter_config_out(req))

@@ -1,0 +1,92 @@
+"""What a route is given (:class:`Request`) and what it returns (:class:`Plan`): the jobs that write
+the output tensors, and everything else the output folder needs (carried files, config edits, an
+adapter config, the model card's lines).  One folder assembly (:mod:`lora_convert.folder`) turns any
+plan into an output; the planners never write files themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..config import AdapterConfig
+from ..errors import RouteError
+from ..inventory import Inventory
+from ..io.reader import Checkpoint
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..pipeline import Job
+    from .extract import Extraction, ExtractOptions
+
+FORMS = ("merged", "adapter", "unmerged", "base")
+OUTPUT_DTYPES = {"auto": None, "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+                 "fp32": "float32", "float32": "float32"}
+
+
+def output_dtype(name: str) -> torch.dtype | None:
+    """``--dtype`` as a torch dtype (None: keep each tensor's own)."""
+    if name not in OUTPUT_DTYPES:
+        raise RouteError(f"unknown dtype {name!r} (choose from auto, bf16, fp16, fp32)")
+    attr = OUTPUT_DTYPES[name]
+    if attr is None:
+        return None
+    import torch
+
+    return getattr(torch, attr)
+
+
+@dataclass
+class Request:
+    """The inputs of one conversion, opened and sorted."""
+
+    source: Checkpoint  # what is converted: an adapter, an unmerged or a tuned (plain) checkpoint
+    ref: str  # the source as the user named it (model card)
+    inventory: Inventory
+    adapter: str  # the adapter converted ("default" where the source has none)
+    base: Checkpoint | None = None  # the base model, for routes that need one
+    base_ref: str | None = None  # the base as the user named it (adapter configs, model card)
+    dtype: str = "auto"  # --dtype
+    extract: ExtractOptions | None = None  # the SVD route's options
+    progress: bool = False  # progress bars for work done while planning (extraction's factorisations)
+
+    @property
+    def config(self) -> AdapterConfig | None:
+        return self.inventory.config(self.adapter)
+
+    @property
+    def model_config(self) -> dict[str, Any] | None:
+        """config.json of the model the output is made from."""
+        return self.base.config if self.base is not None else self.source.config
+
+
+@dataclass
+class Plan:
+    """A route's output, before anything is written."""
+
+    target_form: str
+    jobs: list[Job]
+    stem: str = "model"  # output file stem: model.safetensors / adapter_model.safetensors
+    sharded: bool = True  # False: one file whatever its size (adapters, as PEFT writes them)
+    carry_from: Path | None = None  # config, generation config and tokenizer files come from here
+    tokenizer_from: list[Path] = field(default_factory=list)  # only tokenizer files from these
+    config_changes: dict[str, Any] = field(default_factory=dict)
+    adapter_config: dict[str, Any] | None = None  # adapter_config.json, when the output has one
+    warnings: list[str] = field(default_factory=list)
+    base_model: str | None = None  # the model card's base_model
+    card_lines: Callable[[int], list[str]] | None = None  # bytes written -> the card's lines (None: the default)
+    card_tables: list[str] = field(default_factory=list)
+    card_config: dict[str, Any] | None = None  # config for the card's pipeline tag when none is written
+    extraction: Extraction | None = None  # the SVD route's per-module report
+    op_counts: dict[str, int] | None = None  # what the result reports as done (None: the jobs' ops counted)
+
+    def ops(self) -> dict[str, int]:
+        if self.op_counts is not None:
+            return dict(self.op_counts)
+        out: dict[str, int] = {}
+        for j in self.jobs:
+            out[j.op] = out.get(j.op, 0) + 1
+        return out
