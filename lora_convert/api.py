@@ -222,14 +222,8 @@ def _base_ref(inv: Inventory, adapter: str, base: str | Path | None, route: str)
 
 
 def _check_adapter(inv: Inventory, name: str, root: Path) -> list[str]:
-    """The adapter's config must be known (it sets the scaling); a rank it contradicts is a warning."""
-    cfg = inv.config(name)
-    if cfg is None:
+    """The adapter's config must be known (it sets the scaling); returns what its dialect warned about."""
+    if inv.config(name) is None:
         raise AdapterError("no adapter_config.json beside the LoRA tensors, so the scaling (lora_alpha / r) "
                            "is unknown", path=root, hint="put the adapter_config.json of this fine-tune there")
-    for m in inv.modules(name).values():
-        r_cfg = cfg.rank_for(m.module)
-        if r_cfg != m.rank:
-            return [f"{m.module}: config says r={r_cfg}, the tensors have rank {m.rank}; the tensors' rank is used "
-                    f"(scaling {m.scaling:g})"]
-    return []
+    return list(inv.warnings.get(name, []))

@@ -157,33 +157,33 @@ class ModelShape:
     sliding_window: int | None = None
 
 
-def _first(cfg: dict[str, Any], *names: str) -> Any:
+def _first(config: dict[str, Any], *names: str) -> Any:
     for n in names:
-        if cfg.get(n) is not None:
-            return cfg[n]
+        if config.get(n) is not None:
+            return config[n]
     return None
 
 
 def model_shape(config: dict[str, Any] | None, *, head_stored: bool = True) -> ModelShape:
     if not config:
         return ModelShape()
-    cfg = text_config(config)
+    text = text_config(config)
     s = ModelShape(
-        layers=_first(cfg, "num_hidden_layers", "n_layer", "num_layers"),
-        heads=_first(cfg, "num_attention_heads", "n_head", "num_heads"),
-        hidden=_first(cfg, "hidden_size", "n_embd", "d_model"),
-        vocab=_first(cfg, "vocab_size"),
-        head_dim=_first(cfg, "head_dim"),
+        layers=_first(text, "num_hidden_layers", "n_layer", "num_layers"),
+        heads=_first(text, "num_attention_heads", "n_head", "num_heads"),
+        hidden=_first(text, "hidden_size", "n_embd", "d_model"),
+        vocab=_first(text, "vocab_size"),
+        head_dim=_first(text, "head_dim"),
         tied=ties_embeddings(config, head_stored),
     )
     if s.head_dim is None and s.hidden and s.heads:
         s.head_dim = s.hidden // s.heads
-    window = cfg.get("sliding_window")
-    types = cfg.get("layer_types")
+    window = text.get("sliding_window")
+    types = text.get("layer_types")
     if window and isinstance(types, list):
         s.window_layers = sum(1 for t in types if t == "sliding_attention")
         s.sliding_window = int(window)
-    elif window and cfg.get("use_sliding_window"):
+    elif window and text.get("use_sliding_window"):
         s.window_layers = int(s.layers or 0)
         s.sliding_window = int(window)
     return s

@@ -90,12 +90,8 @@ def _summarise(ck: Checkpoint, inv: Inventory, name: str, cfg: AdapterConfig | N
     tokens = {short_name(m): ck.info(k).shape[0] for m, k in inv.tokens.get(name, {}).items()}
     for k in inv.tokens.get(name, {}).values():
         params += ck.info(k).numel
+    warnings += inv.warnings.get(name, [])
     if cfg is not None:
-        bad = [m for m in mods.values() if cfg.rank_for(m.module) != m.rank]
-        if bad:
-            m = bad[0]
-            warnings.append(f"adapter {name}: config says r={cfg.rank_for(m.module)} for {m.module} but the tensors "
-                            f"have rank {m.rank} ({len(bad)} module(s) disagree); the tensors settle it")
         has_mag = any(m.magnitude_key for m in mods.values())
         if cfg.use_dora and mods and not has_mag:
             warnings.append(f"adapter {name}: use_dora is set but no lora_magnitude_vector tensors were found")

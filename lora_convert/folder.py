@@ -48,12 +48,12 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 def update_config(dst: Path, changes: dict[str, Any]) -> None:
     """Apply ``changes`` to ``dst/config.json`` (also to a nested ``text_config`` where the key lives there)."""
     path = dst / "config.json"
-    cfg = read_json(path)
-    if cfg is None or not changes:
+    config = read_json(path)
+    if config is None or not changes:
         return
     for key, value in changes.items():
-        cfg[key] = value
-        text = cfg.get("text_config")
+        config[key] = value
+        text = config.get("text_config")
         if isinstance(text, dict) and key in text:
             text[key] = value
-    write_json(path, cfg)
+    write_json(path, config)

@@ -51,6 +51,7 @@ class Inventory:
     tokens: dict[str, dict[str, str]] = field(default_factory=dict)  # adapter -> module -> delta key
     saved_layers: dict[str, set[str]] = field(default_factory=dict)  # adapter -> base keys saved whole via base_layer
     configs: dict[str, AdapterConfig] = field(default_factory=dict)  # adapter -> its (PEFT-style) config
+    warnings: dict[str, list[str]] = field(default_factory=dict)  # adapter -> what its dialect found odd
     prefixed: bool = False
     old_layout: bool = False  # base weight at q_proj.weight beside q_proj.lora_A.<name>.weight
 

@@ -40,9 +40,6 @@ class DeltaFactors:
         """fp32 ΔW rows ``start:stop`` (small: one block)."""
         return torch.mm(self.left[start:stop], self.right).mul_(self.scaling)
 
-    def full(self) -> torch.Tensor:
-        return self.rows(0, self.shape[0])
-
 
 def linear_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *, transposed: bool) -> DeltaFactors:
     """nn.Linear (W (out, in), ΔW = B·A) or, with ``transposed``, GPT-2 Conv1D (W (in, out), ΔW = (B·A)ᵀ)."""
@@ -104,7 +101,7 @@ def dora_scale(magnitude: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
 def all_finite(t: torch.Tensor) -> bool:
     """No NaN or Inf in ``t``.  One reduction pass with no temporary: ``aminmax`` propagates NaN
     and an Inf shows up as an extreme, whereas ``isfinite(t).all()`` writes a bool tensor the
-    size of ``t`` first (measured 2.5x slower on a bf16 tile, a third of the merge's CPU time)."""
+    size of ``t`` first — several times slower on a merge tile (profile in bench/README.md)."""
     if not t.is_floating_point() or t.numel() == 0:
         return True
     try:
@@ -120,9 +117,8 @@ def block_rows(n_rows: int, n_cols: int, budget_bytes: int = 2 << 20, *, elem_by
 
     Small on purpose: the block goes read() -> bf16 -> fp32 tile -> addmm -> bf16 -> write(), and
     when every stage fits in a core's L2/L3 share, the kernel's copies in read() and write() run
-    from cache instead of DRAM.  On the 2-core benchmark machine a 2 MB tile took the merge's
-    in-process time from ~3.3 s to ~2.5 s against 8 MB, and 64 MB was slower still.  A rank-16
-    GEMM is memory-bound at any of these sizes, so nothing is lost on the arithmetic side.
+    from cache instead of DRAM (tile sizes compared in bench/README.md).  A rank-16 GEMM is
+    memory-bound at any of these sizes, so nothing is lost on the arithmetic side.
     """
     return max(1, min(n_rows, budget_bytes // max(1, max(4, elem_bytes) * n_cols)))
 

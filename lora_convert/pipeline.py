@@ -251,8 +251,8 @@ def _stages(jobs: list[Job], buffers: Buffers) -> Iterator[tuple[str, torch.Tens
             asked, window = 0, 0  # plan[:asked] requested from the disk; bytes of those not yet read
             for i, r in enumerate(plan):
                 # Keep READAHEAD bytes requested ahead (POSIX_FADV_WILLNEED): the disk keeps working
-                # while this thread waits for a free slot.  Measured cold: the reader alone took
-                # ~1.9 s for 2.2 GB without it (the kernel's own readahead stalls with the reader).
+                # while this thread waits for a free slot; the kernel's own readahead stalls with
+                # the reader (bench/README.md).
                 while asked < len(plan) and window < READAHEAD:
                     q = plan[asked]
                     q.ck.prefetch(q.key, q.start, q.stop, flat=q.flat)

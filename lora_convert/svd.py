@@ -66,8 +66,8 @@ class Factorisation:
 
 def frobenius_sq(x: torch.Tensor) -> float:
     """‖x‖²_F: fp32 squares summed per block of ~1M elements by torch's cascade sum (relative error
-    ~1e-7), the block sums added in fp64.  An fp64 copy of every block gave the same digits at 4x
-    the cost (it was a third of the extraction benchmark's time, with the residual check)."""
+    ~1e-7), the block sums added in fp64.  An fp64 copy of every block gives the same digits at several
+    times the cost (bench/README.md, extraction profile)."""
     if x.ndim < 2:
         x = x.reshape(1, -1)
     x = x.to(FP32)

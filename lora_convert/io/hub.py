@@ -418,28 +418,8 @@ def _pushed_files(src: Path) -> list[str]:
     return sorted(out)
 
 
-def push_folder(
-    folder: str | os.PathLike[str],
-    repo_id: str,
-    *,
-    private: bool = False,
-    revision: str | None = None,
-    message: str | None = None,
-    create_pr: bool = False,
-    token: str | None = None,
-    progress: bool = True,
-    force: bool = False,
-) -> PushResult:
-    """Upload ``folder`` to the model repo ``repo_id`` as one commit.
-
-    Creates the repo (``private`` only applies to a new repo) and, when ``revision`` names a branch
-    other than ``main`` that does not exist yet, the branch (from ``main``).  ``create_pr`` opens a
-    pull request against ``main`` instead of committing to a branch.  Unless ``force``, refuses a
-    folder for which :func:`check_complete_output` reports problems.
-
-    Any failure raises :class:`HubError`; a result is returned only once the Hub confirmed the commit.
-    """
-    src = Path(folder)
+def _check_push(src: Path, repo_id: str, *, revision: str | None, create_pr: bool, force: bool) -> None:
+    """Everything about a push that can be refused before talking to the Hub."""
     if not src.is_dir():
         raise CheckpointError("folder to push does not exist or is not a folder", path=src)
     if not is_repo_id(repo_id):
@@ -463,7 +443,9 @@ def push_folder(
                 hint="finish or redo the conversion, or pass force=True",
             )
 
-    from huggingface_hub import HfApi
+
+def push_token(repo_id: str, token: str | None = None) -> str:
+    """The token a push to ``repo_id`` will use, or a HubError saying how to provide one."""
     from huggingface_hub.utils import get_token
 
     if _offline():
@@ -474,7 +456,35 @@ def push_folder(
             f"cannot push to '{repo_id}': no Hub token found",
             hint="set HF_TOKEN, run `hf auth login`, or pass a token",
         )
-    api = HfApi(token=tok)
+    return tok
+
+
+def push_folder(
+    folder: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    message: str | None = None,
+    create_pr: bool = False,
+    token: str | None = None,
+    progress: bool = True,
+    force: bool = False,
+) -> PushResult:
+    """Upload ``folder`` to the model repo ``repo_id`` as one commit.
+
+    Creates the repo (``private`` only applies to a new repo) and, when ``revision`` names a branch
+    other than ``main`` that does not exist yet, the branch (from ``main``).  ``create_pr`` opens a
+    pull request against ``main`` instead of committing to a branch.  Unless ``force``, refuses a
+    folder for which :func:`check_complete_output` reports problems.
+
+    Any failure raises :class:`HubError`; a result is returned only once the Hub confirmed the commit.
+    """
+    src = Path(folder)
+    _check_push(src, repo_id, revision=revision, create_pr=create_pr, force=force)
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=push_token(repo_id, token))
     branch = revision or "main"
     files = _pushed_files(src)
     step = "create"

@@ -245,9 +245,9 @@ def open_checkpoint(path: str | Path, *, adapter_name: str | None = None) -> Che
     if not tensors:
         for f in files:
             metadata.update(_add_file(tensors, sources, f))
-    cfg = root / "adapter_config.json"
+    adapter_config = root / "adapter_config.json"
     ck = Checkpoint(root, files, layout, kind, tensors, metadata, None,
-                    cfg if cfg.is_file() else None, picked, sources=sources)
+                    adapter_config if adapter_config.is_file() else None, picked, sources=sources)
     _attach_config(ck, path if picked else root)
     return ck
 

@@ -1,0 +1,122 @@
+"""The seams of the architecture: a new dialect is one module, the front door needs no torch,
+tied models keep their shared tensor once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny import gpt2, llama, load_merged, logits, peft_wrap, qwen2, save_unmerged
+from toy_dialect import ToyDialect
+
+import lora_convert as lc
+from lora_convert import dialects
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _toy_from_peft(pm, path: Path) -> None:
+    """The PEFT model's adapter written in the toy format (down = A, up = B, alpha per module)."""
+    cfg = pm.peft_config["default"]
+    out = {}
+    for name, p in pm.state_dict().items():
+        if ".lora_A.default.weight" in name:
+            mod = name.removeprefix("base_model.model.").removesuffix(".lora_A.default.weight")
+            out[f"{mod}.down"] = p.detach().clone().contiguous()
+            out[f"{mod}.up"] = pm.state_dict()[name.replace("lora_A", "lora_B")].detach().clone().contiguous()
+            out[f"{mod}.alpha"] = torch.tensor(float(cfg.alpha_pattern.get(mod.rsplit(".", 1)[-1], cfg.lora_alpha)))
+    path.mkdir(parents=True)
+    save_file(out, str(path / "toy.safetensors"), metadata={"format": "toy-lora"})
+
+
+def test_a_toy_dialect_is_one_module_and_merges_exactly(tmp_path):
+    model = llama()
+    model.save_pretrained(tmp_path / "base")
+    pm = peft_wrap(model, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                   alpha_pattern={"down_proj": 3})
+    want = logits(pm)
+    _toy_from_peft(pm, tmp_path / "toy")
+    toy = ToyDialect()
+    with pytest.raises(lc.RouteError, match="holds no LoRA tensors"):  # unregistered: no LoRA keys PEFT knows
+        lc.merge(tmp_path / "toy", base=tmp_path / "base", output=tmp_path / "m0")
+    dialects.register(toy)
+    try:
+        d = lc.detect(tmp_path / "toy")
+        assert (d.form, d.dialect) == ("adapter", "toy")
+        assert {g.name: g.scalings for g in d.adapters[0].modules} == {"down_proj": [0.75], "q_proj": [2.0],
+                                                                      "v_proj": [2.0]}
+        res = lc.merge(tmp_path / "toy", base=tmp_path / "base", output=tmp_path / "merged")
+    finally:
+        dialects.unregister(toy)
+    assert res.ops == {"copy": 15, "merge": 6}
+    got = logits(load_merged(tmp_path / "merged"))
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+
+
+FRONT_DOOR = """
+import sys, runpy
+sys.argv = ["lora-convert", *sys.argv[1:]]
+try:
+    runpy.run_module("lora_convert.cli", run_name="__main__")
+except SystemExit as e:
+    code = e.code
+else:
+    code = 0
+print("TORCH_IMPORTED" if "torch" in sys.modules else "NO_TORCH", file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def _front(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", FRONT_DOOR, *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+
+
+def test_front_door_does_not_import_torch(tmp_path):
+    pm = peft_wrap(llama(), r=4, lora_alpha=8, target_modules=["q_proj"])
+    save_unmerged(pm, tmp_path / "u")
+    runs = {
+        "help": _front("--help"),
+        "detect-adapter": _front("detect", "fixtures/tiny-llama-lora", "--json"),
+        "detect-unmerged": _front("detect", str(tmp_path / "u")),
+        "report": _front("report", "fixtures/tiny-llama-lora", "--base", "fixtures/tiny-llama-base", "--json"),
+        "push-error": _front("push", str(tmp_path / "nope"), "me/x"),
+    }
+    for cmd in ("merge", "convert", "extract", "detect", "report", "push"):
+        runs[f"{cmd}-usage"] = _front(cmd, "--no-such-option")
+        runs[f"{cmd}-help"] = _front(cmd, "--help")
+    for name, r in runs.items():
+        assert r.stderr.strip().endswith("NO_TORCH"), (name, r.stderr[-500:])
+    assert runs["help"].returncode == 0 and runs["detect-adapter"].returncode == 0
+    assert json.loads(runs["report"].stdout)["source_form"] == "adapter"
+    assert runs["push-error"].returncode == 1 and runs["merge-usage"].returncode == 2
+
+
+@pytest.mark.parametrize("make", [qwen2, gpt2], ids=["qwen2", "gpt2"])
+def test_tied_models_store_the_shared_tensor_once(tmp_path, make):
+    model = make()
+    model.save_pretrained(tmp_path / "base")
+    base_keys = set(load_file(tmp_path / "base" / "model.safetensors"))
+    targets = ["q_proj", "v_proj"] if make is qwen2 else ["c_attn"]
+    pm = peft_wrap(model, r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=make is gpt2)
+    want = logits(pm)
+    save_unmerged(pm, tmp_path / "unmerged")
+    pm.save_pretrained(tmp_path / "adapter")
+    lc.convert(tmp_path / "unmerged", "base", output=tmp_path / "stripped")
+    lc.merge(tmp_path / "unmerged", output=tmp_path / "m1")
+    lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "m2")
+    lc.convert(tmp_path / "adapter", "unmerged", base=tmp_path / "base", output=tmp_path / "attached")
+    stripped = load_file(tmp_path / "stripped" / "model.safetensors")
+    assert set(stripped) == base_keys
+    assert all(torch.equal(stripped[k], v) for k, v in load_file(tmp_path / "base" / "model.safetensors").items())
+    for out in ("m1", "m2"):
+        assert set(load_file(tmp_path / out / "model.safetensors")) == base_keys, out
+        assert torch.allclose(logits(load_merged(tmp_path / out)), want, atol=1e-5), out
+    attached = {k.removeprefix("base_model.model.").replace(".base_layer", "")
+                for k in load_file(tmp_path / "attached" / "model.safetensors") if "lora_" not in k}
+    assert attached == base_keys
