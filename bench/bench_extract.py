@@ -142,24 +142,54 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     base = synth.make_base(args.layers, args.seed)
     tuned = synth.make_tuned(args.layers, args.seed, args.rank)
-    print(f"[bench] inputs ready in {time.perf_counter() - t0:.1f} s ({folder_bytes(base) / 1e9:.2f} GB each)", file=sys.stderr)
+    print(
+        f"[bench] inputs ready in {time.perf_counter() - t0:.1f} s ({folder_bytes(base) / 1e9:.2f} GB each)",
+        file=sys.stderr,
+    )
 
     out_root = OUT_ROOT / f"extract-L{args.layers}"
     out_root.mkdir(parents=True, exist_ok=True)
     outs = {"ours": out_root / "ours", "mergekit": out_root / "mergekit"}
-    cmds = {"ours": lora_convert_cmd(args.tool_cmd) + [
-        "extract", str(tuned), "--base", str(base), "-o", str(outs["ours"]), "--rank", str(args.rank), "--force", "--json"]}
+    cmds = {
+        "ours": lora_convert_cmd(args.tool_cmd)
+        + [
+            "extract",
+            str(tuned),
+            "--base",
+            str(base),
+            "-o",
+            str(outs["ours"]),
+            "--rank",
+            str(args.rank),
+            "--force",
+            "--json",
+        ]
+    }
     if not args.skip_mergekit:
         exe = ensure_mergekit(args.mergekit_venv)
-        cmds["mergekit"] = [str(exe), "--model", str(tuned), "--base-model", str(base), "--out-path", str(outs["mergekit"]),
-                            "--max-rank", str(args.rank), "--device", "cpu", *shlex.split(args.mergekit_args)]
+        cmds["mergekit"] = [
+            str(exe),
+            "--model",
+            str(tuned),
+            "--base-model",
+            str(base),
+            "--out-path",
+            str(outs["mergekit"]),
+            "--max-rank",
+            str(args.rank),
+            "--device",
+            "cpu",
+            *shlex.split(args.mergekit_args),
+        ]
 
     env = child_env()
     results: dict[str, Measurement] = {}
     for tool, cmd in cmds.items():
         rm(outs[tool])
         print(f"[bench] {tool}: {' '.join(cmd)}", file=sys.stderr)
-        m = measure(cmd, cache=args.cache, inputs=[base, tuned], env=env, cwd=str(BENCH_DIR.parent), timeout=args.timeout)
+        m = measure(
+            cmd, cache=args.cache, inputs=[base, tuned], env=env, cwd=str(BENCH_DIR.parent), timeout=args.timeout
+        )
         m.extra["out_bytes"] = folder_bytes(outs[tool])
         results[tool] = m
         print(f"[bench] {tool}: {'ok' if m.ok else m.failure()} in {m.wall_s:.1f} s", file=sys.stderr)
@@ -180,43 +210,99 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for tool, m in results.items():
         e = list(errs.get(tool, {}).get("errors", {}).values())
-        rows.append([label[tool], args.layers, fmt(m.wall_s, 2), fmt(m.cpu_s, 2), fmt(m.peak_rss_mb, 0),
-                     fmt(m.extra["out_bytes"] / 1e6, 1),
-                     f"{max(e):.4e}" if e else "-", f"{sum(e) / len(e):.4e}" if e else "-",
-                     f"{m.load_before:.1f}/{m.load_after:.1f}", "ok" if m.ok else m.failure(120)])
-    print(table(["tool", "layers", "wall s", "CPU s", "peak RSS MB", "out MB", "worst rel err", "mean rel err", "load b/a", "status"],
-                rows, right={1, 2, 3, 4, 5, 6, 7, 8}))
+        rows.append(
+            [
+                label[tool],
+                args.layers,
+                fmt(m.wall_s, 2),
+                fmt(m.cpu_s, 2),
+                fmt(m.peak_rss_mb, 0),
+                fmt(m.extra["out_bytes"] / 1e6, 1),
+                f"{max(e):.4e}" if e else "-",
+                f"{sum(e) / len(e):.4e}" if e else "-",
+                f"{m.load_before:.1f}/{m.load_after:.1f}",
+                "ok" if m.ok else m.failure(120),
+            ]
+        )
+    print(
+        table(
+            [
+                "tool",
+                "layers",
+                "wall s",
+                "CPU s",
+                "peak RSS MB",
+                "out MB",
+                "worst rel err",
+                "mean rel err",
+                "load b/a",
+                "status",
+            ],
+            rows,
+            right={1, 2, 3, 4, 5, 6, 7, 8},
+        )
+    )
     cache = {m.cache for m in results.values()}
-    print(f"page cache before each run: {', '.join(sorted(cache))}; load b/a = 1-min load average before/after the run"
-          f" ({os.cpu_count()} CPUs); rel err = ||dW - s*B@A||_F / ||dW||_F in fp64"
-          f" over {len(modules)} of {7 * args.layers} modules")
+    print(
+        f"page cache before each run: {', '.join(sorted(cache))}; load b/a = 1-min load average before/after the run"
+        f" ({os.cpu_count()} CPUs); rel err = ||dW - s*B@A||_F / ||dW||_F in fp64"
+        f" over {len(modules)} of {7 * args.layers} modules"
+    )
     if floor:
-        print(f"optimal rank-{args.rank} error over the same modules: worst {max(floor.values()):.4e},"
-              f" mean {sum(floor.values()) / len(floor):.4e}")
+        print(
+            f"optimal rank-{args.rank} error over the same modules: worst {max(floor.values()):.4e},"
+            f" mean {sum(floor.values()) / len(floor):.4e}"
+        )
 
     def g(tool: str, attr: str) -> float | None:
         m = results.get(tool)
         return getattr(m, attr) if m is not None and m.ok else None
 
     print()
-    print(table(["layers", "mergekit wall / ours wall", "ours RSS / mergekit RSS"],
-                [[args.layers, ratio(g("mergekit", "wall_s"), g("ours", "wall_s")),
-                  ratio(g("ours", "peak_rss_mb"), g("mergekit", "peak_rss_mb"))]]))
+    print(
+        table(
+            ["layers", "mergekit wall / ours wall", "ours RSS / mergekit RSS"],
+            [
+                [
+                    args.layers,
+                    ratio(g("mergekit", "wall_s"), g("ours", "wall_s")),
+                    ratio(g("ours", "peak_rss_mb"), g("mergekit", "peak_rss_mb")),
+                ]
+            ],
+        )
+    )
     for tool, e in errs.items():
         for note in e["notes"][:10]:
             print(f"{label[tool]}: {note}")
     if errs and len(modules) <= 30:
         print()
         heads = ["module"] + [label[t] for t in errs] + (["optimal"] if floor else [])
-        print(table(heads, [[mod] + [f"{errs[t]['errors'].get(mod, float('nan')):.5e}" for t in errs]
-                            + ([f"{floor[mod]:.5e}"] if floor else []) for mod in modules]))
+        print(
+            table(
+                heads,
+                [
+                    [mod]
+                    + [f"{errs[t]['errors'].get(mod, float('nan')):.5e}" for t in errs]
+                    + ([f"{floor[mod]:.5e}"] if floor else [])
+                    for mod in modules
+                ],
+            )
+        )
 
     if args.json:
-        args.json.write_text(json.dumps({
-            "layers": args.layers, "rank": args.rank,
-            "results": {k: {**asdict(m), "cpu_s": m.cpu_s} for k, m in results.items()},
-            "errors": errs, "optimal": floor,
-        }, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "layers": args.layers,
+                    "rank": args.rank,
+                    "results": {k: {**asdict(m), "cpu_s": m.cpu_s} for k, m in results.items()},
+                    "errors": errs,
+                    "optimal": floor,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     if not args.keep:
         for p in outs.values():
             rm(p)

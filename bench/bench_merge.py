@@ -100,14 +100,18 @@ def run_size(layers: int, args: argparse.Namespace, env: dict[str, str]) -> dict
     t0 = time.perf_counter()
     base = synth.make_base(layers, args.seed)
     adapter = synth.make_adapter(base, layers, args.seed)
-    print(f"[bench] L={layers}: inputs ready in {time.perf_counter() - t0:.1f} s"
-          f" (base {folder_bytes(base) / 1e9:.2f} GB, adapter {folder_bytes(adapter) / 1e6:.1f} MB)", file=sys.stderr)
+    print(
+        f"[bench] L={layers}: inputs ready in {time.perf_counter() - t0:.1f} s"
+        f" (base {folder_bytes(base) / 1e9:.2f} GB, adapter {folder_bytes(adapter) / 1e6:.1f} MB)",
+        file=sys.stderr,
+    )
     out_root = OUT_ROOT / f"merge-L{layers}"
     out_root.mkdir(parents=True, exist_ok=True)
     outs = {"cp": out_root / "cp", "ours": out_root / "ours", "peft": out_root / "peft"}
     cmds = {
         "cp": ["cp", "-r", str(base), str(outs["cp"])],
-        "ours": lora_convert_cmd(args.tool_cmd) + ["merge", str(adapter), "--base", str(base), "-o", str(outs["ours"]), "--force"],
+        "ours": lora_convert_cmd(args.tool_cmd)
+        + ["merge", str(adapter), "--base", str(base), "-o", str(outs["ours"]), "--force"],
         "peft": [sys.executable, str(BENCH_DIR / "peft_merge.py"), str(base), str(adapter), str(outs["peft"])],
         "torch": [sys.executable, "-c", "import torch"],
     }
@@ -118,7 +122,14 @@ def run_size(layers: int, args: argparse.Namespace, env: dict[str, str]) -> dict
             if tool in outs:
                 rm(outs[tool])
             print(f"[bench] L={layers}: {tool}: {' '.join(cmds[tool])}", file=sys.stderr)
-            m = measure(cmds[tool], cache=args.cache, inputs=[base, adapter], env=env, cwd=str(BENCH_DIR.parent), timeout=args.timeout)
+            m = measure(
+                cmds[tool],
+                cache=args.cache,
+                inputs=[base, adapter],
+                env=env,
+                cwd=str(BENCH_DIR.parent),
+                timeout=args.timeout,
+            )
             m.extra["out_bytes"] = folder_bytes(outs[tool]) if tool in outs else 0
             if tool not in results or (m.ok and m.wall_s < results[tool].wall_s):
                 results[tool] = m
@@ -128,7 +139,9 @@ def run_size(layers: int, args: argparse.Namespace, env: dict[str, str]) -> dict
     diff_lines = []
     if results["ours"].ok or results.get("peft", None) is not None and results["peft"].ok:
         try:
-            diff_lines = compare_merged(base, adapter, outs["ours"], outs["peft"] if "peft" in results else None, layers)
+            diff_lines = compare_merged(
+                base, adapter, outs["ours"], outs["peft"] if "peft" in results else None, layers
+            )
         except Exception as e:  # a malformed output must not lose the timings
             diff_lines = [f"comparison failed: {type(e).__name__}: {e}"]
     if not args.keep:
@@ -146,27 +159,63 @@ def marginal(sizes: list[dict]) -> str:
     slope: dict[str, float | None] = {}
     for tool in ("cp", "ours", "peft"):
         a, b = small["results"].get(tool), big["results"].get(tool)
-        slope[tool] = (b.wall_s - a.wall_s) / gb if a is not None and b is not None and a.ok and b.ok and gb > 0 else None
-    rows = [[f"L{small['layers']} -> L{big['layers']}", fmt(slope["cp"], 2), fmt(slope["ours"], 2), fmt(slope["peft"], 2),
-             ratio(slope["ours"], slope["cp"]), ratio(slope["peft"], slope["ours"])]]
-    return table(["sizes", "cp s/GB", "merge s/GB", "PEFT s/GB", "merge / cp", "PEFT / merge"], rows,
-                 right={1, 2, 3, 4, 5}) + "\n(marginal wall time per GB of checkpoint: the fixed start-up cancels out)"
+        slope[tool] = (
+            (b.wall_s - a.wall_s) / gb if a is not None and b is not None and a.ok and b.ok and gb > 0 else None
+        )
+    rows = [
+        [
+            f"L{small['layers']} -> L{big['layers']}",
+            fmt(slope["cp"], 2),
+            fmt(slope["ours"], 2),
+            fmt(slope["peft"], 2),
+            ratio(slope["ours"], slope["cp"]),
+            ratio(slope["peft"], slope["ours"]),
+        ]
+    ]
+    return (
+        table(
+            ["sizes", "cp s/GB", "merge s/GB", "PEFT s/GB", "merge / cp", "PEFT / merge"], rows, right={1, 2, 3, 4, 5}
+        )
+        + "\n(marginal wall time per GB of checkpoint: the fixed start-up cancels out)"
+    )
 
 
 def report(sizes: list[dict], args: argparse.Namespace) -> str:
-    label = {"cp": "cp -r (floor)", "torch": "python -c 'import torch'", "ours": "lora-convert merge",
-             "peft": "PEFT merge_and_unload"}
+    label = {
+        "cp": "cp -r (floor)",
+        "torch": "python -c 'import torch'",
+        "ours": "lora-convert merge",
+        "peft": "PEFT merge_and_unload",
+    }
     rows = []
     for s in sizes:
         for tool, m in s["results"].items():
             status = "ok" if m.ok else m.failure(120)
-            rows.append([label[tool], s["layers"], fmt(m.wall_s, 2), fmt(m.cpu_s, 2), fmt(m.peak_rss_mb, 0),
-                         fmt(m.sync_s, 2), fmt(m.extra["out_bytes"] / 1e6, 0), f"{m.load_before:.1f}/{m.load_after:.1f}", status])
-    out = [table(["tool", "layers", "wall s", "CPU s", "peak RSS MB", "sync s", "out MB", "load b/a", "status"], rows,
-                 right={1, 2, 3, 4, 5, 6, 7})]
+            rows.append(
+                [
+                    label[tool],
+                    s["layers"],
+                    fmt(m.wall_s, 2),
+                    fmt(m.cpu_s, 2),
+                    fmt(m.peak_rss_mb, 0),
+                    fmt(m.sync_s, 2),
+                    fmt(m.extra["out_bytes"] / 1e6, 0),
+                    f"{m.load_before:.1f}/{m.load_after:.1f}",
+                    status,
+                ]
+            )
+    out = [
+        table(
+            ["tool", "layers", "wall s", "CPU s", "peak RSS MB", "sync s", "out MB", "load b/a", "status"],
+            rows,
+            right={1, 2, 3, 4, 5, 6, 7},
+        )
+    ]
     cache = {m.cache for s in sizes for m in s["results"].values()}
-    out.append(f"page cache before each run: {', '.join(sorted(cache))}; best of {args.repeat} run(s) per tool;"
-               f" load b/a = 1-min load average before/after the run ({os.cpu_count()} CPUs)")
+    out.append(
+        f"page cache before each run: {', '.join(sorted(cache))}; best of {args.repeat} run(s) per tool;"
+        f" load b/a = 1-min load average before/after the run ({os.cpu_count()} CPUs)"
+    )
     out.append("")
     ratio_rows = []
     for s in sizes:
@@ -176,17 +225,25 @@ def report(sizes: list[dict], args: argparse.Namespace) -> str:
             m = r.get(tool)
             return getattr(m, attr) if m is not None and m.ok else None
 
-        ratio_rows.append([s["layers"], ratio(g("ours", "wall_s"), g("cp", "wall_s")),
-                           ratio(g("peft", "wall_s"), g("ours", "wall_s")),
-                           ratio(g("peft", "peak_rss_mb"), g("ours", "peak_rss_mb"))])
+        ratio_rows.append(
+            [
+                s["layers"],
+                ratio(g("ours", "wall_s"), g("cp", "wall_s")),
+                ratio(g("peft", "wall_s"), g("ours", "wall_s")),
+                ratio(g("peft", "peak_rss_mb"), g("ours", "peak_rss_mb")),
+            ]
+        )
     out.append(table(["layers", "merge wall / cp wall", "PEFT wall / merge wall", "PEFT RSS / merge RSS"], ratio_rows))
     if len(sizes) > 1:
         out.append("")
         out.append(marginal(sizes))
     ours_rss = [(s["layers"], s["results"]["ours"].peak_rss_mb) for s in sizes if s["results"]["ours"].ok]
     if len(ours_rss) > 1:
-        out.append("lora-convert merge peak RSS by size: " + ", ".join(f"L{n}: {v:.0f} MB" for n, v in ours_rss)
-                   + f" (largest/smallest {max(v for _, v in ours_rss) / min(v for _, v in ours_rss):.2f}x)")
+        out.append(
+            "lora-convert merge peak RSS by size: "
+            + ", ".join(f"L{n}: {v:.0f} MB" for n, v in ours_rss)
+            + f" (largest/smallest {max(v for _, v in ours_rss) / min(v for _, v in ours_rss):.2f}x)"
+        )
     for s in sizes:
         if s["diff"]:
             out.append("")
@@ -200,8 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, nargs="+", default=[11, 22], help="model sizes (default: 11 22)")
     ap.add_argument("--skip-peft", action="store_true", help="do not run the PEFT recipe")
     ap.add_argument("--keep", action="store_true", help=f"keep the outputs under {OUT_ROOT}")
-    ap.add_argument("--cache", choices=("drop", "warm", "none"), default="drop",
-                    help="page cache before each run: drop (cold; falls back to warm without root), warm, none")
+    ap.add_argument(
+        "--cache",
+        choices=("drop", "warm", "none"),
+        default="drop",
+        help="page cache before each run: drop (cold; falls back to warm without root), warm, none",
+    )
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool, best kept")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per command")
     ap.add_argument("--seed", type=int, default=0)
@@ -215,9 +276,16 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [run_size(n, args, env) for n in args.layers]
     print(report(sizes, args))
     if args.json:
-        args.json.write_text(json.dumps(
-            [{**s, "results": {k: {**asdict(m), "cpu_s": m.cpu_s} for k, m in s["results"].items()}} for s in sizes],
-            indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                [
+                    {**s, "results": {k: {**asdict(m), "cpu_s": m.cpu_s} for k, m in s["results"].items()}}
+                    for s in sizes
+                ],
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 

@@ -180,8 +180,13 @@ def measure(
         with open(out_p, "wb") as out_f, open(err_p, "wb") as err_f:
             t0 = time.perf_counter()
             proc = subprocess.Popen(
-                launcher + argv, stdout=out_f, stderr=None if echo else err_f, env=full_env,
-                cwd=cwd, start_new_session=True, stdin=subprocess.DEVNULL,
+                launcher + argv,
+                stdout=out_f,
+                stderr=None if echo else err_f,
+                env=full_env,
+                cwd=cwd,
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
             )
             timed_out = threading.Event()
 
@@ -235,9 +240,12 @@ def launcher_floor_mb() -> float:
     """Peak RSS that measure() reports for ``true``: the floor under every number."""
     return measure(["true"], cache="none", sync_after=False).peak_rss_mb
 
+
 if __name__ == "__main__":  # python bench/measure.py CMD ARGS...
     if len(sys.argv) < 2:
         sys.exit("usage: python bench/measure.py CMD [ARGS...]")
     m = measure(sys.argv[1:], echo=True)
-    print(f"rc={m.returncode} wall={m.wall_s:.2f}s cpu={m.cpu_s:.2f}s (user {m.user_s:.2f} sys {m.sys_s:.2f})"
-          f" peak_rss={m.peak_rss_mb:.0f}MB cache={m.cache} sync_after={m.sync_s:.2f}s")
+    print(
+        f"rc={m.returncode} wall={m.wall_s:.2f}s cpu={m.cpu_s:.2f}s (user {m.user_s:.2f} sys {m.sys_s:.2f})"
+        f" peak_rss={m.peak_rss_mb:.0f}MB cache={m.cache} sync_after={m.sync_s:.2f}s"
+    )

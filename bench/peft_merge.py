@@ -1,11 +1,11 @@
 """The PEFT recipe that bench_merge.py times against ``lora-convert merge``:
 
-    model = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.bfloat16)
-    model = PeftModel.from_pretrained(model, ADAPTER)
-    model = model.merge_and_unload()
-    model.save_pretrained(OUT)
+model = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.bfloat16)
+model = PeftModel.from_pretrained(model, ADAPTER)
+model = model.merge_and_unload()
+model.save_pretrained(OUT)
 
-    python bench/peft_merge.py BASE ADAPTER OUT
+python bench/peft_merge.py BASE ADAPTER OUT
 """
 
 import sys

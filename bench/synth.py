@@ -347,7 +347,13 @@ def make_base(
     quiet: bool = False,
 ) -> Path:
     shape = ModelShape(layers=layers)
-    params = {"kind": "base", "version": SYNTH_VERSION, "shape": asdict(shape), "seed": seed, "max_shard_bytes": max_shard_bytes}
+    params = {
+        "kind": "base",
+        "version": SYNTH_VERSION,
+        "shape": asdict(shape),
+        "seed": seed,
+        "max_shard_bytes": max_shard_bytes,
+    }
     entries = shape.base_tensors()
     shapes = dict(entries)
 
@@ -370,7 +376,15 @@ def make_adapter(
 ) -> Path:
     shape = ModelShape(layers=layers)
     base = Path(base).resolve()
-    params = {"kind": "adapter", "version": SYNTH_VERSION, "shape": asdict(shape), "seed": seed, "r": r, "alpha": alpha, "base": str(base)}
+    params = {
+        "kind": "adapter",
+        "version": SYNTH_VERSION,
+        "shape": asdict(shape),
+        "seed": seed,
+        "r": r,
+        "alpha": alpha,
+        "base": str(base),
+    }
     p = "base_model.model."
     entries: list[tuple[str, tuple[int, ...]]] = []
     factors: dict[str, tuple[str, str, int, int]] = {}  # tensor name -> (module, A|B, out, in)
@@ -419,8 +433,14 @@ def make_tuned(
     the bf16 rounding of the tuned weights, ~0.1% of W, i.e. ~1% of the delta)."""
     shape = ModelShape(layers=layers)
     params = {
-        "kind": "tuned", "version": SYNTH_VERSION, "shape": asdict(shape), "seed": seed,
-        "r": r, "rel": rel, "noise": noise, "max_shard_bytes": max_shard_bytes,
+        "kind": "tuned",
+        "version": SYNTH_VERSION,
+        "shape": asdict(shape),
+        "seed": seed,
+        "r": r,
+        "rel": rel,
+        "noise": noise,
+        "max_shard_bytes": max_shard_bytes,
     }
     entries = shape.base_tensors()
     shapes = dict(entries)
@@ -466,15 +486,23 @@ def verify_with_peft(base: Path, adapter: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
         model = PeftModel.from_pretrained(model, adapter)
     msgs = records + [str(w.message) for w in caught]
-    bad = [m for m in msgs if any(k in m.lower() for k in ("missing", "unexpected", "not initialized", "newly initialized"))]
+    bad = [
+        m
+        for m in msgs
+        if any(k in m.lower() for k in ("missing", "unexpected", "not initialized", "newly initialized"))
+    ]
     if bad:
         raise SystemExit("PEFT load reported key problems:\n  " + "\n  ".join(bad))
 
     sd = model.state_dict()
     file_sd = load_file(adapter / "adapter_model.safetensors")
     for key, t in file_sd.items():
-        live = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight")
-        live = live.replace(".lora_embedding_A", ".lora_embedding_A.default").replace(".lora_embedding_B", ".lora_embedding_B.default")
+        live = key.replace(".lora_A.weight", ".lora_A.default.weight").replace(
+            ".lora_B.weight", ".lora_B.default.weight"
+        )
+        live = live.replace(".lora_embedding_A", ".lora_embedding_A.default").replace(
+            ".lora_embedding_B", ".lora_embedding_B.default"
+        )
         if live not in sd:
             raise SystemExit(f"adapter tensor {key} not in the PEFT model (looked for {live})")
         if not torch.equal(sd[live].to(t.dtype), t):
@@ -482,8 +510,11 @@ def verify_with_peft(base: Path, adapter: Path) -> None:
     n_lora = sum(1 for k in sd if "lora_" in k)
     if n_lora != len(file_sd):
         raise SystemExit(f"PEFT model has {n_lora} LoRA tensors, the file {len(file_sd)}")
-    print(f"[synth] verify: PEFT loaded {len(file_sd)} adapter tensors, no missing/unexpected keys"
-          f" ({len(msgs)} other warnings)", file=sys.stderr)
+    print(
+        f"[synth] verify: PEFT loaded {len(file_sd)} adapter tensors, no missing/unexpected keys"
+        f" ({len(msgs)} other warnings)",
+        file=sys.stderr,
+    )
     for m in msgs:
         print(f"[synth]   warning seen: {m[:200]}", file=sys.stderr)
 
@@ -496,14 +527,18 @@ def main(argv: Iterable[str] | None = None) -> int:
     ap.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="cache folder (default bench/.cache/synth)")
     ap.add_argument("--what", nargs="+", choices=("base", "adapter", "tuned"), default=["base", "adapter", "tuned"])
     ap.add_argument("--force", action="store_true", help="regenerate even when cached")
-    ap.add_argument("--verify", action="store_true", help="load base+adapter with transformers and PEFT and check the keys")
+    ap.add_argument(
+        "--verify", action="store_true", help="load base+adapter with transformers and PEFT and check the keys"
+    )
     args = ap.parse_args(None if argv is None else list(argv))
 
     out: dict[str, str] = {}
     base = make_base(args.layers, args.seed, args.root, force=args.force)
     out["base"] = str(base)
     if "adapter" in args.what or args.verify:
-        out["adapter"] = str(make_adapter(base, args.layers, args.seed, args.rank, 2 * args.rank, args.root, force=args.force))
+        out["adapter"] = str(
+            make_adapter(base, args.layers, args.seed, args.rank, 2 * args.rank, args.root, force=args.force)
+        )
     if "tuned" in args.what:
         out["tuned"] = str(make_tuned(args.layers, args.seed, args.rank, root=args.root, force=args.force))
     if args.verify:

@@ -16,21 +16,36 @@ conversions import it when they run.
 
 from .api import convert, detect, extract, load_source, merge, push, report
 from .errors import (
-                     AdapterError,
-                     CheckpointError,
-                     HubError,
-                     LoraConvertError,
-                     OutputError,
-                     RouteError,
-                     UnsafeInputError,
-                     UnsupportedError,
+    AdapterError,
+    CheckpointError,
+    HubError,
+    LoraConvertError,
+    OutputError,
+    RouteError,
+    UnsafeInputError,
+    UnsupportedError,
 )
 from .io.reader import Checkpoint, open_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterError", "Checkpoint", "CheckpointError", "HubError", "LoraConvertError", "OutputError",
-    "RouteError", "UnsafeInputError", "UnsupportedError", "convert", "detect", "extract", "load_source", "merge",
-    "open_checkpoint", "push", "report", "__version__",
+    "AdapterError",
+    "Checkpoint",
+    "CheckpointError",
+    "HubError",
+    "LoraConvertError",
+    "OutputError",
+    "RouteError",
+    "UnsafeInputError",
+    "UnsupportedError",
+    "convert",
+    "detect",
+    "extract",
+    "load_source",
+    "merge",
+    "open_checkpoint",
+    "push",
+    "report",
+    "__version__",
 ]

@@ -44,8 +44,9 @@ def detect(path: str | Path, *, base: str | Path | None = None, adapter: str | N
     return detect_checkpoint(path, base=base, adapter=adapter)
 
 
-def report(path: str | Path, *, base: str | Path | None = None, seq_len: int = 2048,
-           adapter: str | None = None) -> Report:
+def report(
+    path: str | Path, *, base: str | Path | None = None, seq_len: int = 2048, adapter: str | None = None
+) -> Report:
     """Parameters, bytes on disk and FLOPs per token of ``path`` in every storage form, from headers.
 
     Args:
@@ -65,9 +66,17 @@ def report(path: str | Path, *, base: str | Path | None = None, seq_len: int = 2
     return build_report(path, base=base, seq_len=seq_len, adapter=adapter)
 
 
-def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
-         message: str | None = None, create_pr: bool = False, force: bool = False,
-         progress: bool = True) -> PushResult:
+def push(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    message: str | None = None,
+    create_pr: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> PushResult:
     """Upload an output folder of ours to the Hub as one commit.
 
     Args:
@@ -84,14 +93,32 @@ def push(folder: str | Path, repo_id: str, *, private: bool = False, revision: s
     """
     from .io.hub import push_folder
 
-    return push_folder(folder, repo_id, private=private, revision=revision, message=message, create_pr=create_pr,
-                       force=force, progress=progress)
+    return push_folder(
+        folder,
+        repo_id,
+        private=private,
+        revision=revision,
+        message=message,
+        create_pr=create_pr,
+        force=force,
+        progress=progress,
+    )
 
 
-def convert(source: str | Path, to: str, *, output: str | Path, base: str | Path | None = None,
-            adapter: str | None = None, dtype: str = "auto", max_shard_size: str | int = "5GB",
-            force: bool = False, progress: bool = False, command: str | None = None,
-            extract_options: ExtractOptions | dict[str, Any] | None = None) -> ConvertResult:
+def convert(
+    source: str | Path,
+    to: str,
+    *,
+    output: str | Path,
+    base: str | Path | None = None,
+    adapter: str | None = None,
+    dtype: str = "auto",
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+    progress: bool = False,
+    command: str | None = None,
+    extract_options: ExtractOptions | dict[str, Any] | None = None,
+) -> ConvertResult:
     """Convert ``source`` to the storage form ``to`` in the folder ``output``.
 
     Args:
@@ -133,14 +160,19 @@ def convert(source: str | Path, to: str, *, output: str | Path, base: str | Path
         form = inv.form
         if form == "plain" and to == "adapter":
             if base is None:
-                raise RouteError("a plain checkpoint holds no LoRA tensors; extracting an adapter needs the base",
-                                 path=ck.root, hint="pass --base BASE")
+                raise RouteError(
+                    "a plain checkpoint holds no LoRA tensors; extracting an adapter needs the base",
+                    path=ck.root,
+                    hint="pass --base BASE",
+                )
             opts = _extract_options(extract_options, dtype)
         elif extract_options:
             names = extract_options if isinstance(extract_options, dict) else {"extract_options": 1}
-            raise RouteError(f"{', '.join('--' + k.replace('_', '-') for k in names)}: extraction options apply "
-                             f"only to a plain checkpoint converted --to adapter with --base, not {form} -> {to}",
-                             path=ck.root)
+            raise RouteError(
+                f"{', '.join('--' + k.replace('_', '-') for k in names)}: extraction options apply "
+                f"only to a plain checkpoint converted --to adapter with --base, not {form} -> {to}",
+                path=ck.root,
+            )
         else:
             opts = None
         plan_for = planner(form, to, path=ck.root)
@@ -148,14 +180,31 @@ def convert(source: str | Path, to: str, *, output: str | Path, base: str | Path
         warnings = _check_adapter(inv, name, ck.root) if form != "plain" else []
         if (form, to) in NEEDS_BASE:
             base_ck = open_plain(_base_ref(inv, name, base, f"{form} -> {to}"), "the base")
-        req = Request(ck, str(source) if form != "plain" else str(Path(str(source))), inv, name, base_ck,
-                      str(base) if base is not None else None, dtype, opts, progress)
+        req = Request(
+            ck,
+            str(source) if form != "plain" else str(Path(str(source))),
+            inv,
+            name,
+            base_ck,
+            str(base) if base is not None else None,
+            dtype,
+            opts,
+            progress,
+        )
         plan = plan_for(req)
         plan.warnings[:0] = warnings
         from .assemble import write_output
 
-        return write_output(plan, req, output=output, force=force, max_shard_size=max_shard_size,
-                            progress=progress, command=command, started=started)
+        return write_output(
+            plan,
+            req,
+            output=output,
+            force=force,
+            max_shard_size=max_shard_size,
+            progress=progress,
+            command=command,
+            started=started,
+        )
     finally:
         ck.close()
         if base_ck is not None:
@@ -169,9 +218,17 @@ def merge(source: str | Path, *, output: str | Path, base: str | Path | None = N
     return convert(source, "merged", output=output, base=base, **kwargs)
 
 
-def extract(tuned: str | Path, *, base: str | Path, output: str | Path, options: ExtractOptions | None = None,
-            force: bool = False, progress: bool = False, command: str | None = None,
-            **option_fields: Any) -> ConvertResult:
+def extract(
+    tuned: str | Path,
+    *,
+    base: str | Path,
+    output: str | Path,
+    options: ExtractOptions | None = None,
+    force: bool = False,
+    progress: bool = False,
+    command: str | None = None,
+    **option_fields: Any,
+) -> ConvertResult:
     """Factor every changed tensor of ``tuned`` against ``base`` into a PEFT LoRA adapter (SVD).
 
     Args:
@@ -191,8 +248,16 @@ def extract(tuned: str | Path, *, base: str | Path, output: str | Path, options:
     if options is not None and option_fields:
         raise RouteError("give the extraction options either as options= or as keyword arguments, not both")
     opts = options if options is not None else _extract_options(option_fields, "auto")
-    return convert(tuned, "adapter", output=output, base=base, force=force, progress=progress, command=command,
-                   extract_options=opts)
+    return convert(
+        tuned,
+        "adapter",
+        output=output,
+        base=base,
+        force=force,
+        progress=progress,
+        command=command,
+        extract_options=opts,
+    )
 
 
 def _extract_options(given: ExtractOptions | dict[str, Any] | None, dtype: str) -> ExtractOptions:
@@ -224,6 +289,9 @@ def _base_ref(inv: Inventory, adapter: str, base: str | Path | None, route: str)
 def _check_adapter(inv: Inventory, name: str, root: Path) -> list[str]:
     """The adapter's config must be known (it sets the scaling); returns what its dialect warned about."""
     if inv.config(name) is None:
-        raise AdapterError("no adapter_config.json beside the LoRA tensors, so the scaling (lora_alpha / r) "
-                           "is unknown", path=root, hint="put the adapter_config.json of this fine-tune there")
+        raise AdapterError(
+            "no adapter_config.json beside the LoRA tensors, so the scaling (lora_alpha / r) is unknown",
+            path=root,
+            hint="put the adapter_config.json of this fine-tune there",
+        )
     return list(inv.warnings.get(name, []))

@@ -27,15 +27,43 @@ HEAD_KEY = "lm_head.weight"  # where transformers' causal LMs keep the output he
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
 
 # Module names -> the kind ``report`` breaks LoRA costs down by.
-REPORT_KINDS = ("embed_tokens", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head",
-                "other")
+REPORT_KINDS = (
+    "embed_tokens",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "lm_head",
+    "other",
+)
 _KIND_ALIASES = {
-    "embed_tokens": "embed_tokens", "wte": "embed_tokens", "word_embeddings": "embed_tokens",
-    "tok_embeddings": "embed_tokens", "embed_in": "embed_tokens",
-    "q_proj": "q_proj", "query": "q_proj", "k_proj": "k_proj", "key": "k_proj", "v_proj": "v_proj", "value": "v_proj",
-    "o_proj": "o_proj", "out_proj": "o_proj", "gate_proj": "gate_proj", "w1": "gate_proj", "up_proj": "up_proj",
-    "w3": "up_proj", "c_fc": "up_proj", "fc1": "up_proj", "down_proj": "down_proj", "w2": "down_proj",
-    "fc2": "down_proj", "lm_head": "lm_head", "embed_out": "lm_head",
+    "embed_tokens": "embed_tokens",
+    "wte": "embed_tokens",
+    "word_embeddings": "embed_tokens",
+    "tok_embeddings": "embed_tokens",
+    "embed_in": "embed_tokens",
+    "q_proj": "q_proj",
+    "query": "q_proj",
+    "k_proj": "k_proj",
+    "key": "k_proj",
+    "v_proj": "v_proj",
+    "value": "v_proj",
+    "o_proj": "o_proj",
+    "out_proj": "o_proj",
+    "gate_proj": "gate_proj",
+    "w1": "gate_proj",
+    "up_proj": "up_proj",
+    "w3": "up_proj",
+    "c_fc": "up_proj",
+    "fc1": "up_proj",
+    "down_proj": "down_proj",
+    "w2": "down_proj",
+    "fc2": "down_proj",
+    "lm_head": "lm_head",
+    "embed_out": "lm_head",
 }
 
 
@@ -60,6 +88,7 @@ def module_of(key: str) -> str:
 
 # -- config.json ------------------------------------------------------------------------------
 
+
 def text_config(config: dict[str, Any] | None) -> dict[str, Any]:
     """The text model's config: ``text_config`` of a multimodal config, else the config itself."""
     if not config:
@@ -82,6 +111,7 @@ def stores_conv1d(config: dict[str, Any] | None) -> bool:
 
 
 # -- tensor names -----------------------------------------------------------------------------
+
 
 def is_embedding(module: str) -> bool:
     return short_name(module) in EMBEDDINGS
@@ -142,6 +172,7 @@ def report_kind(module: str) -> str:
 
 
 # -- shape numbers ------------------------------------------------------------------------------
+
 
 @dataclass
 class ModelShape:

@@ -47,8 +47,17 @@ class ConvertResult:
         return d
 
 
-def write_output(plan: Plan, req: Request, *, output: str | Path, force: bool, max_shard_size: str | int,
-                 progress: bool, command: str | None, started: float) -> ConvertResult:
+def write_output(
+    plan: Plan,
+    req: Request,
+    *,
+    output: str | Path,
+    force: bool,
+    max_shard_size: str | int,
+    progress: bool,
+    command: str | None,
+    started: float,
+) -> ConvertResult:
     """Write ``plan`` into ``output`` atomically and say what was written."""
     inputs = [req.source.root] + ([req.base.root] if req.base is not None else [])
     out = AtomicOutput(output, force=force, inputs=inputs)
@@ -61,9 +70,19 @@ def write_output(plan: Plan, req: Request, *, output: str | Path, force: bool, m
         total = sum((tmp / f).stat().st_size for f in files)
         _write_card(tmp, plan, req, command, total)
         n_tensors = sum(1 for j in plan.jobs if j.writes)
-        result = ConvertResult(str(output), f"{req.inventory.form}->{plan.target_form}", req.inventory.form,
-                               plan.target_form, sorted(set(files)), n_tensors, total, plan.ops(),
-                               plan.config_changes, list(plan.warnings), extraction=plan.extraction)
+        result = ConvertResult(
+            str(output),
+            f"{req.inventory.form}->{plan.target_form}",
+            req.inventory.form,
+            plan.target_form,
+            sorted(set(files)),
+            n_tensors,
+            total,
+            plan.ops(),
+            plan.config_changes,
+            list(plan.warnings),
+            extraction=plan.extraction,
+        )
     if out.stale_removed:
         result.warnings.append(stale_note(out.stale_removed))
     result.seconds = round(time.perf_counter() - started, 3)
@@ -92,9 +111,15 @@ def _write_card(tmp: Path, plan: Plan, req: Request, command: str | None, total:
         summary += [f"{k}: {v}" for k, v in sorted(plan.ops().items())] + plan.warnings
     base_model = plan.base_model
     if base_model is None:
-        base_model = req.base_ref if req.base_ref is not None else (
-            req.config.base_model_name_or_path if req.config else None)
-    card = render_card(form=plan.target_form, base_model=base_model,
-                       model_config=read_json(tmp / "config.json") or plan.card_config or req.model_config,
-                       command=command, summary=summary, tables=plan.card_tables)
+        base_model = (
+            req.base_ref if req.base_ref is not None else (req.config.base_model_name_or_path if req.config else None)
+        )
+    card = render_card(
+        form=plan.target_form,
+        base_model=base_model,
+        model_config=read_json(tmp / "config.json") or plan.card_config or req.model_config,
+        command=command,
+        summary=summary,
+        tables=plan.card_tables,
+    )
     (tmp / "README.md").write_text(card, encoding="utf-8")

@@ -32,8 +32,15 @@ def _yaml_scalar(v: Any) -> str:
     return s
 
 
-def render_card(*, form: str, base_model: str | None, model_config: dict[str, Any] | None, command: str | None,
-                summary: list[str], tables: list[str] | None = None) -> str:
+def render_card(
+    *,
+    form: str,
+    base_model: str | None,
+    model_config: dict[str, Any] | None,
+    command: str | None,
+    summary: list[str],
+    tables: list[str] | None = None,
+) -> str:
     """A README.md: YAML metadata the Hub understands, then what was done and how."""
     meta: dict[str, Any] = {}
     tags = ["lora", "lora-convert"]

@@ -73,19 +73,31 @@ def detect(ctx: click.Context, path: str, base: str | None, adapter: str | None,
         _print_json(res.to_dict())
         return
     out.print(f"[bold]form:[/bold] {res.form}")
-    out.print(f"files: {', '.join(res.files)} ({res.layout}); {res.tensors} tensors, {human_bytes(res.total_bytes)}; "
-              + ", ".join(f"{k} {human_bytes(v)}" for k, v in res.dtypes.items()))
+    out.print(
+        f"files: {', '.join(res.files)} ({res.layout}); {res.tensors} tensors, {human_bytes(res.total_bytes)}; "
+        + ", ".join(f"{k} {human_bytes(v)}" for k, v in res.dtypes.items())
+    )
     for a in res.adapters:
         t = Table(title=f"adapter '{a.name}'", show_lines=False)
         for col in ("module", "count", "layers", "rank", "alpha", "scaling"):
             t.add_column(col)
         for g in a.modules:
             layers = ranges(g.layers) if g.layers else "-"
-            t.add_row(g.name, str(g.count), layers, ",".join(map(str, g.ranks)),
-                      ",".join(f"{x:g}" for x in g.alphas) or "?", ",".join(f"{x:g}" for x in g.scalings) or "?")
+            t.add_row(
+                g.name,
+                str(g.count),
+                layers,
+                ",".join(map(str, g.ranks)),
+                ",".join(f"{x:g}" for x in g.alphas) or "?",
+                ",".join(f"{x:g}" for x in g.scalings) or "?",
+            )
         out.print(t)
-        flags = [f"DoRA: {a.dora}", f"rsLoRA: {a.use_rslora}", f"lora_bias: {a.lora_bias}",
-                 f"LoRA params: {a.lora_parameters:,}"]
+        flags = [
+            f"DoRA: {a.dora}",
+            f"rsLoRA: {a.use_rslora}",
+            f"lora_bias: {a.lora_bias}",
+            f"LoRA params: {a.lora_parameters:,}",
+        ]
         if a.modules_to_save:
             flags.append("modules_to_save: " + ", ".join(a.modules_to_save))
         if a.saved_layers:
@@ -108,18 +120,25 @@ def detect(ctx: click.Context, path: str, base: str | None, adapter: str | None,
 
 
 def _conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    for opt in reversed([
-        click.option("-o", "--output", required=True, help="Output folder (created atomically)."),
-        click.option("--base", help="Base model folder or Hub repo id."),
-        click.option("--adapter", help="Adapter name, for checkpoints with several."),
-        click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
-                     help="Output dtype of floating tensors (auto: the base's)."),
-        click.option("--max-shard-size", default="5GB", show_default=True, help="Shard limit, decimal units."),
-        click.option("--force", is_flag=True, help="Replace an existing output folder."),
-        click.option("--json", "as_json", is_flag=True, help="Print a JSON summary."),
-        click.option("--push-to", help="Push the output folder to this Hub repo id afterwards."),
-        click.option("--private", is_flag=True, help="With --push-to: create the repo private."),
-    ]):
+    for opt in reversed(
+        [
+            click.option("-o", "--output", required=True, help="Output folder (created atomically)."),
+            click.option("--base", help="Base model folder or Hub repo id."),
+            click.option("--adapter", help="Adapter name, for checkpoints with several."),
+            click.option(
+                "--dtype",
+                type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+                default="auto",
+                show_default=True,
+                help="Output dtype of floating tensors (auto: the base's).",
+            ),
+            click.option("--max-shard-size", default="5GB", show_default=True, help="Shard limit, decimal units."),
+            click.option("--force", is_flag=True, help="Replace an existing output folder."),
+            click.option("--json", "as_json", is_flag=True, help="Print a JSON summary."),
+            click.option("--push-to", help="Push the output folder to this Hub repo id afterwards."),
+            click.option("--private", is_flag=True, help="With --push-to: create the repo private."),
+        ]
+    ):
         f = opt(f)
     return f
 
@@ -131,8 +150,10 @@ def _report_conversion(res: Any, as_json: bool, pushed: Any = None) -> None:
             d["pushed"] = pushed.__dict__ if hasattr(pushed, "__dict__") else pushed
         _print_json(d)
         return
-    out.print(f"[green]wrote[/green] {res.output} ({res.target_form}, from {res.source_form}): {res.tensors} tensors, "
-              f"{human_bytes(res.total_bytes)} in {res.seconds:.1f} s")
+    out.print(
+        f"[green]wrote[/green] {res.output} ({res.target_form}, from {res.source_form}): {res.tensors} tensors, "
+        f"{human_bytes(res.total_bytes)} in {res.seconds:.1f} s"
+    )
     if res.ops:
         out.print("  " + ", ".join(f"{k}: {v}" for k, v in sorted(res.ops.items())))
     for k, v in res.config_changes.items():
@@ -151,25 +172,40 @@ def _maybe_push(folder: str, push_to: str | None, private: bool) -> Any:
 
 def _extraction_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The SVD options, shared by ``extract`` and ``convert --to adapter`` (defaults applied by the API)."""
-    for opt in reversed([
-        click.option("--rank", type=int, help="Fixed rank per module (default 16 when no other criterion is given)."),
-        click.option("--energy", type=float, help="Smallest rank keeping this fraction of ||dW||_F^2, e.g. 0.95."),
-        click.option("--max-error", type=float, help="Smallest rank with relative Frobenius error at most this."),
-        click.option("--max-rank", type=int, help="Cap on every module's rank.  [default: 128]"),
-        click.option("--include", multiple=True, help="Only modules whose path matches this regex (repeatable)."),
-        click.option("--exclude", multiple=True, help="Leave out modules whose path matches this regex (repeatable)."),
-        click.option("--layers", help="Only these decoder layers, e.g. 0-15,20."),
-        click.option("--embeddings", type=click.Choice(["lora", "full", "skip"]),
-                     help="Embeddings and lm_head: factor, save whole (modules_to_save), or leave out.  "
-                          "[default: lora]"),
-        click.option("--save-other", is_flag=True, default=None,
-                     help="Save modules whose norms/biases changed whole (modules_to_save)."),
-        click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), help="[default: auto]"),
-        click.option("--device", help="cpu or cuda.  [default: cpu]"),
-        click.option("--seed", type=int, help="Seed of the randomized SVD.  [default: 0]"),
-        click.option("--factor-dtype", type=click.Choice(["fp32", "bf16", "fp16"]),
-                     help="dtype of the written LoRA factors (the error is measured on them).  [default: fp32]"),
-    ]):
+    for opt in reversed(
+        [
+            click.option(
+                "--rank", type=int, help="Fixed rank per module (default 16 when no other criterion is given)."
+            ),
+            click.option("--energy", type=float, help="Smallest rank keeping this fraction of ||dW||_F^2, e.g. 0.95."),
+            click.option("--max-error", type=float, help="Smallest rank with relative Frobenius error at most this."),
+            click.option("--max-rank", type=int, help="Cap on every module's rank.  [default: 128]"),
+            click.option("--include", multiple=True, help="Only modules whose path matches this regex (repeatable)."),
+            click.option(
+                "--exclude", multiple=True, help="Leave out modules whose path matches this regex (repeatable)."
+            ),
+            click.option("--layers", help="Only these decoder layers, e.g. 0-15,20."),
+            click.option(
+                "--embeddings",
+                type=click.Choice(["lora", "full", "skip"]),
+                help="Embeddings and lm_head: factor, save whole (modules_to_save), or leave out.  [default: lora]",
+            ),
+            click.option(
+                "--save-other",
+                is_flag=True,
+                default=None,
+                help="Save modules whose norms/biases changed whole (modules_to_save).",
+            ),
+            click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), help="[default: auto]"),
+            click.option("--device", help="cpu or cuda.  [default: cpu]"),
+            click.option("--seed", type=int, help="Seed of the randomized SVD.  [default: 0]"),
+            click.option(
+                "--factor-dtype",
+                type=click.Choice(["fp32", "bf16", "fp16"]),
+                help="dtype of the written LoRA factors (the error is measured on them).  [default: fp32]",
+            ),
+        ]
+    ):
         f = opt(f)
     return f
 
@@ -192,8 +228,14 @@ def _print_extract(res: Any, as_json: bool, pushed: Any) -> None:
     for col in ("module", "shape", "rank", "energy kept", "rel. error", "svd"):
         t.add_column(col)
     for m in res.extraction.modules:
-        t.add_row(m.module, f"{m.shape[0]}x{m.shape[1]}", f"{m.rank}{'*' if m.capped else ''}", f"{m.energy:.6f}",
-                  f"{m.error:.3e}", m.method)
+        t.add_row(
+            m.module,
+            f"{m.shape[0]}x{m.shape[1]}",
+            f"{m.rank}{'*' if m.capped else ''}",
+            f"{m.energy:.6f}",
+            f"{m.error:.3e}",
+            m.method,
+        )
     out.print(t)
     for line in res.extraction.summary_lines(res.total_bytes):
         out.print(line)
@@ -202,14 +244,27 @@ def _print_extract(res: Any, as_json: bool, pushed: Any) -> None:
 
 @main.command()
 @click.argument("source")
-@click.option("--to", "to", required=True, type=click.Choice(["merged", "adapter", "unmerged", "base"]),
-              help="Target form.")
+@click.option(
+    "--to", "to", required=True, type=click.Choice(["merged", "adapter", "unmerged", "base"]), help="Target form."
+)
 @_conversion_options
 @_extraction_options
 @click.pass_context
-def convert(ctx: click.Context, source: str, to: str, output: str, base: str | None, adapter: str | None, dtype: str,
-            max_shard_size: str, force: bool, as_json: bool, push_to: str | None, private: bool,
-            **svd_opts: Any) -> None:
+def convert(
+    ctx: click.Context,
+    source: str,
+    to: str,
+    output: str,
+    base: str | None,
+    adapter: str | None,
+    dtype: str,
+    max_shard_size: str,
+    force: bool,
+    as_json: bool,
+    push_to: str | None,
+    private: bool,
+    **svd_opts: Any,
+) -> None:
     """Convert SOURCE to another storage form.
 
     A plain (merged or fine-tuned) SOURCE with --to adapter --base BASE is extracted by SVD and
@@ -218,9 +273,19 @@ def convert(ctx: click.Context, source: str, to: str, output: str, base: str | N
     given = _given(**svd_opts)
 
     def go() -> Any:
-        res = api.convert(source, to, output=output, base=base, adapter=adapter, dtype=dtype,
-                          max_shard_size=max_shard_size, force=force, progress=not as_json and err.is_terminal,
-                          command=_command_line(), extract_options=given or None)
+        res = api.convert(
+            source,
+            to,
+            output=output,
+            base=base,
+            adapter=adapter,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            force=force,
+            progress=not as_json and err.is_terminal,
+            command=_command_line(),
+            extract_options=given or None,
+        )
         return res, _maybe_push(output, push_to, private)
 
     res, pushed = run_guarded(go, _debug(ctx))
@@ -234,12 +299,33 @@ def convert(ctx: click.Context, source: str, to: str, output: str, base: str | N
 @click.argument("source")
 @_conversion_options
 @click.pass_context
-def merge(ctx: click.Context, source: str, output: str, base: str | None, adapter: str | None, dtype: str,
-          max_shard_size: str, force: bool, as_json: bool, push_to: str | None, private: bool) -> None:
+def merge(
+    ctx: click.Context,
+    source: str,
+    output: str,
+    base: str | None,
+    adapter: str | None,
+    dtype: str,
+    max_shard_size: str,
+    force: bool,
+    as_json: bool,
+    push_to: str | None,
+    private: bool,
+) -> None:
     """Fold LoRA into the base weights (SOURCE: an adapter with --base, or an unmerged checkpoint)."""
+
     def go() -> Any:
-        res = api.merge(source, output=output, base=base, adapter=adapter, dtype=dtype, max_shard_size=max_shard_size,
-                        force=force, progress=not as_json and err.is_terminal, command=_command_line())
+        res = api.merge(
+            source,
+            output=output,
+            base=base,
+            adapter=adapter,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            force=force,
+            progress=not as_json and err.is_terminal,
+            command=_command_line(),
+        )
         return res, _maybe_push(output, push_to, private)
 
     res, pushed = run_guarded(go, _debug(ctx))
@@ -250,13 +336,19 @@ def merge(ctx: click.Context, source: str, output: str, base: str | None, adapte
 @click.argument("path")
 @click.option("--base", help="Base model (folder with weights, or only config.json) for an adapter.")
 @click.option("--adapter", help="Adapter name, for checkpoints with several.")
-@click.option("--seq-len", type=click.IntRange(min=1), default=2048, show_default=True,
-              help="Context length for the attention FLOPs.")
+@click.option(
+    "--seq-len",
+    type=click.IntRange(min=1),
+    default=2048,
+    show_default=True,
+    help="Context length for the attention FLOPs.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--markdown", is_flag=True, help="Print Markdown tables for a model card.")
 @click.pass_context
-def report_cmd(ctx: click.Context, path: str, base: str | None, adapter: str | None, seq_len: int, as_json: bool,
-               markdown: bool) -> None:
+def report_cmd(
+    ctx: click.Context, path: str, base: str | None, adapter: str | None, seq_len: int, as_json: bool, markdown: bool
+) -> None:
     """Parameters, bytes on disk and FLOPs per token of PATH in every form (headers only)."""
     from .costs import form_table, module_table, report_markdown
 
@@ -299,13 +391,29 @@ def report_cmd(ctx: click.Context, path: str, base: str | None, adapter: str | N
 @click.option("--push-to", help="Push the output folder to this Hub repo id afterwards.")
 @click.option("--private", is_flag=True, help="With --push-to: create the repo private.")
 @click.pass_context
-def extract(ctx: click.Context, tuned: str, base: str, output: str, force: bool, as_json: bool, push_to: str | None,
-            private: bool, **svd_opts: Any) -> None:
+def extract(
+    ctx: click.Context,
+    tuned: str,
+    base: str,
+    output: str,
+    force: bool,
+    as_json: bool,
+    push_to: str | None,
+    private: bool,
+    **svd_opts: Any,
+) -> None:
     """Extract a LoRA adapter from TUNED minus BASE by SVD of every changed weight."""
 
     def go() -> Any:
-        res = api.extract(tuned, base=base, output=output, force=force, progress=not as_json and err.is_terminal,
-                          command=_command_line(), **_given(**svd_opts))
+        res = api.extract(
+            tuned,
+            base=base,
+            output=output,
+            force=force,
+            progress=not as_json and err.is_terminal,
+            command=_command_line(),
+            **_given(**svd_opts),
+        )
         return res, _maybe_push(output, push_to, private)
 
     res, pushed = run_guarded(go, _debug(ctx))
@@ -322,11 +430,31 @@ def extract(ctx: click.Context, tuned: str, base: str, output: str, force: bool,
 @click.option("--force", is_flag=True, help="Push even a folder that does not look like a complete output.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 @click.pass_context
-def push(ctx: click.Context, folder: str, repo_id: str, private: bool, revision: str | None, message: str | None,
-         create_pr: bool, force: bool, as_json: bool) -> None:
+def push(
+    ctx: click.Context,
+    folder: str,
+    repo_id: str,
+    private: bool,
+    revision: str | None,
+    message: str | None,
+    create_pr: bool,
+    force: bool,
+    as_json: bool,
+) -> None:
     """Push FOLDER (an output of ours) to the Hub as REPO_ID in one commit."""
-    res = run_guarded(lambda: api.push(folder, repo_id, private=private, revision=revision, message=message,
-                                       create_pr=create_pr, force=force, progress=not as_json), _debug(ctx))
+    res = run_guarded(
+        lambda: api.push(
+            folder,
+            repo_id,
+            private=private,
+            revision=revision,
+            message=message,
+            create_pr=create_pr,
+            force=force,
+            progress=not as_json,
+        ),
+        _debug(ctx),
+    )
     if as_json:
         _print_json(res.__dict__)
     else:

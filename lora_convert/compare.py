@@ -15,8 +15,9 @@ from .fmt import ranges
 from .io.reader import Checkpoint
 
 
-def analyse_difference(tuned_ck: Checkpoint, base_ck: Checkpoint, *, energy: float = 0.999,
-                       k: int = 64) -> dict[str, Any]:
+def analyse_difference(
+    tuned_ck: Checkpoint, base_ck: Checkpoint, *, energy: float = 0.999, k: int = 64
+) -> dict[str, Any]:
     """Which tensors differ from the base, which module kinds in which layers, and the effective rank."""
     model_config = tuned_ck.config or base_ck.config
     vocab = config_value(model_config, "vocab_size")
@@ -41,13 +42,20 @@ def analyse_difference(tuned_ck: Checkpoint, base_ck: Checkpoint, *, energy: flo
         entry: dict[str, Any] = {"kind": kind, "shape": list(ta.shape)}
         if factor:
             er, gap = svd.effective_rank(d, energy, k=k)
-            entry.update(rank_at_energy=er, rank_at_gap=gap,
-                         relative_change=(svd.frobenius_sq(d) / max(_frobenius_sq_stored(tuned_ck, name), 1e-300)) ** 0.5)
+            entry.update(
+                rank_at_energy=er,
+                rank_at_gap=gap,
+                relative_change=(svd.frobenius_sq(d) / max(_frobenius_sq_stored(tuned_ck, name), 1e-300)) ** 0.5,
+            )
         del d
         modules[name] = entry
     changed += [n for n in base_ck.tensors if n not in tuned_ck.tensors]
-    return {"changed": changed, "modules": modules, "k": k,
-            "summary": _summary(changed, modules, model_config, energy, k)}
+    return {
+        "changed": changed,
+        "modules": modules,
+        "k": k,
+        "summary": _summary(changed, modules, model_config, energy, k),
+    }
 
 
 def _frobenius_sq_stored(ck: Checkpoint, name: str) -> float:
@@ -60,8 +68,9 @@ def _frobenius_sq_stored(ck: Checkpoint, name: str) -> float:
     return sum(svd.frobenius_sq(ck.read_rows(name, s, s + step).to(torch.float32)) for s in range(0, rows, step))
 
 
-def _summary(changed: list[str], modules: dict[str, dict[str, Any]], model_config: dict[str, Any] | None,
-             energy: float, k: int) -> str:
+def _summary(
+    changed: list[str], modules: dict[str, dict[str, Any]], model_config: dict[str, Any] | None, energy: float, k: int
+) -> str:
     if not changed:
         return "identical to the base"
     n_layers = config_value(model_config, "num_hidden_layers")
@@ -108,6 +117,8 @@ def _summary(changed: list[str], modules: dict[str, dict[str, Any]], model_confi
             text += f"; rank > {k} at {energy * 100:g}% energy in some modules (a full fine-tune, or rounding noise)"
             known_gaps = [g for g in gaps if g is not None]
             if known_gaps and len(known_gaps) == len(gaps):
-                text += f"; but the spectrum drops by ≥10× after rank {max(known_gaps)}: likely a merged LoRA of " \
-                        f"r={max(known_gaps)} plus rounding"
+                text += (
+                    f"; but the spectrum drops by ≥10× after rank {max(known_gaps)}: likely a merged LoRA of "
+                    f"r={max(known_gaps)} plus rounding"
+                )
     return text

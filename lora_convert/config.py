@@ -80,8 +80,11 @@ class AdapterConfig:
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise AdapterError("adapter_config.json is missing", path=path,
-                               hint="an adapter folder needs the adapter_config.json PEFT writes") from None
+            raise AdapterError(
+                "adapter_config.json is missing",
+                path=path,
+                hint="an adapter folder needs the adapter_config.json PEFT writes",
+            ) from None
         except UnicodeDecodeError:
             raise AdapterError("not UTF-8 text", path=path) from None
         try:
@@ -93,14 +96,24 @@ class AdapterConfig:
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.raw)
         out.update(
-            r=self.r, lora_alpha=self.lora_alpha, use_rslora=self.use_rslora,
-            rank_pattern=self.rank_pattern, alpha_pattern=self.alpha_pattern,
-            use_dora=self.use_dora, fan_in_fan_out=self.fan_in_fan_out,
-            target_modules=self.target_modules, modules_to_save=self.modules_to_save,
-            layers_to_transform=self.layers_to_transform, layers_pattern=self.layers_pattern,
-            bias=self.bias, lora_bias=self.lora_bias, init_lora_weights=self.init_lora_weights,
-            layer_replication=self.layer_replication, trainable_token_indices=self.trainable_token_indices,
-            peft_type=self.peft_type, base_model_name_or_path=self.base_model_name_or_path,
+            r=self.r,
+            lora_alpha=self.lora_alpha,
+            use_rslora=self.use_rslora,
+            rank_pattern=self.rank_pattern,
+            alpha_pattern=self.alpha_pattern,
+            use_dora=self.use_dora,
+            fan_in_fan_out=self.fan_in_fan_out,
+            target_modules=self.target_modules,
+            modules_to_save=self.modules_to_save,
+            layers_to_transform=self.layers_to_transform,
+            layers_pattern=self.layers_pattern,
+            bias=self.bias,
+            lora_bias=self.lora_bias,
+            init_lora_weights=self.init_lora_weights,
+            layer_replication=self.layer_replication,
+            trainable_token_indices=self.trainable_token_indices,
+            peft_type=self.peft_type,
+            base_model_name_or_path=self.base_model_name_or_path,
             task_type=self.task_type,
         )
         # Normalise so that the numbers round-trip as PEFT writes them.

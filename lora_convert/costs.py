@@ -233,8 +233,11 @@ def _base_from_config(folder: Path) -> tuple[dict[str, _T], dict[str, Any]]:
         import torch
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     except ImportError:
-        raise UnsupportedError("counting a base from its config.json alone needs transformers", path=folder,
-                               hint="pip install transformers, or pass a base folder with its weights") from None
+        raise UnsupportedError(
+            "counting a base from its config.json alone needs transformers",
+            path=folder,
+            hint="pip install transformers, or pass a base folder with its weights",
+        ) from None
     conf = AutoConfig.from_pretrained(str(folder))
     raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     dt = getattr(conf, "dtype", None) or getattr(conf, "torch_dtype", None) or torch.float32
@@ -292,8 +295,10 @@ def _adapter_base(ck: Checkpoint, base: str | Path | None, base_name: str | None
         tensors, conf = _base_from_config(ck.root)
         notes.append("base shapes from the config.json beside the adapter (meta-device model)")
         return _Base(tensors, conf, "config.json", base_name)
-    notes.append("base unknown (pass --base, a folder with weights or only config.json): "
-                 "base parameters, bytes and FLOPs are not reported")
+    notes.append(
+        "base unknown (pass --base, a folder with weights or only config.json): "
+        "base parameters, bytes and FLOPs are not reported"
+    )
     return _Base(None, ck.config, None, base_name)
 
 
@@ -324,22 +329,27 @@ def _adapter(ck: Checkpoint, inv: Inventory, name: str | None, notes: list[str])
         out.tensors[k] = _t(ck.info(k))
         out.trained.add(k)
     if out.saved_whole:
-        notes.append("base layers saved whole in the adapter (PEFT's save_embedding_layers) are not trained: "
-                     "counted in bytes, not as LoRA parameters: " + ", ".join(sorted(out.saved_whole)))
+        notes.append(
+            "base layers saved whole in the adapter (PEFT's save_embedding_layers) are not trained: "
+            "counted in bytes, not as LoRA parameters: " + ", ".join(sorted(out.saved_whole))
+        )
     others = [a for a in inv.adapters if a != name]
     if others:
         notes.append(f"other adapters in the checkpoint not counted: {', '.join(others)}")
     if inv.tokens.get(name or ""):
         notes.append("trainable-token deltas are counted as LoRA parameters (no FLOPs)")
     if any(m.magnitude_key for m in mods.values()) and inv.config(name or ""):
-        notes.append("DoRA: the unmerged forward also recomputes ‖W + s·B·A‖ per module each forward "
-                     "(2·r·d_in·d_out + element-wise, not per token; not counted)")
+        notes.append(
+            "DoRA: the unmerged forward also recomputes ‖W + s·B·A‖ per module each forward "
+            "(2·r·d_in·d_out + element-wise, not per token; not counted)"
+        )
     return out
 
 
 # -- the report -------------------------------------------------------------------------------------
-def build_report(path: str | Path, *, base: str | Path | None = None, seq_len: int = 2048,
-                 adapter: str | None = None) -> Report:
+def build_report(
+    path: str | Path, *, base: str | Path | None = None, seq_len: int = 2048, adapter: str | None = None
+) -> Report:
     """Count parameters, bytes and FLOPs per token of every form of ``path``, from headers only."""
     if seq_len < 1:
         from .errors import RouteError
@@ -367,8 +377,10 @@ def build_report(path: str | Path, *, base: str | Path | None = None, seq_len: i
     rows = _rows(form, b, ad, shape, seq_len, src_bytes, notes)
     modules = _kinds(ad)
     if set(ad.replace) - ad.saved_whole:
-        notes.append("modules_to_save copies are counted as LoRA parameters: " +
-                     ", ".join(sorted(module_of(k) for k in set(ad.replace) - ad.saved_whole)))
+        notes.append(
+            "modules_to_save copies are counted as LoRA parameters: "
+            + ", ".join(sorted(module_of(k) for k in set(ad.replace) - ad.saved_whole))
+        )
     return Report(str(path), form, name, b.name, b.source, seq_len, shape, rows, modules, notes)
 
 
@@ -389,8 +401,9 @@ def _percent(a: int, b: int | None) -> float | None:
     return round(100.0 * a / b, 4) if b else None
 
 
-def _rows(form: str, b: _Base, ad: _Adapter, shape: ModelShape, seq_len: int, src_bytes: dict[str, int],
-          notes: list[str]) -> list[FormRow]:
+def _rows(
+    form: str, b: _Base, ad: _Adapter, shape: ModelShape, seq_len: int, src_bytes: dict[str, int], notes: list[str]
+) -> list[FormRow]:
     lora_params = sum(lora_module_params(m) for m in ad.modules.values()) + sum(ad.tensors[k].numel for k in ad.trained)
     lora_flops = sum(lora_module_flops(m) for m in ad.modules.values())
     attn = attention_flops(shape, seq_len)
@@ -402,9 +415,24 @@ def _rows(form: str, b: _Base, ad: _Adapter, shape: ModelShape, seq_len: int, sr
     mm = _matmul_flops(merged, shape) if merged is not None else None
     merged_total = mm + (attn or 0) if mm is not None else None
     if form == "plain":
-        return [FormRow("plain", base_params, 0, base_params, 0.0 if base_params else None, src_bytes,
-                        sum(src_bytes.values()), sum(src_bytes.values()), mm, 0, attn, merged_total, 0.0,
-                        measured=True)]
+        return [
+            FormRow(
+                "plain",
+                base_params,
+                0,
+                base_params,
+                0.0 if base_params else None,
+                src_bytes,
+                sum(src_bytes.values()),
+                sum(src_bytes.values()),
+                mm,
+                0,
+                attn,
+                merged_total,
+                0.0,
+                measured=True,
+            )
+        ]
     adapter_bytes = _bytes(ad.tensors) if form != "adapter" else src_bytes
     base_bytes = _bytes(b.tensors) if b.tensors is not None else None
     ub = src_bytes if form == "unmerged" else (_add_bytes(base_bytes, adapter_bytes) if base_bytes else None)
@@ -412,17 +440,54 @@ def _rows(form: str, b: _Base, ad: _Adapter, shape: ModelShape, seq_len: int, sr
     mb = _bytes(merged) if merged is not None else {}
     ab = sum(adapter_bytes.values())
     return [
-        FormRow("unmerged", base_params, lora_params, total, _percent(lora_params, base_params), ub or {},
-                sum(ub.values()) if ub else 0, sum(ub.values()) if ub else None, mm, lora_flops, attn,
-                merged_total + lora_flops if merged_total is not None else None, _percent(lora_flops, merged_total),
-                measured=form == "unmerged"),
-        FormRow("merged", merged_params, 0, merged_params, 0.0 if merged_params is not None else None, mb,
-                sum(mb.values()), sum(mb.values()) if merged is not None else None, mm, 0, attn, merged_total,
-                0.0 if merged_total is not None else None),
-        FormRow("adapter", base_params, lora_params, total, _percent(lora_params, base_params), adapter_bytes, ab,
-                ab + sum(base_bytes.values()) if base_bytes is not None else None, mm, 0, attn, merged_total,
-                0.0 if merged_total is not None else None,
-                merge_flops=sum(merge_module_flops(m) for m in ad.modules.values()), measured=form == "adapter"),
+        FormRow(
+            "unmerged",
+            base_params,
+            lora_params,
+            total,
+            _percent(lora_params, base_params),
+            ub or {},
+            sum(ub.values()) if ub else 0,
+            sum(ub.values()) if ub else None,
+            mm,
+            lora_flops,
+            attn,
+            merged_total + lora_flops if merged_total is not None else None,
+            _percent(lora_flops, merged_total),
+            measured=form == "unmerged",
+        ),
+        FormRow(
+            "merged",
+            merged_params,
+            0,
+            merged_params,
+            0.0 if merged_params is not None else None,
+            mb,
+            sum(mb.values()),
+            sum(mb.values()) if merged is not None else None,
+            mm,
+            0,
+            attn,
+            merged_total,
+            0.0 if merged_total is not None else None,
+        ),
+        FormRow(
+            "adapter",
+            base_params,
+            lora_params,
+            total,
+            _percent(lora_params, base_params),
+            adapter_bytes,
+            ab,
+            ab + sum(base_bytes.values()) if base_bytes is not None else None,
+            mm,
+            0,
+            attn,
+            merged_total,
+            0.0 if merged_total is not None else None,
+            merge_flops=sum(merge_module_flops(m) for m in ad.modules.values()),
+            measured=form == "adapter",
+        ),
     ]
 
 
@@ -469,34 +534,69 @@ def _pct(x: float | None) -> str:
 
 
 def form_table(report: Report) -> tuple[list[str], list[list[str]]]:
-    head = ["form", "base params", "LoRA params", "total params", "added", "bytes on disk", "bytes to load",
-            "base matmul FLOPs/token", "LoRA FLOPs/token", f"attention FLOPs/token (L={report.seq_len})",
-            "total FLOPs/token", "overhead", "merge FLOPs (once)"]
+    head = [
+        "form",
+        "base params",
+        "LoRA params",
+        "total params",
+        "added",
+        "bytes on disk",
+        "bytes to load",
+        "base matmul FLOPs/token",
+        "LoRA FLOPs/token",
+        f"attention FLOPs/token (L={report.seq_len})",
+        "total FLOPs/token",
+        "overhead",
+        "merge FLOPs (once)",
+    ]
     rows = []
     for r in report.rows:
         by_dtype = ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(r.bytes.items()))
         disk = f"{human_bytes(r.bytes_total)} ({by_dtype})" if by_dtype else "?"
         if r.bytes_total and not r.measured:
             disk += " est."
-        rows.append([r.form, _n(r.base_parameters), _n(r.lora_parameters), _n(r.total_parameters),
-                     _pct(r.added_percent), disk, human_bytes(r.load_bytes_total), _n(r.flops_base_matmul),
-                     _n(r.flops_lora), _n(r.flops_attention), _n(r.flops_total), _pct(r.overhead_percent),
-                     _n(r.merge_flops) if r.merge_flops is not None else "-"])
+        rows.append(
+            [
+                r.form,
+                _n(r.base_parameters),
+                _n(r.lora_parameters),
+                _n(r.total_parameters),
+                _pct(r.added_percent),
+                disk,
+                human_bytes(r.load_bytes_total),
+                _n(r.flops_base_matmul),
+                _n(r.flops_lora),
+                _n(r.flops_attention),
+                _n(r.flops_total),
+                _pct(r.overhead_percent),
+                _n(r.merge_flops) if r.merge_flops is not None else "-",
+            ]
+        )
     return head, rows
 
 
 def module_table(report: Report) -> tuple[list[str], list[list[str]]]:
     head = ["module", "count", "rank", "scaling", "LoRA params", "extra FLOPs/token", "merge FLOPs"]
-    rows = [[k.kind, str(k.count), ",".join(map(str, k.ranks)) or "-",
-             ",".join(f"{s:g}" for s in k.scalings) or ("?" if k.count else "-"), _n(k.lora_parameters),
-             _n(k.extra_flops), _n(k.merge_flops)] for k in report.modules]
+    rows = [
+        [
+            k.kind,
+            str(k.count),
+            ",".join(map(str, k.ranks)) or "-",
+            ",".join(f"{s:g}" for s in k.scalings) or ("?" if k.count else "-"),
+            _n(k.lora_parameters),
+            _n(k.extra_flops),
+            _n(k.merge_flops),
+        ]
+        for k in report.modules
+    ]
     return head, rows
 
 
 def _md(head: list[str], rows: list[list[str]]) -> list[str]:
     esc = [[c.replace("|", "\\|") for c in r] for r in rows]
-    return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"] + \
-        ["| " + " | ".join(r) + " |" for r in esc]
+    return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"] + [
+        "| " + " | ".join(r) + " |" for r in esc
+    ]
 
 
 def report_markdown(report: Report) -> str:

@@ -65,7 +65,9 @@ class DetectResult:
         return asdict(self)
 
 
-def _summarise(ck: Checkpoint, inv: Inventory, name: str, cfg: AdapterConfig | None, warnings: list[str]) -> AdapterSummary:
+def _summarise(
+    ck: Checkpoint, inv: Inventory, name: str, cfg: AdapterConfig | None, warnings: list[str]
+) -> AdapterSummary:
     mods = inv.modules(name)
     groups: dict[str, list] = {}
     params = 0
@@ -80,8 +82,16 @@ def _summarise(ck: Checkpoint, inv: Inventory, name: str, cfg: AdapterConfig | N
     for g, ms in sorted(groups.items()):
         alphas = sorted({cfg.alpha_for(m.module) for m in ms}) if cfg else []
         scal = sorted({round(m.scaling, 6) for m in ms if m.scaling is not None})
-        mg.append(ModuleGroup(g, len(ms), sorted({m.layer for m in ms if m.layer is not None}),
-                              sorted({m.rank for m in ms}), alphas, scal))
+        mg.append(
+            ModuleGroup(
+                g,
+                len(ms),
+                sorted({m.layer for m in ms if m.layer is not None}),
+                sorted({m.rank for m in ms}),
+                alphas,
+                scal,
+            )
+        )
     replace = inv.replace.get(name, {})
     saved = inv.saved_layers.get(name, set())
     for bk, k in replace.items():
@@ -126,9 +136,14 @@ def detect(path: str | Path, *, base: str | Path | None = None, adapter: str | N
         if inv.form in ("adapter", "unmerged") and not inv.configs:
             warnings.append("no adapter_config.json: rank comes from the tensors, alpha and scaling are unknown")
         res = DetectResult(
-            form=inv.form, path=str(path), layout=ck.layout,
+            form=inv.form,
+            path=str(path),
+            layout=ck.layout,
             files=[str(f.relative_to(ck.root)) if f.is_relative_to(ck.root) else str(f) for f in ck.files],
-            tensors=len(ck.tensors), total_bytes=ck.total_bytes, dtypes=ck.dtypes(), dialect=inv.dialect,
+            tensors=len(ck.tensors),
+            total_bytes=ck.total_bytes,
+            dtypes=ck.dtypes(),
+            dialect=inv.dialect,
             warnings=warnings,
         )
         for name in inv.adapters:

@@ -48,16 +48,23 @@ class Difference:
         a, b = a.reshape(n, self.cols), b.reshape(n, self.cols)
         if not (a.is_floating_point() and b.is_floating_point()):
             if self.keep:
-                raise UnsupportedError(f"{a.dtype}/{b.dtype} weight: a quantized checkpoint cannot be "
-                                       "differenced exactly", path=self.tuned[0].root, tensor=self.tuned[1],
-                                       hint="extract from the unquantized tuned model and base")
+                raise UnsupportedError(
+                    f"{a.dtype}/{b.dtype} weight: a quantized checkpoint cannot be differenced exactly",
+                    path=self.tuned[0].root,
+                    tensor=self.tuned[1],
+                    hint="extract from the unquantized tuned model and base",
+                )
             self.changed = self.changed or not torch.equal(a, b)  # integer buffers: compare exactly
             return
         for (ck, key), x in ((self.tuned, a), (self.base, b)):
             if not all_finite(x):
-                raise CheckpointError("holds NaN or Inf values", path=ck.root, tensor=key,
-                                      hint="no adapter can carry a non-finite difference")
-        d = self.delta[start:start + n] if self.keep else self.delta[:n]
+                raise CheckpointError(
+                    "holds NaN or Inf values",
+                    path=ck.root,
+                    tensor=key,
+                    hint="no adapter can carry a non-finite difference",
+                )
+        d = self.delta[start : start + n] if self.keep else self.delta[:n]
         d.copy_(a).sub_(b)  # b is promoted inside the kernel: no fp32 copy of either side
         if d.numel():
             lo, hi = torch.aminmax(d)
@@ -70,8 +77,9 @@ class Difference:
         return self.delta.reshape(self.shape) if self.keep else self.delta
 
 
-def difference(tuned: Checkpoint, base: Checkpoint, name: str, base_name: str | None = None, *,
-               keep: bool = True) -> torch.Tensor | None:
+def difference(
+    tuned: Checkpoint, base: Checkpoint, name: str, base_name: str | None = None, *, keep: bool = True
+) -> torch.Tensor | None:
     """ΔW of ``name`` read straight from the two checkpoints (see :class:`Difference`)."""
     bname = base_name or name
     d = Difference((tuned, name), (base, bname), keep=keep)

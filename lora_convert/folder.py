@@ -9,14 +9,19 @@ from typing import Any
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 NEVER_CARRY = {
-    "model.safetensors.index.json", "pytorch_model.bin.index.json", "adapter_config.json",
-    "README.md", ".gitattributes",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+    "adapter_config.json",
+    "README.md",
+    ".gitattributes",
 }
 CARRY_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py", ".vocab", ".spm")
 TOKENIZER_HINTS = ("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "chat_template", "spiece")
 
 
-def carry_files(src: Path | None, dst: Path, *, skip: set[str] = frozenset(), only_tokenizer: bool = False) -> list[str]:
+def carry_files(
+    src: Path | None, dst: Path, *, skip: set[str] = frozenset(), only_tokenizer: bool = False
+) -> list[str]:
     """Copy config, generation config, tokenizer and chat-template files (never weights)."""
     if src is None or not src.is_dir():
         return []

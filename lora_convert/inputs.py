@@ -40,9 +40,13 @@ def open_plain(ref: str | Path, what: str) -> Checkpoint:
     ck, inv = load_source(ref)
     if inv.form != "plain":
         ck.close()
-        raise RouteError(f"{what} holds LoRA tensors itself", path=ck.root,
-                         hint="give the plain base model as --base" if what == "the base" else
-                         "extract works on two plain checkpoints (merge an adapter first)")
+        raise RouteError(
+            f"{what} holds LoRA tensors itself",
+            path=ck.root,
+            hint="give the plain base model as --base"
+            if what == "the base"
+            else "extract works on two plain checkpoints (merge an adapter first)",
+        )
     return ck
 
 

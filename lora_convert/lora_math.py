@@ -54,9 +54,16 @@ def embedding_factors(lora_embedding_A: torch.Tensor, lora_embedding_B: torch.Te
     return DeltaFactors(lora_embedding_A.to(FP32).t().contiguous(), lora_embedding_B.to(FP32).t().contiguous(), scaling)
 
 
-def merge_rows(w_rows: torch.Tensor, delta: DeltaFactors, start: int, out: torch.Tensor, *,
-               acc: torch.Tensor | None = None, col_scale: torch.Tensor | None = None,
-               row_scale: torch.Tensor | None = None) -> torch.Tensor:
+def merge_rows(
+    w_rows: torch.Tensor,
+    delta: DeltaFactors,
+    start: int,
+    out: torch.Tensor,
+    *,
+    acc: torch.Tensor | None = None,
+    col_scale: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Rows ``start:start+len(w_rows)`` of the merged weight, rounded once into ``out`` (its dtype
     is the output dtype).  ``acc`` is an fp32 tile of the same shape to work in; the streaming
     route passes the same one every time so no block allocates.
@@ -65,7 +72,7 @@ def merge_rows(w_rows: torch.Tensor, delta: DeltaFactors, start: int, out: torch
     """
     acc = _tile(w_rows, delta, start, acc)
     if row_scale is not None:
-        acc.mul_(row_scale[start:start + w_rows.shape[0]].unsqueeze(1))
+        acc.mul_(row_scale[start : start + w_rows.shape[0]].unsqueeze(1))
     if col_scale is not None:
         acc.mul_(col_scale.unsqueeze(0))
     return out.copy_(acc)
@@ -81,14 +88,16 @@ def _tile(w_rows: torch.Tensor, delta: DeltaFactors, start: int, acc: torch.Tens
     return acc.addmm_(delta.left[start:stop], delta.right, alpha=delta.scaling)
 
 
-def dora_row_norms(w_rows: torch.Tensor, delta: DeltaFactors, start: int,
-                   acc: torch.Tensor | None = None) -> torch.Tensor:
+def dora_row_norms(
+    w_rows: torch.Tensor, delta: DeltaFactors, start: int, acc: torch.Tensor | None = None
+) -> torch.Tensor:
     """‖W + ΔW‖ over each stored row in the block (nn.Linear: one norm per output feature)."""
     return torch.linalg.vector_norm(_tile(w_rows, delta, start, acc), dim=1)
 
 
-def dora_col_sq_norms(w_rows: torch.Tensor, delta: DeltaFactors, start: int,
-                      acc: torch.Tensor | None = None) -> torch.Tensor:
+def dora_col_sq_norms(
+    w_rows: torch.Tensor, delta: DeltaFactors, start: int, acc: torch.Tensor | None = None
+) -> torch.Tensor:
     """Partial Σ (W + ΔW)² over stored columns for one block (Conv1D/Embedding: per output feature)."""
     return _tile(w_rows, delta, start, acc).square_().sum(dim=0)
 
@@ -133,8 +142,9 @@ def is_transposed(base_shape: tuple[int, ...], in_features: int, out_features: i
             return False
         if tuple(base_shape) == (in_features, out_features):
             return True
-        raise ValueError(f"weight shape {tuple(base_shape)} fits neither (out, in)=({out_features}, {in_features}) "
-                         "nor its transpose")
+        raise ValueError(
+            f"weight shape {tuple(base_shape)} fits neither (out, in)=({out_features}, {in_features}) nor its transpose"
+        )
     if tuple(base_shape) != (out_features, in_features):
         raise ValueError(f"weight shape {tuple(base_shape)} does not fit ({out_features}, {in_features})")
     return hint

@@ -107,8 +107,9 @@ class Buffers:
     * ``give_back`` returns any pooled block to its pool (fresh tensors are simply dropped).
     """
 
-    def __init__(self, out_slots: int | None = None, read_slots: int | None = None,
-                 slot_bytes: int | None = None) -> None:
+    def __init__(
+        self, out_slots: int | None = None, read_slots: int | None = None, slot_bytes: int | None = None
+    ) -> None:
         self.closed = threading.Event()
         size = slot_bytes or TILE_BYTES
         self._out = _Pool(out_slots or QUEUE_DEPTH + 2, size, self.closed)
@@ -131,8 +132,10 @@ class Buffers:
             raise RuntimeError(f"read beyond the declared plan: {r.key}[{r.start}:{r.stop}]")
         got, block = item
         if got != r:
-            raise RuntimeError(f"read out of declared order: asked {r.key}[{r.start}:{r.stop}], "
-                               f"the reader fetched {got.key}[{got.start}:{got.stop}]")
+            raise RuntimeError(
+                f"read out of declared order: asked {r.key}[{r.start}:{r.stop}], "
+                f"the reader fetched {got.key}[{got.start}:{got.stop}]"
+            )
         return block
 
     def finish(self) -> None:
@@ -199,8 +202,13 @@ class Job:
         return PlannedTensor(self.name, self.dtype, self.shape)
 
 
-def execute(jobs: list[Job], sink: TensorSink | None, *, progress: Callable[[int], None] | None = None,
-            threads: int | None = None) -> list[str]:
+def execute(
+    jobs: list[Job],
+    sink: TensorSink | None,
+    *,
+    progress: Callable[[int], None] | None = None,
+    threads: int | None = None,
+) -> list[str]:
     """Stream every job's blocks into ``sink``; returns the names of the files it wrote.
 
     ``progress`` is called with the bytes of each block written.  ``threads`` is torch's thread count
@@ -286,8 +294,10 @@ def _stages(jobs: list[Job], buffers: Buffers) -> Iterator[tuple[str, torch.Tens
             except _Stopped:
                 return
 
-    threads = [threading.Thread(target=read_all, name="lora-convert-reader", daemon=True),
-               threading.Thread(target=work, name="lora-convert-worker", daemon=True)]
+    threads = [
+        threading.Thread(target=read_all, name="lora-convert-reader", daemon=True),
+        threading.Thread(target=work, name="lora-convert-worker", daemon=True),
+    ]
     try:
         for t in threads:  # inside the try: if the second cannot start, the first is stopped and joined
             t.start()

@@ -7,7 +7,9 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def progress_bar(enabled: bool, total: int, description: str, *, unit: str = "bytes") -> Iterator[Callable[[int], None]]:
+def progress_bar(
+    enabled: bool, total: int, description: str, *, unit: str = "bytes"
+) -> Iterator[Callable[[int], None]]:
     """A transient rich bar; yields ``advance(n)``.  ``unit`` is "bytes" (size and speed) or "items"."""
     if not enabled:
         yield lambda n: None
@@ -22,8 +24,9 @@ def progress_bar(enabled: bool, total: int, description: str, *, unit: str = "by
     )
 
     counts = (DownloadColumn(), TransferSpeedColumn()) if unit == "bytes" else (MofNCompleteColumn(),)
-    with Progress("[progress.description]{task.description}", BarColumn(), *counts, TimeRemainingColumn(),
-                  transient=True) as p:
+    with Progress(
+        "[progress.description]{task.description}", BarColumn(), *counts, TimeRemainingColumn(), transient=True
+    ) as p:
         task = p.add_task(description, total=total)
         yield lambda n: p.advance(task, n)
 

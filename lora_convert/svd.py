@@ -74,7 +74,7 @@ def frobenius_sq(x: torch.Tensor) -> float:
     total = 0.0
     step = max(1, (1 << 20) // max(1, x.shape[1]))
     for i in range(0, x.shape[0], step):
-        b = x[i:i + step]
+        b = x[i : i + step]
         total += float(torch.sum(b * b))
     return total
 
@@ -93,8 +93,15 @@ def exact_svd(delta: torch.Tensor, total: float | None = None) -> Factorisation:
     return Factorisation(U, S, Vh, frobenius_sq(delta) if total is None else total, "exact", True)
 
 
-def randomized_svd(delta: torch.Tensor, k: int, *, oversample: int = OVERSAMPLE, power_iters: int = POWER_ITERS,
-                   seed: int = 0, total: float | None = None) -> Factorisation:
+def randomized_svd(
+    delta: torch.Tensor,
+    k: int,
+    *,
+    oversample: int = OVERSAMPLE,
+    power_iters: int = POWER_ITERS,
+    seed: int = 0,
+    total: float | None = None,
+) -> Factorisation:
     """Top-``k`` SVD by a randomized range finder (Halko–Martinsson–Tropp), fp32."""
     A = delta.to(FP32)
     m, n = A.shape
@@ -131,8 +138,14 @@ def factorise(delta: torch.Tensor, k: int, *, svd: str = "auto", seed: int = 0) 
     return randomized_svd(delta, k, seed=seed, total=total)
 
 
-def pick_rank(f: Factorisation, *, rank: int | None = None, energy: float | None = None,
-              max_error: float | None = None, max_rank: int = 128) -> tuple[int, bool]:
+def pick_rank(
+    f: Factorisation,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    max_error: float | None = None,
+    max_rank: int = 128,
+) -> tuple[int, bool]:
     """The rank to keep, and whether ``max_rank`` (or the spectrum we have) capped it short of the target.
 
     ``rank``: fixed.  ``energy``: smallest r with ``Σ_{i≤r} σ_i² ≥ energy·‖ΔW‖²``.
@@ -154,7 +167,7 @@ def pick_rank(f: Factorisation, *, rank: int | None = None, energy: float | None
             tail = torch.cat([tail, tail.new_zeros(1)])
         else:
             tail = (f.total_energy - kept).clamp_min(0)
-        ok = tail <= (max_error ** 2) * f.total_energy
+        ok = tail <= (max_error**2) * f.total_energy
     else:
         raise ValueError("give rank, energy or max_error")
     hits = torch.nonzero(ok[:cap]).flatten()
@@ -163,7 +176,9 @@ def pick_rank(f: Factorisation, *, rank: int | None = None, energy: float | None
     return cap, True
 
 
-def effective_rank(delta: torch.Tensor, energy: float = 0.999, *, k: int = 64, seed: int = 0) -> tuple[int | None, int | None]:
+def effective_rank(
+    delta: torch.Tensor, energy: float = 0.999, *, k: int = 64, seed: int = 0
+) -> tuple[int | None, int | None]:
     """(rank reaching ``energy``, or None if above ``k``; the rank after the largest spectral gap ≥ 10×)."""
     f = factorise(delta, k, seed=seed)
     r, capped = pick_rank(f, energy=energy, max_rank=k)

@@ -47,10 +47,41 @@ DEFAULT_TOKEN = "hf_testtoken_0123456789abcdef"
 
 #: Files the Hub stores with git-LFS whatever their size (subset of the default .gitattributes).
 LFS_PATTERNS = (
-    "*.7z", "*.arrow", "*.bin", "*.bz2", "*.ckpt", "*.ftz", "*.gguf", "*.gz", "*.h5", "*.joblib",
-    "*.lfs.*", "*.mlmodel", "*.model", "*.msgpack", "*.npy", "*.npz", "*.onnx", "*.ot", "*.parquet",
-    "*.pb", "*.pickle", "*.pkl", "*.pt", "*.pth", "*.rar", "*.safetensors", "*.tar.*", "*.tar",
-    "*.tflite", "*.tgz", "*.wasm", "*.xz", "*.zip", "*.zst", "*tfevents*",
+    "*.7z",
+    "*.arrow",
+    "*.bin",
+    "*.bz2",
+    "*.ckpt",
+    "*.ftz",
+    "*.gguf",
+    "*.gz",
+    "*.h5",
+    "*.joblib",
+    "*.lfs.*",
+    "*.mlmodel",
+    "*.model",
+    "*.msgpack",
+    "*.npy",
+    "*.npz",
+    "*.onnx",
+    "*.ot",
+    "*.parquet",
+    "*.pb",
+    "*.pickle",
+    "*.pkl",
+    "*.pt",
+    "*.pth",
+    "*.rar",
+    "*.safetensors",
+    "*.tar.*",
+    "*.tar",
+    "*.tflite",
+    "*.tgz",
+    "*.wasm",
+    "*.xz",
+    "*.zip",
+    "*.zst",
+    "*tfevents*",
 )
 #: Above this size a file must go through LFS even if it is text.
 REGULAR_MAX_SIZE = 10 * 1024 * 1024
@@ -254,7 +285,9 @@ class HubServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self.endpoint = f"http://127.0.0.1:{self._httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-hub", daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-hub", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -376,7 +409,9 @@ class HubServer:
         oid = git_blob_oid(lfs_pointer(sha, len(data)) if lfs else data)
         return FileEntry(path=path, size=len(data), sha256=sha, blob_oid=oid, lfs=lfs)
 
-    def _commit(self, repo: Repo, ref: str, parent: str | None, tree: dict[str, FileEntry], title: str, desc: str) -> str:
+    def _commit(
+        self, repo: Repo, ref: str, parent: str | None, tree: dict[str, FileEntry], title: str, desc: str
+    ) -> str:
         seed = json.dumps(
             [parent, sorted((p, e.blob_oid) for p, e in tree.items()), title, desc, next(self._counter), _now()]
         )
@@ -463,9 +498,7 @@ class _Handler(BaseHTTPRequestHandler):
             data, ctype = body, "application/octet-stream"
         self._status = status
         with self.hub.lock:  # record before answering, so a test sees it as soon as the client returns
-            self.hub.requests.append(
-                RequestRecord(self.command, self._path, status, self.authorized, self._injected)
-            )
+            self.hub.requests.append(RequestRecord(self.command, self._path, status, self.authorized, self._injected))
         self.send_response(status)
         hdrs = {"Content-Type": ctype, "Content-Length": str(len(data))}
         hdrs.update(headers or {})
@@ -671,7 +704,7 @@ class _Handler(BaseHTTPRequestHandler):
         for p, e in commit.files.items():
             if not p.startswith(prefix):
                 continue
-            parts = p[len(prefix):].split("/")
+            parts = p[len(prefix) :].split("/")
             for i in range(1, len(parts)):
                 if recursive or i == 1:
                     dirs.add(prefix + "/".join(parts[:i]))
@@ -680,7 +713,12 @@ class _Handler(BaseHTTPRequestHandler):
         last = {"id": commit.oid, "title": commit.title, "date": commit.date}
         out: list[dict[str, Any]] = []
         for d in sorted(dirs):
-            entry = {"type": "directory", "oid": hashlib.sha1(f"{commit.oid}:{d}".encode()).hexdigest(), "size": 0, "path": d}
+            entry = {
+                "type": "directory",
+                "oid": hashlib.sha1(f"{commit.oid}:{d}".encode()).hexdigest(),
+                "size": 0,
+                "path": d,
+            }
             if expand:
                 entry["lastCommit"] = last
             out.append(entry)
@@ -834,8 +872,13 @@ class _Handler(BaseHTTPRequestHandler):
             for obj in body.get("objects") or []:
                 oid, size = obj.get("oid"), obj.get("size")
                 if not isinstance(oid, str) or not _HEX64.match(oid) or not isinstance(size, int) or size < 0:
-                    out.append({"oid": str(oid), "size": size if isinstance(size, int) else 0,
-                                "error": {"code": 422, "message": "invalid oid or size"}})
+                    out.append(
+                        {
+                            "oid": str(oid),
+                            "size": size if isinstance(size, int) else 0,
+                            "error": {"code": 422, "message": "invalid oid or size"},
+                        }
+                    )
                     continue
                 entry: dict[str, Any] = {"oid": oid, "size": size, "authenticated": True}
                 if not repo.has_object(oid, size):
@@ -889,7 +932,7 @@ class _Handler(BaseHTTPRequestHandler):
             if start >= len(data):
                 raise HubError(416, "Range Not Satisfiable", headers={"Content-Range": f"bytes */{len(data)}"})
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-            data, status = data[start:end + 1], 206
+            data, status = data[start : end + 1], 206
         self._send(status, data, headers)
 
 
@@ -897,12 +940,27 @@ class _Handler(BaseHTTPRequestHandler):
 
 #: huggingface_hub constants the fixture overrides (name -> value factory taking the server + HF_HOME).
 _CONSTANT_NAMES = (
-    "ENDPOINT", "HUGGINGFACE_CO_URL_TEMPLATE", "HF_URL_HOSTS", "HF_HOME", "HF_HUB_CACHE",
-    "HUGGINGFACE_HUB_CACHE", "HF_ASSETS_CACHE", "HUGGINGFACE_ASSETS_CACHE", "HF_XET_CACHE",
-    "HF_TOKEN_PATH", "HF_STORED_TOKENS_PATH", "CHECK_FOR_UPDATE_DONE_PATH",
-    "CHECK_FOR_SKILL_UPDATE_DONE_PATH", "AGENT_HARNESSES_PATH", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_XET",
-    "HF_HUB_DISABLE_TELEMETRY", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_SHARED_BLOBS",
-    "HF_HUB_DISABLE_IMPLICIT_TOKEN", "HF_HUB_DISABLE_UPDATE_CHECK",
+    "ENDPOINT",
+    "HUGGINGFACE_CO_URL_TEMPLATE",
+    "HF_URL_HOSTS",
+    "HF_HOME",
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
+    "HF_ASSETS_CACHE",
+    "HUGGINGFACE_ASSETS_CACHE",
+    "HF_XET_CACHE",
+    "HF_TOKEN_PATH",
+    "HF_STORED_TOKENS_PATH",
+    "CHECK_FOR_UPDATE_DONE_PATH",
+    "CHECK_FOR_SKILL_UPDATE_DONE_PATH",
+    "AGENT_HARNESSES_PATH",
+    "HF_HUB_OFFLINE",
+    "HF_HUB_DISABLE_XET",
+    "HF_HUB_DISABLE_TELEMETRY",
+    "HF_HUB_DISABLE_PROGRESS_BARS",
+    "HF_HUB_DISABLE_SHARED_BLOBS",
+    "HF_HUB_DISABLE_IMPLICIT_TOKEN",
+    "HF_HUB_DISABLE_UPDATE_CHECK",
 )
 
 
@@ -973,9 +1031,14 @@ class HubFixture:
 #: Modules that copy constants at import time (``from ..constants import X``): imported before
 #: patching so that their copies are found and patched too.
 _EAGER_MODULES = (
-    "huggingface_hub.hf_api", "huggingface_hub.file_download", "huggingface_hub._snapshot_download",
-    "huggingface_hub.utils._cache_manager", "huggingface_hub.utils._cache_assets",
-    "huggingface_hub.utils._git_credential", "huggingface_hub.utils.tqdm", "huggingface_hub.utils._http",
+    "huggingface_hub.hf_api",
+    "huggingface_hub.file_download",
+    "huggingface_hub._snapshot_download",
+    "huggingface_hub.utils._cache_manager",
+    "huggingface_hub.utils._cache_assets",
+    "huggingface_hub.utils._git_credential",
+    "huggingface_hub.utils.tqdm",
+    "huggingface_hub.utils._http",
 )
 
 
@@ -1007,9 +1070,19 @@ def _install(fx: HubFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    for k in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_ASSETS_CACHE", "HF_XET_CACHE", "HF_TOKEN_PATH",
-              "HUGGING_FACE_HUB_TOKEN", "TRANSFORMERS_OFFLINE", "HUGGINGFACE_CO_STAGING", "HF_OIDC_RESOURCE",
-              "HF_HUB_ENABLE_HF_TRANSFER", "HF_HUB_DISABLE_IMPLICIT_TOKEN"):
+    for k in (
+        "HF_HUB_CACHE",
+        "HUGGINGFACE_HUB_CACHE",
+        "HF_ASSETS_CACHE",
+        "HF_XET_CACHE",
+        "HF_TOKEN_PATH",
+        "HUGGING_FACE_HUB_TOKEN",
+        "TRANSFORMERS_OFFLINE",
+        "HUGGINGFACE_CO_STAGING",
+        "HF_OIDC_RESOURCE",
+        "HF_HUB_ENABLE_HF_TRANSFER",
+        "HF_HUB_DISABLE_IMPLICIT_TOKEN",
+    ):
         monkeypatch.delenv(k, raising=False)
 
     host = urlsplit(server.endpoint).hostname
@@ -1042,7 +1115,9 @@ def _install(fx: HubFixture, monkeypatch: pytest.MonkeyPatch) -> None:
 
     # Hub origins that keep the auth header on redirects (computed at import from ENDPOINT).
     if hasattr(hf_http, "_HUB_ORIGINS") and hasattr(hf_http, "_url_origin"):
-        monkeypatch.setattr(hf_http, "_HUB_ORIGINS", frozenset(hf_http._HUB_ORIGINS | {hf_http._url_origin(server.endpoint)}))
+        monkeypatch.setattr(
+            hf_http, "_HUB_ORIGINS", frozenset(hf_http._HUB_ORIGINS | {hf_http._url_origin(server.endpoint)})
+        )
         fx.patched.append("huggingface_hub.utils._http._HUB_ORIGINS")
     # HfApi singletons built at import time (huggingface_hub.hf_api.api backs create_repo(), upload_folder()...).
     for mod_name, mod in list(sys.modules.items()):

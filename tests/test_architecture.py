@@ -37,8 +37,9 @@ def _toy_from_peft(pm, path: Path) -> None:
 def test_a_toy_dialect_is_one_module_and_merges_exactly(tmp_path):
     model = llama()
     model.save_pretrained(tmp_path / "base")
-    pm = peft_wrap(model, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                   alpha_pattern={"down_proj": 3})
+    pm = peft_wrap(
+        model, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], alpha_pattern={"down_proj": 3}
+    )
     want = logits(pm)
     _toy_from_peft(pm, tmp_path / "toy")
     toy = ToyDialect()
@@ -48,8 +49,11 @@ def test_a_toy_dialect_is_one_module_and_merges_exactly(tmp_path):
     try:
         d = lc.detect(tmp_path / "toy")
         assert (d.form, d.dialect) == ("adapter", "toy")
-        assert {g.name: g.scalings for g in d.adapters[0].modules} == {"down_proj": [0.75], "q_proj": [2.0],
-                                                                      "v_proj": [2.0]}
+        assert {g.name: g.scalings for g in d.adapters[0].modules} == {
+            "down_proj": [0.75],
+            "q_proj": [2.0],
+            "v_proj": [2.0],
+        }
         res = lc.merge(tmp_path / "toy", base=tmp_path / "base", output=tmp_path / "merged")
     finally:
         dialects.unregister(toy)
@@ -73,8 +77,9 @@ sys.exit(code)
 
 
 def _front(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", FRONT_DOOR, *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", FRONT_DOOR, *args], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
 
 
 def test_front_door_does_not_import_torch(tmp_path):
@@ -117,6 +122,9 @@ def test_tied_models_store_the_shared_tensor_once(tmp_path, make):
     for out in ("m1", "m2"):
         assert set(load_file(tmp_path / out / "model.safetensors")) == base_keys, out
         assert torch.allclose(logits(load_merged(tmp_path / out)), want, atol=1e-5), out
-    attached = {k.removeprefix("base_model.model.").replace(".base_layer", "")
-                for k in load_file(tmp_path / "attached" / "model.safetensors") if "lora_" not in k}
+    attached = {
+        k.removeprefix("base_model.model.").replace(".base_layer", "")
+        for k in load_file(tmp_path / "attached" / "model.safetensors")
+        if "lora_" not in k
+    }
     assert attached == base_keys

@@ -33,6 +33,7 @@ Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
 
 # -- fixtures ------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Path:
     """base/ (Llama, hidden 32, 2 layers), adapter/ (LoRA r=4 on q,v), big_base/ (hidden 48)."""
@@ -47,8 +48,17 @@ def tiny(tmp_path_factory) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(3)
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    other = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=96,
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
     other.save_pretrained(str(root / "other_base"))
     assert len(list((root / "sharded").glob("model-*.safetensors"))) >= 2
     return root
@@ -86,10 +96,11 @@ def merge(work: Path, *extra: str, src: str = "adapter", base: str = "base"):
 
 # -- safetensors helpers ---------------------------------------------------------------------------
 
+
 def split_st(path: Path) -> tuple[dict, bytes]:
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def write_st(path: Path, header: dict | bytes, data: bytes, *, claim: int | None = None) -> None:
@@ -102,6 +113,7 @@ def tensor_keys(header: dict) -> list[str]:
 
 
 # -- rows of the table: safetensors ------------------------------------------------------------------
+
 
 def _truncate(h, d):
     return h, d[:-100], None
@@ -196,6 +208,7 @@ def test_empty_file(work):
 
 # -- index.json ------------------------------------------------------------------------------------------
 
+
 def _index(work: Path) -> tuple[Path, dict]:
     p = work / "sharded" / "model.safetensors.index.json"
     return p, json.loads(p.read_text())
@@ -227,8 +240,9 @@ def test_index_tensor_twice(work):
     p, idx = _index(work)
     shards = sorted(set(idx["weight_map"].values()))
     k = next(iter(idx["weight_map"]))
-    items = [f'"{k}": "{shards[0]}"', f'"{k}": "{shards[1]}"'] + [f'"{a}": "{b}"' for a, b in idx["weight_map"].items()
-                                                                  if a != k]
+    items = [f'"{k}": "{shards[0]}"', f'"{k}": "{shards[1]}"'] + [
+        f'"{a}": "{b}"' for a, b in idx["weight_map"].items() if a != k
+    ]
     p.write_text('{"metadata": {}, "weight_map": {' + ", ".join(items) + "}}")
     res, out = merge(work, base="sharded")
     assert_error(res, str(p), k, "two shards", out=out)
@@ -248,6 +262,7 @@ def test_loose_shards_hold_same_tensor(work):
 
 # -- pickles ------------------------------------------------------------------------------------------------
 
+
 class _Evil:
     def __init__(self, marker: str) -> None:
         self.marker = marker
@@ -264,8 +279,13 @@ def test_bin_pickle_payload_never_runs(work, zipfile):
     (work / "adapter" / ADAPTER_FILE).unlink()
     torch.save(sd, str(work / "adapter" / "adapter_model.bin"), _use_new_zipfile_serialization=zipfile)
     res, out = merge(work)
-    assert_error(res, str(work / "adapter" / "adapter_model.bin"), "refused to unpickle: it asks to import posix.system",
-                 "convert it to safetensors from a trusted source", out=out)
+    assert_error(
+        res,
+        str(work / "adapter" / "adapter_model.bin"),
+        "refused to unpickle: it asks to import posix.system",
+        "convert it to safetensors from a trusted source",
+        out=out,
+    )
     assert not marker.exists(), "the payload ran"
     # detect refuses the same way
     assert_error(cli("detect", str(work / "adapter")), "refused to unpickle")
@@ -284,10 +304,12 @@ def test_legacy_bin_adapter_still_merges(work):
 
 # -- adapter vs base ---------------------------------------------------------------------------------------
 
+
 def test_adapter_for_another_model(work, tiny):
     res, out = merge(work, base=str(tiny / "other_base"))
-    assert_error(res, "model.layers.0.self_attn.q_proj", "(32, 32)", "(48, 48)", "is this adapter for this base model?",
-                 out=out)
+    assert_error(
+        res, "model.layers.0.self_attn.q_proj", "(32, 32)", "(48, 48)", "is this adapter for this base model?", out=out
+    )
 
 
 def _rename_keys(path: Path, fn) -> None:
@@ -296,28 +318,37 @@ def _rename_keys(path: Path, fn) -> None:
 
 
 def test_adapter_wrong_prefix(work):
-    _rename_keys(work / "adapter" / ADAPTER_FILE,
-                 lambda k: k.replace("base_model.model.model.layers", "base_model.model.layers"))
+    _rename_keys(
+        work / "adapter" / ADAPTER_FILE, lambda k: k.replace("base_model.model.model.layers", "base_model.model.layers")
+    )
     res, out = merge(work)
-    assert_error(res, "4 of 4 adapter modules match no tensor of the base", "layers.0.self_attn.q_proj",
-                 "lack the 'model' prefix", "model.layers.0.self_attn.q_proj", out=out)
+    assert_error(
+        res,
+        "4 of 4 adapter modules match no tensor of the base",
+        "layers.0.self_attn.q_proj",
+        "lack the 'model' prefix",
+        "model.layers.0.self_attn.q_proj",
+        out=out,
+    )
 
 
 def test_adapter_matches_only_some_modules(work):
     _rename_keys(work / "adapter" / ADAPTER_FILE, lambda k: k.replace("layers.1.", "layers.7."))
     res, out = merge(work)
-    assert_error(res, "2 of 4 adapter modules match no tensor of the base", "model.layers.7.self_attn.q_proj",
-                 out=out)
+    assert_error(res, "2 of 4 adapter modules match no tensor of the base", "model.layers.7.self_attn.q_proj", out=out)
 
 
 def test_adapter_keys_match_nothing(work):
-    _rename_keys(work / "adapter" / ADAPTER_FILE, lambda k: k.replace("self_attn.q_proj", "attn.c_attn")
-                 .replace("self_attn.v_proj", "attn.c_proj"))
+    _rename_keys(
+        work / "adapter" / ADAPTER_FILE,
+        lambda k: k.replace("self_attn.q_proj", "attn.c_attn").replace("self_attn.v_proj", "attn.c_proj"),
+    )
     res, out = merge(work)
     assert_error(res, "match no tensor of the base", "attn.c_attn", out=out)
 
 
 # -- adapter_config.json ------------------------------------------------------------------------------------
+
 
 def _cfg(work: Path) -> tuple[Path, dict]:
     p = work / "adapter" / "adapter_config.json"
@@ -372,6 +403,7 @@ def test_adapter_config_unknown_peft_type(work):
 
 # -- tensors --------------------------------------------------------------------------------------------------
 
+
 def _edit_adapter(work: Path, fn) -> Path:
     path = work / "adapter" / ADAPTER_FILE
     sd = load_file(str(path))
@@ -390,6 +422,7 @@ def test_rank_zero(work):
     def fn(sd):
         sd[f"{Q0}.lora_A.weight"] = torch.empty(0, 32)
         sd[f"{Q0}.lora_B.weight"] = torch.empty(32, 0)
+
     _edit_adapter(work, fn)
     res, out = merge(work)
     assert_error(res, f"{Q0}.lora_A.weight", "rank 0", out=out)
@@ -404,6 +437,7 @@ def test_rank_mismatch(work):
 def test_nan_in_adapter(work):
     def fn(sd):
         sd[f"{Q0}.lora_B.weight"][3, 1] = float("nan")
+
     _edit_adapter(work, fn)
     res, out = merge(work)
     assert_error(res, f"{Q0}.lora_B.weight", "NaN or Inf", out=out)
@@ -413,6 +447,7 @@ def test_inf_in_result(work):
     def fn(sd):
         sd[f"{Q0}.lora_B.weight"].fill_(3e38)
         sd[f"{Q0}.lora_A.weight"].fill_(3e38)
+
     _edit_adapter(work, fn)
     res, out = merge(work)
     assert_error(res, "model.layers.0.self_attn.q_proj.weight", "merged weight holds NaN or Inf", out=out)
@@ -420,13 +455,17 @@ def test_inf_in_result(work):
 
 # -- unsupported ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("change,needle", [
-    ({"peft_type": "LOHA"}, "peft_type LOHA is not LoRA"),
-    ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication"),
-    ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights='pissa_niter_4' changes the base weights"),
-    ({"init_lora_weights": "olora"}, "changes the base weights"),
-    ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "target_parameters"),
-])
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"peft_type": "LOHA"}, "peft_type LOHA is not LoRA"),
+        ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication"),
+        ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights='pissa_niter_4' changes the base weights"),
+        ({"init_lora_weights": "olora"}, "changes the base weights"),
+        ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "target_parameters"),
+    ],
+)
 def test_unsupported_adapter(work, change, needle):
     p, c = _cfg(work)
     c.update(change)
@@ -454,6 +493,7 @@ def test_quantized_base_tensors(work):
 
 
 # -- output -----------------------------------------------------------------------------------------------------
+
 
 def test_output_exists_refused_then_force_replaces(work):
     out = work / "out"
@@ -527,19 +567,37 @@ def test_bad_max_shard_size(work):
 
 
 def test_missing_source_and_base(work):
-    assert_error(cli("merge", str(work / "nope"), "--base", str(work / "base"), "-o", str(work / "o")),
-                 str(work / "nope"), "no such file or folder")
+    assert_error(
+        cli("merge", str(work / "nope"), "--base", str(work / "base"), "-o", str(work / "o")),
+        str(work / "nope"),
+        "no such file or folder",
+    )
     assert_error(merge(work, base="nope")[0], str(work / "nope"))
 
 
 def test_debug_shows_traceback(work):
     (work / "adapter" / "adapter_config.json").write_text("{")
-    r = subprocess.run([sys.executable, "-m", "lora_convert.cli", "--debug", "merge", str(work / "adapter"),
-                        "--base", str(work / "base"), "-o", str(work / "out")], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lora_convert.cli",
+            "--debug",
+            "merge",
+            str(work / "adapter"),
+            "--base",
+            str(work / "base"),
+            "-o",
+            str(work / "out"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0 and "Traceback" in r.stderr and "AdapterError" in r.stderr
 
 
 # -- property: random damage to a valid file --------------------------------------------------------------------
+
 
 def _valid_st() -> bytes:
     import io
@@ -547,19 +605,30 @@ def _valid_st() -> bytes:
     from safetensors.torch import save
 
     g = torch.Generator().manual_seed(0)
-    sd = {"a.weight": torch.randn(4, 3, generator=g), "b.bias": torch.arange(5, dtype=torch.int64),
-          "c": torch.randn(2, 2, generator=g).to(torch.bfloat16), "empty": torch.zeros(0, 3)}
+    sd = {
+        "a.weight": torch.randn(4, 3, generator=g),
+        "b.bias": torch.arange(5, dtype=torch.int64),
+        "c": torch.randn(2, 2, generator=g).to(torch.bfloat16),
+        "empty": torch.zeros(0, 3),
+    }
     del io
     return save(sd, metadata={"format": "pt"})
 
 
 VALID = _valid_st()
 (_HN,) = struct.unpack("<Q", VALID[:8])
-VALID_HEADER = json.loads(VALID[8:8 + _HN])
-_json_leaf = st.one_of(st.integers(-2**70, 2**70), st.sampled_from(["F32", "I64", "BF16", "BOOL", "F8_E4M3", "X"]),
-                       st.none(), st.booleans(), st.floats(allow_nan=True), st.text(max_size=4))
-_json_any = st.recursive(_json_leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=3), c,
-                                                                                            max_size=3), max_leaves=8)
+VALID_HEADER = json.loads(VALID[8 : 8 + _HN])
+_json_leaf = st.one_of(
+    st.integers(-(2**70), 2**70),
+    st.sampled_from(["F32", "I64", "BF16", "BOOL", "F8_E4M3", "X"]),
+    st.none(),
+    st.booleans(),
+    st.floats(allow_nan=True),
+    st.text(max_size=4),
+)
+_json_any = st.recursive(
+    _json_leaf, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=3), c, max_size=3), max_leaves=8
+)
 
 
 @st.composite
@@ -575,7 +644,7 @@ def damaged(draw) -> bytes:
         n = draw(st.one_of(st.integers(0, 2**64 - 1), st.integers(_HN - 16, _HN + 16).filter(lambda x: x >= 0)))
         return struct.pack("<Q", n) + bytes(raw[8:])
     if kind == "truncate":
-        return bytes(raw[:draw(st.integers(0, len(raw) - 1))])
+        return bytes(raw[: draw(st.integers(0, len(raw) - 1))])
     if kind == "append":
         return bytes(raw) + draw(st.binary(min_size=1, max_size=16))
     header = json.loads(json.dumps(VALID_HEADER))
@@ -590,7 +659,7 @@ def damaged(draw) -> bytes:
         elif field == "shape" and draw(st.booleans()):
             entry["shape"] = draw(st.lists(st.integers(0, 2**62), max_size=17))
         elif field == "data_offsets" and draw(st.booleans()):
-            entry["data_offsets"] = draw(st.lists(st.integers(-2**63, 2**64), max_size=3))
+            entry["data_offsets"] = draw(st.lists(st.integers(-(2**63), 2**64), max_size=3))
         else:
             entry[field] = draw(_json_any)
     else:
@@ -599,7 +668,7 @@ def damaged(draw) -> bytes:
         header[draw(st.text(max_size=5))] = draw(_json_any)
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + VALID[8 + _HN:]
+    return struct.pack("<Q", len(text)) + text + VALID[8 + _HN :]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)

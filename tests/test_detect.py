@@ -16,24 +16,72 @@ ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 CASES = {
     # name: (factory, model kwargs, lora kwargs, expected targets, ranks, dora, extra checks)
-    "plain": (llama, {}, dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
-              ["q_proj", "v_proj"], [8], False),
+    "plain": (
+        llama,
+        {},
+        dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+        ["q_proj", "v_proj"],
+        [8],
+        False,
+    ),
     "dora": (llama, {}, dict(r=4, lora_alpha=8, use_dora=True, target_modules=ATTN), sorted(ATTN), [4], True),
-    "rslora": (llama, {}, dict(r=16, lora_alpha=8, use_rslora=True, target_modules=["o_proj"]), ["o_proj"], [16],
-               False),
-    "rank-pattern": (llama, {}, dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
-                                     rank_pattern={"down_proj": 12}), ["down_proj", "q_proj"], [4, 12], False),
-    "embed-lm-head": (llama, {}, dict(r=8, lora_alpha=16, target_modules=["embed_tokens", "lm_head", "q_proj"]),
-                      ["embed_tokens", "lm_head", "q_proj"], [8], False),
-    "modules-to-save": (llama, {}, dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["norm"]),
-                        ["q_proj"], [4], False),
-    "lora-bias": (qwen2, {"tie": False}, dict(r=4, lora_alpha=8, target_modules=["q_proj"], lora_bias=True),
-                  ["q_proj"], [4], False),
-    "tokens": (qwen2, {}, dict(r=4, lora_alpha=8, target_modules=["v_proj"], trainable_token_indices=[1, 2, 3]),
-               ["v_proj"], [4], False),
+    "rslora": (
+        llama,
+        {},
+        dict(r=16, lora_alpha=8, use_rslora=True, target_modules=["o_proj"]),
+        ["o_proj"],
+        [16],
+        False,
+    ),
+    "rank-pattern": (
+        llama,
+        {},
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], rank_pattern={"down_proj": 12}),
+        ["down_proj", "q_proj"],
+        [4, 12],
+        False,
+    ),
+    "embed-lm-head": (
+        llama,
+        {},
+        dict(r=8, lora_alpha=16, target_modules=["embed_tokens", "lm_head", "q_proj"]),
+        ["embed_tokens", "lm_head", "q_proj"],
+        [8],
+        False,
+    ),
+    "modules-to-save": (
+        llama,
+        {},
+        dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["norm"]),
+        ["q_proj"],
+        [4],
+        False,
+    ),
+    "lora-bias": (
+        qwen2,
+        {"tie": False},
+        dict(r=4, lora_alpha=8, target_modules=["q_proj"], lora_bias=True),
+        ["q_proj"],
+        [4],
+        False,
+    ),
+    "tokens": (
+        qwen2,
+        {},
+        dict(r=4, lora_alpha=8, target_modules=["v_proj"], trainable_token_indices=[1, 2, 3]),
+        ["v_proj"],
+        [4],
+        False,
+    ),
     "gpt2": (gpt2, {}, dict(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True), ["c_attn"], [2], False),
-    "layers": (llama, {"layers": 4}, dict(r=4, lora_alpha=8, target_modules=["q_proj"], layers_to_transform=[1, 3]),
-               ["q_proj"], [4], False),
+    "layers": (
+        llama,
+        {"layers": 4},
+        dict(r=4, lora_alpha=8, target_modules=["q_proj"], layers_to_transform=[1, 3]),
+        ["q_proj"],
+        [4],
+        False,
+    ),
 }
 
 
@@ -63,8 +111,10 @@ def test_detect_forms_and_evidence(tmp_path, case, layout):
         assert groups["down_proj"]["ranks"] == [12] and groups["down_proj"]["scalings"] == [round(8 / 12, 6)]
     if case == "modules-to-save":
         # PEFT matches modules_to_save by name suffix: "norm" also catches the layer norms
-        assert ad["modules_to_save"] == sorted(["model.norm"] + [f"model.layers.{i}.{n}" for i in (0, 1)
-                                                                 for n in ("input_layernorm", "post_attention_layernorm")])
+        assert ad["modules_to_save"] == sorted(
+            ["model.norm"]
+            + [f"model.layers.{i}.{n}" for i in (0, 1) for n in ("input_layernorm", "post_attention_layernorm")]
+        )
     if case == "lora-bias":
         assert ad["lora_bias"] is True
     if case == "tokens":
@@ -83,6 +133,7 @@ def test_named_adapter_and_old_layout(tmp_path):
     assert d.form == "unmerged" and d.adapters[0].name == "chat"
     # older PEFT (< 0.7): base weight at q_proj.weight beside q_proj.lora_A.<name>.weight
     from safetensors.torch import load_file, save_file
+
     sd = load_file(str(tmp_path / "u" / "model.safetensors"))
     old = {k.replace(".base_layer.", "."): v for k, v in sd.items()}
     save_file(old, str(tmp_path / "u" / "model.safetensors"))
@@ -107,7 +158,9 @@ def test_plain_base_merged(tmp_path):
 
     sd = load_file(tmp_path / "base" / "model.safetensors")
     w = sd["model.layers.0.mlp.up_proj.weight"]
-    sd["model.layers.0.mlp.up_proj.weight"] = w + 0.05 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
+    sd["model.layers.0.mlp.up_proj.weight"] = w + 0.05 * torch.randn(
+        w.shape, generator=torch.Generator().manual_seed(0)
+    )
     (tmp_path / "ft").mkdir()
     save_file(sd, tmp_path / "ft" / "model.safetensors", metadata={"format": "pt"})
     (tmp_path / "ft" / "config.json").write_text((tmp_path / "base" / "config.json").read_text())

@@ -23,15 +23,28 @@ V, H = 96, 48
 
 def _llama(tie=False):
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=H, intermediate_size=96, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=V,
+            hidden_size=H,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=tie,
+        )
+    )
 
 
 def _merge(base_dir, out_dir, r, targets, cls=LlamaForCausalLM, seed=1, dtype=None, rank_pattern=None):
     torch.manual_seed(seed)
     m = cls.from_pretrained(base_dir)
-    pm = get_peft_model(m, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False,
-                                         rank_pattern=rank_pattern or {}))
+    pm = get_peft_model(
+        m,
+        LoraConfig(
+            r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, rank_pattern=rank_pattern or {}
+        ),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         merged = pm.merge_and_unload()
@@ -131,7 +144,7 @@ def test_energy_and_max_error_pick_promised_ranks(tmp_path):
         for m in res.extraction.modules:
             dw = t.read(m.module + ".weight") - b.read(m.module + ".weight")
             s2 = torch.linalg.svdvals(dw.double()).pow(2)
-            frac = (s2.cumsum(0) / s2.sum())
+            frac = s2.cumsum(0) / s2.sum()
             err = (1 - frac).clamp_min(0).sqrt()
             ok = frac >= 0.9 if "energy" in kw else err <= 0.2
             assert m.rank == int(torch.nonzero(ok)[0]) + 1, (m.module, m.rank)
@@ -152,23 +165,33 @@ def test_energy_and_max_error_pick_promised_ranks(tmp_path):
         # the adapter reproduces exactly the truncated ΔW the report promised
         q = p.base_model.model.get_submodule("model.layers.0.self_attn.q_proj")
         sd = load_file(out / "adapter_model.safetensors")
-        assert torch.equal(q.lora_A["default"].weight,
-                           sd["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"])
+        assert torch.equal(
+            q.lora_A["default"].weight, sd["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+        )
 
 
 def test_filters_embeddings_and_1d(pair, tmp_path):
     d, merged = pair
-    res = extract(d / "tuned", base=d / "base", output=tmp_path / "f", rank=4, layers="0", exclude=["v_proj"],
-                  embeddings="skip")
-    assert sorted(m.module for m in res.extraction.modules) == ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj"]
+    res = extract(
+        d / "tuned", base=d / "base", output=tmp_path / "f", rank=4, layers="0", exclude=["v_proj"], embeddings="skip"
+    )
+    assert sorted(m.module for m in res.extraction.modules) == [
+        "model.layers.0.mlp.down_proj",
+        "model.layers.0.self_attn.q_proj",
+    ]
     reasons = {s["tensor"]: s["reason"] for s in res.extraction.skipped}
     assert reasons["model.layers.1.self_attn.q_proj.weight"] == "outside --layers"
     assert reasons["model.layers.0.self_attn.v_proj.weight"] == "matched by --exclude"
-    assert reasons["model.embed_tokens.weight"] == "--embeddings skip" and reasons["lm_head.weight"] == "--embeddings skip"
+    assert (
+        reasons["model.embed_tokens.weight"] == "--embeddings skip" and reasons["lm_head.weight"] == "--embeddings skip"
+    )
     _, bad = _load_quiet(d / "base", tmp_path / "f")
     assert not bad
     res = extract(d / "tuned", base=d / "base", output=tmp_path / "inc", rank=4, include=[r"mlp"], embeddings="full")
-    assert [m.module for m in res.extraction.modules] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert [m.module for m in res.extraction.modules] == [
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.mlp.down_proj",
+    ]
     assert sorted(s["module"] for s in res.extraction.saved_whole) == ["lm_head", "model.embed_tokens"]
     cfg = json.loads((tmp_path / "inc" / "adapter_config.json").read_text())
     assert sorted(cfg["modules_to_save"]) == ["lm_head", "model.embed_tokens"]
@@ -196,8 +219,15 @@ def test_changed_norm_reported_and_saved_on_request(pair, tmp_path):
 
 def test_tied_embeddings_qwen2(tmp_path):
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = Qwen2Config(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "base")
     merged = _merge(tmp_path / "base", tmp_path / "tuned", 4, ["q_proj", "embed_tokens"], cls=Qwen2ForCausalLM)
     assert "lm_head.weight" not in open_checkpoint(tmp_path / "tuned").tensors
@@ -217,9 +247,16 @@ def test_gpt2_conv1d_and_position_embedding(tmp_path):
 
     gpt2().save_pretrained(tmp_path / "base")
     torch.manual_seed(1)
-    pm = get_peft_model(GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
-                        LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc", "wpe"],
-                                   fan_in_fan_out=True, init_lora_weights=False))
+    pm = get_peft_model(
+        GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["c_attn", "c_proj", "c_fc", "wpe"],
+            fan_in_fan_out=True,
+            init_lora_weights=False,
+        ),
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         merged = pm.merge_and_unload()
@@ -261,12 +298,17 @@ def test_bf16_floor(tmp_path, capsys):
     res = extract(tmp_path / "tuned", base=tmp_path / "base", output=tmp_path / "a", rank=4)
     t, b = open_checkpoint(tmp_path / "tuned"), open_checkpoint(tmp_path / "base")
     assert t.info("model.layers.0.self_attn.q_proj.weight").dtype == torch.bfloat16
-    dw = t.read("model.layers.0.self_attn.q_proj.weight").float() - b.read("model.layers.0.self_attn.q_proj.weight").float()
+    dw = (
+        t.read("model.layers.0.self_attn.q_proj.weight").float()
+        - b.read("model.layers.0.self_attn.q_proj.weight").float()
+    )
     s = torch.linalg.svdvals(dw.double())
     floor = (s[4:].pow(2).sum() / s.pow(2).sum()).sqrt().item()  # what bf16 rounding leaves beyond rank 4
     m = next(x for x in res.extraction.modules if x.module == "model.layers.0.self_attn.q_proj")
     assert abs(m.error - floor) <= 1e-4 and 1e-4 < floor < 0.2
-    print(f"\nbf16 floor: worst {res.extraction.worst_error:.4f}, mean {res.extraction.mean_error:.4f} relative Frobenius error at rank 4")
+    print(
+        f"\nbf16 floor: worst {res.extraction.worst_error:.4f}, mean {res.extraction.mean_error:.4f} relative Frobenius error at rank 4"
+    )
 
 
 def test_analyse_difference(pair):
@@ -284,8 +326,24 @@ def test_cli_convert_to_adapter_takes_the_extraction_options(pair, tmp_path):
     from lora_convert.cli import main
 
     d, merged = pair
-    r = CliRunner().invoke(main, ["convert", str(d / "tuned"), "--to", "adapter", "--base", str(d / "base"), "-o",
-                                  str(tmp_path / "a"), "--rank", "2", "--exclude", "embed|lm_head", "--json"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "convert",
+            str(d / "tuned"),
+            "--to",
+            "adapter",
+            "--base",
+            str(d / "base"),
+            "-o",
+            str(tmp_path / "a"),
+            "--rank",
+            "2",
+            "--exclude",
+            "embed|lm_head",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     assert {m["rank"] for m in out["modules"]} == {2}
@@ -293,8 +351,21 @@ def test_cli_convert_to_adapter_takes_the_extraction_options(pair, tmp_path):
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert cfg["r"] == 2
     # the same options on a route that is not extraction: refused, nothing written
-    r = CliRunner().invoke(main, ["convert", str(tmp_path / "a"), "--to", "merged", "--base", str(d / "base"), "-o",
-                                  str(tmp_path / "m"), "--rank", "2"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "convert",
+            str(tmp_path / "a"),
+            "--to",
+            "merged",
+            "--base",
+            str(d / "base"),
+            "-o",
+            str(tmp_path / "m"),
+            "--rank",
+            "2",
+        ],
+    )
     assert r.exit_code == 1 and "--rank" in r.output and "extraction options" in r.output
     assert not (tmp_path / "m").exists()
 
@@ -303,15 +374,24 @@ def test_changed_bias_of_a_lora_module_is_carried(tmp_path):
     """Qwen2's q/k/v have biases; a fine-tune that changes them must not lose them: PEFT's bias='lora_only'
     saves <module>.base_layer.bias, and the adapter then reproduces the tuned model."""
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, tie_word_embeddings=False)
+    cfg = Qwen2Config(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "base")
     merged = _merge(tmp_path / "base", tmp_path / "tuned0", 4, ["q_proj", "v_proj"], cls=Qwen2ForCausalLM)
     with torch.no_grad():
         merged.model.layers[1].self_attn.q_proj.bias.add_(0.5)
     merged.save_pretrained(tmp_path / "tuned")
     res = extract(tmp_path / "tuned", base=tmp_path / "base", output=tmp_path / "a", rank=4)
-    assert res.extraction.carried_biases == [f"model.layers.{i}.self_attn.{p}.bias" for i in (0, 1) for p in ("q_proj", "v_proj")]
+    assert res.extraction.carried_biases == [
+        f"model.layers.{i}.self_attn.{p}.bias" for i in (0, 1) for p in ("q_proj", "v_proj")
+    ]
     assert not res.extraction.skipped
     cfg_out = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert cfg_out["bias"] == "lora_only"
@@ -336,8 +416,22 @@ def test_factor_dtype_bf16_is_measured_as_written(pair, tmp_path):
     from lora_convert.cli import main
 
     d, merged = pair
-    r = CliRunner().invoke(main, ["extract", str(d / "tuned"), "--base", str(d / "base"), "-o", str(tmp_path / "a"),
-                                  "--rank", "4", "--factor-dtype", "bf16", "--json"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            str(d / "tuned"),
+            "--base",
+            str(d / "base"),
+            "-o",
+            str(tmp_path / "a"),
+            "--rank",
+            "4",
+            "--factor-dtype",
+            "bf16",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     sd = load_file(tmp_path / "a" / "adapter_model.safetensors")

@@ -49,8 +49,9 @@ def pair(tmp_path_factory) -> Path:
 
 
 def checksums(*folders: Path) -> dict[str, str]:
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
-            for f in folders for p in sorted(f.rglob("*")) if p.is_file()}
+    return {
+        str(p): hashlib.sha256(p.read_bytes()).hexdigest() for f in folders for p in sorted(f.rglob("*")) if p.is_file()
+    }
 
 
 def temps(folder: Path) -> list[Path]:
@@ -59,8 +60,9 @@ def temps(folder: Path) -> list[Path]:
 
 def start_slow_merge(pair: Path, out: Path) -> subprocess.Popen:
     args = ["merge", str(pair / "adapter"), "--base", str(pair / "base"), "-o", str(out)]
-    return subprocess.Popen([sys.executable, "-c", SLOW_CHILD, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", SLOW_CHILD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_midway(proc: subprocess.Popen, folder: Path, timeout: float = 60) -> Path:
@@ -101,10 +103,13 @@ def test_sigkill_midway_then_next_run_cleans(pair, tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("sig,code,needle", [
-    (signal.SIGTERM, 1, "terminated by SIGTERM; nothing was written"),
-    (signal.SIGINT, 130, "interrupted; nothing was written"),
-])
+@pytest.mark.parametrize(
+    "sig,code,needle",
+    [
+        (signal.SIGTERM, 1, "terminated by SIGTERM; nothing was written"),
+        (signal.SIGINT, 130, "interrupted; nothing was written"),
+    ],
+)
 def test_signal_midway_leaves_nothing(pair, tmp_path, sig, code, needle):
     before = checksums(pair / "base", pair / "adapter")
     out = tmp_path / "merged"
@@ -155,8 +160,9 @@ def test_stale_temps_are_reported(pair, tmp_path):
     out = tmp_path / "merged"
     dead = tmp_path / f".merged{TMP_MARK}{2**22 + 99}-abcd"
     dead.mkdir()
-    r = CliRunner().invoke(main, ["merge", str(pair / "adapter"), "--base", str(pair / "base"), "-o", str(out),
-                                  "--json"])
+    r = CliRunner().invoke(
+        main, ["merge", str(pair / "adapter"), "--base", str(pair / "base"), "-o", str(out), "--json"]
+    )
     assert r.exit_code == 0, r.output
     import json
 

@@ -107,8 +107,11 @@ def test_lfs_put_rejects_content_that_does_not_match_the_oid(hub_server):
     status, body = call("POST", f"{hub_server.endpoint}/org/lfs.git/info/lfs/objects/batch", batch)
     assert "actions" not in json.loads(body)["objects"][0]  # already stored: nothing to upload
     # create on an existing repo answers 409 and still carries the url
-    status, body = call("POST", f"{hub_server.endpoint}/api/repos/create",
-                        json.dumps({"name": "lfs", "organization": "org", "type": "model"}).encode())
+    status, body = call(
+        "POST",
+        f"{hub_server.endpoint}/api/repos/create",
+        json.dumps({"name": "lfs", "organization": "org", "type": "model"}).encode(),
+    )
     assert status == 409 and json.loads(body)["url"] == f"{hub_server.endpoint}/org/lfs"
 
 
@@ -221,7 +224,14 @@ def test_resolve_checkpoint_downloads_only_needed_files_then_works_offline(hub_s
     folder = resolve_checkpoint("org/base")
     assert folder.is_relative_to(hub_server.cache_dir)
     got = read_tree(folder)
-    wanted = {"model.safetensors", "config.json", "tokenizer.json", "tokenizer.model", "chat_template.jinja", "README.md"}
+    wanted = {
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "tokenizer.model",
+        "chat_template.jinja",
+        "README.md",
+    }
     assert set(got) == wanted
     assert all(got[k] == files[k] for k in wanted)
 
@@ -375,9 +385,14 @@ def test_check_complete_output(tmp_path):
     sharded = tmp_path / "sharded"
     sharded.mkdir()
     save_file({"w": torch.zeros(2, 2)}, str(sharded / "model-00001-of-00002.safetensors"))
-    (sharded / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {"w": "model-00001-of-00002.safetensors", "v": "model-00002-of-00002.safetensors"}}
-    ))
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "metadata": {},
+                "weight_map": {"w": "model-00001-of-00002.safetensors", "v": "model-00002-of-00002.safetensors"},
+            }
+        )
+    )
     assert check_complete_output(sharded) == [
         "model.safetensors.index.json names missing shard model-00002-of-00002.safetensors"
     ]

@@ -9,17 +9,52 @@ from lora_convert.arch import layer_index
 from lora_convert.dialects.peft_keys import Role, format_key, parse_key
 
 ident = st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True).filter(
-    lambda s: s not in {"weight", "bias", "base_layer", "lora_A", "lora_B", "modules_to_save", "original_module",
-                        "token_adapter", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B"})
-modules = st.lists(st.one_of(ident, st.integers(0, 99).map(str)), min_size=1, max_size=6).map(".".join).filter(
-    lambda m: not m.split(".")[0].isdigit())
-roles = st.sampled_from([Role.LORA_A, Role.LORA_B, Role.EMBED_A, Role.EMBED_B, Role.MAGNITUDE, Role.TOKENS_DELTA,
-                         Role.MODULES_TO_SAVE, Role.ORIGINAL_MODULE, Role.BASE])
+    lambda s: (
+        s
+        not in {
+            "weight",
+            "bias",
+            "base_layer",
+            "lora_A",
+            "lora_B",
+            "modules_to_save",
+            "original_module",
+            "token_adapter",
+            "lora_magnitude_vector",
+            "lora_embedding_A",
+            "lora_embedding_B",
+        }
+    )
+)
+modules = (
+    st.lists(st.one_of(ident, st.integers(0, 99).map(str)), min_size=1, max_size=6)
+    .map(".".join)
+    .filter(lambda m: not m.split(".")[0].isdigit())
+)
+roles = st.sampled_from(
+    [
+        Role.LORA_A,
+        Role.LORA_B,
+        Role.EMBED_A,
+        Role.EMBED_B,
+        Role.MAGNITUDE,
+        Role.TOKENS_DELTA,
+        Role.MODULES_TO_SAVE,
+        Role.ORIGINAL_MODULE,
+        Role.BASE,
+    ]
+)
 
 
 @settings(max_examples=400, deadline=None)
-@given(module=modules, role=roles, adapter=st.one_of(st.none(), ident), prefixed=st.booleans(),
-       base_layer=st.booleans(), param=st.sampled_from(["weight", "bias"]))
+@given(
+    module=modules,
+    role=roles,
+    adapter=st.one_of(st.none(), ident),
+    prefixed=st.booleans(),
+    base_layer=st.booleans(),
+    param=st.sampled_from(["weight", "bias"]),
+)
 def test_format_then_parse_round_trips(module, role, adapter, prefixed, base_layer, param):
     if role is Role.MODULES_TO_SAVE and adapter is None:
         adapter = "default"
@@ -29,8 +64,9 @@ def test_format_then_parse_round_trips(module, role, adapter, prefixed, base_lay
         param = ""
     if role is Role.LORA_A:
         param = "weight"
-    key = format_key(module, role, param=param, adapter=adapter, prefixed=prefixed,
-                     base_layer=base_layer and role is Role.BASE)
+    key = format_key(
+        module, role, param=param, adapter=adapter, prefixed=prefixed, base_layer=base_layer and role is Role.BASE
+    )
     p = parse_key(key)
     assert p.module == module, key
     assert p.role is role, key
@@ -44,26 +80,54 @@ def test_format_then_parse_round_trips(module, role, adapter, prefixed, base_lay
 
 def test_known_layouts():
     cases = {
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight":
-            ("model.layers.0.self_attn.q_proj", Role.LORA_A, "default", "weight"),
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight":
-            ("model.layers.0.self_attn.q_proj", Role.LORA_B, None, "weight"),
-        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias":
-            ("model.layers.0.self_attn.q_proj", Role.LORA_B, None, "bias"),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight": (
+            "model.layers.0.self_attn.q_proj",
+            Role.LORA_A,
+            "default",
+            "weight",
+        ),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": (
+            "model.layers.0.self_attn.q_proj",
+            Role.LORA_B,
+            None,
+            "weight",
+        ),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias": (
+            "model.layers.0.self_attn.q_proj",
+            Role.LORA_B,
+            None,
+            "bias",
+        ),
         "base_model.model.model.embed_tokens.lora_embedding_A": ("model.embed_tokens", Role.EMBED_A, None, ""),
         "model.embed_tokens.lora_embedding_B.chat": ("model.embed_tokens", Role.EMBED_B, "chat", ""),
         "base_model.model.lm_head.lora_magnitude_vector": ("lm_head", Role.MAGNITUDE, None, ""),
         "base_model.model.lm_head.lora_magnitude_vector.weight": ("lm_head", Role.MAGNITUDE, None, ""),
         "base_model.model.lm_head.lora_magnitude_vector.default.weight": ("lm_head", Role.MAGNITUDE, "default", ""),
-        "base_model.model.model.norm.modules_to_save.default.weight": ("model.norm", Role.MODULES_TO_SAVE, "default",
-                                                                       "weight"),
+        "base_model.model.model.norm.modules_to_save.default.weight": (
+            "model.norm",
+            Role.MODULES_TO_SAVE,
+            "default",
+            "weight",
+        ),
         "base_model.model.model.norm.original_module.weight": ("model.norm", Role.ORIGINAL_MODULE, None, "weight"),
-        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta":
-            ("model.embed_tokens", Role.TOKENS_DELTA, None, ""),
-        "base_model.model.model.embed_tokens.token_adapter.base_layer.weight":
-            ("model.embed_tokens", Role.BASE, None, "weight"),
-        "base_model.model.transformer.h.0.attn.c_attn.base_layer.bias": ("transformer.h.0.attn.c_attn", Role.BASE,
-                                                                         None, "bias"),
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta": (
+            "model.embed_tokens",
+            Role.TOKENS_DELTA,
+            None,
+            "",
+        ),
+        "base_model.model.model.embed_tokens.token_adapter.base_layer.weight": (
+            "model.embed_tokens",
+            Role.BASE,
+            None,
+            "weight",
+        ),
+        "base_model.model.transformer.h.0.attn.c_attn.base_layer.bias": (
+            "transformer.h.0.attn.c_attn",
+            Role.BASE,
+            None,
+            "bias",
+        ),
         "model.layers.3.mlp.down_proj.weight": ("model.layers.3.mlp.down_proj", Role.BASE, None, "weight"),
     }
     for key, (module, role, adapter, param) in cases.items():

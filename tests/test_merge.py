@@ -49,31 +49,63 @@ def _fresh_base(factory, tmp_path, **kw):
 CASES = {
     "llama-attn": (llama, {}, dict(r=8, lora_alpha=16, target_modules=ATTN)),
     "llama-all-linears": (llama, {}, dict(r=4, lora_alpha=8, target_modules=ALL)),
-    "llama-embed-lmhead": (llama, {}, dict(r=8, lora_alpha=16,
-                                           target_modules=["q_proj", "v_proj", "o_proj", "embed_tokens", "lm_head"])),
+    "llama-embed-lmhead": (
+        llama,
+        {},
+        dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "embed_tokens", "lm_head"]),
+    ),
     "llama-rslora": (llama, {}, dict(r=16, lora_alpha=8, use_rslora=True, target_modules=ALL)),
-    "llama-patterns": (llama, {}, dict(r=4, lora_alpha=8, target_modules=ALL,
-                                       rank_pattern={"q_proj": 2, "model.layers.1.mlp.down_proj": 6},
-                                       alpha_pattern={"^model.layers.0.self_attn.v_proj": 3, "up_proj": 32})),
+    "llama-patterns": (
+        llama,
+        {},
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=ALL,
+            rank_pattern={"q_proj": 2, "model.layers.1.mlp.down_proj": 6},
+            alpha_pattern={"^model.layers.0.self_attn.v_proj": 3, "up_proj": 32},
+        ),
+    ),
     "llama-dora": (llama, {}, dict(r=4, lora_alpha=8, use_dora=True, target_modules=ALL + ["lm_head"])),
     "llama-dora-embed": (llama, {}, dict(r=4, lora_alpha=8, use_dora=True, target_modules=["embed_tokens", "q_proj"])),
-    "llama-modules-to-save": (llama, {}, dict(r=4, lora_alpha=8, target_modules=ATTN,
-                                              modules_to_save=["input_layernorm", "norm"])),
+    "llama-modules-to-save": (
+        llama,
+        {},
+        dict(r=4, lora_alpha=8, target_modules=ATTN, modules_to_save=["input_layernorm", "norm"]),
+    ),
     "llama-layers-to-transform": (llama, {}, dict(r=4, lora_alpha=8, target_modules=ALL, layers_to_transform=[1])),
-    "llama-trainable-tokens": (llama, {}, dict(r=4, lora_alpha=8, target_modules=ATTN,
-                                               trainable_token_indices=[3, 7, 50])),
+    "llama-trainable-tokens": (
+        llama,
+        {},
+        dict(r=4, lora_alpha=8, target_modules=ATTN, trainable_token_indices=[3, 7, 50]),
+    ),
     "qwen2-tied-embed": (qwen2, {}, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])),
     "qwen2-tied-lmhead": (qwen2, {}, dict(r=4, lora_alpha=8, target_modules=["lm_head", "v_proj"])),
-    "qwen2-tied-tokens": (qwen2, {}, dict(r=4, lora_alpha=8, target_modules=["q_proj"],
-                                          trainable_token_indices=[3, 9])),
-    "qwen2-lora-bias": (qwen2, {"tie": False}, dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"],
-                                                     lora_bias=True)),
-    "qwen2-bias-lora-only": (qwen2, {"tie": False}, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                          bias="lora_only")),
-    "gpt2-conv1d": (gpt2, {}, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
-                                   fan_in_fan_out=True)),
-    "gpt2-conv1d-dora": (gpt2, {}, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True,
-                                        use_dora=True)),
+    "qwen2-tied-tokens": (
+        qwen2,
+        {},
+        dict(r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=[3, 9]),
+    ),
+    "qwen2-lora-bias": (
+        qwen2,
+        {"tie": False},
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"], lora_bias=True),
+    ),
+    "qwen2-bias-lora-only": (
+        qwen2,
+        {"tie": False},
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bias="lora_only"),
+    ),
+    "gpt2-conv1d": (
+        gpt2,
+        {},
+        dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True),
+    ),
+    "gpt2-conv1d-dora": (
+        gpt2,
+        {},
+        dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, use_dora=True),
+    ),
 }
 
 
@@ -119,12 +151,15 @@ def test_ensure_weight_tying(tmp_path, targets):
             if "lora_embedding" in n:
                 p.mul_(0.1)
     head = pm.base_model.model.lm_head
-    assert head.lora_A["default"].weight.data_ptr() == pm.base_model.model.model.embed_tokens.lora_embedding_B[
-        "default"].data_ptr(), "PEFT ties the head's adapter to the embedding's"
+    assert (
+        head.lora_A["default"].weight.data_ptr()
+        == pm.base_model.model.model.embed_tokens.lora_embedding_B["default"].data_ptr()
+    ), "PEFT ties the head's adapter to the embedding's"
     assert logits(pm).abs().max() < 5
     res = _check(tmp_path, base, pm, expect_untied=False)
     assert "tie_word_embeddings" not in res.config_changes
     from safetensors import safe_open
+
     with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in f.keys(), "both sides changed alike: they stay one tied tensor"
 
@@ -134,6 +169,7 @@ def test_tied_without_change_stays_tied(tmp_path):
     pm = peft_wrap(base, r=4, lora_alpha=8, target_modules=["q_proj"])
     _check(tmp_path, base, pm, expect_untied=False)
     from safetensors import safe_open
+
     with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in f.keys()
 
@@ -159,6 +195,7 @@ def test_bf16_rounded_once(tmp_path):
     pm.save_pretrained(str(tmp_path / "adapter"))
     lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "merged")
     from safetensors.torch import load_file
+
     merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
     basew = load_file(str(tmp_path / "base" / "model.safetensors"))
     ad = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
@@ -182,12 +219,14 @@ def test_dtype_option_and_sharding(tmp_path):
     base = _fresh_base(llama, tmp_path)
     pm = peft_wrap(base, r=4, lora_alpha=8, target_modules=ATTN)
     pm.save_pretrained(str(tmp_path / "adapter"))
-    res = lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "m16", dtype="fp16",
-                   max_shard_size="20KB")
+    res = lc.merge(
+        tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "m16", dtype="fp16", max_shard_size="20KB"
+    )
     idx = read_json(tmp_path / "m16" / "model.safetensors.index.json")
     assert len(set(idx["weight_map"].values())) == len(res.files) > 1
     m = load_merged(tmp_path / "m16")
     from safetensors import safe_open
+
     first = sorted(idx["weight_map"].values())[0]
     with safe_open(str(tmp_path / "m16" / first), "pt") as f:
         assert f.get_tensor(next(iter(f.keys()))).dtype == torch.float16
@@ -207,6 +246,7 @@ def test_bin_base_streams_through_the_pipeline(tmp_path):
     bin_dir = tmp_path / "binbase"
     bin_dir.mkdir()
     from safetensors.torch import load_file
+
     torch.save(load_file(str(tmp_path / "base" / "model.safetensors")), bin_dir / "pytorch_model.bin")
     (bin_dir / "config.json").write_text((tmp_path / "base" / "config.json").read_text())
     lc.merge(tmp_path / "adapter", base=bin_dir, output=tmp_path / "merged")

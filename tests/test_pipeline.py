@@ -24,7 +24,7 @@ def _row_job(name: str, rows: int, cols: int, step: int, seed: int) -> tuple[pl.
     def blocks(buf: pl.Buffers):
         for s in range(0, rows, step):
             n = min(step, rows - s)
-            yield buf.out((n, cols), torch.float32).copy_(full[s:s + n])
+            yield buf.out((n, cols), torch.float32).copy_(full[s : s + n])
 
     return pl.Job(name, torch.float32, (rows, cols), blocks), full
 
@@ -64,11 +64,11 @@ def test_producer_error_reaches_the_caller_with_its_type(tmp_path):
 def test_writer_error_stops_the_producer(tmp_path):
     """A block that contradicts the plan fails in the writer; the producer, blocked on a full queue
     or an empty pool, must be told to stop and joined."""
+
     def bad(buf):
         yield buf.out((3, 3), torch.float16)  # planned float32
 
-    jobs = [_row_job("a", 300, 64, 1, 0)[0], pl.Job("b", torch.float32, (3, 3), bad),
-            _row_job("c", 300, 64, 1, 1)[0]]
+    jobs = [_row_job("a", 300, 64, 1, 0)[0], pl.Job("b", torch.float32, (3, 3), bad), _row_job("c", 300, 64, 1, 1)[0]]
     with pytest.raises(ValueError, match="dtype"):
         pl.execute(jobs, SafetensorsSink(tmp_path))
     assert _producers() == 0

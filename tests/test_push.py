@@ -13,8 +13,20 @@ def test_merge_push_download_round_trip(tmp_path, hub_server):
     from huggingface_hub import ModelCard, snapshot_download
 
     out = tmp_path / "merged"
-    r = CliRunner().invoke(main, ["merge", "fixtures/tiny-llama-lora", "--base", "fixtures/tiny-llama-base",
-                                  "-o", str(out), "--push-to", "me/merged", "--private"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "merge",
+            "fixtures/tiny-llama-lora",
+            "--base",
+            "fixtures/tiny-llama-base",
+            "-o",
+            str(out),
+            "--push-to",
+            "me/merged",
+            "--private",
+        ],
+    )
     assert r.exit_code == 0, r.output + str(r.exception)
     got = Path(snapshot_download("me/merged", cache_dir=str(tmp_path / "dl")))
     local = sorted(p.name for p in out.iterdir())
@@ -32,8 +44,19 @@ def test_push_adapter_to_branch_and_card(tmp_path, hub_server):
     from huggingface_hub import ModelCard, snapshot_download
 
     out = tmp_path / "adapter"
-    r = CliRunner().invoke(main, ["convert", "fixtures/tiny-llama-unmerged", "--to", "adapter", "-o", str(out),
-                                  "--base", "fixtures/tiny-llama-base"])
+    r = CliRunner().invoke(
+        main,
+        [
+            "convert",
+            "fixtures/tiny-llama-unmerged",
+            "--to",
+            "adapter",
+            "-o",
+            str(out),
+            "--base",
+            "fixtures/tiny-llama-base",
+        ],
+    )
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(main, ["push", str(out), "me/ad", "--revision", "dev", "--json"])
     assert r.exit_code == 0, r.output + str(r.exception)
@@ -48,11 +71,13 @@ def test_push_without_token_fails_cleanly(tmp_path, hub_server, monkeypatch):
     hub_server.set_token(None) if hasattr(hub_server, "set_token") else None
     monkeypatch.delenv("HF_TOKEN", raising=False)
     import huggingface_hub.constants as c
+
     monkeypatch.setattr(c, "HF_TOKEN_PATH", str(tmp_path / "no-token"), raising=False)
     monkeypatch.setattr(c, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-tokens"), raising=False)
     out = tmp_path / "m"
-    r = CliRunner().invoke(main, ["merge", "fixtures/tiny-llama-lora", "--base", "fixtures/tiny-llama-base",
-                                  "-o", str(out)])
+    r = CliRunner().invoke(
+        main, ["merge", "fixtures/tiny-llama-lora", "--base", "fixtures/tiny-llama-base", "-o", str(out)]
+    )
     assert r.exit_code == 0
     r = CliRunner().invoke(main, ["push", str(out), "me/x"])
     assert r.exit_code == 1 and r.stderr.startswith("error: ")

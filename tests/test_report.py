@@ -27,20 +27,57 @@ from lora_convert.costs import build_report, report_markdown  # noqa: E402
 
 CASES = {
     "llama": (
-        LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=100, tie_word_embeddings=False),
-        dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                "down_proj", "embed_tokens", "lm_head"],
-             rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 4})),
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=100,
+            tie_word_embeddings=False,
+        ),
+        dict(
+            r=4,
+            lora_alpha=8,
+            target_modules=[
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+                "embed_tokens",
+                "lm_head",
+            ],
+            rank_pattern={"down_proj": 2},
+            alpha_pattern={"v_proj": 4},
+        ),
+    ),
     "qwen2": (
-        Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=96, tie_word_embeddings=True),
-        dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj", "up_proj"],
-             layers_to_transform=[1])),
+        Qwen2Config(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=96,
+            tie_word_embeddings=True,
+        ),
+        dict(
+            r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj", "up_proj"], layers_to_transform=[1]
+        ),
+    ),
     "gpt2": (
         GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=90, n_positions=64, bos_token_id=0, eos_token_id=0),
-        dict(r=4, lora_alpha=4, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
-             modules_to_save=["ln_f"])),
+        dict(
+            r=4,
+            lora_alpha=4,
+            target_modules=["c_attn", "c_proj", "c_fc"],
+            fan_in_fan_out=True,
+            modules_to_save=["ln_f"],
+        ),
+    ),
 }
 
 
@@ -71,8 +108,9 @@ def case(request, tmp_path_factory):
     peft_model.save_pretrained(root / "adapter")
     un = root / "unmerged"
     un.mkdir()
-    save_file({k: v.detach().clone().contiguous() for k, v in peft_model.state_dict().items()},
-              str(un / "model.safetensors"))
+    save_file(
+        {k: v.detach().clone().contiguous() for k, v in peft_model.state_dict().items()}, str(un / "model.safetensors")
+    )
     shutil.copy(root / "adapter" / "adapter_config.json", un)
     shutil.copy(root / "base" / "config.json", un)
     merged = peft_model.merge_and_unload()
@@ -120,8 +158,9 @@ def test_counts_match_peft_and_flop_counter(case, form):
     header = int.from_bytes(weights.read_bytes()[:8], "little")
     assert measured.bytes_total == weights.stat().st_size - 8 - header
     if form == "adapter":
-        assert rep.row("merged").bytes_total == (root / "merged" / "model.safetensors").stat().st_size - 8 - int.from_bytes(
-            (root / "merged" / "model.safetensors").read_bytes()[:8], "little")
+        assert rep.row("merged").bytes_total == (
+            root / "merged" / "model.safetensors"
+        ).stat().st_size - 8 - int.from_bytes((root / "merged" / "model.safetensors").read_bytes()[:8], "little")
 
 
 def test_adapter_base_from_adapter_config_and_from_config_only(case):
@@ -152,7 +191,7 @@ def test_breakdown_and_attention_convention(case):
         assert kinds["lm_head"].extra_flops == 2 * 4 * (32 + 100)
     elif name == "qwen2":
         assert rep.model.tied
-        assert kinds["q_proj"].count == 1 and kinds["q_proj"].scalings == [pytest.approx(16 / 8 ** 0.5, rel=1e-5)]
+        assert kinds["q_proj"].count == 1 and kinds["q_proj"].scalings == [pytest.approx(16 / 8**0.5, rel=1e-5)]
     else:
         assert kinds["other"].count == 2 and kinds["up_proj"].count == 2  # c_attn (fused qkv), c_fc
         assert kinds["o_proj"].count == 2 and kinds["down_proj"].count == 2  # attn.c_proj, mlp.c_proj
@@ -163,8 +202,9 @@ def test_breakdown_and_attention_convention(case):
 
 def test_cli_json_and_markdown(case):
     name, root, exp = case
-    r = CliRunner().invoke(main, ["report", str(root / "adapter"), "--base", str(root / "base"), "--seq-len", "1",
-                                  "--json"])
+    r = CliRunner().invoke(
+        main, ["report", str(root / "adapter"), "--base", str(root / "base"), "--seq-len", "1", "--json"]
+    )
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     rows = {row["form"]: row for row in d["rows"]}

@@ -26,17 +26,27 @@ def _peft_load(base_factory, adapter_dir, **kw):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pm = PeftModel.from_pretrained(base_factory(**kw), str(adapter_dir))
-    bad = [str(w.message) for w in caught if "key" in str(w.message).lower() and (
-        "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower())]
+    bad = [
+        str(w.message)
+        for w in caught
+        if "key" in str(w.message).lower()
+        and ("missing" in str(w.message).lower() or "unexpected" in str(w.message).lower())
+    ]
     assert not bad, bad
     return pm.eval()
 
 
 LORA_CASES = {
-    "llama-embed-dora": (llama, {}, dict(r=4, lora_alpha=8, use_dora=True,
-                                         target_modules=["q_proj", "v_proj", "embed_tokens", "lm_head"])),
-    "llama-mts-tokens": (llama, {}, dict(r=4, lora_alpha=8, target_modules=ATTN, modules_to_save=["norm"],
-                                         trainable_token_indices=[2, 5])),
+    "llama-embed-dora": (
+        llama,
+        {},
+        dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "embed_tokens", "lm_head"]),
+    ),
+    "llama-mts-tokens": (
+        llama,
+        {},
+        dict(r=4, lora_alpha=8, target_modules=ATTN, modules_to_save=["norm"], trainable_token_indices=[2, 5]),
+    ),
     "qwen2-lora-bias": (qwen2, {"tie": False}, dict(r=4, lora_alpha=8, target_modules=["q_proj"], lora_bias=True)),
     "gpt2": (gpt2, {}, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
 }
@@ -89,6 +99,7 @@ def test_adapter_plus_base_to_unmerged_matches_peft_state_dict(tmp_path, case):
         assert torch.equal(v, want[k].detach()), k
     # and it loads strictly into a fresh PEFT model, giving the same logits
     from peft import LoraConfig, get_peft_model
+
     fresh = get_peft_model(factory(**mkw, seed=123), LoraConfig.from_pretrained(str(tmp_path / "unmerged")))
     fresh.load_state_dict(got, strict=False)
     assert (logits(fresh.eval()) - ref).abs().max() <= 1e-5
@@ -134,6 +145,12 @@ def test_inputs_untouched_and_carried_files(tmp_path):
     lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "m")
     assert before == {p: _sha(p) for d in ("base", "adapter") for p in (tmp_path / d).iterdir()}
     names = {p.name for p in (tmp_path / "m").iterdir()}
-    assert {"config.json", "generation_config.json", "tokenizer_config.json", "chat_template.jinja",
-            "README.md", "model.safetensors"} <= names
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "README.md",
+        "model.safetensors",
+    } <= names
     assert not [p for p in tmp_path.iterdir() if ".tmp-lora-convert" in p.name]

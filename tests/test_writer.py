@@ -28,7 +28,7 @@ def test_sharded_write_streams_rows_and_loads_bit_exact(tmp_path):
     w = SafetensorsWriter(tmp_path, plan, max_shard_size="10KB")
     for k, v in sd.items():
         for s in range(0, v.shape[0], 7):  # in row blocks, as the merge writes
-            w.write(k, v[s:s + 7])
+            w.write(k, v[s : s + 7])
     files = w.close()
     assert len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
@@ -46,6 +46,7 @@ def test_sharded_write_streams_rows_and_loads_bit_exact(tmp_path):
     # transformers loads the folder
     model.config.save_pretrained(str(tmp_path))
     from transformers import AutoModelForCausalLM
+
     again = AutoModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
     assert torch.equal(logits(again), logits(model))
 

@@ -16,9 +16,16 @@ def llama(*, tie: bool = False, vocab: int = VOCAB, layers: int = 2, seed: int =
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
-                      max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
@@ -26,9 +33,16 @@ def qwen2(*, tie: bool = True, vocab: int = VOCAB, seed: int = 0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
-                      max_position_embeddings=64)
+    cfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+        max_position_embeddings=64,
+    )
     return Qwen2ForCausalLM(cfg).eval()
 
 
@@ -36,8 +50,7 @@ def gpt2(*, seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                     bos_token_id=0, eos_token_id=0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(cfg).eval()
 
 
@@ -69,8 +82,11 @@ def save_unmerged(pm, path: Path, *, prefixed: bool = True) -> Path:
     sd = pm.state_dict()
     if not prefixed:
         sd = {k.removeprefix("base_model.model."): v for k, v in sd.items()}
-    save_file({k: v.detach().clone().contiguous() for k, v in sd.items()}, str(path / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().clone().contiguous() for k, v in sd.items()},
+        str(path / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     name = next(iter(pm.peft_config))
     pm.peft_config[name].save_pretrained(str(path))
     pm.get_base_model().config.save_pretrained(str(path))

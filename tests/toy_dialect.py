@@ -33,10 +33,12 @@ class ToyDialect:
             down, up = ck.info(key), ck.info(f"{mod}.up")
             rank = down.shape[0]
             alpha = float(ck.read(f"{mod}.alpha"))
-            modules[mod] = LoraModule(mod, "default", "linear", key, f"{mod}.up", rank, down.shape[1], up.shape[0],
-                                      scaling=alpha / rank)
+            modules[mod] = LoraModule(
+                mod, "default", "linear", key, f"{mod}.up", rank, down.shape[1], up.shape[0], scaling=alpha / rank
+            )
         inv.lora["default"] = modules
         ranks = {m.rank for m in modules.values()}
-        inv.configs["default"] = AdapterConfig(r=min(ranks), lora_alpha=min(ranks),
-                                               target_modules=sorted({m.name for m in modules.values()}))
+        inv.configs["default"] = AdapterConfig(
+            r=min(ranks), lora_alpha=min(ranks), target_modules=sorted({m.name for m in modules.values()})
+        )
         return inv

@@ -34,8 +34,11 @@ class PeftDialect:
             return inv
         cfg = AdapterConfig.load(ck.adapter_config_path) if ck.adapter_config_path else None
         if cfg is None and inv.form == "adapter":
-            raise AdapterError("adapter_config.json is missing", path=ck.root,
-                               hint="an adapter needs the adapter_config.json PEFT writes beside its weights")
+            raise AdapterError(
+                "adapter_config.json is missing",
+                path=ck.root,
+                hint="an adapter needs the adapter_config.json PEFT writes beside its weights",
+            )
         if cfg is not None:
             for name in inv.adapters:
                 inv.configs[name] = cfg
@@ -51,8 +54,10 @@ def _rank_disagreements(cfg: AdapterConfig, modules: Iterable[LoraModule], adapt
     if not bad:
         return []
     m = bad[0]
-    return [f"adapter {adapter}: {m.module}: config says r={cfg.rank_for(m.module)}, the tensors have rank {m.rank}; "
-            f"the tensors' rank is used (scaling {m.scaling:g}; {len(bad)} module(s) disagree)"]
+    return [
+        f"adapter {adapter}: {m.module}: config says r={cfg.rank_for(m.module)}, the tensors have rank {m.rank}; "
+        f"the tensors' rank is used (scaling {m.scaling:g}; {len(bad)} module(s) disagree)"
+    ]
 
 
 def _form(ck: Checkpoint, parsed: list[ParsedKey]) -> str:
@@ -109,12 +114,14 @@ def build_inventory(ck: Checkpoint) -> Inventory:
         raise AdapterError(f"lora_B.bias without lora_A/lora_B for module {module}", path=ck.root, tensor=p.key)
     if form == "unmerged":
         inv.old_layout = not any(p.via_base_layer for p in parsed) and any(
-            f"{m.module}.weight" in inv.base for mods in inv.lora.values() for m in mods.values())
+            f"{m.module}.weight" in inv.base for mods in inv.lora.values() for m in mods.values()
+        )
     return inv
 
 
-def _module(ck: Checkpoint, adapter: str, module: str, roles: dict[Role, ParsedKey],
-            bias: ParsedKey | None) -> LoraModule:
+def _module(
+    ck: Checkpoint, adapter: str, module: str, roles: dict[Role, ParsedKey], bias: ParsedKey | None
+) -> LoraModule:
     """One LoRA module from its keys, after checking that the factors fit each other."""
     a = roles.get(Role.LORA_A) or roles.get(Role.EMBED_A)
     b = roles.get(Role.LORA_B) or roles.get(Role.EMBED_B)
@@ -129,17 +136,31 @@ def _module(ck: Checkpoint, adapter: str, module: str, roles: dict[Role, ParsedK
         raise AdapterError(f"mixes lora_A/B with lora_embedding_A/B for module {module}", path=ck.root, tensor=a.key)
     ia, ib = ck.info(a.key), ck.info(b.key)
     if len(ia.shape) != 2 or len(ib.shape) != 2:
-        raise AdapterError(f"LoRA factors must be 2-D, got {list(ia.shape)} and {list(ib.shape)}",
-                           path=ck.root, tensor=a.key)
+        raise AdapterError(
+            f"LoRA factors must be 2-D, got {list(ia.shape)} and {list(ib.shape)}", path=ck.root, tensor=a.key
+        )
     r_a, r_b = ia.shape[0], ib.shape[1]
     if r_a != r_b:
         raise AdapterError(f"rank mismatch: A has {r_a} rows, B has {r_b} columns", path=ck.root, tensor=a.key)
     if r_a == 0:
         raise AdapterError("rank 0", path=ck.root, tensor=a.key)
     mag = roles.get(Role.MAGNITUDE)
-    m = LoraModule(module, adapter, "embedding" if embedding else "linear", a.key, b.key, r_a,
-                   ia.shape[1], ib.shape[0], bias.key if bias else None, mag.key if mag else None)
+    m = LoraModule(
+        module,
+        adapter,
+        "embedding" if embedding else "linear",
+        a.key,
+        b.key,
+        r_a,
+        ia.shape[1],
+        ib.shape[0],
+        bias.key if bias else None,
+        mag.key if mag else None,
+    )
     if mag is not None and ck.info(mag.key).shape != (m.out_features,):
-        raise AdapterError(f"DoRA magnitude has shape {list(ck.info(mag.key).shape)}, expected "
-                           f"[{m.out_features}]", path=ck.root, tensor=mag.key)
+        raise AdapterError(
+            f"DoRA magnitude has shape {list(ck.info(mag.key).shape)}, expected [{m.out_features}]",
+            path=ck.root,
+            tensor=mag.key,
+        )
     return m

@@ -319,8 +319,8 @@ def resolve_checkpoint(ref: str | os.PathLike[str], *, allow_patterns: list[str]
 
     from huggingface_hub import snapshot_download
 
-    patterns = list(allow_patterns) if allow_patterns is not None else default_allow_patterns(
-        _remote_files(repo_id, revision)
+    patterns = (
+        list(allow_patterns) if allow_patterns is not None else default_allow_patterns(_remote_files(repo_id, revision))
     )
     try:
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
@@ -433,12 +433,15 @@ def _check_push(src: Path, repo_id: str, *, revision: str | None, create_pr: boo
             hint="drop the revision, or push to the branch without create_pr",
         )
     if revision is not None and (not revision.strip() or _COMMIT_RE.match(revision)):
-        raise HubError(f"cannot push to '{repo_id}' at {revision!r}: a commit must go to a branch", hint="name a branch")
+        raise HubError(
+            f"cannot push to '{repo_id}' at {revision!r}: a commit must go to a branch", hint="name a branch"
+        )
     if not force:
         problems = check_complete_output(src)
         if problems:
             raise HubError(
-                f"refusing to push {src} to '{repo_id}': " + "; ".join(problems[:5])
+                f"refusing to push {src} to '{repo_id}': "
+                + "; ".join(problems[:5])
                 + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""),
                 hint="finish or redo the conversion, or pass force=True",
             )
@@ -521,4 +524,3 @@ def push_folder(
         files=files,
         pr_url=getattr(info, "pr_url", None),
     )
-

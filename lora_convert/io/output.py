@@ -62,8 +62,7 @@ def clean_stale(target: Path) -> list[Path]:
 
 def stale_note(paths: list[Path]) -> str:
     """The warning that tells the user which leftovers of killed runs were removed."""
-    return (f"removed {len(paths)} unfinished temp folder(s) left by killed runs: "
-            + ", ".join(p.name for p in paths))
+    return f"removed {len(paths)} unfinished temp folder(s) left by killed runs: " + ", ".join(p.name for p in paths)
 
 
 def _inside(a: Path, b: Path) -> bool:
@@ -94,11 +93,13 @@ class AtomicOutput:
                 continue
             base = inp if inp.is_dir() else inp.parent
             if _inside(t, base) and inp.is_dir():
-                raise OutputError("output folder is inside an input folder", path=t,
-                                  hint=f"write it outside {inp}")
+                raise OutputError("output folder is inside an input folder", path=t, hint=f"write it outside {inp}")
             if t.exists() and _inside(inp, t):
-                raise OutputError(f"an input ({inp}) lies inside the output folder, which --force would delete",
-                                  path=t, hint="choose another output folder")
+                raise OutputError(
+                    f"an input ({inp}) lies inside the output folder, which --force would delete",
+                    path=t,
+                    hint="choose another output folder",
+                )
         if t.exists() and not self.force:
             raise OutputError("already exists", path=t, hint="choose another path or pass --force to replace it")
         if t.exists() and not t.is_dir():
@@ -107,8 +108,11 @@ class AtomicOutput:
         for above in (parent, *parent.parents):
             if above.exists():
                 if not above.is_dir():
-                    raise OutputError("is a file, so the output folder cannot be created below it", path=above,
-                                      hint="choose another output path")
+                    raise OutputError(
+                        "is a file, so the output folder cannot be created below it",
+                        path=above,
+                        hint="choose another output path",
+                    )
                 break
         if not parent.exists():
             try:
@@ -171,8 +175,9 @@ class AtomicOutput:
             elif isinstance(exc, OSError) and not isinstance(exc, LoraConvertError):
                 where = self._public(exc.filename) if exc.filename else str(self.target)
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise OutputError("disk full while writing; nothing was written", path=where,
-                                      hint="free space or write elsewhere") from None
+                    raise OutputError(
+                        "disk full while writing; nothing was written", path=where, hint="free space or write elsewhere"
+                    ) from None
                 raise OutputError(f"write failed: {exc.strerror or exc}; nothing was written", path=where) from None
             return
         trash = self.target.parent / f".{self.target.name}{TMP_MARK}{os.getpid()}-old"

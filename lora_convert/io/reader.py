@@ -158,23 +158,33 @@ def _safe_member(root: Path, rel: Any, index: Path) -> Path:
     # symlinks into ../../blobs, which is fine; an index that *names* a path outside is not.
     if not isinstance(rel, str) or not rel:
         raise UnsafeInputError(f"shard path {rel!r} is not a file name", path=index)
-    if (rel.startswith(("/", "\\")) or ".." in rel.replace("\\", "/").split("/") or ":" in rel
-            or "\0" in rel or Path(rel).is_absolute()):
-        raise UnsafeInputError(f"shard path {rel!r} escapes the checkpoint folder", path=index,
-                               hint="an index may only name files inside its own folder")
+    if (
+        rel.startswith(("/", "\\"))
+        or ".." in rel.replace("\\", "/").split("/")
+        or ":" in rel
+        or "\0" in rel
+        or Path(rel).is_absolute()
+    ):
+        raise UnsafeInputError(
+            f"shard path {rel!r} escapes the checkpoint folder",
+            path=index,
+            hint="an index may only name files inside its own folder",
+        )
     return root / rel
 
 
-def _add_file(tensors: dict[str, TensorInfo], sources: list[TensorSource], path: Path,
-              only: set[str] | None = None) -> dict[str, str]:
+def _add_file(
+    tensors: dict[str, TensorInfo], sources: list[TensorSource], path: Path, only: set[str] | None = None
+) -> dict[str, str]:
     src = open_source(path)
     sources.append(src)
     for name, info in src.infos().items():
         if only is not None and name not in only:
             continue
         if name in tensors:
-            raise CheckpointError(f"tensor appears in two shards ({tensors[name].file.name} and {path.name})",
-                                  path=path, tensor=name)
+            raise CheckpointError(
+                f"tensor appears in two shards ({tensors[name].file.name} and {path.name})", path=path, tensor=name
+            )
         tensors[name] = info
     return src.metadata
 
@@ -185,13 +195,17 @@ def _pick_adapter_dir(root: Path, adapter_name: str | None) -> tuple[Path, str |
         return root / adapter_name, adapter_name
     if any((root / f).is_file() for f in ADAPTER_WEIGHTS):
         return root, None
-    subs = sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "adapter_config.json").is_file()
-                  and any((p / f).is_file() for f in ADAPTER_WEIGHTS))
+    subs = sorted(
+        p.name
+        for p in root.iterdir()
+        if p.is_dir() and (p / "adapter_config.json").is_file() and any((p / f).is_file() for f in ADAPTER_WEIGHTS)
+    )
     if len(subs) == 1:
         return root / subs[0], subs[0]
     if len(subs) > 1:
-        raise CheckpointError(f"holds several named adapters: {', '.join(subs)}", path=root,
-                              hint="choose one with --adapter NAME")
+        raise CheckpointError(
+            f"holds several named adapters: {', '.join(subs)}", path=root, hint="choose one with --adapter NAME"
+        )
     return root, None
 
 
@@ -210,8 +224,17 @@ def open_checkpoint(path: str | Path, *, adapter_name: str | None = None) -> Che
         kind = "adapter" if path.name.startswith("adapter_model") else "model"
         layout = "bin" if path.suffix != ".safetensors" else "safetensors"
         cfg_path = root / "adapter_config.json"
-        ck = Checkpoint(root, [path], layout, kind, tensors, metadata, None,
-                        cfg_path if kind == "adapter" and cfg_path.is_file() else None, sources=sources)
+        ck = Checkpoint(
+            root,
+            [path],
+            layout,
+            kind,
+            tensors,
+            metadata,
+            None,
+            cfg_path if kind == "adapter" and cfg_path.is_file() else None,
+            sources=sources,
+        )
         _attach_config(ck, root)
         return ck
     root, picked = _pick_adapter_dir(path, adapter_name)
@@ -240,20 +263,33 @@ def open_checkpoint(path: str | Path, *, adapter_name: str | None = None) -> Che
                 if not loose:
                     raise CheckpointError(
                         "no weights found (expected model.safetensors, an index, pytorch_model.bin or "
-                        "adapter_model.safetensors)", path=root)
+                        "adapter_model.safetensors)",
+                        path=root,
+                    )
                 files, layout = loose, "safetensors" if len(loose) == 1 else "sharded-safetensors"
     if not tensors:
         for f in files:
             metadata.update(_add_file(tensors, sources, f))
     adapter_config = root / "adapter_config.json"
-    ck = Checkpoint(root, files, layout, kind, tensors, metadata, None,
-                    adapter_config if adapter_config.is_file() else None, picked, sources=sources)
+    ck = Checkpoint(
+        root,
+        files,
+        layout,
+        kind,
+        tensors,
+        metadata,
+        None,
+        adapter_config if adapter_config.is_file() else None,
+        picked,
+        sources=sources,
+    )
     _attach_config(ck, path if picked else root)
     return ck
 
 
-def _files_from_index(root: Path, index: Path, tensors: dict[str, TensorInfo],
-                      sources: list[TensorSource]) -> list[Path]:
+def _files_from_index(
+    root: Path, index: Path, tensors: dict[str, TensorInfo], sources: list[TensorSource]
+) -> list[Path]:
     data = _load_json(index, keep_pairs=True)
     top = dict(data) if isinstance(data, _Pairs) else None
     pairs = top.get("weight_map") if top is not None else None
@@ -262,8 +298,12 @@ def _files_from_index(root: Path, index: Path, tensors: dict[str, TensorInfo],
     wm: dict[str, Any] = {}
     for name, rel in pairs:
         if name in wm and wm[name] != rel:
-            raise CheckpointError(f"index places this tensor in two shards ({wm[name]} and {rel})", path=index,
-                                  tensor=name, hint="the index is corrupted; re-download it")
+            raise CheckpointError(
+                f"index places this tensor in two shards ({wm[name]} and {rel})",
+                path=index,
+                tensor=name,
+                hint="the index is corrupted; re-download it",
+            )
         wm[name] = rel
     by_file: dict[str, set[str]] = {}
     for name, rel in wm.items():
@@ -273,15 +313,17 @@ def _files_from_index(root: Path, index: Path, tensors: dict[str, TensorInfo],
     for rel, names in by_file.items():
         f = _safe_member(root, rel, index)
         if not f.is_file():
-            raise CheckpointError(f"index names shard {rel!r}, which is missing", path=index,
-                                  hint="download every shard the index lists")
+            raise CheckpointError(
+                f"index names shard {rel!r}, which is missing", path=index, hint="download every shard the index lists"
+            )
         files.append(f)
         _add_file(tensors, sources, f, only=names)
         missing = names - {n for n, t in tensors.items() if t.file == f}
         if missing:
             first = sorted(missing)[0]
-            raise CheckpointError(f"index places this tensor in {rel}, which does not hold it", path=index,
-                                  tensor=first)
+            raise CheckpointError(
+                f"index places this tensor in {rel}, which does not hold it", path=index, tensor=first
+            )
     return files
 
 

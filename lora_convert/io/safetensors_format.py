@@ -28,10 +28,22 @@ MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enfor
 
 #: safetensors dtype name -> (bytes per element, torch attribute name)
 DTYPE_TABLE: dict[str, tuple[int, str]] = {
-    "F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
-    "I64": (8, "int64"), "I32": (4, "int32"), "I16": (2, "int16"), "I8": (1, "int8"),
-    "U64": (8, "uint64"), "U32": (4, "uint32"), "U16": (2, "uint16"), "U8": (1, "uint8"), "BOOL": (1, "bool"),
-    "F8_E4M3": (1, "float8_e4m3fn"), "F8_E5M2": (1, "float8_e5m2"), "F8_E8M0": (1, "float8_e8m0fnu"),
+    "F64": (8, "float64"),
+    "F32": (4, "float32"),
+    "F16": (2, "float16"),
+    "BF16": (2, "bfloat16"),
+    "I64": (8, "int64"),
+    "I32": (4, "int32"),
+    "I16": (2, "int16"),
+    "I8": (1, "int8"),
+    "U64": (8, "uint64"),
+    "U32": (4, "uint32"),
+    "U16": (2, "uint16"),
+    "U8": (1, "uint8"),
+    "BOOL": (1, "bool"),
+    "F8_E4M3": (1, "float8_e4m3fn"),
+    "F8_E5M2": (1, "float8_e5m2"),
+    "F8_E8M0": (1, "float8_e8m0fnu"),
 }
 FLOAT_NAMES = frozenset({"F64", "F32", "F16", "BF16"})  # what a merge computes in and writes back
 
@@ -117,15 +129,24 @@ def read_header(path: Path, fh: BinaryIO | None = None) -> Header:
         fh.seek(0)
         head = fh.read(8)
         if len(head) < 8:
-            raise CheckpointError(f"truncated: {size} bytes, too short for a safetensors header", path=path,
-                                  hint="the download or copy was probably cut off")
+            raise CheckpointError(
+                f"truncated: {size} bytes, too short for a safetensors header",
+                path=path,
+                hint="the download or copy was probably cut off",
+            )
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES:
-            raise CheckpointError(f"header claims {n} bytes (limit {MAX_HEADER_BYTES})", path=path,
-                                  hint="not a safetensors file, or a corrupted one")
+            raise CheckpointError(
+                f"header claims {n} bytes (limit {MAX_HEADER_BYTES})",
+                path=path,
+                hint="not a safetensors file, or a corrupted one",
+            )
         if 8 + n > size:
-            raise CheckpointError(f"truncated: header claims {n} bytes but the file has {size}", path=path,
-                                  hint="the download or copy was probably cut off")
+            raise CheckpointError(
+                f"truncated: header claims {n} bytes but the file has {size}",
+                path=path,
+                hint="the download or copy was probably cut off",
+            )
         raw = fh.read(n)
     finally:
         if own and fh is not None:
@@ -160,24 +181,35 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> Header:
         offsets = info.get("data_offsets")
         if not isinstance(dtype_name, str) or dtype_name not in DTYPE_TABLE:
             raise CheckpointError(f"unknown dtype {dtype_name!r}", path=path, tensor=name)
-        if (not isinstance(shape, list) or len(shape) > 16
-                or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**53 for d in shape)):
+        if (
+            not isinstance(shape, list)
+            or len(shape) > 16
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**53 for d in shape)
+        ):
             raise CheckpointError(f"bad shape {shape!r}", path=path, tensor=name)
-        if (not isinstance(offsets, list) or len(offsets) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        ):
             raise CheckpointError(f"bad data_offsets {offsets!r}", path=path, tensor=name)
         begin, end = offsets
         if not 0 <= begin <= end:
             raise CheckpointError(f"bad data_offsets {offsets!r}", path=path, tensor=name)
         if end > data_len:
             raise CheckpointError(
-                f"data_offsets end {end} is past the end of the data ({data_len} bytes)", path=path, tensor=name,
-                hint="the file is truncated or its header lies")
+                f"data_offsets end {end} is past the end of the data ({data_len} bytes)",
+                path=path,
+                tensor=name,
+                hint="the file is truncated or its header lies",
+            )
         expected = math.prod(shape) * DTYPE_TABLE[dtype_name][0]
         if expected != end - begin:
             raise CheckpointError(
                 f"shape {shape} x {dtype_name} needs {expected} bytes but data_offsets span {end - begin}",
-                path=path, tensor=name)
+                path=path,
+                tensor=name,
+            )
         spans.append((begin, end, name))
         tensors[name] = TensorInfo(name, dtype_name, tuple(shape), path, data_start + begin, end - begin)
     spans.sort()
@@ -189,13 +221,17 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> Header:
             raise CheckpointError(f"gap of {begin - pos} bytes before this tensor's data", path=path, tensor=name)
         pos = end
     if pos != data_len:
-        raise CheckpointError(f"{data_len - pos} trailing bytes after the last tensor", path=path,
-                              hint="the file is corrupted or was written by a broken tool")
+        raise CheckpointError(
+            f"{data_len - pos} trailing bytes after the last tensor",
+            path=path,
+            hint="the file is corrupted or was written by a broken tool",
+        )
     return Header(tensors, metadata, data_start, file_size)
 
 
-def build_header(entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
-                 metadata: dict[str, str] | None = None) -> tuple[bytes, list[int]]:
+def build_header(
+    entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None
+) -> tuple[bytes, list[int]]:
     """Header bytes (padded to 8) and the data offsets for tensors written in the given order."""
     obj: dict[str, object] = {}
     if metadata is not None:

@@ -76,8 +76,9 @@ class SafetensorsSource(TensorSource):
                     try:
                         self._fh = open(self.path, "rb", buffering=0)  # noqa: SIM115 - kept open until close()
                     except OSError as exc:
-                        raise CheckpointError(f"cannot open: {exc.strerror}", path=self.path,
-                                              tensor=info.name) from None
+                        raise CheckpointError(
+                            f"cannot open: {exc.strerror}", path=self.path, tensor=info.name
+                        ) from None
         return self._fh.fileno()
 
     def read_into(self, info: TensorInfo, start: int, nbytes: int, buf: torch.Tensor | None) -> torch.Tensor:
@@ -90,8 +91,11 @@ class SafetensorsSource(TensorSource):
             while got < nbytes:
                 n = os.preadv(fd, [view[got:nbytes]], offset + got)
                 if n == 0:
-                    raise CheckpointError("file ended while reading this tensor (truncated after opening?)",
-                                          path=self.path, tensor=info.name)
+                    raise CheckpointError(
+                        "file ended while reading this tensor (truncated after opening?)",
+                        path=self.path,
+                        tensor=info.name,
+                    )
                 got += n
         return buf
 
@@ -128,8 +132,12 @@ class BinSource(TensorSource):
             try:
                 dname = dtype_name(t.dtype)
             except ValueError as exc:
-                raise CheckpointError(str(exc), path=path, tensor=name,
-                                      hint="safetensors (and this tool) store real and integer dtypes only") from None
+                raise CheckpointError(
+                    str(exc),
+                    path=path,
+                    tensor=name,
+                    hint="safetensors (and this tool) store real and integer dtypes only",
+                ) from None
             self._infos[name] = TensorInfo(name, dname, tuple(t.shape), path, 0, t.numel() * t.element_size(), self)
         self._flat: tuple[str, torch.Tensor] | None = None  # (name, contiguous bytes) of the tensor being read
 
@@ -142,13 +150,15 @@ class BinSource(TensorSource):
         flat = self._flat
         if flat is None or flat[0] != name:
             t = self._tensors[name]
-            flat = (name, t.contiguous().reshape(-1).view(torch.uint8) if t.numel() else
-                    torch.empty(0, dtype=torch.uint8))
+            flat = (
+                name,
+                t.contiguous().reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8),
+            )
             self._flat = flat
         return flat[1]
 
     def read_into(self, info: TensorInfo, start: int, nbytes: int, buf: torch.Tensor | None) -> torch.Tensor:
-        piece = self._bytes_of(info.name)[start:start + nbytes]
+        piece = self._bytes_of(info.name)[start : start + nbytes]
         return piece.clone() if buf is None else buf.copy_(piece)
 
     def close(self) -> None:
@@ -176,8 +186,10 @@ def _load_bin(path: Path) -> dict[str, Any]:
         m = re.search(r"[Uu]nsupported (?:GLOBAL|global:?)\s*(?:GLOBAL\s*)?([\w.]+)", text)
         what = f"it asks to import {m.group(1)}" if m else " ".join(text.split())[:200]
         raise UnsafeInputError(
-            f"refused to unpickle: {what}, which a file of plain tensors never does", path=path,
-            hint="the file holds more than plain tensors; convert it to safetensors from a trusted source") from None
+            f"refused to unpickle: {what}, which a file of plain tensors never does",
+            path=path,
+            hint="the file holds more than plain tensors; convert it to safetensors from a trusted source",
+        ) from None
     except Exception as exc:  # torch raises RuntimeError/EOFError/zipfile errors for broken files
         raise CheckpointError(f"cannot read PyTorch file: {type(exc).__name__}: {str(exc)[:200]}", path=path) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):

@@ -23,8 +23,18 @@ from .safetensors_format import build_header, dtype_size
 if TYPE_CHECKING:
     import torch
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -94,8 +104,15 @@ class TensorSink(Protocol):
 class SafetensorsWriter:
     """Writes planned tensors into ``folder`` as one file or shards plus an index."""
 
-    def __init__(self, folder: Path, entries: list[PlannedTensor], *, max_shard_size: int | str = "5GB",
-                 stem: str = "model", metadata: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        entries: list[PlannedTensor],
+        *,
+        max_shard_size: int | str = "5GB",
+        stem: str = "model",
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         self.folder = Path(folder)
         self.entries = list(entries)
         names = [e.name for e in self.entries]
@@ -193,14 +210,21 @@ class SafetensorsWriter:
 class SafetensorsSink:
     """The :class:`TensorSink` of safetensors files (``{stem}.safetensors``, or shards and an index)."""
 
-    def __init__(self, folder: Path, *, max_shard_size: int | str = "5GB", stem: str = "model",
-                 metadata: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        max_shard_size: int | str = "5GB",
+        stem: str = "model",
+        metadata: dict[str, str] | None = None,
+    ) -> None:
         self.folder, self.max_shard_size, self.stem, self.metadata = Path(folder), max_shard_size, stem, metadata
         self._writer: SafetensorsWriter | None = None
 
     def open(self, plan: list[PlannedTensor]) -> None:
-        self._writer = SafetensorsWriter(self.folder, plan, max_shard_size=self.max_shard_size, stem=self.stem,
-                                         metadata=self.metadata)
+        self._writer = SafetensorsWriter(
+            self.folder, plan, max_shard_size=self.max_shard_size, stem=self.stem, metadata=self.metadata
+        )
 
     def write(self, name: str, data: torch.Tensor) -> None:
         assert self._writer is not None, "open() first"

@@ -98,7 +98,9 @@ def remap_modules(modules: list[str], base: BaseView, what: str, adapter_root: P
     sample = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
     raise AdapterError(
         f"{len(missing)} of {len(modules)} {what} match no tensor of the base: {sample}",
-        path=adapter_root, hint=hint or "is this adapter for this base model?")
+        path=adapter_root,
+        hint=hint or "is this adapter for this base model?",
+    )
 
 
 def _prefix_hint(missing: list[str], keys: set[str]) -> str | None:
@@ -108,7 +110,9 @@ def _prefix_hint(missing: list[str], keys: set[str]) -> str | None:
         kp = k.split(".")[:-1]
         for cut in range(1, min(3, len(parts))):
             if kp == parts[cut:]:
-                return f"the adapter's keys carry an extra {'.'.join(parts[:cut])!r} prefix: expected e.g. {'.'.join(kp)}"
+                return (
+                    f"the adapter's keys carry an extra {'.'.join(parts[:cut])!r} prefix: expected e.g. {'.'.join(kp)}"
+                )
         for cut in range(1, min(3, len(kp))):
             if kp[cut:] == parts:
                 return f"the adapter's keys lack the {'.'.join(kp[:cut])!r} prefix the base uses: expected e.g. {'.'.join(kp)}"

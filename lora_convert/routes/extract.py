@@ -53,6 +53,7 @@ SVD_METHODS = ("auto", "exact", "randomized")
 
 # -- options ----------------------------------------------------------------------------------
 
+
 @dataclass
 class ExtractOptions:
     """How to factor: one criterion (``rank``, ``energy`` or ``max_error``; rank 16 when none is given)
@@ -90,7 +91,10 @@ class ExtractOptions:
             (self.max_error is None or 0 <= self.max_error < 1, "--max-error must be in [0, 1)"),
             (self.max_rank >= 1, "--max-rank must be at least 1"),
             (self.embeddings in EMBEDDING_MODES, f"--embeddings must be one of {', '.join(EMBEDDING_MODES)}"),
-            (self.dtype in FACTOR_DTYPES, f"--dtype must be one of {', '.join(FACTOR_DTYPES)} for the adapter's factors"),
+            (
+                self.dtype in FACTOR_DTYPES,
+                f"--dtype must be one of {', '.join(FACTOR_DTYPES)} for the adapter's factors",
+            ),
             (self.svd in SVD_METHODS, "--svd must be auto, exact or randomized"),
         ]
         for ok, message in checks:
@@ -138,6 +142,7 @@ def parse_layers(spec: str | None) -> set[int] | None:
 
 # -- the report -----------------------------------------------------------------------------------
 
+
 @dataclass
 class ModuleReport:
     module: str
@@ -170,8 +175,10 @@ class Extraction:
     def markdown_table(self) -> str:
         rows = ["| module | shape | rank | energy kept | rel. error | method |", "|---|---|---|---|---|---|"]
         for m in self.modules:
-            rows.append(f"| `{m.module}` | {m.shape[0]}×{m.shape[1]} | {m.rank}{' (capped)' if m.capped else ''} | "
-                        f"{m.energy:.6f} | {m.error:.3e} | {m.method} |")
+            rows.append(
+                f"| `{m.module}` | {m.shape[0]}×{m.shape[1]} | {m.rank}{' (capped)' if m.capped else ''} | "
+                f"{m.energy:.6f} | {m.error:.3e} | {m.method} |"
+            )
         for s in self.saved_whole:
             rows.append(f"| `{s['module']}` | whole | – | 1 | 0 | modules_to_save: {s['reason']} |")
         for b in self.carried_biases:
@@ -181,21 +188,29 @@ class Extraction:
         return "\n".join(rows)
 
     def summary_lines(self, total_bytes: int) -> list[str]:
-        lines = [f"{len(self.modules)} modules factored; adapter parameters: {self.adapter_parameters:,}; "
-                 f"size on disk: {total_bytes:,} bytes",
-                 f"relative Frobenius error: worst {self.worst_error:.3e}, mean {self.mean_error:.3e}"]
+        lines = [
+            f"{len(self.modules)} modules factored; adapter parameters: {self.adapter_parameters:,}; "
+            f"size on disk: {total_bytes:,} bytes",
+            f"relative Frobenius error: worst {self.worst_error:.3e}, mean {self.mean_error:.3e}",
+        ]
         if self.saved_whole:
             lines.append("saved whole (modules_to_save): " + ", ".join(s["module"] for s in self.saved_whole))
         if self.carried_biases:
-            lines.append(f"{len(self.carried_biases)} bias(es) of LoRA modules saved whole (bias='lora_only'), "
-                         "since some changed")
+            lines.append(
+                f"{len(self.carried_biases)} bias(es) of LoRA modules saved whole (bias='lora_only'), "
+                "since some changed"
+            )
         if self.skipped:
-            lines.append(f"{len(self.skipped)} changed tensor(s) not in the adapter: " + "; ".join(
-                f"{s['tensor']} ({s['reason']})" for s in self.skipped[:12]) + (" …" if len(self.skipped) > 12 else ""))
+            lines.append(
+                f"{len(self.skipped)} changed tensor(s) not in the adapter: "
+                + "; ".join(f"{s['tensor']} ({s['reason']})" for s in self.skipped[:12])
+                + (" …" if len(self.skipped) > 12 else "")
+            )
         return lines
 
 
 # -- classifying tensors ----------------------------------------------------------------------------
+
 
 @dataclass
 class _Task:
@@ -204,8 +219,12 @@ class _Task:
     kind: str  # linear | embedding | lm_head | full | skip-* (see _SKIP_REASONS)
 
 
-_SKIP_REASONS = {"skip-embedding": "--embeddings skip", "skip-layers": "outside --layers",
-                 "skip-include": "not matched by --include", "skip-exclude": "matched by --exclude"}
+_SKIP_REASONS = {
+    "skip-embedding": "--embeddings skip",
+    "skip-layers": "outside --layers",
+    "skip-include": "not matched by --include",
+    "skip-exclude": "matched by --exclude",
+}
 
 
 @dataclass
@@ -238,8 +257,9 @@ def _classify(tk: Checkpoint, bk: Checkpoint, opts: ExtractOptions) -> _Inputs:
         if bk.info(name).shape != info.shape:
             change = f"shape changed {list(bk.info(name).shape)} -> {list(info.shape)}"
             if kind in ("embedding", "lm_head") and opts.embeddings != "skip":
-                out.whole.append((module, f"{change} (vocabulary resized: resize the base's embeddings before "
-                                          "loading)"))
+                out.whole.append(
+                    (module, f"{change} (vocabulary resized: resize the base's embeddings before loading)")
+                )
             else:
                 out.skipped.append({"tensor": name, "reason": change})
             continue
@@ -256,12 +276,15 @@ def _classify(tk: Checkpoint, bk: Checkpoint, opts: ExtractOptions) -> _Inputs:
             kind = "skip-exclude"
         out.tasks.append(_Task(name, module, kind))
     for name in bk.tensors:
-        if name not in tk.tensors and not (out.tied and arch.tensor_kind(name, bk.info(name).shape, vocab) == "lm_head"):
+        if name not in tk.tensors and not (
+            out.tied and arch.tensor_kind(name, bk.info(name).shape, vocab) == "lm_head"
+        ):
             out.skipped.append({"tensor": name, "reason": "in the base but not in the tuned checkpoint"})
     return out
 
 
 # -- pass 1: differences and factors ---------------------------------------------------------------
+
 
 @dataclass
 class _Factored:
@@ -271,8 +294,7 @@ class _Factored:
     report: ModuleReport | None = None
 
 
-def _difference_job(tk: Checkpoint, bk: Checkpoint, name: str, keep: bool,
-                    done: Any) -> Job:
+def _difference_job(tk: Checkpoint, bk: Checkpoint, name: str, keep: bool, done: Any) -> Job:
     """A job that forms ΔW of ``name`` from read-ahead blocks and hands it to ``done`` (None: unchanged)."""
     blocks_ = row_blocks(tk.info(name))
 
@@ -318,13 +340,14 @@ def _residual_error(delta: torch.Tensor, B: torch.Tensor, A: torch.Tensor, total
     acc = 0.0
     step = max(1, (1 << 20) // max(1, delta.shape[1]))
     for i in range(0, delta.shape[0], step):
-        r = torch.addmm(delta[i:i + step], B[i:i + step], A, alpha=-1)
+        r = torch.addmm(delta[i : i + step], B[i : i + step], A, alpha=-1)
         acc += float(torch.sum(r * r))  # fp32 cascade sum per block, fp64 across blocks (see svd.frobenius_sq)
     return (acc / total) ** 0.5
 
 
-def _first_pass(tk: Checkpoint, bk: Checkpoint, inputs: _Inputs, opts: ExtractOptions,
-                progress: bool) -> tuple[dict[int, _Factored], list[str]]:
+def _first_pass(
+    tk: Checkpoint, bk: Checkpoint, inputs: _Inputs, opts: ExtractOptions, progress: bool
+) -> tuple[dict[int, _Factored], list[str]]:
     """Factor every changed task; returns task index -> outcome (changed tasks only) and the changed 'others'."""
     conv1d_model = arch.stores_conv1d(tk.config or bk.config)
     outcomes: dict[int, _Factored] = {}
@@ -359,6 +382,7 @@ def _first_pass(tk: Checkpoint, bk: Checkpoint, inputs: _Inputs, opts: ExtractOp
 
 # -- pass 2: the adapter ------------------------------------------------------------------------------
 
+
 @dataclass
 class _Adapter:
     """The adapter being put together: output tensors in order (factors in memory, or tensors of the
@@ -384,8 +408,10 @@ class _Adapter:
         assert got.factors is not None and got.report is not None
         B, A = got.factors
         if task.kind == "embedding":  # ΔW (vocab, dim) = (B_e·A_e)ᵀ: B_e = Aᵀ (dim, r), A_e = Bᵀ (r, vocab)
-            self.entries += [(format_key(task.module, Role.EMBED_A), B.T.contiguous()),
-                             (format_key(task.module, Role.EMBED_B), A.T.contiguous())]
+            self.entries += [
+                (format_key(task.module, Role.EMBED_A), B.T.contiguous()),
+                (format_key(task.module, Role.EMBED_B), A.T.contiguous()),
+            ]
             token_table = not arch.is_position_embedding(task.module)
             self.embed_lora = self.embed_lora or token_table
             if tied and token_table:  # the head shares the weight, so it shares the delta: lora_A = A, lora_B = B
@@ -399,8 +425,10 @@ class _Adapter:
         return sum(v.numel() if isinstance(v, torch.Tensor) else self.tk.info(v).numel for _, v in self.entries)
 
     def jobs(self) -> list[Job]:
-        return [copy_job(self.tk, v, name, op="save") if isinstance(v, str) else _tensor_job(name, v)
-                for name, v in self.entries]
+        return [
+            copy_job(self.tk, v, name, op="save") if isinstance(v, str) else _tensor_job(name, v)
+            for name, v in self.entries
+        ]
 
 
 def _tensor_job(name: str, t: torch.Tensor) -> Job:
@@ -444,16 +472,25 @@ def _others(out: _Adapter, changed: list[str], save_other: bool) -> None:
         if carry_bias and name.endswith(".bias") and module in lora_set:
             continue
         if save_other and module not in lora_set and module not in out.modules_to_save:
-            out.save_whole(module, "changed tensor a LoRA cannot carry (--save-other)",
-                           [k for k in out.tk.tensors if arch.module_of(k) == module])
+            out.save_whole(
+                module,
+                "changed tensor a LoRA cannot carry (--save-other)",
+                [k for k in out.tk.tensors if arch.module_of(k) == module],
+            )
         elif not (save_other and module in out.modules_to_save):
-            out.skipped.append({"tensor": name, "reason": "a LoRA cannot carry it (1-D/norm/bias); pass --save-other "
-                                                          "to save its module whole"})
+            out.skipped.append(
+                {
+                    "tensor": name,
+                    "reason": "a LoRA cannot carry it (1-D/norm/bias); pass --save-other to save its module whole",
+                }
+            )
 
 
 def _adapter_config(out: _Adapter, tied: bool, base_ref: str, model_config: dict[str, Any] | None) -> dict[str, Any]:
-    ensure_tying = tied and (out.embed_lora or any(
-        s["module"] in out.modules_to_save for s in out.saved_whole if s["reason"] == "--embeddings full"))
+    ensure_tying = tied and (
+        out.embed_lora
+        or any(s["module"] in out.modules_to_save for s in out.saved_whole if s["reason"] == "--embeddings full")
+    )
     if ensure_tying:
         out.warnings.append("tied embeddings: ensure_weight_tying is set so the output head gets the same change")
     ranks = Counter(r.rank for r in out.reports)
@@ -463,10 +500,15 @@ def _adapter_config(out: _Adapter, tied: bool, base_ref: str, model_config: dict
     if tied and out.embed_lora:  # PEFT ties the head's adapter to the embedding's when both are targeted
         targets.append("lm_head")
     return AdapterConfig(
-        r=r0, lora_alpha=r0, rank_pattern=rank_pattern, alpha_pattern=dict(rank_pattern),
-        target_modules=target_regex(targets), modules_to_save=out.modules_to_save or None,
+        r=r0,
+        lora_alpha=r0,
+        rank_pattern=rank_pattern,
+        alpha_pattern=dict(rank_pattern),
+        target_modules=target_regex(targets),
+        modules_to_save=out.modules_to_save or None,
         fan_in_fan_out=arch.stores_conv1d(model_config) and any(r.kind == "linear" for r in out.reports),
-        bias="lora_only" if out.carried else "none", base_model_name_or_path=base_ref,
+        bias="lora_only" if out.carried else "none",
+        base_model_name_or_path=base_ref,
         task_type=arch.task_type(model_config),
         raw={"lora_dropout": 0.0, "inference_mode": True, "ensure_weight_tying": bool(ensure_tying)},
     ).to_dict()
@@ -500,24 +542,56 @@ def plan_extract(req: Request) -> Plan:
     out = _collect(tk, inputs, outcomes)
     _others(out, changed_others, opts.save_other)
     if not out.lora_modules and not out.modules_to_save:
-        raise RouteError("no changed tensor went into the adapter" if out.skipped else
-                         "the tuned checkpoint equals the base: nothing to extract", path=tk.root,
-                         hint="see the skipped tensors with --json" if out.skipped else None)
+        raise RouteError(
+            "no changed tensor went into the adapter"
+            if out.skipped
+            else "the tuned checkpoint equals the base: nothing to extract",
+            path=tk.root,
+            hint="see the skipped tensors with --json" if out.skipped else None,
+        )
     if not out.lora_modules:
-        raise RouteError("no tensor was factored (only whole modules to save): PEFT needs at least one LoRA module",
-                         path=tk.root, hint="widen --include/--layers or use --embeddings lora")
+        raise RouteError(
+            "no tensor was factored (only whole modules to save): PEFT needs at least one LoRA module",
+            path=tk.root,
+            hint="widen --include/--layers or use --embeddings lora",
+        )
     model_config = tk.config or bk.config
     config = _adapter_config(out, inputs.tied, str(req.base_ref), model_config)
     for reason, n in Counter(s["reason"] for s in out.skipped).items():
         out.warnings.append(f"{n} changed tensor(s) left out: {reason}")
     errors = [r.error for r in out.reports]
-    report = Extraction(out.reports, out.skipped, out.saved_whole, out.parameters(), max(errors),
-                        sum(errors) / len(errors), asdict(opts), out.carried)
-    ops = {"lora": len(out.reports), "modules_to_save": len(out.modules_to_save), "skipped": len(out.skipped),
-           **({"lora_biases": len(out.carried)} if out.carried else {})}
-    head = (f"extracted from `{req.ref}` minus base `{req.base_ref}` by SVD "
-            f"({opts.criterion()}, max rank {opts.max_rank}, svd {opts.svd})")
-    return Plan("adapter", out.jobs(), stem="adapter_model", sharded=False, tokenizer_from=[tk.root],
-                adapter_config=config, warnings=out.warnings, base_model=str(req.base_ref),
-                card_lines=lambda total: [head, *report.summary_lines(total)], card_tables=[report.markdown_table()],
-                card_config=tk.config, extraction=report, op_counts=ops)
+    report = Extraction(
+        out.reports,
+        out.skipped,
+        out.saved_whole,
+        out.parameters(),
+        max(errors),
+        sum(errors) / len(errors),
+        asdict(opts),
+        out.carried,
+    )
+    ops = {
+        "lora": len(out.reports),
+        "modules_to_save": len(out.modules_to_save),
+        "skipped": len(out.skipped),
+        **({"lora_biases": len(out.carried)} if out.carried else {}),
+    }
+    head = (
+        f"extracted from `{req.ref}` minus base `{req.base_ref}` by SVD "
+        f"({opts.criterion()}, max rank {opts.max_rank}, svd {opts.svd})"
+    )
+    return Plan(
+        "adapter",
+        out.jobs(),
+        stem="adapter_model",
+        sharded=False,
+        tokenizer_from=[tk.root],
+        adapter_config=config,
+        warnings=out.warnings,
+        base_model=str(req.base_ref),
+        card_lines=lambda total: [head, *report.summary_lines(total)],
+        card_tables=[report.markdown_table()],
+        card_config=tk.config,
+        extraction=report,
+        op_counts=ops,
+    )

@@ -43,8 +43,14 @@ def plan_split(req: Request) -> Plan:
     """unmerged -> adapter: the adapter's tensors under PEFT's saved-adapter names."""
     ck = req.source
     jobs = [copy_job(ck, src, name, op="lora") for name, src in split_names(req.inventory, req.adapter).items()]
-    return Plan("adapter", jobs, stem="adapter_model", sharded=False, tokenizer_from=[ck.root],
-                adapter_config=adapter_config_out(req))
+    return Plan(
+        "adapter",
+        jobs,
+        stem="adapter_model",
+        sharded=False,
+        tokenizer_from=[ck.root],
+        adapter_config=adapter_config_out(req),
+    )
 
 
 def split_names(inv: Inventory, adapter: str) -> dict[str, str]:
@@ -90,8 +96,9 @@ def plan_attach(req: Request) -> Plan:
             jobs.append(copy_job(ad, m.a_key, format_key(mod, roles[0], adapter=name), op="lora"))
             jobs.append(copy_job(ad, m.b_key, format_key(mod, roles[1], adapter=name), op="lora"))
             if m.bias_key:
-                jobs.append(copy_job(ad, m.bias_key, format_key(mod, Role.LORA_B, param="bias", adapter=name),
-                                     op="lora"))
+                jobs.append(
+                    copy_job(ad, m.bias_key, format_key(mod, Role.LORA_B, param="bias", adapter=name), op="lora")
+                )
             if m.magnitude_key:
                 jobs.append(copy_job(ad, m.magnitude_key, format_key(mod, Role.MAGNITUDE, adapter=name), op="lora"))
         elif mod in tok_by_base and param == "weight":
@@ -99,9 +106,11 @@ def plan_attach(req: Request) -> Plan:
             jobs.append(copy_job(ad, tok_by_base[mod], format_key(mod, Role.TOKENS_DELTA, adapter=name), op="lora"))
         elif mod in saved_modules and k in replace:
             jobs.append(copy_job(*base.where(k), format_key(mod, Role.ORIGINAL_MODULE, param=param)))
-            jobs.append(copy_job(ad, replace[k], format_key(mod, Role.MODULES_TO_SAVE, param=param, adapter=name),
-                                 op="replace"))
+            jobs.append(
+                copy_job(ad, replace[k], format_key(mod, Role.MODULES_TO_SAVE, param=param, adapter=name), op="replace")
+            )
         else:
             jobs.append(copy_job(*src, f"{PEFT_PREFIX}{k}"))
-    return Plan("unmerged", jobs, carry_from=req.base.root, tokenizer_from=[ad.root],
-                adapter_config=adapter_config_out(req))
+    return Plan(
+        "unmerged", jobs, carry_from=req.base.root, tokenizer_from=[ad.root], adapter_config=adapter_config_out(req)
+    )

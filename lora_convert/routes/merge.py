@@ -37,8 +37,11 @@ class _KeyOps:
 
     def signature(self) -> tuple[Any, ...]:
         """What was applied, to decide whether two tied tensors end up equal."""
-        return (self.source[1] if self.replaced else None, self.lora.a_key if self.lora else None,
-                self.tokens[1] if self.tokens else None)
+        return (
+            self.source[1] if self.replaced else None,
+            self.lora.a_key if self.lora else None,
+            self.tokens[1] if self.tokens else None,
+        )
 
 
 def plan_merge(req: Request) -> Plan:
@@ -61,8 +64,10 @@ def plan_merge(req: Request) -> Plan:
             if head_key not in keys:
                 keys.append(head_key)
             config_changes["tie_word_embeddings"] = False
-            warnings.append("embed_tokens and lm_head were tied in the base but differ after the merge: "
-                            "both are written and tie_word_embeddings is set to false")
+            warnings.append(
+                "embed_tokens and lm_head were tied in the base but differ after the merge: "
+                "both are written and tie_word_embeddings is set to false"
+            )
         elif head_key in keys:
             keys.remove(head_key)  # still tied: the shared tensor is stored once, as save_pretrained does
     dtype = output_dtype(req.dtype)
@@ -71,9 +76,14 @@ def plan_merge(req: Request) -> Plan:
     vocab = _new_vocab(ops, base.keys(), tied, model_config)
     if vocab is not None:
         config_changes["vocab_size"] = vocab
-    return Plan("merged", jobs, carry_from=(req.base or req.source).root,
-                tokenizer_from=[req.source.root] if req.base is not None else [],
-                config_changes=config_changes, warnings=warnings)
+    return Plan(
+        "merged",
+        jobs,
+        carry_from=(req.base or req.source).root,
+        tokenizer_from=[req.source.root] if req.base is not None else [],
+        config_changes=config_changes,
+        warnings=warnings,
+    )
 
 
 def _quantized(model_config: dict[str, Any] | None, base: BaseView) -> str | None:
@@ -91,7 +101,11 @@ def _assign(req: Request, base: BaseView, tied: tuple[str, str] | None) -> dict[
     """Base key -> what to do with it: its source (base or replacement), LoRA, lora_bias, tokens."""
     inv, ad, cfg = req.inventory, req.source, req.config
     assert cfg is not None
-    modules, replace, tokens = inv.modules(req.adapter), inv.replace.get(req.adapter, {}), inv.tokens.get(req.adapter, {})
+    modules, replace, tokens = (
+        inv.modules(req.adapter),
+        inv.replace.get(req.adapter, {}),
+        inv.tokens.get(req.adapter, {}),
+    )
     view = dict(base.map)
     if tied is not None:
         view[tied[1]] = base.map[tied[0]]  # a tied head *is* the embedding, whatever the file stores
@@ -112,9 +126,12 @@ def _assign(req: Request, base: BaseView, tied: tuple[str, str] | None) -> dict[
         if m.bias_key:
             bk = f"{remap.get(mod, mod)}.bias"
             if bk not in ops:
-                raise UnsupportedError(f"lora_bias on {mod}, whose base layer has no bias: the merged model "
-                                       "would need a new tensor its architecture cannot load", path=ad.root,
-                                       tensor=m.bias_key)
+                raise UnsupportedError(
+                    f"lora_bias on {mod}, whose base layer has no bias: the merged model "
+                    "would need a new tensor its architecture cannot load",
+                    path=ad.root,
+                    tensor=m.bias_key,
+                )
             ops[bk].bias_add = (m, ad)
     token_map = cfg.trainable_token_map()
     emb_key, head_key = tied or (None, None)
@@ -124,8 +141,11 @@ def _assign(req: Request, base: BaseView, tied: tuple[str, str] | None) -> dict[
             continue  # the tied lm_head's token adapter is the embedding's (PEFT ties them); applied below
         idx = token_map.get(arch.short_name(mod)) or token_map.get(mod)
         if idx is None:
-            raise AdapterError(f"trainable tokens for {mod} but trainable_token_indices names no indices for it",
-                               path=ad.root, tensor=key)
+            raise AdapterError(
+                f"trainable tokens for {mod} but trainable_token_indices names no indices for it",
+                path=ad.root,
+                tensor=key,
+            )
         ops[wk].tokens = (ad, key, idx)
         if wk == emb_key and head_key in ops:
             ops[head_key].tokens = (ad, key, idx)  # PEFT ties the token adapter of a tied lm_head
@@ -157,8 +177,9 @@ def _mirrors(head: _KeyOps, emb: _KeyOps) -> bool:
     return ha.shape == eb.T.shape and hb.shape == ea.T.shape and torch.equal(ha, eb.T) and torch.equal(hb, ea.T)
 
 
-def _new_vocab(ops: dict[str, _KeyOps], keys: list[str], tied: tuple[str, str] | None,
-               model_config: dict[str, Any] | None) -> int | None:
+def _new_vocab(
+    ops: dict[str, _KeyOps], keys: list[str], tied: tuple[str, str] | None, model_config: dict[str, Any] | None
+) -> int | None:
     """The vocabulary size after a replaced (resized) input embedding, when config.json says otherwise."""
     if tied is None and arch.HEAD_KEY not in ops:
         return None
@@ -186,8 +207,9 @@ def _job(key: str, o: _KeyOps, base: BaseView, dtype: torch.dtype | None, conv1d
     return copy_job(src_ck, src_key, key, out_dtype, "replace" if o.replaced else "copy")
 
 
-def _factors(m: LoraModule, ck: Checkpoint, base_shape: tuple[int, ...],
-             conv1d_hint: bool) -> tuple[lora_math.DeltaFactors, bool]:
+def _factors(
+    m: LoraModule, ck: Checkpoint, base_shape: tuple[int, ...], conv1d_hint: bool
+) -> tuple[lora_math.DeltaFactors, bool]:
     """ΔW factors in the stored orientation, and whether that orientation is transposed."""
     a = check_finite(ck.read(m.a_key), ck, m.a_key)
     b = check_finite(ck.read(m.b_key), ck, m.b_key)
@@ -196,19 +218,34 @@ def _factors(m: LoraModule, ck: Checkpoint, base_shape: tuple[int, ...],
         if tuple(base_shape) != (m.in_features, m.out_features):
             raise AdapterError(
                 f"embedding LoRA for shape ({m.in_features}, {m.out_features}) but the base weight is "
-                f"{tuple(base_shape)}", path=ck.root, tensor=m.module, hint="is this adapter for this base model?")
+                f"{tuple(base_shape)}",
+                path=ck.root,
+                tensor=m.module,
+                hint="is this adapter for this base model?",
+            )
         return lora_math.embedding_factors(a, b, m.scaling), True
     try:
         transposed = lora_math.is_transposed(base_shape, m.in_features, m.out_features, hint=conv1d_hint)
     except ValueError as exc:
-        raise AdapterError(f"LoRA expects (out, in) = ({m.out_features}, {m.in_features}) but the base weight is "
-                           f"{tuple(base_shape)}", path=ck.root, tensor=m.module,
-                           hint="is this adapter for this base model?") from exc
+        raise AdapterError(
+            f"LoRA expects (out, in) = ({m.out_features}, {m.in_features}) but the base weight is {tuple(base_shape)}",
+            path=ck.root,
+            tensor=m.module,
+            hint="is this adapter for this base model?",
+        ) from exc
     return lora_math.linear_factors(a, b, m.scaling, transposed=transposed), transposed
 
 
-def _dora_scales(buf: Buffers, plan: list[Read], m: LoraModule, lck: Checkpoint, delta: lora_math.DeltaFactors,
-                 transposed: bool, rows: int, cols: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _dora_scales(
+    buf: Buffers,
+    plan: list[Read],
+    m: LoraModule,
+    lck: Checkpoint,
+    delta: lora_math.DeltaFactors,
+    transposed: bool,
+    rows: int,
+    cols: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(row scale, column scale) m/‖W+ΔW‖ — one pass over the base weight before the merge pass.
 
     DoRA normalises per output feature: a stored row for nn.Linear, a stored column for Conv1D and
@@ -219,7 +256,7 @@ def _dora_scales(buf: Buffers, plan: list[Read], m: LoraModule, lck: Checkpoint,
         norms = torch.empty(rows, dtype=torch.float32)
         for r in plan:
             w = buf.read(r)
-            norms[r.start:r.stop] = lora_math.dora_row_norms(w, delta, r.start, _acc(buf, w.shape[0], cols))
+            norms[r.start : r.stop] = lora_math.dora_row_norms(w, delta, r.start, _acc(buf, w.shape[0], cols))
             buf.give_back(w)
         return lora_math.dora_scale(mag, norms), None
     sq = torch.zeros(cols, dtype=torch.float32)
@@ -241,8 +278,11 @@ def _token_rows(ops: _KeyOps, rows: int, cols: int) -> tuple[torch.Tensor, torch
     tck, tkey, idx = ops.tokens
     delta = check_finite(tck.read(tkey), tck, tkey)
     if delta.shape != (len(idx), cols):
-        raise AdapterError(f"trainable tokens delta has shape {list(delta.shape)}, expected [{len(idx)}, {cols}]",
-                           path=tck.root, tensor=tkey)
+        raise AdapterError(
+            f"trainable tokens delta has shape {list(delta.shape)}, expected [{len(idx)}, {cols}]",
+            path=tck.root,
+            tensor=tkey,
+        )
     if len(idx) and (max(idx) >= rows or min(idx) < 0):
         raise AdapterError(f"token index out of range for vocabulary {rows}", path=tck.root, tensor=tkey)
     return torch.tensor(idx, dtype=torch.long), delta
@@ -264,8 +304,9 @@ def _merge_job(name: str, ops: _KeyOps, shape: tuple[int, ...], out_dtype: torch
             s, w = r.start, buf.read(r)
             out = buf.out(tuple(w.shape), out_dtype)
             if delta is not None:
-                lora_math.merge_rows(w, delta, s, out, acc=_acc(buf, w.shape[0], cols), col_scale=col_scale,
-                                     row_scale=row_scale)
+                lora_math.merge_rows(
+                    w, delta, s, out, acc=_acc(buf, w.shape[0], cols), col_scale=col_scale, row_scale=row_scale
+                )
             else:
                 out.copy_(w)
             buf.give_back(w)
@@ -274,8 +315,12 @@ def _merge_job(name: str, ops: _KeyOps, shape: tuple[int, ...], out_dtype: torch
                 if sel.any():
                     out[tokens[0][sel] - s] = tokens[1][sel].to(out_dtype)
             if not lora_math.all_finite(out):
-                raise AdapterError("merged weight holds NaN or Inf", path=src_ck.root, tensor=name,
-                                   hint="the adapter or the base has extreme values")
+                raise AdapterError(
+                    "merged weight holds NaN or Inf",
+                    path=src_ck.root,
+                    tensor=name,
+                    hint="the adapter or the base has extreme values",
+                )
             yield out
 
     op = "dora" if dora else ("merge" if m is not None else "tokens")
@@ -293,8 +338,11 @@ def _bias_job(name: str, ops: _KeyOps, out_dtype: torch.dtype) -> Job:
         assert m.bias_key is not None and m.scaling is not None
         extra = check_finite(lck.read(m.bias_key), lck, m.bias_key).to(torch.float32)
         if extra.shape != b.shape:
-            raise AdapterError(f"lora_B.bias has shape {list(extra.shape)}, base bias {list(b.shape)}",
-                               path=lck.root, tensor=m.bias_key)
+            raise AdapterError(
+                f"lora_B.bias has shape {list(extra.shape)}, base bias {list(b.shape)}",
+                path=lck.root,
+                tensor=m.bias_key,
+            )
         yield (b + extra * m.scaling).to(out_dtype)
 
     return Job(name, out_dtype, shape, blocks, "bias")

@@ -23,8 +23,15 @@ if TYPE_CHECKING:
     from .extract import Extraction, ExtractOptions
 
 FORMS = ("merged", "adapter", "unmerged", "base")
-OUTPUT_DTYPES = {"auto": None, "bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-                 "fp32": "float32", "float32": "float32"}
+OUTPUT_DTYPES = {
+    "auto": None,
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "fp32": "float32",
+    "float32": "float32",
+}
 
 
 def output_dtype(name: str) -> torch.dtype | None:
