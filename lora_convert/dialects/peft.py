@@ -14,6 +14,7 @@ from ..config import AdapterConfig
 from ..errors import AdapterError
 from ..inventory import DEFAULT_ADAPTER, Inventory, LoraModule
 from ..io.reader import Checkpoint
+from .peft_experts import resolve_experts
 from .peft_keys import ParsedKey, Role, parse_key
 
 _FACTOR_ROLES = (Role.LORA_A, Role.LORA_B, Role.EMBED_A, Role.EMBED_B)
@@ -39,6 +40,7 @@ class PeftDialect:
                 path=ck.root,
                 hint="an adapter needs the adapter_config.json PEFT writes beside its weights",
             )
+        resolve_experts(inv, cfg, ck)
         if cfg is not None:
             for name in inv.adapters:
                 inv.configs[name] = cfg

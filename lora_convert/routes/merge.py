@@ -19,6 +19,7 @@ from ..inventory import LoraModule
 from ..io.reader import Checkpoint
 from ..pipeline import Buffers, Job, Read
 from .common import BaseView, check_finite, copy_job, remap_modules, same_tensor
+from .moe import plan_expert_lora
 from .plan import Plan, Request, output_dtype
 
 QUANTIZED_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".qweight", ".scales", ".absmax", ".SCB")
@@ -54,7 +55,8 @@ def plan_merge(req: Request) -> Plan:
     if quantized:
         raise UnsupportedError(quantized, path=base.ck.root)
     tied = arch.tied_pair(model_config, base.keys())
-    ops = _assign(req, base, tied)
+    experts = plan_expert_lora(req.inventory.modules(req.adapter), req.source, base, model_config, cfg)
+    ops = _assign(req, base, tied, experts.handled, experts.renames)
     config_changes: dict[str, Any] = {}
     warnings: list[str] = []
     keys = base.keys()
@@ -72,7 +74,8 @@ def plan_merge(req: Request) -> Plan:
             keys.remove(head_key)  # still tied: the shared tensor is stored once, as save_pretrained does
     dtype = output_dtype(req.dtype)
     conv1d = bool(cfg.fan_in_fan_out) or arch.stores_conv1d(model_config)
-    jobs = [_job(k, ops[k], base, dtype, conv1d) for k in keys]
+    jobs = [experts.job(k, base, dtype) if k in experts.targets else _job(k, ops[k], base, dtype, conv1d) for k in keys]
+    warnings += experts.warnings
     vocab = _new_vocab(ops, base.keys(), tied, model_config)
     if vocab is not None:
         config_changes["vocab_size"] = vocab
@@ -97,12 +100,15 @@ def _quantized(model_config: dict[str, Any] | None, base: BaseView) -> str | Non
     return None
 
 
-def _assign(req: Request, base: BaseView, tied: tuple[str, str] | None) -> dict[str, _KeyOps]:
-    """Base key -> what to do with it: its source (base or replacement), LoRA, lora_bias, tokens."""
+def _assign(
+    req: Request, base: BaseView, tied: tuple[str, str] | None, skip: set[str], renames: dict[str, str]
+) -> dict[str, _KeyOps]:
+    """Base key -> what to do with it: its source (base or replacement), LoRA, lora_bias, tokens.
+    ``skip``: modules merged as experts; ``renames``: modules the base stores under another name."""
     inv, ad, cfg = req.inventory, req.source, req.config
     assert cfg is not None
     modules, replace, tokens = (
-        inv.modules(req.adapter),
+        {k: m for k, m in inv.modules(req.adapter).items() if k not in skip},
         inv.replace.get(req.adapter, {}),
         inv.tokens.get(req.adapter, {}),
     )
@@ -110,7 +116,9 @@ def _assign(req: Request, base: BaseView, tied: tuple[str, str] | None) -> dict[
     if tied is not None:
         view[tied[1]] = base.map[tied[0]]  # a tied head *is* the embedding, whatever the file stores
     all_mods = sorted(set(modules) | {k.rsplit(".", 1)[0] for k in replace if k not in view} | set(tokens))
-    remap = remap_modules(all_mods, BaseView(base.ck, view), "adapter modules", ad.root) if all_mods else {}
+    rest = [m for m in all_mods if m not in renames]
+    remap = remap_modules(rest, BaseView(base.ck, view), "adapter modules", ad.root) if rest else {}
+    remap.update(renames)
     ops = {k: _KeyOps((base.ck, src)) for k, src in view.items()}
     for k, src in replace.items():
         mod, _, param = k.rpartition(".")
