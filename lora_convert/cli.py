@@ -92,6 +92,8 @@ def detect(ctx: click.Context, path: str, base: str | None, adapter: str | None,
                 ",".join(f"{x:g}" for x in g.scalings) or "?",
             )
         out.print(t)
+        if a.experts:
+            _print_experts(a.experts)
         flags = [
             f"DoRA: {a.dora}",
             f"rsLoRA: {a.use_rslora}",
@@ -117,6 +119,28 @@ def detect(ctx: click.Context, path: str, base: str | None, adapter: str | None,
         out.print(res.base_comparison["summary"])
     for w in res.warnings:
         err.print(f"[yellow]warning:[/yellow] {w}")
+
+
+def _print_experts(groups: list[Any]) -> None:
+    """LoRA on routed experts: fused (PEFT target_parameters: one A/B pair for a layer's experts) or one
+    pair per expert module."""
+    t = Table(title="expert LoRA", show_lines=False)
+    for col in ("target", "layout", "count", "layers", "experts", "rank/expert", "B packing"):
+        t.add_column(col)
+    for g in groups:
+        packing = (g.b_layout + ("*" if g.b_layout_assumed else "")) if g.layout == "fused" else "-"
+        t.add_row(
+            g.name,
+            g.layout,
+            str(g.count),
+            ranges(g.layers) if g.layers else "-",
+            ",".join(map(str, g.experts)),
+            ",".join(map(str, g.ranks)),
+            packing,
+        )
+    out.print(t)
+    if any(g.b_layout_assumed for g in groups):
+        out.print("* assumed (PEFT's packing): adapter_config.json has no lora_B_layout")
 
 
 def _conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
