@@ -118,6 +118,7 @@ def convert(
     progress: bool = False,
     command: str | None = None,
     extract_options: ExtractOptions | dict[str, Any] | None = None,
+    moe_layout: str | None = None,
 ) -> ConvertResult:
     """Convert ``source`` to the storage form ``to`` in the folder ``output``.
 
@@ -134,6 +135,9 @@ def convert(
         progress: show progress bars.  command: the command line, quoted in the model card.
         extract_options: :class:`~lora_convert.routes.extract.ExtractOptions` (or its fields as a dict),
             for plain -> adapter only.
+        moe_layout: ``per-expert`` or ``fused``: the layout of expert LoRA in an adapter output — an
+            adapter converted to the other layout (adapter -> adapter, with the base), or what extraction
+            writes.
 
     Returns:
         A :class:`~lora_convert.assemble.ConvertResult`; ``.extraction`` holds the SVD report.
@@ -175,6 +179,14 @@ def convert(
             )
         else:
             opts = None
+        if moe_layout is not None and to != "adapter":
+            raise RouteError(f"--moe-layout applies to adapter outputs, not {form} -> {to}", path=ck.root)
+        if (form, to) == ("adapter", "adapter") and moe_layout is None:
+            raise RouteError(
+                "is already in adapter form",
+                path=ck.root,
+                hint="--moe-layout per-expert|fused converts its expert LoRA to the other layout",
+            )
         plan_for = planner(form, to, path=ck.root)
         name = pick_adapter(inv, adapter, ck) if form != "plain" else "default"
         warnings = _check_adapter(inv, name, ck.root) if form != "plain" else []
@@ -190,6 +202,7 @@ def convert(
             dtype,
             opts,
             progress,
+            moe_layout,
         )
         plan = plan_for(req)
         plan.warnings[:0] = warnings

@@ -234,6 +234,14 @@ def _extraction_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def _moe_layout_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--moe-layout",
+        type=click.Choice(["per-expert", "fused"]),
+        help="Expert LoRA in the adapter written: one module per expert, or fused (PEFT target_parameters).",
+    )(f)
+
+
 def _given(**opts: Any) -> dict[str, Any]:
     """The extraction options the user actually gave (click passes None / () for the others), as the
     API takes them: --factor-dtype is extract(dtype=...), repeated options are lists.  extract()
@@ -273,6 +281,7 @@ def _print_extract(res: Any, as_json: bool, pushed: Any) -> None:
 )
 @_conversion_options
 @_extraction_options
+@_moe_layout_option
 @click.pass_context
 def convert(
     ctx: click.Context,
@@ -287,12 +296,15 @@ def convert(
     as_json: bool,
     push_to: str | None,
     private: bool,
+    moe_layout: str | None,
     **svd_opts: Any,
 ) -> None:
     """Convert SOURCE to another storage form.
 
     A plain (merged or fine-tuned) SOURCE with --to adapter --base BASE is extracted by SVD and
     takes the extraction options (--rank, --energy, ...); they are refused on every other route.
+    An adapter SOURCE with --to adapter --moe-layout per-expert|fused gets its expert LoRA in the
+    other layout (PEFT target_parameters <-> one LoRA module per expert).
     """
     given = _given(**svd_opts)
 
@@ -309,6 +321,7 @@ def convert(
             progress=not as_json and err.is_terminal,
             command=_command_line(),
             extract_options=given or None,
+            moe_layout=moe_layout,
         )
         return res, _maybe_push(output, push_to, private)
 

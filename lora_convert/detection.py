@@ -99,7 +99,7 @@ def _summarise(
             params += m.out_features
     mg = []
     for g, ms in sorted(groups.items()):
-        alphas = sorted({cfg.alpha_for(m.module) for m in ms}) if cfg else []
+        alphas = sorted({cfg.alpha_for(m.config_key) for m in ms}) if cfg else []
         scal = sorted({round(m.scaling, 6) for m in ms if m.scaling is not None})
         mg.append(
             ModuleGroup(

@@ -35,6 +35,7 @@ class LoraModule:
     bias_key: str | None = None  # lora_B.bias (lora_bias=True)
     magnitude_key: str | None = None  # DoRA
     scaling: float | None = None  # resolved by the dialect; None when its config is missing
+    param: str | None = None  # a 2-D parameter wrapped by target_parameters (a router's "weight")
     experts: int = 1  # kind "experts": E, the experts sharing A and B
     nest: int = 0  # kind "experts": how many ParamWrappers wrap this one (0: outermost, ``experts.lora_A``)
     b_layout: str = "rank_major"  # kind "experts": expert e's B columns are e, e+E, ... or a block (grouped_by_expert)
@@ -47,6 +48,11 @@ class LoraModule:
     @property
     def layer(self) -> int | None:
         return layer_index(self.module)
+
+    @property
+    def config_key(self) -> str:
+        """The name rank_pattern/alpha_pattern match: PEFT matches ``<module>.<param>`` for target_parameters."""
+        return f"{self.module}.{self.param}" if self.param else self.module
 
     @property
     def stored_rank(self) -> int:

@@ -64,13 +64,19 @@ def expert_factors(
     A is (E·r, in) with the expert's rows in one block; B is (out, E·r) with its columns at
     ``expert, expert+E, …`` (``rank_major``, PEFT's packing) or in one block (``grouped_by_expert``).
     ΔP[e] = s·B_e·A_e for a parameter stored (E, out, in), its transpose for (E, in, out)."""
+    a, b = expert_pair(lora_A, lora_B, expert, experts, b_layout=b_layout)
+    return linear_factors(a, b, scaling, transposed=transposed)
+
+
+def expert_pair(
+    lora_A: torch.Tensor, lora_B: torch.Tensor, expert: int, experts: int, *, b_layout: str = "rank_major"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert ``expert``'s (A_e (r, in), B_e (out, r)) out of PEFT's packed factors: views, dtype kept."""
     r = lora_A.shape[0] // experts
     a = lora_A[expert * r : (expert + 1) * r]
     if b_layout == "rank_major":
-        b = lora_B.reshape(lora_B.shape[0], r, experts)[:, :, expert]
-    else:
-        b = lora_B[:, expert * r : (expert + 1) * r]
-    return linear_factors(a, b, scaling, transposed=transposed)
+        return a, lora_B.reshape(lora_B.shape[0], r, experts)[:, :, expert]
+    return a, lora_B[:, expert * r : (expert + 1) * r]
 
 
 def stack_factors(parts: list[tuple[DeltaFactors, slice | None]], rows: int) -> DeltaFactors:

@@ -242,3 +242,20 @@ def expert_tensor_experts(shapes: dict[str, tuple[int, ...]], layout: MoeLayout 
             for k in keys:
                 out[k] = p.experts
     return out
+
+
+def memory_names(shapes: dict[str, tuple[int, ...]], layout: MoeLayout | None) -> dict[str, list[str]]:
+    """The base's tensors under the names transformers gives them in memory (what PEFT's in-model state dict
+    uses): each key -> the stored tensors it is made of, in order.  Per-expert tensors become one fused
+    parameter (gate rows, then up rows, expert after expert), placed where its first tensor was; Mixtral's
+    ``block_sparse_moe`` is ``mlp``."""
+    per_expert = [p for p in find_expert_params(shapes, layout).values() if p.per_expert]
+    first = {p.per_expert[0][0]: p for p in per_expert}
+    taken = {k for p in per_expert for k in p.keys()}
+    out: dict[str, list[str]] = {}
+    for key in shapes:
+        if key in first:
+            out[first[key].path] = first[key].keys()
+        elif key not in taken:
+            out[layout.from_disk(key) if layout else key] = [key]
+    return out

@@ -45,19 +45,19 @@ class PeftDialect:
             for name in inv.adapters:
                 inv.configs[name] = cfg
                 for m in inv.modules(name).values():
-                    m.scaling = cfg.scaling_for(m.module, m.rank)
+                    m.scaling = cfg.scaling_for(m.config_key, m.rank)
                 inv.warnings[name] = _rank_disagreements(cfg, inv.modules(name).values(), name)
         return inv
 
 
 def _rank_disagreements(cfg: AdapterConfig, modules: Iterable[LoraModule], adapter: str) -> list[str]:
     """One warning when the config's rank for a module is not its tensors' rank (the tensors win)."""
-    bad = [m for m in modules if cfg.rank_for(m.module) != m.rank]
+    bad = [m for m in modules if cfg.rank_for(m.config_key) != m.rank]
     if not bad:
         return []
     m = bad[0]
     return [
-        f"adapter {adapter}: {m.module}: config says r={cfg.rank_for(m.module)}, the tensors have rank {m.rank}; "
+        f"adapter {adapter}: {m.module}: config says r={cfg.rank_for(m.config_key)}, the tensors have rank {m.rank}; "
         f"the tensors' rank is used (scaling {m.scaling:g}; {len(bad)} module(s) disagree)"
     ]
 

@@ -63,6 +63,8 @@ def resolve_experts(inv: Inventory, cfg: AdapterConfig | None, ck: Checkpoint) -
             module, depth = _split_nest(key)
             if depth or _is_param_wrapper(module, targets, inv):
                 by_module.setdefault(module, {})[depth] = m
+            elif "weight" in targeted_params(module, targets, bare=False):
+                m.param = "weight"  # a 2-D ParamWrapper (a router): a linear whose patterns match <module>.weight
         for module, levels in by_module.items():
             params = _assign(module, levels, targets, inv, ck)
             for depth, m in levels.items():

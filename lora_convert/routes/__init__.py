@@ -13,6 +13,7 @@ from ..errors import RouteError
 from .extract import plan_extract
 from .layout import plan_attach, plan_split, plan_strip
 from .merge import plan_merge
+from .moe_adapter import plan_moe_layout
 from .plan import FORMS, Plan, Request
 
 Planner = Callable[[Request], Plan]
@@ -24,8 +25,9 @@ ROUTES: dict[tuple[str, str], Planner] = {
     ("unmerged", "adapter"): plan_split,
     ("adapter", "unmerged"): plan_attach,
     ("plain", "adapter"): plan_extract,
+    ("adapter", "adapter"): plan_moe_layout,  # --moe-layout per-expert|fused
 }
-NEEDS_BASE = frozenset({("adapter", "merged"), ("adapter", "unmerged"), ("plain", "adapter")})
+NEEDS_BASE = frozenset({("adapter", "merged"), ("adapter", "unmerged"), ("plain", "adapter"), ("adapter", "adapter")})
 
 __all__ = ["FORMS", "NEEDS_BASE", "ROUTES", "Plan", "Planner", "Request", "planner"]
 

@@ -14,6 +14,7 @@ from ..dialects.peft_keys import PEFT_PREFIX, Role, format_key
 from ..inventory import Inventory
 from ..pipeline import Job
 from .common import BaseView, copy_job, remap_modules, same_tensor
+from .moe import attach_expert_jobs, expert_wrappers, memory_view
 from .plan import Plan, Request
 
 
@@ -58,8 +59,8 @@ def split_names(inv: Inventory, adapter: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for mod, m in inv.modules(adapter).items():
         roles = (Role.EMBED_A, Role.EMBED_B) if m.kind == "embedding" else (Role.LORA_A, Role.LORA_B)
-        out[format_key(mod, roles[0])] = m.a_key
-        out[format_key(mod, roles[1])] = m.b_key
+        out[format_key(m.wrapped, roles[0])] = m.a_key  # expert LoRA: keyed by its (nested) ParamWrapper
+        out[format_key(m.wrapped, roles[1])] = m.b_key
         if m.bias_key:
             out[format_key(mod, Role.LORA_B, param="bias")] = m.bias_key
         if m.magnitude_key:
@@ -76,17 +77,24 @@ def plan_attach(req: Request) -> Plan:
     assert req.base is not None and req.config is not None
     req.config.check_supported()
     inv, ad, name = req.inventory, req.source, req.adapter
-    base = BaseView(req.base)
+    # the base under the names PEFT's in-model state dict uses: MoE experts fused as transformers holds them
+    mem = memory_view(req.base, req.model_config)
+    base = BaseView(req.base, {k: v[0] for k, v in mem.items()})
     modules, replace, tokens = inv.modules(name), inv.replace.get(name, {}), inv.tokens.get(name, {})
     targets = sorted(set(modules) | set(tokens))
     remap = remap_modules(targets, base, "adapter modules", ad.root) if targets else {}
-    lora_by_base = {remap[m]: lm for m, lm in modules.items()}
+    lora_by_base = {remap[m]: lm for m, lm in modules.items() if lm.kind != "experts"}
+    experts_by_base = {remap[m]: lm for m, lm in modules.items() if lm.kind == "experts"}
+    wrappers = expert_wrappers(experts_by_base)  # experts module -> how many ParamWrappers nest around it
     tok_by_base = {remap[m]: key for m, key in tokens.items()}
     saved_modules = {k.rsplit(".", 1)[0] for k in replace} - set(lora_by_base) - set(tok_by_base)
     jobs: list[Job] = []
     for k in base.keys():
         mod, _, param = k.rpartition(".")
         src = (ad, replace[k]) if k in replace else base.where(k)
+        if mod in wrappers or len(mem[k]) > 1:  # an expert parameter (wrapped, or fused from per-expert tensors)
+            jobs += attach_expert_jobs(k, mem[k], src, experts_by_base.get(k), wrappers.get(mod, 0), ad, name)
+            continue
         if mod in lora_by_base:
             m = lora_by_base[mod]
             jobs.append(copy_job(*src, format_key(mod, Role.BASE, param=param, base_layer=True)))

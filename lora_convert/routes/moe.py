@@ -21,14 +21,15 @@ from typing import Any
 
 import torch
 
-from .. import lora_math, moe_layouts
+from .. import arch, lora_math, moe_layouts
 from ..config import AdapterConfig
+from ..dialects.peft_keys import Role, format_key
 from ..errors import AdapterError, UnsupportedError
 from ..inventory import LoraModule
 from ..io.reader import Checkpoint
 from ..moe_layouts import ExpertParam, MoeLayout
 from ..pipeline import Buffers, Job, Read
-from .common import BaseView, check_finite
+from .common import BaseView, check_finite, copy_job
 
 FP32 = torch.float32
 
@@ -89,7 +90,7 @@ class _Part:
     rows: slice | None = None  # rows of the slab it covers (None: all of them)
 
 
-class _Shared:
+class SharedFactors:
     """A and B of one LoRA module, read once for all the jobs that use them, dropped after the last."""
 
     def __init__(self, ck: Checkpoint, m: LoraModule) -> None:
@@ -117,13 +118,13 @@ class ExpertPlan:
     targets: dict[str, dict[int, list[_Part]]] = field(default_factory=dict)  # base key -> slab -> parts
     handled: set[str] = field(default_factory=set)  # adapter modules merged here
     renames: dict[str, str] = field(default_factory=dict)  # in-memory module -> its on-disk name
-    shared: dict[str, _Shared] = field(default_factory=dict)
+    shared: dict[str, SharedFactors] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     def add(self, key: str, slab: int, part: _Part) -> None:
         self.targets.setdefault(key, {}).setdefault(slab, []).append(part)
         self.handled.add(part.module.module)
-        self.shared.setdefault(part.module.module, _Shared(self.ck, part.module))
+        self.shared.setdefault(part.module.module, SharedFactors(self.ck, part.module))
 
     def job(self, key: str, base: BaseView, dtype: torch.dtype | None) -> Job:
         ck, src = base.where(key)
@@ -186,7 +187,7 @@ def plan_expert_lora(
                     tensor=m.a_key,
                     hint="is this adapter for this base model?",
                 )
-            _bind(m, p, cfg, adapter, plan)
+            bind_experts(m, p, cfg, adapter, plan.warnings)
             _place_experts(plan, m, p, transposed_reading(m, p.shape, layout, version, adapter.root), layout)
         elif f"{mod}.weight" not in shapes and layout is not None:
             disk = layout.to_disk(mod)
@@ -206,7 +207,9 @@ def plan_expert_lora(
     return plan
 
 
-def _bind(m: LoraModule, p: ExpertParam, cfg: AdapterConfig | None, adapter: Checkpoint, plan: ExpertPlan) -> None:
+def bind_experts(
+    m: LoraModule, p: ExpertParam, cfg: AdapterConfig | None, adapter: Checkpoint, warnings: list[str]
+) -> None:
     """The base's expert count wins over the one the adapter alone suggested (the config's rank)."""
     if m.experts == p.experts:
         return
@@ -220,7 +223,7 @@ def _bind(m: LoraModule, p: ExpertParam, cfg: AdapterConfig | None, adapter: Che
     m.rank, m.experts = m.stored_rank // p.experts, p.experts
     if cfg is not None:
         m.scaling = cfg.scaling_for(m.module, m.rank)
-    plan.warnings.append(
+    warnings.append(
         f"{m.module}: the base has {p.experts} experts, so the rank per expert is {m.rank} "
         f"(scaling {m.scaling:g}), not what adapter_config.json says"
     )
@@ -267,13 +270,67 @@ def _place_per_expert(
         plan.add(p.fused, e, _Part(m, None, False, rows=sl))
 
 
+def memory_view(ck: Checkpoint, model_config: dict[str, Any] | None) -> dict[str, list[str]]:
+    """``ck``'s tensors under transformers' in-memory names -> the stored tensors each is made of."""
+    shapes = {k: tuple(ck.info(k).shape) for k in ck.tensors}
+    return moe_layouts.memory_names(shapes, moe_layouts.layout_for(model_config, shapes))
+
+
+def expert_wrappers(modules: dict[str, LoraModule]) -> dict[str, int]:
+    """Experts module -> how many PEFT ParamWrappers nest around it (its parameters sit under as many
+    ``base_layer``), from the expert LoRA modules keyed by their parameter's path in the base."""
+    out: dict[str, int] = {}
+    for path, m in modules.items():
+        mod = path.rpartition(".")[0]
+        out[mod] = max(out.get(mod, 0), m.nest + 1)
+    return out
+
+
+def attach_expert_jobs(
+    key: str,
+    sources: list[str],
+    src: tuple[Checkpoint, str],
+    m: LoraModule | None,
+    depth: int,
+    adapter_ck: Checkpoint,
+    adapter: str,
+) -> list[Job]:
+    """An expert parameter in PEFT's in-model layout: under its wrappers' ``base_layer``s (fused from the
+    base's per-expert tensors where it stores them so), and the LoRA of the wrapper that targets it."""
+    mod, _, param = key.rpartition(".")
+    name = format_key(mod, Role.BASE, param=param, base_layer=depth)
+    jobs = [fuse_job(src[0], sources, name) if len(sources) > 1 else copy_job(*src, name)]
+    if m is not None:
+        for role, k in ((Role.LORA_A, m.a_key), (Role.LORA_B, m.b_key)):
+            jobs.append(copy_job(adapter_ck, k, format_key(m.wrapped, role, adapter=adapter), op="lora"))
+    return jobs
+
+
+def fuse_job(ck: Checkpoint, keys: list[str], name: str) -> Job:
+    """One fused expert parameter (E, d1, d2) from its per-expert tensors, bytes untouched: each stored
+    tensor's bytes in turn (gate rows then up rows, expert after expert)."""
+    parts = [copy_job(ck, k, name) for k in keys]
+    first = ck.info(keys[0])
+    experts = len({moe_layouts.split_expert_module(arch.module_of(k))[1] for k in keys})
+    per = keys[: len(keys) // experts]
+    shape = (experts, sum(ck.info(k).shape[0] for k in per), *first.shape[1:])
+    if any(ck.info(k).dtype_name != first.dtype_name for k in keys):
+        raise AdapterError("per-expert tensors of one parameter differ in dtype", path=ck.root, tensor=keys[0])
+
+    def blocks(buf: Buffers) -> Iterator[torch.Tensor]:
+        for p in parts:
+            yield from p.blocks(buf)
+
+    return Job(name, parts[0].dtype, shape, blocks, "fuse", reads=lambda: [r for p in parts for r in p.reads()])
+
+
 def slab_merge_job(
     name: str,
     ck: Checkpoint,
     key: str,
     out_dtype: torch.dtype,
     delta_for: Any,
-    shared: list[_Shared],
+    shared: list[SharedFactors],
 ) -> Job:
     """``key`` with ``delta_for(slab)`` added to each slab (one expert's matrix of a 3-D tensor; a 2-D
     tensor is one slab), in row blocks read as flat ranges: fp32, rounded once, never a whole slab."""

@@ -59,6 +59,7 @@ class Request:
     dtype: str = "auto"  # --dtype
     extract: ExtractOptions | None = None  # the SVD route's options
     progress: bool = False  # progress bars for work done while planning (extraction's factorisations)
+    moe_layout: str | None = None  # --moe-layout: expert LoRA written per-expert or fused (adapter outputs)
 
     @property
     def config(self) -> AdapterConfig | None:
