@@ -240,6 +240,7 @@ def extract(
     force: bool = False,
     progress: bool = False,
     command: str | None = None,
+    moe_layout: str | None = None,
     **option_fields: Any,
 ) -> ConvertResult:
     """Factor every changed tensor of ``tuned`` against ``base`` into a PEFT LoRA adapter (SVD).
@@ -249,6 +250,8 @@ def extract(
         output: the adapter folder to create.
         options: an :class:`~lora_convert.routes.extract.ExtractOptions`; or give its fields as keyword
             arguments (``rank=8``, ``energy=0.95``, ``include=[...]``, ``dtype="bf16"`` for the factors...).
+        moe_layout: routed experts as one PEFT ``target_parameters`` pair per fused parameter (``fused``, the
+            default) or as one LoRA module per stored per-expert tensor (``per-expert``).
 
     Returns:
         A :class:`~lora_convert.assemble.ConvertResult` whose ``.extraction`` has each module's rank,
@@ -270,6 +273,7 @@ def extract(
         progress=progress,
         command=command,
         extract_options=opts,
+        moe_layout=moe_layout,
     )
 
 

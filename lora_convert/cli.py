@@ -261,7 +261,7 @@ def _print_extract(res: Any, as_json: bool, pushed: Any) -> None:
         t.add_column(col)
     for m in res.extraction.modules:
         t.add_row(
-            m.module,
+            m.label,
             f"{m.shape[0]}x{m.shape[1]}",
             f"{m.rank}{'*' if m.capped else ''}",
             f"{m.energy:.6f}",
@@ -423,6 +423,7 @@ def report_cmd(
 @click.option("--base", required=True, help="Base model folder or Hub repo id.")
 @click.option("-o", "--output", required=True, help="Output adapter folder (created atomically).")
 @_extraction_options
+@_moe_layout_option
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
 @click.option("--push-to", help="Push the output folder to this Hub repo id afterwards.")
@@ -433,6 +434,7 @@ def extract(
     tuned: str,
     base: str,
     output: str,
+    moe_layout: str | None,
     force: bool,
     as_json: bool,
     push_to: str | None,
@@ -449,6 +451,7 @@ def extract(
             force=force,
             progress=not as_json and err.is_terminal,
             command=_command_line(),
+            moe_layout=moe_layout,
             **_given(**svd_opts),
         )
         return res, _maybe_push(output, push_to, private)

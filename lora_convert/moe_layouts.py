@@ -130,6 +130,28 @@ _PER_EXPERT = re.compile(r"\.experts\.\d+\.(?:gate_proj|up_proj|down_proj|w1|w2|
 _EXPERT_INDEX = re.compile(r"^(?P<experts>.+\.experts)\.(?P<e>\d+)\.(?P<part>[^.]+)$")
 
 
+def wrapper_depths(paths: Iterable[str]) -> dict[str, int]:
+    """PEFT's ParamWrapper depth of each targeted expert parameter (``module.param``): several on one module
+    nest, the last-registered outermost (depth 0, ``experts.lora_A``), the others under ``base_layer``."""
+    by_module: dict[str, list[str]] = {}
+    for path in paths:
+        mod, _, param = path.rpartition(".")
+        by_module.setdefault(mod, []).append(param)
+    out = {}
+    for mod, names in by_module.items():
+        ordered = sorted(names, key=EXPERT_PARAM_ORDER.index)
+        for i, name in enumerate(ordered):
+            out[f"{mod}.{name}"] = len(ordered) - 1 - i
+    return out
+
+
+def per_expert_regex(experts: str, part: str) -> str:
+    """A regex for the per-expert modules ``<experts>.<e>.<part>`` of every expert that also matches
+    ``<experts>.<part>``: the name PEFT's conversion of per-expert adapters probes a ``target_modules`` regex
+    with, so that the experts are not dropped."""
+    return rf"{re.escape(experts)}(?:\.\d+)?\.{re.escape(part)}"
+
+
 def part_slices(layout: MoeLayout | None, part_rows: list[int]) -> list[slice]:
     """Where each part (gate, up) lies along a fused parameter's output dimension: one block after the
     other, or every n-th row from the part's index when the layout interleaves them."""

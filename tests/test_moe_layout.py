@@ -6,14 +6,13 @@ the same logits."""
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 from tiny import save_unmerged
-from tiny_moe import FF, E, H, load, logits, model, peft_experts, peft_load, save_base, v4_adapter
+from tiny_moe import FF, E, H, load, load_clean, logits, model, peft_experts, peft_load, save_base, v4_adapter
 
 import lora_convert as lc
 from lora_convert.cli import main
@@ -34,19 +33,6 @@ def _same(a: dict, b: dict) -> None:
     assert set(a) == set(b), set(a) ^ set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-
-
-def _load_clean(base, adapter):
-    """PeftModel.from_pretrained, failing on missing keys (warned) and unexpected keys (which PEFT drops
-    silently: checked by loading a second time and reading load_adapter's result)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pm = peft_load(base, adapter)
-    assert not [w for w in caught if "missing" in str(w.message).lower()], [str(w.message) for w in caught]
-    res = pm.load_adapter(str(adapter), adapter_name="again")
-    assert not res.unexpected_keys and not res.missing_keys, res
-    pm.set_adapter("default")
-    return pm
 
 
 @pytest.mark.parametrize("name,params", [("qwen3_moe", WITH_ROUTER), ("mixtral", WITH_ROUTER), ("gpt_oss", None)])
@@ -91,13 +77,13 @@ def test_moe_layout_round_trip(tmp_path, name):
     )
     cfg = json.loads((tmp_path / "per" / "adapter_config.json").read_text())
     assert cfg["target_parameters"] is None and {"q_proj", "v_proj", "gate"} <= set(cfg["target_modules"])
-    assert (logits(_load_clean(tmp_path / "base", tmp_path / "per")) - ref).abs().max() <= 1e-5
+    assert (logits(load_clean(tmp_path / "base", tmp_path / "per")) - ref).abs().max() <= 1e-5
     lc.merge(tmp_path / "per", base=tmp_path / "base", output=tmp_path / "merged")
     assert (logits(load(tmp_path / "merged")) - ref).abs().max() <= 1e-5
     lc.convert(tmp_path / "per", "adapter", base=tmp_path / "base", output=tmp_path / "fused", moe_layout="fused")
     cfg = json.loads((tmp_path / "fused" / "adapter_config.json").read_text())
     assert sorted(cfg["target_parameters"]) == sorted(WITH_ROUTER)
-    assert (logits(_load_clean(tmp_path / "base", tmp_path / "fused")) - ref).abs().max() <= 1e-5
+    assert (logits(load_clean(tmp_path / "base", tmp_path / "fused")) - ref).abs().max() <= 1e-5
 
 
 def test_per_expert_adapter_to_fused_matches_peft_conversion(tmp_path):
@@ -126,7 +112,7 @@ def test_per_expert_adapter_to_fused_matches_peft_conversion(tmp_path):
     from peft.utils import get_peft_model_state_dict
 
     _same(_tensors(tmp_path / "fused"), {k: v.contiguous() for k, v in get_peft_model_state_dict(pm).items()})
-    assert (logits(_load_clean(tmp_path / "base", tmp_path / "fused")) - ref).abs().max() <= 1e-5
+    assert (logits(load_clean(tmp_path / "base", tmp_path / "fused")) - ref).abs().max() <= 1e-5
 
 
 def test_moe_layout_refusals(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -139,6 +140,22 @@ def peft_load(base_path: Path, adapter_path: Path):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(load(base_path), str(adapter_path)).eval()
+
+
+def load_clean(base, adapter):
+    """PeftModel.from_pretrained's two steps, keeping the load result it drops: no missing keys (PEFT warns
+    about those) and no unexpected keys (PEFT drops those silently)."""
+    from peft import PeftConfig, PeftModel
+
+    config = PeftConfig.from_pretrained(str(adapter))
+    config.inference_mode = True
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = PeftModel(load(base), config)
+        res = pm.load_adapter(str(adapter), adapter_name="default")
+    assert not [w for w in caught if "missing" in str(w.message).lower()], [str(w.message) for w in caught]
+    assert not res.unexpected_keys and not res.missing_keys, res
+    return pm.eval()
 
 
 def read_json(path: Path) -> dict:

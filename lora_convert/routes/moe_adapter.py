@@ -182,7 +182,7 @@ def _to_fused(req: Request, modules: dict[str, LoraModule], layout: MoeLayout, p
             if part in parts:
                 groups.setdefault(f"{layout.from_disk(experts)}.{param}", {})[(e, parts.index(part))] = m
                 out.replaced.add(path)
-    nests = _nesting(groups)
+    nests = moe_layouts.wrapper_depths(groups)
     for path, got in sorted(groups.items()):
         p = params.get(path)
         if p is None:
@@ -190,20 +190,6 @@ def _to_fused(req: Request, modules: dict[str, LoraModule], layout: MoeLayout, p
                 f"the base has no expert parameter {path}", path=ck.root, tensor=next(iter(got.values())).a_key
             )
         out.jobs += _fused_pair(req, p, got, layout, nests[path], out)
-    return out
-
-
-def _nesting(groups: dict[str, Any]) -> dict[str, int]:
-    """PEFT's wrapper depth of each fused parameter: the last-registered targeted parameter is outermost."""
-    by_module: dict[str, list[str]] = {}
-    for path in groups:
-        mod, _, param = path.rpartition(".")
-        by_module.setdefault(mod, []).append(param)
-    out = {}
-    for mod, ps in by_module.items():
-        ordered = sorted(ps, key=EXPERT_PARAM_ORDER.index)
-        for i, param in enumerate(ordered):
-            out[f"{mod}.{param}"] = len(ordered) - 1 - i
     return out
 
 
@@ -318,7 +304,7 @@ def _pattern_key(path: str, layout: MoeLayout) -> str:
     if hit is None:
         return re.escape(path)
     experts, _, part = hit
-    key = rf"{re.escape(experts)}(?:\.\d+)?\.{re.escape(part)}"
+    key = moe_layouts.per_expert_regex(experts, part)
     whole = [param for param, parts in layout.parts.items() if parts == (part,)]
     if whole:
         key = f"(?:{key}|{re.escape(layout.from_disk(experts))}\\.{whole[0]})"
@@ -364,6 +350,6 @@ def _module_targets(given: Any, kept: list[str], add: set[str], drop: set[str] =
         return sorted(set(names) | add)
     parts = [target_regex(kept)] if kept else []
     if add:
-        parts.append(rf".*\.experts\.\d+\.(?:{'|'.join(sorted(add - {'gate', 'router'}))})")
+        parts.append(rf".*\.experts(?:\.\d+)?\.(?:{'|'.join(sorted(add - {'gate', 'router'}))})")
         parts += [rf".*\.{n}" for n in sorted(add & {"gate", "router"})]
     return "|".join(f"(?:{p})" for p in parts)
