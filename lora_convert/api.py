@@ -179,14 +179,7 @@ def convert(
             )
         else:
             opts = None
-        if moe_layout is not None and to != "adapter":
-            raise RouteError(f"--moe-layout applies to adapter outputs, not {form} -> {to}", path=ck.root)
-        if (form, to) == ("adapter", "adapter") and moe_layout is None:
-            raise RouteError(
-                "is already in adapter form",
-                path=ck.root,
-                hint="--moe-layout per-expert|fused converts its expert LoRA to the other layout",
-            )
+        _check_moe_layout(form, to, moe_layout, ck.root)
         plan_for = planner(form, to, path=ck.root)
         name = pick_adapter(inv, adapter, ck) if form != "plain" else "default"
         warnings = _check_adapter(inv, name, ck.root) if form != "plain" else []
@@ -289,6 +282,18 @@ def _extract_options(given: ExtractOptions | dict[str, Any] | None, dtype: str) 
     if unknown:
         raise RouteError(f"unknown extraction option(s): {', '.join(sorted(unknown))}")
     return ExtractOptions(**fields).validate()
+
+
+def _check_moe_layout(form: str, to: str, moe_layout: str | None, root: Path) -> None:
+    """--moe-layout shapes adapter outputs; an adapter converted to an adapter needs it."""
+    if moe_layout is not None and to != "adapter":
+        raise RouteError(f"--moe-layout applies to adapter outputs, not {form} -> {to}", path=root)
+    if (form, to) == ("adapter", "adapter") and moe_layout is None:
+        raise RouteError(
+            "is already in adapter form",
+            path=root,
+            hint="--moe-layout per-expert|fused converts its expert LoRA to the other layout",
+        )
 
 
 def _base_ref(inv: Inventory, adapter: str, base: str | Path | None, route: str) -> Path:

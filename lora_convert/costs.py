@@ -407,7 +407,7 @@ def build_report(
         shape.vocab = emb[0].shape[0] if emb else None
     routing = _routing(b.tensors, b.config)
     _moe_notes(routing, ad, notes)
-    rows = _rows(form, b, ad, shape, seq_len, src_bytes, notes, routing)
+    rows = _rows(form, b, ad, shape, seq_len, src_bytes, notes)
     modules = _kinds(ad, routing)
     if set(ad.replace) - ad.saved_whole:
         notes.append(
@@ -459,15 +459,9 @@ def _moe_notes(routing: _Routing, ad: _Adapter, notes: list[str]) -> None:
 
 
 def _rows(
-    form: str,
-    b: _Base,
-    ad: _Adapter,
-    shape: ModelShape,
-    seq_len: int,
-    src_bytes: dict[str, int],
-    notes: list[str],
-    routing: _Routing,
+    form: str, b: _Base, ad: _Adapter, shape: ModelShape, seq_len: int, src_bytes: dict[str, int], notes: list[str]
 ) -> list[FormRow]:
+    routing = _routing(b.tensors, b.config)
     lora_params = sum(lora_module_params(m) for m in ad.modules.values()) + sum(ad.tensors[k].numel for k in ad.trained)
     lora_flops = sum(_lora_flops(m, routing) for m in ad.modules.values())
     attn = attention_flops(shape, seq_len)

@@ -35,7 +35,6 @@ class ExpertExtraction:
     entries: list[tuple[str, torch.Tensor]] = field(default_factory=list)
     ranks: dict[str, int] = field(default_factory=dict)  # fused parameter path -> rank per expert
     reports: list = field(default_factory=list)  # ModuleReport per expert
-    keys: set[str] = field(default_factory=set)  # tensors of the tuned checkpoint handled here
 
 
 def expert_params(tk: Checkpoint, bk: Checkpoint) -> tuple[MoeLayout | None, dict[str, ExpertParam]]:
@@ -218,7 +217,7 @@ class ExpertPass:
     def collect(self, report: Callable[..., object]) -> ExpertExtraction:
         """The factors of every changed parameter, packed, and one report per changed expert
         (``report(path, e, shape, rank, energy, error, method, capped)``)."""
-        res = ExpertExtraction(keys=set(self.keys))
+        res = ExpertExtraction()
         transposed = bool(self.layout and self.layout.peft_transposed)
         nest = moe_layouts.wrapper_depths(self.got)
         for path, got in sorted(self.got.items()):
