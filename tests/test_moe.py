@@ -44,6 +44,16 @@ def test_target_parameters_merge_matches_peft(tmp_path, name, via):
     assert res.ops["merge"] > 0
 
 
+@pytest.mark.parametrize(
+    "name,attn",
+    [("deepseek_v3", ("o_proj", "kv_b_proj")), ("llama4_text", ("q_proj", "v_proj"))],
+)
+def test_more_architectures(tmp_path, name, attn):
+    """DeepSeek-V3 (a dense first layer, per-expert routed experts); Llama 4 (fused (E, in, out) experts
+    without is_transposed, so PEFT's A sits on the output side)."""
+    _merge_and_compare(tmp_path, name, attn=attn)
+
+
 def test_per_expert_base_gets_per_expert_tensors(tmp_path):
     """A Qwen3-MoE base stored per expert is merged per expert: same keys as the base, each changed."""
     _merge_and_compare(tmp_path, "qwen3_moe")

@@ -18,7 +18,14 @@ SEQ = torch.tensor([[1, 5, 9, 17, 33, 2, 64, 80, 95, 3, 7, 11]])
 
 
 def config(name: str, **over):
-    from transformers import GptOssConfig, MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    from transformers import (
+        DeepseekV3Config,
+        GptOssConfig,
+        Llama4TextConfig,
+        MixtralConfig,
+        Qwen2MoeConfig,
+        Qwen3MoeConfig,
+    )
 
     common = dict(
         vocab_size=VOCAB,
@@ -47,6 +54,29 @@ def config(name: str, **over):
         return GptOssConfig(
             **{"intermediate_size": FF, "num_local_experts": E, "head_dim": 8, **common}, num_experts_per_tok=2
         )
+    if name == "deepseek_v3":  # layer 0 dense, layer 1 routed experts plus a shared expert
+        return DeepseekV3Config(
+            **{"intermediate_size": 48, "moe_intermediate_size": FF, "n_routed_experts": E, **common},
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            first_k_dense_replace=1,
+            n_group=2,
+            topk_group=1,
+            kv_lora_rank=16,
+            q_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=16,
+            rope_interleave=False,
+        )
+    if name == "llama4_text":  # experts fused on disk, (E, in, out), which PEFT reads swapped
+        return Llama4TextConfig(
+            **{"intermediate_size": FF, "num_local_experts": E, "head_dim": 8, **common},
+            intermediate_size_mlp=48,
+            num_experts_per_tok=1,
+            interleave_moe_layer_step=1,
+            attention_chunk_size=64,
+        )
     raise ValueError(name)
 
 
@@ -72,7 +102,8 @@ def peft_experts(m, *, r: int = 2, alpha: float = 6, attn=("q_proj", "v_proj"), 
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    params = params if params is not None else ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    experts = "feed_forward.experts" if m.config.model_type == "llama4_text" else "mlp.experts"
+    params = params if params is not None else [f"{experts}.gate_up_proj", f"{experts}.down_proj"]
     cfg = LoraConfig(
         r=r,
         lora_alpha=alpha,
