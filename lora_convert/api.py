@@ -118,6 +118,7 @@ def convert(
     progress: bool = False,
     command: str | None = None,
     extract_options: ExtractOptions | dict[str, Any] | None = None,
+    requantize: bool = False,
 ) -> ConvertResult:
     """Convert ``source`` to the storage form ``to`` in the folder ``output``.
 
@@ -134,6 +135,9 @@ def convert(
         progress: show progress bars.  command: the command line, quoted in the model card.
         extract_options: :class:`~lora_convert.routes.extract.ExtractOptions` (or its fields as a dict),
             for plain -> adapter only.
+        requantize: merging into a quantized base, write the merged weights back in its scheme (the
+            default writes them dequantized, in ``dtype``, bf16 for ``auto``); ``.requantization`` of the
+            result holds the error that adds per module.
 
     Returns:
         A :class:`~lora_convert.assemble.ConvertResult`; ``.extraction`` holds the SVD report.
@@ -190,7 +194,10 @@ def convert(
             dtype,
             opts,
             progress,
+            requantize=requantize,
         )
+        if requantize and to != "merged":
+            raise RouteError("--requantize applies to merges into a quantized base", path=ck.root)
         plan = plan_for(req)
         plan.warnings[:0] = warnings
         from .assemble import write_output

@@ -298,6 +298,11 @@ def convert(
 @main.command()
 @click.argument("source")
 @_conversion_options
+@click.option(
+    "--requantize",
+    is_flag=True,
+    help="Quantized base: write the merged weights back in its scheme (default: dequantized, --dtype).",
+)
 @click.pass_context
 def merge(
     ctx: click.Context,
@@ -311,8 +316,12 @@ def merge(
     as_json: bool,
     push_to: str | None,
     private: bool,
+    requantize: bool,
 ) -> None:
-    """Fold LoRA into the base weights (SOURCE: an adapter with --base, or an unmerged checkpoint)."""
+    """Fold LoRA into the base weights (SOURCE: an adapter with --base, or an unmerged checkpoint).
+
+    A quantized base (fp8, compressed-tensors fp8, bitsandbytes 4/8-bit, MXFP4) is dequantized block by
+    block; with --requantize the merged weights are quantized again in its scheme."""
 
     def go() -> Any:
         res = api.merge(
@@ -325,11 +334,24 @@ def merge(
             force=force,
             progress=not as_json and err.is_terminal,
             command=_command_line(),
+            requantize=requantize,
         )
         return res, _maybe_push(output, push_to, private)
 
     res, pushed = run_guarded(go, _debug(ctx))
+    if res.requantization is not None and not as_json:
+        _print_requantization(res.requantization)
     _report_conversion(res, as_json, pushed)
+
+
+def _print_requantization(rq: Any) -> None:
+    head, rows = rq.table()
+    t = Table(title=f"re-quantized ({rq.scheme}); {rq.copied} untouched quantized weights copied")
+    for h in head:
+        t.add_column(h)
+    for r in rows:
+        t.add_row(*r)
+    out.print(t)
 
 
 @main.command("report")

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from ..pipeline import Job
     from .extract import Extraction, ExtractOptions
+    from .requantize import Requantization
 
 FORMS = ("merged", "adapter", "unmerged", "base")
 OUTPUT_DTYPES = {
@@ -59,6 +60,7 @@ class Request:
     dtype: str = "auto"  # --dtype
     extract: ExtractOptions | None = None  # the SVD route's options
     progress: bool = False  # progress bars for work done while planning (extraction's factorisations)
+    requantize: bool = False  # merge into a quantized base: write the base's own scheme back
 
     @property
     def config(self) -> AdapterConfig | None:
@@ -89,6 +91,7 @@ class Plan:
     card_config: dict[str, Any] | None = None  # config for the card's pipeline tag when none is written
     extraction: Extraction | None = None  # the SVD route's per-module report
     op_counts: dict[str, int] | None = None  # what the result reports as done (None: the jobs' ops counted)
+    requantization: Requantization | None = None  # merge --requantize: the error each module's re-quantization adds
 
     def ops(self) -> dict[str, int]:
         if self.op_counts is not None:
