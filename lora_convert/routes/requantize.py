@@ -124,7 +124,7 @@ class _Stream:
         """First pass (``two_pass`` streams)."""
 
     def start(self) -> None:
-        """Between the passes."""
+        """Between the two passes."""
 
     def quantize(self, values: torch.Tensor, first: int) -> torch.Tensor:
         raise NotImplementedError
@@ -337,7 +337,7 @@ def requantize_jobs(
         if stream.two_pass:
             for values, first in _bands(job, buf, stream.band):
                 stream.observe(values, first)
-        stream.start()
+            stream.start()
         for values, first in _bands(job, buf, stream.band):
             yield stream.quantize(values, first)
         stream.err.finish(delta_norm())
