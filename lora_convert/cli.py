@@ -77,6 +77,12 @@ def detect(ctx: click.Context, path: str, base: str | None, adapter: str | None,
         f"files: {', '.join(res.files)} ({res.layout}); {res.tensors} tensors, {human_bytes(res.total_bytes)}; "
         + ", ".join(f"{k} {human_bytes(v)}" for k, v in res.dtypes.items())
     )
+    if res.quantization:
+        q = res.quantization
+        out.print(
+            f"quantized: {q['scheme']} ({q['method']}); {q['tensors']} weights, {human_bytes(q['stored_bytes'])} "
+            f"on disk, {human_bytes(q['dequantized_bytes']['BF16'])} dequantized to bf16"
+        )
     for a in res.adapters:
         t = Table(title=f"adapter '{a.name}'", show_lines=False)
         for col in ("module", "count", "layers", "rank", "alpha", "scaling"):

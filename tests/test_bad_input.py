@@ -493,7 +493,7 @@ def test_quantized_base_tensors(work):
     res, out = merge(work)
     assert_error(
         res,
-        "the base holds quantized weights (model.layers.0.self_attn.q_proj.weight_scale) but config.json has no "
+        "model.layers.0.self_attn.q_proj.weight_scale: the base holds quantized weights but config.json has no "
         "quantization_config",
         out=out,
     )

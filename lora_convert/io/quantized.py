@@ -80,7 +80,7 @@ def find_layout(ck: Checkpoint) -> QuantLayout | None:
         for k in ck.tensors:
             if k.endswith(QUANTIZED_SUFFIXES):
                 raise UnsupportedError(
-                    f"the base holds quantized weights ({k}) but config.json has no quantization_config",
+                    "the base holds quantized weights but config.json has no quantization_config",
                     path=ck.root,
                     tensor=k,
                     hint="use the checkpoint's own config.json, or merge into the unquantized base",
@@ -483,3 +483,31 @@ def scale_values(scale: torch.Tensor) -> torch.Tensor:
     if scale.dtype == torch.uint8:
         return torch.ldexp(torch.ones(scale.shape), scale.to(torch.int32) - 127)
     return scale.float()
+
+
+def logical_order(ck: Checkpoint, layout: QuantLayout) -> list[tuple[str, tuple[int, ...], str, int]]:
+    """(name, shape, dtype name, bytes) of every tensor as the dequantized view lists it, in file order;
+    torch-free (``report`` counts parameters and FLOPs from it)."""
+    by_weight = {t.stored["weight"]: t for t in layout.tensors.values()}
+    hidden = layout.hidden
+    out = []
+    for k, info in ck.tensors.items():
+        t = by_weight.get(k)
+        if t is not None:
+            out.append((t.name, t.shape, t.dtype_name, math.prod(t.shape) * DTYPE_TABLE[t.dtype_name][0]))
+        elif k not in hidden:
+            out.append((k, tuple(info.shape), info.dtype_name, info.nbytes))
+    return out
+
+
+def summary(ck: Checkpoint, layout: QuantLayout) -> dict[str, Any]:
+    """What ``detect`` and ``report`` say about a quantized checkpoint: the scheme, how many weights, their
+    bytes on disk (with every companion) and what they take dequantized."""
+    numel = sum(math.prod(t.shape) for t in layout.tensors.values())
+    return {
+        "method": layout.method,
+        "scheme": layout.scheme,
+        "tensors": len(layout.tensors),
+        "stored_bytes": layout.stored_bytes(ck),
+        "dequantized_bytes": {"BF16": 2 * numel, "F32": 4 * numel},
+    }
