@@ -144,3 +144,25 @@ def test_compressed_tensors_fp8(tmp_path, scheme):
     assert all(m.rel_error < 0.05 for m in res.requantization.modules)
     got = logits(load_dequantized(tmp_path / "rq"))
     assert (got - want).abs().max() <= 2 * (logits(base_deq) - logits(llama().float())).abs().max()
+
+
+def test_cli_requantize_table_and_json(fp8_base, tmp_path):
+    from test_bad_input import cli
+
+    base, _ = fp8_base
+    peft_wrap(llama().float(), r=4, lora_alpha=8, target_modules=["q_proj"]).save_pretrained(tmp_path / "adapter")
+    res = cli("merge", str(tmp_path / "adapter"), "--base", str(base), "-o", str(tmp_path / "a"), "--requantize")
+    assert res.exit_code == 0, res.output
+    assert "re-quantized (fp8 e4m3, 128×128 blocks); 12 untouched quantized weights copied" in res.output
+    assert res.output.count("128x128") == 2, res.output  # one row per merged weight
+    res = cli(
+        "merge", str(tmp_path / "adapter"), "--base", str(base), "-o", str(tmp_path / "b"), "--requantize", "--json"
+    )
+    got = json.loads(res.stdout)["requantized"]
+    assert got["copied"] == 12 and [m["tensor"] for m in got["modules"]] == [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+    ]
+    assert all(0 < m["rel_error"] < 0.05 and m["error_vs_delta"] > 0 for m in got["modules"])
+    card = (tmp_path / "b" / "README.md").read_text()
+    assert "## Re-quantization error" in card and "re-quantized in its scheme" in card

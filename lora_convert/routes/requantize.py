@@ -78,11 +78,10 @@ class Requantization:
         return {"requantized": {"scheme": self.scheme, "copied": self.copied, "modules": mods}}
 
     def table(self) -> tuple[list[str], list[list[str]]]:
-        head = ["tensor", "scheme", "shape", "rel. error", "max error", "LoRA ‖ΔW‖/‖W‖", "error / ΔW"]
+        head = ["tensor", "shape", "rel. error", "max error", "‖ΔW‖/‖W‖", "error/ΔW"]
         rows = [
             [
                 m.tensor,
-                m.scheme,
                 "x".join(map(str, m.shape)),
                 f"{m.rel_error:.3e}",
                 f"{m.max_error:.3e}",
