@@ -108,3 +108,38 @@ def test_detect_and_report_name_the_scheme(work):
     assert rep["quantization"]["method"] == "fp8"
     merged = next(x for x in rep["rows"] if x["form"] == "merged")
     assert "F8_E4M3" not in merged["bytes"] and merged["bytes"]["BF16"] > 0
+
+
+def test_unmerged_on_a_quantized_base(tmp_path):
+    from tiny import save_unmerged
+
+    save_unmerged(peft_wrap(llama(), r=4, lora_alpha=8, target_modules=["q_proj"]), tmp_path / "u")
+    cfg = json.loads((tmp_path / "u" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    (tmp_path / "u" / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    res = cli("merge", str(tmp_path / "u"), "-o", str(out))
+    assert_error(res, "an unmerged checkpoint on a quantized base", "convert --to adapter", out=out)
+
+
+def test_requantize_refuses_what_the_scheme_cannot_hold(work):
+    """A saved layer (modules_to_save) of another shape than the quantized weight it replaces."""
+    import torch
+
+    adapter = work / "adapter2"
+    peft_wrap(llama(), r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["o_proj"]).save_pretrained(
+        adapter
+    )
+    path = adapter / "adapter_model.safetensors"
+    sd = load_file(str(path))
+    key = next(k for k in sd if "layers.1.self_attn.o_proj" in k)
+    sd[key] = torch.zeros(64, 128)
+    save_file(sd, str(path))
+    out = work / "out"
+    res = cli("merge", str(adapter), "--base", str(work / "base"), "-o", str(out), "--requantize")
+    assert_error(
+        res,
+        "model.layers.1.self_attn.o_proj: merged weight of shape [64, 128] cannot be re-quantized into the base's "
+        "fp8-block layout of shape [128, 128]",
+        out=out,
+    )

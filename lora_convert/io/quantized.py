@@ -367,7 +367,8 @@ class DequantizingSource(TensorSource):
             )
             for t in layout.tensors.values()
         }
-        self._small: dict[str, torch.Tensor] = {}  # scales, SCB, quant maps: read once
+        self._small: dict[str, torch.Tensor] = {}  # the current tensor's scales, SCB, quant maps: read once
+        self._owner: str | None = None
         self._expert: tuple[str, int, torch.Tensor, torch.Tensor] | None = None  # MXFP4: the last expert read
         self._lock = threading.Lock()
 
@@ -380,6 +381,9 @@ class DequantizingSource(TensorSource):
         t = self.layout.tensors[info.name]
         first, count = start // info.itemsize, nbytes // info.itemsize
         with self._lock:
+            if self._owner != t.name:  # a model's scales add up (DeepSeek-V3: 160 MB): keep one tensor's
+                self._small.clear()
+                self._owner = t.name
             values = self._elements(t, first, first + count).to(info.dtype)
         data = values.reshape(-1).view(torch.uint8)
         if buf is None:

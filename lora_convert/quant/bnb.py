@@ -63,7 +63,8 @@ def dequantize_int8_rows(q: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
     return q * scb.float().view(-1, 1) * INV127
 
 
-def _bnb():  # type: ignore[no-untyped-def]
+def functional():  # type: ignore[no-untyped-def]
+    """bitsandbytes.functional, or the error that says how to get it."""
     from ..errors import UnsupportedError
 
     try:
@@ -79,7 +80,7 @@ def _bnb():  # type: ignore[no-untyped-def]
 def quantize_4bit_chunk(values: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed codes, fp32 block maxima) of a run of flattened values that starts on a block boundary
     (and has a whole number of blocks, unless it is the last run)."""
-    F = _bnb()
+    F = functional()
     packed, state = F.quantize_4bit(values.reshape(-1).float(), blocksize=blocksize, quant_type=quant_type)
     return packed.reshape(-1), state.absmax.float()
 
@@ -89,7 +90,7 @@ def compress_absmax(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Double quantization of a whole tensor's block maxima, as ``quantize_4bit(compress_statistics=True)``:
     (8-bit codes, nested_absmax, nested_quant_map, offset)."""
-    F = _bnb()
+    F = functional()
     offset = absmax.mean()
     codes, state2 = F.quantize_blockwise(absmax - offset, blocksize=nested_blocksize)
     return codes, state2.absmax.float(), state2.code.float(), offset.item()
@@ -97,7 +98,7 @@ def compress_absmax(
 
 def quantize_int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 rows, fp32 SCB) through ``int8_vectorwise_quant`` (no outlier threshold: stored weights have none)."""
-    F = _bnb()
+    F = functional()
     q, scb, _ = F.int8_vectorwise_quant(w.float(), threshold=0.0)
     return q, scb.float()
 

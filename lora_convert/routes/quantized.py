@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import UnsupportedError
-from ..io.quantized import QUANTIZED_SUFFIXES, QuantLayout, dequantized, find_layout
+from ..io.quantized import QUANTIZED_SUFFIXES, QuantizedTensor, QuantLayout, dequantized, find_layout
 from ..io.reader import Checkpoint
 from ..pipeline import Job
 from .common import BaseView
@@ -53,8 +53,24 @@ class QuantizedBase:
                 out += raw_jobs(t, self.raw)
                 self.report.copied += 1
             else:
+                self._check(job, t)
                 out += requantize_jobs(job, t, self.raw, self.layout.config, self.report, _delta(ops.get(job.name)))
         return out
+
+    def _check(self, job: Job, t: QuantizedTensor) -> None:
+        """What the scheme cannot hold is refused before anything is written."""
+        if tuple(job.shape) != tuple(t.shape):
+            raise UnsupportedError(
+                f"merged weight of shape {list(job.shape)} cannot be re-quantized into the base's "
+                f"{t.scheme} layout of shape {list(t.shape)}",
+                path=self.raw.root,
+                tensor=t.module,
+                hint="merge without --requantize",
+            )
+        if t.scheme.startswith("bnb-"):
+            from ..quant.bnb import functional
+
+            functional()  # bitsandbytes must be there: its own quantizer writes the bytes
 
     def annotate(self, plan: Plan) -> None:
         """Config edits and the model card's account of what happened to the quantization."""
