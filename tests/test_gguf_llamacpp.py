@@ -1,10 +1,14 @@
 """Our GGUF adapters in real llama.cpp: base + adapter logits against PEFT's.
 
 Optional: runs only where a libllama with Python bindings imports — llama-cpp-py-sync's CFFI bindings
-(PyPI, CPU; on glibc < 2.38 a shimmed copy, see the project notes), found on ``sys.path`` or in the
-folder named by ``LORA_CONVERT_LLAMA_CPP``.  The base GGUF is written here with gguf-py (F32, llama.cpp's
-names and q/k permutation, no tokenizer: ``tokenizer.ggml.model = no_vocab``), so no converter of
-llama.cpp's is needed.
+(``pip install llama-cpp-py-sync``, a CPU wheel of llama.cpp), found on ``sys.path`` or in the folder
+named by ``LORA_CONVERT_LLAMA_CPP``.  Its libraries need glibc >= 2.38 (for four ``__isoc23_*`` symbols);
+on an older glibc, a copy whose libraries are given those four from a small shim library
+(``patchelf --add-needed``) works.  The base GGUF is written here with gguf-py (F32, llama.cpp's names
+and q/k permutation, no tokenizer: ``tokenizer.ggml.model = no_vocab``), so no converter of llama.cpp's
+is needed::
+
+    LORA_CONVERT_LLAMA_CPP=/path/to/shimmed python -m pytest tests/test_gguf_llamacpp.py
 """
 
 from __future__ import annotations
