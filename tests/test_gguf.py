@@ -9,6 +9,7 @@ what llama.cpp's loader and its own converter use (docs in lora_convert/routes/g
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,8 +54,9 @@ def expected_name(module: str) -> str:
         return "token_embd.weight"
     if module == "lm_head":
         return "output.weight"
-    parts = module.split(".")
-    return f"blk.{parts[2]}.{BLOCK_NAMES[parts[-1]]}.weight"
+    layer = re.search(r"\.layers\.(\d+)\.", module)
+    assert layer is not None, module
+    return f"blk.{layer.group(1)}.{BLOCK_NAMES[module.rsplit('.', 1)[1]]}.weight"
 
 
 def unpermute(b: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -194,6 +196,33 @@ def test_base_config_alone_and_unmerged_and_mlx_sources(tmp_path):
     for other in ("u.gguf", "m.gguf"):
         _, b = read_gguf(tmp_path / other)
         assert a.keys() == b.keys() and all(torch.equal(a[k][0], b[k][0]) for k in a), other
+
+
+def test_text_part_of_a_vision_language_model(tmp_path):
+    """Gemma 3's multimodal checkpoint: the text model's modules (model.language_model.*) become llama.cpp's
+    gemma3 tensors, as llama.cpp's converter strips ``language_model``; the vision tower has none."""
+    import transformers
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, head_dim=8)
+    text.update(num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    vision.update(image_size=16, patch_size=8)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    cfg.image_token_index, cfg.boi_token_index, cfg.eoi_token_index = 95, 93, 94
+    transformers.Gemma3ForConditionalGeneration(cfg).save_pretrained(tmp_path / "base")
+    model = transformers.Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "base").eval()
+    pm = peft_wrap(model, r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|k_proj|down_proj)")
+    pm.save_pretrained(tmp_path / "adapter")
+    lc.convert(tmp_path / "adapter", "gguf", base=tmp_path / "base", output=tmp_path / "a.gguf")
+    kv, _ = read_gguf(tmp_path / "a.gguf")
+    assert kv["general.architecture"][0] == "gemma3"
+    check_deltas(pm, tmp_path / "a.gguf", "gemma3")
+    model = transformers.Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "base").eval()
+    pm = peft_wrap(model, r=4, lora_alpha=8, target_modules=r".*(vision_tower|language_model).*\.q_proj")
+    pm.save_pretrained(tmp_path / "vision")
+    with pytest.raises(lc.UnsupportedError, match="vision_tower.*gemma3 has no tensor"):
+        lc.convert(tmp_path / "vision", "gguf", base=tmp_path / "base", output=tmp_path / "v.gguf")
 
 
 def _refused(tmp_path, exc, match, arch="llama", targets=None, tie=False, base=None, **lora):
