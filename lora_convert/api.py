@@ -119,6 +119,7 @@ def convert(
     command: str | None = None,
     extract_options: ExtractOptions | dict[str, Any] | None = None,
     outtype: str | None = None,
+    requantize: bool = False,
 ) -> ConvertResult:
     """Convert ``source`` to the storage form ``to`` in the folder ``output``.
 
@@ -138,6 +139,9 @@ def convert(
         extract_options: :class:`~lora_convert.routes.extract.ExtractOptions` (or its fields as a dict),
             for plain -> adapter only.
         outtype: the GGUF tensor type, ``f32`` (default), ``f16``, ``bf16`` or ``q8_0``; gguf only.
+        requantize: merging into a quantized base, write the merged weights back in its scheme (the
+            default writes them dequantized, in ``dtype``, bf16 for ``auto``); ``.requantization`` of the
+            result holds the error that adds per module.
 
     Returns:
         A :class:`~lora_convert.assemble.ConvertResult`; ``.extraction`` holds the SVD report.
@@ -198,7 +202,10 @@ def convert(
             progress,
             base_config=base_config,
             outtype=outtype,
+            requantize=requantize,
         )
+        if requantize and to != "merged":
+            raise RouteError("--requantize applies to merges into a quantized base", path=ck.root)
         plan = plan_for(req)
         plan.warnings[:0] = warnings
         from .assemble import write_output

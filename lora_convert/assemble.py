@@ -19,6 +19,7 @@ from .pipeline import execute
 from .progress import progress_bar
 from .routes.extract import Extraction
 from .routes.plan import Plan, Request
+from .routes.requantize import Requantization
 
 UNSHARDED = 10**15  # an adapter is one file whatever its size, as PEFT writes it
 
@@ -39,12 +40,15 @@ class ConvertResult:
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
     extraction: Extraction | None = None
+    requantization: Requantization | None = None  # merge --requantize: per-module error
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat JSON-able dict; the extraction's fields sit beside the common ones."""
-        d = {k: v for k, v in asdict(self).items() if k != "extraction"}
+        """Flat JSON-able dict; the extraction's (or re-quantization's) fields sit beside the common ones."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("extraction", "requantization")}
         if self.extraction is not None:
             d.update(self.extraction.to_dict())
+        if self.requantization is not None:
+            d.update(self.requantization.to_dict())
         return d
 
 
@@ -89,6 +93,7 @@ def write_output(
             plan.config_changes,
             list(plan.warnings),
             extraction=plan.extraction,
+            requantization=plan.requantization,
         )
     if out.stale_removed:
         result.warnings.append(stale_note(out.stale_removed))

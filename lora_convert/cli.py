@@ -77,6 +77,12 @@ def detect(ctx: click.Context, path: str, base: str | None, adapter: str | None,
         f"files: {', '.join(res.files)} ({res.layout}); {res.tensors} tensors, {human_bytes(res.total_bytes)}; "
         + ", ".join(f"{k} {human_bytes(v)}" for k, v in res.dtypes.items())
     )
+    if res.quantization:
+        q = res.quantization
+        out.print(
+            f"quantized: {q['scheme']} ({q['method']}); {q['tensors']} weights, {human_bytes(q['stored_bytes'])} "
+            f"on disk, {human_bytes(q['dequantized_bytes']['BF16'])} dequantized to bf16"
+        )
     for a in res.adapters:
         t = Table(title=f"adapter '{a.name}'", show_lines=False)
         for col in ("module", "count", "layers", "rank", "alpha", "scaling"):
@@ -313,6 +319,11 @@ def convert(
 @main.command()
 @click.argument("source")
 @_conversion_options
+@click.option(
+    "--requantize",
+    is_flag=True,
+    help="Quantized base: write the merged weights back in its scheme (default: dequantized, --dtype).",
+)
 @click.pass_context
 def merge(
     ctx: click.Context,
@@ -326,8 +337,12 @@ def merge(
     as_json: bool,
     push_to: str | None,
     private: bool,
+    requantize: bool,
 ) -> None:
-    """Fold LoRA into the base weights (SOURCE: an adapter with --base, or an unmerged checkpoint)."""
+    """Fold LoRA into the base weights (SOURCE: an adapter with --base, or an unmerged checkpoint).
+
+    A quantized base (fp8, compressed-tensors fp8, bitsandbytes 4/8-bit, MXFP4) is dequantized block by
+    block; with --requantize the merged weights are quantized again in its scheme."""
 
     def go() -> Any:
         res = api.merge(
@@ -340,11 +355,24 @@ def merge(
             force=force,
             progress=not as_json and err.is_terminal,
             command=_command_line(),
+            requantize=requantize,
         )
         return res, _maybe_push(output, push_to, private)
 
     res, pushed = run_guarded(go, _debug(ctx))
+    if res.requantization is not None and not as_json:
+        _print_requantization(res.requantization)
     _report_conversion(res, as_json, pushed)
+
+
+def _print_requantization(rq: Any) -> None:
+    head, rows = rq.table()
+    t = Table(title=f"re-quantized ({rq.scheme}); {rq.copied} untouched quantized weights copied")
+    for h in head:
+        t.add_column(h)
+    for r in rows:
+        t.add_row(*r)
+    out.print(t)
 
 
 @main.command("report")

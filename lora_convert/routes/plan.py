@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from ..io.writer import TensorSink
     from ..pipeline import Job
     from .extract import Extraction, ExtractOptions
+    from .requantize import Requantization
 
 FORMS = ("merged", "adapter", "unmerged", "base")
 FORMATS = ("gguf", "mlx")  # other ecosystems' adapters: llama.cpp's GGUF file, an mlx-lm adapter folder
@@ -63,6 +64,7 @@ class Request:
     progress: bool = False  # progress bars for work done while planning (extraction's factorisations)
     base_config: dict[str, Any] | None = None  # the base's config.json, for routes that need no base weights
     outtype: str | None = None  # --outtype of a GGUF output
+    requantize: bool = False  # merge into a quantized base: write the base's own scheme back
 
     @property
     def config(self) -> AdapterConfig | None:
@@ -96,6 +98,7 @@ class Plan:
     extraction: Extraction | None = None  # the SVD route's per-module report
     op_counts: dict[str, int] | None = None  # what the result reports as done (None: the jobs' ops counted)
     file_sink: Callable[[Path], TensorSink] | None = None  # the output is this one file (GGUF), no folder
+    requantization: Requantization | None = None  # merge --requantize: the error each module's re-quantization adds
 
     def ops(self) -> dict[str, int]:
         if self.op_counts is not None:
