@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import AdapterError, RouteError
-from .inputs import load_source, open_plain, pick_adapter, resolve  # noqa: F401 - load_source is public
+from .inputs import load_model_config, load_source, open_plain, pick_adapter, resolve  # noqa: F401 - load_source is public
 from .inventory import Inventory
 from .io.writer import parse_size
 
@@ -118,15 +118,19 @@ def convert(
     progress: bool = False,
     command: str | None = None,
     extract_options: ExtractOptions | dict[str, Any] | None = None,
+    outtype: str | None = None,
+    requantize: bool = False,
     moe_layout: str | None = None,
 ) -> ConvertResult:
     """Convert ``source`` to the storage form ``to`` in the folder ``output``.
 
     Args:
-        source: an adapter, unmerged or plain checkpoint (folder, file or Hub repo id).
-        to: ``merged``, ``adapter``, ``unmerged`` or ``base``.
-        output: the folder to create (atomically: it appears whole or not at all).
-        base: the base model, for adapter -> merged/unmerged and for extraction (plain -> adapter).
+        source: an adapter (PEFT's or mlx-lm's), unmerged or plain checkpoint (folder, file or Hub repo id).
+        to: ``merged``, ``adapter`` (PEFT), ``unmerged`` or ``base``; or another ecosystem's adapter:
+            ``gguf`` (one llama.cpp file, ``output`` ending in ``.gguf``) or ``mlx`` (an mlx-lm folder).
+        output: the folder (the file, for gguf) to create (atomically: it appears whole or not at all).
+        base: the base model, for adapter -> merged/unmerged and for extraction (plain -> adapter); for
+            gguf and mlx only its config.json is read (a folder, the file, or a Hub repo id).
         adapter: which adapter, for checkpoints with several.
         dtype: ``auto`` (each tensor's own), ``bf16``, ``fp16`` or ``fp32`` for floating tensors; on the
             extraction route, the dtype of the factors.
@@ -135,6 +139,10 @@ def convert(
         progress: show progress bars.  command: the command line, quoted in the model card.
         extract_options: :class:`~lora_convert.routes.extract.ExtractOptions` (or its fields as a dict),
             for plain -> adapter only.
+        outtype: the GGUF tensor type, ``f32`` (default), ``f16``, ``bf16`` or ``q8_0``; gguf only.
+        requantize: merging into a quantized base, write the merged weights back in its scheme (the
+            default writes them dequantized, in ``dtype``, bf16 for ``auto``); ``.requantization`` of the
+            result holds the error that adds per module.
         moe_layout: ``per-expert`` or ``fused``: the layout of expert LoRA in an adapter output — an
             adapter converted to the other layout (adapter -> adapter, with the base), or what extraction
             writes.
@@ -148,12 +156,13 @@ def convert(
         OutputError (the output exists, lies inside an input, the disk filled up), HubError.
     """
     started = time.perf_counter()
-    from .routes import FORMS, NEEDS_BASE, Request, planner
+    from .routes import FORMATS, FORMS, NEEDS_BASE, Request, planner
     from .routes.plan import output_dtype
 
-    if to not in FORMS:
-        raise RouteError(f"unknown target form {to!r} (choose from {', '.join(FORMS)})")
+    if to not in FORMS + FORMATS:
+        raise RouteError(f"unknown target form {to!r} (choose from {', '.join(FORMS + FORMATS)})")
     output_dtype(dtype)
+    _check_format_options(to, output, dtype, outtype)
     try:
         parse_size(max_shard_size)
     except ValueError as exc:
@@ -183,8 +192,9 @@ def convert(
         plan_for = planner(form, to, path=ck.root)
         name = pick_adapter(inv, adapter, ck) if form != "plain" else "default"
         warnings = _check_adapter(inv, name, ck.root) if form != "plain" else []
-        if (form, to) in NEEDS_BASE:
+        if (form, to) in NEEDS_BASE or (moe_layout is not None and form == "adapter"):
             base_ck = open_plain(_base_ref(inv, name, base, f"{form} -> {to}"), "the base")
+        base_config = _format_base_config(inv, name, base) if to in FORMATS else None
         req = Request(
             ck,
             str(source) if form != "plain" else str(Path(str(source))),
@@ -195,8 +205,13 @@ def convert(
             dtype,
             opts,
             progress,
-            moe_layout,
+            base_config=base_config,
+            outtype=outtype,
+            requantize=requantize,
+            moe_layout=moe_layout,
         )
+        if requantize and to != "merged":
+            raise RouteError("--requantize applies to merges into a quantized base", path=ck.root)
         plan = plan_for(req)
         plan.warnings[:0] = warnings
         from .assemble import write_output
@@ -285,15 +300,37 @@ def _extract_options(given: ExtractOptions | dict[str, Any] | None, dtype: str) 
 
 
 def _check_moe_layout(form: str, to: str, moe_layout: str | None, root: Path) -> None:
-    """--moe-layout shapes adapter outputs; an adapter converted to an adapter needs it."""
+    """--moe-layout shapes PEFT adapter outputs (an adapter converted to the other layout, or extracted)."""
     if moe_layout is not None and to != "adapter":
         raise RouteError(f"--moe-layout applies to adapter outputs, not {form} -> {to}", path=root)
-    if (form, to) == ("adapter", "adapter") and moe_layout is None:
-        raise RouteError(
-            "is already in adapter form",
-            path=root,
-            hint="--moe-layout per-expert|fused converts its expert LoRA to the other layout",
-        )
+
+
+def _check_format_options(to: str, output: str | Path, dtype: str, outtype: str | None) -> None:
+    """--outtype is GGUF's (its types are not --dtype's), and a GGUF output is a ``.gguf`` file."""
+    from .io.gguf_sink import OUTTYPES
+
+    if outtype is not None and to != "gguf":
+        raise RouteError(f"--outtype applies to --to gguf only, not --to {to}")
+    if to != "gguf":
+        return
+    if dtype != "auto":
+        raise RouteError(f"--dtype does not apply to --to gguf: use --outtype {'|'.join(OUTTYPES)}")
+    if outtype is not None and outtype not in OUTTYPES:
+        raise RouteError(f"unknown --outtype {outtype!r} (choose from {', '.join(OUTTYPES)})")
+    if not str(output).endswith(".gguf"):
+        raise RouteError("--to gguf writes one file: give -o a path ending in .gguf", path=output)
+
+
+def _format_base_config(inv: Inventory, adapter: str, base: str | Path | None) -> dict[str, Any] | None:
+    """The base's config.json for the gguf/mlx routes, which need no base weights: from --base, else from
+    the adapter config's ``base_model_name_or_path`` when that is a local path (None: the source's own)."""
+    if base is not None:
+        return load_model_config(base)
+    cfg = inv.config(adapter)
+    named = cfg.base_model_name_or_path if cfg is not None else None
+    if named and (Path(named) / "config.json").is_file():
+        return load_model_config(named)
+    return None
 
 
 def _base_ref(inv: Inventory, adapter: str, base: str | Path | None, route: str) -> Path:

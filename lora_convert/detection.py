@@ -79,6 +79,7 @@ class DetectResult:
     warnings: list[str] = field(default_factory=list)
     differs_from_base: list[str] = field(default_factory=list)
     base_comparison: dict[str, Any] | None = None
+    quantization: dict[str, Any] | None = None  # a quantized checkpoint: scheme, weights, bytes (io/quantized.summary)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -207,6 +208,7 @@ def detect(path: str | Path, *, base: str | Path | None = None, adapter: str | N
             dialect=inv.dialect,
             warnings=warnings,
         )
+        res.quantization = _quantization(ck, warnings)
         for name in inv.adapters:
             res.adapters.append(_summarise(ck, inv, name, inv.config(name), warnings))
         if inv.old_layout:
@@ -214,6 +216,20 @@ def detect(path: str | Path, *, base: str | Path | None = None, adapter: str | N
         if base is not None and inv.form == "plain":
             _compare_with_base(ck, resolve(base), res)
     return res
+
+
+def _quantization(ck: Checkpoint, warnings: list[str]) -> dict[str, Any] | None:
+    """The quantization of a checkpoint, from headers; one that cannot be read is a warning here (merge
+    refuses it with the error)."""
+    from .errors import LoraConvertError
+    from .io.quantized import find_layout, summary
+
+    try:
+        layout = find_layout(ck)
+    except LoraConvertError as exc:
+        warnings.append(f"quantized, but not in a layout lora-convert reads: {exc}")
+        return None
+    return summary(ck, layout) if layout is not None else None
 
 
 def _compare_with_base(ck: Checkpoint, base_path: Path, res: DetectResult) -> None:

@@ -123,7 +123,7 @@ def test_moe_layout_refusals(tmp_path):
         lc.convert(
             tmp_path / "adapter", "adapter", base=tmp_path / "base", output=tmp_path / "o", moe_layout="per-expert"
         )
-    with pytest.raises(lc.RouteError, match="is already in adapter form.*--moe-layout"):
+    with pytest.raises(lc.RouteError, match="is already a PEFT adapter.*--moe-layout"):
         lc.convert(tmp_path / "adapter", "adapter", base=tmp_path / "base", output=tmp_path / "o")
     with pytest.raises(lc.RouteError, match="--moe-layout applies to adapter outputs"):
         lc.convert(tmp_path / "adapter", "merged", base=tmp_path / "base", output=tmp_path / "o", moe_layout="fused")
