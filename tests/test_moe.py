@@ -225,3 +225,22 @@ def test_adapter_for_another_model_is_refused(tmp_path):
     with pytest.raises(lc.AdapterError, match="does not fit the expert parameter"):
         lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "m")
     shutil.rmtree(tmp_path / "base")
+
+
+def test_expert_lora_into_mxfp4_gpt_oss(tmp_path):
+    """PEFT target_parameters LoRA on gpt-oss's MXFP4 experts (the quantized base read through its
+    dequantized view): merged to PEFT's logits in fp32; with --requantize the merged experts go back
+    to MXFP4 and the error that adds is reported per expert tensor."""
+    from quant_models import gpt_oss, load_dequantized, save_mxfp4
+
+    save_mxfp4(gpt_oss(), tmp_path / "base")
+    pm = peft_experts(load_dequantized(tmp_path / "base"), attn=("q_proj",))
+    want = logits(pm)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    res = lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "m", dtype="fp32")
+    assert res.ops["merge"] == 2 * 3
+    assert (logits(load_dequantized(tmp_path / "m")) - want).abs().max() <= TOL
+    res = lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "rq", requantize=True)
+    stored = load_file(tmp_path / "rq" / "model.safetensors")
+    assert "model.layers.1.mlp.experts.gate_up_proj_blocks" in stored
+    assert len(res.requantization.modules) == 4  # gate_up_proj and down_proj of both layers
