@@ -19,7 +19,7 @@ from ..inventory import LoraModule
 from ..io.reader import Checkpoint
 from ..pipeline import Buffers, Job, Read
 from .common import BaseView, check_finite, copy_job, remap_modules, same_tensor
-from .plan import Plan, Request, output_dtype
+from .plan import Plan, Request, dtype_config_changes, output_dtype
 
 QUANTIZED_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".qweight", ".scales", ".absmax", ".SCB")
 
@@ -76,6 +76,7 @@ def plan_merge(req: Request) -> Plan:
     vocab = _new_vocab(ops, base.keys(), tied, model_config)
     if vocab is not None:
         config_changes["vocab_size"] = vocab
+    config_changes.update(dtype_config_changes(req.dtype, model_config))
     return Plan(
         "merged",
         jobs,
