@@ -287,7 +287,11 @@ def _base_ref(inv: Inventory, adapter: str, base: str | Path | None, route: str)
 
 
 def _check_adapter(inv: Inventory, name: str, root: Path) -> list[str]:
-    """The adapter's config must be known (it sets the scaling); returns what its dialect warned about."""
+    """The adapter's own config must be known (it sets the scaling) and agree with the tensors; returns
+    what its dialect warned about."""
+    problems = inv.problems.get(name)
+    if problems:
+        raise problems[0]
     if inv.config(name) is None:
         raise AdapterError(
             "no adapter_config.json beside the LoRA tensors, so the scaling (lora_alpha / r) is unknown",

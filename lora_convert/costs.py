@@ -361,8 +361,10 @@ def build_report(
         form = inv.form
         name = pick_adapter(inv, adapter, ck) if form != "plain" else None
         cfg = inv.config(name) if name else None
-        if form != "plain" and cfg is None:
+        problems = [str(e) for e in inv.problems.get(name or "", [])]  # what conversions would refuse
+        if form != "plain" and cfg is None and not problems:
             notes.append("no adapter_config.json: scaling unknown")
+        notes += problems
         if form == "adapter":
             named = str(base) if base is not None else (cfg.base_model_name_or_path if cfg else None)
             b = _adapter_base(ck, base, named, notes)

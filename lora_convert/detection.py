@@ -101,6 +101,7 @@ def _summarise(
     for k in inv.tokens.get(name, {}).values():
         params += ck.info(k).numel
     warnings += inv.warnings.get(name, [])
+    warnings += [str(e) for e in inv.problems.get(name, [])]  # conversions refuse these; detect reports them
     if cfg is not None:
         has_mag = any(m.magnitude_key for m in mods.values())
         if cfg.use_dora and mods and not has_mag:
