@@ -12,6 +12,7 @@ from typing import Any
 
 from .card import render_card
 from .folder import carry_files, read_json, update_config, write_json
+from .io.hub import hub_repo_id
 from .io.output import AtomicOutput, stale_note
 from .io.writer import SafetensorsSink
 from .pipeline import execute
@@ -109,14 +110,14 @@ def _write_card(tmp: Path, plan: Plan, req: Request, command: str | None, total:
         n = sum(1 for j in plan.jobs if j.writes)
         summary = [f"source: `{req.ref}` ({req.inventory.form} form)", f"{n} tensors written"]
         summary += [f"{k}: {v}" for k, v in sorted(plan.ops().items())] + plan.warnings
-    base_model = plan.base_model
-    if base_model is None:
-        base_model = (
-            req.base_ref if req.base_ref is not None else (req.config.base_model_name_or_path if req.config else None)
-        )
+    config_base = req.config.base_model_name_or_path if req.config else None
+    named = plan.base_model or req.base_ref or config_base
+    hub_ids = (hub_repo_id(ref) for ref in (plan.base_model, req.base_ref, config_base))
+    base_model = next((r for r in hub_ids if r), None)  # metadata: only what the Hub can link
     card = render_card(
         form=plan.target_form,
         base_model=base_model,
+        base_named=named,
         model_config=read_json(tmp / "config.json") or plan.card_config or req.model_config,
         command=command,
         summary=summary,

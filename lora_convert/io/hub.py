@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_ALLOW_PATTERNS",
     "PushResult",
     "check_complete_output",
+    "hub_repo_id",
     "is_repo_id",
     "parse_repo_ref",
     "push_folder",
@@ -89,6 +90,29 @@ def parse_repo_ref(s: str) -> tuple[str, str | None]:
     if sep and (not revision or revision.strip() != revision or ".." in revision or revision.startswith("/")):
         raise HubError(f"{s!r} has an invalid revision after '@'", hint="use a branch, tag or commit hash")
     return repo_id, (revision or None)
+
+
+def hub_repo_id(ref: str | os.PathLike[str] | None) -> str | None:
+    """The Hub repo a reference names, for metadata (a model card's ``base_model``), or None.
+
+    ``org/name[@revision]`` that is not an existing local path (the rule :func:`resolve_checkpoint` follows)
+    gives ``org/name``; so does a folder inside the Hub cache (``.../models--org--name/snapshots/<commit>``).
+    Any other local path gives None: ``fixtures/base`` is a folder on someone's disk, not metadata the Hub can
+    link."""
+    if ref is None:
+        return None
+    text = os.fspath(ref)
+    if not Path(text).expanduser().exists():
+        try:
+            return parse_repo_ref(text)[0]
+        except HubError:
+            return None
+    parts = Path(text).expanduser().resolve().parts
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots":
+            repo = part.removeprefix("models--").replace("--", "/", 1)
+            return repo if is_repo_id(repo) else None
+    return None
 
 
 def _looks_like_repo_ref(s: str) -> bool:
