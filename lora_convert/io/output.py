@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import FrameType
 
-from ..errors import LoraConvertError, OutputError
+from ..errors import LoraConvertError, OutputError, option
 
 TMP_MARK = ".tmp-lora-convert-"
 
@@ -96,12 +96,14 @@ class AtomicOutput:
                 raise OutputError("output folder is inside an input folder", path=t, hint=f"write it outside {inp}")
             if t.exists() and _inside(inp, t):
                 raise OutputError(
-                    f"an input ({inp}) lies inside the output folder, which --force would delete",
+                    f"an input ({inp}) lies inside the output folder, which {option('force')} would delete",
                     path=t,
                     hint="choose another output folder",
                 )
         if t.exists() and not self.force:
-            raise OutputError("already exists", path=t, hint="choose another path or pass --force to replace it")
+            raise OutputError(
+                "already exists", path=t, hint=f"choose another path or pass {option('force')} to replace it"
+            )
         if t.exists() and not t.is_dir():
             raise OutputError("exists and is not a folder", path=t)
         parent = t.parent if str(t.parent) else Path(".")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CheckpointError, UnsafeInputError
+from ..errors import CheckpointError, UnsafeInputError, option
 from .safetensors_format import TensorInfo
 from .sources import TensorSource, open_source
 
@@ -213,7 +213,9 @@ def _pick_adapter_dir(root: Path, adapter_name: str | None) -> tuple[Path, str |
         return root / subs[0], subs[0]
     if len(subs) > 1:
         raise CheckpointError(
-            f"holds several named adapters: {', '.join(subs)}", path=root, hint="choose one with --adapter NAME"
+            f"holds several named adapters: {', '.join(subs)}",
+            path=root,
+            hint=f"choose one with {option('adapter', 'NAME')}",
         )
     return root, None
 
