@@ -12,7 +12,7 @@ from typing import Any
 
 from .card import render_card
 from .folder import carry_files, read_json, update_config, write_json
-from .io.hub import hub_repo_id
+from .io.hub import PushResult, hub_repo_id
 from .io.output import AtomicOutput, stale_note
 from .io.writer import SafetensorsSink
 from .pipeline import execute
@@ -39,12 +39,14 @@ class ConvertResult:
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
     extraction: Extraction | None = None
+    pushed: PushResult | None = None  # set when the output was pushed to the Hub (push_to=)
 
     def to_dict(self) -> dict[str, Any]:
         """Flat JSON-able dict; the extraction's fields sit beside the common ones."""
-        d = {k: v for k, v in asdict(self).items() if k != "extraction"}
+        d = {k: v for k, v in asdict(self).items() if k not in ("extraction", "pushed")}
         if self.extraction is not None:
             d.update(self.extraction.to_dict())
+        d["pushed"] = asdict(self.pushed) if self.pushed is not None else None
         return d
 
 
