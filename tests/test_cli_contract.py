@@ -201,3 +201,30 @@ def test_report_says_which_base_and_what_each_column_assumes():
     assert given.base_from == "argument" and "given as the base" in given.base_used()
     own = lc.report(UNMERGED)
     assert own.base_from == "checkpoint" and own.base_used() == "base: the base weights inside the checkpoint"
+
+
+def test_docs_json_md_shows_every_documents_keys(tmp_path):
+    """docs/json.md's examples carry exactly the top-level keys the documents have."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    from lora_convert.io.hub import PushResult
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "json.md").read_text()
+    examples = {}
+    for block in re.findall(r"```json\n(.*?)```", text, re.S):
+        d = json.loads(block)
+        examples[d["schema"]] = d
+    real = {
+        "detect/1": json.loads(run("detect", LORA, "--json").stdout),
+        "report/1": json.loads(run("report", LORA, "--json").stdout),
+        "conversion/1": json.loads(run("merge", LORA, "--base", BASE, "-o", str(tmp_path / "m"), "--json").stdout),
+        "error/1": json.loads(run("merge", LORA, "--base", BASE, "-o", str(tmp_path / "m"), "--json").stdout),
+    }
+    assert set(examples) == {*real, "push/1"}
+    for schema, doc in real.items():
+        assert set(examples[schema]) == set(doc), schema
+    assert set(examples["error/1"]["error"]) == set(real["error/1"]["error"])
+    assert set(examples["detect/1"]["adapters"][0]) == set(real["detect/1"]["adapters"][0])
+    assert set(examples["report/1"]["rows"][0]) == set(real["report/1"]["rows"][0])
+    assert set(examples["push/1"]) == {"schema"} | {f.name for f in fields(PushResult)}
