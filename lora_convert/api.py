@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import AdapterError, HubError, OutputError, RouteError, option, option_name, spelled
 from .fmt import human_bytes
-from .inputs import load_source, open_plain, pick_adapter, resolve  # noqa: F401 - load_source is public
+from .inputs import load_model_config, load_source, open_plain, pick_adapter, resolve  # noqa: F401 - load_source is public
 from .inventory import Inventory
 from .io.writer import parse_size
 
@@ -122,6 +122,7 @@ def convert(
     progress: bool = False,
     command: str | None = None,
     extract_options: ExtractOptions | dict[str, Any] | None = None,
+    outtype: str | None = None,
     push_to: str | None = None,
     private: bool = False,
     token: str | None = None,
@@ -129,10 +130,12 @@ def convert(
     """Convert ``source`` to the storage form ``to`` in the folder ``output``.
 
     Args:
-        source: an adapter, unmerged or plain checkpoint (folder, file or Hub repo id).
-        to: ``merged``, ``adapter``, ``unmerged`` or ``base``.
-        output: the folder to create (atomically: it appears whole or not at all).
-        base: the base model, for adapter -> merged/unmerged and for extraction (plain -> adapter).
+        source: an adapter (PEFT's or mlx-lm's), unmerged or plain checkpoint (folder, file or Hub repo id).
+        to: ``merged``, ``adapter`` (PEFT), ``unmerged`` or ``base``; or another ecosystem's adapter:
+            ``gguf`` (one llama.cpp file, ``output`` ending in ``.gguf``) or ``mlx`` (an mlx-lm folder).
+        output: the folder (the file, for gguf) to create (atomically: it appears whole or not at all).
+        base: the base model, for adapter -> merged/unmerged and for extraction (plain -> adapter); for
+            gguf and mlx only its config.json is read (a folder, the file, or a Hub repo id).
         adapter: which adapter, for checkpoints with several.
         dtype: ``auto`` (each tensor's own), ``bf16``, ``fp16`` or ``fp32`` for floating tensors; on the
             extraction route, the dtype of the factors.
@@ -141,6 +144,7 @@ def convert(
         progress: show progress bars.  command: the command line, quoted in the model card.
         extract_options: :class:`~lora_convert.routes.extract.ExtractOptions` (or its fields as a dict),
             for plain -> adapter only.
+        outtype: the GGUF tensor type, ``f32`` (default), ``f16``, ``bf16`` or ``q8_0``; gguf only.
         push_to: push the output to this Hub repo (``namespace/name``) once written; the token and the right
             to write the repo are checked before any work.  private: create that repo private.
         token: the Hub token for the push (default: ``HF_TOKEN`` or the one ``hf auth login`` stored).
@@ -156,10 +160,11 @@ def convert(
         work: no token, a rejected one, a repo it cannot write; after: the push failed, the output stays).
     """
     started = time.perf_counter()
-    from .routes import NEEDS_BASE, Request, planner
+    from .routes import FORMATS, NEEDS_BASE, Request, planner
 
     _check_arguments(to, dtype, max_shard_size)
-    push_token = _check_push(push_to, output, force, token)
+    _check_format_options(to, output, dtype, outtype)
+    push_token = _check_push(push_to, to, output, force, token)
     ck, inv = load_source(source, adapter=adapter)
     base_ck = None
     try:
@@ -186,6 +191,7 @@ def convert(
         warnings = _check_adapter(inv, name, ck.root) if form != "plain" else []
         if (form, to) in NEEDS_BASE:
             base_ck = open_plain(_base_ref(inv, name, base, f"{form} -> {to}"), "the base")
+        base_config = _format_base_config(inv, name, base) if to in FORMATS else None
         req = Request(
             ck,
             str(source) if form != "plain" else str(Path(str(source))),
@@ -196,6 +202,8 @@ def convert(
             dtype,
             opts,
             progress,
+            base_config=base_config,
+            outtype=outtype,
         )
         plan = plan_for(req)
         plan.warnings[:0] = warnings
@@ -221,11 +229,11 @@ def convert(
 
 
 def _check_arguments(to: str, dtype: str, max_shard_size: str | int) -> None:
-    from .routes import FORMS
+    from .routes import FORMATS, FORMS
     from .routes.plan import output_dtype
 
-    if to not in FORMS:
-        raise RouteError(f"unknown target form {to!r} (choose from {', '.join(FORMS)})")
+    if to not in FORMS + FORMATS:
+        raise RouteError(f"unknown target form {to!r} (choose from {', '.join(FORMS + FORMATS)})")
     output_dtype(dtype)
     try:
         parse_size(max_shard_size)
@@ -233,11 +241,16 @@ def _check_arguments(to: str, dtype: str, max_shard_size: str | int) -> None:
         raise RouteError(f"{option_name('max_shard_size')}: {exc}") from None
 
 
-def _check_push(push_to: str | None, output: str | Path, force: bool, token: str | None) -> str | None:
+def _check_push(push_to: str | None, to: str, output: str | Path, force: bool, token: str | None) -> str | None:
     """Everything a push needs, before any work: the token, its right to write the repo, and (a rerun after a
     failed push) no finished output in the way."""
     if push_to is None:
         return None
+    if to == "gguf":
+        raise RouteError(
+            f"{option_name('push_to')} uploads a folder and a gguf output is one file",
+            hint="upload the .gguf file with `hf upload REPO FILE`",
+        )
     if Path(output).exists() and not force:
         again = spelled(f"lora-convert push {output} {push_to}", f"lora_convert.push({str(output)!r}, {push_to!r})")
         raise OutputError(
@@ -336,6 +349,42 @@ def _extract_options(given: ExtractOptions | dict[str, Any] | None, dtype: str) 
     if unknown:
         raise RouteError(f"unknown extraction option(s): {', '.join(sorted(unknown))}")
     return ExtractOptions(**fields).validate()
+
+
+def _check_format_options(to: str, output: str | Path, dtype: str, outtype: str | None) -> None:
+    """--outtype is GGUF's (its types are not --dtype's), and a GGUF output is a ``.gguf`` file."""
+    from .io.gguf_sink import OUTTYPES
+
+    def target(form: str) -> str:
+        return spelled(f"--to {form}", f'to="{form}"')
+
+    if outtype is not None and to != "gguf":
+        raise RouteError(f"{option_name('outtype')} applies to {target('gguf')} only, not {target(to)}")
+    if to != "gguf":
+        return
+    if dtype != "auto":
+        raise RouteError(
+            f"{option_name('dtype')} does not apply to {target('gguf')}: use {option_name('outtype')} "
+            + "|".join(OUTTYPES)
+        )
+    if outtype is not None and outtype not in OUTTYPES:
+        raise RouteError(f"unknown {option_name('outtype')} {outtype!r} (choose from {', '.join(OUTTYPES)})")
+    if not str(output).endswith(".gguf"):
+        raise RouteError(
+            f"{target('gguf')} writes one file: give {spelled('-o', 'output=')} a path ending in .gguf", path=output
+        )
+
+
+def _format_base_config(inv: Inventory, adapter: str, base: str | Path | None) -> dict[str, Any] | None:
+    """The base's config.json for the gguf/mlx routes, which need no base weights: from --base, else from
+    the adapter config's ``base_model_name_or_path`` when that is a local path (None: the source's own)."""
+    if base is not None:
+        return load_model_config(base)
+    cfg = inv.config(adapter)
+    named = cfg.base_model_name_or_path if cfg is not None else None
+    if named and (Path(named) / "config.json").is_file():
+        return load_model_config(named)
+    return None
 
 
 def _base_ref(inv: Inventory, adapter: str, base: str | Path | None, route: str) -> Path:

@@ -1,6 +1,7 @@
 """One output-folder assembly for every route: the plan's tensors through the pipeline into a
 safetensors sink, then carried files, config edits, the adapter config and the model card — all in a
 temporary folder that is renamed into place only when complete (:class:`~.io.output.AtomicOutput`).
+A plan whose output is one file (a GGUF adapter) brings its own sink; that file alone is moved into place.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from .card import render_card
 from .folder import carry_files, read_json, update_config, write_json
 from .io.hub import PushResult, hub_repo_id
 from .io.output import AtomicOutput, stale_note
-from .io.writer import SafetensorsSink
+from .io.writer import SafetensorsSink, TensorSink
 from .pipeline import execute
 from .progress import progress_bar
 from .routes.extract import Extraction
@@ -63,15 +64,21 @@ def write_output(
 ) -> ConvertResult:
     """Write ``plan`` into ``output`` atomically and say what was written."""
     inputs = [req.source.root] + ([req.base.root] if req.base is not None else [])
-    out = AtomicOutput(output, force=force, inputs=inputs)
+    single = plan.file_sink is not None  # one file (GGUF): no side files, no card
+    out = AtomicOutput(output, force=force, inputs=inputs, file=single)
     with out as tmp:
-        sink = SafetensorsSink(tmp, max_shard_size=max_shard_size if plan.sharded else UNSHARDED, stem=plan.stem)
+        if plan.file_sink is not None:
+            sink: TensorSink = plan.file_sink(tmp / Path(output).name)
+        else:
+            sink = SafetensorsSink(tmp, max_shard_size=max_shard_size if plan.sharded else UNSHARDED, stem=plan.stem)
         planned = sum(j.planned.nbytes for j in plan.jobs if j.writes)
         with progress_bar(progress, planned, "writing") as advance:
             files = execute(plan.jobs, sink, progress=advance)
-        files += _side_files(tmp, plan)
+        if not single:
+            files += _side_files(tmp, plan)
         total = sum((tmp / f).stat().st_size for f in files)
-        _write_card(tmp, plan, req, command, total)
+        if not single:
+            _write_card(tmp, plan, req, command, total)
         n_tensors = sum(1 for j in plan.jobs if j.writes)
         result = ConvertResult(
             str(output),

@@ -61,6 +61,10 @@ def render_card(
         meta["library_name"] = "peft"
         relation = "adapter"
         tags.append("peft")
+    elif form == "mlx":
+        meta["library_name"] = "mlx"
+        relation = "adapter"
+        tags.append("mlx")
     else:
         meta["library_name"] = "transformers"
         relation = "merge" if form == "merged" else None
@@ -87,6 +91,7 @@ def render_card(
         "adapter": "A PEFT LoRA adapter: load it with `PeftModel.from_pretrained(base, this_folder)`.",
         "unmerged": "The full model with LoRA layers inside it, in PEFT's state-dict layout.",
         "base": "The base model, with the LoRA modules stripped and the original key names restored.",
+        "mlx": "An mlx-lm LoRA adapter: `mlx_lm.generate --model BASE --adapter-path this_folder`.",
     }.get(form, "")
     lines += [what, ""]
     named = base_model or base_named

@@ -130,7 +130,7 @@ def detect(ctx: click.Context, path: str, base: str | None, adapter: str | None,
     if as_json:
         _print_json("detect", res.to_dict())
         return
-    out.print(f"[bold]form:[/bold] {res.form}")
+    out.print(f"[bold]form:[/bold] {res.form}" + (f" ({res.dialect})" if res.dialect != "peft" else ""))
     out.print(
         f"files: {', '.join(res.files)} ({res.layout}); {res.tensors} tensors, {human_bytes(res.total_bytes)}; "
         + ", ".join(f"{k} {human_bytes(v)}" for k, v in res.dtypes.items())
@@ -297,9 +297,18 @@ def _print_extract(res: Any, as_json: bool) -> None:
 @main.command()
 @click.argument("source")
 @click.option(
-    "--to", "to", required=True, type=click.Choice(["merged", "adapter", "unmerged", "base"]), help="Target form."
+    "--to",
+    "to",
+    required=True,
+    type=click.Choice(["merged", "adapter", "unmerged", "base", "gguf", "mlx"]),
+    help="Target form; gguf: a llama.cpp LoRA file, mlx: an mlx-lm adapter folder.",
 )
 @_conversion_options
+@click.option(
+    "--outtype",
+    type=click.Choice(["f32", "f16", "bf16", "q8_0"]),
+    help="With --to gguf: the tensor type (q8_0 falls back to f16 where rows are not a multiple of 32).  [default: f32]",
+)
 @_extraction_options
 @click.pass_context
 def convert(
@@ -316,14 +325,19 @@ def convert(
     push_to: str | None,
     private: bool,
     token: str | None,
+    outtype: str | None,
     **svd_opts: Any,
 ) -> None:
     """Convert SOURCE to another storage form.
 
     A plain (merged or fine-tuned) SOURCE with --to adapter --base BASE is extracted by SVD and
     takes the extraction options (--rank, --energy, ...); they are refused on every other route.
+    --to gguf (with --base, whose config.json alone is read) writes one llama.cpp adapter file;
+    --to mlx an mlx-lm adapter folder; an mlx-lm adapter --to adapter becomes a PEFT adapter.
     """
     given = _given(**svd_opts)
+    if push_to and to == "gguf":
+        raise click.UsageError("--push-to uploads a folder; upload the .gguf file with `hf upload REPO FILE`")
     res = run_guarded(
         lambda: api.convert(
             source,
@@ -337,6 +351,7 @@ def convert(
             progress=not as_json and err.is_terminal,
             command=_command_line(),
             extract_options=given or None,
+            outtype=outtype,
             push_to=push_to,
             private=private,
             token=token,

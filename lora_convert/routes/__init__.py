@@ -11,9 +11,12 @@ from collections.abc import Callable
 
 from ..errors import RouteError
 from .extract import plan_extract
+from .gguf import plan_gguf
 from .layout import plan_attach, plan_split, plan_strip
 from .merge import plan_merge
-from .plan import FORMS, Plan, Request
+from .mlx import plan_mlx
+from .plan import FORMATS, FORMS, Plan, Request
+from .to_peft import plan_peft
 
 Planner = Callable[[Request], Plan]
 
@@ -24,10 +27,15 @@ ROUTES: dict[tuple[str, str], Planner] = {
     ("unmerged", "adapter"): plan_split,
     ("adapter", "unmerged"): plan_attach,
     ("plain", "adapter"): plan_extract,
+    ("adapter", "adapter"): plan_peft,  # another dialect's adapter (mlx-lm) -> PEFT
+    ("adapter", "gguf"): plan_gguf,
+    ("unmerged", "gguf"): plan_gguf,
+    ("adapter", "mlx"): plan_mlx,
+    ("unmerged", "mlx"): plan_mlx,
 }
 NEEDS_BASE = frozenset({("adapter", "merged"), ("adapter", "unmerged"), ("plain", "adapter")})
 
-__all__ = ["FORMS", "NEEDS_BASE", "ROUTES", "Plan", "Planner", "Request", "planner"]
+__all__ = ["FORMATS", "FORMS", "NEEDS_BASE", "ROUTES", "Plan", "Planner", "Request", "planner"]
 
 
 def planner(source_form: str, to: str, *, path: object = None) -> Planner:

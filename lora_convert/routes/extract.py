@@ -38,7 +38,7 @@ from .. import arch, svd
 from ..config import AdapterConfig
 from ..dialects.peft_keys import PEFT_PREFIX, Role, format_key
 from ..difference import Difference, row_blocks
-from ..errors import RouteError, option_name, spelled
+from ..errors import RouteError, option, option_name, spelled
 from ..io.reader import Checkpoint
 from ..pipeline import Buffers, Job, Read, execute
 from ..progress import progress_bar
@@ -563,7 +563,7 @@ def plan_extract(req: Request) -> Plan:
         raise RouteError(
             "no tensor was factored (only whole modules to save): PEFT needs at least one LoRA module",
             path=tk.root,
-            hint="widen --include/--layers or use --embeddings lora",
+            hint=f"widen {_opts('include', 'layers')} or use {option('embeddings', 'lora')}",
         )
     model_config = tk.config or bk.config
     config = _adapter_config(out, inputs.tied, str(req.base_ref), model_config)

@@ -20,10 +20,12 @@ from ..io.reader import Checkpoint
 if TYPE_CHECKING:
     import torch
 
+    from ..io.writer import TensorSink
     from ..pipeline import Job
     from .extract import Extraction, ExtractOptions
 
 FORMS = ("merged", "adapter", "unmerged", "base")
+FORMATS = ("gguf", "mlx")  # other ecosystems' adapters: llama.cpp's GGUF file, an mlx-lm adapter folder
 OUTPUT_DTYPES = {
     "auto": None,
     "bf16": "bfloat16",
@@ -79,6 +81,8 @@ class Request:
     dtype: str = "auto"  # --dtype
     extract: ExtractOptions | None = None  # the SVD route's options
     progress: bool = False  # progress bars for work done while planning (extraction's factorisations)
+    base_config: dict[str, Any] | None = None  # the base's config.json, for routes that need no base weights
+    outtype: str | None = None  # --outtype of a GGUF output
 
     @property
     def config(self) -> AdapterConfig | None:
@@ -87,7 +91,9 @@ class Request:
     @property
     def model_config(self) -> dict[str, Any] | None:
         """config.json of the model the output is made from."""
-        return self.base.config if self.base is not None else self.source.config
+        if self.base is not None:
+            return self.base.config
+        return self.base_config if self.base_config is not None else self.source.config
 
 
 @dataclass
@@ -109,6 +115,7 @@ class Plan:
     card_config: dict[str, Any] | None = None  # config for the card's pipeline tag when none is written
     extraction: Extraction | None = None  # the SVD route's per-module report
     op_counts: dict[str, int] | None = None  # what the result reports as done (None: the jobs' ops counted)
+    file_sink: Callable[[Path], TensorSink] | None = None  # the output is this one file (GGUF), no folder
 
     def ops(self) -> dict[str, int]:
         if self.op_counts is not None:
