@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from .arch import layer_index, short_name
 from .config import AdapterConfig
+from .errors import LoraConvertError
 
 DEFAULT_ADAPTER = "default"
 
@@ -79,6 +80,9 @@ class Inventory:
     saved_layers: dict[str, set[str]] = field(default_factory=dict)  # adapter -> base keys saved whole via base_layer
     configs: dict[str, AdapterConfig] = field(default_factory=dict)  # adapter -> its (PEFT-style) config
     warnings: dict[str, list[str]] = field(default_factory=dict)  # adapter -> what its dialect found odd
+    # adapter -> what stops converting it (a config that is not its own, ranks the config contradicts):
+    # conversions raise the first, detect and report show them
+    problems: dict[str, list[LoraConvertError]] = field(default_factory=dict)
     prefixed: bool = False
     old_layout: bool = False  # base weight at q_proj.weight beside q_proj.lora_A.<name>.weight
 

@@ -188,7 +188,7 @@ def test_wrong_expert_count_is_refused(tmp_path):
     pm = peft_experts(m)
     pm.save_pretrained(str(tmp_path / "adapter"))
     save_base(model("qwen3_moe", num_experts=3), tmp_path / "base3")
-    with pytest.raises(lc.AdapterError, match="not a multiple of the base's 3 experts"):
+    with pytest.raises(lc.AdapterError, match="LoRA for 4 experts of rank 2 .* has 3 experts"):
         lc.merge(tmp_path / "adapter", base=tmp_path / "base3", output=tmp_path / "m")
 
 

@@ -53,11 +53,13 @@ def _split_nest(path: str) -> tuple[str, int]:
     return path, depth
 
 
-def resolve_experts(inv: Inventory, cfg: AdapterConfig | None, ck: Checkpoint) -> None:
+def resolve_experts(inv: Inventory, configs: dict[str, AdapterConfig], ck: Checkpoint) -> None:
     """Turn the LoRA modules that are ParamWrappers on 3-D expert parameters into ``experts`` modules
-    (in place, every adapter).  Raises AdapterError when the wrappers cannot be told apart."""
-    targets = [str(t) for t in (cfg.raw.get("target_parameters") or [])] if cfg else []
-    for mods in inv.lora.values():
+    (in place, every adapter, each read with its own config).  Raises AdapterError when the wrappers
+    cannot be told apart."""
+    for name, mods in inv.lora.items():
+        cfg = configs.get(name)
+        targets = [str(t) for t in (cfg.raw.get("target_parameters") or [])] if cfg else []
         by_module: dict[str, dict[int, LoraModule]] = {}
         for key, m in list(mods.items()):
             module, depth = _split_nest(key)

@@ -187,7 +187,7 @@ def plan_expert_lora(
                     tensor=m.a_key,
                     hint="is this adapter for this base model?",
                 )
-            bind_experts(m, p, cfg, adapter, plan.warnings)
+            bind_experts(m, p, adapter)
             _place_experts(plan, m, p, transposed_reading(m, p.shape, layout, version, adapter.root), layout)
         elif f"{mod}.weight" not in shapes and layout is not None:
             disk = layout.to_disk(mod)
@@ -207,26 +207,17 @@ def plan_expert_lora(
     return plan
 
 
-def bind_experts(
-    m: LoraModule, p: ExpertParam, cfg: AdapterConfig | None, adapter: Checkpoint, warnings: list[str]
-) -> None:
-    """The base's expert count wins over the one the adapter alone suggested (the config's rank)."""
-    if m.experts == p.experts:
-        return
-    if m.stored_rank % p.experts:
+def bind_experts(m: LoraModule, p: ExpertParam, adapter: Checkpoint) -> None:
+    """The adapter must be for the base's expert count: PEFT cannot load it otherwise (the factors'
+    shapes do not fit), and the rank per expert — so the scaling — would be another one."""
+    if m.experts != p.experts:
         raise AdapterError(
-            f"lora_A has {m.stored_rank} rows, not a multiple of the base's {p.experts} experts",
+            f"LoRA for {m.experts} experts of rank {m.rank} (lora_A has {m.stored_rank} rows), but the base's "
+            f"{p.path} has {p.experts} experts",
             path=adapter.root,
             tensor=m.a_key,
             hint="is this adapter for this base model?",
         )
-    m.rank, m.experts = m.stored_rank // p.experts, p.experts
-    if cfg is not None:
-        m.scaling = cfg.scaling_for(m.module, m.rank)
-    warnings.append(
-        f"{m.module}: the base has {p.experts} experts, so the rank per expert is {m.rank} "
-        f"(scaling {m.scaling:g}), not what adapter_config.json says"
-    )
 
 
 def _place_experts(plan: ExpertPlan, m: LoraModule, p: ExpertParam, transposed: bool, layout: MoeLayout | None) -> None:
@@ -294,22 +285,23 @@ def attach_expert_jobs(
     depth: int,
     adapter_ck: Checkpoint,
     adapter: str,
+    dtype: torch.dtype | None = None,
 ) -> list[Job]:
     """An expert parameter in PEFT's in-model layout: under its wrappers' ``base_layer``s (fused from the
     base's per-expert tensors where it stores them so), and the LoRA of the wrapper that targets it."""
     mod, _, param = key.rpartition(".")
     name = format_key(mod, Role.BASE, param=param, base_layer=depth)
-    jobs = [fuse_job(src[0], sources, name) if len(sources) > 1 else copy_job(*src, name)]
+    jobs = [fuse_job(src[0], sources, name, dtype) if len(sources) > 1 else copy_job(*src, name, dtype)]
     if m is not None:
         for role, k in ((Role.LORA_A, m.a_key), (Role.LORA_B, m.b_key)):
-            jobs.append(copy_job(adapter_ck, k, format_key(m.wrapped, role, adapter=adapter), op="lora"))
+            jobs.append(copy_job(adapter_ck, k, format_key(m.wrapped, role, adapter=adapter), dtype, op="lora"))
     return jobs
 
 
-def fuse_job(ck: Checkpoint, keys: list[str], name: str) -> Job:
+def fuse_job(ck: Checkpoint, keys: list[str], name: str, dtype: torch.dtype | None = None) -> Job:
     """One fused expert parameter (E, d1, d2) from its per-expert tensors, bytes untouched: each stored
     tensor's bytes in turn (gate rows then up rows, expert after expert)."""
-    parts = [copy_job(ck, k, name) for k in keys]
+    parts = [copy_job(ck, k, name, dtype) for k in keys]
     first = ck.info(keys[0])
     experts = len({moe_layouts.split_expert_module(arch.module_of(k))[1] for k in keys})
     per = keys[: len(keys) // experts]

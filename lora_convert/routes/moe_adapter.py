@@ -125,7 +125,7 @@ def _to_per_expert(
         p = params.get(path)
         if p is None:
             raise AdapterError(f"the base has no expert parameter {path}", path=ck.root, tensor=m.a_key)
-        bind_experts(m, p, cfg, ck, out.warnings)
+        bind_experts(m, p, ck)
         transposed = transposed_reading(m, p.shape, layout, version, ck.root)
         parts = layout.parts[p.param]
         slices = moe_layouts.part_slices(layout, [p.shape[0] // len(parts)] * len(parts))
