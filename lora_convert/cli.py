@@ -77,6 +77,10 @@ def detect(ctx: click.Context, path: str, base: str | None, adapter: str | None,
         f"files: {', '.join(res.files)} ({res.layout}); {res.tensors} tensors, {human_bytes(res.total_bytes)}; "
         + ", ".join(f"{k} {human_bytes(v)}" for k, v in res.dtypes.items())
     )
+    if res.dialect != "peft":
+        out.print(f"dialect: {res.dialect}")
+    if res.module_prefixes and res.module_prefixes != {"text decoder": "model."}:  # say it where it is not plain
+        out.print("modules under: " + ", ".join(f"{v!r} ({k})" for k, v in res.module_prefixes.items()))
     for a in res.adapters:
         t = Table(title=f"adapter '{a.name}'", show_lines=False)
         for col in ("module", "count", "layers", "rank", "alpha", "scaling"):

@@ -53,6 +53,8 @@ class Inventory:
     configs: dict[str, AdapterConfig] = field(default_factory=dict)  # adapter -> its (PEFT-style) config
     warnings: dict[str, list[str]] = field(default_factory=dict)  # adapter -> what its dialect found odd
     prefixed: bool = False
+    spelled: bool = False  # module paths are readings of '_'-joined names (kohya): the base's own names settle them
+    unsure: set[str] = field(default_factory=set)  # readings the names alone do not settle (need the base)
     old_layout: bool = False  # base weight at q_proj.weight beside q_proj.lora_A.<name>.weight
 
     @property

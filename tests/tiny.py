@@ -101,3 +101,77 @@ def load_merged(path: Path):
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# -- vision-language models (their text part is what an adapter's prefixes are about) ---------------------
+
+VLM_TEXT = dict(
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=64,
+)
+VLM_SEQ = torch.tensor([[1, 5, 9, 33, 2, 17, 40, 3]])  # text only: no image token (63)
+
+
+def vlm(name: str, *, seed: int = 0):
+    """A tiny Qwen2-VL, Gemma 3 or Llava (Llama text), as transformers builds it from a config."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
+
+    torch.manual_seed(seed)
+    if name == "qwen2_vl":
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}
+        vision = dict(
+            depth=1,
+            embed_dim=16,
+            hidden_size=16,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        )
+        model = Qwen2VLForConditionalGeneration(
+            Qwen2VLConfig(text_config=dict(VLM_TEXT, rope_parameters=rope), vision_config=vision)
+        )
+    elif name == "gemma3":
+        vision = dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        )
+        cfg = Gemma3Config(
+            text_config=dict(VLM_TEXT, head_dim=8, sliding_window=16), vision_config=vision, mm_tokens_per_image=4
+        )
+        model = Gemma3ForConditionalGeneration(cfg)
+    elif name == "llava":
+        vision = dict(
+            model_type="clip_vision_model",
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+            projection_dim=16,
+        )
+        cfg = LlavaConfig(text_config=LlamaConfig(**VLM_TEXT).to_dict(), vision_config=vision, image_token_index=63)
+        model = LlavaForConditionalGeneration(cfg)
+    else:
+        raise ValueError(name)
+    return model.eval()

@@ -79,9 +79,16 @@ def plan_attach(req: Request) -> Plan:
     base = BaseView(req.base)
     modules, replace, tokens = inv.modules(name), inv.replace.get(name, {}), inv.tokens.get(name, {})
     targets = sorted(set(modules) | set(tokens))
-    remap = remap_modules(targets, base, "adapter modules", ad.root) if targets else {}
-    lora_by_base = {remap[m]: lm for m, lm in modules.items()}
-    tok_by_base = {remap[m]: key for m, key in tokens.items()}
+    notes: list[str] = []
+    remap = (
+        remap_modules(
+            targets, base, "adapter modules", ad.root, spelled=inv.spelled, config=req.base.config, notes=notes
+        )
+        if targets
+        else {}
+    )
+    lora_by_base = {remap[m]: lm for m, lm in modules.items() if m in remap}
+    tok_by_base = {remap[m]: key for m, key in tokens.items() if m in remap}
     saved_modules = {k.rsplit(".", 1)[0] for k in replace} - set(lora_by_base) - set(tok_by_base)
     jobs: list[Job] = []
     for k in base.keys():
@@ -112,5 +119,10 @@ def plan_attach(req: Request) -> Plan:
         else:
             jobs.append(copy_job(*src, f"{PEFT_PREFIX}{k}"))
     return Plan(
-        "unmerged", jobs, carry_from=req.base.root, tokenizer_from=[ad.root], adapter_config=adapter_config_out(req)
+        "unmerged",
+        jobs,
+        carry_from=req.base.root,
+        tokenizer_from=[ad.root],
+        adapter_config=adapter_config_out(req),
+        warnings=notes,
     )

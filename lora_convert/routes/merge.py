@@ -54,9 +54,9 @@ def plan_merge(req: Request) -> Plan:
     if quantized:
         raise UnsupportedError(quantized, path=base.ck.root)
     tied = arch.tied_pair(model_config, base.keys())
-    ops = _assign(req, base, tied)
-    config_changes: dict[str, Any] = {}
     warnings: list[str] = []
+    ops = _assign(req, base, tied, warnings)
+    config_changes: dict[str, Any] = {}
     keys = base.keys()
     if tied is not None:
         emb_key, head_key = tied
@@ -97,8 +97,9 @@ def _quantized(model_config: dict[str, Any] | None, base: BaseView) -> str | Non
     return None
 
 
-def _assign(req: Request, base: BaseView, tied: tuple[str, str] | None) -> dict[str, _KeyOps]:
-    """Base key -> what to do with it: its source (base or replacement), LoRA, lora_bias, tokens."""
+def _assign(req: Request, base: BaseView, tied: tuple[str, str] | None, notes: list[str]) -> dict[str, _KeyOps]:
+    """Base key -> what to do with it: its source (base or replacement), LoRA, lora_bias, tokens.
+    ``notes`` receives how adapter modules were matched to the base (prefixes, parts left out)."""
     inv, ad, cfg = req.inventory, req.source, req.config
     assert cfg is not None
     modules, replace, tokens = (
@@ -110,7 +111,19 @@ def _assign(req: Request, base: BaseView, tied: tuple[str, str] | None) -> dict[
     if tied is not None:
         view[tied[1]] = base.map[tied[0]]  # a tied head *is* the embedding, whatever the file stores
     all_mods = sorted(set(modules) | {k.rsplit(".", 1)[0] for k in replace if k not in view} | set(tokens))
-    remap = remap_modules(all_mods, BaseView(base.ck, view), "adapter modules", ad.root) if all_mods else {}
+    remap = (
+        remap_modules(
+            all_mods,
+            BaseView(base.ck, view),
+            "adapter modules",
+            ad.root,
+            spelled=inv.spelled,
+            config=req.model_config,
+            notes=notes,
+        )
+        if all_mods
+        else {}
+    )
     ops = {k: _KeyOps((base.ck, src)) for k, src in view.items()}
     for k, src in replace.items():
         mod, _, param = k.rpartition(".")
@@ -119,7 +132,9 @@ def _assign(req: Request, base: BaseView, tied: tuple[str, str] | None) -> dict[
             raise AdapterError(f"replaces {bk}, which the base does not have", path=ad.root, tensor=src)
         ops[bk].source, ops[bk].replaced = (ad, src), True
     for mod, m in modules.items():
-        wk = f"{remap.get(mod, mod)}.weight"
+        if mod not in remap:
+            continue  # a part the base does not hold (reported in notes)
+        wk = f"{remap[mod]}.weight"
         if wk not in ops:
             raise AdapterError(f"module {mod} has no weight in the base", path=ad.root, tensor=m.a_key)
         ops[wk].lora, ops[wk].lora_ck = m, ad
