@@ -22,7 +22,7 @@ class LoraModule:
 
     module: str  # path in the base model, e.g. model.layers.0.self_attn.q_proj
     adapter: str
-    kind: str  # "linear" or "embedding"
+    kind: str  # "linear", "embedding" or "conv" (A (r, in, *kernel), B (out, r, 1, ...); in_features = in·k·k)
     a_key: str
     b_key: str
     rank: int
