@@ -358,6 +358,21 @@ KOHYA_PLAIN_NAMES = frozenset(
     }
 )
 
+# SGM/LDM UNet names (below): read as compounds, but never a diffusers module, so always unsure.
+KOHYA_SGM_COMPOUNDS = frozenset(
+    {
+        "input_blocks",
+        "middle_block",
+        "output_blocks",
+        "in_layers",
+        "out_layers",
+        "emb_layers",
+        "skip_connection",
+        "time_embed",
+        "label_emb",
+    }
+)
+
 # SDXL kohya LoRAs name UNet modules by the SGM/LDM UNet sd-scripts trains on (input_blocks.4.1...), not
 # by diffusers' (down_blocks.1.attentions.0...); the renames inside a ResNet block, and the modules
 # outside the block structure.
@@ -377,9 +392,45 @@ _SGM_TOP = {
 }
 
 
+# Where a bare module path (a PEFT adapter of one pipeline component) says which component it is in.
+_UNET_HEADS = frozenset(
+    {"down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "time_embedding", "add_embedding"}
+)
+_TRANSFORMER_HEADS = frozenset({"transformer_blocks", "single_transformer_blocks", "x_embedder", "context_embedder"})
+
+
+def diffusion_component(module: str, config: dict[str, Any] | None = None) -> str | None:
+    """The pipeline component a module belongs to: its diffusers prefix, else the model's config (a
+    UNet, a transformer, a CLIP text model), else its path; None for anything else (a language model)."""
+    head = module.split(".", 1)[0]
+    if head in DIFFUSION_COMPONENTS:
+        return head
+    cls = str((config or {}).get("_class_name") or ((config or {}).get("architectures") or [""])[0])
+    if "UNet" in cls:
+        return "unet"
+    if "Transformer" in cls and is_diffusers_config(config):
+        return "transformer"
+    if cls.startswith("CLIPText"):
+        return "text_encoder"
+    if head in _UNET_HEADS:
+        return "unet"
+    if head in _TRANSFORMER_HEADS:
+        return "transformer"
+    if head == "text_model" or module.startswith("encoder.layers."):
+        return "text_encoder"
+    return None
+
+
 def is_diffusers_config(config: dict[str, Any] | None) -> bool:
     """A diffusers model's config.json (``_class_name``), not a transformers one."""
     return bool(config) and "_class_name" in config and "architectures" not in config
+
+
+def is_sgm_path(path: str) -> bool:
+    """A UNet module path in SGM block numbering (``input_blocks.4.1...``), not diffusers'."""
+    return path.split(".", 1)[0] in ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb") or (
+        path == "out.2"
+    )
 
 
 def sgm_to_diffusers(path: str, config: dict[str, Any] | None) -> str | None:

@@ -13,6 +13,8 @@ from typing import Protocol
 
 from ..inventory import Inventory
 from ..io.reader import Checkpoint
+from .diffusers import DiffusersDialect
+from .kohya import KohyaDialect
 from .peft import PeftDialect
 
 
@@ -44,3 +46,7 @@ def read_inventory(ck: Checkpoint) -> Inventory:
         if d.claims(ck):
             return d.read(ck)
     raise AssertionError("the PEFT dialect claims every checkpoint")  # pragma: no cover
+
+
+register(KohyaDialect())
+register(DiffusersDialect())
