@@ -123,9 +123,11 @@ def convert(
 
     Args:
         source: an adapter, unmerged or plain checkpoint (folder, file or Hub repo id).
-        to: ``merged``, ``adapter``, ``unmerged`` or ``base``.
+        to: ``merged``, ``adapter``, ``unmerged`` or ``base``; or an image-model LoRA file: ``kohya``
+            (sd-scripts, ComfyUI) or ``diffusers`` (``pytorch_lora_weights.safetensors``).
         output: the folder to create (atomically: it appears whole or not at all).
-        base: the base model, for adapter -> merged/unmerged and for extraction (plain -> adapter).
+        base: the base model, for adapter -> merged/unmerged and for extraction (plain -> adapter); for
+            kohya and diffusers, optional: the UNet/transformer/text-encoder folder whose names it settles.
         adapter: which adapter, for checkpoints with several.
         dtype: ``auto`` (each tensor's own), ``bf16``, ``fp16`` or ``fp32`` for floating tensors; on the
             extraction route, the dtype of the factors.
@@ -144,11 +146,11 @@ def convert(
         OutputError (the output exists, lies inside an input, the disk filled up), HubError.
     """
     started = time.perf_counter()
-    from .routes import FORMS, NEEDS_BASE, Request, planner
+    from .routes import FORMATS, FORMS, NEEDS_BASE, OPTIONAL_BASE, Request, planner
     from .routes.plan import output_dtype
 
-    if to not in FORMS:
-        raise RouteError(f"unknown target form {to!r} (choose from {', '.join(FORMS)})")
+    if to not in FORMS + FORMATS:
+        raise RouteError(f"unknown target form {to!r} (choose from {', '.join(FORMS + FORMATS)})")
     output_dtype(dtype)
     try:
         parse_size(max_shard_size)
@@ -180,6 +182,8 @@ def convert(
         warnings = _check_adapter(inv, name, ck.root) if form != "plain" else []
         if (form, to) in NEEDS_BASE:
             base_ck = open_plain(_base_ref(inv, name, base, f"{form} -> {to}"), "the base")
+        elif (form, to) in OPTIONAL_BASE and base is not None:
+            base_ck = open_plain(resolve(base), "the base")
         req = Request(
             ck,
             str(source) if form != "plain" else str(Path(str(source))),

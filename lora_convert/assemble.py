@@ -62,7 +62,9 @@ def write_output(
     inputs = [req.source.root] + ([req.base.root] if req.base is not None else [])
     out = AtomicOutput(output, force=force, inputs=inputs)
     with out as tmp:
-        sink = SafetensorsSink(tmp, max_shard_size=max_shard_size if plan.sharded else UNSHARDED, stem=plan.stem)
+        sink = SafetensorsSink(
+            tmp, max_shard_size=max_shard_size if plan.sharded else UNSHARDED, stem=plan.stem, metadata=plan.metadata
+        )
         planned = sum(j.planned.nbytes for j in plan.jobs if j.writes)
         with progress_bar(progress, planned, "writing") as advance:
             files = execute(plan.jobs, sink, progress=advance)

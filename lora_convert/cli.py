@@ -249,7 +249,11 @@ def _print_extract(res: Any, as_json: bool, pushed: Any) -> None:
 @main.command()
 @click.argument("source")
 @click.option(
-    "--to", "to", required=True, type=click.Choice(["merged", "adapter", "unmerged", "base"]), help="Target form."
+    "--to",
+    "to",
+    required=True,
+    type=click.Choice(["merged", "adapter", "unmerged", "base", "kohya", "diffusers"]),
+    help="Target form, or an image-model LoRA file: kohya (sd-scripts, ComfyUI) or diffusers.",
 )
 @_conversion_options
 @_extraction_options

@@ -175,3 +175,60 @@ def vlm(name: str, *, seed: int = 0):
     else:
         raise ValueError(name)
     return model.eval()
+
+
+# -- diffusion models (diffusers' UNet, CLIP's text encoder) -------------------------------------------------
+
+UNET_SD = dict(  # SD 1.x-like: conv 1×1 proj_in/out, attention in the first down and last up block
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")
+)
+UNET_XL = dict(  # SDXL-like: linear proj_in/out, no attention in the first down and last up block
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    use_linear_projection=True,
+)
+
+
+def unet(*, seed: int = 0, **kind):
+    """A tiny UNet2DConditionModel (208 tensors): conv 3×3 ResNets and samplers, conv 1×1 shortcuts."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        norm_num_groups=4,
+        **(kind or UNET_SD),
+    ).eval()
+
+
+UNET_INPUT = (torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5)), torch.tensor([10]))
+UNET_CONTEXT = torch.randn(1, 3, 8, generator=torch.Generator().manual_seed(6))
+
+
+@torch.no_grad()
+def unet_out(model) -> torch.Tensor:
+    return model(*UNET_INPUT, UNET_CONTEXT).sample.float()
+
+
+def clip_text(*, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
+    return CLIPTextModel(cfg).eval()

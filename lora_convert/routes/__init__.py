@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..errors import RouteError
+from .diffusion import plan_diffusers, plan_kohya
 from .extract import plan_extract
 from .layout import plan_attach, plan_split, plan_strip
 from .merge import plan_merge
-from .plan import FORMS, Plan, Request
+from .plan import FORMATS, FORMS, Plan, Request
 
 Planner = Callable[[Request], Plan]
 
@@ -24,10 +25,13 @@ ROUTES: dict[tuple[str, str], Planner] = {
     ("unmerged", "adapter"): plan_split,
     ("adapter", "unmerged"): plan_attach,
     ("plain", "adapter"): plan_extract,
+    ("adapter", "kohya"): plan_kohya,
+    ("adapter", "diffusers"): plan_diffusers,
 }
 NEEDS_BASE = frozenset({("adapter", "merged"), ("adapter", "unmerged"), ("plain", "adapter")})
+OPTIONAL_BASE = frozenset({("adapter", "kohya"), ("adapter", "diffusers")})  # the base settles module names
 
-__all__ = ["FORMS", "NEEDS_BASE", "ROUTES", "Plan", "Planner", "Request", "planner"]
+__all__ = ["FORMATS", "FORMS", "NEEDS_BASE", "OPTIONAL_BASE", "ROUTES", "Plan", "Planner", "Request", "planner"]
 
 
 def planner(source_form: str, to: str, *, path: object = None) -> Planner:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .extract import Extraction, ExtractOptions
 
 FORMS = ("merged", "adapter", "unmerged", "base")
+FORMATS = ("kohya", "diffusers")  # other ecosystems' adapters: a kohya (sd-scripts) file, diffusers' LoRA file
 OUTPUT_DTYPES = {
     "auto": None,
     "bf16": "bfloat16",
@@ -89,6 +90,7 @@ class Plan:
     card_config: dict[str, Any] | None = None  # config for the card's pipeline tag when none is written
     extraction: Extraction | None = None  # the SVD route's per-module report
     op_counts: dict[str, int] | None = None  # what the result reports as done (None: the jobs' ops counted)
+    metadata: dict[str, str] | None = None  # the safetensors header's metadata (kohya's ss_*, diffusers' config)
 
     def ops(self) -> dict[str, int]:
         if self.op_counts is not None:
