@@ -200,6 +200,11 @@ def test_kohya_merge_is_sd_scripts_formula(tmp_path):
         assert (got[f"{mod}.weight"] - want).abs().max().item() <= 1e-6, mod
     changed = {f"{m}.weight" for m in KOHYA_MODULES}
     assert all(torch.equal(got[key], w0[key]) for key in w0 if key not in changed)
+    # attached to the base (PEFT's in-model layout, renamed config) and merged from there: the same bytes
+    lc.convert(tmp_path / "k", "unmerged", base=tmp_path / "unet", output=tmp_path / "unmerged")
+    lc.merge(tmp_path / "unmerged", output=tmp_path / "merged2")
+    again = load_file(str(tmp_path / "merged2" / "model.safetensors"))
+    assert again.keys() == got.keys() and all(torch.equal(again[key], got[key]) for key in got)
 
 
 def test_kohya_file_with_equal_alphas_as_diffusers_loads_it(tmp_path):
@@ -331,6 +336,14 @@ def test_what_kohya_files_hold_beside_lora_is_refused_by_name(tmp_path, key, err
     with pytest.raises(error, match=message) as e:
         lc.detect(tmp_path / "k")
     assert key in str(e.value)
+
+
+def test_a_pipeline_folder_as_base_points_to_its_components(tmp_path):
+    _save(unet(), tmp_path / "pipe" / "unet")
+    (tmp_path / "pipe" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    _kohya_file(unet(), {"down_blocks.0.resnets.0.conv1": (2, 1.0)}, tmp_path / "k" / "lora.safetensors")
+    with pytest.raises(lc.CheckpointError, match=r"a diffusers pipeline folder.*e\.g\. unet/"):
+        lc.merge(tmp_path / "k", base=tmp_path / "pipe", output=tmp_path / "merged")
 
 
 def test_half_a_kohya_pair_is_an_error(tmp_path):

@@ -150,6 +150,19 @@ def test_vision_tower_lora_is_left_out_of_a_text_only_base(tmp_path):
     assert (logits(load_merged(tmp_path / "merged"), VLM_SEQ) - want).abs().max().item() <= TOL
 
 
+def test_attached_to_the_vlm_as_saved_the_config_follows_the_new_names(tmp_path):
+    """adapter + base -> unmerged renames the modules to the base's; an alpha_pattern anchored on the
+    adapter's path must follow, or the unmerged checkpoint would change scaling."""
+    pattern = {"^model.language_model.layers.0.self_attn.q_proj": 3}
+    pm = _vlm_with_adapter(tmp_path, "llava", r=4, lora_alpha=8, target_modules=["q_proj"], alpha_pattern=pattern)
+    want = logits(pm, VLM_SEQ)
+    lc.convert(tmp_path / "adapter", "unmerged", base=tmp_path / "base", output=tmp_path / "unmerged")
+    cfg = read_json(tmp_path / "unmerged" / "adapter_config.json")
+    assert cfg["alpha_pattern"] == {"language_model.model.layers.0.self_attn.q_proj": 3.0}
+    lc.merge(tmp_path / "unmerged", output=tmp_path / "merged")
+    assert (logits(_load_vlm("llava", tmp_path / "merged"), VLM_SEQ) - want).abs().max().item() <= TOL
+
+
 def test_two_readings_are_refused(tmp_path):
     """A base holding the decoder under two prefixes: ``model.language_model.layers`` could be either."""
     _vlm_with_adapter(tmp_path, "llava", r=4, lora_alpha=8, target_modules=["q_proj"])

@@ -287,20 +287,8 @@ def open_checkpoint(path: str | Path, *, adapter_name: str | None = None) -> Che
                     files, layout = [root / single], single.rsplit(".", 1)[1]
                     break
             else:
-                loose = sorted(root.glob("*.safetensors"))
-                if not loose and (root / "model_index.json").is_file():
-                    raise CheckpointError(
-                        "a diffusers pipeline folder: its models are in subfolders",
-                        path=root,
-                        hint="give the component's folder, e.g. unet/ or text_encoder/",
-                    )
-                if not loose:
-                    raise CheckpointError(
-                        "no weights found (expected model.safetensors, an index, pytorch_model.bin or "
-                        "adapter_model.safetensors)",
-                        path=root,
-                    )
-                files, layout = loose, "safetensors" if len(loose) == 1 else "sharded-safetensors"
+                files = _loose_files(root)
+                layout = "safetensors" if len(files) == 1 else "sharded-safetensors"
     if not tensors:
         for f in files:
             metadata.update(_add_file(tensors, sources, f))
@@ -319,6 +307,23 @@ def open_checkpoint(path: str | Path, *, adapter_name: str | None = None) -> Che
     )
     _attach_config(ck, path if picked else root)
     return ck
+
+
+def _loose_files(root: Path) -> list[Path]:
+    """A folder's safetensors files when none has a known name (a kohya LoRA, hand-made shards)."""
+    loose = sorted(root.glob("*.safetensors"))
+    if not loose and (root / "model_index.json").is_file():
+        raise CheckpointError(
+            "a diffusers pipeline folder: its models are in subfolders",
+            path=root,
+            hint="give the component's folder, e.g. unet/ or text_encoder/",
+        )
+    if not loose:
+        raise CheckpointError(
+            "no weights found (expected model.safetensors, an index, pytorch_model.bin or adapter_model.safetensors)",
+            path=root,
+        )
+    return loose
 
 
 def _files_from_index(

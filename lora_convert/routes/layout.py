@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from .. import arch
+from ..config import AdapterConfig
 from ..dialects.peft_keys import PEFT_PREFIX, Role, format_key
-from ..inventory import Inventory
+from ..inventory import Inventory, LoraModule
 from ..pipeline import Job
 from .common import BaseView, copy_job, remap_modules, same_tensor
 from .plan import Plan, Request
@@ -123,6 +124,26 @@ def plan_attach(req: Request) -> Plan:
         jobs,
         carry_from=req.base.root,
         tokenizer_from=[ad.root],
-        adapter_config=adapter_config_out(req),
+        adapter_config=_renamed_config(adapter_config_out(req), modules, remap),
         warnings=notes,
     )
+
+
+def _renamed_config(d: dict[str, Any], modules: dict[str, LoraModule], remap: dict[str, str]) -> dict[str, Any]:
+    """The adapter config under the base's module names, when matching renamed any (a VLM prefix, a kohya
+    name): patterns and targets spelled for the source's paths would miss, so every module's rank and
+    scaling is written under its new path (scaling · rank as alpha: exact without use_rslora)."""
+    if all(remap.get(m, m) == m for m in modules):
+        return d
+    ranks = {remap[m]: lm.rank for m, lm in modules.items() if m in remap}
+    alphas = {remap[m]: float(lm.scaling or 0) * lm.rank for m, lm in modules.items() if m in remap}
+    cfg = AdapterConfig.for_modules(ranks, alphas)
+    d.update(
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        rank_pattern=cfg.rank_pattern,
+        alpha_pattern=cfg.alpha_pattern,
+        use_rslora=False,
+        target_modules=cfg.target_modules,
+    )
+    return d
