@@ -170,11 +170,6 @@ def test_diffusers_file_merges_and_converts_to_kohya_and_back(tmp_path):
 
     res = lc.convert(tmp_path / "kohya", "diffusers", output=tmp_path / "back")
     assert res.files == ["pytorch_lora_weights.safetensors"]
-    assert (
-        load_file(str(tmp_path / "back" / "pytorch_lora_weights.safetensors")).keys()
-        == get_peft_model_state_dict(model).keys() | set()
-        or True
-    )
     back = set(load_file(str(tmp_path / "back" / "pytorch_lora_weights.safetensors")))
     assert back == set(load_file(str(tmp_path / "dlora" / "pytorch_lora_weights.safetensors")))
     got = _diffusers_load(tmp_path / "back", unet())  # diffusers reads our metadata: patterns included
