@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import AdapterError, RouteError
-from .inputs import load_source, open_plain, pick_adapter, resolve  # noqa: F401 - load_source is public
+from .inputs import load_model_config, load_source, open_plain, pick_adapter, resolve  # noqa: F401 - load_source is public
 from .inventory import Inventory
 from .io.writer import parse_size
 
@@ -118,16 +118,21 @@ def convert(
     progress: bool = False,
     command: str | None = None,
     extract_options: ExtractOptions | dict[str, Any] | None = None,
+    outtype: str | None = None,
+    requantize: bool = False,
 ) -> ConvertResult:
     """Convert ``source`` to the storage form ``to`` in the folder ``output``.
 
     Args:
-        source: an adapter, unmerged or plain checkpoint (folder, file or Hub repo id).
-        to: ``merged``, ``adapter``, ``unmerged`` or ``base``; or an image-model LoRA file: ``kohya``
-            (sd-scripts, ComfyUI) or ``diffusers`` (``pytorch_lora_weights.safetensors``).
-        output: the folder to create (atomically: it appears whole or not at all).
+        source: an adapter (PEFT's, mlx-lm's, kohya's or diffusers'), unmerged or plain checkpoint (folder, file or
+            Hub repo id).
+        to: ``merged``, ``adapter`` (PEFT), ``unmerged`` or ``base``; or another ecosystem's adapter:
+            ``gguf`` (one llama.cpp file, ``output`` ending in ``.gguf``), ``mlx`` (an mlx-lm folder),
+            ``kohya`` (sd-scripts, ComfyUI) or ``diffusers`` (``pytorch_lora_weights.safetensors``).
+        output: the folder (the file, for gguf) to create (atomically: it appears whole or not at all).
         base: the base model, for adapter -> merged/unmerged and for extraction (plain -> adapter); for
-            kohya and diffusers, optional: the UNet/transformer/text-encoder folder whose names it settles.
+            gguf and mlx only its config.json is read (a folder, the file, or a Hub repo id); for kohya and
+            diffusers, optional: the UNet/transformer/text-encoder folder whose names settle the module paths.
         adapter: which adapter, for checkpoints with several.
         dtype: ``auto`` (each tensor's own), ``bf16``, ``fp16`` or ``fp32`` for floating tensors; on the
             extraction route, the dtype of the factors.
@@ -136,6 +141,10 @@ def convert(
         progress: show progress bars.  command: the command line, quoted in the model card.
         extract_options: :class:`~lora_convert.routes.extract.ExtractOptions` (or its fields as a dict),
             for plain -> adapter only.
+        outtype: the GGUF tensor type, ``f32`` (default), ``f16``, ``bf16`` or ``q8_0``; gguf only.
+        requantize: merging into a quantized base, write the merged weights back in its scheme (the
+            default writes them dequantized, in ``dtype``, bf16 for ``auto``); ``.requantization`` of the
+            result holds the error that adds per module.
 
     Returns:
         A :class:`~lora_convert.assemble.ConvertResult`; ``.extraction`` holds the SVD report.
@@ -152,6 +161,7 @@ def convert(
     if to not in FORMS + FORMATS:
         raise RouteError(f"unknown target form {to!r} (choose from {', '.join(FORMS + FORMATS)})")
     output_dtype(dtype)
+    _check_format_options(to, output, dtype, outtype)
     try:
         parse_size(max_shard_size)
     except ValueError as exc:
@@ -184,6 +194,7 @@ def convert(
             base_ck = open_plain(_base_ref(inv, name, base, f"{form} -> {to}"), "the base")
         elif (form, to) in OPTIONAL_BASE and base is not None:
             base_ck = open_plain(resolve(base), "the base")
+        base_config = _format_base_config(inv, name, base) if to in FORMATS else None
         req = Request(
             ck,
             str(source) if form != "plain" else str(Path(str(source))),
@@ -194,7 +205,12 @@ def convert(
             dtype,
             opts,
             progress,
+            base_config=base_config,
+            outtype=outtype,
+            requantize=requantize,
         )
+        if requantize and to != "merged":
+            raise RouteError("--requantize applies to merges into a quantized base", path=ck.root)
         plan = plan_for(req)
         plan.warnings[:0] = warnings
         from .assemble import write_output
@@ -276,6 +292,34 @@ def _extract_options(given: ExtractOptions | dict[str, Any] | None, dtype: str) 
     if unknown:
         raise RouteError(f"unknown extraction option(s): {', '.join(sorted(unknown))}")
     return ExtractOptions(**fields).validate()
+
+
+def _check_format_options(to: str, output: str | Path, dtype: str, outtype: str | None) -> None:
+    """--outtype is GGUF's (its types are not --dtype's), and a GGUF output is a ``.gguf`` file."""
+    from .io.gguf_sink import OUTTYPES
+
+    if outtype is not None and to != "gguf":
+        raise RouteError(f"--outtype applies to --to gguf only, not --to {to}")
+    if to != "gguf":
+        return
+    if dtype != "auto":
+        raise RouteError(f"--dtype does not apply to --to gguf: use --outtype {'|'.join(OUTTYPES)}")
+    if outtype is not None and outtype not in OUTTYPES:
+        raise RouteError(f"unknown --outtype {outtype!r} (choose from {', '.join(OUTTYPES)})")
+    if not str(output).endswith(".gguf"):
+        raise RouteError("--to gguf writes one file: give -o a path ending in .gguf", path=output)
+
+
+def _format_base_config(inv: Inventory, adapter: str, base: str | Path | None) -> dict[str, Any] | None:
+    """The base's config.json for the gguf/mlx routes, which need no base weights: from --base, else from
+    the adapter config's ``base_model_name_or_path`` when that is a local path (None: the source's own)."""
+    if base is not None:
+        return load_model_config(base)
+    cfg = inv.config(adapter)
+    named = cfg.base_model_name_or_path if cfg is not None else None
+    if named and (Path(named) / "config.json").is_file():
+        return load_model_config(named)
+    return None
 
 
 def _base_ref(inv: Inventory, adapter: str, base: str | Path | None, route: str) -> Path:

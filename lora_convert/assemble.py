@@ -1,6 +1,7 @@
 """One output-folder assembly for every route: the plan's tensors through the pipeline into a
 safetensors sink, then carried files, config edits, the adapter config and the model card — all in a
 temporary folder that is renamed into place only when complete (:class:`~.io.output.AtomicOutput`).
+A plan whose output is one file (a GGUF adapter) brings its own sink; that file alone is moved into place.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from typing import Any
 from .card import render_card
 from .folder import carry_files, read_json, update_config, write_json
 from .io.output import AtomicOutput, stale_note
-from .io.writer import SafetensorsSink
+from .io.writer import SafetensorsSink, TensorSink
 from .pipeline import execute
 from .progress import progress_bar
 from .routes.extract import Extraction
 from .routes.plan import Plan, Request
+from .routes.requantize import Requantization
 
 UNSHARDED = 10**15  # an adapter is one file whatever its size, as PEFT writes it
 
@@ -38,12 +40,15 @@ class ConvertResult:
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
     extraction: Extraction | None = None
+    requantization: Requantization | None = None  # merge --requantize: per-module error
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat JSON-able dict; the extraction's fields sit beside the common ones."""
-        d = {k: v for k, v in asdict(self).items() if k != "extraction"}
+        """Flat JSON-able dict; the extraction's (or re-quantization's) fields sit beside the common ones."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("extraction", "requantization")}
         if self.extraction is not None:
             d.update(self.extraction.to_dict())
+        if self.requantization is not None:
+            d.update(self.requantization.to_dict())
         return d
 
 
@@ -60,17 +65,26 @@ def write_output(
 ) -> ConvertResult:
     """Write ``plan`` into ``output`` atomically and say what was written."""
     inputs = [req.source.root] + ([req.base.root] if req.base is not None else [])
-    out = AtomicOutput(output, force=force, inputs=inputs)
+    single = plan.file_sink is not None  # one file (GGUF): no side files, no card
+    out = AtomicOutput(output, force=force, inputs=inputs, file=single)
     with out as tmp:
-        sink = SafetensorsSink(
-            tmp, max_shard_size=max_shard_size if plan.sharded else UNSHARDED, stem=plan.stem, metadata=plan.metadata
-        )
+        if plan.file_sink is not None:
+            sink: TensorSink = plan.file_sink(tmp / Path(output).name)
+        else:
+            sink = SafetensorsSink(
+                tmp,
+                max_shard_size=max_shard_size if plan.sharded else UNSHARDED,
+                stem=plan.stem,
+                metadata=plan.metadata,
+            )
         planned = sum(j.planned.nbytes for j in plan.jobs if j.writes)
         with progress_bar(progress, planned, "writing") as advance:
             files = execute(plan.jobs, sink, progress=advance)
-        files += _side_files(tmp, plan)
+        if not single:
+            files += _side_files(tmp, plan)
         total = sum((tmp / f).stat().st_size for f in files)
-        _write_card(tmp, plan, req, command, total)
+        if not single:
+            _write_card(tmp, plan, req, command, total)
         n_tensors = sum(1 for j in plan.jobs if j.writes)
         result = ConvertResult(
             str(output),
@@ -84,6 +98,7 @@ def write_output(
             plan.config_changes,
             list(plan.warnings),
             extraction=plan.extraction,
+            requantization=plan.requantization,
         )
     if out.stale_removed:
         result.warnings.append(stale_note(out.stale_removed))

@@ -56,6 +56,10 @@ def render_card(
         meta["library_name"] = "peft"
         relation = "adapter"
         tags.append("peft")
+    elif form == "mlx":
+        meta["library_name"] = "mlx"
+        relation = "adapter"
+        tags.append("mlx")
     elif form in IMAGE_LORA_FORMS:
         meta["library_name"] = "diffusers"
         relation = "adapter"
@@ -85,6 +89,7 @@ def render_card(
         "adapter": "A PEFT LoRA adapter: load it with `PeftModel.from_pretrained(base, this_folder)`.",
         "unmerged": "The full model with LoRA layers inside it, in PEFT's state-dict layout.",
         "base": "The base model, with the LoRA modules stripped and the original key names restored.",
+        "mlx": "An mlx-lm LoRA adapter: `mlx_lm.generate --model BASE --adapter-path this_folder`.",
         **IMAGE_LORA_FORMS,
     }.get(form, "")
     lines += [what, ""]

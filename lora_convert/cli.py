@@ -72,7 +72,7 @@ def detect(ctx: click.Context, path: str, base: str | None, adapter: str | None,
     if as_json:
         _print_json(res.to_dict())
         return
-    out.print(f"[bold]form:[/bold] {res.form}")
+    out.print(f"[bold]form:[/bold] {res.form}" + (f" ({res.dialect})" if res.dialect != "peft" else ""))
     out.print(
         f"files: {', '.join(res.files)} ({res.layout}); {res.tensors} tensors, {human_bytes(res.total_bytes)}; "
         + ", ".join(f"{k} {human_bytes(v)}" for k, v in res.dtypes.items())
@@ -81,6 +81,12 @@ def detect(ctx: click.Context, path: str, base: str | None, adapter: str | None,
         out.print(f"dialect: {res.dialect}")
     if res.module_prefixes and res.module_prefixes != {"text decoder": "model."}:  # say it where it is not plain
         out.print("modules under: " + ", ".join(f"{v!r} ({k})" for k, v in res.module_prefixes.items()))
+    if res.quantization:
+        q = res.quantization
+        out.print(
+            f"quantized: {q['scheme']} ({q['method']}); {q['tensors']} weights, {human_bytes(q['stored_bytes'])} "
+            f"on disk, {human_bytes(q['dequantized_bytes']['BF16'])} dequantized to bf16"
+        )
     for a in res.adapters:
         t = Table(title=f"adapter '{a.name}'", show_lines=False)
         for col in ("module", "count", "layers", "rank", "alpha", "scaling"):
@@ -252,10 +258,16 @@ def _print_extract(res: Any, as_json: bool, pushed: Any) -> None:
     "--to",
     "to",
     required=True,
-    type=click.Choice(["merged", "adapter", "unmerged", "base", "kohya", "diffusers"]),
-    help="Target form, or an image-model LoRA file: kohya (sd-scripts, ComfyUI) or diffusers.",
+    type=click.Choice(["merged", "adapter", "unmerged", "base", "gguf", "mlx", "kohya", "diffusers"]),
+    help="Target form; gguf: a llama.cpp LoRA file, mlx: an mlx-lm adapter folder, kohya: an sd-scripts/ComfyUI "
+    "LoRA file, diffusers: diffusers' LoRA file.",
 )
 @_conversion_options
+@click.option(
+    "--outtype",
+    type=click.Choice(["f32", "f16", "bf16", "q8_0"]),
+    help="With --to gguf: the tensor type (q8_0 falls back to f16 where rows are not a multiple of 32).  [default: f32]",
+)
 @_extraction_options
 @click.pass_context
 def convert(
@@ -271,14 +283,19 @@ def convert(
     as_json: bool,
     push_to: str | None,
     private: bool,
+    outtype: str | None,
     **svd_opts: Any,
 ) -> None:
     """Convert SOURCE to another storage form.
 
     A plain (merged or fine-tuned) SOURCE with --to adapter --base BASE is extracted by SVD and
     takes the extraction options (--rank, --energy, ...); they are refused on every other route.
+    --to gguf (with --base, whose config.json alone is read) writes one llama.cpp adapter file;
+    --to mlx an mlx-lm adapter folder; an mlx-lm adapter --to adapter becomes a PEFT adapter.
     """
     given = _given(**svd_opts)
+    if push_to and to == "gguf":
+        raise click.UsageError("--push-to uploads a folder; upload the .gguf file with `hf upload REPO FILE`")
 
     def go() -> Any:
         res = api.convert(
@@ -293,6 +310,7 @@ def convert(
             progress=not as_json and err.is_terminal,
             command=_command_line(),
             extract_options=given or None,
+            outtype=outtype,
         )
         return res, _maybe_push(output, push_to, private)
 
@@ -306,6 +324,11 @@ def convert(
 @main.command()
 @click.argument("source")
 @_conversion_options
+@click.option(
+    "--requantize",
+    is_flag=True,
+    help="Quantized base: write the merged weights back in its scheme (default: dequantized, --dtype).",
+)
 @click.pass_context
 def merge(
     ctx: click.Context,
@@ -319,8 +342,12 @@ def merge(
     as_json: bool,
     push_to: str | None,
     private: bool,
+    requantize: bool,
 ) -> None:
-    """Fold LoRA into the base weights (SOURCE: an adapter with --base, or an unmerged checkpoint)."""
+    """Fold LoRA into the base weights (SOURCE: an adapter with --base, or an unmerged checkpoint).
+
+    A quantized base (fp8, compressed-tensors fp8, bitsandbytes 4/8-bit, MXFP4) is dequantized block by
+    block; with --requantize the merged weights are quantized again in its scheme."""
 
     def go() -> Any:
         res = api.merge(
@@ -333,11 +360,24 @@ def merge(
             force=force,
             progress=not as_json and err.is_terminal,
             command=_command_line(),
+            requantize=requantize,
         )
         return res, _maybe_push(output, push_to, private)
 
     res, pushed = run_guarded(go, _debug(ctx))
+    if res.requantization is not None and not as_json:
+        _print_requantization(res.requantization)
     _report_conversion(res, as_json, pushed)
+
+
+def _print_requantization(rq: Any) -> None:
+    head, rows = rq.table()
+    t = Table(title=f"re-quantized ({rq.scheme}); {rq.copied} untouched quantized weights copied")
+    for h in head:
+        t.add_column(h)
+    for r in rows:
+        t.add_row(*r)
+    out.print(t)
 
 
 @main.command("report")

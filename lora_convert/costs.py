@@ -103,6 +103,7 @@ class Report:
     modules: list[KindRow]
     notes: list[str] = field(default_factory=list)
     conventions: list[str] = field(default_factory=lambda: list(CONVENTIONS))
+    quantization: dict[str, Any] | None = None  # a quantized base: scheme, weights, bytes on disk and dequantized
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -256,7 +257,29 @@ def _base_from_config(folder: Path) -> tuple[dict[str, _T], dict[str, Any]]:
     return out, raw
 
 
-def _open_base(ref: str | Path, notes: list[str]) -> tuple[dict[str, _T] | None, dict[str, Any] | None, str | None]:
+def _weights(ck: Checkpoint, keys: dict[str, str], notes: list[str], quant: dict[str, Any]) -> dict[str, _T]:
+    """``keys`` (base key -> stored key) as _T; quantized weights at their logical shapes, in bf16 (what a
+    merge writes by default), their real bytes and scheme left in ``quant``."""
+    from .io.quantized import find_layout, logical_order, summary
+
+    layout = find_layout(ck) if keys and all(k == v for k, v in keys.items()) else None
+    if layout is None:
+        return {k: _t(ck.info(v)) for k, v in keys.items()}
+    quant.update(summary=summary(ck, layout), stored=ck.dtypes())
+    notes.append(
+        f"the base is quantized ({layout.scheme}): parameters and FLOPs count its {len(layout.tensors)} quantized "
+        "weights at their real shapes; the merged row is the default dequantized (bf16) merge, "
+        "merge --requantize writes the base's own bytes instead"
+    )
+    out = {}
+    for n, shape, dt, nb in logical_order(ck, layout):
+        out[n] = _T(shape, "BF16", 2 * math.prod(shape)) if n in layout.tensors else _T(shape, dt, nb)
+    return out
+
+
+def _open_base(
+    ref: str | Path, notes: list[str], quant: dict[str, Any] | None = None
+) -> tuple[dict[str, _T] | None, dict[str, Any] | None, str | None]:
     p = resolve(ref)
     if not p.exists():
         notes.append(f"base {ref} not found: base numbers unknown")
@@ -272,7 +295,7 @@ def _open_base(ref: str | Path, notes: list[str]) -> tuple[dict[str, _T] | None,
             return (*_base_from_config(folder), "config.json")
         raise
     with ck:
-        return {k: _t(ck.info(k)) for k in ck.tensors}, ck.config, "weights"
+        return _weights(ck, {k: k for k in ck.tensors}, notes, {} if quant is None else quant), ck.config, "weights"
 
 
 @dataclass
@@ -281,6 +304,7 @@ class _Base:
     config: dict[str, Any] | None
     source: str | None  # "weights" | "config.json" | None
     name: str | None  # as the report names it
+    quant: dict[str, Any] = field(default_factory=dict)  # a quantized base: its summary and stored bytes
 
 
 def _adapter_base(ck: Checkpoint, base: str | Path | None, base_name: str | None, notes: list[str]) -> _Base:
@@ -289,8 +313,9 @@ def _adapter_base(ck: Checkpoint, base: str | Path | None, base_name: str | None
     cfg_base = base_name if base is None else None
     ref = base if base is not None else (cfg_base if cfg_base and Path(cfg_base).exists() else None)
     if ref is not None:
-        tensors, bconf, source = _open_base(ref, notes)
-        return _Base(tensors, bconf or ck.config, source, base_name)
+        quant: dict[str, Any] = {}
+        tensors, bconf, source = _open_base(ref, notes, quant)
+        return _Base(tensors, bconf or ck.config, source, base_name, quant)
     if ck.config and (ck.root / "config.json").is_file():
         tensors, conf = _base_from_config(ck.root)
         notes.append("base shapes from the config.json beside the adapter (meta-device model)")
@@ -367,7 +392,8 @@ def build_report(
             named = str(base) if base is not None else (cfg.base_model_name_or_path if cfg else None)
             b = _adapter_base(ck, base, named, notes)
         else:
-            b = _Base({k: _t(ck.info(v)) for k, v in inv.base.items()}, ck.config, "weights", None)
+            quant: dict[str, Any] = {}
+            b = _Base(_weights(ck, inv.base, notes, quant), ck.config, "weights", None, quant)
         ad = _adapter(ck, inv, name, notes)
         src_bytes = ck.dtypes()
     shape = arch.model_shape(b.config, head_stored=b.tensors is not None and arch.HEAD_KEY in b.tensors)
@@ -381,7 +407,9 @@ def build_report(
             "modules_to_save copies are counted as LoRA parameters: "
             + ", ".join(sorted(module_of(k) for k in set(ad.replace) - ad.saved_whole))
         )
-    return Report(str(path), form, name, b.name, b.source, seq_len, shape, rows, modules, notes)
+    rep = Report(str(path), form, name, b.name, b.source, seq_len, shape, rows, modules, notes)
+    rep.quantization = b.quant.get("summary")
+    return rep
 
 
 def _merged_tensors(b: _Base, ad: _Adapter) -> dict[str, _T] | None:
@@ -434,7 +462,7 @@ def _rows(
             )
         ]
     adapter_bytes = _bytes(ad.tensors) if form != "adapter" else src_bytes
-    base_bytes = _bytes(b.tensors) if b.tensors is not None else None
+    base_bytes = b.quant.get("stored") or (_bytes(b.tensors) if b.tensors is not None else None)
     ub = src_bytes if form == "unmerged" else (_add_bytes(base_bytes, adapter_bytes) if base_bytes else None)
     total = base_params + lora_params if base_params is not None else None
     mb = _bytes(merged) if merged is not None else {}

@@ -63,6 +63,7 @@ class DetectResult:
     base_comparison: dict[str, Any] | None = None
     module_prefixes: dict[str, str] = field(default_factory=dict)  # part -> prefix (VLM layouts, diffusion components)
     base_match: dict[str, Any] | None = None  # adapter + --base: how its modules match the base's names
+    quantization: dict[str, Any] | None = None  # a quantized checkpoint: scheme, weights, bytes (io/quantized.summary)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -149,6 +150,7 @@ def detect(path: str | Path, *, base: str | Path | None = None, adapter: str | N
             dialect=inv.dialect,
             warnings=warnings,
         )
+        res.quantization = _quantization(ck, warnings)
         for name in inv.adapters:
             res.adapters.append(_summarise(ck, inv, name, inv.config(name), warnings))
         if inv.old_layout:
@@ -175,6 +177,20 @@ def _match_base(inv: Inventory, base_path: Path, res: DetectResult) -> None:
         res.warnings.append(
             f"{len(match.ambiguous)} module(s) can be read as several base modules: {m} is {' or '.join(hits)}"
         )
+
+
+def _quantization(ck: Checkpoint, warnings: list[str]) -> dict[str, Any] | None:
+    """The quantization of a checkpoint, from headers; one that cannot be read is a warning here (merge
+    refuses it with the error)."""
+    from .errors import LoraConvertError
+    from .io.quantized import find_layout, summary
+
+    try:
+        layout = find_layout(ck)
+    except LoraConvertError as exc:
+        warnings.append(f"quantized, but not in a layout lora-convert reads: {exc}")
+        return None
+    return summary(ck, layout) if layout is not None else None
 
 
 def _compare_with_base(ck: Checkpoint, base_path: Path, res: DetectResult) -> None:

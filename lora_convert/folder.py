@@ -53,12 +53,16 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def update_config(dst: Path, changes: dict[str, Any]) -> None:
-    """Apply ``changes`` to ``dst/config.json`` (also to a nested ``text_config`` where the key lives there)."""
+    """Apply ``changes`` to ``dst/config.json`` (also to a nested ``text_config`` where the key lives there);
+    a value of None removes the key (``quantization_config`` of a dequantized base)."""
     path = dst / "config.json"
     config = read_json(path)
     if config is None or not changes:
         return
     for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+            continue
         config[key] = value
         text = config.get("text_config")
         if isinstance(text, dict) and key in text:

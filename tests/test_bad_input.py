@@ -480,7 +480,9 @@ def test_quantized_base_config(work):
     c["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     p.write_text(json.dumps(c))
     res, out = merge(work)
-    assert_error(res, str(work / "base"), "the base is quantized (bitsandbytes)", out=out)
+    assert_error(
+        res, str(work / "base"), "quantization_config says bitsandbytes but no tensor is stored that way", out=out
+    )
 
 
 def test_quantized_base_tensors(work):
@@ -489,7 +491,12 @@ def test_quantized_base_tensors(work):
     sd["model.layers.0.self_attn.q_proj.weight_scale"] = torch.ones(32)
     save_file(sd, str(path), metadata={"format": "pt"})
     res, out = merge(work)
-    assert_error(res, "the base holds quantized weights (model.layers.0.self_attn.q_proj.weight_scale)", out=out)
+    assert_error(
+        res,
+        "model.layers.0.self_attn.q_proj.weight_scale: the base holds quantized weights but config.json has no "
+        "quantization_config",
+        out=out,
+    )
 
 
 # -- output -----------------------------------------------------------------------------------------------------

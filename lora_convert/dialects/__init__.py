@@ -15,6 +15,7 @@ from ..inventory import Inventory
 from ..io.reader import Checkpoint
 from .diffusers import DiffusersDialect
 from .kohya import KohyaDialect
+from .mlx import MlxDialect
 from .peft import PeftDialect
 
 
@@ -48,5 +49,6 @@ def read_inventory(ck: Checkpoint) -> Inventory:
     raise AssertionError("the PEFT dialect claims every checkpoint")  # pragma: no cover
 
 
+register(MlxDialect())
 register(KohyaDialect())
 register(DiffusersDialect())

@@ -398,7 +398,8 @@ def check_complete_output(folder: str | os.PathLike[str]) -> list[str]:
 
     weights = [f for f in files if f.endswith(_WEIGHT_SUFFIXES)]
     names = {Path(f).name for f in files}
-    if "adapter_config.json" in names and not any(Path(f).name.startswith("adapter_model.") for f in weights):
+    adapter_weights = [f for f in weights if Path(f).name.startswith("adapter_model.") or f == "adapters.safetensors"]
+    if "adapter_config.json" in names and not adapter_weights:  # adapters.safetensors: an mlx-lm adapter
         problems.append("adapter_config.json without adapter_model.safetensors / adapter_model.bin")
     if not weights:
         problems.append("no weight files (*.safetensors, *.bin) and no adapter files")

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     import torch
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+MLX_ADAPTER_WEIGHTS = "adapters.safetensors"  # mlx-lm's; its checkpoints are {iteration:07d}_adapters.safetensors
 DIFFUSERS_STEM = "diffusion_pytorch_model"  # a diffusers model's weights (a UNet, a transformer)
 MODEL_INDEXES = (
     "model.safetensors.index.json",
@@ -249,7 +250,9 @@ def open_checkpoint(path: str | Path, *, adapter_name: str | None = None) -> Che
             raise CheckpointError("not a .safetensors or .bin file", path=path)
         metadata = _add_file(tensors, sources, path)
         root = path.parent
-        kind = "adapter" if path.name.startswith("adapter_model") else "model"
+        kind = (
+            "adapter" if path.name.startswith("adapter_model") or path.name.endswith(MLX_ADAPTER_WEIGHTS) else "model"
+        )
         layout = "bin" if path.suffix != ".safetensors" else "safetensors"
         cfg_path = root / "adapter_config.json"
         ck = Checkpoint(
@@ -274,6 +277,8 @@ def open_checkpoint(path: str | Path, *, adapter_name: str | None = None) -> Che
         files, kind, layout = [root / "adapter_model.safetensors"], "adapter", "safetensors"
     elif (root / "adapter_model.bin").is_file():
         files, kind, layout = [root / "adapter_model.bin"], "adapter", "bin"
+    elif (root / MLX_ADAPTER_WEIGHTS).is_file():  # not the trainer's checkpoints beside it
+        files, kind, layout = [root / MLX_ADAPTER_WEIGHTS], "adapter", "safetensors"
     else:
         for index_name in MODEL_INDEXES:
             index = root / index_name

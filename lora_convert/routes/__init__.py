@@ -12,9 +12,12 @@ from collections.abc import Callable
 from ..errors import RouteError
 from .diffusion import plan_diffusers, plan_kohya
 from .extract import plan_extract
+from .gguf import plan_gguf
 from .layout import plan_attach, plan_split, plan_strip
 from .merge import plan_merge
+from .mlx import plan_mlx
 from .plan import FORMATS, FORMS, Plan, Request
+from .to_peft import plan_peft
 
 Planner = Callable[[Request], Plan]
 
@@ -25,6 +28,11 @@ ROUTES: dict[tuple[str, str], Planner] = {
     ("unmerged", "adapter"): plan_split,
     ("adapter", "unmerged"): plan_attach,
     ("plain", "adapter"): plan_extract,
+    ("adapter", "adapter"): plan_peft,  # another dialect's adapter (mlx-lm) -> PEFT
+    ("adapter", "gguf"): plan_gguf,
+    ("unmerged", "gguf"): plan_gguf,
+    ("adapter", "mlx"): plan_mlx,
+    ("unmerged", "mlx"): plan_mlx,
     ("adapter", "kohya"): plan_kohya,
     ("adapter", "diffusers"): plan_diffusers,
 }

@@ -21,8 +21,7 @@ from ..io.reader import Checkpoint
 from ..pipeline import Buffers, Job, Read
 from .common import BaseView, check_finite, copy_job, remap_modules, same_tensor
 from .plan import Plan, Request, output_dtype
-
-QUANTIZED_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".qweight", ".scales", ".absmax", ".SCB")
+from .quantized import quantized_base
 
 
 @dataclass
@@ -51,9 +50,9 @@ def plan_merge(req: Request) -> Plan:
     assert cfg is not None, "the API checks that an adapter config exists"
     cfg.check_supported()
     base = BaseView(req.base) if req.base is not None else BaseView(req.source, req.inventory.base)
-    quantized = _quantized(model_config, base)
-    if quantized:
-        raise UnsupportedError(quantized, path=base.ck.root)
+    qbase = quantized_base(req, base)  # read through its dequantized view
+    if qbase is not None:
+        base = BaseView(qbase.view)
     tied = arch.tied_pair(model_config, base.keys())
     warnings: list[str] = []
     ops = _assign(req, base, tied, warnings)
@@ -73,11 +72,14 @@ def plan_merge(req: Request) -> Plan:
             keys.remove(head_key)  # still tied: the shared tensor is stored once, as save_pretrained does
     dtype = output_dtype(req.dtype)
     conv1d = bool(cfg.fan_in_fan_out) or arch.stores_conv1d(model_config)
-    jobs = [_job(k, ops[k], base, dtype, conv1d) for k in keys]
+    dtypes = qbase.dtypes(req.dtype) if qbase is not None else {}
+    jobs = [_job(k, ops[k], base, dtypes.get(k, dtype), conv1d) for k in keys]
+    if qbase is not None:
+        jobs = qbase.jobs(jobs, ops)
     vocab = _new_vocab(ops, base.keys(), tied, model_config)
     if vocab is not None:
         config_changes["vocab_size"] = vocab
-    return Plan(
+    plan = Plan(
         "merged",
         jobs,
         stem=base.ck.stem,
@@ -86,17 +88,9 @@ def plan_merge(req: Request) -> Plan:
         config_changes=config_changes,
         warnings=warnings,
     )
-
-
-def _quantized(model_config: dict[str, Any] | None, base: BaseView) -> str | None:
-    if model_config and model_config.get("quantization_config"):
-        qc = model_config["quantization_config"]
-        method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else "unknown"
-        return f"the base is quantized ({method}); merge into the unquantized base instead"
-    for k in base.keys():
-        if k.endswith(QUANTIZED_SUFFIXES):
-            return f"the base holds quantized weights ({k}); merge into the unquantized base instead"
-    return None
+    if qbase is not None:
+        qbase.annotate(plan)
+    return plan
 
 
 def _assign(req: Request, base: BaseView, tied: tuple[str, str] | None, notes: list[str]) -> dict[str, _KeyOps]:

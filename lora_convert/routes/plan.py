@@ -19,11 +19,14 @@ from ..io.reader import Checkpoint
 if TYPE_CHECKING:
     import torch
 
+    from ..io.writer import TensorSink
     from ..pipeline import Job
     from .extract import Extraction, ExtractOptions
+    from .requantize import Requantization
 
 FORMS = ("merged", "adapter", "unmerged", "base")
-FORMATS = ("kohya", "diffusers")  # other ecosystems' adapters: a kohya (sd-scripts) file, diffusers' LoRA file
+FORMATS = ("gguf", "mlx", "kohya", "diffusers")  # other ecosystems' adapters: llama.cpp's GGUF file, an mlx-lm
+# adapter folder, a kohya (sd-scripts) file, diffusers' LoRA file
 OUTPUT_DTYPES = {
     "auto": None,
     "bf16": "bfloat16",
@@ -60,6 +63,9 @@ class Request:
     dtype: str = "auto"  # --dtype
     extract: ExtractOptions | None = None  # the SVD route's options
     progress: bool = False  # progress bars for work done while planning (extraction's factorisations)
+    base_config: dict[str, Any] | None = None  # the base's config.json, for routes that need no base weights
+    outtype: str | None = None  # --outtype of a GGUF output
+    requantize: bool = False  # merge into a quantized base: write the base's own scheme back
 
     @property
     def config(self) -> AdapterConfig | None:
@@ -68,7 +74,9 @@ class Request:
     @property
     def model_config(self) -> dict[str, Any] | None:
         """config.json of the model the output is made from."""
-        return self.base.config if self.base is not None else self.source.config
+        if self.base is not None:
+            return self.base.config
+        return self.base_config if self.base_config is not None else self.source.config
 
 
 @dataclass
@@ -90,6 +98,8 @@ class Plan:
     card_config: dict[str, Any] | None = None  # config for the card's pipeline tag when none is written
     extraction: Extraction | None = None  # the SVD route's per-module report
     op_counts: dict[str, int] | None = None  # what the result reports as done (None: the jobs' ops counted)
+    file_sink: Callable[[Path], TensorSink] | None = None  # the output is this one file (GGUF), no folder
+    requantization: Requantization | None = None  # merge --requantize: the error each module's re-quantization adds
     metadata: dict[str, str] | None = None  # the safetensors header's metadata (kohya's ss_*, diffusers' config)
 
     def ops(self) -> dict[str, int]:
