@@ -214,6 +214,8 @@ def test_kohya_file_with_equal_alphas_as_diffusers_loads_it(tmp_path):
     assert (unet_out(_load_unet(tmp_path / "merged")) - want).abs().max().item() <= TOL
     lc.convert(tmp_path / "k", "diffusers", output=tmp_path / "d")  # names read without the model
     assert (_diffusers_load(tmp_path / "d", unet()) - want).abs().max().item() <= TOL
+    with pytest.raises(lc.RouteError, match="PEFT-style form is diffusers' LoRA file.*--to diffusers"):
+        lc.convert(tmp_path / "k", "adapter", output=tmp_path / "peft")
 
 
 SGM_NAMES = {  # SDXL kohya names (sd-scripts' SGM UNet) of modules of the SDXL-like tiny UNet

@@ -163,6 +163,17 @@ def test_attached_to_the_vlm_as_saved_the_config_follows_the_new_names(tmp_path)
     assert (logits(_load_vlm("llava", tmp_path / "merged"), VLM_SEQ) - want).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("target", ["lm_head", "embed_tokens"])
+def test_gemma3_tied_head_or_embedding_lora(tmp_path, target):
+    """Gemma 3 ties its head to the embedding and saves neither ``lm_head`` nor the VLM prefixes PEFT
+    uses: the LoRA'd side is matched through the prefixes, the two untied, and the logits are PEFT's."""
+    pm = _vlm_with_adapter(tmp_path, "gemma3", r=4, lora_alpha=8, target_modules=["q_proj", target])
+    want = logits(pm, VLM_SEQ)
+    res = lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "merged")
+    assert res.config_changes == {"tie_word_embeddings": False}
+    assert (logits(_load_vlm("gemma3", tmp_path / "merged"), VLM_SEQ) - want).abs().max().item() <= TOL
+
+
 def test_two_readings_are_refused(tmp_path):
     """A base holding the decoder under two prefixes: ``model.language_model.layers`` could be either."""
     _vlm_with_adapter(tmp_path, "llava", r=4, lora_alpha=8, target_modules=["q_proj"])
