@@ -305,6 +305,44 @@ def test_text_encoder_lora_merges_into_its_own_folder_and_is_left_out_of_the_une
     assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in keys
 
 
+def test_diffusers_transformer_lora_merges_into_the_transformer_folder(tmp_path):
+    """A Flux-style transformer (diffusers' ``transformer.`` LoRA files): merged output equals PEFT's
+    unmerged one, also through the kohya file (``lora_transformer_``, names settled by the base)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    kw = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8)
+    kw |= dict(num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=[2, 2, 4])
+    model = FluxTransformer2DModel(**kw).eval()
+    _save(model, tmp_path / "transformer")
+    g = torch.Generator().manual_seed(1)
+    inputs = dict(
+        hidden_states=torch.randn(1, 4, 4, generator=g),
+        encoder_hidden_states=torch.randn(1, 3, 16, generator=g),
+        pooled_projections=torch.randn(1, 16, generator=g),
+        timestep=torch.tensor([0.5]),
+        img_ids=torch.zeros(4, 3),
+        txt_ids=torch.zeros(3, 3),
+    )
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "proj_mlp", "proj_out", "ff.net.2"]
+    model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+    with torch.no_grad():
+        want = model(**inputs).sample
+    FluxPipeline.save_lora_weights(
+        str(tmp_path / "lora"),
+        transformer_lora_layers=get_peft_model_state_dict(model),
+        transformer_lora_adapter_metadata=model.peft_config["default"].to_dict(),
+    )
+    for src in ("lora", "kohya"):
+        if src == "kohya":
+            lc.convert(tmp_path / "lora", "kohya", output=tmp_path / "kohya")
+        res = lc.merge(tmp_path / src, base=tmp_path / "transformer", output=tmp_path / f"merged-{src}")
+        assert res.files == ["diffusion_pytorch_model.safetensors"] and res.ops["merge"] == 12
+        with torch.no_grad():
+            got = FluxTransformer2DModel.from_pretrained(str(tmp_path / f"merged-{src}")).eval()(**inputs).sample
+        assert (got - want).abs().max().item() <= TOL, src
+
+
 def test_a_name_the_base_spells_twice_is_refused(tmp_path):
     base = unet()
     _save(base, tmp_path / "unet")
