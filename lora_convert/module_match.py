@@ -42,8 +42,9 @@ class ModuleMatch:
     unmatched: list[str] = field(default_factory=list)
     ambiguous: dict[str, list[str]] = field(default_factory=dict)  # module -> the base modules it could be
 
-    def notes(self) -> list[str]:
-        """One line per prefix read differently and per part left out (warnings of a conversion)."""
+    def notes(self, *, kept: bool = False) -> list[str]:
+        """One line per prefix read differently and per part left out (warnings of a conversion);
+        ``kept``: the route keeps those parts under their own names rather than leaving them out."""
         out = []
         for (ours, theirs), n in sorted(self.renamed.items(), key=lambda kv: (-kv[1], kv[0])):
             sgm = theirs.endswith(SGM)
@@ -54,8 +55,9 @@ class ModuleMatch:
                 f"adapter modules under {ours!r} matched {where} ({n} module{'s' if n != 1 else ''}){what if sgm else ''}"
             )
         for part, mods in sorted(self.left_out.items()):
+            fate = "kept under their own names" if kept else "left out"
             out.append(
-                f"{len(mods)} module{'s' if len(mods) != 1 else ''} of {part.rstrip('.')!r} left out: the base holds "
+                f"{len(mods)} module{'s' if len(mods) != 1 else ''} of {part.rstrip('.')!r} {fate}: the base holds "
                 f"no such part (e.g. {mods[0]})"
             )
         return out

@@ -300,9 +300,11 @@ def test_text_encoder_lora_merges_into_its_own_folder_and_is_left_out_of_the_une
     assert (_clip_out(te) - want).abs().max().item() > 0.01
     res = lc.merge(tmp_path / "k", base=tmp_path / "unet", output=tmp_path / "unet_merged")
     assert any(w.startswith("4 modules of 'text_encoder' left out") for w in res.warnings), res.warnings
-    lc.convert(tmp_path / "k", "diffusers", output=tmp_path / "d")
+    res = lc.convert(tmp_path / "k", "diffusers", base=tmp_path / "unet", output=tmp_path / "d")
+    assert any(w.startswith("4 modules of 'text_encoder' kept under their own names") for w in res.warnings)
     keys = set(load_file(str(tmp_path / "d" / "pytorch_lora_weights.safetensors")))
     assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight" in keys and len(keys) == 2 * 14
 
 
 def test_diffusers_transformer_lora_merges_into_the_transformer_folder(tmp_path):

@@ -87,13 +87,14 @@ def remap_modules(
     spelled: bool = False,
     config: dict[str, Any] | None = None,
     notes: list[str] | None = None,
+    kept: bool = False,
 ) -> dict[str, str]:
     """Module path in the adapter -> base key prefix, read across the layouts that spell one model
     differently (:mod:`~lora_convert.module_match`: VLM prefixes, a base saved without its
     ``base_model_prefix``, kohya's '_' spelling, SGM block numbers).  Modules of a part the base does not
     hold (a text encoder beside a UNet, a vision tower beside a text-only model) are left out of the
-    mapping; ``notes`` receives what was read differently or left out.  Errs on ambiguous and unmatched
-    modules."""
+    mapping; ``notes`` receives what was read differently or left out (``kept``: by a route that keeps
+    them under their own names).  Errs on ambiguous and unmatched modules."""
     match = match_modules(modules, base.keys(), spelled=spelled, config=config)
     if match.ambiguous:
         m, hits = next(iter(match.ambiguous.items()))
@@ -113,7 +114,7 @@ def remap_modules(
             hint=hint or "is this adapter for this base model?",
         )
     if notes is not None:
-        notes += match.notes()
+        notes += match.notes(kept=kept)
     return match.mapping
 
 

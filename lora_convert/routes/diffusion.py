@@ -115,6 +115,7 @@ def _placed(req: Request, fmt: str) -> tuple[dict[str, tuple[str, str]], list[st
             spelled=inv.spelled,
             config=req.base.config,
             notes=notes,
+            kept=True,
         )
     out: dict[str, tuple[str, str]] = {}
     for mod in modules:
