@@ -78,6 +78,10 @@ class _BaseNames:
     def __init__(self, keys: Iterable[str], spelled: bool) -> None:
         self.keys = set(keys)
         self.heads = {k.split(".", 1)[0] for k in self.keys}
+        self.prefixes = {""}  # the base's first one to three path components: where a reading can land
+        for parts in {tuple(k.split(".", 3)[:-1]) for k in self.keys}:
+            self.prefixes.update(".".join(parts[:i]) + "." for i in range(1, len(parts) + 1))
+        self._swaps: dict[str, list[Change]] = {}
         self.spelled = spelled
         self.by_spelling: dict[str, set[str]] = {}
         if spelled:
@@ -92,6 +96,21 @@ class _BaseNames:
             return {name}
         return set()
 
+    def swaps(self, s: str) -> list[Change]:
+        """(prefix of ``s``, another spelling of it the base has something under), for a module path
+        ``s`` ending in '.'.  Every equivalent prefix spans at most two components, so the answer
+        depends on the first two only: cached by those (an adapter has thousands of modules)."""
+        key = ".".join(s.split(".", 2)[:2])
+        found = self._swaps.get(key)
+        if found is None:
+            found = []
+            for group in arch.EQUIVALENT_PREFIXES:
+                have = max((p for p in group if s.startswith(p)), key=len, default=None)
+                if have is not None:
+                    found += [(have, q) for q in group if q != have and q in self.prefixes]
+            self._swaps[key] = found
+        return found
+
     def holds_any(self, prefixes: Iterable[str]) -> bool:
         prefixes = tuple(prefixes)
         return any(k.startswith(prefixes) for k in self.keys)
@@ -101,18 +120,15 @@ Change = tuple[str, str]  # (the adapter's prefix, the base's prefix) a reading 
 SGM = "<SGM blocks>"  # marks a reading whose UNet blocks were renumbered from SGM's
 
 
-def _readings(module: str, heads: set[str], config: dict[str, Any] | None) -> list[tuple[str, Change]]:
+def _readings(module: str, base: _BaseNames, config: dict[str, Any] | None) -> list[tuple[str, Change]]:
     """``module`` and its other spellings one step away, each with the prefix it swapped: every
-    equivalent prefix, the first component dropped where the base has nothing under it, the SGM block
-    numbering translated."""
+    equivalent prefix the base has something under, the first component dropped where the base has
+    nothing under it, the SGM block numbering translated."""
     out: list[tuple[str, Change]] = [(module, ("", ""))]
     s = module + "."
-    for group in arch.EQUIVALENT_PREFIXES:
-        have = max((p for p in group if s.startswith(p)), key=len, default=None)
-        if have is not None:
-            out += [((q + s[len(have) :])[:-1], (have, q)) for q in group if q != have]
+    out += [((q + s[len(have) :])[:-1], (have, q)) for have, q in base.swaps(s)]
     head, _, rest = module.partition(".")
-    if rest and head not in heads:
+    if rest and head not in base.heads:
         out.append((rest, (head + ".", "")))  # a base saved without its base_model_prefix (GPT-2's ``h.0``)
     if config is not None:
         for r, change in list(out):
@@ -126,7 +142,7 @@ def _hits(module: str, base: _BaseNames, config: dict[str, Any] | None) -> dict[
     """Base modules that some reading of ``module`` names, with the prefix swapped to reach each: one
     step first, two only if that finds none (a kohya text-encoder module read against a CLIP saved
     without ``text_model.``)."""
-    first = _readings(module, base.heads, config)
+    first = _readings(module, base, config)
     hits: dict[str, Change] = {}
     for r, change in first:
         for t in base.find(r):
@@ -134,7 +150,7 @@ def _hits(module: str, base: _BaseNames, config: dict[str, Any] | None) -> dict[
     if hits:
         return hits
     for r, (a1, b1) in first[1:]:
-        for r2, (a2, b2) in _readings(r, base.heads, config)[1:]:
+        for r2, (a2, b2) in _readings(r, base, config)[1:]:
             for t in base.find(r2):  # two swaps in a row: the adapter's prefix, then the base's
                 hits.setdefault(t, (a1 + a2[len(b1) :] if a2.startswith(b1) else a1, b2 + b1[len(a2) :]))
     return hits
@@ -168,7 +184,7 @@ def match_modules(
 def _leave_out_absent_parts(res: ModuleMatch, base: _BaseNames) -> None:
     """Unmatched modules of a part none of whose modules matched, and of which the base holds nothing,
     are left out — provided something else matched (zero matched modules stays an error)."""
-    if not res.mapping:
+    if not res.mapping or not res.unmatched:
         return
     matched_parts = {arch.part_of(m) for m in res.mapping}
     by_part: dict[str, list[str]] = {}
