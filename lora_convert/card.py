@@ -31,6 +31,15 @@ def pipeline_tag(model_config: dict[str, Any] | None) -> str | None:
     return None
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lora-convert")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree that was never installed
+        return "(source tree)"
+
+
 def _yaml_scalar(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -48,8 +57,12 @@ def render_card(
     command: str | None,
     summary: list[str],
     tables: list[str] | None = None,
+    base_named: str | None = None,
 ) -> str:
-    """A README.md: YAML metadata the Hub understands, then what was done and how."""
+    """A README.md: YAML metadata the Hub understands, then what was done and how.
+
+    ``base_model`` is a Hub repo id or None: the Hub rejects (or links nowhere from) anything else, so a
+    local base is only named in the text (``base_named``, the base as the user gave it)."""
     meta: dict[str, Any] = {}
     tags = ["lora", "lora-convert"]
     if form == "adapter":
@@ -93,11 +106,12 @@ def render_card(
         **IMAGE_LORA_FORMS,
     }.get(form, "")
     lines += [what, ""]
-    if base_model:
-        lines += [f"Base model: `{base_model}`", ""]
+    named = base_model or base_named
+    if named:
+        lines += [f"Base model: `{named}`" + ("" if base_model else " (a local folder)"), ""]
     lines += [f"- {s}" for s in summary]
     if command:
-        lines += ["", "Made with [lora-convert](https://github.com/) by:", "", "```", command, "```"]
+        lines += ["", f"Made with lora-convert {_version()} by:", "", "```", command, "```"]
     for t in tables or []:
         lines += ["", t]
     return "\n".join(lines) + "\n"

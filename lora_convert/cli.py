@@ -3,54 +3,111 @@
 from __future__ import annotations
 
 import gc
-import json
 import shlex
 import sys
 from collections.abc import Callable
-from typing import Any
+from dataclasses import asdict
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
-from rich.table import Table
 
 from . import api
+from .cli_output import document, dumps, error_document, fit_console, table
 from .errors import LoraConvertError
 from .fmt import human_bytes, ranges
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)  # one warning, one line (grep-able, like error:)
+JSON_KEY = "lora_convert.json"  # ctx.meta: the command line asked for --json
 
 
 def _command_line() -> str:
-    return "lora-convert " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    """The command line for the model card, with a --token value blanked out."""
+    args, hide = [], False
+    for a in sys.argv[1:]:
+        args.append("***" if hide else ("--token=***" if a.startswith("--token=") else a))
+        hide = a == "--token"
+    return "lora-convert " + " ".join(shlex.quote(a) for a in args)
 
 
-def run_guarded(fn: Callable[[], Any], debug: bool) -> Any:
-    """Turn our exceptions into one ``error:`` line and exit 1."""
+def run_guarded(fn: Callable[[], Any], debug: bool, as_json: bool = False) -> Any:
+    """Turn our exceptions into one ``error:`` line (under --json, an error document on stdout too) and exit 1."""
     try:
         return fn()
     except LoraConvertError as exc:
         if debug:
             raise
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+        _fail(exc, 1, exc.for_cli(), as_json)
     except KeyboardInterrupt as exc:
         where = getattr(exc, "output_target", None)  # set by AtomicOutput on its way out
-        click.echo(f"error: {where + ': ' if where else ''}interrupted; nothing was written", err=True)
-        sys.exit(130)
+        text = f"{where + ': ' if where else ''}interrupted; nothing was written"
+        _fail(exc, 130, text, as_json, "Interrupted")
 
 
-def _print_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
+def _fail(exc: BaseException, code: int, text: str, as_json: bool, type_name: str | None = None) -> NoReturn:
+    if as_json:
+        click.echo(dumps(error_document(exc, code, message=text, type_name=type_name)))
+    click.echo(f"error: {text}", err=True)
+    sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _print_json(kind: str, obj: dict[str, Any]) -> None:
+    click.echo(dumps(document(kind, obj)))
+
+
+class _Main(click.Group):
+    """The command group.  Under ``--json`` a usage error is an error document on stdout too (exit 2)."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        wants = "--json" in args
+        try:
+            ctx = super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            _usage_error(exc, wants)
+        ctx.meta[JSON_KEY] = wants
+        return ctx
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            _usage_error(exc, ctx.meta.get(JSON_KEY, False))
+
+
+def _usage_error(exc: click.UsageError, as_json: bool) -> NoReturn:
+    if not as_json:
+        raise exc
+    click.echo(dumps(error_document(exc, exc.exit_code, message=exc.format_message(), type_name="UsageError")))
+    exc.show()
+    raise click.exceptions.Exit(exc.exit_code)
+
+
+def _debug_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--debug`` after the command too (``detect X --debug``), where users look for it."""
+
+    def turn_on(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+        if value:
+            ctx.ensure_object(dict)["debug"] = True
+
+    return click.option(
+        "--debug",
+        is_flag=True,
+        expose_value=False,
+        callback=turn_on,
+        help="Show tracebacks instead of one-line errors.",
+    )(f)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lora-convert")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
     """Detect, convert, merge and extract LoRA checkpoints, tensor by tensor."""
     ctx.obj = {"debug": debug}
+    fit_console(out)
+    fit_console(err, soft_wrap=True)
     # Everything imported so far (torch alone is ~10^6 objects) lives for the whole run: move it
     # out of the collector's sight, or every full collection re-walks it (~4% of a merge's CPU).
     gc.freeze()
@@ -64,13 +121,14 @@ def _debug(ctx: click.Context) -> bool:
 @click.argument("path")
 @click.option("--base", help="Compare a plain checkpoint with this base (reads tensor data).")
 @click.option("--adapter", help="Adapter name, for folders with several.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (docs/json.md).")
+@_debug_option
 @click.pass_context
 def detect(ctx: click.Context, path: str, base: str | None, adapter: str | None, as_json: bool) -> None:
     """Say which form PATH is in (adapter, unmerged, plain / base / merged) and why."""
-    res = run_guarded(lambda: api.detect(path, base=base, adapter=adapter), _debug(ctx))
+    res = run_guarded(lambda: api.detect(path, base=base, adapter=adapter), _debug(ctx), as_json)
     if as_json:
-        _print_json(res.to_dict())
+        _print_json("detect", res.to_dict())
         return
     out.print(f"[bold]form:[/bold] {res.form}" + (f" ({res.dialect})" if res.dialect != "peft" else ""))
     out.print(
@@ -88,20 +146,19 @@ def detect(ctx: click.Context, path: str, base: str | None, adapter: str | None,
             f"on disk, {human_bytes(q['dequantized_bytes']['BF16'])} dequantized to bf16"
         )
     for a in res.adapters:
-        t = Table(title=f"adapter '{a.name}'", show_lines=False)
-        for col in ("module", "count", "layers", "rank", "alpha", "scaling"):
-            t.add_column(col)
-        for g in a.modules:
-            layers = ranges(g.layers) if g.layers else "-"
-            t.add_row(
+        rows = [
+            [
                 g.name,
                 str(g.count),
-                layers,
+                ranges(g.layers) if g.layers else "-",
                 ",".join(map(str, g.ranks)),
                 ",".join(f"{x:g}" for x in g.alphas) or "?",
                 ",".join(f"{x:g}" for x in g.scalings) or "?",
-            )
-        out.print(t)
+            ]
+            for g in a.modules
+        ]
+        head = ["module", "count", "layers", "rank", "alpha", "scaling"]
+        out.print(table(out, f"adapter '{a.name}'", head, rows))
         flags = [
             f"DoRA: {a.dora}",
             f"rsLoRA: {a.use_rslora}",
@@ -129,6 +186,16 @@ def detect(ctx: click.Context, path: str, base: str | None, adapter: str | None,
         err.print(f"[yellow]warning:[/yellow] {w}")
 
 
+_push_options = [
+    click.option(
+        "--push-to",
+        help="Push the output folder to this Hub repo id once written (token and write access checked first).",
+    ),
+    click.option("--private", is_flag=True, help="With --push-to: create the repo private."),
+    click.option("--token", help="Hub token for the push (default: HF_TOKEN or `hf auth login`); never printed."),
+]
+
+
 def _conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
     for opt in reversed(
         [
@@ -144,21 +211,18 @@ def _conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
             ),
             click.option("--max-shard-size", default="5GB", show_default=True, help="Shard limit, decimal units."),
             click.option("--force", is_flag=True, help="Replace an existing output folder."),
-            click.option("--json", "as_json", is_flag=True, help="Print a JSON summary."),
-            click.option("--push-to", help="Push the output folder to this Hub repo id afterwards."),
-            click.option("--private", is_flag=True, help="With --push-to: create the repo private."),
+            click.option("--json", "as_json", is_flag=True, help="Print one JSON document (docs/json.md)."),
+            *_push_options,
+            _debug_option,
         ]
     ):
         f = opt(f)
     return f
 
 
-def _report_conversion(res: Any, as_json: bool, pushed: Any = None) -> None:
+def _report_conversion(res: Any, as_json: bool) -> None:
     if as_json:
-        d = res.to_dict()
-        if pushed is not None:
-            d["pushed"] = pushed.__dict__ if hasattr(pushed, "__dict__") else pushed
-        _print_json(d)
+        _print_json("conversion", res.to_dict())
         return
     out.print(
         f"[green]wrote[/green] {res.output} ({res.target_form}, from {res.source_form}): {res.tensors} tensors, "
@@ -170,14 +234,8 @@ def _report_conversion(res: Any, as_json: bool, pushed: Any = None) -> None:
         out.print(f"  config.json: {k} = {v}")
     for w in res.warnings:
         err.print(f"[yellow]warning:[/yellow] {w}")
-    if pushed is not None:
-        out.print(f"[green]pushed[/green] {getattr(pushed, 'commit_url', pushed)}")
-
-
-def _maybe_push(folder: str, push_to: str | None, private: bool) -> Any:
-    if not push_to:
-        return None
-    return api.push(folder, push_to, private=private, progress=False)
+    if res.pushed is not None:
+        out.print(f"[green]pushed[/green] {res.output} -> {res.pushed.commit_url}")
 
 
 def _extraction_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -230,26 +288,20 @@ def _given(**opts: Any) -> dict[str, Any]:
     return out
 
 
-def _print_extract(res: Any, as_json: bool, pushed: Any) -> None:
+def _print_extract(res: Any, as_json: bool) -> None:
     if as_json:
-        _report_conversion(res, True, pushed)
+        _report_conversion(res, True)
         return
-    t = Table(title="extracted modules")
-    for col in ("module", "shape", "rank", "energy kept", "rel. error", "svd"):
-        t.add_column(col)
-    for m in res.extraction.modules:
-        t.add_row(
-            m.module,
-            f"{m.shape[0]}x{m.shape[1]}",
-            f"{m.rank}{'*' if m.capped else ''}",
-            f"{m.energy:.6f}",
-            f"{m.error:.3e}",
-            m.method,
-        )
-    out.print(t)
+    rows = [
+        [m.module, f"{m.shape[0]}x{m.shape[1]}", f"{m.rank}{'*' if m.capped else ''}"]
+        + [f"{m.energy:.6f}", f"{m.error:.3e}", m.method]
+        for m in res.extraction.modules
+    ]
+    head = ["module", "shape", "rank", "energy kept", "rel. error", "svd"]
+    out.print(table(out, "extracted modules", head, rows))
     for line in res.extraction.summary_lines(res.total_bytes):
         out.print(line)
-    _report_conversion(res, False, pushed)
+    _report_conversion(res, False)
 
 
 @main.command()
@@ -283,6 +335,7 @@ def convert(
     as_json: bool,
     push_to: str | None,
     private: bool,
+    token: str | None,
     outtype: str | None,
     **svd_opts: Any,
 ) -> None:
@@ -296,9 +349,8 @@ def convert(
     given = _given(**svd_opts)
     if push_to and to == "gguf":
         raise click.UsageError("--push-to uploads a folder; upload the .gguf file with `hf upload REPO FILE`")
-
-    def go() -> Any:
-        res = api.convert(
+    res = run_guarded(
+        lambda: api.convert(
             source,
             to,
             output=output,
@@ -311,14 +363,17 @@ def convert(
             command=_command_line(),
             extract_options=given or None,
             outtype=outtype,
-        )
-        return res, _maybe_push(output, push_to, private)
-
-    res, pushed = run_guarded(go, _debug(ctx))
+            push_to=push_to,
+            private=private,
+            token=token,
+        ),
+        _debug(ctx),
+        as_json,
+    )
     if res.extraction is not None:  # the SVD route
-        _print_extract(res, as_json, pushed)
+        _print_extract(res, as_json)
     else:
-        _report_conversion(res, as_json, pushed)
+        _report_conversion(res, as_json)
 
 
 @main.command()
@@ -342,15 +397,15 @@ def merge(
     as_json: bool,
     push_to: str | None,
     private: bool,
+    token: str | None,
     requantize: bool,
 ) -> None:
     """Fold LoRA into the base weights (SOURCE: an adapter with --base, or an unmerged checkpoint).
 
     A quantized base (fp8, compressed-tensors fp8, bitsandbytes 4/8-bit, MXFP4) is dequantized block by
     block; with --requantize the merged weights are quantized again in its scheme."""
-
-    def go() -> Any:
-        res = api.merge(
+    res = run_guarded(
+        lambda: api.merge(
             source,
             output=output,
             base=base,
@@ -360,24 +415,23 @@ def merge(
             force=force,
             progress=not as_json and err.is_terminal,
             command=_command_line(),
+            push_to=push_to,
+            private=private,
+            token=token,
             requantize=requantize,
-        )
-        return res, _maybe_push(output, push_to, private)
-
-    res, pushed = run_guarded(go, _debug(ctx))
+        ),
+        _debug(ctx),
+        as_json,
+    )
     if res.requantization is not None and not as_json:
         _print_requantization(res.requantization)
-    _report_conversion(res, as_json, pushed)
+    _report_conversion(res, as_json)
 
 
 def _print_requantization(rq: Any) -> None:
     head, rows = rq.table()
-    t = Table(title=f"re-quantized ({rq.scheme}); {rq.copied} untouched quantized weights copied")
-    for h in head:
-        t.add_column(h)
-    for r in rows:
-        t.add_row(*r)
-    out.print(t)
+    title = f"re-quantized ({rq.scheme}); {rq.copied} untouched quantized weights copied"
+    out.print(table(out, title, head, rows))
 
 
 @main.command("report")
@@ -391,40 +445,34 @@ def _print_requantization(rq: Any) -> None:
     show_default=True,
     help="Context length for the attention FLOPs.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (docs/json.md).")
 @click.option("--markdown", is_flag=True, help="Print Markdown tables for a model card.")
+@_debug_option
 @click.pass_context
 def report_cmd(
     ctx: click.Context, path: str, base: str | None, adapter: str | None, seq_len: int, as_json: bool, markdown: bool
 ) -> None:
     """Parameters, bytes on disk and FLOPs per token of PATH in every form (headers only)."""
-    from .costs import form_table, module_table, report_markdown
+    from .costs import assumption_lines, form_table, module_table, report_markdown
 
     if as_json and markdown:
         raise click.UsageError("--json and --markdown are exclusive")
-    rep = run_guarded(lambda: api.report(path, base=base, seq_len=seq_len, adapter=adapter), _debug(ctx))
+    rep = run_guarded(lambda: api.report(path, base=base, seq_len=seq_len, adapter=adapter), _debug(ctx), as_json)
     if as_json:
-        _print_json(rep.to_dict())
+        _print_json("report", rep.to_dict())
         return
     if markdown:
         click.echo(report_markdown(rep), nl=False)
         return
-    head, rows = form_table(rep)
-    t = Table(title=f"{path} ({rep.source_form})")  # transposed: one column per form fits a terminal
-    t.add_column("")
-    for r in rows:
-        t.add_column(r[0], justify="right")
-    for i, h in enumerate(head[1:], start=1):
-        t.add_row(h, *(r[i] for r in rows))
-    out.print(t)
+    head, rows = form_table(rep)  # transposed: one column per form fits a terminal
+    cols = [[h, *(r[i] for r in rows)] for i, h in enumerate(head[1:], start=1)]
+    right = tuple(range(1, len(rows) + 1))
+    out.print(table(out, f"{path} ({rep.source_form})", ["", *(r[0] for r in rows)], cols, name_col=None, right=right))
     head, rows = module_table(rep)
     if rows:
-        t = Table(title="LoRA modules")
-        for h in head:
-            t.add_column(h)
-        for r in rows:
-            t.add_row(*r)
-        out.print(t)
+        out.print(table(out, "LoRA modules", head, rows, name_col=None))
+    for line in assumption_lines(rep):
+        out.print(line, markup=False, highlight=False)
     for n in rep.notes:
         err.print(f"note: {n}")
 
@@ -435,9 +483,11 @@ def report_cmd(
 @click.option("-o", "--output", required=True, help="Output adapter folder (created atomically).")
 @_extraction_options
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
-@click.option("--push-to", help="Push the output folder to this Hub repo id afterwards.")
-@click.option("--private", is_flag=True, help="With --push-to: create the repo private.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (docs/json.md).")
+@_push_options[0]
+@_push_options[1]
+@_push_options[2]
+@_debug_option
 @click.pass_context
 def extract(
     ctx: click.Context,
@@ -448,24 +498,27 @@ def extract(
     as_json: bool,
     push_to: str | None,
     private: bool,
+    token: str | None,
     **svd_opts: Any,
 ) -> None:
     """Extract a LoRA adapter from TUNED minus BASE by SVD of every changed weight."""
-
-    def go() -> Any:
-        res = api.extract(
+    res = run_guarded(
+        lambda: api.extract(
             tuned,
             base=base,
             output=output,
             force=force,
             progress=not as_json and err.is_terminal,
             command=_command_line(),
+            push_to=push_to,
+            private=private,
+            token=token,
             **_given(**svd_opts),
-        )
-        return res, _maybe_push(output, push_to, private)
-
-    res, pushed = run_guarded(go, _debug(ctx))
-    _print_extract(res, as_json, pushed)
+        ),
+        _debug(ctx),
+        as_json,
+    )
+    _print_extract(res, as_json)
 
 
 @main.command()
@@ -476,7 +529,9 @@ def extract(
 @click.option("--message", help="Commit message.")
 @click.option("--create-pr", is_flag=True, help="Open a pull request instead of pushing to the branch.")
 @click.option("--force", is_flag=True, help="Push even a folder that does not look like a complete output.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+@click.option("--token", help="Hub token (default: HF_TOKEN or `hf auth login`); never printed.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (docs/json.md).")
+@_debug_option
 @click.pass_context
 def push(
     ctx: click.Context,
@@ -487,6 +542,7 @@ def push(
     message: str | None,
     create_pr: bool,
     force: bool,
+    token: str | None,
     as_json: bool,
 ) -> None:
     """Push FOLDER (an output of ours) to the Hub as REPO_ID in one commit."""
@@ -499,12 +555,14 @@ def push(
             message=message,
             create_pr=create_pr,
             force=force,
-            progress=not as_json,
+            progress=not as_json and err.is_terminal,
+            token=token,
         ),
         _debug(ctx),
+        as_json,
     )
     if as_json:
-        _print_json(res.__dict__)
+        _print_json("push", asdict(res))
     else:
         out.print(f"[green]pushed[/green] {folder} -> {res.commit_url}")
 

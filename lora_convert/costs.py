@@ -38,7 +38,7 @@ from typing import Any
 
 from . import arch
 from .arch import ModelShape, module_of
-from .errors import CheckpointError, UnsupportedError
+from .errors import CheckpointError, UnsupportedError, option_name
 from .fmt import human_bytes
 from .inputs import load_source, open_plain, pick_adapter, resolve
 from .inventory import Inventory, LoraModule
@@ -55,6 +55,23 @@ CONVENTIONS = [
     "merge (one-off): 2·r·d_in·d_out + d_in·d_out per module (DoRA +3·d_in·d_out)",
     "parameters: tied weights once; LoRA = A, B, lora bias, DoRA magnitude, modules_to_save, trainable tokens",
 ]
+
+#: What each form is assumed to do at run time: the numbers of its row follow from it.
+FORM_ASSUMPTIONS = {
+    "unmerged": "runs the LoRA branches beside the base weights at every token",
+    "merged": "LoRA folded into the weights: runs like the base, no LoRA at run time",
+    "adapter": "loaded on the base and merged once at load (merge FLOPs), then runs like the merged model; "
+    "kept unmerged at run time it costs what the unmerged row says",
+    "plain": "as stored",
+}
+
+#: Where the base the numbers stand on came from (``Report.base_from``).
+BASE_ORIGINS = {
+    "argument": "given as the base",
+    "adapter_config": "the adapter config's base_model_name_or_path, found as a path from the current folder",
+    "beside_adapter": "the config.json beside the adapter",
+    "checkpoint": "the base weights inside the checkpoint",
+}
 
 
 # -- dataclasses ---------------------------------------------------------------------------
@@ -77,6 +94,10 @@ class FormRow:
     overhead_percent: float | None  # flops_lora relative to the merged model
     merge_flops: int | None = None  # adapter row: one-off merge at load time
     measured: bool = False  # bytes come from real files (False: what the conversion would write)
+    assumes: str = ""  # what the form does at run time (FORM_ASSUMPTIONS)
+
+    def __post_init__(self) -> None:
+        self.assumes = self.assumes or FORM_ASSUMPTIONS.get(self.form, "")
 
 
 @dataclass
@@ -104,9 +125,25 @@ class Report:
     notes: list[str] = field(default_factory=list)
     conventions: list[str] = field(default_factory=lambda: list(CONVENTIONS))
     quantization: dict[str, Any] | None = None  # a quantized base: scheme, weights, bytes on disk and dequantized
+    base_from: str | None = None  # a key of BASE_ORIGINS: where the base came from (None: unknown)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["base_used"] = self.base_used()
+        d["columns"] = column_notes(self)
+        return d
+
+    def base_used(self) -> str:
+        """One line: which base the numbers stand on, and how it was found."""
+        if self.base_from is None:
+            return "base: unknown (base parameters, bytes and FLOPs not reported)"
+        if self.base_from == "checkpoint":
+            return f"base: {BASE_ORIGINS['checkpoint']}"
+        name = f"{self.base} " if self.base and self.base_from != "checkpoint" else ""
+        what = {"weights": "its weights", "config.json": "its config.json only (shapes)"}.get(
+            self.base_source or "", ""
+        )
+        return f"base: {name}({BASE_ORIGINS[self.base_from]}; counted from {what})"
 
     def row(self, form: str) -> FormRow:
         for r in self.rows:
@@ -304,6 +341,7 @@ class _Base:
     config: dict[str, Any] | None
     source: str | None  # "weights" | "config.json" | None
     name: str | None  # as the report names it
+    origin: str | None = None  # a key of BASE_ORIGINS
     quant: dict[str, Any] = field(default_factory=dict)  # a quantized base: its summary and stored bytes
 
 
@@ -315,11 +353,12 @@ def _adapter_base(ck: Checkpoint, base: str | Path | None, base_name: str | None
     if ref is not None:
         quant: dict[str, Any] = {}
         tensors, bconf, source = _open_base(ref, notes, quant)
-        return _Base(tensors, bconf or ck.config, source, base_name, quant)
+        origin = ("argument" if base is not None else "adapter_config") if source else None
+        return _Base(tensors, bconf or ck.config, source, base_name, origin, quant)
     if ck.config and (ck.root / "config.json").is_file():
         tensors, conf = _base_from_config(ck.root)
         notes.append("base shapes from the config.json beside the adapter (meta-device model)")
-        return _Base(tensors, conf, "config.json", base_name)
+        return _Base(tensors, conf, "config.json", base_name, "beside_adapter")
     notes.append(
         "base unknown (pass --base, a folder with weights or only config.json): "
         "base parameters, bytes and FLOPs are not reported"
@@ -379,21 +418,23 @@ def build_report(
     if seq_len < 1:
         from .errors import RouteError
 
-        raise RouteError("--seq-len must be at least 1")
+        raise RouteError(f"{option_name('seq_len')} must be at least 1")
     notes: list[str] = []
     ck, inv = load_source(path, adapter=adapter)
     with ck:
         form = inv.form
         name = pick_adapter(inv, adapter, ck) if form != "plain" else None
         cfg = inv.config(name) if name else None
-        if form != "plain" and cfg is None:
+        problems = [str(e) for e in inv.problems.get(name or "", [])]  # what conversions would refuse
+        if form != "plain" and cfg is None and not problems:
             notes.append("no adapter_config.json: scaling unknown")
+        notes += problems
         if form == "adapter":
             named = str(base) if base is not None else (cfg.base_model_name_or_path if cfg else None)
             b = _adapter_base(ck, base, named, notes)
         else:
             quant: dict[str, Any] = {}
-            b = _Base(_weights(ck, inv.base, notes, quant), ck.config, "weights", None, quant)
+            b = _Base(_weights(ck, inv.base, notes, quant), ck.config, "weights", None, "checkpoint", quant)
         ad = _adapter(ck, inv, name, notes)
         src_bytes = ck.dtypes()
     shape = arch.model_shape(b.config, head_stored=b.tensors is not None and arch.HEAD_KEY in b.tensors)
@@ -407,7 +448,7 @@ def build_report(
             "modules_to_save copies are counted as LoRA parameters: "
             + ", ".join(sorted(module_of(k) for k in set(ad.replace) - ad.saved_whole))
         )
-    rep = Report(str(path), form, name, b.name, b.source, seq_len, shape, rows, modules, notes)
+    rep = Report(str(path), form, name, b.name, b.source, seq_len, shape, rows, modules, notes, base_from=b.origin)
     rep.quantization = b.quant.get("summary")
     return rep
 
@@ -597,7 +638,7 @@ def form_table(report: Report) -> tuple[list[str], list[list[str]]]:
                 _n(r.flops_attention),
                 _n(r.flops_total),
                 _pct(r.overhead_percent),
-                _n(r.merge_flops) if r.merge_flops is not None else "-",
+                _n(r.merge_flops) if r.merge_flops is not None else "n/a",
             ]
         )
     return head, rows
@@ -620,6 +661,49 @@ def module_table(report: Report) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def column_notes(report: Report) -> dict[str, str]:
+    """What each column of :func:`form_table` and :func:`module_table` counts and assumes, by its header."""
+    head = form_table(report)[0]
+    notes = [
+        "",
+        "parameters of the base model; a tied embedding / LM head counted once (as num_parameters() does)",
+        "what the adapter trains: A, B, lora_B bias, DoRA magnitudes, modules_to_save copies, trainable-token "
+        "deltas (PEFT's trainable parameters)",
+        "base + LoRA (unmerged, adapter); the merged model's own (merged)",
+        "LoRA params relative to the base params",
+        "this form's own files, from the tensor headers ('est.': what the conversion would write)",
+        "what must be read to use the form: the adapter adds its base",
+        "every 2-D weight used as a matmul (linear, Conv1D, LM head); embedding gathers are 0; a tied head once",
+        "LoRA branches run unmerged (" + CONVENTIONS[2].split(": ", 1)[1] + "); 0 for the merged form and for the "
+        "adapter form, which is assumed merged at load",
+        f"one token attending to L={report.seq_len} positions: 4·L·n_heads·head_dim per layer (score + value); "
+        "a causal prefill of L tokens averages (L+1)/2 positions",
+        "base matmul + LoRA + attention, per token",
+        "LoRA FLOPs relative to the merged model's total (0% where no LoRA branch runs)",
+        "one-off merge at load, adapter form only: " + CONVENTIONS[4].split(": ", 1)[1] + "; n/a for the "
+        "unmerged form (it runs its branches) and the merged one (already merged)",
+    ]
+    out = {h: n for h, n in zip(head, notes, strict=True) if n}
+    out["extra FLOPs/token"] = "per token, run unmerged (the modules' share of LoRA FLOPs/token)"
+    out["merge FLOPs"] = "one-off merge of these modules at load (their share of merge FLOPs)"
+    return out
+
+
+def assumption_lines(report: Report, bullet: str = "") -> list[str]:
+    """The base used, each form's run-time assumption and each column's meaning: the lines every output
+    form prints (text as they are, Markdown with ``bullet="- "``)."""
+    sub = " " * len(bullet) + (bullet or "  ")
+    lines = [bullet + report.base_used(), bullet + "forms:"]
+    lines += [f"{sub}{r.form}: {r.assumes}" for r in report.rows]
+    lines += [bullet + "columns:"]
+    lines += [f"{sub}{h}: {n}" for h, n in column_notes(report).items() if h in _shown_columns(report)]
+    return lines + [bullet + CONVENTIONS[0]]
+
+
+def _shown_columns(report: Report) -> set[str]:
+    return set(form_table(report)[0]) | (set(module_table(report)[0]) if report.modules else set())
+
+
 def _md(head: list[str], rows: list[list[str]]) -> list[str]:
     esc = [[c.replace("|", "\\|") for c in r] for r in rows]
     return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"] + [
@@ -634,7 +718,7 @@ def report_markdown(report: Report) -> str:
     if report.modules:
         lines += ["", "### LoRA modules", ""]
         lines += _md(*module_table(report))
-    lines += ["", "Conventions: " + "; ".join(report.conventions) + "."]
+    lines += ["", "### What the numbers assume", ""] + assumption_lines(report, "- ")
     if report.notes:
         lines += [""] + [f"- {n}" for n in report.notes]
     return "\n".join(lines) + "\n"

@@ -12,7 +12,7 @@ from .arch import layout_of, short_name
 from .config import AdapterConfig
 from .inputs import load_source, resolve
 from .inventory import Inventory
-from .io.reader import Checkpoint, open_checkpoint
+from .io.reader import ADAPTER_WEIGHTS, Checkpoint, named_adapters, open_checkpoint
 from .module_match import match_modules
 
 
@@ -105,6 +105,7 @@ def _summarise(
     for k in inv.tokens.get(name, {}).values():
         params += ck.info(k).numel
     warnings += inv.warnings.get(name, [])
+    warnings += [str(e) for e in inv.problems.get(name, [])]  # conversions refuse these; detect reports them
     if cfg is not None:
         has_mag = any(m.magnitude_key for m in mods.values())
         if cfg.use_dora and mods and not has_mag:
@@ -133,7 +134,43 @@ def _summarise(
 
 
 def detect(path: str | Path, *, base: str | Path | None = None, adapter: str | None = None) -> DetectResult:
-    """Say which form ``path`` is in: adapter, unmerged, plain (or, with ``base``: base, merged, fine-tuned)."""
+    """Say which form ``path`` is in: adapter, unmerged, plain (or, with ``base``: base, merged, fine-tuned).
+
+    A folder of adapters PEFT saved together is described whole: every adapter is listed, under the name
+    ``--adapter`` takes (``default`` at the top, the others in subfolders named after them)."""
+    first, others = _adapter_folders(resolve(path)) if adapter is None else (None, [])
+    res = _detect_one(path, base, adapter or first)
+    if first is not None:
+        res.files = [f"{first}/{f}" for f in res.files]
+    for name in others:
+        _add_adapter_folder(res, _detect_one(path, None, name), name)
+    return res
+
+
+def _adapter_folders(root: Path) -> tuple[str | None, list[str]]:
+    """(the subfolder adapter to read first, the other subfolder adapters) of a folder of adapters: PEFT
+    saves ``default`` at the top and each other adapter in a subfolder named after it."""
+    subs = named_adapters(root)
+    if not subs:
+        return None, []
+    if any((root / f).is_file() for f in ADAPTER_WEIGHTS):
+        return None, subs
+    if any(p.is_file() and p.suffix in (".safetensors", ".bin") for p in root.iterdir()):
+        return None, []  # a model with adapters stored beside it: the model is what is described
+    return subs[0], subs[1:]
+
+
+def _add_adapter_folder(res: DetectResult, sub: DetectResult, name: str) -> None:
+    res.adapters += sub.adapters
+    res.files += [f"{name}/{f}" for f in sub.files]
+    res.tensors += sub.tensors
+    res.total_bytes += sub.total_bytes
+    for k, v in sub.dtypes.items():
+        res.dtypes[k] = res.dtypes.get(k, 0) + v
+    res.warnings += [w for w in sub.warnings if w not in res.warnings]
+
+
+def _detect_one(path: str | Path, base: str | Path | None, adapter: str | None) -> DetectResult:
     ck, inv = load_source(path, adapter=adapter)
     with ck:
         warnings: list[str] = []

@@ -18,6 +18,7 @@ NEVER_CARRY = {
     ".gitattributes",
 }
 CARRY_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py", ".vocab", ".spm")
+DTYPE_KEYS = ("dtype", "torch_dtype")  # transformers >= 4.56 writes "dtype"; older configs say "torch_dtype"
 TOKENIZER_HINTS = ("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "chat_template", "spiece")
 
 
@@ -53,8 +54,9 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def update_config(dst: Path, changes: dict[str, Any]) -> None:
-    """Apply ``changes`` to ``dst/config.json`` (also to a nested ``text_config`` where the key lives there);
-    a value of None removes the key (``quantization_config`` of a dequantized base)."""
+    """Apply ``changes`` to ``dst/config.json``: also to a nested ``text_config`` where the key lives there,
+    and a dtype to every sub-config that states one (a multimodal model's vision tower is cast too); a value of
+    None removes the key (``quantization_config`` of a dequantized base)."""
     path = dst / "config.json"
     config = read_json(path)
     if config is None or not changes:
@@ -64,7 +66,8 @@ def update_config(dst: Path, changes: dict[str, Any]) -> None:
             config.pop(key, None)
             continue
         config[key] = value
-        text = config.get("text_config")
-        if isinstance(text, dict) and key in text:
-            text[key] = value
+        subs = [v for v in config.values() if isinstance(v, dict)] if key in DTYPE_KEYS else [config.get("text_config")]
+        for sub in subs:
+            if isinstance(sub, dict) and key in sub:
+                sub[key] = value
     write_json(path, config)

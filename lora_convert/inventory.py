@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from .arch import layer_index, short_name
 from .config import AdapterConfig
+from .errors import LoraConvertError
 
 DEFAULT_ADAPTER = "default"
 
@@ -52,6 +53,9 @@ class Inventory:
     saved_layers: dict[str, set[str]] = field(default_factory=dict)  # adapter -> base keys saved whole via base_layer
     configs: dict[str, AdapterConfig] = field(default_factory=dict)  # adapter -> its (PEFT-style) config
     warnings: dict[str, list[str]] = field(default_factory=dict)  # adapter -> what its dialect found odd
+    # adapter -> what stops converting it (a config that is not its own, ranks the config contradicts):
+    # conversions raise the first, detect and report show them
+    problems: dict[str, list[LoraConvertError]] = field(default_factory=dict)
     prefixed: bool = False
     spelled: bool = False  # module paths are readings of '_'-joined names (kohya): the base's own names settle them
     unsure: set[str] = field(default_factory=set)  # readings the names alone do not settle (need the base)

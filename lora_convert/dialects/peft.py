@@ -40,24 +40,71 @@ class PeftDialect:
                 path=ck.root,
                 hint="an adapter needs the adapter_config.json PEFT writes beside its weights",
             )
-        if cfg is not None:
-            for name in inv.adapters:
-                inv.configs[name] = cfg
-                for m in inv.modules(name).values():
-                    m.scaling = cfg.scaling_for(m.module, m.rank)
-                inv.warnings[name] = _rank_disagreements(cfg, inv.modules(name).values(), name)
+        configs = _own_configs(ck, inv.adapters, cfg)
+        for name in inv.adapters:
+            own = configs.get(name)
+            if own is None:
+                if configs or cfg is not None:  # configs are there, none of them this adapter's: alpha unknown
+                    inv.problems[name] = [_not_its_config(ck, name, inv.adapters, sorted(configs))]
+                continue
+            inv.configs[name] = own
+            for m in inv.modules(name).values():
+                m.scaling = own.scaling_for(m.module, m.rank)
+            inv.problems[name] = _rank_disagreements(own, inv.modules(name).values(), name, ck)
         return inv
 
 
-def _rank_disagreements(cfg: AdapterConfig, modules: Iterable[LoraModule], adapter: str) -> list[str]:
-    """One warning when the config's rank for a module is not its tensors' rank (the tensors win)."""
+def _own_configs(ck: Checkpoint, names: list[str], top: AdapterConfig | None) -> dict[str, AdapterConfig]:
+    """Each adapter's own config, as PEFT's ``save_pretrained`` lays them out: a named adapter's in the
+    subfolder named after it, the ``default`` adapter's at the top.  The top-level config of a checkpoint
+    holding one adapter is that adapter's, whatever its name; with several, it is only ``default``'s —
+    giving it to the others would merge them with another adapter's lora_alpha."""
+    out: dict[str, AdapterConfig] = {}
+    for name in names:
+        sub = ck.root / name / "adapter_config.json"
+        if ck.adapter_name is None and name != DEFAULT_ADAPTER and sub.is_file():
+            out[name] = AdapterConfig.load(sub)
+        elif top is not None and (len(names) == 1 or name == DEFAULT_ADAPTER):
+            out[name] = top
+    return out
+
+
+def _not_its_config(ck: Checkpoint, name: str, names: list[str], have: list[str]) -> AdapterError:
+    if ck.adapter_config_path is None:
+        whose = f"only {', '.join(have)} has one"
+    elif DEFAULT_ADAPTER in names:
+        whose = (
+            f"the adapter_config.json here belongs to adapter '{DEFAULT_ADAPTER}' "
+            "(PEFT saves a named adapter's config in a subfolder named after it)"
+        )
+    else:
+        whose = f"the adapter_config.json here belongs to one of {', '.join(names)} and does not say which"
+    return AdapterError(
+        f"adapter '{name}' has no adapter_config.json of its own, so its lora_alpha is unknown: {whose}",
+        path=ck.root,
+        hint=f"save the config of adapter '{name}' as {ck.root / name / 'adapter_config.json'}",
+    )
+
+
+def _rank_disagreements(
+    cfg: AdapterConfig, modules: Iterable[LoraModule], adapter: str, ck: Checkpoint
+) -> list[AdapterError]:
+    """The config's rank for a module is not its tensors' rank.  PEFT refuses to load such an adapter (the
+    shapes do not fit), and ``lora_alpha / r`` is not the scaling it was trained with under either rank:
+    the modules' scaling is left unknown and conversions refuse."""
     bad = [m for m in modules if cfg.rank_for(m.module) != m.rank]
     if not bad:
         return []
+    for m in bad:
+        m.scaling = None
     m = bad[0]
     return [
-        f"adapter {adapter}: {m.module}: config says r={cfg.rank_for(m.module)}, the tensors have rank {m.rank}; "
-        f"the tensors' rank is used (scaling {m.scaling:g}; {len(bad)} module(s) disagree)"
+        AdapterError(
+            f"adapter {adapter}: {m.module}: config says r={cfg.rank_for(m.module)}, the tensors have rank {m.rank} "
+            f"({len(bad)} module(s) disagree); PEFT refuses to load it and the scaling lora_alpha/r is unknown",
+            path=cfg.source or ck.root,
+            hint="use the adapter_config.json saved with these tensors (r and rank_pattern must match them)",
+        )
     ]
 
 

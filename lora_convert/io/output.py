@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import FrameType
 
-from ..errors import LoraConvertError, OutputError
+from ..errors import LoraConvertError, OutputError, option
 
 TMP_MARK = ".tmp-lora-convert-"
 
@@ -102,12 +102,14 @@ class AtomicOutput:
                 raise OutputError("output folder is inside an input folder", path=t, hint=f"write it outside {inp}")
             if t.exists() and _inside(inp, t):
                 raise OutputError(
-                    f"an input ({inp}) lies inside the output folder, which --force would delete",
+                    f"an input ({inp}) lies inside the output folder, which {option('force')} would delete",
                     path=t,
                     hint="choose another output folder",
                 )
         if t.exists() and not self.force:
-            raise OutputError("already exists", path=t, hint="choose another path or pass --force to replace it")
+            raise OutputError(
+                "already exists", path=t, hint=f"choose another path or pass {option('force')} to replace it"
+            )
         if self.file and t.is_dir():
             raise OutputError("is a folder; this output is one file", path=t, hint="give -o a file path")
         if t.exists() and not t.is_dir() and not self.file:
@@ -224,7 +226,9 @@ class AtomicOutput:
                     os.rename(done, self.target)
         except FileExistsError:
             raise OutputError(
-                "appeared while this run was writing; it was left alone", path=self.target, hint="pass --force"
+                "appeared while this run was writing; it was left alone",
+                path=self.target,
+                hint=f"pass {option('force')}",
             ) from None
         except OSError as exc:
             raise OutputError(f"cannot move the finished file into place: {exc.strerror}", path=self.target) from None

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CheckpointError, UnsafeInputError
+from ..errors import CheckpointError, UnsafeInputError, option
 from .safetensors_format import TensorInfo, decode_scalar
 from .sources import SafetensorsSource, TensorSource, open_source
 
@@ -218,22 +218,33 @@ def _add_file(
     return src.metadata
 
 
+def _is_adapter_dir(p: Path) -> bool:
+    return p.is_dir() and (p / "adapter_config.json").is_file() and any((p / f).is_file() for f in ADAPTER_WEIGHTS)
+
+
+def named_adapters(root: Path) -> list[str]:
+    """Names of the adapters PEFT saved in subfolders of ``root`` (every adapter but ``default``), as
+    ``--adapter`` accepts them."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if _is_adapter_dir(p))
+
+
 def _pick_adapter_dir(root: Path, adapter_name: str | None) -> tuple[Path, str | None]:
-    """An adapter folder may hold named adapters in subfolders (PEFT's save of non-default names)."""
-    if adapter_name and (root / adapter_name / "adapter_config.json").is_file():
+    """An adapter folder may hold named adapters in subfolders (PEFT's save of non-default names).  A
+    subfolder with a config but no weights is a named adapter's config beside an unmerged checkpoint."""
+    if adapter_name and _is_adapter_dir(root / adapter_name):
         return root / adapter_name, adapter_name
     if any((root / f).is_file() for f in ADAPTER_WEIGHTS):
         return root, None
-    subs = sorted(
-        p.name
-        for p in root.iterdir()
-        if p.is_dir() and (p / "adapter_config.json").is_file() and any((p / f).is_file() for f in ADAPTER_WEIGHTS)
-    )
+    subs = named_adapters(root)
     if len(subs) == 1:
         return root / subs[0], subs[0]
     if len(subs) > 1:
         raise CheckpointError(
-            f"holds several named adapters: {', '.join(subs)}", path=root, hint="choose one with --adapter NAME"
+            f"holds several named adapters: {', '.join(subs)}",
+            path=root,
+            hint=f"choose one with {option('adapter', 'NAME')}",
         )
     return root, None
 

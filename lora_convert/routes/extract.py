@@ -38,7 +38,7 @@ from .. import arch, svd
 from ..config import AdapterConfig
 from ..dialects.peft_keys import PEFT_PREFIX, Role, format_key
 from ..difference import Difference, row_blocks
-from ..errors import RouteError
+from ..errors import RouteError, option, option_name, spelled
 from ..io.reader import Checkpoint
 from ..pipeline import Buffers, Job, Read, execute
 from ..progress import progress_bar
@@ -82,26 +82,32 @@ class ExtractOptions:
         """Check every option (RouteError naming it); the default criterion is rank 16."""
         chosen = [x is not None for x in (self.rank, self.energy, self.max_error)]
         if sum(chosen) > 1:
-            raise RouteError("give at most one of --rank, --energy, --max-error")
+            raise RouteError(f"give at most one of {_opts('rank', 'energy', 'max_error')}")
         if not any(chosen):
             self.rank = 16
         checks = [
-            (self.rank is None or self.rank >= 1, "--rank must be at least 1"),
-            (self.energy is None or 0 < self.energy <= 1, "--energy must be in (0, 1]"),
-            (self.max_error is None or 0 <= self.max_error < 1, "--max-error must be in [0, 1)"),
-            (self.max_rank >= 1, "--max-rank must be at least 1"),
-            (self.embeddings in EMBEDDING_MODES, f"--embeddings must be one of {', '.join(EMBEDDING_MODES)}"),
+            (self.rank is None or self.rank >= 1, f"{option_name('rank')} must be at least 1"),
+            (self.energy is None or 0 < self.energy <= 1, f"{option_name('energy')} must be in (0, 1]"),
+            (self.max_error is None or 0 <= self.max_error < 1, f"{option_name('max_error')} must be in [0, 1)"),
+            (self.max_rank >= 1, f"{option_name('max_rank')} must be at least 1"),
+            (
+                self.embeddings in EMBEDDING_MODES,
+                f"{option_name('embeddings')} must be one of {', '.join(EMBEDDING_MODES)}",
+            ),
             (
                 self.dtype in FACTOR_DTYPES,
-                f"--dtype must be one of {', '.join(FACTOR_DTYPES)} for the adapter's factors",
+                f"{option_name('dtype')} must be one of {', '.join(FACTOR_DTYPES)} for the adapter's factors",
             ),
-            (self.svd in SVD_METHODS, "--svd must be auto, exact or randomized"),
+            (self.svd in SVD_METHODS, f"{option_name('svd')} must be auto, exact or randomized"),
         ]
         for ok, message in checks:
             if not ok:
                 raise RouteError(message)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise RouteError("--device cuda: no CUDA device is available", hint="use --device cpu")
+            raise RouteError(
+                f"{option_name('device')} cuda: no CUDA device is available",
+                hint="use " + spelled("--device cpu", 'device="cpu"'),
+            )
         self.patterns()
         parse_layers(self.layers)
         return self
@@ -110,7 +116,7 @@ class ExtractOptions:
         try:
             return [re.compile(p) for p in self.include], [re.compile(p) for p in self.exclude]
         except re.error as e:
-            raise RouteError(f"bad --include/--exclude regex: {e}") from None
+            raise RouteError(f"bad {_opts('include', 'exclude')} regex: {e}") from None
 
     def criterion(self) -> str:
         if self.energy is not None:
@@ -118,6 +124,10 @@ class ExtractOptions:
         if self.max_error is not None:
             return f"max error {self.max_error}"
         return f"rank {self.rank}"
+
+
+def _opts(*names: str) -> str:
+    return ", ".join(option_name(n) for n in names)
 
 
 def parse_layers(spec: str | None) -> set[int] | None:
@@ -129,13 +139,13 @@ def parse_layers(spec: str | None) -> set[int] | None:
         part = part.strip()
         m = re.fullmatch(r"(\d+)\s*-\s*(\d+)|(\d+)", part)
         if not m:
-            raise RouteError(f"--layers: cannot read {part!r} (use e.g. 0-15,20)")
+            raise RouteError(f"{option_name('layers')}: cannot read {part!r} (use e.g. 0-15,20)")
         if m.group(3) is not None:
             out.add(int(m.group(3)))
         else:
             a, b = int(m.group(1)), int(m.group(2))
             if b < a:
-                raise RouteError(f"--layers: empty range {part!r}")
+                raise RouteError(f"{option_name('layers')}: empty range {part!r}")
             out.update(range(a, b + 1))
     return out
 
@@ -553,7 +563,7 @@ def plan_extract(req: Request) -> Plan:
         raise RouteError(
             "no tensor was factored (only whole modules to save): PEFT needs at least one LoRA module",
             path=tk.root,
-            hint="widen --include/--layers or use --embeddings lora",
+            hint=f"widen {_opts('include', 'layers')} or use {option('embeddings', 'lora')}",
         )
     model_config = tk.config or bk.config
     config = _adapter_config(out, inputs.tied, str(req.base_ref), model_config)

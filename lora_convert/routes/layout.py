@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from .. import arch
@@ -15,7 +16,7 @@ from ..dialects.peft_keys import PEFT_PREFIX, Role, format_key
 from ..inventory import Inventory, LoraModule
 from ..pipeline import Job
 from .common import BaseView, copy_job, remap_modules, same_tensor
-from .plan import Plan, Request
+from .plan import Plan, Request, dtype_config_changes, output_dtype
 
 
 def adapter_config_out(req: Request) -> dict[str, Any]:
@@ -37,13 +38,19 @@ def plan_strip(req: Request) -> Plan:
     tied = arch.tied_pair(ck.config, keys)
     if tied is not None and tied[1] in base and same_tensor((ck, base[tied[0]]), (ck, base[tied[1]])):
         keys.remove(tied[1])
-    return Plan("base", [copy_job(ck, base[k], k) for k in keys], carry_from=ck.root)
+    dtype = output_dtype(req.dtype)
+    return Plan(
+        "base",
+        [copy_job(ck, base[k], k, dtype) for k in keys],
+        carry_from=ck.root,
+        config_changes=dtype_config_changes(req.dtype, ck.config),
+    )
 
 
 def plan_split(req: Request) -> Plan:
     """unmerged -> adapter: the adapter's tensors under PEFT's saved-adapter names."""
-    ck = req.source
-    jobs = [copy_job(ck, src, name, op="lora") for name, src in split_names(req.inventory, req.adapter).items()]
+    ck, dtype = req.source, output_dtype(req.dtype)
+    jobs = [copy_job(ck, src, name, dtype, "lora") for name, src in split_names(req.inventory, req.adapter).items()]
     return Plan(
         "adapter",
         jobs,
@@ -92,38 +99,38 @@ def plan_attach(req: Request) -> Plan:
     tok_by_base = {remap[m]: key for m, key in tokens.items() if m in remap}
     saved_modules = {k.rsplit(".", 1)[0] for k in replace} - set(lora_by_base) - set(tok_by_base)
     jobs: list[Job] = []
+    copy = partial(copy_job, dtype=output_dtype(req.dtype))  # --dtype casts floating tensors
     for k in base.keys():
         mod, _, param = k.rpartition(".")
         src = (ad, replace[k]) if k in replace else base.where(k)
         if mod in lora_by_base:
             m = lora_by_base[mod]
-            jobs.append(copy_job(*src, format_key(mod, Role.BASE, param=param, base_layer=True)))
+            jobs.append(copy(*src, format_key(mod, Role.BASE, param=param, base_layer=True)))
             if param != "weight":
                 continue
             roles = (Role.EMBED_A, Role.EMBED_B) if m.kind == "embedding" else (Role.LORA_A, Role.LORA_B)
-            jobs.append(copy_job(ad, m.a_key, format_key(mod, roles[0], adapter=name), op="lora"))
-            jobs.append(copy_job(ad, m.b_key, format_key(mod, roles[1], adapter=name), op="lora"))
+            jobs.append(copy(ad, m.a_key, format_key(mod, roles[0], adapter=name), op="lora"))
+            jobs.append(copy(ad, m.b_key, format_key(mod, roles[1], adapter=name), op="lora"))
             if m.bias_key:
-                jobs.append(
-                    copy_job(ad, m.bias_key, format_key(mod, Role.LORA_B, param="bias", adapter=name), op="lora")
-                )
+                jobs.append(copy(ad, m.bias_key, format_key(mod, Role.LORA_B, param="bias", adapter=name), op="lora"))
             if m.magnitude_key:
-                jobs.append(copy_job(ad, m.magnitude_key, format_key(mod, Role.MAGNITUDE, adapter=name), op="lora"))
+                jobs.append(copy(ad, m.magnitude_key, format_key(mod, Role.MAGNITUDE, adapter=name), op="lora"))
         elif mod in tok_by_base and param == "weight":
-            jobs.append(copy_job(*src, f"{PEFT_PREFIX}{mod}.token_adapter.base_layer.weight"))
-            jobs.append(copy_job(ad, tok_by_base[mod], format_key(mod, Role.TOKENS_DELTA, adapter=name), op="lora"))
+            jobs.append(copy(*src, f"{PEFT_PREFIX}{mod}.token_adapter.base_layer.weight"))
+            jobs.append(copy(ad, tok_by_base[mod], format_key(mod, Role.TOKENS_DELTA, adapter=name), op="lora"))
         elif mod in saved_modules and k in replace:
-            jobs.append(copy_job(*base.where(k), format_key(mod, Role.ORIGINAL_MODULE, param=param)))
+            jobs.append(copy(*base.where(k), format_key(mod, Role.ORIGINAL_MODULE, param=param)))
             jobs.append(
-                copy_job(ad, replace[k], format_key(mod, Role.MODULES_TO_SAVE, param=param, adapter=name), op="replace")
+                copy(ad, replace[k], format_key(mod, Role.MODULES_TO_SAVE, param=param, adapter=name), op="replace")
             )
         else:
-            jobs.append(copy_job(*src, f"{PEFT_PREFIX}{k}"))
+            jobs.append(copy(*src, f"{PEFT_PREFIX}{k}"))
     return Plan(
         "unmerged",
         jobs,
         carry_from=req.base.root,
         tokenizer_from=[ad.root],
+        config_changes=dtype_config_changes(req.dtype, req.base.config),
         adapter_config=_renamed_config(adapter_config_out(req), modules, remap),
         warnings=notes,
     )

@@ -20,7 +20,7 @@ from ..inventory import LoraModule
 from ..io.reader import Checkpoint
 from ..pipeline import Buffers, Job, Read
 from .common import BaseView, check_finite, copy_job, remap_modules, same_tensor
-from .plan import Plan, Request, output_dtype
+from .plan import Plan, Request, dtype_config_changes, output_dtype
 from .quantized import quantized_base
 
 
@@ -79,6 +79,9 @@ def plan_merge(req: Request) -> Plan:
     vocab = _new_vocab(ops, base.keys(), tied, model_config)
     if vocab is not None:
         config_changes["vocab_size"] = vocab
+    # Dequantized weights are written in --dtype, bf16 for auto: the config must say what is stored.
+    written = "bf16" if qbase is not None and not qbase.requantize and req.dtype == "auto" else req.dtype
+    config_changes.update(dtype_config_changes(written, model_config))
     plan = Plan(
         "merged",
         jobs,

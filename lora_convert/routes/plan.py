@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import AdapterConfig
 from ..errors import RouteError
+from ..folder import DTYPE_KEYS
 from ..inventory import Inventory
 from ..io.reader import Checkpoint
 
@@ -48,6 +49,25 @@ def output_dtype(name: str) -> torch.dtype | None:
     import torch
 
     return getattr(torch, attr)
+
+
+def dtype_config_changes(name: str, model_config: dict[str, Any] | None) -> dict[str, Any]:
+    """config.json edits for an output whose floating tensors are all stored as ``--dtype name``.
+
+    transformers' ``from_pretrained(dtype="auto")`` (and vLLM, TGI) load in the config's dtype, not the
+    tensors': a config left saying ``float32`` over fp16 tensors loads them upcast, and one saying
+    ``bfloat16`` over fp32 tensors silently drops the precision asked for.  Every key the config (or a
+    sub-config such as ``text_config``) already has is set; ``dtype`` is added when it has neither."""
+    attr = OUTPUT_DTYPES.get(name)
+    if attr is None or model_config is None:
+        return {}
+    subs = [v for v in model_config.values() if isinstance(v, dict)]
+    keys = [k for k in DTYPE_KEYS if k in model_config or any(k in c for c in subs)] or [DTYPE_KEYS[0]]
+    changes: dict[str, Any] = {}
+    for k in keys:
+        if k not in model_config or any(c.get(k, attr) != attr for c in subs) or model_config[k] != attr:
+            changes[k] = attr
+    return changes
 
 
 @dataclass
