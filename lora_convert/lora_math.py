@@ -49,6 +49,15 @@ def linear_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *
     return DeltaFactors(b.contiguous(), a.contiguous(), scaling)
 
 
+def conv_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> DeltaFactors:
+    """A convolution (kernel k×k) seen as the matrix of its flattened weight, (out, in·k·k): A is
+    (r, in, k, k) — stride and padding live in A — and B a 1×1 conv (out, r, 1, 1), so ΔW is
+    B[:, :, 0, 0] @ A.reshape(r, -1), which is what PEFT's and sd-scripts' conv merges compute
+    (``conv2d(A.transpose(0, 1), B)``).  A 2-D A or B (a conv 1×1 stored as linear) reads the same."""
+    a, b = lora_A.to(FP32), lora_B.to(FP32)
+    return DeltaFactors(b.reshape(b.shape[0], -1).contiguous(), a.reshape(a.shape[0], -1).contiguous(), scaling)
+
+
 def embedding_factors(lora_embedding_A: torch.Tensor, lora_embedding_B: torch.Tensor, scaling: float) -> DeltaFactors:
     """nn.Embedding: A_e is (r, vocab), B_e is (dim, r), W is (vocab, dim), ΔW = (B_e·A_e)ᵀ·s."""
     return DeltaFactors(lora_embedding_A.to(FP32).t().contiguous(), lora_embedding_B.to(FP32).t().contiguous(), scaling)
