@@ -132,12 +132,15 @@ def convert(
     """Convert ``source`` to the storage form ``to`` in the folder ``output``.
 
     Args:
-        source: an adapter (PEFT's or mlx-lm's), unmerged or plain checkpoint (folder, file or Hub repo id).
+        source: an adapter (PEFT's, mlx-lm's, kohya's or diffusers'), unmerged or plain checkpoint (folder, file or
+            Hub repo id).
         to: ``merged``, ``adapter`` (PEFT), ``unmerged`` or ``base``; or another ecosystem's adapter:
-            ``gguf`` (one llama.cpp file, ``output`` ending in ``.gguf``) or ``mlx`` (an mlx-lm folder).
+            ``gguf`` (one llama.cpp file, ``output`` ending in ``.gguf``), ``mlx`` (an mlx-lm folder),
+            ``kohya`` (sd-scripts, ComfyUI) or ``diffusers`` (``pytorch_lora_weights.safetensors``).
         output: the folder (the file, for gguf) to create (atomically: it appears whole or not at all).
         base: the base model, for adapter -> merged/unmerged and for extraction (plain -> adapter); for
-            gguf and mlx only its config.json is read (a folder, the file, or a Hub repo id).
+            gguf and mlx only its config.json is read (a folder, the file, or a Hub repo id); for kohya and
+            diffusers, optional: the UNet/transformer/text-encoder folder whose names settle the module paths.
         adapter: which adapter, for checkpoints with several.
         dtype: ``auto`` (each tensor's own), ``bf16``, ``fp16`` or ``fp32`` for floating tensors; on the
             extraction route, the dtype of the factors.
@@ -168,7 +171,7 @@ def convert(
         work: no token, a rejected one, a repo it cannot write; after: the push failed, the output stays).
     """
     started = time.perf_counter()
-    from .routes import FORMATS, NEEDS_BASE, Request, planner
+    from .routes import FORMATS, NEEDS_BASE, OPTIONAL_BASE, Request, planner
 
     _check_arguments(to, dtype, max_shard_size)
     _check_format_options(to, output, dtype, outtype)
@@ -200,6 +203,8 @@ def convert(
         warnings = _check_adapter(inv, name, ck.root) if form != "plain" else []
         if (form, to) in NEEDS_BASE or (moe_layout is not None and form == "adapter"):
             base_ck = open_plain(_base_ref(inv, name, base, f"{form} -> {to}"), "the base")
+        elif (form, to) in OPTIONAL_BASE and base is not None:
+            base_ck = open_plain(resolve(base), "the base")
         base_config = _format_base_config(inv, name, base) if to in FORMATS else None
         req = Request(
             ck,

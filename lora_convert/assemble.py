@@ -74,7 +74,12 @@ def write_output(
         if plan.file_sink is not None:
             sink: TensorSink = plan.file_sink(tmp / Path(output).name)
         else:
-            sink = SafetensorsSink(tmp, max_shard_size=max_shard_size if plan.sharded else UNSHARDED, stem=plan.stem)
+            sink = SafetensorsSink(
+                tmp,
+                max_shard_size=max_shard_size if plan.sharded else UNSHARDED,
+                stem=plan.stem,
+                metadata=plan.metadata,
+            )
         planned = sum(j.planned.nbytes for j in plan.jobs if j.writes)
         with progress_bar(progress, planned, "writing") as advance:
             files = execute(plan.jobs, sink, progress=advance)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .arch import is_diffusers_config
+
 PIPELINE_BY_ARCH_SUFFIX = {
     "ForCausalLM": "text-generation",
     "LMHeadModel": "text-generation",
@@ -12,6 +14,12 @@ PIPELINE_BY_ARCH_SUFFIX = {
     "ForQuestionAnswering": "question-answering",
     "ForConditionalGeneration": "text-generation",
     "ForMaskedLM": "fill-mask",
+}
+
+
+IMAGE_LORA_FORMS = {
+    "kohya": "A kohya (sd-scripts) LoRA file, for ComfyUI, A1111, sd-scripts or diffusers' `load_lora_weights`.",
+    "diffusers": "A diffusers LoRA file: `pipe.load_lora_weights(this_folder)`.",
 }
 
 
@@ -65,8 +73,11 @@ def render_card(
         meta["library_name"] = "mlx"
         relation = "adapter"
         tags.append("mlx")
+    elif form in IMAGE_LORA_FORMS:
+        meta["library_name"] = "diffusers"
+        relation = "adapter"
     else:
-        meta["library_name"] = "transformers"
+        meta["library_name"] = "diffusers" if is_diffusers_config(model_config) else "transformers"
         relation = "merge" if form == "merged" else None
     if base_model:
         meta["base_model"] = base_model
@@ -92,6 +103,7 @@ def render_card(
         "unmerged": "The full model with LoRA layers inside it, in PEFT's state-dict layout.",
         "base": "The base model, with the LoRA modules stripped and the original key names restored.",
         "mlx": "An mlx-lm LoRA adapter: `mlx_lm.generate --model BASE --adapter-path this_folder`.",
+        **IMAGE_LORA_FORMS,
     }.get(form, "")
     lines += [what, ""]
     named = base_model or base_named

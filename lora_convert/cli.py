@@ -135,6 +135,10 @@ def detect(ctx: click.Context, path: str, base: str | None, adapter: str | None,
         f"files: {', '.join(res.files)} ({res.layout}); {res.tensors} tensors, {human_bytes(res.total_bytes)}; "
         + ", ".join(f"{k} {human_bytes(v)}" for k, v in res.dtypes.items())
     )
+    if res.dialect != "peft":
+        out.print(f"dialect: {res.dialect}")
+    if res.module_prefixes and res.module_prefixes != {"text decoder": "model."}:  # say it where it is not plain
+        out.print("modules under: " + ", ".join(f"{v!r} ({k})" for k, v in res.module_prefixes.items()))
     if res.quantization:
         q = res.quantization
         out.print(
@@ -337,8 +341,9 @@ def _print_extract(res: Any, as_json: bool) -> None:
     "--to",
     "to",
     required=True,
-    type=click.Choice(["merged", "adapter", "unmerged", "base", "gguf", "mlx"]),
-    help="Target form; gguf: a llama.cpp LoRA file, mlx: an mlx-lm adapter folder.",
+    type=click.Choice(["merged", "adapter", "unmerged", "base", "gguf", "mlx", "kohya", "diffusers"]),
+    help="Target form; gguf: a llama.cpp LoRA file, mlx: an mlx-lm adapter folder, kohya: an sd-scripts/ComfyUI "
+    "LoRA file, diffusers: diffusers' LoRA file.",
 )
 @_conversion_options
 @click.option(

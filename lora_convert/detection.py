@@ -9,11 +9,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .arch import short_name
+from .arch import layout_of, short_name
 from .config import AdapterConfig
 from .inputs import load_source, resolve
 from .inventory import Inventory, LoraModule
 from .io.reader import ADAPTER_WEIGHTS, Checkpoint, named_adapters, open_checkpoint
+from .module_match import match_modules
 from .moe_layouts import split_expert_module
 
 
@@ -79,6 +80,8 @@ class DetectResult:
     warnings: list[str] = field(default_factory=list)
     differs_from_base: list[str] = field(default_factory=list)
     base_comparison: dict[str, Any] | None = None
+    module_prefixes: dict[str, str] = field(default_factory=dict)  # part -> prefix (VLM layouts, diffusion components)
+    base_match: dict[str, Any] | None = None  # adapter + --base: how its modules match the base's names
     quantization: dict[str, Any] | None = None  # a quantized checkpoint: scheme, weights, bytes (io/quantized.summary)
 
     def to_dict(self) -> dict[str, Any]:
@@ -250,9 +253,28 @@ def _detect_one(path: str | Path, base: str | Path | None, adapter: str | None) 
             res.adapters.append(_summarise(ck, inv, name, inv.config(name), warnings))
         if inv.old_layout:
             warnings.append("older PEFT layout: base weights at <module>.weight beside the LoRA tensors")
+        res.module_prefixes = layout_of(m for name in inv.adapters for m in inv.modules(name))
         if base is not None and inv.form == "plain":
             _compare_with_base(ck, resolve(base), res)
+        elif base is not None and inv.form == "adapter":
+            _match_base(inv, resolve(base), res)
     return res
+
+
+def _match_base(inv: Inventory, base_path: Path, res: DetectResult) -> None:
+    """How an adapter's modules find the base's tensors (headers only): prefixes read differently,
+    parts left out, modules that match nothing or more than one tensor."""
+    with open_checkpoint(base_path) as b:
+        mods = sorted({m for name in inv.adapters for m in inv.modules(name)})
+        match = match_modules(mods, b.tensors, spelled=inv.spelled, config=b.config)
+    res.base_match = match.to_dict()
+    res.warnings += match.notes()
+    if match.unmatched:
+        res.warnings.append(f"{len(match.unmatched)} module(s) match no tensor of the base, e.g. {match.unmatched[0]}")
+    for m, hits in list(match.ambiguous.items())[:1]:
+        res.warnings.append(
+            f"{len(match.ambiguous)} module(s) can be read as several base modules: {m} is {' or '.join(hits)}"
+        )
 
 
 def _quantization(ck: Checkpoint, warnings: list[str]) -> dict[str, Any] | None:

@@ -11,6 +11,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 NEVER_CARRY = {
     "model.safetensors.index.json",
     "pytorch_model.bin.index.json",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.bin.index.json",
     "adapter_config.json",
     "README.md",
     ".gitattributes",

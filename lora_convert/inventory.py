@@ -27,7 +27,7 @@ class LoraModule:
 
     module: str  # path in the base model, e.g. model.layers.0.self_attn.q_proj
     adapter: str
-    kind: str  # "linear" or "embedding"
+    kind: str  # "linear", "embedding" or "conv" (A (r, in, *kernel), B (out, r, 1, ...); in_features = in·k·k)
     a_key: str
     b_key: str
     rank: int
@@ -84,6 +84,8 @@ class Inventory:
     # conversions raise the first, detect and report show them
     problems: dict[str, list[LoraConvertError]] = field(default_factory=dict)
     prefixed: bool = False
+    spelled: bool = False  # module paths are readings of '_'-joined names (kohya): the base's own names settle them
+    unsure: set[str] = field(default_factory=set)  # readings the names alone do not settle (need the base)
     old_layout: bool = False  # base weight at q_proj.weight beside q_proj.lora_A.<name>.weight
 
     @property

@@ -49,6 +49,15 @@ def linear_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *
     return DeltaFactors(b.contiguous(), a.contiguous(), scaling)
 
 
+def conv_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> DeltaFactors:
+    """A convolution (kernel k×k) seen as the matrix of its flattened weight, (out, in·k·k): A is
+    (r, in, k, k) — stride and padding live in A — and B a 1×1 conv (out, r, 1, 1), so ΔW is
+    B[:, :, 0, 0] @ A.reshape(r, -1), which is what PEFT's and sd-scripts' conv merges compute
+    (``conv2d(A.transpose(0, 1), B)``).  A 2-D A or B (a conv 1×1 stored as linear) reads the same."""
+    a, b = lora_A.to(FP32), lora_B.to(FP32)
+    return DeltaFactors(b.reshape(b.shape[0], -1).contiguous(), a.reshape(a.shape[0], -1).contiguous(), scaling)
+
+
 def expert_factors(
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,

@@ -8,6 +8,7 @@ every route reads one number, :attr:`LoraModule.scaling`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from ..config import AdapterConfig
@@ -168,6 +169,11 @@ def build_inventory(ck: Checkpoint) -> Inventory:
     return inv
 
 
+def conv_factors(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> bool:
+    """PEFT's (and kohya's) LoRA of a convolution: A is a conv (r, in, *kernel), B a 1×1 conv (out, r, 1...)."""
+    return len(a_shape) > 2 and len(b_shape) == len(a_shape) and all(d == 1 for d in b_shape[2:])
+
+
 def _module(
     ck: Checkpoint, adapter: str, module: str, roles: dict[Role, ParsedKey], bias: ParsedKey | None
 ) -> LoraModule:
@@ -184,7 +190,8 @@ def _module(
     if embedding != (b.role is Role.EMBED_B):
         raise AdapterError(f"mixes lora_A/B with lora_embedding_A/B for module {module}", path=ck.root, tensor=a.key)
     ia, ib = ck.info(a.key), ck.info(b.key)
-    if len(ia.shape) != 2 or len(ib.shape) != 2:
+    conv = conv_factors(ia.shape, ib.shape) and not embedding
+    if not conv and (len(ia.shape) != 2 or len(ib.shape) != 2):
         raise AdapterError(
             f"LoRA factors must be 2-D, got {list(ia.shape)} and {list(ib.shape)}", path=ck.root, tensor=a.key
         )
@@ -197,16 +204,17 @@ def _module(
     m = LoraModule(
         module,
         adapter,
-        "embedding" if embedding else "linear",
+        "embedding" if embedding else ("conv" if conv else "linear"),
         a.key,
         b.key,
         r_a,
-        ia.shape[1],
+        math.prod(ia.shape[1:]),
         ib.shape[0],
         bias.key if bias else None,
         mag.key if mag else None,
     )
-    if mag is not None and ck.info(mag.key).shape != (m.out_features,):
+    mag_shape = ck.info(mag.key).shape if mag is not None else ()
+    if mag is not None and mag_shape != (m.out_features,) and not (conv and math.prod(mag_shape) == m.out_features):
         raise AdapterError(
             f"DoRA magnitude has shape {list(ck.info(mag.key).shape)}, expected [{m.out_features}]",
             path=ck.root,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..errors import RouteError
+from .diffusion import plan_diffusers, plan_kohya
 from .extract import plan_extract
 from .gguf import plan_gguf
 from .layout import plan_attach, plan_split, plan_strip
@@ -33,10 +34,13 @@ ROUTES: dict[tuple[str, str], Planner] = {
     ("unmerged", "gguf"): plan_gguf,
     ("adapter", "mlx"): plan_mlx,
     ("unmerged", "mlx"): plan_mlx,
+    ("adapter", "kohya"): plan_kohya,
+    ("adapter", "diffusers"): plan_diffusers,
 }
 NEEDS_BASE = frozenset({("adapter", "merged"), ("adapter", "unmerged"), ("plain", "adapter")})
+OPTIONAL_BASE = frozenset({("adapter", "kohya"), ("adapter", "diffusers")})  # the base settles module names
 
-__all__ = ["FORMATS", "FORMS", "NEEDS_BASE", "ROUTES", "Plan", "Planner", "Request", "planner"]
+__all__ = ["FORMATS", "FORMS", "NEEDS_BASE", "OPTIONAL_BASE", "ROUTES", "Plan", "Planner", "Request", "planner"]
 
 
 def plan_adapter(req: Request) -> Plan:

@@ -11,8 +11,9 @@ from functools import partial
 from typing import Any
 
 from .. import arch
+from ..config import AdapterConfig
 from ..dialects.peft_keys import PEFT_PREFIX, Role, format_key
-from ..inventory import Inventory
+from ..inventory import Inventory, LoraModule
 from ..pipeline import Job
 from .common import BaseView, copy_job, remap_modules, same_tensor
 from .moe import attach_expert_jobs, expert_wrappers, memory_view
@@ -89,11 +90,18 @@ def plan_attach(req: Request) -> Plan:
     base = BaseView(req.base, {k: v[0] for k, v in mem.items()})
     modules, replace, tokens = inv.modules(name), inv.replace.get(name, {}), inv.tokens.get(name, {})
     targets = sorted(set(modules) | set(tokens))
-    remap = remap_modules(targets, base, "adapter modules", ad.root) if targets else {}
-    lora_by_base = {remap[m]: lm for m, lm in modules.items() if lm.kind != "experts"}
-    experts_by_base = {remap[m]: lm for m, lm in modules.items() if lm.kind == "experts"}
+    notes: list[str] = []
+    remap = (
+        remap_modules(
+            targets, base, "adapter modules", ad.root, spelled=inv.spelled, config=req.base.config, notes=notes
+        )
+        if targets
+        else {}
+    )
+    lora_by_base = {remap[m]: lm for m, lm in modules.items() if m in remap and lm.kind != "experts"}
+    experts_by_base = {remap[m]: lm for m, lm in modules.items() if m in remap and lm.kind == "experts"}
     wrappers = expert_wrappers(experts_by_base)  # experts module -> how many ParamWrappers nest around it
-    tok_by_base = {remap[m]: key for m, key in tokens.items()}
+    tok_by_base = {remap[m]: key for m, key in tokens.items() if m in remap}
     saved_modules = {k.rsplit(".", 1)[0] for k in replace} - set(lora_by_base) - set(tok_by_base)
     jobs: list[Job] = []
     copy = partial(copy_job, dtype=output_dtype(req.dtype))  # --dtype casts floating tensors
@@ -132,5 +140,26 @@ def plan_attach(req: Request) -> Plan:
         carry_from=req.base.root,
         tokenizer_from=[ad.root],
         config_changes=dtype_config_changes(req.dtype, req.base.config),
-        adapter_config=adapter_config_out(req),
+        adapter_config=_renamed_config(adapter_config_out(req), modules, remap),
+        warnings=notes,
     )
+
+
+def _renamed_config(d: dict[str, Any], modules: dict[str, LoraModule], remap: dict[str, str]) -> dict[str, Any]:
+    """The adapter config under the base's module names, when matching renamed any (a VLM prefix, a kohya
+    name): patterns and targets spelled for the source's paths would miss, so every module's rank and
+    scaling is written under its new path (scaling · rank as alpha: exact without use_rslora)."""
+    if all(remap.get(m, m) == m for m in modules):
+        return d
+    ranks = {remap[m]: lm.rank for m, lm in modules.items() if m in remap}
+    alphas = {remap[m]: float(lm.scaling or 0) * lm.rank for m, lm in modules.items() if m in remap}
+    cfg = AdapterConfig.for_modules(ranks, alphas)
+    d.update(
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        rank_pattern=cfg.rank_pattern,
+        alpha_pattern=cfg.alpha_pattern,
+        use_rslora=False,
+        target_modules=cfg.target_modules,
+    )
+    return d

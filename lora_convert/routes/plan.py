@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from .requantize import Requantization
 
 FORMS = ("merged", "adapter", "unmerged", "base")
-FORMATS = ("gguf", "mlx")  # other ecosystems' adapters: llama.cpp's GGUF file, an mlx-lm adapter folder
+FORMATS = ("gguf", "mlx", "kohya", "diffusers")  # other ecosystems' adapters: llama.cpp's GGUF file, an mlx-lm
+# adapter folder, a kohya (sd-scripts) file, diffusers' LoRA file
 OUTPUT_DTYPES = {
     "auto": None,
     "bf16": "bfloat16",
@@ -120,6 +121,7 @@ class Plan:
     op_counts: dict[str, int] | None = None  # what the result reports as done (None: the jobs' ops counted)
     file_sink: Callable[[Path], TensorSink] | None = None  # the output is this one file (GGUF), no folder
     requantization: Requantization | None = None  # merge --requantize: the error each module's re-quantization adds
+    metadata: dict[str, str] | None = None  # the safetensors header's metadata (kohya's ss_*, diffusers' config)
 
     def ops(self) -> dict[str, int]:
         if self.op_counts is not None:
