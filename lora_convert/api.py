@@ -127,6 +127,7 @@ def convert(
     push_to: str | None = None,
     private: bool = False,
     token: str | None = None,
+    moe_layout: str | None = None,
 ) -> ConvertResult:
     """Convert ``source`` to the storage form ``to`` in the folder ``output``.
 
@@ -155,6 +156,9 @@ def convert(
         push_to: push the output to this Hub repo (``namespace/name``) once written; the token and the right
             to write the repo are checked before any work.  private: create that repo private.
         token: the Hub token for the push (default: ``HF_TOKEN`` or the one ``hf auth login`` stored).
+        moe_layout: ``per-expert`` or ``fused``: the layout of expert LoRA in an adapter output — an
+            adapter converted to the other layout (adapter -> adapter, with the base), or what extraction
+            writes.
 
     Returns:
         A :class:`~lora_convert.assemble.ConvertResult`; ``.extraction`` holds the SVD report, ``.pushed``
@@ -193,10 +197,11 @@ def convert(
             )
         else:
             opts = None
+        _check_moe_layout(form, to, moe_layout, ck.root)
         plan_for = planner(form, to, path=ck.root)
         name = pick_adapter(inv, adapter, ck) if form != "plain" else "default"
         warnings = _check_adapter(inv, name, ck.root) if form != "plain" else []
-        if (form, to) in NEEDS_BASE:
+        if (form, to) in NEEDS_BASE or (moe_layout is not None and form == "adapter"):
             base_ck = open_plain(_base_ref(inv, name, base, f"{form} -> {to}"), "the base")
         elif (form, to) in OPTIONAL_BASE and base is not None:
             base_ck = open_plain(resolve(base), "the base")
@@ -214,6 +219,7 @@ def convert(
             base_config=base_config,
             outtype=outtype,
             requantize=requantize,
+            moe_layout=moe_layout,
         )
         if requantize and to != "merged":
             raise RouteError("--requantize applies to merges into a quantized base", path=ck.root)
@@ -312,6 +318,7 @@ def extract(
     push_to: str | None = None,
     private: bool = False,
     token: str | None = None,
+    moe_layout: str | None = None,
     **option_fields: Any,
 ) -> ConvertResult:
     """Factor every changed tensor of ``tuned`` against ``base`` into a PEFT LoRA adapter (SVD).
@@ -322,6 +329,8 @@ def extract(
         options: an :class:`~lora_convert.routes.extract.ExtractOptions`; or give its fields as keyword
             arguments (``rank=8``, ``energy=0.95``, ``include=[...]``, ``dtype="bf16"`` for the factors...).
         push_to, private, token: push the adapter to the Hub once written, as :func:`convert` does.
+        moe_layout: routed experts as one PEFT ``target_parameters`` pair per fused parameter (``fused``, the
+            default) or as one LoRA module per stored per-expert tensor (``per-expert``).
 
     Returns:
         A :class:`~lora_convert.assemble.ConvertResult` whose ``.extraction`` has each module's rank,
@@ -346,6 +355,7 @@ def extract(
         push_to=push_to,
         private=private,
         token=token,
+        moe_layout=moe_layout,
     )
 
 
@@ -361,6 +371,12 @@ def _extract_options(given: ExtractOptions | dict[str, Any] | None, dtype: str) 
     if unknown:
         raise RouteError(f"unknown extraction option(s): {', '.join(sorted(unknown))}")
     return ExtractOptions(**fields).validate()
+
+
+def _check_moe_layout(form: str, to: str, moe_layout: str | None, root: Path) -> None:
+    """--moe-layout shapes PEFT adapter outputs (an adapter converted to the other layout, or extracted)."""
+    if moe_layout is not None and to != "adapter":
+        raise RouteError(f"--moe-layout applies to adapter outputs, not {form} -> {to}", path=root)
 
 
 def _check_format_options(to: str, output: str | Path, dtype: str, outtype: str | None) -> None:

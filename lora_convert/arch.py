@@ -36,6 +36,8 @@ REPORT_KINDS = (
     "gate_proj",
     "up_proj",
     "down_proj",
+    "experts",
+    "router",
     "lm_head",
     "other",
 )
@@ -164,8 +166,13 @@ def tensor_kind(name: str, shape: tuple[int, ...], vocab: int | None) -> str:
 
 
 def report_kind(module: str) -> str:
-    """Module kind for ``report``'s breakdown; GPT-2's ``c_proj`` is o_proj under ``attn``, down_proj under ``mlp``."""
+    """Module kind for ``report``'s breakdown; GPT-2's ``c_proj`` is o_proj under ``attn``, down_proj under ``mlp``;
+    routed experts (fused parameters or per-expert modules) are ``experts``, MoE routers ``router``."""
     parts = module.split(".")
+    if "experts" in parts[:-1]:
+        return "experts"
+    if parts[-1] == "router" or (parts[-1] == "gate" and len(parts) > 1 and parts[-2] in ("mlp", "block_sparse_moe")):
+        return "router"
     if parts[-1] == "c_proj" and len(parts) > 1:
         return {"attn": "o_proj", "mlp": "down_proj"}.get(parts[-2], "other")
     return _KIND_ALIASES.get(parts[-1], "other")

@@ -159,6 +159,8 @@ def detect(ctx: click.Context, path: str, base: str | None, adapter: str | None,
         ]
         head = ["module", "count", "layers", "rank", "alpha", "scaling"]
         out.print(table(out, f"adapter '{a.name}'", head, rows))
+        if a.experts:
+            _print_experts(a.experts)
         flags = [
             f"DoRA: {a.dora}",
             f"rsLoRA: {a.use_rslora}",
@@ -184,6 +186,27 @@ def detect(ctx: click.Context, path: str, base: str | None, adapter: str | None,
         out.print(res.base_comparison["summary"])
     for w in res.warnings:
         err.print(f"[yellow]warning:[/yellow] {w}")
+
+
+def _print_experts(groups: list[Any]) -> None:
+    """LoRA on routed experts: fused (PEFT target_parameters: one A/B pair for a layer's experts) or one
+    pair per expert module."""
+    rows = [
+        [
+            g.name,
+            g.layout,
+            str(g.count),
+            ranges(g.layers) if g.layers else "-",
+            ",".join(map(str, g.experts)),
+            ",".join(map(str, g.ranks)),
+            (g.b_layout + ("*" if g.b_layout_assumed else "")) if g.layout == "fused" else "-",
+        ]
+        for g in groups
+    ]
+    head = ["target", "layout", "count", "layers", "experts", "rank/expert", "B packing"]
+    out.print(table(out, "expert LoRA", head, rows))
+    if any(g.b_layout_assumed for g in groups):
+        out.print("* assumed (PEFT's packing): adapter_config.json has no lora_B_layout")
 
 
 _push_options = [
@@ -278,6 +301,14 @@ def _extraction_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def _moe_layout_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--moe-layout",
+        type=click.Choice(["per-expert", "fused"]),
+        help="Expert LoRA in the adapter written: one module per expert, or fused (PEFT target_parameters).",
+    )(f)
+
+
 def _given(**opts: Any) -> dict[str, Any]:
     """The extraction options the user actually gave (click passes None / () for the others), as the
     API takes them: --factor-dtype is extract(dtype=...), repeated options are lists.  extract()
@@ -293,7 +324,7 @@ def _print_extract(res: Any, as_json: bool) -> None:
         _report_conversion(res, True)
         return
     rows = [
-        [m.module, f"{m.shape[0]}x{m.shape[1]}", f"{m.rank}{'*' if m.capped else ''}"]
+        [m.label, f"{m.shape[0]}x{m.shape[1]}", f"{m.rank}{'*' if m.capped else ''}"]
         + [f"{m.energy:.6f}", f"{m.error:.3e}", m.method]
         for m in res.extraction.modules
     ]
@@ -321,6 +352,7 @@ def _print_extract(res: Any, as_json: bool) -> None:
     help="With --to gguf: the tensor type (q8_0 falls back to f16 where rows are not a multiple of 32).  [default: f32]",
 )
 @_extraction_options
+@_moe_layout_option
 @click.pass_context
 def convert(
     ctx: click.Context,
@@ -337,6 +369,7 @@ def convert(
     private: bool,
     token: str | None,
     outtype: str | None,
+    moe_layout: str | None,
     **svd_opts: Any,
 ) -> None:
     """Convert SOURCE to another storage form.
@@ -345,6 +378,8 @@ def convert(
     takes the extraction options (--rank, --energy, ...); they are refused on every other route.
     --to gguf (with --base, whose config.json alone is read) writes one llama.cpp adapter file;
     --to mlx an mlx-lm adapter folder; an mlx-lm adapter --to adapter becomes a PEFT adapter.
+    A PEFT adapter SOURCE with --to adapter --moe-layout per-expert|fused gets its expert LoRA in the
+    other layout (PEFT target_parameters <-> one LoRA module per expert).
     """
     given = _given(**svd_opts)
     if push_to and to == "gguf":
@@ -363,6 +398,7 @@ def convert(
             command=_command_line(),
             extract_options=given or None,
             outtype=outtype,
+            moe_layout=moe_layout,
             push_to=push_to,
             private=private,
             token=token,
@@ -482,6 +518,7 @@ def report_cmd(
 @click.option("--base", required=True, help="Base model folder or Hub repo id.")
 @click.option("-o", "--output", required=True, help="Output adapter folder (created atomically).")
 @_extraction_options
+@_moe_layout_option
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (docs/json.md).")
 @_push_options[0]
@@ -494,6 +531,7 @@ def extract(
     tuned: str,
     base: str,
     output: str,
+    moe_layout: str | None,
     force: bool,
     as_json: bool,
     push_to: str | None,
@@ -510,6 +548,7 @@ def extract(
             force=force,
             progress=not as_json and err.is_terminal,
             command=_command_line(),
+            moe_layout=moe_layout,
             push_to=push_to,
             private=private,
             token=token,

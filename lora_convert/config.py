@@ -198,8 +198,6 @@ class AdapterConfig:
         for key in ("velora_config", "monteclora_config", "kasa_config", "arrow_config"):
             if self.raw.get(key):
                 reasons.append(f"{key.removesuffix('_config')} is a LoRA variant this tool cannot merge")
-        if self.raw.get("target_parameters"):
-            reasons.append("target_parameters (LoRA on raw parameters, e.g. MoE experts) is not supported")
         return reasons
 
     def check_supported(self) -> None:

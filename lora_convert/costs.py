@@ -33,10 +33,11 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from . import arch
+from . import arch, moe_layouts
 from .arch import ModelShape, module_of
 from .errors import CheckpointError, UnsupportedError, option_name
 from .fmt import human_bytes
@@ -208,11 +209,38 @@ def _add_bytes(*parts: dict[str, int]) -> dict[str, int]:
     return out
 
 
-def _matmul_flops(tensors: dict[str, _T], shape: ModelShape) -> int:
-    """2 FLOPs per multiply-add over every 2-D weight used as a matmul; a tied head counts once."""
+@dataclass
+class _Routing:
+    """Which expert weights one token goes through: ``active`` (num_experts_per_tok) of the E routed
+    experts of each MoE layer.  The router and shared experts are plain weights, used by every token."""
+
+    active: int | None = None
+    experts_of: dict[str, int] = field(default_factory=dict)  # expert tensor key -> E of its layer
+
+    def weight(self, key: str) -> Fraction:
+        e = self.experts_of.get(key)
+        return Fraction(1) if e is None or self.active is None else Fraction(min(self.active, e), e)
+
+
+def _routing(tensors: dict[str, _T] | None, config: dict[str, Any] | None) -> _Routing:
+    if tensors is None:
+        return _Routing()
+    shapes = {k: t.shape for k, t in tensors.items()}
+    experts = moe_layouts.expert_tensor_experts(shapes, moe_layouts.layout_for(config, shapes))
+    return _Routing(moe_layouts.active_experts(config), experts)
+
+
+def _matmul_flops(tensors: dict[str, _T], shape: ModelShape, routing: _Routing | None = None) -> int:
+    """2 FLOPs per multiply-add over every 2-D weight used as a matmul; a tied head counts once; routed
+    experts (2-D per expert, or fused 3-D) only for the experts a token goes through."""
     total = 0
     has_head = False
+    routing = routing or _Routing()
+    moe = Fraction(0)
     for k, t in tensors.items():
+        if k in routing.experts_of:
+            moe += 2 * t.numel * routing.weight(k)
+            continue
         if not k.endswith(".weight") or len(t.shape) != 2:
             continue
         if _is_lm_head(k):
@@ -225,7 +253,7 @@ def _matmul_flops(tensors: dict[str, _T], shape: ModelShape) -> int:
         pick = [t for t in embeds if shape.vocab is None or t.shape[0] == shape.vocab] or embeds[:1]
         if pick:
             total += 2 * pick[0].numel
-    return total
+    return total + round(moe)
 
 
 def attention_flops(shape: ModelShape, seq_len: int) -> int | None:
@@ -240,7 +268,7 @@ def attention_flops(shape: ModelShape, seq_len: int) -> int | None:
 
 # -- LoRA counting ----------------------------------------------------------------------------
 def lora_module_params(m: LoraModule) -> int:
-    n = m.rank * (m.in_features + m.out_features)
+    n = m.stored_rank * (m.in_features + m.out_features)
     if m.magnitude_key:
         n += m.out_features
     if m.bias_key:
@@ -248,8 +276,11 @@ def lora_module_params(m: LoraModule) -> int:
     return n
 
 
-def lora_module_flops(m: LoraModule) -> int:
-    """Extra matmul FLOPs per token of the unmerged branch ``B(A x)``."""
+def lora_module_flops(m: LoraModule, active: int | None = None) -> int:
+    """Extra matmul FLOPs per token of the unmerged branch ``B(A x)``; LoRA on fused experts for the
+    ``active`` experts a token goes through (all of them when unknown)."""
+    if m.kind == "experts":
+        return min(active or m.experts, m.experts) * 2 * m.rank * (m.in_features + m.out_features)
     if m.kind == "embedding":
         return 2 * m.rank * m.out_features  # gather of A's column is a lookup
     return 2 * m.rank * (m.in_features + m.out_features)
@@ -257,7 +288,7 @@ def lora_module_flops(m: LoraModule) -> int:
 
 def merge_module_flops(m: LoraModule) -> int:
     area = m.in_features * m.out_features
-    flops = 2 * m.rank * area + area
+    flops = m.experts * (2 * m.rank * area + area)
     if m.magnitude_key:
         flops += 3 * area
     return flops
@@ -441,8 +472,10 @@ def build_report(
     if b.tensors is not None and shape.vocab is None:
         emb = [t for k, t in b.tensors.items() if _is_embedding(k) and len(t.shape) == 2]
         shape.vocab = emb[0].shape[0] if emb else None
+    routing = _routing(b.tensors, b.config)
+    _moe_notes(routing, ad, notes)
     rows = _rows(form, b, ad, shape, seq_len, src_bytes, notes)
-    modules = _kinds(ad)
+    modules = _kinds(ad, routing)
     if set(ad.replace) - ad.saved_whole:
         notes.append(
             "modules_to_save copies are counted as LoRA parameters: "
@@ -470,18 +503,43 @@ def _percent(a: int, b: int | None) -> float | None:
     return round(100.0 * a / b, 4) if b else None
 
 
+def _lora_flops(m: LoraModule, routing: _Routing) -> int:
+    """Per token: an expert LoRA only on the experts a token goes through (per-expert modules: their
+    share of them)."""
+    return round(lora_module_flops(m, routing.active) * routing.weight(f"{m.module}.weight"))
+
+
+def _moe_notes(routing: _Routing, ad: _Adapter, notes: list[str]) -> None:
+    if not routing.experts_of:
+        return
+    if routing.active is None:
+        notes.append("MoE: config.json has no num_experts_per_tok, so every routed expert is counted per token")
+    else:
+        notes.append(
+            f"MoE: routed experts counted for the {routing.active} a token goes through "
+            "(router and shared experts in full)"
+        )
+    if any(m.kind == "experts" for m in ad.modules.values()):
+        notes.append(
+            "expert LoRA (target_parameters) is counted as the factored branch on the active experts; PEFT's "
+            "unmerged forward instead adds s·B·A to every expert's weights each forward (2·E·r·d_in·d_out, "
+            "not per token; not counted)"
+        )
+
+
 def _rows(
     form: str, b: _Base, ad: _Adapter, shape: ModelShape, seq_len: int, src_bytes: dict[str, int], notes: list[str]
 ) -> list[FormRow]:
+    routing = _routing(b.tensors, b.config)
     lora_params = sum(lora_module_params(m) for m in ad.modules.values()) + sum(ad.tensors[k].numel for k in ad.trained)
-    lora_flops = sum(lora_module_flops(m) for m in ad.modules.values())
+    lora_flops = sum(_lora_flops(m, routing) for m in ad.modules.values())
     attn = attention_flops(shape, seq_len)
     if attn is None:
         notes.append("config.json lacks layers/heads: attention FLOPs not reported")
     merged = _merged_tensors(b, ad)
     base_params = _params(b.tensors, shape.tied) if b.tensors is not None else None
     merged_params = _params(merged, shape.tied) if merged is not None else None
-    mm = _matmul_flops(merged, shape) if merged is not None else None
+    mm = _matmul_flops(merged, shape, routing) if merged is not None else None
     merged_total = mm + (attn or 0) if mm is not None else None
     if form == "plain":
         return [
@@ -560,7 +618,7 @@ def _rows(
     ]
 
 
-def _kinds(ad: _Adapter) -> list[KindRow]:
+def _kinds(ad: _Adapter, routing: _Routing) -> list[KindRow]:
     kinds: dict[str, KindRow] = {}
 
     def row(module: str) -> KindRow:
@@ -575,7 +633,7 @@ def _kinds(ad: _Adapter) -> list[KindRow]:
         if m.scaling is not None and round(m.scaling, 6) not in r.scalings:
             r.scalings.append(round(m.scaling, 6))
         r.lora_parameters += lora_module_params(m)
-        r.extra_flops += lora_module_flops(m)
+        r.extra_flops += _lora_flops(m, routing)
         r.merge_flops += merge_module_flops(m)
     for bk, t in ad.replace.items():
         if bk not in ad.saved_whole:

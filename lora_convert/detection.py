@@ -4,6 +4,7 @@ Only ``--base`` comparisons read tensor data (to tell a base from a merged model
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,10 @@ from typing import Any
 from .arch import layout_of, short_name
 from .config import AdapterConfig
 from .inputs import load_source, resolve
-from .inventory import Inventory
+from .inventory import Inventory, LoraModule
 from .io.reader import ADAPTER_WEIGHTS, Checkpoint, named_adapters, open_checkpoint
 from .module_match import match_modules
+from .moe_layouts import split_expert_module
 
 
 @dataclass
@@ -26,6 +28,22 @@ class ModuleGroup:
     ranks: list[int]
     alphas: list[float]
     scalings: list[float]
+
+
+@dataclass
+class ExpertGroup:
+    """LoRA on routed experts: one entry per fused parameter (PEFT target_parameters: one A/B pair shared by
+    the E experts of a layer) or per projection of per-expert modules (one pair per expert)."""
+
+    name: str  # gate_up_proj, down_proj (fused) or gate_proj, w1, ... (per expert)
+    layout: str  # "fused" | "per-expert"
+    count: int  # LoRA modules: layers (fused) or layers × experts (per expert)
+    layers: list[int]
+    experts: list[int]  # E per layer
+    ranks: list[int]  # per expert
+    b_layout: str | None = None  # fused: rank_major (PEFT) | grouped_by_expert
+    b_layout_assumed: bool = False  # no lora_B_layout marker: PEFT's packing assumed
+    nested: bool = False  # fused: an inner ParamWrapper (keys under experts.base_layer)
 
 
 @dataclass
@@ -45,6 +63,7 @@ class AdapterSummary:
     alpha_pattern: dict[str, float]
     modules: list[ModuleGroup]
     lora_parameters: int
+    experts: list[ExpertGroup] = field(default_factory=list)
 
 
 @dataclass
@@ -77,14 +96,14 @@ def _summarise(
     params = 0
     for m in mods.values():
         groups.setdefault(m.name, []).append(m)
-        params += m.rank * (m.in_features + m.out_features)
+        params += m.stored_rank * (m.in_features + m.out_features)
         if m.magnitude_key:
             params += m.out_features
         if m.bias_key:
             params += m.out_features
     mg = []
     for g, ms in sorted(groups.items()):
-        alphas = sorted({cfg.alpha_for(m.module) for m in ms}) if cfg else []
+        alphas = sorted({cfg.alpha_for(m.config_key) for m in ms}) if cfg else []
         scal = sorted({round(m.scaling, 6) for m in ms if m.scaling is not None})
         mg.append(
             ModuleGroup(
@@ -130,7 +149,49 @@ def _summarise(
         alpha_pattern=dict(cfg.alpha_pattern) if cfg else {},
         modules=mg,
         lora_parameters=params,
+        experts=expert_groups(mods.values()),
     )
+
+
+def expert_groups(mods: Iterable[LoraModule]) -> list[ExpertGroup]:
+    """The expert LoRA of one adapter, grouped by parameter (fused) or projection (per expert)."""
+    fused: dict[str, list[LoraModule]] = {}
+    per: dict[str, dict[str, set[int]]] = {}  # projection -> experts module -> expert indices
+    per_mods: dict[str, list[LoraModule]] = {}
+    for m in mods:
+        if m.kind == "experts":
+            fused.setdefault(m.name, []).append(m)
+        elif (hit := split_expert_module(m.module)) is not None:
+            experts, e, part = hit
+            per.setdefault(part, {}).setdefault(experts, set()).add(e)
+            per_mods.setdefault(part, []).append(m)
+    out = [
+        ExpertGroup(
+            name,
+            "fused",
+            len(ms),
+            sorted({m.layer for m in ms if m.layer is not None}),
+            sorted({m.experts for m in ms}),
+            sorted({m.rank for m in ms}),
+            "/".join(sorted({m.b_layout for m in ms})),
+            any(m.b_layout_assumed for m in ms),
+            any(m.nest for m in ms),
+        )
+        for name, ms in sorted(fused.items())
+    ]
+    for part, by_experts in sorted(per.items()):
+        ms = per_mods[part]
+        out.append(
+            ExpertGroup(
+                part,
+                "per-expert",
+                len(ms),
+                sorted({m.layer for m in ms if m.layer is not None}),
+                sorted({max(es) + 1 for es in by_experts.values()}),
+                sorted({m.rank for m in ms}),
+            )
+        )
+    return out
 
 
 def detect(path: str | Path, *, base: str | Path | None = None, adapter: str | None = None) -> DetectResult:

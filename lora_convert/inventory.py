@@ -19,7 +19,11 @@ DEFAULT_ADAPTER = "default"
 
 @dataclass
 class LoraModule:
-    """One LoRA-wrapped module of one adapter: ΔW = scaling · B·A (embeddings: (B_e·A_e)ᵀ)."""
+    """One LoRA-wrapped module of one adapter: ΔW = scaling · B·A (embeddings: (B_e·A_e)ᵀ).
+
+    Kind ``experts`` is PEFT's ``target_parameters`` LoRA on a fused expert parameter: ``module`` is the
+    parameter's path (``model.layers.0.mlp.experts.gate_up_proj``, the key PEFT's rank_pattern matches),
+    ``rank`` is per expert, A is (experts·rank, in) and B (out, experts·rank), packed per ``b_layout``."""
 
     module: str  # path in the base model, e.g. model.layers.0.self_attn.q_proj
     adapter: str
@@ -32,6 +36,11 @@ class LoraModule:
     bias_key: str | None = None  # lora_B.bias (lora_bias=True)
     magnitude_key: str | None = None  # DoRA
     scaling: float | None = None  # resolved by the dialect; None when its config is missing
+    param: str | None = None  # a 2-D parameter wrapped by target_parameters (a router's "weight")
+    experts: int = 1  # kind "experts": E, the experts sharing A and B
+    nest: int = 0  # kind "experts": how many ParamWrappers wrap this one (0: outermost, ``experts.lora_A``)
+    b_layout: str = "rank_major"  # kind "experts": expert e's B columns are e, e+E, ... or a block (grouped_by_expert)
+    b_layout_assumed: bool = False  # no marker in adapter_config.json said which
 
     @property
     def name(self) -> str:
@@ -40,6 +49,24 @@ class LoraModule:
     @property
     def layer(self) -> int | None:
         return layer_index(self.module)
+
+    @property
+    def config_key(self) -> str:
+        """The name rank_pattern/alpha_pattern match: PEFT matches ``<module>.<param>`` for target_parameters."""
+        return f"{self.module}.{self.param}" if self.param else self.module
+
+    @property
+    def stored_rank(self) -> int:
+        """Rows of A (columns of B): the rank times the experts that share the factors."""
+        return self.rank * self.experts
+
+    @property
+    def wrapped(self) -> str:
+        """The module whose keys carry this LoRA: an experts parameter's wrapper (``experts.base_layer``
+        for an inner one), else the module itself."""
+        if self.kind != "experts":
+            return self.module
+        return self.module.rpartition(".")[0] + ".base_layer" * self.nest
 
 
 @dataclass

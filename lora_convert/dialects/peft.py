@@ -15,6 +15,7 @@ from ..config import AdapterConfig
 from ..errors import AdapterError
 from ..inventory import DEFAULT_ADAPTER, Inventory, LoraModule
 from ..io.reader import Checkpoint
+from .peft_experts import resolve_experts
 from .peft_keys import ParsedKey, Role, parse_key
 
 _FACTOR_ROLES = (Role.LORA_A, Role.LORA_B, Role.EMBED_A, Role.EMBED_B)
@@ -41,6 +42,7 @@ class PeftDialect:
                 hint="an adapter needs the adapter_config.json PEFT writes beside its weights",
             )
         configs = _own_configs(ck, inv.adapters, cfg)
+        resolve_experts(inv, configs, ck)
         for name in inv.adapters:
             own = configs.get(name)
             if own is None:
@@ -49,7 +51,7 @@ class PeftDialect:
                 continue
             inv.configs[name] = own
             for m in inv.modules(name).values():
-                m.scaling = own.scaling_for(m.module, m.rank)
+                m.scaling = own.scaling_for(m.config_key, m.rank)
             inv.problems[name] = _rank_disagreements(own, inv.modules(name).values(), name, ck)
         return inv
 
@@ -92,7 +94,7 @@ def _rank_disagreements(
     """The config's rank for a module is not its tensors' rank.  PEFT refuses to load such an adapter (the
     shapes do not fit), and ``lora_alpha / r`` is not the scaling it was trained with under either rank:
     the modules' scaling is left unknown and conversions refuse."""
-    bad = [m for m in modules if cfg.rank_for(m.module) != m.rank]
+    bad = [m for m in modules if cfg.rank_for(m.config_key) != m.rank]
     if not bad:
         return []
     for m in bad:
@@ -100,7 +102,7 @@ def _rank_disagreements(
     m = bad[0]
     return [
         AdapterError(
-            f"adapter {adapter}: {m.module}: config says r={cfg.rank_for(m.module)}, the tensors have rank {m.rank} "
+            f"adapter {adapter}: {m.module}: config says r={cfg.rank_for(m.config_key)}, the tensors have rank {m.rank} "
             f"({len(bad)} module(s) disagree); PEFT refuses to load it and the scaling lora_alpha/r is unknown",
             path=cfg.source or ck.root,
             hint="use the adapter_config.json saved with these tensors (r and rank_pattern must match them)",

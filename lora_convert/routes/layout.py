@@ -16,6 +16,7 @@ from ..dialects.peft_keys import PEFT_PREFIX, Role, format_key
 from ..inventory import Inventory, LoraModule
 from ..pipeline import Job
 from .common import BaseView, copy_job, remap_modules, same_tensor
+from .moe import attach_expert_jobs, expert_wrappers, memory_view
 from .plan import Plan, Request, dtype_config_changes, output_dtype
 
 
@@ -66,8 +67,8 @@ def split_names(inv: Inventory, adapter: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for mod, m in inv.modules(adapter).items():
         roles = (Role.EMBED_A, Role.EMBED_B) if m.kind == "embedding" else (Role.LORA_A, Role.LORA_B)
-        out[format_key(mod, roles[0])] = m.a_key
-        out[format_key(mod, roles[1])] = m.b_key
+        out[format_key(m.wrapped, roles[0])] = m.a_key  # expert LoRA: keyed by its (nested) ParamWrapper
+        out[format_key(m.wrapped, roles[1])] = m.b_key
         if m.bias_key:
             out[format_key(mod, Role.LORA_B, param="bias")] = m.bias_key
         if m.magnitude_key:
@@ -84,7 +85,9 @@ def plan_attach(req: Request) -> Plan:
     assert req.base is not None and req.config is not None
     req.config.check_supported()
     inv, ad, name = req.inventory, req.source, req.adapter
-    base = BaseView(req.base)
+    # the base under the names PEFT's in-model state dict uses: MoE experts fused as transformers holds them
+    mem = memory_view(req.base, req.model_config)
+    base = BaseView(req.base, {k: v[0] for k, v in mem.items()})
     modules, replace, tokens = inv.modules(name), inv.replace.get(name, {}), inv.tokens.get(name, {})
     targets = sorted(set(modules) | set(tokens))
     notes: list[str] = []
@@ -95,7 +98,9 @@ def plan_attach(req: Request) -> Plan:
         if targets
         else {}
     )
-    lora_by_base = {remap[m]: lm for m, lm in modules.items() if m in remap}
+    lora_by_base = {remap[m]: lm for m, lm in modules.items() if m in remap and lm.kind != "experts"}
+    experts_by_base = {remap[m]: lm for m, lm in modules.items() if m in remap and lm.kind == "experts"}
+    wrappers = expert_wrappers(experts_by_base)  # experts module -> how many ParamWrappers nest around it
     tok_by_base = {remap[m]: key for m, key in tokens.items() if m in remap}
     saved_modules = {k.rsplit(".", 1)[0] for k in replace} - set(lora_by_base) - set(tok_by_base)
     jobs: list[Job] = []
@@ -103,6 +108,10 @@ def plan_attach(req: Request) -> Plan:
     for k in base.keys():
         mod, _, param = k.rpartition(".")
         src = (ad, replace[k]) if k in replace else base.where(k)
+        if mod in wrappers or len(mem[k]) > 1:  # an expert parameter (wrapped, or fused from per-expert tensors)
+            expert = experts_by_base.get(k)
+            jobs += attach_expert_jobs(k, mem[k], src, expert, wrappers.get(mod, 0), ad, name, output_dtype(req.dtype))
+            continue
         if mod in lora_by_base:
             m = lora_by_base[mod]
             jobs.append(copy(*src, format_key(mod, Role.BASE, param=param, base_layer=True)))

@@ -20,6 +20,7 @@ from ..inventory import LoraModule
 from ..io.reader import Checkpoint
 from ..pipeline import Buffers, Job, Read
 from .common import BaseView, check_finite, copy_job, remap_modules, same_tensor
+from .moe import plan_expert_lora
 from .plan import Plan, Request, dtype_config_changes, output_dtype
 from .quantized import quantized_base
 
@@ -55,7 +56,8 @@ def plan_merge(req: Request) -> Plan:
         base = BaseView(qbase.view)
     tied = arch.tied_pair(model_config, base.keys())
     warnings: list[str] = []
-    ops = _assign(req, base, tied, warnings)
+    experts = plan_expert_lora(req.inventory.modules(req.adapter), req.source, base, model_config, cfg)
+    ops = _assign(req, base, tied, warnings, experts.handled, experts.renames)
     config_changes: dict[str, Any] = {}
     keys = base.keys()
     if tied is not None:
@@ -73,7 +75,13 @@ def plan_merge(req: Request) -> Plan:
     dtype = output_dtype(req.dtype)
     conv1d = bool(cfg.fan_in_fan_out) or arch.stores_conv1d(model_config)
     dtypes = qbase.dtypes(req.dtype) if qbase is not None else {}
-    jobs = [_job(k, ops[k], base, dtypes.get(k, dtype), conv1d) for k in keys]
+    jobs = [
+        experts.job(k, base, dtypes.get(k, dtype))
+        if k in experts.targets
+        else _job(k, ops[k], base, dtypes.get(k, dtype), conv1d)
+        for k in keys
+    ]
+    warnings += experts.warnings
     if qbase is not None:
         jobs = qbase.jobs(jobs, ops)
     vocab = _new_vocab(ops, base.keys(), tied, model_config)
@@ -96,13 +104,21 @@ def plan_merge(req: Request) -> Plan:
     return plan
 
 
-def _assign(req: Request, base: BaseView, tied: tuple[str, str] | None, notes: list[str]) -> dict[str, _KeyOps]:
+def _assign(
+    req: Request,
+    base: BaseView,
+    tied: tuple[str, str] | None,
+    notes: list[str],
+    skip: set[str] = frozenset(),
+    renames: dict[str, str] | None = None,
+) -> dict[str, _KeyOps]:
     """Base key -> what to do with it: its source (base or replacement), LoRA, lora_bias, tokens.
-    ``notes`` receives how adapter modules were matched to the base (prefixes, parts left out)."""
+    ``notes`` receives how adapter modules were matched to the base (prefixes, parts left out);
+    ``skip``: modules merged as experts; ``renames``: modules the base stores under another name."""
     inv, ad, cfg = req.inventory, req.source, req.config
     assert cfg is not None
     modules, replace, tokens = (
-        inv.modules(req.adapter),
+        {k: m for k, m in inv.modules(req.adapter).items() if k not in skip},
         inv.replace.get(req.adapter, {}),
         inv.tokens.get(req.adapter, {}),
     )
@@ -110,9 +126,11 @@ def _assign(req: Request, base: BaseView, tied: tuple[str, str] | None, notes: l
     if tied is not None:
         view[tied[1]] = base.map[tied[0]]  # a tied head *is* the embedding, whatever the file stores
     all_mods = sorted(set(modules) | {k.rsplit(".", 1)[0] for k in replace if k not in view} | set(tokens))
+    renames = renames or {}
+    rest = [m for m in all_mods if m not in renames]
     remap = (
         remap_modules(
-            all_mods,
+            rest,
             BaseView(base.ck, view),
             "adapter modules",
             ad.root,
@@ -120,9 +138,10 @@ def _assign(req: Request, base: BaseView, tied: tuple[str, str] | None, notes: l
             config=req.model_config,
             notes=notes,
         )
-        if all_mods
+        if rest
         else {}
     )
+    remap.update(renames)
     ops = {k: _KeyOps((base.ck, src)) for k, src in view.items()}
     for k, src in replace.items():
         mod, _, param = k.rpartition(".")

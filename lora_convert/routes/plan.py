@@ -86,6 +86,7 @@ class Request:
     base_config: dict[str, Any] | None = None  # the base's config.json, for routes that need no base weights
     outtype: str | None = None  # --outtype of a GGUF output
     requantize: bool = False  # merge into a quantized base: write the base's own scheme back
+    moe_layout: str | None = None  # --moe-layout: expert LoRA written per-expert or fused (adapter outputs)
 
     @property
     def config(self) -> AdapterConfig | None:
