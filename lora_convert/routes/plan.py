@@ -15,12 +15,14 @@ from ..config import AdapterConfig
 from ..errors import RouteError
 from ..inventory import Inventory
 from ..io.reader import Checkpoint
+from ..stack import AdapterInput
 
 if TYPE_CHECKING:
     import torch
 
     from ..pipeline import Job
     from .extract import Extraction, ExtractOptions
+    from .unmerge import Unmerge
 
 FORMS = ("merged", "adapter", "unmerged", "base")
 OUTPUT_DTYPES = {
@@ -59,6 +61,11 @@ class Request:
     dtype: str = "auto"  # --dtype
     extract: ExtractOptions | None = None  # the SVD route's options
     progress: bool = False  # progress bars for work done while planning (extraction's factorisations)
+    stack: list[AdapterInput] = field(default_factory=list)  # several adapters (or one from elsewhere) at once
+
+    def adapters_in(self) -> list[AdapterInput]:
+        """The adapters the route applies: the stack, or the source's own adapter with weight 1."""
+        return self.stack or [AdapterInput(self.source, self.inventory, self.adapter, 1.0, self.ref)]
 
     @property
     def config(self) -> AdapterConfig | None:
@@ -88,6 +95,7 @@ class Plan:
     card_tables: list[str] = field(default_factory=list)
     card_config: dict[str, Any] | None = None  # config for the card's pipeline tag when none is written
     extraction: Extraction | None = None  # the SVD route's per-module report
+    unmerge: Unmerge | None = None  # the unmerge route's rounding bounds (filled while its jobs run)
     op_counts: dict[str, int] | None = None  # what the result reports as done (None: the jobs' ops counted)
 
     def ops(self) -> dict[str, int]:
