@@ -7,13 +7,24 @@ conversions import it when they start.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import AdapterError, RouteError
+from .errors import AdapterError, LoraConvertError, RouteError
 from .inputs import load_source, open_plain, pick_adapter, resolve  # noqa: F401 - load_source is public
 from .inventory import Inventory
 from .io.writer import parse_size
+from .stack import (
+    AdapterInput,
+    Spec,
+    check_same_base,
+    close_stack,
+    names_a_stack,
+    open_stack,
+    parse_spec,
+)
 
 if TYPE_CHECKING:
     from .assemble import ConvertResult
@@ -21,6 +32,7 @@ if TYPE_CHECKING:
     from .detection import DetectResult
     from .io.hub import PushResult
     from .routes.extract import ExtractOptions
+    from .routes.plan import Request
 
 
 def detect(path: str | Path, *, base: str | Path | None = None, adapter: str | None = None) -> DetectResult:
@@ -118,6 +130,7 @@ def convert(
     progress: bool = False,
     command: str | None = None,
     extract_options: ExtractOptions | dict[str, Any] | None = None,
+    adapters: Sequence[Spec] | None = None,
 ) -> ConvertResult:
     """Convert ``source`` to the storage form ``to`` in the folder ``output``.
 
@@ -134,9 +147,15 @@ def convert(
         progress: show progress bars.  command: the command line, quoted in the model card.
         extract_options: :class:`~lora_convert.routes.extract.ExtractOptions` (or its fields as a dict),
             for plain -> adapter only.
+        adapters: several adapters at once, each ``"REF"``, ``"REF:WEIGHT"`` or ``(REF, WEIGHT)``: with
+            ``to="merged"`` the weighted sum of their ΔW is folded in (rounded once); with a plain (merged)
+            ``source`` and ``to="base"`` it is subtracted (unmerge).  REF is an adapter checkpoint, or the
+            name of an adapter inside ``source``.  An ``adapter`` that is a path (or has a weight) means
+            the same as ``adapters=[adapter]``.
 
     Returns:
-        A :class:`~lora_convert.assemble.ConvertResult`; ``.extraction`` holds the SVD report.
+        A :class:`~lora_convert.assemble.ConvertResult`; ``.extraction`` holds the SVD report and
+        ``.unmerge`` the rounding bound of an unmerge.
 
     Raises:
         RouteError: no such route, or a missing base.  CheckpointError, AdapterError (the adapter does not
@@ -154,6 +173,26 @@ def convert(
         parse_size(max_shard_size)
     except ValueError as exc:
         raise RouteError(f"--max-shard-size: {exc}") from None
+    stacked = names_a_stack(adapter, adapters)
+    if not stacked and adapter is not None and to in ("merged", "base"):
+        stacked = _is_plain(source)  # a plain source has no adapter of that name: it is an adapter to apply
+    if stacked:
+        if extract_options:
+            raise RouteError("extraction options do not apply to merging or unmerging adapters")
+        specs = [*([adapter] if adapter is not None else []), *(adapters or [])]
+        return _convert_stack(
+            source,
+            to,
+            specs,
+            base=base,
+            dtype=dtype,
+            output=output,
+            force=force,
+            max_shard_size=max_shard_size,
+            progress=progress,
+            command=command,
+            started=started,
+        )
     ck, inv = load_source(source, adapter=adapter)
     base_ck = None
     try:
@@ -214,8 +253,99 @@ def convert(
 def merge(source: str | Path, *, output: str | Path, base: str | Path | None = None, **kwargs: Any) -> ConvertResult:
     """Fold the LoRA of an adapter (with ``base``) or of an unmerged checkpoint into the base weights.
 
+    Several adapters at once: ``merge(BASE, adapters=["a", ("b", 0.5)], output=...)`` folds
+    ``Σ wᵢ·ΔWᵢ`` in one fp32 pass, rounded once; the logits equal PEFT's with the same adapters loaded
+    and active together (``set_scale(name, w)`` for the weights).
+
     The same as ``convert(source, "merged", ...)``: see :func:`convert` for the arguments and errors."""
     return convert(source, "merged", output=output, base=base, **kwargs)
+
+
+def _convert_stack(
+    source: str | Path,
+    to: str,
+    specs: Sequence[Spec],
+    *,
+    base: str | Path | None,
+    dtype: str,
+    output: str | Path,
+    force: bool,
+    max_shard_size: str | int,
+    progress: bool,
+    command: str | None,
+    started: float,
+) -> ConvertResult:
+    """merge (``to="merged"``) or unmerge (``to="base"``) with the adapters of ``specs``."""
+    from .assemble import write_output
+    from .routes import planner
+
+    if to not in ("merged", "base"):
+        raise RouteError(
+            f"adapters given as REF[:WEIGHT] are merged (--to merged) or unmerged (--to base), not converted to {to}"
+        )
+    plain = "unmerging subtracts adapters from a merged model" if to == "base" else None
+    with _stack_request(source, specs, base=base, to=to, dtype=dtype, progress=progress, plain=plain) as (
+        req,
+        warnings,
+    ):
+        plan = planner(req.inventory.form, to, path=req.source.root)(req)
+        plan.warnings[:0] = warnings
+        return write_output(
+            plan,
+            req,
+            output=output,
+            force=force,
+            max_shard_size=max_shard_size,
+            progress=progress,
+            command=command,
+            started=started,
+        )
+
+
+@contextmanager
+def _stack_request(
+    source: str | Path,
+    specs: Sequence[Spec],
+    *,
+    base: str | Path | None,
+    to: str,
+    dtype: str = "auto",
+    progress: bool = False,
+    plain: str | None = None,
+) -> Iterator[tuple[Request, list[str]]]:
+    """The source, its adapters (``specs``) and, for an adapter source, the base, opened as one
+    Request (closed on the way out), and the adapters' warnings.  A plain source is the base (merge)
+    or the merged model (unmerge, verify); an unmerged one carries its base.  ``plain`` says why the
+    source must be plain, where it must (unmerge's MERGED, verify's BASE)."""
+    from .routes import Request
+
+    for spec in specs:
+        parse_spec(spec)  # a weight that does not parse fails before anything is opened
+    ck, inv = load_source(source)
+    stack: list[AdapterInput] = []
+    base_ck = None
+    try:
+        if plain and inv.form != "plain":
+            raise RouteError(f"holds LoRA tensors ({inv.form} form): {plain}", path=ck.root)
+        stack = open_stack(specs, (ck, inv))
+        warnings = [w for inp in stack for w in _check_adapter(inp.inventory, inp.name, inp.ck.root)]
+        check_same_base(stack)
+        if inv.form == "adapter":
+            base_ck = open_plain(_base_ref(stack[0].inventory, stack[0].name, base, f"adapter -> {to}"), "the base")
+        elif inv.form == "plain" and base is not None:
+            raise RouteError(
+                "the plain source is the model the adapters apply to; --base is not used with it",
+                path=ck.root,
+                hint="drop --base, or give an adapter as SOURCE",
+            )
+        ref = str(source)
+        base_ref = str(base) if base is not None else (ref if inv.form == "plain" else None)
+        yield Request(ck, ref, inv, stack[0].name, base_ck, base_ref, dtype, None, progress, stack=stack), warnings
+    finally:
+        close_stack(stack, keep=ck)
+        ck.close()
+        if base_ck is not None:
+            base_ck.close()
 
 
 def extract(
@@ -272,6 +402,15 @@ def _extract_options(given: ExtractOptions | dict[str, Any] | None, dtype: str) 
     if unknown:
         raise RouteError(f"unknown extraction option(s): {', '.join(sorted(unknown))}")
     return ExtractOptions(**fields).validate()
+
+
+def _is_plain(source: str | Path) -> bool:
+    try:
+        ck, inv = load_source(source)
+    except LoraConvertError:
+        return False  # a folder of named adapters, say: the legacy --adapter NAME picks one of them
+    ck.close()
+    return inv.form == "plain"
 
 
 def _base_ref(inv: Inventory, adapter: str, base: str | Path | None, route: str) -> Path:

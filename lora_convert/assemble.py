@@ -18,6 +18,7 @@ from .pipeline import execute
 from .progress import progress_bar
 from .routes.extract import Extraction
 from .routes.plan import Plan, Request
+from .routes.unmerge import Unmerge
 
 UNSHARDED = 10**15  # an adapter is one file whatever its size, as PEFT writes it
 
@@ -38,12 +39,15 @@ class ConvertResult:
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
     extraction: Extraction | None = None
+    unmerge: Unmerge | None = None  # the unmerge route's rounding bounds
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat JSON-able dict; the extraction's fields sit beside the common ones."""
-        d = {k: v for k, v in asdict(self).items() if k != "extraction"}
+        """Flat JSON-able dict; the extraction's (or unmerge's) fields sit beside the common ones."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("extraction", "unmerge")}
         if self.extraction is not None:
             d.update(self.extraction.to_dict())
+        if self.unmerge is not None:
+            d.update(self.unmerge.to_dict())
         return d
 
 
@@ -60,6 +64,7 @@ def write_output(
 ) -> ConvertResult:
     """Write ``plan`` into ``output`` atomically and say what was written."""
     inputs = [req.source.root] + ([req.base.root] if req.base is not None else [])
+    inputs += [inp.ck.root for inp in req.stack]
     out = AtomicOutput(output, force=force, inputs=inputs)
     with out as tmp:
         sink = SafetensorsSink(tmp, max_shard_size=max_shard_size if plan.sharded else UNSHARDED, stem=plan.stem)
@@ -82,6 +87,7 @@ def write_output(
             plan.config_changes,
             list(plan.warnings),
             extraction=plan.extraction,
+            unmerge=plan.unmerge,
         )
     if out.stale_removed:
         result.warnings.append(stale_note(out.stale_removed))

@@ -124,7 +124,14 @@ def _conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
         [
             click.option("-o", "--output", required=True, help="Output folder (created atomically)."),
             click.option("--base", help="Base model folder or Hub repo id."),
-            click.option("--adapter", help="Adapter name, for checkpoints with several."),
+            click.option(
+                "--adapter",
+                "adapters",
+                multiple=True,
+                help="Adapter name, for checkpoints with several; or REF[:WEIGHT], repeatable: adapters (folders, "
+                "Hub ids, names inside SOURCE) whose weighted ΔW is merged in one pass, or subtracted with "
+                "--to base (unmerge).",
+            ),
             click.option(
                 "--dtype",
                 type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
@@ -143,6 +150,13 @@ def _conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def _adapter_args(adapters: tuple[str, ...]) -> dict[str, Any]:
+    """One --adapter is a name or a REF[:WEIGHT] (the API tells which); several are a stack."""
+    if len(adapters) == 1:
+        return {"adapter": adapters[0]}
+    return {"adapters": list(adapters)} if adapters else {}
+
+
 def _report_conversion(res: Any, as_json: bool, pushed: Any = None) -> None:
     if as_json:
         d = res.to_dict()
@@ -158,6 +172,9 @@ def _report_conversion(res: Any, as_json: bool, pushed: Any = None) -> None:
         out.print("  " + ", ".join(f"{k}: {v}" for k, v in sorted(res.ops.items())))
     for k, v in res.config_changes.items():
         out.print(f"  config.json: {k} = {v}")
+    if res.unmerge is not None:
+        for line in res.unmerge.summary_lines():
+            out.print("  " + line)
     for w in res.warnings:
         err.print(f"[yellow]warning:[/yellow] {w}")
     if pushed is not None:
@@ -256,7 +273,7 @@ def convert(
     to: str,
     output: str,
     base: str | None,
-    adapter: str | None,
+    adapters: tuple[str, ...],
     dtype: str,
     max_shard_size: str,
     force: bool,
@@ -278,7 +295,7 @@ def convert(
             to,
             output=output,
             base=base,
-            adapter=adapter,
+            **_adapter_args(adapters),
             dtype=dtype,
             max_shard_size=max_shard_size,
             force=force,
@@ -304,7 +321,7 @@ def merge(
     source: str,
     output: str,
     base: str | None,
-    adapter: str | None,
+    adapters: tuple[str, ...],
     dtype: str,
     max_shard_size: str,
     force: bool,
@@ -312,14 +329,19 @@ def merge(
     push_to: str | None,
     private: bool,
 ) -> None:
-    """Fold LoRA into the base weights (SOURCE: an adapter with --base, or an unmerged checkpoint)."""
+    """Fold LoRA into the base weights (SOURCE: an adapter with --base, or an unmerged checkpoint).
+
+    Several adapters: merge BASE --adapter A --adapter B:0.5 folds the weighted sum of their deltas
+    in one fp32 pass, rounded once (PEFT: the adapters loaded and active together, set_scale for the
+    weights).  SOURCE may also be an adapter (with --base): it comes first, with weight 1.
+    """
 
     def go() -> Any:
         res = api.merge(
             source,
             output=output,
             base=base,
-            adapter=adapter,
+            **_adapter_args(adapters),
             dtype=dtype,
             max_shard_size=max_shard_size,
             force=force,

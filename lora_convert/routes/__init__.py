@@ -14,6 +14,7 @@ from .extract import plan_extract
 from .layout import plan_attach, plan_split, plan_strip
 from .merge import plan_merge
 from .plan import FORMS, Plan, Request
+from .unmerge import plan_unmerge
 
 Planner = Callable[[Request], Plan]
 
@@ -24,6 +25,8 @@ ROUTES: dict[tuple[str, str], Planner] = {
     ("unmerged", "adapter"): plan_split,
     ("adapter", "unmerged"): plan_attach,
     ("plain", "adapter"): plan_extract,
+    ("plain", "merged"): plan_merge,  # the plain source is the base; the adapters come with --adapter
+    ("plain", "base"): plan_unmerge,  # the plain source is a merged model; ΔW of --adapter is subtracted
 }
 NEEDS_BASE = frozenset({("adapter", "merged"), ("adapter", "unmerged"), ("plain", "adapter")})
 
