@@ -8,13 +8,14 @@ Everything the CLI does is a function here::
     lc.convert("unmerged-ckpt", "adapter", output="adapter-out")
     lc.extract("merged", base="base-model", output="adapter-out", rank=16)
     lc.report("my-adapter", base="base-model").rows
+    lc.verify("merged", base="base-model", adapter="my-adapter").ok
     lc.push("merged", "me/my-model")
 
 Importing the package does not import torch: ``detect``, ``report`` and ``push`` never need it, and the
 conversions import it when they run.
 """
 
-from .api import convert, detect, extract, load_source, merge, push, report
+from .api import convert, detect, extract, load_source, merge, push, report, verify
 from .errors import (
     AdapterError,
     CheckpointError,
@@ -47,5 +48,6 @@ __all__ = [
     "open_checkpoint",
     "push",
     "report",
+    "verify",
     "__version__",
 ]

@@ -6,6 +6,7 @@ conversions import it when they start.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from .io.hub import PushResult
     from .routes.extract import ExtractOptions
     from .routes.plan import Request
+    from .routes.verify import Verification
 
 
 def detect(path: str | Path, *, base: str | Path | None = None, adapter: str | None = None) -> DetectResult:
@@ -259,6 +261,61 @@ def merge(source: str | Path, *, output: str | Path, base: str | Path | None = N
 
     The same as ``convert(source, "merged", ...)``: see :func:`convert` for the arguments and errors."""
     return convert(source, "merged", output=output, base=base, **kwargs)
+
+
+def verify(
+    merged: str | Path,
+    *,
+    base: str | Path,
+    adapter: Spec | None = None,
+    adapters: Sequence[Spec] | None = None,
+    ulps: float = 2.0,
+    logits: bool = False,
+    progress: bool = False,
+) -> Verification:
+    """Check, tensor by tensor, that ``merged`` is ``base`` with the adapter(s) merged in.
+
+    Streams the three checkpoints (a few blocks in memory) and gives every tensor a status: ok, not
+    applied, wrong scale (with the c in base + c·ΔW), changed outside the adapter, mismatch, shape
+    mismatch, missing or unexpected.
+
+    Args:
+        merged: the merged checkpoint (plain).  base: the model the merge started from.
+        adapter, adapters: the adapter(s) merged, ``REF[:WEIGHT]`` as for :func:`merge`.
+        ulps: the tolerance, in ulps of MERGED's dtype at each element's magnitude, plus one per adapter
+            beyond the first (see ``lora-convert verify --help``).
+        logits: also compare MERGED's logits with PEFT's unmerged model on a few tokens (needs
+            transformers and peft, and memory for two copies of the model in fp32; skipped otherwise).
+
+    Returns:
+        A :class:`~lora_convert.routes.verify.Verification` (``.ok``, ``.checks``, ``.summary()``).
+
+    Raises:
+        RouteError: no adapter, a bad tolerance, MERGED or BASE holding LoRA tensors.  CheckpointError,
+        AdapterError (the adapter does not fit BASE), UnsupportedError (what merge refuses), HubError.
+    """
+    from .routes.verify import verify_merge
+
+    specs = [*([adapter] if adapter is not None else []), *(adapters or [])]
+    if not specs:
+        raise RouteError("verify needs the adapter that was merged", hint="pass --adapter ADAPTER")
+    if not (isinstance(ulps, int | float) and math.isfinite(ulps) and ulps >= 0):
+        raise RouteError(f"--ulps must be a number >= 0, not {ulps!r}")
+    mck, minv = load_source(merged)
+    try:
+        if minv.form != "plain":
+            raise RouteError(f"holds LoRA tensors ({minv.form} form); MERGED is a merged model", path=mck.root)
+        plain = "BASE is the model the adapters were merged into"
+        with _stack_request(base, specs, base=None, to="merged", progress=progress, plain=plain) as (req, warnings):
+            result = verify_merge(req, mck, ulps=float(ulps), progress=progress)
+            result.warnings = warnings
+            if logits:
+                from .logits_check import compare_logits
+
+                result.logits = compare_logits(mck, req)
+            return result
+    finally:
+        mck.close()
 
 
 def _convert_stack(

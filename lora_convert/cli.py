@@ -354,6 +354,73 @@ def merge(
     _report_conversion(res, as_json, pushed)
 
 
+ULPS_HELP = (
+    "Tolerance.  An element passes when it is within N ulps of what the merge should have written, "
+    "round(BASE + w*dW) computed in fp32: an ulp is the gap between neighbouring numbers of MERGED's dtype "
+    "at the element's magnitude (bf16: 2^-8 to 2^-7 of it, fp16 2^-11 to 2^-10, fp32 2^-24 to 2^-23).  One more ulp is allowed per "
+    "adapter beyond the first.  lora-convert's own merge is 0 ulps off; PEFT's merge_and_unload rounds dW "
+    "before adding it (embeddings in half precision), sums in another order and rounds after each adapter: "
+    "a few ulps.  A wrong merge is off by many."
+)
+
+
+@main.command("verify")
+@click.argument("merged")
+@click.option("--base", required=True, help="The base model the merge started from (folder or Hub repo id).")
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    required=True,
+    help="The adapter merged, REF[:WEIGHT]; repeat it for several adapters merged together.",
+)
+@click.option("--ulps", type=float, default=2.0, show_default=True, help=ULPS_HELP)
+@click.option(
+    "--logits",
+    is_flag=True,
+    help="Also compare MERGED's logits with PEFT's unmerged model on a few tokens (needs transformers "
+    "and peft, and memory for two fp32 copies of the model; skipped otherwise).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (every tensor).")
+@click.pass_context
+def verify_cmd(
+    ctx: click.Context, merged: str, base: str, adapters: tuple[str, ...], ulps: float, logits: bool, as_json: bool
+) -> None:
+    """Check that MERGED is BASE with the adapter merged in, tensor by tensor (exit 0: all ok, 1: not).
+
+    Each tensor is ok, not applied (equals the base), wrong scale (equals base + c*dW, c printed: sqrt(r)
+    means alpha/sqrt(r) was used for alpha/r), changed outside the adapter, mismatch, shape mismatch,
+    missing or unexpected.  The three checkpoints are streamed: memory stays flat.
+    """
+    res = run_guarded(
+        lambda: api.verify(
+            merged,
+            base=base,
+            adapters=list(adapters),
+            ulps=ulps,
+            logits=logits,
+            progress=not as_json and err.is_terminal,
+        ),
+        _debug(ctx),
+    )
+    if as_json:
+        _print_json(res.to_dict())
+    else:
+        bad = [c for c in res.checks if c.status != "ok"]
+        if bad:
+            t = Table(title="tensors that are not ok")
+            t.add_column("tensor", overflow="fold")
+            t.add_column("status")
+            t.add_column("detail")
+            for c in bad:
+                t.add_row(c.tensor, c.status, c.detail)
+            out.print(t)
+        for w in res.warnings:
+            err.print(f"[yellow]warning:[/yellow] {w}")
+        click.echo(("ok: " if res.ok else "not ok: ") + res.summary())
+    sys.exit(0 if res.ok else 1)
+
+
 @main.command("report")
 @click.argument("path")
 @click.option("--base", help="Base model (folder with weights, or only config.json) for an adapter.")
