@@ -15,7 +15,7 @@ Importing the package does not import torch: ``detect``, ``report`` and ``push``
 conversions import it when they run.
 """
 
-from .api import convert, detect, extract, load_source, merge, push, report, verify
+from .api import combine, convert, detect, extract, load_source, merge, push, report, verify
 from .errors import (
     AdapterError,
     CheckpointError,
@@ -40,6 +40,7 @@ __all__ = [
     "RouteError",
     "UnsafeInputError",
     "UnsupportedError",
+    "combine",
     "convert",
     "detect",
     "extract",

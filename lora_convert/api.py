@@ -22,9 +22,11 @@ from .stack import (
     Spec,
     check_same_base,
     close_stack,
+    has_weight,
     names_a_stack,
     open_stack,
     parse_spec,
+    parse_weights,
 )
 
 if TYPE_CHECKING:
@@ -316,6 +318,80 @@ def verify(
             return result
     finally:
         mck.close()
+
+
+def combine(
+    adapters: Sequence[Spec],
+    *,
+    output: str | Path,
+    method: str,
+    weights: Sequence[float | str] | None = None,
+    density: float | None = None,
+    rank: int | None = None,
+    seed: int = 0,
+    svd_clamp: float | None = None,
+    majority_sign: str = "total",
+    force: bool = False,
+    progress: bool = False,
+    command: str | None = None,
+) -> ConvertResult:
+    """Combine adapters into one, as PEFT's ``add_weighted_adapter`` does (bit for bit).
+
+    Args:
+        adapters: ``REF[:WEIGHT]`` (or ``(REF, WEIGHT)``) of each adapter; ``weights`` gives them all at once
+            instead (numbers, or strings such as ``"0.7,-0.4"``).
+        method: cat (exact: ΔW = Σ wᵢ·ΔWᵢ), linear, ties, dare_linear, dare_ties, magnitude_prune (on the
+            factors: need equal ranks), or svd, ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd
+            (on each ΔW, then truncated to ``rank``).
+        density: the fraction kept by the pruning methods (ties, dare, magnitude_prune).  rank: the svd
+            methods' rank (default: the largest source rank).  seed: dare's masks; with PEFT, the seed of
+            ``torch.manual_seed`` just before ``add_weighted_adapter``.  svd_clamp: PEFT's quantile clamp.
+            majority_sign: ties' sign election, ``total`` or ``frequency``.
+
+    Returns:
+        A :class:`~lora_convert.assemble.ConvertResult` for the new adapter folder.
+
+    Raises:
+        RouteError: bad options or weights, unequal ranks where the method needs one rank.  AdapterError:
+        adapters for different base models.  UnsupportedError: what PEFT's combination gets wrong (DoRA,
+        modules_to_save, lora_bias, differing layer selections).  OutputError, CheckpointError, HubError.
+    """
+    started = time.perf_counter()
+    specs = [parse_spec(s) for s in adapters]
+    if weights:
+        given = parse_weights(weights)
+        if any(has_weight(s) for s in adapters):
+            raise RouteError("give the weights either as REF:WEIGHT or with --weights, not both")
+        if len(given) != len(specs):
+            raise RouteError(f"{len(given)} weights for {len(specs)} adapters")
+        specs = [(ref, w) for (ref, _), w in zip(specs, given, strict=True)]
+    if not specs:
+        raise RouteError("nothing to combine", hint="name the adapters: combine A B ... --method cat -o OUT")
+    from .assemble import write_output
+    from .routes.combine import CombineOptions, plan_combine
+    from .routes.plan import Request
+
+    opts = CombineOptions(method, density, rank, seed, svd_clamp, majority_sign).validate()
+    stack = open_stack(specs, None)
+    try:
+        warnings = [w for inp in stack for w in _check_adapter(inp.inventory, inp.name, inp.ck.root)]
+        check_same_base(stack)
+        first = stack[0]
+        req = Request(first.ck, first.label, first.inventory, first.name, progress=progress, stack=stack)
+        plan = plan_combine(req, opts)
+        plan.warnings[:0] = warnings
+        return write_output(
+            plan,
+            req,
+            output=output,
+            force=force,
+            max_shard_size=10**15,
+            progress=progress,
+            command=command,
+            started=started,
+        )
+    finally:
+        close_stack(stack)
 
 
 def _convert_stack(

@@ -354,6 +354,77 @@ def merge(
     _report_conversion(res, as_json, pushed)
 
 
+@main.command("combine")
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, help="Output adapter folder (created atomically).")
+@click.option(
+    "--method",
+    required=True,
+    help="cat (exact: dW = sum of w*dW_i; rank = sum of ranks), linear, ties, dare_linear, dare_ties, "
+    "magnitude_prune (on the factors A and B separately: equal ranks needed, dW gets cross terms), or svd, "
+    "ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd (on each dW_i, then truncated by SVD).",
+)
+@click.option("--weights", multiple=True, help="One weight per adapter: 0.7,-0.4 (or repeat the option).")
+@click.option("--density", type=float, help="Fraction kept by ties, dare_* and magnitude_prune, in (0, 1].")
+@click.option("--rank", type=int, help="Rank of the svd methods' result.  [default: the largest source rank]")
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="dare's random masks: the same as torch.manual_seed(SEED) just before PEFT's add_weighted_adapter.",
+)
+@click.option("--svd-clamp", type=float, help="PEFT's svd_clamp: clamp both factors at this quantile.")
+@click.option(
+    "--majority-sign",
+    type=click.Choice(["total", "frequency"]),
+    default="total",
+    show_default=True,
+    help="ties' sign election.",
+)
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+@click.pass_context
+def combine_cmd(
+    ctx: click.Context,
+    adapters: tuple[str, ...],
+    output: str,
+    method: str,
+    weights: tuple[str, ...],
+    density: float | None,
+    rank: int | None,
+    seed: int,
+    svd_clamp: float | None,
+    majority_sign: str,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Combine ADAPTERS (each REF[:WEIGHT]) into one adapter, as PEFT's add_weighted_adapter does.
+
+    The result is bit-identical to PEFT's (fp32 factors, r = lora_alpha = the new rank, the union of the
+    targets) and is built one module at a time.  What PEFT gets wrong is refused with the reason: DoRA,
+    modules_to_save and lora_bias adapters; rsLoRA sources are written with use_rslora false.
+    """
+    res = run_guarded(
+        lambda: api.combine(
+            list(adapters),
+            output=output,
+            method=method,
+            weights=list(weights),
+            density=density,
+            rank=rank,
+            seed=seed,
+            svd_clamp=svd_clamp,
+            majority_sign=majority_sign,
+            force=force,
+            progress=not as_json and err.is_terminal,
+            command=_command_line(),
+        ),
+        _debug(ctx),
+    )
+    _report_conversion(res, as_json)
+
+
 ULPS_HELP = (
     "Tolerance.  An element passes when it is within N ulps of what the merge should have written, "
     "round(BASE + w*dW) computed in fp32: an ulp is the gap between neighbouring numbers of MERGED's dtype "
