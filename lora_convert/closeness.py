@@ -44,14 +44,19 @@ def spacing(value: float, dtype: torch.dtype) -> float:
     return max(math.ldexp(1.0, e - significand_bits(dtype)), tiny_gap)
 
 
+_EXPONENT_BITS = {FP32: (torch.int32, 0x7F800000), FP64: (torch.int64, 0x7FF0000000000000)}
+
+
 def ulps(scale: torch.Tensor, dtype: torch.dtype, *, max_bits: int | None = None) -> torch.Tensor:
     """Element-wise ulp of ``dtype`` at the magnitudes ``|scale|`` (fp32 or fp64 in, same dtype out);
-    with ``max_bits``, never finer than a ``max_bits``-bit significand's."""
+    with ``max_bits``, never finer than a ``max_bits``-bit significand's.
+
+    Masking a float's bits to its exponent gives the power of two at or below it, 2^e; the gap
+    between neighbours of a ``p``-bit significand there is 2^(e+1-p).  One pass, no frexp/ldexp."""
     p = significand_bits(dtype) if max_bits is None else min(max_bits, significand_bits(dtype))
-    _, e = torch.frexp(scale)
-    e = torch.where(scale == 0, torch.iinfo(e.dtype).min // 2, e)  # frexp(0) has exponent 0: zero has the smallest gap
-    gap = torch.ldexp(torch.ones_like(scale), e - p)
-    return gap.clamp_min_(torch.finfo(dtype).tiny * 2.0 ** (1 - p))
+    int_dtype, mask = _EXPONENT_BITS[scale.dtype]
+    power = (scale.view(int_dtype) & mask).view(scale.dtype)
+    return power.mul_(2.0 ** (1 - p)).clamp_min_(torch.finfo(dtype).tiny * 2.0 ** (1 - p))
 
 
 def absmax(t: torch.Tensor) -> float:
@@ -62,7 +67,7 @@ def absmax(t: torch.Tensor) -> float:
     return max(abs(float(lo)), abs(float(hi)))
 
 
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
     return FP64 if dtype in (FP32, FP64) else FP32
 
 
@@ -103,27 +108,31 @@ class Agreement:
             if base is not None:
                 self.worst_base = max(self.worst_base, 0.0 if torch.equal(merged, base) else math.inf)
             return
-        work = _work_dtype(self.dtype)
-        m, e = merged.to(work), expected.to(work)
+        work = FP32  # elementwise: exact enough, as a unit is never finer than 2^-20 (ARITHMETIC_BITS)
+        m = merged.to(work)
         b = base.to(work) if base is not None else None
-        scale = torch.maximum(m.abs(), e.abs())
+        # The element's magnitude: the larger of merged and base (where they agree with the expected
+        # value, it is the expected magnitude too; where they do not, the tensor is not ok anyway).
+        scale = m.abs()
         if b is not None:
-            scale = torch.maximum(scale, b.abs())
+            scale = torch.maximum(scale, b.abs(), out=scale)
         unit = ulps(scale, self.dtype, max_bits=ARITHMETIC_BITS)
-        self.worst = max(self.worst, _max_ratio(m - e, unit))
+        self.worst = max(self.worst, _max_ratio(m - expected.to(work), unit))
         if alt is not None:
             self.worst_alt = max(self.worst_alt or 0.0, _max_ratio(m - alt.to(work), unit))
         if b is None:
             return
-        d = m - b
-        self.worst_base = max(self.worst_base, _max_ratio(d, unit))
+        d = m.sub_(b)  # merged − base (m is a copy)
+        self.worst_base = max(self.worst_base, _max_ratio(d.abs(), unit))
         if delta is not None:
-            x = delta.to(FP64)
-            d64 = d.to(FP64)
-            self._dx += float(torch.sum(d64 * x))
-            self._xx += float(torch.sum(x * x))
-            self._dd += float(torch.sum(d64 * d64))
-            self._noise += float(torch.sum(unit.to(FP64).square()))
+            # The fit's residual is a difference of nearly equal sums: accumulate them in fp64 where
+            # the rounding budget is fp32-fine.
+            acc = _sum_dtype(self.dtype)
+            x, d, unit = (t.reshape(-1).to(acc) for t in (delta, d, unit))
+            self._dx += float(torch.dot(d, x))
+            self._xx += float(torch.dot(x, x))
+            self._dd += float(torch.dot(d, d))
+            self._noise += float(torch.dot(unit, unit))
 
     def scale(self) -> float | None:
         """c in ``merged − base ≈ c·ΔW`` (None without a ΔW, or when ΔW is zero)."""
@@ -140,7 +149,8 @@ class Agreement:
 
 
 def _max_ratio(diff: torch.Tensor, unit: torch.Tensor) -> float:
+    """max |diff| / unit, with ``diff`` a temporary it may overwrite; NaN counts as infinitely far."""
     if diff.numel() == 0:
         return 0.0
-    r = diff.abs().div_(unit)
-    return float(torch.nan_to_num(r, nan=math.inf).max())
+    r = float(diff.abs_().div_(unit).max())
+    return math.inf if math.isnan(r) else r

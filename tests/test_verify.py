@@ -240,3 +240,20 @@ def test_cli_exit_status_summary_and_json(merged):
     assert r.exit_code == 1 and "not applied" in r.output and "not ok: 21 tensors: 16 ok, 5 not applied" in r.output
     r = CliRunner().invoke(main, ["verify", str(merged / "adapter"), "--base", str(merged / "base"), "--adapter", "x"])
     assert r.exit_code == 1 and r.output.startswith("error:") and "MERGED is a merged model" in r.output
+
+
+def test_the_three_checkpoints_are_streamed_not_loaded(merged, monkeypatch):
+    """Weights of BASE and MERGED only come through the pipeline's row blocks; the only whole tensors
+    read are the adapter's factors."""
+    from lora_convert.io.reader import Checkpoint
+
+    whole: list[str] = []
+    real = Checkpoint.read
+
+    def spy(self, name):
+        whole.append(name)
+        return real(self, name)
+
+    monkeypatch.setattr(Checkpoint, "read", spy)
+    assert _verify(merged).ok
+    assert whole and all(".lora_" in n for n in whole), whole
