@@ -177,13 +177,8 @@ def convert(
         parse_size(max_shard_size)
     except ValueError as exc:
         raise RouteError(f"--max-shard-size: {exc}") from None
-    stacked = names_a_stack(adapter, adapters)
-    if not stacked and adapter is not None and to in ("merged", "base"):
-        stacked = _is_plain(source)  # a plain source has no adapter of that name: it is an adapter to apply
-    if stacked:
-        if extract_options:
-            raise RouteError("extraction options do not apply to merging or unmerging adapters")
-        specs = [*([adapter] if adapter is not None else []), *(adapters or [])]
+    specs = _stack_specs(source, to, adapter, adapters, extract_options)
+    if specs is not None:
         return _convert_stack(
             source,
             to,
@@ -535,6 +530,21 @@ def _extract_options(given: ExtractOptions | dict[str, Any] | None, dtype: str) 
     if unknown:
         raise RouteError(f"unknown extraction option(s): {', '.join(sorted(unknown))}")
     return ExtractOptions(**fields).validate()
+
+
+def _stack_specs(
+    source: str | Path, to: str, adapter: Spec | None, adapters: Sequence[Spec] | None, extract_options: Any
+) -> list[Spec] | None:
+    """The adapters to merge or unmerge, or None for the one-adapter routes (``--adapter NAME`` picks one
+    adapter of a checkpoint holding several)."""
+    stacked = names_a_stack(adapter, adapters)
+    if not stacked and adapter is not None and to in ("merged", "base"):
+        stacked = _is_plain(source)  # a plain source has no adapter of that name: it is an adapter to apply
+    if not stacked:
+        return None
+    if extract_options:
+        raise RouteError("extraction options do not apply to merging or unmerging adapters")
+    return [*([adapter] if adapter is not None else []), *(adapters or [])]
 
 
 def _is_plain(source: str | Path) -> bool:

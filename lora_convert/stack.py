@@ -83,10 +83,10 @@ def parse_weights(values: Iterable[str | float]) -> list[float]:
     return out
 
 
-def names_a_stack(adapter: str | None, adapters: Sequence[Spec] | None) -> bool:
+def names_a_stack(adapter: Spec | None, adapters: Sequence[Spec] | None) -> bool:
     """Whether the adapters given are a stack (other checkpoints, weights) rather than the legacy
     ``--adapter NAME`` that picks one adapter of a checkpoint holding several."""
-    if adapters:
+    if adapters or isinstance(adapter, tuple):
         return True
     if adapter is None:
         return False

@@ -198,3 +198,14 @@ def test_bad_input_is_one_error_line(sources, tmp_path, args, needle):
     assert r.exit_code == 1, r.output
     assert len(r.output.strip().splitlines()) == 1 and r.output.startswith("error:") and needle in r.output, r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_regex_targets_are_joined_as_peft_joins_them(tmp_path):
+    for i, (n, rx) in enumerate([("x", r".*\.(q_proj|v_proj)"), ("y", r".*\.layers\.1\.mlp\.up_proj")]):
+        peft_wrap(llama(), seed=40 + i, r=4, lora_alpha=8, target_modules=rx).save_pretrained(tmp_path / n)
+    ref = _peft_combined(tmp_path, ["x", "y"], [1.0, 0.5], "svd", tmp_path / "peft")
+    _ours(tmp_path, ["x", "y"], [1.0, 0.5], "svd", tmp_path / "ours")
+    a, b = load_file(ref / "adapter_model.safetensors"), load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    got = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["target_modules"]
+    assert got == json.loads((ref / "adapter_config.json").read_text())["target_modules"]

@@ -31,18 +31,19 @@ FP32_ARITH = 2.0**-23  # two fp32 passes (merge and unmerge), half an fp32 ulp e
 
 @dataclass
 class _Seen:
-    """The magnitudes one tensor's blocks showed: max |W_merged|, max |result|, max |W_merged − result|."""
+    """The magnitudes one tensor's blocks showed: max |W_merged| and max |result|."""
 
     dtype_in: torch.dtype
     dtype_out: torch.dtype
     terms: int  # rank summed over the adapters: the fp32 sums per element
     merged: float = 0.0
     result: float = 0.0
-    delta: float = 0.0
 
     def bound(self) -> float:
+        """Half an ulp of each rounding, and the fp32 sums of both passes on terms no larger than
+        |W_merged| + |ΔW| ≤ 2·|W_merged| + |result|."""
         rounding = (spacing(self.merged, self.dtype_in) + spacing(self.result, self.dtype_out)) / 2
-        return rounding + (self.terms + 2) * FP32_ARITH * (self.merged + self.delta)
+        return rounding + (self.terms + 2) * FP32_ARITH * (2 * self.merged + self.result)
 
 
 @dataclass
@@ -58,7 +59,6 @@ class Unmerge:
         def see(w: torch.Tensor, out: torch.Tensor) -> None:
             s.merged = max(s.merged, absmax(w))
             s.result = max(s.result, absmax(out))
-            s.delta = max(s.delta, absmax(w.float() - out.float()))
 
         return see
 
