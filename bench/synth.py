@@ -267,7 +267,7 @@ def write_safetensors(
             t = produce(name)
             if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
                 raise AssertionError(f"{name}: produced {tuple(t.shape)} {t.dtype}, planned {shape} {dtype}")
-            f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return offset
 
 

@@ -1,6 +1,7 @@
 """One output-folder assembly for every route: the plan's tensors through the pipeline into a
 safetensors sink, then carried files, config edits, the adapter config and the model card — all in a
 temporary folder that is renamed into place only when complete (:class:`~.io.output.AtomicOutput`).
+A plan whose output is one file (a GGUF adapter) brings its own sink; that file alone is moved into place.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ from typing import Any
 
 from .card import render_card
 from .folder import carry_files, read_json, update_config, write_json
+from .io.hub import PushResult, hub_repo_id
 from .io.output import AtomicOutput, stale_note
-from .io.writer import SafetensorsSink
+from .io.writer import SafetensorsSink, TensorSink
 from .pipeline import execute
 from .progress import progress_bar
 from .routes.extract import Extraction
 from .routes.plan import Plan, Request
+from .routes.requantize import Requantization
 from .routes.unmerge import Unmerge
 
 UNSHARDED = 10**15  # an adapter is one file whatever its size, as PEFT writes it
@@ -39,15 +42,21 @@ class ConvertResult:
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
     extraction: Extraction | None = None
+    requantization: Requantization | None = None  # merge --requantize: per-module error
+    pushed: PushResult | None = None  # set when the output was pushed to the Hub (push_to=)
     unmerge: Unmerge | None = None  # the unmerge route's rounding bounds
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat JSON-able dict; the extraction's (or unmerge's) fields sit beside the common ones."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("extraction", "unmerge")}
+        """Flat JSON-able dict; the extraction's (re-quantization's, unmerge's) fields sit beside the common ones."""
+        skip = ("extraction", "requantization", "pushed", "unmerge")
+        d = {k: v for k, v in asdict(self).items() if k not in skip}
         if self.extraction is not None:
             d.update(self.extraction.to_dict())
+        if self.requantization is not None:
+            d.update(self.requantization.to_dict())
         if self.unmerge is not None:
             d.update(self.unmerge.to_dict())
+        d["pushed"] = asdict(self.pushed) if self.pushed is not None else None
         return d
 
 
@@ -65,15 +74,26 @@ def write_output(
     """Write ``plan`` into ``output`` atomically and say what was written."""
     inputs = [req.source.root] + ([req.base.root] if req.base is not None else [])
     inputs += [inp.ck.root for inp in req.stack]
-    out = AtomicOutput(output, force=force, inputs=inputs)
+    single = plan.file_sink is not None  # one file (GGUF): no side files, no card
+    out = AtomicOutput(output, force=force, inputs=inputs, file=single)
     with out as tmp:
-        sink = SafetensorsSink(tmp, max_shard_size=max_shard_size if plan.sharded else UNSHARDED, stem=plan.stem)
+        if plan.file_sink is not None:
+            sink: TensorSink = plan.file_sink(tmp / Path(output).name)
+        else:
+            sink = SafetensorsSink(
+                tmp,
+                max_shard_size=max_shard_size if plan.sharded else UNSHARDED,
+                stem=plan.stem,
+                metadata=plan.metadata,
+            )
         planned = sum(j.planned.nbytes for j in plan.jobs if j.writes)
         with progress_bar(progress, planned, "writing") as advance:
             files = execute(plan.jobs, sink, progress=advance)
-        files += _side_files(tmp, plan)
+        if not single:
+            files += _side_files(tmp, plan)
         total = sum((tmp / f).stat().st_size for f in files)
-        _write_card(tmp, plan, req, command, total)
+        if not single:
+            _write_card(tmp, plan, req, command, total)
         n_tensors = sum(1 for j in plan.jobs if j.writes)
         result = ConvertResult(
             str(output),
@@ -87,6 +107,7 @@ def write_output(
             plan.config_changes,
             list(plan.warnings),
             extraction=plan.extraction,
+            requantization=plan.requantization,
             unmerge=plan.unmerge,
         )
     if out.stale_removed:
@@ -115,14 +136,14 @@ def _write_card(tmp: Path, plan: Plan, req: Request, command: str | None, total:
         n = sum(1 for j in plan.jobs if j.writes)
         summary = [f"source: `{req.ref}` ({req.inventory.form} form)", f"{n} tensors written"]
         summary += [f"{k}: {v}" for k, v in sorted(plan.ops().items())] + plan.warnings
-    base_model = plan.base_model
-    if base_model is None:
-        base_model = (
-            req.base_ref if req.base_ref is not None else (req.config.base_model_name_or_path if req.config else None)
-        )
+    config_base = req.config.base_model_name_or_path if req.config else None
+    named = plan.base_model or req.base_ref or config_base
+    hub_ids = (hub_repo_id(ref) for ref in (plan.base_model, req.base_ref, config_base))
+    base_model = next((r for r in hub_ids if r), None)  # metadata: only what the Hub can link
     card = render_card(
         form=plan.target_form,
         base_model=base_model,
+        base_named=named,
         model_config=read_json(tmp / "config.json") or plan.card_config or req.model_config,
         command=command,
         summary=summary,

@@ -22,6 +22,14 @@ BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "lora-ga")
 SUPPORTED_PEFT_TYPES = ("LORA",)
 
 
+def _most_common(values: Any, default: Any) -> Any:
+    """The value most modules share (ties: the smallest), as diffusers picks ``r`` and ``lora_alpha``."""
+    counts: dict[Any, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return min(counts, key=lambda v: (-counts[v], v)) if counts else default
+
+
 def pattern_key(pattern_keys: Any, module: str) -> str | None:
     """First pattern key that matches the end of ``module`` on a dot boundary (PEFT's rule)."""
     for key in pattern_keys:
@@ -72,6 +80,30 @@ class AdapterConfig:
             cfg.lora_alpha = float(cfg.lora_alpha)
         except (TypeError, ValueError) as exc:
             raise AdapterError(f"bad r/lora_alpha: {exc}", path=source) from None
+        return cfg
+
+    @classmethod
+    def for_modules(cls, ranks: dict[str, int], alphas: dict[str, float], **fields: Any) -> AdapterConfig:
+        """A config that gives every module its own rank and alpha, as diffusers writes one for a kohya
+        LoRA: the most common of each as ``r`` and ``lora_alpha``, the rest in ``rank_pattern`` /
+        ``alpha_pattern`` under the module's path — anchored with ``^`` where that path would also match
+        another module (PEFT matches a pattern at the end of a path).  Checked against PEFT's rule."""
+        r, alpha = _most_common(ranks.values(), 8), _most_common(alphas.values(), 8.0)
+        names = sorted(ranks)
+
+        def key(m: str) -> str:
+            return f"^{re.escape(m)}" if any(o != m and o.endswith("." + m) for o in names) else m
+
+        cfg = cls(
+            r=int(r),
+            lora_alpha=float(alpha),
+            rank_pattern={key(m): v for m, v in sorted(ranks.items()) if v != r},
+            alpha_pattern={key(m): float(v) for m, v in sorted(alphas.items()) if v != alpha},
+            target_modules=names,
+            **fields,
+        )
+        for m in names:  # the patterns must give back every module's numbers under PEFT's own rule
+            assert cfg.rank_for(m) == ranks[m] and cfg.alpha_for(m) == alphas[m], m
         return cfg
 
     @classmethod
@@ -166,8 +198,6 @@ class AdapterConfig:
         for key in ("velora_config", "monteclora_config", "kasa_config", "arrow_config"):
             if self.raw.get(key):
                 reasons.append(f"{key.removesuffix('_config')} is a LoRA variant this tool cannot merge")
-        if self.raw.get("target_parameters"):
-            reasons.append("target_parameters (LoRA on raw parameters, e.g. MoE experts) is not supported")
         return reasons
 
     def check_supported(self) -> None:

@@ -5,10 +5,12 @@ Shared by every command, below the API and above the I/O.  Torch-free.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from .dialects import read_inventory
-from .errors import RouteError
+from .errors import CheckpointError, RouteError, option
 from .inventory import Inventory
 from .io.reader import Checkpoint, open_checkpoint
 
@@ -43,7 +45,7 @@ def open_plain(ref: str | Path, what: str) -> Checkpoint:
         raise RouteError(
             f"{what} holds LoRA tensors itself",
             path=ck.root,
-            hint="give the plain base model as --base"
+            hint=f"give the plain base model as {option('base', 'BASE')}"
             if what == "the base"
             else "extract works on two plain checkpoints (merge an adapter first)",
         )
@@ -60,5 +62,29 @@ def pick_adapter(inv: Inventory, want: str | None, ck: Checkpoint) -> str:
             return names[0]
         raise RouteError(f"no adapter named {want!r} (found: {', '.join(names) or 'none'})", path=ck.root)
     if len(names) > 1:
-        raise RouteError(f"holds several adapters: {', '.join(names)}", path=ck.root, hint="choose one with --adapter")
+        raise RouteError(
+            f"holds several adapters: {', '.join(names)}",
+            path=ck.root,
+            hint=f"choose one with {option('adapter', 'NAME')}",
+        )
     return names[0] if names else "default"
+
+
+def load_model_config(ref: str | Path, what: str = "the base") -> dict[str, Any]:
+    """A model's config.json alone: from its folder (weights not needed), the file itself, or a Hub
+    repo (only config.json is fetched).  For routes that need the base's shape, not its weights."""
+    p = Path(ref)
+    if not p.exists():
+        from .io.hub import resolve_checkpoint
+
+        p = resolve_checkpoint(str(ref), allow_patterns=["config.json"])
+    path = p / "config.json" if p.is_dir() else p
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} has no config.json", path=p) from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"cannot read it as JSON ({str(exc)[:200]})", path=path) from None
+    if not isinstance(data, dict):
+        raise CheckpointError("config.json is not a JSON object", path=path)
+    return data

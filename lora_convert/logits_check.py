@@ -64,7 +64,7 @@ def _cannot_run(merged: Checkpoint, req: Request) -> str | None:
         return "needs transformers and peft (pip install transformers peft)"
     for inp in req.adapters_in():
         if inp.inventory.form != "adapter":
-            return f"{inp.label} is not a saved adapter PEFT can load (convert it --to adapter first)"
+            return f"{inp.label} is not a saved adapter PEFT can load (convert it to an adapter first)"
     base_root = (req.base or req.source).root
     params = sum(i.nbytes // max(1, i.itemsize) for i in merged.tensors.values())
     need = int(params * 4 * 2 * HEADROOM)

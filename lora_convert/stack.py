@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import AdapterConfig
-from .errors import AdapterError, LoraConvertError, RouteError
+from .errors import AdapterError, LoraConvertError, RouteError, option
 from .inputs import load_source, pick_adapter
 from .inventory import Inventory
 from .io.reader import Checkpoint
@@ -114,7 +114,7 @@ def open_stack(specs: Sequence[Spec], source: tuple[Checkpoint, Inventory] | Non
         close_stack(out, keep=source[0] if source else None)
         raise
     if not out:
-        raise RouteError("no adapter given", hint="pass --adapter ADAPTER[:WEIGHT]")
+        raise RouteError("no adapter given", hint=f"pass {option('adapter', 'ADAPTER[:WEIGHT]')}")
     return out
 
 

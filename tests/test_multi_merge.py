@@ -173,6 +173,8 @@ def test_adapters_named_inside_an_unmerged_checkpoint(tmp_path):
             mod.set_scale("second", -0.4)
     want = logits(pm.eval())
     save_unmerged(pm, tmp_path / "unmerged")
+    for name in ("first", "second"):  # each adapter's own config, where PEFT's save_pretrained puts it
+        pm.peft_config[name].save_pretrained(str(tmp_path / "unmerged" / name))
     lc.merge(tmp_path / "unmerged", adapters=["first:0.7", "second:-0.4"], output=tmp_path / "merged")
     assert (logits(load_merged(tmp_path / "merged")) - want).abs().max().item() <= TOL
 

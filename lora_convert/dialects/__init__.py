@@ -13,6 +13,9 @@ from typing import Protocol
 
 from ..inventory import Inventory
 from ..io.reader import Checkpoint
+from .diffusers import DiffusersDialect
+from .kohya import KohyaDialect
+from .mlx import MlxDialect
 from .peft import PeftDialect
 
 
@@ -44,3 +47,8 @@ def read_inventory(ck: Checkpoint) -> Inventory:
         if d.claims(ck):
             return d.read(ck)
     raise AssertionError("the PEFT dialect claims every checkpoint")  # pragma: no cover
+
+
+register(MlxDialect())
+register(KohyaDialect())
+register(DiffusersDialect())

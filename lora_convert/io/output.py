@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from types import FrameType
 
-from ..errors import LoraConvertError, OutputError
+from ..errors import LoraConvertError, OutputError, option
 
 TMP_MARK = ".tmp-lora-convert-"
 
@@ -75,11 +75,17 @@ class _Terminated(BaseException):
 
 
 class AtomicOutput:
-    """``with AtomicOutput(target, force=..., inputs=[...]) as tmp: write into tmp``."""
+    """``with AtomicOutput(target, force=..., inputs=[...]) as tmp: write into tmp``.
 
-    def __init__(self, target: str | Path, *, force: bool = False, inputs: Iterable[str | Path] = ()) -> None:
+    With ``file=True`` the target is one file (a GGUF adapter): it is written as ``tmp / target.name``
+    in the temp folder, and only that file is moved into place."""
+
+    def __init__(
+        self, target: str | Path, *, force: bool = False, inputs: Iterable[str | Path] = (), file: bool = False
+    ) -> None:
         self.target = Path(target)
         self.force = force
+        self.file = file
         self.inputs = [Path(p) for p in inputs]
         self.tmp: Path | None = None
         self._old_term = None
@@ -92,17 +98,21 @@ class AtomicOutput:
             if not inp.exists():
                 continue
             base = inp if inp.is_dir() else inp.parent
-            if _inside(t, base) and inp.is_dir():
+            if _inside(t, base) and inp.is_dir() and not self.file:  # a new file beside the inputs is harmless
                 raise OutputError("output folder is inside an input folder", path=t, hint=f"write it outside {inp}")
             if t.exists() and _inside(inp, t):
                 raise OutputError(
-                    f"an input ({inp}) lies inside the output folder, which --force would delete",
+                    f"an input ({inp}) lies inside the output folder, which {option('force')} would delete",
                     path=t,
                     hint="choose another output folder",
                 )
         if t.exists() and not self.force:
-            raise OutputError("already exists", path=t, hint="choose another path or pass --force to replace it")
-        if t.exists() and not t.is_dir():
+            raise OutputError(
+                "already exists", path=t, hint=f"choose another path or pass {option('force')} to replace it"
+            )
+        if self.file and t.is_dir():
+            raise OutputError("is a folder; this output is one file", path=t, hint="give -o a file path")
+        if t.exists() and not t.is_dir() and not self.file:
             raise OutputError("exists and is not a folder", path=t)
         parent = t.parent if str(t.parent) else Path(".")
         for above in (parent, *parent.parents):
@@ -180,6 +190,9 @@ class AtomicOutput:
                     ) from None
                 raise OutputError(f"write failed: {exc.strerror or exc}; nothing was written", path=where) from None
             return
+        if self.file:
+            self._place_file()
+            return
         trash = self.target.parent / f".{self.target.name}{TMP_MARK}{os.getpid()}-old"
         try:
             if self.target.exists():
@@ -193,3 +206,31 @@ class AtomicOutput:
                 os.rename(trash, self.target)  # put the old output back
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise OutputError(f"cannot move the finished folder into place: {exc.strerror}", path=self.target) from None
+
+    def _place_file(self) -> None:
+        """Move the finished file into place and drop the temp folder.  Without --force a hard link
+        puts it there, which never replaces a file that appeared meanwhile."""
+        assert self.tmp is not None
+        done = self.tmp / self.target.name
+        try:
+            if self.force:
+                os.replace(done, self.target)
+            else:
+                try:
+                    os.link(done, self.target)
+                except FileExistsError:
+                    raise
+                except OSError:  # no hard links on this file system
+                    if os.path.lexists(self.target):
+                        raise FileExistsError(errno.EEXIST, "exists", str(self.target)) from None
+                    os.rename(done, self.target)
+        except FileExistsError:
+            raise OutputError(
+                "appeared while this run was writing; it was left alone",
+                path=self.target,
+                hint=f"pass {option('force')}",
+            ) from None
+        except OSError as exc:
+            raise OutputError(f"cannot move the finished file into place: {exc.strerror}", path=self.target) from None
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)

@@ -39,6 +39,7 @@ from .. import arch, combine_math
 from ..combine_math import FACTOR_METHODS, METHODS, PRUNING_METHODS, RANDOM_METHODS, SIGN_METHODS, SVD_METHODS
 from ..dialects.peft_keys import Role, format_key
 from ..errors import AdapterError, RouteError, UnsupportedError
+from ..errors import option_name as _opt
 from ..inventory import LoraModule
 from ..pipeline import Buffers, Job
 from ..stack import AdapterInput
@@ -65,17 +66,18 @@ class CombineOptions:
 
     def validate(self) -> CombineOptions:
         if self.method not in METHODS:
-            raise RouteError(f"unknown --method {self.method!r} (choose from {', '.join(METHODS)})")
+            raise RouteError(f"unknown {_opt('method')} {self.method!r} (choose from {', '.join(METHODS)})")
         svd = self.method in SVD_METHODS
+        method, density, rank, clamp = (_opt(k) for k in ("method", "density", "rank", "svd_clamp"))
         checks = [
-            (self.method not in PRUNING_METHODS or self.density is not None, f"--method {self.method} needs --density"),
-            (self.density is None or 0 < self.density <= 1, "--density must be in (0, 1]"),
-            (self.density is None or self.method in PRUNING_METHODS, f"--density does not apply to {self.method}"),
-            (self.rank is None or svd, f"--rank applies to the svd methods, not {self.method}"),
-            (self.rank is None or self.rank >= 1, "--rank must be at least 1"),
-            (self.svd_clamp is None or svd, f"--svd-clamp applies to the svd methods, not {self.method}"),
-            (self.svd_clamp is None or 0 <= self.svd_clamp <= 1, "--svd-clamp is a quantile in [0, 1]"),
-            (self.majority_sign in SIGN_METHODS, "--majority-sign must be total or frequency"),
+            (self.method not in PRUNING_METHODS or self.density is not None, f"{method} {self.method} needs {density}"),
+            (self.density is None or 0 < self.density <= 1, f"{density} must be in (0, 1]"),
+            (self.density is None or self.method in PRUNING_METHODS, f"{density} does not apply to {self.method}"),
+            (self.rank is None or svd, f"{rank} applies to the svd methods, not {self.method}"),
+            (self.rank is None or self.rank >= 1, f"{rank} must be at least 1"),
+            (self.svd_clamp is None or svd, f"{clamp} applies to the svd methods, not {self.method}"),
+            (self.svd_clamp is None or 0 <= self.svd_clamp <= 1, f"{clamp} is a quantile in [0, 1]"),
+            (self.majority_sign in SIGN_METHODS, f"{_opt('majority_sign')} must be total or frequency"),
         ]
         for ok, message in checks:
             if not ok:
@@ -153,7 +155,7 @@ def _check_sources(sources: list[AdapterInput]) -> list[str]:
             raise UnsupportedError(
                 f"{replaced[0]} is saved whole (modules_to_save or trainable tokens): PEFT's add_weighted_adapter "
                 "gives the result a fresh copy of the base module, so the trained one would be lost",
-                hint="merge the adapters instead (merge BASE --adapter A --adapter B)",
+                hint="merge the adapters instead (several adapters in one merge)",
                 **where,
             )
         if cfg.lora_bias or any(m.bias_key for m in inv.modules(inp.name).values()):
@@ -222,7 +224,7 @@ def _new_rank(sources: list[AdapterInput], modules: list[_Module], method: str, 
         new = opts.rank or max(ranks)
         for m in modules:
             if new > min(m.n_in, m.n_out):
-                raise RouteError(f"--rank {new} exceeds {m.path}'s smaller dimension {min(m.n_in, m.n_out)}")
+                raise RouteError(f"{_opt('rank')} {new} exceeds {m.path}'s smaller dimension {min(m.n_in, m.n_out)}")
         return new
     for m in modules:
         got = {lm.rank for _, lm in m.parts}
@@ -230,7 +232,7 @@ def _new_rank(sources: list[AdapterInput], modules: list[_Module], method: str, 
             raise RouteError(
                 f"{method} needs adapters of one rank, got {', '.join(f'{s.label}: r={r}' for s, r in zip(sources, ranks, strict=True))}"
                 + (f" ({m.path} has ranks {sorted(got)})" if len(got) > 1 else ""),
-                hint="use --method cat (exact) or an svd method",
+                hint=f"use {_opt('method')} cat (exact) or an svd method",
             )
     return ranks[0]
 

@@ -7,22 +7,23 @@ Each LoRA target is one job that streams the base weight in row blocks through
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import arch, lora_math
-from ..errors import AdapterError, RouteError, UnsupportedError
+from ..errors import AdapterError, RouteError, UnsupportedError, option
 from ..inventory import LoraModule
 from ..io.reader import Checkpoint
 from ..pipeline import Buffers, Job, Read
 from .common import BaseView, check_finite, copy_job, remap_modules, same_tensor
-from .plan import AdapterInput, Plan, Request, output_dtype
-
-QUANTIZED_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".qweight", ".scales", ".absmax", ".SCB")
+from .moe import ExpertPlan, plan_expert_lora
+from .plan import AdapterInput, Plan, Request, dtype_config_changes, output_dtype
+from .quantized import QuantizedBase, quantized_base
 
 
 @dataclass
@@ -73,16 +74,32 @@ class MergeOps:
     conv1d: bool  # fan_in_fan_out or a Conv1D architecture (settles square weights)
     config_changes: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    experts: ExpertPlan | None = None  # LoRA on MoE experts, merged slab by slab (moe.py)
+    qbase: QuantizedBase | None = None  # a quantized base, read through its dequantized view
+
+    def job(self, key: str, dtype: torch.dtype | None, observe: Observer | None = None) -> Job:
+        """The job that writes ``key``: an expert slab merge, a row merge, a bias, or a copy."""
+        if self.experts is not None and key in self.experts.targets:
+            return self.experts.job(key, self.base, dtype)
+        return tensor_job(key, self.ops[key], self.base, dtype, self.conv1d, observe)
 
 
 def plan_merge(req: Request) -> Plan:
     """Jobs that write the merged model: base tensors, with LoRA folded in and replacements applied."""
     mo = merge_ops(req)
+    qbase = mo.qbase
     dtype = output_dtype(req.dtype)
-    jobs = [tensor_job(k, mo.ops[k], mo.base, dtype, mo.conv1d) for k in mo.keys]
+    dtypes = qbase.dtypes(req.dtype) if qbase is not None else {}
+    jobs = [mo.job(k, dtypes.get(k, dtype)) for k in mo.keys]
+    if qbase is not None:
+        jobs = qbase.jobs(jobs, mo.ops)
+    # Dequantized weights are written in --dtype, bf16 for auto: the config must say what is stored.
+    written = "bf16" if qbase is not None and not qbase.requantize and req.dtype == "auto" else req.dtype
+    mo.config_changes.update(dtype_config_changes(written, req.model_config))
     plan = Plan(
         "merged",
         jobs,
+        stem=mo.base.ck.stem,
         carry_from=(req.base or req.source).root,
         tokenizer_from=_tokenizer_sources(req),
         config_changes=mo.config_changes,
@@ -90,6 +107,8 @@ def plan_merge(req: Request) -> Plan:
     )
     if req.stack:
         plan.card_lines = lambda total: stack_card_lines(req, plan)
+    if qbase is not None:
+        qbase.annotate(plan)
     return plan
 
 
@@ -101,18 +120,20 @@ def merge_ops(req: Request) -> MergeOps:
         raise RouteError(
             "holds no LoRA tensors (a base or merged model); nothing to convert to merged",
             path=req.source.root,
-            hint="to merge adapters into it, pass --adapter ADAPTER[:WEIGHT]",
+            hint=f"to merge adapters into it, pass {option('adapter', 'ADAPTER[:WEIGHT]')}",
         )
     for inp in req.adapters_in():
         assert inp.config is not None, "the API checks that an adapter config exists"
         inp.config.check_supported()
     base = BaseView(req.base) if req.base is not None else BaseView(req.source, req.inventory.base)
-    quantized = _quantized(model_config, base)
-    if quantized:
-        raise UnsupportedError(quantized, path=base.ck.root)
+    qbase = quantized_base(req, base)  # read through its dequantized view
+    if qbase is not None:
+        base = BaseView(qbase.view)
     tied = arch.tied_pair(model_config, base.keys())
-    ops = _assign(req, base, tied)
-    mo = MergeOps(base, ops, base.keys(), tied, conv1d=False)
+    warnings: list[str] = []
+    experts = _experts(req, base)
+    ops = _assign(req, base, tied, warnings, experts)
+    mo = MergeOps(base, ops, base.keys(), tied, False, warnings=warnings, experts=experts, qbase=qbase)
     if tied is not None:
         emb_key, head_key = tied
         if ops[head_key].signature() != ops[emb_key].signature() and not _mirrors(ops[head_key], ops[emb_key]):
@@ -127,10 +148,34 @@ def merge_ops(req: Request) -> MergeOps:
             mo.keys.remove(head_key)  # still tied: the shared tensor is stored once, as save_pretrained does
     fan_in_fan_out = any(inp.config is not None and inp.config.fan_in_fan_out for inp in req.adapters_in())
     mo.conv1d = fan_in_fan_out or arch.stores_conv1d(model_config)
+    mo.warnings += experts.warnings
     vocab = _new_vocab(ops, base.keys(), tied, model_config)
     if vocab is not None:
         mo.config_changes["vocab_size"] = vocab
     return mo
+
+
+def _experts(req: Request, base: BaseView) -> ExpertPlan:
+    """Where the adapters' MoE-expert LoRA lands (moe.py), each module's scaling times its adapter's
+    weight.  One adapter at most may put LoRA on experts: the slab merge sums one adapter's parts."""
+    plans = []
+    for inp in req.adapters_in():
+        modules = inp.inventory.modules(inp.name)
+        if inp.weight != 1:
+            modules = {k: replace(m, scaling=(m.scaling or 0.0) * inp.weight) for k, m in modules.items()}
+        plans.append((inp, plan_expert_lora(modules, inp.ck, base, req.model_config, inp.config)))
+    on_experts = [(inp, plan) for inp, plan in plans if plan.targets]
+    if len(on_experts) > 1:
+        raise UnsupportedError(
+            "several adapters put LoRA on MoE experts; merging them in one pass is not supported",
+            path=on_experts[1][0].ck.root,
+            hint="merge them one at a time",
+        )
+    chosen = on_experts[0][1] if on_experts else plans[0][1]
+    for _, plan in plans:
+        if plan is not chosen:
+            chosen.renames.update(plan.renames)  # where the base stores a module under another name
+    return chosen
 
 
 def _tokenizer_sources(req: Request) -> list[Path]:
@@ -151,25 +196,24 @@ def stack_card_lines(req: Request, plan: Plan) -> list[str]:
     return lines
 
 
-def _quantized(model_config: dict[str, Any] | None, base: BaseView) -> str | None:
-    if model_config and model_config.get("quantization_config"):
-        qc = model_config["quantization_config"]
-        method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else "unknown"
-        return f"the base is quantized ({method}); merge into the unquantized base instead"
-    for k in base.keys():
-        if k.endswith(QUANTIZED_SUFFIXES):
-            return f"the base holds quantized weights ({k}); merge into the unquantized base instead"
-    return None
-
-
-def _assign(req: Request, base: BaseView, tied: tuple[str, str] | None) -> dict[str, _KeyOps]:
-    """Base key -> what to do with it: its source (base or replacement), LoRAs, lora_bias, tokens."""
+def _assign(
+    req: Request, base: BaseView, tied: tuple[str, str] | None, notes: list[str], experts: ExpertPlan
+) -> dict[str, _KeyOps]:
+    """Base key -> what to do with it: its source (base or replacement), LoRAs, lora_bias, tokens.
+    ``notes`` receives how adapter modules were matched to the base (prefixes, parts left out); the
+    modules ``experts`` handles are merged there, and its renames say where the base stores others."""
     view = dict(base.map)
     if tied is not None:
         view[tied[1]] = base.map[tied[0]]  # a tied head *is* the embedding, whatever the file stores
     ops = {k: _KeyOps((base.ck, src)) for k, src in view.items()}
     for inp in req.adapters_in():
-        _assign_adapter(ops, inp, base, view, tied)
+        _assign_adapter(ops, inp, base, view, tied, notes, experts, req.model_config)
+    for k in experts.targets:
+        if ops[k].loras:
+            raise UnsupportedError(
+                f"{k}: LoRA on its experts from one adapter and on the whole tensor from another",
+                hint="merge them one at a time",
+            )
     for k, o in ops.items():
         if len(o.loras) > 1 and o.dora:
             raise UnsupportedError(
@@ -181,15 +225,37 @@ def _assign(req: Request, base: BaseView, tied: tuple[str, str] | None) -> dict[
 
 
 def _assign_adapter(
-    ops: dict[str, _KeyOps], inp: AdapterInput, base: BaseView, view: dict[str, str], tied: tuple[str, str] | None
+    ops: dict[str, _KeyOps],
+    inp: AdapterInput,
+    base: BaseView,
+    view: dict[str, str],
+    tied: tuple[str, str] | None,
+    notes: list[str],
+    experts: ExpertPlan,
+    model_config: dict[str, Any] | None,
 ) -> None:
     """One adapter's modules, replacements and tokens, added to ``ops``."""
     inv, ad, name, cfg = inp.inventory, inp.ck, inp.name, inp.config
     assert cfg is not None
-    modules, replace, tokens = inv.modules(name), inv.replace.get(name, {}), inv.tokens.get(name, {})
-    all_mods = sorted(set(modules) | {k.rsplit(".", 1)[0] for k in replace if k not in view} | set(tokens))
-    remap = remap_modules(all_mods, BaseView(base.ck, view), "adapter modules", ad.root) if all_mods else {}
-    for k, src in replace.items():
+    modules = {k: m for k, m in inv.modules(name).items() if k not in experts.handled}
+    replaced, tokens = inv.replace.get(name, {}), inv.tokens.get(name, {})
+    all_mods = sorted(set(modules) | {k.rsplit(".", 1)[0] for k in replaced if k not in view} | set(tokens))
+    rest = [m for m in all_mods if m not in experts.renames]
+    remap = (
+        remap_modules(
+            rest,
+            BaseView(base.ck, view),
+            "adapter modules",
+            ad.root,
+            spelled=inv.spelled,
+            config=model_config,
+            notes=notes,
+        )
+        if rest
+        else {}
+    )
+    remap.update({m: d for m, d in experts.renames.items() if m in all_mods})
+    for k, src in replaced.items():
         mod, _, param = k.rpartition(".")
         bk = f"{remap.get(mod, mod)}.{param}" if mod in remap else k
         if bk not in ops:
@@ -202,7 +268,9 @@ def _assign_adapter(
             )
         ops[bk].source, ops[bk].replaced = (ad, src), True
     for mod, m in modules.items():
-        wk = f"{remap.get(mod, mod)}.weight"
+        if mod not in remap:
+            continue  # a part the base does not hold (reported in notes)
+        wk = f"{remap[mod]}.weight"
         if wk not in ops:
             raise AdapterError(f"module {mod} has no weight in the base", path=ad.root, tensor=m.a_key)
         ops[wk].loras.append(_Lora(m, ad, inp.weight))
@@ -319,6 +387,8 @@ def _factors(lo: _Lora, base_shape: tuple[int, ...], conv1d_hint: bool) -> tuple
                 hint="is this adapter for this base model?",
             )
         return lora_math.embedding_factors(a, b, lo.scaling), True
+    if m.kind == "conv" or len(base_shape) > 2:
+        return _conv_factors(lo, a, b, base_shape), False
     try:
         transposed = lora_math.is_transposed(base_shape, m.in_features, m.out_features, hint=conv1d_hint)
     except ValueError as exc:
@@ -329,6 +399,21 @@ def _factors(lo: _Lora, base_shape: tuple[int, ...], conv1d_hint: bool) -> tuple
             hint="is this adapter for this base model?",
         ) from exc
     return lora_math.linear_factors(a, b, lo.scaling, transposed=transposed), transposed
+
+
+def _conv_factors(lo: _Lora, a: torch.Tensor, b: torch.Tensor, base_shape: tuple[int, ...]) -> lora_math.DeltaFactors:
+    """A convolution's ΔW on its flattened (out, in·k·k) weight, after checking the kernel fits."""
+    m = lo.module
+    kernel = tuple(a.shape[1:]) if a.dim() > 2 else (m.in_features, *([1] * (len(base_shape) - 2)))
+    if tuple(base_shape) != (m.out_features, *kernel) or any(d != 1 for d in b.shape[2:]):
+        raise AdapterError(
+            f"conv LoRA for weight shape {(m.out_features, *kernel)} (B {list(b.shape)}) but the base weight is "
+            f"{tuple(base_shape)}",
+            path=lo.ck.root,
+            tensor=m.module,
+            hint="is this adapter for this base model?",
+        )
+    return lora_math.conv_factors(a, b, lo.scaling)
 
 
 def _dora_scales(
@@ -346,12 +431,14 @@ def _dora_scales(
     Embedding (whose stored weight is transposed to the LoRA view)."""
     m, lck = lo.module, lo.ck
     assert m.magnitude_key is not None
-    mag = check_finite(lck.read(m.magnitude_key), lck, m.magnitude_key)
+    mag = check_finite(lck.read(m.magnitude_key), lck, m.magnitude_key).reshape(-1)  # conv: (1, out, 1, 1)
     if not transposed:
         norms = torch.empty(rows, dtype=torch.float32)
         for r in plan:
             w = buf.read(r)
-            norms[r.start : r.stop] = lora_math.dora_row_norms(w, delta, r.start, _acc(buf, w.shape[0], cols))
+            norms[r.start : r.stop] = lora_math.dora_row_norms(
+                w.view(w.shape[0], cols), delta, r.start, _acc(buf, w.shape[0], cols)
+            )
             buf.give_back(w)
         return lora_math.dora_scale(mag, norms), None
     sq = torch.zeros(cols, dtype=torch.float32)
@@ -394,10 +481,18 @@ class RowMerge:
     tokens: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def rows(self, w: torch.Tensor, start: int, out: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
-        """Merged rows ``start:start+len(w)`` rounded once into ``out``."""
+        """Merged rows ``start:start+len(w)`` rounded once into ``out`` (a conv weight's rows are its
+        flattened (out, in·k·k) matrix's)."""
         if self.deltas:
+            n, cols = w.shape[0], acc.shape[1]
             lora_math.merge_rows(
-                w, self.deltas, start, out, acc=acc, col_scale=self.col_scale, row_scale=self.row_scale
+                w.view(n, cols),
+                self.deltas,
+                start,
+                out.view(n, cols),
+                acc=acc,
+                col_scale=self.col_scale,
+                row_scale=self.row_scale,
             )
         else:
             out.copy_(w)
@@ -411,14 +506,14 @@ class RowMerge:
 def block_plan(ops: _KeyOps, shape: tuple[int, ...], out_dtype: torch.dtype) -> list[Read]:
     """The row blocks a merge of this tensor reads (once, or twice for DoRA's norm pass first)."""
     src_ck, src_key = ops.source
-    rows, cols = shape[0], (shape[1] if len(shape) > 1 else 1)
+    rows, cols = shape[0], math.prod(shape[1:])  # a conv weight is merged as its (out, in·k·k) matrix
     step = lora_math.block_rows(rows, cols, elem_bytes=max(src_ck.info(src_key).itemsize, out_dtype.itemsize))
     return [Read(src_ck, src_key, s, min(s + step, rows)) for s in range(0, rows, step)]
 
 
 def prepare_rows(ops: _KeyOps, shape: tuple[int, ...], conv1d_hint: bool, buf: Buffers, plan: list[Read]) -> RowMerge:
     """Read the factors and tokens; for DoRA, make the norm pass over ``plan`` (its first reading)."""
-    rows, cols = shape[0], (shape[1] if len(shape) > 1 else 1)
+    rows, cols = shape[0], math.prod(shape[1:])
     found = [_factors(lo, shape, conv1d_hint) for lo in ops.loras]
     rm = RowMerge([d for d, _ in found], tokens=_token_rows(ops, rows, cols))
     if ops.dora:  # a DoRA tensor has exactly one LoRA (see _assign)
@@ -438,7 +533,7 @@ def _merge_job(
     observe: Observer | None = None,
 ) -> Job:
     src_ck = ops.source[0]
-    cols = shape[1] if len(shape) > 1 else 1
+    cols = math.prod(shape[1:])
     plan = block_plan(ops, shape, out_dtype)
 
     def blocks(buf: Buffers) -> Iterator[torch.Tensor]:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from ..closeness import absmax, spacing
-from ..errors import RouteError, UnsupportedError
+from ..errors import RouteError, UnsupportedError, option, spelled
 from ..stack import AdapterInput
 from .merge import MergeOps, merge_ops, tensor_job
 from .plan import Plan, Request, output_dtype
@@ -92,7 +92,7 @@ def plan_unmerge(req: Request) -> Plan:
         raise RouteError(
             "holds no LoRA tensors (a base or merged model); nothing to convert to base",
             path=req.source.root,
-            hint="to unmerge an adapter from it, pass --adapter ADAPTER",
+            hint=f"to unmerge an adapter from it, pass {option('adapter', 'ADAPTER')}",
         )
     for inp in req.stack:
         _refuse(inp)
@@ -162,7 +162,9 @@ def _refuse(inp: AdapterInput) -> None:
             "were rescaled to the magnitude m, and every c·W_merged − ΔW (one c > 0 per row) merges back to the "
             "same weights, so the base is not determined by the files",
             path=inp.ck.root,
-            hint="keep the base model, or convert the unmerged checkpoint --to base instead",
+            hint="keep the base model, or convert the unmerged checkpoint to the base ("
+            + spelled("--to base", 'to="base"')
+            + ")",
         )
     replaced = sorted(set(inv.replace.get(name, {})) - _saved(inp)) + sorted(inv.tokens.get(name, {}))
     if replaced:
