@@ -257,3 +257,29 @@ def test_the_three_checkpoints_are_streamed_not_loaded(merged, monkeypatch):
     monkeypatch.setattr(Checkpoint, "read", spy)
     assert _verify(merged).ok
     assert whole and all(".lora_" in n for n in whole), whole
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss"])
+def test_moe_experts(tmp_path, name):
+    """Expert LoRA (PEFT target_parameters) on a per-expert base (Qwen3-MoE) and a fused one (gpt-oss): our
+    merge and PEFT's verify ok; a merge that left the experts out says so for exactly those tensors."""
+    from tiny_moe import model, peft_experts, save_base
+
+    m = model(name)
+    save_base(m, tmp_path / "base")
+    pm = peft_experts(m)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "merged")
+    res = _verify(tmp_path)
+    assert res.ok, res.summary()
+    pm.merge_and_unload().save_pretrained(tmp_path / "peft")
+    assert _verify(tmp_path, "peft").ok
+    shutil.copytree(tmp_path / "adapter", tmp_path / "attn")  # the same adapter without its expert LoRA
+    sd = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    save_file({k: v for k, v in sd.items() if "experts" not in k}, str(tmp_path / "attn" / "adapter_model.safetensors"))
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "attn" / "adapter_config.json").write_text(json.dumps(dict(cfg, target_parameters=None)))
+    lc.merge(tmp_path / "attn", base=tmp_path / "base", output=tmp_path / "no-experts")
+    res = _verify(tmp_path, "no-experts")
+    bad = {c.tensor: c.status for c in res.checks if c.status != "ok"}
+    assert bad and set(bad.values()) == {"not applied"} and all("experts" in k for k in bad), bad

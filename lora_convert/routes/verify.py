@@ -120,7 +120,7 @@ def verify_merge(
             assert mk is not None
 
             def done(ag: Agreement, key: str = key, mk: str = mk) -> None:
-                found[key] = _classify(key, ag, mo.ops[key], tol)
+                found[key] = _classify(key, ag, mo.ops[key], tol, _on_experts(mo, key))
                 if mk != key and found[key].status != OK:
                     found[key].detail += (
                         f" (MERGED ties it to {mk}, so whatever changed that tensor changed this one too; "
@@ -169,15 +169,15 @@ def _static_check(key: str, mk: str | None, mo: MergeOps, merged: Checkpoint) ->
     return None
 
 
-def _adapted(o: _KeyOps) -> bool:
-    return bool(o.loras or o.bias_adds or o.tokens is not None or o.replaced)
+def _on_experts(mo: MergeOps, key: str) -> bool:
+    return mo.experts is not None and key in mo.experts.targets
 
 
-def _classify(key: str, ag: Agreement, o: _KeyOps, tol: float) -> TensorCheck:
+def _classify(key: str, ag: Agreement, o: _KeyOps, tol: float, experts: bool = False) -> TensorCheck:
     worst = round(ag.worst, 3)
     if ag.worst <= tol:
         return TensorCheck(key, OK, ulps=worst, scale=_scale(ag))
-    if not _adapted(o):
+    if not (experts or o.loras or o.bias_adds or o.tokens is not None or o.replaced):
         return TensorCheck(
             key, "changed outside the adapter", f"{_fmt(ag.worst)} ulps from the base, which it should equal", worst
         )
@@ -216,6 +216,8 @@ def _scale_hint(c: float, o: _KeyOps) -> str:
 
 
 def _check_job(key: str, mk: str, o: _KeyOps, mo: MergeOps, merged: Checkpoint, done: Done) -> Job:
+    if _on_experts(mo, key):
+        return _mirror_job(key, mk, mo.job(key, None), mo.base.where(key), merged, done)
     if o.loras or o.tokens is not None:
         return _rows_job(key, mk, o, mo, merged, done)
     if o.bias_adds:
@@ -295,6 +297,28 @@ def _flat_job(key: str, mk: str, o: _KeyOps, mo: MergeOps, merged: Checkpoint, d
         yield
 
     return Job(key, torch.float32, (), run, "verify", reads=reads, writes=False)
+
+
+def _mirror_job(key: str, mk: str, inner: Job, base: tuple[Checkpoint, str], merged: Checkpoint, done: Done) -> Job:
+    """A tensor the merge writes with a job of its own (MoE experts, merged slab by slab): that job's blocks,
+    exactly as the merge writes them, against MERGED's and BASE's elements at the same offsets."""
+    mdtype = merged.info(mk).dtype
+
+    def run(buf: Buffers) -> Iterator[torch.Tensor]:
+        ag = Agreement(mdtype)
+        offset = 0
+        for out in inner.blocks(buf):
+            n = out.numel()
+            m = merged.read_flat(mk, offset, offset + n).view(out.shape)
+            b = base[0].read_flat(base[1], offset, offset + n).view(out.shape)
+            ag.add(m, out.to(mdtype), b)
+            buf.give_back(out)
+            offset += n
+        done(ag)
+        return
+        yield
+
+    return Job(key, torch.float32, (), run, "verify", reads=inner.reads, writes=False)
 
 
 def _bias_job(key: str, mk: str, o: _KeyOps, merged: Checkpoint, done: Done) -> Job:
