@@ -283,3 +283,26 @@ def test_moe_experts(tmp_path, name):
     res = _verify(tmp_path, "no-experts")
     bad = {c.tensor: c.status for c in res.checks if c.status != "ok"}
     assert bad and set(bad.values()) == {"not applied"} and all("experts" in k for k in bad), bad
+
+
+def test_conv_lora_of_a_unet(tmp_path):
+    """A diffusers UNet with PEFT LoRA on Linear, 1×1 and 3×3 conv layers: verified per flattened row."""
+    pytest.importorskip("diffusers")
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from tiny import unet
+
+    model = unet()
+    model.save_pretrained(str(tmp_path / "base"))
+    torch.manual_seed(1)
+    model.add_adapter(
+        LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "conv1", "proj_in"], init_lora_weights=False)
+    )
+    (tmp_path / "adapter").mkdir()
+    sd = get_peft_model_state_dict(model)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    model.peft_config["default"].save_pretrained(str(tmp_path / "adapter"))
+    lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "merged")
+    res = _verify(tmp_path)
+    assert res.ok and any("conv1" in c.tensor and c.scale is not None for c in res.checks), res.summary()
+    assert {c.status for c in _verify(tmp_path, "base").checks} == {"ok", "not applied"}

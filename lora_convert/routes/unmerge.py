@@ -98,6 +98,12 @@ def plan_unmerge(req: Request) -> Plan:
         _refuse(inp)
     minus = replace(req, stack=[replace(inp, weight=-inp.weight) for inp in req.stack])
     mo = merge_ops(minus)
+    if mo.qbase is not None:
+        raise UnsupportedError(
+            "the merged model is quantized: its weights hold the quantization error besides ΔW",
+            path=req.source.root,
+            hint="unmerge from the unquantized merge",
+        )
     _restore_saved_layers(mo, req.stack)
     _keep_tied(mo)
     dtype = output_dtype(req.dtype)

@@ -230,7 +230,7 @@ def _rows_job(key: str, mk: str, o: _KeyOps, mo: MergeOps, merged: Checkpoint, d
     base's and MERGED's rows; ΔW's rows for the scale fit."""
     src_ck, src_key = o.source
     shape = tuple(src_ck.info(src_key).shape)
-    cols = shape[1] if len(shape) > 1 else 1
+    cols = math.prod(shape[1:])  # a conv weight's rows are its flattened (out, in·k·k) matrix's
     mdtype = merged.info(mk).dtype
     plan = block_plan(o, shape, mdtype)
     pairs = [(r, Read(merged, mk, r.start, r.stop)) for r in plan]
