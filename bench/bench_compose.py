@@ -84,10 +84,10 @@ def commands(args: argparse.Namespace, base: Path, a: Path, b: Path, out: dict[s
 
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Measurement], Path]:
-    base = synth.make_base(args.layers, args.seed)
-    a = synth.make_adapter(base, args.layers, args.seed)
-    b = synth.make_adapter(base, args.layers, args.seed + 1)
-    root = OUT_ROOT / f"compose-L{args.layers}"
+    base = synth.make_base(args.layers, args.seed, size=args.size)
+    a = synth.make_adapter(base, args.layers, args.seed, size=args.size)
+    b = synth.make_adapter(base, args.layers, args.seed + 1, size=args.size)
+    root = OUT_ROOT / f"compose-{args.size}-L{args.layers}"
     root.mkdir(parents=True, exist_ok=True)
     names = ["cp", "merge1", "merge2", "unmerge", "combine-cat", "combine-svd", "peft-merge2", "peft-cat", "peft-svd"]
     out = {k: root / k for k in names}
@@ -153,7 +153,10 @@ def report(results: dict[str, Measurement], base: Path, args: argparse.Namespace
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=22, help="model size (default: 22, TinyLlama-1.1B)")
+    ap.add_argument(
+        "--size", choices=sorted(synth.SHARD_BYTES), default="1b", help="shapes: TinyLlama-1.1B or Llama-3-8B"
+    )
+    ap.add_argument("--layers", type=int, default=22, help="decoder layers (default: 22)")
     ap.add_argument("--svd", action="store_true", help="also time combine --method svd (slow: one SVD per module)")
     ap.add_argument("--peft-svd", action="store_true", help="also time PEFT's svd combination (needs vocab² floats)")
     ap.add_argument("--skip-peft", action="store_true", help="do not run PEFT's recipes")

@@ -284,7 +284,20 @@ def _assign_adapter(
                     tensor=m.bias_key,
                 )
             ops[bk].bias_adds.append(_Lora(m, ad, inp.weight))
-    token_map = cfg.trainable_token_map()
+    _assign_tokens(ops, inp, tokens, remap, tied)
+
+
+def _assign_tokens(
+    ops: dict[str, _KeyOps],
+    inp: AdapterInput,
+    tokens: dict[str, str],
+    remap: dict[str, str],
+    tied: tuple[str, str] | None,
+) -> None:
+    """An adapter's trainable tokens (one adapter per token table, as PEFT activates them)."""
+    ad = inp.ck
+    assert inp.config is not None
+    token_map = inp.config.trainable_token_map()
     emb_key, head_key = tied or (None, None)
     for mod, key in tokens.items():
         wk = f"{remap.get(mod, mod)}.weight"
