@@ -10,6 +10,7 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
     from .detection import DetectResult
     from .io.hub import PushResult
     from .routes.extract import ExtractOptions
-    from .routes.plan import Request
+    from .routes.plan import Plan, Request
     from .routes.verify import Verification
 
 
@@ -149,6 +150,7 @@ def convert(
     extract_options: ExtractOptions | dict[str, Any] | None = None,
     outtype: str | None = None,
     requantize: bool = False,
+    device: str = "cpu",
     push_to: str | None = None,
     private: bool = False,
     token: str | None = None,
@@ -179,6 +181,8 @@ def convert(
         requantize: merging into a quantized base, write the merged weights back in its scheme (the
             default writes them dequantized, in ``dtype``, bf16 for ``auto``); ``.requantization`` of the
             result holds the error that adds per module.
+        device: ``cpu`` or ``cuda[:N]``: where a merge computes its fp32 tiles (the blocks still stream from
+            and to the disk) or extraction its SVDs.
         push_to: push the output to this Hub repo (``namespace/name``) once written; the token and the right
             to write the repo are checked before any work.  private: create that repo private.
         token: the Hub token for the push (default: ``HF_TOKEN`` or the one ``hf auth login`` stored).
@@ -202,98 +206,161 @@ def convert(
         work: no token, a rejected one, a repo it cannot write; after: the push failed, the output stays).
     """
     started = time.perf_counter()
-    from .routes import FORMATS, NEEDS_BASE, OPTIONAL_BASE, Request, planner
-
     _check_arguments(to, dtype, max_shard_size)
     _check_format_options(to, output, dtype, outtype)
+    _check_device(device, to)
     push_token = _check_push(push_to, to, output, force, token)
+    write = _Writer(output, force, max_shard_size, progress, command, started)
     specs = _stack_specs(source, to, adapter, adapters, extract_options or moe_layout)
     if specs is not None:
         result = _convert_stack(
-            source,
-            to,
-            specs,
-            base=base,
-            dtype=dtype,
-            requantize=requantize,
-            output=output,
-            force=force,
-            max_shard_size=max_shard_size,
-            progress=progress,
-            command=command,
-            started=started,
+            source, to, specs, base=base, dtype=dtype, requantize=requantize, device=device, write=write
         )
-        if push_to is not None:
-            result.pushed = _push_output(result, push_to, private, push_token, progress)
-        return result
+    else:
+        options = _RouteOptions(dtype, extract_options, outtype, requantize, device, moe_layout)
+        result = _convert_one(source, to, base=base, adapter=adapter, options=options, write=write)
+    if push_to is not None:
+        result.pushed = _push_output(result, push_to, private, push_token, progress)
+    return result
+
+
+@dataclass
+class _Writer:
+    """How an output is written, the same for every route (see :func:`assemble.write_output`)."""
+
+    output: str | Path
+    force: bool
+    max_shard_size: str | int
+    progress: bool
+    command: str | None
+    started: float
+
+    def __call__(self, plan: Plan, req: Request) -> ConvertResult:
+        from .assemble import write_output
+
+        return write_output(
+            plan,
+            req,
+            output=self.output,
+            force=self.force,
+            max_shard_size=self.max_shard_size,
+            progress=self.progress,
+            command=self.command,
+            started=self.started,
+        )
+
+
+@dataclass
+class _RouteOptions:
+    """The options that only some routes take (each refused by name elsewhere)."""
+
+    dtype: str
+    extract: ExtractOptions | dict[str, Any] | None
+    outtype: str | None
+    requantize: bool
+    device: str
+    moe_layout: str | None
+
+
+def _convert_one(
+    source: str | Path, to: str, *, base: str | Path | None, adapter: str | None, options: _RouteOptions, write: _Writer
+) -> ConvertResult:
+    """One source (and its one adapter) converted along the route the table gives for its form."""
+    from .routes import FORMATS, NEEDS_BASE, OPTIONAL_BASE, Request, planner
+
     ck, inv = load_source(source, adapter=adapter)
     base_ck = None
     try:
         form = inv.form
-        if form == "plain" and to == "adapter":
-            if base is None:
-                raise RouteError(
-                    "a plain checkpoint holds no LoRA tensors; extracting an adapter needs the base",
-                    path=ck.root,
-                    hint=f"pass {option('base', 'BASE')}",
-                )
-            opts = _extract_options(extract_options, dtype)
-        elif extract_options:
-            names = extract_options if isinstance(extract_options, dict) else {"extract_options": 1}
+        opts = _route_extract_options(form, to, base, options, ck.root)
+        _check_moe_layout(form, to, options.moe_layout, ck.root)
+        if options.requantize and to != "merged":
+            raise RouteError(f"{option_name('requantize')} applies to merges into a quantized base", path=ck.root)
+        if options.device != "cpu" and to != "merged" and opts is None:
             raise RouteError(
-                f"{', '.join(option_name(k) for k in names)}: extraction options apply "
-                f"only to a plain checkpoint converted to an adapter with a base, not {form} -> {to}",
-                path=ck.root,
+                f"{option_name('device')} applies to merges and extraction, not {form} -> {to}", path=ck.root
             )
-        else:
-            opts = None
-        _check_moe_layout(form, to, moe_layout, ck.root)
         plan_for = planner(form, to, path=ck.root)
         name = pick_adapter(inv, adapter, ck) if form != "plain" else "default"
         warnings = _check_adapter(inv, name, ck.root) if form != "plain" else []
-        if (form, to) in NEEDS_BASE or (moe_layout is not None and form == "adapter"):
+        if (form, to) in NEEDS_BASE or (options.moe_layout is not None and form == "adapter"):
             base_ck = open_plain(_base_ref(inv, name, base, f"{form} -> {to}"), "the base")
         elif (form, to) in OPTIONAL_BASE and base is not None:
             base_ck = open_plain(resolve(base), "the base")
-        base_config = _format_base_config(inv, name, base) if to in FORMATS else None
+        ref = str(source) if form != "plain" else str(Path(str(source)))
         req = Request(
             ck,
-            str(source) if form != "plain" else str(Path(str(source))),
+            ref,
             inv,
             name,
             base_ck,
             str(base) if base is not None else None,
-            dtype,
+            options.dtype,
             opts,
-            progress,
-            base_config=base_config,
-            outtype=outtype,
-            requantize=requantize,
-            moe_layout=moe_layout,
+            write.progress,
+            base_config=_format_base_config(inv, name, base) if to in FORMATS else None,
+            outtype=options.outtype,
+            requantize=options.requantize,
+            moe_layout=options.moe_layout,
+            device=options.device,
         )
-        if requantize and to != "merged":
-            raise RouteError("--requantize applies to merges into a quantized base", path=ck.root)
         plan = plan_for(req)
         plan.warnings[:0] = warnings
-        from .assemble import write_output
-
-        result = write_output(
-            plan,
-            req,
-            output=output,
-            force=force,
-            max_shard_size=max_shard_size,
-            progress=progress,
-            command=command,
-            started=started,
-        )
+        return write(plan, req)
     finally:
         ck.close()
         if base_ck is not None:
             base_ck.close()
-    if push_to is not None:
-        result.pushed = _push_output(result, push_to, private, push_token, progress)
-    return result
+
+
+def _route_extract_options(
+    form: str, to: str, base: str | Path | None, options: _RouteOptions, root: Path
+) -> ExtractOptions | None:
+    """The extraction options, validated, on the SVD route (plain -> adapter with a base); refused elsewhere."""
+    if form == "plain" and to == "adapter":
+        if base is None:
+            raise RouteError(
+                "a plain checkpoint holds no LoRA tensors; extracting an adapter needs the base",
+                path=root,
+                hint=f"pass {option('base', 'BASE')}",
+            )
+        given = options.extract
+        if options.device != "cpu":
+            given = _with_device(given, options.device)
+        return _extract_options(given, options.dtype)
+    if options.extract:
+        names = options.extract if isinstance(options.extract, dict) else {"extract_options": 1}
+        raise RouteError(
+            f"{', '.join(option_name(k) for k in names)}: extraction options apply "
+            f"only to a plain checkpoint converted to an adapter with a base, not {form} -> {to}",
+            path=root,
+        )
+    return None
+
+
+def _with_device(given: ExtractOptions | dict[str, Any] | None, device: str) -> ExtractOptions | dict[str, Any]:
+    from dataclasses import replace
+
+    from .routes.extract import ExtractOptions
+
+    if isinstance(given, ExtractOptions):
+        return replace(given, device=device)
+    return {**(given or {}), "device": device}
+
+
+def _check_device(device: str, to: str) -> None:
+    """``cpu``, or a CUDA device torch can see (checked before any work)."""
+    if device == "cpu":
+        return
+    if not device.startswith("cuda"):
+        raise RouteError(f"{option_name('device')} must be cpu or cuda[:N], not {device!r}")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RouteError(
+            f"{option_name('device')} {device}: no CUDA device is available",
+            hint="use " + spelled("--device cpu", 'device="cpu"'),
+        )
 
 
 def _check_arguments(to: str, dtype: str, max_shard_size: str | int) -> None:
@@ -497,15 +564,10 @@ def _convert_stack(
     base: str | Path | None,
     dtype: str,
     requantize: bool,
-    output: str | Path,
-    force: bool,
-    max_shard_size: str | int,
-    progress: bool,
-    command: str | None,
-    started: float,
+    device: str,
+    write: _Writer,
 ) -> ConvertResult:
     """merge (``to="merged"``) or unmerge (``to="base"``) with the adapters of ``specs``."""
-    from .assemble import write_output
     from .routes import planner
 
     if to not in ("merged", "base"):
@@ -516,23 +578,14 @@ def _convert_stack(
     if requantize and to != "merged":
         raise RouteError(f"{option_name('requantize')} applies to merges into a quantized base")
     plain = "unmerging subtracts adapters from a merged model" if to == "base" else None
-    with _stack_request(source, specs, base=base, to=to, dtype=dtype, progress=progress, plain=plain) as (
+    with _stack_request(source, specs, base=base, to=to, dtype=dtype, progress=write.progress, plain=plain) as (
         req,
         warnings,
     ):
-        req.requantize = requantize
+        req.requantize, req.device = requantize, device
         plan = planner(req.inventory.form, to, path=req.source.root)(req)
         plan.warnings[:0] = warnings
-        return write_output(
-            plan,
-            req,
-            output=output,
-            force=force,
-            max_shard_size=max_shard_size,
-            progress=progress,
-            command=command,
-            started=started,
-        )
+        return write(plan, req)
 
 
 @contextmanager

@@ -437,6 +437,12 @@ def convert(
     is_flag=True,
     help="Quantized base: write the merged weights back in its scheme (default: dequantized, --dtype).",
 )
+@click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="Where the fp32 merge tiles are computed: cpu or cuda[:N] (blocks still stream from and to the disk).",
+)
 @click.pass_context
 def merge(
     ctx: click.Context,
@@ -452,6 +458,7 @@ def merge(
     private: bool,
     token: str | None,
     requantize: bool,
+    device: str,
 ) -> None:
     """Fold LoRA into the base weights (SOURCE: an adapter with --base, or an unmerged checkpoint).
 
@@ -476,6 +483,7 @@ def merge(
             private=private,
             token=token,
             requantize=requantize,
+            device=device,
         ),
         _debug(ctx),
         as_json,

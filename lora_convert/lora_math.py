@@ -42,6 +42,10 @@ class DeltaFactors:
         """fp32 ΔW rows ``start:stop`` (small: one block)."""
         return torch.mm(self.left[start:stop], self.right).mul_(self.scaling)
 
+    def to(self, device: torch.device | str) -> DeltaFactors:
+        """The factors on ``device`` (the merge's fp32 tiles are computed where the factors are)."""
+        return DeltaFactors(self.left.to(device), self.right.to(device), self.scaling)
+
 
 def linear_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *, transposed: bool) -> DeltaFactors:
     """nn.Linear (W (out, in), ΔW = B·A) or, with ``transposed``, GPT-2 Conv1D (W (in, out), ΔW = (B·A)ᵀ)."""

@@ -163,12 +163,12 @@ class Buffers:
                 pool._free.put(raw)
                 return
 
-    def scratch(self, role: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A worker-private tensor for ``role``, grown when too small."""
+    def scratch(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
+        """A worker-private tensor for ``role`` on ``device``, grown when too small."""
         nbytes = _nbytes(shape, dtype)
         have = self._scratch.get(role)
-        if have is None or have.numel() < nbytes:
-            have = self._scratch[role] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        if have is None or have.numel() < nbytes or have.device != torch.device(device):
+            have = self._scratch[role] = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
         return have[:nbytes].view(dtype).view(shape)
 
 

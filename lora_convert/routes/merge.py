@@ -76,17 +76,19 @@ class MergeOps:
     warnings: list[str] = field(default_factory=list)
     experts: ExpertPlan | None = None  # LoRA on MoE experts, merged slab by slab (moe.py)
     qbase: QuantizedBase | None = None  # a quantized base, read through its dequantized view
+    device: str = "cpu"  # where the row merges' fp32 tiles are computed (--device)
 
     def job(self, key: str, dtype: torch.dtype | None, observe: Observer | None = None) -> Job:
         """The job that writes ``key``: an expert slab merge, a row merge, a bias, or a copy."""
         if self.experts is not None and key in self.experts.targets:
             return self.experts.job(key, self.base, dtype)
-        return tensor_job(key, self.ops[key], self.base, dtype, self.conv1d, observe)
+        return tensor_job(key, self.ops[key], self.base, dtype, self.conv1d, observe, self.device)
 
 
 def plan_merge(req: Request) -> Plan:
     """Jobs that write the merged model: base tensors, with LoRA folded in and replacements applied."""
     mo = merge_ops(req)
+    mo.device = req.device
     qbase = mo.qbase
     dtype = output_dtype(req.dtype)
     dtypes = qbase.dtypes(req.dtype) if qbase is not None else {}
@@ -368,6 +370,7 @@ def tensor_job(
     dtype: torch.dtype | None,
     conv1d: bool,
     observe: Observer | None = None,
+    device: str = "cpu",
 ) -> Job:
     src_ck, src_key = o.source
     info = src_ck.info(src_key)
@@ -378,7 +381,7 @@ def tensor_job(
     else:
         out_dtype = info.dtype
     if o.loras or o.tokens is not None:
-        return _merge_job(key, o, info.shape, out_dtype, conv1d, observe)
+        return _merge_job(key, o, info.shape, out_dtype, conv1d, observe, device)
     if o.bias_adds:
         return _bias_job(key, o, out_dtype)
     return copy_job(src_ck, src_key, key, out_dtype, "replace" if o.replaced else "copy")
@@ -462,8 +465,8 @@ def _dora_scales(
     return None, lora_math.dora_scale(mag, sq.sqrt_())
 
 
-def _acc(buf: Buffers, n: int, cols: int) -> torch.Tensor:
-    return buf.scratch("acc", (n, cols), torch.float32)
+def _acc(buf: Buffers, n: int, cols: int, device: str = "cpu") -> torch.Tensor:
+    return buf.scratch("acc", (n, cols), torch.float32, device)
 
 
 def _token_rows(ops: _KeyOps, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -524,13 +527,20 @@ def block_plan(ops: _KeyOps, shape: tuple[int, ...], out_dtype: torch.dtype) -> 
     return [Read(src_ck, src_key, s, min(s + step, rows)) for s in range(0, rows, step)]
 
 
-def prepare_rows(ops: _KeyOps, shape: tuple[int, ...], conv1d_hint: bool, buf: Buffers, plan: list[Read]) -> RowMerge:
-    """Read the factors and tokens; for DoRA, make the norm pass over ``plan`` (its first reading)."""
+def prepare_rows(
+    ops: _KeyOps, shape: tuple[int, ...], conv1d_hint: bool, buf: Buffers, plan: list[Read], device: str = "cpu"
+) -> RowMerge:
+    """Read the factors and tokens; for DoRA, make the norm pass over ``plan`` (its first reading).  With a
+    ``device`` other than the CPU, the factors and DoRA's scales move there: the tiles are computed there."""
     rows, cols = shape[0], math.prod(shape[1:])
     found = [_factors(lo, shape, conv1d_hint) for lo in ops.loras]
     rm = RowMerge([d for d, _ in found], tokens=_token_rows(ops, rows, cols))
     if ops.dora:  # a DoRA tensor has exactly one LoRA (see _assign)
         rm.row_scale, rm.col_scale = _dora_scales(buf, plan, ops.loras[0], found[0][0], found[0][1], rows, cols)
+    if device != "cpu":
+        rm.deltas = [d.to(device) for d in rm.deltas]
+        rm.row_scale = rm.row_scale.to(device) if rm.row_scale is not None else None
+        rm.col_scale = rm.col_scale.to(device) if rm.col_scale is not None else None
     return rm
 
 
@@ -544,16 +554,18 @@ def _merge_job(
     out_dtype: torch.dtype,
     conv1d_hint: bool,
     observe: Observer | None = None,
+    device: str = "cpu",
 ) -> Job:
     src_ck = ops.source[0]
     cols = math.prod(shape[1:])
     plan = block_plan(ops, shape, out_dtype)
 
     def blocks(buf: Buffers) -> Iterator[torch.Tensor]:
-        rm = prepare_rows(ops, shape, conv1d_hint, buf, plan)
+        rm = prepare_rows(ops, shape, conv1d_hint, buf, plan, device)
         for r in plan:
             w = buf.read(r)
-            out = rm.rows(w, r.start, buf.out(tuple(w.shape), out_dtype), _acc(buf, w.shape[0], cols))
+            acc = _acc(buf, w.shape[0], cols, device if rm.deltas else "cpu")
+            out = rm.rows(w, r.start, buf.out(tuple(w.shape), out_dtype), acc)
             if observe is not None:
                 observe(w, out)
             buf.give_back(w)

@@ -88,6 +88,7 @@ class Request:
     base_config: dict[str, Any] | None = None  # the base's config.json, for routes that need no base weights
     outtype: str | None = None  # --outtype of a GGUF output
     requantize: bool = False  # merge into a quantized base: write the base's own scheme back
+    device: str = "cpu"  # merge --device: where the fp32 tiles are computed
     moe_layout: str | None = None  # --moe-layout: expert LoRA written per-expert or fused (adapter outputs)
     stack: list[AdapterInput] = field(default_factory=list)  # several adapters (or one from elsewhere) at once
 
