@@ -16,35 +16,69 @@ from rich.table import Table
 from . import api
 from .errors import LoraConvertError
 from .fmt import human_bytes, ranges
+from .text import escape_controls, safe
 
-out = Console()
-err = Console(stderr=True, soft_wrap=True)  # one warning, one line (grep-able, like error:)
+# Every name we print comes from a file: it goes through safe() (control characters escaped, rich
+# markup neutralised); emoji codes (":cake:") are printed as written.
+out = Console(emoji=False)
+err = Console(stderr=True, soft_wrap=True, emoji=False)  # one warning, one line (grep-able, like error:)
+BUG_HINT = "this is a bug in lora-convert: please report it with the command line; --debug shows the traceback"
 
 
 def _command_line() -> str:
     return "lora-convert " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
+def _fail(line: str, code: int = 1) -> None:
+    click.echo("error: " + escape_controls(line), err=True)
+    sys.exit(code)
+
+
 def run_guarded(fn: Callable[[], Any], debug: bool) -> Any:
-    """Turn our exceptions into one ``error:`` line and exit 1."""
+    """Turn every exception into one ``error:`` line: ours and the environment's (exit 1), Ctrl-C
+    (exit 130), and anything else as a bug to report (exit 1).  ``--debug`` re-raises."""
     try:
         return fn()
+    except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        raise
     except LoraConvertError as exc:
         if debug:
             raise
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+        _fail(str(exc))
     except KeyboardInterrupt as exc:
+        if debug:
+            raise
         where = getattr(exc, "output_target", None)  # set by AtomicOutput on its way out
-        click.echo(f"error: {where + ': ' if where else ''}interrupted; nothing was written", err=True)
-        sys.exit(130)
+        _fail(f"{where + ': ' if where else ''}interrupted; nothing was written", 130)
+    except MemoryError:
+        if debug:
+            raise
+        _fail("out of memory", 1)
+    except OSError as exc:  # the environment (permissions, a name too long, I/O errors), not a bug
+        if debug:
+            raise
+        what = exc.strerror or type(exc).__name__
+        _fail(f"{exc.filename}: {what}" if exc.filename else what)
+    except Exception as exc:  # the last line of defence: one line, not a traceback
+        if debug:
+            raise
+        text = " ".join(str(exc).split())[:300]
+        _fail(f"internal error ({type(exc).__name__}{': ' + text if text else ''}); {BUG_HINT}")
+
+
+class _GuardedGroup(click.Group):
+    """Runs every command under :func:`run_guarded`, so that printing a result (a name rich cannot
+    render, a terminal that cannot encode it) can no more print a traceback than the work itself."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        return run_guarded(lambda: super(_GuardedGroup, self).invoke(ctx), bool(ctx.params.get("debug")))
 
 
 def _print_json(obj: Any) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lora-convert")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.pass_context
@@ -72,24 +106,28 @@ def detect(ctx: click.Context, path: str, base: str | None, adapter: str | None,
     if as_json:
         _print_json(res.to_dict())
         return
-    out.print(f"[bold]form:[/bold] {res.form}" + (f" ({res.dialect})" if res.dialect != "peft" else ""))
+    out.print(f"[bold]form:[/bold] {safe(res.form)}" + (f" ({safe(res.dialect)})" if res.dialect != "peft" else ""))
     out.print(
-        f"files: {', '.join(res.files)} ({res.layout}); {res.tensors} tensors, {human_bytes(res.total_bytes)}; "
-        + ", ".join(f"{k} {human_bytes(v)}" for k, v in res.dtypes.items())
+        safe(
+            f"files: {', '.join(res.files)} ({res.layout}); {res.tensors} tensors, {human_bytes(res.total_bytes)}; "
+            + ", ".join(f"{k} {human_bytes(v)}" for k, v in res.dtypes.items())
+        )
     )
     for a in res.adapters:
-        t = Table(title=f"adapter '{a.name}'", show_lines=False)
+        t = Table(title=safe(f"adapter '{a.name}'"), show_lines=False)
         for col in ("module", "count", "layers", "rank", "alpha", "scaling"):
             t.add_column(col)
         for g in a.modules:
             layers = ranges(g.layers) if g.layers else "-"
             t.add_row(
-                g.name,
-                str(g.count),
-                layers,
-                ",".join(map(str, g.ranks)),
-                ",".join(f"{x:g}" for x in g.alphas) or "?",
-                ",".join(f"{x:g}" for x in g.scalings) or "?",
+                *_cells(
+                    g.name,
+                    g.count,
+                    layers,
+                    ",".join(map(str, g.ranks)),
+                    ",".join(f"{x:g}" for x in g.alphas) or "?",
+                    ",".join(f"{x:g}" for x in g.scalings) or "?",
+                )
             )
         out.print(t)
         flags = [
@@ -108,15 +146,20 @@ def detect(ctx: click.Context, path: str, base: str | None, adapter: str | None,
             flags.append(f"rank_pattern: {a.rank_pattern}")
         if a.alpha_pattern:
             flags.append(f"alpha_pattern: {a.alpha_pattern}")
-        out.print("; ".join(flags))
+        out.print(safe("; ".join(flags)))
     if res.differs_from_base:
         shown = ", ".join(res.differs_from_base[:8])
         more = f" and {len(res.differs_from_base) - 8} more" if len(res.differs_from_base) > 8 else ""
-        out.print(f"differs from base: {shown}{more}")
+        out.print(safe(f"differs from base: {shown}{more}"))
     if res.base_comparison and res.base_comparison.get("summary"):
-        out.print(res.base_comparison["summary"])
+        out.print(safe(res.base_comparison["summary"]))
     for w in res.warnings:
-        err.print(f"[yellow]warning:[/yellow] {w}")
+        err.print(f"[yellow]warning:[/yellow] {safe(w)}")
+
+
+def _cells(*values: Any) -> list[str]:
+    """Table cells: rich renders markup in cells, so every value is made safe."""
+    return [safe(v) for v in values]
 
 
 def _conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -151,17 +194,20 @@ def _report_conversion(res: Any, as_json: bool, pushed: Any = None) -> None:
         _print_json(d)
         return
     out.print(
-        f"[green]wrote[/green] {res.output} ({res.target_form}, from {res.source_form}): {res.tensors} tensors, "
-        f"{human_bytes(res.total_bytes)} in {res.seconds:.1f} s"
+        "[green]wrote[/green] "
+        + safe(
+            f"{res.output} ({res.target_form}, from {res.source_form}): {res.tensors} tensors, "
+            f"{human_bytes(res.total_bytes)} in {res.seconds:.1f} s"
+        )
     )
     if res.ops:
-        out.print("  " + ", ".join(f"{k}: {v}" for k, v in sorted(res.ops.items())))
+        out.print(safe("  " + ", ".join(f"{k}: {v}" for k, v in sorted(res.ops.items()))))
     for k, v in res.config_changes.items():
-        out.print(f"  config.json: {k} = {v}")
+        out.print(safe(f"  config.json: {k} = {v}"))
     for w in res.warnings:
-        err.print(f"[yellow]warning:[/yellow] {w}")
+        err.print(f"[yellow]warning:[/yellow] {safe(w)}")
     if pushed is not None:
-        out.print(f"[green]pushed[/green] {getattr(pushed, 'commit_url', pushed)}")
+        out.print(f"[green]pushed[/green] {safe(getattr(pushed, 'commit_url', pushed))}")
 
 
 def _maybe_push(folder: str, push_to: str | None, private: bool) -> Any:
@@ -229,16 +275,18 @@ def _print_extract(res: Any, as_json: bool, pushed: Any) -> None:
         t.add_column(col)
     for m in res.extraction.modules:
         t.add_row(
-            m.module,
-            f"{m.shape[0]}x{m.shape[1]}",
-            f"{m.rank}{'*' if m.capped else ''}",
-            f"{m.energy:.6f}",
-            f"{m.error:.3e}",
-            m.method,
+            *_cells(
+                m.module,
+                f"{m.shape[0]}x{m.shape[1]}",
+                f"{m.rank}{'*' if m.capped else ''}",
+                f"{m.energy:.6f}",
+                f"{m.error:.3e}",
+                m.method,
+            )
         )
     out.print(t)
     for line in res.extraction.summary_lines(res.total_bytes):
-        out.print(line)
+        out.print(safe(line))
     _report_conversion(res, False, pushed)
 
 
@@ -374,26 +422,26 @@ def report_cmd(
         _print_json(rep.to_dict())
         return
     if markdown:
-        click.echo(report_markdown(rep), nl=False)
+        click.echo("\n".join(escape_controls(ln) for ln in report_markdown(rep).split("\n")), nl=False)
         return
     head, rows = form_table(rep)
-    t = Table(title=f"{path} ({rep.source_form})")  # transposed: one column per form fits a terminal
+    t = Table(title=safe(f"{path} ({rep.source_form})"))  # transposed: one column per form fits a terminal
     t.add_column("")
     for r in rows:
-        t.add_column(r[0], justify="right")
+        t.add_column(safe(r[0]), justify="right")
     for i, h in enumerate(head[1:], start=1):
-        t.add_row(h, *(r[i] for r in rows))
+        t.add_row(*_cells(h, *(r[i] for r in rows)))
     out.print(t)
     head, rows = module_table(rep)
     if rows:
         t = Table(title="LoRA modules")
         for h in head:
-            t.add_column(h)
+            t.add_column(safe(h))
         for r in rows:
-            t.add_row(*r)
+            t.add_row(*_cells(*r))
         out.print(t)
     for n in rep.notes:
-        err.print(f"note: {n}")
+        err.print(f"note: {safe(n)}")
 
 
 @main.command()
@@ -473,7 +521,7 @@ def push(
     if as_json:
         _print_json(res.__dict__)
     else:
-        out.print(f"[green]pushed[/green] {folder} -> {res.commit_url}")
+        out.print(f"[green]pushed[/green] {safe(folder)} -> {safe(res.commit_url)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

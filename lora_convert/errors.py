@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .text import escape_controls
+
 
 class LoraConvertError(Exception):
     """Base class: a problem with the user's input, output or environment, not a bug."""
@@ -28,11 +30,13 @@ class LoraConvertError(Exception):
         super().__init__(self.__str__())
 
     def __str__(self) -> str:
+        # Names come from downloaded files: control characters are escaped so that the one-line
+        # message stays one line and cannot drive a terminal (the attributes keep the raw text).
         where = ": ".join(p for p in (self.path, self.tensor) if p)
         text = f"{where}: {self.message}" if where else self.message
         if self.hint:
             text += f" ({self.hint})"
-        return text
+        return escape_controls(text)
 
 
 class CheckpointError(LoraConvertError):

@@ -1,0 +1,182 @@
+"""Hardening (issue 12): hostile names, configs and files, and races at the output.
+
+Each class of hole is tried with several instances; every failure must be one ``error:`` line
+(exit 1) naming the file, with nothing written at ``-o``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from lora_convert.cli import main
+from lora_convert.text import escape_controls, safe
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+ADAPTER_FILE = "adapter_model.safetensors"
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+@pytest.fixture
+def work(tmp_path) -> Path:
+    shutil.copytree(FIXTURES / "tiny-llama-base", tmp_path / "base")
+    shutil.copytree(FIXTURES / "tiny-llama-lora", tmp_path / "adapter")
+    return tmp_path
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+
+
+def merge(work: Path, *extra: str, out: Path | None = None):
+    out = out or work / "out"
+    return cli("merge", work / "adapter", "--base", work / "base", "-o", out, *extra), out
+
+
+def one_error(res, *needles: str, out: Path | None = None, code: int = 1) -> str:
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    assert res.exit_code == code, (res.exit_code, res.output)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert "Traceback" not in res.output
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+    if out is not None:
+        assert not out.exists()
+        assert not [p for p in out.parent.iterdir() if ".tmp-lora-convert-" in p.name]
+    return lines[0]
+
+
+def edit_config(work: Path, **changes) -> Path:
+    p = work / "adapter" / "adapter_config.json"
+    c = json.loads(p.read_text())
+    c.update(changes)
+    p.write_text(json.dumps(c))
+    return p
+
+
+def add_tensors(path: Path, extra: dict[str, torch.Tensor]) -> None:
+    sd = load_file(str(path))
+    sd.update(extra)
+    save_file(sd, str(path), metadata={"format": "pt"})
+
+
+def raw_header(path: Path) -> tuple[dict, bytes]:
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def write_raw(path: Path, header: dict | bytes, data: bytes) -> None:
+    b = header if isinstance(header, bytes) else json.dumps(header).encode()
+    b += b" " * (-len(b) % 8)
+    path.write_bytes(struct.pack("<Q", len(b)) + b + data)
+
+
+# -- class: text that reaches the terminal ------------------------------------------------------------
+
+HOSTILE_NAMES = [
+    "[/bold]",
+    "[red]x[/red]",
+    "\x1b[2J\x1b[31mred",
+    "x\nerror: fake line",
+    "\rover",
+    ":cake:",
+    "rtl\u202eevil",
+    "nul\x00byte",
+    "c1\x9bcsi",
+    "tab\there",
+    "sep\u2028line",
+    "back\\",
+]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_safe_escapes_controls_and_markup(name):
+    from rich.console import Console
+
+    s = safe(name)
+    assert not any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 or c in "\u202e\u2028" for c in s), repr(s)
+    console = Console(record=True, width=200, emoji=False, color_system=None)
+    console.print(s)
+    printed = console.export_text().rstrip("\n")
+    assert printed == escape_controls(name), (printed, name)
+
+
+def test_safe_lone_surrogate_prints():
+    assert safe("a\udcffb", markup=False) == "a\\udcffb"
+    safe("a\udcffb").encode("utf-8")
+
+
+def _hostile_adapter(work: Path, names: list[str]) -> None:
+    add_tensors(work / "adapter" / ADAPTER_FILE, {f"base_model.model.{n}.weight": torch.zeros(2) for n in names})
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_detect_prints_hostile_names_escaped(work, as_json):
+    # hostile names as modules_to_save tensors of the adapter: detect lists them
+    _hostile_adapter(work, HOSTILE_NAMES)
+    res = cli("detect", work / "adapter", *(["--json"] if as_json else []))
+    assert res.exit_code == 0, res.output
+    assert "\x1b" not in res.output and "\x9b" not in res.output and "\u202e" not in res.output
+    if as_json:
+        json.loads(res.stdout)
+    else:
+        assert "[/bold]" in res.stdout, "markup printed as written"
+        assert "x\\nerror: fake line" in res.stdout
+        assert not [ln for ln in res.stdout.splitlines() if ln.startswith("error:")]
+
+
+@pytest.mark.parametrize("name", ["x\nerror: fake", "\x1b[31m[/bold]", "a\u2028b"])
+def test_error_line_with_hostile_tensor_name(work, name):
+    # a lora_A without its lora_B under a hostile module name: the error names it, on one line
+    add_tensors(work / "adapter" / ADAPTER_FILE, {f"base_model.model.{name}.lora_A.weight": torch.zeros(2, 2)})
+    res, out = merge(work)
+    line = one_error(res, out=out)  # "lora_B is missing" (or, for a newline, "match no tensor of the base")
+    assert escape_controls(name) in line
+
+
+def test_unexpected_exception_is_one_line(work, monkeypatch):
+    from lora_convert import api
+
+    for exc in (ValueError("boom\nsecond line"), KeyError("k"), RuntimeError("[/bold]"), AssertionError()):
+
+        def fail(*a, _exc=exc, **k):
+            raise _exc
+
+        monkeypatch.setattr(api, "convert", fail)
+        res, out = merge(work)
+        one_error(res, "internal error", type(exc).__name__, "this is a bug", "--debug", out=out)
+    res = cli("--debug", "merge", work / "adapter", "--base", work / "base", "-o", work / "out")
+    assert isinstance(res.exception, AssertionError)
+
+
+def test_oserror_is_one_line_not_a_bug(work, monkeypatch):
+    from lora_convert import api
+
+    def fail(*a, **k):
+        raise PermissionError(13, "Permission denied", "/some/file")
+
+    monkeypatch.setattr(api, "convert", fail)
+    res, out = merge(work)
+    line = one_error(res, "/some/file: Permission denied", out=out)
+    assert "bug" not in line
+
+
+def test_printing_failure_is_one_line(work, monkeypatch):
+    """An exception while printing a result (after the work) is caught too."""
+    import lora_convert.cli as cli_mod
+
+    def boom(*a, **k):
+        raise UnicodeEncodeError("ascii", "é", 0, 1, "cannot encode")
+
+    monkeypatch.setattr(cli_mod, "_report_conversion", boom)
+    res, _ = merge(work)
+    one_error(res, "internal error", "UnicodeEncodeError")
