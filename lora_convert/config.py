@@ -7,14 +7,15 @@ over the pattern keys in dict order, the first match winning; ``scaling`` is
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import AdapterError, UnsupportedError
+from .io.files import MAX_CONFIG_BYTES, load_json
 
 # init_lora_weights values that change the *base* weights at init time: the saved adapter
 # is relative to a residual base we do not have, so a plain merge would be wrong.
@@ -77,20 +78,13 @@ class AdapterConfig:
     @classmethod
     def load(cls, path: str | Path) -> AdapterConfig:
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
+        if not os.path.lexists(path):
             raise AdapterError(
                 "adapter_config.json is missing",
                 path=path,
                 hint="an adapter folder needs the adapter_config.json PEFT writes",
             ) from None
-        except UnicodeDecodeError:
-            raise AdapterError("not UTF-8 text", path=path) from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise AdapterError(f"not valid JSON ({exc.msg} at line {exc.lineno})", path=path) from None
+        data = load_json(path, what="an adapter config", max_bytes=MAX_CONFIG_BYTES, error=AdapterError)
         return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:

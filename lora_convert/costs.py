@@ -30,7 +30,6 @@ Conventions
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -238,8 +237,10 @@ def _base_from_config(folder: Path) -> tuple[dict[str, _T], dict[str, Any]]:
             path=folder,
             hint="pip install transformers, or pass a base folder with its weights",
         ) from None
+    from .io.files import load_json
+
+    raw = load_json(folder / "config.json", what="a config file")  # bounded, before transformers reads it
     conf = AutoConfig.from_pretrained(str(folder))
-    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     dt = getattr(conf, "dtype", None) or getattr(conf, "torch_dtype", None) or torch.float32
     if isinstance(dt, str):
         dt = getattr(torch, dt, torch.float32)

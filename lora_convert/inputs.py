@@ -5,13 +5,14 @@ Shared by every command, below the API and above the I/O.  Torch-free.
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Any
 
 from .dialects import read_inventory
 from .errors import CheckpointError, RouteError
 from .inventory import Inventory
+from .io.files import load_json
 from .io.reader import Checkpoint, open_checkpoint
 
 
@@ -75,12 +76,9 @@ def load_model_config(ref: str | Path, what: str = "the base") -> dict[str, Any]
 
         p = resolve_checkpoint(str(ref), allow_patterns=["config.json"])
     path = p / "config.json" if p.is_dir() else p
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{what} has no config.json", path=p) from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"cannot read it as JSON ({str(exc)[:200]})", path=path) from None
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{what} has no config.json", path=p)
+    data = load_json(path, what="a config file")  # bounded: size, depth, a regular file
     if not isinstance(data, dict):
         raise CheckpointError("config.json is not a JSON object", path=path)
     return data

@@ -180,3 +180,145 @@ def test_printing_failure_is_one_line(work, monkeypatch):
     monkeypatch.setattr(cli_mod, "_report_conversion", boom)
     res, _ = merge(work)
     one_error(res, "internal error", "UnicodeEncodeError")
+
+
+# -- class 5 (files): every JSON file we parse is bounded; shards must be regular files --------------------
+
+
+def _sharded(work: Path) -> Path:
+    """base split into two shards with an index."""
+    sd = load_file(str(work / "base" / "model.safetensors"))
+    keys = sorted(sd)
+    d = work / "sharded"
+    d.mkdir()
+    shutil.copy(work / "base" / "config.json", d)
+    halves = {"model-00001-of-00002.safetensors": keys[:10], "model-00002-of-00002.safetensors": keys[10:]}
+    for f, ks in halves.items():
+        save_file({k: sd[k] for k in ks}, str(d / f), metadata={"format": "pt"})
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: f for f, ks in halves.items() for k in ks}})
+    )
+    return d
+
+
+@pytest.mark.parametrize("which,cap", [("adapter_config", 16), ("config", 16), ("index", 64)])
+def test_json_files_over_the_cap(work, which, cap):
+    sharded = _sharded(work)
+    path = {
+        "adapter_config": work / "adapter" / "adapter_config.json",
+        "config": work / "base" / "config.json",
+        "index": sharded / "model.safetensors.index.json",
+    }[which]
+    with open(path, "r+b") as f:  # sparse: costs no disk
+        f.truncate(cap * 2**20 + 1)
+    base = "sharded" if which == "index" else "base"
+    res = cli("merge", work / "adapter", "--base", work / base, "-o", work / "out")
+    one_error(res, str(path), f"more than the {cap} MiB", out=work / "out")
+
+
+@pytest.mark.parametrize("depth", [65, 200, 100_000])
+@pytest.mark.parametrize("which", ["adapter_config", "config", "index"])
+def test_json_nested_too_deep(work, which, depth):
+    sharded = _sharded(work)
+    deep = "[" * depth + "]" * depth
+    if which == "index":
+        path = sharded / "model.safetensors.index.json"
+        idx = json.loads(path.read_text())
+        path.write_text(json.dumps(idx)[:-1] + f', "extra": {deep}}}')
+    else:
+        path = work / "adapter" / "adapter_config.json" if which == "adapter_config" else work / "base" / "config.json"
+        c = json.loads(path.read_text())
+        path.write_text(json.dumps(c)[:-1] + f', "extra": {deep}}}')
+    base = "sharded" if which == "index" else "base"
+    res = cli("merge", work / "adapter", "--base", work / base, "-o", work / "out")
+    one_error(res, str(path), "nested more than 64 levels deep", out=work / "out")
+
+
+def test_json_depth_at_the_limit_is_fine(work):
+    p = work / "base" / "config.json"
+    c = json.loads(p.read_text())
+    c["extra"] = json.loads("[" * 63 + "]" * 63)
+    p.write_text(json.dumps(c))
+    res, _ = merge(work)
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize(
+    "kind,needle",
+    [
+        ("folder", "is a folder, not a file"),
+        ("fifo", "is a named pipe (FIFO), not a file"),
+        ("device", "is a device, not a file"),
+        ("missing", "is missing"),
+        ("dangling-link", "is missing"),
+    ],
+)
+def test_shard_that_is_not_a_file(work, kind, needle):
+    import os
+    import subprocess
+    import sys
+
+    sharded = _sharded(work)
+    shard = sharded / "model-00002-of-00002.safetensors"
+    shard.unlink()
+    if kind == "folder":
+        shard.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(shard)
+    elif kind == "device":
+        shard.symlink_to("/dev/zero")
+    elif kind == "dangling-link":
+        shard.symlink_to(sharded / "gone")
+    if kind == "fifo":  # in a subprocess with a timeout: opening a FIFO for reading could block forever
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lora_convert.cli",
+                "merge",
+                str(work / "adapter"),
+                "--base",
+                str(sharded),
+                "-o",
+                str(work / "out"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        code, lines = r.returncode, r.stderr.strip().splitlines()
+    else:
+        res = cli("merge", work / "adapter", "--base", sharded, "-o", work / "out")
+        code, lines = res.exit_code, res.stderr.strip().splitlines()
+    assert code == 1 and len(lines) == 1, lines
+    assert "model-00002-of-00002.safetensors" in lines[0] and needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_loose_safetensors_that_is_not_a_file(work, kind):
+    import os
+    import subprocess
+    import sys
+
+    d = work / "loose"
+    d.mkdir()
+    shutil.copy(work / "base" / "config.json", d)
+    shutil.copy(work / "base" / "model.safetensors", d / "a.safetensors")
+    if kind == "fifo":
+        os.mkfifo(d / "b.safetensors")
+    else:
+        (d / "b.safetensors").symlink_to("/dev/zero")
+    if kind == "fifo":  # a subprocess with a timeout, as above
+        r = subprocess.run(
+            [sys.executable, "-m", "lora_convert.cli", "detect", str(d)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+        code, err = r.returncode, r.stderr
+    else:
+        res = cli("detect", d)
+        code, err = res.exit_code, res.stderr
+    assert code == 1 and err.startswith(f"error: {d / 'b.safetensors'}: is a "), err

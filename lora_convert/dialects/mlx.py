@@ -24,7 +24,6 @@ scale`` (rank and alpha patterns where ranks differ), so the scaling is exactly 
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from typing import Any
@@ -33,6 +32,7 @@ from ..arch import is_embedding, short_name
 from ..config import AdapterConfig
 from ..errors import AdapterError, UnsupportedError
 from ..inventory import DEFAULT_ADAPTER, Inventory, LoraModule
+from ..io.files import load_json
 from ..io.reader import Checkpoint
 from ..io.safetensors_format import TensorInfo
 from ..io.views import TransposedSource
@@ -79,10 +79,7 @@ def _load_config(ck: Checkpoint) -> dict[str, Any]:
             path=ck.root,
             hint="put the adapter_config.json mlx-lm wrote beside adapters.safetensors",
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise AdapterError(f"cannot read it as JSON ({str(exc)[:200]})", path=path) from None
+    data = load_json(path, what="an adapter config", error=AdapterError)  # bounded: size, depth, a regular file
     if not isinstance(data, dict):
         raise AdapterError("adapter config is not a JSON object", path=path)
     if "peft_type" in data and "lora_parameters" not in data:

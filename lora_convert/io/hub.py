@@ -13,15 +13,15 @@ the repo and says what to do.  Tokens are never put in messages or logs.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CheckpointError, HubError
+from ..errors import CheckpointError, HubError, LoraConvertError
 from ..progress import hub_progress
+from .files import MAX_INDEX_BYTES, load_json
 from .output import TMP_MARK
 from .safetensors_format import read_header
 
@@ -382,9 +382,9 @@ def check_complete_output(folder: str | os.PathLike[str]) -> list[str]:
     for rel in files:
         if rel.endswith(".index.json"):
             try:
-                weight_map = json.loads((root / rel).read_text(encoding="utf-8"))["weight_map"]
+                weight_map = load_json(root / rel, what="an index", max_bytes=MAX_INDEX_BYTES)["weight_map"]
                 shards = set(weight_map.values())
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            except (LoraConvertError, KeyError, TypeError, AttributeError):
                 problems.append(f"{rel} is not a valid index (no weight_map)")
                 continue
             parent = Path(rel).parent

@@ -7,13 +7,13 @@ element ranges into byte ranges.  Torch is imported only when tensor data is rea
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError, UnsafeInputError
+from .files import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, file_problem, load_json
 from .safetensors_format import TensorInfo
 from .sources import TensorSource, open_source
 
@@ -140,17 +140,13 @@ class _Pairs(list):  # type: ignore[type-arg]
 
 
 def _load_json(path: Path, *, keep_pairs: bool = False) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-        return json.loads(text, object_pairs_hook=_Pairs if keep_pairs else None)
-    except FileNotFoundError:
-        raise CheckpointError("file not found", path=path) from None
-    except IsADirectoryError:
-        raise CheckpointError("is a directory, expected a JSON file", path=path) from None
-    except PermissionError:
-        raise CheckpointError("permission denied", path=path) from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CheckpointError(f"not valid JSON ({str(exc)[:200]})", path=path) from None
+    index = path.name.endswith(".index.json")
+    return load_json(
+        path,
+        what="an index" if index else "a config file",
+        max_bytes=MAX_INDEX_BYTES if index else MAX_CONFIG_BYTES,
+        object_pairs_hook=_Pairs if keep_pairs else None,
+    )
 
 
 def _safe_member(root: Path, rel: Any, index: Path) -> Path:
@@ -317,9 +313,10 @@ def _files_from_index(
     files = []
     for rel, names in by_file.items():
         f = _safe_member(root, rel, index)
-        if not f.is_file():
+        problem = file_problem(f)
+        if problem:
             raise CheckpointError(
-                f"index names shard {rel!r}, which is missing", path=index, hint="download every shard the index lists"
+                f"index names shard {rel!r}, which {problem}", path=index, hint="download every shard the index lists"
             )
         files.append(f)
         _add_file(tensors, sources, f, only=names)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import CheckpointError
+from .files import open_regular
 
 if TYPE_CHECKING:
     import torch
@@ -115,14 +116,7 @@ def read_header(path: Path, fh: BinaryIO | None = None) -> Header:
     own = fh is None
     try:
         if own:
-            try:
-                fh = open(path, "rb")
-            except FileNotFoundError:
-                raise CheckpointError("file not found", path=path) from None
-            except IsADirectoryError:
-                raise CheckpointError("is a directory, expected a .safetensors file", path=path) from None
-            except PermissionError:
-                raise CheckpointError("permission denied", path=path) from None
+            fh = open_regular(path)  # a folder, FIFO or device is refused by name, without blocking
         assert fh is not None
         fh.seek(0, 2)
         size = fh.tell()
