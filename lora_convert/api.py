@@ -6,6 +6,7 @@ conversions import it when they start.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -317,7 +318,7 @@ def _base_ref(inv: Inventory, adapter: str, base: str | Path | None, route: str)
     cfg = inv.config(adapter)
     if cfg is not None and cfg.base_model_name_or_path:
         p = resolve(cfg.base_model_name_or_path)
-        if p.exists():
+        if os.path.exists(p):  # (False for a name too long, rather than raising)
             return p
     raise RouteError(f"{route} needs the base model", hint="pass --base BASE (a folder or a Hub repo id)")
 

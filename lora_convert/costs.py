@@ -31,6 +31,7 @@ Conventions
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,7 +260,7 @@ def _base_from_config(folder: Path) -> tuple[dict[str, _T], dict[str, Any]]:
 
 def _open_base(ref: str | Path, notes: list[str]) -> tuple[dict[str, _T] | None, dict[str, Any] | None, str | None]:
     p = resolve(ref)
-    if not p.exists():
+    if not os.path.exists(p):  # (False for a name too long or holding a NUL, rather than raising)
         notes.append(f"base {ref} not found: base numbers unknown")
         return None, None, None
     folder = p.parent if p.is_file() and p.name == "config.json" else p
@@ -288,7 +289,7 @@ def _adapter_base(ck: Checkpoint, base: str | Path | None, base_name: str | None
     """The base of an adapter: the one given, the config's base path when it exists, or the config.json
     beside the adapter."""
     cfg_base = base_name if base is None else None
-    ref = base if base is not None else (cfg_base if cfg_base and Path(cfg_base).exists() else None)
+    ref = base if base is not None else (cfg_base if cfg_base and os.path.exists(cfg_base) else None)
     if ref is not None:
         tensors, bconf, source = _open_base(ref, notes)
         return _Base(tensors, bconf or ck.config, source, base_name)

@@ -19,7 +19,7 @@ from .io.reader import Checkpoint, open_checkpoint
 def resolve(ref: str | Path) -> Path:
     """A local path as it is, or a Hub repo id (``org/name[@revision]``) fetched into the cache."""
     p = Path(ref)
-    if p.exists():
+    if os.path.exists(p):  # False, not an exception, for a name too long or holding a NUL
         return p
     from .io.hub import is_repo_id, resolve_checkpoint
 
@@ -71,7 +71,7 @@ def load_model_config(ref: str | Path, what: str = "the base") -> dict[str, Any]
     """A model's config.json alone: from its folder (weights not needed), the file itself, or a Hub
     repo (only config.json is fetched).  For routes that need the base's shape, not its weights."""
     p = Path(ref)
-    if not p.exists():
+    if not os.path.exists(p):
         from .io.hub import resolve_checkpoint
 
         p = resolve_checkpoint(str(ref), allow_patterns=["config.json"])

@@ -322,3 +322,173 @@ def test_loose_safetensors_that_is_not_a_file(work, kind):
         res = cli("detect", d)
         code, err = res.exit_code, res.stderr
     assert code == 1 and err.startswith(f"error: {d / 'b.safetensors'}: is a "), err
+
+
+# -- class 6: adapter_config.json against a schema of types, once, at load ---------------------------------
+
+BAD_CONFIG_VALUES = [
+    ("rank_pattern", ["q_proj"]),
+    ("rank_pattern", {"q_proj": "4"}),
+    ("rank_pattern", {"q_proj": 2.5}),
+    ("rank_pattern", {"q_proj": 0}),
+    ("rank_pattern", {"q_proj": True}),
+    ("alpha_pattern", {"q_proj": "big"}),
+    ("alpha_pattern", {"q_proj": float("nan")}),
+    ("alpha_pattern", {"q_proj": 1e39}),
+    ("alpha_pattern", "q_proj"),
+    ("lora_alpha", 1e300),
+    ("lora_alpha", float("inf")),
+    ("lora_alpha", float("nan")),
+    ("lora_alpha", "16"),
+    ("lora_alpha", True),
+    ("r", "8"),
+    ("r", 8.5),
+    ("r", float("inf")),
+    ("r", True),
+    ("r", 0),
+    ("r", -4),
+    ("r", 2**70),
+    ("use_rslora", "false"),
+    ("use_dora", 1),
+    ("fan_in_fan_out", "yes"),
+    ("lora_bias", "false"),
+    ("inference_mode", "true"),
+    ("bias", "some"),
+    ("bias", 0),
+    ("target_modules", 5),
+    ("target_modules", [1, 2]),
+    ("modules_to_save", "lm_head"),
+    ("trainable_token_indices", [[1, 2]]),
+    ("trainable_token_indices", [-1]),
+    ("trainable_token_indices", [2**70]),
+    ("trainable_token_indices", {"embed_tokens": "1"}),
+    ("trainable_token_indices", 3),
+    ("layers_to_transform", "0"),
+    ("init_lora_weights", 3),
+    ("layer_replication", "x"),
+    ("peft_type", 5),
+    ("base_model_name_or_path", 7),
+    ("base_model_name_or_path", "a\x00b"),
+    ("task_type", []),
+]
+
+
+@pytest.mark.parametrize("key,value", BAD_CONFIG_VALUES, ids=[f"{k}={v!r}"[:40] for k, v in BAD_CONFIG_VALUES])
+def test_adapter_config_wrong_types(work, key, value):
+    p = edit_config(work, **{key: value})
+    res, out = merge(work)
+    one_error(res, str(p), f"{key} must be", "fix this value in adapter_config.json", out=out)
+    one_error(cli("detect", work / "adapter"), f"{key} must be")
+
+
+@pytest.mark.parametrize("key", sorted({k for k, _ in BAD_CONFIG_VALUES}))
+def test_adapter_config_null_means_unset(work, key):
+    edit_config(work, **{key: None})
+    res, _ = merge(work)
+    assert res.exit_code == 0, res.output
+
+
+def test_adapter_config_good_values_still_load():
+    from lora_convert.config import AdapterConfig
+
+    cfg = AdapterConfig.from_dict(
+        {
+            "r": 4,
+            "lora_alpha": -8.5,
+            "use_rslora": True,
+            "bias": "lora_only",
+            "target_modules": "q_proj",
+            "rank_pattern": {"q_proj": 2},
+            "alpha_pattern": {"q_proj": 3.0},
+            "trainable_token_indices": {"embed": [1, 2]},
+            "init_lora_weights": "gaussian",
+            "layers_to_transform": 0,
+        }
+    )
+    assert cfg.rank_for("model.layers.0.self_attn.q_proj") == 2 and cfg.scaling_for("x.q_proj", 4) == 3.0 / 2
+
+
+@pytest.mark.parametrize("key", ["q_proj(", "*", "(?P<", "[z-a]", "a{2,1}", "\\"])
+@pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])
+def test_pattern_key_not_a_regex(work, field, key):
+    p = edit_config(work, **{field: {key: 4}})
+    res, out = merge(work)
+    one_error(res, str(p), f"{field} key", "is not a valid regular expression", out=out)
+
+
+# Python's re never returns on these (against the fixture's module names); time bounded here
+CATASTROPHIC = [r"(.|.)+(?=Z)", r"([\w.]|[\w.])+(?=Z)", r"(?:.|.)*(?=Z)"]
+
+
+@pytest.mark.parametrize("key", CATASTROPHIC)
+@pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])
+def test_catastrophic_pattern_is_refused_in_bounded_time(work, monkeypatch, field, key):
+    import time
+
+    from lora_convert import config
+
+    monkeypatch.setattr(config, "PATTERN_TIMEOUT_S", 0.2)  # 2 s in real runs; the bound of the test: < 10 s
+    p = edit_config(work, **{field: {"nothing_matches_this": 4, key: 4}})
+    t0 = time.monotonic()
+    res, out = merge(work)
+    one_error(res, str(p), f"{field} key", "takes more than 0.2 s to match module", out=out)
+    assert time.monotonic() - t0 < 10
+
+
+def test_slow_patterns_exhaust_the_budget(work, monkeypatch):
+    from lora_convert import config
+
+    monkeypatch.setattr(config, "PATTERN_BUDGET_S", 0.3)  # 10 s of CPU in real runs
+    monkeypatch.setattr(config, "PATTERN_TIMEOUT_S", 60)  # so that only the budget can stop it, however loaded
+    p = edit_config(work, rank_pattern={r"(.|..)+(?=Z)": 4})  # ~1 s per module name: under the timeout
+    res, out = merge(work)
+    one_error(res, str(p), "rank_pattern: matching its keys against the module names took more than 0.3 s", out=out)
+
+
+PEFT_LIKE_PATTERNS = [
+    "q_proj",
+    "v_proj",
+    "layers\\.0\\.self_attn\\.q_proj",
+    "model.layers.1.*",
+    "v_proj|q_proj",
+    "layers.[01].self_attn.(q|v)_proj",
+    "^model.layers.0.self_attn.q_proj",
+    "(\\w+)+_proj",
+    "(a+)+",
+    "embed_tokens",
+    "lm_head",
+    ".*",
+    "self_attn\\..*",
+    "(?i:Q_PROJ)",
+    "o_proj$",
+]
+
+
+def test_bounded_matcher_agrees_with_peft():
+    """The same first key as PEFT's re.match(rf"(.*\\.)?({key})$", name), for every module of a model."""
+    import re
+
+    from lora_convert.config import AdapterConfig
+
+    names = [
+        f"model.layers.{i}.{m}"
+        for i in range(3)
+        for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj")
+    ]
+    names += ["model.embed_tokens", "lm_head", "transformer.h.0.attn.c_attn"]
+    for i in range(len(PEFT_LIKE_PATTERNS)):
+        keys = PEFT_LIKE_PATTERNS[i:] + PEFT_LIKE_PATTERNS[:i]  # every order: the first match wins
+        cfg = AdapterConfig.from_dict({"r": 8, "rank_pattern": {k: n + 1 for n, k in enumerate(keys)}})
+        for name in names:
+            peft = next((k for k in keys if re.match(rf"(.*\.)?({k})$", name)), None)
+            assert cfg.rank_for(name) == (keys.index(peft) + 1 if peft else 8), (keys, name)
+
+
+@pytest.mark.parametrize("name", ["x" * 300, "a/" + "b" * 300, "/" + "c" * 4000], ids=["300", "repo-like", "4001"])
+def test_base_path_too_long_for_the_file_system_is_not_found(work, name):
+    """base_model_name_or_path names a base we look for: a name too long for the file system is 'not
+    there' (one line, as for any missing base), not an exception from the OS."""
+    edit_config(work, base_model_name_or_path=name)
+    res = cli("merge", work / "adapter", "-o", work / "out")
+    one_error(res, "needs the base model", out=work / "out")
+    assert cli("report", work / "adapter").exit_code == 0

@@ -7,6 +7,7 @@ element ranges into byte ranges.  Torch is imported only when tensor data is rea
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,7 +210,7 @@ def _pick_adapter_dir(root: Path, adapter_name: str | None) -> tuple[Path, str |
 def open_checkpoint(path: str | Path, *, adapter_name: str | None = None) -> Checkpoint:
     """Open a folder in Hugging Face layout, or a single weights file, from headers only."""
     path = Path(path)
-    if not path.exists():
+    if not os.path.exists(path):  # (False for a name too long or holding a NUL, rather than raising)
         raise CheckpointError("no such file or folder", path=path)
     tensors: dict[str, TensorInfo] = {}
     sources: list[TensorSource] = []
