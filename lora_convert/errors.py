@@ -32,11 +32,16 @@ class LoraConvertError(Exception):
     def __str__(self) -> str:
         # Names come from downloaded files: control characters are escaped so that the one-line
         # message stays one line and cannot drive a terminal (the attributes keep the raw text).
-        where = ": ".join(p for p in (self.path, self.tensor) if p)
+        where = ": ".join(_cut(p, 400) for p in (self.path, self.tensor) if p)
         text = f"{where}: {self.message}" if where else self.message
         if self.hint:
             text += f" ({self.hint})"
-        return escape_controls(text)
+        return escape_controls(_cut(text, 4000))
+
+
+def _cut(text: str, n: int) -> str:
+    """At most ``n`` characters: a name from a file can be megabytes long."""
+    return text if len(text) <= n else f"{text[: n // 2 - 2]}...{text[-(n // 2 - 2) :]}"
 
 
 class CheckpointError(LoraConvertError):

@@ -492,3 +492,108 @@ def test_base_path_too_long_for_the_file_system_is_not_found(work, name):
     res = cli("merge", work / "adapter", "-o", work / "out")
     one_error(res, "needs the base model", out=work / "out")
     assert cli("report", work / "adapter").exit_code == 0
+
+
+# -- classes 3, 5, 6: names, shapes and counts in headers and .bin files -----------------------------------
+
+
+@pytest.mark.parametrize("where", ["tensor", "metadata"])
+@pytest.mark.parametrize("name", ["\ud800", "x.\udfff.weight", "model.norm\udcff.weight"])
+def test_lone_surrogate_names_refused_on_read(work, where, name):
+    path = work / "base" / "model.safetensors"
+    h, data = raw_header(path)
+    if where == "tensor":
+        h[name] = h.pop("model.norm.weight")
+    else:
+        h["__metadata__"][name] = "x"
+    write_raw(path, h, data)  # json.dumps writes the surrogate as a valid \\udxxx escape
+    res, out = merge(work)
+    one_error(res, str(path), "not valid Unicode (it holds a lone surrogate)", out=out)
+    one_error(cli("detect", work / "base"), "lone surrogate")
+
+
+def _bin_base(work: Path, extra: dict) -> Path:
+    sd = load_file(str(work / "base" / "model.safetensors"))
+    sd.update(extra)
+    (work / "base" / "model.safetensors").unlink()
+    path = work / "base" / "pytorch_model.bin"
+    torch.save(sd, str(path))
+    return path
+
+
+BIN_CASES = {
+    "int-key": ({5: torch.zeros(2)}, "tensor name 5 is not a string"),
+    "surrogate-key": ({"bad\udcff": torch.zeros(2)}, "lone surrogate"),
+    "complex64": ({"x.c": torch.zeros(2, dtype=torch.complex64)}, "dtype complex64 cannot be stored in safetensors"),
+    "complex128": ({"x.c": torch.zeros(2, dtype=torch.complex128)}, "dtype complex128 cannot be stored"),
+    "float8_e4m3fnuz": ({"x.f": torch.zeros(2, dtype=torch.float8_e4m3fnuz)}, "dtype float8_e4m3fnuz cannot"),
+    "float8_e5m2fnuz": ({"x.f": torch.zeros(2, dtype=torch.float8_e5m2fnuz)}, "dtype float8_e5m2fnuz cannot"),
+    "sparse": ({"x.s": torch.eye(3).to_sparse()}, "a sparse_coo tensor"),
+    "sparse-csr": ({"x.s": torch.eye(3).to_sparse_csr()}, "a sparse_csr tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(BIN_CASES))
+def test_bin_tensors_safetensors_cannot_hold(work, case):
+    extra, needle = BIN_CASES[case]
+    path = _bin_base(work, extra)
+    res, out = merge(work)
+    one_error(res, str(path), needle, out=out)
+
+
+OVERFLOWING_SHAPES = [[2**52] * 15 + [0], [0, 2**52, 2**12], [2**31, 2**31, 4, 0], [3, 2**51, 2**10, 0]]
+
+
+@pytest.mark.parametrize("shape", OVERFLOWING_SHAPES, ids=[str(len(s)) + "d" for s in OVERFLOWING_SHAPES])
+def test_zero_size_tensor_whose_other_dims_overflow(work, shape):
+    path = work / "base" / "model.safetensors"
+    h, data = raw_header(path)
+    h["extra.weight"] = {"dtype": "F32", "shape": shape, "data_offsets": [len(data), len(data)]}
+    write_raw(path, h, data)
+    res, out = merge(work)
+    one_error(res, str(path), "extra.weight", "too large for any tensor", out=out)
+
+
+@pytest.mark.parametrize("shape", [[0, 2**50], [2**40, 0], [0, 2**30, 2**30], [0]])
+def test_zero_size_tensors_with_big_dims_are_copied(work, shape):
+    path = work / "base" / "model.safetensors"
+    h, data = raw_header(path)
+    h["extra.weight"] = {"dtype": "BF16", "shape": shape, "data_offsets": [len(data), len(data)]}
+    write_raw(path, h, data)
+    res, out = merge(work, "--dtype", "fp16")
+    assert res.exit_code == 0, res.output
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_slice("extra.weight").get_shape() == shape
+
+
+def test_too_many_tensors_in_one_header_stops_the_parse():
+    """The parse stops after max_tensors objects: a header of many empty tensors costs at most that."""
+    from lora_convert.errors import CheckpointError
+    from lora_convert.io.safetensors_format import parse_header
+
+    for n, cap in ((5000, 1000), (1001, 1000), (20, 3)):
+        body = ",".join(f'"t{i}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}' for i in range(n))
+        raw = ("{" + body + "}").encode()
+        with pytest.raises(CheckpointError, match=f"holds more than {cap} tensors"):
+            parse_header(Path("x.safetensors"), raw, 8 + len(raw), max_tensors=cap)
+    raw = b'{"t":{"dtype":"F32","shape":[' + b",".join([b"1"] * 200_000) + b'],"data_offsets":[0,4]}}'
+    with pytest.raises(CheckpointError, match="more JSON values than 100 tensors could"):
+        parse_header(Path("x.safetensors"), raw, 8 + len(raw) + 4, max_tensors=100)
+    ok = b'{"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    assert list(parse_header(Path("x.safetensors"), ok, 8 + len(ok) + 4, max_tensors=1).tensors) == ["t"]
+
+
+@pytest.mark.parametrize("layout", ["sharded", "bin"])
+def test_tensor_cap_counts_every_shard(work, monkeypatch, layout):
+    from lora_convert.io import reader
+
+    monkeypatch.setattr(reader, "MAX_TENSORS", 15)  # 300,000 in real runs; the fixture has 21 tensors
+    if layout == "sharded":
+        d = _sharded(work)
+        needle, where = "holds more than 5 tensors", d / "model-00002-of-00002.safetensors"
+    else:
+        d, where = work / "base", _bin_base(work, {})
+        needle = "holds more than 15 tensors"
+    one_error(cli("detect", d), str(where), needle)

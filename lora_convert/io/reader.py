@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError, UnsafeInputError
 from .files import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, file_problem, load_json
-from .safetensors_format import TensorInfo
+from .safetensors_format import MAX_TENSORS, TensorInfo
 from .sources import TensorSource, open_source
 
 if TYPE_CHECKING:
@@ -174,7 +174,7 @@ def _safe_member(root: Path, rel: Any, index: Path) -> Path:
 def _add_file(
     tensors: dict[str, TensorInfo], sources: list[TensorSource], path: Path, only: set[str] | None = None
 ) -> dict[str, str]:
-    src = open_source(path)
+    src = open_source(path, max_tensors=MAX_TENSORS - len(tensors))  # a bound for all shards together
     sources.append(src)
     for name, info in src.infos().items():
         if only is not None and name not in only:
