@@ -597,3 +597,30 @@ def test_tensor_cap_counts_every_shard(work, monkeypatch, layout):
         d, where = work / "base", _bin_base(work, {})
         needle = "holds more than 15 tensors"
     one_error(cli("detect", d), str(where), needle)
+
+
+# -- class 3: a merge never rounds a delta into a weight that is not floating point ----------------------------
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.int32, torch.int64, torch.int8, torch.uint8, torch.bool, torch.int16, torch.float8_e4m3fn]
+)
+@pytest.mark.parametrize("target", ["model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight"])
+def test_non_float_target_weight_is_refused(work, dtype, target):
+    path = work / "base" / "model.safetensors"
+    sd = load_file(str(path))
+    sd[target] = (sd[target] * 100).to(dtype)
+    save_file(sd, str(path), metadata={"format": "pt"})
+    from lora_convert.io.safetensors_format import dtype_name
+
+    res, out = merge(work)
+    one_error(res, target, f"the LoRA targets a weight stored as {dtype_name(dtype)}", out=out)
+
+
+def test_non_float_tensor_that_no_lora_targets_is_copied_bit_exact(work):
+    path = work / "base" / "model.safetensors"
+    add_tensors(path, {"model.position_ids": torch.arange(64, dtype=torch.int64).reshape(1, 64)})
+    res, out = merge(work, "--dtype", "bf16")
+    assert res.exit_code == 0, res.output
+    got = load_file(str(out / "model.safetensors"))["model.position_ids"]
+    assert got.dtype == torch.int64 and torch.equal(got, torch.arange(64).reshape(1, 64))

@@ -200,11 +200,27 @@ def _job(key: str, o: _KeyOps, base: BaseView, dtype: torch.dtype | None, conv1d
         out_dtype = base.ck.info(base.map[key]).dtype  # a replacement is written in the base's dtype
     else:
         out_dtype = info.dtype
+    if o.lora is not None or o.tokens is not None or o.bias_add is not None:
+        _check_float_target(src_ck, src_key)
     if o.lora is not None or o.tokens is not None:
         return _merge_job(key, o, info.shape, out_dtype, conv1d)
     if o.bias_add is not None:
         return _bias_job(key, o, out_dtype)
     return copy_job(src_ck, src_key, key, out_dtype, "replace" if o.replaced else "copy")
+
+
+def _check_float_target(ck: Checkpoint, key: str) -> None:
+    """A merge adds a floating-point delta: into an integer (or float8, bool) weight it would be
+    rounded to a different tensor with no error.  Such targets are refused by name."""
+    info = ck.info(key)
+    if not info.is_float:
+        raise UnsupportedError(
+            f"the LoRA targets a weight stored as {info.dtype_name}; a merge can only change F32, F16, BF16 "
+            "or F64 weights",
+            path=ck.root,
+            tensor=key,
+            hint="merge into the base with floating-point weights (quantized bases: dequantize first)",
+        )
 
 
 def _factors(
