@@ -240,7 +240,9 @@ def _base_from_config(folder: Path) -> tuple[dict[str, _T], dict[str, Any]]:
         ) from None
     from .io.files import load_json
 
-    raw = load_json(folder / "config.json", what="a config file")  # bounded, before transformers reads it
+    # bounded and type-checked, before transformers reads it
+    raw = arch.check_model_config(load_json(folder / "config.json", what="a config file"), folder / "config.json")
+    raw = raw or {}
     conf = AutoConfig.from_pretrained(str(folder))
     dt = getattr(conf, "dtype", None) or getattr(conf, "torch_dtype", None) or torch.float32
     if isinstance(dt, str):

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .arch import check_model_config
 from .dialects import read_inventory
 from .errors import CheckpointError, RouteError
 from .inventory import Inventory
@@ -78,7 +79,7 @@ def load_model_config(ref: str | Path, what: str = "the base") -> dict[str, Any]
     path = p / "config.json" if p.is_dir() else p
     if not os.path.lexists(path):
         raise CheckpointError(f"{what} has no config.json", path=p)
-    data = load_json(path, what="a config file")  # bounded: size, depth, a regular file
-    if not isinstance(data, dict):
+    data = check_model_config(load_json(path, what="a config file"), path)  # bounded, keys type-checked
+    if data is None:
         raise CheckpointError("config.json is not a JSON object", path=path)
     return data

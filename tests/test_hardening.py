@@ -624,3 +624,54 @@ def test_non_float_tensor_that_no_lora_targets_is_copied_bit_exact(work):
     assert res.exit_code == 0, res.output
     got = load_file(str(out / "model.safetensors"))["model.position_ids"]
     assert got.dtype == torch.int64 and torch.equal(got, torch.arange(64).reshape(1, 64))
+
+
+# -- class 6: config.json keys we read, type-checked at load (found by the fuzzer) -----------------------------
+
+BAD_MODEL_CONFIG = [
+    ("model_type", ["gpt2"]),
+    ("architectures", 1.5),
+    ("architectures", [1]),
+    ("tie_word_embeddings", "yes"),
+    ("vocab_size", "96"),
+    ("vocab_size", -1),
+    ("hidden_size", 2.5),
+    ("text_config", []),
+    ("quantization_config", True),
+    ("quantization_config", {"quant_method": 4}),
+    ("layer_types", "full"),
+    ("sliding_window", True),
+    ("num_hidden_layers", 2**60),
+]
+
+
+@pytest.mark.parametrize("key,value", BAD_MODEL_CONFIG, ids=[f"{k}={v!r}" for k, v in BAD_MODEL_CONFIG])
+@pytest.mark.parametrize("nested", [False, True], ids=["top", "text_config"])
+def test_model_config_wrong_types(work, key, value, nested):
+    p = work / "base" / "config.json"
+    c = json.loads(p.read_text())
+    if nested:
+        if key == "text_config":
+            pytest.skip("text_config inside text_config is not read")
+        c["text_config"] = {key: value}
+    else:
+        c[key] = value
+    p.write_text(json.dumps(c))
+    prefix = "text_config." if nested else ""
+    res, out = merge(work)
+    one_error(res, str(p), f"{prefix}{key} must be", out=out)
+    one_error(cli("report", work / "adapter", "--base", work / "base"), f"{prefix}{key} must be")
+
+
+@pytest.mark.parametrize("key,value", [("architectures", "LlamaForCausalLM"), ("num_attention_heads", "4")])
+def test_model_config_alone_wrong_types(work, key, value):
+    """A base given by its config.json alone (convert --to gguf) is type-checked the same way."""
+    pytest.importorskip("gguf")
+    only = work / "config-only"
+    only.mkdir()
+    c = json.loads((work / "base" / "config.json").read_text())
+    c[key] = value
+    (only / "config.json").write_text(json.dumps(c))
+    out = work / "a.gguf"
+    res = cli("convert", work / "adapter", "--to", "gguf", "--base", only, "-o", out)
+    one_error(res, str(only / "config.json"), f"{key} must be", out=out)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..arch import check_model_config
 from ..errors import CheckpointError, UnsafeInputError
 from .files import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, file_problem, load_json
 from .safetensors_format import MAX_TENSORS, TensorInfo
@@ -333,7 +334,5 @@ def _files_from_index(
 def _attach_config(ck: Checkpoint, folder: Path) -> None:
     for candidate in (ck.root / "config.json", folder / "config.json"):
         if candidate.is_file():
-            data = _load_json(candidate)
-            if isinstance(data, dict):
-                ck.config = data
+            ck.config = check_model_config(_load_json(candidate), candidate)  # the keys we read, type-checked
             return
