@@ -675,3 +675,19 @@ def test_model_config_alone_wrong_types(work, key, value):
     out = work / "a.gguf"
     res = cli("convert", work / "adapter", "--to", "gguf", "--base", only, "-o", out)
     one_error(res, str(only / "config.json"), f"{key} must be", out=out)
+
+
+def test_metadata_kept_for_a_checkpoint_is_bounded(work, monkeypatch):
+    """Each file's __metadata__ is kept for the checkpoint: all files together are capped (16 MiB)."""
+    from lora_convert.io import safetensors_format
+
+    monkeypatch.setattr(safetensors_format, "MAX_METADATA_BYTES", 2000)
+    d = work / "loose"
+    d.mkdir()
+    sd = load_file(str(work / "base" / "model.safetensors"))
+    keys = sorted(sd)
+    for i, part in enumerate((keys[:10], keys[10:])):
+        save_file({k: sd[k] for k in part}, str(d / f"{i}.safetensors"), metadata={f"k{i}": "x" * 1500})
+    one_error(cli("detect", d), str(d / "1.safetensors"), "__metadata__ of the checkpoint's files adds up to more")
+    save_file({k: sd[k] for k in keys[10:]}, str(d / "1.safetensors"), metadata={"format": "pt"})
+    assert cli("detect", d).exit_code == 0

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..arch import check_model_config
 from ..errors import CheckpointError, UnsafeInputError
 from .files import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, file_problem, load_json
-from .safetensors_format import MAX_TENSORS, TensorInfo
+from .safetensors_format import MAX_TENSORS, TensorInfo, add_metadata
 from .sources import TensorSource, open_source
 
 if TYPE_CHECKING:
@@ -218,7 +218,7 @@ def open_checkpoint(path: str | Path, *, adapter_name: str | None = None) -> Che
     if path.is_file():
         if path.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
             raise CheckpointError("not a .safetensors or .bin file", path=path)
-        metadata = _add_file(tensors, sources, path)
+        metadata = add_metadata({}, _add_file(tensors, sources, path), path)
         root = path.parent
         kind = (
             "adapter" if path.name.startswith("adapter_model") or path.name.endswith(MLX_ADAPTER_WEIGHTS) else "model"
@@ -272,7 +272,7 @@ def open_checkpoint(path: str | Path, *, adapter_name: str | None = None) -> Che
                 files, layout = loose, "safetensors" if len(loose) == 1 else "sharded-safetensors"
     if not tensors:
         for f in files:
-            metadata.update(_add_file(tensors, sources, f))
+            add_metadata(metadata, _add_file(tensors, sources, f), f)
     adapter_config = root / "adapter_config.json"
     ck = Checkpoint(
         root,

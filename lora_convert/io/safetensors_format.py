@@ -31,6 +31,7 @@ MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enfor
 MAX_TENSORS = 300_000
 _INT64 = 2**63
 _METADATA_COMMAS = 100_000
+MAX_METADATA_BYTES = 16 * 2**20  # __metadata__ kept for a checkpoint, all shards together
 
 #: safetensors dtype name -> (bytes per element, torch attribute name)
 DTYPE_TABLE: dict[str, tuple[int, str]] = {
@@ -115,6 +116,19 @@ def too_many(max_tensors: int, path: Path) -> CheckpointError:
         path=path,
         hint="not a real model, or a corrupted header",
     )
+
+
+def add_metadata(into: dict[str, str], new: dict[str, str], path: Path) -> dict[str, str]:
+    """``into`` updated with one file's ``__metadata__``; what a checkpoint keeps is bounded, or a
+    thousand shards of 99 MB metadata strings would all stay in memory."""
+    into.update(new)
+    if sum(len(k) + len(v) for k, v in into.items()) > MAX_METADATA_BYTES:
+        raise CheckpointError(
+            f"__metadata__ of the checkpoint's files adds up to more than {MAX_METADATA_BYTES // 2**20} MiB",
+            path=path,
+            hint="not a real model's metadata",
+        )
+    return into
 
 
 def _brief(value: object) -> str:
