@@ -691,3 +691,25 @@ def test_metadata_kept_for_a_checkpoint_is_bounded(work, monkeypatch):
     one_error(cli("detect", d), str(d / "1.safetensors"), "__metadata__ of the checkpoint's files adds up to more")
     save_file({k: sd[k] for k in keys[10:]}, str(d / "1.safetensors"), metadata={"format": "pt"})
     assert cli("detect", d).exit_code == 0
+
+
+def test_non_contiguous_bin_tensor_is_copied_once_not_per_block(tmp_path, monkeypatch):
+    """Class 4: a .bin tensor stored non-contiguously (a transpose) read in many blocks is made
+    contiguous once, not once per block (which made time quadratic in the tensor's size)."""
+    from lora_convert.io.reader import open_checkpoint
+
+    w = torch.arange(512 * 384, dtype=torch.float32).reshape(512, 384)
+    torch.save({"w": w.t(), "b": torch.ones(3)}, str(tmp_path / "pytorch_model.bin"))
+    calls = []
+    contiguous = torch.Tensor.contiguous
+
+    def counted(self, *a, **k):
+        calls.append(tuple(self.shape))
+        return contiguous(self, *a, **k)
+
+    with open_checkpoint(tmp_path) as ck:
+        monkeypatch.setattr(torch.Tensor, "contiguous", counted)
+        flat = torch.cat([ck.read_flat("w", i, i + 4096) for i in range(0, w.numel(), 4096)])
+        rows = torch.cat([ck.read_rows("w", i, i + 8) for i in range(0, 384, 8)])
+    assert torch.equal(flat, w.t().reshape(-1)) and torch.equal(rows, w.t())
+    assert calls.count((384, 512)) == 1, calls  # 48 + 48 blocks, one copy
