@@ -384,6 +384,17 @@ def test_file_threads_finishing_together_at_most_one_succeeds(tmp_path, force, e
         assert temps(tmp_path) == []
 
 
+def test_file_write_error_names_the_target_file(tmp_path):
+    """An error while writing the one file names it as the target, not as a path inside the temp folder."""
+    import errno
+
+    target = tmp_path / "out.gguf"
+    with pytest.raises(OutputError) as ei, AtomicOutput(target, file=True) as tmp:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp / target.name))
+    assert str(ei.value).startswith(f"{target}: disk full while writing")
+    assert not target.exists() and temps(tmp_path) == []
+
+
 def test_file_interrupted_force_run_old_file(tmp_path):
     """A killed --force run's "-old" folder holding a file: put back, dropped or kept as for a folder."""
     target = tmp_path / "out.gguf"

@@ -231,7 +231,9 @@ def read_header(path: Path, fh: BinaryIO | None = None, *, max_tensors: int = MA
     return parse_header(path, raw, size, max_tensors=max_tensors)
 
 
-def parse_header(path: Path, raw: bytes, file_size: int, *, max_tensors: int = MAX_TENSORS) -> Header:
+def _parse_json(path: Path, raw: bytes, max_tensors: int) -> Any:
+    """The header's JSON, parsed within the tensor bound: refused before the parse when it holds
+    more values than that many tensors could, and as soon as it has built more objects."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -244,11 +246,15 @@ def parse_header(path: Path, raw: bytes, file_size: int, *, max_tensors: int = M
             hint="not a real model, or a corrupted header",
         )
     try:  # objects: one per tensor, the header, __metadata__
-        obj = json.loads(text, object_pairs_hook=_counting_hook(max(0, max_tensors) + 2))
+        return json.loads(text, object_pairs_hook=_counting_hook(max(0, max_tensors) + 2))
     except _TooMany:
         raise too_many(max_tensors, path) from None
     except (ValueError, RecursionError):  # JSONDecodeError, or an integer over Python's digit limit
         raise CheckpointError("header is not valid JSON", path=path, hint="not a safetensors file") from None
+
+
+def parse_header(path: Path, raw: bytes, file_size: int, *, max_tensors: int = MAX_TENSORS) -> Header:
+    obj = _parse_json(path, raw, max_tensors)
     if not isinstance(obj, dict):
         raise CheckpointError("header is not a JSON object", path=path)
     data_start = 8 + len(raw)
