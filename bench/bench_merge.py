@@ -1,19 +1,24 @@
-"""Benchmark ``lora-convert merge`` against ``cp -r`` (the floor) and PEFT's recipe.
+"""Benchmark ``lora-convert merge`` against ``cp -r`` (the floor), PEFT's recipe and mergekit.
 
-For each model size (``--layers``, default 11 and 22 layers of TinyLlama-1.1B shapes):
-generate (or reuse) the synthetic base and r=16 adapter (bench/synth.py), then time side
-by side, each as a child process with the page cache dropped before it (see measure.py):
+For each model (default: 11 and 22 layers of TinyLlama-1.1B shapes; ``--size 8b``: Llama-3-8B shapes,
+32 layers, 16 GB in 5 GB shards; ``--models 1b:22 8b:32`` for both in one run): generate (or reuse)
+the synthetic base and r=16 adapter (bench/synth.py), then time side by side, each as a child process
+with the page cache dropped before it (see measure.py):
 
-  cp     cp -r BASE OUT
-  ours   python -m lora_convert.cli merge ADAPTER --base BASE -o OUT --force
-  peft   python bench/peft_merge.py BASE ADAPTER OUT   (from_pretrained -> PeftModel ->
-         merge_and_unload -> save_pretrained)
+  cp        cp -r BASE OUT
+  ours      python -m lora_convert.cli merge ADAPTER --base BASE -o OUT --force
+  peft      python bench/peft_merge.py BASE ADAPTER OUT   (from_pretrained -> PeftModel ->
+            merge_and_unload -> save_pretrained; the whole model in memory: at 8B it may not fit,
+            and the table then says so with its peak before it failed)
+  mergekit  mergekit-yaml (passthrough of BASE+ADAPTER) from its own venv (bench/setup_mergekit.sh),
+            when that venv exists: mergekit applies a LoRA by loading the model with PEFT too
 
 and print wall s, CPU s (user+sys), peak RSS MB, the ratios merge/cp wall, PEFT/merge
 wall, PEFT/merge RSS, and how far the merged tensors of ours and PEFT's lie apart.
 
-    python bench/bench_merge.py                    # 11 and 22 layers, all three tools
+    python bench/bench_merge.py                    # 11 and 22 layers (1.1B shapes), every tool
     python bench/bench_merge.py --layers 22 --skip-peft
+    python bench/bench_merge.py --models 1b:22 8b:32 --repeat 3
 """
 
 from __future__ import annotations
@@ -46,6 +51,12 @@ from common import (  # noqa: E402
 from measure import Measurement, can_drop_caches, measure  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
+MERGEKIT_VENV = BENCH_DIR / ".cache" / "mergekit-venv"
+MERGEKIT_CONFIG = """merge_method: passthrough
+dtype: bfloat16
+models:
+  - model: {base}+{adapter}
+"""
 
 
 def compare_merged(base: Path, adapter: Path, ours: Path, peft: Path | None, layers: int) -> list[str]:
@@ -96,18 +107,19 @@ def compare_merged(base: Path, adapter: Path, ours: Path, peft: Path | None, lay
     return lines
 
 
-def run_size(layers: int, args: argparse.Namespace, env: dict[str, str]) -> dict:
+def run_size(size: str, layers: int, args: argparse.Namespace, env: dict[str, str]) -> dict:
     t0 = time.perf_counter()
-    base = synth.make_base(layers, args.seed)
-    adapter = synth.make_adapter(base, layers, args.seed)
+    base = synth.make_base(layers, args.seed, size=size)
+    adapter = synth.make_adapter(base, layers, args.seed, size=size)
+    name = f"{size} L={layers}"
     print(
-        f"[bench] L={layers}: inputs ready in {time.perf_counter() - t0:.1f} s"
+        f"[bench] {name}: inputs ready in {time.perf_counter() - t0:.1f} s"
         f" (base {folder_bytes(base) / 1e9:.2f} GB, adapter {folder_bytes(adapter) / 1e6:.1f} MB)",
         file=sys.stderr,
     )
-    out_root = OUT_ROOT / f"merge-L{layers}"
+    out_root = OUT_ROOT / f"merge-{size}-L{layers}"
     out_root.mkdir(parents=True, exist_ok=True)
-    outs = {"cp": out_root / "cp", "ours": out_root / "ours", "peft": out_root / "peft"}
+    outs = {t: out_root / t for t in ("cp", "ours", "peft", "mergekit")}
     cmds = {
         "cp": ["cp", "-r", str(base), str(outs["cp"])],
         "ours": lora_convert_cmd(args.tool_cmd)
@@ -116,12 +128,24 @@ def run_size(layers: int, args: argparse.Namespace, env: dict[str, str]) -> dict
         "torch": [sys.executable, "-c", "import torch"],
     }
     tools = ["cp", "torch", "ours"] + ([] if args.skip_peft else ["peft"])
+    mergekit = args.mergekit_venv / "bin" / "mergekit-yaml"
+    if not args.skip_mergekit and mergekit.exists():
+        config = out_root / "mergekit.yml"
+        config.write_text(MERGEKIT_CONFIG.format(base=base, adapter=adapter))
+        cache = out_root / "mergekit-lora-cache"
+        outs["mergekit-cache"] = cache
+        cmds["mergekit"] = [str(mergekit), str(config), str(outs["mergekit"]), "--lora-merge-cache", str(cache)]
+        cmds["mergekit"] += ["--no-copy-tokenizer", "--lazy-unpickle"]
+        tools.append("mergekit")
+    elif not args.skip_mergekit:
+        print(f"[bench] no mergekit venv at {args.mergekit_venv}: bash bench/setup_mergekit.sh", file=sys.stderr)
     results: dict[str, Measurement] = {}
     for tool in tools:
         for _ in range(args.repeat):
-            if tool in outs:
-                rm(outs[tool])
-            print(f"[bench] L={layers}: {tool}: {' '.join(cmds[tool])}", file=sys.stderr)
+            for p in (outs.get(tool), outs.get(f"{tool}-cache")):
+                if p is not None:
+                    rm(p)
+            print(f"[bench] {name}: {tool}: {' '.join(cmds[tool])}", file=sys.stderr)
             m = measure(
                 cmds[tool],
                 cache=args.cache,
@@ -134,8 +158,10 @@ def run_size(layers: int, args: argparse.Namespace, env: dict[str, str]) -> dict
             if tool not in results or (m.ok and m.wall_s < results[tool].wall_s):
                 results[tool] = m
             if not m.ok:
-                print(f"[bench] L={layers}: {tool} failed: {m.failure()}", file=sys.stderr)
+                print(f"[bench] {name}: {tool} failed: {m.failure()}", file=sys.stderr)
                 break
+        if tool == "mergekit" and not args.keep:
+            rm(outs["mergekit-cache"])
     diff_lines = []
     if results["ours"].ok or results.get("peft", None) is not None and results["peft"].ok:
         try:
@@ -147,7 +173,7 @@ def run_size(layers: int, args: argparse.Namespace, env: dict[str, str]) -> dict
     if not args.keep:
         for p in outs.values():
             rm(p)
-    return {"layers": layers, "base_bytes": folder_bytes(base), "results": results, "diff": diff_lines}
+    return {"size": size, "layers": layers, "base_bytes": folder_bytes(base), "results": results, "diff": diff_lines}
 
 
 def marginal(sizes: list[dict]) -> str:
@@ -158,13 +184,13 @@ def marginal(sizes: list[dict]) -> str:
     gb = (big["base_bytes"] - small["base_bytes"]) / 1e9
     slope: dict[str, float | None] = {}
     for tool in ("cp", "ours", "peft"):
-        a, b = small["results"].get(tool), big["results"].get(tool)
+        a, b = small["results"].get(tool), big["results"].get(tool)  # mergekit's cost is PEFT's plus a copy
         slope[tool] = (
             (b.wall_s - a.wall_s) / gb if a is not None and b is not None and a.ok and b.ok and gb > 0 else None
         )
     rows = [
         [
-            f"L{small['layers']} -> L{big['layers']}",
+            f"{_model(small)} -> {_model(big)}",
             fmt(slope["cp"], 2),
             fmt(slope["ours"], 2),
             fmt(slope["peft"], 2),
@@ -180,12 +206,17 @@ def marginal(sizes: list[dict]) -> str:
     )
 
 
+def _model(s: dict) -> str:
+    return f"{s['size']}/L{s['layers']}"
+
+
 def report(sizes: list[dict], args: argparse.Namespace) -> str:
     label = {
         "cp": "cp -r (floor)",
         "torch": "python -c 'import torch'",
         "ours": "lora-convert merge",
         "peft": "PEFT merge_and_unload",
+        "mergekit": "mergekit-yaml (LoRA)",
     }
     rows = []
     for s in sizes:
@@ -194,7 +225,7 @@ def report(sizes: list[dict], args: argparse.Namespace) -> str:
             rows.append(
                 [
                     label[tool],
-                    s["layers"],
+                    _model(s),
                     fmt(m.wall_s, 2),
                     fmt(m.cpu_s, 2),
                     fmt(m.peak_rss_mb, 0),
@@ -206,7 +237,7 @@ def report(sizes: list[dict], args: argparse.Namespace) -> str:
             )
     out = [
         table(
-            ["tool", "layers", "wall s", "CPU s", "peak RSS MB", "sync s", "out MB", "load b/a", "status"],
+            ["tool", "model", "wall s", "CPU s", "peak RSS MB", "sync s", "out MB", "load b/a", "status"],
             rows,
             right={1, 2, 3, 4, 5, 6, 7},
         )
@@ -227,35 +258,42 @@ def report(sizes: list[dict], args: argparse.Namespace) -> str:
 
         ratio_rows.append(
             [
-                s["layers"],
+                _model(s),
                 ratio(g("ours", "wall_s"), g("cp", "wall_s")),
                 ratio(g("peft", "wall_s"), g("ours", "wall_s")),
                 ratio(g("peft", "peak_rss_mb"), g("ours", "peak_rss_mb")),
+                ratio(g("mergekit", "wall_s"), g("ours", "wall_s")),
+                ratio(g("mergekit", "peak_rss_mb"), g("ours", "peak_rss_mb")),
             ]
         )
-    out.append(table(["layers", "merge wall / cp wall", "PEFT wall / merge wall", "PEFT RSS / merge RSS"], ratio_rows))
+    head = ["model", "merge wall / cp wall", "PEFT wall / merge wall", "PEFT RSS / merge RSS"]
+    out.append(table(head + ["mergekit wall / merge wall", "mergekit RSS / merge RSS"], ratio_rows))
     if len(sizes) > 1:
         out.append("")
         out.append(marginal(sizes))
-    ours_rss = [(s["layers"], s["results"]["ours"].peak_rss_mb) for s in sizes if s["results"]["ours"].ok]
+    ours_rss = [(_model(s), s["results"]["ours"].peak_rss_mb) for s in sizes if s["results"]["ours"].ok]
     if len(ours_rss) > 1:
         out.append(
             "lora-convert merge peak RSS by size: "
-            + ", ".join(f"L{n}: {v:.0f} MB" for n, v in ours_rss)
+            + ", ".join(f"{n}: {v:.0f} MB" for n, v in ours_rss)
             + f" (largest/smallest {max(v for _, v in ours_rss) / min(v for _, v in ours_rss):.2f}x)"
         )
     for s in sizes:
         if s["diff"]:
             out.append("")
-            out.append(f"merged tensors, max abs diff, L={s['layers']} (ref = fp32 W + s*B@A rounded once to bf16):")
+            out.append(f"merged tensors, max abs diff, {_model(s)} (ref = fp32 W + s*B@A rounded once to bf16):")
             out.extend("  " + ln for ln in s["diff"])
     return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, nargs="+", default=[11, 22], help="model sizes (default: 11 22)")
+    ap.add_argument("--layers", type=int, nargs="+", help="decoder layers of each model (default: 11 22; 8b: 32)")
+    ap.add_argument("--size", choices=sorted(synth.SIZES), default="1b", help="shapes for --layers: 1b or 8b")
+    ap.add_argument("--models", nargs="+", metavar="SIZE:LAYERS", help="e.g. 1b:22 8b:32 (overrides --size/--layers)")
     ap.add_argument("--skip-peft", action="store_true", help="do not run the PEFT recipe")
+    ap.add_argument("--skip-mergekit", action="store_true", help="do not run mergekit")
+    ap.add_argument("--mergekit-venv", type=Path, default=MERGEKIT_VENV)
     ap.add_argument("--keep", action="store_true", help=f"keep the outputs under {OUT_ROOT}")
     ap.add_argument(
         "--cache",
@@ -273,7 +311,12 @@ def main(argv: list[str] | None = None) -> int:
         print("[bench] cannot drop the page cache (not root?): warming inputs before each run instead", file=sys.stderr)
 
     env = child_env()
-    sizes = [run_size(n, args, env) for n in args.layers]
+    if args.models:
+        models = [(m.split(":")[0], int(m.split(":")[1])) for m in args.models]
+    else:
+        default = [11, 22] if args.size == "1b" else [synth.SIZES[args.size].layers]
+        models = [(args.size, n) for n in args.layers or default]
+    sizes = [run_size(size, n, args, env) for size, n in models]
     print(report(sizes, args))
     if args.json:
         args.json.write_text(

@@ -1,4 +1,6 @@
-"""Synthetic TinyLlama-shaped checkpoints for the benchmarks.
+"""Synthetic Llama-shaped checkpoints for the benchmarks: TinyLlama-1.1B shapes (``--size 1b``, the
+default) or Llama-3-8B shapes (``--size 8b``: hidden 4096, intermediate 14336, 32 heads / 8 KV heads,
+vocab 128256, 5 GB shards; folders named ``base-8b-L{layers}-s{seed}``...).
 
 Three folders are made, each cached under ``bench/.cache/synth/`` (git-ignored) and
 reused when their parameters match:
@@ -35,7 +37,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -130,6 +132,34 @@ class ModelShape:
             "use_cache": True,
             "vocab_size": self.vocab,
         }
+
+
+SIZES = {
+    "1b": ModelShape(),  # TinyLlama-1.1B
+    "8b": ModelShape(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256),  # Llama-3-8B
+}
+SHARD_BYTES = {"1b": 2 * 10**9, "8b": 5 * 10**9}
+
+
+def shape_for(size: str, layers: int) -> ModelShape:
+    return replace(SIZES[size], layers=layers)
+
+
+def _folder(kind: str, size: str, layers: int, seed: int) -> str:
+    """Cache folder names; the 1b ones keep their old names so existing caches stay valid."""
+    tag = f"L{layers}" if size == "1b" else f"{size}-L{layers}"
+    return f"{kind}-{tag}-s{seed}"
+
+
+def check_free_space(root: Path, need_bytes: int, what: str) -> None:
+    """Refuse, before writing anything, when the disk cannot hold what is about to be generated."""
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if free < need_bytes * 1.05:
+        raise SystemExit(
+            f"[synth] not enough free disk for {what}: {need_bytes / 1e9:.1f} GB needed, "
+            f"{free / 1e9:.1f} GB free under {root} (free space, or pass --root elsewhere)"
+        )
 
 
 GENERATION_CONFIG = {
@@ -267,7 +297,7 @@ def write_safetensors(
             t = produce(name)
             if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
                 raise AssertionError(f"{name}: produced {tuple(t.shape)} {t.dtype}, planned {shape} {dtype}")
-            f.write(t.contiguous().view(torch.uint8).numpy().tobytes())
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return offset
 
 
@@ -342,11 +372,13 @@ def make_base(
     layers: int = 22,
     seed: int = 0,
     root: Path = DEFAULT_ROOT,
-    max_shard_bytes: int = 2 * 10**9,
+    max_shard_bytes: int | None = None,
     force: bool = False,
     quiet: bool = False,
+    size: str = "1b",
 ) -> Path:
-    shape = ModelShape(layers=layers)
+    shape = shape_for(size, layers)
+    max_shard_bytes = max_shard_bytes or SHARD_BYTES[size]
     params = {
         "kind": "base",
         "version": SYNTH_VERSION,
@@ -358,10 +390,11 @@ def make_base(
     shapes = dict(entries)
 
     def build(tmp: Path) -> None:
+        check_free_space(Path(root), shape.param_count() * 2, f"the {size} base ({layers} layers)")
         _write_configs(tmp, shape)
         write_sharded(tmp, entries, lambda n: base_tensor(n, shapes[n], seed), max_shard_bytes)
 
-    return _cached(Path(root) / f"base-L{layers}-s{seed}", params, build, force, quiet)
+    return _cached(Path(root) / _folder("base", size, layers, seed), params, build, force, quiet)
 
 
 def make_adapter(
@@ -373,8 +406,9 @@ def make_adapter(
     root: Path = DEFAULT_ROOT,
     force: bool = False,
     quiet: bool = False,
+    size: str = "1b",
 ) -> Path:
-    shape = ModelShape(layers=layers)
+    shape = shape_for(size, layers)
     base = Path(base).resolve()
     params = {
         "kind": "adapter",
@@ -412,7 +446,7 @@ def make_adapter(
         write_safetensors(tmp / "adapter_model.safetensors", entries, produce)
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config_dict(base, r, alpha), indent=2) + "\n")
 
-    return _cached(Path(root) / f"adapter-r{r}-L{layers}-s{seed}", params, build, force, quiet)
+    return _cached(Path(root) / _folder(f"adapter-r{r}", size, layers, seed), params, build, force, quiet)
 
 
 def make_tuned(
@@ -422,16 +456,18 @@ def make_tuned(
     rel: float = 0.1,
     noise: float = 1e-4,
     root: Path = DEFAULT_ROOT,
-    max_shard_bytes: int = 2 * 10**9,
+    max_shard_bytes: int | None = None,
     force: bool = False,
     quiet: bool = False,
+    size: str = "1b",
 ) -> Path:
     """base (regenerated bit-identically) + rank-``r`` delta on every layer's seven linears.
 
     ``rel``: ||delta||_F / ||W||_F per module.  ``noise``: full-rank noise std relative to
     std(W) (1e-4 lies below bf16's resolution, so in practice the full-rank residual is
     the bf16 rounding of the tuned weights, ~0.1% of W, i.e. ~1% of the delta)."""
-    shape = ModelShape(layers=layers)
+    shape = shape_for(size, layers)
+    max_shard_bytes = max_shard_bytes or SHARD_BYTES[size]
     params = {
         "kind": "tuned",
         "version": SYNTH_VERSION,
@@ -453,10 +489,11 @@ def make_tuned(
         return (w.float() + tuned_delta(name, w, r, rel, noise, seed)).to(torch.bfloat16)
 
     def build(tmp: Path) -> None:
+        check_free_space(Path(root), shape.param_count() * 2, f"the {size} tuned checkpoint ({layers} layers)")
         _write_configs(tmp, shape)
         write_sharded(tmp, entries, produce, max_shard_bytes)
 
-    return _cached(Path(root) / f"tuned-r{r}-L{layers}-s{seed}", params, build, force, quiet)
+    return _cached(Path(root) / _folder(f"tuned-r{r}", size, layers, seed), params, build, force, quiet)
 
 
 # ---------------------------------------------------------------------- verification
@@ -521,7 +558,8 @@ def verify_with_peft(base: Path, adapter: Path) -> None:
 
 def main(argv: Iterable[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=22)
+    ap.add_argument("--size", choices=sorted(SIZES), default="1b", help="model shapes: 1b (TinyLlama) or 8b (Llama-3)")
+    ap.add_argument("--layers", type=int, help="decoder layers (default: the size's own: 22 or 32)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="cache folder (default bench/.cache/synth)")
@@ -533,14 +571,15 @@ def main(argv: Iterable[str] | None = None) -> int:
     args = ap.parse_args(None if argv is None else list(argv))
 
     out: dict[str, str] = {}
-    base = make_base(args.layers, args.seed, args.root, force=args.force)
+    layers = args.layers or (22 if args.size == "1b" else SIZES[args.size].layers)
+    base = make_base(layers, args.seed, args.root, force=args.force, size=args.size)
     out["base"] = str(base)
     if "adapter" in args.what or args.verify:
         out["adapter"] = str(
-            make_adapter(base, args.layers, args.seed, args.rank, 2 * args.rank, args.root, force=args.force)
+            make_adapter(base, layers, args.seed, args.rank, 2 * args.rank, args.root, force=args.force, size=args.size)
         )
     if "tuned" in args.what:
-        out["tuned"] = str(make_tuned(args.layers, args.seed, args.rank, root=args.root, force=args.force))
+        out["tuned"] = str(make_tuned(layers, args.seed, args.rank, root=args.root, force=args.force, size=args.size))
     if args.verify:
         verify_with_peft(base, Path(out["adapter"]))
     print(json.dumps(out, indent=2))

@@ -9,6 +9,7 @@ Everything the CLI does is a function here::
     lc.extract("merged", base="base-model", output="adapter-out", rank=16)
     lc.report("my-adapter", base="base-model").rows
     lc.push("merged", "me/my-model")
+    lc.merge("my-adapter", base="base-model", output="merged", push_to="me/my-model")  # token checked first
 
 Importing the package does not import torch: ``detect``, ``report`` and ``push`` never need it, and the
 conversions import it when they run.

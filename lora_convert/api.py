@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import AdapterError, RouteError
+from .errors import AdapterError, HubError, OutputError, RouteError, option, option_name, spelled
+from .fmt import human_bytes
 from .inputs import load_model_config, load_source, open_plain, pick_adapter, resolve  # noqa: F401 - load_source is public
 from .inventory import Inventory
 from .io.writer import parse_size
@@ -77,6 +78,7 @@ def push(
     create_pr: bool = False,
     force: bool = False,
     progress: bool = True,
+    token: str | None = None,
 ) -> PushResult:
     """Upload an output folder of ours to the Hub as one commit.
 
@@ -85,6 +87,7 @@ def push(
         repo_id: ``namespace/name``; created when missing (``private`` applies to a new repo).
         revision: the branch (created from main when missing).  message: the commit message.
         create_pr: open a pull request instead of committing to the branch.
+        token: the Hub token (default: ``HF_TOKEN`` or the one ``hf auth login`` stored); never printed.
 
     Returns:
         A :class:`~lora_convert.io.hub.PushResult` (commit URL, files).
@@ -103,6 +106,7 @@ def push(
         create_pr=create_pr,
         force=force,
         progress=progress,
+        token=token,
     )
 
 
@@ -120,16 +124,24 @@ def convert(
     command: str | None = None,
     extract_options: ExtractOptions | dict[str, Any] | None = None,
     outtype: str | None = None,
+    requantize: bool = False,
+    push_to: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    moe_layout: str | None = None,
 ) -> ConvertResult:
     """Convert ``source`` to the storage form ``to`` in the folder ``output``.
 
     Args:
-        source: an adapter (PEFT's or mlx-lm's), unmerged or plain checkpoint (folder, file or Hub repo id).
+        source: an adapter (PEFT's, mlx-lm's, kohya's or diffusers'), unmerged or plain checkpoint (folder, file or
+            Hub repo id).
         to: ``merged``, ``adapter`` (PEFT), ``unmerged`` or ``base``; or another ecosystem's adapter:
-            ``gguf`` (one llama.cpp file, ``output`` ending in ``.gguf``) or ``mlx`` (an mlx-lm folder).
+            ``gguf`` (one llama.cpp file, ``output`` ending in ``.gguf``), ``mlx`` (an mlx-lm folder),
+            ``kohya`` (sd-scripts, ComfyUI) or ``diffusers`` (``pytorch_lora_weights.safetensors``).
         output: the folder (the file, for gguf) to create (atomically: it appears whole or not at all).
         base: the base model, for adapter -> merged/unmerged and for extraction (plain -> adapter); for
-            gguf and mlx only its config.json is read (a folder, the file, or a Hub repo id).
+            gguf and mlx only its config.json is read (a folder, the file, or a Hub repo id); for kohya and
+            diffusers, optional: the UNet/transformer/text-encoder folder whose names settle the module paths.
         adapter: which adapter, for checkpoints with several.
         dtype: ``auto`` (each tensor's own), ``bf16``, ``fp16`` or ``fp32`` for floating tensors; on the
             extraction route, the dtype of the factors.
@@ -139,27 +151,32 @@ def convert(
         extract_options: :class:`~lora_convert.routes.extract.ExtractOptions` (or its fields as a dict),
             for plain -> adapter only.
         outtype: the GGUF tensor type, ``f32`` (default), ``f16``, ``bf16`` or ``q8_0``; gguf only.
+        requantize: merging into a quantized base, write the merged weights back in its scheme (the
+            default writes them dequantized, in ``dtype``, bf16 for ``auto``); ``.requantization`` of the
+            result holds the error that adds per module.
+        push_to: push the output to this Hub repo (``namespace/name``) once written; the token and the right
+            to write the repo are checked before any work.  private: create that repo private.
+        token: the Hub token for the push (default: ``HF_TOKEN`` or the one ``hf auth login`` stored).
+        moe_layout: ``per-expert`` or ``fused``: the layout of expert LoRA in an adapter output — an
+            adapter converted to the other layout (adapter -> adapter, with the base), or what extraction
+            writes.
 
     Returns:
-        A :class:`~lora_convert.assemble.ConvertResult`; ``.extraction`` holds the SVD report.
+        A :class:`~lora_convert.assemble.ConvertResult`; ``.extraction`` holds the SVD report, ``.pushed``
+        the push (a :class:`~lora_convert.io.hub.PushResult`).
 
     Raises:
         RouteError: no such route, or a missing base.  CheckpointError, AdapterError (the adapter does not
         fit the base, or its config is missing), UnsupportedError (what cannot be merged exactly),
-        OutputError (the output exists, lies inside an input, the disk filled up), HubError.
+        OutputError (the output exists, lies inside an input, the disk filled up), HubError (before any
+        work: no token, a rejected one, a repo it cannot write; after: the push failed, the output stays).
     """
     started = time.perf_counter()
-    from .routes import FORMATS, FORMS, NEEDS_BASE, Request, planner
-    from .routes.plan import output_dtype
+    from .routes import FORMATS, NEEDS_BASE, OPTIONAL_BASE, Request, planner
 
-    if to not in FORMS + FORMATS:
-        raise RouteError(f"unknown target form {to!r} (choose from {', '.join(FORMS + FORMATS)})")
-    output_dtype(dtype)
+    _check_arguments(to, dtype, max_shard_size)
     _check_format_options(to, output, dtype, outtype)
-    try:
-        parse_size(max_shard_size)
-    except ValueError as exc:
-        raise RouteError(f"--max-shard-size: {exc}") from None
+    push_token = _check_push(push_to, to, output, force, token)
     ck, inv = load_source(source, adapter=adapter)
     base_ck = None
     try:
@@ -169,23 +186,26 @@ def convert(
                 raise RouteError(
                     "a plain checkpoint holds no LoRA tensors; extracting an adapter needs the base",
                     path=ck.root,
-                    hint="pass --base BASE",
+                    hint=f"pass {option('base', 'BASE')}",
                 )
             opts = _extract_options(extract_options, dtype)
         elif extract_options:
             names = extract_options if isinstance(extract_options, dict) else {"extract_options": 1}
             raise RouteError(
-                f"{', '.join('--' + k.replace('_', '-') for k in names)}: extraction options apply "
-                f"only to a plain checkpoint converted --to adapter with --base, not {form} -> {to}",
+                f"{', '.join(option_name(k) for k in names)}: extraction options apply "
+                f"only to a plain checkpoint converted to an adapter with a base, not {form} -> {to}",
                 path=ck.root,
             )
         else:
             opts = None
+        _check_moe_layout(form, to, moe_layout, ck.root)
         plan_for = planner(form, to, path=ck.root)
         name = pick_adapter(inv, adapter, ck) if form != "plain" else "default"
         warnings = _check_adapter(inv, name, ck.root) if form != "plain" else []
-        if (form, to) in NEEDS_BASE:
+        if (form, to) in NEEDS_BASE or (moe_layout is not None and form == "adapter"):
             base_ck = open_plain(_base_ref(inv, name, base, f"{form} -> {to}"), "the base")
+        elif (form, to) in OPTIONAL_BASE and base is not None:
+            base_ck = open_plain(resolve(base), "the base")
         base_config = _format_base_config(inv, name, base) if to in FORMATS else None
         req = Request(
             ck,
@@ -199,12 +219,16 @@ def convert(
             progress,
             base_config=base_config,
             outtype=outtype,
+            requantize=requantize,
+            moe_layout=moe_layout,
         )
+        if requantize and to != "merged":
+            raise RouteError("--requantize applies to merges into a quantized base", path=ck.root)
         plan = plan_for(req)
         plan.warnings[:0] = warnings
         from .assemble import write_output
 
-        return write_output(
+        result = write_output(
             plan,
             req,
             output=output,
@@ -218,6 +242,62 @@ def convert(
         ck.close()
         if base_ck is not None:
             base_ck.close()
+    if push_to is not None:
+        result.pushed = _push_output(result, push_to, private, push_token, progress)
+    return result
+
+
+def _check_arguments(to: str, dtype: str, max_shard_size: str | int) -> None:
+    from .routes import FORMATS, FORMS
+    from .routes.plan import output_dtype
+
+    if to not in FORMS + FORMATS:
+        raise RouteError(f"unknown target form {to!r} (choose from {', '.join(FORMS + FORMATS)})")
+    output_dtype(dtype)
+    try:
+        parse_size(max_shard_size)
+    except ValueError as exc:
+        raise RouteError(f"{option_name('max_shard_size')}: {exc}") from None
+
+
+def _check_push(push_to: str | None, to: str, output: str | Path, force: bool, token: str | None) -> str | None:
+    """Everything a push needs, before any work: the token, its right to write the repo, and (a rerun after a
+    failed push) no finished output in the way."""
+    if push_to is None:
+        return None
+    if to == "gguf":
+        raise RouteError(
+            f"{option_name('push_to')} uploads a folder and a gguf output is one file",
+            hint="upload the .gguf file with `hf upload REPO FILE`",
+        )
+    if Path(output).exists() and not force:
+        again = spelled(f"lora-convert push {output} {push_to}", f"lora_convert.push({str(output)!r}, {push_to!r})")
+        raise OutputError(
+            "already exists",
+            path=output,
+            hint=f"to push the folder that is there: {again}; to convert again, pass {option('force')}",
+        )
+    from .io.hub import check_push_access
+
+    return check_push_access(push_to, token)
+
+
+def _push_output(result: ConvertResult, repo_id: str, private: bool, token: str | None, progress: bool) -> PushResult:
+    """Push a finished output; a failure says that the output is complete and how to push it alone."""
+    from .io.hub import push_folder
+
+    try:
+        return push_folder(result.output, repo_id, private=private, token=token, progress=progress)
+    except HubError as exc:
+        again = spelled(
+            f"lora-convert push {result.output} {repo_id}", f"lora_convert.push({result.output!r}, {repo_id!r})"
+        )
+        raise HubError(
+            f"the output was written in full ({len(result.files)} weight file(s), "
+            f"{human_bytes(result.total_bytes)}), then the push failed: {exc.message}",
+            path=result.output,
+            hint=(f"{exc.hint}; then " if exc.hint else "") + f"push it without converting again: {again}",
+        ) from exc
 
 
 def merge(source: str | Path, *, output: str | Path, base: str | Path | None = None, **kwargs: Any) -> ConvertResult:
@@ -236,6 +316,10 @@ def extract(
     force: bool = False,
     progress: bool = False,
     command: str | None = None,
+    push_to: str | None = None,
+    private: bool = False,
+    token: str | None = None,
+    moe_layout: str | None = None,
     **option_fields: Any,
 ) -> ConvertResult:
     """Factor every changed tensor of ``tuned`` against ``base`` into a PEFT LoRA adapter (SVD).
@@ -245,6 +329,9 @@ def extract(
         output: the adapter folder to create.
         options: an :class:`~lora_convert.routes.extract.ExtractOptions`; or give its fields as keyword
             arguments (``rank=8``, ``energy=0.95``, ``include=[...]``, ``dtype="bf16"`` for the factors...).
+        push_to, private, token: push the adapter to the Hub once written, as :func:`convert` does.
+        moe_layout: routed experts as one PEFT ``target_parameters`` pair per fused parameter (``fused``, the
+            default) or as one LoRA module per stored per-expert tensor (``per-expert``).
 
     Returns:
         A :class:`~lora_convert.assemble.ConvertResult` whose ``.extraction`` has each module's rank,
@@ -266,6 +353,10 @@ def extract(
         progress=progress,
         command=command,
         extract_options=opts,
+        push_to=push_to,
+        private=private,
+        token=token,
+        moe_layout=moe_layout,
     )
 
 
@@ -283,20 +374,34 @@ def _extract_options(given: ExtractOptions | dict[str, Any] | None, dtype: str) 
     return ExtractOptions(**fields).validate()
 
 
+def _check_moe_layout(form: str, to: str, moe_layout: str | None, root: Path) -> None:
+    """--moe-layout shapes PEFT adapter outputs (an adapter converted to the other layout, or extracted)."""
+    if moe_layout is not None and to != "adapter":
+        raise RouteError(f"--moe-layout applies to adapter outputs, not {form} -> {to}", path=root)
+
+
 def _check_format_options(to: str, output: str | Path, dtype: str, outtype: str | None) -> None:
     """--outtype is GGUF's (its types are not --dtype's), and a GGUF output is a ``.gguf`` file."""
     from .io.gguf_sink import OUTTYPES
 
+    def target(form: str) -> str:
+        return spelled(f"--to {form}", f'to="{form}"')
+
     if outtype is not None and to != "gguf":
-        raise RouteError(f"--outtype applies to --to gguf only, not --to {to}")
+        raise RouteError(f"{option_name('outtype')} applies to {target('gguf')} only, not {target(to)}")
     if to != "gguf":
         return
     if dtype != "auto":
-        raise RouteError(f"--dtype does not apply to --to gguf: use --outtype {'|'.join(OUTTYPES)}")
+        raise RouteError(
+            f"{option_name('dtype')} does not apply to {target('gguf')}: use {option_name('outtype')} "
+            + "|".join(OUTTYPES)
+        )
     if outtype is not None and outtype not in OUTTYPES:
-        raise RouteError(f"unknown --outtype {outtype!r} (choose from {', '.join(OUTTYPES)})")
+        raise RouteError(f"unknown {option_name('outtype')} {outtype!r} (choose from {', '.join(OUTTYPES)})")
     if not str(output).endswith(".gguf"):
-        raise RouteError("--to gguf writes one file: give -o a path ending in .gguf", path=output)
+        raise RouteError(
+            f"{target('gguf')} writes one file: give {spelled('-o', 'output=')} a path ending in .gguf", path=output
+        )
 
 
 def _format_base_config(inv: Inventory, adapter: str, base: str | Path | None) -> dict[str, Any] | None:
@@ -320,11 +425,15 @@ def _base_ref(inv: Inventory, adapter: str, base: str | Path | None, route: str)
         p = resolve(cfg.base_model_name_or_path)
         if os.path.exists(p):  # (False for a name too long, rather than raising)
             return p
-    raise RouteError(f"{route} needs the base model", hint="pass --base BASE (a folder or a Hub repo id)")
+    raise RouteError(f"{route} needs the base model", hint=f"pass {option('base', 'BASE')} (a folder or a Hub repo id)")
 
 
 def _check_adapter(inv: Inventory, name: str, root: Path) -> list[str]:
-    """The adapter's config must be known (it sets the scaling); returns what its dialect warned about."""
+    """The adapter's own config must be known (it sets the scaling) and agree with the tensors; returns
+    what its dialect warned about."""
+    problems = inv.problems.get(name)
+    if problems:
+        raise problems[0]
     if inv.config(name) is None:
         raise AdapterError(
             "no adapter_config.json beside the LoRA tensors, so the scaling (lora_alpha / r) is unknown",

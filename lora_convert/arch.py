@@ -40,6 +40,8 @@ REPORT_KINDS = (
     "gate_proj",
     "up_proj",
     "down_proj",
+    "experts",
+    "router",
     "lm_head",
     "other",
 )
@@ -168,8 +170,13 @@ def tensor_kind(name: str, shape: tuple[int, ...], vocab: int | None) -> str:
 
 
 def report_kind(module: str) -> str:
-    """Module kind for ``report``'s breakdown; GPT-2's ``c_proj`` is o_proj under ``attn``, down_proj under ``mlp``."""
+    """Module kind for ``report``'s breakdown; GPT-2's ``c_proj`` is o_proj under ``attn``, down_proj under ``mlp``;
+    routed experts (fused parameters or per-expert modules) are ``experts``, MoE routers ``router``."""
     parts = module.split(".")
+    if "experts" in parts[:-1]:
+        return "experts"
+    if parts[-1] == "router" or (parts[-1] == "gate" and len(parts) > 1 and parts[-2] in ("mlp", "block_sparse_moe")):
+        return "router"
     if parts[-1] == "c_proj" and len(parts) > 1:
         return {"attn": "o_proj", "mlp": "down_proj"}.get(parts[-2], "other")
     return _KIND_ALIASES.get(parts[-1], "other")
@@ -282,6 +289,8 @@ def check_model_config(data: Any, path: Path) -> dict[str, Any] | None:
     rather than raising deep inside a route."""
     if not isinstance(data, dict):
         return None
+    if is_diffusers_config(data):  # not transformers' keys (a UNet's num_attention_heads may be a list): the
+        return data  # diffusion readers check the types of what they read (sgm_to_diffusers, diffusion_component)
     for where, obj in (("", data), ("text_config.", data.get("text_config"))):
         if not isinstance(obj, dict):
             continue
@@ -293,3 +302,263 @@ def check_model_config(data: Any, path: Path) -> dict[str, Any] | None:
                     f"{where}{key} must be {what}, not {shown[:60]}", path=path, hint="fix this value in config.json"
                 )
     return data
+
+
+# -- prefixes that spell the same module in different layouts ----------------------------------------------
+
+# Each tuple lists prefixes under which checkpoints of different layouts keep the same modules; an adapter
+# module is matched to a base tensor across them (module_match.py).  A VLM's text decoder: text-only and
+# Qwen2-VL as saved (``model.layers``), as transformers >= 4.52 holds a VLM and PEFT names its adapters
+# (``model.language_model.layers``), the Llava family (Gemma 3, Mistral 3...) as save_pretrained still
+# writes it (``language_model.model.layers``), a bare LlavaModel (``language_model.layers``); its vision
+# parts with or without ``model.``.  CLIP text encoders: transformers 5 saves CLIPTextModel without
+# ``text_model.``.  diffusers' LoRA files prefix every key with the pipeline component it is for.
+EQUIVALENT_PREFIXES: tuple[tuple[str, ...], ...] = (
+    ("model.language_model.", "language_model.model.", "model.", "language_model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.visual.", "visual."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("text_model.", ""),
+    ("unet.", ""),
+    ("transformer.", ""),
+    ("text_encoder.", ""),
+    ("text_encoder_2.", ""),
+    ("text_encoder_3.", ""),
+)
+VLM_TEXT_PREFIXES = EQUIVALENT_PREFIXES[0]
+
+# Parts of a checkpoint that an adapter may carry for a model the base is not: a diffusion pipeline's
+# components (a kohya file holds UNet and text-encoder LoRA; each merges into its own folder) and a VLM's
+# vision side (nothing to merge it into in a text-only base).
+DIFFUSION_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+VISION_PREFIXES = tuple(p for group in EQUIVALENT_PREFIXES[2:5] for p in group)
+
+
+def part_of(module: str) -> str | None:
+    """The separable part (``text_encoder``, ``model.vision_tower.``) a module path belongs to, if any."""
+    head = module.split(".", 1)[0]
+    if head in DIFFUSION_COMPONENTS:
+        return head
+    return next((p for p in VISION_PREFIXES if module.startswith(p)), None)
+
+
+def layout_of(modules: Iterable[str]) -> dict[str, str]:
+    """Where an adapter's modules sit: {part: prefix} for the text decoder's and the vision parts'
+    prefixes and the diffusion components found (what ``detect`` reports)."""
+    out: dict[str, str] = {}
+    for m in modules:
+        head = m.split(".", 1)[0]
+        if head in DIFFUSION_COMPONENTS:
+            out.setdefault(head, head + ".")
+            continue
+        vision = next((p for p in VISION_PREFIXES if m.startswith(p)), None)
+        if vision is not None:
+            out.setdefault(vision.rstrip(".").rsplit(".", 1)[-1], vision)
+            continue
+        text = next((p for p in VLM_TEXT_PREFIXES if m.startswith(p + "layers.")), None)
+        if text is not None:
+            out.setdefault("text decoder", text)
+    return out
+
+
+# -- diffusion models -------------------------------------------------------------------------------
+
+# kohya (sd-scripts) name prefixes -> the diffusers pipeline component the module belongs to.  SD 1.x/2.x
+# have one text encoder (lora_te), SDXL two (lora_te1, lora_te2); ComfyUI writes diffusers-named SD3/Flux
+# transformers as lora_transformer.
+KOHYA_PREFIXES = {
+    "lora_unet": "unet",
+    "lora_te": "text_encoder",
+    "lora_te1": "text_encoder",
+    "lora_te2": "text_encoder_2",
+    "lora_te3": "text_encoder_3",
+    "lora_transformer": "transformer",
+}
+
+# Module names of diffusers' UNet2DConditionModel and of CLIP text encoders that contain '_', so that a
+# kohya name (the module path with every '.' written '_') can be read back without the model.  Every
+# component of a reading is one of these, one of the plain names below, or a number; anything else
+# needs the base's own tensor names.
+KOHYA_COMPOUNDS = frozenset(
+    {
+        "down_blocks",
+        "mid_block",
+        "up_blocks",
+        "transformer_blocks",
+        "proj_in",
+        "proj_out",
+        "to_q",
+        "to_k",
+        "to_v",
+        "to_out",
+        "time_emb_proj",
+        "conv_shortcut",
+        "conv_in",
+        "conv_out",
+        "time_embedding",
+        "add_embedding",
+        "linear_1",
+        "linear_2",
+        "text_model",
+        "self_attn",
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "out_proj",
+        "token_embedding",
+        "position_embedding",
+        "text_projection",
+    }
+)
+KOHYA_PLAIN_NAMES = frozenset(
+    {
+        "attentions",
+        "resnets",
+        "downsamplers",
+        "upsamplers",
+        "attn1",
+        "attn2",
+        "ff",
+        "net",
+        "proj",
+        "conv",
+        "conv1",
+        "conv2",
+        "encoder",
+        "layers",
+        "mlp",
+        "fc1",
+        "fc2",
+        "embeddings",
+    }
+)
+
+# SGM/LDM UNet names (below): read as compounds, but never a diffusers module, so always unsure.
+KOHYA_SGM_COMPOUNDS = frozenset(
+    {
+        "input_blocks",
+        "middle_block",
+        "output_blocks",
+        "in_layers",
+        "out_layers",
+        "emb_layers",
+        "skip_connection",
+        "time_embed",
+        "label_emb",
+    }
+)
+
+# SDXL kohya LoRAs name UNet modules by the SGM/LDM UNet sd-scripts trains on (input_blocks.4.1...), not
+# by diffusers' (down_blocks.1.attentions.0...); the renames inside a ResNet block, and the modules
+# outside the block structure.
+_SGM_RESNET = {
+    "in_layers.2": "conv1",
+    "out_layers.3": "conv2",
+    "emb_layers.1": "time_emb_proj",
+    "skip_connection": "conv_shortcut",
+}
+_SGM_TOP = {
+    "time_embed.0": "time_embedding.linear_1",
+    "time_embed.2": "time_embedding.linear_2",
+    "label_emb.0.0": "add_embedding.linear_1",
+    "label_emb.0.2": "add_embedding.linear_2",
+    "input_blocks.0.0": "conv_in",
+    "out.2": "conv_out",
+}
+
+
+# Where a bare module path (a PEFT adapter of one pipeline component) says which component it is in.
+_UNET_HEADS = frozenset(
+    {"down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "time_embedding", "add_embedding"}
+)
+_TRANSFORMER_HEADS = frozenset({"transformer_blocks", "single_transformer_blocks", "x_embedder", "context_embedder"})
+
+
+def diffusion_component(module: str, config: dict[str, Any] | None = None) -> str | None:
+    """The pipeline component a module belongs to: its diffusers prefix, else the model's config (a
+    UNet, a transformer, a CLIP text model), else its path; None for anything else (a language model)."""
+    head = module.split(".", 1)[0]
+    if head in DIFFUSION_COMPONENTS:
+        return head
+    cls = str((config or {}).get("_class_name") or ((config or {}).get("architectures") or [""])[0])
+    if "UNet" in cls:
+        return "unet"
+    if "Transformer" in cls and is_diffusers_config(config):
+        return "transformer"
+    if cls.startswith("CLIPText"):
+        return "text_encoder"
+    if head in _UNET_HEADS:
+        return "unet"
+    if head in _TRANSFORMER_HEADS:
+        return "transformer"
+    if head == "text_model" or module.startswith("encoder.layers."):
+        return "text_encoder"
+    return None
+
+
+def is_diffusers_config(config: dict[str, Any] | None) -> bool:
+    """A diffusers model's config.json (``_class_name``), not a transformers one."""
+    return bool(config) and "_class_name" in config and "architectures" not in config
+
+
+def is_sgm_path(path: str) -> bool:
+    """A UNet module path in SGM block numbering (``input_blocks.4.1...``), not diffusers'."""
+    return path.split(".", 1)[0] in ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb") or (
+        path == "out.2"
+    )
+
+
+def sgm_to_diffusers(path: str, config: dict[str, Any] | None) -> str | None:
+    """A UNet module path in SGM block numbering as diffusers names it, from the UNet's config
+    (``layers_per_block``, the block types); None when ``path`` is not one or the config cannot say.
+
+    Down block b holds ``layers_per_block`` ResNets (+ attentions) and a downsampler, SGM's input blocks
+    ``1 + b·(layers_per_block+1) ...``; up block b holds one ResNet more, output blocks ``b·(lpb+1) ...``
+    whose parts are [resnet, attention if the block has one, upsampler if not the last block]."""
+    cfg = config or {}
+    lpb, down, up = cfg.get("layers_per_block"), cfg.get("down_block_types"), cfg.get("up_block_types")
+    if not isinstance(lpb, int) or not isinstance(down, list | tuple) or not isinstance(up, list | tuple):
+        return None
+    for old, new in _SGM_TOP.items():
+        if path == old or path.startswith(old + "."):
+            return new + path[len(old) :]
+    parts = path.split(".")
+    try:
+        if parts[0] == "middle_block":
+            where = ["resnets.0", "attentions.0", "resnets.1"][int(parts[1])]
+            return _sgm_inner(f"mid_block.{where}", parts[2:])
+        i, j, rest = int(parts[1]), int(parts[2]), parts[3:]
+    except (IndexError, ValueError):
+        return None
+    if parts[0] == "input_blocks" and i > 0:
+        block, layer = divmod(i - 1, lpb + 1)
+        if block >= len(down):
+            return None
+        if layer == lpb:  # the downsampler: SGM's ``op`` is diffusers' ``conv``
+            return f"down_blocks.{block}.downsamplers.0.conv" if (j, rest) == (0, ["op"]) else None
+        kinds = ["resnets"] + (["attentions"] if "Attn" in str(down[block]) else [])
+        return _sgm_inner(f"down_blocks.{block}.{kinds[j]}.{layer}", rest) if j < len(kinds) else None
+    if parts[0] == "output_blocks":
+        block, layer = divmod(i, lpb + 1)
+        if block >= len(up):
+            return None
+        kinds = (
+            ["resnets"]
+            + (["attentions"] if "Attn" in str(up[block]) else [])
+            + (["upsamplers"] if block < len(up) - 1 else [])
+        )
+        if j >= len(kinds):
+            return None
+        return _sgm_inner(f"up_blocks.{block}.{kinds[j]}.{0 if kinds[j] == 'upsamplers' else layer}", rest)
+    return None
+
+
+def _sgm_inner(block: str, rest: list[str]) -> str:
+    tail = ".".join(rest)
+    if ".resnets." in f".{block}.":
+        for old, new in _SGM_RESNET.items():
+            if tail == old or tail.startswith(old + "."):
+                tail = new + tail[len(old) :]
+                break
+    return f"{block}.{tail}" if tail else block

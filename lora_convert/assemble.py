@@ -13,12 +13,14 @@ from typing import Any
 
 from .card import render_card
 from .folder import carry_files, read_json, update_config, write_json
+from .io.hub import PushResult, hub_repo_id
 from .io.output import AtomicOutput, stale_note
 from .io.writer import SafetensorsSink, TensorSink
 from .pipeline import execute
 from .progress import progress_bar
 from .routes.extract import Extraction
 from .routes.plan import Plan, Request
+from .routes.requantize import Requantization
 
 UNSHARDED = 10**15  # an adapter is one file whatever its size, as PEFT writes it
 
@@ -39,12 +41,17 @@ class ConvertResult:
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
     extraction: Extraction | None = None
+    requantization: Requantization | None = None  # merge --requantize: per-module error
+    pushed: PushResult | None = None  # set when the output was pushed to the Hub (push_to=)
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat JSON-able dict; the extraction's fields sit beside the common ones."""
-        d = {k: v for k, v in asdict(self).items() if k != "extraction"}
+        """Flat JSON-able dict; the extraction's (or re-quantization's) fields sit beside the common ones."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("extraction", "requantization", "pushed")}
         if self.extraction is not None:
             d.update(self.extraction.to_dict())
+        if self.requantization is not None:
+            d.update(self.requantization.to_dict())
+        d["pushed"] = asdict(self.pushed) if self.pushed is not None else None
         return d
 
 
@@ -67,7 +74,12 @@ def write_output(
         if plan.file_sink is not None:
             sink: TensorSink = plan.file_sink(tmp / Path(output).name)
         else:
-            sink = SafetensorsSink(tmp, max_shard_size=max_shard_size if plan.sharded else UNSHARDED, stem=plan.stem)
+            sink = SafetensorsSink(
+                tmp,
+                max_shard_size=max_shard_size if plan.sharded else UNSHARDED,
+                stem=plan.stem,
+                metadata=plan.metadata,
+            )
         planned = sum(j.planned.nbytes for j in plan.jobs if j.writes)
         with progress_bar(progress, planned, "writing") as advance:
             files = execute(plan.jobs, sink, progress=advance)
@@ -89,6 +101,7 @@ def write_output(
             plan.config_changes,
             list(plan.warnings),
             extraction=plan.extraction,
+            requantization=plan.requantization,
         )
     if out.stale_removed:
         result.warnings.append(stale_note(out.stale_removed))
@@ -116,14 +129,14 @@ def _write_card(tmp: Path, plan: Plan, req: Request, command: str | None, total:
         n = sum(1 for j in plan.jobs if j.writes)
         summary = [f"source: `{req.ref}` ({req.inventory.form} form)", f"{n} tensors written"]
         summary += [f"{k}: {v}" for k, v in sorted(plan.ops().items())] + plan.warnings
-    base_model = plan.base_model
-    if base_model is None:
-        base_model = (
-            req.base_ref if req.base_ref is not None else (req.config.base_model_name_or_path if req.config else None)
-        )
+    config_base = req.config.base_model_name_or_path if req.config else None
+    named = plan.base_model or req.base_ref or config_base
+    hub_ids = (hub_repo_id(ref) for ref in (plan.base_model, req.base_ref, config_base))
+    base_model = next((r for r in hub_ids if r), None)  # metadata: only what the Hub can link
     card = render_card(
         form=plan.target_form,
         base_model=base_model,
+        base_named=named,
         model_config=read_json(tmp / "config.json") or plan.card_config or req.model_config,
         command=command,
         summary=summary,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .arch import is_diffusers_config
+
 PIPELINE_BY_ARCH_SUFFIX = {
     "ForCausalLM": "text-generation",
     "LMHeadModel": "text-generation",
@@ -15,12 +17,27 @@ PIPELINE_BY_ARCH_SUFFIX = {
 }
 
 
+IMAGE_LORA_FORMS = {
+    "kohya": "A kohya (sd-scripts) LoRA file, for ComfyUI, A1111, sd-scripts or diffusers' `load_lora_weights`.",
+    "diffusers": "A diffusers LoRA file: `pipe.load_lora_weights(this_folder)`.",
+}
+
+
 def pipeline_tag(model_config: dict[str, Any] | None) -> str | None:
     for arch in (model_config or {}).get("architectures") or []:
         for suffix, tag in PIPELINE_BY_ARCH_SUFFIX.items():
             if str(arch).endswith(suffix):
                 return tag
     return None
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lora-convert")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree that was never installed
+        return "(source tree)"
 
 
 def _yaml_scalar(v: Any) -> str:
@@ -40,8 +57,12 @@ def render_card(
     command: str | None,
     summary: list[str],
     tables: list[str] | None = None,
+    base_named: str | None = None,
 ) -> str:
-    """A README.md: YAML metadata the Hub understands, then what was done and how."""
+    """A README.md: YAML metadata the Hub understands, then what was done and how.
+
+    ``base_model`` is a Hub repo id or None: the Hub rejects (or links nowhere from) anything else, so a
+    local base is only named in the text (``base_named``, the base as the user gave it)."""
     meta: dict[str, Any] = {}
     tags = ["lora", "lora-convert"]
     if form == "adapter":
@@ -52,8 +73,11 @@ def render_card(
         meta["library_name"] = "mlx"
         relation = "adapter"
         tags.append("mlx")
+    elif form in IMAGE_LORA_FORMS:
+        meta["library_name"] = "diffusers"
+        relation = "adapter"
     else:
-        meta["library_name"] = "transformers"
+        meta["library_name"] = "diffusers" if is_diffusers_config(model_config) else "transformers"
         relation = "merge" if form == "merged" else None
     if base_model:
         meta["base_model"] = base_model
@@ -79,13 +103,15 @@ def render_card(
         "unmerged": "The full model with LoRA layers inside it, in PEFT's state-dict layout.",
         "base": "The base model, with the LoRA modules stripped and the original key names restored.",
         "mlx": "An mlx-lm LoRA adapter: `mlx_lm.generate --model BASE --adapter-path this_folder`.",
+        **IMAGE_LORA_FORMS,
     }.get(form, "")
     lines += [what, ""]
-    if base_model:
-        lines += [f"Base model: `{base_model}`", ""]
+    named = base_model or base_named
+    if named:
+        lines += [f"Base model: `{named}`" + ("" if base_model else " (a local folder)"), ""]
     lines += [f"- {s}" for s in summary]
     if command:
-        lines += ["", "Made with [lora-convert](https://github.com/) by:", "", "```", command, "```"]
+        lines += ["", f"Made with lora-convert {_version()} by:", "", "```", command, "```"]
     for t in tables or []:
         lines += ["", t]
     return "\n".join(lines) + "\n"

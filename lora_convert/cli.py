@@ -3,88 +3,137 @@
 from __future__ import annotations
 
 import gc
-import json
 import shlex
 import sys
 from collections.abc import Callable
-from typing import Any
+from dataclasses import asdict
+from typing import Any, NoReturn
 
 import click
 from rich.console import Console
-from rich.table import Table
 
 from . import api
+from .cli_output import document, dumps, error_document, fit_console, table
 from .errors import LoraConvertError
 from .fmt import human_bytes, ranges
 from .text import escape_controls, safe
 
 # Every name we print comes from a file: it goes through safe() (control characters escaped, rich
-# markup neutralised); emoji codes (":cake:") are printed as written.
+# markup neutralised; cli_output.table does it for every cell); emoji codes (":cake:") print as written.
 out = Console(emoji=False)
 err = Console(stderr=True, soft_wrap=True, emoji=False)  # one warning, one line (grep-able, like error:)
 BUG_HINT = "this is a bug in lora-convert: please report it with the command line; --debug shows the traceback"
+JSON_KEY = "lora_convert.json"  # ctx.meta: the command line asked for --json
 
 
 def _command_line() -> str:
-    return "lora-convert " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    """The command line for the model card, with a --token value blanked out."""
+    args, hide = [], False
+    for a in sys.argv[1:]:
+        args.append("***" if hide else ("--token=***" if a.startswith("--token=") else a))
+        hide = a == "--token"
+    return "lora-convert " + " ".join(shlex.quote(a) for a in args)
 
 
-def _fail(line: str, code: int = 1) -> None:
-    click.echo("error: " + escape_controls(line), err=True)
-    sys.exit(code)
-
-
-def run_guarded(fn: Callable[[], Any], debug: bool) -> Any:
-    """Turn every exception into one ``error:`` line: ours and the environment's (exit 1), Ctrl-C
-    (exit 130), and anything else as a bug to report (exit 1).  ``--debug`` re-raises."""
+def run_guarded(fn: Callable[[], Any], debug: bool | Callable[[], bool], as_json: bool = False) -> Any:
+    """Turn every exception into one ``error:`` line (under --json, an error document on stdout too): ours and
+    the environment's (exit 1), Ctrl-C (exit 130), anything else as a bug to report (exit 1).  ``--debug``
+    (``debug``: a flag, or a function asked when something failed) re-raises."""
     try:
         return fn()
     except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
         raise
-    except LoraConvertError as exc:
-        if debug:
+    except (LoraConvertError, KeyboardInterrupt, MemoryError, Exception) as exc:
+        if debug() if callable(debug) else debug:
             raise
-        _fail(str(exc))
-    except KeyboardInterrupt as exc:
-        if debug:
-            raise
+        _fail_on(exc, as_json)
+
+
+def _fail_on(exc: BaseException, as_json: bool) -> NoReturn:
+    if isinstance(exc, LoraConvertError):
+        _fail(exc, 1, exc.for_cli(), as_json)
+    if isinstance(exc, KeyboardInterrupt):
         where = getattr(exc, "output_target", None)  # set by AtomicOutput on its way out
-        _fail(f"{where + ': ' if where else ''}interrupted; nothing was written", 130)
-    except MemoryError:
-        if debug:
-            raise
-        _fail("out of memory", 1)
-    except OSError as exc:  # the environment (permissions, a name too long, I/O errors), not a bug
-        if debug:
-            raise
+        _fail(exc, 130, f"{where + ': ' if where else ''}interrupted; nothing was written", as_json, "Interrupted")
+    if isinstance(exc, MemoryError):
+        _fail(exc, 1, "out of memory", as_json)
+    if isinstance(exc, OSError):  # the environment (permissions, a name too long, I/O errors), not a bug
         what = exc.strerror or type(exc).__name__
-        _fail(f"{exc.filename}: {what}" if exc.filename else what)
-    except Exception as exc:  # the last line of defence: one line, not a traceback
-        if debug:
-            raise
-        text = " ".join(str(exc).split())[:300]
-        _fail(f"internal error ({type(exc).__name__}{': ' + text if text else ''}); {BUG_HINT}")
+        _fail(exc, 1, f"{exc.filename}: {what}" if exc.filename else what, as_json)
+    text = " ".join(str(exc).split())[:300]  # the last line of defence: one line, not a traceback
+    _fail(exc, 1, f"internal error ({type(exc).__name__}{': ' + text if text else ''}); {BUG_HINT}", as_json)
 
 
-class _GuardedGroup(click.Group):
-    """Runs every command under :func:`run_guarded`, so that printing a result (a name rich cannot
-    render, a terminal that cannot encode it) can no more print a traceback than the work itself."""
+def _fail(exc: BaseException, code: int, text: str, as_json: bool, type_name: str | None = None) -> NoReturn:
+    text = escape_controls(text)
+    if as_json:
+        click.echo(dumps(error_document(exc, code, message=text, type_name=type_name)))
+    click.echo(f"error: {text}", err=True)
+    sys.exit(code)
+
+
+def _print_json(kind: str, obj: dict[str, Any]) -> None:
+    click.echo(dumps(document(kind, obj)))
+
+
+class _Main(click.Group):
+    """The command group.  Under ``--json`` a usage error is an error document on stdout too (exit 2)."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        wants = "--json" in args
+        try:
+            ctx = super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            _usage_error(exc, wants)
+        ctx.meta[JSON_KEY] = wants
+        return ctx
 
     def invoke(self, ctx: click.Context) -> Any:
-        return run_guarded(lambda: super(_GuardedGroup, self).invoke(ctx), bool(ctx.params.get("debug")))
+        """Every command runs guarded, so that printing a result (a name rich cannot render, a terminal that
+        cannot encode it) can no more print a traceback than the work itself."""
+
+        def go() -> Any:
+            try:
+                return super(_Main, self).invoke(ctx)
+            except click.UsageError as exc:
+                _usage_error(exc, ctx.meta.get(JSON_KEY, False))
+
+        return run_guarded(go, lambda: _debug(ctx), ctx.meta.get(JSON_KEY, False))
 
 
-def _print_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
+def _usage_error(exc: click.UsageError, as_json: bool) -> NoReturn:
+    if not as_json:
+        raise exc
+    click.echo(dumps(error_document(exc, exc.exit_code, message=exc.format_message(), type_name="UsageError")))
+    exc.show()
+    raise click.exceptions.Exit(exc.exit_code)
 
 
-@click.group(cls=_GuardedGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def _debug_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--debug`` after the command too (``detect X --debug``), where users look for it."""
+
+    def turn_on(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+        if value:
+            ctx.ensure_object(dict)["debug"] = True
+
+    return click.option(
+        "--debug",
+        is_flag=True,
+        expose_value=False,
+        callback=turn_on,
+        help="Show tracebacks instead of one-line errors.",
+    )(f)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="lora-convert")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
     """Detect, convert, merge and extract LoRA checkpoints, tensor by tensor."""
     ctx.obj = {"debug": debug}
+    fit_console(out)
+    fit_console(err, soft_wrap=True)
     # Everything imported so far (torch alone is ~10^6 objects) lives for the whole run: move it
     # out of the collector's sight, or every full collection re-walks it (~4% of a merge's CPU).
     gc.freeze()
@@ -98,13 +147,14 @@ def _debug(ctx: click.Context) -> bool:
 @click.argument("path")
 @click.option("--base", help="Compare a plain checkpoint with this base (reads tensor data).")
 @click.option("--adapter", help="Adapter name, for folders with several.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (docs/json.md).")
+@_debug_option
 @click.pass_context
 def detect(ctx: click.Context, path: str, base: str | None, adapter: str | None, as_json: bool) -> None:
     """Say which form PATH is in (adapter, unmerged, plain / base / merged) and why."""
-    res = run_guarded(lambda: api.detect(path, base=base, adapter=adapter), _debug(ctx))
+    res = run_guarded(lambda: api.detect(path, base=base, adapter=adapter), _debug(ctx), as_json)
     if as_json:
-        _print_json(res.to_dict())
+        _print_json("detect", res.to_dict())
         return
     out.print(f"[bold]form:[/bold] {safe(res.form)}" + (f" ({safe(res.dialect)})" if res.dialect != "peft" else ""))
     out.print(
@@ -113,23 +163,34 @@ def detect(ctx: click.Context, path: str, base: str | None, adapter: str | None,
             + ", ".join(f"{k} {human_bytes(v)}" for k, v in res.dtypes.items())
         )
     )
-    for a in res.adapters:
-        t = Table(title=safe(f"adapter '{a.name}'"), show_lines=False)
-        for col in ("module", "count", "layers", "rank", "alpha", "scaling"):
-            t.add_column(col)
-        for g in a.modules:
-            layers = ranges(g.layers) if g.layers else "-"
-            t.add_row(
-                *_cells(
-                    g.name,
-                    g.count,
-                    layers,
-                    ",".join(map(str, g.ranks)),
-                    ",".join(f"{x:g}" for x in g.alphas) or "?",
-                    ",".join(f"{x:g}" for x in g.scalings) or "?",
-                )
+    if res.dialect != "peft":
+        out.print(safe(f"dialect: {res.dialect}"))
+    if res.module_prefixes and res.module_prefixes != {"text decoder": "model."}:  # say it where it is not plain
+        out.print(safe("modules under: " + ", ".join(f"{v!r} ({k})" for k, v in res.module_prefixes.items())))
+    if res.quantization:
+        q = res.quantization
+        out.print(
+            safe(
+                f"quantized: {q['scheme']} ({q['method']}); {q['tensors']} weights, {human_bytes(q['stored_bytes'])} "
+                f"on disk, {human_bytes(q['dequantized_bytes']['BF16'])} dequantized to bf16"
             )
-        out.print(t)
+        )
+    for a in res.adapters:
+        rows = [
+            [
+                g.name,
+                str(g.count),
+                ranges(g.layers) if g.layers else "-",
+                ",".join(map(str, g.ranks)),
+                ",".join(f"{x:g}" for x in g.alphas) or "?",
+                ",".join(f"{x:g}" for x in g.scalings) or "?",
+            ]
+            for g in a.modules
+        ]
+        head = ["module", "count", "layers", "rank", "alpha", "scaling"]
+        out.print(table(out, f"adapter '{a.name}'", head, rows))
+        if a.experts:
+            _print_experts(a.experts)
         flags = [
             f"DoRA: {a.dora}",
             f"rsLoRA: {a.use_rslora}",
@@ -157,9 +218,35 @@ def detect(ctx: click.Context, path: str, base: str | None, adapter: str | None,
         err.print(f"[yellow]warning:[/yellow] {safe(w)}")
 
 
-def _cells(*values: Any) -> list[str]:
-    """Table cells: rich renders markup in cells, so every value is made safe."""
-    return [safe(v) for v in values]
+def _print_experts(groups: list[Any]) -> None:
+    """LoRA on routed experts: fused (PEFT target_parameters: one A/B pair for a layer's experts) or one
+    pair per expert module."""
+    rows = [
+        [
+            g.name,
+            g.layout,
+            str(g.count),
+            ranges(g.layers) if g.layers else "-",
+            ",".join(map(str, g.experts)),
+            ",".join(map(str, g.ranks)),
+            (g.b_layout + ("*" if g.b_layout_assumed else "")) if g.layout == "fused" else "-",
+        ]
+        for g in groups
+    ]
+    head = ["target", "layout", "count", "layers", "experts", "rank/expert", "B packing"]
+    out.print(table(out, "expert LoRA", head, rows))
+    if any(g.b_layout_assumed for g in groups):
+        out.print("* assumed (PEFT's packing): adapter_config.json has no lora_B_layout")
+
+
+_push_options = [
+    click.option(
+        "--push-to",
+        help="Push the output folder to this Hub repo id once written (token and write access checked first).",
+    ),
+    click.option("--private", is_flag=True, help="With --push-to: create the repo private."),
+    click.option("--token", help="Hub token for the push (default: HF_TOKEN or `hf auth login`); never printed."),
+]
 
 
 def _conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -177,21 +264,18 @@ def _conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
             ),
             click.option("--max-shard-size", default="5GB", show_default=True, help="Shard limit, decimal units."),
             click.option("--force", is_flag=True, help="Replace an existing output folder."),
-            click.option("--json", "as_json", is_flag=True, help="Print a JSON summary."),
-            click.option("--push-to", help="Push the output folder to this Hub repo id afterwards."),
-            click.option("--private", is_flag=True, help="With --push-to: create the repo private."),
+            click.option("--json", "as_json", is_flag=True, help="Print one JSON document (docs/json.md)."),
+            *_push_options,
+            _debug_option,
         ]
     ):
         f = opt(f)
     return f
 
 
-def _report_conversion(res: Any, as_json: bool, pushed: Any = None) -> None:
+def _report_conversion(res: Any, as_json: bool) -> None:
     if as_json:
-        d = res.to_dict()
-        if pushed is not None:
-            d["pushed"] = pushed.__dict__ if hasattr(pushed, "__dict__") else pushed
-        _print_json(d)
+        _print_json("conversion", res.to_dict())
         return
     out.print(
         "[green]wrote[/green] "
@@ -206,14 +290,8 @@ def _report_conversion(res: Any, as_json: bool, pushed: Any = None) -> None:
         out.print(safe(f"  config.json: {k} = {v}"))
     for w in res.warnings:
         err.print(f"[yellow]warning:[/yellow] {safe(w)}")
-    if pushed is not None:
-        out.print(f"[green]pushed[/green] {safe(getattr(pushed, 'commit_url', pushed))}")
-
-
-def _maybe_push(folder: str, push_to: str | None, private: bool) -> Any:
-    if not push_to:
-        return None
-    return api.push(folder, push_to, private=private, progress=False)
+    if res.pushed is not None:
+        out.print(f"[green]pushed[/green] {safe(res.output)} -> {safe(res.pushed.commit_url)}")
 
 
 def _extraction_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -256,6 +334,14 @@ def _extraction_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def _moe_layout_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--moe-layout",
+        type=click.Choice(["per-expert", "fused"]),
+        help="Expert LoRA in the adapter written: one module per expert, or fused (PEFT target_parameters).",
+    )(f)
+
+
 def _given(**opts: Any) -> dict[str, Any]:
     """The extraction options the user actually gave (click passes None / () for the others), as the
     API takes them: --factor-dtype is extract(dtype=...), repeated options are lists.  extract()
@@ -266,28 +352,20 @@ def _given(**opts: Any) -> dict[str, Any]:
     return out
 
 
-def _print_extract(res: Any, as_json: bool, pushed: Any) -> None:
+def _print_extract(res: Any, as_json: bool) -> None:
     if as_json:
-        _report_conversion(res, True, pushed)
+        _report_conversion(res, True)
         return
-    t = Table(title="extracted modules")
-    for col in ("module", "shape", "rank", "energy kept", "rel. error", "svd"):
-        t.add_column(col)
-    for m in res.extraction.modules:
-        t.add_row(
-            *_cells(
-                m.module,
-                f"{m.shape[0]}x{m.shape[1]}",
-                f"{m.rank}{'*' if m.capped else ''}",
-                f"{m.energy:.6f}",
-                f"{m.error:.3e}",
-                m.method,
-            )
-        )
-    out.print(t)
+    rows = [
+        [m.label, f"{m.shape[0]}x{m.shape[1]}", f"{m.rank}{'*' if m.capped else ''}"]
+        + [f"{m.energy:.6f}", f"{m.error:.3e}", m.method]
+        for m in res.extraction.modules
+    ]
+    head = ["module", "shape", "rank", "energy kept", "rel. error", "svd"]
+    out.print(table(out, "extracted modules", head, rows))
     for line in res.extraction.summary_lines(res.total_bytes):
         out.print(safe(line))
-    _report_conversion(res, False, pushed)
+    _report_conversion(res, False)
 
 
 @main.command()
@@ -296,8 +374,9 @@ def _print_extract(res: Any, as_json: bool, pushed: Any) -> None:
     "--to",
     "to",
     required=True,
-    type=click.Choice(["merged", "adapter", "unmerged", "base", "gguf", "mlx"]),
-    help="Target form; gguf: a llama.cpp LoRA file, mlx: an mlx-lm adapter folder.",
+    type=click.Choice(["merged", "adapter", "unmerged", "base", "gguf", "mlx", "kohya", "diffusers"]),
+    help="Target form; gguf: a llama.cpp LoRA file, mlx: an mlx-lm adapter folder, kohya: an sd-scripts/ComfyUI "
+    "LoRA file, diffusers: diffusers' LoRA file.",
 )
 @_conversion_options
 @click.option(
@@ -306,6 +385,7 @@ def _print_extract(res: Any, as_json: bool, pushed: Any) -> None:
     help="With --to gguf: the tensor type (q8_0 falls back to f16 where rows are not a multiple of 32).  [default: f32]",
 )
 @_extraction_options
+@_moe_layout_option
 @click.pass_context
 def convert(
     ctx: click.Context,
@@ -320,7 +400,9 @@ def convert(
     as_json: bool,
     push_to: str | None,
     private: bool,
+    token: str | None,
     outtype: str | None,
+    moe_layout: str | None,
     **svd_opts: Any,
 ) -> None:
     """Convert SOURCE to another storage form.
@@ -329,13 +411,14 @@ def convert(
     takes the extraction options (--rank, --energy, ...); they are refused on every other route.
     --to gguf (with --base, whose config.json alone is read) writes one llama.cpp adapter file;
     --to mlx an mlx-lm adapter folder; an mlx-lm adapter --to adapter becomes a PEFT adapter.
+    A PEFT adapter SOURCE with --to adapter --moe-layout per-expert|fused gets its expert LoRA in the
+    other layout (PEFT target_parameters <-> one LoRA module per expert).
     """
     given = _given(**svd_opts)
     if push_to and to == "gguf":
         raise click.UsageError("--push-to uploads a folder; upload the .gguf file with `hf upload REPO FILE`")
-
-    def go() -> Any:
-        res = api.convert(
+    res = run_guarded(
+        lambda: api.convert(
             source,
             to,
             output=output,
@@ -348,19 +431,28 @@ def convert(
             command=_command_line(),
             extract_options=given or None,
             outtype=outtype,
-        )
-        return res, _maybe_push(output, push_to, private)
-
-    res, pushed = run_guarded(go, _debug(ctx))
+            moe_layout=moe_layout,
+            push_to=push_to,
+            private=private,
+            token=token,
+        ),
+        _debug(ctx),
+        as_json,
+    )
     if res.extraction is not None:  # the SVD route
-        _print_extract(res, as_json, pushed)
+        _print_extract(res, as_json)
     else:
-        _report_conversion(res, as_json, pushed)
+        _report_conversion(res, as_json)
 
 
 @main.command()
 @click.argument("source")
 @_conversion_options
+@click.option(
+    "--requantize",
+    is_flag=True,
+    help="Quantized base: write the merged weights back in its scheme (default: dequantized, --dtype).",
+)
 @click.pass_context
 def merge(
     ctx: click.Context,
@@ -374,11 +466,15 @@ def merge(
     as_json: bool,
     push_to: str | None,
     private: bool,
+    token: str | None,
+    requantize: bool,
 ) -> None:
-    """Fold LoRA into the base weights (SOURCE: an adapter with --base, or an unmerged checkpoint)."""
+    """Fold LoRA into the base weights (SOURCE: an adapter with --base, or an unmerged checkpoint).
 
-    def go() -> Any:
-        res = api.merge(
+    A quantized base (fp8, compressed-tensors fp8, bitsandbytes 4/8-bit, MXFP4) is dequantized block by
+    block; with --requantize the merged weights are quantized again in its scheme."""
+    res = run_guarded(
+        lambda: api.merge(
             source,
             output=output,
             base=base,
@@ -388,11 +484,23 @@ def merge(
             force=force,
             progress=not as_json and err.is_terminal,
             command=_command_line(),
-        )
-        return res, _maybe_push(output, push_to, private)
+            push_to=push_to,
+            private=private,
+            token=token,
+            requantize=requantize,
+        ),
+        _debug(ctx),
+        as_json,
+    )
+    if res.requantization is not None and not as_json:
+        _print_requantization(res.requantization)
+    _report_conversion(res, as_json)
 
-    res, pushed = run_guarded(go, _debug(ctx))
-    _report_conversion(res, as_json, pushed)
+
+def _print_requantization(rq: Any) -> None:
+    head, rows = rq.table()
+    title = f"re-quantized ({rq.scheme}); {rq.copied} untouched quantized weights copied"
+    out.print(table(out, title, head, rows))
 
 
 @main.command("report")
@@ -406,40 +514,34 @@ def merge(
     show_default=True,
     help="Context length for the attention FLOPs.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (docs/json.md).")
 @click.option("--markdown", is_flag=True, help="Print Markdown tables for a model card.")
+@_debug_option
 @click.pass_context
 def report_cmd(
     ctx: click.Context, path: str, base: str | None, adapter: str | None, seq_len: int, as_json: bool, markdown: bool
 ) -> None:
     """Parameters, bytes on disk and FLOPs per token of PATH in every form (headers only)."""
-    from .costs import form_table, module_table, report_markdown
+    from .costs import assumption_lines, form_table, module_table, report_markdown
 
     if as_json and markdown:
         raise click.UsageError("--json and --markdown are exclusive")
-    rep = run_guarded(lambda: api.report(path, base=base, seq_len=seq_len, adapter=adapter), _debug(ctx))
+    rep = run_guarded(lambda: api.report(path, base=base, seq_len=seq_len, adapter=adapter), _debug(ctx), as_json)
     if as_json:
-        _print_json(rep.to_dict())
+        _print_json("report", rep.to_dict())
         return
     if markdown:
         click.echo("\n".join(escape_controls(ln) for ln in report_markdown(rep).split("\n")), nl=False)
         return
-    head, rows = form_table(rep)
-    t = Table(title=safe(f"{path} ({rep.source_form})"))  # transposed: one column per form fits a terminal
-    t.add_column("")
-    for r in rows:
-        t.add_column(safe(r[0]), justify="right")
-    for i, h in enumerate(head[1:], start=1):
-        t.add_row(*_cells(h, *(r[i] for r in rows)))
-    out.print(t)
+    head, rows = form_table(rep)  # transposed: one column per form fits a terminal
+    cols = [[h, *(r[i] for r in rows)] for i, h in enumerate(head[1:], start=1)]
+    right = tuple(range(1, len(rows) + 1))
+    out.print(table(out, f"{path} ({rep.source_form})", ["", *(r[0] for r in rows)], cols, name_col=None, right=right))
     head, rows = module_table(rep)
     if rows:
-        t = Table(title="LoRA modules")
-        for h in head:
-            t.add_column(safe(h))
-        for r in rows:
-            t.add_row(*_cells(*r))
-        out.print(t)
+        out.print(table(out, "LoRA modules", head, rows, name_col=None))
+    for line in assumption_lines(rep):
+        out.print(escape_controls(line), markup=False, highlight=False)
     for n in rep.notes:
         err.print(f"note: {safe(n)}")
 
@@ -449,38 +551,46 @@ def report_cmd(
 @click.option("--base", required=True, help="Base model folder or Hub repo id.")
 @click.option("-o", "--output", required=True, help="Output adapter folder (created atomically).")
 @_extraction_options
+@_moe_layout_option
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
-@click.option("--push-to", help="Push the output folder to this Hub repo id afterwards.")
-@click.option("--private", is_flag=True, help="With --push-to: create the repo private.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (docs/json.md).")
+@_push_options[0]
+@_push_options[1]
+@_push_options[2]
+@_debug_option
 @click.pass_context
 def extract(
     ctx: click.Context,
     tuned: str,
     base: str,
     output: str,
+    moe_layout: str | None,
     force: bool,
     as_json: bool,
     push_to: str | None,
     private: bool,
+    token: str | None,
     **svd_opts: Any,
 ) -> None:
     """Extract a LoRA adapter from TUNED minus BASE by SVD of every changed weight."""
-
-    def go() -> Any:
-        res = api.extract(
+    res = run_guarded(
+        lambda: api.extract(
             tuned,
             base=base,
             output=output,
             force=force,
             progress=not as_json and err.is_terminal,
             command=_command_line(),
+            moe_layout=moe_layout,
+            push_to=push_to,
+            private=private,
+            token=token,
             **_given(**svd_opts),
-        )
-        return res, _maybe_push(output, push_to, private)
-
-    res, pushed = run_guarded(go, _debug(ctx))
-    _print_extract(res, as_json, pushed)
+        ),
+        _debug(ctx),
+        as_json,
+    )
+    _print_extract(res, as_json)
 
 
 @main.command()
@@ -491,7 +601,9 @@ def extract(
 @click.option("--message", help="Commit message.")
 @click.option("--create-pr", is_flag=True, help="Open a pull request instead of pushing to the branch.")
 @click.option("--force", is_flag=True, help="Push even a folder that does not look like a complete output.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+@click.option("--token", help="Hub token (default: HF_TOKEN or `hf auth login`); never printed.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (docs/json.md).")
+@_debug_option
 @click.pass_context
 def push(
     ctx: click.Context,
@@ -502,6 +614,7 @@ def push(
     message: str | None,
     create_pr: bool,
     force: bool,
+    token: str | None,
     as_json: bool,
 ) -> None:
     """Push FOLDER (an output of ours) to the Hub as REPO_ID in one commit."""
@@ -514,12 +627,14 @@ def push(
             message=message,
             create_pr=create_pr,
             force=force,
-            progress=not as_json,
+            progress=not as_json and err.is_terminal,
+            token=token,
         ),
         _debug(ctx),
+        as_json,
     )
     if as_json:
-        _print_json(res.__dict__)
+        _print_json("push", asdict(res))
     else:
         out.print(f"[green]pushed[/green] {safe(folder)} -> {safe(res.commit_url)}")
 

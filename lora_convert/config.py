@@ -56,12 +56,39 @@ def _pattern(key: str, field_name: str, source: str | None) -> Any:
         raise AdapterError(f"{field_name} key {key[:80]!r} cannot be evaluated safely ({exc})", path=source) from None
 
 
+_PLAIN_KEY = re.compile(r"[\w.]+")  # word characters and '.' (any character): a fixed-length pattern
+_ANCHORED_KEY = re.compile(r"\^(?:\w|\\\.)+")  # "^" + re.escape(a module path): that path exactly
+
+
+def _plain_match(key: str) -> Any:
+    r"""For the keys real configs hold (module names and paths, or ``^`` + an escaped path, as
+    :meth:`AdapterConfig.for_modules` writes hundreds of them), a string comparison that gives what
+    ``re.match(rf"(.*\.)?({key})$", name)`` gives for a name without a newline; None for other keys.
+    The pattern matches a fixed length, so only the name's tail of that length, on a dot boundary, can
+    match it; thousands of keys cost string compares, not regex runs."""
+    if _ANCHORED_KEY.fullmatch(key):
+        path = key[1:].replace("\\.", ".")
+        return lambda name: name == path
+    if not _PLAIN_KEY.fullmatch(key):
+        return None
+    n = len(key)
+
+    def match(name: str) -> bool:
+        if len(name) < n or (len(name) > n and name[-n - 1] != "."):
+            return False
+        return all(k == c or k == "." for k, c in zip(key, name[-n:], strict=True))
+
+    return match
+
+
 class _Patterns:
     """The keys of one ``rank_pattern``/``alpha_pattern``, matched PEFT's way within a time bound."""
 
     def __init__(self, keys: list[str], field_name: str, source: str | None) -> None:
         self.field, self.source = field_name, source
-        self.compiled = [(k, _pattern(k, field_name, source)) for k in keys]
+        self.compiled = [
+            (k, _plain_match(k), None if _plain_match(k) else _pattern(k, field_name, source)) for k in keys
+        ]
         self.cache: dict[str, str | None] = {}
         self.spent = 0.0
 
@@ -70,7 +97,13 @@ class _Patterns:
         if module in self.cache:
             return self.cache[module]
         found = None
-        for key, pat in self.compiled:
+        for key, plain, pat in self.compiled:
+            if plain is not None and "\n" not in module:  # ('.' and '$' treat a newline apart: the regex does)
+                if plain(module):
+                    found = key
+                    break
+                continue
+            pat = pat or _pattern(key, self.field, self.source)
             t0 = time.thread_time()
             try:
                 hit = pat.match(module, timeout=PATTERN_TIMEOUT_S)
@@ -96,6 +129,14 @@ class _Patterns:
                 break
         self.cache[module] = found
         return found
+
+
+def _most_common(values: Any, default: Any) -> Any:
+    """The value most modules share (ties: the smallest), as diffusers picks ``r`` and ``lora_alpha``."""
+    counts: dict[Any, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return min(counts, key=lambda v: (-counts[v], v)) if counts else default
 
 
 def pattern_key(pattern_keys: Any, module: str) -> str | None:
@@ -175,6 +216,10 @@ SCHEMA: dict[str, tuple[Any, str]] = {
         "a path or a Hub repo id",
     ),
     "task_type": (lambda v: isinstance(v, str), "a string"),
+    # read from the raw config by the MoE reading and the MLX route
+    "target_parameters": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "lora_dropout": (_is_number, "a number"),
+    "peft_version": (lambda v: isinstance(v, str), "a string"),
 }
 
 
@@ -249,6 +294,30 @@ class AdapterConfig:
             )
             self.__dict__["_compiled"] = got
         return got[1], got[2]
+
+    @classmethod
+    def for_modules(cls, ranks: dict[str, int], alphas: dict[str, float], **fields: Any) -> AdapterConfig:
+        """A config that gives every module its own rank and alpha, as diffusers writes one for a kohya
+        LoRA: the most common of each as ``r`` and ``lora_alpha``, the rest in ``rank_pattern`` /
+        ``alpha_pattern`` under the module's path — anchored with ``^`` where that path would also match
+        another module (PEFT matches a pattern at the end of a path).  Checked against PEFT's rule."""
+        r, alpha = _most_common(ranks.values(), 8), _most_common(alphas.values(), 8.0)
+        names = sorted(ranks)
+
+        def key(m: str) -> str:
+            return f"^{re.escape(m)}" if any(o != m and o.endswith("." + m) for o in names) else m
+
+        cfg = cls(
+            r=int(r),
+            lora_alpha=float(alpha),
+            rank_pattern={key(m): v for m, v in sorted(ranks.items()) if v != r},
+            alpha_pattern={key(m): float(v) for m, v in sorted(alphas.items()) if v != alpha},
+            target_modules=names,
+            **fields,
+        )
+        for m in names:  # the patterns must give back every module's numbers under PEFT's own rule
+            assert cfg.rank_for(m) == ranks[m] and cfg.alpha_for(m) == alphas[m], m
+        return cfg
 
     @classmethod
     def load(cls, path: str | Path) -> AdapterConfig:
@@ -335,8 +404,6 @@ class AdapterConfig:
         for key in ("velora_config", "monteclora_config", "kasa_config", "arrow_config"):
             if self.raw.get(key):
                 reasons.append(f"{key.removesuffix('_config')} is a LoRA variant this tool cannot merge")
-        if self.raw.get("target_parameters"):
-            reasons.append("target_parameters (LoRA on raw parameters, e.g. MoE experts) is not supported")
         return reasons
 
     def check_supported(self) -> None:

@@ -33,12 +33,13 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from . import arch
+from . import arch, moe_layouts
 from .arch import ModelShape, module_of
-from .errors import CheckpointError, UnsupportedError
+from .errors import CheckpointError, UnsupportedError, option_name
 from .fmt import human_bytes
 from .inputs import load_source, open_plain, pick_adapter, resolve
 from .inventory import Inventory, LoraModule
@@ -55,6 +56,23 @@ CONVENTIONS = [
     "merge (one-off): 2·r·d_in·d_out + d_in·d_out per module (DoRA +3·d_in·d_out)",
     "parameters: tied weights once; LoRA = A, B, lora bias, DoRA magnitude, modules_to_save, trainable tokens",
 ]
+
+#: What each form is assumed to do at run time: the numbers of its row follow from it.
+FORM_ASSUMPTIONS = {
+    "unmerged": "runs the LoRA branches beside the base weights at every token",
+    "merged": "LoRA folded into the weights: runs like the base, no LoRA at run time",
+    "adapter": "loaded on the base and merged once at load (merge FLOPs), then runs like the merged model; "
+    "kept unmerged at run time it costs what the unmerged row says",
+    "plain": "as stored",
+}
+
+#: Where the base the numbers stand on came from (``Report.base_from``).
+BASE_ORIGINS = {
+    "argument": "given as the base",
+    "adapter_config": "the adapter config's base_model_name_or_path, found as a path from the current folder",
+    "beside_adapter": "the config.json beside the adapter",
+    "checkpoint": "the base weights inside the checkpoint",
+}
 
 
 # -- dataclasses ---------------------------------------------------------------------------
@@ -77,6 +95,10 @@ class FormRow:
     overhead_percent: float | None  # flops_lora relative to the merged model
     merge_flops: int | None = None  # adapter row: one-off merge at load time
     measured: bool = False  # bytes come from real files (False: what the conversion would write)
+    assumes: str = ""  # what the form does at run time (FORM_ASSUMPTIONS)
+
+    def __post_init__(self) -> None:
+        self.assumes = self.assumes or FORM_ASSUMPTIONS.get(self.form, "")
 
 
 @dataclass
@@ -103,9 +125,26 @@ class Report:
     modules: list[KindRow]
     notes: list[str] = field(default_factory=list)
     conventions: list[str] = field(default_factory=lambda: list(CONVENTIONS))
+    quantization: dict[str, Any] | None = None  # a quantized base: scheme, weights, bytes on disk and dequantized
+    base_from: str | None = None  # a key of BASE_ORIGINS: where the base came from (None: unknown)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["base_used"] = self.base_used()
+        d["columns"] = column_notes(self)
+        return d
+
+    def base_used(self) -> str:
+        """One line: which base the numbers stand on, and how it was found."""
+        if self.base_from is None:
+            return "base: unknown (base parameters, bytes and FLOPs not reported)"
+        if self.base_from == "checkpoint":
+            return f"base: {BASE_ORIGINS['checkpoint']}"
+        name = f"{self.base} " if self.base and self.base_from != "checkpoint" else ""
+        what = {"weights": "its weights", "config.json": "its config.json only (shapes)"}.get(
+            self.base_source or "", ""
+        )
+        return f"base: {name}({BASE_ORIGINS[self.base_from]}; counted from {what})"
 
     def row(self, form: str) -> FormRow:
         for r in self.rows:
@@ -170,11 +209,38 @@ def _add_bytes(*parts: dict[str, int]) -> dict[str, int]:
     return out
 
 
-def _matmul_flops(tensors: dict[str, _T], shape: ModelShape) -> int:
-    """2 FLOPs per multiply-add over every 2-D weight used as a matmul; a tied head counts once."""
+@dataclass
+class _Routing:
+    """Which expert weights one token goes through: ``active`` (num_experts_per_tok) of the E routed
+    experts of each MoE layer.  The router and shared experts are plain weights, used by every token."""
+
+    active: int | None = None
+    experts_of: dict[str, int] = field(default_factory=dict)  # expert tensor key -> E of its layer
+
+    def weight(self, key: str) -> Fraction:
+        e = self.experts_of.get(key)
+        return Fraction(1) if e is None or self.active is None else Fraction(min(self.active, e), e)
+
+
+def _routing(tensors: dict[str, _T] | None, config: dict[str, Any] | None) -> _Routing:
+    if tensors is None:
+        return _Routing()
+    shapes = {k: t.shape for k, t in tensors.items()}
+    experts = moe_layouts.expert_tensor_experts(shapes, moe_layouts.layout_for(config, shapes))
+    return _Routing(moe_layouts.active_experts(config), experts)
+
+
+def _matmul_flops(tensors: dict[str, _T], shape: ModelShape, routing: _Routing | None = None) -> int:
+    """2 FLOPs per multiply-add over every 2-D weight used as a matmul; a tied head counts once; routed
+    experts (2-D per expert, or fused 3-D) only for the experts a token goes through."""
     total = 0
     has_head = False
+    routing = routing or _Routing()
+    moe = Fraction(0)
     for k, t in tensors.items():
+        if k in routing.experts_of:
+            moe += 2 * t.numel * routing.weight(k)
+            continue
         if not k.endswith(".weight") or len(t.shape) != 2:
             continue
         if _is_lm_head(k):
@@ -187,7 +253,7 @@ def _matmul_flops(tensors: dict[str, _T], shape: ModelShape) -> int:
         pick = [t for t in embeds if shape.vocab is None or t.shape[0] == shape.vocab] or embeds[:1]
         if pick:
             total += 2 * pick[0].numel
-    return total
+    return total + round(moe)
 
 
 def attention_flops(shape: ModelShape, seq_len: int) -> int | None:
@@ -202,7 +268,7 @@ def attention_flops(shape: ModelShape, seq_len: int) -> int | None:
 
 # -- LoRA counting ----------------------------------------------------------------------------
 def lora_module_params(m: LoraModule) -> int:
-    n = m.rank * (m.in_features + m.out_features)
+    n = m.stored_rank * (m.in_features + m.out_features)
     if m.magnitude_key:
         n += m.out_features
     if m.bias_key:
@@ -210,8 +276,11 @@ def lora_module_params(m: LoraModule) -> int:
     return n
 
 
-def lora_module_flops(m: LoraModule) -> int:
-    """Extra matmul FLOPs per token of the unmerged branch ``B(A x)``."""
+def lora_module_flops(m: LoraModule, active: int | None = None) -> int:
+    """Extra matmul FLOPs per token of the unmerged branch ``B(A x)``; LoRA on fused experts for the
+    ``active`` experts a token goes through (all of them when unknown)."""
+    if m.kind == "experts":
+        return min(active or m.experts, m.experts) * 2 * m.rank * (m.in_features + m.out_features)
     if m.kind == "embedding":
         return 2 * m.rank * m.out_features  # gather of A's column is a lookup
     return 2 * m.rank * (m.in_features + m.out_features)
@@ -219,7 +288,7 @@ def lora_module_flops(m: LoraModule) -> int:
 
 def merge_module_flops(m: LoraModule) -> int:
     area = m.in_features * m.out_features
-    flops = 2 * m.rank * area + area
+    flops = m.experts * (2 * m.rank * area + area)
     if m.magnitude_key:
         flops += 3 * area
     return flops
@@ -260,7 +329,29 @@ def _base_from_config(folder: Path) -> tuple[dict[str, _T], dict[str, Any]]:
     return out, raw
 
 
-def _open_base(ref: str | Path, notes: list[str]) -> tuple[dict[str, _T] | None, dict[str, Any] | None, str | None]:
+def _weights(ck: Checkpoint, keys: dict[str, str], notes: list[str], quant: dict[str, Any]) -> dict[str, _T]:
+    """``keys`` (base key -> stored key) as _T; quantized weights at their logical shapes, in bf16 (what a
+    merge writes by default), their real bytes and scheme left in ``quant``."""
+    from .io.quantized import find_layout, logical_order, summary
+
+    layout = find_layout(ck) if keys and all(k == v for k, v in keys.items()) else None
+    if layout is None:
+        return {k: _t(ck.info(v)) for k, v in keys.items()}
+    quant.update(summary=summary(ck, layout), stored=ck.dtypes())
+    notes.append(
+        f"the base is quantized ({layout.scheme}): parameters and FLOPs count its {len(layout.tensors)} quantized "
+        "weights at their real shapes; the merged row is the default dequantized (bf16) merge, "
+        "merge --requantize writes the base's own bytes instead"
+    )
+    out = {}
+    for n, shape, dt, nb in logical_order(ck, layout):
+        out[n] = _T(shape, "BF16", 2 * math.prod(shape)) if n in layout.tensors else _T(shape, dt, nb)
+    return out
+
+
+def _open_base(
+    ref: str | Path, notes: list[str], quant: dict[str, Any] | None = None
+) -> tuple[dict[str, _T] | None, dict[str, Any] | None, str | None]:
     p = resolve(ref)
     if not os.path.exists(p):  # (False for a name too long or holding a NUL, rather than raising)
         notes.append(f"base {ref} not found: base numbers unknown")
@@ -276,7 +367,7 @@ def _open_base(ref: str | Path, notes: list[str]) -> tuple[dict[str, _T] | None,
             return (*_base_from_config(folder), "config.json")
         raise
     with ck:
-        return {k: _t(ck.info(k)) for k in ck.tensors}, ck.config, "weights"
+        return _weights(ck, {k: k for k in ck.tensors}, notes, {} if quant is None else quant), ck.config, "weights"
 
 
 @dataclass
@@ -285,6 +376,8 @@ class _Base:
     config: dict[str, Any] | None
     source: str | None  # "weights" | "config.json" | None
     name: str | None  # as the report names it
+    origin: str | None = None  # a key of BASE_ORIGINS
+    quant: dict[str, Any] = field(default_factory=dict)  # a quantized base: its summary and stored bytes
 
 
 def _adapter_base(ck: Checkpoint, base: str | Path | None, base_name: str | None, notes: list[str]) -> _Base:
@@ -293,12 +386,14 @@ def _adapter_base(ck: Checkpoint, base: str | Path | None, base_name: str | None
     cfg_base = base_name if base is None else None
     ref = base if base is not None else (cfg_base if cfg_base and os.path.exists(cfg_base) else None)
     if ref is not None:
-        tensors, bconf, source = _open_base(ref, notes)
-        return _Base(tensors, bconf or ck.config, source, base_name)
+        quant: dict[str, Any] = {}
+        tensors, bconf, source = _open_base(ref, notes, quant)
+        origin = ("argument" if base is not None else "adapter_config") if source else None
+        return _Base(tensors, bconf or ck.config, source, base_name, origin, quant)
     if ck.config and (ck.root / "config.json").is_file():
         tensors, conf = _base_from_config(ck.root)
         notes.append("base shapes from the config.json beside the adapter (meta-device model)")
-        return _Base(tensors, conf, "config.json", base_name)
+        return _Base(tensors, conf, "config.json", base_name, "beside_adapter")
     notes.append(
         "base unknown (pass --base, a folder with weights or only config.json): "
         "base parameters, bytes and FLOPs are not reported"
@@ -358,34 +453,41 @@ def build_report(
     if seq_len < 1:
         from .errors import RouteError
 
-        raise RouteError("--seq-len must be at least 1")
+        raise RouteError(f"{option_name('seq_len')} must be at least 1")
     notes: list[str] = []
     ck, inv = load_source(path, adapter=adapter)
     with ck:
         form = inv.form
         name = pick_adapter(inv, adapter, ck) if form != "plain" else None
         cfg = inv.config(name) if name else None
-        if form != "plain" and cfg is None:
+        problems = [str(e) for e in inv.problems.get(name or "", [])]  # what conversions would refuse
+        if form != "plain" and cfg is None and not problems:
             notes.append("no adapter_config.json: scaling unknown")
+        notes += problems
         if form == "adapter":
             named = str(base) if base is not None else (cfg.base_model_name_or_path if cfg else None)
             b = _adapter_base(ck, base, named, notes)
         else:
-            b = _Base({k: _t(ck.info(v)) for k, v in inv.base.items()}, ck.config, "weights", None)
+            quant: dict[str, Any] = {}
+            b = _Base(_weights(ck, inv.base, notes, quant), ck.config, "weights", None, "checkpoint", quant)
         ad = _adapter(ck, inv, name, notes)
         src_bytes = ck.dtypes()
     shape = arch.model_shape(b.config, head_stored=b.tensors is not None and arch.HEAD_KEY in b.tensors)
     if b.tensors is not None and shape.vocab is None:
         emb = [t for k, t in b.tensors.items() if _is_embedding(k) and len(t.shape) == 2]
         shape.vocab = emb[0].shape[0] if emb else None
+    routing = _routing(b.tensors, b.config)
+    _moe_notes(routing, ad, notes)
     rows = _rows(form, b, ad, shape, seq_len, src_bytes, notes)
-    modules = _kinds(ad)
+    modules = _kinds(ad, routing)
     if set(ad.replace) - ad.saved_whole:
         notes.append(
             "modules_to_save copies are counted as LoRA parameters: "
             + ", ".join(sorted(module_of(k) for k in set(ad.replace) - ad.saved_whole))
         )
-    return Report(str(path), form, name, b.name, b.source, seq_len, shape, rows, modules, notes)
+    rep = Report(str(path), form, name, b.name, b.source, seq_len, shape, rows, modules, notes, base_from=b.origin)
+    rep.quantization = b.quant.get("summary")
+    return rep
 
 
 def _merged_tensors(b: _Base, ad: _Adapter) -> dict[str, _T] | None:
@@ -405,18 +507,43 @@ def _percent(a: int, b: int | None) -> float | None:
     return round(100.0 * a / b, 4) if b else None
 
 
+def _lora_flops(m: LoraModule, routing: _Routing) -> int:
+    """Per token: an expert LoRA only on the experts a token goes through (per-expert modules: their
+    share of them)."""
+    return round(lora_module_flops(m, routing.active) * routing.weight(f"{m.module}.weight"))
+
+
+def _moe_notes(routing: _Routing, ad: _Adapter, notes: list[str]) -> None:
+    if not routing.experts_of:
+        return
+    if routing.active is None:
+        notes.append("MoE: config.json has no num_experts_per_tok, so every routed expert is counted per token")
+    else:
+        notes.append(
+            f"MoE: routed experts counted for the {routing.active} a token goes through "
+            "(router and shared experts in full)"
+        )
+    if any(m.kind == "experts" for m in ad.modules.values()):
+        notes.append(
+            "expert LoRA (target_parameters) is counted as the factored branch on the active experts; PEFT's "
+            "unmerged forward instead adds s·B·A to every expert's weights each forward (2·E·r·d_in·d_out, "
+            "not per token; not counted)"
+        )
+
+
 def _rows(
     form: str, b: _Base, ad: _Adapter, shape: ModelShape, seq_len: int, src_bytes: dict[str, int], notes: list[str]
 ) -> list[FormRow]:
+    routing = _routing(b.tensors, b.config)
     lora_params = sum(lora_module_params(m) for m in ad.modules.values()) + sum(ad.tensors[k].numel for k in ad.trained)
-    lora_flops = sum(lora_module_flops(m) for m in ad.modules.values())
+    lora_flops = sum(_lora_flops(m, routing) for m in ad.modules.values())
     attn = attention_flops(shape, seq_len)
     if attn is None:
         notes.append("config.json lacks layers/heads: attention FLOPs not reported")
     merged = _merged_tensors(b, ad)
     base_params = _params(b.tensors, shape.tied) if b.tensors is not None else None
     merged_params = _params(merged, shape.tied) if merged is not None else None
-    mm = _matmul_flops(merged, shape) if merged is not None else None
+    mm = _matmul_flops(merged, shape, routing) if merged is not None else None
     merged_total = mm + (attn or 0) if mm is not None else None
     if form == "plain":
         return [
@@ -438,7 +565,7 @@ def _rows(
             )
         ]
     adapter_bytes = _bytes(ad.tensors) if form != "adapter" else src_bytes
-    base_bytes = _bytes(b.tensors) if b.tensors is not None else None
+    base_bytes = b.quant.get("stored") or (_bytes(b.tensors) if b.tensors is not None else None)
     ub = src_bytes if form == "unmerged" else (_add_bytes(base_bytes, adapter_bytes) if base_bytes else None)
     total = base_params + lora_params if base_params is not None else None
     mb = _bytes(merged) if merged is not None else {}
@@ -495,7 +622,7 @@ def _rows(
     ]
 
 
-def _kinds(ad: _Adapter) -> list[KindRow]:
+def _kinds(ad: _Adapter, routing: _Routing) -> list[KindRow]:
     kinds: dict[str, KindRow] = {}
 
     def row(module: str) -> KindRow:
@@ -510,7 +637,7 @@ def _kinds(ad: _Adapter) -> list[KindRow]:
         if m.scaling is not None and round(m.scaling, 6) not in r.scalings:
             r.scalings.append(round(m.scaling, 6))
         r.lora_parameters += lora_module_params(m)
-        r.extra_flops += lora_module_flops(m)
+        r.extra_flops += _lora_flops(m, routing)
         r.merge_flops += merge_module_flops(m)
     for bk, t in ad.replace.items():
         if bk not in ad.saved_whole:
@@ -573,7 +700,7 @@ def form_table(report: Report) -> tuple[list[str], list[list[str]]]:
                 _n(r.flops_attention),
                 _n(r.flops_total),
                 _pct(r.overhead_percent),
-                _n(r.merge_flops) if r.merge_flops is not None else "-",
+                _n(r.merge_flops) if r.merge_flops is not None else "n/a",
             ]
         )
     return head, rows
@@ -596,6 +723,49 @@ def module_table(report: Report) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def column_notes(report: Report) -> dict[str, str]:
+    """What each column of :func:`form_table` and :func:`module_table` counts and assumes, by its header."""
+    head = form_table(report)[0]
+    notes = [
+        "",
+        "parameters of the base model; a tied embedding / LM head counted once (as num_parameters() does)",
+        "what the adapter trains: A, B, lora_B bias, DoRA magnitudes, modules_to_save copies, trainable-token "
+        "deltas (PEFT's trainable parameters)",
+        "base + LoRA (unmerged, adapter); the merged model's own (merged)",
+        "LoRA params relative to the base params",
+        "this form's own files, from the tensor headers ('est.': what the conversion would write)",
+        "what must be read to use the form: the adapter adds its base",
+        "every 2-D weight used as a matmul (linear, Conv1D, LM head); embedding gathers are 0; a tied head once",
+        "LoRA branches run unmerged (" + CONVENTIONS[2].split(": ", 1)[1] + "); 0 for the merged form and for the "
+        "adapter form, which is assumed merged at load",
+        f"one token attending to L={report.seq_len} positions: 4·L·n_heads·head_dim per layer (score + value); "
+        "a causal prefill of L tokens averages (L+1)/2 positions",
+        "base matmul + LoRA + attention, per token",
+        "LoRA FLOPs relative to the merged model's total (0% where no LoRA branch runs)",
+        "one-off merge at load, adapter form only: " + CONVENTIONS[4].split(": ", 1)[1] + "; n/a for the "
+        "unmerged form (it runs its branches) and the merged one (already merged)",
+    ]
+    out = {h: n for h, n in zip(head, notes, strict=True) if n}
+    out["extra FLOPs/token"] = "per token, run unmerged (the modules' share of LoRA FLOPs/token)"
+    out["merge FLOPs"] = "one-off merge of these modules at load (their share of merge FLOPs)"
+    return out
+
+
+def assumption_lines(report: Report, bullet: str = "") -> list[str]:
+    """The base used, each form's run-time assumption and each column's meaning: the lines every output
+    form prints (text as they are, Markdown with ``bullet="- "``)."""
+    sub = " " * len(bullet) + (bullet or "  ")
+    lines = [bullet + report.base_used(), bullet + "forms:"]
+    lines += [f"{sub}{r.form}: {r.assumes}" for r in report.rows]
+    lines += [bullet + "columns:"]
+    lines += [f"{sub}{h}: {n}" for h, n in column_notes(report).items() if h in _shown_columns(report)]
+    return lines + [bullet + CONVENTIONS[0]]
+
+
+def _shown_columns(report: Report) -> set[str]:
+    return set(form_table(report)[0]) | (set(module_table(report)[0]) if report.modules else set())
+
+
 def _md(head: list[str], rows: list[list[str]]) -> list[str]:
     esc = [[c.replace("|", "\\|") for c in r] for r in rows]
     return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"] + [
@@ -610,7 +780,7 @@ def report_markdown(report: Report) -> str:
     if report.modules:
         lines += ["", "### LoRA modules", ""]
         lines += _md(*module_table(report))
-    lines += ["", "Conventions: " + "; ".join(report.conventions) + "."]
+    lines += ["", "### What the numbers assume", ""] + assumption_lines(report, "- ")
     if report.notes:
         lines += [""] + [f"- {n}" for n in report.notes]
     return "\n".join(lines) + "\n"

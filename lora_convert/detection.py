@@ -4,15 +4,18 @@ Only ``--base`` comparisons read tensor data (to tell a base from a merged model
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .arch import short_name
+from .arch import layout_of, short_name
 from .config import AdapterConfig
 from .inputs import load_source, resolve
-from .inventory import Inventory
-from .io.reader import Checkpoint, open_checkpoint
+from .inventory import Inventory, LoraModule
+from .io.reader import ADAPTER_WEIGHTS, Checkpoint, named_adapters, open_checkpoint
+from .module_match import match_modules
+from .moe_layouts import split_expert_module
 
 
 @dataclass
@@ -25,6 +28,22 @@ class ModuleGroup:
     ranks: list[int]
     alphas: list[float]
     scalings: list[float]
+
+
+@dataclass
+class ExpertGroup:
+    """LoRA on routed experts: one entry per fused parameter (PEFT target_parameters: one A/B pair shared by
+    the E experts of a layer) or per projection of per-expert modules (one pair per expert)."""
+
+    name: str  # gate_up_proj, down_proj (fused) or gate_proj, w1, ... (per expert)
+    layout: str  # "fused" | "per-expert"
+    count: int  # LoRA modules: layers (fused) or layers × experts (per expert)
+    layers: list[int]
+    experts: list[int]  # E per layer
+    ranks: list[int]  # per expert
+    b_layout: str | None = None  # fused: rank_major (PEFT) | grouped_by_expert
+    b_layout_assumed: bool = False  # no lora_B_layout marker: PEFT's packing assumed
+    nested: bool = False  # fused: an inner ParamWrapper (keys under experts.base_layer)
 
 
 @dataclass
@@ -44,6 +63,7 @@ class AdapterSummary:
     alpha_pattern: dict[str, float]
     modules: list[ModuleGroup]
     lora_parameters: int
+    experts: list[ExpertGroup] = field(default_factory=list)
 
 
 @dataclass
@@ -60,6 +80,9 @@ class DetectResult:
     warnings: list[str] = field(default_factory=list)
     differs_from_base: list[str] = field(default_factory=list)
     base_comparison: dict[str, Any] | None = None
+    module_prefixes: dict[str, str] = field(default_factory=dict)  # part -> prefix (VLM layouts, diffusion components)
+    base_match: dict[str, Any] | None = None  # adapter + --base: how its modules match the base's names
+    quantization: dict[str, Any] | None = None  # a quantized checkpoint: scheme, weights, bytes (io/quantized.summary)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,14 +96,14 @@ def _summarise(
     params = 0
     for m in mods.values():
         groups.setdefault(m.name, []).append(m)
-        params += m.rank * (m.in_features + m.out_features)
+        params += m.stored_rank * (m.in_features + m.out_features)
         if m.magnitude_key:
             params += m.out_features
         if m.bias_key:
             params += m.out_features
     mg = []
     for g, ms in sorted(groups.items()):
-        alphas = sorted({cfg.alpha_for(m.module) for m in ms}) if cfg else []
+        alphas = sorted({cfg.alpha_for(m.config_key) for m in ms}) if cfg else []
         scal = sorted({round(m.scaling, 6) for m in ms if m.scaling is not None})
         mg.append(
             ModuleGroup(
@@ -101,6 +124,7 @@ def _summarise(
     for k in inv.tokens.get(name, {}).values():
         params += ck.info(k).numel
     warnings += inv.warnings.get(name, [])
+    warnings += [str(e) for e in inv.problems.get(name, [])]  # conversions refuse these; detect reports them
     if cfg is not None:
         has_mag = any(m.magnitude_key for m in mods.values())
         if cfg.use_dora and mods and not has_mag:
@@ -125,11 +149,89 @@ def _summarise(
         alpha_pattern=dict(cfg.alpha_pattern) if cfg else {},
         modules=mg,
         lora_parameters=params,
+        experts=expert_groups(mods.values()),
     )
 
 
+def expert_groups(mods: Iterable[LoraModule]) -> list[ExpertGroup]:
+    """The expert LoRA of one adapter, grouped by parameter (fused) or projection (per expert)."""
+    fused: dict[str, list[LoraModule]] = {}
+    per: dict[str, dict[str, set[int]]] = {}  # projection -> experts module -> expert indices
+    per_mods: dict[str, list[LoraModule]] = {}
+    for m in mods:
+        if m.kind == "experts":
+            fused.setdefault(m.name, []).append(m)
+        elif (hit := split_expert_module(m.module)) is not None:
+            experts, e, part = hit
+            per.setdefault(part, {}).setdefault(experts, set()).add(e)
+            per_mods.setdefault(part, []).append(m)
+    out = [
+        ExpertGroup(
+            name,
+            "fused",
+            len(ms),
+            sorted({m.layer for m in ms if m.layer is not None}),
+            sorted({m.experts for m in ms}),
+            sorted({m.rank for m in ms}),
+            "/".join(sorted({m.b_layout for m in ms})),
+            any(m.b_layout_assumed for m in ms),
+            any(m.nest for m in ms),
+        )
+        for name, ms in sorted(fused.items())
+    ]
+    for part, by_experts in sorted(per.items()):
+        ms = per_mods[part]
+        out.append(
+            ExpertGroup(
+                part,
+                "per-expert",
+                len(ms),
+                sorted({m.layer for m in ms if m.layer is not None}),
+                sorted({max(es) + 1 for es in by_experts.values()}),
+                sorted({m.rank for m in ms}),
+            )
+        )
+    return out
+
+
 def detect(path: str | Path, *, base: str | Path | None = None, adapter: str | None = None) -> DetectResult:
-    """Say which form ``path`` is in: adapter, unmerged, plain (or, with ``base``: base, merged, fine-tuned)."""
+    """Say which form ``path`` is in: adapter, unmerged, plain (or, with ``base``: base, merged, fine-tuned).
+
+    A folder of adapters PEFT saved together is described whole: every adapter is listed, under the name
+    ``--adapter`` takes (``default`` at the top, the others in subfolders named after them)."""
+    first, others = _adapter_folders(resolve(path)) if adapter is None else (None, [])
+    res = _detect_one(path, base, adapter or first)
+    if first is not None:
+        res.files = [f"{first}/{f}" for f in res.files]
+    for name in others:
+        _add_adapter_folder(res, _detect_one(path, None, name), name)
+    return res
+
+
+def _adapter_folders(root: Path) -> tuple[str | None, list[str]]:
+    """(the subfolder adapter to read first, the other subfolder adapters) of a folder of adapters: PEFT
+    saves ``default`` at the top and each other adapter in a subfolder named after it."""
+    subs = named_adapters(root)
+    if not subs:
+        return None, []
+    if any((root / f).is_file() for f in ADAPTER_WEIGHTS):
+        return None, subs
+    if any(p.is_file() and p.suffix in (".safetensors", ".bin") for p in root.iterdir()):
+        return None, []  # a model with adapters stored beside it: the model is what is described
+    return subs[0], subs[1:]
+
+
+def _add_adapter_folder(res: DetectResult, sub: DetectResult, name: str) -> None:
+    res.adapters += sub.adapters
+    res.files += [f"{name}/{f}" for f in sub.files]
+    res.tensors += sub.tensors
+    res.total_bytes += sub.total_bytes
+    for k, v in sub.dtypes.items():
+        res.dtypes[k] = res.dtypes.get(k, 0) + v
+    res.warnings += [w for w in sub.warnings if w not in res.warnings]
+
+
+def _detect_one(path: str | Path, base: str | Path | None, adapter: str | None) -> DetectResult:
     ck, inv = load_source(path, adapter=adapter)
     with ck:
         warnings: list[str] = []
@@ -146,13 +248,47 @@ def detect(path: str | Path, *, base: str | Path | None = None, adapter: str | N
             dialect=inv.dialect,
             warnings=warnings,
         )
+        res.quantization = _quantization(ck, warnings)
         for name in inv.adapters:
             res.adapters.append(_summarise(ck, inv, name, inv.config(name), warnings))
         if inv.old_layout:
             warnings.append("older PEFT layout: base weights at <module>.weight beside the LoRA tensors")
+        res.module_prefixes = layout_of(m for name in inv.adapters for m in inv.modules(name))
         if base is not None and inv.form == "plain":
             _compare_with_base(ck, resolve(base), res)
+        elif base is not None and inv.form == "adapter":
+            _match_base(inv, resolve(base), res)
     return res
+
+
+def _match_base(inv: Inventory, base_path: Path, res: DetectResult) -> None:
+    """How an adapter's modules find the base's tensors (headers only): prefixes read differently,
+    parts left out, modules that match nothing or more than one tensor."""
+    with open_checkpoint(base_path) as b:
+        mods = sorted({m for name in inv.adapters for m in inv.modules(name)})
+        match = match_modules(mods, b.tensors, spelled=inv.spelled, config=b.config)
+    res.base_match = match.to_dict()
+    res.warnings += match.notes()
+    if match.unmatched:
+        res.warnings.append(f"{len(match.unmatched)} module(s) match no tensor of the base, e.g. {match.unmatched[0]}")
+    for m, hits in list(match.ambiguous.items())[:1]:
+        res.warnings.append(
+            f"{len(match.ambiguous)} module(s) can be read as several base modules: {m} is {' or '.join(hits)}"
+        )
+
+
+def _quantization(ck: Checkpoint, warnings: list[str]) -> dict[str, Any] | None:
+    """The quantization of a checkpoint, from headers; one that cannot be read is a warning here (merge
+    refuses it with the error)."""
+    from .errors import LoraConvertError
+    from .io.quantized import find_layout, summary
+
+    try:
+        layout = find_layout(ck)
+    except LoraConvertError as exc:
+        warnings.append(f"quantized, but not in a layout lora-convert reads: {exc}")
+        return None
+    return summary(ck, layout) if layout is not None else None
 
 
 def _compare_with_base(ck: Checkpoint, base_path: Path, res: DetectResult) -> None:

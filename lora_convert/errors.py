@@ -7,13 +7,42 @@ about one tensor, the tensor name, so the message can say *where* as well as *wh
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from .text import escape_controls
 
+_SPELLED = re.compile("\x00([^\x00-\x02]*)\x01([^\x00-\x02]*)\x02")
+
+
+def spelled(cli: str, api: str) -> str:
+    """Words that differ between the two front doors, for a message both show: ``cli`` on the command line,
+    ``api`` in Python.  The error spells them for whoever shows it (``str(exc)`` in Python,
+    :meth:`LoraConvertError.for_cli` in the CLI), so the API never tells a caller to "pass --force"."""
+    return f"\x00{cli}\x01{api}\x02"
+
+
+def option(name: str, value: str | None = None) -> str:
+    """How to give an option: ``option("force")`` is ``--force`` / ``force=True``, ``option("base", "BASE")``
+    is ``--base BASE`` / ``base=BASE`` (``name`` is the API's keyword argument)."""
+    flag = "--" + name.replace("_", "-")
+    return spelled(f"{flag} {value}" if value else flag, f"{name}={value or 'True'}")
+
+
+def option_name(name: str) -> str:
+    """An option named as the subject of a message: ``--seq-len`` / ``seq_len``."""
+    return spelled("--" + name.replace("_", "-"), name)
+
+
+def render(text: str, *, cli: bool) -> str:
+    """``text`` with every :func:`spelled` part spelled for the CLI or for Python."""
+    return _SPELLED.sub(lambda m: m.group(1 if cli else 2), text)
+
 
 class LoraConvertError(Exception):
-    """Base class: a problem with the user's input, output or environment, not a bug."""
+    """Base class: a problem with the user's input, output or environment, not a bug.
+
+    ``str(exc)`` speaks to a Python caller (``force=True``); the CLI prints :meth:`for_cli` (``--force``)."""
 
     def __init__(
         self,
@@ -30,13 +59,25 @@ class LoraConvertError(Exception):
         super().__init__(self.__str__())
 
     def __str__(self) -> str:
-        # Names come from downloaded files: control characters are escaped so that the one-line
-        # message stays one line and cannot drive a terminal (the attributes keep the raw text).
+        return _shown(render(self._text(), cli=False))
+
+    def for_cli(self) -> str:
+        """The message as the command line shows it: options as ``--flag``."""
+        return _shown(render(self._text(), cli=True))
+
+    def _text(self) -> str:
         where = ": ".join(_cut(p, 400) for p in (self.path, self.tensor) if p)
         text = f"{where}: {self.message}" if where else self.message
         if self.hint:
             text += f" ({self.hint})"
-        return escape_controls(_cut(text, 4000))
+        return text
+
+
+def _shown(text: str) -> str:
+    """Names come from downloaded files: the message is cut to a bounded length and its control
+    characters escaped, so that it stays one line and cannot drive a terminal (the attributes keep
+    the raw text)."""
+    return escape_controls(_cut(text, 4000))
 
 
 def _cut(text: str, n: int) -> str:

@@ -14,11 +14,14 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 NEVER_CARRY = {
     "model.safetensors.index.json",
     "pytorch_model.bin.index.json",
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.bin.index.json",
     "adapter_config.json",
     "README.md",
     ".gitattributes",
 }
 CARRY_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken", ".py", ".vocab", ".spm")
+DTYPE_KEYS = ("dtype", "torch_dtype")  # transformers >= 4.56 writes "dtype"; older configs say "torch_dtype"
 TOKENIZER_HINTS = ("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "chat_template", "spiece")
 
 
@@ -55,14 +58,20 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def update_config(dst: Path, changes: dict[str, Any]) -> None:
-    """Apply ``changes`` to ``dst/config.json`` (also to a nested ``text_config`` where the key lives there)."""
+    """Apply ``changes`` to ``dst/config.json``: also to a nested ``text_config`` where the key lives there,
+    and a dtype to every sub-config that states one (a multimodal model's vision tower is cast too); a value of
+    None removes the key (``quantization_config`` of a dequantized base)."""
     path = dst / "config.json"
     config = read_json(path)
     if config is None or not changes:
         return
     for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+            continue
         config[key] = value
-        text = config.get("text_config")
-        if isinstance(text, dict) and key in text:
-            text[key] = value
+        subs = [v for v in config.values() if isinstance(v, dict)] if key in DTYPE_KEYS else [config.get("text_config")]
+        for sub in subs:
+            if isinstance(sub, dict) and key in sub:
+                sub[key] = value
     write_json(path, config)

@@ -11,7 +11,7 @@ from typing import Any
 
 from .arch import check_model_config
 from .dialects import read_inventory
-from .errors import CheckpointError, RouteError
+from .errors import CheckpointError, RouteError, option
 from .inventory import Inventory
 from .io.files import load_json
 from .io.reader import Checkpoint, open_checkpoint
@@ -47,7 +47,7 @@ def open_plain(ref: str | Path, what: str) -> Checkpoint:
         raise RouteError(
             f"{what} holds LoRA tensors itself",
             path=ck.root,
-            hint="give the plain base model as --base"
+            hint=f"give the plain base model as {option('base', 'BASE')}"
             if what == "the base"
             else "extract works on two plain checkpoints (merge an adapter first)",
         )
@@ -64,7 +64,11 @@ def pick_adapter(inv: Inventory, want: str | None, ck: Checkpoint) -> str:
             return names[0]
         raise RouteError(f"no adapter named {want!r} (found: {', '.join(names) or 'none'})", path=ck.root)
     if len(names) > 1:
-        raise RouteError(f"holds several adapters: {', '.join(names)}", path=ck.root, hint="choose one with --adapter")
+        raise RouteError(
+            f"holds several adapters: {', '.join(names)}",
+            path=ck.root,
+            hint=f"choose one with {option('adapter', 'NAME')}",
+        )
     return names[0] if names else "default"
 
 

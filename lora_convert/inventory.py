@@ -12,17 +12,22 @@ from dataclasses import dataclass, field
 
 from .arch import layer_index, short_name
 from .config import AdapterConfig
+from .errors import LoraConvertError
 
 DEFAULT_ADAPTER = "default"
 
 
 @dataclass
 class LoraModule:
-    """One LoRA-wrapped module of one adapter: ΔW = scaling · B·A (embeddings: (B_e·A_e)ᵀ)."""
+    """One LoRA-wrapped module of one adapter: ΔW = scaling · B·A (embeddings: (B_e·A_e)ᵀ).
+
+    Kind ``experts`` is PEFT's ``target_parameters`` LoRA on a fused expert parameter: ``module`` is the
+    parameter's path (``model.layers.0.mlp.experts.gate_up_proj``, the key PEFT's rank_pattern matches),
+    ``rank`` is per expert, A is (experts·rank, in) and B (out, experts·rank), packed per ``b_layout``."""
 
     module: str  # path in the base model, e.g. model.layers.0.self_attn.q_proj
     adapter: str
-    kind: str  # "linear" or "embedding"
+    kind: str  # "linear", "embedding" or "conv" (A (r, in, *kernel), B (out, r, 1, ...); in_features = in·k·k)
     a_key: str
     b_key: str
     rank: int
@@ -31,6 +36,11 @@ class LoraModule:
     bias_key: str | None = None  # lora_B.bias (lora_bias=True)
     magnitude_key: str | None = None  # DoRA
     scaling: float | None = None  # resolved by the dialect; None when its config is missing
+    param: str | None = None  # a 2-D parameter wrapped by target_parameters (a router's "weight")
+    experts: int = 1  # kind "experts": E, the experts sharing A and B
+    nest: int = 0  # kind "experts": how many ParamWrappers wrap this one (0: outermost, ``experts.lora_A``)
+    b_layout: str = "rank_major"  # kind "experts": expert e's B columns are e, e+E, ... or a block (grouped_by_expert)
+    b_layout_assumed: bool = False  # no marker in adapter_config.json said which
 
     @property
     def name(self) -> str:
@@ -39,6 +49,24 @@ class LoraModule:
     @property
     def layer(self) -> int | None:
         return layer_index(self.module)
+
+    @property
+    def config_key(self) -> str:
+        """The name rank_pattern/alpha_pattern match: PEFT matches ``<module>.<param>`` for target_parameters."""
+        return f"{self.module}.{self.param}" if self.param else self.module
+
+    @property
+    def stored_rank(self) -> int:
+        """Rows of A (columns of B): the rank times the experts that share the factors."""
+        return self.rank * self.experts
+
+    @property
+    def wrapped(self) -> str:
+        """The module whose keys carry this LoRA: an experts parameter's wrapper (``experts.base_layer``
+        for an inner one), else the module itself."""
+        if self.kind != "experts":
+            return self.module
+        return self.module.rpartition(".")[0] + ".base_layer" * self.nest
 
 
 @dataclass
@@ -52,7 +80,12 @@ class Inventory:
     saved_layers: dict[str, set[str]] = field(default_factory=dict)  # adapter -> base keys saved whole via base_layer
     configs: dict[str, AdapterConfig] = field(default_factory=dict)  # adapter -> its (PEFT-style) config
     warnings: dict[str, list[str]] = field(default_factory=dict)  # adapter -> what its dialect found odd
+    # adapter -> what stops converting it (a config that is not its own, ranks the config contradicts):
+    # conversions raise the first, detect and report show them
+    problems: dict[str, list[LoraConvertError]] = field(default_factory=dict)
     prefixed: bool = False
+    spelled: bool = False  # module paths are readings of '_'-joined names (kohya): the base's own names settle them
+    unsure: set[str] = field(default_factory=set)  # readings the names alone do not settle (need the base)
     old_layout: bool = False  # base weight at q_proj.weight beside q_proj.lora_A.<name>.weight
 
     @property

@@ -49,6 +49,62 @@ def linear_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *
     return DeltaFactors(b.contiguous(), a.contiguous(), scaling)
 
 
+def conv_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> DeltaFactors:
+    """A convolution (kernel k×k) seen as the matrix of its flattened weight, (out, in·k·k): A is
+    (r, in, k, k) — stride and padding live in A — and B a 1×1 conv (out, r, 1, 1), so ΔW is
+    B[:, :, 0, 0] @ A.reshape(r, -1), which is what PEFT's and sd-scripts' conv merges compute
+    (``conv2d(A.transpose(0, 1), B)``).  A 2-D A or B (a conv 1×1 stored as linear) reads the same."""
+    a, b = lora_A.to(FP32), lora_B.to(FP32)
+    return DeltaFactors(b.reshape(b.shape[0], -1).contiguous(), a.reshape(a.shape[0], -1).contiguous(), scaling)
+
+
+def expert_factors(
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    expert: int,
+    experts: int,
+    scaling: float,
+    *,
+    transposed: bool,
+    b_layout: str = "rank_major",
+) -> DeltaFactors:
+    """Expert ``expert``'s ΔP of a PEFT ``target_parameters`` LoRA on a fused (E, d1, d2) parameter.
+
+    A is (E·r, in) with the expert's rows in one block; B is (out, E·r) with its columns at
+    ``expert, expert+E, …`` (``rank_major``, PEFT's packing) or in one block (``grouped_by_expert``).
+    ΔP[e] = s·B_e·A_e for a parameter stored (E, out, in), its transpose for (E, in, out)."""
+    a, b = expert_pair(lora_A, lora_B, expert, experts, b_layout=b_layout)
+    return linear_factors(a, b, scaling, transposed=transposed)
+
+
+def expert_pair(
+    lora_A: torch.Tensor, lora_B: torch.Tensor, expert: int, experts: int, *, b_layout: str = "rank_major"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert ``expert``'s (A_e (r, in), B_e (out, r)) out of PEFT's packed factors: views, dtype kept."""
+    r = lora_A.shape[0] // experts
+    a = lora_A[expert * r : (expert + 1) * r]
+    if b_layout == "rank_major":
+        return a, lora_B.reshape(lora_B.shape[0], r, experts)[:, :, expert]
+    return a, lora_B[:, expert * r : (expert + 1) * r]
+
+
+def stack_factors(parts: list[tuple[DeltaFactors, slice | None]], rows: int) -> DeltaFactors:
+    """One ΔW of ``rows`` rows from deltas that each cover a slice of its rows (gate and up of one
+    expert): the factors side by side along the rank, each left factor scaled and zero outside its rows."""
+    if len(parts) == 1 and parts[0][1] is None:
+        return parts[0][0]
+    rank = sum(d.rank for d, _ in parts)
+    cols = parts[0][0].right.shape[1]
+    left = torch.zeros(rows, rank, dtype=FP32)
+    right = torch.empty(rank, cols, dtype=FP32)
+    k = 0
+    for d, sl in parts:
+        left[sl if sl is not None else slice(None), k : k + d.rank] = d.left * d.scaling
+        right[k : k + d.rank] = d.right
+        k += d.rank
+    return DeltaFactors(left, right, 1.0)
+
+
 def embedding_factors(lora_embedding_A: torch.Tensor, lora_embedding_B: torch.Tensor, scaling: float) -> DeltaFactors:
     """nn.Embedding: A_e is (r, vocab), B_e is (dim, r), W is (vocab, dim), ΔW = (B_e·A_e)ᵀ·s."""
     return DeltaFactors(lora_embedding_A.to(FP32).t().contiguous(), lora_embedding_B.to(FP32).t().contiguous(), scaling)

@@ -9,7 +9,9 @@ branch (and ``refs/pr/N``) keeps its own chain of commits, so a branch and ``mai
 Authorization mimics the real Hub: write endpoints need ``Authorization: Bearer <token>`` equal to
 the server's token, a wrong token is rejected everywhere with 401 ("Invalid credentials in
 Authorization header"), and a private or missing repo answers 401 (anonymous) or 404
-(authenticated) with ``X-Error-Code: RepoNotFound``.
+(authenticated) with ``X-Error-Code: RepoNotFound``.  The read-only token (``READ_TOKEN``) reads but
+gets 403 on writes; repos can be created and written only under the user's name and its ``ORGS``
+(403 elsewhere); ``/api/models/<repo>/auth-check[/write]`` answers as the Hub does.
 
 ``fail_next(pattern, status, count=1)`` makes the next ``count`` requests whose path matches a
 regex answer ``status``, so tests can break an upload in the middle.
@@ -44,6 +46,9 @@ import pytest
 
 USER = "test-user"
 DEFAULT_TOKEN = "hf_testtoken_0123456789abcdef"
+READ_TOKEN = "hf_readonly_0123456789abcdef"  # valid, but only for reading (whoami says role "read")
+#: Organisations the test user belongs to: it may create and write repos there and under its own name.
+ORGS = ("org", "me")
 
 #: Files the Hub stores with git-LFS whatever their size (subset of the default .gitattributes).
 LFS_PATTERNS = (
@@ -261,7 +266,9 @@ class HubServer:
         self.repos_dir = Path(repos_dir)
         self.repos_dir.mkdir(parents=True, exist_ok=True)
         self.token = token
+        self.read_token = READ_TOKEN
         self.user = user
+        self.orgs = ORGS
         self.repos: dict[str, Repo] = {}
         self.requests: list[RequestRecord] = []
         self.foreign_requests: list[str] = []  # filled by the fixture's guard
@@ -523,7 +530,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._path = path
         self.body = self._read_body()  # always drain the body: connections are kept alive
         auth = self.headers.get("Authorization")
-        self.authorized = auth is not None and hmac.compare_digest(auth, f"Bearer {hub.token}")
+        self.can_write = auth is not None and hmac.compare_digest(auth, f"Bearer {hub.token}")
+        self.authorized = self.can_write or (auth is not None and hmac.compare_digest(auth, f"Bearer {hub.read_token}"))
         try:
             fault = hub._take_fault(self.command, path)
             if fault is not None:
@@ -563,6 +571,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _need_write(self) -> None:
         if not self.authorized:
             raise HubError(401, "You must be authenticated to access this resource (missing Authorization header)")
+        if not self.can_write:
+            raise HubError(403, "This token has read access only; it cannot write")
+
+    def _need_namespace(self, namespace: object) -> None:
+        if namespace not in (self.hub.user, *self.hub.orgs):
+            raise HubError(403, f"You don't have the rights to write a model under the namespace '{namespace}'")
 
     def _readable_repo(self, repo_id: str) -> Repo:
         repo = self.hub.repos.get(repo_id)
@@ -572,7 +586,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _writable_repo(self, repo_id: str) -> Repo:
         self._need_write()
-        return self._readable_repo(repo_id)
+        repo = self._readable_repo(repo_id)
+        self._need_namespace(repo_id.split("/")[0])
+        return repo
 
     def _commit_for(self, repo: Repo, rev: str) -> Commit:
         commit = repo.resolve(rev)
@@ -598,15 +614,19 @@ class _Handler(BaseHTTPRequestHandler):
                 "id": "0" * 24,
                 "name": self.hub.user,
                 "fullname": "Test User",
-                "orgs": [],
-                "auth": {"type": "access_token", "accessToken": {"displayName": "tests", "role": "write"}},
+                "orgs": [{"type": "org", "name": o} for o in self.hub.orgs],
+                "auth": {
+                    "type": "access_token",
+                    "accessToken": {"displayName": "tests", "role": "write" if self.can_write else "read"},
+                },
             },
         )
 
     def _create_repo(self) -> None:
-        self._need_write()
         body = self._json_body()
         name, org = body.get("name"), body.get("organization") or self.hub.user
+        self._need_write()
+        self._need_namespace(org)
         rtype = body.get("type") or "model"
         if rtype != "model":
             raise HubError(400, f"this fake Hub only stores model repos, not {rtype!r}")
@@ -649,6 +669,13 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._tree(self._readable_repo(repo_id), unquote(r[1]), unquote(r[2] or "").strip("/"))
             if rest == "/refs" and m == "GET":
                 return self._refs(self._readable_repo(repo_id))
+            if rest in ("/auth-check", "/auth-check/write") and m == "GET":
+                if not self.authorized:
+                    raise HubError(401, "You must be authenticated to access this resource")
+                self._readable_repo(repo_id)  # a missing repo is 404 whatever the token may do
+                if rest.endswith("/write"):
+                    self._writable_repo(repo_id)
+                return self._send(200, {})
             if (r := re.fullmatch(r"/preupload/([^/]+)", rest)) and m == "POST":
                 return self._preupload(self._writable_repo(repo_id), unquote(r[1]))
             if (r := re.fullmatch(r"/commit/([^/]+)", rest)) and m == "POST":

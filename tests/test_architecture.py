@@ -85,7 +85,14 @@ def _front(*args: str) -> subprocess.CompletedProcess:
 def test_front_door_does_not_import_torch(tmp_path):
     pm = peft_wrap(llama(), r=4, lora_alpha=8, target_modules=["q_proj"])
     save_unmerged(pm, tmp_path / "u")
+    kohya = {  # kohya's 0-d alpha is read from the header's offsets, without torch
+        "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.zeros(2, 4, 3, 3),
+        "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": torch.zeros(8, 2, 1, 1),
+        "lora_unet_down_blocks_0_resnets_0_conv1.alpha": torch.tensor(1.0, dtype=torch.bfloat16),
+    }
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
     runs = {
+        "detect-kohya": _front("detect", str(tmp_path / "kohya.safetensors"), "--json"),
         "help": _front("--help"),
         "detect-adapter": _front("detect", "fixtures/tiny-llama-lora", "--json"),
         "detect-unmerged": _front("detect", str(tmp_path / "u")),
@@ -98,6 +105,7 @@ def test_front_door_does_not_import_torch(tmp_path):
     for name, r in runs.items():
         assert r.stderr.strip().endswith("NO_TORCH"), (name, r.stderr[-500:])
     assert runs["help"].returncode == 0 and runs["detect-adapter"].returncode == 0
+    assert json.loads(runs["detect-kohya"].stdout)["adapters"][0]["modules"][0]["scalings"] == [0.5]
     assert json.loads(runs["report"].stdout)["source_form"] == "adapter"
     assert runs["push-error"].returncode == 1 and runs["merge-usage"].returncode == 2
 

@@ -263,9 +263,9 @@ def test_usage_errors(tmp_path):
     ad, base = tmp_path / "adapter", tmp_path / "base"
     with pytest.raises(lc.RouteError, match="ending in .gguf"):
         lc.convert(ad, "gguf", base=base, output=tmp_path / "out")
-    with pytest.raises(lc.RouteError, match="--outtype applies to --to gguf only"):
+    with pytest.raises(lc.RouteError, match='outtype applies to to="gguf" only'):  # the API's words
         lc.convert(ad, "mlx", base=base, output=tmp_path / "m", outtype="f16")
-    with pytest.raises(lc.RouteError, match="use --outtype"):
+    with pytest.raises(lc.RouteError, match="use outtype"):
         lc.convert(ad, "gguf", base=base, output=tmp_path / "a.gguf", dtype="bf16")
     cfg = json.loads((ad / "adapter_config.json").read_text())
     cfg["base_model_name_or_path"] = "nowhere/at-all"

@@ -713,3 +713,43 @@ def test_non_contiguous_bin_tensor_is_copied_once_not_per_block(tmp_path, monkey
         rows = torch.cat([ck.read_rows("w", i, i + 8) for i in range(0, 384, 8)])
     assert torch.equal(flat, w.t().reshape(-1)) and torch.equal(rows, w.t())
     assert calls.count((384, 512)) == 1, calls  # 48 + 48 blocks, one copy
+
+
+@pytest.mark.parametrize("depth", [100, 100_000])
+def test_diffusers_metadata_nested_too_deep_is_our_error(tmp_path, depth):
+    """diffusers' lora_adapter_metadata (a JSON string in the header) nested without end: one AdapterError."""
+    from types import SimpleNamespace
+
+    from lora_convert.dialects.diffusers import METADATA_KEY, component_configs
+    from lora_convert.errors import AdapterError
+
+    ck = SimpleNamespace(metadata={METADATA_KEY: "[" * depth + "]" * depth}, root=tmp_path)
+    with pytest.raises(AdapterError, match=METADATA_KEY):
+        component_configs(ck)
+
+
+def test_plain_pattern_keys_agree_with_peft_and_stay_cheap():
+    """Module names and ``^`` + escaped paths (what AdapterConfig.for_modules writes, hundreds of them for a
+    kohya or diffusers LoRA) are compared as strings: the same first key as PEFT's re.match, and 2,000 keys
+    against 2,000 modules well within the CPU budget."""
+    import random
+    import re
+    import time
+
+    from lora_convert.config import AdapterConfig
+
+    rng = random.Random(0)
+    parts = ["down_blocks", "0", "1", "attentions", "attn1", "to_q", "to_k", "q_proj", "layers", "model", "x"]
+    names = sorted({".".join(rng.choice(parts) for _ in range(rng.randint(1, 6))) for _ in range(400)})
+    names += ["model.layers.0.q_proj\n", "a-b.q_proj", "q_proj", "xq_proj", "model.x1q_proj"]
+    keys = ["q_proj", "to_q", "1.to_k", "attn1.to_q", "x", "layers.0", "0.q_proj", "q.proj", "......", ".x"]
+    keys += [f"^{re.escape(n)}" for n in rng.sample(names, 30)] + rng.sample(names, 30)
+    cfg = AdapterConfig.from_dict({"r": 8, "rank_pattern": {k: i + 1 for i, k in enumerate(keys)}})
+    for name in names:
+        peft = next((k for k in keys if re.match(rf"(.*\.)?({k})$", name)), None)
+        assert cfg.rank_for(name) == (keys.index(peft) + 1 if peft else 8), (name, peft)
+    many = [f"down_blocks.{i // 100}.attentions.{i % 100}.to_q" for i in range(2000)]
+    cfg = AdapterConfig.from_dict({"r": 8, "rank_pattern": {f"^{re.escape(n)}": 4 for n in many[::2]}})
+    t0 = time.thread_time()
+    assert [cfg.rank_for(n) for n in many] == [4, 8] * 1000
+    assert time.thread_time() - t0 < 5

@@ -101,3 +101,134 @@ def load_merged(path: Path):
 
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# -- vision-language models (their text part is what an adapter's prefixes are about) ---------------------
+
+VLM_TEXT = dict(
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=64,
+)
+VLM_SEQ = torch.tensor([[1, 5, 9, 33, 2, 17, 40, 3]])  # text only: no image token (63)
+
+
+def vlm(name: str, *, seed: int = 0):
+    """A tiny Qwen2-VL, Gemma 3 or Llava (Llama text), as transformers builds it from a config."""
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
+
+    torch.manual_seed(seed)
+    if name == "qwen2_vl":
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}
+        vision = dict(
+            depth=1,
+            embed_dim=16,
+            hidden_size=16,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        )
+        model = Qwen2VLForConditionalGeneration(
+            Qwen2VLConfig(text_config=dict(VLM_TEXT, rope_parameters=rope), vision_config=vision)
+        )
+    elif name == "gemma3":
+        vision = dict(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        )
+        cfg = Gemma3Config(
+            text_config=dict(VLM_TEXT, head_dim=8, sliding_window=16), vision_config=vision, mm_tokens_per_image=4
+        )
+        model = Gemma3ForConditionalGeneration(cfg)
+    elif name == "llava":
+        vision = dict(
+            model_type="clip_vision_model",
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+            projection_dim=16,
+        )
+        cfg = LlavaConfig(text_config=LlamaConfig(**VLM_TEXT).to_dict(), vision_config=vision, image_token_index=63)
+        model = LlavaForConditionalGeneration(cfg)
+    else:
+        raise ValueError(name)
+    return model.eval()
+
+
+# -- diffusion models (diffusers' UNet, CLIP's text encoder) -------------------------------------------------
+
+UNET_SD = dict(  # SD 1.x-like: conv 1×1 proj_in/out, attention in the first down and last up block
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")
+)
+UNET_XL = dict(  # SDXL-like: linear proj_in/out, no attention in the first down and last up block
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    use_linear_projection=True,
+)
+
+
+def unet(*, seed: int = 0, **kind):
+    """A tiny UNet2DConditionModel (208 tensors): conv 3×3 ResNets and samplers, conv 1×1 shortcuts."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        norm_num_groups=4,
+        **(kind or UNET_SD),
+    ).eval()
+
+
+UNET_INPUT = (torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5)), torch.tensor([10]))
+UNET_CONTEXT = torch.randn(1, 3, 8, generator=torch.Generator().manual_seed(6))
+
+
+@torch.no_grad()
+def unet_out(model) -> torch.Tensor:
+    return model(*UNET_INPUT, UNET_CONTEXT).sample.float()
+
+
+def clip_text(*, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
+    return CLIPTextModel(cfg).eval()

@@ -13,6 +13,8 @@ from typing import Protocol
 
 from ..inventory import Inventory
 from ..io.reader import Checkpoint
+from .diffusers import DiffusersDialect
+from .kohya import KohyaDialect
 from .mlx import MlxDialect
 from .peft import PeftDialect
 
@@ -48,3 +50,5 @@ def read_inventory(ck: Checkpoint) -> Inventory:
 
 
 register(MlxDialect())
+register(KohyaDialect())
+register(DiffusersDialect())

@@ -8,12 +8,14 @@ every route reads one number, :attr:`LoraModule.scaling`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 from ..config import AdapterConfig
 from ..errors import AdapterError
 from ..inventory import DEFAULT_ADAPTER, Inventory, LoraModule
 from ..io.reader import Checkpoint
+from .peft_experts import resolve_experts
 from .peft_keys import ParsedKey, Role, parse_key
 
 _FACTOR_ROLES = (Role.LORA_A, Role.LORA_B, Role.EMBED_A, Role.EMBED_B)
@@ -39,24 +41,72 @@ class PeftDialect:
                 path=ck.root,
                 hint="an adapter needs the adapter_config.json PEFT writes beside its weights",
             )
-        if cfg is not None:
-            for name in inv.adapters:
-                inv.configs[name] = cfg
-                for m in inv.modules(name).values():
-                    m.scaling = cfg.scaling_for(m.module, m.rank)
-                inv.warnings[name] = _rank_disagreements(cfg, inv.modules(name).values(), name)
+        configs = _own_configs(ck, inv.adapters, cfg)
+        resolve_experts(inv, configs, ck)
+        for name in inv.adapters:
+            own = configs.get(name)
+            if own is None:
+                if configs or cfg is not None:  # configs are there, none of them this adapter's: alpha unknown
+                    inv.problems[name] = [_not_its_config(ck, name, inv.adapters, sorted(configs))]
+                continue
+            inv.configs[name] = own
+            for m in inv.modules(name).values():
+                m.scaling = own.scaling_for(m.config_key, m.rank)
+            inv.problems[name] = _rank_disagreements(own, inv.modules(name).values(), name, ck)
         return inv
 
 
-def _rank_disagreements(cfg: AdapterConfig, modules: Iterable[LoraModule], adapter: str) -> list[str]:
-    """One warning when the config's rank for a module is not its tensors' rank (the tensors win)."""
-    bad = [m for m in modules if cfg.rank_for(m.module) != m.rank]
+def _own_configs(ck: Checkpoint, names: list[str], top: AdapterConfig | None) -> dict[str, AdapterConfig]:
+    """Each adapter's own config, as PEFT's ``save_pretrained`` lays them out: a named adapter's in the
+    subfolder named after it, the ``default`` adapter's at the top.  The top-level config of a checkpoint
+    holding one adapter is that adapter's, whatever its name; with several, it is only ``default``'s —
+    giving it to the others would merge them with another adapter's lora_alpha."""
+    out: dict[str, AdapterConfig] = {}
+    for name in names:
+        sub = ck.root / name / "adapter_config.json"
+        if ck.adapter_name is None and name != DEFAULT_ADAPTER and sub.is_file():
+            out[name] = AdapterConfig.load(sub)
+        elif top is not None and (len(names) == 1 or name == DEFAULT_ADAPTER):
+            out[name] = top
+    return out
+
+
+def _not_its_config(ck: Checkpoint, name: str, names: list[str], have: list[str]) -> AdapterError:
+    if ck.adapter_config_path is None:
+        whose = f"only {', '.join(have)} has one"
+    elif DEFAULT_ADAPTER in names:
+        whose = (
+            f"the adapter_config.json here belongs to adapter '{DEFAULT_ADAPTER}' "
+            "(PEFT saves a named adapter's config in a subfolder named after it)"
+        )
+    else:
+        whose = f"the adapter_config.json here belongs to one of {', '.join(names)} and does not say which"
+    return AdapterError(
+        f"adapter '{name}' has no adapter_config.json of its own, so its lora_alpha is unknown: {whose}",
+        path=ck.root,
+        hint=f"save the config of adapter '{name}' as {ck.root / name / 'adapter_config.json'}",
+    )
+
+
+def _rank_disagreements(
+    cfg: AdapterConfig, modules: Iterable[LoraModule], adapter: str, ck: Checkpoint
+) -> list[AdapterError]:
+    """The config's rank for a module is not its tensors' rank.  PEFT refuses to load such an adapter (the
+    shapes do not fit), and ``lora_alpha / r`` is not the scaling it was trained with under either rank:
+    the modules' scaling is left unknown and conversions refuse."""
+    bad = [m for m in modules if cfg.rank_for(m.config_key) != m.rank]
     if not bad:
         return []
+    for m in bad:
+        m.scaling = None
     m = bad[0]
     return [
-        f"adapter {adapter}: {m.module}: config says r={cfg.rank_for(m.module)}, the tensors have rank {m.rank}; "
-        f"the tensors' rank is used (scaling {m.scaling:g}; {len(bad)} module(s) disagree)"
+        AdapterError(
+            f"adapter {adapter}: {m.module}: config says r={cfg.rank_for(m.config_key)}, the tensors have rank {m.rank} "
+            f"({len(bad)} module(s) disagree); PEFT refuses to load it and the scaling lora_alpha/r is unknown",
+            path=cfg.source or ck.root,
+            hint="use the adapter_config.json saved with these tensors (r and rank_pattern must match them)",
+        )
     ]
 
 
@@ -119,6 +169,11 @@ def build_inventory(ck: Checkpoint) -> Inventory:
     return inv
 
 
+def conv_factors(a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> bool:
+    """PEFT's (and kohya's) LoRA of a convolution: A is a conv (r, in, *kernel), B a 1×1 conv (out, r, 1...)."""
+    return len(a_shape) > 2 and len(b_shape) == len(a_shape) and all(d == 1 for d in b_shape[2:])
+
+
 def _module(
     ck: Checkpoint, adapter: str, module: str, roles: dict[Role, ParsedKey], bias: ParsedKey | None
 ) -> LoraModule:
@@ -135,7 +190,8 @@ def _module(
     if embedding != (b.role is Role.EMBED_B):
         raise AdapterError(f"mixes lora_A/B with lora_embedding_A/B for module {module}", path=ck.root, tensor=a.key)
     ia, ib = ck.info(a.key), ck.info(b.key)
-    if len(ia.shape) != 2 or len(ib.shape) != 2:
+    conv = conv_factors(ia.shape, ib.shape) and not embedding
+    if not conv and (len(ia.shape) != 2 or len(ib.shape) != 2):
         raise AdapterError(
             f"LoRA factors must be 2-D, got {list(ia.shape)} and {list(ib.shape)}", path=ck.root, tensor=a.key
         )
@@ -148,16 +204,17 @@ def _module(
     m = LoraModule(
         module,
         adapter,
-        "embedding" if embedding else "linear",
+        "embedding" if embedding else ("conv" if conv else "linear"),
         a.key,
         b.key,
         r_a,
-        ia.shape[1],
+        math.prod(ia.shape[1:]),
         ib.shape[0],
         bias.key if bias else None,
         mag.key if mag else None,
     )
-    if mag is not None and ck.info(mag.key).shape != (m.out_features,):
+    mag_shape = ck.info(mag.key).shape if mag is not None else ()
+    if mag is not None and mag_shape != (m.out_features,) and not (conv and math.prod(mag_shape) == m.out_features):
         raise AdapterError(
             f"DoRA magnitude has shape {list(ck.info(mag.key).shape)}, expected [{m.out_features}]",
             path=ck.root,

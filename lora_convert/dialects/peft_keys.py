@@ -101,7 +101,10 @@ def parse_key(key: str) -> ParsedKey:
             return ParsedKey(key, m["mod"], role, groups.get("name"), param, prefixed)
     m = _BASE_LAYER.match(body)
     if m:
-        return ParsedKey(key, m["mod"], Role.BASE, None, m["param"], prefixed, via_base_layer=True)
+        param = m["param"]
+        while param.startswith("base_layer."):  # nested ParamWrappers (several target_parameters of one module)
+            param = param[len("base_layer.") :]
+        return ParsedKey(key, m["mod"], Role.BASE, None, param, prefixed, via_base_layer=True)
     mod, _, param = body.rpartition(".")
     if not mod:
         return ParsedKey(key, body, Role.BASE, None, "", prefixed)
@@ -115,13 +118,13 @@ def format_key(
     param: str = "weight",
     adapter: str | None = None,
     prefixed: bool = True,
-    base_layer: bool = False,
+    base_layer: bool | int = False,  # an int: that many nested base_layer (ParamWrappers)
 ) -> str:
     """Inverse of :func:`parse_key`.  ``adapter=None`` gives PEFT's saved-adapter layout."""
     prefix = PEFT_PREFIX if prefixed else ""
     name = f".{adapter}" if adapter else ""
     if role is Role.BASE:
-        mid = ".base_layer" if base_layer else ""
+        mid = ".base_layer" * int(base_layer)
         return f"{prefix}{module}{mid}.{param}" if param else f"{prefix}{module}"
     if role in (Role.LORA_A, Role.LORA_B):
         return f"{prefix}{module}.{role.value}{name}.{param}"

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CheckpointError, HubError, LoraConvertError
+from ..errors import CheckpointError, HubError, LoraConvertError, option
 from ..progress import hub_progress
 from .files import MAX_INDEX_BYTES, load_json
 from .output import TMP_MARK
@@ -29,6 +29,8 @@ __all__ = [
     "DEFAULT_ALLOW_PATTERNS",
     "PushResult",
     "check_complete_output",
+    "check_push_access",
+    "hub_repo_id",
     "is_repo_id",
     "parse_repo_ref",
     "push_folder",
@@ -89,6 +91,29 @@ def parse_repo_ref(s: str) -> tuple[str, str | None]:
     if sep and (not revision or revision.strip() != revision or ".." in revision or revision.startswith("/")):
         raise HubError(f"{s!r} has an invalid revision after '@'", hint="use a branch, tag or commit hash")
     return repo_id, (revision or None)
+
+
+def hub_repo_id(ref: str | os.PathLike[str] | None) -> str | None:
+    """The Hub repo a reference names, for metadata (a model card's ``base_model``), or None.
+
+    ``org/name[@revision]`` that is not an existing local path (the rule :func:`resolve_checkpoint` follows)
+    gives ``org/name``; so does a folder inside the Hub cache (``.../models--org--name/snapshots/<commit>``).
+    Any other local path gives None: ``fixtures/base`` is a folder on someone's disk, not metadata the Hub can
+    link."""
+    if ref is None:
+        return None
+    text = os.fspath(ref)
+    if not os.path.exists(Path(text).expanduser()):  # (False for a name too long, rather than raising)
+        try:
+            return parse_repo_ref(text)[0]
+        except HubError:
+            return None
+    parts = Path(text).expanduser().resolve().parts
+    for i, part in enumerate(parts[:-2]):
+        if part.startswith("models--") and parts[i + 1] == "snapshots":
+            repo = part.removeprefix("models--").replace("--", "/", 1)
+            return repo if is_repo_id(repo) else None
+    return None
 
 
 def _looks_like_repo_ref(s: str) -> bool:
@@ -307,7 +332,7 @@ def resolve_checkpoint(ref: str | os.PathLike[str], *, allow_patterns: list[str]
     """
     text = os.fspath(ref)
     local = Path(text).expanduser()
-    if local.exists():
+    if os.path.exists(local):  # (False for a name too long or holding a NUL, rather than raising)
         return local
     if not _looks_like_repo_ref(text):
         raise CheckpointError(
@@ -444,7 +469,7 @@ def _check_push(src: Path, repo_id: str, *, revision: str | None, create_pr: boo
                 f"refusing to push {src} to '{repo_id}': "
                 + "; ".join(problems[:5])
                 + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""),
-                hint="finish or redo the conversion, or pass force=True",
+                hint=f"finish or redo the conversion, or pass {option('force')}",
             )
 
 
@@ -458,8 +483,43 @@ def push_token(repo_id: str, token: str | None = None) -> str:
     if not tok:
         raise HubError(
             f"cannot push to '{repo_id}': no Hub token found",
-            hint="set HF_TOKEN, run `hf auth login`, or pass a token",
+            hint=f"set HF_TOKEN, run `hf auth login`, or pass {option('token', 'TOKEN')}",
         )
+    return tok
+
+
+def check_push_access(repo_id: str, token: str | None = None) -> str:
+    """Before any work: the token a push to ``repo_id`` will use, checked with the Hub — it is valid and may
+    write that repo (or create it in that namespace).  Returns the token; raises :class:`HubError` saying
+    what to fix.  A conversion with a push calls it first, so a missing or read-only token costs nothing."""
+    if not is_repo_id(repo_id):
+        raise HubError(
+            f"cannot push to {repo_id!r}: not a valid Hub repo id",
+            hint="use namespace/name with letters, digits, '.', '_' or '-'",
+        )
+    tok = push_token(repo_id, token)
+    from huggingface_hub import HfApi
+
+    e, api = _hf(), HfApi(token=tok)
+    try:
+        who = api.whoami()
+        api.auth_check(repo_id, write=True)
+        return tok
+    except e.RepositoryNotFoundError:
+        pass  # not there yet (or not visible): the push creates it, if the namespace is the token's
+    except Exception as err:  # noqa: BLE001 - every Hub failure becomes one HubError line
+        raise _map_error(err, repo_id, "push to") from err
+    namespace = repo_id.split("/", 1)[0]
+    mine = [who.get("name")] + [o.get("name") for o in who.get("orgs") or [] if isinstance(o, dict)]
+    if namespace not in mine:
+        raise HubError(
+            f"cannot push to '{repo_id}': the token's account ({who.get('name')}) cannot create a repo under "
+            f"'{namespace}' (its namespaces: {', '.join(str(n) for n in mine if n)})",
+            hint="push under one of those namespaces, or use a token of an account that belongs to it",
+        )
+    role = ((who.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise HubError(f"cannot push to '{repo_id}': the token is read-only", hint="use a token with write access")
     return tok
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Self
 
-from ..errors import LoraConvertError, OutputError
+from ..errors import LoraConvertError, OutputError, option
 
 TMP_MARK = ".tmp-lora-convert-"
 MARKER = ".lora-convert-temp"  # inside every temp folder we make: {"target": name, ...}, flock'ed while alive
@@ -350,12 +350,14 @@ class AtomicOutput:
                 raise OutputError("output folder is inside an input folder", path=t, hint=f"write it outside {inp}")
             if t.exists() and _inside(inp, t):
                 raise OutputError(
-                    f"an input ({inp}) lies inside the output folder, which --force would delete",
+                    f"an input ({inp}) lies inside the output folder, which {option('force')} would delete",
                     path=t,
                     hint="choose another output folder",
                 )
         if os.path.lexists(t) and not self.force:
-            raise OutputError("already exists", path=t, hint="choose another path or pass --force to replace it")
+            raise OutputError(
+                "already exists", path=t, hint=f"choose another path or pass {option('force')} to replace it"
+            )
         if self.file and t.is_dir():
             raise OutputError("is a folder; this output is one file", path=t, hint="give -o a file path")
         if self.file and t.exists() and not t.is_file():
@@ -512,7 +514,7 @@ class AtomicOutput:
                         "appeared while this run was writing (made by another run or program); it "
                         "was left as it is and nothing was written",
                         path=t,
-                        hint="choose another path, or run again with --force to replace it",
+                        hint=f"choose another path, or run again with {option('force')} to replace it",
                     )
                 raise OutputError(
                     "was replaced while this run was writing (by another run or program); the new "

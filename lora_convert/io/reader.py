@@ -14,18 +14,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..arch import check_model_config
-from ..errors import CheckpointError, UnsafeInputError
+from ..errors import CheckpointError, UnsafeInputError, option
 from .files import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, file_problem, load_json
-from .safetensors_format import MAX_TENSORS, TensorInfo, add_metadata
-from .sources import TensorSource, open_source
+from .safetensors_format import MAX_TENSORS, TensorInfo, add_metadata, decode_scalar
+from .sources import SafetensorsSource, TensorSource, open_source
 
 if TYPE_CHECKING:
     import torch
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 MLX_ADAPTER_WEIGHTS = "adapters.safetensors"  # mlx-lm's; its checkpoints are {iteration:07d}_adapters.safetensors
-MODEL_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-MODEL_SINGLES = ("model.safetensors", "pytorch_model.bin")
+DIFFUSERS_STEM = "diffusion_pytorch_model"  # a diffusers model's weights (a UNet, a transformer)
+MODEL_INDEXES = (
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+    f"{DIFFUSERS_STEM}.safetensors.index.json",
+    f"{DIFFUSERS_STEM}.bin.index.json",
+)
+MODEL_SINGLES = ("model.safetensors", "pytorch_model.bin", f"{DIFFUSERS_STEM}.safetensors", f"{DIFFUSERS_STEM}.bin")
 
 
 @dataclass
@@ -49,6 +55,28 @@ class Checkpoint:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.tensors)
+
+    @property
+    def stem(self) -> str:
+        """The weights' file stem, which a model written from this one keeps (diffusers loads only its own)."""
+        return DIFFUSERS_STEM if self.files and self.files[0].name.startswith(DIFFUSERS_STEM) else "model"
+
+    def read_scalar(self, name: str) -> float:
+        """A one-element tensor's value (kohya's ``.alpha``) without torch, for the header-only commands."""
+        info = self.info(name)
+        if info.numel != 1:
+            raise CheckpointError(f"expected one value, found shape {list(info.shape)}", path=self.root, tensor=name)
+        if not isinstance(info.source, SafetensorsSource):
+            return float(self.read(name).reshape(-1)[0])
+        try:
+            with open(info.file, "rb") as fh:
+                fh.seek(info.offset)
+                data = fh.read(info.nbytes)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read: {exc.strerror}", path=info.file, tensor=name) from None
+        if len(data) != info.nbytes:
+            raise CheckpointError("file ended while reading this tensor", path=info.file, tensor=name)
+        return decode_scalar(data, info.dtype_name)
 
     @property
     def total_bytes(self) -> int:
@@ -188,22 +216,33 @@ def _add_file(
     return src.metadata
 
 
+def _is_adapter_dir(p: Path) -> bool:
+    return p.is_dir() and (p / "adapter_config.json").is_file() and any((p / f).is_file() for f in ADAPTER_WEIGHTS)
+
+
+def named_adapters(root: Path) -> list[str]:
+    """Names of the adapters PEFT saved in subfolders of ``root`` (every adapter but ``default``), as
+    ``--adapter`` accepts them."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if _is_adapter_dir(p))
+
+
 def _pick_adapter_dir(root: Path, adapter_name: str | None) -> tuple[Path, str | None]:
-    """An adapter folder may hold named adapters in subfolders (PEFT's save of non-default names)."""
-    if adapter_name and (root / adapter_name / "adapter_config.json").is_file():
+    """An adapter folder may hold named adapters in subfolders (PEFT's save of non-default names).  A
+    subfolder with a config but no weights is a named adapter's config beside an unmerged checkpoint."""
+    if adapter_name and _is_adapter_dir(root / adapter_name):
         return root / adapter_name, adapter_name
     if any((root / f).is_file() for f in ADAPTER_WEIGHTS):
         return root, None
-    subs = sorted(
-        p.name
-        for p in root.iterdir()
-        if p.is_dir() and (p / "adapter_config.json").is_file() and any((p / f).is_file() for f in ADAPTER_WEIGHTS)
-    )
+    subs = named_adapters(root)
     if len(subs) == 1:
         return root / subs[0], subs[0]
     if len(subs) > 1:
         raise CheckpointError(
-            f"holds several named adapters: {', '.join(subs)}", path=root, hint="choose one with --adapter NAME"
+            f"holds several named adapters: {', '.join(subs)}",
+            path=root,
+            hint=f"choose one with {option('adapter', 'NAME')}",
         )
     return root, None
 
@@ -254,7 +293,7 @@ def open_checkpoint(path: str | Path, *, adapter_name: str | None = None) -> Che
             index = root / index_name
             if index.is_file():
                 files = _files_from_index(root, index, tensors, sources)
-                layout = "sharded-" + ("safetensors" if index_name.startswith("model") else "bin")
+                layout = "sharded-" + ("bin" if ".bin." in index_name else "safetensors")
                 break
         else:
             for single in MODEL_SINGLES:
@@ -262,14 +301,8 @@ def open_checkpoint(path: str | Path, *, adapter_name: str | None = None) -> Che
                     files, layout = [root / single], single.rsplit(".", 1)[1]
                     break
             else:
-                loose = sorted(root.glob("*.safetensors"))
-                if not loose:
-                    raise CheckpointError(
-                        "no weights found (expected model.safetensors, an index, pytorch_model.bin or "
-                        "adapter_model.safetensors)",
-                        path=root,
-                    )
-                files, layout = loose, "safetensors" if len(loose) == 1 else "sharded-safetensors"
+                files = _loose_files(root)
+                layout = "safetensors" if len(files) == 1 else "sharded-safetensors"
     if not tensors:
         for f in files:
             add_metadata(metadata, _add_file(tensors, sources, f), f)
@@ -288,6 +321,23 @@ def open_checkpoint(path: str | Path, *, adapter_name: str | None = None) -> Che
     )
     _attach_config(ck, path if picked else root)
     return ck
+
+
+def _loose_files(root: Path) -> list[Path]:
+    """A folder's safetensors files when none has a known name (a kohya LoRA, hand-made shards)."""
+    loose = sorted(root.glob("*.safetensors"))
+    if not loose and (root / "model_index.json").is_file():
+        raise CheckpointError(
+            "a diffusers pipeline folder: its models are in subfolders",
+            path=root,
+            hint="give the component's folder, e.g. unet/ or text_encoder/",
+        )
+    if not loose:
+        raise CheckpointError(
+            "no weights found (expected model.safetensors, an index, pytorch_model.bin or adapter_model.safetensors)",
+            path=root,
+        )
+    return loose
 
 
 def _files_from_index(

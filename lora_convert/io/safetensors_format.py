@@ -186,6 +186,20 @@ class TensorInfo:
         return torch_dtype(self.dtype_name)
 
 
+_STRUCT = {"F64": "<d", "F32": "<f", "F16": "<e", "I64": "<q", "I32": "<i", "I16": "<h", "I8": "<b", "U8": "<B"}
+
+
+def decode_scalar(data: bytes, name: str) -> float:
+    """One stored element as a Python float, without torch (bf16 is the top half of an f32)."""
+    if name == "BF16":
+        return struct.unpack("<f", b"\x00\x00" + data[:2])[0]
+    if name == "BOOL":
+        return float(data[0] != 0)
+    if name not in _STRUCT:
+        raise CheckpointError(f"cannot read a {name} value as a number")
+    return float(struct.unpack(_STRUCT[name], data[: struct.calcsize(_STRUCT[name])])[0])
+
+
 @dataclass
 class Header:
     tensors: dict[str, TensorInfo]

@@ -10,11 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..errors import RouteError
+from .diffusion import plan_diffusers, plan_kohya
 from .extract import plan_extract
 from .gguf import plan_gguf
 from .layout import plan_attach, plan_split, plan_strip
 from .merge import plan_merge
 from .mlx import plan_mlx
+from .moe_adapter import plan_moe_layout
 from .plan import FORMATS, FORMS, Plan, Request
 from .to_peft import plan_peft
 
@@ -27,15 +29,32 @@ ROUTES: dict[tuple[str, str], Planner] = {
     ("unmerged", "adapter"): plan_split,
     ("adapter", "unmerged"): plan_attach,
     ("plain", "adapter"): plan_extract,
-    ("adapter", "adapter"): plan_peft,  # another dialect's adapter (mlx-lm) -> PEFT
+    ("adapter", "adapter"): lambda req: plan_adapter(req),  # --moe-layout, or another dialect's adapter -> PEFT
     ("adapter", "gguf"): plan_gguf,
     ("unmerged", "gguf"): plan_gguf,
     ("adapter", "mlx"): plan_mlx,
     ("unmerged", "mlx"): plan_mlx,
+    ("adapter", "kohya"): plan_kohya,
+    ("adapter", "diffusers"): plan_diffusers,
 }
 NEEDS_BASE = frozenset({("adapter", "merged"), ("adapter", "unmerged"), ("plain", "adapter")})
+OPTIONAL_BASE = frozenset({("adapter", "kohya"), ("adapter", "diffusers")})  # the base settles module names
 
-__all__ = ["FORMATS", "FORMS", "NEEDS_BASE", "ROUTES", "Plan", "Planner", "Request", "planner"]
+__all__ = ["FORMATS", "FORMS", "NEEDS_BASE", "OPTIONAL_BASE", "ROUTES", "Plan", "Planner", "Request", "planner"]
+
+
+def plan_adapter(req: Request) -> Plan:
+    """adapter -> adapter: a PEFT adapter's expert LoRA in the other layout (``--moe-layout``, with the base),
+    or another dialect's adapter written as PEFT's."""
+    if req.moe_layout is not None:
+        return plan_moe_layout(req)
+    if req.inventory.dialect == "peft":
+        raise RouteError(
+            "is already a PEFT adapter",
+            path=req.source.root,
+            hint="--moe-layout per-expert|fused converts its expert LoRA to the other layout",
+        )
+    return plan_peft(req)
 
 
 def planner(source_form: str, to: str, *, path: object = None) -> Planner:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .. import lora_math
 from ..errors import AdapterError
 from ..io.reader import Checkpoint
+from ..module_match import match_modules
 from ..pipeline import Buffers, Job, Read
 
 COPY_BLOCK = 1 << 20  # bytes per block of a plain copy: cache-sized, like the merge's output blocks
@@ -76,31 +78,44 @@ class BaseView:
         return self.ck, self.map[key]
 
 
-def remap_modules(modules: list[str], base: BaseView, what: str, adapter_root: Path) -> dict[str, str]:
-    """Module path in the adapter -> base key prefix; handles a base saved without its
-    ``base_model_prefix`` (e.g. GPT-2's ``h.0...`` vs ``transformer.h.0...``), errs on anything else."""
-    keys = set(base.keys())
-
-    def found(m: str) -> bool:
-        return any(f"{m}.{p}" in keys for p in ("weight", "bias")) or m in keys
-
-    missing = [m for m in modules if not found(m)]
-    if not missing:
-        return {m: m for m in modules}
-    heads = {m.split(".", 1)[0] for m in missing}
-    if len(heads) == 1:
-        head = heads.pop()
-        if not any(k.startswith(head + ".") for k in keys):
-            stripped = {m: m.split(".", 1)[1] for m in modules if m.startswith(head + ".") and "." in m}
-            if all(found(v) for v in stripped.values()) and len(stripped) == len(missing):
-                return {m: stripped.get(m, m) for m in modules}
-    hint = _prefix_hint(missing, keys)
-    sample = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-    raise AdapterError(
-        f"{len(missing)} of {len(modules)} {what} match no tensor of the base: {sample}",
-        path=adapter_root,
-        hint=hint or "is this adapter for this base model?",
-    )
+def remap_modules(
+    modules: list[str],
+    base: BaseView,
+    what: str,
+    adapter_root: Path,
+    *,
+    spelled: bool = False,
+    config: dict[str, Any] | None = None,
+    notes: list[str] | None = None,
+    kept: bool = False,
+) -> dict[str, str]:
+    """Module path in the adapter -> base key prefix, read across the layouts that spell one model
+    differently (:mod:`~lora_convert.module_match`: VLM prefixes, a base saved without its
+    ``base_model_prefix``, kohya's '_' spelling, SGM block numbers).  Modules of a part the base does not
+    hold (a text encoder beside a UNet, a vision tower beside a text-only model) are left out of the
+    mapping; ``notes`` receives what was read differently or left out (``kept``: by a route that keeps
+    them under their own names).  Errs on ambiguous and unmatched modules."""
+    match = match_modules(modules, base.keys(), spelled=spelled, config=config)
+    if match.ambiguous:
+        m, hits = next(iter(match.ambiguous.items()))
+        raise AdapterError(
+            f"{len(match.ambiguous)} of {len(modules)} {what} can be read as more than one module of the base: "
+            f"{m} is {' or '.join(hits)}",
+            path=adapter_root,
+            hint="the names alone cannot say which is meant; rename the adapter's keys to the base's",
+        )
+    missing = match.unmatched
+    if missing:
+        hint = _prefix_hint(missing, set(base.keys()))
+        sample = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise AdapterError(
+            f"{len(missing)} of {len(modules)} {what} match no tensor of the base: {sample}",
+            path=adapter_root,
+            hint=hint or "is this adapter for this base model?",
+        )
+    if notes is not None:
+        notes += match.notes(kept=kept)
+    return match.mapping
 
 
 def _prefix_hint(missing: list[str], keys: set[str]) -> str | None:

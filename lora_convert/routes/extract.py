@@ -34,15 +34,16 @@ from typing import Any
 
 import torch
 
-from .. import arch, svd
+from .. import arch, moe_layouts, svd
 from ..config import AdapterConfig
 from ..dialects.peft_keys import PEFT_PREFIX, Role, format_key
 from ..difference import Difference, row_blocks
-from ..errors import RouteError
+from ..errors import RouteError, option, option_name, spelled
 from ..io.reader import Checkpoint
 from ..pipeline import Buffers, Job, Read, execute
 from ..progress import progress_bar
 from .common import copy_job
+from .moe_extract import ExpertPass
 from .plan import Plan, Request
 
 FP32 = torch.float32
@@ -82,26 +83,32 @@ class ExtractOptions:
         """Check every option (RouteError naming it); the default criterion is rank 16."""
         chosen = [x is not None for x in (self.rank, self.energy, self.max_error)]
         if sum(chosen) > 1:
-            raise RouteError("give at most one of --rank, --energy, --max-error")
+            raise RouteError(f"give at most one of {_opts('rank', 'energy', 'max_error')}")
         if not any(chosen):
             self.rank = 16
         checks = [
-            (self.rank is None or self.rank >= 1, "--rank must be at least 1"),
-            (self.energy is None or 0 < self.energy <= 1, "--energy must be in (0, 1]"),
-            (self.max_error is None or 0 <= self.max_error < 1, "--max-error must be in [0, 1)"),
-            (self.max_rank >= 1, "--max-rank must be at least 1"),
-            (self.embeddings in EMBEDDING_MODES, f"--embeddings must be one of {', '.join(EMBEDDING_MODES)}"),
+            (self.rank is None or self.rank >= 1, f"{option_name('rank')} must be at least 1"),
+            (self.energy is None or 0 < self.energy <= 1, f"{option_name('energy')} must be in (0, 1]"),
+            (self.max_error is None or 0 <= self.max_error < 1, f"{option_name('max_error')} must be in [0, 1)"),
+            (self.max_rank >= 1, f"{option_name('max_rank')} must be at least 1"),
+            (
+                self.embeddings in EMBEDDING_MODES,
+                f"{option_name('embeddings')} must be one of {', '.join(EMBEDDING_MODES)}",
+            ),
             (
                 self.dtype in FACTOR_DTYPES,
-                f"--dtype must be one of {', '.join(FACTOR_DTYPES)} for the adapter's factors",
+                f"{option_name('dtype')} must be one of {', '.join(FACTOR_DTYPES)} for the adapter's factors",
             ),
-            (self.svd in SVD_METHODS, "--svd must be auto, exact or randomized"),
+            (self.svd in SVD_METHODS, f"{option_name('svd')} must be auto, exact or randomized"),
         ]
         for ok, message in checks:
             if not ok:
                 raise RouteError(message)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise RouteError("--device cuda: no CUDA device is available", hint="use --device cpu")
+            raise RouteError(
+                f"{option_name('device')} cuda: no CUDA device is available",
+                hint="use " + spelled("--device cpu", 'device="cpu"'),
+            )
         self.patterns()
         parse_layers(self.layers)
         return self
@@ -110,7 +117,7 @@ class ExtractOptions:
         try:
             return [re.compile(p) for p in self.include], [re.compile(p) for p in self.exclude]
         except re.error as e:
-            raise RouteError(f"bad --include/--exclude regex: {e}") from None
+            raise RouteError(f"bad {_opts('include', 'exclude')} regex: {e}") from None
 
     def criterion(self) -> str:
         if self.energy is not None:
@@ -118,6 +125,10 @@ class ExtractOptions:
         if self.max_error is not None:
             return f"max error {self.max_error}"
         return f"rank {self.rank}"
+
+
+def _opts(*names: str) -> str:
+    return ", ".join(option_name(n) for n in names)
 
 
 def parse_layers(spec: str | None) -> set[int] | None:
@@ -129,13 +140,13 @@ def parse_layers(spec: str | None) -> set[int] | None:
         part = part.strip()
         m = re.fullmatch(r"(\d+)\s*-\s*(\d+)|(\d+)", part)
         if not m:
-            raise RouteError(f"--layers: cannot read {part!r} (use e.g. 0-15,20)")
+            raise RouteError(f"{option_name('layers')}: cannot read {part!r} (use e.g. 0-15,20)")
         if m.group(3) is not None:
             out.add(int(m.group(3)))
         else:
             a, b = int(m.group(1)), int(m.group(2))
             if b < a:
-                raise RouteError(f"--layers: empty range {part!r}")
+                raise RouteError(f"{option_name('layers')}: empty range {part!r}")
             out.update(range(a, b + 1))
     return out
 
@@ -154,6 +165,11 @@ class ModuleReport:
     method: str  # exact | randomized
     capped: bool = False  # --max-rank (or the matrix size) stopped short of the target
     seconds: float = 0.0
+    expert: int | None = None  # kind "experts": which expert of the fused parameter ``module``
+
+    @property
+    def label(self) -> str:
+        return self.module if self.expert is None else f"{self.module}[{self.expert}]"
 
 
 @dataclass
@@ -176,7 +192,7 @@ class Extraction:
         rows = ["| module | shape | rank | energy kept | rel. error | method |", "|---|---|---|---|---|---|"]
         for m in self.modules:
             rows.append(
-                f"| `{m.module}` | {m.shape[0]}×{m.shape[1]} | {m.rank}{' (capped)' if m.capped else ''} | "
+                f"| `{m.label}` | {m.shape[0]}×{m.shape[1]} | {m.rank}{' (capped)' if m.capped else ''} | "
                 f"{m.energy:.6f} | {m.error:.3e} | {m.method} |"
             )
         for s in self.saved_whole:
@@ -238,7 +254,8 @@ class _Inputs:
     tied: bool
 
 
-def _classify(tk: Checkpoint, bk: Checkpoint, opts: ExtractOptions) -> _Inputs:
+def _classify(tk: Checkpoint, bk: Checkpoint, opts: ExtractOptions, skip: set[str]) -> _Inputs:
+    """Sort the tuned checkpoint's tensors (``skip``: expert tensors extracted as such)."""
     model_config = tk.config or bk.config
     vocab = arch.config_value(model_config, "vocab_size")
     inc, exc = opts.patterns()
@@ -246,6 +263,8 @@ def _classify(tk: Checkpoint, bk: Checkpoint, opts: ExtractOptions) -> _Inputs:
     heads_stored = any(arch.tensor_kind(n, tk.info(n).shape, vocab) == "lm_head" for n in tk.tensors)
     out = _Inputs([], [], [], [], arch.ties_embeddings(model_config, heads_stored) and not heads_stored)
     for name, info in tk.tensors.items():
+        if name in skip:
+            continue
         kind = arch.tensor_kind(name, info.shape, vocab)
         if name not in bk.tensors:
             out.skipped.append({"tensor": name, "reason": "not in the base"})
@@ -276,8 +295,10 @@ def _classify(tk: Checkpoint, bk: Checkpoint, opts: ExtractOptions) -> _Inputs:
             kind = "skip-exclude"
         out.tasks.append(_Task(name, module, kind))
     for name in bk.tensors:
-        if name not in tk.tensors and not (
-            out.tied and arch.tensor_kind(name, bk.info(name).shape, vocab) == "lm_head"
+        if (
+            name not in tk.tensors
+            and name not in skip
+            and not (out.tied and arch.tensor_kind(name, bk.info(name).shape, vocab) == "lm_head")
         ):
             out.skipped.append({"tensor": name, "reason": "in the base but not in the tuned checkpoint"})
     return out
@@ -346,13 +367,16 @@ def _residual_error(delta: torch.Tensor, B: torch.Tensor, A: torch.Tensor, total
 
 
 def _first_pass(
-    tk: Checkpoint, bk: Checkpoint, inputs: _Inputs, opts: ExtractOptions, progress: bool
+    tk: Checkpoint, bk: Checkpoint, inputs: _Inputs, opts: ExtractOptions, progress: bool, experts: ExpertPass
 ) -> tuple[dict[int, _Factored], list[str]]:
-    """Factor every changed task; returns task index -> outcome (changed tasks only) and the changed 'others'."""
+    """Factor every changed task (and expert); returns task index -> outcome (changed tasks only) and the
+    changed 'others'."""
     conv1d_model = arch.stores_conv1d(tk.config or bk.config)
     outcomes: dict[int, _Factored] = {}
     jobs: list[Job] = []
-    with progress_bar(progress, len(inputs.tasks) + len(inputs.others), "extracting", unit="items") as advance:
+    total = len(inputs.tasks) + len(inputs.others) + experts.count
+    with progress_bar(progress, total, "extracting", unit="items") as advance:
+        jobs += experts.jobs(advance)
         for i, task in enumerate(inputs.tasks):
             factor = task.kind not in _SKIP_REASONS and task.kind != "full"
 
@@ -398,6 +422,7 @@ class _Adapter:
     carried: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     embed_lora: bool = False
+    expert_ranks: dict[str, int] = field(default_factory=dict)  # target_parameters path -> rank per expert
 
     def save_whole(self, module: str, reason: str, keys: list[str]) -> None:
         self.modules_to_save.append(module)
@@ -495,23 +520,38 @@ def _adapter_config(out: _Adapter, tied: bool, base_ref: str, model_config: dict
         out.warnings.append("tied embeddings: ensure_weight_tying is set so the output head gets the same change")
     ranks = Counter(r.rank for r in out.reports)
     r0 = sorted(ranks.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
-    rank_pattern = {re.escape(r.module): r.rank for r in out.reports if r.rank != r0}
+    rank_pattern = {re.escape(r.module): r.rank for r in out.reports if r.rank != r0}  # experts: <module>.<param>
     targets = list(out.lora_modules)
     if tied and out.embed_lora:  # PEFT ties the head's adapter to the embedding's when both are targeted
         targets.append("lm_head")
+    raw: dict[str, Any] = {"lora_dropout": 0.0, "inference_mode": True, "ensure_weight_tying": bool(ensure_tying)}
+    if out.expert_ranks:
+        raw["target_parameters"] = sorted(out.expert_ranks)  # full paths: each matches its parameter alone
     return AdapterConfig(
         r=r0,
         lora_alpha=r0,
         rank_pattern=rank_pattern,
         alpha_pattern=dict(rank_pattern),
-        target_modules=target_regex(targets),
+        target_modules=_target_modules(targets),
         modules_to_save=out.modules_to_save or None,
         fan_in_fan_out=arch.stores_conv1d(model_config) and any(r.kind == "linear" for r in out.reports),
         bias="lora_only" if out.carried else "none",
         base_model_name_or_path=base_ref,
         task_type=arch.task_type(model_config),
-        raw={"lora_dropout": 0.0, "inference_mode": True, "ensure_weight_tying": bool(ensure_tying)},
+        raw=raw,
     ).to_dict()
+
+
+def _target_modules(modules: list[str]) -> str | list[str]:
+    """target_modules for the modules factored: per-expert modules by a pattern per layer and projection
+    that PEFT's conversion of per-expert adapters recognises, the rest by :func:`target_regex`."""
+    experts = sorted(
+        {moe_layouts.per_expert_regex(h[0], h[2]) for m in modules if (h := moe_layouts.split_expert_module(m))}
+    )
+    plain = [m for m in modules if moe_layouts.split_expert_module(m) is None]
+    if not experts:
+        return target_regex(plain) if plain else []
+    return "|".join(([f"(?:{target_regex(plain)})"] if plain else []) + [f"(?:^(?:{'|'.join(experts)})$)"])
 
 
 def target_regex(modules: list[str]) -> str:
@@ -537,11 +577,16 @@ def plan_extract(req: Request) -> Plan:
     """Factor every changed tensor of the tuned checkpoint against the base into a PEFT adapter."""
     tk, bk, opts = req.source, req.base, req.extract
     assert bk is not None and opts is not None and req.base_ref is not None
-    inputs = _classify(tk, bk, opts)
-    outcomes, changed_others = _first_pass(tk, bk, inputs, opts, req.progress)
+    experts = ExpertPass(tk, bk, opts, req.moe_layout)
+    inputs = _classify(tk, bk, opts, experts.keys)
+    outcomes, changed_others = _first_pass(tk, bk, inputs, opts, req.progress, experts)
     out = _collect(tk, inputs, outcomes)
+    moe = experts.collect(lambda path, e, *rest: ModuleReport(path, "experts", *rest, expert=e))
+    out.entries += moe.entries
+    out.reports += moe.reports
+    out.expert_ranks = moe.ranks
     _others(out, changed_others, opts.save_other)
-    if not out.lora_modules and not out.modules_to_save:
+    if not out.lora_modules and not out.modules_to_save and not out.expert_ranks:
         raise RouteError(
             "no changed tensor went into the adapter"
             if out.skipped
@@ -549,11 +594,11 @@ def plan_extract(req: Request) -> Plan:
             path=tk.root,
             hint="see the skipped tensors with --json" if out.skipped else None,
         )
-    if not out.lora_modules:
+    if not out.lora_modules and not out.expert_ranks:
         raise RouteError(
             "no tensor was factored (only whole modules to save): PEFT needs at least one LoRA module",
             path=tk.root,
-            hint="widen --include/--layers or use --embeddings lora",
+            hint=f"widen {_opts('include', 'layers')} or use {option('embeddings', 'lora')}",
         )
     model_config = tk.config or bk.config
     config = _adapter_config(out, inputs.tied, str(req.base_ref), model_config)
@@ -571,7 +616,8 @@ def plan_extract(req: Request) -> Plan:
         out.carried,
     )
     ops = {
-        "lora": len(out.reports),
+        "lora": len(out.reports) - len(moe.reports),
+        **({"experts": len(moe.reports)} if moe.reports else {}),
         "modules_to_save": len(out.modules_to_save),
         "skipped": len(out.skipped),
         **({"lora_biases": len(out.carried)} if out.carried else {}),

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from .. import arch
-from ..errors import AdapterError, RouteError, UnsupportedError
+from ..errors import AdapterError, RouteError, UnsupportedError, option, option_name
 from ..inventory import LoraModule
 from ..io.gguf_sink import OUTTYPES, GgufSink, require_gguf
 from ..pipeline import Job
@@ -111,10 +111,10 @@ def plan_gguf(req: Request) -> Plan:
     gguf = require_gguf()
     outtype = req.outtype or "f32"
     if outtype not in OUTTYPES:
-        raise RouteError(f"unknown --outtype {outtype!r} (choose from {', '.join(OUTTYPES)})")
+        raise RouteError(f"unknown {option_name('outtype')} {outtype!r} (choose from {', '.join(OUTTYPES)})")
     config = req.model_config
     if not config:
-        raise RouteError("a GGUF adapter needs the base's config.json", hint="pass --base BASE")
+        raise RouteError("a GGUF adapter needs the base's config.json", hint=f"pass {option('base', 'BASE')}")
     name = gguf_arch(config)
     modules, warnings = carried_modules(req, "GGUF", dora=False)
     cfg = req.config

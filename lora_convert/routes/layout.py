@@ -7,14 +7,17 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from .. import arch
+from ..config import AdapterConfig
 from ..dialects.peft_keys import PEFT_PREFIX, Role, format_key
-from ..inventory import Inventory
+from ..inventory import Inventory, LoraModule
 from ..pipeline import Job
 from .common import BaseView, copy_job, remap_modules, same_tensor
-from .plan import Plan, Request
+from .moe import attach_expert_jobs, expert_wrappers, memory_view
+from .plan import Plan, Request, dtype_config_changes, output_dtype
 
 
 def adapter_config_out(req: Request) -> dict[str, Any]:
@@ -36,13 +39,19 @@ def plan_strip(req: Request) -> Plan:
     tied = arch.tied_pair(ck.config, keys)
     if tied is not None and tied[1] in base and same_tensor((ck, base[tied[0]]), (ck, base[tied[1]])):
         keys.remove(tied[1])
-    return Plan("base", [copy_job(ck, base[k], k) for k in keys], carry_from=ck.root)
+    dtype = output_dtype(req.dtype)
+    return Plan(
+        "base",
+        [copy_job(ck, base[k], k, dtype) for k in keys],
+        carry_from=ck.root,
+        config_changes=dtype_config_changes(req.dtype, ck.config),
+    )
 
 
 def plan_split(req: Request) -> Plan:
     """unmerged -> adapter: the adapter's tensors under PEFT's saved-adapter names."""
-    ck = req.source
-    jobs = [copy_job(ck, src, name, op="lora") for name, src in split_names(req.inventory, req.adapter).items()]
+    ck, dtype = req.source, output_dtype(req.dtype)
+    jobs = [copy_job(ck, src, name, dtype, "lora") for name, src in split_names(req.inventory, req.adapter).items()]
     return Plan(
         "adapter",
         jobs,
@@ -58,8 +67,8 @@ def split_names(inv: Inventory, adapter: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for mod, m in inv.modules(adapter).items():
         roles = (Role.EMBED_A, Role.EMBED_B) if m.kind == "embedding" else (Role.LORA_A, Role.LORA_B)
-        out[format_key(mod, roles[0])] = m.a_key
-        out[format_key(mod, roles[1])] = m.b_key
+        out[format_key(m.wrapped, roles[0])] = m.a_key  # expert LoRA: keyed by its (nested) ParamWrapper
+        out[format_key(m.wrapped, roles[1])] = m.b_key
         if m.bias_key:
             out[format_key(mod, Role.LORA_B, param="bias")] = m.bias_key
         if m.magnitude_key:
@@ -76,41 +85,81 @@ def plan_attach(req: Request) -> Plan:
     assert req.base is not None and req.config is not None
     req.config.check_supported()
     inv, ad, name = req.inventory, req.source, req.adapter
-    base = BaseView(req.base)
+    # the base under the names PEFT's in-model state dict uses: MoE experts fused as transformers holds them
+    mem = memory_view(req.base, req.model_config)
+    base = BaseView(req.base, {k: v[0] for k, v in mem.items()})
     modules, replace, tokens = inv.modules(name), inv.replace.get(name, {}), inv.tokens.get(name, {})
     targets = sorted(set(modules) | set(tokens))
-    remap = remap_modules(targets, base, "adapter modules", ad.root) if targets else {}
-    lora_by_base = {remap[m]: lm for m, lm in modules.items()}
-    tok_by_base = {remap[m]: key for m, key in tokens.items()}
+    notes: list[str] = []
+    remap = (
+        remap_modules(
+            targets, base, "adapter modules", ad.root, spelled=inv.spelled, config=req.base.config, notes=notes
+        )
+        if targets
+        else {}
+    )
+    lora_by_base = {remap[m]: lm for m, lm in modules.items() if m in remap and lm.kind != "experts"}
+    experts_by_base = {remap[m]: lm for m, lm in modules.items() if m in remap and lm.kind == "experts"}
+    wrappers = expert_wrappers(experts_by_base)  # experts module -> how many ParamWrappers nest around it
+    tok_by_base = {remap[m]: key for m, key in tokens.items() if m in remap}
     saved_modules = {k.rsplit(".", 1)[0] for k in replace} - set(lora_by_base) - set(tok_by_base)
     jobs: list[Job] = []
+    copy = partial(copy_job, dtype=output_dtype(req.dtype))  # --dtype casts floating tensors
     for k in base.keys():
         mod, _, param = k.rpartition(".")
         src = (ad, replace[k]) if k in replace else base.where(k)
+        if mod in wrappers or len(mem[k]) > 1:  # an expert parameter (wrapped, or fused from per-expert tensors)
+            expert = experts_by_base.get(k)
+            jobs += attach_expert_jobs(k, mem[k], src, expert, wrappers.get(mod, 0), ad, name, output_dtype(req.dtype))
+            continue
         if mod in lora_by_base:
             m = lora_by_base[mod]
-            jobs.append(copy_job(*src, format_key(mod, Role.BASE, param=param, base_layer=True)))
+            jobs.append(copy(*src, format_key(mod, Role.BASE, param=param, base_layer=True)))
             if param != "weight":
                 continue
             roles = (Role.EMBED_A, Role.EMBED_B) if m.kind == "embedding" else (Role.LORA_A, Role.LORA_B)
-            jobs.append(copy_job(ad, m.a_key, format_key(mod, roles[0], adapter=name), op="lora"))
-            jobs.append(copy_job(ad, m.b_key, format_key(mod, roles[1], adapter=name), op="lora"))
+            jobs.append(copy(ad, m.a_key, format_key(mod, roles[0], adapter=name), op="lora"))
+            jobs.append(copy(ad, m.b_key, format_key(mod, roles[1], adapter=name), op="lora"))
             if m.bias_key:
-                jobs.append(
-                    copy_job(ad, m.bias_key, format_key(mod, Role.LORA_B, param="bias", adapter=name), op="lora")
-                )
+                jobs.append(copy(ad, m.bias_key, format_key(mod, Role.LORA_B, param="bias", adapter=name), op="lora"))
             if m.magnitude_key:
-                jobs.append(copy_job(ad, m.magnitude_key, format_key(mod, Role.MAGNITUDE, adapter=name), op="lora"))
+                jobs.append(copy(ad, m.magnitude_key, format_key(mod, Role.MAGNITUDE, adapter=name), op="lora"))
         elif mod in tok_by_base and param == "weight":
-            jobs.append(copy_job(*src, f"{PEFT_PREFIX}{mod}.token_adapter.base_layer.weight"))
-            jobs.append(copy_job(ad, tok_by_base[mod], format_key(mod, Role.TOKENS_DELTA, adapter=name), op="lora"))
+            jobs.append(copy(*src, f"{PEFT_PREFIX}{mod}.token_adapter.base_layer.weight"))
+            jobs.append(copy(ad, tok_by_base[mod], format_key(mod, Role.TOKENS_DELTA, adapter=name), op="lora"))
         elif mod in saved_modules and k in replace:
-            jobs.append(copy_job(*base.where(k), format_key(mod, Role.ORIGINAL_MODULE, param=param)))
+            jobs.append(copy(*base.where(k), format_key(mod, Role.ORIGINAL_MODULE, param=param)))
             jobs.append(
-                copy_job(ad, replace[k], format_key(mod, Role.MODULES_TO_SAVE, param=param, adapter=name), op="replace")
+                copy(ad, replace[k], format_key(mod, Role.MODULES_TO_SAVE, param=param, adapter=name), op="replace")
             )
         else:
-            jobs.append(copy_job(*src, f"{PEFT_PREFIX}{k}"))
+            jobs.append(copy(*src, f"{PEFT_PREFIX}{k}"))
     return Plan(
-        "unmerged", jobs, carry_from=req.base.root, tokenizer_from=[ad.root], adapter_config=adapter_config_out(req)
+        "unmerged",
+        jobs,
+        carry_from=req.base.root,
+        tokenizer_from=[ad.root],
+        config_changes=dtype_config_changes(req.dtype, req.base.config),
+        adapter_config=_renamed_config(adapter_config_out(req), modules, remap),
+        warnings=notes,
     )
+
+
+def _renamed_config(d: dict[str, Any], modules: dict[str, LoraModule], remap: dict[str, str]) -> dict[str, Any]:
+    """The adapter config under the base's module names, when matching renamed any (a VLM prefix, a kohya
+    name): patterns and targets spelled for the source's paths would miss, so every module's rank and
+    scaling is written under its new path (scaling · rank as alpha: exact without use_rslora)."""
+    if all(remap.get(m, m) == m for m in modules):
+        return d
+    ranks = {remap[m]: lm.rank for m, lm in modules.items() if m in remap}
+    alphas = {remap[m]: float(lm.scaling or 0) * lm.rank for m, lm in modules.items() if m in remap}
+    cfg = AdapterConfig.for_modules(ranks, alphas)
+    d.update(
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        rank_pattern=cfg.rank_pattern,
+        alpha_pattern=cfg.alpha_pattern,
+        use_rslora=False,
+        target_modules=cfg.target_modules,
+    )
+    return d

@@ -7,6 +7,7 @@ Each LoRA target is one job that streams the base weight in row blocks through
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,9 +20,9 @@ from ..inventory import LoraModule
 from ..io.reader import Checkpoint
 from ..pipeline import Buffers, Job, Read
 from .common import BaseView, check_finite, copy_job, remap_modules, same_tensor
-from .plan import Plan, Request, output_dtype
-
-QUANTIZED_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".qweight", ".scales", ".absmax", ".SCB")
+from .moe import plan_expert_lora
+from .plan import Plan, Request, dtype_config_changes, output_dtype
+from .quantized import quantized_base
 
 
 @dataclass
@@ -50,13 +51,14 @@ def plan_merge(req: Request) -> Plan:
     assert cfg is not None, "the API checks that an adapter config exists"
     cfg.check_supported()
     base = BaseView(req.base) if req.base is not None else BaseView(req.source, req.inventory.base)
-    quantized = _quantized(model_config, base)
-    if quantized:
-        raise UnsupportedError(quantized, path=base.ck.root)
+    qbase = quantized_base(req, base)  # read through its dequantized view
+    if qbase is not None:
+        base = BaseView(qbase.view)
     tied = arch.tied_pair(model_config, base.keys())
-    ops = _assign(req, base, tied)
-    config_changes: dict[str, Any] = {}
     warnings: list[str] = []
+    experts = plan_expert_lora(req.inventory.modules(req.adapter), req.source, base, model_config, cfg)
+    ops = _assign(req, base, tied, warnings, experts.handled, experts.renames)
+    config_changes: dict[str, Any] = {}
     keys = base.keys()
     if tied is not None:
         emb_key, head_key = tied
@@ -72,37 +74,51 @@ def plan_merge(req: Request) -> Plan:
             keys.remove(head_key)  # still tied: the shared tensor is stored once, as save_pretrained does
     dtype = output_dtype(req.dtype)
     conv1d = bool(cfg.fan_in_fan_out) or arch.stores_conv1d(model_config)
-    jobs = [_job(k, ops[k], base, dtype, conv1d) for k in keys]
+    dtypes = qbase.dtypes(req.dtype) if qbase is not None else {}
+    jobs = [
+        experts.job(k, base, dtypes.get(k, dtype))
+        if k in experts.targets
+        else _job(k, ops[k], base, dtypes.get(k, dtype), conv1d)
+        for k in keys
+    ]
+    warnings += experts.warnings
+    if qbase is not None:
+        jobs = qbase.jobs(jobs, ops)
     vocab = _new_vocab(ops, base.keys(), tied, model_config)
     if vocab is not None:
         config_changes["vocab_size"] = vocab
-    return Plan(
+    # Dequantized weights are written in --dtype, bf16 for auto: the config must say what is stored.
+    written = "bf16" if qbase is not None and not qbase.requantize and req.dtype == "auto" else req.dtype
+    config_changes.update(dtype_config_changes(written, model_config))
+    plan = Plan(
         "merged",
         jobs,
+        stem=base.ck.stem,
         carry_from=(req.base or req.source).root,
         tokenizer_from=[req.source.root] if req.base is not None else [],
         config_changes=config_changes,
         warnings=warnings,
     )
+    if qbase is not None:
+        qbase.annotate(plan)
+    return plan
 
 
-def _quantized(model_config: dict[str, Any] | None, base: BaseView) -> str | None:
-    if model_config and model_config.get("quantization_config"):
-        qc = model_config["quantization_config"]
-        method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else "unknown"
-        return f"the base is quantized ({method}); merge into the unquantized base instead"
-    for k in base.keys():
-        if k.endswith(QUANTIZED_SUFFIXES):
-            return f"the base holds quantized weights ({k}); merge into the unquantized base instead"
-    return None
-
-
-def _assign(req: Request, base: BaseView, tied: tuple[str, str] | None) -> dict[str, _KeyOps]:
-    """Base key -> what to do with it: its source (base or replacement), LoRA, lora_bias, tokens."""
+def _assign(
+    req: Request,
+    base: BaseView,
+    tied: tuple[str, str] | None,
+    notes: list[str],
+    skip: set[str] = frozenset(),
+    renames: dict[str, str] | None = None,
+) -> dict[str, _KeyOps]:
+    """Base key -> what to do with it: its source (base or replacement), LoRA, lora_bias, tokens.
+    ``notes`` receives how adapter modules were matched to the base (prefixes, parts left out);
+    ``skip``: modules merged as experts; ``renames``: modules the base stores under another name."""
     inv, ad, cfg = req.inventory, req.source, req.config
     assert cfg is not None
     modules, replace, tokens = (
-        inv.modules(req.adapter),
+        {k: m for k, m in inv.modules(req.adapter).items() if k not in skip},
         inv.replace.get(req.adapter, {}),
         inv.tokens.get(req.adapter, {}),
     )
@@ -110,7 +126,22 @@ def _assign(req: Request, base: BaseView, tied: tuple[str, str] | None) -> dict[
     if tied is not None:
         view[tied[1]] = base.map[tied[0]]  # a tied head *is* the embedding, whatever the file stores
     all_mods = sorted(set(modules) | {k.rsplit(".", 1)[0] for k in replace if k not in view} | set(tokens))
-    remap = remap_modules(all_mods, BaseView(base.ck, view), "adapter modules", ad.root) if all_mods else {}
+    renames = renames or {}
+    rest = [m for m in all_mods if m not in renames]
+    remap = (
+        remap_modules(
+            rest,
+            BaseView(base.ck, view),
+            "adapter modules",
+            ad.root,
+            spelled=inv.spelled,
+            config=req.model_config,
+            notes=notes,
+        )
+        if rest
+        else {}
+    )
+    remap.update(renames)
     ops = {k: _KeyOps((base.ck, src)) for k, src in view.items()}
     for k, src in replace.items():
         mod, _, param = k.rpartition(".")
@@ -119,7 +150,9 @@ def _assign(req: Request, base: BaseView, tied: tuple[str, str] | None) -> dict[
             raise AdapterError(f"replaces {bk}, which the base does not have", path=ad.root, tensor=src)
         ops[bk].source, ops[bk].replaced = (ad, src), True
     for mod, m in modules.items():
-        wk = f"{remap.get(mod, mod)}.weight"
+        if mod not in remap:
+            continue  # a part the base does not hold (reported in notes)
+        wk = f"{remap[mod]}.weight"
         if wk not in ops:
             raise AdapterError(f"module {mod} has no weight in the base", path=ad.root, tensor=m.a_key)
         ops[wk].lora, ops[wk].lora_ck = m, ad
@@ -240,6 +273,8 @@ def _factors(
                 hint="is this adapter for this base model?",
             )
         return lora_math.embedding_factors(a, b, m.scaling), True
+    if m.kind == "conv" or len(base_shape) > 2:
+        return _conv_factors(m, ck, a, b, base_shape), False
     try:
         transposed = lora_math.is_transposed(base_shape, m.in_features, m.out_features, hint=conv1d_hint)
     except ValueError as exc:
@@ -250,6 +285,23 @@ def _factors(
             hint="is this adapter for this base model?",
         ) from exc
     return lora_math.linear_factors(a, b, m.scaling, transposed=transposed), transposed
+
+
+def _conv_factors(
+    m: LoraModule, ck: Checkpoint, a: torch.Tensor, b: torch.Tensor, base_shape: tuple[int, ...]
+) -> lora_math.DeltaFactors:
+    """A convolution's ΔW on its flattened (out, in·k·k) weight, after checking the kernel fits."""
+    assert m.scaling is not None
+    kernel = tuple(a.shape[1:]) if a.dim() > 2 else (m.in_features, *([1] * (len(base_shape) - 2)))
+    if tuple(base_shape) != (m.out_features, *kernel) or any(d != 1 for d in b.shape[2:]):
+        raise AdapterError(
+            f"conv LoRA for weight shape {(m.out_features, *kernel)} (B {list(b.shape)}) but the base weight is "
+            f"{tuple(base_shape)}",
+            path=ck.root,
+            tensor=m.module,
+            hint="is this adapter for this base model?",
+        )
+    return lora_math.conv_factors(a, b, m.scaling)
 
 
 def _dora_scales(
@@ -267,12 +319,14 @@ def _dora_scales(
     DoRA normalises per output feature: a stored row for nn.Linear, a stored column for Conv1D and
     Embedding (whose stored weight is transposed to the LoRA view)."""
     assert m.magnitude_key is not None
-    mag = check_finite(lck.read(m.magnitude_key), lck, m.magnitude_key)
+    mag = check_finite(lck.read(m.magnitude_key), lck, m.magnitude_key).reshape(-1)  # conv: (1, out, 1, 1)
     if not transposed:
         norms = torch.empty(rows, dtype=torch.float32)
         for r in plan:
             w = buf.read(r)
-            norms[r.start : r.stop] = lora_math.dora_row_norms(w, delta, r.start, _acc(buf, w.shape[0], cols))
+            norms[r.start : r.stop] = lora_math.dora_row_norms(
+                w.view(w.shape[0], cols), delta, r.start, _acc(buf, w.shape[0], cols)
+            )
             buf.give_back(w)
         return lora_math.dora_scale(mag, norms), None
     sq = torch.zeros(cols, dtype=torch.float32)
@@ -307,7 +361,7 @@ def _token_rows(ops: _KeyOps, rows: int, cols: int) -> tuple[torch.Tensor, torch
 def _merge_job(name: str, ops: _KeyOps, shape: tuple[int, ...], out_dtype: torch.dtype, conv1d_hint: bool) -> Job:
     src_ck, src_key = ops.source
     m, lck = ops.lora, ops.lora_ck
-    rows, cols = shape[0], (shape[1] if len(shape) > 1 else 1)
+    rows, cols = shape[0], math.prod(shape[1:])  # a conv weight is merged as its (out, in·k·k) matrix
     step = lora_math.block_rows(rows, cols, elem_bytes=max(src_ck.info(src_key).itemsize, out_dtype.itemsize))
     dora = m is not None and m.magnitude_key is not None
     plan = [Read(src_ck, src_key, s, min(s + step, rows)) for s in range(0, rows, step)]
@@ -321,7 +375,13 @@ def _merge_job(name: str, ops: _KeyOps, shape: tuple[int, ...], out_dtype: torch
             out = buf.out(tuple(w.shape), out_dtype)
             if delta is not None:
                 lora_math.merge_rows(
-                    w, delta, s, out, acc=_acc(buf, w.shape[0], cols), col_scale=col_scale, row_scale=row_scale
+                    w.view(w.shape[0], cols),
+                    delta,
+                    s,
+                    out.view(w.shape[0], cols),
+                    acc=_acc(buf, w.shape[0], cols),
+                    col_scale=col_scale,
+                    row_scale=row_scale,
                 )
             else:
                 out.copy_(w)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .. import arch
-from ..errors import RouteError, UnsupportedError
+from ..errors import RouteError, UnsupportedError, option
 from ..inventory import LoraModule
 from ..pipeline import Job
 from .adapter_out import carried_modules, factor_job, read_factor
@@ -80,7 +80,7 @@ def _check_ties(req: Request, modules: list[LoraModule]) -> None:
         raise RouteError(
             "an embedding or head LoRA needs the base's config.json, to tell whether the two are tied",
             path=req.source.root,
-            hint="pass --base BASE",
+            hint=f"pass {option('base', 'BASE')}",
         )
     if arch.ties_embeddings(config, head_stored=True):
         raise UnsupportedError(

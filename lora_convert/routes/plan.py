@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import AdapterConfig
 from ..errors import RouteError
+from ..folder import DTYPE_KEYS
 from ..inventory import Inventory
 from ..io.reader import Checkpoint
 
@@ -22,9 +23,11 @@ if TYPE_CHECKING:
     from ..io.writer import TensorSink
     from ..pipeline import Job
     from .extract import Extraction, ExtractOptions
+    from .requantize import Requantization
 
 FORMS = ("merged", "adapter", "unmerged", "base")
-FORMATS = ("gguf", "mlx")  # other ecosystems' adapters: llama.cpp's GGUF file, an mlx-lm adapter folder
+FORMATS = ("gguf", "mlx", "kohya", "diffusers")  # other ecosystems' adapters: llama.cpp's GGUF file, an mlx-lm
+# adapter folder, a kohya (sd-scripts) file, diffusers' LoRA file
 OUTPUT_DTYPES = {
     "auto": None,
     "bf16": "bfloat16",
@@ -48,6 +51,25 @@ def output_dtype(name: str) -> torch.dtype | None:
     return getattr(torch, attr)
 
 
+def dtype_config_changes(name: str, model_config: dict[str, Any] | None) -> dict[str, Any]:
+    """config.json edits for an output whose floating tensors are all stored as ``--dtype name``.
+
+    transformers' ``from_pretrained(dtype="auto")`` (and vLLM, TGI) load in the config's dtype, not the
+    tensors': a config left saying ``float32`` over fp16 tensors loads them upcast, and one saying
+    ``bfloat16`` over fp32 tensors silently drops the precision asked for.  Every key the config (or a
+    sub-config such as ``text_config``) already has is set; ``dtype`` is added when it has neither."""
+    attr = OUTPUT_DTYPES.get(name)
+    if attr is None or model_config is None:
+        return {}
+    subs = [v for v in model_config.values() if isinstance(v, dict)]
+    keys = [k for k in DTYPE_KEYS if k in model_config or any(k in c for c in subs)] or [DTYPE_KEYS[0]]
+    changes: dict[str, Any] = {}
+    for k in keys:
+        if k not in model_config or any(c.get(k, attr) != attr for c in subs) or model_config[k] != attr:
+            changes[k] = attr
+    return changes
+
+
 @dataclass
 class Request:
     """The inputs of one conversion, opened and sorted."""
@@ -63,6 +85,8 @@ class Request:
     progress: bool = False  # progress bars for work done while planning (extraction's factorisations)
     base_config: dict[str, Any] | None = None  # the base's config.json, for routes that need no base weights
     outtype: str | None = None  # --outtype of a GGUF output
+    requantize: bool = False  # merge into a quantized base: write the base's own scheme back
+    moe_layout: str | None = None  # --moe-layout: expert LoRA written per-expert or fused (adapter outputs)
 
     @property
     def config(self) -> AdapterConfig | None:
@@ -96,6 +120,8 @@ class Plan:
     extraction: Extraction | None = None  # the SVD route's per-module report
     op_counts: dict[str, int] | None = None  # what the result reports as done (None: the jobs' ops counted)
     file_sink: Callable[[Path], TensorSink] | None = None  # the output is this one file (GGUF), no folder
+    requantization: Requantization | None = None  # merge --requantize: the error each module's re-quantization adds
+    metadata: dict[str, str] | None = None  # the safetensors header's metadata (kohya's ss_*, diffusers' config)
 
     def ops(self) -> dict[str, int]:
         if self.op_counts is not None:

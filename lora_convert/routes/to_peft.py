@@ -18,6 +18,12 @@ from .plan import Plan, Request
 def plan_peft(req: Request) -> Plan:
     if req.inventory.dialect == "peft":
         raise RouteError("is already a PEFT adapter", path=req.source.root)
+    if req.inventory.dialect in ("kohya", "diffusers"):  # image-model LoRA: PEFT-style is diffusers' own file
+        raise RouteError(
+            f"a {req.inventory.dialect} LoRA file's PEFT-style form is diffusers' LoRA file",
+            path=req.source.root,
+            hint="use --to diffusers (or --to kohya); --base settles a kohya file's module names",
+        )
     assert req.config is not None, "the API checks that an adapter config exists"
     req.config.check_supported()
     plan = plan_split(req)

@@ -1,0 +1,108 @@
+"""How the command line prints: consoles sized for a terminal or for a pipe, tables that never cut the
+part of a name that tells rows apart, and the ``--json`` documents (versioned; errors are documents too).
+
+``docs/json.md`` documents every document's shape.  Torch-free: ``--help`` and usage errors print
+through here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
+
+from .errors import LoraConvertError, render
+from .text import safe
+
+#: The version of every ``--json`` document's shape: it changes when a key is removed or changes meaning
+#: (new keys may appear within a version).  Each document says ``"schema": "<kind>/<version>"``.
+SCHEMA_VERSION = 1
+#: Line width off a terminal: whole lines for pipes and CI logs, which rich would wrap at 80 columns.
+PIPE_WIDTH = 4096
+
+
+def fit_console(console: Console, *, soft_wrap: bool = False) -> None:
+    """Size ``console`` for where it writes now: a terminal wraps at its width; anything else (a pipe, a file,
+    a CI log) gets each line whole and each table as wide as its cells."""
+    terminal = console.is_terminal
+    console.width = None if terminal else PIPE_WIDTH  # type: ignore[assignment] - None: ask the terminal
+    console.soft_wrap = soft_wrap or not terminal
+
+
+def common_prefix(names: list[str]) -> str:
+    """The longest dotted prefix all ``names`` share and none of them ends at (``model.layers.``)."""
+    prefix = os.path.commonprefix(names)
+    prefix = prefix[: prefix.rfind(".") + 1]
+    while prefix and any(n == prefix or len(n) <= len(prefix) for n in names):
+        prefix = prefix[: prefix[:-1].rfind(".") + 1]
+    return prefix
+
+
+def table(
+    console: Console,
+    title: str,
+    head: list[str],
+    rows: list[list[str]],
+    *,
+    name_col: int | None = 0,
+    right: tuple[int, ...] = (),
+) -> Table:
+    """A table whose cells are never cut short: off a terminal it is as wide as it needs; on a terminal too
+    narrow for it the common prefix of the name column is shown as ``…`` (the title says what it stands
+    for) and whatever is still too wide folds onto more lines, so ``q_proj`` and ``k_proj`` stay apart."""
+    t = _table(title, head, rows, right)
+    if not console.is_terminal or name_col is None or not rows:
+        return t
+    if Measurement.get(console, console.options.update_width(PIPE_WIDTH), t).maximum <= console.width:
+        return t
+    prefix = common_prefix([r[name_col] for r in rows])
+    if not prefix:
+        return t
+    short = [[*r[:name_col], "…" + r[name_col][len(prefix) :], *r[name_col + 1 :]] for r in rows]
+    return _table(f"{title} (… = {prefix})", head, short, right)
+
+
+def _table(title: str, head: list[str], rows: list[list[str]], right: tuple[int, ...]) -> Table:
+    """Title, headers and cells come from files (tensor and module names): rich renders markup in all of
+    them, so every one goes through :func:`~lora_convert.text.safe`."""
+    t = Table(title=safe(title))
+    for i, h in enumerate(head):
+        t.add_column(safe(h), overflow="fold", justify="right" if i in right else "left")
+    for r in rows:
+        t.add_row(*(safe(c) for c in r))
+    return t
+
+
+# -- --json documents ---------------------------------------------------------------------------------
+def document(kind: str, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` as the ``--json`` document of ``kind`` (``detect``, ``report``, ``conversion``, ``push``)."""
+    return {"schema": f"{kind}/{SCHEMA_VERSION}", **data}
+
+
+def error_document(
+    exc: BaseException, exit_code: int, *, message: str | None = None, type_name: str | None = None
+) -> dict[str, Any]:
+    """The ``--json`` document of a failure: the same exit code as without ``--json``, the one-line error
+    as ``text`` and its parts (``type``, ``message``, ``path``, ``tensor``, ``hint``) for scripts."""
+    if isinstance(exc, LoraConvertError):
+        err = {
+            "type": type(exc).__name__,
+            "message": render(exc.message, cli=True),
+            "path": exc.path,
+            "tensor": exc.tensor,
+            "hint": render(exc.hint, cli=True) if exc.hint else None,
+            "text": exc.for_cli(),
+        }
+    else:
+        text = message if message is not None else str(exc)
+        err = {"type": type_name or type(exc).__name__, "message": text, "path": None, "tensor": None, "hint": None}
+        err["text"] = text
+    return document("error", {"error": {**err, "exit_code": exit_code}})
+
+
+def dumps(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, indent=2, default=str)

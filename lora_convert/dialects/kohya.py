@@ -1,0 +1,163 @@
+"""kohya-ss / sd-scripts LoRA files — what most image-model trainers, ComfyUI and A1111 use.
+
+One safetensors file; per adapted module ``<prefix>_<path>.lora_down.weight`` (A), ``.lora_up.weight``
+(B) and a 0-d ``.alpha``, where ``<prefix>`` names the pipeline component (``lora_unet``, ``lora_te``,
+``lora_te1``/``lora_te2`` for SDXL's two text encoders: :data:`arch.KOHYA_PREFIXES`) and ``<path>`` is
+the module's path with every ``.`` written ``_``.
+
+* Scaling: ``alpha / rank``; a missing ``.alpha`` (old files) or 0 means alpha = rank, scale 1
+  (sd-scripts' ``LoRAModule`` and ``create_network_from_weights``).
+* Kinds: Linear (down (r, in), up (out, r)) and convolutions (down (r, in, k, k), up (out, r, 1, 1)).
+* Names: each path is read back as ``<component>.<dotted path>`` with the module names diffusers and CLIP
+  use (:data:`arch.KOHYA_COMPOUNDS`); the inventory is ``spelled``, so against a base the base's own
+  tensor names settle every reading, and a reading the names alone cannot settle is marked ``unsure``.
+* Refused with the reason: LyCORIS variants (LoHa, LoKr, Tucker ``lora_mid``, ``dora_scale``, full
+  diffs) and bundled textual-inversion embeddings, which are not LoRA pairs.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from .. import arch
+from ..config import FP32_MAX, AdapterConfig
+from ..errors import AdapterError, UnsupportedError
+from ..inventory import DEFAULT_ADAPTER, Inventory, LoraModule
+from ..io.reader import Checkpoint
+from .peft import conv_factors
+
+_PREFIX = "|".join(sorted(arch.KOHYA_PREFIXES, key=len, reverse=True))
+KEY = re.compile(rf"^(?P<prefix>{_PREFIX})_(?P<name>.+?)\.(?P<role>lora_down\.weight|lora_up\.weight|alpha)$")
+_COMPOUNDS = arch.KOHYA_COMPOUNDS | arch.KOHYA_SGM_COMPOUNDS
+_ANY_PREFIX = re.compile(rf"^(?:{_PREFIX})_")
+_LYCORIS = {
+    "hada_": "LoHa",
+    "lokr_": "LoKr",
+    "lora_mid": "LoCon with Tucker decomposition (lora_mid)",
+    "dora_scale": "LyCORIS DoRA (dora_scale)",
+    "diff": "a full weight difference (diff)",
+    "oft_": "OFT",
+    "ia3": "IA3",
+}
+
+
+class KohyaDialect:
+    """Keys that start with a kohya component prefix (``lora_unet_``, ``lora_te_``, ...)."""
+
+    name = "kohya"
+
+    def claims(self, ck: Checkpoint) -> bool:
+        return ck.adapter_config_path is None and any(_ANY_PREFIX.match(k) for k in ck.tensors)
+
+    def read(self, ck: Checkpoint) -> Inventory:
+        inv = Inventory(form="adapter", dialect=self.name, spelled=True)
+        modules: dict[str, LoraModule] = {}
+        alphas: dict[str, float] = {}
+        kohya_names: dict[str, str] = {}
+        for (prefix, name), roles in sorted(_group_keys(ck).items()):
+            reading, sure = read_kohya_name(name)
+            module = f"{arch.KOHYA_PREFIXES[prefix]}.{reading}"
+            if module in modules:
+                raise AdapterError(
+                    f"{prefix}_{name} and {kohya_names[module]} are the same module ({module})",
+                    path=ck.root,
+                    tensor=roles.get("lora_down.weight"),
+                )
+            kohya_names[module] = f"{prefix}_{name}"
+            modules[module], alphas[module] = _module(ck, module, roles)
+            if not sure:
+                inv.unsure.add(module)
+        if not modules:
+            raise AdapterError("holds no kohya LoRA modules", path=ck.root)
+        inv.lora[DEFAULT_ADAPTER] = modules
+        ranks = {m: lm.rank for m, lm in modules.items()}
+        inv.configs[DEFAULT_ADAPTER] = AdapterConfig.for_modules(ranks, alphas)
+        missing = [m for m in modules if f"{kohya_names[m]}.alpha" not in ck.tensors]
+        if missing:
+            inv.warnings[DEFAULT_ADAPTER] = [
+                f"{len(missing)} module(s) without .alpha (e.g. {kohya_names[missing[0]]}): alpha = rank, "
+                "scale 1, as sd-scripts loads them"
+            ]
+        return inv
+
+
+def _group_keys(ck: Checkpoint) -> dict[tuple[str, str], dict[str, str]]:
+    """(prefix, name) -> {role: key}, after refusing keys that are not LoRA pairs."""
+    groups: dict[tuple[str, str], dict[str, str]] = {}
+    for key in ck.tensors:
+        m = KEY.match(key)
+        if m is None:
+            _refuse(ck, key)
+        groups.setdefault((m["prefix"], m["name"]), {})[m["role"]] = key
+    return groups
+
+
+def _refuse(ck: Checkpoint, key: str) -> None:
+    suffix = key.rsplit(".", 2)[-2] if key.count(".") >= 2 else key.rsplit(".", 1)[-1]
+    for mark, what in _LYCORIS.items():
+        if suffix.startswith(mark):
+            raise UnsupportedError(
+                f"{what} is a LyCORIS variant, not LoRA", path=ck.root, tensor=key, hint="only lora_down/lora_up pairs"
+            )
+    if key.startswith("bundle_emb"):
+        raise UnsupportedError(
+            "bundled textual-inversion embeddings are not LoRA", path=ck.root, tensor=key, hint="save them apart"
+        )
+    raise AdapterError("not a kohya LoRA key (lora_down.weight, lora_up.weight, alpha)", path=ck.root, tensor=key)
+
+
+def _module(ck: Checkpoint, module: str, roles: dict[str, str]) -> tuple[LoraModule, float]:
+    """One module from its keys, after checking the factors fit; and its alpha."""
+    down, up = roles.get("lora_down.weight"), roles.get("lora_up.weight")
+    if down is None or up is None:
+        have = next(iter(roles.values()))
+        raise AdapterError(f"{'lora_down' if down is None else 'lora_up'} is missing", path=ck.root, tensor=have)
+    d, u = ck.info(down).shape, ck.info(up).shape
+    conv = conv_factors(d, u)
+    if not conv and (len(d) != 2 or len(u) != 2):
+        raise AdapterError(
+            f"lora_down {list(d)} and lora_up {list(u)} are neither Linear nor conv factors", path=ck.root, tensor=down
+        )
+    if d[0] != u[1] or d[0] == 0:
+        raise AdapterError(
+            f"rank mismatch: lora_down has {d[0]} rows, lora_up {u[1]} columns", path=ck.root, tensor=down
+        )
+    rank = d[0]
+    alpha = float(rank)
+    if "alpha" in roles:
+        alpha = ck.read_scalar(roles["alpha"])
+        if not math.isfinite(alpha) or abs(alpha) > FP32_MAX:  # (an F64 scalar: the merge computes in fp32)
+            raise AdapterError(
+                "alpha is not a finite number that float32 can hold", path=ck.root, tensor=roles["alpha"]
+            )
+        alpha = alpha or float(rank)  # sd-scripts: alpha 0 means alpha = rank
+    kind = "conv" if conv else "linear"
+    lm = LoraModule(module, DEFAULT_ADAPTER, kind, down, up, rank, math.prod(d[1:]), u[0], scaling=alpha / rank)
+    return lm, alpha
+
+
+def read_kohya_name(name: str) -> tuple[str, bool]:
+    """A kohya module name read back as a dotted path (``down_blocks_0_attentions_0_proj_in`` ->
+    ``down_blocks.0.attentions.0.proj_in``), and whether that is the only reading in which every
+    component is a known module name or a number.  Otherwise the reading joins the longest known names
+    and leaves the rest one component per ``_``: the base's names must settle it."""
+    tokens = name.split("_")
+    n = len(tokens)
+    ways = [0] * n + [1]  # ways[i]: readings of tokens[i:] made only of known names (capped at 2)
+    for i in range(n - 1, -1, -1):
+        for j in range(i + 1, n + 1):
+            if _known(tokens[i:j]):
+                ways[i] = min(2, ways[i] + ways[j])
+    parts, i = [], 0
+    while i < n:
+        j = next((j for j in range(n, i + 1, -1) if "_".join(tokens[i:j]) in _COMPOUNDS), i + 1)
+        parts.append("_".join(tokens[i:j]))
+        i = j
+    return ".".join(parts), ways[0] == 1 and all(_known([p]) or p in arch.KOHYA_COMPOUNDS for p in parts)
+
+
+def _known(tokens: list[str]) -> bool:
+    if len(tokens) == 1:
+        return tokens[0].isdigit() or tokens[0] in arch.KOHYA_PLAIN_NAMES
+    return "_".join(tokens) in arch.KOHYA_COMPOUNDS

@@ -1,0 +1,68 @@
+"""Extraction from a merged mixture-of-experts model: each expert's ΔP factored, packed into one PEFT
+target_parameters pair per fused parameter (or one module per stored expert tensor), loading in PEFT with
+no missing or unexpected keys and giving the fine-tune's logits back."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny_moe import E, load, load_clean, logits, model, peft_experts, save_base
+
+import lora_convert as lc
+
+
+def _tuned(tmp_path, name, **kw):
+    m = model(name)
+    save_base(m, tmp_path / "base")
+    pm = peft_experts(m, **kw)
+    ref = logits(pm)
+    pm.merge_and_unload().save_pretrained(str(tmp_path / "tuned"))
+    return ref
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss"])
+def test_extract_experts_as_target_parameters(tmp_path, name):
+    ref = _tuned(tmp_path, name, r=2)
+    res = lc.extract(tmp_path / "tuned", base=tmp_path / "base", output=tmp_path / "ex", rank=2)
+    reports = [m for m in res.extraction.modules if m.kind == "experts"]
+    assert len(reports) == 2 * 2 * E  # layers × parameters × experts, each with its own error
+    assert {m.expert for m in reports} == set(range(E)) and max(m.error for m in reports) < 1e-5
+    cfg = json.loads((tmp_path / "ex" / "adapter_config.json").read_text())
+    assert sorted(cfg["target_parameters"]) == [
+        f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("down_proj", "gate_up_proj")
+    ]
+    assert (logits(load_clean(tmp_path / "base", tmp_path / "ex")) - ref).abs().max() <= 1e-5
+
+
+def test_extract_energy_gives_every_expert_the_largest_rank(tmp_path):
+    """Ranks chosen per expert differ; PEFT needs one per parameter: the largest, zero-padded nowhere."""
+    ref = _tuned(tmp_path, "mixtral", r=3, attn=())
+    res = lc.extract(tmp_path / "tuned", base=tmp_path / "base", output=tmp_path / "ex", energy=0.9, max_rank=8)
+    reports = [m for m in res.extraction.modules if m.kind == "experts"]
+    by_param: dict[str, set[int]] = {}
+    for m in reports:
+        by_param.setdefault(m.module, set()).add(m.rank)
+        assert m.energy >= 0.9 - 1e-9
+    assert all(len(r) == 1 for r in by_param.values())
+    pm = load_clean(tmp_path / "base", tmp_path / "ex")
+    assert (logits(pm) - ref).abs().max() < 0.5 * (ref - logits(load(tmp_path / "base"))).abs().max()
+
+
+def test_extract_per_expert_modules(tmp_path):
+    """--moe-layout per-expert: one LoRA module per stored expert tensor (v4 names), which PEFT converts."""
+    ref = _tuned(tmp_path, "qwen3_moe", r=2)
+    res = lc.extract(
+        tmp_path / "tuned", base=tmp_path / "base", output=tmp_path / "ex", rank=2, moe_layout="per-expert"
+    )
+    assert res.ops["lora"] == 2 * (2 + 3 * E)
+    cfg = json.loads((tmp_path / "ex" / "adapter_config.json").read_text())
+    assert "target_parameters" not in cfg or not cfg["target_parameters"]
+    assert (logits(load_clean(tmp_path / "base", tmp_path / "ex")) - ref).abs().max() <= 1e-5
+
+
+def test_extract_per_expert_refused_for_fused_experts(tmp_path):
+    _tuned(tmp_path, "gpt_oss", r=2)
+    with pytest.raises(lc.RouteError, match="store the experts fused"):
+        lc.extract(tmp_path / "tuned", base=tmp_path / "base", output=tmp_path / "ex", moe_layout="per-expert")
+    assert not (tmp_path / "ex").exists()
