@@ -753,3 +753,20 @@ def test_plain_pattern_keys_agree_with_peft_and_stay_cheap():
     t0 = time.thread_time()
     assert [cfg.rank_for(n) for n in many] == [4, 8] * 1000
     assert time.thread_time() - t0 < 5
+
+
+def test_unexpected_exception_under_json_is_an_error_document(work, monkeypatch):
+    """Under --json an unexpected failure is an error/1 document too (docs/json.md), and --debug after
+    the command still shows the traceback."""
+    from lora_convert import api
+
+    def fail(*a, **k):
+        raise ValueError("boom\nsecond line")
+
+    monkeypatch.setattr(api, "detect", fail)
+    res = cli("detect", work / "adapter", "--json")
+    line = one_error(res, "internal error (ValueError: boom second line)", "this is a bug")
+    doc = json.loads(res.stdout)["error"]
+    assert (doc["type"], doc["exit_code"], "error: " + doc["text"]) == ("ValueError", 1, line)
+    res = cli("detect", work / "adapter", "--debug")
+    assert isinstance(res.exception, ValueError)
