@@ -8,6 +8,7 @@ Everything the CLI does is a function here::
     lc.convert("unmerged-ckpt", "adapter", output="adapter-out")
     lc.extract("merged", base="base-model", output="adapter-out", rank=16)
     lc.report("my-adapter", base="base-model").rows
+    lc.verify("merged", base="base-model", adapter="my-adapter").ok
     lc.push("merged", "me/my-model")
     lc.merge("my-adapter", base="base-model", output="merged", push_to="me/my-model")  # token checked first
 
@@ -15,7 +16,7 @@ Importing the package does not import torch: ``detect``, ``report`` and ``push``
 conversions import it when they run.
 """
 
-from .api import convert, detect, extract, load_source, merge, push, report
+from .api import combine, convert, detect, extract, load_source, merge, push, report, verify
 from .errors import (
     AdapterError,
     CheckpointError,
@@ -40,6 +41,7 @@ __all__ = [
     "RouteError",
     "UnsafeInputError",
     "UnsupportedError",
+    "combine",
     "convert",
     "detect",
     "extract",
@@ -48,5 +50,6 @@ __all__ = [
     "open_checkpoint",
     "push",
     "report",
+    "verify",
     "__version__",
 ]

@@ -6,16 +6,39 @@ conversions import it when they start.
 
 from __future__ import annotations
 
+import math
 import os
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import AdapterError, HubError, OutputError, RouteError, option, option_name, spelled
+from .errors import (
+    AdapterError,
+    HubError,
+    LoraConvertError,
+    OutputError,
+    RouteError,
+    option,
+    option_name,
+    spelled,
+)
 from .fmt import human_bytes
 from .inputs import load_model_config, load_source, open_plain, pick_adapter, resolve  # noqa: F401 - load_source is public
 from .inventory import Inventory
 from .io.writer import parse_size
+from .stack import (
+    AdapterInput,
+    Spec,
+    check_same_base,
+    close_stack,
+    has_weight,
+    names_a_stack,
+    open_stack,
+    parse_spec,
+    parse_weights,
+)
 
 if TYPE_CHECKING:
     from .assemble import ConvertResult
@@ -23,6 +46,8 @@ if TYPE_CHECKING:
     from .detection import DetectResult
     from .io.hub import PushResult
     from .routes.extract import ExtractOptions
+    from .routes.plan import Request
+    from .routes.verify import Verification
 
 
 def detect(path: str | Path, *, base: str | Path | None = None, adapter: str | None = None) -> DetectResult:
@@ -129,6 +154,7 @@ def convert(
     private: bool = False,
     token: str | None = None,
     moe_layout: str | None = None,
+    adapters: Sequence[Spec] | None = None,
 ) -> ConvertResult:
     """Convert ``source`` to the storage form ``to`` in the folder ``output``.
 
@@ -160,10 +186,15 @@ def convert(
         moe_layout: ``per-expert`` or ``fused``: the layout of expert LoRA in an adapter output — an
             adapter converted to the other layout (adapter -> adapter, with the base), or what extraction
             writes.
+        adapters: several adapters at once, each ``"REF"``, ``"REF:WEIGHT"`` or ``(REF, WEIGHT)``: with
+            ``to="merged"`` the weighted sum of their ΔW is folded in (rounded once); with a plain (merged)
+            ``source`` and ``to="base"`` it is subtracted (unmerge).  REF is an adapter checkpoint, or the
+            name of an adapter inside ``source``.  An ``adapter`` that is a path (or has a weight) means
+            the same as ``adapters=[adapter]``.
 
     Returns:
         A :class:`~lora_convert.assemble.ConvertResult`; ``.extraction`` holds the SVD report, ``.pushed``
-        the push (a :class:`~lora_convert.io.hub.PushResult`).
+        the push (a :class:`~lora_convert.io.hub.PushResult`), ``.unmerge`` the rounding bound of an unmerge.
 
     Raises:
         RouteError: no such route, or a missing base.  CheckpointError, AdapterError (the adapter does not
@@ -177,6 +208,25 @@ def convert(
     _check_arguments(to, dtype, max_shard_size)
     _check_format_options(to, output, dtype, outtype)
     push_token = _check_push(push_to, to, output, force, token)
+    specs = _stack_specs(source, to, adapter, adapters, extract_options or moe_layout)
+    if specs is not None:
+        result = _convert_stack(
+            source,
+            to,
+            specs,
+            base=base,
+            dtype=dtype,
+            requantize=requantize,
+            output=output,
+            force=force,
+            max_shard_size=max_shard_size,
+            progress=progress,
+            command=command,
+            started=started,
+        )
+        if push_to is not None:
+            result.pushed = _push_output(result, push_to, private, push_token, progress)
+        return result
     ck, inv = load_source(source, adapter=adapter)
     base_ck = None
     try:
@@ -303,8 +353,235 @@ def _push_output(result: ConvertResult, repo_id: str, private: bool, token: str 
 def merge(source: str | Path, *, output: str | Path, base: str | Path | None = None, **kwargs: Any) -> ConvertResult:
     """Fold the LoRA of an adapter (with ``base``) or of an unmerged checkpoint into the base weights.
 
+    Several adapters at once: ``merge(BASE, adapters=["a", ("b", 0.5)], output=...)`` folds
+    ``Σ wᵢ·ΔWᵢ`` in one fp32 pass, rounded once; the logits equal PEFT's with the same adapters loaded
+    and active together (``set_scale(name, w)`` for the weights).
+
     The same as ``convert(source, "merged", ...)``: see :func:`convert` for the arguments and errors."""
     return convert(source, "merged", output=output, base=base, **kwargs)
+
+
+def verify(
+    merged: str | Path,
+    *,
+    base: str | Path,
+    adapter: Spec | None = None,
+    adapters: Sequence[Spec] | None = None,
+    ulps: float = 2.0,
+    logits: bool = False,
+    progress: bool = False,
+) -> Verification:
+    """Check, tensor by tensor, that ``merged`` is ``base`` with the adapter(s) merged in.
+
+    Streams the three checkpoints (a few blocks in memory) and gives every tensor a status: ok, not
+    applied, wrong scale (with the c in base + c·ΔW), changed outside the adapter, mismatch, shape
+    mismatch, missing or unexpected.
+
+    Args:
+        merged: the merged checkpoint (plain).  base: the model the merge started from.
+        adapter, adapters: the adapter(s) merged, ``REF[:WEIGHT]`` as for :func:`merge`.
+        ulps: the tolerance, in ulps of MERGED's dtype at each element's magnitude, plus one per adapter
+            beyond the first (see ``lora-convert verify --help``).
+        logits: also compare MERGED's logits with PEFT's unmerged model on a few tokens (needs
+            transformers and peft, and memory for two copies of the model in fp32; skipped otherwise).
+
+    Returns:
+        A :class:`~lora_convert.routes.verify.Verification` (``.ok``, ``.checks``, ``.summary()``).
+
+    Raises:
+        RouteError: no adapter, a bad tolerance, MERGED or BASE holding LoRA tensors.  CheckpointError,
+        AdapterError (the adapter does not fit BASE), UnsupportedError (what merge refuses), HubError.
+    """
+    from .routes.verify import verify_merge
+
+    specs = [*([adapter] if adapter is not None else []), *(adapters or [])]
+    if not specs:
+        raise RouteError("verify needs the adapter that was merged", hint=f"pass {option('adapter', 'ADAPTER')}")
+    if not (isinstance(ulps, int | float) and math.isfinite(ulps) and ulps >= 0):
+        raise RouteError(f"{option_name('ulps')} must be a number >= 0, not {ulps!r}")
+    mck, minv = load_source(merged)
+    try:
+        if minv.form != "plain":
+            raise RouteError(f"holds LoRA tensors ({minv.form} form); MERGED is a merged model", path=mck.root)
+        plain = "BASE is the model the adapters were merged into"
+        with _stack_request(base, specs, base=None, to="merged", progress=progress, plain=plain) as (req, warnings):
+            result = verify_merge(req, mck, ulps=float(ulps), progress=progress)
+            result.warnings = warnings
+            if logits:
+                from .logits_check import compare_logits
+
+                result.logits = compare_logits(mck, req)
+            return result
+    finally:
+        mck.close()
+
+
+def combine(
+    adapters: Sequence[Spec],
+    *,
+    output: str | Path,
+    method: str,
+    weights: Sequence[float | str] | None = None,
+    density: float | None = None,
+    rank: int | None = None,
+    seed: int = 0,
+    svd_clamp: float | None = None,
+    majority_sign: str = "total",
+    force: bool = False,
+    progress: bool = False,
+    command: str | None = None,
+) -> ConvertResult:
+    """Combine adapters into one, as PEFT's ``add_weighted_adapter`` does (bit for bit).
+
+    Args:
+        adapters: ``REF[:WEIGHT]`` (or ``(REF, WEIGHT)``) of each adapter; ``weights`` gives them all at once
+            instead (numbers, or strings such as ``"0.7,-0.4"``).
+        method: cat (exact: ΔW = Σ wᵢ·ΔWᵢ), linear, ties, dare_linear, dare_ties, magnitude_prune (on the
+            factors: need equal ranks), or svd, ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd
+            (on each ΔW, then truncated to ``rank``).
+        density: the fraction kept by the pruning methods (ties, dare, magnitude_prune).  rank: the svd
+            methods' rank (default: the largest source rank).  seed: dare's masks; with PEFT, the seed of
+            ``torch.manual_seed`` just before ``add_weighted_adapter``.  svd_clamp: PEFT's quantile clamp.
+            majority_sign: ties' sign election, ``total`` or ``frequency``.
+
+    Returns:
+        A :class:`~lora_convert.assemble.ConvertResult` for the new adapter folder.
+
+    Raises:
+        RouteError: bad options or weights, unequal ranks where the method needs one rank.  AdapterError:
+        adapters for different base models.  UnsupportedError: what PEFT's combination gets wrong (DoRA,
+        modules_to_save, lora_bias, differing layer selections).  OutputError, CheckpointError, HubError.
+    """
+    started = time.perf_counter()
+    specs = [parse_spec(s) for s in adapters]
+    if weights:
+        given = parse_weights(weights)
+        if any(has_weight(s) for s in adapters):
+            raise RouteError(f"give the weights either as REF:WEIGHT or with {option_name('weights')}, not both")
+        if len(given) != len(specs):
+            raise RouteError(f"{len(given)} weights for {len(specs)} adapters")
+        specs = [(ref, w) for (ref, _), w in zip(specs, given, strict=True)]
+    if not specs:
+        raise RouteError("nothing to combine", hint="name the adapters to combine")
+    from .assemble import write_output
+    from .routes.combine import CombineOptions, plan_combine
+    from .routes.plan import Request
+
+    opts = CombineOptions(method, density, rank, seed, svd_clamp, majority_sign).validate()
+    stack = open_stack(specs, None)
+    try:
+        warnings = [w for inp in stack for w in _check_adapter(inp.inventory, inp.name, inp.ck.root)]
+        check_same_base(stack)
+        first = stack[0]
+        req = Request(first.ck, first.label, first.inventory, first.name, progress=progress, stack=stack)
+        plan = plan_combine(req, opts)
+        plan.warnings[:0] = warnings
+        return write_output(
+            plan,
+            req,
+            output=output,
+            force=force,
+            max_shard_size=10**15,
+            progress=progress,
+            command=command,
+            started=started,
+        )
+    finally:
+        close_stack(stack)
+
+
+def _convert_stack(
+    source: str | Path,
+    to: str,
+    specs: Sequence[Spec],
+    *,
+    base: str | Path | None,
+    dtype: str,
+    requantize: bool,
+    output: str | Path,
+    force: bool,
+    max_shard_size: str | int,
+    progress: bool,
+    command: str | None,
+    started: float,
+) -> ConvertResult:
+    """merge (``to="merged"``) or unmerge (``to="base"``) with the adapters of ``specs``."""
+    from .assemble import write_output
+    from .routes import planner
+
+    if to not in ("merged", "base"):
+        merged, unmerged = spelled("--to merged", 'to="merged"'), spelled("--to base", 'to="base"')
+        raise RouteError(
+            f"adapters given as REF[:WEIGHT] are merged ({merged}) or unmerged ({unmerged}), not converted to {to}"
+        )
+    if requantize and to != "merged":
+        raise RouteError(f"{option_name('requantize')} applies to merges into a quantized base")
+    plain = "unmerging subtracts adapters from a merged model" if to == "base" else None
+    with _stack_request(source, specs, base=base, to=to, dtype=dtype, progress=progress, plain=plain) as (
+        req,
+        warnings,
+    ):
+        req.requantize = requantize
+        plan = planner(req.inventory.form, to, path=req.source.root)(req)
+        plan.warnings[:0] = warnings
+        return write_output(
+            plan,
+            req,
+            output=output,
+            force=force,
+            max_shard_size=max_shard_size,
+            progress=progress,
+            command=command,
+            started=started,
+        )
+
+
+@contextmanager
+def _stack_request(
+    source: str | Path,
+    specs: Sequence[Spec],
+    *,
+    base: str | Path | None,
+    to: str,
+    dtype: str = "auto",
+    progress: bool = False,
+    plain: str | None = None,
+) -> Iterator[tuple[Request, list[str]]]:
+    """The source, its adapters (``specs``) and, for an adapter source, the base, opened as one
+    Request (closed on the way out), and the adapters' warnings.  A plain source is the base (merge)
+    or the merged model (unmerge, verify); an unmerged one carries its base.  ``plain`` says why the
+    source must be plain, where it must (unmerge's MERGED, verify's BASE)."""
+    from .routes import Request
+
+    for spec in specs:
+        parse_spec(spec)  # a weight that does not parse fails before anything is opened
+    ck, inv = load_source(source)
+    stack: list[AdapterInput] = []
+    base_ck = None
+    try:
+        if plain and inv.form != "plain":
+            raise RouteError(f"holds LoRA tensors ({inv.form} form): {plain}", path=ck.root)
+        stack = open_stack(specs, (ck, inv))
+        warnings = [w for inp in stack for w in _check_adapter(inp.inventory, inp.name, inp.ck.root)]
+        check_same_base(stack)
+        if inv.form == "adapter":
+            base_ck = open_plain(_base_ref(stack[0].inventory, stack[0].name, base, f"adapter -> {to}"), "the base")
+        elif inv.form == "plain" and base is not None:
+            raise RouteError(
+                f"the plain source is the model the adapters apply to; {option_name('base')} is not used with it",
+                path=ck.root,
+                hint=f"drop {option_name('base')}, or give an adapter as the source",
+            )
+        ref = str(source)
+        base_ref = str(base) if base is not None else (ref if inv.form == "plain" else None)
+        if inv.form == "plain":
+            base_ck = ck  # the plain source is the base (merge, verify) or the merged model (unmerge)
+        yield Request(ck, ref, inv, stack[0].name, base_ck, base_ref, dtype, None, progress, stack=stack), warnings
+    finally:
+        close_stack(stack, keep=ck)
+        ck.close()
+        if base_ck is not None and base_ck is not ck:
+            base_ck.close()
 
 
 def extract(
@@ -372,6 +649,30 @@ def _extract_options(given: ExtractOptions | dict[str, Any] | None, dtype: str) 
     if unknown:
         raise RouteError(f"unknown extraction option(s): {', '.join(sorted(unknown))}")
     return ExtractOptions(**fields).validate()
+
+
+def _stack_specs(
+    source: str | Path, to: str, adapter: Spec | None, adapters: Sequence[Spec] | None, extract_options: Any
+) -> list[Spec] | None:
+    """The adapters to merge or unmerge, or None for the one-adapter routes (``--adapter NAME`` picks one
+    adapter of a checkpoint holding several)."""
+    stacked = names_a_stack(adapter, adapters)
+    if not stacked and adapter is not None and to in ("merged", "base"):
+        stacked = _is_plain(source)  # a plain source has no adapter of that name: it is an adapter to apply
+    if not stacked:
+        return None
+    if extract_options:
+        raise RouteError("extraction options do not apply to merging or unmerging adapters")
+    return [*([adapter] if adapter is not None else []), *(adapters or [])]
+
+
+def _is_plain(source: str | Path) -> bool:
+    try:
+        ck, inv = load_source(source)
+    except LoraConvertError:
+        return False  # a folder of named adapters, say: the legacy --adapter NAME picks one of them
+    ck.close()
+    return inv.form == "plain"
 
 
 def _check_moe_layout(form: str, to: str, moe_layout: str | None, root: Path) -> None:

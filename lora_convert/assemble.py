@@ -21,6 +21,7 @@ from .progress import progress_bar
 from .routes.extract import Extraction
 from .routes.plan import Plan, Request
 from .routes.requantize import Requantization
+from .routes.unmerge import Unmerge
 
 UNSHARDED = 10**15  # an adapter is one file whatever its size, as PEFT writes it
 
@@ -43,14 +44,18 @@ class ConvertResult:
     extraction: Extraction | None = None
     requantization: Requantization | None = None  # merge --requantize: per-module error
     pushed: PushResult | None = None  # set when the output was pushed to the Hub (push_to=)
+    unmerge: Unmerge | None = None  # the unmerge route's rounding bounds
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat JSON-able dict; the extraction's (or re-quantization's) fields sit beside the common ones."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("extraction", "requantization", "pushed")}
+        """Flat JSON-able dict; the extraction's (re-quantization's, unmerge's) fields sit beside the common ones."""
+        skip = ("extraction", "requantization", "pushed", "unmerge")
+        d = {k: v for k, v in asdict(self).items() if k not in skip}
         if self.extraction is not None:
             d.update(self.extraction.to_dict())
         if self.requantization is not None:
             d.update(self.requantization.to_dict())
+        if self.unmerge is not None:
+            d.update(self.unmerge.to_dict())
         d["pushed"] = asdict(self.pushed) if self.pushed is not None else None
         return d
 
@@ -68,6 +73,7 @@ def write_output(
 ) -> ConvertResult:
     """Write ``plan`` into ``output`` atomically and say what was written."""
     inputs = [req.source.root] + ([req.base.root] if req.base is not None else [])
+    inputs += [inp.ck.root for inp in req.stack]
     single = plan.file_sink is not None  # one file (GGUF): no side files, no card
     out = AtomicOutput(output, force=force, inputs=inputs, file=single)
     with out as tmp:
@@ -102,6 +108,7 @@ def write_output(
             list(plan.warnings),
             extraction=plan.extraction,
             requantization=plan.requantization,
+            unmerge=plan.unmerge,
         )
     if out.stale_removed:
         result.warnings.append(stale_note(out.stale_removed))

@@ -254,7 +254,14 @@ def _conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
         [
             click.option("-o", "--output", required=True, help="Output folder (created atomically)."),
             click.option("--base", help="Base model folder or Hub repo id."),
-            click.option("--adapter", help="Adapter name, for checkpoints with several."),
+            click.option(
+                "--adapter",
+                "adapters",
+                multiple=True,
+                help="Adapter name, for checkpoints with several; or REF[:WEIGHT], repeatable: adapters (folders, "
+                "Hub ids, names inside SOURCE) whose weighted ΔW is merged in one pass, or subtracted with "
+                "--to base (unmerge).",
+            ),
             click.option(
                 "--dtype",
                 type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
@@ -273,6 +280,13 @@ def _conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def _adapter_args(adapters: tuple[str, ...]) -> dict[str, Any]:
+    """One --adapter is a name or a REF[:WEIGHT] (the API tells which); several are a stack."""
+    if len(adapters) == 1:
+        return {"adapter": adapters[0]}
+    return {"adapters": list(adapters)} if adapters else {}
+
+
 def _report_conversion(res: Any, as_json: bool) -> None:
     if as_json:
         _print_json("conversion", res.to_dict())
@@ -288,6 +302,9 @@ def _report_conversion(res: Any, as_json: bool) -> None:
         out.print(safe("  " + ", ".join(f"{k}: {v}" for k, v in sorted(res.ops.items()))))
     for k, v in res.config_changes.items():
         out.print(safe(f"  config.json: {k} = {v}"))
+    if res.unmerge is not None:
+        for line in res.unmerge.summary_lines():
+            out.print(safe("  " + line))
     for w in res.warnings:
         err.print(f"[yellow]warning:[/yellow] {safe(w)}")
     if res.pushed is not None:
@@ -393,7 +410,7 @@ def convert(
     to: str,
     output: str,
     base: str | None,
-    adapter: str | None,
+    adapters: tuple[str, ...],
     dtype: str,
     max_shard_size: str,
     force: bool,
@@ -423,7 +440,7 @@ def convert(
             to,
             output=output,
             base=base,
-            adapter=adapter,
+            **_adapter_args(adapters),
             dtype=dtype,
             max_shard_size=max_shard_size,
             force=force,
@@ -459,7 +476,7 @@ def merge(
     source: str,
     output: str,
     base: str | None,
-    adapter: str | None,
+    adapters: tuple[str, ...],
     dtype: str,
     max_shard_size: str,
     force: bool,
@@ -471,6 +488,10 @@ def merge(
 ) -> None:
     """Fold LoRA into the base weights (SOURCE: an adapter with --base, or an unmerged checkpoint).
 
+    Several adapters: merge BASE --adapter A --adapter B:0.5 folds the weighted sum of their deltas
+    in one fp32 pass, rounded once (PEFT: the adapters loaded and active together, set_scale for the
+    weights).  SOURCE may also be an adapter (with --base): it comes first, with weight 1.
+
     A quantized base (fp8, compressed-tensors fp8, bitsandbytes 4/8-bit, MXFP4) is dequantized block by
     block; with --requantize the merged weights are quantized again in its scheme."""
     res = run_guarded(
@@ -478,7 +499,7 @@ def merge(
             source,
             output=output,
             base=base,
-            adapter=adapter,
+            **_adapter_args(adapters),
             dtype=dtype,
             max_shard_size=max_shard_size,
             force=force,
@@ -501,6 +522,143 @@ def _print_requantization(rq: Any) -> None:
     head, rows = rq.table()
     title = f"re-quantized ({rq.scheme}); {rq.copied} untouched quantized weights copied"
     out.print(table(out, title, head, rows))
+
+
+@main.command("combine")
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, help="Output adapter folder (created atomically).")
+@click.option(
+    "--method",
+    required=True,
+    help="cat (exact: dW = sum of w*dW_i; rank = sum of ranks), linear, ties, dare_linear, dare_ties, "
+    "magnitude_prune (on the factors A and B separately: equal ranks needed, dW gets cross terms), or svd, "
+    "ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd (on each dW_i, then truncated by SVD).",
+)
+@click.option("--weights", multiple=True, help="One weight per adapter: 0.7,-0.4 (or repeat the option).")
+@click.option("--density", type=float, help="Fraction kept by ties, dare_* and magnitude_prune, in (0, 1].")
+@click.option("--rank", type=int, help="Rank of the svd methods' result.  [default: the largest source rank]")
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="dare's random masks: the same as torch.manual_seed(SEED) just before PEFT's add_weighted_adapter.",
+)
+@click.option("--svd-clamp", type=float, help="PEFT's svd_clamp: clamp both factors at this quantile.")
+@click.option(
+    "--majority-sign",
+    type=click.Choice(["total", "frequency"]),
+    default="total",
+    show_default=True,
+    help="ties' sign election.",
+)
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (docs/json.md).")
+@_debug_option
+@click.pass_context
+def combine_cmd(
+    ctx: click.Context,
+    adapters: tuple[str, ...],
+    output: str,
+    method: str,
+    weights: tuple[str, ...],
+    density: float | None,
+    rank: int | None,
+    seed: int,
+    svd_clamp: float | None,
+    majority_sign: str,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Combine ADAPTERS (each REF[:WEIGHT]) into one adapter, as PEFT's add_weighted_adapter does.
+
+    The result is bit-identical to PEFT's (fp32 factors, r = lora_alpha = the new rank, the union of the
+    targets) and is built one module at a time.  What PEFT gets wrong is refused with the reason: DoRA,
+    modules_to_save and lora_bias adapters; rsLoRA sources are written with use_rslora false.
+    """
+    res = run_guarded(
+        lambda: api.combine(
+            list(adapters),
+            output=output,
+            method=method,
+            weights=list(weights),
+            density=density,
+            rank=rank,
+            seed=seed,
+            svd_clamp=svd_clamp,
+            majority_sign=majority_sign,
+            force=force,
+            progress=not as_json and err.is_terminal,
+            command=_command_line(),
+        ),
+        _debug(ctx),
+        as_json,
+    )
+    _report_conversion(res, as_json)
+
+
+ULPS_HELP = (
+    "Tolerance.  An element passes when it is within N ulps of what the merge should have written, "
+    "round(BASE + w*dW) computed in fp32: an ulp is the gap between neighbouring numbers of MERGED's dtype "
+    "at the element's magnitude (bf16: 2^-8 to 2^-7 of it, fp16 2^-11 to 2^-10; never finer than 2^-20 of it, "
+    "as two correct fp32 computations differ by a few fp32 ulps).  One more ulp is allowed per adapter beyond "
+    "the first.  lora-convert's own merge is 0 ulps off; PEFT's merge_and_unload rounds dW "
+    "before adding it (embeddings in half precision), sums in another order and rounds after each adapter: "
+    "a few ulps.  A wrong merge is off by many."
+)
+
+
+@main.command("verify")
+@click.argument("merged")
+@click.option("--base", required=True, help="The base model the merge started from (folder or Hub repo id).")
+@click.option(
+    "--adapter",
+    "adapters",
+    multiple=True,
+    required=True,
+    help="The adapter merged, REF[:WEIGHT]; repeat it for several adapters merged together.",
+)
+@click.option("--ulps", type=float, default=2.0, show_default=True, help=ULPS_HELP)
+@click.option(
+    "--logits",
+    is_flag=True,
+    help="Also compare MERGED's logits with PEFT's unmerged model on a few tokens (needs transformers "
+    "and peft, and memory for two fp32 copies of the model; skipped otherwise).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document, every tensor (docs/json.md).")
+@_debug_option
+@click.pass_context
+def verify_cmd(
+    ctx: click.Context, merged: str, base: str, adapters: tuple[str, ...], ulps: float, logits: bool, as_json: bool
+) -> None:
+    """Check that MERGED is BASE with the adapter merged in, tensor by tensor (exit 0: all ok, 1: not).
+
+    Each tensor is ok, not applied (equals the base), wrong scale (equals base + c*dW, c printed: sqrt(r)
+    means alpha/sqrt(r) was used for alpha/r), changed outside the adapter, mismatch, shape mismatch,
+    missing or unexpected.  The three checkpoints are streamed: memory stays flat.
+    """
+    res = run_guarded(
+        lambda: api.verify(
+            merged,
+            base=base,
+            adapters=list(adapters),
+            ulps=ulps,
+            logits=logits,
+            progress=not as_json and err.is_terminal,
+        ),
+        _debug(ctx),
+        as_json,
+    )
+    if as_json:
+        _print_json("verify", res.to_dict())
+    else:
+        bad = [[c.tensor, c.status, c.detail] for c in res.checks if c.status != "ok"]
+        if bad:
+            out.print(table(out, "tensors that are not ok", ["tensor", "status", "detail"], bad))
+        for w in res.warnings:
+            err.print(f"[yellow]warning:[/yellow] {safe(w)}")
+        click.echo(("ok: " if res.ok else "not ok: ") + escape_controls(res.summary()))
+    sys.exit(0 if res.ok else 1)
 
 
 @main.command("report")

@@ -56,6 +56,16 @@ class Difference:
                 )
             self.changed = self.changed or not torch.equal(a, b)  # integer buffers: compare exactly
             return
+        d = self.delta[start : start + n] if self.keep else self.delta[:n]
+        d.copy_(a).sub_(b)  # b is promoted inside the kernel: no fp32 copy of either side
+        if d.numel():
+            lo, hi = torch.aminmax(d)  # NaN propagates, Inf is an extreme: one pass checks both inputs too
+            if not (torch.isfinite(lo) and torch.isfinite(hi)):
+                self._non_finite(a, b)
+            self.changed = self.changed or bool(lo != 0) or bool(hi != 0)
+
+    def _non_finite(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Name the input that holds NaN/Inf (read again only on this error path), or the overflow."""
         for (ck, key), x in ((self.tuned, a), (self.base, b)):
             if not all_finite(x):
                 raise CheckpointError(
@@ -64,11 +74,9 @@ class Difference:
                     tensor=key,
                     hint="no adapter can carry a non-finite difference",
                 )
-        d = self.delta[start : start + n] if self.keep else self.delta[:n]
-        d.copy_(a).sub_(b)  # b is promoted inside the kernel: no fp32 copy of either side
-        if d.numel():
-            lo, hi = torch.aminmax(d)
-            self.changed = self.changed or bool(lo != 0) or bool(hi != 0)
+        raise CheckpointError(
+            "the difference from the base overflows fp32", path=self.tuned[0].root, tensor=self.tuned[1]
+        )
 
     def result(self) -> torch.Tensor | None:
         """ΔW in the tensor's own shape (``keep``), or the last block; None when the tensors are equal."""

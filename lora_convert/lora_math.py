@@ -1,7 +1,8 @@
 """LoRA weight math, pure tensors in and out: no files, no config parsing.
 
-Every route merges through :func:`merge_rows`: one fp32 ``addmm`` per block of output rows,
-``W_rows(fp32) + s · left_rows @ right``, rounded once to the output dtype.  It never builds
+Every route merges through :func:`merge_rows`: one fp32 ``addmm`` per block of output rows and
+adapter, ``W_rows(fp32) + Σ sᵢ · leftᵢ_rows @ rightᵢ``, rounded once to the output dtype (several
+adapters merged at once are one sum in the same tile, not one rounding each).  It never builds
 a full-size fp32 ΔW, and it gives ``round(fp32(W) + ΔW)`` rather than PEFT's
 ``W + round(ΔW)`` double rounding.
 
@@ -13,6 +14,7 @@ are ``left[rows] @ right``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -110,9 +112,25 @@ def embedding_factors(lora_embedding_A: torch.Tensor, lora_embedding_B: torch.Te
     return DeltaFactors(lora_embedding_A.to(FP32).t().contiguous(), lora_embedding_B.to(FP32).t().contiguous(), scaling)
 
 
+Deltas = DeltaFactors | Sequence[DeltaFactors]  # one adapter's ΔW, or several summed
+
+
+def _each(delta: Deltas) -> Sequence[DeltaFactors]:
+    return (delta,) if isinstance(delta, DeltaFactors) else delta
+
+
+def delta_rows(delta: Deltas, start: int, stop: int) -> torch.Tensor:
+    """fp32 rows ``start:stop`` of Σ ΔWᵢ (one block), in the order the merge adds them."""
+    parts = _each(delta)
+    out = parts[0].rows(start, stop)
+    for d in parts[1:]:
+        out.addmm_(d.left[start:stop], d.right, alpha=d.scaling)
+    return out
+
+
 def merge_rows(
     w_rows: torch.Tensor,
-    delta: DeltaFactors,
+    delta: Deltas,
     start: int,
     out: torch.Tensor,
     *,
@@ -134,26 +152,24 @@ def merge_rows(
     return out.copy_(acc)
 
 
-def _tile(w_rows: torch.Tensor, delta: DeltaFactors, start: int, acc: torch.Tensor | None) -> torch.Tensor:
-    """fp32 ``W_rows + s · left_rows @ right`` in ``acc`` (allocated when not given)."""
+def _tile(w_rows: torch.Tensor, delta: Deltas, start: int, acc: torch.Tensor | None) -> torch.Tensor:
+    """fp32 ``W_rows + Σ sᵢ · leftᵢ_rows @ rightᵢ`` in ``acc`` (allocated when not given)."""
     stop = start + w_rows.shape[0]
     if acc is None:
         acc = w_rows.to(FP32, copy=True)
     else:
         acc.copy_(w_rows)
-    return acc.addmm_(delta.left[start:stop], delta.right, alpha=delta.scaling)
+    for d in _each(delta):
+        acc.addmm_(d.left[start:stop], d.right, alpha=d.scaling)
+    return acc
 
 
-def dora_row_norms(
-    w_rows: torch.Tensor, delta: DeltaFactors, start: int, acc: torch.Tensor | None = None
-) -> torch.Tensor:
+def dora_row_norms(w_rows: torch.Tensor, delta: Deltas, start: int, acc: torch.Tensor | None = None) -> torch.Tensor:
     """‖W + ΔW‖ over each stored row in the block (nn.Linear: one norm per output feature)."""
     return torch.linalg.vector_norm(_tile(w_rows, delta, start, acc), dim=1)
 
 
-def dora_col_sq_norms(
-    w_rows: torch.Tensor, delta: DeltaFactors, start: int, acc: torch.Tensor | None = None
-) -> torch.Tensor:
+def dora_col_sq_norms(w_rows: torch.Tensor, delta: Deltas, start: int, acc: torch.Tensor | None = None) -> torch.Tensor:
     """Partial Σ (W + ΔW)² over stored columns for one block (Conv1D/Embedding: per output feature)."""
     return _tile(w_rows, delta, start, acc).square_().sum(dim=0)
 

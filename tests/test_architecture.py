@@ -99,7 +99,7 @@ def test_front_door_does_not_import_torch(tmp_path):
         "report": _front("report", "fixtures/tiny-llama-lora", "--base", "fixtures/tiny-llama-base", "--json"),
         "push-error": _front("push", str(tmp_path / "nope"), "me/x"),
     }
-    for cmd in ("merge", "convert", "extract", "detect", "report", "push"):
+    for cmd in ("merge", "convert", "extract", "detect", "report", "push", "verify", "combine"):
         runs[f"{cmd}-usage"] = _front(cmd, "--no-such-option")
         runs[f"{cmd}-help"] = _front(cmd, "--help")
     for name, r in runs.items():

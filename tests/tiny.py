@@ -232,3 +232,21 @@ def clip_text(*, seed: int = 0):
         pad_token_id=1,
     )
     return CLIPTextModel(cfg).eval()
+
+
+def peft_stack(base, adapters: list[tuple[Path, float]]):
+    """PEFT's model with several saved adapters loaded and active together, ``set_scale`` for the weights:
+    the reference for merging (and verifying) several adapters at once."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    names = [f"a{i}" for i in range(len(adapters))]
+    model = PeftModel.from_pretrained(base, str(adapters[0][0]), adapter_name=names[0])
+    for name, (path, _) in zip(names[1:], adapters[1:], strict=True):
+        model.load_adapter(str(path), adapter_name=name)
+    model.base_model.set_adapter(names)
+    for mod in model.modules():
+        if isinstance(mod, LoraLayer):
+            for name, (_, weight) in zip(names, adapters, strict=True):
+                mod.set_scale(name, weight)
+    return model.eval()

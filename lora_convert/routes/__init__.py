@@ -19,6 +19,7 @@ from .mlx import plan_mlx
 from .moe_adapter import plan_moe_layout
 from .plan import FORMATS, FORMS, Plan, Request
 from .to_peft import plan_peft
+from .unmerge import plan_unmerge
 
 Planner = Callable[[Request], Plan]
 
@@ -36,6 +37,8 @@ ROUTES: dict[tuple[str, str], Planner] = {
     ("unmerged", "mlx"): plan_mlx,
     ("adapter", "kohya"): plan_kohya,
     ("adapter", "diffusers"): plan_diffusers,
+    ("plain", "merged"): plan_merge,  # the plain source is the base; the adapters come with --adapter
+    ("plain", "base"): plan_unmerge,  # the plain source is a merged model; ΔW of --adapter is subtracted
 }
 NEEDS_BASE = frozenset({("adapter", "merged"), ("adapter", "unmerged"), ("plain", "adapter")})
 OPTIONAL_BASE = frozenset({("adapter", "kohya"), ("adapter", "diffusers")})  # the base settles module names

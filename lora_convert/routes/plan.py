@@ -16,6 +16,7 @@ from ..errors import RouteError
 from ..folder import DTYPE_KEYS
 from ..inventory import Inventory
 from ..io.reader import Checkpoint
+from ..stack import AdapterInput
 
 if TYPE_CHECKING:
     import torch
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from ..pipeline import Job
     from .extract import Extraction, ExtractOptions
     from .requantize import Requantization
+    from .unmerge import Unmerge
 
 FORMS = ("merged", "adapter", "unmerged", "base")
 FORMATS = ("gguf", "mlx", "kohya", "diffusers")  # other ecosystems' adapters: llama.cpp's GGUF file, an mlx-lm
@@ -87,6 +89,11 @@ class Request:
     outtype: str | None = None  # --outtype of a GGUF output
     requantize: bool = False  # merge into a quantized base: write the base's own scheme back
     moe_layout: str | None = None  # --moe-layout: expert LoRA written per-expert or fused (adapter outputs)
+    stack: list[AdapterInput] = field(default_factory=list)  # several adapters (or one from elsewhere) at once
+
+    def adapters_in(self) -> list[AdapterInput]:
+        """The adapters the route applies: the stack, or the source's own adapter with weight 1."""
+        return self.stack or [AdapterInput(self.source, self.inventory, self.adapter, 1.0, self.ref)]
 
     @property
     def config(self) -> AdapterConfig | None:
@@ -118,6 +125,7 @@ class Plan:
     card_tables: list[str] = field(default_factory=list)
     card_config: dict[str, Any] | None = None  # config for the card's pipeline tag when none is written
     extraction: Extraction | None = None  # the SVD route's per-module report
+    unmerge: Unmerge | None = None  # the unmerge route's rounding bounds (filled while its jobs run)
     op_counts: dict[str, int] | None = None  # what the result reports as done (None: the jobs' ops counted)
     file_sink: Callable[[Path], TensorSink] | None = None  # the output is this one file (GGUF), no folder
     requantization: Requantization | None = None  # merge --requantize: the error each module's re-quantization adds

@@ -94,12 +94,13 @@ def _delta(o: _KeyOps | None):  # type: ignore[no-untyped-def]
     """‖ΔW‖ of a plain LoRA on this weight, read when the weight is done (None for anything else)."""
 
     def norm() -> float | None:
-        if o is None or o.lora is None or o.lora_ck is None or o.tokens is not None or o.replaced:
+        if o is None or len(o.loras) != 1 or o.tokens is not None or o.replaced:
             return None
-        m = o.lora
+        lo = o.loras[0]
+        m = lo.module
         if m.magnitude_key or m.scaling is None:
             return None
-        return lora_delta_norm(o.lora_ck.read(m.a_key), o.lora_ck.read(m.b_key), m.scaling)
+        return lora_delta_norm(lo.ck.read(m.a_key), lo.ck.read(m.b_key), lo.scaling)
 
     return norm
 

@@ -1,0 +1,308 @@
+"""verify: does MERGED equal BASE + ADAPTER?  Every layout the merge handles verifies ok when merged by
+lora-convert (0 ulps) and by PEFT's merge_and_unload (within the default tolerance); each way a merge
+goes wrong gets its own status."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+from tiny import gpt2, llama, peft_stack, peft_wrap, qwen2
+
+import lora_convert as lc
+from lora_convert.cli import main
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+LAYOUTS = {
+    "llama-embed-head": (
+        llama,
+        {},
+        dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "embed_tokens", "lm_head"]),
+    ),
+    "llama-patterns-rslora": (
+        llama,
+        {},
+        dict(
+            r=4,
+            lora_alpha=8,
+            use_rslora=True,
+            target_modules=ALL,
+            rank_pattern={"q_proj": 2},
+            alpha_pattern={"up_proj": 3},
+        ),
+    ),
+    "llama-dora": (llama, {}, dict(r=4, lora_alpha=8, use_dora=True, target_modules=ALL + ["lm_head"])),
+    "llama-dora-embed": (llama, {}, dict(r=4, lora_alpha=8, use_dora=True, target_modules=["embed_tokens", "q_proj"])),
+    "llama-modules-to-save": (llama, {}, dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["norm"])),
+    "llama-tokens": (llama, {}, dict(r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=[3, 7, 50])),
+    "qwen2-tied-embed": (qwen2, {}, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])),
+    "qwen2-tied-head": (qwen2, {}, dict(r=4, lora_alpha=8, target_modules=["lm_head", "v_proj"])),
+    "qwen2-lora-bias": (
+        qwen2,
+        {"tie": False},
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_bias=True),
+    ),
+    "gpt2-conv1d": (
+        gpt2,
+        {},
+        dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True),
+    ),
+    "gpt2-conv1d-dora": (
+        gpt2,
+        {},
+        dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, use_dora=True),
+    ),
+}
+# PEFT's merge_and_unload of a tied model writes the embedding's delta into the shared tensor (see
+# test_a_tied_head_changed_twice_is_caught): those two are not expected to verify.
+PEFT_WRONG = {"qwen2-tied-embed", "qwen2-tied-head"}
+
+
+def _setup(tmp_path, factory, model_kw, lora_kw, dtype=None):
+    kw = dict(model_kw, **({"dtype": dtype} if dtype is not None else {}))
+    factory(**kw).save_pretrained(tmp_path / "base")
+    pm = peft_wrap(factory(**kw), **lora_kw)
+    pm.save_pretrained(tmp_path / "adapter")
+    return pm
+
+
+@pytest.mark.parametrize("case", sorted(LAYOUTS))
+def test_every_layout_verifies_merged_by_us_and_by_peft(tmp_path, case):
+    factory, model_kw, lora_kw = LAYOUTS[case]
+    pm = _setup(tmp_path, factory, model_kw, lora_kw)
+    lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "ours")
+    res = lc.verify(tmp_path / "ours", base=tmp_path / "base", adapter=str(tmp_path / "adapter"))
+    assert res.ok, res.summary()
+    assert all(c.ulps == 0 for c in res.checks)  # our own merge, recomputed: bit for bit
+    if "dora" not in case:  # DoRA is not base + c·ΔW: no scale is fitted
+        adapted = [c for c in res.checks if c.scale is not None]
+        assert adapted and all(abs(c.scale - 1) < 1e-3 for c in adapted)
+    pm.merge_and_unload().save_pretrained(tmp_path / "peft")
+    res = lc.verify(tmp_path / "peft", base=tmp_path / "base", adapter=str(tmp_path / "adapter"))
+    assert res.ok == (case not in PEFT_WRONG), res.summary()
+
+
+@pytest.mark.parametrize("case", ["llama-embed-head", "llama-dora", "llama-tokens"])
+def test_peft_bf16_merges_verify_within_the_default_tolerance(tmp_path, case):
+    factory, model_kw, lora_kw = LAYOUTS[case]
+    pm = _setup(tmp_path, factory, model_kw, lora_kw, dtype=torch.bfloat16)
+    pm.merge_and_unload().save_pretrained(tmp_path / "peft")
+    res = lc.verify(tmp_path / "peft", base=tmp_path / "base", adapter=str(tmp_path / "adapter"))
+    assert res.ok, res.summary()
+    strict = lc.verify(tmp_path / "peft", base=tmp_path / "base", adapter=str(tmp_path / "adapter"), ulps=0)
+    assert max(c.ulps for c in strict.checks) <= 2  # PEFT's own roundings: a couple of ulps at most
+
+
+def _status(res, tensor):
+    return next(c for c in res.checks if c.tensor == tensor)
+
+
+def _rewrite(folder, fn):
+    path = folder / "model.safetensors"
+    sd = load_file(path)
+    fn(sd)
+    save_file(sd, str(path), metadata={"format": "pt"})
+
+
+Q0 = "model.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.fixture
+def merged(tmp_path):
+    """A bf16 base, an adapter on attention, embeddings and the head, and lora-convert's merge of it."""
+    _setup(
+        tmp_path,
+        llama,
+        {},
+        dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "embed_tokens"]),
+        torch.bfloat16,
+    )
+    lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "merged")
+    return tmp_path
+
+
+def _verify(t, merged_name="merged", **kw):
+    return lc.verify(t / merged_name, base=t / "base", adapter=str(t / "adapter"), **kw)
+
+
+def test_not_applied(merged):
+    res = _verify(merged, "base")
+    assert not res.ok
+    assert {c.status for c in res.checks if c.tensor.endswith(("q_proj.weight", "v_proj.weight"))} == {"not applied"}
+    assert _status(res, "model.layers.0.mlp.up_proj.weight").status == "ok"
+
+
+def test_wrong_scale_names_rslora(merged):
+    cfg = json.loads((merged / "adapter" / "adapter_config.json").read_text())
+    shutil.copytree(merged / "adapter", merged / "rs")
+    (merged / "rs" / "adapter_config.json").write_text(json.dumps(dict(cfg, use_rslora=True)))
+    lc.merge(merged / "rs", base=merged / "base", output=merged / "wrong")
+    c = _status(_verify(merged, "wrong"), Q0)
+    assert c.status == "wrong scale" and abs(c.scale - 8**0.5) < 0.01
+    assert "α/√r (rsLoRA) used for α/r" in c.detail
+
+
+def test_applied_twice(merged):
+    lc.merge(merged / "adapter", base=merged / "merged", output=merged / "twice")
+    c = _status(_verify(merged, "twice"), Q0)
+    assert c.status == "wrong scale" and "applied twice" in c.detail
+
+
+def test_changed_outside_missing_shape_and_unexpected(merged):
+    def damage(sd):
+        sd["model.norm.weight"] = sd["model.norm.weight"] * 1.1
+        del sd["model.layers.1.mlp.down_proj.weight"]
+        sd["model.layers.0.mlp.up_proj.weight"] = sd["model.layers.0.mlp.up_proj.weight"][:-1].clone()
+        sd["extra.weight"] = torch.zeros(3)
+
+    _rewrite(merged / "merged", damage)
+    res = _verify(merged)
+    assert _status(res, "model.norm.weight").status == "changed outside the adapter"
+    assert _status(res, "model.layers.1.mlp.down_proj.weight").status == "missing"
+    assert _status(res, "model.layers.0.mlp.up_proj.weight").status == "shape mismatch"
+    assert _status(res, "extra.weight").status == "unexpected"
+    assert res.counts()["ok"] == 18
+
+
+def test_a_partly_wrong_tensor_is_a_mismatch(merged):
+    def damage(sd):
+        w = sd[Q0].clone()
+        w[:4] = sd[Q0][:4] * 0  # a few rows lost
+        sd[Q0] = w
+
+    _rewrite(merged / "merged", damage)
+    c = _status(_verify(merged), Q0)
+    assert c.status == "mismatch" and "not base + c·ΔW" in c.detail
+
+
+def test_dora_merged_without_its_magnitude(tmp_path):
+    _setup(tmp_path, llama, {}, dict(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj"]))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    sd = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    save_file({k: v for k, v in sd.items() if "magnitude" not in k}, str(plain / "adapter_model.safetensors"))
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (plain / "adapter_config.json").write_text(json.dumps(dict(cfg, use_dora=False)))
+    lc.merge(plain, base=tmp_path / "base", output=tmp_path / "merged")
+    c = _status(_verify(tmp_path), Q0)
+    assert c.status == "mismatch" and "without DoRA's magnitude rescaling" in c.detail
+
+
+def test_a_tied_head_changed_twice_is_caught(tmp_path):
+    pm = _setup(tmp_path, qwen2, {}, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]))
+    pm.merge_and_unload().save_pretrained(tmp_path / "peft")
+    res = _verify(tmp_path, "peft")
+    c = _status(res, "lm_head.weight")
+    assert c.status == "changed outside the adapter" and "ties it to model.embed_tokens.weight" in c.detail
+    assert _status(res, "model.embed_tokens.weight").status == "ok"
+
+
+def test_several_adapters(tmp_path):
+    llama().save_pretrained(tmp_path / "base")
+    specs = [(["q_proj", "v_proj", "embed_tokens"], 0.7), (["q_proj", "down_proj"], -0.4)]
+    adapters = []
+    for i, (targets, w) in enumerate(specs):
+        peft_wrap(llama(), seed=10 + i, r=4, lora_alpha=8, target_modules=targets).save_pretrained(tmp_path / f"a{i}")
+        adapters.append((tmp_path / f"a{i}", w))
+    names = [f"{p}:{w}" for p, w in adapters]
+    lc.merge(tmp_path / "base", adapters=names, output=tmp_path / "ours")
+    res = lc.verify(tmp_path / "ours", base=tmp_path / "base", adapters=names)
+    assert res.ok and res.tolerance_ulps == 3
+    peft_stack(llama(), adapters).merge_and_unload().save_pretrained(tmp_path / "peft")
+    assert lc.verify(tmp_path / "peft", base=tmp_path / "base", adapters=names).ok
+    only_first = lc.verify(tmp_path / "ours", base=tmp_path / "base", adapters=names[:1])
+    assert _status(only_first, Q0).status == "mismatch"  # the second adapter's change is there too
+
+
+def test_logits_compare_with_peft(tmp_path):
+    _setup(tmp_path, llama, {}, dict(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"]))
+    lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "merged")
+    res = _verify(tmp_path, logits=True)
+    assert res.ok and res.logits["ok"] and res.logits["relative"] < 1e-5
+    res = _verify(tmp_path, "base", logits=True)
+    assert not res.ok and res.logits["ok"] is False
+
+
+def test_cli_exit_status_summary_and_json(merged):
+    args = ["verify", str(merged / "merged"), "--base", str(merged / "base"), "--adapter", str(merged / "adapter")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().splitlines()[-1].startswith("ok: 21 tensors: 21 ok. MERGED equals BASE +")
+    r = CliRunner().invoke(main, [*args, "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["counts"] == {"ok": 21}
+    args[1] = str(merged / "base")
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "not applied" in r.output and "not ok: 21 tensors: 16 ok, 5 not applied" in r.output
+    r = CliRunner().invoke(main, ["verify", str(merged / "adapter"), "--base", str(merged / "base"), "--adapter", "x"])
+    assert r.exit_code == 1 and r.output.startswith("error:") and "MERGED is a merged model" in r.output
+
+
+def test_the_three_checkpoints_are_streamed_not_loaded(merged, monkeypatch):
+    """Weights of BASE and MERGED only come through the pipeline's row blocks; the only whole tensors
+    read are the adapter's factors."""
+    from lora_convert.io.reader import Checkpoint
+
+    whole: list[str] = []
+    real = Checkpoint.read
+
+    def spy(self, name):
+        whole.append(name)
+        return real(self, name)
+
+    monkeypatch.setattr(Checkpoint, "read", spy)
+    assert _verify(merged).ok
+    assert whole and all(".lora_" in n for n in whole), whole
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss"])
+def test_moe_experts(tmp_path, name):
+    """Expert LoRA (PEFT target_parameters) on a per-expert base (Qwen3-MoE) and a fused one (gpt-oss): our
+    merge and PEFT's verify ok; a merge that left the experts out says so for exactly those tensors."""
+    from tiny_moe import model, peft_experts, save_base
+
+    m = model(name)
+    save_base(m, tmp_path / "base")
+    pm = peft_experts(m)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "merged")
+    res = _verify(tmp_path)
+    assert res.ok, res.summary()
+    pm.merge_and_unload().save_pretrained(tmp_path / "peft")
+    assert _verify(tmp_path, "peft").ok
+    shutil.copytree(tmp_path / "adapter", tmp_path / "attn")  # the same adapter without its expert LoRA
+    sd = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    save_file({k: v for k, v in sd.items() if "experts" not in k}, str(tmp_path / "attn" / "adapter_model.safetensors"))
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "attn" / "adapter_config.json").write_text(json.dumps(dict(cfg, target_parameters=None)))
+    lc.merge(tmp_path / "attn", base=tmp_path / "base", output=tmp_path / "no-experts")
+    res = _verify(tmp_path, "no-experts")
+    bad = {c.tensor: c.status for c in res.checks if c.status != "ok"}
+    assert bad and set(bad.values()) == {"not applied"} and all("experts" in k for k in bad), bad
+
+
+def test_conv_lora_of_a_unet(tmp_path):
+    """A diffusers UNet with PEFT LoRA on Linear, 1×1 and 3×3 conv layers: verified per flattened row."""
+    pytest.importorskip("diffusers")
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from tiny import unet
+
+    model = unet()
+    model.save_pretrained(str(tmp_path / "base"))
+    torch.manual_seed(1)
+    model.add_adapter(
+        LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "conv1", "proj_in"], init_lora_weights=False)
+    )
+    (tmp_path / "adapter").mkdir()
+    sd = get_peft_model_state_dict(model)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    model.peft_config["default"].save_pretrained(str(tmp_path / "adapter"))
+    lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "merged")
+    res = _verify(tmp_path)
+    assert res.ok and any("conv1" in c.tensor and c.scale is not None for c in res.checks), res.summary()
+    assert {c.status for c in _verify(tmp_path, "base").checks} == {"ok", "not applied"}
