@@ -7,6 +7,7 @@ conversions import it when they start.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -776,7 +777,7 @@ def _base_ref(inv: Inventory, adapter: str, base: str | Path | None, route: str)
     cfg = inv.config(adapter)
     if cfg is not None and cfg.base_model_name_or_path:
         p = resolve(cfg.base_model_name_or_path)
-        if p.exists():
+        if os.path.exists(p):  # (False for a name too long, rather than raising)
             return p
     raise RouteError(f"{route} needs the base model", hint=f"pass {option('base', 'BASE')} (a folder or a Hub repo id)")
 

@@ -8,10 +8,14 @@ torch.  A new architecture fact goes here, not into the module that first needs 
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from .errors import CheckpointError
 
 # Short module names (the last path component).
 INPUT_EMBEDDINGS = frozenset({"embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings", "embeddings"})
@@ -233,6 +237,71 @@ def task_type(config: dict[str, Any] | None) -> str | None:
         if str(name).endswith(("ForCausalLM", "LMHeadModel")):
             return "CAUSAL_LM"
     return None
+
+
+# -- config.json, type-checked -------------------------------------------------------------------
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**48
+
+
+def _strings(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+# The config.json keys this tool reads (at the top level and in text_config), with what they must be.
+MODEL_CONFIG_SCHEMA: dict[str, tuple[Any, str]] = {
+    "model_type": (lambda v: isinstance(v, str), "a string"),
+    "architectures": (_strings, "a list of strings"),
+    "tie_word_embeddings": (lambda v: isinstance(v, bool), "true or false"),
+    "use_sliding_window": (lambda v: isinstance(v, bool), "true or false"),
+    "text_config": (lambda v: isinstance(v, dict), "an object"),
+    "quantization_config": (
+        lambda v: isinstance(v, dict) and isinstance(v.get("quant_method", ""), str),
+        "an object (with a string quant_method)",
+    ),
+    "layer_types": (_strings, "a list of strings"),
+    **{
+        k: (_count, "a non-negative integer")
+        for k in (
+            "vocab_size",
+            "num_hidden_layers",
+            "n_layer",
+            "num_layers",
+            "num_attention_heads",
+            "n_head",
+            "num_heads",
+            "hidden_size",
+            "n_embd",
+            "d_model",
+            "num_key_value_heads",
+            "head_dim",
+            "sliding_window",
+        )
+    },
+}
+
+
+def check_model_config(data: Any, path: Path) -> dict[str, Any] | None:
+    """config.json as a dict whose keys we read have the right types (null: unset); None if it is not
+    an object.  It comes from a stranger: a wrong type is refused by key, as in adapter_config.json,
+    rather than raising deep inside a route."""
+    if not isinstance(data, dict):
+        return None
+    if is_diffusers_config(data):  # not transformers' keys (a UNet's num_attention_heads may be a list): the
+        return data  # diffusion readers check the types of what they read (sgm_to_diffusers, diffusion_component)
+    for where, obj in (("", data), ("text_config.", data.get("text_config"))):
+        if not isinstance(obj, dict):
+            continue
+        for key, (ok, what) in MODEL_CONFIG_SCHEMA.items():
+            v = obj.get(key)
+            if v is not None and not ok(v):
+                shown = json.dumps(v, default=str)
+                raise CheckpointError(
+                    f"{where}{key} must be {what}, not {shown[:60]}", path=path, hint="fix this value in config.json"
+                )
+    return data
 
 
 # -- prefixes that spell the same module in different layouts ----------------------------------------------

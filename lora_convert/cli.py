@@ -16,9 +16,13 @@ from . import api
 from .cli_output import document, dumps, error_document, fit_console, table
 from .errors import LoraConvertError
 from .fmt import human_bytes, ranges
+from .text import escape_controls, safe
 
-out = Console()
-err = Console(stderr=True, soft_wrap=True)  # one warning, one line (grep-able, like error:)
+# Every name we print comes from a file: it goes through safe() (control characters escaped, rich
+# markup neutralised; cli_output.table does it for every cell); emoji codes (":cake:") print as written.
+out = Console(emoji=False)
+err = Console(stderr=True, soft_wrap=True, emoji=False)  # one warning, one line (grep-able, like error:)
+BUG_HINT = "this is a bug in lora-convert: please report it with the command line; --debug shows the traceback"
 JSON_KEY = "lora_convert.json"  # ctx.meta: the command line asked for --json
 
 
@@ -31,21 +35,37 @@ def _command_line() -> str:
     return "lora-convert " + " ".join(shlex.quote(a) for a in args)
 
 
-def run_guarded(fn: Callable[[], Any], debug: bool, as_json: bool = False) -> Any:
-    """Turn our exceptions into one ``error:`` line (under --json, an error document on stdout too) and exit 1."""
+def run_guarded(fn: Callable[[], Any], debug: bool | Callable[[], bool], as_json: bool = False) -> Any:
+    """Turn every exception into one ``error:`` line (under --json, an error document on stdout too): ours and
+    the environment's (exit 1), Ctrl-C (exit 130), anything else as a bug to report (exit 1).  ``--debug``
+    (``debug``: a flag, or a function asked when something failed) re-raises."""
     try:
         return fn()
-    except LoraConvertError as exc:
-        if debug:
+    except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        raise
+    except (LoraConvertError, KeyboardInterrupt, MemoryError, Exception) as exc:
+        if debug() if callable(debug) else debug:
             raise
+        _fail_on(exc, as_json)
+
+
+def _fail_on(exc: BaseException, as_json: bool) -> NoReturn:
+    if isinstance(exc, LoraConvertError):
         _fail(exc, 1, exc.for_cli(), as_json)
-    except KeyboardInterrupt as exc:
+    if isinstance(exc, KeyboardInterrupt):
         where = getattr(exc, "output_target", None)  # set by AtomicOutput on its way out
-        text = f"{where + ': ' if where else ''}interrupted; nothing was written"
-        _fail(exc, 130, text, as_json, "Interrupted")
+        _fail(exc, 130, f"{where + ': ' if where else ''}interrupted; nothing was written", as_json, "Interrupted")
+    if isinstance(exc, MemoryError):
+        _fail(exc, 1, "out of memory", as_json)
+    if isinstance(exc, OSError):  # the environment (permissions, a name too long, I/O errors), not a bug
+        what = exc.strerror or type(exc).__name__
+        _fail(exc, 1, f"{exc.filename}: {what}" if exc.filename else what, as_json)
+    text = " ".join(str(exc).split())[:300]  # the last line of defence: one line, not a traceback
+    _fail(exc, 1, f"internal error ({type(exc).__name__}{': ' + text if text else ''}); {BUG_HINT}", as_json)
 
 
 def _fail(exc: BaseException, code: int, text: str, as_json: bool, type_name: str | None = None) -> NoReturn:
+    text = escape_controls(text)
     if as_json:
         click.echo(dumps(error_document(exc, code, message=text, type_name=type_name)))
     click.echo(f"error: {text}", err=True)
@@ -69,10 +89,16 @@ class _Main(click.Group):
         return ctx
 
     def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except click.UsageError as exc:
-            _usage_error(exc, ctx.meta.get(JSON_KEY, False))
+        """Every command runs guarded, so that printing a result (a name rich cannot render, a terminal that
+        cannot encode it) can no more print a traceback than the work itself."""
+
+        def go() -> Any:
+            try:
+                return super(_Main, self).invoke(ctx)
+            except click.UsageError as exc:
+                _usage_error(exc, ctx.meta.get(JSON_KEY, False))
+
+        return run_guarded(go, lambda: _debug(ctx), ctx.meta.get(JSON_KEY, False))
 
 
 def _usage_error(exc: click.UsageError, as_json: bool) -> NoReturn:
@@ -130,20 +156,24 @@ def detect(ctx: click.Context, path: str, base: str | None, adapter: str | None,
     if as_json:
         _print_json("detect", res.to_dict())
         return
-    out.print(f"[bold]form:[/bold] {res.form}" + (f" ({res.dialect})" if res.dialect != "peft" else ""))
+    out.print(f"[bold]form:[/bold] {safe(res.form)}" + (f" ({safe(res.dialect)})" if res.dialect != "peft" else ""))
     out.print(
-        f"files: {', '.join(res.files)} ({res.layout}); {res.tensors} tensors, {human_bytes(res.total_bytes)}; "
-        + ", ".join(f"{k} {human_bytes(v)}" for k, v in res.dtypes.items())
+        safe(
+            f"files: {', '.join(res.files)} ({res.layout}); {res.tensors} tensors, {human_bytes(res.total_bytes)}; "
+            + ", ".join(f"{k} {human_bytes(v)}" for k, v in res.dtypes.items())
+        )
     )
     if res.dialect != "peft":
-        out.print(f"dialect: {res.dialect}")
+        out.print(safe(f"dialect: {res.dialect}"))
     if res.module_prefixes and res.module_prefixes != {"text decoder": "model."}:  # say it where it is not plain
-        out.print("modules under: " + ", ".join(f"{v!r} ({k})" for k, v in res.module_prefixes.items()))
+        out.print(safe("modules under: " + ", ".join(f"{v!r} ({k})" for k, v in res.module_prefixes.items())))
     if res.quantization:
         q = res.quantization
         out.print(
-            f"quantized: {q['scheme']} ({q['method']}); {q['tensors']} weights, {human_bytes(q['stored_bytes'])} "
-            f"on disk, {human_bytes(q['dequantized_bytes']['BF16'])} dequantized to bf16"
+            safe(
+                f"quantized: {q['scheme']} ({q['method']}); {q['tensors']} weights, {human_bytes(q['stored_bytes'])} "
+                f"on disk, {human_bytes(q['dequantized_bytes']['BF16'])} dequantized to bf16"
+            )
         )
     for a in res.adapters:
         rows = [
@@ -177,15 +207,15 @@ def detect(ctx: click.Context, path: str, base: str | None, adapter: str | None,
             flags.append(f"rank_pattern: {a.rank_pattern}")
         if a.alpha_pattern:
             flags.append(f"alpha_pattern: {a.alpha_pattern}")
-        out.print("; ".join(flags))
+        out.print(safe("; ".join(flags)))
     if res.differs_from_base:
         shown = ", ".join(res.differs_from_base[:8])
         more = f" and {len(res.differs_from_base) - 8} more" if len(res.differs_from_base) > 8 else ""
-        out.print(f"differs from base: {shown}{more}")
+        out.print(safe(f"differs from base: {shown}{more}"))
     if res.base_comparison and res.base_comparison.get("summary"):
-        out.print(res.base_comparison["summary"])
+        out.print(safe(res.base_comparison["summary"]))
     for w in res.warnings:
-        err.print(f"[yellow]warning:[/yellow] {w}")
+        err.print(f"[yellow]warning:[/yellow] {safe(w)}")
 
 
 def _print_experts(groups: list[Any]) -> None:
@@ -262,20 +292,23 @@ def _report_conversion(res: Any, as_json: bool) -> None:
         _print_json("conversion", res.to_dict())
         return
     out.print(
-        f"[green]wrote[/green] {res.output} ({res.target_form}, from {res.source_form}): {res.tensors} tensors, "
-        f"{human_bytes(res.total_bytes)} in {res.seconds:.1f} s"
+        "[green]wrote[/green] "
+        + safe(
+            f"{res.output} ({res.target_form}, from {res.source_form}): {res.tensors} tensors, "
+            f"{human_bytes(res.total_bytes)} in {res.seconds:.1f} s"
+        )
     )
     if res.ops:
-        out.print("  " + ", ".join(f"{k}: {v}" for k, v in sorted(res.ops.items())))
+        out.print(safe("  " + ", ".join(f"{k}: {v}" for k, v in sorted(res.ops.items()))))
     for k, v in res.config_changes.items():
-        out.print(f"  config.json: {k} = {v}")
+        out.print(safe(f"  config.json: {k} = {v}"))
     if res.unmerge is not None:
         for line in res.unmerge.summary_lines():
-            out.print("  " + line)
+            out.print(safe("  " + line))
     for w in res.warnings:
-        err.print(f"[yellow]warning:[/yellow] {w}")
+        err.print(f"[yellow]warning:[/yellow] {safe(w)}")
     if res.pushed is not None:
-        out.print(f"[green]pushed[/green] {res.output} -> {res.pushed.commit_url}")
+        out.print(f"[green]pushed[/green] {safe(res.output)} -> {safe(res.pushed.commit_url)}")
 
 
 def _extraction_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -348,7 +381,7 @@ def _print_extract(res: Any, as_json: bool) -> None:
     head = ["module", "shape", "rank", "energy kept", "rel. error", "svd"]
     out.print(table(out, "extracted modules", head, rows))
     for line in res.extraction.summary_lines(res.total_bytes):
-        out.print(line)
+        out.print(safe(line))
     _report_conversion(res, False)
 
 
@@ -631,8 +664,8 @@ def verify_cmd(
         if bad:
             out.print(table(out, "tensors that are not ok", ["tensor", "status", "detail"], bad))
         for w in res.warnings:
-            err.print(f"[yellow]warning:[/yellow] {w}")
-        click.echo(("ok: " if res.ok else "not ok: ") + res.summary())
+            err.print(f"[yellow]warning:[/yellow] {safe(w)}")
+        click.echo(("ok: " if res.ok else "not ok: ") + escape_controls(res.summary()))
     sys.exit(0 if res.ok else 1)
 
 
@@ -664,7 +697,7 @@ def report_cmd(
         _print_json("report", rep.to_dict())
         return
     if markdown:
-        click.echo(report_markdown(rep), nl=False)
+        click.echo("\n".join(escape_controls(ln) for ln in report_markdown(rep).split("\n")), nl=False)
         return
     head, rows = form_table(rep)  # transposed: one column per form fits a terminal
     cols = [[h, *(r[i] for r in rows)] for i, h in enumerate(head[1:], start=1)]
@@ -674,9 +707,9 @@ def report_cmd(
     if rows:
         out.print(table(out, "LoRA modules", head, rows, name_col=None))
     for line in assumption_lines(rep):
-        out.print(line, markup=False, highlight=False)
+        out.print(escape_controls(line), markup=False, highlight=False)
     for n in rep.notes:
-        err.print(f"note: {n}")
+        err.print(f"note: {safe(n)}")
 
 
 @main.command()
@@ -769,7 +802,7 @@ def push(
     if as_json:
         _print_json("push", asdict(res))
     else:
-        out.print(f"[green]pushed[/green] {folder} -> {res.commit_url}")
+        out.print(f"[green]pushed[/green] {safe(folder)} -> {safe(res.commit_url)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,6 +16,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from .errors import LoraConvertError, render
+from .text import safe
 
 #: The version of every ``--json`` document's shape: it changes when a key is removed or changes meaning
 #: (new keys may appear within a version).  Each document says ``"schema": "<kind>/<version>"``.
@@ -66,11 +67,13 @@ def table(
 
 
 def _table(title: str, head: list[str], rows: list[list[str]], right: tuple[int, ...]) -> Table:
-    t = Table(title=title)
+    """Title, headers and cells come from files (tensor and module names): rich renders markup in all of
+    them, so every one goes through :func:`~lora_convert.text.safe`."""
+    t = Table(title=safe(title))
     for i, h in enumerate(head):
-        t.add_column(h, overflow="fold", justify="right" if i in right else "left")
+        t.add_column(safe(h), overflow="fold", justify="right" if i in right else "left")
     for r in rows:
-        t.add_row(*r)
+        t.add_row(*(safe(c) for c in r))
     return t
 
 

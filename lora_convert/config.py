@@ -3,23 +3,132 @@
 PEFT resolves ``rank_pattern``/``alpha_pattern`` with ``re.match(rf"(.*\\.)?({key})$", name)``
 over the pattern keys in dict order, the first match winning; ``scaling`` is
 ``alpha / r`` or ``alpha / sqrt(r)`` with rsLoRA.  We keep the same rule in one place.
+
+The file comes from a stranger, so it is checked against a schema of types once, at load
+(:func:`check_schema`), and the pattern keys — regular expressions that Python's backtracking
+``re`` could take forever on — are compiled with ``re`` (so what PEFT refuses, we refuse) and
+evaluated with the ``regex`` engine under a time limit per match and a budget per config.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import AdapterError, UnsupportedError
+from .io.files import MAX_CONFIG_BYTES, load_json
 
 # init_lora_weights values that change the *base* weights at init time: the saved adapter
 # is relative to a residual base we do not have, so a plain merge would be wrong.
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "lora-ga")
 SUPPORTED_PEFT_TYPES = ("LORA",)
+
+
+PATTERN_TIMEOUT_S = 2.0  # wall seconds for one key against one module name: real ones take microseconds
+PATTERN_BUDGET_S = 10.0  # CPU seconds for every match of one config together
+MAX_PATTERN_CHARS = 10_000
+FP32_MAX = 3.4028234663852886e38
+_MAX_INT = 2**31  # ranks and token ids beyond this are not real
+
+
+def _pattern(key: str, field_name: str, source: str | None) -> Any:
+    """``(.*\\.)?(key)$`` compiled for the bounded engine, after ``re`` (PEFT's engine) accepts it."""
+    import regex
+
+    if len(key) > MAX_PATTERN_CHARS:
+        raise AdapterError(f"{field_name} key of {len(key)} characters (at most {MAX_PATTERN_CHARS})", path=source)
+    text = rf"(.*\.)?({key})$"
+    try:
+        re.compile(text)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise AdapterError(
+            f"{field_name} key {key[:80]!r} is not a valid regular expression ({exc})", path=source
+        ) from None
+    try:
+        return regex.compile(text)
+    except (regex.error, RecursionError, OverflowError) as exc:  # pragma: no cover - re accepted it
+        raise AdapterError(f"{field_name} key {key[:80]!r} cannot be evaluated safely ({exc})", path=source) from None
+
+
+_PLAIN_KEY = re.compile(r"[\w.]+")  # word characters and '.' (any character): a fixed-length pattern
+_ANCHORED_KEY = re.compile(r"\^(?:\w|\\\.)+")  # "^" + re.escape(a module path): that path exactly
+
+
+def _plain_match(key: str) -> Any:
+    r"""For the keys real configs hold (module names and paths, or ``^`` + an escaped path, as
+    :meth:`AdapterConfig.for_modules` writes hundreds of them), a string comparison that gives what
+    ``re.match(rf"(.*\.)?({key})$", name)`` gives for a name without a newline; None for other keys.
+    The pattern matches a fixed length, so only the name's tail of that length, on a dot boundary, can
+    match it; thousands of keys cost string compares, not regex runs."""
+    if _ANCHORED_KEY.fullmatch(key):
+        path = key[1:].replace("\\.", ".")
+        return lambda name: name == path
+    if not _PLAIN_KEY.fullmatch(key):
+        return None
+    n = len(key)
+
+    def match(name: str) -> bool:
+        if len(name) < n or (len(name) > n and name[-n - 1] != "."):
+            return False
+        return all(k == c or k == "." for k, c in zip(key, name[-n:], strict=True))
+
+    return match
+
+
+class _Patterns:
+    """The keys of one ``rank_pattern``/``alpha_pattern``, matched PEFT's way within a time bound."""
+
+    def __init__(self, keys: list[str], field_name: str, source: str | None) -> None:
+        self.field, self.source = field_name, source
+        self.compiled = [
+            (k, _plain_match(k), None if _plain_match(k) else _pattern(k, field_name, source)) for k in keys
+        ]
+        self.cache: dict[str, str | None] = {}
+        self.spent = 0.0
+
+    def first(self, module: str) -> str | None:
+        """First key that matches the end of ``module`` on a dot boundary (PEFT's rule)."""
+        if module in self.cache:
+            return self.cache[module]
+        found = None
+        for key, plain, pat in self.compiled:
+            if plain is not None and "\n" not in module:  # ('.' and '$' treat a newline apart: the regex does)
+                if plain(module):
+                    found = key
+                    break
+                continue
+            pat = pat or _pattern(key, self.field, self.source)
+            t0 = time.thread_time()
+            try:
+                hit = pat.match(module, timeout=PATTERN_TIMEOUT_S)
+            except TimeoutError:
+                raise AdapterError(
+                    f"{self.field} key {key[:80]!r} takes more than {PATTERN_TIMEOUT_S:g} s to match module "
+                    f"{module[:120]} (a regular expression that backtracks without end)",
+                    path=self.source,
+                    hint="PEFT matches these keys against every module name: use a plain module name or a "
+                    "simple pattern",
+                ) from None
+            finally:
+                self.spent += time.thread_time() - t0
+            if self.spent > PATTERN_BUDGET_S:
+                raise AdapterError(
+                    f"{self.field}: matching its keys against the module names took more than "
+                    f"{PATTERN_BUDGET_S:g} s of CPU",
+                    path=self.source,
+                    hint="use plain module names or simple patterns",
+                )
+            if hit:
+                found = key
+                break
+        self.cache[module] = found
+        return found
 
 
 def _most_common(values: Any, default: Any) -> Any:
@@ -31,11 +140,103 @@ def _most_common(values: Any, default: Any) -> Any:
 
 
 def pattern_key(pattern_keys: Any, module: str) -> str | None:
-    """First pattern key that matches the end of ``module`` on a dot boundary (PEFT's rule)."""
-    for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
+    """First pattern key that matches the end of ``module`` on a dot boundary (PEFT's rule), bounded."""
+    return _Patterns(list(pattern_keys), "pattern", None).first(module)
+
+
+# -- the schema ----------------------------------------------------------------------------------
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _str_or_list(v: Any) -> bool:
+    return isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+
+
+def _token_ids(v: Any) -> bool:
+    return isinstance(v, list) and all(_is_int(i) and 0 <= i < _MAX_INT for i in v)
+
+
+def _alpha(v: Any) -> bool:
+    return _is_number(v) and math.isfinite(v) and abs(v) <= FP32_MAX
+
+
+def _rank(v: Any) -> bool:
+    return _is_int(v) and 0 < v <= _MAX_INT
+
+
+# key -> (check, what it must be); null always means "not set"
+SCHEMA: dict[str, tuple[Any, str]] = {
+    "r": (_rank, "a positive integer"),
+    "lora_alpha": (_alpha, "a finite number that float32 can hold (|alpha| <= 3.4e38)"),
+    "use_rslora": (lambda v: isinstance(v, bool), "true or false"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "fan_in_fan_out": (lambda v: isinstance(v, bool), "true or false"),
+    "lora_bias": (lambda v: isinstance(v, bool), "true or false"),
+    "inference_mode": (lambda v: isinstance(v, bool), "true or false"),
+    "use_qalora": (lambda v: isinstance(v, bool), "true or false"),
+    "rank_pattern": (
+        lambda v: isinstance(v, dict) and all(_rank(x) for x in v.values()),
+        "an object of pattern -> positive integer",
+    ),
+    "alpha_pattern": (
+        lambda v: isinstance(v, dict) and all(_alpha(x) for x in v.values()),
+        "an object of pattern -> finite number that float32 can hold",
+    ),
+    "target_modules": (_str_or_list, "a string or a list of strings"),
+    "modules_to_save": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "layers_to_transform": (
+        lambda v: _is_int(v) or (isinstance(v, list) and all(_is_int(x) for x in v)),
+        "an integer or a list of integers",
+    ),
+    "layers_pattern": (_str_or_list, "a string or a list of strings"),
+    "bias": (lambda v: v in ("none", "all", "lora_only"), '"none", "all" or "lora_only"'),
+    "init_lora_weights": (lambda v: isinstance(v, (bool, str)), "true, false or the name of an init method"),
+    "layer_replication": (lambda v: isinstance(v, list), "a list of [start, end] pairs"),
+    "trainable_token_indices": (
+        lambda v: (
+            _token_ids(v) or (isinstance(v, dict) and all(isinstance(k, str) and _token_ids(x) for k, x in v.items()))
+        ),
+        "a list of token ids, or an object of module name -> list of token ids",
+    ),
+    "peft_type": (lambda v: isinstance(v, str), "a string"),
+    "base_model_name_or_path": (
+        lambda v: isinstance(v, str) and "\0" not in v and len(v) <= 4096,
+        "a path or a Hub repo id",
+    ),
+    "task_type": (lambda v: isinstance(v, str), "a string"),
+    # read from the raw config by the MoE reading and the MLX route
+    "target_parameters": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "lora_dropout": (_is_number, "a number"),
+    "peft_version": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def check_schema(
+    data: dict[str, Any], source: str | None, schema: dict[str, tuple[Any, str]] = SCHEMA, prefix: str = ""
+) -> None:
+    """Refuse, by key, a value of the wrong type: ``"use_rslora": "false"`` (which PEFT would take
+    as true), ``rank_pattern`` as a list, an alpha that overflows float32, ...  Other dialects pass
+    the schema of their own config (``prefix`` names a nested object, e.g. ``lora_parameters.``)."""
+    for key, (ok, what) in schema.items():
+        v = data.get(key)
+        if v is not None and not ok(v):
+            raise AdapterError(
+                f"{prefix}{key} must be {what}, not {_show(v)}",
+                path=source,
+                hint="fix this value in adapter_config.json",
+            )
 
 
 @dataclass
@@ -69,18 +270,30 @@ class AdapterConfig:
     def from_dict(cls, data: dict[str, Any], *, source: str | None = None) -> AdapterConfig:
         if not isinstance(data, dict):
             raise AdapterError("adapter config is not a JSON object", path=source)
+        check_schema(data, source)
         known = {f for f in cls.__dataclass_fields__ if f not in ("raw", "source")}
         kwargs = {k: v for k, v in data.items() if k in known and v is not None}
         cfg = cls(**kwargs, raw=dict(data), source=source)
         cfg.peft_type = str(data.get("peft_type") or "LORA").upper()
         cfg.rank_pattern = dict(data.get("rank_pattern") or {})
         cfg.alpha_pattern = dict(data.get("alpha_pattern") or {})
-        try:
-            cfg.r = int(cfg.r)
-            cfg.lora_alpha = float(cfg.lora_alpha)
-        except (TypeError, ValueError) as exc:
-            raise AdapterError(f"bad r/lora_alpha: {exc}", path=source) from None
+        cfg.r = int(cfg.r)
+        cfg.lora_alpha = float(cfg.lora_alpha)
+        cfg._patterns()  # compiled now: a key that is not a valid regex is refused at load
         return cfg
+
+    def _patterns(self) -> tuple[_Patterns, _Patterns]:
+        """The compiled pattern keys (also for a config built in code, e.g. by extraction)."""
+        got = self.__dict__.get("_compiled")
+        keys = (list(self.rank_pattern), list(self.alpha_pattern))
+        if got is None or got[0] != keys:
+            got = (
+                keys,
+                _Patterns(keys[0], "rank_pattern", self.source),
+                _Patterns(keys[1], "alpha_pattern", self.source),
+            )
+            self.__dict__["_compiled"] = got
+        return got[1], got[2]
 
     @classmethod
     def for_modules(cls, ranks: dict[str, int], alphas: dict[str, float], **fields: Any) -> AdapterConfig:
@@ -109,20 +322,13 @@ class AdapterConfig:
     @classmethod
     def load(cls, path: str | Path) -> AdapterConfig:
         path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
+        if not os.path.lexists(path):
             raise AdapterError(
                 "adapter_config.json is missing",
                 path=path,
                 hint="an adapter folder needs the adapter_config.json PEFT writes",
             ) from None
-        except UnicodeDecodeError:
-            raise AdapterError("not UTF-8 text", path=path) from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise AdapterError(f"not valid JSON ({exc.msg} at line {exc.lineno})", path=path) from None
+        data = load_json(path, what="an adapter config", max_bytes=MAX_CONFIG_BYTES, error=AdapterError)
         return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,11 +361,11 @@ class AdapterConfig:
 
     # -- per-module numbers ---------------------------------------------------------
     def rank_for(self, module: str) -> int:
-        key = pattern_key(self.rank_pattern.keys(), module)
+        key = self._patterns()[0].first(module)
         return int(self.rank_pattern[key]) if key is not None else self.r
 
     def alpha_for(self, module: str) -> float:
-        key = pattern_key(self.alpha_pattern.keys(), module)
+        key = self._patterns()[1].first(module)
         return float(self.alpha_pattern[key]) if key is not None else self.lora_alpha
 
     def scaling_for(self, module: str, rank: int | None = None) -> float:

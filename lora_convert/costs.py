@@ -30,8 +30,8 @@ Conventions
 
 from __future__ import annotations
 
-import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -307,8 +307,12 @@ def _base_from_config(folder: Path) -> tuple[dict[str, _T], dict[str, Any]]:
             path=folder,
             hint="pip install transformers, or pass a base folder with its weights",
         ) from None
+    from .io.files import load_json
+
+    # bounded and type-checked, before transformers reads it
+    raw = arch.check_model_config(load_json(folder / "config.json", what="a config file"), folder / "config.json")
+    raw = raw or {}
     conf = AutoConfig.from_pretrained(str(folder))
-    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     dt = getattr(conf, "dtype", None) or getattr(conf, "torch_dtype", None) or torch.float32
     if isinstance(dt, str):
         dt = getattr(torch, dt, torch.float32)
@@ -349,7 +353,7 @@ def _open_base(
     ref: str | Path, notes: list[str], quant: dict[str, Any] | None = None
 ) -> tuple[dict[str, _T] | None, dict[str, Any] | None, str | None]:
     p = resolve(ref)
-    if not p.exists():
+    if not os.path.exists(p):  # (False for a name too long or holding a NUL, rather than raising)
         notes.append(f"base {ref} not found: base numbers unknown")
         return None, None, None
     folder = p.parent if p.is_file() and p.name == "config.json" else p
@@ -380,7 +384,7 @@ def _adapter_base(ck: Checkpoint, base: str | Path | None, base_name: str | None
     """The base of an adapter: the one given, the config's base path when it exists, or the config.json
     beside the adapter."""
     cfg_base = base_name if base is None else None
-    ref = base if base is not None else (cfg_base if cfg_base and Path(cfg_base).exists() else None)
+    ref = base if base is not None else (cfg_base if cfg_base and os.path.exists(cfg_base) else None)
     if ref is not None:
         quant: dict[str, Any] = {}
         tensors, bconf, source = _open_base(ref, notes, quant)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from .text import escape_controls
+
 _SPELLED = re.compile("\x00([^\x00-\x02]*)\x01([^\x00-\x02]*)\x02")
 
 
@@ -57,18 +59,30 @@ class LoraConvertError(Exception):
         super().__init__(self.__str__())
 
     def __str__(self) -> str:
-        return render(self._text(), cli=False)
+        return _shown(render(self._text(), cli=False))
 
     def for_cli(self) -> str:
         """The message as the command line shows it: options as ``--flag``."""
-        return render(self._text(), cli=True)
+        return _shown(render(self._text(), cli=True))
 
     def _text(self) -> str:
-        where = ": ".join(p for p in (self.path, self.tensor) if p)
+        where = ": ".join(_cut(p, 400) for p in (self.path, self.tensor) if p)
         text = f"{where}: {self.message}" if where else self.message
         if self.hint:
             text += f" ({self.hint})"
         return text
+
+
+def _shown(text: str) -> str:
+    """Names come from downloaded files: the message is cut to a bounded length and its control
+    characters escaped, so that it stays one line and cannot drive a terminal (the attributes keep
+    the raw text)."""
+    return escape_controls(_cut(text, 4000))
+
+
+def _cut(text: str, n: int) -> str:
+    """At most ``n`` characters: a name from a file can be megabytes long."""
+    return text if len(text) <= n else f"{text[: n // 2 - 2]}...{text[-(n // 2 - 2) :]}"
 
 
 class CheckpointError(LoraConvertError):

@@ -7,6 +7,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .errors import LoraConvertError
+from .io.files import load_json
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 NEVER_CARRY = {
     "model.safetensors.index.json",
@@ -42,9 +45,10 @@ def carry_files(
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from a file (bounded like every file we parse), or None."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = load_json(path)
+    except LoraConvertError:
         return None
     return data if isinstance(data, dict) else None
 

@@ -5,20 +5,22 @@ Shared by every command, below the API and above the I/O.  Torch-free.
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Any
 
+from .arch import check_model_config
 from .dialects import read_inventory
 from .errors import CheckpointError, RouteError, option
 from .inventory import Inventory
+from .io.files import load_json
 from .io.reader import Checkpoint, open_checkpoint
 
 
 def resolve(ref: str | Path) -> Path:
     """A local path as it is, or a Hub repo id (``org/name[@revision]``) fetched into the cache."""
     p = Path(ref)
-    if p.exists():
+    if os.path.exists(p):  # False, not an exception, for a name too long or holding a NUL
         return p
     from .io.hub import is_repo_id, resolve_checkpoint
 
@@ -74,17 +76,14 @@ def load_model_config(ref: str | Path, what: str = "the base") -> dict[str, Any]
     """A model's config.json alone: from its folder (weights not needed), the file itself, or a Hub
     repo (only config.json is fetched).  For routes that need the base's shape, not its weights."""
     p = Path(ref)
-    if not p.exists():
+    if not os.path.exists(p):
         from .io.hub import resolve_checkpoint
 
         p = resolve_checkpoint(str(ref), allow_patterns=["config.json"])
     path = p / "config.json" if p.is_dir() else p
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{what} has no config.json", path=p) from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(f"cannot read it as JSON ({str(exc)[:200]})", path=path) from None
-    if not isinstance(data, dict):
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{what} has no config.json", path=p)
+    data = check_model_config(load_json(path, what="a config file"), path)  # bounded, keys type-checked
+    if data is None:
         raise CheckpointError("config.json is not a JSON object", path=path)
     return data

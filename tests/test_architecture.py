@@ -110,6 +110,22 @@ def test_front_door_does_not_import_torch(tmp_path):
     assert runs["push-error"].returncode == 1 and runs["merge-usage"].returncode == 2
 
 
+def test_checks_of_hostile_input_import_no_torch():
+    """What detect/report run on every file (escaping, bounded JSON, the config schemas and the bounded
+    pattern matcher, header checks, the output's locks) stays torch-free (issue 12)."""
+    code = (
+        "import sys\n"
+        "from lora_convert import arch, config, errors, text\n"
+        "from lora_convert.io import files, output, safetensors_format\n"
+        "cfg = config.AdapterConfig.from_dict({'r': 4, 'rank_pattern': {'q_proj': 2}})\n"
+        "assert cfg.rank_for('model.layers.0.self_attn.q_proj') == 2\n"
+        "text.safe('[/bold]\\x1b'), files.MAX_JSON_DEPTH, output.MARKER, arch.MODEL_CONFIG_SCHEMA\n"
+        "print('TORCH_IMPORTED' if 'torch' in sys.modules else 'NO_TORCH')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "NO_TORCH", (r.stdout, r.stderr[-500:])
+
+
 @pytest.mark.parametrize("make", [qwen2, gpt2], ids=["qwen2", "gpt2"])
 def test_tied_models_store_the_shared_tensor_once(tmp_path, make):
     model = make()

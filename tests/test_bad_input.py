@@ -380,7 +380,7 @@ def test_adapter_config_bad_r(work):
     c["r"] = "four"
     p.write_text(json.dumps(c))
     res, out = merge(work)
-    assert_error(res, str(p), "bad r/lora_alpha", out=out)
+    assert_error(res, str(p), 'r must be a positive integer, not "four"', out=out)
 
 
 def test_adapter_config_r_disagrees_refused(work):

@@ -422,3 +422,15 @@ def test_cli_detect_names_the_dialect(tmp_path):
     d = json.loads(r.stdout)
     assert d["dialect"] == "kohya"
     assert {g["name"]: g["scalings"] for g in d["adapters"][0]["modules"]}["conv"] == [1.0]  # two samplers: α 0, none
+
+
+@pytest.mark.parametrize("alpha", [1e300, float("inf"), float("nan")])
+def test_kohya_alpha_that_float32_cannot_hold_is_refused(tmp_path, alpha):
+    """An F64 alpha beyond float32 would make the fp32 merge write Inf weights with exit 0 (issue 12, class 3)."""
+    base = unet()
+    mods = {"down_blocks.0.attentions.0.proj_in": (4, 3.0)}
+    k = _kohya_file(base, mods, tmp_path / "k" / "my_lora.safetensors")
+    k["lora_unet_down_blocks_0_attentions_0_proj_in.alpha"] = torch.tensor(alpha, dtype=torch.float64)
+    save_file(k, str(tmp_path / "k" / "my_lora.safetensors"), metadata={"ss_network_module": "networks.lora"})
+    with pytest.raises(lc.AdapterError, match="alpha is not a finite number that float32 can hold"):
+        lc.detect(tmp_path / "k" / "my_lora.safetensors")

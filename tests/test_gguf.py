@@ -326,3 +326,26 @@ def test_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["files"] == ["a.gguf"]
     check_deltas(pm, tmp_path / "a.gguf", "qwen3", tol=2e-3)
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["plain", "force"])
+def test_output_file_made_during_the_run_is_left_alone(tmp_path, monkeypatch, force):
+    """A file that appears at -o while a conversion writes (a user, a second run) is never replaced,
+    with --force alike (it replaces only what was there at the start); no temp folder stays behind."""
+    from lora_convert.io import gguf_sink
+    from lora_convert.io.output import TMP_MARK
+
+    make_case(tmp_path, "llama", ["q_proj"])
+    out = tmp_path / "a.gguf"
+    close = gguf_sink.GgufSink.close
+
+    def close_then_appear(self):
+        names = close(self)
+        out.write_text("the user's")
+        return names
+
+    monkeypatch.setattr(gguf_sink.GgufSink, "close", close_then_appear)
+    with pytest.raises(lc.OutputError, match="appeared while this run was writing"):
+        lc.convert(tmp_path / "adapter", "gguf", base=tmp_path / "base", output=out, force=force)
+    assert out.read_text() == "the user's"
+    assert not [p for p in tmp_path.iterdir() if TMP_MARK in p.name]

@@ -9,6 +9,7 @@ its loader runs our adapters against PEFT's logits, and adapters it makes are co
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,34 @@ def test_bad_mlx_adapters_are_refused(tmp_path, edit, exc, match):
     (tmp_path / "mlx" / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(exc, match=match):
         lc.detect(tmp_path / "mlx")
+
+
+MLX_BAD_VALUES = [
+    ("fine_tune_type", ["lora"], "fine_tune_type must be a string"),
+    ("use_dora", "false", "use_dora must be true or false"),
+    ("lora_parameters", [1], "lora_parameters must be an object"),
+    ("scale", "2", "lora_parameters.scale must be a finite number"),
+    ("scale", True, "lora_parameters.scale must be a finite number"),
+    ("scale", float("nan"), "lora_parameters.scale must be a finite number"),
+    ("scale", 1e300, "lora_parameters.scale must be a finite number that float32 can hold"),
+    ("rank", "4", "lora_parameters.rank must be a positive integer"),
+    ("rank", 0, "lora_parameters.rank must be a positive integer"),
+    ("dropout", "x", "lora_parameters.dropout must be a number"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "match"), MLX_BAD_VALUES, ids=[f"{k}={v!r}" for k, v, _ in MLX_BAD_VALUES])
+def test_mlx_config_values_of_the_wrong_type(tmp_path, key, value, match):
+    """mlx-lm's adapter_config.json is checked against a schema of types at load, as PEFT's is (issue 12)."""
+    pm = make_case(tmp_path, ["q_proj"])
+    peft_as_mlx(pm, tmp_path / "mlx", 2.0)
+    path = tmp_path / "mlx" / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    (cfg["lora_parameters"] if key in ("scale", "rank", "dropout") else cfg)[key] = value
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(lc.AdapterError, match=re.escape(match)) as ei:
+        lc.detect(tmp_path / "mlx")
+    assert str(path) in str(ei.value)
 
 
 def test_mlx_edge_cases(tmp_path):

@@ -71,6 +71,8 @@ def component_configs(ck: Checkpoint) -> dict[str, AdapterConfig]:
         meta = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise AdapterError(f"{METADATA_KEY} is not valid JSON ({exc.msg})", path=ck.root) from None
+    except RecursionError:  # a header is 100 MB at most, but "[[[[..." that deep still blows the parser's stack
+        raise AdapterError(f"{METADATA_KEY} is not valid JSON (nested too deep)", path=ck.root) from None
     if not isinstance(meta, dict):
         raise AdapterError(f"{METADATA_KEY} is not a JSON object", path=ck.root)
     per: dict[str, dict[str, Any]] = {}

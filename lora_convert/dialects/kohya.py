@@ -21,7 +21,7 @@ import math
 import re
 
 from .. import arch
-from ..config import AdapterConfig
+from ..config import FP32_MAX, AdapterConfig
 from ..errors import AdapterError, UnsupportedError
 from ..inventory import DEFAULT_ADAPTER, Inventory, LoraModule
 from ..io.reader import Checkpoint
@@ -127,8 +127,10 @@ def _module(ck: Checkpoint, module: str, roles: dict[str, str]) -> tuple[LoraMod
     alpha = float(rank)
     if "alpha" in roles:
         alpha = ck.read_scalar(roles["alpha"])
-        if not math.isfinite(alpha):
-            raise AdapterError("alpha is not a finite number", path=ck.root, tensor=roles["alpha"])
+        if not math.isfinite(alpha) or abs(alpha) > FP32_MAX:  # (an F64 scalar: the merge computes in fp32)
+            raise AdapterError(
+                "alpha is not a finite number that float32 can hold", path=ck.root, tensor=roles["alpha"]
+            )
         alpha = alpha or float(rank)  # sd-scripts: alpha 0 means alpha = rank
     kind = "conv" if conv else "linear"
     lm = LoraModule(module, DEFAULT_ADAPTER, kind, down, up, rank, math.prod(d[1:]), u[0], scaling=alpha / rank)

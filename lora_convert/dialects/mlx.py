@@ -24,21 +24,39 @@ scale`` (rank and alpha patterns where ranks differ), so the scaling is exactly 
 
 from __future__ import annotations
 
-import json
+import math
 import re
 from collections import Counter
 from typing import Any
 
 from ..arch import is_embedding, short_name
-from ..config import AdapterConfig
+from ..config import FP32_MAX, AdapterConfig, check_schema
 from ..errors import AdapterError, UnsupportedError
 from ..inventory import DEFAULT_ADAPTER, Inventory, LoraModule
+from ..io.files import load_json
 from ..io.reader import Checkpoint
 from ..io.safetensors_format import TensorInfo
 from ..io.views import TransposedSource
 
 LEAVES = ("lora_a", "lora_b", "m")
 DORA_TYPES = {"lora": False, "dora": True}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) <= FP32_MAX
+
+
+# the keys of mlx-lm's adapter_config.json we read, type-checked at load as PEFT's are (config.SCHEMA)
+SCHEMA: dict[str, tuple[Any, str]] = {
+    "fine_tune_type": (lambda v: isinstance(v, str), "a string"),
+    "use_dora": (lambda v: isinstance(v, bool), "true or false"),
+    "lora_parameters": (lambda v: isinstance(v, dict), "an object"),
+}
+PARAMETERS_SCHEMA: dict[str, tuple[Any, str]] = {
+    "scale": (_number, "a finite number that float32 can hold"),
+    "rank": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 2**31, "a positive integer"),
+    "dropout": (_number, "a number"),
+}
 
 
 class MlxDialect:
@@ -79,10 +97,7 @@ def _load_config(ck: Checkpoint) -> dict[str, Any]:
             path=ck.root,
             hint="put the adapter_config.json mlx-lm wrote beside adapters.safetensors",
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise AdapterError(f"cannot read it as JSON ({str(exc)[:200]})", path=path) from None
+    data = load_json(path, what="an adapter config", error=AdapterError)  # bounded: size, depth, a regular file
     if not isinstance(data, dict):
         raise AdapterError("adapter config is not a JSON object", path=path)
     if "peft_type" in data and "lora_parameters" not in data:
@@ -91,6 +106,9 @@ def _load_config(ck: Checkpoint) -> dict[str, Any]:
             path=path,
             hint="the config does not belong to these tensors",
         )
+    check_schema(data, str(path), SCHEMA)
+    if isinstance(data.get("lora_parameters"), dict):
+        check_schema(data["lora_parameters"], str(path), PARAMETERS_SCHEMA, "lora_parameters.")
     return data
 
 

@@ -13,15 +13,15 @@ the repo and says what to do.  Tokens are never put in messages or logs.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CheckpointError, HubError, option
+from ..errors import CheckpointError, HubError, LoraConvertError, option
 from ..progress import hub_progress
+from .files import MAX_INDEX_BYTES, load_json
 from .output import TMP_MARK
 from .safetensors_format import read_header
 
@@ -103,7 +103,7 @@ def hub_repo_id(ref: str | os.PathLike[str] | None) -> str | None:
     if ref is None:
         return None
     text = os.fspath(ref)
-    if not Path(text).expanduser().exists():
+    if not os.path.exists(Path(text).expanduser()):  # (False for a name too long, rather than raising)
         try:
             return parse_repo_ref(text)[0]
         except HubError:
@@ -332,7 +332,7 @@ def resolve_checkpoint(ref: str | os.PathLike[str], *, allow_patterns: list[str]
     """
     text = os.fspath(ref)
     local = Path(text).expanduser()
-    if local.exists():
+    if os.path.exists(local):  # (False for a name too long or holding a NUL, rather than raising)
         return local
     if not _looks_like_repo_ref(text):
         raise CheckpointError(
@@ -407,9 +407,9 @@ def check_complete_output(folder: str | os.PathLike[str]) -> list[str]:
     for rel in files:
         if rel.endswith(".index.json"):
             try:
-                weight_map = json.loads((root / rel).read_text(encoding="utf-8"))["weight_map"]
+                weight_map = load_json(root / rel, what="an index", max_bytes=MAX_INDEX_BYTES)["weight_map"]
                 shards = set(weight_map.values())
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            except (LoraConvertError, KeyError, TypeError, AttributeError):
                 problems.append(f"{rel} is not a valid index (no weight_map)")
                 continue
             parent = Path(rel).parent

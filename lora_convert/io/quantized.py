@@ -254,7 +254,7 @@ def _bnb_4bit(ck: Checkpoint, blob_key: str) -> QuantizedTensor:
         shape = tuple(int(d) for d in state["shape"])
         blocksize = int(state["blocksize"])
         dtype = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[state.get("dtype", "float32")]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
         raise CheckpointError("not a bitsandbytes quant state (JSON)", path=ck.root, tensor=blob_key) from None
     if qtype not in ("nf4", "fp4") or state.get("quant_type", qtype) != qtype:
         raise UnsupportedError(f"bitsandbytes 4-bit type {qtype!r}", path=ck.root, tensor=blob_key)

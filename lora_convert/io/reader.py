@@ -7,14 +7,16 @@ element ranges into byte ranges.  Torch is imported only when tensor data is rea
 
 from __future__ import annotations
 
-import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..arch import check_model_config
 from ..errors import CheckpointError, UnsafeInputError, option
-from .safetensors_format import TensorInfo, decode_scalar
+from .files import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, file_problem, load_json
+from .safetensors_format import MAX_TENSORS, TensorInfo, add_metadata, decode_scalar
 from .sources import SafetensorsSource, TensorSource, open_source
 
 if TYPE_CHECKING:
@@ -168,17 +170,13 @@ class _Pairs(list):  # type: ignore[type-arg]
 
 
 def _load_json(path: Path, *, keep_pairs: bool = False) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-        return json.loads(text, object_pairs_hook=_Pairs if keep_pairs else None)
-    except FileNotFoundError:
-        raise CheckpointError("file not found", path=path) from None
-    except IsADirectoryError:
-        raise CheckpointError("is a directory, expected a JSON file", path=path) from None
-    except PermissionError:
-        raise CheckpointError("permission denied", path=path) from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CheckpointError(f"not valid JSON ({str(exc)[:200]})", path=path) from None
+    index = path.name.endswith(".index.json")
+    return load_json(
+        path,
+        what="an index" if index else "a config file",
+        max_bytes=MAX_INDEX_BYTES if index else MAX_CONFIG_BYTES,
+        object_pairs_hook=_Pairs if keep_pairs else None,
+    )
 
 
 def _safe_member(root: Path, rel: Any, index: Path) -> Path:
@@ -205,7 +203,7 @@ def _safe_member(root: Path, rel: Any, index: Path) -> Path:
 def _add_file(
     tensors: dict[str, TensorInfo], sources: list[TensorSource], path: Path, only: set[str] | None = None
 ) -> dict[str, str]:
-    src = open_source(path)
+    src = open_source(path, max_tensors=MAX_TENSORS - len(tensors))  # a bound for all shards together
     sources.append(src)
     for name, info in src.infos().items():
         if only is not None and name not in only:
@@ -252,14 +250,14 @@ def _pick_adapter_dir(root: Path, adapter_name: str | None) -> tuple[Path, str |
 def open_checkpoint(path: str | Path, *, adapter_name: str | None = None) -> Checkpoint:
     """Open a folder in Hugging Face layout, or a single weights file, from headers only."""
     path = Path(path)
-    if not path.exists():
+    if not os.path.exists(path):  # (False for a name too long or holding a NUL, rather than raising)
         raise CheckpointError("no such file or folder", path=path)
     tensors: dict[str, TensorInfo] = {}
     sources: list[TensorSource] = []
     if path.is_file():
         if path.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
             raise CheckpointError("not a .safetensors or .bin file", path=path)
-        metadata = _add_file(tensors, sources, path)
+        metadata = add_metadata({}, _add_file(tensors, sources, path), path)
         root = path.parent
         kind = (
             "adapter" if path.name.startswith("adapter_model") or path.name.endswith(MLX_ADAPTER_WEIGHTS) else "model"
@@ -307,7 +305,7 @@ def open_checkpoint(path: str | Path, *, adapter_name: str | None = None) -> Che
                 layout = "safetensors" if len(files) == 1 else "sharded-safetensors"
     if not tensors:
         for f in files:
-            metadata.update(_add_file(tensors, sources, f))
+            add_metadata(metadata, _add_file(tensors, sources, f), f)
     adapter_config = root / "adapter_config.json"
     ck = Checkpoint(
         root,
@@ -367,9 +365,10 @@ def _files_from_index(
     files = []
     for rel, names in by_file.items():
         f = _safe_member(root, rel, index)
-        if not f.is_file():
+        problem = file_problem(f)
+        if problem:
             raise CheckpointError(
-                f"index names shard {rel!r}, which is missing", path=index, hint="download every shard the index lists"
+                f"index names shard {rel!r}, which {problem}", path=index, hint="download every shard the index lists"
             )
         files.append(f)
         _add_file(tensors, sources, f, only=names)
@@ -385,7 +384,5 @@ def _files_from_index(
 def _attach_config(ck: Checkpoint, folder: Path) -> None:
     for candidate in (ck.root / "config.json", folder / "config.json"):
         if candidate.is_file():
-            data = _load_json(candidate)
-            if isinstance(data, dict):
-                ck.config = data
+            ck.config = check_model_config(_load_json(candidate), candidate)  # the keys we read, type-checked
             return

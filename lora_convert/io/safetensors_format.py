@@ -20,11 +20,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ..errors import CheckpointError
+from .files import open_regular
 
 if TYPE_CHECKING:
     import torch
 
 MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enforces
+# Tensors in one checkpoint, all shards together: bookkeeping costs ~1 KB a tensor to list (detect)
+# and ~2.5 KB through a merge, so this bounds a merge near 1 GB.  Real checkpoints hold <= ~1.5x10^5.
+MAX_TENSORS = 300_000
+_INT64 = 2**63
+_METADATA_COMMAS = 100_000
+MAX_METADATA_BYTES = 16 * 2**20  # __metadata__ kept for a checkpoint, all shards together
 
 #: safetensors dtype name -> (bytes per element, torch attribute name)
 DTYPE_TABLE: dict[str, tuple[int, str]] = {
@@ -61,7 +68,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     for name, (_, a) in DTYPE_TABLE.items():
         if a == attr:
             return name
-    raise ValueError(f"dtype {attr} has no safetensors equivalent")
+    raise ValueError(f"dtype {attr} cannot be stored in safetensors")
 
 
 def dtype_size(dtype: Any) -> int:
@@ -69,6 +76,83 @@ def dtype_size(dtype: Any) -> int:
     if isinstance(dtype, str):
         return DTYPE_TABLE[dtype][0]
     return dtype.itemsize
+
+
+def check_name(name: object, path: Path) -> str:
+    """A tensor name must be a string that UTF-8 can encode: one with a lone surrogate (valid
+    JSON escapes, or a .bin key) would be written into a header no safetensors reader accepts."""
+    if not isinstance(name, str):
+        raise CheckpointError(f"tensor name {_brief(name)} is not a string", path=path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CheckpointError(
+            "tensor name is not valid Unicode (it holds a lone surrogate); safetensors cannot store it",
+            path=path,
+            tensor=name,
+        ) from None
+    return name
+
+
+def check_shape_fits(shape: tuple[int, ...] | list[int], itemsize: int, path: Path, name: str) -> None:
+    """torch multiplies the dimensions in order, so a zero-size shape whose *other* dimensions
+    multiply past int64 cannot be made a tensor: refuse it here, by name."""
+    size = itemsize
+    for d in shape:
+        size *= d or 1
+        if size >= _INT64:
+            raise CheckpointError(
+                f"shape {_brief(list(shape))} is too large for any tensor (its dimensions multiply past 2^63)",
+                path=path,
+                tensor=name,
+                hint="the header is corrupted",
+            )
+
+
+def too_many(max_tensors: int, path: Path) -> CheckpointError:
+    """The error for a file that holds more tensors than the checkpoint has room left for."""
+    return CheckpointError(
+        f"holds more than {max_tensors} tensors (at most {MAX_TENSORS} in one checkpoint)",
+        path=path,
+        hint="not a real model, or a corrupted header",
+    )
+
+
+def add_metadata(into: dict[str, str], new: dict[str, str], path: Path) -> dict[str, str]:
+    """``into`` updated with one file's ``__metadata__``; what a checkpoint keeps is bounded, or a
+    thousand shards of 99 MB metadata strings would all stay in memory."""
+    into.update(new)
+    if sum(len(k) + len(v) for k, v in into.items()) > MAX_METADATA_BYTES:
+        raise CheckpointError(
+            f"__metadata__ of the checkpoint's files adds up to more than {MAX_METADATA_BYTES // 2**20} MiB",
+            path=path,
+            hint="not a real model's metadata",
+        )
+    return into
+
+
+def _brief(value: object) -> str:
+    """A value from a header, for a message: its repr, cut to 80 characters."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _TooMany(Exception):
+    pass
+
+
+def _counting_hook(limit: int):  # type: ignore[no-untyped-def]
+    """object_pairs_hook that stops the parse once more than ``limit`` objects were built, so that a
+    header of a million empty tensors is refused before it costs gigabytes."""
+    seen = [0]
+
+    def hook(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        seen[0] += 1
+        if seen[0] > limit:
+            raise _TooMany()
+        return dict(pairs)
+
+    return hook
 
 
 @dataclass(frozen=True)
@@ -124,19 +208,12 @@ class Header:
     file_size: int
 
 
-def read_header(path: Path, fh: BinaryIO | None = None) -> Header:
+def read_header(path: Path, fh: BinaryIO | None = None, *, max_tensors: int = MAX_TENSORS) -> Header:
     """Read and fully validate the header of one .safetensors file."""
     own = fh is None
     try:
         if own:
-            try:
-                fh = open(path, "rb")
-            except FileNotFoundError:
-                raise CheckpointError("file not found", path=path) from None
-            except IsADirectoryError:
-                raise CheckpointError("is a directory, expected a .safetensors file", path=path) from None
-            except PermissionError:
-                raise CheckpointError("permission denied", path=path) from None
+            fh = open_regular(path)  # a folder, FIFO or device is refused by name, without blocking
         assert fh is not None
         fh.seek(0, 2)
         size = fh.tell()
@@ -165,18 +242,33 @@ def read_header(path: Path, fh: BinaryIO | None = None) -> Header:
     finally:
         if own and fh is not None:
             fh.close()
-    return parse_header(path, raw, size)
+    return parse_header(path, raw, size, max_tensors=max_tensors)
 
 
-def parse_header(path: Path, raw: bytes, file_size: int) -> Header:
+def _parse_json(path: Path, raw: bytes, max_tensors: int) -> Any:
+    """The header's JSON, parsed within the tensor bound: refused before the parse when it holds
+    more values than that many tensors could, and as soon as it has built more objects."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise CheckpointError("header is not UTF-8", path=path, hint="not a safetensors file") from None
-    try:
-        obj = json.loads(text)
+    # Arrays cost memory too and no hook sees them: a real entry has at most ~20 commas (16 dims)
+    if raw.count(b",") > 20 * max(0, max_tensors) + _METADATA_COMMAS:
+        raise CheckpointError(
+            f"header holds more JSON values than {max_tensors} tensors could",
+            path=path,
+            hint="not a real model, or a corrupted header",
+        )
+    try:  # objects: one per tensor, the header, __metadata__
+        return json.loads(text, object_pairs_hook=_counting_hook(max(0, max_tensors) + 2))
+    except _TooMany:
+        raise too_many(max_tensors, path) from None
     except (ValueError, RecursionError):  # JSONDecodeError, or an integer over Python's digit limit
         raise CheckpointError("header is not valid JSON", path=path, hint="not a safetensors file") from None
+
+
+def parse_header(path: Path, raw: bytes, file_size: int, *, max_tensors: int = MAX_TENSORS) -> Header:
+    obj = _parse_json(path, raw, max_tensors)
     if not isinstance(obj, dict):
         raise CheckpointError("header is not a JSON object", path=path)
     data_start = 8 + len(raw)
@@ -187,29 +279,34 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> Header:
         raise CheckpointError("__metadata__ must map strings to strings", path=path)
     spans: list[tuple[int, int, str]] = []
     tensors: dict[str, TensorInfo] = {}
+    if len(obj) > max_tensors:
+        raise too_many(max_tensors, path)
+    for key in metadata:
+        check_name(key, path)
     for name, info in obj.items():
+        check_name(name, path)
         if not isinstance(info, dict):
             raise CheckpointError("header entry is not an object", path=path, tensor=name)
         dtype_name = info.get("dtype")
         shape = info.get("shape")
         offsets = info.get("data_offsets")
         if not isinstance(dtype_name, str) or dtype_name not in DTYPE_TABLE:
-            raise CheckpointError(f"unknown dtype {dtype_name!r}", path=path, tensor=name)
+            raise CheckpointError(f"unknown dtype {_brief(dtype_name)}", path=path, tensor=name)
         if (
             not isinstance(shape, list)
             or len(shape) > 16
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**53 for d in shape)
         ):
-            raise CheckpointError(f"bad shape {shape!r}", path=path, tensor=name)
+            raise CheckpointError(f"bad shape {_brief(shape)}", path=path, tensor=name)
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
         ):
-            raise CheckpointError(f"bad data_offsets {offsets!r}", path=path, tensor=name)
+            raise CheckpointError(f"bad data_offsets {_brief(offsets)}", path=path, tensor=name)
         begin, end = offsets
         if not 0 <= begin <= end:
-            raise CheckpointError(f"bad data_offsets {offsets!r}", path=path, tensor=name)
+            raise CheckpointError(f"bad data_offsets {_brief(offsets)}", path=path, tensor=name)
         if end > data_len:
             raise CheckpointError(
                 f"data_offsets end {end} is past the end of the data ({data_len} bytes)",
@@ -217,6 +314,7 @@ def parse_header(path: Path, raw: bytes, file_size: int) -> Header:
                 tensor=name,
                 hint="the file is truncated or its header lies",
             )
+        check_shape_fits(shape, DTYPE_TABLE[dtype_name][0], path, name)
         expected = math.prod(shape) * DTYPE_TABLE[dtype_name][0]
         if expected != end - begin:
             raise CheckpointError(

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError, UnsafeInputError
-from .safetensors_format import TensorInfo, dtype_name, read_header
+from .safetensors_format import MAX_TENSORS, TensorInfo, check_name, dtype_name, read_header, too_many
 
 if TYPE_CHECKING:
     import torch
@@ -58,9 +58,9 @@ def _empty_bytes(nbytes: int) -> torch.Tensor:
 class SafetensorsSource(TensorSource):
     """A ``.safetensors`` file: header parsed and validated on open, data read with ``preadv``."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, max_tensors: int = MAX_TENSORS) -> None:
         self.path = path
-        header = read_header(path)
+        header = read_header(path, max_tensors=max_tensors)
         self.metadata = header.metadata
         self._infos = {n: _with_source(i, self) for n, i in header.tensors.items()}
         self._fh: Any = None
@@ -121,23 +121,15 @@ class BinSource(TensorSource):
     time.  A tensor stored non-contiguously is made contiguous once and kept while it is being read,
     so reading it in blocks costs one copy, not one per block."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, max_tensors: int = MAX_TENSORS) -> None:
         self.path = path
         self.metadata: dict[str, str] = {}
         self._tensors = _load_bin(path)
+        if len(self._tensors) > max_tensors:
+            raise too_many(max_tensors, path)
         self._infos: dict[str, TensorInfo] = {}
         for name, t in self._tensors.items():
-            if not isinstance(name, str):
-                raise CheckpointError(f"state dict key {name!r} is not a string", path=path)
-            try:
-                dname = dtype_name(t.dtype)
-            except ValueError as exc:
-                raise CheckpointError(
-                    str(exc),
-                    path=path,
-                    tensor=name,
-                    hint="safetensors (and this tool) store real and integer dtypes only",
-                ) from None
+            dname = _bin_dtype(check_name(name, path), t, path)
             self._infos[name] = TensorInfo(name, dname, tuple(t.shape), path, 0, t.numel() * t.element_size(), self)
         self._flat: tuple[str, torch.Tensor] | None = None  # (name, contiguous bytes) of the tensor being read
 
@@ -164,6 +156,27 @@ class BinSource(TensorSource):
     def close(self) -> None:
         self._tensors = {}
         self._flat = None
+
+
+def _bin_dtype(name: str, t: torch.Tensor, path: Path) -> str:
+    """The safetensors dtype of a tensor from a state dict, which must be what a safetensors file can
+    hold: a plain dense CPU tensor of a dtype safetensors stores (not complex, not float8 *fnuz)."""
+    import torch
+
+    if t.layout != torch.strided or t.device.type != "cpu" or t.is_quantized:
+        if t.is_quantized:
+            what = "quantized"
+        elif t.layout != torch.strided:
+            what = str(t.layout).removeprefix("torch.")
+        else:
+            what = f"on the {t.device.type} device"
+        raise CheckpointError(f"a {what} tensor: only plain dense tensors can be converted", path=path, tensor=name)
+    try:
+        return dtype_name(t.dtype)
+    except ValueError as exc:
+        raise CheckpointError(
+            str(exc), path=path, tensor=name, hint="convert this tensor to a supported dtype first"
+        ) from None
 
 
 def _with_source(info: TensorInfo, source: TensorSource) -> TensorInfo:
@@ -199,8 +212,9 @@ def _load_bin(path: Path) -> dict[str, Any]:
     return obj
 
 
-def open_source(path: Path) -> TensorSource:
-    """The source for one weights file, chosen by its suffix."""
+def open_source(path: Path, *, max_tensors: int = MAX_TENSORS) -> TensorSource:
+    """The source for one weights file, chosen by its suffix; it may hold at most ``max_tensors``
+    (what is left of the checkpoint's bound once the other shards are listed)."""
     if path.suffix == ".safetensors":
-        return SafetensorsSource(path)
-    return BinSource(path)
+        return SafetensorsSource(path, max_tensors=max_tensors)
+    return BinSource(path, max_tensors=max_tensors)

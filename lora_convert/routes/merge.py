@@ -380,11 +380,27 @@ def tensor_job(
         out_dtype = base.ck.info(base.map[key]).dtype  # a replacement is written in the base's dtype
     else:
         out_dtype = info.dtype
+    if o.loras or o.tokens is not None or o.bias_adds:
+        _check_float_target(src_ck, src_key)
     if o.loras or o.tokens is not None:
         return _merge_job(key, o, info.shape, out_dtype, conv1d, observe, device)
     if o.bias_adds:
         return _bias_job(key, o, out_dtype)
     return copy_job(src_ck, src_key, key, out_dtype, "replace" if o.replaced else "copy")
+
+
+def _check_float_target(ck: Checkpoint, key: str) -> None:
+    """A merge adds a floating-point delta: into an integer (or float8, bool) weight it would be
+    rounded to a different tensor with no error.  Such targets are refused by name."""
+    info = ck.info(key)
+    if not info.is_float:
+        raise UnsupportedError(
+            f"the LoRA targets a weight stored as {info.dtype_name}; a merge can only change F32, F16, BF16 "
+            "or F64 weights",
+            path=ck.root,
+            tensor=key,
+            hint="merge into the base with floating-point weights (quantized bases: dequantize first)",
+        )
 
 
 def _factors(lo: _Lora, base_shape: tuple[int, ...], conv1d_hint: bool) -> tuple[lora_math.DeltaFactors, bool]:
