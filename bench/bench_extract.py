@@ -17,6 +17,12 @@ adapter's own config (rank_pattern/alpha_pattern/rslora honoured).
 
     python bench/bench_extract.py                 # 22 layers
     python bench/bench_extract.py --layers 2      # quick check of both invocations
+    python bench/bench_extract.py --size 8b --layers 4 --floor   # a 4-layer slice of Llama-3-8B shapes
+    python bench/bench_extract.py --baseline-cmd "python -m lora_convert.cli" --baseline-root OLD_CHECKOUT
+
+mergekit's time is linear in the layers, so a slice of the 8B shapes (both tools on the same slice)
+gives the ratio at 8B width without hours of mergekit.  ``--baseline-*`` adds an older lora-convert
+to the same table (the figure an optimisation is measured against).
 """
 
 from __future__ import annotations
@@ -122,6 +128,7 @@ def sample_modules(layers: int, n: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=sorted(synth.SIZES), default="1b", help="model shapes: 1b or 8b")
     ap.add_argument("--layers", type=int, default=22)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
@@ -135,21 +142,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per command")
     ap.add_argument("--tool-cmd", help="how to call lora-convert (default: python -m lora_convert.cli)")
     ap.add_argument("--json", type=Path, help="also write the raw measurements here")
+    ap.add_argument("--baseline-cmd", help="also time this lora-convert (e.g. an older checkout's)")
+    ap.add_argument("--baseline-root", type=Path, help="working directory (and PYTHONPATH) for --baseline-cmd")
     args = ap.parse_args(argv)
     if args.cache == "drop" and not can_drop_caches():
         print("[bench] cannot drop the page cache (not root?): warming inputs before each run instead", file=sys.stderr)
 
     t0 = time.perf_counter()
-    base = synth.make_base(args.layers, args.seed)
-    tuned = synth.make_tuned(args.layers, args.seed, args.rank)
+    base = synth.make_base(args.layers, args.seed, size=args.size)
+    tuned = synth.make_tuned(args.layers, args.seed, args.rank, size=args.size)
     print(
         f"[bench] inputs ready in {time.perf_counter() - t0:.1f} s ({folder_bytes(base) / 1e9:.2f} GB each)",
         file=sys.stderr,
     )
 
-    out_root = OUT_ROOT / f"extract-L{args.layers}"
+    out_root = OUT_ROOT / f"extract-{args.size}-L{args.layers}"
     out_root.mkdir(parents=True, exist_ok=True)
-    outs = {"ours": out_root / "ours", "mergekit": out_root / "mergekit"}
+    outs = {"ours": out_root / "ours", "mergekit": out_root / "mergekit", "baseline": out_root / "baseline"}
     cmds = {
         "ours": lora_convert_cmd(args.tool_cmd)
         + [
@@ -183,13 +192,18 @@ def main(argv: list[str] | None = None) -> int:
         ]
 
     env = child_env()
+    cwds = {tool: str(BENCH_DIR.parent) for tool in cmds}
+    envs = {tool: env for tool in cmds}
+    if args.baseline_cmd:
+        root = str(args.baseline_root or BENCH_DIR.parent)
+        cmds["baseline"] = [*shlex.split(args.baseline_cmd), *cmds["ours"][len(lora_convert_cmd(args.tool_cmd)) :]]
+        cmds["baseline"][cmds["baseline"].index(str(outs["ours"]))] = str(outs["baseline"])
+        cwds["baseline"], envs["baseline"] = root, dict(env, PYTHONPATH=root)
     results: dict[str, Measurement] = {}
     for tool, cmd in cmds.items():
         rm(outs[tool])
         print(f"[bench] {tool}: {' '.join(cmd)}", file=sys.stderr)
-        m = measure(
-            cmd, cache=args.cache, inputs=[base, tuned], env=env, cwd=str(BENCH_DIR.parent), timeout=args.timeout
-        )
+        m = measure(cmd, cache=args.cache, inputs=[base, tuned], env=envs[tool], cwd=cwds[tool], timeout=args.timeout)
         m.extra["out_bytes"] = folder_bytes(outs[tool])
         results[tool] = m
         print(f"[bench] {tool}: {'ok' if m.ok else m.failure()} in {m.wall_s:.1f} s", file=sys.stderr)
@@ -206,14 +220,14 @@ def main(argv: list[str] | None = None) -> int:
             errs[tool] = {"errors": {}, "notes": [f"cannot read the adapter: {type(e).__name__}: {e}"]}
     floor = optimal_errors(fb, ft, modules, args.rank) if args.floor else None
 
-    label = {"ours": "lora-convert extract", "mergekit": "mergekit-extract-lora"}
+    label = {"ours": "lora-convert extract", "mergekit": "mergekit-extract-lora", "baseline": "baseline extract"}
     rows = []
     for tool, m in results.items():
         e = list(errs.get(tool, {}).get("errors", {}).values())
         rows.append(
             [
                 label[tool],
-                args.layers,
+                f"{args.size}/L{args.layers}",
                 fmt(m.wall_s, 2),
                 fmt(m.cpu_s, 2),
                 fmt(m.peak_rss_mb, 0),
@@ -228,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         table(
             [
                 "tool",
-                "layers",
+                "model",
                 "wall s",
                 "CPU s",
                 "peak RSS MB",
@@ -261,12 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         table(
-            ["layers", "mergekit wall / ours wall", "ours RSS / mergekit RSS"],
+            ["model", "mergekit wall / ours wall", "ours RSS / mergekit RSS", "baseline wall / ours wall"],
             [
                 [
-                    args.layers,
+                    f"{args.size}/L{args.layers}",
                     ratio(g("mergekit", "wall_s"), g("ours", "wall_s")),
                     ratio(g("ours", "peak_rss_mb"), g("mergekit", "peak_rss_mb")),
+                    ratio(g("baseline", "wall_s"), g("ours", "wall_s")),
                 ]
             ],
         )

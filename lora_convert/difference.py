@@ -7,12 +7,15 @@ because reading both tensors whole and converting them costs two stored and two 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .errors import CheckpointError, UnsupportedError
 from .io.reader import Checkpoint
 from .io.safetensors_format import TensorInfo
 from .lora_math import all_finite
+from .svd import frobenius_sq
 
 FP32 = torch.float32
 DELTA_BLOCK = 4 << 20  # bytes of fp32 ΔW built per step from the two files
@@ -32,15 +35,25 @@ class Difference:
     With ``keep=False`` no ΔW is kept, only whether the tensors differ (for tensors that are only
     reported).  A NaN or Inf in either file is an error naming the tensor: no factorisation can carry it."""
 
-    def __init__(self, tuned: tuple[Checkpoint, str], base: tuple[Checkpoint, str], *, keep: bool) -> None:
+    def __init__(
+        self,
+        tuned: tuple[Checkpoint, str],
+        base: tuple[Checkpoint, str],
+        *,
+        keep: bool,
+        out: torch.Tensor | None = None,
+    ) -> None:
+        """``out``: where a kept ΔW is built ((rows, cols) fp32; fresh when None)."""
         self.tuned, self.base, self.keep = tuned, base, keep
         info = tuned[0].info(tuned[1])
         self.shape = info.shape
         self.rows = info.shape[0] if info.shape else 1
         self.cols = max(1, info.numel // max(1, self.rows))
         step = row_blocks(info)[0][1] if self.rows else 1
-        self.delta = torch.empty((self.rows, self.cols) if keep else (min(step, self.rows), self.cols), dtype=FP32)
+        shape = (self.rows, self.cols) if keep else (min(step, self.rows), self.cols)
+        self.delta = out if out is not None and keep else torch.empty(shape, dtype=FP32)
         self.changed = False
+        self.total: float | None = None  # ‖ΔW‖²_F once result() has measured it (keep)
 
     def add(self, start: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """Rows ``start:start+len(a)`` of both tensors (their stored dtypes)."""
@@ -58,16 +71,19 @@ class Difference:
             return
         d = self.delta[start : start + n] if self.keep else self.delta[:n]
         d.copy_(a).sub_(b)  # b is promoted inside the kernel: no fp32 copy of either side
-        if d.numel():
-            lo, hi = torch.aminmax(d)  # NaN propagates, Inf is an extreme: one pass checks both inputs too
-            if not (torch.isfinite(lo) and torch.isfinite(hi)):
-                self._non_finite(a, b)
-            self.changed = self.changed or bool(lo != 0) or bool(hi != 0)
+        if self.keep or not d.numel():
+            return  # a kept ΔW is checked once, by the norm result() measures anyway
+        lo, hi = torch.aminmax(d)  # NaN propagates, Inf is an extreme: one pass checks both inputs too
+        if not (torch.isfinite(lo) and torch.isfinite(hi)):
+            self._non_finite()
+        self.changed = self.changed or bool(lo != 0) or bool(hi != 0)
 
-    def _non_finite(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Name the input that holds NaN/Inf (read again only on this error path), or the overflow."""
-        for (ck, key), x in ((self.tuned, a), (self.base, b)):
-            if not all_finite(x):
+    def _non_finite(self) -> None:
+        """Name the input that holds NaN/Inf (read again, only on this error path), or the overflow."""
+        for ck, key in (self.tuned, self.base):
+            info = ck.info(key)
+            blocks = row_blocks(info) if info.shape else [(0, 1)]
+            if not all(all_finite(ck.read_rows(key, s, e) if info.shape else ck.read(key)) for s, e in blocks):
                 raise CheckpointError(
                     "holds NaN or Inf values",
                     path=ck.root,
@@ -79,7 +95,15 @@ class Difference:
         )
 
     def result(self) -> torch.Tensor | None:
-        """ΔW in the tensor's own shape (``keep``), or the last block; None when the tensors are equal."""
+        """ΔW in the tensor's own shape (``keep``), or the last block; None when the tensors are equal.
+
+        A kept ΔW's ‖ΔW‖²_F (the SVD needs it) also says whether anything changed and whether anything
+        is NaN/Inf: no separate pass over it."""
+        if self.keep:
+            self.total = frobenius_sq(self.delta)
+            if not math.isfinite(self.total):
+                self._non_finite()
+            self.changed = self.changed or self.total > 0
         if not self.changed:
             return None
         return self.delta.reshape(self.shape) if self.keep else self.delta

@@ -286,9 +286,22 @@ def test_non_finite_difference_is_an_error(pair, tmp_path):
     (tmp_path / "bad").mkdir()
     save_file(sd, tmp_path / "bad" / "model.safetensors", metadata={"format": "pt"})
     (tmp_path / "bad" / "config.json").write_text((d / "tuned" / "config.json").read_text())
-    with pytest.raises(CheckpointError, match="v_proj.weight.*NaN or Inf"):
+    with pytest.raises(CheckpointError, match="v_proj.weight.*NaN or Inf") as got:
         extract(tmp_path / "bad", base=d / "base", output=tmp_path / "a", rank=4)
+    assert got.value.path == str(tmp_path / "bad")  # the file that holds it, not the base
     assert not (tmp_path / "a").exists()
+    # finite in both files, but their difference overflows fp32: an error, not an Inf fed to the SVD
+    sd = load_file(d / "tuned" / "model.safetensors")
+    sd["model.layers.0.mlp.up_proj.weight"][0, 0] = 3e38
+    base_sd = load_file(d / "base" / "model.safetensors")
+    base_sd["model.layers.0.mlp.up_proj.weight"][0, 0] = -3e38
+    for name, tensors in (("big", sd), ("bigbase", base_sd)):
+        (tmp_path / name).mkdir()
+        save_file(tensors, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+        (tmp_path / name / "config.json").write_text((d / "tuned" / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="up_proj.weight.*overflows fp32"):
+        extract(tmp_path / "big", base=tmp_path / "bigbase", output=tmp_path / "b", rank=4)
+    assert not (tmp_path / "b").exists()
 
 
 def test_bf16_floor(tmp_path, capsys):

@@ -316,34 +316,38 @@ class _Factored:
 
 
 def _difference_job(tk: Checkpoint, bk: Checkpoint, name: str, keep: bool, done: Any) -> Job:
-    """A job that forms ΔW of ``name`` from read-ahead blocks and hands it to ``done`` (None: unchanged)."""
+    """A job that forms ΔW of ``name`` from read-ahead blocks and hands it, with ‖ΔW‖²_F when it was kept, to
+    ``done`` (None: unchanged)."""
     blocks_ = row_blocks(tk.info(name))
 
     def reads() -> list[Read]:
         return [r for s, e in blocks_ for r in (Read(tk, name, s, e), Read(bk, name, s, e))]
 
     def run(buf: Buffers) -> Iterator[torch.Tensor]:
-        d = Difference((tk, name), (bk, name), keep=keep)
+        info = tk.info(name)  # a kept ΔW lives in one buffer reused from task to task (no fresh pages each time)
+        rows = info.shape[0] if info.shape else 1
+        out = buf.scratch("delta", (rows, max(1, info.numel // max(1, rows))), FP32) if keep else None
+        d = Difference((tk, name), (bk, name), keep=keep, out=out)
         for s, e in blocks_:
             a = buf.read(Read(tk, name, s, e))
             b = buf.read(Read(bk, name, s, e))
             d.add(s, a, b)
             buf.give_back(a)
             buf.give_back(b)
-        done(d.result())
+        done(d.result(), d.total)
         return
         yield  # a generator that writes nothing
 
     return Job(name, FP32, (), run, "factor", reads=reads, writes=False)
 
 
-def _factor(delta: torch.Tensor, task: _Task, opts: ExtractOptions, conv1d: bool) -> _Factored:
+def _factor(delta: torch.Tensor, task: _Task, opts: ExtractOptions, conv1d: bool, total: float | None) -> _Factored:
     t1 = time.perf_counter()
     if conv1d:  # GPT-2 Conv1D stores (in, out): factor the (out, in) view PEFT's B·A describes
-        delta = delta.T
+        delta, total = delta.T, None  # its norm is summed over the transposed view's own blocks
     delta = delta.to(torch.device(opts.device))
     k = min(opts.rank if opts.rank is not None else opts.max_rank, opts.max_rank)
-    f = svd.factorise(delta, k, svd=opts.svd, seed=opts.seed)
+    f = svd.factorise(delta, k, svd=opts.svd, seed=opts.seed, total=total)
     r, capped = svd.pick_rank(f, rank=opts.rank, energy=opts.energy, max_error=opts.max_error, max_rank=opts.max_rank)
     B, A = f.factors(r)
     if FACTOR_DTYPES[opts.dtype] != FP32:  # measure what is written: rounded factors
@@ -360,9 +364,10 @@ def _residual_error(delta: torch.Tensor, B: torch.Tensor, A: torch.Tensor, total
         return 0.0
     acc = 0.0
     step = max(1, (1 << 20) // max(1, delta.shape[1]))
+    r = torch.empty((min(step, delta.shape[0]), delta.shape[1]), dtype=FP32, device=delta.device)  # reused
     for i in range(0, delta.shape[0], step):
-        r = torch.addmm(delta[i : i + step], B[i : i + step], A, alpha=-1)
-        acc += float(torch.sum(r * r))  # fp32 cascade sum per block, fp64 across blocks (see svd.frobenius_sq)
+        ri = torch.addmm(delta[i : i + step], B[i : i + step], A, alpha=-1, out=r[: min(step, delta.shape[0] - i)])
+        acc += float(torch.sum(ri.mul_(ri)))  # fp32 cascade sum per block, fp64 across blocks (svd.frobenius_sq)
     return (acc / total) ** 0.5
 
 
@@ -380,11 +385,13 @@ def _first_pass(
         for i, task in enumerate(inputs.tasks):
             factor = task.kind not in _SKIP_REASONS and task.kind != "full"
 
-            def done(delta: torch.Tensor | None, i: int = i, task: _Task = task, factor: bool = factor) -> None:
+            def done(
+                delta: torch.Tensor | None, total: float | None, i: int = i, task: _Task = task, factor: bool = factor
+            ) -> None:
                 advance(1)
                 if delta is not None:
                     conv1d = task.kind == "linear" and conv1d_model
-                    outcomes[i] = _factor(delta, task, opts, conv1d) if factor else _Factored()
+                    outcomes[i] = _factor(delta, task, opts, conv1d, total) if factor else _Factored()
 
             jobs.append(_difference_job(tk, bk, task.name, factor, done))
         others: dict[int, bool] = {}
@@ -394,7 +401,7 @@ def _first_pass(
                 advance(1)
                 continue
 
-            def other_done(delta: torch.Tensor | None, i: int = i) -> None:
+            def other_done(delta: torch.Tensor | None, total: float | None, i: int = i) -> None:
                 advance(1)
                 others[i] = delta is not None
 
