@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from dataclasses import asdict
@@ -128,6 +129,15 @@ def run_size(size: str, layers: int, args: argparse.Namespace, env: dict[str, st
         "torch": [sys.executable, "-c", "import torch"],
     }
     tools = ["cp", "torch", "ours"] + ([] if args.skip_peft else ["peft"])
+    cwds = {t: str(BENCH_DIR.parent) for t in ("cp", "torch", "ours", "peft", "mergekit")}
+    envs = {t: env for t in cwds}
+    if args.baseline_cmd:  # an older lora-convert, timed in the same run (what a change is measured against)
+        outs["baseline"] = out_root / "baseline"
+        cmds["baseline"] = [*shlex.split(args.baseline_cmd), "merge", str(adapter), "--base", str(base)]
+        cmds["baseline"] += ["-o", str(outs["baseline"]), "--force"]
+        root = str(args.baseline_root or BENCH_DIR.parent)
+        cwds["baseline"], envs["baseline"] = root, dict(env, PYTHONPATH=root)
+        tools.insert(tools.index("ours") + 1, "baseline")
     mergekit = args.mergekit_venv / "bin" / "mergekit-yaml"
     if not args.skip_mergekit and mergekit.exists():
         config = out_root / "mergekit.yml"
@@ -140,7 +150,13 @@ def run_size(size: str, layers: int, args: argparse.Namespace, env: dict[str, st
     elif not args.skip_mergekit:
         print(f"[bench] no mergekit venv at {args.mergekit_venv}: bash bench/setup_mergekit.sh", file=sys.stderr)
     results: dict[str, Measurement] = {}
+    diff_lines: list[str] = []
+    # Outputs are deleted as soon as nothing needs them: at 8B each is 16 GB (mergekit's LoRA cache another
+    # 16), and they do not all fit beside the base.  ours and peft stay until they have been compared.
     for tool in tools:
+        if tool == "mergekit" and not args.keep:
+            diff_lines = _compare(base, adapter, outs, results, layers)
+            rm(outs["ours"]), rm(outs["peft"])
         for _ in range(args.repeat):
             for p in (outs.get(tool), outs.get(f"{tool}-cache")):
                 if p is not None:
@@ -150,8 +166,8 @@ def run_size(size: str, layers: int, args: argparse.Namespace, env: dict[str, st
                 cmds[tool],
                 cache=args.cache,
                 inputs=[base, adapter],
-                env=env,
-                cwd=str(BENCH_DIR.parent),
+                env=envs[tool],
+                cwd=cwds[tool],
                 timeout=args.timeout,
             )
             m.extra["out_bytes"] = folder_bytes(outs[tool]) if tool in outs else 0
@@ -160,20 +176,24 @@ def run_size(size: str, layers: int, args: argparse.Namespace, env: dict[str, st
             if not m.ok:
                 print(f"[bench] {name}: {tool} failed: {m.failure()}", file=sys.stderr)
                 break
-        if tool == "mergekit" and not args.keep:
-            rm(outs["mergekit-cache"])
-    diff_lines = []
-    if results["ours"].ok or results.get("peft", None) is not None and results["peft"].ok:
-        try:
-            diff_lines = compare_merged(
-                base, adapter, outs["ours"], outs["peft"] if "peft" in results else None, layers
-            )
-        except Exception as e:  # a malformed output must not lose the timings
-            diff_lines = [f"comparison failed: {type(e).__name__}: {e}"]
+        if tool in ("cp", "mergekit", "baseline") and not args.keep:
+            rm(outs[tool]), rm(outs.get(f"{tool}-cache", outs[tool]))
+    if not diff_lines:
+        diff_lines = _compare(base, adapter, outs, results, layers)
     if not args.keep:
         for p in outs.values():
             rm(p)
     return {"size": size, "layers": layers, "base_bytes": folder_bytes(base), "results": results, "diff": diff_lines}
+
+
+def _compare(base: Path, adapter: Path, outs: dict[str, Path], results: dict, layers: int) -> list[str]:
+    ours, peft = results.get("ours"), results.get("peft")
+    if not (ours is not None and ours.ok or peft is not None and peft.ok):
+        return []
+    try:
+        return compare_merged(base, adapter, outs["ours"], outs["peft"] if peft is not None else None, layers)
+    except Exception as e:  # a malformed output must not lose the timings
+        return [f"comparison failed: {type(e).__name__}: {e}"]
 
 
 def marginal(sizes: list[dict]) -> str:
@@ -217,6 +237,7 @@ def report(sizes: list[dict], args: argparse.Namespace) -> str:
         "ours": "lora-convert merge",
         "peft": "PEFT merge_and_unload",
         "mergekit": "mergekit-yaml (LoRA)",
+        "baseline": "baseline merge",
     }
     rows = []
     for s in sizes:
@@ -264,10 +285,11 @@ def report(sizes: list[dict], args: argparse.Namespace) -> str:
                 ratio(g("peft", "peak_rss_mb"), g("ours", "peak_rss_mb")),
                 ratio(g("mergekit", "wall_s"), g("ours", "wall_s")),
                 ratio(g("mergekit", "peak_rss_mb"), g("ours", "peak_rss_mb")),
+                ratio(g("baseline", "wall_s"), g("ours", "wall_s")),
             ]
         )
     head = ["model", "merge wall / cp wall", "PEFT wall / merge wall", "PEFT RSS / merge RSS"]
-    out.append(table(head + ["mergekit wall / merge wall", "mergekit RSS / merge RSS"], ratio_rows))
+    out.append(table(head + ["mergekit wall / merge wall", "mergekit RSS / merge RSS", "baseline / merge"], ratio_rows))
     if len(sizes) > 1:
         out.append("")
         out.append(marginal(sizes))
@@ -294,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-peft", action="store_true", help="do not run the PEFT recipe")
     ap.add_argument("--skip-mergekit", action="store_true", help="do not run mergekit")
     ap.add_argument("--mergekit-venv", type=Path, default=MERGEKIT_VENV)
+    ap.add_argument("--baseline-cmd", help="also time this lora-convert merge (e.g. an older checkout's)")
+    ap.add_argument("--baseline-root", type=Path, help="working directory (and PYTHONPATH) for --baseline-cmd")
     ap.add_argument("--keep", action="store_true", help=f"keep the outputs under {OUT_ROOT}")
     ap.add_argument(
         "--cache",

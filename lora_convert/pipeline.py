@@ -114,7 +114,7 @@ class Buffers:
         size = slot_bytes or TILE_BYTES
         self._out = _Pool(out_slots or QUEUE_DEPTH + 2, size, self.closed)
         self._read = _Pool(read_slots or READ_SLOTS, size, self.closed)
-        self._scratch: dict[str, torch.Tensor] = {}
+        self._scratch: dict[tuple[str, str], torch.Tensor] = {}
         self._fetched: queue.Queue[Any] | None = None  # the reader stage's output, when it runs
 
     def out(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -166,9 +166,9 @@ class Buffers:
     def scratch(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
         """A worker-private tensor for ``role`` on ``device``, grown when too small."""
         nbytes = _nbytes(shape, dtype)
-        have = self._scratch.get(role)
-        if have is None or have.numel() < nbytes or have.device != torch.device(device):
-            have = self._scratch[role] = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
+        have = self._scratch.get((role, device))
+        if have is None or have.numel() < nbytes:
+            have = self._scratch[(role, device)] = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
         return have[:nbytes].view(dtype).view(shape)
 
 
