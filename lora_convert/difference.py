@@ -8,6 +8,7 @@ because reading both tensors whole and converting them costs two stored and two 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -41,19 +42,32 @@ class Difference:
         base: tuple[Checkpoint, str],
         *,
         keep: bool,
-        out: torch.Tensor | None = None,
+        out: torch.Tensor | Callable[[], torch.Tensor] | None = None,
     ) -> None:
-        """``out``: where a kept ΔW is built ((rows, cols) fp32; fresh when None)."""
+        """``out``: where a kept ΔW is built ((rows, cols) fp32), or what gives it (fresh when None).
+
+        A kept ΔW is only allocated at the first block that differs: the rows before it are zeros.  A
+        tensor the fine-tune left alone (the embedding, often: at Llama-3-8B's vocabulary its fp32 ΔW is
+        2.1 GB) then costs one block, not the tensor."""
         self.tuned, self.base, self.keep = tuned, base, keep
         info = tuned[0].info(tuned[1])
         self.shape = info.shape
         self.rows = info.shape[0] if info.shape else 1
         self.cols = max(1, info.numel // max(1, self.rows))
         step = row_blocks(info)[0][1] if self.rows else 1
-        shape = (self.rows, self.cols) if keep else (min(step, self.rows), self.cols)
-        self.delta = out if out is not None and keep else torch.empty(shape, dtype=FP32)
+        self._out = out
+        self.delta = torch.empty((min(step, self.rows), self.cols), dtype=FP32)  # one block until ΔW is kept
+        self.kept = False  # the whole ΔW is being built (keep, and a block differed)
         self.changed = False
         self.total: float | None = None  # ‖ΔW‖²_F once result() has measured it (keep)
+
+    def _keep_from(self, start: int, n: int) -> None:
+        """Move to building the whole ΔW: rows before ``start`` are zero, the block just formed is copied."""
+        out = self._out() if callable(self._out) else self._out
+        full = out if out is not None else torch.empty((self.rows, self.cols), dtype=FP32)
+        full[:start].zero_()
+        full[start : start + n].copy_(self.delta[:n])
+        self.delta, self.kept = full, True
 
     def add(self, start: int, a: torch.Tensor, b: torch.Tensor) -> None:
         """Rows ``start:start+len(a)`` of both tensors (their stored dtypes)."""
@@ -69,14 +83,17 @@ class Difference:
                 )
             self.changed = self.changed or not torch.equal(a, b)  # integer buffers: compare exactly
             return
-        d = self.delta[start : start + n] if self.keep else self.delta[:n]
+        d = self.delta[start : start + n] if self.kept else self.delta[:n]
         d.copy_(a).sub_(b)  # b is promoted inside the kernel: no fp32 copy of either side
-        if self.keep or not d.numel():
+        if self.kept or not d.numel():
             return  # a kept ΔW is checked once, by the norm result() measures anyway
         lo, hi = torch.aminmax(d)  # NaN propagates, Inf is an extreme: one pass checks both inputs too
         if not (torch.isfinite(lo) and torch.isfinite(hi)):
             self._non_finite()
-        self.changed = self.changed or bool(lo != 0) or bool(hi != 0)
+        if bool(lo != 0) or bool(hi != 0):
+            self.changed = True
+            if self.keep:
+                self._keep_from(start, n)
 
     def _non_finite(self) -> None:
         """Name the input that holds NaN/Inf (read again, only on this error path), or the overflow."""
@@ -100,7 +117,7 @@ class Difference:
         A kept ΔW's ‖ΔW‖²_F (the SVD needs it) also says whether anything changed and whether anything
         is NaN/Inf: no separate pass over it."""
         if self.keep:
-            self.total = frobenius_sq(self.delta)
+            self.total = frobenius_sq(self.delta) if self.kept else 0.0
             if not math.isfinite(self.total):
                 self._non_finite()
             self.changed = self.changed or self.total > 0

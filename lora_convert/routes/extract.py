@@ -326,8 +326,8 @@ def _difference_job(tk: Checkpoint, bk: Checkpoint, name: str, keep: bool, done:
     def run(buf: Buffers) -> Iterator[torch.Tensor]:
         info = tk.info(name)  # a kept ΔW lives in one buffer reused from task to task (no fresh pages each time)
         rows = info.shape[0] if info.shape else 1
-        out = buf.scratch("delta", (rows, max(1, info.numel // max(1, rows))), FP32) if keep else None
-        d = Difference((tk, name), (bk, name), keep=keep, out=out)
+        shape = (rows, max(1, info.numel // max(1, rows)))
+        d = Difference((tk, name), (bk, name), keep=keep, out=lambda: buf.scratch("delta", shape, FP32))
         for s, e in blocks_:
             a = buf.read(Read(tk, name, s, e))
             b = buf.read(Read(bk, name, s, e))
