@@ -35,8 +35,8 @@ timed() {  # timed LABEL CMD...: run, print the wall time
 
 echo "== merge, 8B shapes (32 layers, r=16 on all linears + embeddings + lm_head)"
 timed merge-cpu $LC merge "$ADAPTER" --base "$BASE" -o "$OUT/merged-cpu" --json
-timed "merge-$DEVICE" $LC merge "$ADAPTER" --base "$BASE" -o "$OUT/merged-$DEVICE" --device "$DEVICE" --json
-python - "$OUT/merged-cpu" "$OUT/merged-$DEVICE" <<'EOF'
+timed "merge-on-$DEVICE" $LC merge "$ADAPTER" --base "$BASE" -o "$OUT/merged-dev" --device "$DEVICE" --json
+python - "$OUT/merged-cpu" "$OUT/merged-dev" <<'EOF'
 import sys
 from pathlib import Path
 
@@ -60,8 +60,8 @@ EOF
 
 echo "== extraction, 4-layer slice of the 8B shapes (rank 16)"
 timed extract-cpu $LC extract "$STUNED" --base "$SBASE" -o "$OUT/x-cpu" --rank 16 --json
-timed "extract-$DEVICE" $LC extract "$STUNED" --base "$SBASE" -o "$OUT/x-$DEVICE" --rank 16 --device "$DEVICE" --json
-python - "$OUT/extract-cpu.json" "$OUT/extract-$DEVICE.json" <<'EOF'
+timed "extract-on-$DEVICE" $LC extract "$STUNED" --base "$SBASE" -o "$OUT/x-dev" --rank 16 --device "$DEVICE" --json
+python - "$OUT/extract-cpu.json" "$OUT/extract-on-$DEVICE.json" <<'EOF'
 import json, sys
 
 a, b = (json.load(open(p)) for p in sys.argv[1:])
@@ -70,7 +70,7 @@ print(f"worst error: cpu {a['worst_error']:.6e}, device {b['worst_error']:.6e}; 
 worst = max(abs(x["error"] - y["error"]) / max(x["error"], 1e-30) for x, y in zip(a["modules"], b["modules"]))
 print(f"largest relative difference of a module's error between the devices: {worst:.2e}")
 EOF
-python bench/bench_extract.py --size 8b --layers 4 --skip-mergekit --floor --cache warm 2>/dev/null | grep -E "optimal|worst"
+python bench/bench_extract.py --size 8b --layers 4 --skip-mergekit --floor --cache warm 2>/dev/null | grep -E "^optimal"
 
 if [ "${FULL:-0}" = 1 ]; then
     echo "== extraction, the whole 8B model on $DEVICE"
