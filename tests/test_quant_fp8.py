@@ -166,3 +166,16 @@ def test_cli_requantize_table_and_json(fp8_base, tmp_path):
     assert all(0 < m["rel_error"] < 0.05 and m["error_vs_delta"] > 0 for m in got["modules"])
     card = (tmp_path / "b" / "README.md").read_text()
     assert "## Re-quantization error" in card and "re-quantized in its scheme" in card
+
+
+def test_verify_refuses_a_requantized_merge_and_passes_the_dequantized_one(fp8_base, tmp_path):
+    """A --requantize output differs from BASE + ΔW by fp8's rounding: verify must say why it cannot judge it
+    (naming the scheme), not call untouched weights 'changed outside the adapter'."""
+    base, _ = fp8_base
+    _adapter(load_dequantized(base), tmp_path)
+    lc.merge(tmp_path / "adapter", base=base, output=tmp_path / "rq", requantize=True)
+    lc.merge(tmp_path / "adapter", base=base, output=tmp_path / "deq")
+    assert lc.verify(tmp_path / "deq", base=base, adapters=[str(tmp_path / "adapter")]).ok
+    with pytest.raises(lc.UnsupportedError, match="MERGED is quantized") as e:
+        lc.verify(tmp_path / "rq", base=base, adapters=[str(tmp_path / "adapter")])
+    assert "without --requantize" in e.value.for_cli() and str(tmp_path / "rq") in str(e.value)

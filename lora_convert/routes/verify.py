@@ -34,6 +34,8 @@ import torch
 
 from .. import arch, lora_math
 from ..closeness import Agreement
+from ..errors import UnsupportedError
+from ..io.quantized import find_layout
 from ..io.reader import Checkpoint
 from ..pipeline import Buffers, Job, Read, execute
 from ..progress import progress_bar
@@ -98,6 +100,15 @@ def verify_merge(
     req: Request, merged: Checkpoint, *, ulps: float = DEFAULT_ULPS, progress: bool = False
 ) -> Verification:
     """Check every tensor of ``merged`` against the merge ``req`` describes (BASE + its adapters)."""
+    layout = find_layout(merged)
+    if layout is not None:  # a --requantize output holds the scheme's rounding besides ΔW, per block
+        raise UnsupportedError(
+            f"MERGED is quantized ({layout.scheme}): verify compares float weights within a few ulps, and a "
+            "re-quantized merge differs from BASE + ΔW by the scheme's own rounding",
+            path=merged.root,
+            tensor=next(iter(layout.tensors), None),
+            hint="verify the merge written without --requantize (its re-quantization error is in that run's report)",
+        )
     mo = merge_ops(req)
     inputs = req.adapters_in()
     tol = ulps + len(inputs) - 1
