@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .card import render_card
 from .folder import carry_files, read_json, update_config, write_json
@@ -18,10 +18,12 @@ from .io.output import AtomicOutput, stale_note
 from .io.writer import SafetensorsSink, TensorSink
 from .pipeline import execute
 from .progress import progress_bar
-from .routes.extract import Extraction
 from .routes.plan import Plan, Request
-from .routes.requantize import Requantization
-from .routes.unmerge import Unmerge
+
+if TYPE_CHECKING:  # result types only: a merge need not import the extraction's or unmerge's modules
+    from .routes.extract import Extraction
+    from .routes.requantize import Requantization
+    from .routes.unmerge import Unmerge
 
 UNSHARDED = 10**15  # an adapter is one file whatever its size, as PEFT writes it
 
