@@ -24,7 +24,7 @@ ROUTES: dict[tuple[str, str], str] = {
     ("unmerged", "adapter"): "layout:plan_split",
     ("adapter", "unmerged"): "layout:plan_attach",
     ("plain", "adapter"): "extract:plan_extract",
-    ("adapter", "adapter"): "__init__:plan_adapter",  # --moe-layout, or another dialect's adapter -> PEFT
+    ("adapter", "adapter"): "to_peft:plan_adapter",  # --moe-layout, or another dialect's adapter -> PEFT
     ("adapter", "gguf"): "gguf:plan_gguf",
     ("unmerged", "gguf"): "gguf:plan_gguf",
     ("adapter", "mlx"): "mlx:plan_mlx",
@@ -40,30 +40,12 @@ OPTIONAL_BASE = frozenset({("adapter", "kohya"), ("adapter", "diffusers")})  # t
 __all__ = ["FORMATS", "FORMS", "NEEDS_BASE", "OPTIONAL_BASE", "ROUTES", "Plan", "Planner", "Request", "planner"]
 
 
-def plan_adapter(req: Request) -> Plan:
-    """adapter -> adapter: a PEFT adapter's expert LoRA in the other layout (``--moe-layout``, with the base),
-    or another dialect's adapter written as PEFT's."""
-    if req.moe_layout is not None:
-        from .moe_adapter import plan_moe_layout
-
-        return plan_moe_layout(req)
-    if req.inventory.dialect == "peft":
-        raise RouteError(
-            "is already a PEFT adapter",
-            path=req.source.root,
-            hint="--moe-layout per-expert|fused converts its expert LoRA to the other layout",
-        )
-    from .to_peft import plan_peft
-
-    return plan_peft(req)
-
-
 def planner(source_form: str, to: str, *, path: object = None) -> Planner:
     """The planner of ``source_form -> to``, or a RouteError saying why there is none."""
     found = ROUTES.get((source_form, to))
     if found is not None:
         module, _, name = found.partition(":")
-        mod = importlib.import_module(__name__ if module == "__init__" else f"{__name__}.{module}")
+        mod = importlib.import_module(f"{__name__}.{module}")
         return getattr(mod, name)
     if source_form == "plain":
         raise RouteError(f"holds no LoRA tensors (a base or merged model); nothing to convert to {to}", path=path)

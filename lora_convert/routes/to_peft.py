@@ -15,9 +15,24 @@ from .layout import plan_split
 from .plan import Plan, Request
 
 
-def plan_peft(req: Request) -> Plan:
+def plan_adapter(req: Request) -> Plan:
+    """adapter -> adapter: a PEFT adapter's expert LoRA in the other layout (``--moe-layout``, with the base),
+    or another dialect's adapter written as PEFT's."""
+    if req.moe_layout is not None:
+        from .moe_adapter import plan_moe_layout  # only this route's --moe-layout needs it
+
+        return plan_moe_layout(req)
     if req.inventory.dialect == "peft":
-        raise RouteError("is already a PEFT adapter", path=req.source.root)
+        raise RouteError(
+            "is already a PEFT adapter",
+            path=req.source.root,
+            hint="--moe-layout per-expert|fused converts its expert LoRA to the other layout",
+        )
+    return plan_peft(req)
+
+
+def plan_peft(req: Request) -> Plan:
+    """Another dialect's adapter (plan_adapter has refused a PEFT one) as a PEFT adapter folder."""
     if req.inventory.dialect in ("kohya", "diffusers"):  # image-model LoRA: PEFT-style is diffusers' own file
         raise RouteError(
             f"a {req.inventory.dialect} LoRA file's PEFT-style form is diffusers' LoRA file",
