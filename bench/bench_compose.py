@@ -33,8 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import synth  # noqa: E402
-from common import OUT_ROOT, child_env, fmt, folder_bytes, lora_convert_cmd, ratio, rm, table  # noqa: E402
-from measure import Measurement, can_drop_caches, measure  # noqa: E402
+from common import OUT_ROOT, child_env, fmt, folder_bytes, lora_convert_cmd, measure_tool, ratio, rm, table  # noqa: E402
+from measure import Measurement, can_drop_caches  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -94,16 +94,9 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Measurement], Path]:
     results: dict[str, Measurement] = {}
     env = child_env()
     for tool, cmd in commands(args, base, a, b, out).items():
-        if tool in out:
-            rm(out[tool])
-        print(f"[bench] {tool}", file=sys.stderr)
-        m = measure(
-            cmd, cache=args.cache, inputs=[base, a, b], env=env, cwd=str(BENCH_DIR.parent), timeout=args.timeout
+        results[tool] = measure_tool(
+            tool, cmd, out.get(tool), cache=args.cache, inputs=[base, a, b], timeout=args.timeout, env=env
         )
-        m.extra["out_bytes"] = folder_bytes(out[tool]) if tool in out else 0
-        results[tool] = m
-        if not m.ok:
-            print(f"[bench] {tool} failed: {m.failure()}", file=sys.stderr)
     if not args.keep:
         for p in out.values():
             rm(p)

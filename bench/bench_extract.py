@@ -51,12 +51,13 @@ from common import (  # noqa: E402
     fmt,
     folder_bytes,
     lora_convert_cmd,
+    measure_tool,
     ratio,
     read_json,
     rm,
     table,
 )
-from measure import Measurement, can_drop_caches, measure  # noqa: E402
+from measure import Measurement, can_drop_caches  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_VENV = BENCH_DIR / ".cache" / "mergekit-venv"
@@ -201,12 +202,19 @@ def main(argv: list[str] | None = None) -> int:
         cwds["baseline"], envs["baseline"] = root, dict(env, PYTHONPATH=root)
     results: dict[str, Measurement] = {}
     for tool, cmd in cmds.items():
-        rm(outs[tool])
-        print(f"[bench] {tool}: {' '.join(cmd)}", file=sys.stderr)
-        m = measure(cmd, cache=args.cache, inputs=[base, tuned], env=envs[tool], cwd=cwds[tool], timeout=args.timeout)
-        m.extra["out_bytes"] = folder_bytes(outs[tool])
+        m = measure_tool(
+            tool,
+            cmd,
+            outs[tool],
+            cache=args.cache,
+            inputs=[base, tuned],
+            timeout=args.timeout,
+            env=envs[tool],
+            cwd=cwds[tool],
+        )
         results[tool] = m
-        print(f"[bench] {tool}: {'ok' if m.ok else m.failure()} in {m.wall_s:.1f} s", file=sys.stderr)
+        if m.ok:
+            print(f"[bench] {tool}: ok in {m.wall_s:.1f} s", file=sys.stderr)
 
     modules = sample_modules(args.layers, args.sample)
     fb, ft = TensorFolder(base), TensorFolder(tuned)

@@ -39,8 +39,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import synth  # noqa: E402
-from common import OUT_ROOT, TensorFolder, child_env, fmt, folder_bytes, lora_convert_cmd, ratio, rm, table  # noqa: E402
-from measure import Measurement, can_drop_caches, measure  # noqa: E402
+from common import OUT_ROOT, TensorFolder, fmt, folder_bytes, lora_convert_cmd, measure_tool, ratio, rm, table  # noqa: E402
+from measure import Measurement, can_drop_caches  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 CACHE = BENCH_DIR / ".cache" / "kohya"
@@ -209,20 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     tools = ["cp", "ours"] + ([] if args.skip_diffusers else ["diffusers"])
     results: dict[str, Measurement] = {}
     for tool in tools:
-        rm(outs[tool])
-        print(f"[bench] {tool}: {' '.join(cmds[tool])}", file=sys.stderr)
-        m = measure(
-            cmds[tool],
-            cache=args.cache,
-            inputs=[base, lora],
-            env=child_env(),
-            cwd=str(BENCH_DIR.parent),
-            timeout=args.timeout,
+        results[tool] = measure_tool(
+            tool, cmds[tool], outs[tool], cache=args.cache, inputs=[base, lora], timeout=args.timeout
         )
-        m.extra["out_bytes"] = folder_bytes(outs[tool])
-        results[tool] = m
-        if not m.ok:
-            print(f"[bench] {tool} failed: {m.failure()}", file=sys.stderr)
     rows = [
         [
             tool,

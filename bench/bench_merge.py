@@ -44,12 +44,13 @@ from common import (  # noqa: E402
     fmt,
     folder_bytes,
     lora_convert_cmd,
+    measure_tool,
     ratio,
     read_json,
     rm,
     table,
 )
-from measure import Measurement, can_drop_caches, measure  # noqa: E402
+from measure import Measurement, can_drop_caches  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 MERGEKIT_VENV = BENCH_DIR / ".cache" / "mergekit-venv"
@@ -158,23 +159,22 @@ def run_size(size: str, layers: int, args: argparse.Namespace, env: dict[str, st
             diff_lines = _compare(base, adapter, outs, results, layers)
             rm(outs["ours"]), rm(outs["peft"])
         for _ in range(args.repeat):
-            for p in (outs.get(tool), outs.get(f"{tool}-cache")):
-                if p is not None:
-                    rm(p)
-            print(f"[bench] {name}: {tool}: {' '.join(cmds[tool])}", file=sys.stderr)
-            m = measure(
+            if f"{tool}-cache" in outs:
+                rm(outs[f"{tool}-cache"])
+            m = measure_tool(
+                tool,
                 cmds[tool],
+                outs.get(tool),
                 cache=args.cache,
                 inputs=[base, adapter],
+                timeout=args.timeout,
                 env=envs[tool],
                 cwd=cwds[tool],
-                timeout=args.timeout,
+                label=f"{name}: ",
             )
-            m.extra["out_bytes"] = folder_bytes(outs[tool]) if tool in outs else 0
             if tool not in results or (m.ok and m.wall_s < results[tool].wall_s):
                 results[tool] = m
             if not m.ok:
-                print(f"[bench] {name}: {tool} failed: {m.failure()}", file=sys.stderr)
                 break
         if tool in ("cp", "mergekit", "baseline") and not args.keep:
             rm(outs[tool]), rm(outs.get(f"{tool}-cache", outs[tool]))

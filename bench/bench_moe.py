@@ -36,8 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import synth  # noqa: E402
-from common import OUT_ROOT, child_env, fmt, folder_bytes, lora_convert_cmd, ratio, rm, table  # noqa: E402
-from measure import Measurement, can_drop_caches, measure  # noqa: E402
+from common import OUT_ROOT, child_env, fmt, folder_bytes, lora_convert_cmd, measure_tool, ratio, rm, table  # noqa: E402
+from measure import Measurement, can_drop_caches  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -211,20 +211,16 @@ def run_size(shape: MoeShape, args: argparse.Namespace, env: dict[str, str]) -> 
     }
     results: dict[str, Measurement] = {}
     for tool in ["cp", "ours"] + ([] if args.skip_peft else ["peft"]):
-        rm(outs[tool])
-        print(f"[bench] {label}: {tool}: {' '.join(cmds[tool])}", file=sys.stderr)
-        m = measure(
+        results[tool] = measure_tool(
+            tool,
             cmds[tool],
+            outs[tool],
             cache=args.cache,
             inputs=[base, adapter],
-            env=env,
-            cwd=str(BENCH_DIR.parent),
             timeout=args.timeout,
+            env=env,
+            label=f"{label}: ",
         )
-        m.extra["out_bytes"] = folder_bytes(outs[tool])
-        results[tool] = m
-        if not m.ok:
-            print(f"[bench] {label}: {tool} failed: {m.failure()}", file=sys.stderr)
     if args.verify and results["ours"].ok:
         verify(base, adapter, outs["ours"])
     if not args.keep:

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's lora_convert (fp8 codec)
 
 import synth  # noqa: E402
-from common import OUT_ROOT, TensorFolder, child_env, fmt, folder_bytes, lora_convert_cmd, ratio, rm, table  # noqa: E402
-from measure import Measurement, can_drop_caches, measure  # noqa: E402
+from common import OUT_ROOT, TensorFolder, fmt, folder_bytes, lora_convert_cmd, measure_tool, ratio, rm, table  # noqa: E402
+from measure import Measurement, can_drop_caches  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 QUANT = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
@@ -120,20 +120,9 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Measurement], list[str], in
     tools = ["cp", "ours", "ours-rq"] + ([] if args.skip_peft else ["peft"])
     results = {}
     for tool in tools:
-        rm(outs[tool])
-        print(f"[bench] {tool}: {' '.join(cmds[tool])}", file=sys.stderr)
-        m = measure(
-            cmds[tool],
-            cache=args.cache,
-            inputs=[fp8_base, adapter],
-            env=child_env(),
-            cwd=str(BENCH_DIR.parent),
-            timeout=args.timeout,
+        results[tool] = measure_tool(
+            tool, cmds[tool], outs[tool], cache=args.cache, inputs=[fp8_base, adapter], timeout=args.timeout
         )
-        m.extra["out_bytes"] = folder_bytes(outs[tool])
-        results[tool] = m
-        if not m.ok:
-            print(f"[bench] {tool} failed: {m.failure()}", file=sys.stderr)
     diff = compare(fp8_base, adapter, outs, args.layers)
     if not args.keep:
         for p in outs.values():

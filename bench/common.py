@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from measure import Measurement, measure
 from safetensors import safe_open
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -77,6 +78,37 @@ class TensorFolder:
         if f not in self._open:
             self._open[f] = safe_open(f, "pt")
         return self._open[f].get_tensor(name)
+
+
+def measure_tool(
+    tool: str,
+    cmd: Sequence[str],
+    out: Path | None,
+    *,
+    cache: str,
+    inputs: Sequence[Path],
+    timeout: float | None,
+    env: dict[str, str] | None = None,
+    cwd: str | None = None,
+    label: str = "",
+) -> Measurement:
+    """One measured run of ``tool``: its output ``out`` removed first, the command said on stderr, the output's
+    size recorded (``extra["out_bytes"]``), a failure said on stderr.  ``label`` prefixes those lines."""
+    if out is not None:
+        rm(out)
+    print(f"[bench] {label}{tool}: {' '.join(cmd)}", file=sys.stderr)
+    m = measure(
+        cmd,
+        cache=cache,
+        inputs=inputs,
+        env=env if env is not None else child_env(),
+        cwd=cwd or str(REPO_ROOT),
+        timeout=timeout,
+    )
+    m.extra["out_bytes"] = folder_bytes(out) if out is not None else 0
+    if not m.ok:
+        print(f"[bench] {label}{tool} failed: {m.failure()}", file=sys.stderr)
+    return m
 
 
 def read_json(path: Path) -> dict:
