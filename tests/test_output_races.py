@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -435,36 +436,14 @@ def test_file_links_dangling_refused_and_force_replaces_the_file_behind(tmp_path
 def test_file_cleanups_racing_live_runs_never_remove_their_folders(tmp_path):
     """test_cleanups_racing_live_runs_never_remove_their_folders for one-file outputs (4 threads x 6 runs)."""
     target = tmp_path / "out.gguf"
-    stop = threading.Event()
-    errors: list[str] = []
 
-    def cleaner() -> None:
-        while not stop.is_set():
-            try:
-                clean_stale(target)
-            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
-                errors.append(repr(exc))
+    def one_run(i: int, j: int) -> None:
+        with AtomicOutput(target, force=True, file=True) as tmp:
+            (tmp / target.name).write_text(f"{i}-{j}")
+            time.sleep(0.002)
+            assert (tmp / target.name).read_text() == f"{i}-{j}"
 
-    def runs(i: int) -> None:
-        for j in range(6):
-            try:
-                with AtomicOutput(target, force=True, file=True) as tmp:
-                    (tmp / target.name).write_text(f"{i}-{j}")
-                    time.sleep(0.002)
-                    assert (tmp / target.name).read_text() == f"{i}-{j}"
-            except OutputError as exc:
-                if "while this run was" not in str(exc):
-                    errors.append(str(exc))
-            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
-                errors.append(repr(exc))
-
-    threads = [threading.Thread(target=cleaner)] + [threading.Thread(target=runs, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads[1:]:
-        t.join(120)
-    stop.set()
-    threads[0].join(30)
+    errors = _runs_beside_a_cleaner(target, 4, one_run)
     assert errors == [] and target.is_file() and temps(tmp_path) == []
 
 
@@ -636,11 +615,9 @@ def test_target_created_by_the_user_during_a_merge_survives(tmp_path):
     assert temps(tmp_path) == []
 
 
-def test_cleanups_racing_live_runs_never_remove_their_folders(tmp_path):
-    """Every run cleans up before it starts; a cleanup probing a live run's marker at any moment
-    (even while it is being made) must leave that run's folder alone.  6 threads x 6 runs to one
-    target, plus a thread that does nothing but clean: no run loses its temp folder."""
-    target = tmp_path / "out"
+def _runs_beside_a_cleaner(target: Path, threads: int, one_run: Callable[[int, int], None]) -> list[str]:
+    """``threads`` threads x 6 calls of ``one_run(i, j)`` writing ``target``, while one more thread does
+    nothing but clean stale temp folders of it; what went wrong (losing the race to the target is fine)."""
     stop = threading.Event()
     errors: list[str] = []
 
@@ -648,28 +625,41 @@ def test_cleanups_racing_live_runs_never_remove_their_folders(tmp_path):
         while not stop.is_set():
             try:
                 clean_stale(target)
-            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            except Exception as exc:  # noqa: BLE001 - reported by the caller's assertion
                 errors.append(repr(exc))
 
     def runs(i: int) -> None:
         for j in range(6):
             try:
-                with AtomicOutput(target, force=True) as tmp:
-                    for k in range(5):
-                        (tmp / f"f{k}").write_text(f"{i}-{j}")
-                        time.sleep(0.001)
+                one_run(i, j)
             except OutputError as exc:
                 if "while this run was" not in str(exc):  # losing the race to the target is fine
                     errors.append(str(exc))
-            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            except Exception as exc:  # noqa: BLE001 - reported by the caller's assertion
                 errors.append(repr(exc))
 
-    threads = [threading.Thread(target=cleaner)] + [threading.Thread(target=runs, args=(i,)) for i in range(6)]
-    for t in threads:
+    workers = [threading.Thread(target=cleaner)] + [threading.Thread(target=runs, args=(i,)) for i in range(threads)]
+    for t in workers:
         t.start()
-    for t in threads[1:]:
+    for t in workers[1:]:
         t.join(120)
     stop.set()
-    threads[0].join(30)
+    workers[0].join(30)
+    return errors
+
+
+def test_cleanups_racing_live_runs_never_remove_their_folders(tmp_path):
+    """Every run cleans up before it starts; a cleanup probing a live run's marker at any moment
+    (even while it is being made) must leave that run's folder alone.  6 threads x 6 runs to one
+    target, plus a thread that does nothing but clean: no run loses its temp folder."""
+    target = tmp_path / "out"
+
+    def one_run(i: int, j: int) -> None:
+        with AtomicOutput(target, force=True) as tmp:
+            for k in range(5):
+                (tmp / f"f{k}").write_text(f"{i}-{j}")
+                time.sleep(0.001)
+
+    errors = _runs_beside_a_cleaner(target, 6, one_run)
     assert errors == []
     assert len({p.read_text() for p in target.iterdir()}) == 1 and temps(tmp_path) == []
