@@ -54,6 +54,21 @@ def _merge(base_dir, out_dir, r, targets, cls=LlamaForCausalLM, seed=1, dtype=No
     return merged
 
 
+def _qwen2(tie: bool) -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=V,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=tie,
+        )
+    )
+
+
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     d = tmp_path_factory.mktemp("pair")
@@ -218,17 +233,7 @@ def test_changed_norm_reported_and_saved_on_request(pair, tmp_path):
 
 
 def test_tied_embeddings_qwen2(tmp_path):
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    _qwen2(tie=True).save_pretrained(tmp_path / "base")
     merged = _merge(tmp_path / "base", tmp_path / "tuned", 4, ["q_proj", "embed_tokens"], cls=Qwen2ForCausalLM)
     assert "lm_head.weight" not in open_checkpoint(tmp_path / "tuned").tensors
     res = extract(tmp_path / "tuned", base=tmp_path / "base", output=tmp_path / "a", rank=4)
@@ -386,17 +391,7 @@ def test_cli_convert_to_adapter_takes_the_extraction_options(pair, tmp_path):
 def test_changed_bias_of_a_lora_module_is_carried(tmp_path):
     """Qwen2's q/k/v have biases; a fine-tune that changes them must not lose them: PEFT's bias='lora_only'
     saves <module>.base_layer.bias, and the adapter then reproduces the tuned model."""
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    _qwen2(tie=False).save_pretrained(tmp_path / "base")
     merged = _merge(tmp_path / "base", tmp_path / "tuned0", 4, ["q_proj", "v_proj"], cls=Qwen2ForCausalLM)
     with torch.no_grad():
         merged.model.layers[1].self_attn.q_proj.bias.add_(0.5)
