@@ -139,3 +139,17 @@ def test_layer_index():
     assert layer_index("model.layers.12.mlp.up_proj") == 12
     assert layer_index("transformer.h.3.attn.c_attn") == 3
     assert layer_index("lm_head") is None
+
+
+def test_names_with_line_breaks_parse_like_any_other():
+    """A hostile module name holding a newline (or ending in one) is still read by its role: before, the
+    patterns' '.' stopped at the newline and a LoRA factor fell back to a plain base tensor."""
+    for module in ("model.layers.0.q\nproj", "model.layers.0.q_proj\n", "\nmodel.layers.0.q_proj"):
+        for role in (Role.LORA_A, Role.LORA_B, Role.EMBED_A, Role.MAGNITUDE, Role.TOKENS_DELTA):
+            key = format_key(module, role, adapter="default")
+            got = parse_key(key)
+            assert (got.module, got.role, got.adapter) == (module, role, "default"), key
+        base = parse_key(format_key(module, Role.BASE, base_layer=True))
+        assert (base.module, base.param, base.via_base_layer) == (module, "weight", True)
+    trailing = parse_key("base_model.model.model.layers.0.q_proj.lora_A.weight\n")
+    assert trailing.role is Role.BASE and trailing.param == "weight\n"  # the name as stored, not a factor

@@ -67,19 +67,21 @@ class ParsedKey:
 
 _NAME = r"(?:\.(?P<name>[^.]+))"
 _PATTERNS: list[tuple[Role, re.Pattern[str]]] = [
-    (Role.LORA_A, re.compile(r"^(?P<mod>.+)\.lora_A(?:\.(?P<name>[^.]+))?\.(?P<param>weight|bias)$")),
-    (Role.LORA_B, re.compile(r"^(?P<mod>.+)\.lora_B(?:\.(?P<name>[^.]+))?\.(?P<param>weight|bias)$")),
-    (Role.EMBED_A, re.compile(rf"^(?P<mod>.+)\.lora_embedding_A{_NAME}?$")),
-    (Role.EMBED_B, re.compile(rf"^(?P<mod>.+)\.lora_embedding_B{_NAME}?$")),
+    (Role.LORA_A, re.compile(r"^(?P<mod>.+)\.lora_A(?:\.(?P<name>[^.]+))?\.(?P<param>weight|bias)$", re.DOTALL)),
+    (Role.LORA_B, re.compile(r"^(?P<mod>.+)\.lora_B(?:\.(?P<name>[^.]+))?\.(?P<param>weight|bias)$", re.DOTALL)),
+    (Role.EMBED_A, re.compile(rf"^(?P<mod>.+)\.lora_embedding_A{_NAME}?$", re.DOTALL)),
+    (Role.EMBED_B, re.compile(rf"^(?P<mod>.+)\.lora_embedding_B{_NAME}?$", re.DOTALL)),
     (
         Role.MAGNITUDE,
-        re.compile(r"^(?P<mod>.+)\.lora_magnitude_vector(?:\.(?P<name>(?!weight$)[^.]+))?(?:\.(?P<param>weight))?$"),
+        re.compile(
+            r"^(?P<mod>.+)\.lora_magnitude_vector(?:\.(?P<name>(?!weight$)[^.]+))?(?:\.(?P<param>weight))?$", re.DOTALL
+        ),
     ),
-    (Role.TOKENS_DELTA, re.compile(rf"^(?P<mod>.+)\.token_adapter\.trainable_tokens_delta{_NAME}?$")),
-    (Role.MODULES_TO_SAVE, re.compile(r"^(?P<mod>.+?)\.modules_to_save\.(?P<name>[^.]+)\.(?P<param>.+)$")),
-    (Role.ORIGINAL_MODULE, re.compile(r"^(?P<mod>.+?)\.original_module\.(?P<param>.+)$")),
+    (Role.TOKENS_DELTA, re.compile(rf"^(?P<mod>.+)\.token_adapter\.trainable_tokens_delta{_NAME}?$", re.DOTALL)),
+    (Role.MODULES_TO_SAVE, re.compile(r"^(?P<mod>.+?)\.modules_to_save\.(?P<name>[^.]+)\.(?P<param>.+)$", re.DOTALL)),
+    (Role.ORIGINAL_MODULE, re.compile(r"^(?P<mod>.+?)\.original_module\.(?P<param>.+)$", re.DOTALL)),
 ]
-_BASE_LAYER = re.compile(r"^(?P<mod>.+?)\.(?:token_adapter\.)?base_layer\.(?P<param>.+)$")
+_BASE_LAYER = re.compile(r"^(?P<mod>.+?)\.(?:token_adapter\.)?base_layer\.(?P<param>.+)$", re.DOTALL)
 
 
 def strip_prefix(key: str) -> tuple[str, bool]:
@@ -92,14 +94,14 @@ def parse_key(key: str) -> ParsedKey:
     """Parse one state-dict key.  Never raises: an unknown key is a plain base tensor."""
     body, prefixed = strip_prefix(key)
     for role, pattern in _PATTERNS:
-        m = pattern.match(body)
+        m = pattern.fullmatch(body)  # whole names, newlines included (DOTALL): a hostile name parses like any other
         if m:
             groups = m.groupdict()
             param = groups.get("param") or ""
             if role is Role.MAGNITUDE:
                 param = ""  # the magnitude is a vector of the module, never a param of it
             return ParsedKey(key, m["mod"], role, groups.get("name"), param, prefixed)
-    m = _BASE_LAYER.match(body)
+    m = _BASE_LAYER.fullmatch(body)
     if m:
         param = m["param"]
         while param.startswith("base_layer."):  # nested ParamWrappers (several target_parameters of one module)
