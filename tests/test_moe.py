@@ -107,14 +107,19 @@ def test_rslora_and_patterns_on_experts(tmp_path):
 
 
 def test_shared_experts_and_fused_base(tmp_path):
-    """Qwen2-MoE's shared expert is plain nn.Linear (target_modules); a base saved fused stays fused."""
+    """Qwen2-MoE's shared expert is plain nn.Linear (target_modules); a base saved fused stays fused.
+    gate_proj and up_proj are targeted together: PEFT 0.22 refuses one without the other, as the routed
+    experts fuse them into gate_up_proj."""
     res = _merge_and_compare(
-        tmp_path, "qwen2_moe", attn=("q_proj", "gate_proj", "down_proj"), base_kw={"save_original_format": False}
+        tmp_path,
+        "qwen2_moe",
+        attn=("q_proj", "gate_proj", "up_proj", "down_proj"),
+        base_kw={"save_original_format": False},
     )
     keys = set(load_file(tmp_path / "merged" / "model.safetensors"))
     assert "model.layers.0.mlp.experts.gate_up_proj" in keys
     assert "model.layers.0.mlp.shared_expert.gate_proj.weight" in keys
-    assert res.ops["merge"] == 2 * (1 + 2 + 2)  # q_proj, shared gate/down, fused gate_up/down per layer
+    assert res.ops["merge"] == 2 * (1 + 3 + 2)  # q_proj, shared gate/up/down, fused gate_up/down per layer
 
 
 def test_bf16_base_rounded_once(tmp_path):

@@ -35,7 +35,8 @@ def test_report_counts_active_experts_and_peft_parameters(tmp_path, name):
         tmp_path / "base", attn_implementation="eager", experts_implementation="eager"
     ).eval()
     mm, bmm = _flops(eager)
-    attn = ("q_proj", "gate_proj") if name == "qwen2_moe" else ("q_proj",)  # qwen2: the shared expert too
+    # qwen2: the shared expert too (gate_proj with up_proj: PEFT 0.22 refuses one without the other)
+    attn = ("q_proj", "gate_proj", "up_proj") if name == "qwen2_moe" else ("q_proj",)
     pm = peft_experts(m, r=3, alpha=6, attn=attn)
     trainable, total = pm.get_nb_trainable_parameters()
     pm.save_pretrained(str(tmp_path / "adapter"))
@@ -45,11 +46,25 @@ def test_report_counts_active_experts_and_peft_parameters(tmp_path, name):
     assert rep.row("adapter").lora_parameters == trainable
     assert rep.row("unmerged").total_parameters == total
     k = config(name).num_experts_per_tok
-    per_layer = k * 2 * 3 * ((H + 2 * FF) + (FF + H))  # gate_up (in H, out 2I) and down, on k experts
+    # The ranks PEFT gave the experts: r = 3, except that on qwen2 PEFT 0.22 also turns the gate_proj +
+    # up_proj targets into a gate_up_proj target of rank 2r (rank_pattern), which the adapter records.
+    r_gate_up, r_down = (_expert_rank(pm, p) for p in ("gate_up_proj", "down_proj"))
+    assert r_down == 3 and r_gate_up == (6 if name == "qwen2_moe" else 3)
+    per_token = r_gate_up * (H + 2 * FF) + r_down * (FF + H)  # gate_up (in H, out 2I) and down
     experts_row = next(r for r in rep.modules if r.kind == "experts")
-    assert experts_row.extra_flops == 2 * per_layer
-    assert experts_row.lora_parameters == 2 * E * 3 * ((H + 2 * FF) + (FF + H))
+    assert experts_row.extra_flops == 2 * k * 2 * per_token  # 2 layers, k experts, 2 FLOPs a MAC
+    assert experts_row.lora_parameters == 2 * E * per_token
     assert any("counted for the 2 a token goes through" in n for n in rep.notes)
+
+
+def _expert_rank(pm, param: str) -> int:
+    """The rank of PEFT's LoRA on the experts' fused ``param``, read off its lora_A (E·r, in)."""
+    (r,) = {
+        w.lora_A["default"].weight.shape[0] // E
+        for w in pm.modules()
+        if getattr(w, "parameter_name", None) == param and hasattr(w, "lora_A")
+    }
+    return r
 
 
 def test_report_per_expert_adapter(tmp_path):
