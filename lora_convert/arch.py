@@ -499,7 +499,7 @@ def diffusion_component(module: str, config: dict[str, Any] | None = None) -> st
 
 def is_diffusers_config(config: dict[str, Any] | None) -> bool:
     """A diffusers model's config.json (``_class_name``), not a transformers one."""
-    return bool(config) and "_class_name" in config and "architectures" not in config
+    return config is not None and "_class_name" in config and "architectures" not in config
 
 
 def is_sgm_path(path: str) -> bool:

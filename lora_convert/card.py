@@ -65,6 +65,7 @@ def render_card(
     local base is only named in the text (``base_named``, the base as the user gave it)."""
     meta: dict[str, Any] = {}
     tags = ["lora", "lora-convert"]
+    relation: str | None
     if form == "adapter":
         meta["library_name"] = "peft"
         relation = "adapter"

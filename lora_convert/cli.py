@@ -250,32 +250,31 @@ _push_options = [
 
 
 def _conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    for opt in reversed(
-        [
-            click.option("-o", "--output", required=True, help="Output folder (created atomically)."),
-            click.option("--base", help="Base model folder or Hub repo id."),
-            click.option(
-                "--adapter",
-                "adapters",
-                multiple=True,
-                help="Adapter name, for checkpoints with several; or REF[:WEIGHT], repeatable: adapters (folders, "
-                "Hub ids, names inside SOURCE) whose weighted ΔW is merged in one pass, or subtracted with "
-                "--to base (unmerge).",
-            ),
-            click.option(
-                "--dtype",
-                type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
-                default="auto",
-                show_default=True,
-                help="Output dtype of floating tensors (auto: the base's).",
-            ),
-            click.option("--max-shard-size", default="5GB", show_default=True, help="Shard limit, decimal units."),
-            click.option("--force", is_flag=True, help="Replace an existing output folder."),
-            click.option("--json", "as_json", is_flag=True, help="Print one JSON document (docs/json.md)."),
-            *_push_options,
-            _debug_option,
-        ]
-    ):
+    options: list[Callable[[Any], Any]] = [
+        click.option("-o", "--output", required=True, help="Output folder (created atomically)."),
+        click.option("--base", help="Base model folder or Hub repo id."),
+        click.option(
+            "--adapter",
+            "adapters",
+            multiple=True,
+            help="Adapter name, for checkpoints with several; or REF[:WEIGHT], repeatable: adapters (folders, "
+            "Hub ids, names inside SOURCE) whose weighted ΔW is merged in one pass, or subtracted with "
+            "--to base (unmerge).",
+        ),
+        click.option(
+            "--dtype",
+            type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+            default="auto",
+            show_default=True,
+            help="Output dtype of floating tensors (auto: the base's).",
+        ),
+        click.option("--max-shard-size", default="5GB", show_default=True, help="Shard limit, decimal units."),
+        click.option("--force", is_flag=True, help="Replace an existing output folder."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON document (docs/json.md)."),
+        *_push_options,
+        _debug_option,
+    ]
+    for opt in reversed(options):
         f = opt(f)
     return f
 

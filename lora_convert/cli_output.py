@@ -29,7 +29,8 @@ def fit_console(console: Console, *, soft_wrap: bool = False) -> None:
     """Size ``console`` for where it writes now: a terminal wraps at its width; anything else (a pipe, a file,
     a CI log) gets each line whole and each table as wide as its cells."""
     terminal = console.is_terminal
-    console.width = None if terminal else PIPE_WIDTH  # type: ignore[assignment] - None: ask the terminal
+    # None asks the terminal (rich's setter takes it, though its property is typed int)
+    console.width = None if terminal else PIPE_WIDTH  # type: ignore[assignment]
     console.soft_wrap = soft_wrap or not terminal
 
 

@@ -96,11 +96,11 @@ def _summary(
     by_layers: dict[tuple[int, ...], list[str]] = {}
     for kname, ls in sorted(kinds.items()):
         by_layers.setdefault(tuple(sorted(ls)), []).append(kname)
-    for ls, knames in by_layers.items():
-        if n_layers and len(ls) == n_layers:
+    for layer_set, knames in by_layers.items():
+        if n_layers and len(layer_set) == n_layers:
             where = f"in all {n_layers} layers"
         else:
-            where = f"in layers {ranges(list(ls))}"
+            where = f"in layers {ranges(list(layer_set))}"
         parts.append(f"{', '.join(knames)} {where}")
     if outside:
         parts.append(", ".join(sorted(set(outside))))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TypedDict
 
 from .text import escape_controls
 
@@ -37,6 +38,13 @@ def option_name(name: str) -> str:
 def render(text: str, *, cli: bool) -> str:
     """``text`` with every :func:`spelled` part spelled for the CLI or for Python."""
     return _SPELLED.sub(lambda m: m.group(1 if cli else 2), text)
+
+
+class Where(TypedDict, total=False):
+    """Where a problem is, as keywords for any error: ``raise AdapterError(msg, **where)``."""
+
+    path: str | Path | None
+    tensor: str | None
 
 
 class LoraConvertError(Exception):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ TOKENIZER_HINTS = ("tokenizer", "vocab", "merges", "special_tokens", "added_toke
 
 
 def carry_files(
-    src: Path | None, dst: Path, *, skip: set[str] = frozenset(), only_tokenizer: bool = False
+    src: Path | None, dst: Path, *, skip: Collection[str] = frozenset(), only_tokenizer: bool = False
 ) -> list[str]:
     """Copy config, generation config, tokenizer and chat-template files (never weights)."""
     if src is None or not src.is_dir():

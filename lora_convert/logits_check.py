@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -134,7 +134,7 @@ def _peft_logits(req: Request) -> torch.Tensor:
     model = PeftModel.from_pretrained(base, str(inputs[0].ck.root), adapter_name=names[0])
     for name, inp in zip(names[1:], inputs[1:], strict=True):
         model.load_adapter(str(inp.ck.root), adapter_name=name)
-    model.base_model.set_adapter(names if len(names) > 1 else names[0])
+    cast(Any, model.base_model).set_adapter(names if len(names) > 1 else names[0])
     for mod in model.modules():
         if isinstance(mod, LoraLayer):
             for name, inp in zip(names, inputs, strict=True):

@@ -167,7 +167,8 @@ def factorise(
         raise ValueError(f"ΔW must be 2-D, got shape {tuple(delta.shape)}")
     k = max(1, min(k, min(delta.shape)))
     total = frobenius_sq(delta) if total is None else total
-    if choose_method(tuple(delta.shape), k, svd) == "exact":
+    rows, cols = delta.shape
+    if choose_method((rows, cols), k, svd) == "exact":
         return exact_svd(delta, total)
     return randomized_svd(delta, k, seed=seed, total=total)
 

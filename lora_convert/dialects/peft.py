@@ -52,7 +52,7 @@ class PeftDialect:
             inv.configs[name] = own
             for m in inv.modules(name).values():
                 m.scaling = own.scaling_for(m.config_key, m.rank)
-            inv.problems[name] = _rank_disagreements(own, inv.modules(name).values(), name, ck)
+            inv.problems[name] = list(_rank_disagreements(own, inv.modules(name).values(), name, ck))
         return inv
 
 

@@ -302,7 +302,7 @@ def _remote_files(repo_id: str, revision: str | None) -> list[str] | None:
     if not _offline():
         try:
             info = HfApi().repo_info(repo_id, revision=revision)
-            return [s.rfilename for s in (info.siblings or [])]
+            return [s.rfilename for s in (getattr(info, "siblings", None) or [])]
         except e.HfHubHTTPError as err:
             status = _status(err)
             if isinstance(err, (e.RepositoryNotFoundError, e.RevisionNotFoundError)) or (status or 0) < 500:

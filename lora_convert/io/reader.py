@@ -257,7 +257,7 @@ def open_checkpoint(path: str | Path, *, adapter_name: str | None = None) -> Che
     if path.is_file():
         if path.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
             raise CheckpointError("not a .safetensors or .bin file", path=path)
-        metadata = add_metadata({}, _add_file(tensors, sources, path), path)
+        metadata: dict[str, str] = add_metadata({}, _add_file(tensors, sources, path), path)
         root = path.parent
         kind = (
             "adapter" if path.name.startswith("adapter_model") or path.name.endswith(MLX_ADAPTER_WEIGHTS) else "model"
@@ -279,7 +279,7 @@ def open_checkpoint(path: str | Path, *, adapter_name: str | None = None) -> Che
         return ck
     root, picked = _pick_adapter_dir(path, adapter_name)
     files: list[Path] = []
-    metadata: dict[str, str] = {}
+    metadata = {}
     kind = "model"
     layout = ""
     if (root / "adapter_model.safetensors").is_file():

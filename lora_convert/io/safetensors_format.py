@@ -17,7 +17,7 @@ import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import IO, TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
 from .files import open_regular
@@ -208,7 +208,7 @@ class Header:
     file_size: int
 
 
-def read_header(path: Path, fh: BinaryIO | None = None, *, max_tensors: int = MAX_TENSORS) -> Header:
+def read_header(path: Path, fh: IO[bytes] | None = None, *, max_tensors: int = MAX_TENSORS) -> Header:
     """Read and fully validate the header of one .safetensors file."""
     own = fh is None
     try:

@@ -86,7 +86,7 @@ class SafetensorsSource(TensorSource):
         if buf is None:
             buf = _empty_bytes(nbytes)
         if nbytes:
-            view = memoryview(buf.numpy())
+            view = buf.numpy().data
             got, offset = 0, info.offset + start
             while got < nbytes:
                 n = os.preadv(fd, [view[got:nbytes]], offset + got)

@@ -82,7 +82,7 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
     import torch
 
     t = t.detach().contiguous().reshape(-1)
-    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    return memoryview(t.view(torch.uint8).numpy().data) if t.numel() else memoryview(b"")
 
 
 class TensorSink(Protocol):

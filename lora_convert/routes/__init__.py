@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from pathlib import Path
 
 from ..errors import RouteError
 from .plan import FORMATS, FORMS, Plan, Request
@@ -40,7 +41,7 @@ OPTIONAL_BASE = frozenset({("adapter", "kohya"), ("adapter", "diffusers")})  # t
 __all__ = ["FORMATS", "FORMS", "NEEDS_BASE", "OPTIONAL_BASE", "ROUTES", "Plan", "Planner", "Request", "planner"]
 
 
-def planner(source_form: str, to: str, *, path: object = None) -> Planner:
+def planner(source_form: str, to: str, *, path: str | Path | None = None) -> Planner:
     """The planner of ``source_form -> to``, or a RouteError saying why there is none."""
     found = ROUTES.get((source_form, to))
     if found is not None:

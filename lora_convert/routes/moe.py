@@ -298,12 +298,19 @@ def attach_expert_jobs(
     return jobs
 
 
+def _expert_index(ck: Checkpoint, key: str) -> int:
+    found = moe_layouts.split_expert_module(arch.module_of(key))
+    if found is None:  # the layout listed it among the experts' tensors
+        raise AdapterError("not a per-expert tensor", path=ck.root, tensor=key)
+    return found[1]
+
+
 def fuse_job(ck: Checkpoint, keys: list[str], name: str, dtype: torch.dtype | None = None) -> Job:
     """One fused expert parameter (E, d1, d2) from its per-expert tensors, bytes untouched: each stored
     tensor's bytes in turn (gate rows then up rows, expert after expert)."""
     parts = [copy_job(ck, k, name, dtype) for k in keys]
     first = ck.info(keys[0])
-    experts = len({moe_layouts.split_expert_module(arch.module_of(k))[1] for k in keys})
+    experts = len({_expert_index(ck, k) for k in keys})
     per = keys[: len(keys) // experts]
     shape = (experts, sum(ck.info(k).shape[0] for k in per), *first.shape[1:])
     if any(ck.info(k).dtype_name != first.dtype_name for k in keys):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -342,7 +342,7 @@ def _targets(req: Request, modules: dict[str, LoraModule], out: _Out, layout: Mo
     }
 
 
-def _module_targets(given: Any, kept: list[str], add: set[str], drop: set[str] = frozenset()) -> Any:
+def _module_targets(given: Any, kept: list[str], add: set[str], drop: Collection[str] = frozenset()) -> Any:
     """target_modules for the converted adapter: a list stays a list (names removed/added); a regex becomes
     one that fullmatches exactly the modules kept, or the per-expert names added."""
     if isinstance(given, list) or given is None:

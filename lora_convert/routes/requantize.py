@@ -14,6 +14,7 @@ change leaves little of it).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -221,7 +222,9 @@ class _Bnb4(_Stream):
     def computed(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         s = self.t.stored
         nb = self.absmax.numel()
-        out = {s["absmax"]: (torch.uint8 if self.nested else torch.float32, (nb,))}
+        out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {
+            s["absmax"]: (torch.uint8 if self.nested else torch.float32, (nb,))
+        }
         if self.nested:
             nested_bs = int(self.state.get("nested_blocksize", 256))
             out[s["nested_absmax"]] = (torch.float32, (-(-nb // nested_bs),))
@@ -345,8 +348,12 @@ def requantize_jobs(
     passes = 2 if stream.two_pass else 1
     jobs = [Job(name, dtype, shape, weight_blocks, "requantize", reads=lambda: job.reads() * passes)]
     computed = stream.computed()
+
+    def companion(buf: Buffers, key: str) -> Iterator[torch.Tensor]:
+        yield stream.companion(key)
+
     for key, (cdtype, cshape) in computed.items():
-        jobs.append(Job(key, cdtype, cshape, lambda buf, k=key: iter([stream.companion(k)]), "quant-state"))
+        jobs.append(Job(key, cdtype, cshape, functools.partial(companion, key=key), "quant-state"))
     for role, key in t.stored.items():
         if role != "weight" and key not in computed:
             jobs.append(copy_job(raw, key, key))
