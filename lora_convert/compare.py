@@ -35,7 +35,7 @@ def analyse_difference(
             continue
         kind = tensor_kind(name, tuple(ta.shape), vocab)
         factor = kind != "other" and ta.is_float and tb.is_float
-        d = difference(tuned_ck, base_ck, name, keep=factor)
+        d = difference(tuned_ck.rows_of(name), base_ck.rows_of(name), keep=factor)
         if d is None:
             continue
         changed.append(name)

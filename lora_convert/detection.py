@@ -11,9 +11,9 @@ from typing import Any
 
 from .arch import layout_of, short_name
 from .config import AdapterConfig
-from .inputs import load_source, resolve
+from .inputs import load_source, open_local, resolve
 from .inventory import Inventory, LoraModule
-from .io.reader import ADAPTER_WEIGHTS, Checkpoint, named_adapters, open_checkpoint
+from .io.reader import ADAPTER_WEIGHTS, Checkpoint, named_adapters
 from .module_match import match_modules
 from .moe_layouts import split_expert_module
 
@@ -264,7 +264,7 @@ def _detect_one(path: str | Path, base: str | Path | None, adapter: str | None) 
 def _match_base(inv: Inventory, base_path: Path, res: DetectResult) -> None:
     """How an adapter's modules find the base's tensors (headers only): prefixes read differently,
     parts left out, modules that match nothing or more than one tensor."""
-    with open_checkpoint(base_path) as b:
+    with open_local(base_path) as b:
         mods = sorted({m for name in inv.adapters for m in inv.modules(name)})
         match = match_modules(mods, b.tensors, spelled=inv.spelled, config=b.config)
     res.base_match = match.to_dict()
@@ -297,7 +297,7 @@ def _compare_with_base(ck: Checkpoint, base_path: Path, res: DetectResult) -> No
     full-rank changes, or only norms/biases/resized tables — is ``fine-tuned``."""
     from .compare import analyse_difference  # effective rank per module; imported late (torch, SVD)
 
-    with open_checkpoint(base_path) as b:
+    with open_local(base_path) as b:
         res.base_comparison = analyse_difference(ck, b)
     res.differs_from_base = list(res.base_comparison.get("changed", []))
     if not res.differs_from_base:

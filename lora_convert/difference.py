@@ -3,18 +3,20 @@
 Shared by extraction (which factors it) and ``detect --base`` (which measures it).  Built block by block
 because reading both tensors whole and converting them costs two stored and two fp32 copies next to
 ΔW (for a 32000x2048 bf16 embedding ~1 GB at once); here the peak is ΔW itself plus two small blocks.
+
+Pure math: the two tensors come as :class:`Rows` (a name, a shape and a way to read rows), never as
+files; ``io.reader.Checkpoint.rows_of`` gives one for a checkpoint's tensor.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
 from .errors import CheckpointError, UnsupportedError
-from .io.reader import Checkpoint
-from .io.safetensors_format import TensorInfo
 from .lora_math import all_finite
 from .svd import frobenius_sq
 
@@ -22,10 +24,29 @@ FP32 = torch.float32
 DELTA_BLOCK = 4 << 20  # bytes of fp32 ΔW built per step from the two files
 
 
-def row_blocks(info: TensorInfo) -> list[tuple[int, int]]:
-    """The (start, stop) row blocks a difference of ``info``'s shape is built in."""
-    rows = info.shape[0] if info.shape else 1
-    cols = max(1, info.numel // max(1, rows))
+class Rows(Protocol):
+    """One stored tensor, read by rows (a 0-d tensor is one row): what a difference is built from."""
+
+    @property
+    def path(self) -> str:
+        """Where it is stored, for error messages."""
+        ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` in the stored dtype (the whole tensor when it is 0-d)."""
+        ...
+
+
+def row_blocks(shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """The (start, stop) row blocks a difference of a tensor of ``shape`` is built in."""
+    rows = shape[0] if shape else 1
+    cols = max(1, math.prod(shape) // max(1, rows))
     step = max(1, DELTA_BLOCK // (4 * cols))
     return [(s, min(s + step, rows)) for s in range(0, rows, step)]
 
@@ -38,8 +59,8 @@ class Difference:
 
     def __init__(
         self,
-        tuned: tuple[Checkpoint, str],
-        base: tuple[Checkpoint, str],
+        tuned: Rows,
+        base: Rows,
         *,
         keep: bool,
         out: torch.Tensor | Callable[[], torch.Tensor] | None = None,
@@ -50,11 +71,10 @@ class Difference:
         tensor the fine-tune left alone (the embedding, often: at Llama-3-8B's vocabulary its fp32 ΔW is
         2.1 GB) then costs one block, not the tensor."""
         self.tuned, self.base, self.keep = tuned, base, keep
-        info = tuned[0].info(tuned[1])
-        self.shape = info.shape
-        self.rows = info.shape[0] if info.shape else 1
-        self.cols = max(1, info.numel // max(1, self.rows))
-        step = row_blocks(info)[0][1] if self.rows else 1
+        self.shape = tuned.shape
+        self.rows = self.shape[0] if self.shape else 1
+        self.cols = max(1, math.prod(self.shape) // max(1, self.rows))
+        step = row_blocks(self.shape)[0][1] if self.rows else 1
         self._out = out
         self.delta = torch.empty((min(step, self.rows), self.cols), dtype=FP32)  # one block until ΔW is kept
         self.kept = False  # the whole ΔW is being built (keep, and a block differed)
@@ -77,8 +97,8 @@ class Difference:
             if self.keep:
                 raise UnsupportedError(
                     f"{a.dtype}/{b.dtype} weight: a quantized checkpoint cannot be differenced exactly",
-                    path=self.tuned[0].root,
-                    tensor=self.tuned[1],
+                    path=self.tuned.path,
+                    tensor=self.tuned.name,
                     hint="extract from the unquantized tuned model and base",
                 )
             self.changed = self.changed or not torch.equal(a, b)  # integer buffers: compare exactly
@@ -97,18 +117,16 @@ class Difference:
 
     def _non_finite(self) -> None:
         """Name the input that holds NaN/Inf (read again, only on this error path), or the overflow."""
-        for ck, key in (self.tuned, self.base):
-            info = ck.info(key)
-            blocks = row_blocks(info) if info.shape else [(0, 1)]
-            if not all(all_finite(ck.read_rows(key, s, e) if info.shape else ck.read(key)) for s, e in blocks):
+        for side in (self.tuned, self.base):
+            if not all(all_finite(side.rows(s, e)) for s, e in row_blocks(side.shape)):
                 raise CheckpointError(
                     "holds NaN or Inf values",
-                    path=ck.root,
-                    tensor=key,
+                    path=side.path,
+                    tensor=side.name,
                     hint="no adapter can carry a non-finite difference",
                 )
         raise CheckpointError(
-            "the difference from the base overflows fp32", path=self.tuned[0].root, tensor=self.tuned[1]
+            "the difference from the base overflows fp32", path=self.tuned.path, tensor=self.tuned.name
         )
 
     def result(self) -> torch.Tensor | None:
@@ -126,16 +144,9 @@ class Difference:
         return self.delta.reshape(self.shape) if self.keep else self.delta
 
 
-def difference(
-    tuned: Checkpoint, base: Checkpoint, name: str, base_name: str | None = None, *, keep: bool = True
-) -> torch.Tensor | None:
-    """ΔW of ``name`` read straight from the two checkpoints (see :class:`Difference`)."""
-    bname = base_name or name
-    d = Difference((tuned, name), (base, bname), keep=keep)
-    info = tuned.info(name)
-    for s, e in row_blocks(info):
-        if info.shape:
-            d.add(s, tuned.read_rows(name, s, e), base.read_rows(bname, s, e))
-        else:
-            d.add(s, tuned.read(name), base.read(bname))
+def difference(tuned: Rows, base: Rows, *, keep: bool = True) -> torch.Tensor | None:
+    """ΔW of one tensor read straight from the two sources (see :class:`Difference`)."""
+    d = Difference(tuned, base, keep=keep)
+    for s, e in row_blocks(tuned.shape):
+        d.add(s, tuned.rows(s, e), base.rows(s, e))
     return d.result()

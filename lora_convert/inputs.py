@@ -29,9 +29,22 @@ def resolve(ref: str | Path) -> Path:
     return p
 
 
+def open_local(path: Path, *, adapter: str | None = None) -> Checkpoint:
+    """A checkpoint on disk, its config.json's keys type-checked: it comes from a stranger, so a wrong type
+    is refused by key here rather than raising deep inside a route."""
+    ck = open_checkpoint(path, adapter_name=adapter)
+    if ck.config is not None and ck.config_path is not None:
+        try:
+            check_model_config(ck.config, ck.config_path)
+        except BaseException:
+            ck.close()
+            raise
+    return ck
+
+
 def load_source(ref: str | Path, *, adapter: str | None = None) -> tuple[Checkpoint, Inventory]:
     """Open a checkpoint and read it in its dialect (an adapter's config is part of the inventory)."""
-    ck = open_checkpoint(resolve(ref), adapter_name=adapter)
+    ck = open_local(resolve(ref), adapter=adapter)
     try:
         return ck, read_inventory(ck)
     except BaseException:

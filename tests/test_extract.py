@@ -477,8 +477,10 @@ def test_difference_is_allocated_only_when_a_block_differs(tmp_path, monkeypatch
     calls = []
 
     def run(name):
-        d = D.Difference((tk, name), (bk, name), keep=True, out=lambda: calls.append(name) or torch.full((10, 8), 7.0))
-        for s, e in D.row_blocks(tk.info(name)):
+        d = D.Difference(
+            tk.rows_of(name), bk.rows_of(name), keep=True, out=lambda: calls.append(name) or torch.full((10, 8), 7.0)
+        )
+        for s, e in D.row_blocks(tuple(tk.info(name).shape)):
             d.add(s, tk.read_rows(name, s, e), bk.read_rows(name, s, e))
         return d, d.result()
 

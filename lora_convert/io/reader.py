@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..arch import check_model_config
 from ..errors import CheckpointError, UnsafeInputError, option
 from .files import MAX_CONFIG_BYTES, MAX_INDEX_BYTES, file_problem, load_json
 from .safetensors_format import MAX_TENSORS, TensorInfo, add_metadata, decode_scalar
@@ -44,10 +43,11 @@ class Checkpoint:
     kind: str  # "adapter" (adapter_model.*) or "model"
     tensors: dict[str, TensorInfo]
     metadata: dict[str, str] = field(default_factory=dict)
-    config: dict[str, Any] | None = None  # config.json
+    config: dict[str, Any] | None = None  # config.json as stored (inputs.open_local type-checks its keys)
     adapter_config_path: Path | None = None
     adapter_name: str | None = None  # from a named-adapter subfolder
     sources: list[TensorSource] = field(default_factory=list, repr=False)
+    config_path: Path | None = None  # where config came from
 
     # -- listing ---------------------------------------------------------------------
     def __contains__(self, name: str) -> bool:
@@ -100,6 +100,10 @@ class Checkpoint:
         """One whole tensor, in its stored dtype, owned by the caller."""
         info = self.info(name)
         return info.source.read_into(info, 0, info.nbytes, None).view(info.dtype).reshape(info.shape)
+
+    def rows_of(self, name: str) -> StoredRows:
+        """Tensor ``name`` as rows to read, for code that must not know checkpoints (``difference.Rows``)."""
+        return StoredRows(self, name)
 
     def read_rows(self, name: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``start:stop`` of a tensor (along dim 0) — a contiguous byte range of its data.
@@ -382,7 +386,30 @@ def _files_from_index(
 
 
 def _attach_config(ck: Checkpoint, folder: Path) -> None:
+    """config.json, parsed and bounded (io/files.py) but not interpreted: what its keys mean, and so what
+    types they must have, is the model facts' business (``arch.check_model_config``, via inputs.open_local)."""
     for candidate in (ck.root / "config.json", folder / "config.json"):
         if candidate.is_file():
-            ck.config = check_model_config(_load_json(candidate), candidate)  # the keys we read, type-checked
+            data = _load_json(candidate)
+            ck.config = data if isinstance(data, dict) else None
+            ck.config_path = candidate
             return
+
+
+@dataclass(frozen=True)
+class StoredRows:
+    """One tensor of a checkpoint read by rows (a 0-d tensor is one row): the shape of ``difference.Rows``."""
+
+    ck: Checkpoint
+    name: str
+
+    @property
+    def path(self) -> str:
+        return str(self.ck.root)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.ck.info(self.name).shape)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.ck.read_rows(self.name, start, stop) if self.shape else self.ck.read(self.name)

@@ -318,7 +318,7 @@ class _Factored:
 def _difference_job(tk: Checkpoint, bk: Checkpoint, name: str, keep: bool, done: Any) -> Job:
     """A job that forms ΔW of ``name`` from read-ahead blocks and hands it, with ‖ΔW‖²_F when it was kept, to
     ``done`` (None: unchanged)."""
-    blocks_ = row_blocks(tk.info(name))
+    blocks_ = row_blocks(tuple(tk.info(name).shape))
 
     def reads() -> list[Read]:
         return [r for s, e in blocks_ for r in (Read(tk, name, s, e), Read(bk, name, s, e))]
@@ -327,7 +327,7 @@ def _difference_job(tk: Checkpoint, bk: Checkpoint, name: str, keep: bool, done:
         info = tk.info(name)  # a kept ΔW lives in one buffer reused from task to task (no fresh pages each time)
         rows = info.shape[0] if info.shape else 1
         shape = (rows, max(1, info.numel // max(1, rows)))
-        d = Difference((tk, name), (bk, name), keep=keep, out=lambda: buf.scratch("delta", shape, FP32))
+        d = Difference(tk.rows_of(name), bk.rows_of(name), keep=keep, out=lambda: buf.scratch("delta", shape, FP32))
         for s, e in blocks_:
             a = buf.read(Read(tk, name, s, e))
             b = buf.read(Read(bk, name, s, e))
