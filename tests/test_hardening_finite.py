@@ -1,0 +1,318 @@
+"""Hardening (issue 23): finite everywhere, and meaning we cannot reproduce refused.
+
+* Every weight we dequantize — touched by the adapter or not — is checked: a NaN, Inf or negative scale
+  (fp8 block, compressed-tensors, bitsandbytes, MXFP4) is one ``error:`` line naming file and tensor before
+  anything is written, and values that overflow (a finite 3e38 scale, an fp8 NaN code) are refused by the
+  weight's name; an fp8 scale of 0 is a warning.  A quantization companion with no quantized weight of its
+  own is refused.
+* Bad input always ends as one ``error:`` line, exit 1, nothing written, inputs byte-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from quant_models import deepseek_dequant, gpt_oss, llama, save_bnb, save_ct, save_fp8, save_mxfp4
+from safetensors.torch import load_file, save_file
+from test_hardening import cli, one_error
+from tiny import peft_wrap
+
+import lora_convert as lc
+
+UNTOUCHED = "model.layers.0.mlp.down_proj.weight"  # no adapter below targets the MLP
+TOUCHED = "model.layers.0.self_attn.q_proj.weight"
+
+
+# -- harness ---------------------------------------------------------------------------------------------------------
+def _digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()
+    }
+
+
+def refused(work: Path, *needles: str, args: tuple[str, ...] | None = None) -> str:
+    """``merge adapter --base base`` (or ``args``) ends in one error line holding every needle, nothing is
+    written and the inputs are byte-identical."""
+    before = {d: _digest(work / d) for d in ("base", "adapter") if (work / d).exists()}
+    out = work / "out"
+    res = cli(*(args or ("merge", work / "adapter", "--base", work / "base", "-o", out)))
+    line = one_error(res, *needles, out=out)
+    assert {d: _digest(work / d) for d in before} == before
+    return line
+
+
+def edit(path: Path, fn) -> None:
+    sd = load_file(str(path))
+    fn(sd)
+    save_file(sd, str(path), metadata={"format": "pt"})
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    for name in ("base", "adapter"):
+        shutil.copytree(src / name, dst / name)
+    return dst
+
+
+# -- fp8 with block scales -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fp8_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp8")
+    save_fp8(llama(), root / "base")
+    peft_wrap(llama(), r=4, lora_alpha=8, target_modules=["q_proj"]).save_pretrained(root / "adapter")
+    return root
+
+
+@pytest.fixture
+def fp8(fp8_root, tmp_path):
+    return _copy(fp8_root, tmp_path)
+
+
+def _set_scale(work: Path, weight: str, value: float, where=(0, 0)) -> None:
+    def fn(sd):
+        s = sd[weight + "_scale_inv"].clone()
+        s[where] = value
+        sd[weight + "_scale_inv"] = s
+
+    edit(work / "base" / "model.safetensors", fn)
+
+
+@pytest.mark.parametrize("weight", [UNTOUCHED, TOUCHED])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_fp8_non_finite_scale_refused_touched_or_not(fp8, weight, value):
+    _set_scale(fp8, weight, value)
+    refused(fp8, f"base/model.safetensors: {weight}_scale_inv: holds NaN or Inf")
+
+
+@pytest.mark.parametrize("weight", [UNTOUCHED, TOUCHED])
+def test_fp8_negative_scale_refused(fp8, weight):
+    _set_scale(fp8, weight, -0.5, where=(0, -1))
+    refused(fp8, f"{weight}_scale_inv: holds a negative scale (-0.5)")
+
+
+@pytest.mark.parametrize("weight", [UNTOUCHED, TOUCHED])
+def test_fp8_finite_scale_whose_product_overflows(fp8, weight):
+    """3e38 is a finite fp32 scale; × any fp8 value of 2 or more it is beyond fp32: the weight is named."""
+    _set_scale(fp8, weight, 3e38)
+    refused(fp8, f"base/model.safetensors: {weight}: dequantized to NaN or Inf (fp8-block", "overflows F32")
+
+
+def test_fp8_nan_code_in_an_untouched_weight(fp8):
+    def fn(sd):
+        q = sd[UNTOUCHED].clone()
+        q.view(torch.uint8)[3, 5] = 0x7F  # e4m3fn's NaN
+        sd[UNTOUCHED] = q
+
+    edit(fp8 / "base" / "model.safetensors", fn)
+    refused(fp8, f"{UNTOUCHED}: dequantized to NaN or Inf")
+
+
+def test_fp8_e8m0_nan_exponent(fp8):
+    def fn(sd):
+        s = torch.full(sd[UNTOUCHED + "_scale_inv"].shape, 120, dtype=torch.uint8)
+        s[0, 1] = 255  # e8m0's NaN
+        sd[UNTOUCHED + "_scale_inv"] = s.view(torch.float8_e8m0fnu)
+
+    edit(fp8 / "base" / "model.safetensors", fn)
+    refused(fp8, f"{UNTOUCHED}_scale_inv: holds NaN or Inf (an e8m0 exponent of 255 is NaN)")
+
+
+def test_fp8_zero_scale_is_a_warning_and_reads_as_zeros(fp8):
+    _set_scale(fp8, UNTOUCHED, 0.0, where=(0, 1))
+    raw = load_file(str(fp8 / "base" / "model.safetensors"))
+    res = lc.merge(fp8 / "adapter", base=fp8 / "base", output=fp8 / "m", dtype="fp32")
+    warned = [w for w in res.warnings if UNTOUCHED + "_scale_inv" in w]
+    assert len(warned) == 1 and "1 of its 2 scales are 0" in warned[0], res.warnings
+    out = load_file(str(fp8 / "m" / "model.safetensors"))[UNTOUCHED]
+    want = deepseek_dequant(raw[UNTOUCHED], raw[UNTOUCHED + "_scale_inv"].float())
+    assert torch.equal(out, want) and not out[:, 128:].any() and out[:, :128].abs().max() > 0
+    assert not [w for w in res.warnings if "are 0" in w and UNTOUCHED not in w]
+
+
+def test_fp16_output_cannot_hold_a_dequantized_weight(fp8):
+    """Scale 1000: finite in fp32 (up to 448000), beyond float16's 65504 — the copy names the weight."""
+    _set_scale(fp8, UNTOUCHED, 1000.0)
+    args = ("merge", fp8 / "adapter", "--base", fp8 / "base", "-o", fp8 / "out", "--dtype", "fp16")
+    refused(fp8, f"{UNTOUCHED}: holds values beyond float16's range", "--dtype bf16", args=args)
+    lc.merge(fp8 / "adapter", base=fp8 / "base", output=fp8 / "ok")  # bf16 holds it
+
+
+def test_fp16_output_cannot_hold_a_plain_weight(tmp_path):
+    from tiny import llama as tiny_llama
+
+    m = tiny_llama()
+    with torch.no_grad():
+        m.model.layers[1].mlp.up_proj.weight[2, 3] = 1e5
+    m.save_pretrained(tmp_path / "base")
+    peft_wrap(tiny_llama(), r=4, lora_alpha=8, target_modules=["q_proj"]).save_pretrained(tmp_path / "adapter")
+    args = ("merge", tmp_path / "adapter", "--base", tmp_path / "base", "-o", tmp_path / "out", "--dtype", "fp16")
+    refused(tmp_path, "model.layers.1.mlp.up_proj.weight: holds values beyond float16's range", args=args)
+
+
+@pytest.mark.parametrize(
+    "stray, beside",
+    [
+        ("model.layers.1.self_attn.o_proj.weight_scale_inv", "beside a F32 weight that is not quantized"),
+        ("model.norm.weight_scale_inv", "beside a BF16 weight that is not quantized"),
+        ("model.layers.0.mlp.ghost.weight_scale_inv", "with no weight of its own"),
+        ("model.layers.0.mlp.up_proj.input_scale", None),  # beside an fp8 weight: fp8-block has no input_scale
+    ],
+)
+def test_orphan_quantization_companion_refused(fp8, stray, beside):
+    def fn(sd):
+        o_proj = "model.layers.1.self_attn.o_proj.weight"
+        if stray == o_proj + "_scale_inv":  # half converted: the weight dequantized to F32, its scale left
+            sd[o_proj] = deepseek_dequant(sd[o_proj], sd[o_proj + "_scale_inv"].float())
+        else:
+            sd[stray] = torch.ones(1, 1)
+
+    edit(fp8 / "base" / "model.safetensors", fn)
+    line = refused(fp8, f"base/model.safetensors: {stray}: a quantization companion", "(fp8)")
+    assert beside is None or beside in line
+
+
+# -- compressed-tensors fp8 ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ct_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ct")
+    save_ct(llama(), root / "base", "FP8_DYNAMIC")  # one scale per output channel
+    peft_wrap(llama(), r=4, lora_alpha=8, target_modules=["q_proj"]).save_pretrained(root / "adapter")
+    return root
+
+
+@pytest.mark.parametrize("value, needle", [(float("nan"), "holds NaN or Inf"), (-1.0, "holds a negative scale (-1)")])
+def test_compressed_tensors_bad_scale(ct_root, tmp_path, value, needle):
+    work = _copy(ct_root, tmp_path)
+
+    def fn(sd):
+        s = sd[UNTOUCHED + "_scale"].clone()
+        s[7] = value
+        sd[UNTOUCHED + "_scale"] = s
+
+    edit(work / "base" / "model.safetensors", fn)
+    refused(work, f"base/model.safetensors: {UNTOUCHED}_scale: {needle}")
+
+
+# -- bitsandbytes ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bnb_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bnb")
+    model = llama(hidden=64, inter=128)
+    save_bnb(
+        model, root / "nf4-dq" / "base", load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True
+    )
+    save_bnb(model, root / "fp4" / "base", load_in_4bit=True, bnb_4bit_quant_type="fp4")
+    save_bnb(model, root / "int8" / "base", load_in_8bit=True)
+    for case in ("nf4-dq", "fp4", "int8"):
+        pm = peft_wrap(llama(hidden=64, inter=128), r=4, lora_alpha=8, target_modules=["q_proj"])
+        pm.save_pretrained(root / case / "adapter")
+    return root
+
+
+def _set(key: str, index: int, value: float):
+    def fn(sd):
+        t = sd[key].clone()
+        t.view(-1)[index] = value
+        sd[key] = t
+
+    return fn
+
+
+def _huge(weight: str):
+    """Finite block maxima and code book whose products are beyond fp32 (1e30 · 1e30)."""
+
+    def fn(sd):
+        sd[weight + ".absmax"] = torch.full_like(sd[weight + ".absmax"], 1e30)
+        sd[weight + ".quant_map"] = sd[weight + ".quant_map"] * 1e30
+
+    return fn
+
+
+def _nested_offset(value: str):
+    blob = UNTOUCHED + ".quant_state.bitsandbytes__nf4"
+
+    def fn(sd):
+        state = json.loads(bytes(sd[blob].tolist()))
+        text = json.dumps(state).replace(f'"nested_offset": {state["nested_offset"]}', f'"nested_offset": {value}')
+        sd[blob] = torch.tensor(list(text.encode()), dtype=torch.uint8)
+
+    return fn
+
+
+@pytest.mark.parametrize(
+    "case, fn, needle",
+    [
+        ("int8", _set(UNTOUCHED.removesuffix(".weight") + ".SCB", 3, float("nan")), ".down_proj.SCB: holds NaN or Inf"),
+        ("int8", _set(TOUCHED.removesuffix(".weight") + ".SCB", 3, -2.0), "q_proj.SCB: holds a negative scale (-2)"),
+        ("fp4", _set(UNTOUCHED + ".absmax", 5, float("inf")), f"{UNTOUCHED}.absmax: holds NaN or Inf"),
+        ("fp4", _set(UNTOUCHED + ".absmax", 0, -1.0), f"{UNTOUCHED}.absmax: holds a negative scale (-1)"),
+        ("fp4", _set(UNTOUCHED + ".quant_map", 3, float("nan")), f"{UNTOUCHED}.quant_map: holds NaN or Inf"),
+        ("nf4-dq", _set(UNTOUCHED + ".nested_absmax", 0, float("nan")), f"{UNTOUCHED}.nested_absmax: holds NaN"),
+        ("nf4-dq", _set(UNTOUCHED + ".nested_absmax", 0, -3.0), f"{UNTOUCHED}.nested_absmax: holds a negative"),
+        ("nf4-dq", _set(UNTOUCHED + ".nested_quant_map", 9, float("inf")), f"{UNTOUCHED}.nested_quant_map: holds"),
+        ("nf4-dq", _nested_offset("NaN"), "bitsandbytes__nf4: the quant state's nested_offset is not a finite"),
+        ("nf4-dq", _nested_offset("1e39"), "bitsandbytes__nf4: the quant state's nested_offset is not a finite"),
+        ("nf4-dq", _nested_offset('"0.5"'), "bitsandbytes__nf4: the quant state's nested_offset is not a finite"),
+        ("fp4", _huge(UNTOUCHED), f"{UNTOUCHED}: dequantized to NaN or Inf (bnb-fp4: a stored value is NaN, or value"),
+    ],
+)
+def test_bitsandbytes_bad_scales(bnb_root, tmp_path, case, fn, needle):
+    work = _copy(bnb_root / case, tmp_path)
+    edit(work / "base" / "model.safetensors", fn)
+    refused(work, "base/model.safetensors: ", needle)
+
+
+def test_bitsandbytes_zero_absmax_is_an_all_zero_block(bnb_root, tmp_path):
+    """bitsandbytes writes 0 for an all-zero block: no warning, the block reads as zeros (its library's)."""
+    import bitsandbytes.functional as F
+
+    work = _copy(bnb_root / "fp4", tmp_path)
+    edit(work / "base" / "model.safetensors", _set(UNTOUCHED + ".absmax", 1, 0.0))
+    raw = load_file(str(work / "base" / "model.safetensors"))
+    res = lc.merge(work / "adapter", base=work / "base", output=work / "m", dtype="fp32")
+    assert not [w for w in res.warnings if "are 0" in w]
+    parts = {k[len(UNTOUCHED) + 1 :]: v for k, v in raw.items() if k.startswith(UNTOUCHED + ".")}
+    want = F.dequantize_4bit(raw[UNTOUCHED], F.QuantState.from_dict(parts, device="cpu")).float()
+    got = load_file(str(work / "m" / "model.safetensors"))[UNTOUCHED]
+    assert torch.equal(got, want) and not got.reshape(-1)[64:128].any()
+
+
+# -- MXFP4 -----------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def mxfp4_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mxfp4")
+    save_mxfp4(gpt_oss(), root / "base")
+    peft_wrap(gpt_oss(), r=4, lora_alpha=8, target_modules=["q_proj"]).save_pretrained(root / "adapter")
+    return root
+
+
+EXPERT = "model.layers.1.mlp.experts.down_proj"
+
+
+def test_mxfp4_nan_exponent(mxfp4_root, tmp_path):
+    work = _copy(mxfp4_root, tmp_path)
+
+    def fn(sd):
+        s = sd[EXPERT + "_scales"].clone()
+        s[2, 5, 1] = 255
+        sd[EXPERT + "_scales"] = s
+
+    edit(work / "base" / "model.safetensors", fn)
+    refused(work, f"base/model.safetensors: {EXPERT}_scales: holds NaN or Inf (an e8m0 exponent of 255 is NaN)")
+
+
+def test_mxfp4_exponent_whose_product_overflows(mxfp4_root, tmp_path):
+    """2^127 · 6 is beyond bf16 (and fp32): the blocks are named."""
+    work = _copy(mxfp4_root, tmp_path)
+
+    def fn(sd):
+        s, b = sd[EXPERT + "_scales"].clone(), sd[EXPERT + "_blocks"].clone()
+        s[3, 0, 0], b[3, 0, 0, 0] = 254, 0x77  # two codes of 6.0
+        sd[EXPERT + "_scales"], sd[EXPERT + "_blocks"] = s, b
+
+    edit(work / "base" / "model.safetensors", fn)
+    refused(work, f"base/model.safetensors: {EXPERT}_blocks: dequantized to NaN or Inf (mxfp4")
