@@ -316,3 +316,109 @@ def test_mxfp4_exponent_whose_product_overflows(mxfp4_root, tmp_path):
 
     edit(work / "base" / "model.safetensors", fn)
     refused(work, f"base/model.safetensors: {EXPERT}_blocks: dequantized to NaN or Inf (mxfp4")
+
+
+# -- combine: weights bounded so that products stay within fp32, every output finite -----------------------------------
+@pytest.fixture(scope="module")
+def combine_root(tmp_path_factory):
+    """a: a plain LoRA (scaling 2); big: the same with factors ×100 (|A| up to ~50)."""
+    from tiny import llama as tiny_llama
+
+    root = tmp_path_factory.mktemp("combine")
+    peft_wrap(tiny_llama(), r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]).save_pretrained(root / "a")
+    shutil.copytree(root / "a", root / "big")
+    edit(root / "big" / "adapter_model.safetensors", lambda sd: sd.update({k: v * 100 for k, v in sd.items()}))
+    return root
+
+
+def _combine_cli(root: Path, out: Path, *specs: str, method: str = "cat"):
+    return cli(
+        "combine",
+        *[str(root / s) if ":" not in s else str(root / s.split(":")[0]) + ":" + s.split(":")[1] for s in specs],
+        "--method",
+        method,
+        "-o",
+        out,
+    )
+
+
+@pytest.mark.parametrize("method", ["cat", "linear", "svd", "ties"])
+@pytest.mark.parametrize("weight", ["1e300", "-1e300", "2e38"])
+def test_combine_weight_times_scaling_beyond_fp32(combine_root, tmp_path, method, weight):
+    before = _digest(combine_root)
+    extra = ("--density", "0.5") if method == "ties" else ()
+    res = cli(
+        "combine",
+        combine_root / "a",
+        f"{combine_root / 'a'}:{weight}",
+        "--method",
+        method,
+        *extra,
+        "-o",
+        tmp_path / "out",
+    )
+    line = one_error(
+        res,
+        f"adapter 2 ('{combine_root / 'a'}'): weight {float(weight):g} × scaling 2 =",
+        "is beyond float32",
+        out=tmp_path / "out",
+    )
+    assert "q_proj.lora_A.weight" in line and _digest(combine_root) == before
+
+
+@pytest.mark.parametrize("method, needle", [("cat", "lora_A.weight overflows float32"), ("svd", "ΔW of")])
+def test_combine_product_with_the_factors_overflows(combine_root, tmp_path, method, needle):
+    """|w·s| = 2e37 is within fp32, but × factors of ~50 it is not: the output is refused by name."""
+    res = cli("combine", combine_root / "a", f"{combine_root / 'big'}:1e37", "--method", method, "-o", tmp_path / "o")
+    one_error(res, needle, f"adapter '{combine_root / 'big'}' × 1e+37", out=tmp_path / "o")
+
+
+def test_combine_large_weights_within_fp32_equal_peft(combine_root, tmp_path):
+    """The bound is fp32's range, not tighter: a weight of 1e30 combines as PEFT's add_weighted_adapter does."""
+    from peft import PeftModel
+    from tiny import llama as tiny_llama
+
+    model = PeftModel.from_pretrained(tiny_llama(), str(combine_root / "a"), adapter_name="x")
+    model.load_adapter(str(combine_root / "a"), adapter_name="y")
+    model.add_weighted_adapter(["x", "y"], [1.0, 1e30], "new", combination_type="cat")
+    model.save_pretrained(str(tmp_path / "peft"), selected_adapters=["new"])
+    lc.combine([str(combine_root / "a"), f"{combine_root / 'a'}:1e30"], method="cat", output=tmp_path / "ours")
+    ref = load_file(str(tmp_path / "peft" / "new" / "adapter_model.safetensors"))
+    got = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    assert set(ref) == set(got) and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert max(v.abs().max().item() for v in got.values()) > 1e29
+
+
+# -- extraction: factors finite --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("module", ["self_attn.o_proj", "mlp.down_proj"])
+def test_extract_factors_beyond_fp16(tmp_path, module):
+    """A finite ΔW (its norm well within fp32, which the difference checks) whose √σ is beyond fp16's 65504:
+    fp16 factors would be Inf.  fp32 factors of it are fine (and equal ΔW's rank-1 SVD)."""
+    from tiny import llama as tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    tuned = tiny_llama()
+    name = f"model.layers.1.{module}.weight"
+    with torch.no_grad():
+        w = tuned.get_parameter(name)
+        w.add_(torch.full_like(w, 1e10))  # B = A = 1e5 everywhere (rank 1)
+    tuned.save_pretrained(tmp_path / "tuned")
+    before = _digest(tmp_path)
+    args = ("extract", tmp_path / "tuned", "--base", tmp_path / "base", "-o", tmp_path / "out", "--rank", "2")
+    line = one_error(
+        cli(*args, "--factor-dtype", "fp16"),
+        f"tuned/model.safetensors: {name}: the difference from the base factors into NaN or Inf in fp16",
+        "--factor-dtype fp32 holds up to 3.4e38",
+        out=tmp_path / "out",
+    )
+    assert "Traceback" not in line and _digest(tmp_path) == before
+    lc.extract(tmp_path / "tuned", base=tmp_path / "base", output=tmp_path / "ok", rank=2, include=[module])
+    sd = load_file(str(tmp_path / "ok" / "adapter_model.safetensors"))
+    a = sd[f"base_model.model.model.layers.1.{module}.lora_A.weight"]
+    b = sd[f"base_model.model.model.layers.1.{module}.lora_B.weight"]
+    delta = (
+        load_file(str(tmp_path / "tuned" / "model.safetensors"))[name]
+        - load_file(str(tmp_path / "base" / "model.safetensors"))[name]
+    )
+    assert torch.isfinite(a).all() and b.abs().max() > 65504
+    assert ((b @ a) - delta).abs().max() <= 1e-5 * delta.abs().max()
