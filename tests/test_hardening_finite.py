@@ -35,11 +35,11 @@ def _digest(root: Path) -> dict[str, str]:
     }
 
 
-def refused(work: Path, *needles: str, args: tuple[str, ...] | None = None) -> str:
+def refused(work: Path, *needles: str, args: tuple[str, ...] | None = None, out: Path | None = None) -> str:
     """``merge adapter --base base`` (or ``args``) ends in one error line holding every needle, nothing is
-    written and the inputs are byte-identical."""
+    written at ``out`` (``work/out``) and the inputs are byte-identical."""
     before = {d: _digest(work / d) for d in ("base", "adapter") if (work / d).exists()}
-    out = work / "out"
+    out = out or work / "out"
     res = cli(*(args or ("merge", work / "adapter", "--base", work / "base", "-o", out)))
     line = one_error(res, *needles, out=out)
     assert {d: _digest(work / d) for d in before} == before
@@ -422,3 +422,83 @@ def test_extract_factors_beyond_fp16(tmp_path, module):
     )
     assert torch.isfinite(a).all() and b.abs().max() > 65504
     assert ((b @ a) - delta).abs().max() <= 1e-5 * delta.abs().max()
+
+
+# -- meaning we cannot reproduce: DoRA said, no magnitudes -------------------------------------------------------------
+def _peft_logits(base_dir: Path, adapter: Path):
+    from peft import PeftModel
+    from tiny import logits
+    from transformers import AutoModelForCausalLM
+
+    return logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir)), str(adapter)))
+
+
+@pytest.mark.parametrize("strip", ["all", "one"])
+def test_peft_use_dora_without_magnitudes(tmp_path, strip):
+    """PEFT loads such an adapter as DoRA with m = ‖W‖ (not the plain LoRA of the tensors, nor the trained
+    DoRA): no reading is what was trained, so every route refuses, naming adapter_config.json."""
+    from tiny import llama as tiny_llama
+    from tiny import logits
+
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    targets = ["q_proj", "v_proj"]
+    peft_wrap(tiny_llama(), r=4, lora_alpha=8, target_modules=targets, use_dora=True).save_pretrained(
+        tmp_path / "adapter"
+    )
+    plain = peft_wrap(tiny_llama(), r=4, lora_alpha=8, target_modules=targets)  # the same factors (same seed)
+    path = tmp_path / "adapter" / "adapter_model.safetensors"
+    sd = load_file(str(path))
+    mags = sorted(k for k in sd if "magnitude" in k)
+    drop = mags if strip == "all" else mags[:1]
+    save_file({k: v for k, v in sd.items() if k not in drop}, str(path))
+    # what PEFT makes of it: neither the plain LoRA nor the trained DoRA
+    got = _peft_logits(tmp_path / "base", tmp_path / "adapter")
+    assert (got - logits(plain)).abs().max() > 1e-3
+    n = len(drop)
+    needle = f"adapter_config.json: {drop[0].replace('.lora_magnitude_vector', '.lora_A.weight')}: use_dora is true"
+    for args in (
+        ("merge", tmp_path / "adapter", "--base", tmp_path / "base", "-o", tmp_path / "out"),
+        ("convert", tmp_path / "adapter", "--to", "gguf", "--base", tmp_path / "base", "-o", tmp_path / "out.gguf"),
+        ("convert", tmp_path / "adapter", "--to", "mlx", "-o", tmp_path / "out"),
+    ):
+        what = f"but {n} of the {len(mags)} LoRA modules hold no DoRA magnitude"
+        refused(tmp_path, needle, what, "PEFT", args=args, out=Path(args[-1]))
+
+
+def test_diffusers_metadata_use_dora_without_magnitudes(tmp_path):
+    """diffusers loads the file as DoRA (magnitudes from the weight norms): its output differs from the plain
+    LoRA's, so the merge, which would give the plain LoRA, refuses by the file's name."""
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+    from test_diffusion_lora import _diffusers_load, _peft_unet
+    from tiny import unet
+
+    model, want = _peft_unet(tmp_path)  # plain LoRA, saved base at tmp_path / "unet"
+    meta = dict(model.peft_config["default"].to_dict(), use_dora=True)
+    StableDiffusionPipeline.save_lora_weights(
+        str(tmp_path / "adapter"), unet_lora_layers=get_peft_model_state_dict(model), unet_lora_adapter_metadata=meta
+    )
+    assert (_diffusers_load(tmp_path / "adapter", unet()) - want).abs().max().item() > 1e-2
+    file = tmp_path / "adapter" / "pytorch_lora_weights.safetensors"
+    d = lc.detect(tmp_path / "adapter")  # detect still describes it, and says why it is refused
+    assert any("unet.use_dora: true" in w for w in d.warnings), d.warnings
+    args = ("merge", tmp_path / "adapter", "--base", tmp_path / "unet", "-o", tmp_path / "out")
+    shutil.copytree(tmp_path / "unet", tmp_path / "base")  # (refused() checks base/ and adapter/ stay intact)
+    refused(tmp_path, f"{file}: unet.", "lora_adapter_metadata has unet.use_dora: true but 54 of the 54", args=args)
+    args = ("convert", tmp_path / "adapter", "--to", "kohya", "-o", tmp_path / "out")
+    refused(tmp_path, "diffusers would load them as DoRA", args=args)
+
+
+@pytest.mark.parametrize("config", [{"fine_tune_type": "dora"}, {"fine_tune_type": None, "use_dora": True}])
+def test_mlx_dora_without_magnitudes(tmp_path, config):
+    from test_mlx import peft_as_mlx
+    from tiny import llama as tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    pm = peft_wrap(tiny_llama(), r=4, lora_alpha=8, target_modules=["q_proj"])
+    peft_as_mlx(pm, tmp_path / "adapter", 2.0, **{k: v for k, v in config.items() if v is not None})
+    if config["fine_tune_type"] is None:
+        p = tmp_path / "adapter" / "adapter_config.json"
+        p.write_text(json.dumps({k: v for k, v in json.loads(p.read_text()).items() if k != "fine_tune_type"}))
+    refused(tmp_path, "has no DoRA magnitude .m (fine_tune_type dora)")
