@@ -502,3 +502,136 @@ def test_mlx_dora_without_magnitudes(tmp_path, config):
         p = tmp_path / "adapter" / "adapter_config.json"
         p.write_text(json.dumps({k: v for k, v in json.loads(p.read_text()).items() if k != "fine_tune_type"}))
     refused(tmp_path, "has no DoRA magnitude .m (fine_tune_type dora)")
+
+
+# -- mergekit's bias deltas: merged, with a warning naming PEFT's behaviour ------------------------------------------
+def test_lora_b_bias_without_lora_bias_is_merged_and_said(tmp_path):
+    """mergekit writes a bias delta as lora_B.bias and leaves lora_bias out of adapter_config.json: merged
+    as mergekit means (the merged biases are the tuned model's), with a warning; PEFT drops them."""
+    from peft import LoraConfig, PeftModel
+    from tiny import qwen2
+
+    base = qwen2(tie=False)
+    base.save_pretrained(tmp_path / "base")
+    torch.manual_seed(5)
+    tuned = qwen2(tie=False)
+    sd: dict[str, torch.Tensor] = {}
+    modules = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.k_proj"]
+    with torch.no_grad():  # the tuned model: base + B·A on the weights, + δ on the biases
+        for mod in modules:
+            lin = tuned.get_submodule(mod)
+            a, b = torch.randn(4, lin.in_features) * 0.1, torch.randn(lin.out_features, 4) * 0.1
+            delta = torch.randn(lin.out_features) * 0.1
+            lin.weight.add_(b @ a)
+            lin.bias.add_(delta)
+            p = f"base_model.model.{mod}"
+            sd.update({f"{p}.lora_A.weight": a, f"{p}.lora_B.weight": b, f"{p}.lora_B.bias": delta})
+    (tmp_path / "adapter").mkdir()
+    save_file(sd, str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    cfg = LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "k_proj"]).to_dict()  # as mergekit: alpha = r
+    cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items() if k != "lora_bias"}
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
+
+    res = lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "m", dtype="fp32")
+    warned = [w for w in res.warnings if "lora_B.bias" in w]
+    assert len(warned) == 1, res.warnings
+    assert "2 module(s) hold lora_B.bias" in warned[0] and "lora_bias is false in adapter_config.json" in warned[0]
+    assert "merged as mergekit" in warned[0] and "PEFT would drop them" in warned[0]
+    out = load_file(str(tmp_path / "m" / "model.safetensors"))
+    for mod in modules:
+        want = tuned.get_submodule(mod)
+        assert torch.equal(out[f"{mod}.bias"], want.bias.detach())  # base bias + 1·δ, as the tuned model's
+        assert torch.allclose(out[f"{mod}.weight"], want.weight.detach(), atol=1e-6)
+    # PEFT: lora_B has no bias when lora_bias is false, so the deltas are dropped (the base's biases stay)
+    import warnings as _w
+
+    with _w.catch_warnings():
+        _w.simplefilter("ignore")
+        peft_merged = PeftModel.from_pretrained(qwen2(tie=False), str(tmp_path / "adapter")).merge_and_unload()
+    for mod in modules:
+        assert torch.equal(peft_merged.get_submodule(mod).bias, base.get_submodule(mod).bias)
+        assert not torch.equal(peft_merged.get_submodule(mod).bias, tuned.get_submodule(mod).bias)
+    assert lc.detect(tmp_path / "adapter").warnings == warned  # detect says it too
+
+
+# -- GGUF: norms saved whole refused by default, dropped and listed with --drop-norms ---------------------------------
+NORMS = ["model.layers.0.input_layernorm.weight", "model.layers.1.post_attention_layernorm.weight", "model.norm.weight"]
+
+
+@pytest.fixture
+def mergekit_like(tmp_path):
+    """A LoRA adapter with norm vectors saved whole, as mergekit-extract-lora writes them (modules_to_save)."""
+    from tiny import llama as tiny_llama
+
+    base = tiny_llama()
+    base.save_pretrained(tmp_path / "base")
+    peft_wrap(tiny_llama(), r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]).save_pretrained(
+        tmp_path / "adapter"
+    )
+    path = tmp_path / "adapter" / "adapter_model.safetensors"
+    edit(path, lambda sd: sd.update({f"base_model.model.{k}": base.get_parameter(k).detach() * 1.1 for k in NORMS}))
+    p = tmp_path / "adapter" / "adapter_config.json"
+    p.write_text(json.dumps(dict(json.loads(p.read_text()), modules_to_save=sorted(k.split(".")[-2] for k in NORMS))))
+    return tmp_path
+
+
+def _gguf_args(work: Path, *extra: str) -> tuple:
+    return ("convert", work / "adapter", "--to", "gguf", "--base", work / "base", "-o", work / "a.gguf", *extra)
+
+
+def test_gguf_refuses_whole_norms_by_default(mergekit_like):
+    w = mergekit_like
+    refused(
+        w,
+        "adapter: base_model.model.model.layers.0.input_layernorm.weight: 3 norm weight(s) saved whole",
+        "GGUF LoRA cannot carry them",
+        "--drop-norms",
+        args=_gguf_args(w),
+        out=w / "a.gguf",
+    )
+
+
+def test_gguf_drop_norms_writes_the_pairs_and_lists_the_norms(mergekit_like):
+    import gguf
+
+    w = mergekit_like
+    res = cli(*_gguf_args(w, "--drop-norms", "--json"))
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert [d["tensor"] for d in doc["dropped"]] == sorted(f"base_model.model.{k}" for k in NORMS)
+    assert all("llama.cpp's LoRA loader ignores it" in d["reason"] for d in doc["dropped"])
+    assert any("3 norm weight(s) saved whole were left out" in x for x in doc["warnings"])
+    names = {t.name for t in gguf.GGUFReader(str(w / "a.gguf")).tensors}
+    assert names == {f"blk.{i}.attn_{p}.weight.lora_{ab}" for i in (0, 1) for p in "qv" for ab in "ab"}
+    assert not any("norm" in n for n in names)
+    # the pairs are the adapter's: v is not permuted, so lora_a = A and lora_b = B (f32)
+    from test_gguf import read_gguf
+
+    _, tensors = read_gguf(w / "a.gguf")
+    sd = load_file(str(w / "adapter" / "adapter_model.safetensors"))
+    v = "base_model.model.model.layers.1.self_attn.v_proj"
+    assert torch.equal(tensors["blk.1.attn_v.weight.lora_a"][0], sd[f"{v}.lora_A.weight"])
+    assert torch.equal(tensors["blk.1.attn_v.weight.lora_b"][0], sd[f"{v}.lora_B.weight"])
+    text = cli(*_gguf_args(w, "--drop-norms", "--force"))  # the text output lists them too
+    assert text.exit_code == 0 and all(f"dropped: base_model.model.{k}" in text.stdout for k in NORMS)
+
+
+def test_drop_norms_leaves_other_whole_tensors_refused(mergekit_like):
+    w = mergekit_like
+    edit(
+        w / "adapter" / "adapter_model.safetensors",
+        lambda sd: sd.update({"base_model.model.model.layers.0.mlp.up_proj.weight": torch.zeros(64, 32)}),
+    )
+    refused(
+        w,
+        "model.layers.0.mlp.up_proj.weight",
+        "cannot be written as GGUF",
+        args=_gguf_args(w, "--drop-norms"),
+        out=w / "a.gguf",
+    )
+
+
+def test_drop_norms_is_a_gguf_option(mergekit_like):
+    w = mergekit_like
+    args = ("convert", w / "adapter", "--to", "mlx", "--base", w / "base", "-o", w / "out", "--drop-norms")
+    refused(w, "--drop-norms applies to --to gguf only, not --to mlx", args=args)

@@ -54,12 +54,26 @@ class PeftDialect:
             for m in inv.modules(name).values():
                 m.scaling = own.scaling_for(m.config_key, m.rank)
             inv.problems[name] = _rank_disagreements(own, inv.modules(name).values(), name, ck)
+            biased = [m for m in inv.modules(name).values() if m.bias_key]
+            if biased and not own.lora_bias:
+                inv.warnings.setdefault(name, []).append(_unflagged_bias(biased, own.source or str(ck.root)))
             if own.use_dora:
                 missing = dora_without_magnitudes(
                     inv.modules(name).values(), path=own.source or ck.root, said="use_dora is true", loader="PEFT"
                 )
                 inv.problems[name] += [missing] if missing is not None else []
         return inv
+
+
+def _unflagged_bias(modules: list[LoraModule], source: str) -> str:
+    """mergekit writes bias deltas as ``lora_B.bias`` without setting ``lora_bias``: we merge them (what
+    mergekit means: the merged biases are the tuned model's), while PEFT builds lora_B without a bias
+    and drops them with a warning — said, since the two tools' merges differ."""
+    return (
+        f"{len(modules)} module(s) hold lora_B.bias (first: {modules[0].bias_key}) but lora_bias is false in "
+        f"{Path(source).name}: merged as mergekit, which writes such files, means (base bias + scaling · "
+        "lora_B.bias); PEFT would drop them with a warning"
+    )
 
 
 def dora_without_magnitudes(
