@@ -175,6 +175,13 @@ def test_orphan_quantization_companion_refused(fp8, stray, beside):
     assert beside is None or beside in line
 
 
+def test_requantize_refuses_a_bad_scale_it_would_copy(fp8):
+    """--requantize copies untouched weights byte for byte: their scales are checked all the same."""
+    _set_scale(fp8, UNTOUCHED, float("nan"))
+    args = ("merge", fp8 / "adapter", "--base", fp8 / "base", "-o", fp8 / "out", "--requantize")
+    refused(fp8, f"{UNTOUCHED}_scale_inv: holds NaN or Inf", args=args)
+
+
 # -- compressed-tensors fp8 ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ct_root(tmp_path_factory):
@@ -195,6 +202,13 @@ def test_compressed_tensors_bad_scale(ct_root, tmp_path, value, needle):
 
     edit(work / "base" / "model.safetensors", fn)
     refused(work, f"base/model.safetensors: {UNTOUCHED}_scale: {needle}")
+
+
+def test_compressed_tensors_orphan_scale(ct_root, tmp_path):
+    """lm_head is left unquantized (ignore): a weight_scale beside it belongs to nothing."""
+    work = _copy(ct_root, tmp_path)
+    edit(work / "base" / "model.safetensors", lambda sd: sd.update({"lm_head.weight_scale": torch.ones(1)}))
+    refused(work, "lm_head.weight_scale: a quantization companion beside a", "(compressed-tensors)")
 
 
 # -- bitsandbytes ----------------------------------------------------------------------------------------------------
@@ -264,6 +278,14 @@ def test_bitsandbytes_bad_scales(bnb_root, tmp_path, case, fn, needle):
     work = _copy(bnb_root / case, tmp_path)
     edit(work / "base" / "model.safetensors", fn)
     refused(work, "base/model.safetensors: ", needle)
+
+
+@pytest.mark.parametrize("case, stray", [("fp4", "model.norm.weight.absmax"), ("int8", "lm_head.SCB")])
+def test_bitsandbytes_orphan_companion(bnb_root, tmp_path, case, stray):
+    work = _copy(bnb_root / case, tmp_path)
+    edit(work / "base" / "model.safetensors", lambda sd: sd.update({stray: torch.ones(4)}))
+    needle = f"{stray}: a quantization companion" if case == "fp4" else "lm_head.weight: 8-bit weight stored as BF16"
+    refused(work, needle)
 
 
 def test_bitsandbytes_zero_absmax_is_an_all_zero_block(bnb_root, tmp_path):
