@@ -173,6 +173,7 @@ def test_orphan_quantization_companion_refused(fp8, stray, beside):
     edit(fp8 / "base" / "model.safetensors", fn)
     line = refused(fp8, f"base/model.safetensors: {stray}: a quantization companion", "(fp8)")
     assert beside is None or beside in line
+    assert lc.detect(fp8 / "base").quantization["method"] == "fp8"  # detect still describes the base
 
 
 def test_requantize_refuses_a_bad_scale_it_would_copy(fp8):

@@ -106,16 +106,14 @@ def find_layout(ck: Checkpoint) -> QuantLayout | None:
             path=ck.root,
             hint="the config does not belong to these weights",
         )
-    layout = QuantLayout(method, scheme, tensors, qc)
-    _refuse_orphans(ck, layout)
-    return layout
+    return QuantLayout(method, scheme, tensors, qc)
 
 
-def _refuse_orphans(ck: Checkpoint, layout: QuantLayout) -> None:
+def refuse_orphans(ck: Checkpoint, layout: QuantLayout) -> None:
     """A scale (or other quantization companion) that belongs to no quantized weight: the dequantized
     view would copy it into an output whose config no longer says it is quantized, where nothing reads
     it — and a weight stored in float beside its old scale is a half-converted checkpoint whose meaning
-    (scaled or not?) we cannot know."""
+    (scaled or not?) we cannot know.  (Merges refuse it; detect and report still describe the base.)"""
     hidden = layout.hidden
     for k in ck.tensors:
         if k in hidden or not k.endswith(COMPANION_SUFFIXES):

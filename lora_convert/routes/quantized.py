@@ -19,6 +19,7 @@ from ..io.quantized import (
     check_scales,
     dequantized,
     find_layout,
+    refuse_orphans,
 )
 from ..io.reader import Checkpoint
 from ..pipeline import Job
@@ -133,5 +134,6 @@ def quantized_base(req: Request, base: BaseView) -> QuantizedBase | None:
         if requantize:
             raise UnsupportedError("--requantize: the base is not quantized", path=req.base.root)
         return None
+    refuse_orphans(req.base, layout)
     scale_warnings = check_scales(req.base, layout)  # before anything is written: NaN, Inf or negative scales
     return QuantizedBase(req.base, layout, dequantized(req.base, layout), requantize, scale_warnings=scale_warnings)
