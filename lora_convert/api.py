@@ -157,6 +157,7 @@ def convert(
     token: str | None = None,
     moe_layout: str | None = None,
     adapters: Sequence[Spec] | None = None,
+    drop_norms: bool = False,
 ) -> ConvertResult:
     """Convert ``source`` to the storage form ``to`` in the folder ``output``.
 
@@ -179,6 +180,9 @@ def convert(
         extract_options: :class:`~lora_convert.routes.extract.ExtractOptions` (or its fields as a dict),
             for plain -> adapter only.
         outtype: the GGUF tensor type, ``f32`` (default), ``f16``, ``bf16`` or ``q8_0``; gguf only.
+        drop_norms: gguf only: leave out the norm weights an adapter saves whole (mergekit writes them; GGUF
+            LoRA cannot carry them and llama.cpp's LoRA loader ignores them), listed in ``.dropped``; without
+            it such an adapter is refused.
         requantize: merging into a quantized base, write the merged weights back in its scheme (the
             default writes them dequantized, in ``dtype``, bf16 for ``auto``); ``.requantization`` of the
             result holds the error that adds per module.
@@ -208,7 +212,7 @@ def convert(
     """
     started = time.perf_counter()
     _check_arguments(to, dtype, max_shard_size)
-    _check_format_options(to, output, dtype, outtype)
+    _check_format_options(to, output, dtype, outtype, drop_norms)
     _check_device(device, to)
     push_token = _check_push(push_to, to, output, force, token)
     write = _Writer(output, force, max_shard_size, progress, command, started)
@@ -218,7 +222,7 @@ def convert(
             source, to, specs, base=base, dtype=dtype, requantize=requantize, device=device, write=write
         )
     else:
-        options = _RouteOptions(dtype, extract_options, outtype, requantize, device, moe_layout)
+        options = _RouteOptions(dtype, extract_options, outtype, requantize, device, moe_layout, drop_norms)
         result = _convert_one(source, to, base=base, adapter=adapter, options=options, write=write)
     if push_to is not None:
         result.pushed = _push_output(result, push_to, private, push_token, progress)
@@ -261,6 +265,7 @@ class _RouteOptions:
     requantize: bool
     device: str
     moe_layout: str | None
+    drop_norms: bool = False
 
 
 def _convert_one(
@@ -304,6 +309,7 @@ def _convert_one(
             requantize=options.requantize,
             moe_layout=options.moe_layout,
             device=options.device,
+            drop_norms=options.drop_norms,
         )
         plan = plan_for(req)
         plan.warnings[:0] = warnings
@@ -734,8 +740,10 @@ def _check_moe_layout(form: str, to: str, moe_layout: str | None, root: Path) ->
         raise RouteError(f"--moe-layout applies to adapter outputs, not {form} -> {to}", path=root)
 
 
-def _check_format_options(to: str, output: str | Path, dtype: str, outtype: str | None) -> None:
-    """--outtype is GGUF's (its types are not --dtype's), and a GGUF output is a ``.gguf`` file."""
+def _check_format_options(
+    to: str, output: str | Path, dtype: str, outtype: str | None, drop_norms: bool = False
+) -> None:
+    """--outtype and --drop-norms are GGUF's (its types are not --dtype's), and a GGUF output is a ``.gguf`` file."""
     from .io.gguf_sink import OUTTYPES
 
     def target(form: str) -> str:
@@ -743,6 +751,8 @@ def _check_format_options(to: str, output: str | Path, dtype: str, outtype: str 
 
     if outtype is not None and to != "gguf":
         raise RouteError(f"{option_name('outtype')} applies to {target('gguf')} only, not {target(to)}")
+    if drop_norms and to != "gguf":
+        raise RouteError(f"{option_name('drop_norms')} applies to {target('gguf')} only, not {target(to)}")
     if to != "gguf":
         return
     if dtype != "auto":

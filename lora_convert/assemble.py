@@ -47,6 +47,7 @@ class ConvertResult:
     requantization: Requantization | None = None  # merge --requantize: per-module error
     pushed: PushResult | None = None  # set when the output was pushed to the Hub (push_to=)
     unmerge: Unmerge | None = None  # the unmerge route's rounding bounds
+    dropped: list[dict[str, str]] = field(default_factory=list)  # source tensors left out (--drop-norms)
 
     def to_dict(self) -> dict[str, Any]:
         """Flat JSON-able dict; the extraction's (re-quantization's, unmerge's) fields sit beside the common ones."""
@@ -111,6 +112,7 @@ def write_output(
             extraction=plan.extraction,
             requantization=plan.requantization,
             unmerge=plan.unmerge,
+            dropped=list(plan.dropped),
         )
     if out.stale_removed:
         result.warnings.append(stale_note(out.stale_removed))

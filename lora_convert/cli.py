@@ -304,6 +304,8 @@ def _report_conversion(res: Any, as_json: bool) -> None:
     if res.unmerge is not None:
         for line in res.unmerge.summary_lines():
             out.print(safe("  " + line))
+    for d in res.dropped:
+        out.print(safe(f"  dropped: {d['tensor']} ({d['reason']})"))
     for w in res.warnings:
         err.print(f"[yellow]warning:[/yellow] {safe(w)}")
     if res.pushed is not None:
@@ -400,6 +402,12 @@ def _print_extract(res: Any, as_json: bool) -> None:
     type=click.Choice(["f32", "f16", "bf16", "q8_0"]),
     help="With --to gguf: the tensor type (q8_0 falls back to f16 where rows are not a multiple of 32).  [default: f32]",
 )
+@click.option(
+    "--drop-norms",
+    is_flag=True,
+    help="With --to gguf: leave out the norm weights an adapter saves whole (mergekit writes them; GGUF LoRA "
+    "cannot carry them and llama.cpp ignores them) and list them; without it such an adapter is refused.",
+)
 @_extraction_options
 @_moe_layout_option
 @click.pass_context
@@ -418,6 +426,7 @@ def convert(
     private: bool,
     token: str | None,
     outtype: str | None,
+    drop_norms: bool,
     moe_layout: str | None,
     **svd_opts: Any,
 ) -> None:
@@ -447,6 +456,7 @@ def convert(
             command=_command_line(),
             extract_options=given or None,
             outtype=outtype,
+            drop_norms=drop_norms,
             moe_layout=moe_layout,
             push_to=push_to,
             private=private,

@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from .errors import CheckpointError, spelled
+from .lora_math import all_finite
 
 FP32 = torch.float32
 OVERSAMPLE = 10
@@ -225,3 +229,17 @@ def effective_rank(
         if float(ratios[i]) >= 10:
             gap = i + 1
     return (None if capped else r), gap
+
+
+def check_factors(B: torch.Tensor, A: torch.Tensor, where: tuple[Path | str | None, str], dtype: str) -> None:
+    """Factors of a finite ΔW whose singular values overflow fp32 (an SVD of values near 3e38), or whose
+    √σ overflows the written dtype (fp16 ends at 65504), are refused by the tuned tensor's name."""
+    if all_finite(B) and all_finite(A):
+        return
+    wider = spelled("--factor-dtype fp32", "dtype='fp32'")
+    raise CheckpointError(
+        f"the difference from the base factors into NaN or Inf in {dtype} (factor values beyond its range)",
+        path=where[0],
+        tensor=where[1],
+        hint=f"{wider} holds up to 3.4e38" if dtype != "fp32" else "the tuned weight is extreme",
+    )

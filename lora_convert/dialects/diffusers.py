@@ -19,7 +19,7 @@ from ..config import AdapterConfig
 from ..errors import AdapterError
 from ..inventory import DEFAULT_ADAPTER, Inventory
 from ..io.reader import Checkpoint
-from .peft import build_inventory
+from .peft import build_inventory, dora_without_magnitudes
 from .peft_keys import parse_key
 
 METADATA_KEY = "lora_adapter_metadata"
@@ -49,12 +49,24 @@ class DiffusersDialect:
             comp, _, path = m.module.partition(".")
             cfg = configs.get(comp)
             m.scaling = cfg.scaling_for(path, m.rank) if cfg is not None else 1.0
+        for comp, cfg in configs.items():
+            if cfg.use_dora:
+                mods = [m for m in modules.values() if m.module.partition(".")[0] == comp]
+                said = f"{METADATA_KEY} has {comp}.use_dora: true"
+                missing = dora_without_magnitudes(mods, path=_file(ck, mods), said=said, loader="diffusers")
+                if missing is not None:
+                    inv.problems.setdefault(DEFAULT_ADAPTER, []).append(missing)
         if not configs:
             inv.warnings[DEFAULT_ADAPTER] = [
                 f"no {METADATA_KEY} in the file: every module's scaling is 1 (lora_alpha = r), as diffusers loads it"
             ]
         inv.configs[DEFAULT_ADAPTER] = merged_config(modules.values(), configs)
         return inv
+
+
+def _file(ck: Checkpoint, mods: list[Any]) -> Any:
+    """The file the modules' tensors are in (a diffusers LoRA is one file), else the checkpoint."""
+    return ck.info(mods[0].a_key).file if mods else ck.root
 
 
 def _is_component_lora(key: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from pathlib import Path
 
 from ..config import AdapterConfig
 from ..errors import AdapterError
@@ -53,7 +54,47 @@ class PeftDialect:
             for m in inv.modules(name).values():
                 m.scaling = own.scaling_for(m.config_key, m.rank)
             inv.problems[name] = list(_rank_disagreements(own, inv.modules(name).values(), name, ck))
+            biased = [m for m in inv.modules(name).values() if m.bias_key]
+            if biased and not own.lora_bias:
+                inv.warnings.setdefault(name, []).append(_unflagged_bias(biased, own.source or str(ck.root)))
+            if own.use_dora:
+                missing = dora_without_magnitudes(
+                    inv.modules(name).values(), path=own.source or ck.root, said="use_dora is true", loader="PEFT"
+                )
+                inv.problems[name] += [missing] if missing is not None else []
         return inv
+
+
+def _unflagged_bias(modules: list[LoraModule], source: str) -> str:
+    """mergekit writes bias deltas as ``lora_B.bias`` without setting ``lora_bias``: we merge them (what
+    mergekit means: the merged biases are the tuned model's), while PEFT builds lora_B without a bias
+    and drops them with a warning — said, since the two tools' merges differ."""
+    return (
+        f"{len(modules)} module(s) hold lora_B.bias (first: {modules[0].bias_key}) but lora_bias is false in "
+        f"{Path(source).name}: merged as mergekit, which writes such files, means (base bias + scaling · "
+        "lora_B.bias); PEFT would drop them with a warning"
+    )
+
+
+def dora_without_magnitudes(
+    modules: Iterable[LoraModule], *, path: str | Path, said: str, loader: str
+) -> AdapterError | None:
+    """A config that says DoRA beside LoRA modules without magnitude vectors: the config's own library
+    loads them as DoRA with magnitudes initialised from the base weights' norms (``m = ‖W‖``, so the
+    merged weight is ``‖W‖·(W + ΔW)/‖W + ΔW‖``), not as the plain LoRA the tensors alone describe.
+    Neither reading is what was trained (the trained magnitudes are gone), so the file is refused."""
+    mods = list(modules)
+    missing = [m for m in mods if m.magnitude_key is None]
+    if not missing:
+        return None
+    return AdapterError(
+        f"{said} but {len(missing)} of the {len(mods)} LoRA modules hold no DoRA magnitude vector (first: "
+        f"{missing[0].module}): {loader} would load them as DoRA with magnitudes taken from the base weights' "
+        "norms, not as the plain LoRA the tensors describe, and the trained magnitudes are not in the file",
+        path=path,
+        tensor=missing[0].a_key,
+        hint="use the file saved with its magnitudes, or a config that says use_dora: false if it is a plain LoRA",
+    )
 
 
 def _own_configs(ck: Checkpoint, names: list[str], top: AdapterConfig | None) -> dict[str, AdapterConfig]:

@@ -27,10 +27,13 @@ if TYPE_CHECKING:
 
     from .reader import Checkpoint
 
+FP32_MAX = 3.4028234663852886e38
 FP8_SCALE_DTYPES = frozenset({"F32", "BF16", "F16", "F8_E8M0"})
 BNB_4BIT_BLOB = ".quant_state.bitsandbytes__"
 # Suffixes that only quantized checkpoints have: a base holding one without a quantization_config is refused.
 QUANTIZED_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".qweight", ".scales", ".absmax", ".SCB", "_blocks")
+# Tensors that only mean something beside a quantized weight of the layout (refused when they are not).
+COMPANION_SUFFIXES = (*QUANTIZED_SUFFIXES, ".input_scale", ".activation_scale", ".weight_zero_point")
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,26 @@ def find_layout(ck: Checkpoint) -> QuantLayout | None:
             hint="the config does not belong to these weights",
         )
     return QuantLayout(method, scheme, tensors, qc)
+
+
+def refuse_orphans(ck: Checkpoint, layout: QuantLayout) -> None:
+    """A scale (or other quantization companion) that belongs to no quantized weight: the dequantized
+    view would copy it into an output whose config no longer says it is quantized, where nothing reads
+    it — and a weight stored in float beside its old scale is a half-converted checkpoint whose meaning
+    (scaled or not?) we cannot know.  (Merges refuse it; detect and report still describe the base.)"""
+    hidden = layout.hidden
+    for k in ck.tensors:
+        if k in hidden or not k.endswith(COMPANION_SUFFIXES):
+            continue
+        stem = k[: -len(next(s for s in COMPANION_SUFFIXES if k.endswith(s)))]
+        info = ck.tensors.get(stem + ".weight") or ck.tensors.get(stem)
+        beside = f"beside a {info.dtype_name} weight that is not quantized" if info else "with no weight of its own"
+        raise CheckpointError(
+            f"a quantization companion {beside} ({layout.method})",
+            path=ck.info(k).file,
+            tensor=k,
+            hint="the checkpoint is half converted: remove the stray tensor, or use the checkpoint's own weights",
+        )
 
 
 def _first_quantized(ck: Checkpoint) -> str | None:
@@ -330,6 +353,71 @@ def _mxfp4(ck: Checkpoint, qc: dict[str, Any]) -> tuple[dict[str, QuantizedTenso
 _READERS = {"fp8": _fp8_block, "compressed-tensors": _ct_fp8, "bitsandbytes": _bnb, "mxfp4": _mxfp4}
 
 
+# -- scales that would make the dequantized weights wrong -------------------------------------------------------------
+# Roles of stored tensors read whole and checked before a merge starts (small: one value per block, row or
+# 256 blocks); ``absmax`` (one per 64 values) and MXFP4's scales are checked as each read touches them.
+_SMALL_SCALES = ("scale", "nested_absmax", "quant_map", "nested_quant_map")
+# A scale of 0 is what bitsandbytes writes for an all-zero block or row; no fp8 quantizer writes one
+# (transformers writes 1 for an all-zero block, compressed-tensors its dtype's epsilon).
+_ZERO_IS_EXPECTED = ("bnb-nf4", "bnb-fp4", "bnb-int8")
+
+
+def check_scales(ck: Checkpoint, layout: QuantLayout) -> list[str]:
+    """Refuse, naming file and tensor, a scale that is NaN or Inf (every weight it scales would be) or
+    negative (no quantizer writes one: the weights' signs would flip); return a warning for each fp8
+    scale of 0 (its block dequantizes to zeros, though no fp8 quantizer writes a 0)."""
+    import torch
+
+    warnings = []
+    for t in layout.tensors.values():
+        if t.scheme == "mxfp4":  # exponents, one per 32 values: checked as each expert is read
+            continue
+        for role in _SMALL_SCALES:
+            key = t.stored.get(role)
+            if key is None:
+                continue
+            values = scale_values(ck.read(key)) if t.scheme in ("fp8-block", "ct-fp8") else ck.read(key).float()
+            signed = role in ("quant_map", "nested_quant_map")  # code books hold negative values
+            check_scale_values(ck, key, values, signed=signed)
+            if role == "scale" and t.scheme not in _ZERO_IS_EXPECTED:
+                zeros = int(torch.count_nonzero(values == 0))
+                if zeros:
+                    warnings.append(
+                        f"{ck.info(key).file}: {key}: {zeros} of its {values.numel()} scales are 0 (no fp8 "
+                        "quantizer writes one): the blocks they scale were read as zeros"
+                    )
+        if t.params.get("nested"):
+            v = t.params["state"].get("nested_offset", 0.0)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or abs(v) > FP32_MAX:
+                raise CheckpointError(
+                    "the quant state's nested_offset is not a finite number that float32 can hold",
+                    path=ck.info(t.stored["quant_state"]).file,
+                    tensor=t.stored["quant_state"],
+                )
+    return warnings
+
+
+def check_scale_values(ck: Checkpoint, key: str, values: torch.Tensor, *, signed: bool = False) -> None:
+    from ..lora_math import all_finite
+
+    if not all_finite(values):
+        what = "NaN or Inf (an e8m0 exponent of 255 is NaN)" if ck.info(key).dtype_name in ("U8", "F8_E8M0") else ""
+        raise CheckpointError(
+            f"holds {what or 'NaN or Inf'}: every weight it scales would be NaN or Inf",
+            path=ck.info(key).file,
+            tensor=key,
+            hint="the checkpoint is damaged; use an intact copy",
+        )
+    if not signed and values.numel() and float(values.min()) < 0:
+        raise CheckpointError(
+            f"holds a negative scale ({float(values.min()):g}): no quantizer writes one, and it would flip the "
+            "signs of the weights it scales",
+            path=ck.info(key).file,
+            tensor=key,
+            hint="the checkpoint is damaged; use an intact copy",
+        )
+
+
 # -- the dequantized view --------------------------------------------------------------------------------------------
 def dequantized(ck: Checkpoint, layout: QuantLayout) -> Checkpoint:
     """``ck`` with every quantized weight as one float tensor (its logical name, shape and dtype) and the
@@ -378,6 +466,8 @@ class DequantizingSource(TensorSource):
     def read_into(self, info: TensorInfo, start: int, nbytes: int, buf: torch.Tensor | None) -> torch.Tensor:
         import torch
 
+        from .. import lora_math
+
         t = self.layout.tensors[info.name]
         first, count = start // info.itemsize, nbytes // info.itemsize
         with self._lock:
@@ -385,10 +475,23 @@ class DequantizingSource(TensorSource):
                 self._small.clear()
                 self._owner = t.name
             values = self._elements(t, first, first + count).to(info.dtype)
+        if not lora_math.all_finite(values):
+            self._non_finite(t)
         data = values.reshape(-1).view(torch.uint8)
         if buf is None:
             return data.clone()
         return buf.copy_(data)
+
+    def _non_finite(self, t: QuantizedTensor) -> None:
+        """Dequantized values that are NaN or Inf, from scales that passed :func:`check_scales`: a stored
+        value that is NaN (fp8 has NaN codes), or a finite value × finite scale beyond the dtype's range."""
+        key = t.stored["weight"]
+        raise CheckpointError(
+            f"dequantized to NaN or Inf ({t.scheme}: a stored value is NaN, or value × scale overflows {t.dtype_name})",
+            path=self.ck.info(key).file,
+            tensor=key,
+            hint="the checkpoint is damaged; use an intact copy",
+        )
 
     def prefetch(self, info: TensorInfo, start: int, nbytes: int) -> None:
         t = self.layout.tensors[info.name]
@@ -423,10 +526,15 @@ class DequantizingSource(TensorSource):
         from ..quant import bnb, fp8
 
         q = self.ck.read_rows(t.stored["weight"], r0, r1)
-        scale = self._cached(t.stored["scale"])
+        key = t.stored["scale"]
+        scale = self._small.get(key)
+        if scale is None:  # fp32 values, read and checked once per tensor
+            raw = self.ck.read(key)
+            scale = self._small[key] = raw.float() if t.scheme == "bnb-int8" else scale_values(raw)
+            check_scale_values(self.ck, key, scale)
         if t.scheme == "bnb-int8":
             return bnb.dequantize_int8_rows(q, scale[r0:r1])
-        return fp8.dequantize_rows(q, scale_values(scale), r0, t.params["block"])
+        return fp8.dequantize_rows(q, scale, r0, t.params["block"])
 
     def _bnb_4bit(self, t: QuantizedTensor, first: int, stop: int) -> torch.Tensor:
         from ..quant import bnb
@@ -439,7 +547,10 @@ class DequantizingSource(TensorSource):
             offset = float(t.params["state"].get("nested_offset", 0.0))
             nb = int(t.params["state"].get("nested_blocksize", 256))
             nested = (self._cached(t.stored["nested_absmax"]), self._cached(t.stored["nested_quant_map"]), nb, offset)
-        absmax = bnb.absmax_values(self.ck.read_flat(t.stored["absmax"], b0, b1), b0, nested)
+        stored = self.ck.read_flat(t.stored["absmax"], b0, b1)
+        if nested is None:
+            check_scale_values(self.ck, t.stored["absmax"], stored.float())
+        absmax = bnb.absmax_values(stored, b0, nested)
         code = self._cached(t.stored["quant_map"])
         return bnb.dequantize_4bit(packed, first, stop - first, absmax, b0, bs, code)
 
@@ -468,10 +579,14 @@ class DequantizingSource(TensorSource):
         return torch.cat(parts) if len(parts) != 1 else parts[0]
 
     def _expert_data(self, t: QuantizedTensor, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         cached = self._expert
         if cached is None or cached[0] != t.name or cached[1] != e:
             blocks = self.ck.read_rows(t.stored["weight"], e, e + 1)[0]
             scales = self.ck.read_rows(t.stored["scale"], e, e + 1)[0]
+            if bool((scales == 255).any()):  # e8m0's NaN
+                check_scale_values(self.ck, t.stored["scale"], torch.tensor([math.nan]))
             cached = self._expert = (t.name, e, blocks, scales)
         return cached[2], cached[3]
 

@@ -21,15 +21,18 @@ from .common import check_finite
 from .plan import Request
 
 
-def carried_modules(req: Request, fmt: str, *, dora: bool) -> tuple[list[LoraModule], list[str]]:
-    """The adapter's LoRA modules, after refusing what ``fmt`` cannot hold; and warnings."""
+def carried_modules(
+    req: Request, fmt: str, *, dora: bool, dropped: frozenset[str] = frozenset()
+) -> tuple[list[LoraModule], list[str]]:
+    """The adapter's LoRA modules, after refusing what ``fmt`` cannot hold (but the base tensors in
+    ``dropped``, which the caller leaves out and lists); and warnings."""
     cfg, inv, name = req.config, req.inventory, req.adapter
     assert cfg is not None, "the API checks that an adapter config exists"
     cfg.check_supported()
     where = req.source.root
     if inv.tokens.get(name):
         raise UnsupportedError(f"trainable tokens cannot be written as {fmt} LoRA", path=where)
-    warnings = _saved_layers(req, fmt)
+    warnings = _saved_layers(req, fmt, dropped)
     modules = list(inv.modules(name).values())
     if not modules:
         raise AdapterError("holds no LoRA modules to convert", path=where)
@@ -47,7 +50,7 @@ def carried_modules(req: Request, fmt: str, *, dora: bool) -> tuple[list[LoraMod
     return modules, warnings
 
 
-def _saved_layers(req: Request, fmt: str) -> list[str]:
+def _saved_layers(req: Request, fmt: str, dropped: frozenset[str] = frozenset()) -> list[str]:
     """PEFT saves the embedding layers whole beside an embedding LoRA (``save_embedding_layers``).  They
     are the base's own and are left out, as llama.cpp's converter does; anything else that replaces a
     base tensor, or a saved layer of another vocabulary size (a resized vocab), cannot be carried."""
@@ -55,6 +58,8 @@ def _saved_layers(req: Request, fmt: str) -> list[str]:
     saved = inv.saved_layers.get(name, set())
     vocab = arch.config_value(req.model_config, "vocab_size")
     for base_key, key in sorted(inv.replace.get(name, {}).items()):
+        if base_key in dropped:
+            continue
         if base_key not in saved:
             raise UnsupportedError(
                 f"modules_to_save / a base tensor saved whole ({base_key}) cannot be written as {fmt} LoRA",

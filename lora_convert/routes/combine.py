@@ -28,6 +28,7 @@ by √r.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .. import arch, combine_math
+from .. import arch, combine_math, lora_math
 from ..combine_math import FACTOR_METHODS, METHODS, PRUNING_METHODS, RANDOM_METHODS, SIGN_METHODS, SVD_METHODS
 from ..dialects.peft_keys import Role, format_key
 from ..errors import AdapterError, RouteError, UnsupportedError
@@ -47,6 +48,7 @@ from .common import check_finite, copy_job, same_tensor
 from .plan import Plan, Request
 
 FP32 = torch.float32
+FP32_MAX = torch.finfo(FP32).max
 FULL_SVD_BYTES = 1 << 30  # PEFT's full_matrices=True SVD up to this size of U or Vh; reduced beyond (≈ 1 ulp off)
 REPLAYABLE_INITS = (True, False, "gaussian")
 
@@ -105,6 +107,7 @@ def plan_combine(req: Request, opts: CombineOptions) -> Plan:
         warnings.append("one adapter: combined linearly, as PEFT's add_weighted_adapter does for any method")
         method = "linear"
     modules = _modules(sources)
+    _check_products(sources)
     new_rank = _new_rank(sources, modules, method, opts)
     state = _State(opts, method, new_rank, modules, sources)
     jobs: list[Job] = []
@@ -209,6 +212,37 @@ def _modules(sources: list[AdapterInput]) -> list[_Module]:
     return sorted(found.values(), key=lambda mod: arch.registration_key(mod.path))
 
 
+def _check_products(sources: list[AdapterInput]) -> None:
+    """Each source's weight × scaling multiplies its factors in fp32 (cat: A·w·s; the factor methods:
+    ±√|w·s|; svd: w·s·B·A): a product beyond float32 would write Inf factors, refused by name up front."""
+    for i, inp in enumerate(sources):
+        for lm in inp.inventory.modules(inp.name).values():
+            s = float(lm.scaling or 0.0)
+            ws = inp.weight * s
+            if not math.isfinite(ws) or abs(ws) > FP32_MAX:
+                raise RouteError(
+                    f"adapter {i + 1} ({inp.label!r}): weight {inp.weight:g} × scaling {s:g} = {ws:g} is beyond "
+                    f"float32 (|w·s| ≤ {FP32_MAX:.4g}), which the combined factors are written in",
+                    path=inp.ck.root,
+                    tensor=lm.a_key,
+                    hint="give a smaller weight",
+                )
+
+
+def _check_output(m: _Module, what: str, t: torch.Tensor) -> torch.Tensor:
+    """Finite factors, or one error naming the output tensor and the source whose weight is largest."""
+    if not lora_math.all_finite(t):
+        inp, lm = max(m.parts, key=lambda p: abs(p[0].weight * float(p[1].scaling or 0.0)))
+        raise AdapterError(
+            f"{what} overflows float32 (NaN or Inf): the weights × scalings × factors are too "
+            f"large (largest here: adapter {inp.label!r} × {inp.weight:g})",
+            path=inp.ck.root,
+            tensor=lm.a_key,
+            hint="give smaller weights",
+        )
+    return t
+
+
 def _config_rank(inp: AdapterInput) -> int:
     """PEFT's rank of a source: ``max(r, *rank_pattern.values())``."""
     cfg = inp.config
@@ -286,8 +320,8 @@ def _module_jobs(m: _Module, state: _State) -> list[Job]:
             a, b = _combine(m, state)
         finally:
             torch.set_num_threads(before)
-        state.pending[b_name] = b
-        yield a
+        state.pending[b_name] = _check_output(m, f"the combined factor {b_name}", b)
+        yield _check_output(m, f"the combined factor {a_name}", a)
 
     def b_blocks(buf: Buffers) -> Iterator[torch.Tensor]:
         yield state.pending.pop(b_name)
@@ -340,6 +374,7 @@ def _combine(m: _Module, state: _State) -> tuple[torch.Tensor, torch.Tensor]:
         gen=gen,
     )
     del deltas
+    _check_output(m, f"the combined ΔW of {m.path}", delta)  # a NaN/Inf ΔW fails the SVD (LAPACK does not converge)
     if transpose:
         delta = delta.T
     full = max(delta.shape) ** 2 * delta.element_size() <= FULL_SVD_BYTES

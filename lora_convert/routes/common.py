@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .. import lora_math
-from ..errors import AdapterError
+from ..errors import AdapterError, option
 from ..io.reader import Checkpoint
 from ..module_match import match_modules
 from ..pipeline import Buffers, Job, Read
@@ -30,7 +30,11 @@ def copy_job(ck: Checkpoint, src: str, name: str, dtype: torch.dtype | None = No
 
     def blocks(buf: Buffers) -> Iterator[torch.Tensor]:
         if not blockwise:
-            yield ck.read(src).to(out_dtype)
+            w = ck.read(src)
+            out = w.to(out_dtype)
+            if not lora_math.all_finite(out) and lora_math.all_finite(w):
+                _overflow(ck, src, out_dtype)
+            yield out
             return
         for r in reads():
             w = buf.read(r)
@@ -38,10 +42,23 @@ def copy_job(ck: Checkpoint, src: str, name: str, dtype: torch.dtype | None = No
                 yield w  # the read block goes to the writer as it is, and back to its pool from there
             else:
                 out = buf.out(tuple(w.shape), out_dtype).copy_(w)
+                if not lora_math.all_finite(out) and lora_math.all_finite(w):
+                    _overflow(ck, src, out_dtype)
                 buf.give_back(w)
                 yield out
 
     return Job(name, out_dtype, info.shape, blocks, op, reads=reads)
+
+
+def _overflow(ck: Checkpoint, key: str, dtype: torch.dtype) -> None:
+    """A finite tensor that the cast to the output dtype turns into Inf (float16 ends at 65504)."""
+    name = str(dtype).removeprefix("torch.")
+    raise AdapterError(
+        f"holds values beyond {name}'s range: written in {name} they would be Inf",
+        path=ck.info(key).file,
+        tensor=key,
+        hint=f"write bf16 or fp32 ({option('dtype', 'bf16')})",
+    )
 
 
 def check_finite(t: torch.Tensor, ck: Checkpoint, key: str) -> torch.Tensor:

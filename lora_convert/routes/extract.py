@@ -30,6 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -341,7 +342,14 @@ def _difference_job(tk: Checkpoint, bk: Checkpoint, name: str, keep: bool, done:
     return Job(name, FP32, (), run, "factor", reads=reads, writes=False)
 
 
-def _factor(delta: torch.Tensor, task: _Task, opts: ExtractOptions, conv1d: bool, total: float | None) -> _Factored:
+def _factor(
+    delta: torch.Tensor,
+    task: _Task,
+    opts: ExtractOptions,
+    conv1d: bool,
+    total: float | None,
+    where: tuple[Path | str | None, str],
+) -> _Factored:
     t1 = time.perf_counter()
     if conv1d:  # GPT-2 Conv1D stores (in, out): factor the (out, in) view PEFT's B·A describes
         delta, total = delta.T, None  # its norm is summed over the transposed view's own blocks
@@ -352,6 +360,7 @@ def _factor(delta: torch.Tensor, task: _Task, opts: ExtractOptions, conv1d: bool
     B, A = f.factors(r)
     if FACTOR_DTYPES[opts.dtype] != FP32:  # measure what is written: rounded factors
         B, A = B.to(FACTOR_DTYPES[opts.dtype]), A.to(FACTOR_DTYPES[opts.dtype])
+    svd.check_factors(B, A, where, opts.dtype)
     err = _residual_error(delta, B.to(FP32), A.to(FP32), f.total_energy)
     rep = ModuleReport(task.module, task.kind, list(delta.shape), r, f.energy_fraction(r), err, f.method, capped)
     rep.seconds = round(time.perf_counter() - t1, 4)
@@ -391,7 +400,11 @@ def _first_pass(
                 advance(1)
                 if delta is not None:
                     conv1d = task.kind == "linear" and conv1d_model
-                    outcomes[i] = _factor(delta, task, opts, conv1d, total) if factor else _Factored()
+                    outcomes[i] = (
+                        _factor(delta, task, opts, conv1d, total, (tk.info(task.name).file, task.name))
+                        if factor
+                        else _Factored()
+                    )
 
             jobs.append(_difference_job(tk, bk, task.name, factor, done))
         others: dict[int, bool] = {}

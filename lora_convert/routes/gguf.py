@@ -116,7 +116,18 @@ def plan_gguf(req: Request) -> Plan:
     if not config:
         raise RouteError("a GGUF adapter needs the base's config.json", hint=f"pass {option('base', 'BASE')}")
     name = gguf_arch(config)
-    modules, warnings = carried_modules(req, "GGUF", dora=False)
+    norms = _whole_norms(req, name, config)
+    if norms and not req.drop_norms:
+        base_key, key = next(iter(norms.items()))
+        raise UnsupportedError(
+            f"{len(norms)} norm weight(s) saved whole ({base_key} first): GGUF LoRA cannot carry them and "
+            f"llama.cpp's LoRA loader would ignore them",
+            path=req.source.root,
+            tensor=key,
+            hint=f"pass {option('drop_norms')} to write the LoRA pairs without them (the result differs from the "
+            "adapter by those norms)",
+        )
+    modules, warnings = carried_modules(req, "GGUF", dora=False, dropped=frozenset(norms))
     cfg = req.config
     assert cfg is not None
     alpha = float(cfg.lora_alpha) if cfg.lora_alpha > 0 else 0.0
@@ -134,21 +145,53 @@ def plan_gguf(req: Request) -> Plan:
         gguf.Keys.Adapter.LORA_ALPHA: alpha,  # FLOAT32: llama.cpp aborts on any other type
         gguf.Keys.General.QUANTIZATION_VERSION: gguf.GGML_QUANT_VERSION,
     }
+    dropped = [{"tensor": key, "reason": NORM_DROPPED} for key in norms.values()]
+    if dropped:
+        warnings.append(
+            f"{option_name('drop_norms')}: {len(dropped)} norm weight(s) saved whole were left out (the GGUF "
+            f"adapter differs from the adapter by them): {', '.join(d['tensor'] for d in dropped)}"
+        )
     return Plan(
         "gguf",
         jobs,
         warnings=warnings,
         file_sink=lambda path: GgufSink(path, arch=name, metadata=metadata, outtype=outtype),
+        dropped=dropped,
     )
+
+
+NORM_DROPPED = "a norm weight saved whole: GGUF LoRA cannot carry it (llama.cpp's LoRA loader ignores it)"
+
+
+def _tensor_map(name: str, config: dict[str, Any]):  # type: ignore[no-untyped-def]
+    """llama.cpp's name map of the architecture ``name`` for the base's layers."""
+    import gguf
+
+    layers = int(arch.text_config(config).get("num_hidden_layers") or 0)
+    return gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == name), layers)
+
+
+def _whole_norms(req: Request, name: str, config: dict[str, Any]) -> dict[str, str]:
+    """Base key -> adapter key of every norm vector the adapter saves whole (mergekit's ``to_save``
+    modules): 1-D tensors whose llama.cpp name is a ``*_norm`` (attn_norm, ffn_norm, output_norm...)."""
+    inv, adapter = req.inventory, req.adapter
+    saved = inv.saved_layers.get(adapter, set())
+    replace = {k: v for k, v in inv.replace.get(adapter, {}).items() if k not in saved}
+    if not replace:
+        return {}
+    tmap = _tensor_map(name, config)
+    out = {}
+    for base_key, key in sorted(replace.items()):
+        gname = tmap.get_name(text_module(base_key), try_suffixes=(".weight", ".bias"))
+        if gname is not None and gname.rsplit(".", 1)[0].endswith("_norm") and len(req.source.info(key).shape) == 1:
+            out[base_key] = key
+    return out
 
 
 def _pairs(req: Request, modules: list[LoraModule], name: str, config: dict[str, Any]) -> list[tuple[str, LoraModule]]:
     """(llama.cpp base tensor name, module) for every module; refuses what llama.cpp cannot apply."""
-    import gguf
-
     text = arch.text_config(config)
-    layers = int(text.get("num_hidden_layers") or 0)
-    tmap = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == name), layers)
+    tmap = _tensor_map(name, config)
     tie = arch.config_value(config, "tie_word_embeddings")
     tied = name in ALWAYS_TIED or (bool(tie) if tie is not None else name in TIED_BY_DEFAULT)
     hidden, vocab = text.get("hidden_size"), text.get("vocab_size")

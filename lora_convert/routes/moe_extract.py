@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -108,13 +109,16 @@ class _Expert:
     error: float  # measured on the factors written at ``rank``
 
 
-def factor_expert(delta: torch.Tensor, transposed: bool, opts, dtype: torch.dtype) -> _Expert:
+def factor_expert(
+    delta: torch.Tensor, transposed: bool, opts, dtype: torch.dtype, where: tuple[Path | str | None, str] = (None, "")
+) -> _Expert:
     """The SVD of one expert's ΔP (its transpose when PEFT reads the parameter (E, in, out)), trimmed."""
     m = (delta.T if transposed else delta).to(torch.device(opts.device))
     k = min(opts.rank if opts.rank is not None else opts.max_rank, opts.max_rank)
     f = svd.factorise(m, k, svd=opts.svd, seed=opts.seed)
     r, capped = svd.pick_rank(f, rank=opts.rank, energy=opts.energy, max_error=opts.max_error, max_rank=opts.max_rank)
     B, A = f.factors(r)
+    svd.check_factors(B.to(dtype), A.to(dtype), where, opts.dtype)
     err = _error(m, B.to(dtype).to(FP32), A.to(dtype).to(FP32), f.total_energy)
     keep = min(k, f.S.numel())
     trimmed = svd.Factorisation(
@@ -209,7 +213,9 @@ class ExpertPass:
                 def done(delta: torch.Tensor | None, path: str = path, e: int = e) -> None:
                     advance(1)
                     if delta is not None:
-                        self.got.setdefault(path, {})[e] = factor_expert(delta, transposed, self.opts, self.dtype)
+                        self.got.setdefault(path, {})[e] = factor_expert(
+                            delta, transposed, self.opts, self.dtype, (self.tk.root, f"{path}[{e}]")
+                        )
 
                 out.append(expert_difference_job(self.tk, self.bk, p, e, done))
         return out

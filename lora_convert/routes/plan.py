@@ -90,6 +90,7 @@ class Request:
     requantize: bool = False  # merge into a quantized base: write the base's own scheme back
     device: str = "cpu"  # merge --device: where the fp32 tiles are computed
     moe_layout: str | None = None  # --moe-layout: expert LoRA written per-expert or fused (adapter outputs)
+    drop_norms: bool = False  # --drop-norms: a GGUF output leaves out norm weights saved whole (listed)
     stack: list[AdapterInput] = field(default_factory=list)  # several adapters (or one from elsewhere) at once
 
     def adapters_in(self) -> list[AdapterInput]:
@@ -131,6 +132,7 @@ class Plan:
     file_sink: Callable[[Path], TensorSink] | None = None  # the output is this one file (GGUF), no folder
     requantization: Requantization | None = None  # merge --requantize: the error each module's re-quantization adds
     metadata: dict[str, str] | None = None  # the safetensors header's metadata (kohya's ss_*, diffusers' config)
+    dropped: list[dict[str, str]] = field(default_factory=list)  # tensors of the source left out ({tensor, reason})
 
     def ops(self) -> dict[str, int]:
         if self.op_counts is not None:

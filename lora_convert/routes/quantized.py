@@ -6,13 +6,21 @@ base's own scheme while untouched quantized weights are copied byte for byte.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import UnsupportedError
-from ..io.quantized import QUANTIZED_SUFFIXES, QuantizedTensor, QuantLayout, dequantized, find_layout
+from ..io.quantized import (
+    QUANTIZED_SUFFIXES,
+    QuantizedTensor,
+    QuantLayout,
+    check_scales,
+    dequantized,
+    find_layout,
+    refuse_orphans,
+)
 from ..io.reader import Checkpoint
 from ..pipeline import Job
 from .common import BaseView
@@ -32,6 +40,7 @@ class QuantizedBase:
     view: Checkpoint  # the same, dequantized
     requantize: bool
     report: Requantization | None = None
+    scale_warnings: list[str] = field(default_factory=list)  # fp8 scales of 0, by tensor
 
     def dtypes(self, asked: str) -> dict[str, torch.dtype]:
         """Output dtype of each dequantized weight: fp32 on its way to re-quantization; else ``--dtype``,
@@ -74,6 +83,7 @@ class QuantizedBase:
 
     def annotate(self, plan: Plan) -> None:
         """Config edits and the model card's account of what happened to the quantization."""
+        plan.warnings.extend(self.scale_warnings)
         if self.requantize:
             assert self.report is not None
             plan.requantization = self.report
@@ -124,4 +134,6 @@ def quantized_base(req: Request, base: BaseView) -> QuantizedBase | None:
         if requantize:
             raise UnsupportedError("--requantize: the base is not quantized", path=req.base.root)
         return None
-    return QuantizedBase(req.base, layout, dequantized(req.base, layout), requantize)
+    refuse_orphans(req.base, layout)
+    scale_warnings = check_scales(req.base, layout)  # before anything is written: NaN, Inf or negative scales
+    return QuantizedBase(req.base, layout, dequantized(req.base, layout), requantize, scale_warnings=scale_warnings)
