@@ -123,3 +123,320 @@ def test_outputs_that_replace_no_input_still_work(gguf_work):
     link.symlink_to(elsewhere)
     assert to_gguf(gguf_work, link, "--force").exit_code == 0
     assert link.is_symlink() and sorted(t.name for t in gguf.GGUFReader(str(elsewhere)).tensors) == names
+
+
+# -- 3. kohya names parse in linear time, and a name's length is capped ------------------------------------
+
+
+def _old_read_kohya_name(name: str) -> tuple[str, bool]:
+    """The reading before issue 23 (every span of tokens tried: cubic), the reference for equal results."""
+    from lora_convert import arch
+    from lora_convert.dialects.kohya import _COMPOUNDS, _known
+
+    tokens = name.split("_")
+    n = len(tokens)
+    ways = [0] * n + [1]
+    for i in range(n - 1, -1, -1):
+        for j in range(i + 1, n + 1):
+            if _known(tokens[i:j]):
+                ways[i] = min(2, ways[i] + ways[j])
+    parts, i = [], 0
+    while i < n:
+        j = next((j for j in range(n, i + 1, -1) if "_".join(tokens[i:j]) in _COMPOUNDS), i + 1)
+        parts.append("_".join(tokens[i:j]))
+        i = j
+    return ".".join(parts), ways[0] == 1 and all(_known([p]) or p in arch.KOHYA_COMPOUNDS for p in parts)
+
+
+def _vocabulary() -> list[str]:
+    from lora_convert import arch
+
+    words = set(arch.KOHYA_PLAIN_NAMES)
+    for c in arch.KOHYA_COMPOUNDS | arch.KOHYA_SGM_COMPOUNDS:
+        words.update(c.split("_"))
+    return sorted(words) + ["0", "1", "12", "", "x", "foo", "blocks", "time", "emb"]
+
+
+def test_kohya_names_read_as_before():
+    """The bounded parse gives the old parse's reading and sureness on every name of up to 10 tokens drawn
+    from the known names' own tokens (compounds split, so every join is tried) and on real names."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from lora_convert.dialects.kohya import read_kohya_name
+
+    real = [
+        "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0",
+        "mid_block_resnets_1_time_emb_proj",
+        "input_blocks_4_1_transformer_blocks_0_attn2_to_k",
+        "output_blocks_2_0_skip_connection",
+        "text_model_encoder_layers_11_self_attn_out_proj",
+        "time_embed_0",
+        "single_transformer_blocks_3_attn_to_q",
+    ]
+    for name in real:
+        assert read_kohya_name(name) == _old_read_kohya_name(name), name
+
+    @settings(max_examples=400, deadline=None, derandomize=True, database=None)
+    @given(st.lists(st.sampled_from(_vocabulary()), min_size=1, max_size=10))
+    def same(tokens):
+        name = "_".join(tokens)
+        assert read_kohya_name(name) == _old_read_kohya_name(name), name
+
+    same()
+
+
+PARSE_TIMING = r"""
+import sys, time
+from lora_convert.dialects.kohya import read_kohya_name
+for name in (sys.argv[1] * 10**6)[: int(sys.argv[2])], "_" * int(sys.argv[2]):
+    t0 = time.perf_counter()
+    reading, sure = read_kohya_name(name)
+    print(f"{time.perf_counter() - t0:.4f}", reading.count("."), sure)
+"""
+
+
+@pytest.mark.parametrize("size", [6_000, 100_000])
+@pytest.mark.parametrize("unit", ["a_", "down_blocks_0_", "time_emb_proj_", "proj_in_out_"])
+def test_long_kohya_names_parse_within_a_second(size, unit):
+    """Run apart, under a wall-clock limit: a cubic parse hangs the child, not the test run."""
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-c", PARSE_TIMING, unit, str(size)], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    for line in r.stdout.splitlines():
+        seconds, dots, _ = line.split()
+        assert float(seconds) < 1.0, (unit, size, line)
+        assert int(dots) > 0
+
+
+def _kohya_sd(names: dict[str, float], rank: int = 2, width: int = 4, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for n, alpha in names.items():
+        sd[f"lora_unet_{n}.lora_down.weight"] = torch.randn(rank, width, generator=g)
+        sd[f"lora_unet_{n}.lora_up.weight"] = torch.randn(width, rank, generator=g)
+        sd[f"lora_unet_{n}.alpha"] = torch.tensor(alpha)
+    return sd
+
+
+@pytest.mark.parametrize("length", [1025, 6_000, 100_000])
+def test_a_kohya_name_over_the_cap_is_one_error_line(tmp_path, length):
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    name = ("down_blocks_0_" * 10**4)[:length].rstrip("_") + "x"
+    (tmp_path / "k").mkdir()
+    save_file(_kohya_sd({name: 1.0, "proj_in": 1.0}), str(tmp_path / "k" / "lora.safetensors"))
+    before = sha_all(tmp_path / "k")
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [sys.executable, "-m", "lora_convert.cli", "convert", str(tmp_path / "k"), "--to", "diffusers", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"error: {tmp_path / 'k'}: lora_unet_down_blocks_0_")
+    assert f"a module name of {len(name)} characters (at most 1024" in lines[0]
+    assert not out.exists() and sha_all(tmp_path / "k") == before
+
+
+# -- 8. pattern keys built from module names are escaped; no assert guards them -----------------------------
+
+
+def _foo_model():
+    import torch
+
+    class M(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.foo = torch.nn.Module()
+            self.foo.bar = torch.nn.Linear(4, 4, bias=False)
+            self.fooXbar = torch.nn.Linear(4, 4, bias=False)
+            self.baz = torch.nn.Linear(4, 4, bias=False)
+
+    torch.manual_seed(1)
+    return M()
+
+
+@pytest.mark.parametrize("optimize", [False, True], ids=["plain", "python-O"])
+def test_foo_bar_beside_fooXbar_keeps_each_alpha(tmp_path, optimize):
+    """``foo.bar`` (kohya ``foo_bar``, alpha 1) beside ``fooXbar`` (alpha 2): an unescaped key ``foo.bar``
+    also matches ``fooXbar``, which only an assert caught — so under ``python -O`` the diffusers file said
+    alpha 1 for fooXbar, exit 0.  Each module's alpha, as PEFT itself loads and merges the file, and as our
+    merge writes it, must be the kohya file's, with and without -O."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    alphas = {"foo_bar": 1.0, "fooXbar": 2.0, "baz": 2.0}
+    (tmp_path / "k").mkdir()
+    kohya = _kohya_sd(alphas)
+    save_file(kohya, str(tmp_path / "k" / "lora.safetensors"))
+    (tmp_path / "base").mkdir()
+    model = _foo_model()
+    base_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    save_file(base_sd, str(tmp_path / "base" / "model.safetensors"))
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    want = {}
+    for name, alpha in alphas.items():
+        key = f"{name.replace('_', '.')}.weight"
+        up, down = kohya[f"lora_unet_{name}.lora_up.weight"], kohya[f"lora_unet_{name}.lora_down.weight"]
+        want[key] = base_sd[key] + alpha / 2 * up @ down
+
+    def run(*args: str) -> None:
+        flags = ["-O"] if optimize else []
+        r = subprocess.run(
+            [sys.executable, *flags, "-m", "lora_convert.cli", *args], capture_output=True, text=True, timeout=300
+        )
+        assert r.returncode == 0, r.stderr
+
+    run(
+        "convert", str(tmp_path / "k"), "--to", "diffusers", "--base", str(tmp_path / "base"), "-o", str(tmp_path / "d")
+    )
+    f = tmp_path / "d" / "pytorch_lora_weights.safetensors"
+    with safe_open(str(f), "pt") as fh:
+        meta = json.loads(fh.metadata()["lora_adapter_metadata"])
+    fields = {k.removeprefix("unet."): v for k, v in meta.items()}
+    config = LoraConfig(**{k: v for k, v in fields.items() if k in LoraConfig.__dataclass_fields__})
+    pm = get_peft_model(_foo_model(), config)
+    lora = {"base_model.model." + k.removeprefix("unet."): v for k, v in load_file(str(f)).items()}
+    assert not set_peft_model_state_dict(pm, lora).unexpected_keys
+    merged = pm.merge_and_unload().state_dict()
+    for key, w in want.items():
+        torch.testing.assert_close(merged[key], w, rtol=0, atol=1e-6, msg=f"PEFT's load of the file: {key}")
+
+    run("merge", str(tmp_path / "k"), "--base", str(tmp_path / "base"), "-o", str(tmp_path / "m"))
+    ours = load_file(str(tmp_path / "m" / "model.safetensors"))
+    for key, w in want.items():
+        torch.testing.assert_close(ours[key], w, rtol=0, atol=1e-6, msg=f"our merge: {key}")
+
+
+def test_pattern_keys_are_escaped_and_read_back_exactly():
+    """for_modules escapes every key (anchoring one that would also match another module's end), and the
+    string fast path gives re's own answer for escaped keys — checked against PEFT's get_pattern_key."""
+    from peft.utils.other import get_pattern_key
+
+    from lora_convert.config import AdapterConfig
+
+    names = ["unet.foo.bar", "unet.fooXbar", "unet.a-b", "unet.a.b", "b", "x.b", "unet.c(d)", "unet.e+f", "unet.g[0]"]
+    alphas = {n: float(i + 1) for i, n in enumerate(names)}
+    cfg = AdapterConfig.for_modules({n: 4 for n in names}, alphas)
+    for n in names:
+        assert cfg.alpha_for(n) == alphas[n], n
+        key = get_pattern_key(list(cfg.alpha_pattern), n)
+        assert cfg.alpha_pattern.get(key, cfg.lora_alpha) == alphas[n], n
+    assert "^b" in cfg.alpha_pattern and "unet\\.fooXbar" in cfg.alpha_pattern
+
+
+# -- 9. a .bin base truncated during a merge: an error line, not SIGBUS -------------------------------------
+
+TRUNCATE_AFTER_OPEN = r"""
+import os, sys
+import lora_convert.io.sources as s
+orig = s.BinSource.__init__
+def init(self, path, **kw):
+    orig(self, path, **kw)
+    os.truncate(path, int(os.path.getsize(path) * float(os.environ["KEEP"])))  # after listing, before reading
+s.BinSource.__init__ = init
+from lora_convert.cli import main
+sys.argv = ["lora-convert"] + sys.argv[1:]
+main()
+"""
+
+
+def _bin_base(root: Path) -> Path:
+    import torch
+    from safetensors.torch import load_file
+
+    shutil.copytree(FIXTURES / "tiny-llama-base", root / "base")
+    sd = load_file(str(root / "base" / "model.safetensors"))
+    (root / "base" / "model.safetensors").unlink()
+    torch.save(sd, str(root / "base" / "pytorch_model.bin"))
+    shutil.copytree(FIXTURES / "tiny-llama-lora", root / "adapter")
+    return root / "base" / "pytorch_model.bin"
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9])
+def test_a_bin_base_truncated_mid_merge_is_one_error_line(tmp_path, keep):
+    import subprocess
+    import sys
+
+    path = _bin_base(tmp_path)
+    adapter_before = sha_all(tmp_path / "adapter")
+    out = tmp_path / "merged"
+    args = ["merge", str(tmp_path / "adapter"), "--base", str(tmp_path / "base"), "-o", str(out)]
+    r = subprocess.run(
+        [sys.executable, "-c", TRUNCATE_AFTER_OPEN, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "KEEP": str(keep)},
+    )
+    assert r.returncode == 1, (r.returncode, r.stderr)  # not -SIGBUS (exit 135 from a shell)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"error: {path}: ") and "file ended while reading this tensor" in lines[0]
+    tensor = lines[0].removeprefix(f"error: {path}: ").split(":")[0]
+    assert tensor.endswith(".weight")  # names the tensor
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".tmp-lora-convert-" in p.name]
+    assert sha_all(tmp_path / "adapter") == adapter_before
+
+
+def test_bin_tensors_read_without_mmap_equal_torch_load(tmp_path):
+    """Every layout a state dict can hold (views, transposes, expands, empties, shared storages) reads back
+    equal to torch.load's own tensors, whole and from an offset; a compressed record is refused by name."""
+    import zipfile
+
+    import torch
+
+    from lora_convert.errors import CheckpointError
+    from lora_convert.io.sources import BinSource
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 7, generator=g)
+    sd = {
+        "a": a,
+        "t": a.t(),
+        "row": a[2],
+        "col": a[:, 3],
+        "e": torch.zeros(0, 4),
+        "i": torch.arange(10),
+        "h": torch.randn(3, 3, generator=g).half(),
+        "bf": torch.randn(4, generator=g).bfloat16(),
+        "x": a[1].expand(3, 7),
+    }
+    path = tmp_path / "sd.bin"
+    torch.save(sd, str(path))
+    src = BinSource(path)
+    assert src._offsets  # read from the file, not loaded into memory
+    for k, v in sd.items():
+        info = src.infos()[k]
+        whole = src.read_into(info, 0, info.nbytes, None)
+        assert torch.equal(whole.view(v.dtype).reshape(v.shape), v), k
+        cut = info.nbytes // 2 // v.element_size() * v.element_size()
+        tail = src.read_into(info, cut, info.nbytes - cut, None)
+        assert torch.equal(tail, v.contiguous().reshape(-1).view(torch.uint8)[cut:]), k
+    src.close()
+
+    packed = tmp_path / "packed.bin"
+    with zipfile.ZipFile(path) as zin, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as zout:
+        for zi in zin.infolist():
+            zout.writestr(zi.filename, zin.read(zi))
+    with pytest.raises(CheckpointError, match="not stored as plain bytes") as ei:
+        BinSource(packed)
+    assert ei.value.path == str(packed) and ei.value.tensor in sd
