@@ -440,3 +440,265 @@ def test_bin_tensors_read_without_mmap_equal_torch_load(tmp_path):
     with pytest.raises(CheckpointError, match="not stored as plain bytes") as ei:
         BinSource(packed)
     assert ei.value.path == str(packed) and ei.value.tensor in sd
+
+
+# -- 10. messages: kohya alphas and factor dtypes, GGUF disk full, combine's options first ------------------
+
+
+def _kohya_dir(tmp_path: Path, alpha, *, down_dtype=None) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    sd = _kohya_sd({"down_blocks_0_attentions_0_proj_in": 1.0, "mid_block_resnets_0_conv1": 2.0}, rank=4)
+    key = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    sd[f"{key}.alpha"] = alpha if isinstance(alpha, torch.Tensor) else torch.tensor(alpha)
+    if down_dtype is not None:
+        sd[f"{key}.lora_down.weight"] = (sd[f"{key}.lora_down.weight"] * 10).to(down_dtype)
+    (tmp_path / "k").mkdir()
+    save_file(sd, str(tmp_path / "k" / "lora.safetensors"))
+    return tmp_path / "k"
+
+
+ALPHA_KEY = "lora_unet_down_blocks_0_attentions_0_proj_in.alpha"
+
+
+@pytest.mark.parametrize(
+    "make,needle",
+    [
+        (lambda t: t.tensor(True), "alpha stored as BOOL: a kohya alpha is one floating-point number"),
+        (lambda t: t.tensor(8, dtype=t.int64), "alpha stored as I64"),
+        (lambda t: t.tensor(8, dtype=t.uint8), "alpha stored as U8"),
+        (lambda t: t.tensor(1.0).to(t.float8_e8m0fnu), "alpha stored as F8_E8M0"),
+        (lambda t: t.tensor(3e38), "alpha 3e+38 is beyond any real one (at most 1e+06)"),
+        (lambda t: t.tensor(2e6, dtype=t.float64), "alpha 2e+06 is beyond any real one"),
+        (lambda t: t.tensor(-1.0), "alpha -1 is negative"),
+        (lambda t: t.tensor(float("nan"), dtype=t.float16), "alpha is not a finite number"),
+    ],
+    ids=["bool", "i64", "u8", "f8e8m0", "3e38", "2e6", "negative", "nan"],
+)
+def test_a_kohya_alpha_that_is_no_real_alpha_is_refused_by_name(tmp_path, make, needle):
+    import torch
+
+    k = _kohya_dir(tmp_path, make(torch))
+    before = sha_all(k)
+    out = tmp_path / "out"
+    one_error(
+        cli("convert", k, "--to", "diffusers", "-o", out), f"{k / 'lora.safetensors'}: {ALPHA_KEY}: {needle}", out=out
+    )
+    one_error(cli("detect", k), f"{k / 'lora.safetensors'}: {ALPHA_KEY}: {needle}")
+    assert sha_all(k) == before
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2", "bfloat16", "float16"])
+def test_a_kohya_alpha_in_any_float_dtype_is_read(tmp_path, dtype):
+    import json
+
+    import torch
+
+    k = _kohya_dir(tmp_path, torch.tensor(2.0).to(getattr(torch, dtype)))
+    res = cli("detect", k, "--json")
+    assert res.exit_code == 0, res.output
+    scal = {g["name"]: g["scalings"] for g in json.loads(res.stdout)["adapters"][0]["modules"]}
+    assert scal["proj_in"] == [0.5] and scal["conv1"] == [0.5]  # alpha 2 / rank 4 (conv1: alpha 2 as F32)
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int8", "uint8", "bool"])
+def test_integer_lora_factors_are_refused_by_name(tmp_path, dtype):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    k = _kohya_dir(tmp_path, 1.0, down_dtype=getattr(torch, dtype))
+    one_error(cli("detect", k), str(k / "lora.safetensors"), "lora_down.weight", "LoRA factors are floating-point")
+    # a PEFT adapter alike
+    shutil.copytree(FIXTURES / "tiny-llama-lora", tmp_path / "adapter")
+    f = tmp_path / "adapter" / "adapter_model.safetensors"
+    sd = load_file(str(f))
+    key = next(n for n in sorted(sd) if n.endswith("lora_B.weight"))
+    sd[key] = (sd[key] * 100).to(getattr(torch, dtype))
+    save_file(sd, str(f))
+    before = sha_all(tmp_path / "adapter")
+    shutil.copytree(FIXTURES / "tiny-llama-base", tmp_path / "base")
+    out = tmp_path / "merged"
+    res = cli("merge", tmp_path / "adapter", "--base", tmp_path / "base", "-o", out)
+    one_error(res, f"{f}: {key}: a LoRA tensor stored as", "LoRA factors are floating-point", out=out)
+    assert sha_all(tmp_path / "adapter") == before
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    import subprocess
+
+    d = tmp_path / "small"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12k", "tmpfs", str(d)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a 12 KB tmpfs ({r.stderr.strip() or r.returncode}); needs root with CAP_SYS_ADMIN")
+    yield d
+    subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_gguf_disk_full_is_the_message_every_sink_gives(gguf_work, tiny_fs):
+    """A GGUF that fills the disk was a short file with exit 0 (numpy's tofile lost the failed flush); now
+    the one line a full disk gives for any other output: PATH: disk full while writing (hint)."""
+    before = sha_all(gguf_work / "base", gguf_work / "adapter")
+    lines = {}
+    for kind, out in (("gguf", tiny_fs / "a.gguf"), ("mlx", tiny_fs / "m")):
+        res = cli("convert", gguf_work / "adapter", "--to", kind, "--base", gguf_work / "base", "-o", out)
+        line = one_error(res, "disk full while writing", "(free space or write elsewhere)")
+        assert not out.exists() and os.listdir(tiny_fs) == []
+        lines[kind] = line
+    assert lines["gguf"] == f"error: {tiny_fs / 'a.gguf'}: disk full while writing (free space or write elsewhere)"
+    assert lines["mlx"] == lines["gguf"].replace("a.gguf", "m/adapters.safetensors")
+    assert sha_all(gguf_work / "base", gguf_work / "adapter") == before
+
+
+@pytest.mark.parametrize(
+    "opts,needle",
+    [
+        (["--method", "bogus"], "unknown --method 'bogus'"),
+        (["--method", "ties"], "--method ties needs --density"),
+        (["--method", "ties", "--density", "2"], "--density must be in (0, 1]"),
+        (["--method", "ties", "--density", "nan"], "--density must be in (0, 1]"),
+        (["--method", "linear", "--density", "0.5"], "--density does not apply to linear"),
+    ],
+)
+def test_combine_checks_its_options_before_opening_any_adapter(tmp_path, opts, needle):
+    """Checked first: the adapters named here do not even exist."""
+    out = tmp_path / "out"
+    one_error(cli("combine", tmp_path / "missing-a", tmp_path / "missing-b", *opts, "-o", out), needle, out=out)
+
+
+# -- fuzzing kohya names and alpha tensors, each case under a time and a memory limit ------------------------
+#
+# The examples run in one child process (imports paid once) under RLIMIT_AS, each example under a wall-clock
+# alarm that raises inside it; the parent kills the child at an overall timeout.  A hang or a blow-up fails
+# this test, not the machine.
+
+FUZZ_CHILD = r"""
+import math, os, signal, sys, tempfile, time
+from pathlib import Path
+
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+from safetensors.torch import save_file
+
+from lora_convert import arch
+from lora_convert.dialects import read_inventory
+from lora_convert.errors import LoraConvertError
+from lora_convert.io.reader import open_checkpoint
+
+EXAMPLE_SECONDS = 5.0
+SETTINGS = dict(max_examples=int(sys.argv[2]), deadline=None, derandomize=True, database=None,
+                suppress_health_check=list(HealthCheck))
+WORDS = sorted(set(arch.KOHYA_PLAIN_NAMES) | {w for c in arch.KOHYA_COMPOUNDS | arch.KOHYA_SGM_COMPOUNDS
+                                               for w in c.split("_")}) + ["0", "7", "12", ""]
+FLOATS = ["float16", "bfloat16", "float32", "float64", "float8_e4m3fn", "float8_e5m2"]
+OTHERS = ["int64", "int32", "uint8", "bool", "float8_e8m0fnu"]
+
+
+class Hang(Exception):
+    pass
+
+
+def alarm(signum, frame):
+    raise Hang(f"an example ran over {EXAMPLE_SECONDS} s")
+
+
+signal.signal(signal.SIGALRM, alarm)
+
+
+def bounded(fn):
+    signal.setitimer(signal.ITIMER_REAL, EXAMPLE_SECONDS)
+    try:
+        return fn()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def inventory(sd):
+    with tempfile.TemporaryDirectory() as d:
+        save_file(sd, os.path.join(d, "lora.safetensors"))
+        ck = open_checkpoint(Path(d) / "lora.safetensors")
+        try:
+            return bounded(lambda: read_inventory(ck))
+        finally:
+            ck.close()
+
+
+def pair(name, rank=2, alpha=None):
+    sd = {f"lora_unet_{name}.lora_down.weight": torch.ones(rank, 3),
+          f"lora_unet_{name}.lora_up.weight": torch.ones(3, rank)}
+    if alpha is not None:
+        sd[f"lora_unet_{name}.alpha"] = alpha
+    return sd
+
+
+token = st.one_of(st.sampled_from(WORDS), st.text(st.sampled_from("ab_.0\n-é"), max_size=6))
+name = st.one_of(
+    st.lists(token, min_size=1, max_size=12).map("_".join),
+    st.tuples(st.lists(token, min_size=1, max_size=4), st.integers(1, 3000)).map(lambda t: "_".join(t[0] * t[1])),
+)
+
+
+@settings(**SETTINGS)
+@given(st.lists(name, min_size=1, max_size=3, unique=True))
+def names(ns):
+    sd = {}
+    for n in ns:
+        sd.update(pair(n))
+    try:
+        inv = inventory(sd)
+    except LoraConvertError:
+        return
+    got = {m.a_key for m in inv.modules("default").values()}
+    assert got == {f"lora_unet_{n}.lora_down.weight" for n in ns}, (ns, got)
+
+
+value = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, 1.0, 4.0, 1e6, 1e6 + 1, -0.0]))
+
+
+@settings(**SETTINGS)
+@given(st.sampled_from(FLOATS + OTHERS), st.sampled_from([(), (1,), (2,), (1, 1), (0,)]), value)
+def alphas(dtype, shape, v):
+    try:
+        t = torch.full(shape, v, dtype=torch.float64).to(getattr(torch, dtype))
+    except (RuntimeError, OverflowError):
+        return
+    stored = float(t.reshape(-1)[0].double()) if t.numel() else None
+    ok = (dtype in FLOATS and t.numel() == 1 and math.isfinite(stored) and 0 <= stored <= 1e6)
+    key = "lora_unet_down_blocks_0_attentions_0_proj_in.alpha"
+    try:
+        inv = inventory(pair("down_blocks_0_attentions_0_proj_in", rank=4, alpha=t))
+    except LoraConvertError as exc:
+        assert not ok, (dtype, shape, v, str(exc))
+        assert exc.tensor == key and exc.path and exc.path.endswith("lora.safetensors"), str(exc)
+        return
+    assert ok, ("accepted", dtype, shape, v)
+    (m,) = inv.modules("default").values()
+    assert m.scaling == (stored or 4.0) / 4, (dtype, v, m.scaling)
+
+
+t0 = time.monotonic()
+{"names": names, "alphas": alphas}[sys.argv[1]]()
+print(f"ok in {time.monotonic() - t0:.1f} s")
+"""
+
+
+@pytest.mark.parametrize("target,examples", [("names", 150), ("alphas", 200)])
+def test_fuzz_kohya_names_and_alphas_under_limits(target, examples):
+    import resource
+    import subprocess
+    import sys
+
+    def limits() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))  # torch maps ~2 GB of address space idle
+
+    r = subprocess.run(
+        [sys.executable, "-c", FUZZ_CHILD, target, str(examples)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limits,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.startswith("ok in"), r.stdout

@@ -135,15 +135,42 @@ def _module(ck: Checkpoint, module: str, roles: dict[str, str]) -> tuple[LoraMod
     rank = d[0]
     alpha = float(rank)
     if "alpha" in roles:
-        alpha = ck.read_scalar(roles["alpha"])
-        if not math.isfinite(alpha) or abs(alpha) > FP32_MAX:  # (an F64 scalar: the merge computes in fp32)
-            raise AdapterError(
-                "alpha is not a finite number that float32 can hold", path=ck.root, tensor=roles["alpha"]
-            )
-        alpha = alpha or float(rank)  # sd-scripts: alpha 0 means alpha = rank
+        alpha = _alpha(ck, roles["alpha"]) or float(rank)  # sd-scripts: alpha 0 means alpha = rank
     kind = "conv" if conv else "linear"
     lm = LoraModule(module, DEFAULT_ADAPTER, kind, down, up, rank, math.prod(d[1:]), u[0], scaling=alpha / rank)
     return lm, alpha
+
+
+ALPHA_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+MAX_ALPHA = 1e6  # real alphas are at most a few thousand (the rank, or a multiple of it)
+
+
+def _alpha(ck: Checkpoint, key: str) -> float:
+    """A module's ``.alpha``: one floating-point value, finite, 0 <= alpha <= :data:`MAX_ALPHA`; anything
+    else (a bool, an integer, NaN, 3e38) is refused by name rather than scaling the LoRA by it."""
+    info = ck.info(key)
+    if info.dtype_name not in ALPHA_DTYPES:
+        raise AdapterError(
+            f"alpha stored as {info.dtype_name}: a kohya alpha is one floating-point number",
+            path=info.file,
+            tensor=key,
+        )
+    if info.dtype_name.startswith("F8"):  # no struct format: read through torch
+        if info.numel != 1:
+            raise AdapterError(f"alpha has shape {list(info.shape)}, not one value", path=info.file, tensor=key)
+        alpha = float(ck.read(key).reshape(-1)[0].float())
+    else:
+        alpha = ck.read_scalar(key)
+    if not math.isfinite(alpha) or abs(alpha) > FP32_MAX:  # (an F64 scalar: the merge computes in fp32)
+        raise AdapterError("alpha is not a finite number that float32 can hold", path=info.file, tensor=key)
+    if alpha < 0 or alpha > MAX_ALPHA:
+        raise AdapterError(
+            f"alpha {alpha:g} is {'negative' if alpha < 0 else f'beyond any real one (at most {MAX_ALPHA:g})'}",
+            path=info.file,
+            tensor=key,
+            hint="a kohya alpha is between 0 (meaning: the rank) and a few thousand",
+        )
+    return alpha
 
 
 def read_kohya_name(name: str) -> tuple[str, bool]:
