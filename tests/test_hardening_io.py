@@ -189,28 +189,28 @@ def test_kohya_names_read_as_before():
 PARSE_TIMING = r"""
 import sys, time
 from lora_convert.dialects.kohya import read_kohya_name
-for name in (sys.argv[1] * 10**6)[: int(sys.argv[2])], "_" * int(sys.argv[2]):
-    t0 = time.perf_counter()
-    reading, sure = read_kohya_name(name)
-    print(f"{time.perf_counter() - t0:.4f}", reading.count("."), sure)
+for size in (6_000, 100_000):
+    for unit in ("a_", "down_blocks_0_", "time_emb_proj_", "proj_in_out_", "_"):
+        name = (unit * size)[:size]
+        t0 = time.perf_counter()
+        reading, sure = read_kohya_name(name)
+        print(f"{time.perf_counter() - t0:.4f}", size, repr(unit), reading.count("."), sure)
 """
 
 
-@pytest.mark.parametrize("size", [6_000, 100_000])
-@pytest.mark.parametrize("unit", ["a_", "down_blocks_0_", "time_emb_proj_", "proj_in_out_"])
-def test_long_kohya_names_parse_within_a_second(size, unit):
-    """Run apart, under a wall-clock limit: a cubic parse hangs the child, not the test run."""
+def test_long_kohya_names_parse_within_a_second():
+    """6 KB and 100 KB names of several shapes, parsed in a child under a wall-clock limit (a cubic parse
+    hangs the child, not the test run): each within a second."""
     import subprocess
     import sys
 
-    r = subprocess.run(
-        [sys.executable, "-c", PARSE_TIMING, unit, str(size)], capture_output=True, text=True, timeout=60
-    )
+    r = subprocess.run([sys.executable, "-c", PARSE_TIMING], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    for line in r.stdout.splitlines():
-        seconds, dots, _ = line.split()
-        assert float(seconds) < 1.0, (unit, size, line)
-        assert int(dots) > 0
+    lines = r.stdout.splitlines()
+    assert len(lines) == 10
+    for line in lines:
+        seconds, _size, _unit, dots, _sure = line.split()
+        assert float(seconds) < 1.0 and int(dots) > 0, line
 
 
 def _kohya_sd(names: dict[str, float], rank: int = 2, width: int = 4, seed: int = 0):
@@ -227,9 +227,6 @@ def _kohya_sd(names: dict[str, float], rank: int = 2, width: int = 4, seed: int 
 
 @pytest.mark.parametrize("length", [1025, 6_000, 100_000])
 def test_a_kohya_name_over_the_cap_is_one_error_line(tmp_path, length):
-    import subprocess
-    import sys
-
     from safetensors.torch import save_file
 
     name = ("down_blocks_0_" * 10**4)[:length].rstrip("_") + "x"
@@ -237,16 +234,9 @@ def test_a_kohya_name_over_the_cap_is_one_error_line(tmp_path, length):
     save_file(_kohya_sd({name: 1.0, "proj_in": 1.0}), str(tmp_path / "k" / "lora.safetensors"))
     before = sha_all(tmp_path / "k")
     out = tmp_path / "out"
-    r = subprocess.run(
-        [sys.executable, "-m", "lora_convert.cli", "convert", str(tmp_path / "k"), "--to", "diffusers", "-o", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert r.returncode == 1 and len(lines) == 1, r.stderr
-    assert lines[0].startswith(f"error: {tmp_path / 'k'}: lora_unet_down_blocks_0_")
-    assert f"a module name of {len(name)} characters (at most 1024" in lines[0]
+    line = one_error(cli("convert", tmp_path / "k", "--to", "diffusers", "-o", out), out=out)
+    assert line.startswith(f"error: {tmp_path / 'k'}: lora_unet_down_blocks_0_")
+    assert f"a module name of {len(name)} characters (at most 1024" in line
     assert not out.exists() and sha_all(tmp_path / "k") == before
 
 
@@ -272,8 +262,8 @@ def _foo_model():
 def test_foo_bar_beside_fooXbar_keeps_each_alpha(tmp_path, optimize):
     """``foo.bar`` (kohya ``foo_bar``, alpha 1) beside ``fooXbar`` (alpha 2): an unescaped key ``foo.bar``
     also matches ``fooXbar``, which only an assert caught — so under ``python -O`` the diffusers file said
-    alpha 1 for fooXbar, exit 0.  Each module's alpha, as PEFT itself loads and merges the file, and as our
-    merge writes it, must be the kohya file's, with and without -O."""
+    alpha 1 for fooXbar, exit 0.  Each module's alpha, as PEFT itself loads and merges the file, must be the
+    kohya file's, with and without -O; and our merge's weights the exact W + alpha/r * up @ down."""
     import json
     import subprocess
     import sys
@@ -299,9 +289,12 @@ def test_foo_bar_beside_fooXbar_keeps_each_alpha(tmp_path, optimize):
         want[key] = base_sd[key] + alpha / 2 * up @ down
 
     def run(*args: str) -> None:
-        flags = ["-O"] if optimize else []
+        if not optimize:  # in-process (the test process keeps its asserts)
+            res = cli(*args)
+            assert res.exit_code == 0, res.output
+            return
         r = subprocess.run(
-            [sys.executable, *flags, "-m", "lora_convert.cli", *args], capture_output=True, text=True, timeout=300
+            [sys.executable, "-O", "-m", "lora_convert.cli", *args], capture_output=True, text=True, timeout=300
         )
         assert r.returncode == 0, r.stderr
 
@@ -320,6 +313,8 @@ def test_foo_bar_beside_fooXbar_keeps_each_alpha(tmp_path, optimize):
     for key, w in want.items():
         torch.testing.assert_close(merged[key], w, rtol=0, atol=1e-6, msg=f"PEFT's load of the file: {key}")
 
+    if optimize:
+        return  # (our merge scales by each module's own .alpha, never by the patterns: checked once, plainly)
     run("merge", str(tmp_path / "k"), "--base", str(tmp_path / "base"), "-o", str(tmp_path / "m"))
     ours = load_file(str(tmp_path / "m" / "model.safetensors"))
     for key, w in want.items():
@@ -371,7 +366,7 @@ def _bin_base(root: Path) -> Path:
     return root / "base" / "pytorch_model.bin"
 
 
-@pytest.mark.parametrize("keep", [0.5, 0.9])
+@pytest.mark.parametrize("keep", [0.5])
 def test_a_bin_base_truncated_mid_merge_is_one_error_line(tmp_path, keep):
     import subprocess
     import sys
