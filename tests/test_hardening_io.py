@@ -235,7 +235,7 @@ def test_a_kohya_name_over_the_cap_is_one_error_line(tmp_path, length):
     before = sha_all(tmp_path / "k")
     out = tmp_path / "out"
     line = one_error(cli("convert", tmp_path / "k", "--to", "diffusers", "-o", out), out=out)
-    assert line.startswith(f"error: {tmp_path / 'k'}: lora_unet_down_blocks_0_")
+    assert line.startswith(f"error: {tmp_path / 'k' / 'lora.safetensors'}: lora_unet_down_blocks_0_")
     assert f"a module name of {len(name)} characters (at most 1024" in line
     assert not out.exists() and sha_all(tmp_path / "k") == before
 

@@ -59,10 +59,11 @@ class KohyaDialect:
         kohya_names: dict[str, str] = {}
         for (prefix, name), roles in sorted(_group_keys(ck).items()):
             if len(name) > MAX_NAME_CHARS:
+                key = next(iter(roles.values()))
                 raise AdapterError(
                     f"a module name of {len(name)} characters (at most {MAX_NAME_CHARS}; real ones are under 150)",
-                    path=ck.root,
-                    tensor=next(iter(roles.values())),
+                    path=ck.info(key).file,
+                    tensor=key,
                     hint="this file is corrupted or not a kohya LoRA",
                 )
             reading, sure = read_kohya_name(name)
