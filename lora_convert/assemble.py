@@ -6,6 +6,7 @@ A plan whose output is one file (a GGUF adapter) brings its own sink; that file 
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from .progress import progress_bar
 from .routes.plan import Plan, Request
 
 if TYPE_CHECKING:  # result types only: a merge need not import the extraction's or unmerge's modules
+    from .io.reader import Checkpoint
     from .routes.extract import Extraction
     from .routes.requantize import Requantization
     from .routes.unmerge import Unmerge
@@ -75,8 +77,11 @@ def write_output(
     started: float,
 ) -> ConvertResult:
     """Write ``plan`` into ``output`` atomically and say what was written."""
-    inputs = [req.source.root] + ([req.base.root] if req.base is not None else [])
-    inputs += [inp.ck.root for inp in req.stack]
+    inputs = _input_paths(req.source) + (_input_paths(req.base) if req.base is not None else [])
+    for inp in req.stack:
+        inputs += _input_paths(inp.ck)
+    if req.base is None and req.base_ref is not None and os.path.lexists(req.base_ref):
+        inputs.append(Path(req.base_ref))  # a base read for its config.json alone (gguf, mlx)
     single = plan.file_sink is not None  # one file (GGUF): no side files, no card
     out = AtomicOutput(output, force=force, inputs=inputs, file=single)
     with out as tmp:
@@ -118,6 +123,13 @@ def write_output(
         result.warnings.append(stale_note(out.stale_removed))
     result.seconds = round(time.perf_counter() - started, 3)
     return result
+
+
+def _input_paths(ck: Checkpoint) -> list[Path]:
+    """What an output may never replace nor lie inside: the checkpoint's folder, and each file read from
+    it (a link into a Hugging Face cache's blobs resolves elsewhere than the folder)."""
+    paths = [ck.root, *ck.files]
+    return paths + ([ck.adapter_config_path] if ck.adapter_config_path is not None else [])
 
 
 def _side_files(tmp: Path, plan: Plan) -> list[str]:

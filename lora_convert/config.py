@@ -57,18 +57,43 @@ def _pattern(key: str, field_name: str, source: str | None) -> Any:
 
 
 _PLAIN_KEY = re.compile(r"[\w.]+")  # word characters and '.' (any character): a fixed-length pattern
-_ANCHORED_KEY = re.compile(r"\^(?:\w|\\\.)+")  # "^" + re.escape(a module path): that path exactly
+
+
+_META = frozenset(".^$*+?{}[]|()\\")  # what re reads as other than itself when not escaped
+
+
+def _literal(key: str) -> str | None:
+    """The one text ``key`` matches when it is plain and escaped characters (``re.escape`` of a module
+    path), else None (a wildcard, a class, a group, an escape like ``\\d`` or a back-reference)."""
+    out, i = [], 0
+    while i < len(key):
+        c = key[i]
+        if c == "\\":
+            if i + 1 == len(key) or key[i + 1].isalnum():
+                return None
+            out.append(key[i + 1])
+            i += 2
+        elif c in _META:
+            return None
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out) or None
 
 
 def _plain_match(key: str) -> Any:
-    r"""For the keys real configs hold (module names and paths, or ``^`` + an escaped path, as
-    :meth:`AdapterConfig.for_modules` writes hundreds of them), a string comparison that gives what
+    r"""For the keys real configs hold (module names and paths, escaped or not, or ``^`` + an escaped path,
+    as :meth:`AdapterConfig.for_modules` writes hundreds of them), a string comparison that gives what
     ``re.match(rf"(.*\.)?({key})$", name)`` gives for a name without a newline; None for other keys.
     The pattern matches a fixed length, so only the name's tail of that length, on a dot boundary, can
     match it; thousands of keys cost string compares, not regex runs."""
-    if _ANCHORED_KEY.fullmatch(key):
-        path = key[1:].replace("\\.", ".")
-        return lambda name: name == path
+    if key.startswith("^"):
+        exact = _literal(key[1:])
+        return None if exact is None else (lambda name: name == exact)
+    lit = _literal(key)
+    if lit is not None:
+        tail = "." + lit
+        return lambda name: name == lit or name.endswith(tail)
     if not _PLAIN_KEY.fullmatch(key):
         return None
     n = len(key)
@@ -300,12 +325,14 @@ class AdapterConfig:
         """A config that gives every module its own rank and alpha, as diffusers writes one for a kohya
         LoRA: the most common of each as ``r`` and ``lora_alpha``, the rest in ``rank_pattern`` /
         ``alpha_pattern`` under the module's path — anchored with ``^`` where that path would also match
-        another module (PEFT matches a pattern at the end of a path).  Checked against PEFT's rule."""
+        another module (PEFT matches a pattern at the end of a path).  Every key is escaped: a path's ``.``
+        is a regex wildcard, so ``unet.foo.bar`` unescaped would also match ``unet.fooXbar``.  Checked
+        against PEFT's rule; ``source`` (among ``fields``) is the file the names came from, for the error."""
         r, alpha = _most_common(ranks.values(), 8), _most_common(alphas.values(), 8.0)
         names = sorted(ranks)
 
         def key(m: str) -> str:
-            return f"^{re.escape(m)}" if any(o != m and o.endswith("." + m) for o in names) else m
+            return ("^" if any(o != m and o.endswith("." + m) for o in names) else "") + re.escape(m)
 
         cfg = cls(
             r=int(r),
@@ -316,7 +343,11 @@ class AdapterConfig:
             **fields,
         )
         for m in names:  # the patterns must give back every module's numbers under PEFT's own rule
-            assert cfg.rank_for(m) == ranks[m] and cfg.alpha_for(m) == alphas[m], m
+            if cfg.rank_for(m) != ranks[m] or cfg.alpha_for(m) != alphas[m]:  # (a name that ends in a newline)
+                raise AdapterError(
+                    f"module {m!r}: its rank and alpha cannot be written as a PEFT pattern that matches it alone",
+                    path=fields.get("source"),
+                )
         return cfg
 
     @classmethod

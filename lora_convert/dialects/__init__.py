@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from ..errors import AdapterError
 from ..inventory import Inventory
 from ..io.reader import Checkpoint
 from .diffusers import DiffusersDialect
@@ -41,12 +42,35 @@ def unregister(dialect: Dialect) -> None:
     DIALECTS.remove(dialect)
 
 
+FACTOR_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})  # what a LoRA factor can be
+
+
 def read_inventory(ck: Checkpoint) -> Inventory:
-    """The inventory of ``ck`` in the first dialect that claims it."""
+    """The inventory of ``ck`` in the first dialect that claims it, its LoRA factors floating-point."""
     for d in DIALECTS:
         if d.claims(ck):
-            return d.read(ck)
+            inv = d.read(ck)
+            _check_factor_dtypes(ck, inv)
+            return inv
     raise AssertionError("the PEFT dialect claims every checkpoint")  # pragma: no cover
+
+
+def _check_factor_dtypes(ck: Checkpoint, inv: Inventory) -> None:
+    """Integer or bool LoRA factors (and DoRA magnitudes, lora_bias) are no LoRA a trainer writes: refused by
+    name rather than multiplied as numbers."""
+    for modules in inv.lora.values():
+        for m in modules.values():
+            for key in (m.a_key, m.b_key, m.bias_key, m.magnitude_key):
+                if key is None or key not in ck.tensors:
+                    continue  # (a view some dialects build, of tensors checked under their own names)
+                info = ck.info(key)
+                if info.dtype_name not in FACTOR_DTYPES:
+                    raise AdapterError(
+                        f"a LoRA tensor stored as {info.dtype_name}: LoRA factors are floating-point numbers",
+                        path=info.file,
+                        tensor=key,
+                        hint="this file is corrupted or not a LoRA adapter",
+                    )
 
 
 register(MlxDialect())

@@ -107,6 +107,7 @@ def merged_config(modules: Any, configs: dict[str, AdapterConfig]) -> AdapterCon
         alphas,
         use_dora=any(m.magnitude_key for m in mods),
         lora_bias=any(m.bias_key for m in mods),
+        source=first.source if first is not None else None,
     )
     if first is not None:
         cfg.raw = {k: v for k, v in first.raw.items() if k not in ("r", "lora_alpha", "rank_pattern", "alpha_pattern")}

@@ -30,7 +30,9 @@ from .peft import conv_factors
 _PREFIX = "|".join(sorted(arch.KOHYA_PREFIXES, key=len, reverse=True))
 KEY = re.compile(rf"^(?P<prefix>{_PREFIX})_(?P<name>.+?)\.(?P<role>lora_down\.weight|lora_up\.weight|alpha)$")
 _COMPOUNDS = arch.KOHYA_COMPOUNDS | arch.KOHYA_SGM_COMPOUNDS
+_SPAN = max(c.count("_") + 1 for c in _COMPOUNDS)  # the most '_'-separated tokens one known name spans
 _ANY_PREFIX = re.compile(rf"^(?:{_PREFIX})_")
+MAX_NAME_CHARS = 1024  # real kohya module names are under 150 characters
 _LYCORIS = {
     "hada_": "LoHa",
     "lokr_": "LoKr",
@@ -56,6 +58,14 @@ class KohyaDialect:
         alphas: dict[str, float] = {}
         kohya_names: dict[str, str] = {}
         for (prefix, name), roles in sorted(_group_keys(ck).items()):
+            if len(name) > MAX_NAME_CHARS:
+                key = next(iter(roles.values()))
+                raise AdapterError(
+                    f"a module name of {len(name)} characters (at most {MAX_NAME_CHARS}; real ones are under 150)",
+                    path=ck.info(key).file,
+                    tensor=key,
+                    hint="this file is corrupted or not a kohya LoRA",
+                )
             reading, sure = read_kohya_name(name)
             module = f"{arch.KOHYA_PREFIXES[prefix]}.{reading}"
             if module in modules:
@@ -72,7 +82,7 @@ class KohyaDialect:
             raise AdapterError("holds no kohya LoRA modules", path=ck.root)
         inv.lora[DEFAULT_ADAPTER] = modules
         ranks = {m: lm.rank for m, lm in modules.items()}
-        inv.configs[DEFAULT_ADAPTER] = AdapterConfig.for_modules(ranks, alphas)
+        inv.configs[DEFAULT_ADAPTER] = AdapterConfig.for_modules(ranks, alphas, source=str(ck.root))
         missing = [m for m in modules if f"{kohya_names[m]}.alpha" not in ck.tensors]
         if missing:
             inv.warnings[DEFAULT_ADAPTER] = [
@@ -126,32 +136,62 @@ def _module(ck: Checkpoint, module: str, roles: dict[str, str]) -> tuple[LoraMod
     rank = d[0]
     alpha = float(rank)
     if "alpha" in roles:
-        alpha = ck.read_scalar(roles["alpha"])
-        if not math.isfinite(alpha) or abs(alpha) > FP32_MAX:  # (an F64 scalar: the merge computes in fp32)
-            raise AdapterError(
-                "alpha is not a finite number that float32 can hold", path=ck.root, tensor=roles["alpha"]
-            )
-        alpha = alpha or float(rank)  # sd-scripts: alpha 0 means alpha = rank
+        alpha = _alpha(ck, roles["alpha"]) or float(rank)  # sd-scripts: alpha 0 means alpha = rank
     kind = "conv" if conv else "linear"
     lm = LoraModule(module, DEFAULT_ADAPTER, kind, down, up, rank, math.prod(d[1:]), u[0], scaling=alpha / rank)
     return lm, alpha
+
+
+ALPHA_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+MAX_ALPHA = 1e6  # real alphas are at most a few thousand (the rank, or a multiple of it)
+
+
+def _alpha(ck: Checkpoint, key: str) -> float:
+    """A module's ``.alpha``: one floating-point value, finite, 0 <= alpha <= :data:`MAX_ALPHA`; anything
+    else (a bool, an integer, NaN, 3e38) is refused by name rather than scaling the LoRA by it."""
+    info = ck.info(key)
+    if info.dtype_name not in ALPHA_DTYPES:
+        raise AdapterError(
+            f"alpha stored as {info.dtype_name}: a kohya alpha is one floating-point number",
+            path=info.file,
+            tensor=key,
+        )
+    if info.dtype_name.startswith("F8"):  # no struct format: read through torch
+        if info.numel != 1:
+            raise AdapterError(f"alpha has shape {list(info.shape)}, not one value", path=info.file, tensor=key)
+        alpha = float(ck.read(key).reshape(-1)[0].float())
+    else:
+        alpha = ck.read_scalar(key)
+    if not math.isfinite(alpha) or abs(alpha) > FP32_MAX:  # (an F64 scalar: the merge computes in fp32)
+        raise AdapterError("alpha is not a finite number that float32 can hold", path=info.file, tensor=key)
+    if alpha < 0 or alpha > MAX_ALPHA:
+        raise AdapterError(
+            f"alpha {alpha:g} is {'negative' if alpha < 0 else f'beyond any real one (at most {MAX_ALPHA:g})'}",
+            path=info.file,
+            tensor=key,
+            hint="a kohya alpha is between 0 (meaning: the rank) and a few thousand",
+        )
+    return alpha
 
 
 def read_kohya_name(name: str) -> tuple[str, bool]:
     """A kohya module name read back as a dotted path (``down_blocks_0_attentions_0_proj_in`` ->
     ``down_blocks.0.attentions.0.proj_in``), and whether that is the only reading in which every
     component is a known module name or a number.  Otherwise the reading joins the longest known names
-    and leaves the rest one component per ``_``: the base's names must settle it."""
+    and leaves the rest one component per ``_``: the base's names must settle it.
+
+    A component spans at most :data:`_SPAN` tokens (the longest known compound), so both passes try that
+    many spans per token: time O(length × longest compound), not cubic in the number of ``_``."""
     tokens = name.split("_")
     n = len(tokens)
     ways = [0] * n + [1]  # ways[i]: readings of tokens[i:] made only of known names (capped at 2)
     for i in range(n - 1, -1, -1):
-        for j in range(i + 1, n + 1):
+        for j in range(i + 1, min(n, i + _SPAN) + 1):
             if _known(tokens[i:j]):
                 ways[i] = min(2, ways[i] + ways[j])
     parts, i = [], 0
     while i < n:
-        j = next((j for j in range(n, i + 1, -1) if "_".join(tokens[i:j]) in _COMPOUNDS), i + 1)
+        j = next((j for j in range(min(n, i + _SPAN), i + 1, -1) if "_".join(tokens[i:j]) in _COMPOUNDS), i + 1)
         parts.append("_".join(tokens[i:j]))
         i = j
     return ".".join(parts), ways[0] == 1 and all(_known([p]) or p in arch.KOHYA_COMPOUNDS for p in parts)

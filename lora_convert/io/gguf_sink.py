@@ -11,11 +11,14 @@ GGUF route import it.
 
 from __future__ import annotations
 
+import errno
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import RouteError
+from ..errors import OutputError, RouteError
 from .writer import PlannedTensor
 
 if TYPE_CHECKING:
@@ -76,9 +79,22 @@ class GgufSink:
             nbytes = math.prod(gguf.quants.quant_shape_to_byte_shape(p.shape, t)) if p.shape else 4
             w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), nbytes, raw_dtype=t)
         self._writer = w
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
+        with self._guard():
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """A failed write is the same one-line error the safetensors sink gives (disk full: by name)."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutputError(
+                    "disk full while writing", path=self.path, hint="free space or write elsewhere"
+                ) from None
+            raise OutputError(f"write failed: {exc.strerror or exc}", path=self.path) from None
 
     def write(self, name: str, data: torch.Tensor) -> None:
         """The whole tensor ``name`` (fp32), in plan order."""
@@ -91,14 +107,23 @@ class GgufSink:
         if tuple(data.shape) != p.shape:
             raise ValueError(f"{name}: a GGUF tensor is written whole, got {tuple(data.shape)} of {p.shape}")
         arr = data.detach().to(torch.float32).contiguous().numpy()
-        self._writer.write_tensor_data(gguf.quants.quantize(arr, t))
+        q = gguf.quants.quantize(arr, t)
+        # What GGUFWriter.write_tensor_data does, but through the Python file: numpy's tofile writes through a
+        # C stdio copy of the descriptor whose failed flush (a full disk) is lost, leaving a short file, exit 0.
+        w = self._writer
+        (fout,) = w.fout
+        with self._guard():
+            w.write_padding(fout, fout.tell())
+            fout.write(memoryview(q.tobytes()))
+            w.write_padding(fout, q.nbytes)
         self._pos += 1
 
     def close(self) -> list[str]:
         if self._pos != len(self._plan):
             raise ValueError(f"{self._plan[self._pos].name}: planned but not written")
-        self._writer.close()
-        self._writer = None
+        w, self._writer = self._writer, None
+        with self._guard():
+            w.close()
         return [self.path.name]
 
     def abort(self) -> None:

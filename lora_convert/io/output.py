@@ -299,6 +299,7 @@ class AtomicOutput:
         self.file = file
         self.file_name = self.target.name  # the one file's name inside the temp folder (even behind a link)
         self.inputs = [Path(p) for p in inputs]
+        self.link: Path | None = None  # -o as given, when it is a symbolic link
         self.tmp: Path | None = None
         self._old_term = None
         self.stale_removed: list[Path] = []  # temp folders of dead runs, cleaned up on entry
@@ -326,10 +327,12 @@ class AtomicOutput:
 
     def _follow_link(self) -> None:
         """A dangling link is refused now, not after the work; ``--force`` on a link to a folder (to a file,
-        for a one-file output) replaces what it points to (the link stays, pointing at the new output)."""
+        for a one-file output) replaces what it points to (the link stays, pointing at the new output) —
+        unless that is an input or lies inside one, which :meth:`check` refuses."""
         t = self.target
         if not t.is_symlink():
             return
+        self.link = t
         if not t.exists():
             raise OutputError(
                 f"is a symbolic link to {os.readlink(t)}, which does not exist",
@@ -342,6 +345,8 @@ class AtomicOutput:
     def check(self) -> None:
         """Refuse before any work: existing target without --force, output inside an input, input inside output."""
         t = self.target
+        if self.file and os.path.lexists(t):
+            self._check_not_an_input(t)
         for inp in self.inputs:
             if not inp.exists():
                 continue
@@ -389,6 +394,30 @@ class AtomicOutput:
         if not os.access(parent, os.W_OK | os.X_OK):
             raise OutputError("folder is not writable", path=parent, hint="choose a writable location for -o")
         self._start_id = _identity(t) if self.force else None
+
+    def _check_not_an_input(self, t: Path) -> None:
+        """A one-file output that is already there is never an input file (compared by resolved path, so
+        that a link into a Hugging Face cache's blobs is caught too), and one reached through a link (the
+        file itself or a folder on its path) never lies inside an input folder: writing it would replace
+        an input.  A file named plainly beside or inside the inputs (an earlier ``.gguf`` in the adapter's
+        folder) is the user's own choice, replaced with ``--force`` as before; a new one is harmless."""
+        real = t.resolve()
+        shown = self.link or t
+        linked = Path(os.path.abspath(shown)) != real
+        here = [p for p in self.inputs if os.path.lexists(p)]
+        hit = next((f"is the input {p}" for p in here if not p.is_dir() and p.resolve() == real), None)
+        if hit is None and linked:
+            hit = next(
+                (f"lies inside the input folder {p}" for p in here if p.is_dir() and real.is_relative_to(p.resolve())),
+                None,
+            )
+        if hit is None:
+            return
+        raise OutputError(
+            (f"leads to {real}, which {hit}" if linked else hit) + "; writing the output there would replace it",
+            path=shown,
+            hint="choose another output path: an output never replaces an input",
+        )
 
     def _remove_made_parents(self) -> None:
         for d in self._made_parents:  # deepest first; stops at the first one that is not empty

@@ -65,7 +65,7 @@ class Checkpoint:
         """A one-element tensor's value (kohya's ``.alpha``) without torch, for the header-only commands."""
         info = self.info(name)
         if info.numel != 1:
-            raise CheckpointError(f"expected one value, found shape {list(info.shape)}", path=self.root, tensor=name)
+            raise CheckpointError(f"expected one value, found shape {list(info.shape)}", path=info.file, tensor=name)
         if not isinstance(info.source, SafetensorsSource):
             return float(self.read(name).reshape(-1)[0])
         try:
@@ -76,7 +76,10 @@ class Checkpoint:
             raise CheckpointError(f"cannot read: {exc.strerror}", path=info.file, tensor=name) from None
         if len(data) != info.nbytes:
             raise CheckpointError("file ended while reading this tensor", path=info.file, tensor=name)
-        return decode_scalar(data, info.dtype_name)
+        try:
+            return decode_scalar(data, info.dtype_name)
+        except CheckpointError as exc:  # named here, where the file and tensor are known
+            raise CheckpointError(exc.message, path=info.file, tensor=name) from None
 
     @property
     def total_bytes(self) -> int:

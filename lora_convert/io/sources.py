@@ -6,10 +6,11 @@ range of the tensor (``span``) and the tensor's source turns the byte range into
 format is one subclass here: list its tensors in :meth:`TensorSource.infos`, fill a buffer in
 :meth:`TensorSource.read_into`.
 
-Why ``preadv`` rather than mmap for safetensors: pages touched through an mmap count in the process's
-RSS until the kernel reclaims them, so streaming a 10 GB checkpoint through mmap shows 10 GB of RSS,
-and a file truncated under an mmap kills the process with SIGBUS instead of raising.  ``preadv`` leaves
-the bytes in the page cache (not ours) and our RSS bounded by the buffers we hold.
+Why ``preadv`` rather than mmap (for safetensors and for zip-format ``.bin`` alike): pages touched through
+an mmap count in the process's RSS until the kernel reclaims them, so streaming a 10 GB checkpoint
+through mmap shows 10 GB of RSS, and a file truncated under an mmap kills the process with SIGBUS instead
+of raising.  ``preadv`` leaves the bytes in the page cache (not ours) and our RSS bounded by the buffers
+we hold, and a file that ends early is a :class:`CheckpointError` naming the file and tensor.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import struct
 import threading
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +58,27 @@ def _empty_bytes(nbytes: int) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8)
 
 
+def _pread_exact(fd: int, offset: int, nbytes: int, buf: torch.Tensor | None, path: Path, name: str) -> torch.Tensor:
+    """``nbytes`` bytes of the file at ``offset`` into ``buf`` (a fresh one when None); a file that ends
+    first (truncated since it was opened) is a CheckpointError naming the file and the tensor."""
+    if buf is None:
+        buf = _empty_bytes(nbytes)
+    if nbytes:
+        view = buf.numpy().data
+        got = 0
+        while got < nbytes:
+            try:
+                n = os.preadv(fd, [view[got:nbytes]], offset + got)
+            except OSError as exc:
+                raise CheckpointError(f"cannot read: {exc.strerror}", path=path, tensor=name) from None
+            if n == 0:
+                raise CheckpointError(
+                    "file ended while reading this tensor (truncated after opening?)", path=path, tensor=name
+                )
+            got += n
+    return buf
+
+
 class SafetensorsSource(TensorSource):
     """A ``.safetensors`` file: header parsed and validated on open, data read with ``preadv``."""
 
@@ -82,22 +106,7 @@ class SafetensorsSource(TensorSource):
         return self._fh.fileno()
 
     def read_into(self, info: TensorInfo, start: int, nbytes: int, buf: torch.Tensor | None) -> torch.Tensor:
-        fd = self._fileno(info)
-        if buf is None:
-            buf = _empty_bytes(nbytes)
-        if nbytes:
-            view = buf.numpy().data
-            got, offset = 0, info.offset + start
-            while got < nbytes:
-                n = os.preadv(fd, [view[got:nbytes]], offset + got)
-                if n == 0:
-                    raise CheckpointError(
-                        "file ended while reading this tensor (truncated after opening?)",
-                        path=self.path,
-                        tensor=info.name,
-                    )
-                got += n
-        return buf
+        return _pread_exact(self._fileno(info), info.offset + start, nbytes, buf, self.path, info.name)
 
     def prefetch(self, info: TensorInfo, start: int, nbytes: int) -> None:
         """``POSIX_FADV_WILLNEED``: the disk starts reading while we compute on the previous block."""
@@ -117,14 +126,17 @@ class SafetensorsSource(TensorSource):
 class BinSource(TensorSource):
     """A PyTorch ``.bin``/``.pt`` state dict, unpickled with ``weights_only`` (no code runs).
 
-    The tensors are memory-mapped where the file allows (zip format) and copied out a byte range at a
-    time.  A tensor stored non-contiguously is made contiguous once and kept while it is being read,
-    so reading it in blocks costs one copy, not one per block."""
+    A zip-format file (every ``torch.save`` since 1.6) is unpickled onto the meta device: that gives each
+    tensor's shape, strides and the file offset of its storage (``_checkpoint_offset``) without reading
+    data, which is then read with ``preadv`` like safetensors — a file truncated meanwhile is an error
+    line, not SIGBUS (as an mmap would give).  A tensor stored non-contiguously is read (its storage
+    span), made contiguous once and kept while it is being read, so reading it in blocks costs one copy.
+    The legacy (pre-1.6) format and big-endian files are loaded whole into memory: no mmap either."""
 
     def __init__(self, path: Path, *, max_tensors: int = MAX_TENSORS) -> None:
         self.path = path
         self.metadata: dict[str, str] = {}
-        self._tensors = _load_bin(path)
+        self._tensors, self._offsets = _load_bin(path)  # offsets: name -> file offset of its storage (meta)
         if len(self._tensors) > max_tensors:
             raise too_many(max_tensors, path)
         self._infos: dict[str, TensorInfo] = {}
@@ -132,9 +144,29 @@ class BinSource(TensorSource):
             dname = _bin_dtype(check_name(name, path), t, path)
             self._infos[name] = TensorInfo(name, dname, tuple(t.shape), path, 0, t.numel() * t.element_size(), self)
         self._flat: tuple[str, torch.Tensor] | None = None  # (name, contiguous bytes) of the tensor being read
+        self._fh: Any = None
+        self._lock = threading.Lock()
 
     def infos(self) -> dict[str, TensorInfo]:
         return self._infos
+
+    def _fileno(self, name: str) -> int:
+        if self._fh is None:
+            with self._lock:
+                if self._fh is None:
+                    try:
+                        self._fh = open(self.path, "rb", buffering=0)  # noqa: SIM115 - kept open until close()
+                    except OSError as exc:
+                        raise CheckpointError(f"cannot open: {exc.strerror}", path=self.path, tensor=name) from None
+        return self._fh.fileno()
+
+    def _span(self, name: str) -> tuple[int, int]:
+        """(file offset, bytes) of the storage bytes the tensor covers, from its first element to its last."""
+        t = self._tensors[name]
+        size = t.element_size()
+        lo = t.storage_offset()
+        hi = lo + 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) if t.numel() else lo
+        return self._offsets[name] + lo * size, (hi - lo) * size
 
     def _bytes_of(self, name: str) -> torch.Tensor:
         import torch
@@ -142,20 +174,41 @@ class BinSource(TensorSource):
         flat = self._flat
         if flat is None or flat[0] != name:
             t = self._tensors[name]
-            flat = (
-                name,
-                t.contiguous().reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8),
-            )
+            if not t.numel():
+                data = torch.empty(0, dtype=torch.uint8)
+            elif name in self._offsets:  # read the storage span, then lay it out as the tensor
+                offset, nbytes = self._span(name)
+                raw = _pread_exact(self._fileno(name), offset, nbytes, None, self.path, name)
+                span = raw.view(t.dtype)
+                data = span.as_strided(t.shape, t.stride(), 0).contiguous().reshape(-1).view(torch.uint8)
+            else:
+                data = t.contiguous().reshape(-1).view(torch.uint8)
+            flat = (name, data)
             self._flat = flat
         return flat[1]
 
     def read_into(self, info: TensorInfo, start: int, nbytes: int, buf: torch.Tensor | None) -> torch.Tensor:
+        if info.name in self._offsets and self._tensors[info.name].is_contiguous():
+            offset = self._span(info.name)[0]
+            return _pread_exact(self._fileno(info.name), offset + start, nbytes, buf, self.path, info.name)
         piece = self._bytes_of(info.name)[start : start + nbytes]
         return piece.clone() if buf is None else buf.copy_(piece)
+
+    def prefetch(self, info: TensorInfo, start: int, nbytes: int) -> None:
+        if not nbytes or info.name not in self._offsets or not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            offset = self._span(info.name)[0]
+            os.posix_fadvise(self._fileno(info.name), offset + start, nbytes, os.POSIX_FADV_WILLNEED)
+        except (OSError, CheckpointError):
+            pass  # a hint: the read itself reports real errors
 
     def close(self) -> None:
         self._tensors = {}
         self._flat = None
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
 
 
 def _bin_dtype(name: str, t: torch.Tensor, path: Path) -> str:
@@ -163,7 +216,7 @@ def _bin_dtype(name: str, t: torch.Tensor, path: Path) -> str:
     hold: a plain dense CPU tensor of a dtype safetensors stores (not complex, not float8 *fnuz)."""
     import torch
 
-    if t.layout != torch.strided or t.device.type != "cpu" or t.is_quantized:
+    if t.layout != torch.strided or t.device.type not in ("cpu", "meta") or t.is_quantized:
         if t.is_quantized:
             what = "quantized"
         elif t.layout != torch.strided:
@@ -183,17 +236,37 @@ def _with_source(info: TensorInfo, source: TensorSource) -> TensorInfo:
     return TensorInfo(info.name, info.dtype_name, info.shape, info.file, info.offset, info.nbytes, source)
 
 
-def _load_bin(path: Path) -> dict[str, Any]:
+def _zip_records(path: Path) -> tuple[dict[int, zipfile.ZipInfo], bool] | None:
+    """The data records of a zip-format ``.bin`` by the file offset of their bytes, and whether the file
+    says it is big-endian; None for the legacy (non-zip) format."""
+    if not zipfile.is_zipfile(path):
+        return None
+    records: dict[int, zipfile.ZipInfo] = {}
+    big = False
+    with zipfile.ZipFile(path) as z, open(path, "rb") as fh:
+        for zi in z.infolist():
+            if zi.filename.endswith("/byteorder"):
+                big = z.read(zi).strip() == b"big"
+            if "/data/" not in zi.filename:
+                continue
+            fh.seek(zi.header_offset)
+            head = fh.read(30)
+            if len(head) != 30 or head[:4] != b"PK\x03\x04":
+                continue
+            n, extra = struct.unpack("<HH", head[26:30])
+            records[zi.header_offset + 30 + n + extra] = zi
+    return records, big
+
+
+def _load_bin(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """name -> tensor, and name -> file offset of its storage for tensors left on the meta device (to be
+    read with preadv); tensors without an offset were loaded into memory (legacy format, big-endian)."""
     import torch
 
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap can only be used" not in str(exc):
-                raise
-            # the legacy (pre-1.6, non-zip) format cannot be mmapped; still weights_only
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+        zipped = _zip_records(path)
+        lazy = zipped is not None and not zipped[1]
+        obj = torch.load(path, map_location="meta" if lazy else "cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         m = re.search(r"[Uu]nsupported (?:GLOBAL|global:?)\s*(?:GLOBAL\s*)?([\w.]+)", text)
@@ -209,7 +282,25 @@ def _load_bin(path: Path) -> dict[str, Any]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError("not a state dict of tensors", path=path)
-    return obj
+    offsets: dict[str, int] = {}
+    if lazy and zipped is not None:
+        records, size = zipped[0], os.path.getsize(path)
+        for name, t in obj.items():
+            if t.layout != torch.strided or t.is_quantized:
+                continue  # refused by name when listed
+            storage = t.untyped_storage()
+            at = getattr(storage, "_checkpoint_offset", None)
+            zi = records.get(at) if isinstance(at, int) else None
+            if zi is None or zi.compress_type != zipfile.ZIP_STORED or zi.file_size < storage.nbytes():
+                raise CheckpointError(
+                    "the tensor's data is not stored as plain bytes in the file (a compressed or damaged record)",
+                    path=path,
+                    tensor=str(name),
+                )
+            if at + storage.nbytes() > size:
+                raise CheckpointError("file ended before this tensor's data (truncated)", path=path, tensor=str(name))
+            offsets[name] = at
+    return obj, offsets
 
 
 def open_source(path: Path, *, max_tensors: int = MAX_TENSORS) -> TensorSource:
