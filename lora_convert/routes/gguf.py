@@ -144,7 +144,7 @@ def plan_gguf(req: Request) -> Plan:
 
 def _pairs(req: Request, modules: list[LoraModule], name: str, config: dict[str, Any]) -> list[tuple[str, LoraModule]]:
     """(llama.cpp base tensor name, module) for every module; refuses what llama.cpp cannot apply."""
-    import gguf
+    gguf = require_gguf()
 
     text = arch.text_config(config)
     layers = int(text.get("num_hidden_layers") or 0)
