@@ -45,6 +45,7 @@ from .inputs import load_source, open_plain, pick_adapter, resolve
 from .inventory import Inventory, LoraModule
 from .io.reader import Checkpoint
 from .io.safetensors_format import dtype_size
+from .third_party import quiet_import
 
 CONVENTIONS = [
     "FLOPs: 2 per multiply-add, matrix products only (element-wise ops, norms, softmax, rotary not counted)",
@@ -300,7 +301,9 @@ def _base_from_config(folder: Path) -> tuple[dict[str, _T], dict[str, Any]]:
     but transformers (and so torch) is."""
     try:
         import torch
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+        with quiet_import():
+            from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     except ImportError:
         raise UnsupportedError(
             "counting a base from its config.json alone needs transformers",

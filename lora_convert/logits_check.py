@@ -10,7 +10,6 @@ so the only difference left is MERGED's rounding of ``W + ΔW`` to its dtype.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from .closeness import unit_roundoff
 from .io.reader import Checkpoint
 from .routes.plan import Request
+from .third_party import quiet_import
 
 TOKENS = 16
 SEED = 0
@@ -58,8 +58,9 @@ def compare_logits(merged: Checkpoint, req: Request) -> dict[str, Any]:
 
 def _cannot_run(merged: Checkpoint, req: Request) -> str | None:
     try:
-        import peft  # noqa: F401
-        import transformers  # noqa: F401
+        with quiet_import():  # peft imports bitsandbytes where installed, which logs on import
+            import peft  # noqa: F401
+            import transformers  # noqa: F401
     except ImportError:
         return "needs transformers and peft (pip install transformers peft)"
     for inp in req.adapters_in():
@@ -78,15 +79,15 @@ def _cannot_run(merged: Checkpoint, req: Request) -> str | None:
 
 @contextmanager
 def _quiet() -> Iterator[None]:
-    """transformers' and PEFT's loading bars and notices are not ours to print."""
+    """transformers' and PEFT's loading bars and notices are not ours to print (nor what the libraries PEFT
+    imports while it builds the model, bitsandbytes among them, log on import)."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_import():
             yield
     finally:
         hf_logging.set_verbosity(level)

@@ -14,16 +14,14 @@ import json
 
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny import UNET_XL, clip_text, unet, unet_out
 
 import lora_convert as lc
-
-pytest.importorskip("diffusers")
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel  # noqa: E402
-from peft import LoraConfig  # noqa: E402
-from peft.utils import get_peft_model_state_dict  # noqa: E402
 
 TOL = 2e-6
 TARGETS = ["to_q", "to_k", "to_out.0", "ff.net.0.proj", "proj_in", "conv1", "conv_shortcut", "time_emb_proj"]

@@ -14,14 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gguf
 import pytest
 import torch
 from tiny import peft_wrap
 from tiny_archs import ARCHS, build, lora_layers
 
 import lora_convert as lc
-
-gguf = pytest.importorskip("gguf")
 
 ROOT = Path(__file__).resolve().parents[1]
 LLAMA_CPP_ARCH = {

@@ -645,14 +645,20 @@ BAD_MODEL_CONFIG = [
 ]
 
 
-@pytest.mark.parametrize("key,value", BAD_MODEL_CONFIG, ids=[f"{k}={v!r}" for k, v in BAD_MODEL_CONFIG])
-@pytest.mark.parametrize("nested", [False, True], ids=["top", "text_config"])
+# each bad value at the top level and inside text_config (where text_config itself is not read again)
+BAD_MODEL_CONFIG_AT = [
+    pytest.param(k, v, nested, id=f"{k}={v!r}-{'text_config' if nested else 'top'}")
+    for nested in (False, True)
+    for k, v in BAD_MODEL_CONFIG
+    if not (nested and k == "text_config")
+]
+
+
+@pytest.mark.parametrize("key,value,nested", BAD_MODEL_CONFIG_AT)
 def test_model_config_wrong_types(work, key, value, nested):
     p = work / "base" / "config.json"
     c = json.loads(p.read_text())
     if nested:
-        if key == "text_config":
-            pytest.skip("text_config inside text_config is not read")
         c["text_config"] = {key: value}
     else:
         c[key] = value
@@ -666,7 +672,6 @@ def test_model_config_wrong_types(work, key, value, nested):
 @pytest.mark.parametrize("key,value", [("architectures", "LlamaForCausalLM"), ("num_attention_heads", "4")])
 def test_model_config_alone_wrong_types(work, key, value):
     """A base given by its config.json alone (convert --to gguf) is type-checked the same way."""
-    pytest.importorskip("gguf")
     only = work / "config-only"
     only.mkdir()
     c = json.loads((work / "base" / "config.json").read_text())

@@ -14,7 +14,7 @@ PKG = ROOT / "lora_convert"
 
 # layer: the modules in it (dotted, without "lora_convert."; a trailing ".*" takes a whole sub-package)
 LAYERS: dict[str, list[str]] = {
-    "util": ["errors", "text", "fmt", "progress"],
+    "util": ["errors", "text", "fmt", "progress", "third_party"],
     "io": ["io", "io.*", "folder"],
     "math": ["lora_math", "svd", "closeness", "combine_math", "difference", "quant", "quant.*"],
     "facts": ["arch", "moe_layouts"],

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from tiny_moe import E, load, load_clean, logits, model, peft_experts, save_base
 
 import lora_convert as lc
@@ -36,8 +37,12 @@ def test_extract_experts_as_target_parameters(tmp_path, name):
 
 
 def test_extract_energy_gives_every_expert_the_largest_rank(tmp_path):
-    """Ranks chosen per expert differ; PEFT needs one per parameter: the largest, zero-padded nowhere."""
-    ref = _tuned(tmp_path, "mixtral", r=3, attn=())
+    """Ranks chosen per expert differ; PEFT needs one per parameter: the largest, zero-padded nowhere.
+
+    Judged by an independent exact SVD of each expert's ΔW (tuned − base): the rank of each parameter is the
+    largest of its experts' smallest ranks keeping 90% of the energy, and each expert's rank-k factors, as
+    PEFT merges them, are the optimal rank-k approximation (Eckart–Young) up to rounding."""
+    ref = _tuned(tmp_path, "mixtral", r=6, attn=())  # rank-6 deltas: 90% of the energy needs fewer
     res = lc.extract(tmp_path / "tuned", base=tmp_path / "base", output=tmp_path / "ex", energy=0.9, max_rank=8)
     reports = [m for m in res.extraction.modules if m.kind == "experts"]
     by_param: dict[str, set[int]] = {}
@@ -47,6 +52,26 @@ def test_extract_energy_gives_every_expert_the_largest_rank(tmp_path):
     assert all(len(r) == 1 for r in by_param.values())
     pm = load_clean(tmp_path / "base", tmp_path / "ex")
     assert (logits(pm) - ref).abs().max() < 0.5 * (ref - logits(load(tmp_path / "base"))).abs().max()
+
+    base = dict(load(tmp_path / "base").named_parameters())
+    tuned = dict(load(tmp_path / "tuned").named_parameters())
+    ours = dict(pm.merge_and_unload().named_parameters())
+    chosen = set()
+    for path, (k,) in by_param.items():
+        smallest = []
+        for e in range(E):
+            d = (tuned[path][e] - base[path][e]).double()
+            s2 = torch.linalg.svdvals(d) ** 2
+            total = s2.sum().item()
+            smallest.append(int((s2.cumsum(0) >= 0.9 * total).nonzero()[0]) + 1)
+            optimal = s2[k:].sum().sqrt().item()  # the rank-k truncation's error
+            err = (d - (ours[path][e] - base[path][e]).double()).norm().item()
+            rounding = 1e-6 * base[path][e].norm().item()  # fp32 storage of tuned and merged weights
+            assert err <= optimal * (1 + 1e-5) + rounding, (path, e, k, err, optimal)
+            assert 1 - err**2 / total >= 0.9, (path, e, k, err**2 / total)
+        assert k == max(smallest), (path, k, smallest)
+        chosen.update(smallest)
+    assert len(chosen) > 1 and max(chosen) < 6, chosen  # the experts did differ and truncation did happen
 
 
 def test_extract_per_expert_modules(tmp_path):

@@ -1,5 +1,6 @@
-"""The two-stage pipeline: blocks in order, buffers recycled without corrupting what is written,
-errors from either side surface once, in the caller's thread, and no thread is left behind."""
+"""The three-stage pipeline (reader thread, worker thread, the caller writing): blocks in the declared
+order, buffers recycled without corrupting what is written, errors from any stage surfacing once, in the
+caller's thread, and no thread left behind."""
 
 from __future__ import annotations
 

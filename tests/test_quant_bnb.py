@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+import bitsandbytes as bnb
 import pytest
 import torch
 from quant_models import llama, plain_from, quiet, save_bnb
@@ -20,7 +21,6 @@ from tiny import logits, peft_wrap
 
 import lora_convert as lc
 
-bnb = pytest.importorskip("bitsandbytes")
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 CASES = {
     "nf4-dq": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),

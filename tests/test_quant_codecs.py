@@ -67,7 +67,6 @@ def test_fp8_block_quantize_is_transformers(ue8m0):
 def test_ct_quantize_is_compressed_tensors():
     """Given the scale, our division and clamp give compressed-tensors' own fp8 bytes (partial edge blocks
     too), and its decompression of them is our dequantization rounded to the scale dtype."""
-    pytest.importorskip("compressed_tensors")
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import preset_name_to_scheme
 
@@ -99,7 +98,8 @@ def _ranges(n):
 def test_view_reads_any_element_range(tmp_path):
     """fp8 (partial edge blocks), bitsandbytes nf4 with double quantization, MXFP4 experts: every
     element range of the dequantized view equals the whole tensor dequantized at once."""
-    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
     torch.manual_seed(4)
     w = torch.randn(200, 136) * 0.02
     q, s = fp8.quantize_fp8_block(w, (128, 128))

@@ -15,15 +15,13 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
+from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
 
-pytest.importorskip("peft")
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config  # noqa: E402
-
-from lora_convert.cli import main  # noqa: E402
-from lora_convert.costs import build_report, report_markdown  # noqa: E402
+from lora_convert.cli import main
+from lora_convert.costs import build_report, report_markdown
 
 CASES = {
     "llama": (

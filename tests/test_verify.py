@@ -287,7 +287,6 @@ def test_moe_experts(tmp_path, name):
 
 def test_conv_lora_of_a_unet(tmp_path):
     """A diffusers UNet with PEFT LoRA on Linear, 1×1 and 3×3 conv layers: verified per flattened row."""
-    pytest.importorskip("diffusers")
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
     from tiny import unet

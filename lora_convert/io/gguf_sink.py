@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import OutputError, RouteError
+from ..third_party import import_quietly
 from .writer import PlannedTensor
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ OUTTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
 def require_gguf() -> Any:
     """The ``gguf`` module, or a RouteError that says how to install it."""
     try:
-        import gguf
+        gguf = import_quietly("gguf")
     except ImportError:
         raise RouteError(
             "writing GGUF needs the gguf package", hint="pip install 'lora-convert[gguf]' (or pip install gguf)"

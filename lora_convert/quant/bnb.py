@@ -66,9 +66,10 @@ def dequantize_int8_rows(q: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
 def functional():  # type: ignore[no-untyped-def]
     """bitsandbytes.functional, or the error that says how to get it."""
     from ..errors import UnsupportedError
+    from ..third_party import import_quietly
 
     try:
-        import bitsandbytes.functional as F
+        F = import_quietly("bitsandbytes.functional")
     except ImportError:
         raise UnsupportedError(
             "re-quantizing into bitsandbytes needs bitsandbytes itself",

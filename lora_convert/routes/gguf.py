@@ -163,10 +163,9 @@ def plan_gguf(req: Request) -> Plan:
 NORM_DROPPED = "a norm weight saved whole: GGUF LoRA cannot carry it (llama.cpp's LoRA loader ignores it)"
 
 
-def _tensor_map(name: str, config: dict[str, Any]):  # type: ignore[no-untyped-def]
+def _tensor_map(name: str, config: dict[str, Any]) -> Any:
     """llama.cpp's name map of the architecture ``name`` for the base's layers."""
-    import gguf
-
+    gguf = require_gguf()
     layers = int(arch.text_config(config).get("num_hidden_layers") or 0)
     return gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == name), layers)
 
