@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from .arch import layer_index, short_name
 from .config import AdapterConfig
-from .errors import LoraConvertError
+from .errors import AdapterError, LoraConvertError
 
 DEFAULT_ADAPTER = "default"
 
@@ -45,6 +45,14 @@ class LoraModule:
     @property
     def name(self) -> str:
         return short_name(self.module)
+
+    @property
+    def alpha(self) -> float:
+        """``scaling · rank``: the alpha that gives this module's scaling with plain α/r (what other formats
+        store).  Asked only of modules whose dialect resolved a scaling."""
+        if self.scaling is None:
+            raise AdapterError(f"{self.module}: no scaling known (its adapter_config.json is missing)")
+        return float(self.scaling) * self.rank
 
     @property
     def layer(self) -> int | None:

@@ -22,7 +22,7 @@ import re
 
 from .. import arch
 from ..config import FP32_MAX, AdapterConfig
-from ..errors import AdapterError, UnsupportedError
+from ..errors import AdapterError, LoraConvertError, UnsupportedError
 from ..inventory import DEFAULT_ADAPTER, Inventory, LoraModule
 from ..io.reader import Checkpoint
 from .peft import conv_factors
@@ -98,23 +98,24 @@ def _group_keys(ck: Checkpoint) -> dict[tuple[str, str], dict[str, str]]:
     for key in ck.tensors:
         m = KEY.match(key)
         if m is None:
-            _refuse(ck, key)
+            raise _refusal(ck, key)
         groups.setdefault((m["prefix"], m["name"]), {})[m["role"]] = key
     return groups
 
 
-def _refuse(ck: Checkpoint, key: str) -> None:
+def _refusal(ck: Checkpoint, key: str) -> LoraConvertError:
+    """Why ``key`` is not a kohya LoRA key: a LyCORIS variant, bundled embeddings, or unknown."""
     suffix = key.rsplit(".", 2)[-2] if key.count(".") >= 2 else key.rsplit(".", 1)[-1]
     for mark, what in _LYCORIS.items():
         if suffix.startswith(mark):
-            raise UnsupportedError(
+            return UnsupportedError(
                 f"{what} is a LyCORIS variant, not LoRA", path=ck.root, tensor=key, hint="only lora_down/lora_up pairs"
             )
     if key.startswith("bundle_emb"):
-        raise UnsupportedError(
+        return UnsupportedError(
             "bundled textual-inversion embeddings are not LoRA", path=ck.root, tensor=key, hint="save them apart"
         )
-    raise AdapterError("not a kohya LoRA key (lora_down.weight, lora_up.weight, alpha)", path=ck.root, tensor=key)
+    return AdapterError("not a kohya LoRA key (lora_down.weight, lora_up.weight, alpha)", path=ck.root, tensor=key)
 
 
 def _module(ck: Checkpoint, module: str, roles: dict[str, str]) -> tuple[LoraModule, float]:

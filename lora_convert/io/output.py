@@ -301,7 +301,7 @@ class AtomicOutput:
         self.inputs = [Path(p) for p in inputs]
         self.link: Path | None = None  # -o as given, when it is a symbolic link
         self.tmp: Path | None = None
-        self._old_term = None
+        self._old_term: Any = None  # the SIGTERM handler to restore (whatever signal.signal gave back)
         self.stale_removed: list[Path] = []  # temp folders of dead runs, cleaned up on entry
         self._start_id: tuple[int, int] | None = None  # the folder --force may replace: the one there at the start
         self._made_parents: list[Path] = []  # created for -o, deepest first; removed again on failure

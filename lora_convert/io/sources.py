@@ -291,7 +291,12 @@ def _load_bin(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
             storage = t.untyped_storage()
             at = getattr(storage, "_checkpoint_offset", None)
             zi = records.get(at) if isinstance(at, int) else None
-            if zi is None or zi.compress_type != zipfile.ZIP_STORED or zi.file_size < storage.nbytes():
+            if (
+                zi is None
+                or not isinstance(at, int)
+                or zi.compress_type != zipfile.ZIP_STORED
+                or zi.file_size < storage.nbytes()
+            ):
                 raise CheckpointError(
                     "the tensor's data is not stored as plain bytes in the file (a compressed or damaged record)",
                     path=path,

@@ -39,7 +39,7 @@ import torch
 from .. import arch, combine_math, lora_math
 from ..combine_math import FACTOR_METHODS, METHODS, PRUNING_METHODS, RANDOM_METHODS, SIGN_METHODS, SVD_METHODS
 from ..dialects.peft_keys import Role, format_key
-from ..errors import AdapterError, RouteError, UnsupportedError
+from ..errors import AdapterError, RouteError, UnsupportedError, Where
 from ..errors import option_name as _opt
 from ..inventory import LoraModule
 from ..pipeline import Buffers, Job
@@ -144,7 +144,7 @@ def _check_sources(sources: list[AdapterInput]) -> list[str]:
         cfg, inv = inp.config, inp.inventory
         assert cfg is not None
         cfg.check_supported()
-        where = {"path": inp.ck.root}
+        where: Where = {"path": inp.ck.root}
         if any(m.magnitude_key for m in inv.modules(inp.name).values()) or cfg.use_dora:
             raise UnsupportedError(
                 "DoRA adapters cannot be combined: PEFT's add_weighted_adapter gives the result a magnitude "

@@ -57,7 +57,7 @@ def plan_kohya(req: Request) -> Plan:
         name = f"{prefix}_{spelling(path)}"
         jobs.append(copy_job(req.source, m.a_key, f"{name}.lora_down.weight", dtype, op="lora"))
         jobs.append(copy_job(req.source, m.b_key, f"{name}.lora_up.weight", dtype, op="lora"))
-        jobs.append(_scalar_job(f"{name}.alpha", float(m.scaling) * m.rank))
+        jobs.append(_scalar_job(f"{name}.alpha", m.alpha))
     _no_duplicates(jobs, req)
     return Plan(
         "kohya",
@@ -103,7 +103,7 @@ def plan_diffusers(req: Request) -> Plan:
 def _placed(req: Request, fmt: str) -> tuple[dict[str, tuple[str, str]], list[str]]:
     """Every module of the adapter -> (pipeline component, module path within it); and notes."""
     modules = _carried(req, fmt)
-    inv, notes = req.inventory, []
+    inv, notes = req.inventory, list[str]()
     config = req.base.config if req.base is not None else req.model_config
     found: dict[str, str] = {}
     if req.base is not None:  # the base's own names (and config, for SGM blocks) settle the paths
@@ -170,7 +170,7 @@ def _component_config(comp: str, mods: dict[str, LoraModule]) -> dict[str, objec
         return path.removeprefix("text_model.") if comp.startswith("text_encoder") else path
 
     ranks = {key(p): m.rank for p, m in mods.items()}
-    alphas = {key(p): float(m.scaling) * m.rank for p, m in mods.items()}
+    alphas = {key(p): m.alpha for p, m in mods.items()}
     dora = any(m.magnitude_key for m in mods.values())
     bias = any(m.bias_key for m in mods.values())
     d = AdapterConfig.for_modules(ranks, alphas, use_dora=dora, lora_bias=bias).to_dict()
@@ -181,9 +181,7 @@ def _component_config(comp: str, mods: dict[str, LoraModule]) -> dict[str, objec
 def _kohya_metadata(req: Request, modules: dict[str, tuple[str, str]]) -> dict[str, str]:
     """sd-scripts' header fields (informational: the per-module ``.alpha`` tensors are what loaders use)."""
     mods = [req.inventory.modules(req.adapter)[m] for m in modules]
-    cfg = AdapterConfig.for_modules(
-        {m.module: m.rank for m in mods}, {m.module: float(m.scaling) * m.rank for m in mods}
-    )
+    cfg = AdapterConfig.for_modules({m.module: m.rank for m in mods}, {m.module: m.alpha for m in mods})
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(cfg.r),
@@ -192,7 +190,7 @@ def _kohya_metadata(req: Request, modules: dict[str, tuple[str, str]]) -> dict[s
     convs = [m for m in mods if any(d != 1 for d in req.source.info(m.a_key).shape[2:])]  # 3×3: conv_dim
     if convs:
         ranks = {m.module: m.rank for m in convs}
-        conv = AdapterConfig.for_modules(ranks, {m.module: float(m.scaling) * m.rank for m in convs})
+        conv = AdapterConfig.for_modules(ranks, {m.module: m.alpha for m in convs})
         meta["ss_network_args"] = json.dumps({"conv_dim": str(conv.r), "conv_alpha": f"{conv.lora_alpha:g}"})
     return meta
 
