@@ -16,6 +16,7 @@ from . import api
 from .cli_output import document, dumps, error_document, fit_console, table
 from .errors import LoraConvertError
 from .fmt import human_bytes, ranges
+from .svd import MAX_SEED
 from .text import escape_controls, safe
 
 # Every name we print comes from a file: it goes through safe() (control characters escaped, rich
@@ -311,6 +312,9 @@ def _report_conversion(res: Any, as_json: bool) -> None:
         out.print(f"[green]pushed[/green] {safe(res.output)} -> {safe(res.pushed.commit_url)}")
 
 
+SEED = click.IntRange(0, MAX_SEED)  # torch's generators take 64-bit seeds: beyond, a usage error (exit 2)
+
+
 def _extraction_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The SVD options, shared by ``extract`` and ``convert --to adapter`` (defaults applied by the API)."""
     for opt in reversed(
@@ -339,7 +343,7 @@ def _extraction_options(f: Callable[..., Any]) -> Callable[..., Any]:
             ),
             click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), help="[default: auto]"),
             click.option("--device", help="cpu or cuda.  [default: cpu]"),
-            click.option("--seed", type=int, help="Seed of the randomized SVD.  [default: 0]"),
+            click.option("--seed", type=SEED, help="Seed of the randomized SVD.  [default: 0]"),
             click.option(
                 "--factor-dtype",
                 type=click.Choice(["fp32", "bf16", "fp16"]),
@@ -547,7 +551,7 @@ def _print_requantization(rq: Any) -> None:
 @click.option("--rank", type=int, help="Rank of the svd methods' result.  [default: the largest source rank]")
 @click.option(
     "--seed",
-    type=int,
+    type=SEED,
     default=0,
     show_default=True,
     help="dare's random masks: the same as torch.manual_seed(SEED) just before PEFT's add_weighted_adapter.",

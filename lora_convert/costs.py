@@ -470,6 +470,8 @@ def build_report(
         else:
             quant: dict[str, Any] = {}
             b = _Base(_weights(ck, inv.base, notes, quant), ck.config, "weights", None, "checkpoint", quant)
+        if b.source == "weights" and b.tensors is not None:  # the layer count, bounded by the weights' layers
+            arch.check_layer_count(b.config, b.tensors, b.name or path)
         ad = _adapter(ck, inv, name, notes)
         src_bytes = ck.dtypes()
     shape = arch.model_shape(b.config, head_stored=b.tensors is not None and arch.HEAD_KEY in b.tensors)

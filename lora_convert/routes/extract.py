@@ -100,6 +100,10 @@ class ExtractOptions:
                 f"{option_name('dtype')} must be one of {', '.join(FACTOR_DTYPES)} for the adapter's factors",
             ),
             (self.svd in SVD_METHODS, f"{option_name('svd')} must be auto, exact or randomized"),
+            (
+                isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed <= svd.MAX_SEED,
+                f"{option_name('seed')} must be an integer from 0 to 2**64 - 1",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -147,8 +147,19 @@ def _pairs(req: Request, modules: list[LoraModule], name: str, config: dict[str,
     import gguf
 
     text = arch.text_config(config)
-    layers = int(text.get("num_hidden_layers") or 0)
-    tmap = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == name), layers)
+    layers = int(text.get("num_hidden_layers") or 0)  # at most arch.MAX_LAYERS (checked when config.json is read)
+    for m in modules:
+        i = arch.layer_index(text_module(m.module))
+        if i is not None and i >= layers:
+            raise AdapterError(
+                f"LoRA on layer {i}, but the base's config.json has num_hidden_layers {layers}",
+                path=req.source.root,
+                tensor=m.module,
+                hint="is this adapter for this base model?",
+            )
+    # llama.cpp's name map holds every name of every layer: built for the layers the adapter touches only
+    used = max((i for m in modules if (i := arch.layer_index(text_module(m.module))) is not None), default=-1)
+    tmap = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == name), used + 1)
     tie = arch.config_value(config, "tie_word_embeddings")
     tied = name in ALWAYS_TIED or (bool(tie) if tie is not None else name in TIED_BY_DEFAULT)
     hidden, vocab = text.get("hidden_size"), text.get("vocab_size")
@@ -198,9 +209,9 @@ def _pair_jobs(req: Request, gname: str, m: LoraModule, name: str, config: dict[
     factor = _fold(m, alpha)
     permute = None
     if name in PERMUTED and gname.endswith(("attn_q.weight", "attn_k.weight")):
-        text = arch.text_config(config)
-        n_head = int(text["num_attention_heads"])
-        n_kv = int(text.get("num_key_value_heads") or n_head)
+        where = req.base_ref or ck.root
+        n_head = arch.head_count(config, "num_attention_heads", where)
+        n_kv = arch.head_count(config, "num_key_value_heads", where, default=n_head)
         permute = (n_head, n_head if gname.endswith("attn_q.weight") else n_kv)
         if m.out_features % (2 * permute[1]):
             raise AdapterError(
