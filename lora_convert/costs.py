@@ -222,12 +222,14 @@ class _Routing:
         return Fraction(1) if e is None or self.active is None else Fraction(min(self.active, e), e)
 
 
-def _routing(tensors: dict[str, _T] | None, config: dict[str, Any] | None) -> _Routing:
+def _routing(tensors: dict[str, _T] | None, config: dict[str, Any] | None, source: Any = None) -> _Routing:
     if tensors is None:
         return _Routing()
     shapes = {k: t.shape for k, t in tensors.items()}
     experts = moe_layouts.expert_tensor_experts(shapes, moe_layouts.layout_for(config, shapes))
-    return _Routing(moe_layouts.active_experts(config), experts)
+    if not experts:  # a dense model: a top-k key (an old config's sampling top_k) means nothing here
+        return _Routing(None, experts)
+    return _Routing(moe_layouts.active_experts(config, max(experts.values()), source), experts)
 
 
 def _matmul_flops(tensors: dict[str, _T], shape: ModelShape, routing: _Routing | None = None) -> int:
@@ -478,7 +480,7 @@ def build_report(
     if b.tensors is not None and shape.vocab is None:
         emb = [t for k, t in b.tensors.items() if _is_embedding(k) and len(t.shape) == 2]
         shape.vocab = emb[0].shape[0] if emb else None
-    routing = _routing(b.tensors, b.config)
+    routing = _routing(b.tensors, b.config, b.name or path)
     _moe_notes(routing, ad, notes)
     rows = _rows(form, b, ad, shape, seq_len, src_bytes, notes)
     modules = _kinds(ad, routing)
@@ -536,7 +538,7 @@ def _moe_notes(routing: _Routing, ad: _Adapter, notes: list[str]) -> None:
 def _rows(
     form: str, b: _Base, ad: _Adapter, shape: ModelShape, seq_len: int, src_bytes: dict[str, int], notes: list[str]
 ) -> list[FormRow]:
-    routing = _routing(b.tensors, b.config)
+    routing = _routing(b.tensors, b.config, b.name)
     lora_params = sum(lora_module_params(m) for m in ad.modules.values()) + sum(ad.tensors[k].numel for k in ad.trained)
     lora_flops = sum(_lora_flops(m, routing) for m in ad.modules.values())
     attn = attention_flops(shape, seq_len)

@@ -254,3 +254,318 @@ def test_api_seed_is_bounded(tmp_path, seed):
     with pytest.raises(RouteError, match="seed must be an integer from 0 to 2"):
         api.extract(FIXTURES / "tiny-llama-merged", base=FIXTURES / "tiny-llama-base", seed=seed, output=tmp_path / "e")
     assert not (tmp_path / "c").exists() and not (tmp_path / "e").exists()
+
+
+# -- integers too large for a float, version strings -------------------------------------------------------------
+
+HUGE = 10**400  # 401 digits: float(HUGE) and math.isfinite(HUGE) raise OverflowError
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"lora_alpha": HUGE}, "lora_alpha"),
+        ({"lora_alpha": -HUGE}, "lora_alpha"),
+        ({"lora_alpha": 2**128}, "lora_alpha"),  # just beyond float32: an int, compared exactly
+        ({"alpha_pattern": {"q_proj": HUGE}}, "alpha_pattern"),
+        ({"lora_dropout": HUGE}, "lora_dropout"),
+        ({"lora_dropout": 1.5}, "lora_dropout"),
+        ({"peft_version": "9" * 5000}, "peft_version"),
+        ({"peft_version": "0." * 40}, "peft_version"),
+    ],
+)
+def test_adapter_config_numbers_too_large(work, change, key):
+    edit_json(work / "adapter" / "adapter_config.json", **change)
+    out = work / "out"
+    res = cli("merge", work / "adapter", "--base", work / "base", "-o", out)
+    one_error(res, "adapter_config.json", f"{key} must be", "fix this value in adapter_config.json", out=out)
+
+
+def test_adapter_config_largest_float32_alpha_is_taken(work):
+    """The bound is float32's largest value, inclusive; an int alpha just below it is accepted as before."""
+    from lora_convert.config import AdapterConfig
+
+    edit_json(work / "adapter" / "adapter_config.json", lora_alpha=2**127, peft_version="0.19.1.dev0+g0123abc")
+    cfg = AdapterConfig.load(work / "adapter" / "adapter_config.json")
+    assert cfg.lora_alpha == float(2**127)
+
+
+@pytest.fixture
+def mlx_adapter(tmp_path) -> Path:
+    out = tmp_path / "mlx"
+    res = cli("convert", FIXTURES / "tiny-llama-lora", "--to", "mlx", "--base", FIXTURES / "tiny-llama-base", "-o", out)
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.mark.parametrize(
+    "params, key",
+    [({"scale": HUGE}, "scale"), ({"scale": -HUGE}, "scale"), ({"dropout": HUGE}, "dropout"), ({"rank": HUGE}, "rank")],
+)
+def test_mlx_numbers_too_large(mlx_adapter, params, key):
+    p = mlx_adapter / "adapter_config.json"
+    cfg = json.loads(p.read_text())
+    cfg["lora_parameters"].update(params)
+    p.write_text(json.dumps(cfg))
+    one_error(cli("detect", mlx_adapter), str(p), f"lora_parameters.{key} must be")
+
+
+def _diffusers_file(path: Path, meta: dict | str) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(FIXTURES / "tiny-llama-lora" / "adapter_model.safetensors"))
+    tensors = {"unet." + k.removeprefix("base_model.model."): v for k, v in sd.items() if ".layers." in k}
+    text = meta if isinstance(meta, str) else json.dumps(meta)
+    save_file(tensors, str(path), metadata={"lora_adapter_metadata": text})
+    return path
+
+
+DIFFUSERS_META = {"unet.r": 8, "unet.lora_alpha": 16, "unet.target_modules": ["q_proj", "v_proj", "o_proj"]}
+
+
+@pytest.mark.parametrize(
+    "meta, needle",
+    [
+        ({**DIFFUSERS_META, "unet.lora_alpha": HUGE}, "unet.lora_alpha must be"),
+        ({**DIFFUSERS_META, "unet.alpha_pattern": {"q_proj": -HUGE}}, "unet.alpha_pattern must be"),
+        ({**DIFFUSERS_META, "unet.peft_version": "1" * 5000}, "unet.peft_version must be"),
+        ('{"unet.r": 8, "unet.lora_alpha": ' + "7" * 5000 + "}", "is not valid JSON"),  # over Python's digit limit
+    ],
+)
+def test_diffusers_metadata_numbers_name_the_file_and_key(tmp_path, meta, needle):
+    """A diffusers LoRA file has no adapter_config.json: the error names the .safetensors file and its
+    lora_adapter_metadata key, and never tells the user to fix an adapter_config.json."""
+    f = _diffusers_file(tmp_path / "pytorch_lora_weights.safetensors", meta)
+    line = one_error(cli("detect", f), str(f), "lora_adapter_metadata", needle)
+    assert "adapter_config.json" not in line
+
+
+def test_diffusers_metadata_valid_is_read(tmp_path):
+    f = _diffusers_file(tmp_path / "pytorch_lora_weights.safetensors", DIFFUSERS_META)
+    res = cli("detect", f, "--json")
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("0.19.1.dev0", (0, 19, 1)),
+        ("0.18.0", (0, 18, 0)),
+        ("0.19.1+g0123abc", (0, 19, 1)),
+        ("v0.17", (0, 17)),
+        ("1", (1,)),
+        ("", None),
+        (None, None),
+        ("unknown", "unknown"),
+        ("dev-0.19", "dev-0.19"),
+        ("9" * 30, "9" * 30),  # not a version number: more digits than any release has
+    ],
+)
+def test_peft_version_parsing(text, want):
+    from lora_convert.config import AdapterConfig
+    from lora_convert.routes.moe import peft_version
+
+    assert peft_version(AdapterConfig.from_dict({"peft_version": text})) == want
+
+
+def test_unparsable_peft_version_is_said_as_such(tmp_path):
+    """Square experts need PEFT's version; an unparsable one was reported as 'records no peft_version'."""
+    from tiny_moe import H, model, peft_experts, save_base
+
+    import lora_convert as lc
+
+    m = model("qwen3_moe", moe_intermediate_size=H // 2)
+    save_base(m, tmp_path / "base")
+    peft_experts(m).save_pretrained(str(tmp_path / "adapter"))
+    edit_json(tmp_path / "adapter" / "adapter_config.json", peft_version="unknown")
+    with pytest.raises(lc.AdapterError, match=r"peft_version 'unknown' is unparsable") as exc:
+        lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "m")
+    assert "records no peft_version" not in str(exc.value)
+    assert not (tmp_path / "m").exists()
+
+
+# -- quantization_config and bitsandbytes quant_state ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quant_bases(tmp_path_factory) -> Path:
+    from quant_models import llama, save_bnb, save_fp8
+
+    root = tmp_path_factory.mktemp("quant_numbers")
+    save_fp8(llama(), root / "fp8")
+    save_bnb(llama(), root / "nf4", load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    return root
+
+
+@pytest.fixture
+def fp8_base(quant_bases, tmp_path) -> Path:
+    shutil.copytree(quant_bases / "fp8", tmp_path / "fp8")
+    return tmp_path / "fp8"
+
+
+@pytest.fixture
+def nf4_base(quant_bases, tmp_path) -> Path:
+    shutil.copytree(quant_bases / "nf4", tmp_path / "nf4")
+    return tmp_path / "nf4"
+
+
+def _quant_config(base: Path, **changes) -> None:
+    p = base / "config.json"
+    cfg = json.loads(p.read_text())
+    cfg["quantization_config"].update(changes)
+    p.write_text(json.dumps(cfg))
+
+
+# ``report`` reads the layout and stops at a bad one (``detect`` shows it as a warning, exit 0)
+@pytest.mark.parametrize(
+    "size", [[0, 0], [128, 0], [-128, 128], [128], [], {}, ["128", 128], [128.0, 128.0], [128, 128, 128], [True, 1]]
+)
+def test_fp8_block_size_is_two_positive_integers(fp8_base, size):
+    _quant_config(fp8_base, weight_block_size=size)
+    one_error(
+        cli("report", fp8_base),
+        str(fp8_base),
+        "quantization_config: weight_block_size must be two positive integers",
+        "config.json",
+    )
+
+
+def test_fp8_block_size_valid_is_read_and_gives_the_grid(fp8_base):
+    res = cli("detect", fp8_base, "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["quantization"]["scheme"] == "fp8 e4m3, 128×128 blocks"
+    _quant_config(fp8_base, weight_block_size=[128, 64])  # a valid size that does not fit the stored scales
+    one_error(cli("report", fp8_base), "weight_scale_inv has shape [1, 2], expected [1, 4]")
+
+
+@pytest.mark.parametrize("fmt", ["e5m2", "E4M3", 4, ""])
+def test_fp8_fmt_must_name_the_stored_format(fp8_base, fmt):
+    _quant_config(fp8_base, fmt=fmt)
+    one_error(cli("report", fp8_base), str(fp8_base), "fmt is", "stored as fp8 e4m3")
+
+
+def test_fp8_fmt_e4m3_is_read(fp8_base):
+    _quant_config(fp8_base, fmt="e4m3")
+    res = cli("detect", fp8_base, "--json")
+    assert res.exit_code == 0, res.output
+
+
+def _quant_state(base: Path, **changes) -> str:
+    """Change the first 4-bit quant_state JSON of ``base``; its key."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    path = base / "model.safetensors"
+    sd = load_file(str(path))
+    key = next(k for k in sorted(sd) if ".quant_state.bitsandbytes__" in k)
+    state = json.loads(bytes(sd[key].tolist()).decode())
+    for k, v in changes.items():
+        if v is None:
+            state.pop(k, None)
+        else:
+            state[k] = v
+    sd[key] = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+    save_file(sd, str(path), metadata={"format": "pt"})
+    return key
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"blocksize": 0}, "blocksize must be a positive integer, not 0"),
+        ({"blocksize": -64}, "blocksize must be a positive integer"),
+        ({"blocksize": 64.0}, "blocksize must be a positive integer"),
+        ({"blocksize": "64"}, "blocksize must be a positive integer"),
+        ({"blocksize": None}, "blocksize must be a positive integer, not null"),
+        ({"blocksize": HUGE}, "blocksize must be a positive integer"),
+        ({"nested_blocksize": 0}, "nested_blocksize must be a positive integer"),
+        ({"shape": [-128, -128]}, "shape must be a list of non-negative integers"),
+        ({"shape": [128.0, 128]}, "shape must be a list of non-negative integers"),
+        ({"quant_type": "nf5"}, "quant_type is \"nf5\" but its tensor name says 'nf4'"),
+        ({"quant_type": "fp4"}, "quant_type is \"fp4\" but its tensor name says 'nf4'"),
+        ({"dtype": "float64"}, "dtype must be one of"),
+    ],
+)
+def test_bnb_quant_state_numbers_are_bounded(nf4_base, change, needle):
+    key = _quant_state(nf4_base, **change)
+    one_error(cli("report", nf4_base), str(nf4_base), key, "bitsandbytes quant state:", needle)
+
+
+def test_bnb_unknown_type_in_the_tensor_name(nf4_base):
+    """A quant_state named for a 4-bit type bitsandbytes does not have is reported under its own name."""
+    from safetensors.torch import load_file, save_file
+
+    path = nf4_base / "model.safetensors"
+    sd = load_file(str(path))
+    key = next(k for k in sorted(sd) if ".quant_state.bitsandbytes__nf4" in k)
+    sd[key.replace("__nf4", "__nf5")] = sd.pop(key)
+    save_file(sd, str(path), metadata={"format": "pt"})
+    one_error(cli("report", nf4_base), "4-bit type 'nf5'", "known: nf4, fp4")
+
+
+def test_bnb_valid_state_is_read(nf4_base):
+    res = cli("detect", nf4_base, "--json")
+    assert res.exit_code == 0, res.output
+    assert "nf4" in json.loads(res.stdout)["quantization"]["scheme"]
+
+
+# -- MoE top-k ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moe_case(tmp_path_factory) -> Path:
+    from tiny_moe import model, peft_experts, save_base
+
+    root = tmp_path_factory.mktemp("moe_numbers")
+    m = model("qwen3_moe")
+    save_base(m, root / "base")
+    peft_experts(m, r=3, alpha=6).save_pretrained(str(root / "adapter"))
+    return root
+
+
+@pytest.fixture
+def moe(moe_case, tmp_path) -> Path:
+    shutil.copytree(moe_case / "base", tmp_path / "base")
+    (tmp_path / "adapter").symlink_to(moe_case / "adapter")
+    return tmp_path
+
+
+def _experts_flops(root: Path) -> int:
+    import lora_convert as lc
+
+    rep = lc.report(root / "adapter", base=root / "base", seq_len=1)
+    return next(r for r in rep.modules if r.kind == "experts").extra_flops
+
+
+@pytest.mark.parametrize("top_k", [-2, 0, 10**12, 1e12, 2.0, "2", True, "E+1"])
+def test_moe_top_k_is_bounded_by_the_experts(moe, top_k):
+    """num_experts_per_tok of -2, 0 or 1e12 made report count every expert without a word."""
+    from tiny_moe import E
+
+    top_k = E + 1 if top_k == "E+1" else top_k
+    edit_json(moe / "base" / "config.json", num_experts_per_tok=top_k)
+    res = cli("report", moe / "adapter", "--base", moe / "base")
+    one_error(res, str(moe / "base"), f"num_experts_per_tok must be an integer from 1 to {E}", "config.json")
+
+
+def test_moe_top_k_bound_comes_from_the_tensors_without_num_experts(moe):
+    """Without num_experts in config.json, the tensors' own expert count bounds top-k."""
+    from tiny_moe import E
+
+    cfg = json.loads((moe / "base" / "config.json").read_text())
+    for key in ("num_experts", "num_local_experts"):
+        cfg.pop(key, None)
+    cfg["num_experts_per_tok"] = E + 1
+    (moe / "base" / "config.json").write_text(json.dumps(cfg))
+    one_error(cli("report", moe / "adapter", "--base", moe / "base"), f"from 1 to {E} ", f"not {E + 1}")
+
+
+def test_moe_top_k_in_range_scales_the_expert_flops(moe):
+    """Every top-k from 1 to E is taken, and the experts' LoRA FLOPs are proportional to it."""
+    from tiny_moe import E
+
+    got = {}
+    for k in (1, E):
+        edit_json(moe / "base" / "config.json", num_experts_per_tok=k)
+        got[k] = _experts_flops(moe)
+    assert got[E] == E * got[1] > 0
