@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 
 FP32 = torch.float32
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes a 64-bit seed: a larger one is an OverflowError
 OVERSAMPLE = 10
 POWER_ITERS = 3  # at most: iterations stop once the captured energy no longer grows (CONVERGED)
 # The power iterations stop when the energy a rank-k truncation keeps grew by less than CONVERGED of the

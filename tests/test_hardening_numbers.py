@@ -569,3 +569,92 @@ def test_moe_top_k_in_range_scales_the_expert_flops(moe):
         edit_json(moe / "base" / "config.json", num_experts_per_tok=k)
         got[k] = _experts_flops(moe)
     assert got[E] == E * got[1] > 0
+
+
+# -- --layers selections -------------------------------------------------------------------------------------------
+
+
+def _extract_layers(out: Path, layers: str):
+    tuned, base = FIXTURES / "tiny-llama-merged", FIXTURES / "tiny-llama-base"
+    return ["extract", tuned, "--base", base, "--layers", layers, "-o", out]
+
+
+def test_layer_selection_is_ranges_not_a_set():
+    """0-10000000 built a set of ten million ints (1 GB); larger bounds took all memory."""
+    import tracemalloc
+
+    from lora_convert.routes.extract import parse_layers
+
+    tracemalloc.start()
+    sel = parse_layers("0-999999998, 5, 7-9, 999999990-999999999")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 1 << 20
+    assert sel is not None and sel.ranges == ((0, 999999999),)
+    assert 0 in sel and 999999999 in sel and 10**9 not in sel and -1 not in sel and None not in sel
+    assert parse_layers("9, 3-4, 5, 0").ranges == ((0, 0), (3, 5), (9, 9))
+    assert parse_layers("") is None and parse_layers(None) is None
+
+
+def test_layer_selection_membership_equals_the_expanded_set():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from lora_convert.routes.extract import parse_layers
+
+    @settings(max_examples=200, deadline=None, derandomize=True, database=None)
+    @given(
+        st.lists(st.tuples(st.integers(0, 40), st.integers(0, 6)), min_size=1, max_size=6), st.lists(st.integers(0, 50))
+    )
+    def check(parts, have):
+        spec = ",".join(f"{a}-{a + n}" if n else str(a) for a, n in parts)
+        want = {i for a, n in parts for i in range(a, a + n + 1)}
+        sel = parse_layers(spec)
+        assert {i for i in range(-1, 60) if i in sel} == want
+        have = sorted(set(have))
+        lacking = sel.missing(have)
+        assert (lacking is None) == want.issubset(have)
+        if lacking is not None:
+            assert lacking in want and lacking not in have and lacking == min(want - set(have))
+
+    check()
+
+
+def test_layers_the_model_lacks_are_an_error_listing_its_layers(tmp_path):
+    """issue 25 item 5: --layers 7 on a 2-layer model extracted nothing from the layers, exit 0.  Huge ranges
+    are checked in the same bounded time and memory (a child under a memory limit)."""
+    out = tmp_path / "out"
+    cases = [_extract_layers(out, s) for s in ("7", "0-10000000", "0-999999999", "1,2", "0-1,3")]
+    got = bounded_cli(cases)
+    for g, lacking in zip(got, ("7", "2", "2", "2", "3"), strict=True):
+        bounded_error(g, "tiny-llama-merged", f"names layer {lacking}, which the model lacks: it has layers 0-1")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        ("5-3", "empty range '5-3'"),
+        ("x", "cannot read 'x'"),
+        ("1-2-3", "cannot read '1-2-3'"),
+        ("-1", "cannot read '-1'"),
+        ("1" * 5000, "more than 9 digits"),  # int() of 5,000 digits is a ValueError beyond Python's digit limit
+        ("0-9999999999", "more than 9 digits"),
+    ],
+)
+def test_unreadable_layers_are_a_usage_error(tmp_path, spec, needle):
+    out = tmp_path / "out"
+    res = cli(*_extract_layers(out, spec))
+    assert res.exit_code == 2, res.output
+    assert "Invalid value for '--layers'" in res.stderr and needle in res.stderr
+    assert "Traceback" not in res.output and not out.exists()
+
+
+def test_layers_select_exactly_those_layers(tmp_path):
+    from safetensors import safe_open
+
+    res = cli(*_extract_layers(tmp_path / "one", "1"))
+    assert res.exit_code == 0, res.output
+    with safe_open(str(tmp_path / "one" / "adapter_model.safetensors"), "pt") as f:
+        layers = {k.split(".layers.")[1].split(".")[0] for k in f.keys() if ".layers." in k}
+    assert layers == {"1"}

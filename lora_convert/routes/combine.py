@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from .. import arch, combine_math
+from ..bounds import seed_ok
 from ..combine_math import FACTOR_METHODS, METHODS, PRUNING_METHODS, RANDOM_METHODS, SIGN_METHODS, SVD_METHODS
 from ..dialects.peft_keys import Role, format_key
 from ..errors import AdapterError, RouteError, UnsupportedError
@@ -43,7 +44,6 @@ from ..errors import option_name as _opt
 from ..inventory import LoraModule
 from ..pipeline import Buffers, Job
 from ..stack import AdapterInput
-from ..svd import MAX_SEED
 from .common import check_finite, copy_job, same_tensor
 from .plan import Plan, Request
 
@@ -79,16 +79,12 @@ class CombineOptions:
             (self.svd_clamp is None or svd, f"{clamp} applies to the svd methods, not {self.method}"),
             (self.svd_clamp is None or 0 <= self.svd_clamp <= 1, f"{clamp} is a quantile in [0, 1]"),
             (self.majority_sign in SIGN_METHODS, f"{_opt('majority_sign')} must be total or frequency"),
-            (_seed_ok(self.seed), f"{_opt('seed')} must be an integer from 0 to 2**64 - 1"),
+            (seed_ok(self.seed), f"{_opt('seed')} must be an integer from 0 to 2**64 - 1"),
         ]
         for ok, message in checks:
             if not ok:
                 raise RouteError(message)
         return self
-
-
-def _seed_ok(seed: Any) -> bool:
-    return isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED
 
 
 @dataclass
