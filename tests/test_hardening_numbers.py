@@ -484,6 +484,7 @@ def _quant_state(base: Path, **changes) -> str:
         ({"quant_type": "nf5"}, "quant_type is \"nf5\" but its tensor name says 'nf4'"),
         ({"quant_type": "fp4"}, "quant_type is \"fp4\" but its tensor name says 'nf4'"),
         ({"dtype": "float64"}, "dtype must be one of"),
+        ({"dtype": ["bfloat16"]}, "dtype must be one of"),  # (unhashable: found by the fuzzer)
     ],
 )
 def test_bnb_quant_state_numbers_are_bounded(nf4_base, change, needle):
@@ -658,3 +659,10 @@ def test_layers_select_exactly_those_layers(tmp_path):
     with safe_open(str(tmp_path / "one" / "adapter_model.safetensors"), "pt") as f:
         layers = {k.split(".layers.")[1].split(".")[0] for k in f.keys() if ".layers." in k}
     assert layers == {"1"}
+
+
+@pytest.mark.parametrize("offset", [[128, 128], "0.5", float("nan"), float("inf"), HUGE, True])
+def test_bnb_nested_offset_is_a_finite_number(nf4_base, tmp_path, offset):
+    """Found by the fuzzer (test_fuzz_readers.py): a list as nested_offset was a TypeError mid-merge."""
+    key = _quant_state(nf4_base, nested_offset=offset)
+    one_error(cli("report", nf4_base), key, "nested_offset must be a finite number")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+FP32_MAX = 3.4028234663852886e38
 MAX_BLOCK = 2**31  # a block side or bitsandbytes block larger than any tensor we could read
 BNB_QUANT_TYPES = ("nf4", "fp4")  # bitsandbytes' 4-bit code books
 BNB_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -57,10 +58,14 @@ def bnb_state_problem(state: Any, qtype: str) -> str | None:
     for key in ("blocksize", "nested_blocksize"):
         if (key == "blocksize" or key in state) and not positive_int(state.get(key)):
             return f"{key} must be a positive integer, not {_show(state.get(key))}"
+    offset = state.get("nested_offset", 0.0)
+    if not (isinstance(offset, (int, float)) and not isinstance(offset, bool) and abs(offset) <= FP32_MAX):
+        return f"nested_offset must be a finite number, not {_show(offset)}"  # (NaN fails the comparison too)
     if qtype not in BNB_QUANT_TYPES:
         return f"its tensor name gives the 4-bit type {qtype[:40]!r} (known: {', '.join(BNB_QUANT_TYPES)})"
     if "quant_type" in state and state["quant_type"] != qtype:
         return f"quant_type is {_show(state['quant_type'])} but its tensor name says {qtype!r}"
-    if state.get("dtype", "float32") not in BNB_DTYPES:
+    dtype = state.get("dtype", "float32")
+    if not isinstance(dtype, str) or dtype not in BNB_DTYPES:
         return f"dtype must be one of {', '.join(BNB_DTYPES)}, not {_show(state.get('dtype'))}"
     return None
