@@ -314,15 +314,23 @@ def _base_from_config(folder: Path) -> tuple[dict[str, _T], dict[str, Any]]:
     # bounded and type-checked, before transformers reads it
     raw = arch.check_model_config(load_json(folder / "config.json", what="a config file"), folder / "config.json")
     raw = raw or {}
-    conf = AutoConfig.from_pretrained(str(folder))
+    try:  # transformers on a stranger's numbers (sizes whose product overflows int64...): its error, one line
+        conf = AutoConfig.from_pretrained(str(folder))
+        with torch.device("meta"):
+            try:
+                model = AutoModelForCausalLM.from_config(conf)
+            except ValueError:
+                model = AutoModel.from_config(conf)
+    except Exception as exc:  # noqa: BLE001 - third-party code over untrusted input
+        text = " ".join(str(exc).split())[:200]
+        raise CheckpointError(
+            f"transformers cannot build a model from it ({type(exc).__name__}: {text})",
+            path=folder / "config.json",
+            hint="pass a base folder with its weights, or fix config.json",
+        ) from None
     dt = getattr(conf, "dtype", None) or getattr(conf, "torch_dtype", None) or torch.float32
     if isinstance(dt, str):
         dt = getattr(torch, dt, torch.float32)
-    with torch.device("meta"):
-        try:
-            model = AutoModelForCausalLM.from_config(conf)
-        except ValueError:
-            model = AutoModel.from_config(conf)
     from .io.safetensors_format import dtype_name
 
     name = dtype_name(dt)

@@ -67,8 +67,9 @@ def edited(draw, valid: dict, keys: list[str]) -> dict:
 # -- the child: every target, each example bounded --------------------------------------------------------------
 
 
-class Late(Exception):
-    """An example ran past EXAMPLE_SECONDS."""
+class Late(BaseException):
+    """An example ran past EXAMPLE_SECONDS (a BaseException: no ``except Exception`` in the code under test
+    can turn it into a result)."""
 
 
 def _late(*_: object) -> None:
