@@ -689,3 +689,29 @@ def test_report_config_only_base_with_sizes_torch_cannot_hold(work, change):
         assert rep["rows"][0]["base_parameters"] > 2**40
     else:
         one_error(res, str(only_config / "config.json"), "transformers cannot build a model from it")
+
+
+@pytest.fixture(scope="module")
+def ct_block_base(tmp_path_factory) -> Path:
+    from quant_models import llama, save_ct
+
+    root = tmp_path_factory.mktemp("ct_numbers")
+    save_ct(llama(), root / "ct", "FP8_BLOCK")
+    return root / "ct"
+
+
+@pytest.mark.parametrize("size", [[0, 0], [128], "128", [128.0, 128.0], [[128], [128]], {}])
+def test_compressed_tensors_block_structure_is_two_positive_integers(ct_block_base, tmp_path, size):
+    """The same bound as fp8's weight_block_size, for compressed-tensors' block_structure ([0, 0] divided by
+    zero, a nested list was unhashable)."""
+    base = tmp_path / "ct"
+    shutil.copytree(ct_block_base, base)
+    cfg = json.loads((base / "config.json").read_text())
+    groups = cfg["quantization_config"]["config_groups"]
+    weights = next(g["weights"] for g in groups.values() if g.get("weights", {}).get("strategy") == "block")
+    assert weights["block_structure"] == [128, 128]
+    res = cli("report", base, "--json")
+    assert res.exit_code == 0, res.output
+    weights["block_structure"] = size
+    (base / "config.json").write_text(json.dumps(cfg))
+    one_error(cli("report", base), str(base), "block_structure must be two positive integers")

@@ -30,14 +30,14 @@ def _count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**48
 
 
-def fp8_block_size(value: Any) -> tuple[int, int] | None:
-    """``weight_block_size``: None (absent: one scale per tensor) or [rows, cols] as two positive integers;
-    anything else is a ValueError saying what it must be."""
+def fp8_block_size(value: Any, name: str = "weight_block_size") -> tuple[int, int] | None:
+    """``weight_block_size`` (compressed-tensors: ``block_structure``): None (absent: one scale per tensor) or
+    [rows, cols] as two positive integers; anything else is a ValueError saying what it must be."""
     if value is None:
         return None
     if isinstance(value, list) and len(value) == 2 and all(positive_int(v) for v in value):
         return value[0], value[1]
-    raise ValueError(f"weight_block_size must be two positive integers [rows, cols], not {_show(value)}")
+    raise ValueError(f"{name} must be two positive integers [rows, cols], not {_show(value)}")
 
 
 def check_fp8_fmt(value: Any, stored: str = "e4m3") -> None:

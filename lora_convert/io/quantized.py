@@ -173,6 +173,10 @@ def _ct_weights(qc: dict[str, Any]) -> list[dict[str, Any]]:
         w = g.get("weights") if isinstance(g, dict) else None
         if not w:
             continue
+        if not isinstance(w, dict):
+            raise UnsupportedError(
+                f"compressed-tensors config_groups weights must be an object, not {type(w).__name__}"
+            )
         gfmt = g.get("format") or fmt
         if gfmt not in ("float-quantized", "naive-quantized") or w.get("type") != "float" or w.get("num_bits") != 8:
             raise UnsupportedError(
@@ -190,7 +194,16 @@ def _ct_fp8(ck: Checkpoint, qc: dict[str, Any]) -> tuple[dict[str, QuantizedTens
         weights = _ct_weights(qc)
     except UnsupportedError as exc:
         raise UnsupportedError(exc.message, path=ck.root, tensor=_first_quantized(ck)) from None
-    blocks = {tuple(w["block_structure"]) for w in weights if w.get("strategy") == "block"}
+    try:  # numbers from config.json, bounded before they size a grid
+        blocks = {
+            quant_bounds.fp8_block_size(w.get("block_structure"), "block_structure")
+            for w in weights
+            if w.get("strategy") == "block"
+        } - {None}
+    except ValueError as exc:
+        raise CheckpointError(
+            f"config.json's quantization_config: {exc}", path=ck.root, hint="fix it in config.json"
+        ) from None
     if len(blocks) > 1:
         raise UnsupportedError(f"compressed-tensors block sizes {sorted(blocks)} in one model", path=ck.root)
     block_size = blocks.pop() if blocks else None
