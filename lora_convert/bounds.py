@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+MAX_SEQ_LEN = 2**32  # report --seq-len: a context of 4G tokens; beyond, FLOP counts overflow a float when shown
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes a 64-bit seed: a larger one is an OverflowError
 
 

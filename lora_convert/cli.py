@@ -13,7 +13,7 @@ import click
 from rich.console import Console
 
 from . import api
-from .bounds import MAX_SEED
+from .bounds import MAX_SEED, MAX_SEQ_LEN
 from .cli_output import document, dumps, error_document, fit_console, table
 from .errors import LoraConvertError
 from .fmt import human_bytes, ranges
@@ -691,7 +691,7 @@ def verify_cmd(
 @click.option("--adapter", help="Adapter name, for checkpoints with several.")
 @click.option(
     "--seq-len",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_SEQ_LEN),
     default=2048,
     show_default=True,
     help="Context length for the attention FLOPs.",

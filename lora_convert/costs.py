@@ -39,6 +39,7 @@ from typing import Any
 
 from . import arch, moe_layouts
 from .arch import ModelShape, module_of
+from .bounds import MAX_SEQ_LEN
 from .errors import CheckpointError, UnsupportedError, option_name
 from .fmt import human_bytes
 from .inputs import load_source, open_plain, pick_adapter, resolve
@@ -460,10 +461,12 @@ def build_report(
     path: str | Path, *, base: str | Path | None = None, seq_len: int = 2048, adapter: str | None = None
 ) -> Report:
     """Count parameters, bytes and FLOPs per token of every form of ``path``, from headers only."""
-    if seq_len < 1:
-        from .errors import RouteError
+    from .errors import RouteError
 
+    if seq_len < 1:
         raise RouteError(f"{option_name('seq_len')} must be at least 1")
+    if seq_len > MAX_SEQ_LEN:  # a context beyond 4G tokens: the FLOP counts no longer fit a float when shown
+        raise RouteError(f"{option_name('seq_len')} must be at most {MAX_SEQ_LEN}")
     notes: list[str] = []
     ck, inv = load_source(path, adapter=adapter)
     with ck:

@@ -715,3 +715,90 @@ def test_compressed_tensors_block_structure_is_two_positive_integers(ct_block_ba
     weights["block_structure"] = size
     (base / "config.json").write_text(json.dumps(cfg))
     one_error(cli("report", base), str(base), "block_structure must be two positive integers")
+
+
+# -- verify --ulps ---------------------------------------------------------------------------------------------
+
+
+def _verify(merged: Path, ulps: object):
+    base, lora = FIXTURES / "tiny-llama-base", FIXTURES / "tiny-llama-lora"
+    return cli("verify", merged, "--base", base, "--adapter", lora, "--ulps", ulps)
+
+
+@pytest.mark.parametrize("ulps", ["1e300", "4194304", "1e7"])
+def test_verify_tolerance_that_passes_any_model_is_refused(tmp_path, ulps):
+    """--ulps 1e300 passed a random model: 2^22 fp32 ulps are a quarter of each value itself."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    rand = tmp_path / "random"
+    shutil.copytree(FIXTURES / "tiny-llama-merged", rand)
+    sd = load_file(str(rand / "model.safetensors"))
+    save_file(
+        {k: torch.randn_like(v) for k, v in sd.items()}, str(rand / "model.safetensors"), metadata={"format": "pt"}
+    )
+    one_error(_verify(rand, ulps), f"--ulps {float(ulps):g}", "so any model would pass", "less than 4194304")
+    assert _verify(rand, "2").exit_code != 0  # (and at the default the random model fails)
+
+
+def test_verify_tolerance_bound_follows_the_merged_dtype(tmp_path):
+    """In bf16 (8-bit significand) the bound is 64 ulps; below it a correct merge still passes."""
+    out = tmp_path / "bf16"
+    res = cli(
+        "merge", FIXTURES / "tiny-llama-lora", "--base", FIXTURES / "tiny-llama-base", "--dtype", "bf16", "-o", out
+    )
+    assert res.exit_code == 0, res.output
+    one_error(_verify(out, "64"), "bfloat16", "less than 64")
+    res = _verify(out, "63")
+    assert res.exit_code == 0 and "tolerance 63 ulps" in res.output, res.output
+
+
+# -- report --seq-len -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seq_len", [2**32 + 1, 10**400])
+def test_report_seq_len_is_bounded(seq_len):
+    """A 401-digit --seq-len was an OverflowError when the FLOPs were shown."""
+    import lora_convert as lc
+
+    res = cli("report", FIXTURES / "tiny-llama-lora", "--base", FIXTURES / "tiny-llama-base", "--seq-len", seq_len)
+    assert res.exit_code == 2 and "--seq-len" in res.stderr and "Traceback" not in res.output, res.output
+    with pytest.raises(lc.RouteError, match=r"seq_len must be at most 4294967296"):
+        lc.report(FIXTURES / "tiny-llama-lora", base=FIXTURES / "tiny-llama-base", seq_len=seq_len)
+
+
+def test_report_largest_seq_len_is_shown():
+    res = cli("report", FIXTURES / "tiny-llama-lora", "--base", FIXTURES / "tiny-llama-base", "--seq-len", 2**32)
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("e", [0, -4, 10**12, True, "4"])
+def test_unsloth_marker_expert_count_is_bounded(moe_case, tmp_path, e):
+    """The Unsloth marker's num_experts divides lora_A's rows: 0 was a ZeroDivisionError."""
+    import lora_convert as lc
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(moe_case / "adapter", adapter)
+    params = {"gate_up_proj": {"num_experts": e}, "down_proj": {"num_experts": e}}
+    edit_json(adapter / "adapter_config.json", unsloth_fused_expert_lora={"parameters": params})
+    with pytest.raises(
+        lc.AdapterError, match=r"unsloth_fused_expert_lora num_experts for .* must be an integer from 1"
+    ):
+        lc.merge(adapter, base=moe_case / "base", output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsloth_marker_true_expert_count_is_taken(moe_case, tmp_path):
+    from tiny_moe import E
+
+    import lora_convert as lc
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(moe_case / "adapter", adapter)
+    params = {"gate_up_proj": {"num_experts": E}, "down_proj": {"num_experts": E}}
+    edit_json(adapter / "adapter_config.json", unsloth_fused_expert_lora={"parameters": params})
+    lc.merge(adapter, base=moe_case / "base", output=tmp_path / "out")
+    lc.merge(moe_case / "adapter", base=moe_case / "base", output=tmp_path / "want")
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (
+        tmp_path / "want" / "model.safetensors"
+    ).read_bytes()
