@@ -802,3 +802,24 @@ def test_unsloth_marker_true_expert_count_is_taken(moe_case, tmp_path):
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (
         tmp_path / "want" / "model.safetensors"
     ).read_bytes()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_verify_names_nan_in_merged(tmp_path, bad):
+    """A NaN in a merged tensor the adapter touches was reported as 'wrong scale c = nan'."""
+    from safetensors.torch import load_file, save_file
+
+    merged = tmp_path / "merged"
+    shutil.copytree(FIXTURES / "tiny-llama-merged", merged)
+    sd = load_file(str(merged / "model.safetensors"))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    sd[key][0, 0] = bad
+    save_file(sd, str(merged / "model.safetensors"), metadata={"format": "pt"})
+    res = cli(
+        "verify", merged, "--base", FIXTURES / "tiny-llama-base", "--adapter", FIXTURES / "tiny-llama-lora", "--json"
+    )
+    assert res.exit_code != 0, res.output
+    checks = {c["tensor"]: c for c in json.loads(res.stdout)["checks"]}
+    assert checks[key]["status"] == "mismatch", checks[key]
+    assert "holds 1 NaN/Inf values" in checks[key]["detail"] and "nan" not in checks[key]["detail"].replace("NaN", "")
+    assert all(c["status"] == "ok" for k, c in checks.items() if k != key)

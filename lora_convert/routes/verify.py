@@ -206,6 +206,8 @@ def _classify(key: str, ag: Agreement, o: _KeyOps, tol: float, experts: bool = F
     worst = round(ag.worst, 3)
     if ag.worst <= tol:
         return TensorCheck(key, OK, ulps=worst, scale=_scale(ag))
+    if ag.nonfinite:  # (a NaN made the fit's sums NaN: it read as "wrong scale c = nan")
+        return TensorCheck(key, "mismatch", f"holds {ag.nonfinite} NaN/Inf values of {ag.elements}", worst)
     if not (experts or o.loras or o.bias_adds or o.tokens is not None or o.replaced):
         return TensorCheck(
             key, "changed outside the adapter", f"{_fmt(ag.worst)} ulps from the base, which it should equal", worst
