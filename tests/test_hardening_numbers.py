@@ -823,3 +823,11 @@ def test_verify_names_nan_in_merged(tmp_path, bad):
     assert checks[key]["status"] == "mismatch", checks[key]
     assert "holds 1 NaN/Inf values" in checks[key]["detail"] and "nan" not in checks[key]["detail"].replace("NaN", "")
     assert all(c["status"] == "ok" for k, c in checks.items() if k != key)
+
+
+def test_the_bounded_child_turns_a_blow_up_into_a_failure():
+    """The harness itself: an allocation past CHILD_MEMORY fails in the child (MemoryError) rather than taking
+    the machine, which is what makes the bounded cases above (and test_fuzz_readers.py) safe to run."""
+    code = "import sys\ntry:\n    x = bytearray(4 << 30)\nexcept MemoryError:\n    sys.exit(3)\n"
+    proc = subprocess.run([sys.executable, "-c", code], preexec_fn=_limit, capture_output=True, timeout=60)
+    assert proc.returncode == 3, proc
