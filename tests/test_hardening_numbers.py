@@ -831,3 +831,16 @@ def test_the_bounded_child_turns_a_blow_up_into_a_failure():
     code = "import sys\ntry:\n    x = bytearray(4 << 30)\nexcept MemoryError:\n    sys.exit(3)\n"
     proc = subprocess.run([sys.executable, "-c", code], preexec_fn=_limit, capture_output=True, timeout=60)
     assert proc.returncode == 3, proc
+
+
+def test_gguf_adapter_layer_index_beyond_the_base_is_refused_before_the_name_map(work, tmp_path):
+    """A hostile adapter naming layer 999999999 does not size llama.cpp's name map: refused by name first."""
+    from safetensors.torch import load_file, save_file
+
+    path = work / "adapter" / "adapter_model.safetensors"
+    sd = load_file(str(path))
+    sd = {k.replace(".layers.1.", ".layers.999999999."): v for k, v in sd.items()}
+    save_file(sd, str(path), metadata={"format": "pt"})
+    out = tmp_path / "x.gguf"
+    res = cli("convert", work / "adapter", "--to", "gguf", "--base", work / "base", "-o", out)
+    one_error(res, "LoRA on layer 999999999", "num_hidden_layers 2", out=out)

@@ -148,17 +148,19 @@ def _pairs(req: Request, modules: list[LoraModule], name: str, config: dict[str,
 
     text = arch.text_config(config)
     layers = int(text.get("num_hidden_layers") or 0)  # at most arch.MAX_LAYERS (checked when config.json is read)
+    index = {m.module: arch.layer_index(text_module(m.module)) for m in modules}
     for m in modules:
-        i = arch.layer_index(text_module(m.module))
-        if i is not None and i >= layers:
+        i = index[m.module]
+        if i is not None and i >= layers and text_module(m.module).startswith("model.layers."):
             raise AdapterError(
                 f"LoRA on layer {i}, but the base's config.json has num_hidden_layers {layers}",
                 path=req.source.root,
                 tensor=m.module,
                 hint="is this adapter for this base model?",
             )
-    # llama.cpp's name map holds every name of every layer: built for the layers the adapter touches only
-    used = max((i for m in modules if (i := arch.layer_index(text_module(m.module))) is not None), default=-1)
+    # llama.cpp's name map holds every name of every layer: built for the layers the adapter touches only (the
+    # same names as a map of all the layers: a module on a block past num_hidden_layers is in neither)
+    used = max((i for i in index.values() if i is not None and i < layers), default=-1)
     tmap = gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == name), used + 1)
     tie = arch.config_value(config, "tie_word_embeddings")
     tied = name in ALWAYS_TIED or (bool(tie) if tie is not None else name in TIED_BY_DEFAULT)
