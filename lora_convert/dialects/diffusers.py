@@ -68,7 +68,8 @@ def component_configs(ck: Checkpoint) -> dict[str, AdapterConfig]:
     raw = ck.metadata.get(METADATA_KEY)
     if raw is None:
         return {}
-    where = str(ck.files[0]) if len(ck.files) == 1 else str(ck.root)  # the file whose metadata this is
+    files = getattr(ck, "files", None) or []
+    where = str(files[0]) if len(files) == 1 else str(ck.root)  # the file whose metadata this is
     if len(raw) > MAX_CONFIG_BYTES:  # what an adapter_config.json may hold; real ones are a few KB
         raise AdapterError(f"{METADATA_KEY} metadata of {len(raw)} characters (at most {MAX_CONFIG_BYTES})", path=where)
     try:
