@@ -6,7 +6,7 @@ file), never another exception.  Unlike there, the examples run in a child proce
 (RLIMIT_AS) and a wall-clock alarm per example, so that a hang or a blow-up (a layer count that sizes a name map,
 a range that becomes a set) fails the test instead of taking the machine.  The child starts once for every
 target (a torch import costs seconds); each test reads its target's outcome.  A fixed (derandomized) set of
-examples per target, no shrinking: the whole file takes ~40 s on 2 loaded cores.
+examples per target (310 in all), no shrinking: the whole file takes ~20 s on 2 idle cores, ~45 s loaded.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 CHILD_MEMORY = 3 << 30  # torch, transformers and gguf import within ~1.5 GB of address space
 EXAMPLE_SECONDS = 10
-EXAMPLES = {"mlx": 30, "diffusers": 40, "quant_config": 30, "quant_state": 30, "moe": 20, "gguf": 25}
+EXAMPLES = {"mlx": 60, "diffusers": 60, "quant_config": 40, "quant_state": 60, "moe": 30, "gguf": 60}
 SETTINGS = {
     "deadline": None,
     "suppress_health_check": list(HealthCheck),
