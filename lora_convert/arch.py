@@ -246,6 +246,16 @@ def _count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**48
 
 
+# Layer counts build per-layer structures (llama.cpp's name map, report's meta-device model): the deepest
+# real transformers have a few hundred layers, so a count beyond this is a broken or hostile config.json.
+MAX_LAYERS = 4096
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def _layer_count(v: Any) -> bool:
+    return _count(v) and v <= MAX_LAYERS
+
+
 def _strings(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
@@ -266,9 +276,6 @@ MODEL_CONFIG_SCHEMA: dict[str, tuple[Any, str]] = {
         k: (_count, "a non-negative integer")
         for k in (
             "vocab_size",
-            "num_hidden_layers",
-            "n_layer",
-            "num_layers",
             "num_attention_heads",
             "n_head",
             "num_heads",
@@ -280,6 +287,7 @@ MODEL_CONFIG_SCHEMA: dict[str, tuple[Any, str]] = {
             "sliding_window",
         )
     },
+    **{k: (_layer_count, f"a layer count from 0 to {MAX_LAYERS}") for k in LAYER_COUNT_KEYS},
 }
 
 
@@ -302,6 +310,35 @@ def check_model_config(data: Any, path: Path) -> dict[str, Any] | None:
                     f"{where}{key} must be {what}, not {shown[:60]}", path=path, hint="fix this value in config.json"
                 )
     return data
+
+
+def check_layer_count(config: dict[str, Any] | None, keys: Iterable[str], path: str | Path | None) -> None:
+    """Refuse a config.json that claims more decoder layers than its own weights (``keys``) hold: the
+    count sizes per-layer work, so it is bounded by the tensors' highest layer index.  Fewer is fine
+    (extra layers, e.g. a multi-token-prediction head, are stored beyond the count)."""
+    claimed = model_shape(config).layers if config else None
+    if not claimed:
+        return
+    highest = max((i for k in keys if (i := layer_index(k)) is not None), default=None)
+    if highest is not None and claimed > highest + 1:
+        raise CheckpointError(
+            f"num_hidden_layers is {claimed} but the weights hold layers 0-{highest} only",
+            path=path,
+            hint="fix num_hidden_layers in config.json",
+        )
+
+
+def head_count(config: dict[str, Any] | None, key: str, path: str | Path | None, default: int | None = None) -> int:
+    """A head count of the text config (``num_attention_heads``, ``num_key_value_heads``): at least 1, as
+    everything that splits rows into heads needs (``default`` where the key is absent or null)."""
+    v = text_config(config).get(key)
+    if v is None and default is not None:
+        return default
+    if not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+        raise CheckpointError(
+            f"{key} must be a positive integer, not {json.dumps(v)[:60]}", path=path, hint="fix it in config.json"
+        )
+    return v
 
 
 # -- prefixes that spell the same module in different layouts ----------------------------------------------

@@ -13,6 +13,7 @@ import click
 from rich.console import Console
 
 from . import api
+from .bounds import MAX_SEED, MAX_SEQ_LEN
 from .cli_output import document, dumps, error_document, fit_console, table
 from .errors import LoraConvertError
 from .fmt import human_bytes, ranges
@@ -312,6 +313,21 @@ def _report_conversion(res: Any, as_json: bool) -> None:
         out.print(f"[green]pushed[/green] {safe(res.output)} -> {safe(res.pushed.commit_url)}")
 
 
+SEED = click.IntRange(0, MAX_SEED)  # torch's generators take 64-bit seeds: beyond, a usage error (exit 2)
+
+
+def _layers_syntax(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """``--layers`` that cannot be read is a usage error (exit 2), found before any file is opened; whether the
+    model has the layers is checked against its tensors later (exit 1)."""
+    from .routes.extract import parse_layers
+
+    try:
+        parse_layers(value)
+    except LoraConvertError as exc:
+        raise click.BadParameter(exc.for_cli().removeprefix("--layers: ")) from None
+    return value
+
+
 def _extraction_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The SVD options, shared by ``extract`` and ``convert --to adapter`` (defaults applied by the API)."""
     for opt in reversed(
@@ -326,7 +342,7 @@ def _extraction_options(f: Callable[..., Any]) -> Callable[..., Any]:
             click.option(
                 "--exclude", multiple=True, help="Leave out modules whose path matches this regex (repeatable)."
             ),
-            click.option("--layers", help="Only these decoder layers, e.g. 0-15,20."),
+            click.option("--layers", callback=_layers_syntax, help="Only these decoder layers, e.g. 0-15,20."),
             click.option(
                 "--embeddings",
                 type=click.Choice(["lora", "full", "skip"]),
@@ -340,7 +356,7 @@ def _extraction_options(f: Callable[..., Any]) -> Callable[..., Any]:
             ),
             click.option("--svd", type=click.Choice(["auto", "exact", "randomized"]), help="[default: auto]"),
             click.option("--device", help="cpu or cuda.  [default: cpu]"),
-            click.option("--seed", type=int, help="Seed of the randomized SVD.  [default: 0]"),
+            click.option("--seed", type=SEED, help="Seed of the randomized SVD.  [default: 0]"),
             click.option(
                 "--factor-dtype",
                 type=click.Choice(["fp32", "bf16", "fp16"]),
@@ -556,7 +572,7 @@ def _print_requantization(rq: Any) -> None:
 @click.option("--rank", type=int, help="Rank of the svd methods' result.  [default: the largest source rank]")
 @click.option(
     "--seed",
-    type=int,
+    type=SEED,
     default=0,
     show_default=True,
     help="dare's random masks: the same as torch.manual_seed(SEED) just before PEFT's add_weighted_adapter.",
@@ -684,7 +700,7 @@ def verify_cmd(
 @click.option("--adapter", help="Adapter name, for checkpoints with several.")
 @click.option(
     "--seq-len",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_SEQ_LEN),
     default=2048,
     show_default=True,
     help="Context length for the attention FLOPs.",

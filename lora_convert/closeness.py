@@ -87,6 +87,7 @@ class Agreement:
     worst_base: float = 0.0
     worst_alt: float | None = None  # against an alternative expectation (e.g. DoRA without its rescaling)
     elements: int = 0
+    nonfinite: int = 0  # NaN/Inf values in the merged tensor: no scale or fit speaks for them
     _dx: float = 0.0  # Σ (merged − base)·ΔW
     _xx: float = 0.0  # Σ ΔW²
     _dd: float = 0.0  # Σ (merged − base)²
@@ -109,6 +110,7 @@ class Agreement:
                 self.worst_base = max(self.worst_base, 0.0 if torch.equal(merged, base) else math.inf)
             return
         work = FP32  # elementwise: exact enough, as a unit is never finer than 2^-20 (ARITHMETIC_BITS)
+        self.nonfinite += merged.numel() - int(torch.isfinite(merged).sum())
         m = merged.to(work)
         b = base.to(work) if base is not None else None
         # The element's magnitude: the larger of merged and base (where they agree with the expected
@@ -135,8 +137,10 @@ class Agreement:
             self._noise += float(torch.dot(unit, unit))
 
     def scale(self) -> float | None:
-        """c in ``merged − base ≈ c·ΔW`` (None without a ΔW, or when ΔW is zero)."""
-        return self._dx / self._xx if self._xx > 0 else None
+        """c in ``merged − base ≈ c·ΔW`` (None without a ΔW, when ΔW is zero, or when the sums are not finite:
+        a NaN in MERGED is no scale of ΔW)."""
+        c = self._dx / self._xx if self._xx > 0 else None
+        return c if c is not None and math.isfinite(c) else None
 
     def fits(self, tolerance_ulps: float) -> bool:
         """Whether ``base + c·ΔW`` explains the merged tensor up to rounding: the root-mean-square

@@ -34,6 +34,7 @@ PATTERN_TIMEOUT_S = 2.0  # wall seconds for one key against one module name: rea
 PATTERN_BUDGET_S = 10.0  # CPU seconds for every match of one config together
 MAX_PATTERN_CHARS = 10_000
 FP32_MAX = 3.4028234663852886e38
+MAX_VERSION_CHARS = 64  # "0.19.1.dev0+g0123abcd": a version string longer than this is not one
 _MAX_INT = 2**31  # ranks and token ids beyond this are not real
 
 
@@ -194,7 +195,8 @@ def _token_ids(v: Any) -> bool:
 
 
 def _alpha(v: Any) -> bool:
-    return _is_number(v) and math.isfinite(v) and abs(v) <= FP32_MAX
+    """A number float32 holds: an int is compared exactly (``math.isfinite(10**400)`` raises OverflowError)."""
+    return _is_number(v) and (isinstance(v, int) or math.isfinite(v)) and abs(v) <= FP32_MAX
 
 
 def _rank(v: Any) -> bool:
@@ -243,24 +245,30 @@ SCHEMA: dict[str, tuple[Any, str]] = {
     "task_type": (lambda v: isinstance(v, str), "a string"),
     # read from the raw config by the MoE reading and the MLX route
     "target_parameters": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
-    "lora_dropout": (_is_number, "a number"),
-    "peft_version": (lambda v: isinstance(v, str), "a string"),
+    "lora_dropout": (lambda v: _is_number(v) and 0 <= v <= 1, "a number from 0 to 1 (a dropout probability)"),
+    "peft_version": (
+        lambda v: isinstance(v, str) and len(v) <= MAX_VERSION_CHARS,
+        f"a version string of at most {MAX_VERSION_CHARS} characters",
+    ),
 }
 
 
 def check_schema(
-    data: dict[str, Any], source: str | None, schema: dict[str, tuple[Any, str]] = SCHEMA, prefix: str = ""
+    data: dict[str, Any],
+    source: str | None,
+    schema: dict[str, tuple[Any, str]] = SCHEMA,
+    prefix: str = "",
+    fix_in: str = "adapter_config.json",
 ) -> None:
     """Refuse, by key, a value of the wrong type: ``"use_rslora": "false"`` (which PEFT would take
     as true), ``rank_pattern`` as a list, an alpha that overflows float32, ...  Other dialects pass
-    the schema of their own config (``prefix`` names a nested object, e.g. ``lora_parameters.``)."""
+    the schema of their own config (``prefix`` names a nested object, e.g. ``lora_parameters.``;
+    ``fix_in`` where the value is kept, e.g. a safetensors file's metadata)."""
     for key, (ok, what) in schema.items():
         v = data.get(key)
         if v is not None and not ok(v):
             raise AdapterError(
-                f"{prefix}{key} must be {what}, not {_show(v)}",
-                path=source,
-                hint="fix this value in adapter_config.json",
+                f"{prefix}{key} must be {what}, not {_show(v)}", path=source, hint=f"fix this value in {fix_in}"
             )
 
 
@@ -292,10 +300,13 @@ class AdapterConfig:
 
     # -- loading -----------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str | None = None) -> AdapterConfig:
+    def from_dict(
+        cls, data: dict[str, Any], *, source: str | None = None, prefix: str = "", fix_in: str = "adapter_config.json"
+    ) -> AdapterConfig:
+        """A config from its JSON object (``prefix`` and ``fix_in`` say where its keys live, for messages)."""
         if not isinstance(data, dict):
             raise AdapterError("adapter config is not a JSON object", path=source)
-        check_schema(data, source)
+        check_schema(data, source, SCHEMA, prefix, fix_in)
         known = {f for f in cls.__dataclass_fields__ if f not in ("raw", "source")}
         kwargs = {k: v for k, v in data.items() if k in known and v is not None}
         cfg = cls(**kwargs, raw=dict(data), source=source)

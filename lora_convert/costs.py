@@ -39,6 +39,7 @@ from typing import Any
 
 from . import arch, moe_layouts
 from .arch import ModelShape, module_of
+from .bounds import MAX_SEQ_LEN
 from .errors import CheckpointError, UnsupportedError, option_name
 from .fmt import human_bytes
 from .inputs import load_source, open_plain, pick_adapter, resolve
@@ -223,12 +224,14 @@ class _Routing:
         return Fraction(1) if e is None or self.active is None else Fraction(min(self.active, e), e)
 
 
-def _routing(tensors: dict[str, _T] | None, config: dict[str, Any] | None) -> _Routing:
+def _routing(tensors: dict[str, _T] | None, config: dict[str, Any] | None, source: Any = None) -> _Routing:
     if tensors is None:
         return _Routing()
     shapes = {k: t.shape for k, t in tensors.items()}
     experts = moe_layouts.expert_tensor_experts(shapes, moe_layouts.layout_for(config, shapes))
-    return _Routing(moe_layouts.active_experts(config), experts)
+    if not experts:  # a dense model: a top-k key (an old config's sampling top_k) means nothing here
+        return _Routing(None, experts)
+    return _Routing(moe_layouts.active_experts(config, max(experts.values()), source), experts)
 
 
 def _matmul_flops(tensors: dict[str, _T], shape: ModelShape, routing: _Routing | None = None) -> int:
@@ -315,15 +318,23 @@ def _base_from_config(folder: Path) -> tuple[dict[str, _T], dict[str, Any]]:
     # bounded and type-checked, before transformers reads it
     raw = arch.check_model_config(load_json(folder / "config.json", what="a config file"), folder / "config.json")
     raw = raw or {}
-    conf = AutoConfig.from_pretrained(str(folder))
+    try:  # transformers on a stranger's numbers (sizes whose product overflows int64...): its error, one line
+        conf = AutoConfig.from_pretrained(str(folder))
+        with torch.device("meta"):
+            try:
+                model = AutoModelForCausalLM.from_config(conf)
+            except ValueError:
+                model = AutoModel.from_config(conf)
+    except Exception as exc:  # noqa: BLE001 - third-party code over untrusted input
+        text = " ".join(str(exc).split())[:200]
+        raise CheckpointError(
+            f"transformers cannot build a model from it ({type(exc).__name__}: {text})",
+            path=folder / "config.json",
+            hint="pass a base folder with its weights, or fix config.json",
+        ) from None
     dt = getattr(conf, "dtype", None) or getattr(conf, "torch_dtype", None) or torch.float32
     if isinstance(dt, str):
         dt = getattr(torch, dt, torch.float32)
-    with torch.device("meta"):
-        try:
-            model = AutoModelForCausalLM.from_config(conf)
-        except ValueError:
-            model = AutoModel.from_config(conf)
     from .io.safetensors_format import dtype_name
 
     name = dtype_name(dt)
@@ -453,10 +464,12 @@ def build_report(
     path: str | Path, *, base: str | Path | None = None, seq_len: int = 2048, adapter: str | None = None
 ) -> Report:
     """Count parameters, bytes and FLOPs per token of every form of ``path``, from headers only."""
-    if seq_len < 1:
-        from .errors import RouteError
+    from .errors import RouteError
 
+    if seq_len < 1:
         raise RouteError(f"{option_name('seq_len')} must be at least 1")
+    if seq_len > MAX_SEQ_LEN:  # a context beyond 4G tokens: the FLOP counts no longer fit a float when shown
+        raise RouteError(f"{option_name('seq_len')} must be at most {MAX_SEQ_LEN}")
     notes: list[str] = []
     ck, inv = load_source(path, adapter=adapter)
     with ck:
@@ -473,13 +486,15 @@ def build_report(
         else:
             quant: dict[str, Any] = {}
             b = _Base(_weights(ck, inv.base, notes, quant), ck.config, "weights", None, "checkpoint", quant)
+        if b.source == "weights" and b.tensors is not None:  # the layer count, bounded by the weights' layers
+            arch.check_layer_count(b.config, b.tensors, b.name or path)
         ad = _adapter(ck, inv, name, notes)
         src_bytes = ck.dtypes()
     shape = arch.model_shape(b.config, head_stored=b.tensors is not None and arch.HEAD_KEY in b.tensors)
     if b.tensors is not None and shape.vocab is None:
         emb = [t for k, t in b.tensors.items() if _is_embedding(k) and len(t.shape) == 2]
         shape.vocab = emb[0].shape[0] if emb else None
-    routing = _routing(b.tensors, b.config)
+    routing = _routing(b.tensors, b.config, b.name or path)
     _moe_notes(routing, ad, notes)
     rows = _rows(form, b, ad, shape, seq_len, src_bytes, notes)
     modules = _kinds(ad, routing)
@@ -537,7 +552,7 @@ def _moe_notes(routing: _Routing, ad: _Adapter, notes: list[str]) -> None:
 def _rows(
     form: str, b: _Base, ad: _Adapter, shape: ModelShape, seq_len: int, src_bytes: dict[str, int], notes: list[str]
 ) -> list[FormRow]:
-    routing = _routing(b.tensors, b.config)
+    routing = _routing(b.tensors, b.config, b.name)
     lora_params = sum(lora_module_params(m) for m in ad.modules.values()) + sum(ad.tensors[k].numel for k in ad.trained)
     lora_flops = sum(_lora_flops(m, routing) for m in ad.modules.values())
     attn = attention_flops(shape, seq_len)

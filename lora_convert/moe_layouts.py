@@ -13,18 +13,21 @@ Torch-free: config dicts and tensor names in, layouts and names out.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .arch import config_value
+from .errors import CheckpointError
 
 # The order in which transformers' experts classes register their parameters.  PEFT wraps the
 # first-registered targeted parameter first, so when several parameters of one experts module are
 # targeted, the innermost wrapper (``experts.base_layer.lora_A``) is the earliest in this order.
 EXPERT_PARAM_ORDER = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
 
+MAX_EXPERTS = 2**20  # top-k's bound where neither config.json nor the tensors say how many experts there are
 NUM_EXPERTS_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 ACTIVE_EXPERTS_KEYS = ("num_experts_per_tok", "moe_topk", "top_k")
 
@@ -172,12 +175,24 @@ def num_experts(config: dict[str, Any] | None) -> int | None:
     return None
 
 
-def active_experts(config: dict[str, Any] | None) -> int | None:
-    """Routed experts each token goes through (``num_experts_per_tok``)."""
+def active_experts(config: dict[str, Any] | None, experts: int | None = None, source: Any = None) -> int | None:
+    """Routed experts each token goes through (``num_experts_per_tok``): an integer from 1 to E, the config's
+    expert count or ``experts`` (the tensors' own; the smaller of the two); anything else is refused by name (``source``: the file)
+    rather than counting every expert.  A per-layer list (Hunyuan's ``moe_topk``) is not read: None."""
     for k in ACTIVE_EXPERTS_KEYS:
         v = config_value(config, k)
-        if isinstance(v, int) and v > 0:
-            return v
+        if v is None or isinstance(v, list):
+            continue
+        known = [x for x in (num_experts(config), experts) if x]
+        e = min(known) if known else None
+        if not (isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= (e or MAX_EXPERTS)):
+            shown = json.dumps(v)[:40]
+            raise CheckpointError(
+                f"{k} must be an integer from 1 to {e or MAX_EXPERTS} (the routed experts of a layer), not {shown}",
+                path=source,
+                hint="fix it in config.json",
+            )
+        return v
     return None
 
 

@@ -18,6 +18,7 @@ from .. import arch
 from ..config import AdapterConfig
 from ..errors import AdapterError
 from ..inventory import DEFAULT_ADAPTER, Inventory
+from ..io.files import MAX_CONFIG_BYTES
 from ..io.reader import Checkpoint
 from .peft import build_inventory, dora_without_magnitudes
 from .peft_keys import parse_key
@@ -79,19 +80,32 @@ def component_configs(ck: Checkpoint) -> dict[str, AdapterConfig]:
     raw = ck.metadata.get(METADATA_KEY)
     if raw is None:
         return {}
+    files = getattr(ck, "files", None) or []
+    where = str(files[0]) if len(files) == 1 else str(ck.root)  # the file whose metadata this is
+    if len(raw) > MAX_CONFIG_BYTES:  # what an adapter_config.json may hold; real ones are a few KB
+        raise AdapterError(f"{METADATA_KEY} metadata of {len(raw)} characters (at most {MAX_CONFIG_BYTES})", path=where)
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise AdapterError(f"{METADATA_KEY} is not valid JSON ({exc.msg})", path=ck.root) from None
+        raise AdapterError(f"{METADATA_KEY} is not valid JSON ({exc.msg})", path=where) from None
     except RecursionError:  # a header is 100 MB at most, but "[[[[..." that deep still blows the parser's stack
-        raise AdapterError(f"{METADATA_KEY} is not valid JSON (nested too deep)", path=ck.root) from None
+        raise AdapterError(f"{METADATA_KEY} is not valid JSON (nested too deep)", path=where) from None
+    except ValueError as exc:  # an integer over Python's digit limit (a 5,000-digit value)
+        raise AdapterError(
+            f"{METADATA_KEY} is not valid JSON ({' '.join(str(exc).split())[:120]})", path=where
+        ) from None
     if not isinstance(meta, dict):
-        raise AdapterError(f"{METADATA_KEY} is not a JSON object", path=ck.root)
+        raise AdapterError(f"{METADATA_KEY} is not a JSON object", path=where)
     per: dict[str, dict[str, Any]] = {}
     for key, value in meta.items():
         comp, _, field = str(key).partition(".")
         per.setdefault(comp, {})[field] = value
-    return {comp: AdapterConfig.from_dict(d, source=str(ck.root)) for comp, d in per.items() if d}
+    fix_in = f"the file's {METADATA_KEY} metadata"  # (a diffusers LoRA file has no adapter_config.json)
+    return {
+        comp: AdapterConfig.from_dict(d, source=where, prefix=f"{METADATA_KEY} {comp}.", fix_in=fix_in)
+        for comp, d in per.items()
+        if d
+    }
 
 
 def merged_config(modules: Any, configs: dict[str, AdapterConfig]) -> AdapterConfig:

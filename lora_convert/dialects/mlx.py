@@ -43,7 +43,9 @@ DORA_TYPES = {"lora": False, "dora": True}
 
 
 def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and abs(v) <= FP32_MAX
+    """A number float32 holds; an int is compared exactly (``math.isfinite(10**400)`` raises OverflowError)."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    return ok and (isinstance(v, int) or math.isfinite(v)) and abs(v) <= FP32_MAX
 
 
 # the keys of mlx-lm's adapter_config.json we read, type-checked at load as PEFT's are (config.SCHEMA)
@@ -55,7 +57,7 @@ SCHEMA: dict[str, tuple[Any, str]] = {
 PARAMETERS_SCHEMA: dict[str, tuple[Any, str]] = {
     "scale": (_number, "a finite number that float32 can hold"),
     "rank": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 2**31, "a positive integer"),
-    "dropout": (_number, "a number"),
+    "dropout": (lambda v: _number(v) and 0 <= v <= 1, "a number from 0 to 1 (a dropout probability)"),
 }
 
 

@@ -182,8 +182,16 @@ def _num_experts(
     base_key = inv.base.get(path)
     if base_key is not None and len(ck.info(base_key).shape) == 3:
         return ck.info(base_key).shape[0]
-    if isinstance(marker.get("num_experts"), int):
-        return int(marker["num_experts"])
+    if "num_experts" in marker:  # from adapter_config.json: it divides lora_A's rows, so 1..rows
+        e = marker["num_experts"]
+        if not (isinstance(e, int) and not isinstance(e, bool) and 1 <= e <= max(rows, 1)):
+            raise AdapterError(
+                f"{UNSLOTH_MARKER} num_experts for {path} must be an integer from 1 to {rows} (lora_A's rows), "
+                f"not {str(e)[:40]}",
+                path=cfg.source if cfg else ck.root,
+                hint="fix it in adapter_config.json",
+            )
+        return e
     e = num_experts(ck.config)
     if e is not None:
         return e

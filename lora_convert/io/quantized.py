@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError, UnsupportedError
+from . import quant_bounds
 from .safetensors_format import DTYPE_TABLE, TensorInfo
 from .sources import SafetensorsSource, TensorSource
 
@@ -152,7 +153,14 @@ def _check_shape(ck: Checkpoint, info: TensorInfo, want: tuple[int, ...], what: 
 
 # -- fp8 with block scales (quant_method "fp8") ---------------------------------------------------------------
 def _fp8_block(ck: Checkpoint, qc: dict[str, Any]) -> tuple[dict[str, QuantizedTensor], str]:
-    size = qc.get("weight_block_size")
+    try:  # numbers from config.json, bounded before they size a grid
+        size = quant_bounds.fp8_block_size(qc.get("weight_block_size"))
+        if any(info.dtype_name == "F8_E4M3" for info in ck.tensors.values()):
+            quant_bounds.check_fp8_fmt(qc.get("fmt"))
+    except ValueError as exc:
+        raise CheckpointError(
+            f"config.json's quantization_config: {exc}", path=ck.root, hint="fix it in config.json"
+        ) from None
     out: dict[str, QuantizedTensor] = {}
     for k, info in ck.tensors.items():
         if info.dtype_name != "F8_E4M3":
@@ -160,7 +168,7 @@ def _fp8_block(ck: Checkpoint, qc: dict[str, Any]) -> tuple[dict[str, QuantizedT
         if info.dtype_name == "F8_E4M3" and len(info.shape) != 2:
             raise UnsupportedError("fp8 weight that is not 2-D", path=ck.root, tensor=k)
         rows, cols = info.shape
-        block = (int(size[0]), int(size[1])) if size else (rows, cols)
+        block = size or (rows, cols)
         scale = _need(ck, k + "_scale_inv", k, "weight_scale_inv")
         _scale_dtype(ck, scale)
         _check_shape(ck, scale, (-(-rows // block[0]), -(-cols // block[1])), "weight_scale_inv")
@@ -188,6 +196,10 @@ def _ct_weights(qc: dict[str, Any]) -> list[dict[str, Any]]:
         w = g.get("weights") if isinstance(g, dict) else None
         if not w:
             continue
+        if not isinstance(w, dict):
+            raise UnsupportedError(
+                f"compressed-tensors config_groups weights must be an object, not {type(w).__name__}"
+            )
         gfmt = g.get("format") or fmt
         if gfmt not in ("float-quantized", "naive-quantized") or w.get("type") != "float" or w.get("num_bits") != 8:
             raise UnsupportedError(
@@ -205,7 +217,16 @@ def _ct_fp8(ck: Checkpoint, qc: dict[str, Any]) -> tuple[dict[str, QuantizedTens
         weights = _ct_weights(qc)
     except UnsupportedError as exc:
         raise UnsupportedError(exc.message, path=ck.root, tensor=_first_quantized(ck)) from None
-    blocks = {tuple(w["block_structure"]) for w in weights if w.get("strategy") == "block"}
+    try:  # numbers from config.json, bounded before they size a grid
+        blocks = {
+            quant_bounds.fp8_block_size(w.get("block_structure"), "block_structure")
+            for w in weights
+            if w.get("strategy") == "block"
+        } - {None}
+    except ValueError as exc:
+        raise CheckpointError(
+            f"config.json's quantization_config: {exc}", path=ck.root, hint="fix it in config.json"
+        ) from None
     if len(blocks) > 1:
         raise UnsupportedError(f"compressed-tensors block sizes {sorted(blocks)} in one model", path=ck.root)
     block_size = blocks.pop() if blocks else None
@@ -274,13 +295,13 @@ def _bnb_4bit(ck: Checkpoint, blob_key: str) -> QuantizedTensor:
     winfo = _need(ck, wk, blob_key, "packed weight")
     try:
         state = json.loads(raw_bytes(ck, blob_key).decode("utf-8"))
-        shape = tuple(int(d) for d in state["shape"])
-        blocksize = int(state["blocksize"])
-        dtype = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[state.get("dtype", "float32")]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise CheckpointError("not a bitsandbytes quant state (JSON)", path=ck.root, tensor=blob_key) from None
-    if qtype not in ("nf4", "fp4") or state.get("quant_type", qtype) != qtype:
-        raise UnsupportedError(f"bitsandbytes 4-bit type {qtype!r}", path=ck.root, tensor=blob_key)
+    problem = quant_bounds.bnb_state_problem(state, qtype)  # every number bounded before it sizes or divides anything
+    if problem:
+        raise CheckpointError(f"bitsandbytes quant state: {problem}", path=ck.root, tensor=blob_key)
+    shape, blocksize = tuple(state["shape"]), state["blocksize"]
+    dtype = quant_bounds.BNB_DTYPES[state.get("dtype", "float32")]
     if winfo.dtype_name != "U8":
         raise UnsupportedError(
             f"4-bit weights stored as {winfo.dtype_name} (bnb_4bit_quant_storage other than uint8)",

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from .. import arch, combine_math, lora_math
+from ..bounds import seed_ok
 from ..combine_math import FACTOR_METHODS, METHODS, PRUNING_METHODS, RANDOM_METHODS, SIGN_METHODS, SVD_METHODS
 from ..dialects.peft_keys import Role, format_key
 from ..errors import AdapterError, RouteError, UnsupportedError, Where
@@ -80,6 +81,7 @@ class CombineOptions:
             (self.svd_clamp is None or svd, f"{clamp} applies to the svd methods, not {self.method}"),
             (self.svd_clamp is None or 0 <= self.svd_clamp <= 1, f"{clamp} is a quantile in [0, 1]"),
             (self.majority_sign in SIGN_METHODS, f"{_opt('majority_sign')} must be total or frequency"),
+            (seed_ok(self.seed), f"{_opt('seed')} must be an integer from 0 to 2**64 - 1"),
         ]
         for ok, message in checks:
             if not ok:

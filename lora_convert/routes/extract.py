@@ -25,6 +25,8 @@ Adapter layout (what ``PeftModel.from_pretrained(base, OUT)`` loads with no miss
 
 from __future__ import annotations
 
+import bisect
+import math
 import re
 import time
 from collections import Counter
@@ -36,10 +38,12 @@ from typing import Any
 import torch
 
 from .. import arch, moe_layouts, svd
+from ..bounds import seed_ok
 from ..config import AdapterConfig
 from ..dialects.peft_keys import PEFT_PREFIX, Role, format_key
 from ..difference import Difference, row_blocks
 from ..errors import RouteError, option, option_name, spelled
+from ..fmt import ranges
 from ..io.reader import Checkpoint
 from ..pipeline import Buffers, Job, Read, execute
 from ..progress import progress_bar
@@ -101,6 +105,10 @@ class ExtractOptions:
                 f"{option_name('dtype')} must be one of {', '.join(FACTOR_DTYPES)} for the adapter's factors",
             ),
             (self.svd in SVD_METHODS, f"{option_name('svd')} must be auto, exact or randomized"),
+            (
+                seed_ok(self.seed),
+                f"{option_name('seed')} must be an integer from 0 to 2**64 - 1",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -132,24 +140,71 @@ def _opts(*names: str) -> str:
     return ", ".join(option_name(n) for n in names)
 
 
-def parse_layers(spec: str | None) -> set[int] | None:
-    """``"0-15,20"`` -> {0..15, 20}."""
+@dataclass(frozen=True)
+class LayerSelection:
+    """``--layers 0-15,20``: sorted, disjoint, inclusive ranges, never expanded into their members (``0-10000000``
+    is two numbers, not a set of ten million)."""
+
+    ranges: tuple[tuple[int, int], ...]
+
+    def __contains__(self, layer: object) -> bool:
+        if not isinstance(layer, int):
+            return False
+        i = bisect.bisect_right(self.ranges, (layer, math.inf)) - 1
+        return i >= 0 and self.ranges[i][0] <= layer <= self.ranges[i][1]
+
+    def missing(self, have: list[int]) -> int | None:
+        """The first selected layer not in ``have`` (sorted, distinct), if any: each range is checked by counting
+        the layers it holds (two bisections), not by walking it."""
+        for a, b in self.ranges:
+            lo, hi = bisect.bisect_left(have, a), bisect.bisect_right(have, b)
+            if hi - lo != b - a + 1:
+                return next((x for x, y in zip(range(a, b + 1), have[lo:hi], strict=False) if x != y), a + (hi - lo))
+        return None
+
+
+MAX_LAYER_DIGITS = 9  # a layer index of ten digits is no model's
+
+
+def parse_layers(spec: str | None) -> LayerSelection | None:
+    """``"0-15,20"`` -> the ranges (0, 15), (20, 20); overlapping and adjacent ranges are joined."""
     if spec is None or str(spec).strip() == "":
         return None
-    out: set[int] = set()
+    found: list[tuple[int, int]] = []
     for part in str(spec).split(","):
         part = part.strip()
         m = re.fullmatch(r"(\d+)\s*-\s*(\d+)|(\d+)", part)
         if not m:
-            raise RouteError(f"{option_name('layers')}: cannot read {part!r} (use e.g. 0-15,20)")
-        if m.group(3) is not None:
-            out.add(int(m.group(3)))
+            raise RouteError(f"{option_name('layers')}: cannot read {part[:40]!r} (use e.g. 0-15,20)")
+        if any(g is not None and len(g) > MAX_LAYER_DIGITS for g in m.groups()):
+            raise RouteError(f"{option_name('layers')}: {part[:40]!r} has a layer number of more than 9 digits")
+        a, b = (int(m.group(3)),) * 2 if m.group(3) is not None else (int(m.group(1)), int(m.group(2)))
+        if b < a:
+            raise RouteError(f"{option_name('layers')}: empty range {part!r}")
+        found.append((a, b))
+    joined: list[tuple[int, int]] = []
+    for a, b in sorted(found):
+        if joined and a <= joined[-1][1] + 1:
+            joined[-1] = (joined[-1][0], max(joined[-1][1], b))
         else:
-            a, b = int(m.group(1)), int(m.group(2))
-            if b < a:
-                raise RouteError(f"{option_name('layers')}: empty range {part!r}")
-            out.update(range(a, b + 1))
-    return out
+            joined.append((a, b))
+    return LayerSelection(tuple(joined))
+
+
+def check_layers(spec: str | None, ck: Checkpoint) -> None:
+    """A ``--layers`` selection must name layers the tuned model has: one it lacks is an error listing the
+    layers it has (``--layers 7`` on a 2-layer model extracted nothing from the layers, silently)."""
+    sel = parse_layers(spec)
+    if sel is None:
+        return
+    have = sorted({i for name in ck.tensors if (i := arch.layer_index(name)) is not None})
+    lacking = sel.missing(have)
+    if lacking is not None:
+        has = f"it has layers {ranges(have)}" if have else "it has no numbered layers"
+        raise RouteError(
+            f"{option_name('layers')} {str(spec).strip()[:80]} names layer {lacking}, which the model lacks: {has}",
+            path=ck.root,
+        )
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -288,7 +343,12 @@ def _classify(tk: Checkpoint, bk: Checkpoint, opts: ExtractOptions, skip: set[st
         # decoder-layer modules through --layers.
         if kind in ("embedding", "lm_head") and opts.embeddings != "lora":
             kind = "skip-embedding" if opts.embeddings == "skip" else "full"
-        elif kind == "linear" and layer_set is not None and arch.layer_index(module) not in (None, *layer_set):
+        elif (
+            kind == "linear"
+            and layer_set is not None
+            and (li := arch.layer_index(module)) is not None
+            and li not in layer_set
+        ):
             kind = "skip-layers"
         elif inc and not any(p.search(module) for p in inc):
             kind = "skip-include"
@@ -597,6 +657,7 @@ def plan_extract(req: Request) -> Plan:
     """Factor every changed tensor of the tuned checkpoint against the base into a PEFT adapter."""
     tk, bk, opts = req.source, req.base, req.extract
     assert bk is not None and opts is not None and req.base_ref is not None
+    check_layers(opts.layers, tk)
     experts = ExpertPass(tk, bk, opts, req.moe_layout)
     inputs = _classify(tk, bk, opts, experts.keys)
     outcomes, changed_others = _first_pass(tk, bk, inputs, opts, req.progress, experts)

@@ -23,6 +23,7 @@ the embedding (llama.cpp then multiplies the token_embd pair as the head and abo
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -163,11 +164,15 @@ def plan_gguf(req: Request) -> Plan:
 NORM_DROPPED = "a norm weight saved whole: GGUF LoRA cannot carry it (llama.cpp's LoRA loader ignores it)"
 
 
-def _tensor_map(name: str, config: dict[str, Any]) -> Any:
-    """llama.cpp's name map of the architecture ``name`` for the base's layers."""
+def _tensor_map(name: str, config: dict[str, Any], used: Iterable[int | None]) -> Any:
+    """llama.cpp's name map of the architecture ``name``, for the layers ``used`` (layer indices, None for
+    modules outside the layers).  The map holds every name of every layer: built only up to the highest layer
+    used (the same names as a map of all the layers), so a huge num_hidden_layers costs nothing; a block past
+    num_hidden_layers is in neither."""
     gguf = require_gguf()
-    layers = int(arch.text_config(config).get("num_hidden_layers") or 0)
-    return gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == name), layers)
+    layers = int(arch.text_config(config).get("num_hidden_layers") or 0)  # at most arch.MAX_LAYERS
+    top = max((i for i in used if i is not None and i < layers), default=-1)
+    return gguf.get_tensor_name_map(next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == name), top + 1)
 
 
 def _whole_norms(req: Request, name: str, config: dict[str, Any]) -> dict[str, str]:
@@ -178,7 +183,7 @@ def _whole_norms(req: Request, name: str, config: dict[str, Any]) -> dict[str, s
     replace = {k: v for k, v in inv.replace.get(adapter, {}).items() if k not in saved}
     if not replace:
         return {}
-    tmap = _tensor_map(name, config)
+    tmap = _tensor_map(name, config, (arch.layer_index(text_module(k)) for k in replace))
     out = {}
     for base_key, key in sorted(replace.items()):
         gname = tmap.get_name(text_module(base_key), try_suffixes=(".weight", ".bias"))
@@ -190,7 +195,18 @@ def _whole_norms(req: Request, name: str, config: dict[str, Any]) -> dict[str, s
 def _pairs(req: Request, modules: list[LoraModule], name: str, config: dict[str, Any]) -> list[tuple[str, LoraModule]]:
     """(llama.cpp base tensor name, module) for every module; refuses what llama.cpp cannot apply."""
     text = arch.text_config(config)
-    tmap = _tensor_map(name, config)
+    layers = int(text.get("num_hidden_layers") or 0)  # at most arch.MAX_LAYERS (checked when config.json is read)
+    index = {m.module: arch.layer_index(text_module(m.module)) for m in modules}
+    for m in modules:
+        i = index[m.module]
+        if i is not None and i >= layers and text_module(m.module).startswith("model.layers."):
+            raise AdapterError(
+                f"LoRA on layer {i}, but the base's config.json has num_hidden_layers {layers}",
+                path=req.source.root,
+                tensor=m.module,
+                hint="is this adapter for this base model?",
+            )
+    tmap = _tensor_map(name, config, index.values())
     tie = arch.config_value(config, "tie_word_embeddings")
     tied = name in ALWAYS_TIED or (bool(tie) if tie is not None else name in TIED_BY_DEFAULT)
     hidden, vocab = text.get("hidden_size"), text.get("vocab_size")
@@ -240,9 +256,9 @@ def _pair_jobs(req: Request, gname: str, m: LoraModule, name: str, config: dict[
     factor = _fold(m, alpha)
     permute = None
     if name in PERMUTED and gname.endswith(("attn_q.weight", "attn_k.weight")):
-        text = arch.text_config(config)
-        n_head = int(text["num_attention_heads"])
-        n_kv = int(text.get("num_key_value_heads") or n_head)
+        where = req.base_ref or ck.root
+        n_head = arch.head_count(config, "num_attention_heads", where)
+        n_kv = arch.head_count(config, "num_key_value_heads", where, default=n_head)
         permute = (n_head, n_head if gname.endswith("attn_q.weight") else n_kv)
         if m.out_features % (2 * permute[1]):
             raise AdapterError(

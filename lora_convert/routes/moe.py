@@ -34,15 +34,22 @@ from .common import BaseView, check_finite, copy_job
 FP32 = torch.float32
 
 
-def peft_version(cfg: AdapterConfig | None) -> tuple[int, ...] | None:
-    """``peft_version`` of adapter_config.json (PEFT 0.18+ records it) as numbers: ``0.19.1.dev0`` -> (0, 19, 1)."""
+_VERSION = re.compile(r"\s*v?(\d{1,9})(?:\.(\d{1,9}))?(?:\.(\d{1,9}))?(?![\d])")
+
+
+def peft_version(cfg: AdapterConfig | None) -> tuple[int, ...] | str | None:
+    """``peft_version`` of adapter_config.json (PEFT 0.18+ records it) as numbers: ``0.19.1.dev0`` -> (0, 19, 1);
+    None where it is absent, the text itself where it does not start with a version number (unparsable).
+    Its length is capped by the config's schema."""
     text = str((cfg.raw.get("peft_version") if cfg else None) or "")
-    nums = re.findall(r"\d+", text.split("+")[0])[:3]
-    return tuple(int(n) for n in nums) if nums else None
+    if not text:
+        return None
+    m = _VERSION.match(text)
+    return tuple(int(n) for n in m.groups() if n is not None) if m else text
 
 
 def transposed_reading(
-    m: LoraModule, shape: tuple[int, int], layout: MoeLayout | None, version: tuple[int, ...] | None, root: Any
+    m: LoraModule, shape: tuple[int, int], layout: MoeLayout | None, version: tuple[int, ...] | str | None, root: Any
 ) -> bool:
     """Whether PEFT applied ``(B_e·A_e)ᵀ`` to a fused (E, d1, d2) parameter rather than ``B_e·A_e``.
 
@@ -62,15 +69,20 @@ def transposed_reading(
         )
     if plain != transposed:
         return transposed
-    if version is None or (version >= (0, 19) and layout is None):
-        why = "adapter_config.json records no peft_version" if version is None else "the architecture is not known"
+    if version is None or isinstance(version, str) or (version >= (0, 19) and layout is None):
+        if version is None:
+            why = "adapter_config.json records no peft_version"
+        elif isinstance(version, str):
+            why = f"adapter_config.json's peft_version {version[:64]!r} is unparsable"
+        else:
+            why = "the architecture is not known"
         raise AdapterError(
             f"square {d1}×{d2} expert matrices: which way PEFT read them depends on its version and the "
             f"architecture, and {why}",
             path=root,
             tensor=m.module,
-            hint='add "peft_version" (the PEFT that trained it) to adapter_config.json'
-            if version is None
+            hint='set "peft_version" to the version of the PEFT that trained it (e.g. "0.19.1") in adapter_config.json'
+            if version is None or isinstance(version, str)
             else "give the base's config.json (model_type)",
         )
     if version < (0, 19):

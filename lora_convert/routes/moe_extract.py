@@ -196,7 +196,7 @@ class ExpertPass:
         layers = parse_layers(self.opts.layers)
         if self.layout is None:
             return False  # fused experts of an unknown architecture: how PEFT reads them is not known
-        if layers is not None and arch.layer_index(p.module) not in (None, *layers):
+        if layers is not None and (li := arch.layer_index(p.module)) is not None and li not in layers:
             return False
         return (not inc or any(x.search(p.path) for x in inc)) and not any(x.search(p.path) for x in exc)
 

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 
 from .. import arch, lora_math
-from ..closeness import Agreement
-from ..errors import UnsupportedError
+from ..closeness import Agreement, significand_bits
+from ..errors import RouteError, UnsupportedError, option_name
 from ..io.quantized import find_layout
 from ..io.reader import Checkpoint
 from ..pipeline import Buffers, Job, Read, execute
@@ -96,6 +96,23 @@ class Verification:
         return d
 
 
+def _check_tolerance(merged: Checkpoint, ulps: float, tol: float) -> None:
+    """Refuse a tolerance that no longer tells a merge from any other model: 2^(p-2) ulps of a p-bit significand
+    are a quarter of the value itself (bf16: 64 ulps; fp32: 2^22), and ``--ulps 1e300`` passed a random model."""
+    floats = {info.dtype for info in merged.tensors.values() if info.is_float}
+    if not floats:
+        return
+    dtype = min(floats, key=significand_bits)
+    cap = 2.0 ** (significand_bits(dtype) - 2)
+    if tol >= cap:
+        name = str(dtype).removeprefix("torch.")
+        raise RouteError(
+            f"{option_name('ulps')} {ulps:g}: a tolerance of {tol:g} ulps is at least a quarter of each value in "
+            f"MERGED's {name} weights (it must be less than {cap:.0f}), so any model would pass",
+            hint="a correct merge is within a few ulps; the default is 2",
+        )
+
+
 def verify_merge(
     req: Request, merged: Checkpoint, *, ulps: float = DEFAULT_ULPS, progress: bool = False
 ) -> Verification:
@@ -112,6 +129,7 @@ def verify_merge(
     mo = merge_ops(req)
     inputs = req.adapters_in()
     tol = ulps + len(inputs) - 1
+    _check_tolerance(merged, ulps, tol)
     result = Verification(
         str(merged.root),
         str(req.base_ref or req.ref),
@@ -188,6 +206,8 @@ def _classify(key: str, ag: Agreement, o: _KeyOps, tol: float, experts: bool = F
     worst = round(ag.worst, 3)
     if ag.worst <= tol:
         return TensorCheck(key, OK, ulps=worst, scale=_scale(ag))
+    if ag.nonfinite:  # (a NaN made the fit's sums NaN: it read as "wrong scale c = nan")
+        return TensorCheck(key, "mismatch", f"holds {ag.nonfinite} NaN/Inf values of {ag.elements}", worst)
     if not (experts or o.loras or o.bias_adds or o.tokens is not None or o.replaced):
         return TensorCheck(
             key, "changed outside the adapter", f"{_fmt(ag.worst)} ulps from the base, which it should equal", worst
