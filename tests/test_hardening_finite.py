@@ -269,9 +269,21 @@ def _nested_offset(value: str):
         ("nf4-dq", _set(UNTOUCHED + ".nested_absmax", 0, float("nan")), f"{UNTOUCHED}.nested_absmax: holds NaN"),
         ("nf4-dq", _set(UNTOUCHED + ".nested_absmax", 0, -3.0), f"{UNTOUCHED}.nested_absmax: holds a negative"),
         ("nf4-dq", _set(UNTOUCHED + ".nested_quant_map", 9, float("inf")), f"{UNTOUCHED}.nested_quant_map: holds"),
-        ("nf4-dq", _nested_offset("NaN"), "bitsandbytes__nf4: the quant state's nested_offset is not a finite"),
-        ("nf4-dq", _nested_offset("1e39"), "bitsandbytes__nf4: the quant state's nested_offset is not a finite"),
-        ("nf4-dq", _nested_offset('"0.5"'), "bitsandbytes__nf4: the quant state's nested_offset is not a finite"),
+        (
+            "nf4-dq",
+            _nested_offset("NaN"),
+            "bitsandbytes__nf4: bitsandbytes quant state: nested_offset must be a finite number",
+        ),
+        (
+            "nf4-dq",
+            _nested_offset("1e39"),
+            "bitsandbytes__nf4: bitsandbytes quant state: nested_offset must be a finite number",
+        ),
+        (
+            "nf4-dq",
+            _nested_offset('"0.5"'),
+            "bitsandbytes__nf4: bitsandbytes quant state: nested_offset must be a finite number",
+        ),
         ("fp4", _huge(UNTOUCHED), f"{UNTOUCHED}: dequantized to NaN or Inf (bnb-fp4: a stored value is NaN, or value"),
     ],
 )
