@@ -1,0 +1,83 @@
+"""What a new user hit (issue 25): each defect tried as the user met it, on the fixtures and tiny real models.
+
+* the model card's ``base_model`` is the base actually used, never the adapter config's relative path;
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from click.testing import CliRunner
+from huggingface_hub import ModelCard
+
+from lora_convert.cli import main
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+LORA, BASE = FIXTURES / "tiny-llama-lora", FIXTURES / "tiny-llama-base"
+
+
+def cli(*args: object):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+
+
+def one_error(res, *needles: str, out: Path | None = None, code: int = 1) -> str:
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    assert res.exit_code == code, (res.exit_code, res.output)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+    if out is not None:
+        assert not out.exists()
+    return lines[0]
+
+
+def _adapter_naming(tmp_path: Path, base_name: str) -> Path:
+    """The fixture adapter, its config naming the base ``base_name``."""
+    ad = tmp_path / "adapter"
+    shutil.copytree(LORA, ad)
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = base_name
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    return ad
+
+
+def _seed_base(hub_server) -> None:
+    hub_server.seed("org/base", {p.name: p.read_bytes() for p in BASE.iterdir() if p.is_file()})
+
+
+# --------------------------------------------------------------------------- 1. the card's base_model
+
+
+def test_card_names_the_base_used_not_the_configs_relative_path(tmp_path, monkeypatch, hub_server):
+    """Run from another folder, the config's ``fixtures/tiny-llama-base`` reads as a repo id; the base used was
+    a local folder, so the card has no base_model (a push would link to a repo that does not exist)."""
+    monkeypatch.chdir(tmp_path)
+    res = cli("merge", LORA, "--base", BASE, "-o", tmp_path / "m")
+    assert res.exit_code == 0, res.output
+    card = ModelCard.load(str(tmp_path / "m" / "README.md"))
+    assert card.data.base_model is None and "base_model_relation" not in card.data.to_dict()
+    assert f"Base model: `{BASE}` (a local folder)" in card.text
+    _seed_base(hub_server)  # the base used, from the Hub: that repo is the base_model
+    res = cli("merge", LORA, "--base", "org/base", "-o", tmp_path / "h")
+    assert res.exit_code == 0, res.output
+    card = ModelCard.load(str(tmp_path / "h" / "README.md"))
+    assert card.data.base_model == "org/base" and card.data.base_model_relation == "merge"
+
+
+def test_config_repo_id_is_the_base_model_only_when_it_resolved(tmp_path, monkeypatch, hub_server):
+    _seed_base(hub_server)
+    monkeypatch.chdir(tmp_path)
+    ad = _adapter_naming(tmp_path, "org/base")
+    res = cli("merge", ad, "-o", tmp_path / "m")  # no --base: the config's repo id is fetched from the Hub
+    assert res.exit_code == 0, res.output
+    card = ModelCard.load(str(tmp_path / "m" / "README.md"))
+    assert card.data.base_model == "org/base" and card.data.base_model_relation == "merge"
+    res = cli("merge", ad, "--base", BASE, "-o", tmp_path / "l")  # a local --base is the base used
+    assert res.exit_code == 0, res.output
+    assert ModelCard.load(str(tmp_path / "l" / "README.md")).data.base_model is None
+    res = cli("convert", ad, "--to", "mlx", "--base", BASE, "-o", tmp_path / "x")  # (config.json only)
+    assert res.exit_code == 0, res.output
+    assert ModelCard.load(str(tmp_path / "x" / "README.md")).data.base_model is None
