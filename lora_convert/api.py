@@ -784,12 +784,24 @@ def _base_ref(inv: Inventory, adapter: str, base: str | Path | None, route: str)
     """The base model: the one given, else the adapter config's ``base_model_name_or_path`` when it exists."""
     if base is not None:
         return resolve(base)
+    hint = f"pass {option('base', 'BASE')} (a folder or a Hub repo id)"
     cfg = inv.config(adapter)
-    if cfg is not None and cfg.base_model_name_or_path:
-        p = resolve(cfg.base_model_name_or_path)
-        if os.path.exists(p):  # (False for a name too long, rather than raising)
-            return p
-    raise RouteError(f"{route} needs the base model", hint=f"pass {option('base', 'BASE')} (a folder or a Hub repo id)")
+    if cfg is None or not cfg.base_model_name_or_path:
+        raise RouteError(f"{route} needs the base model", hint=hint)
+    named = cfg.base_model_name_or_path
+    said = (
+        f"{route} needs the base model: base_model_name_or_path in adapter_config.json names {named!r}, "
+        "which is not a folder here"
+    )
+    try:
+        p = resolve(named)  # a repo id that is no local folder goes to the Hub, as --base would
+    except HubError as exc:  # (often a path relative to where the adapter was trained, not a repo)
+        raise HubError(
+            f"{said}, and {exc.message}", path=cfg.source, hint=f"{hint}; {exc.hint}" if exc.hint else hint
+        ) from exc
+    if os.path.exists(p):  # (False for a name too long, rather than raising)
+        return p
+    raise RouteError(said, path=cfg.source, hint=hint)
 
 
 def _check_adapter(inv: Inventory, name: str, root: Path) -> list[str]:

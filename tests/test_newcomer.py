@@ -1,6 +1,7 @@
 """What a new user hit (issue 25): each defect tried as the user met it, on the fixtures and tiny real models.
 
 * the model card's ``base_model`` is the base actually used, never the adapter config's relative path;
+* a forgotten ``--base`` says where the name came from, not only that the Hub is unreachable;
 """
 
 from __future__ import annotations
@@ -81,3 +82,35 @@ def test_config_repo_id_is_the_base_model_only_when_it_resolved(tmp_path, monkey
     res = cli("convert", ad, "--to", "mlx", "--base", BASE, "-o", tmp_path / "x")  # (config.json only)
     assert res.exit_code == 0, res.output
     assert ModelCard.load(str(tmp_path / "x" / "README.md")).data.base_model is None
+
+
+# --------------------------------------------------------------------------- 2. a forgotten --base
+
+
+def test_forgotten_base_says_where_the_name_came_from(tmp_path, monkeypatch, hub_server):
+    """The config names a relative path that is no folder here; the Hub (the test's own server) has no such repo:
+    the one error line says which file named it and to pass --base, as well as what the Hub answered."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "m"
+    line = one_error(
+        cli("merge", LORA, "-o", out),
+        f"{LORA / 'adapter_config.json'}: ",
+        "base_model_name_or_path in adapter_config.json names 'fixtures/tiny-llama-base'",
+        "which is not a folder here",
+        "repository not found",
+        "pass --base BASE",
+        out=out,
+    )
+    assert line.count("error:") == 1
+    hub_server.set_offline()
+    one_error(cli("merge", LORA, "-o", out), "not a folder here", "HF_HUB_OFFLINE", "pass --base BASE", out=out)
+
+
+def test_forgotten_base_that_is_no_repo_id(tmp_path, monkeypatch):
+    """A name that cannot be a repo id never goes to the Hub: the same words, a RouteError."""
+    monkeypatch.chdir(tmp_path)
+    ad = _adapter_naming(tmp_path, "../models/llama-base")
+    out = tmp_path / "m"
+    res = cli("merge", ad, "-o", out, "--json")
+    one_error(res, "names '../models/llama-base', which is not a folder here", "pass --base BASE", out=out)
+    assert json.loads(res.stdout)["error"]["type"] == "RouteError"
