@@ -19,6 +19,7 @@ from .errors import (
     AdapterError,
     HubError,
     LoraConvertError,
+    OptionError,
     OutputError,
     RouteError,
     option,
@@ -360,7 +361,7 @@ def _check_device(device: str, to: str) -> None:
     if device == "cpu":
         return
     if not device.startswith("cuda"):
-        raise RouteError(f"{option_name('device')} must be cpu or cuda[:N], not {device!r}")
+        raise OptionError(f"{option_name('device')} must be cpu or cuda[:N], not {device!r}")
     import torch
 
     if not torch.cuda.is_available():
@@ -375,12 +376,12 @@ def _check_arguments(to: str, dtype: str, max_shard_size: str | int) -> None:
     from .routes.plan import output_dtype
 
     if to not in FORMS + FORMATS:
-        raise RouteError(f"unknown target form {to!r} (choose from {', '.join(FORMS + FORMATS)})")
+        raise OptionError(f"unknown target form {to!r} (choose from {', '.join(FORMS + FORMATS)})")
     output_dtype(dtype)
     try:
         parse_size(max_shard_size)
     except ValueError as exc:
-        raise RouteError(f"{option_name('max_shard_size')}: {exc}") from None
+        raise OptionError(f"{option_name('max_shard_size')}: {exc}") from None
 
 
 def _check_push(push_to: str | None, to: str, output: str | Path, force: bool, token: str | None) -> str | None:
@@ -471,7 +472,7 @@ def verify(
     if not specs:
         raise RouteError("verify needs the adapter that was merged", hint=f"pass {option('adapter', 'ADAPTER')}")
     if not (isinstance(ulps, int | float) and math.isfinite(ulps) and ulps >= 0):
-        raise RouteError(f"{option_name('ulps')} must be a number >= 0, not {ulps!r}")
+        raise OptionError(f"{option_name('ulps')} must be a number >= 0, not {ulps!r}")
     mck, minv = load_source(merged)
     try:
         if minv.form != "plain":
@@ -530,9 +531,9 @@ def combine(
     if weights:
         given = parse_weights(weights)
         if any(has_weight(s) for s in adapters):
-            raise RouteError(f"give the weights either as REF:WEIGHT or with {option_name('weights')}, not both")
+            raise OptionError(f"give the weights either as REF:WEIGHT or with {option_name('weights')}, not both")
         if len(given) != len(specs):
-            raise RouteError(f"{len(given)} weights for {len(specs)} adapters")
+            raise OptionError(f"{len(given)} weights for {len(specs)} adapters")
         specs = [(ref, w) for (ref, _), w in zip(specs, given, strict=True)]
     if not specs:
         raise RouteError("nothing to combine", hint="name the adapters to combine")
@@ -706,7 +707,7 @@ def _extract_options(given: ExtractOptions | dict[str, Any] | None, dtype: str) 
         fields.setdefault("dtype", {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype))
     unknown = set(fields) - set(ExtractOptions.__dataclass_fields__)
     if unknown:
-        raise RouteError(f"unknown extraction option(s): {', '.join(sorted(unknown))}")
+        raise OptionError(f"unknown extraction option(s): {', '.join(sorted(unknown))}")
     return ExtractOptions(**fields).validate()
 
 
@@ -750,18 +751,18 @@ def _check_format_options(
         return spelled(f"--to {form}", f'to="{form}"')
 
     if outtype is not None and to != "gguf":
-        raise RouteError(f"{option_name('outtype')} applies to {target('gguf')} only, not {target(to)}")
+        raise OptionError(f"{option_name('outtype')} applies to {target('gguf')} only, not {target(to)}")
     if drop_norms and to != "gguf":
-        raise RouteError(f"{option_name('drop_norms')} applies to {target('gguf')} only, not {target(to)}")
+        raise OptionError(f"{option_name('drop_norms')} applies to {target('gguf')} only, not {target(to)}")
     if to != "gguf":
         return
     if dtype != "auto":
-        raise RouteError(
+        raise OptionError(
             f"{option_name('dtype')} does not apply to {target('gguf')}: use {option_name('outtype')} "
             + "|".join(OUTTYPES)
         )
     if outtype is not None and outtype not in OUTTYPES:
-        raise RouteError(f"unknown {option_name('outtype')} {outtype!r} (choose from {', '.join(OUTTYPES)})")
+        raise OptionError(f"unknown {option_name('outtype')} {outtype!r} (choose from {', '.join(OUTTYPES)})")
     if not str(output).endswith(".gguf"):
         raise RouteError(
             f"{target('gguf')} writes one file: give {spelled('-o', 'output=')} a path ending in .gguf", path=output

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from . import api
 from .cli_output import document, dumps, error_document, fit_console, table
-from .errors import LoraConvertError
+from .errors import LoraConvertError, OptionError
 from .fmt import human_bytes, ranges
 from .text import escape_controls, safe
 
@@ -37,7 +37,7 @@ def _command_line() -> str:
 
 def run_guarded(fn: Callable[[], Any], debug: bool | Callable[[], bool], as_json: bool = False) -> Any:
     """Turn every exception into one ``error:`` line (under --json, an error document on stdout too): ours and
-    the environment's (exit 1), Ctrl-C (exit 130), anything else as a bug to report (exit 1).  ``--debug``
+    the environment's (exit 1; an option's bad value, :class:`OptionError`, exit 2 as a usage error), Ctrl-C (exit 130), anything else as a bug to report (exit 1).  ``--debug``
     (``debug``: a flag, or a function asked when something failed) re-raises."""
     try:
         return fn()
@@ -51,7 +51,7 @@ def run_guarded(fn: Callable[[], Any], debug: bool | Callable[[], bool], as_json
 
 def _fail_on(exc: BaseException, as_json: bool) -> NoReturn:
     if isinstance(exc, LoraConvertError):
-        _fail(exc, 1, exc.for_cli(), as_json)
+        _fail(exc, 2 if isinstance(exc, OptionError) else 1, exc.for_cli(), as_json)
     if isinstance(exc, KeyboardInterrupt):
         where = getattr(exc, "output_target", None)  # set by AtomicOutput on its way out
         _fail(exc, 130, f"{where + ': ' if where else ''}interrupted; nothing was written", as_json, "Interrupted")

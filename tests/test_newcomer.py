@@ -2,6 +2,7 @@
 
 * the model card's ``base_model`` is the base actually used, never the adapter config's relative path;
 * a forgotten ``--base`` says where the name came from, not only that the Hub is unreachable;
+* an option's value that is wrong whatever the inputs hold is a usage error (exit 2);
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from huggingface_hub import ModelCard
 
+import lora_convert as lc
 from lora_convert.cli import main
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -114,3 +117,43 @@ def test_forgotten_base_that_is_no_repo_id(tmp_path, monkeypatch):
     res = cli("merge", ad, "-o", out, "--json")
     one_error(res, "names '../models/llama-base', which is not a folder here", "pass --base BASE", out=out)
     assert json.loads(res.stdout)["error"]["type"] == "RouteError"
+
+
+# --------------------------------------------------------------------------- 8. option values are usage errors
+
+MERGED = FIXTURES / "tiny-llama-merged"
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["extract", MERGED, "--base", BASE, "--rank", "0"], "--rank must be at least 1"),
+        (["extract", MERGED, "--base", BASE, "--energy", "1.5"], "--energy must be in (0, 1]"),
+        (["extract", MERGED, "--base", BASE, "--rank", "4", "--energy", "0.9"], "give at most one of --rank"),
+        (["extract", MERGED, "--base", BASE, "--include", "("], "bad --include, --exclude regex"),
+        (["merge", LORA, "--base", BASE, "--max-shard-size", "10XB"], "--max-shard-size: not a size: '10XB'"),
+        (["combine", LORA, LORA, "--method", "cat", "--weights", "1,x"], "the weight 'x' is not a number"),
+    ],
+)
+def test_option_value_errors_exit_2(tmp_path, args, needle):
+    """README: usage errors exit 2.  An option's value that is wrong whatever the inputs hold is one: one
+    ``error:`` line, exit 2, nothing written; under --json an error document with exit_code 2."""
+    out = tmp_path / "out"
+    one_error(cli(*args, "-o", out), needle, out=out, code=2)
+    res = cli(*args, "-o", out, "--json")
+    one_error(res, needle, out=out, code=2)
+    err = json.loads(res.stdout)["error"]
+    assert (err["type"], err["exit_code"]) == ("OptionError", 2) and needle in err["text"]
+
+
+def test_option_error_is_a_route_error_in_python(tmp_path):
+    with pytest.raises(lc.OptionError, match="rank must be at least 1") as got:
+        lc.extract(MERGED, base=BASE, output=tmp_path / "x", rank=0)
+    assert isinstance(got.value, lc.RouteError)  # callers that caught RouteError still do
+    assert not (tmp_path / "x").exists()
+
+
+def test_errors_the_inputs_cause_still_exit_1(tmp_path):
+    """Only the command line's own mistakes are usage errors: a rank larger than a module is the input's."""
+    out = tmp_path / "out"
+    one_error(cli("combine", LORA, LORA, "--method", "svd", "--rank", "40", "-o", out), "exceeds", out=out, code=1)

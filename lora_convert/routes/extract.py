@@ -39,7 +39,7 @@ from .. import arch, moe_layouts, svd
 from ..config import AdapterConfig
 from ..dialects.peft_keys import PEFT_PREFIX, Role, format_key
 from ..difference import Difference, row_blocks
-from ..errors import RouteError, option, option_name, spelled
+from ..errors import OptionError, RouteError, option, option_name, spelled
 from ..io.reader import Checkpoint
 from ..pipeline import Buffers, Job, Read, execute
 from ..progress import progress_bar
@@ -81,10 +81,10 @@ class ExtractOptions:
         self.include, self.exclude = list(self.include), list(self.exclude)
 
     def validate(self) -> ExtractOptions:
-        """Check every option (RouteError naming it); the default criterion is rank 16."""
+        """Check every option (OptionError naming it); the default criterion is rank 16."""
         chosen = [x is not None for x in (self.rank, self.energy, self.max_error)]
         if sum(chosen) > 1:
-            raise RouteError(f"give at most one of {_opts('rank', 'energy', 'max_error')}")
+            raise OptionError(f"give at most one of {_opts('rank', 'energy', 'max_error')}")
         if not any(chosen):
             self.rank = 16
         checks = [
@@ -104,7 +104,7 @@ class ExtractOptions:
         ]
         for ok, message in checks:
             if not ok:
-                raise RouteError(message)
+                raise OptionError(message)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise RouteError(
                 f"{option_name('device')} cuda: no CUDA device is available",
@@ -118,7 +118,7 @@ class ExtractOptions:
         try:
             return [re.compile(p) for p in self.include], [re.compile(p) for p in self.exclude]
         except re.error as e:
-            raise RouteError(f"bad {_opts('include', 'exclude')} regex: {e}") from None
+            raise OptionError(f"bad {_opts('include', 'exclude')} regex: {e}") from None
 
     def criterion(self) -> str:
         if self.energy is not None:
