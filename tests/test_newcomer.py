@@ -3,6 +3,7 @@
 * the model card's ``base_model`` is the base actually used, never the adapter config's relative path;
 * a forgotten ``--base`` says where the name came from, not only that the Hub is unreachable;
 * an option's value that is wrong whatever the inputs hold is a usage error (exit 2);
+* unmerging from a tied base's merge gives the tied base back.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+from tiny import SEQ, llama, peft_wrap, qwen2
 
 import lora_convert as lc
 from lora_convert.cli import main
@@ -157,3 +161,52 @@ def test_errors_the_inputs_cause_still_exit_1(tmp_path):
     """Only the command line's own mistakes are usage errors: a rank larger than a module is the input's."""
     out = tmp_path / "out"
     one_error(cli("combine", LORA, LORA, "--method", "svd", "--rank", "40", "-o", out), "exceeds", out=out, code=1)
+
+
+# --------------------------------------------------------------------------- 9. unmerge of a tied base
+
+
+def _merge_then_unmerge(tmp_path: Path, base_model, save_embedding_layers: bool = True):
+    base_model.save_pretrained(tmp_path / "base")
+    pm = peft_wrap(base_model, r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"])
+    pm.save_pretrained(tmp_path / "ad", save_embedding_layers=save_embedding_layers)
+    merged = lc.merge(tmp_path / "ad", base=tmp_path / "base", output=tmp_path / "m")
+    res = lc.convert(tmp_path / "m", "base", adapters=[str(tmp_path / "ad")], output=tmp_path / "u")
+    got, want = load_file(tmp_path / "u" / "model.safetensors"), load_file(tmp_path / "base" / "model.safetensors")
+    ties = [json.loads((tmp_path / d / "config.json").read_text())["tie_word_embeddings"] for d in ("m", "u", "base")]
+    return merged, res, got, want, ties
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unmerge_of_a_tied_base_is_tied_again(tmp_path, dtype):
+    """The merge unties a tied Qwen2 whose embedding had LoRA (head written, flag false); unmerged, the
+    embedding (PEFT saved it whole beside its LoRA) is bit-identical to the head: the base's own form comes
+    back — the same tensor names, tie_word_embeddings true, every value within the unmerge's bound."""
+    from transformers import AutoModelForCausalLM
+
+    merged, res, got, want, ties = _merge_then_unmerge(tmp_path, qwen2(tie=True).to(dtype))
+    assert "lm_head.weight" not in want and ties == [False, True, True]  # the merge untied them; now tied again
+    assert sorted(got) == sorted(want)
+    bounds = res.unmerge.bounds()
+    for k, w in want.items():
+        assert got[k].dtype == w.dtype and got[k].shape == w.shape, k
+        err = (got[k].double() - w.double()).abs().max().item()
+        assert err <= bounds.get(k, 0.0), (k, err, bounds.get(k))
+    assert any("written tied" in w for w in res.warnings)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "u", dtype=dtype).eval()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied at load
+    if dtype == torch.float32:  # the q_proj weights are the base's up to fp32 rounding: so are the logits
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=dtype).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(SEQ).logits, base(SEQ).logits, rtol=0, atol=1e-5)
+
+
+def test_unmerge_keeps_an_untied_head_that_differs(tmp_path):
+    """Only a head identical to the unmerged embedding is tied: an untied base stays untied, and so does a
+    computed embedding (no saved copy) that the unmerge gives back only up to rounding."""
+    _, res, got, want, ties = _merge_then_unmerge(tmp_path / "l", llama(tie=False))
+    assert sorted(got) == sorted(want) and "lm_head.weight" in got and ties == [False, False, False]
+    assert not any("written tied" in w for w in res.warnings)
+    _, res, got, want, ties = _merge_then_unmerge(tmp_path / "q", qwen2(tie=True), save_embedding_layers=False)
+    assert not torch.equal(got["model.embed_tokens.weight"], got["lm_head.weight"])  # (rounding)
+    assert "lm_head.weight" in got and ties == [False, False, True]
