@@ -26,7 +26,7 @@ from .errors import (
     option_name,
     spelled,
 )
-from .fmt import human_bytes
+from .fmt import form_word, human_bytes
 from .inputs import load_model_config, load_source, open_plain, pick_adapter, resolve  # noqa: F401 - load_source is public
 from .inventory import Inventory
 from .io.writer import parse_size
@@ -285,13 +285,13 @@ def _convert_one(
             raise RouteError(f"{option_name('requantize')} applies to merges into a quantized base", path=ck.root)
         if options.device != "cpu" and to != "merged" and opts is None:
             raise RouteError(
-                f"{option_name('device')} applies to merges and extraction, not {form} -> {to}", path=ck.root
+                f"{option_name('device')} applies to merges and extraction, not {form_word(form)} -> {to}", path=ck.root
             )
         plan_for = planner(form, to, path=ck.root)
         name = pick_adapter(inv, adapter, ck) if form != "plain" else "default"
         warnings = _check_adapter(inv, name, ck.root) if form != "plain" else []
         if (form, to) in NEEDS_BASE or (options.moe_layout is not None and form == "adapter"):
-            base_ck = open_plain(_base_ref(inv, name, base, f"{form} -> {to}"), "the base")
+            base_ck = open_plain(_base_ref(inv, name, base, f"{form_word(form)} -> {to}"), "the base")
         elif (form, to) in OPTIONAL_BASE and base is not None:
             base_ck = open_plain(resolve(base), "the base")
         ref = str(source) if form != "plain" else str(Path(str(source)))
@@ -328,7 +328,7 @@ def _route_extract_options(
     if form == "plain" and to == "adapter":
         if base is None:
             raise RouteError(
-                "a plain checkpoint holds no LoRA tensors; extracting an adapter needs the base",
+                "a full model holds no LoRA tensors; extracting an adapter needs the base",
                 path=root,
                 hint=f"pass {option('base', 'BASE')}",
             )
@@ -340,7 +340,7 @@ def _route_extract_options(
         names = options.extract if isinstance(options.extract, dict) else {"extract_options": 1}
         raise RouteError(
             f"{', '.join(option_name(k) for k in names)}: extraction options apply "
-            f"only to a plain checkpoint converted to an adapter with a base, not {form} -> {to}",
+            f"only to a full model converted to an adapter with a base, not {form_word(form)} -> {to}",
             path=root,
         )
     return None
@@ -628,7 +628,8 @@ def _stack_request(
             base_ck = open_plain(_base_ref(stack[0].inventory, stack[0].name, base, f"adapter -> {to}"), "the base")
         elif inv.form == "plain" and base is not None:
             raise RouteError(
-                f"the plain source is the model the adapters apply to; {option_name('base')} is not used with it",
+                f"the source, a full model, is the model the adapters apply to; {option_name('base')} is not used "
+                "with it",
                 path=ck.root,
                 hint=f"drop {option_name('base')}, or give an adapter as the source",
             )
@@ -738,7 +739,7 @@ def _is_plain(source: str | Path) -> bool:
 def _check_moe_layout(form: str, to: str, moe_layout: str | None, root: Path) -> None:
     """--moe-layout shapes PEFT adapter outputs (an adapter converted to the other layout, or extracted)."""
     if moe_layout is not None and to != "adapter":
-        raise RouteError(f"--moe-layout applies to adapter outputs, not {form} -> {to}", path=root)
+        raise RouteError(f"--moe-layout applies to adapter outputs, not {form_word(form)} -> {to}", path=root)
 
 
 def _check_format_options(

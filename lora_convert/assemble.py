@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .card import render_card
+from .fmt import form_word
 from .folder import carry_files, read_json, update_config, write_json
 from .io.hub import PushResult, hub_repo_id
 from .io.output import AtomicOutput, stale_note
@@ -138,7 +139,9 @@ def _write_card(tmp: Path, plan: Plan, req: Request, command: str | None, total:
         summary = plan.card_lines(total)
     else:
         n = sum(1 for j in plan.jobs if j.writes)
-        summary = [f"source: `{req.ref}` ({req.inventory.form} form)", f"{n} tensors written"]
+        form = req.inventory.form
+        said = form_word(form) if form_word(form) != form else f"{form} form"  # (a full model, the adapter form)
+        summary = [f"source: `{req.ref}` ({said})", f"{n} tensors written"]
         summary += [f"{k}: {v}" for k, v in sorted(plan.ops().items())] + plan.warnings
     config_base = req.config.base_model_name_or_path if req.config else None
     named = plan.base_model or req.base_ref or config_base

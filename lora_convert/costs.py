@@ -40,7 +40,7 @@ from typing import Any
 from . import arch, moe_layouts
 from .arch import ModelShape, module_of
 from .errors import CheckpointError, UnsupportedError, option_name
-from .fmt import human_bytes
+from .fmt import form_word, human_bytes
 from .inputs import load_source, open_plain, pick_adapter, resolve
 from .inventory import Inventory, LoraModule
 from .io.reader import Checkpoint
@@ -688,7 +688,7 @@ def form_table(report: Report) -> tuple[list[str], list[list[str]]]:
             disk += " est."
         rows.append(
             [
-                r.form,
+                form_word(r.form),
                 _n(r.base_parameters),
                 _n(r.lora_parameters),
                 _n(r.total_parameters),
@@ -756,7 +756,7 @@ def assumption_lines(report: Report, bullet: str = "") -> list[str]:
     form prints (text as they are, Markdown with ``bullet="- "``)."""
     sub = " " * len(bullet) + (bullet or "  ")
     lines = [bullet + report.base_used(), bullet + "forms:"]
-    lines += [f"{sub}{r.form}: {r.assumes}" for r in report.rows]
+    lines += [f"{sub}{form_word(r.form)}: {r.assumes}" for r in report.rows]
     lines += [bullet + "columns:"]
     lines += [f"{sub}{h}: {n}" for h, n in column_notes(report).items() if h in _shown_columns(report)]
     return lines + [bullet + CONVENTIONS[0]]

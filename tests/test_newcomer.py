@@ -2,6 +2,7 @@
 
 * the model card's ``base_model`` is the base actually used, never the adapter config's relative path;
 * a forgotten ``--base`` says where the name came from, not only that the Hub is unreachable;
+* one word for a checkpoint without LoRA tensors — a "full model" — wherever a person reads;
 * an option's value that is wrong whatever the inputs hold is a usage error (exit 2);
 * unmerging from a tied base's merge gives the tied base back.
 """
@@ -9,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from lora_convert.cli import main
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 LORA, BASE = FIXTURES / "tiny-llama-lora", FIXTURES / "tiny-llama-base"
+MERGED = FIXTURES / "tiny-llama-merged"
 
 
 def cli(*args: object):
@@ -123,9 +126,48 @@ def test_forgotten_base_that_is_no_repo_id(tmp_path, monkeypatch):
     assert json.loads(res.stdout)["error"]["type"] == "RouteError"
 
 
-# --------------------------------------------------------------------------- 8. option values are usage errors
+# --------------------------------------------------------------------------- 7. one vocabulary
 
-MERGED = FIXTURES / "tiny-llama-merged"
+PLAIN = re.compile(r"\bplain\b", re.IGNORECASE)
+
+
+@pytest.mark.parametrize(
+    "args, code, said",
+    [
+        (["detect", BASE], 0, "form: full model (no LoRA tensors: a base, merged or fine-tuned model; --base"),
+        (["detect", "--help"], 0, "or a full model"),
+        (["report", BASE], 0, "full model"),
+        (["report", BASE, "--markdown"], 0, "full model"),
+        (["merge", BASE, "--adapter", LORA, "-o", "{out}"], 0, "(merged, from full model)"),
+        (["convert", BASE, "--to", "adapter", "-o", "{out}"], 1, "a full model holds no LoRA tensors"),
+        (["convert", BASE, "--to", "merged", "-o", "{out}"], 1, "holds no LoRA tensors (a full model: base, merged"),
+        (["convert", MERGED, "--to", "base", "--adapter", LORA, "-o", "{out}"], 0, "(base, from full model)"),
+        (["merge", BASE, "--adapter", LORA, "--base", BASE, "-o", "{out}"], 1, "the source, a full model, is"),
+        (["extract", MERGED, "--base", LORA, "-o", "{out}"], 1, "give the base model itself, without LoRA tensors"),
+    ],
+)
+def test_a_model_without_lora_is_a_full_model_wherever_a_person_reads(tmp_path, args, code, said):
+    """README's words (adapter, unmerged, merged, base, full model), never the code's ``plain``: in detect's and
+    report's text, help, the conversion line and the errors."""
+    res = cli(*[str(a).format(out=tmp_path / "out") for a in args])
+    assert res.exit_code == code, res.output
+    text = res.stdout + res.stderr
+    assert said in " ".join(text.split()), text
+    assert not PLAIN.search(text), text
+
+
+def test_json_keeps_plain_as_documented(tmp_path):
+    """--json keeps its values (docs/json.md maps ``plain`` to the text's "full model")."""
+    assert json.loads(cli("detect", BASE, "--json").stdout)["form"] == "plain"
+    rep = json.loads(cli("report", BASE, "--json").stdout)
+    assert rep["source_form"] == "plain" and [r["form"] for r in rep["rows"]] == ["plain"]
+    res = json.loads(cli("merge", BASE, "--adapter", LORA, "-o", tmp_path / "m", "--json").stdout)
+    assert (res["route"], res["source_form"]) == ("plain->merged", "plain")
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "json.md").read_text()
+    assert "call a **full model**" in doc
+
+
+# --------------------------------------------------------------------------- 8. option values are usage errors
 
 
 @pytest.mark.parametrize(

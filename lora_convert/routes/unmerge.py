@@ -94,7 +94,7 @@ def plan_unmerge(req: Request) -> Plan:
     """A plain (merged) source minus the weighted ΔW of its adapters; the other tensors copied."""
     if not req.stack:
         raise RouteError(
-            "holds no LoRA tensors (a base or merged model); nothing to convert to base",
+            "holds no LoRA tensors (a full model: base, merged or fine-tuned); nothing to convert to base",
             path=req.source.root,
             hint=f"to unmerge an adapter from it, pass {option('adapter', 'ADAPTER')}",
         )
