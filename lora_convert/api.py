@@ -19,13 +19,14 @@ from .errors import (
     AdapterError,
     HubError,
     LoraConvertError,
+    OptionError,
     OutputError,
     RouteError,
     option,
     option_name,
     spelled,
 )
-from .fmt import human_bytes
+from .fmt import form_word, human_bytes
 from .inputs import load_model_config, load_source, open_plain, pick_adapter, resolve  # noqa: F401 - load_source is public
 from .inventory import Inventory
 from .io.writer import parse_size
@@ -284,13 +285,13 @@ def _convert_one(
             raise RouteError(f"{option_name('requantize')} applies to merges into a quantized base", path=ck.root)
         if options.device != "cpu" and to != "merged" and opts is None:
             raise RouteError(
-                f"{option_name('device')} applies to merges and extraction, not {form} -> {to}", path=ck.root
+                f"{option_name('device')} applies to merges and extraction, not {form_word(form)} -> {to}", path=ck.root
             )
         plan_for = planner(form, to, path=ck.root)
         name = pick_adapter(inv, adapter, ck) if form != "plain" else "default"
         warnings = _check_adapter(inv, name, ck.root) if form != "plain" else []
         if (form, to) in NEEDS_BASE or (options.moe_layout is not None and form == "adapter"):
-            base_ck = open_plain(_base_ref(inv, name, base, f"{form} -> {to}"), "the base")
+            base_ck = open_plain(_base_ref(inv, name, base, f"{form_word(form)} -> {to}"), "the base")
         elif (form, to) in OPTIONAL_BASE and base is not None:
             base_ck = open_plain(resolve(base), "the base")
         ref = str(source) if form != "plain" else str(Path(str(source)))
@@ -327,7 +328,7 @@ def _route_extract_options(
     if form == "plain" and to == "adapter":
         if base is None:
             raise RouteError(
-                "a plain checkpoint holds no LoRA tensors; extracting an adapter needs the base",
+                "a full model holds no LoRA tensors; extracting an adapter needs the base",
                 path=root,
                 hint=f"pass {option('base', 'BASE')}",
             )
@@ -339,7 +340,7 @@ def _route_extract_options(
         names = options.extract if isinstance(options.extract, dict) else {"extract_options": 1}
         raise RouteError(
             f"{', '.join(option_name(k) for k in names)}: extraction options apply "
-            f"only to a plain checkpoint converted to an adapter with a base, not {form} -> {to}",
+            f"only to a full model converted to an adapter with a base, not {form_word(form)} -> {to}",
             path=root,
         )
     return None
@@ -360,7 +361,7 @@ def _check_device(device: str, to: str) -> None:
     if device == "cpu":
         return
     if not device.startswith("cuda"):
-        raise RouteError(f"{option_name('device')} must be cpu or cuda[:N], not {device!r}")
+        raise OptionError(f"{option_name('device')} must be cpu or cuda[:N], not {device!r}")
     import torch
 
     if not torch.cuda.is_available():
@@ -375,12 +376,12 @@ def _check_arguments(to: str, dtype: str, max_shard_size: str | int) -> None:
     from .routes.plan import output_dtype
 
     if to not in FORMS + FORMATS:
-        raise RouteError(f"unknown target form {to!r} (choose from {', '.join(FORMS + FORMATS)})")
+        raise OptionError(f"unknown target form {to!r} (choose from {', '.join(FORMS + FORMATS)})")
     output_dtype(dtype)
     try:
         parse_size(max_shard_size)
     except ValueError as exc:
-        raise RouteError(f"{option_name('max_shard_size')}: {exc}") from None
+        raise OptionError(f"{option_name('max_shard_size')}: {exc}") from None
 
 
 def _check_push(push_to: str | None, to: str, output: str | Path, force: bool, token: str | None) -> str | None:
@@ -471,7 +472,7 @@ def verify(
     if not specs:
         raise RouteError("verify needs the adapter that was merged", hint=f"pass {option('adapter', 'ADAPTER')}")
     if not (isinstance(ulps, int | float) and math.isfinite(ulps) and ulps >= 0):
-        raise RouteError(f"{option_name('ulps')} must be a number >= 0, not {ulps!r}")
+        raise OptionError(f"{option_name('ulps')} must be a number >= 0, not {ulps!r}")
     mck, minv = load_source(merged)
     try:
         if minv.form != "plain":
@@ -530,9 +531,9 @@ def combine(
     if weights:
         given = parse_weights(weights)
         if any(has_weight(s) for s in adapters):
-            raise RouteError(f"give the weights either as REF:WEIGHT or with {option_name('weights')}, not both")
+            raise OptionError(f"give the weights either as REF:WEIGHT or with {option_name('weights')}, not both")
         if len(given) != len(specs):
-            raise RouteError(f"{len(given)} weights for {len(specs)} adapters")
+            raise OptionError(f"{len(given)} weights for {len(specs)} adapters")
         specs = [(ref, w) for (ref, _), w in zip(specs, given, strict=True)]
     if not specs:
         raise RouteError("nothing to combine", hint="name the adapters to combine")
@@ -627,7 +628,8 @@ def _stack_request(
             base_ck = open_plain(_base_ref(stack[0].inventory, stack[0].name, base, f"adapter -> {to}"), "the base")
         elif inv.form == "plain" and base is not None:
             raise RouteError(
-                f"the plain source is the model the adapters apply to; {option_name('base')} is not used with it",
+                f"the source, a full model, is the model the adapters apply to; {option_name('base')} is not used "
+                "with it",
                 path=ck.root,
                 hint=f"drop {option_name('base')}, or give an adapter as the source",
             )
@@ -706,7 +708,7 @@ def _extract_options(given: ExtractOptions | dict[str, Any] | None, dtype: str) 
         fields.setdefault("dtype", {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype))
     unknown = set(fields) - set(ExtractOptions.__dataclass_fields__)
     if unknown:
-        raise RouteError(f"unknown extraction option(s): {', '.join(sorted(unknown))}")
+        raise OptionError(f"unknown extraction option(s): {', '.join(sorted(unknown))}")
     return ExtractOptions(**fields).validate()
 
 
@@ -737,7 +739,7 @@ def _is_plain(source: str | Path) -> bool:
 def _check_moe_layout(form: str, to: str, moe_layout: str | None, root: Path) -> None:
     """--moe-layout shapes PEFT adapter outputs (an adapter converted to the other layout, or extracted)."""
     if moe_layout is not None and to != "adapter":
-        raise RouteError(f"--moe-layout applies to adapter outputs, not {form} -> {to}", path=root)
+        raise RouteError(f"--moe-layout applies to adapter outputs, not {form_word(form)} -> {to}", path=root)
 
 
 def _check_format_options(
@@ -750,18 +752,18 @@ def _check_format_options(
         return spelled(f"--to {form}", f'to="{form}"')
 
     if outtype is not None and to != "gguf":
-        raise RouteError(f"{option_name('outtype')} applies to {target('gguf')} only, not {target(to)}")
+        raise OptionError(f"{option_name('outtype')} applies to {target('gguf')} only, not {target(to)}")
     if drop_norms and to != "gguf":
-        raise RouteError(f"{option_name('drop_norms')} applies to {target('gguf')} only, not {target(to)}")
+        raise OptionError(f"{option_name('drop_norms')} applies to {target('gguf')} only, not {target(to)}")
     if to != "gguf":
         return
     if dtype != "auto":
-        raise RouteError(
+        raise OptionError(
             f"{option_name('dtype')} does not apply to {target('gguf')}: use {option_name('outtype')} "
             + "|".join(OUTTYPES)
         )
     if outtype is not None and outtype not in OUTTYPES:
-        raise RouteError(f"unknown {option_name('outtype')} {outtype!r} (choose from {', '.join(OUTTYPES)})")
+        raise OptionError(f"unknown {option_name('outtype')} {outtype!r} (choose from {', '.join(OUTTYPES)})")
     if not str(output).endswith(".gguf"):
         raise RouteError(
             f"{target('gguf')} writes one file: give {spelled('-o', 'output=')} a path ending in .gguf", path=output
@@ -784,12 +786,24 @@ def _base_ref(inv: Inventory, adapter: str, base: str | Path | None, route: str)
     """The base model: the one given, else the adapter config's ``base_model_name_or_path`` when it exists."""
     if base is not None:
         return resolve(base)
+    hint = f"pass {option('base', 'BASE')} (a folder or a Hub repo id)"
     cfg = inv.config(adapter)
-    if cfg is not None and cfg.base_model_name_or_path:
-        p = resolve(cfg.base_model_name_or_path)
-        if os.path.exists(p):  # (False for a name too long, rather than raising)
-            return p
-    raise RouteError(f"{route} needs the base model", hint=f"pass {option('base', 'BASE')} (a folder or a Hub repo id)")
+    if cfg is None or not cfg.base_model_name_or_path:
+        raise RouteError(f"{route} needs the base model", hint=hint)
+    named = cfg.base_model_name_or_path
+    said = (
+        f"{route} needs the base model: base_model_name_or_path in adapter_config.json names {named!r}, "
+        "which is not a folder here"
+    )
+    try:
+        p = resolve(named)  # a repo id that is no local folder goes to the Hub, as --base would
+    except HubError as exc:  # (often a path relative to where the adapter was trained, not a repo)
+        raise HubError(
+            f"{said}, and {exc.message}", path=cfg.source, hint=f"{hint}; {exc.hint}" if exc.hint else hint
+        ) from exc
+    if os.path.exists(p):  # (False for a name too long, rather than raising)
+        return p
+    raise RouteError(said, path=cfg.source, hint=hint)
 
 
 def _check_adapter(inv: Inventory, name: str, root: Path) -> list[str]:

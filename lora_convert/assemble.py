@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .card import render_card
+from .fmt import form_word
 from .folder import carry_files, read_json, update_config, write_json
 from .io.hub import PushResult, hub_repo_id
 from .io.output import AtomicOutput, stale_note
@@ -150,15 +151,15 @@ def _write_card(tmp: Path, plan: Plan, req: Request, command: str | None, total:
         summary = plan.card_lines(total)
     else:
         n = sum(1 for j in plan.jobs if j.writes)
-        summary = [f"source: `{req.ref}` ({req.inventory.form} form)", f"{n} tensors written"]
+        form = req.inventory.form
+        said = form_word(form) if form_word(form) != form else f"{form} form"  # (a full model, the adapter form)
+        summary = [f"source: `{req.ref}` ({said})", f"{n} tensors written"]
         summary += [f"{k}: {v}" for k, v in sorted(plan.ops().items())] + plan.warnings
     config_base = req.config.base_model_name_or_path if req.config else None
     named = plan.base_model or req.base_ref or config_base
-    hub_ids = (hub_repo_id(ref) for ref in (plan.base_model, req.base_ref, config_base))
-    base_model = next((r for r in hub_ids if r), None)  # metadata: only what the Hub can link
     card = render_card(
         form=plan.target_form,
-        base_model=base_model,
+        base_model=_hub_base(plan, req, config_base),
         base_named=named,
         model_config=read_json(tmp / "config.json") or plan.card_config or req.model_config,
         command=command,
@@ -166,3 +167,14 @@ def _write_card(tmp: Path, plan: Plan, req: Request, command: str | None, total:
         tables=plan.card_tables,
     )
     (tmp / "README.md").write_text(card, encoding="utf-8")
+
+
+def _hub_base(plan: Plan, req: Request, config_base: str | None) -> str | None:
+    """The card's ``base_model``: only what the Hub can link.  Where a base was given or opened, the base used
+    decides (a Hub repo id, or a folder in the Hub cache; a local folder gives None), never the adapter config's
+    string: ``fixtures/base`` run from another folder looks like a repo id and links nowhere.  Only where no base
+    was used does the config's string name it, when it reads as a repo id and is no local path."""
+    refs: tuple[str | None, ...] = (plan.base_model, config_base)
+    if req.base is not None or req.base_ref is not None:  # (--base of a GGUF/MLX output: its config.json alone)
+        refs = (plan.base_model, req.base_ref, str(req.base.root) if req.base is not None else None)
+    return next((r for r in map(hub_repo_id, refs) if r), None)

@@ -15,8 +15,8 @@ from rich.console import Console
 from . import api
 from .bounds import MAX_SEED, MAX_SEQ_LEN
 from .cli_output import document, dumps, error_document, fit_console, table
-from .errors import LoraConvertError
-from .fmt import human_bytes, ranges
+from .errors import LoraConvertError, OptionError
+from .fmt import form_word, human_bytes, ranges
 from .text import escape_controls, safe
 
 # Every name we print comes from a file: it goes through safe() (control characters escaped, rich
@@ -38,7 +38,7 @@ def _command_line() -> str:
 
 def run_guarded(fn: Callable[[], Any], debug: bool | Callable[[], bool], as_json: bool = False) -> Any:
     """Turn every exception into one ``error:`` line (under --json, an error document on stdout too): ours and
-    the environment's (exit 1), Ctrl-C (exit 130), anything else as a bug to report (exit 1).  ``--debug``
+    the environment's (exit 1; an option's bad value, :class:`OptionError`, exit 2 as a usage error), Ctrl-C (exit 130), anything else as a bug to report (exit 1).  ``--debug``
     (``debug``: a flag, or a function asked when something failed) re-raises."""
     try:
         return fn()
@@ -52,7 +52,7 @@ def run_guarded(fn: Callable[[], Any], debug: bool | Callable[[], bool], as_json
 
 def _fail_on(exc: BaseException, as_json: bool) -> NoReturn:
     if isinstance(exc, LoraConvertError):
-        _fail(exc, 1, exc.for_cli(), as_json)
+        _fail(exc, 2 if isinstance(exc, OptionError) else 1, exc.for_cli(), as_json)
     if isinstance(exc, KeyboardInterrupt):
         where = getattr(exc, "output_target", None)  # set by AtomicOutput on its way out
         _fail(exc, 130, f"{where + ': ' if where else ''}interrupted; nothing was written", as_json, "Interrupted")
@@ -146,18 +146,21 @@ def _debug(ctx: click.Context) -> bool:
 
 @main.command()
 @click.argument("path")
-@click.option("--base", help="Compare a plain checkpoint with this base (reads tensor data).")
+@click.option("--base", help="Compare a full model (no LoRA tensors) with this base (reads tensor data).")
 @click.option("--adapter", help="Adapter name, for folders with several.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (docs/json.md).")
 @_debug_option
 @click.pass_context
 def detect(ctx: click.Context, path: str, base: str | None, adapter: str | None, as_json: bool) -> None:
-    """Say which form PATH is in (adapter, unmerged, plain / base / merged) and why."""
+    """Say which form PATH is in (adapter, unmerged, or a full model: with --base, base / merged / fine-tuned)."""
     res = run_guarded(lambda: api.detect(path, base=base, adapter=adapter), _debug(ctx), as_json)
     if as_json:
         _print_json("detect", res.to_dict())
         return
-    out.print(f"[bold]form:[/bold] {safe(res.form)}" + (f" ({safe(res.dialect)})" if res.dialect != "peft" else ""))
+    form = safe(form_word(res.form)) + (f" ({safe(res.dialect)})" if res.dialect != "peft" else "")
+    if res.form == "plain":  # without --base: which of the three it is needs the base
+        form += " (no LoRA tensors: a base, merged or fine-tuned model; --base BASE tells which)"
+    out.print(f"[bold]form:[/bold] {form}")
     out.print(
         safe(
             f"files: {', '.join(res.files)} ({res.layout}); {res.tensors} tensors, {human_bytes(res.total_bytes)}; "
@@ -294,7 +297,7 @@ def _report_conversion(res: Any, as_json: bool) -> None:
     out.print(
         "[green]wrote[/green] "
         + safe(
-            f"{res.output} ({res.target_form}, from {res.source_form}): {res.tensors} tensors, "
+            f"{res.output} ({res.target_form}, from {form_word(res.source_form)}): {res.tensors} tensors, "
             f"{human_bytes(res.total_bytes)} in {res.seconds:.1f} s"
         )
     )
@@ -727,7 +730,11 @@ def report_cmd(
     head, rows = form_table(rep)  # transposed: one column per form fits a terminal
     cols = [[h, *(r[i] for r in rows)] for i, h in enumerate(head[1:], start=1)]
     right = tuple(range(1, len(rows) + 1))
-    out.print(table(out, f"{path} ({rep.source_form})", ["", *(r[0] for r in rows)], cols, name_col=None, right=right))
+    out.print(
+        table(
+            out, f"{path} ({form_word(rep.source_form)})", ["", *(r[0] for r in rows)], cols, name_col=None, right=right
+        )
+    )
     head, rows = module_table(rep)
     if rows:
         out.print(table(out, "LoRA modules", head, rows, name_col=None))

@@ -41,7 +41,7 @@ from . import arch, moe_layouts
 from .arch import ModelShape, module_of
 from .bounds import MAX_SEQ_LEN
 from .errors import CheckpointError, UnsupportedError, option_name
-from .fmt import human_bytes
+from .fmt import form_word, human_bytes
 from .inputs import load_source, open_plain, pick_adapter, resolve
 from .inventory import Inventory, LoraModule
 from .io.reader import Checkpoint
@@ -706,7 +706,7 @@ def form_table(report: Report) -> tuple[list[str], list[list[str]]]:
             disk += " est."
         rows.append(
             [
-                r.form,
+                form_word(r.form),
                 _n(r.base_parameters),
                 _n(r.lora_parameters),
                 _n(r.total_parameters),
@@ -774,7 +774,7 @@ def assumption_lines(report: Report, bullet: str = "") -> list[str]:
     form prints (text as they are, Markdown with ``bullet="- "``)."""
     sub = " " * len(bullet) + (bullet or "  ")
     lines = [bullet + report.base_used(), bullet + "forms:"]
-    lines += [f"{sub}{r.form}: {r.assumes}" for r in report.rows]
+    lines += [f"{sub}{form_word(r.form)}: {r.assumes}" for r in report.rows]
     lines += [bullet + "columns:"]
     lines += [f"{sub}{h}: {n}" for h, n in column_notes(report).items() if h in _shown_columns(report)]
     return lines + [bullet + CONVENTIONS[0]]

@@ -1,7 +1,7 @@
 """The project's exceptions.
 
 Every failure a user can cause is a :class:`LoraConvertError`; the CLI turns it into
-one ``error: ...`` line and exit status 1.  Each error carries the file and, where it is
+one ``error: ...`` line and exit status 1 (2 for an :class:`OptionError`, a usage error).  Each error carries the file and, where it is
 about one tensor, the tensor name, so the message can say *where* as well as *what*.
 """
 
@@ -111,6 +111,12 @@ class UnsupportedError(LoraConvertError):
 
 class RouteError(LoraConvertError):
     """The asked-for conversion is impossible with the inputs given (e.g. no base)."""
+
+
+class OptionError(RouteError):
+    """An option's value is out of range, malformed, or clashes with another option: wrong whatever the inputs
+    hold, so the CLI calls it a usage error (exit 2), as click does the checks it makes itself.  A
+    :class:`RouteError` still, for callers that caught that before."""
 
 
 class OutputError(LoraConvertError):

@@ -27,3 +27,14 @@ def ranges(xs: list[int]) -> str:
         if x is not None:
             start = prev = x
     return ",".join(parts)
+
+
+#: What a user reads for a storage form, where the code's name is not the README's word.  ``plain`` (no LoRA
+#: tensors: a base, a merged or a fine-tuned model; ``detect --base`` tells which) is a "full model" in every
+#: message, the detect and report text and the model card; ``--json`` keeps ``plain`` (docs/json.md).
+FORM_WORDS = {"plain": "full model"}
+
+
+def form_word(form: str) -> str:
+    """``"plain"`` -> ``"full model"``; every other form (adapter, unmerged, merged, base...) as it is."""
+    return FORM_WORDS.get(form, form)

@@ -60,9 +60,9 @@ def open_plain(ref: str | Path, what: str) -> Checkpoint:
         raise RouteError(
             f"{what} holds LoRA tensors itself",
             path=ck.root,
-            hint=f"give the plain base model as {option('base', 'BASE')}"
+            hint=f"give the base model itself, without LoRA tensors, as {option('base', 'BASE')}"
             if what == "the base"
-            else "extract works on two plain checkpoints (merge an adapter first)",
+            else "extract works on two full models, without LoRA tensors (merge an adapter first)",
         )
     return ck
 

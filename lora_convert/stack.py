@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import AdapterConfig
-from .errors import AdapterError, LoraConvertError, RouteError, option
+from .errors import AdapterError, LoraConvertError, OptionError, RouteError, option
 from .inputs import load_source, pick_adapter
 from .inventory import Inventory
 from .io.reader import Checkpoint
@@ -53,7 +53,7 @@ def parse_spec(spec: Spec) -> tuple[str, float]:
         return text, 1.0
     ref, _, raw = text.rpartition(":")
     if not ref:
-        raise RouteError(f"adapter {text!r}: nothing before the weight", hint="write REF[:WEIGHT], e.g. my-lora:0.5")
+        raise OptionError(f"adapter {text!r}: nothing before the weight", hint="write REF[:WEIGHT], e.g. my-lora:0.5")
     return ref, _weight(raw, text)
 
 
@@ -66,11 +66,11 @@ def _weight(raw: str, spec: str) -> float:
     try:
         weight = float(raw)
     except ValueError:
-        raise RouteError(
+        raise OptionError(
             f"adapter {spec!r}: the weight {raw!r} is not a number", hint="write REF[:WEIGHT], e.g. my-lora:0.5"
         ) from None
     if not math.isfinite(weight):
-        raise RouteError(f"adapter {spec!r}: the weight must be a finite number, not {raw!r}")
+        raise OptionError(f"adapter {spec!r}: the weight must be a finite number, not {raw!r}")
     return weight
 
 
@@ -114,7 +114,7 @@ def open_stack(specs: Sequence[Spec], source: tuple[Checkpoint, Inventory] | Non
         close_stack(out, keep=source[0] if source else None)
         raise
     if not out:
-        raise RouteError("no adapter given", hint=f"pass {option('adapter', 'ADAPTER[:WEIGHT]')}")
+        raise OptionError("no adapter given", hint=f"pass {option('adapter', 'ADAPTER[:WEIGHT]')}")
     return out
 
 

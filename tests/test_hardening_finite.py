@@ -35,13 +35,15 @@ def _digest(root: Path) -> dict[str, str]:
     }
 
 
-def refused(work: Path, *needles: str, args: tuple[str, ...] | None = None, out: Path | None = None) -> str:
+def refused(
+    work: Path, *needles: str, args: tuple[str, ...] | None = None, out: Path | None = None, code: int = 1
+) -> str:
     """``merge adapter --base base`` (or ``args``) ends in one error line holding every needle, nothing is
     written at ``out`` (``work/out``) and the inputs are byte-identical."""
     before = {d: _digest(work / d) for d in ("base", "adapter") if (work / d).exists()}
     out = out or work / "out"
     res = cli(*(args or ("merge", work / "adapter", "--base", work / "base", "-o", out)))
-    line = one_error(res, *needles, out=out)
+    line = one_error(res, *needles, out=out, code=code)
     assert {d: _digest(work / d) for d in before} == before
     return line
 
@@ -669,4 +671,4 @@ def test_drop_norms_leaves_other_whole_tensors_refused(mergekit_like):
 def test_drop_norms_is_a_gguf_option(mergekit_like):
     w = mergekit_like
     args = ("convert", w / "adapter", "--to", "mlx", "--base", w / "base", "-o", w / "out", "--drop-norms")
-    refused(w, "--drop-norms applies to --to gguf only, not --to mlx", args=args)
+    refused(w, "--drop-norms applies to --to gguf only, not --to mlx", args=args, code=2)  # a usage error

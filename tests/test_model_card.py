@@ -53,9 +53,9 @@ def test_hub_id_in_the_adapter_config_is_the_base_model(tmp_path):
     card = _card(tmp_path / "a")
     assert card.data.base_model == "meta-llama/Llama-3.2-1B" and card.data.base_model_relation == "adapter"
     assert "base_model:adapter:meta-llama/Llama-3.2-1B" in card.data.tags
-    lc.merge(src, output=tmp_path / "m", base=BASE)  # a local --base: the config's Hub id still names the model
+    lc.merge(src, output=tmp_path / "m", base=BASE)  # a local --base is the base used (issue 25): no base_model
     card = _card(tmp_path / "m")
-    assert card.data.base_model == "meta-llama/Llama-3.2-1B" and card.data.base_model_relation == "merge"
+    assert card.data.base_model is None and "base_model_relation" not in card.data.to_dict()
 
 
 @pytest.mark.parametrize("how", ["repo id", "cache snapshot path"])

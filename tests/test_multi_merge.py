@@ -202,16 +202,16 @@ def test_two_adapters_saving_the_same_module_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args, needle",
+    "args, needle, code",  # code 2: the command line alone is wrong (a usage error)
     [
-        (["--adapter", "{a}:heavy"], "the weight 'heavy' is not a number"),
-        (["--adapter", "{a}:nan"], "must be a finite number"),
-        (["--adapter", ":0.5"], "nothing before the weight"),
-        (["--adapter", "no-such-adapter"], "neither a path nor an adapter of the source"),
-        (["--adapter", "{a}", "--adapter", "{other}"], "adapters for different base models"),
+        (["--adapter", "{a}:heavy"], "the weight 'heavy' is not a number", 2),
+        (["--adapter", "{a}:nan"], "must be a finite number", 2),
+        (["--adapter", ":0.5"], "nothing before the weight", 2),
+        (["--adapter", "no-such-adapter"], "neither a path nor an adapter of the source", 1),
+        (["--adapter", "{a}", "--adapter", "{other}"], "adapters for different base models", 1),
     ],
 )
-def test_bad_stacks_fail_with_one_error_line_and_write_nothing(tmp_path, args, needle):
+def test_bad_stacks_fail_with_one_error_line_and_write_nothing(tmp_path, args, needle, code):
     adapters = _adapters(tmp_path, llama, {}, [(dict(r=4, lora_alpha=8, target_modules=["q_proj"]), 1.0)])
     a = adapters[0][0]
     other = tmp_path / "other"
@@ -224,7 +224,7 @@ def test_bad_stacks_fail_with_one_error_line_and_write_nothing(tmp_path, args, n
     (a / "adapter_config.json").write_text(json.dumps(cfg))
     argv = ["merge", str(tmp_path / "base"), "-o", str(tmp_path / "out")] + [x.format(a=a, other=other) for x in args]
     r = CliRunner().invoke(main, argv)
-    assert r.exit_code == 1, r.output
+    assert r.exit_code == code, r.output
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.output
     assert not (tmp_path / "out").exists()

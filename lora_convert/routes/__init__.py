@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import RouteError
+from ..fmt import form_word
 from .plan import FORMATS, FORMS, Plan, Request
 
 Planner = Callable[[Request], Plan]
@@ -49,9 +50,13 @@ def planner(source_form: str, to: str, *, path: str | Path | None = None) -> Pla
         mod = importlib.import_module(f"{__name__}.{module}")
         return getattr(mod, name)
     if source_form == "plain":
-        raise RouteError(f"holds no LoRA tensors (a base or merged model); nothing to convert to {to}", path=path)
+        raise RouteError(
+            f"holds no LoRA tensors (a full model: base, merged or fine-tuned); nothing to convert to {to}", path=path
+        )
     if source_form == to:
-        raise RouteError(f"is already in {source_form} form", path=path)
+        raise RouteError(f"is already in {form_word(source_form)} form", path=path)
     if source_form == "adapter" and to == "base":
         raise RouteError("an adapter holds no base weights: the base is the model it was trained on", path=path)
-    raise RouteError(f"no route from {source_form} to {to}", path=path)  # pragma: no cover - the table is complete
+    raise RouteError(
+        f"no route from {form_word(source_form)} to {to}", path=path
+    )  # pragma: no cover - the table is complete

@@ -40,7 +40,7 @@ from .. import arch, combine_math, lora_math
 from ..bounds import seed_ok
 from ..combine_math import FACTOR_METHODS, METHODS, PRUNING_METHODS, RANDOM_METHODS, SIGN_METHODS, SVD_METHODS
 from ..dialects.peft_keys import Role, format_key
-from ..errors import AdapterError, RouteError, UnsupportedError, Where
+from ..errors import AdapterError, OptionError, RouteError, UnsupportedError, Where
 from ..errors import option_name as _opt
 from ..inventory import LoraModule
 from ..pipeline import Buffers, Job
@@ -69,7 +69,7 @@ class CombineOptions:
 
     def validate(self) -> CombineOptions:
         if self.method not in METHODS:
-            raise RouteError(f"unknown {_opt('method')} {self.method!r} (choose from {', '.join(METHODS)})")
+            raise OptionError(f"unknown {_opt('method')} {self.method!r} (choose from {', '.join(METHODS)})")
         svd = self.method in SVD_METHODS
         method, density, rank, clamp = (_opt(k) for k in ("method", "density", "rank", "svd_clamp"))
         checks = [
@@ -85,7 +85,7 @@ class CombineOptions:
         ]
         for ok, message in checks:
             if not ok:
-                raise RouteError(message)
+                raise OptionError(message)
         return self
 
 

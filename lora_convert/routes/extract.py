@@ -42,7 +42,7 @@ from ..bounds import seed_ok
 from ..config import AdapterConfig
 from ..dialects.peft_keys import PEFT_PREFIX, Role, format_key
 from ..difference import Difference, row_blocks
-from ..errors import RouteError, option, option_name, spelled
+from ..errors import OptionError, RouteError, option, option_name, spelled
 from ..fmt import ranges
 from ..io.reader import Checkpoint
 from ..pipeline import Buffers, Job, Read, execute
@@ -85,10 +85,10 @@ class ExtractOptions:
         self.include, self.exclude = list(self.include), list(self.exclude)
 
     def validate(self) -> ExtractOptions:
-        """Check every option (RouteError naming it); the default criterion is rank 16."""
+        """Check every option (OptionError naming it); the default criterion is rank 16."""
         chosen = [x is not None for x in (self.rank, self.energy, self.max_error)]
         if sum(chosen) > 1:
-            raise RouteError(f"give at most one of {_opts('rank', 'energy', 'max_error')}")
+            raise OptionError(f"give at most one of {_opts('rank', 'energy', 'max_error')}")
         if not any(chosen):
             self.rank = 16
         checks = [
@@ -112,7 +112,7 @@ class ExtractOptions:
         ]
         for ok, message in checks:
             if not ok:
-                raise RouteError(message)
+                raise OptionError(message)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise RouteError(
                 f"{option_name('device')} cuda: no CUDA device is available",
@@ -126,7 +126,7 @@ class ExtractOptions:
         try:
             return [re.compile(p) for p in self.include], [re.compile(p) for p in self.exclude]
         except re.error as e:
-            raise RouteError(f"bad {_opts('include', 'exclude')} regex: {e}") from None
+            raise OptionError(f"bad {_opts('include', 'exclude')} regex: {e}") from None
 
     def criterion(self) -> str:
         if self.energy is not None:
@@ -175,12 +175,12 @@ def parse_layers(spec: str | None) -> LayerSelection | None:
         part = part.strip()
         m = re.fullmatch(r"(\d+)\s*-\s*(\d+)|(\d+)", part)
         if not m:
-            raise RouteError(f"{option_name('layers')}: cannot read {part[:40]!r} (use e.g. 0-15,20)")
+            raise OptionError(f"{option_name('layers')}: cannot read {part[:40]!r} (use e.g. 0-15,20)")
         if any(g is not None and len(g) > MAX_LAYER_DIGITS for g in m.groups()):
-            raise RouteError(f"{option_name('layers')}: {part[:40]!r} has a layer number of more than 9 digits")
+            raise OptionError(f"{option_name('layers')}: {part[:40]!r} has a layer number of more than 9 digits")
         a, b = (int(m.group(3)),) * 2 if m.group(3) is not None else (int(m.group(1)), int(m.group(2)))
         if b < a:
-            raise RouteError(f"{option_name('layers')}: empty range {part!r}")
+            raise OptionError(f"{option_name('layers')}: empty range {part!r}")
         found.append((a, b))
     joined: list[tuple[int, int]] = []
     for a, b in sorted(found):

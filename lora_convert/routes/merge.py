@@ -120,7 +120,7 @@ def merge_ops(req: Request) -> MergeOps:
     model_config = req.model_config
     if not req.stack and req.inventory.form == "plain":
         raise RouteError(
-            "holds no LoRA tensors (a base or merged model); nothing to convert to merged",
+            "holds no LoRA tensors (a full model: base, merged or fine-tuned); nothing to convert to merged",
             path=req.source.root,
             hint=f"to merge adapters into it, pass {option('adapter', 'ADAPTER[:WEIGHT]')}",
         )

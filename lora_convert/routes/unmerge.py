@@ -15,13 +15,17 @@ values; the merged model no longer holds them).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
+from .. import arch
 from ..closeness import absmax, spacing
 from ..errors import RouteError, UnsupportedError, option, spelled
+from ..io.writer import PlannedTensor
+from ..pipeline import execute
 from ..stack import AdapterInput
 from .merge import MergeOps, merge_ops, tensor_job
 from .plan import Plan, Request, output_dtype
@@ -90,7 +94,7 @@ def plan_unmerge(req: Request) -> Plan:
     """A plain (merged) source minus the weighted ΔW of its adapters; the other tensors copied."""
     if not req.stack:
         raise RouteError(
-            "holds no LoRA tensors (a base or merged model); nothing to convert to base",
+            "holds no LoRA tensors (a full model: base, merged or fine-tuned); nothing to convert to base",
             path=req.source.root,
             hint=f"to unmerge an adapter from it, pass {option('adapter', 'ADAPTER')}",
         )
@@ -107,6 +111,7 @@ def plan_unmerge(req: Request) -> Plan:
     _restore_saved_layers(mo, req.stack)
     _keep_tied(mo)
     dtype = output_dtype(req.dtype)
+    _retie(mo, req, dtype)
     report = Unmerge()
     jobs = []
     for k in mo.keys:
@@ -156,6 +161,56 @@ def _keep_tied(mo: MergeOps) -> None:
         mo.keys.remove(head)
     mo.warnings = [w for w in mo.warnings if "tied in the base" not in w]
     mo.warnings.append("the merged model ties lm_head to the embedding; the unmerged one keeps them tied")
+
+
+def _retie(mo: MergeOps, req: Request, dtype: torch.dtype | None) -> None:
+    """A merge into a tied base whose embedding had LoRA unties the two (it writes the head, unchanged, and
+    ``tie_word_embeddings: false``).  Unmerged, the embedding is the base's again: when it comes out
+    bit-identical to the head, the base's own tied form is written back (the head left out, the flag true), as
+    ``save_pretrained`` wrote the base.  Deciding it costs one extra pass over the two tensors (their jobs run
+    into a hashing sink, memory flat), and only where an adapter touched one of them in an untied model."""
+    emb, head = arch.input_embedding_key(mo.keys), arch.HEAD_KEY
+    config = req.source.config or {}
+    if mo.tied is not None or emb is None or head not in mo.keys or config.get("tie_word_embeddings") is not False:
+        return
+    if mo.experts is not None and {emb, head} & set(mo.experts.targets):
+        return
+    if not any(mo.ops[k].loras or mo.ops[k].tokens is not None or mo.ops[k].replaced for k in (emb, head)):
+        return
+    if mo.base.ck.info(mo.base.map[emb]).shape != mo.base.ck.info(mo.base.map[head]).shape:
+        return
+    sink = _Digests()
+    execute([tensor_job(k, mo.ops[k], mo.base, dtype, mo.conv1d) for k in (emb, head)], sink)
+    if sink.digests[emb] != sink.digests[head]:
+        return
+    mo.keys.remove(head)
+    mo.config_changes["tie_word_embeddings"] = True
+    mo.warnings.append(
+        f"{head} equals {emb} once the adapters are taken out: written tied (tie_word_embeddings true), "
+        "as the base was before the merge untied them"
+    )
+
+
+class _Digests:
+    """A tensor sink that keeps only each tensor's dtype, shape and a SHA-256 of its bytes."""
+
+    def __init__(self) -> None:
+        self.digests: dict[str, str] = {}
+        self._hash: dict[str, Any] = {}
+
+    def open(self, plan: list[PlannedTensor]) -> None:
+        for t in plan:
+            self._hash[t.name] = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+
+    def write(self, name: str, data: torch.Tensor) -> None:
+        self._hash[name].update(data.contiguous().view(-1).view(torch.uint8).numpy())
+
+    def close(self) -> list[str]:
+        self.digests = {k: h.hexdigest() for k, h in self._hash.items()}
+        return []
+
+    def abort(self) -> None:
+        return None
 
 
 def _refuse(inp: AdapterInput) -> None:
