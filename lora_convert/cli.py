@@ -319,18 +319,6 @@ def _report_conversion(res: Any, as_json: bool) -> None:
 SEED = click.IntRange(0, MAX_SEED)  # torch's generators take 64-bit seeds: beyond, a usage error (exit 2)
 
 
-def _layers_syntax(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
-    """``--layers`` that cannot be read is a usage error (exit 2), found before any file is opened; whether the
-    model has the layers is checked against its tensors later (exit 1)."""
-    from .routes.extract import parse_layers
-
-    try:
-        parse_layers(value)
-    except LoraConvertError as exc:
-        raise click.BadParameter(exc.for_cli().removeprefix("--layers: ")) from None
-    return value
-
-
 def _extraction_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The SVD options, shared by ``extract`` and ``convert --to adapter`` (defaults applied by the API)."""
     for opt in reversed(
@@ -345,7 +333,7 @@ def _extraction_options(f: Callable[..., Any]) -> Callable[..., Any]:
             click.option(
                 "--exclude", multiple=True, help="Leave out modules whose path matches this regex (repeatable)."
             ),
-            click.option("--layers", callback=_layers_syntax, help="Only these decoder layers, e.g. 0-15,20."),
+            click.option("--layers", help="Only these decoder layers, e.g. 0-15,20."),
             click.option(
                 "--embeddings",
                 type=click.Choice(["lora", "full", "skip"]),

@@ -654,7 +654,7 @@ def test_unreadable_layers_are_a_usage_error(tmp_path, spec, needle):
     out = tmp_path / "out"
     res = cli(*_extract_layers(out, spec))
     assert res.exit_code == 2, res.output
-    assert "Invalid value for '--layers'" in res.stderr and needle in res.stderr
+    assert "error: --layers: " in res.stderr and needle in res.stderr
     assert "Traceback" not in res.output and not out.exists()
 
 

@@ -14,7 +14,7 @@ PKG = ROOT / "lora_convert"
 
 # layer: the modules in it (dotted, without "lora_convert."; a trailing ".*" takes a whole sub-package)
 LAYERS: dict[str, list[str]] = {
-    "util": ["errors", "text", "fmt", "progress", "third_party"],
+    "util": ["errors", "text", "fmt", "progress", "third_party", "bounds"],
     "io": ["io", "io.*", "folder"],
     "math": ["lora_math", "svd", "closeness", "combine_math", "difference", "quant", "quant.*"],
     "facts": ["arch", "moe_layouts"],
@@ -39,7 +39,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "surface": {"util", "io", "math", "facts", "meaning", "jobs", "plans", "assembly", "surface"},
 }
 # The CLI parses and prints: it reaches everything through the API, never a route, reader or I/O module.
-CLI_MAY_IMPORT = {"api", "cli_output", "errors", "text", "fmt", "costs"}
+CLI_MAY_IMPORT = {"api", "cli_output", "errors", "text", "fmt", "bounds", "costs"}
 
 
 def module_name(path: Path) -> str:
