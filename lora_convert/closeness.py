@@ -180,12 +180,13 @@ class Agreement:
             if base is not None:
                 self.worst_base = max(self.worst_base, 0.0 if torch.equal(merged, base) else math.inf)
             return
-        m, e = merged.to(FP32), expected.to(FP32)
+        work = FP64 if merged.dtype == FP64 else FP32  # fp32 holds every narrower dtype exactly
+        m, e = merged.to(work), expected.to(work)
         unit = _ulp_of_larger(m, e, self.dtype)  # one ulp at the element's magnitude
         tol = unit if bound is None else bound.view(unit.shape).add_(unit)  # the bound
         diff = m - e
         self.worst_ulps = max(self.worst_ulps, _absmax(diff / unit))
-        b = base.to(FP32) if base is not None else None
+        b = base.to(work) if base is not None else None
         if self.slack != 1 or self.extra_ulps:
             self.worst_bound = max(self.worst_bound, _absmax(diff / tol))
             cap = e.abs() if b is None else torch.maximum(e.abs(), b.abs())
@@ -200,7 +201,7 @@ class Agreement:
             if math.isinf(r):
                 self.nonfinite += int((~torch.isfinite(m)).sum())
         if alt is not None:
-            self.worst_alt = max(self.worst_alt or 0.0, _absmax((m - alt.to(FP32)).div_(tol)))
+            self.worst_alt = max(self.worst_alt or 0.0, _absmax((m - alt.to(work)).div_(tol)))
         if b is None:
             return
         d = m - b  # merged − base
@@ -241,11 +242,12 @@ class Agreement:
 
 
 def _ulp_of_larger(m: torch.Tensor, e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """ulp of ``dtype`` at max(|m|, |e|) (fp32 in and out): the larger exponent of the two, read from their
-    bits (the sign bit masked away), times 2^(1-p) — :func:`ulps` without the abs and maximum passes."""
+    """ulp of ``dtype`` at max(|m|, |e|) (fp32 or fp64 in, same out): the larger exponent of the two, read
+    from their bits (the sign bit masked away), times 2^(1-p) — :func:`ulps` without the abs and maximum passes."""
     p = significand_bits(dtype)
-    hi = torch.maximum(m.view(torch.int32) & 0x7F800000, e.view(torch.int32) & 0x7F800000)
-    return hi.view(FP32).mul_(2.0 ** (1 - p)).clamp_min_(torch.finfo(dtype).tiny * 2.0 ** (1 - p))
+    int_dtype, mask = _EXPONENT_BITS[m.dtype]
+    hi = torch.maximum(m.view(int_dtype) & mask, e.view(int_dtype) & mask)
+    return hi.view(m.dtype).mul_(2.0 ** (1 - p)).clamp_min_(torch.finfo(dtype).tiny * 2.0 ** (1 - p))
 
 
 def _absmax(t: torch.Tensor) -> float:

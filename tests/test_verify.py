@@ -298,6 +298,22 @@ def test_moe_experts(tmp_path, name):
     assert bad and set(bad.values()) == {"not applied"} and all("experts" in k for k in bad), bad
 
 
+def test_an_fp64_base_verifies(tmp_path):
+    """fp64 weights are compared in fp64, where their ulps are counted: our merge and
+    PEFT's (fp64 arithmetic) are ok, and one element moved by 1e-6 of its value is not."""
+    pm = _setup(tmp_path, llama, {}, dict(r=4, lora_alpha=8, target_modules=["q_proj"]), torch.float64)
+    lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "ours")
+    assert _verify(tmp_path, "ours").ok
+    pm.merge_and_unload().save_pretrained(tmp_path / "peft")
+    res = _verify(tmp_path, "peft")
+    assert res.ok and _status(res, Q0).ulps > 1e6, res.summary()  # fp64 ulps: PEFT computes ΔW in fp64
+    m = load_file(tmp_path / "ours" / "model.safetensors")[Q0].clone()
+    m.view(-1)[int(m.abs().argmax())] *= 1 + 1e-6
+    shutil.copytree(tmp_path / "ours", tmp_path / "moved")
+    _rewrite(tmp_path / "moved", lambda sd: sd.update({Q0: m}))
+    assert _status(_verify(tmp_path, "moved"), Q0).status == "mismatch"
+
+
 @pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss"])
 def test_moe_experts_merged_by_peft_in_bf16(tmp_path, name):
     """PEFT's bf16 merge of expert LoRA (ΔP rounded to bf16, then added): within each slab's bound."""
