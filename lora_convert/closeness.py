@@ -16,7 +16,8 @@ scaling does).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
@@ -66,6 +67,7 @@ def absmax(t: torch.Tensor) -> float:
     return max(abs(float(lo)), abs(float(hi)))
 
 
+Scratch = Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor]  # (role, shape, dtype) -> a reused tensor
 U32 = 2.0**-24  # fp32's unit roundoff: every fp32 operation's relative error is at most this
 CAP = 1 / 16  # slack and extra ulps never widen an element's tolerance beyond this fraction of its magnitude
 
@@ -158,6 +160,8 @@ class Agreement:
     _xx: float = 0.0  # Σ ΔW²
     _dd: float = 0.0  # Σ (merged − base)²
     _tt: float = 0.0  # Σ tolerance²: the fit's residual budget, and the uncertainty of c
+    scratch: Scratch | None = field(default=None, repr=False)  # a worker's reusable temporaries (pipeline)
+    _pool: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def add(
         self,
@@ -181,13 +185,15 @@ class Agreement:
                 self.worst_base = max(self.worst_base, 0.0 if torch.equal(merged, base) else math.inf)
             return
         work = FP64 if merged.dtype == FP64 else FP32  # fp32 holds every narrower dtype exactly
-        m, e = merged.to(work), expected.to(work)
-        unit = _ulp_of_larger(m, e, self.dtype)  # one ulp at the element's magnitude
-        tol = unit if bound is None else bound.view(unit.shape).add_(unit)  # the bound
-        diff = m - e
-        self.worst_ulps = max(self.worst_ulps, _absmax(diff / unit))
-        b = base.to(work) if base is not None else None
-        if self.slack != 1 or self.extra_ulps:
+        shape = merged.shape
+        m, e = self._as(merged, "m", work), self._as(expected, "e", work)
+        unit = self._ulp_of_larger(m, e)  # one ulp at the element's magnitude
+        tol = unit if bound is None else bound.view(shape).add_(unit)  # the bound
+        diff = torch.sub(m, e, out=self._tmp("diff", shape, work))
+        scratch = self._tmp("scratch", shape, work)
+        self.worst_ulps = max(self.worst_ulps, _absmax(torch.div(diff, unit, out=scratch)))
+        b = self._as(base, "b", work) if base is not None else None
+        if self.slack != 1 or self.extra_ulps:  # rare: allocates
             self.worst_bound = max(self.worst_bound, _absmax(diff / tol))
             cap = e.abs() if b is None else torch.maximum(e.abs(), b.abs())
             tol = torch.minimum(tol * self.slack + unit * self.extra_ulps, torch.maximum(cap.mul_(CAP), tol))
@@ -201,20 +207,46 @@ class Agreement:
             if math.isinf(r):
                 self.nonfinite += int((~torch.isfinite(m)).sum())
         if alt is not None:
-            self.worst_alt = max(self.worst_alt or 0.0, _absmax((m - alt.to(work)).div_(tol)))
+            self.worst_alt = max(self.worst_alt or 0.0, _absmax(torch.sub(m, alt, out=scratch).div_(tol)))
         if b is None:
             return
-        d = m - b  # merged − base
-        self.worst_base = max(self.worst_base, _absmax(d / tol))
+        d = torch.sub(m, b, out=self._tmp("d", shape, work))  # merged − base
+        self.worst_base = max(self.worst_base, _absmax(torch.div(d, tol, out=scratch)))
         if delta is not None:
             # The fit's residual is a difference of nearly equal sums: accumulate them in fp64 where the
             # tolerance is fp32-fine (fp32 sums suffice against a half-precision tolerance).
             acc = FP64 if not _half(self.dtype) else FP32
-            x, d, t = (v.reshape(-1).to(acc) for v in (delta, d, tol))
+            x, d, t = (self._as(v.reshape(shape), f"fit{i}", acc).view(-1) for i, v in enumerate((delta, d, tol)))
             self._dx += float(torch.dot(d, x))
             self._xx += float(torch.dot(x, x))
             self._dd += float(torch.dot(d, d))
             self._tt += float(torch.dot(t, t))
+
+    def _tmp(self, name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """A block-sized temporary kept across blocks: allocating one per operation (page faults) costs more
+        than the arithmetic."""
+        if self.scratch is not None:
+            return self.scratch(f"agreement-{name}", tuple(shape), dtype)
+        t = self._pool.get(name)
+        if t is None or t.shape != shape or t.dtype != dtype:
+            t = self._pool[name] = torch.empty(shape, dtype=dtype)
+        return t
+
+    def _as(self, t: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """``t`` in ``dtype`` (itself when it is, else a pooled copy); contiguous."""
+        if t.dtype == dtype and t.is_contiguous():
+            return t
+        return self._tmp(name, t.shape, dtype).copy_(t)
+
+    def _ulp_of_larger(self, m: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """ulp of the merged dtype at max(|m|, |e|) (fp32 or fp64 in, same out): the larger exponent of the
+        two, read from their bits (the sign bit masked away), times 2^(1-p) — no abs or maximum of floats."""
+        p = significand_bits(self.dtype)
+        int_dtype, mask = _EXPONENT_BITS[m.dtype]
+        hi = torch.bitwise_and(m.view(int_dtype), mask, out=self._tmp("hi", m.shape, int_dtype))
+        lo = torch.bitwise_and(e.view(int_dtype), mask, out=self._tmp("lo", m.shape, int_dtype))
+        torch.maximum(hi, lo, out=hi)
+        return hi.view(m.dtype).mul_(2.0 ** (1 - p)).clamp_min_(torch.finfo(self.dtype).tiny * 2.0 ** (1 - p))
 
     def scale(self) -> float | None:
         """c in ``merged − base ≈ c·ΔW`` (None without a ΔW, or when ΔW is zero)."""
@@ -239,15 +271,6 @@ class Agreement:
         """c fits and lies measurably away from 1."""
         c, dc = self.scale(), self.scale_uncertainty()
         return c is not None and dc is not None and self.fits() and abs(c - 1) > dc
-
-
-def _ulp_of_larger(m: torch.Tensor, e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """ulp of ``dtype`` at max(|m|, |e|) (fp32 or fp64 in, same out): the larger exponent of the two, read
-    from their bits (the sign bit masked away), times 2^(1-p) — :func:`ulps` without the abs and maximum passes."""
-    p = significand_bits(dtype)
-    int_dtype, mask = _EXPONENT_BITS[m.dtype]
-    hi = torch.maximum(m.view(int_dtype) & mask, e.view(int_dtype) & mask)
-    return hi.view(m.dtype).mul_(2.0 ** (1 - p)).clamp_min_(torch.finfo(dtype).tiny * 2.0 ** (1 - p))
 
 
 def _absmax(t: torch.Tensor) -> float:

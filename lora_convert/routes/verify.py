@@ -159,8 +159,8 @@ def verify_merge(
     jobs: list[Job] = []
     targets = _targets(mo, merged)
 
-    def agreement(dtype: torch.dtype) -> Agreement:
-        return Agreement(dtype, slack=slack, extra_ulps=ulps)
+    def agreement(dtype: torch.dtype, buf: Buffers | None = None) -> Agreement:
+        return Agreement(dtype, slack=slack, extra_ulps=ulps, scratch=buf.scratch if buf is not None else None)
 
     with progress_bar(progress, len(targets), "verifying", unit="tensors") as advance:
         for key, mk in targets:
@@ -367,13 +367,15 @@ def _rows_job(
             bounder = _dora_bounder(rm, mdtype, buf)
         elif rm.deltas:
             bounder = _merge_bounder(rm.deltas, mdtype, base_dtype, buf)
-        ag = agreement(mdtype)
+        ag = agreement(mdtype, buf)
         for r, mr in pairs:
             w, m = buf.read(r), buf.read(mr)
             n = w.shape[0]
             acc = buf.scratch("acc", (n, cols), torch.float32)
             want = rm.rows(w, r.start, buf.scratch("expected", tuple(w.shape), mdtype), acc)
-            x = acc - w.view(n, cols) if rm.deltas and not o.dora else None  # fp32 ΔW rows, for the fit
+            x = None  # fp32 ΔW rows, for the fit: the merge's tile less W
+            if rm.deltas and not o.dora:
+                x = torch.sub(acc, w.view(n, cols), out=buf.scratch("delta", (n, cols), torch.float32))
             alt = plain.rows(w, r.start, buf.scratch("alt", tuple(w.shape), mdtype), acc) if plain else None
             bound = bounder(w, r.start, want, cols) if bounder is not None else None
             ag.add(m, want, w, bound, x, alt)
@@ -412,7 +414,7 @@ def _flat_job(
         return [r for trio in blocks() for r in trio if r is not None]
 
     def run(buf: Buffers) -> Iterator[torch.Tensor]:
-        ag = agreement(minfo.dtype)
+        ag = agreement(minfo.dtype, buf)
         for rs, rb, rm in blocks():
             s = buf.read(rs)
             b = buf.read(rb) if rb is not None else None
@@ -443,7 +445,7 @@ def _mirror_job(
     mdtype, base_dtype = merged.info(mk).dtype, bck.info(bkey).dtype
 
     def run(buf: Buffers) -> Iterator[torch.Tensor]:
-        ag = agreement(mdtype)
+        ag = agreement(mdtype, buf)
         offset = 0
         slab, bounder = -1, None
         for out in inner.blocks(buf):
@@ -480,7 +482,7 @@ def _bias_job(
             bound.add_(
                 lo.ck.read(lo.module.bias_key).to(torch.float32).abs().reshape(bound.shape), alpha=p * abs(lo.scaling)
             )
-        ag = agreement(m.dtype)
+        ag = agreement(m.dtype, buf)
         ag.add(m, bias_value(o).to(m.dtype), base, bound)
         done(ag)
         return
