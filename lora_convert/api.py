@@ -443,9 +443,10 @@ def verify(
 ) -> Verification:
     """Check, tensor by tensor, that ``merged`` is ``base`` with the adapter(s) merged in.
 
-    Streams the three checkpoints (a few blocks in memory) and gives every tensor a status: ok, not
-    applied, wrong scale (with the c in base + c·ΔW), changed outside the adapter, mismatch, shape
-    mismatch, missing or unexpected.
+    Streams the three checkpoints (a few blocks in memory) and gives every tensor a status: ok (every
+    element within its error bound), not applied, wrong scale (base + c·ΔW with c measurably not 1, given
+    with its uncertainty), changed outside the adapter, mismatch, not finite, shape mismatch, missing or
+    unexpected.
 
     Args:
         merged: the merged checkpoint (plain).  base: the model the merge started from.

@@ -1,6 +1,6 @@
 """verify: does MERGED equal BASE + ADAPTER?  Every layout the merge handles verifies ok when merged by
-lora-convert (0 ulps) and by PEFT's merge_and_unload (within the default tolerance); each way a merge
-goes wrong gets its own status."""
+lora-convert (0 ulps) and by PEFT's merge_and_unload, fp32 and bf16 (within the error bound, whatever the
+arithmetic order); each way a merge goes wrong gets its own status."""
 
 from __future__ import annotations
 
@@ -296,6 +296,18 @@ def test_moe_experts(tmp_path, name):
     res = _verify(tmp_path, "no-experts")
     bad = {c.tensor: c.status for c in res.checks if c.status != "ok"}
     assert bad and set(bad.values()) == {"not applied"} and all("experts" in k for k in bad), bad
+
+
+def test_a_peft_merge_of_an_fp32_base_loaded_in_bf16_verifies(tmp_path):
+    """BASE stored in fp32, merged by PEFT on the model loaded in bf16 (W rounded to bf16 first, then ΔW
+    rounded and added): within the bound, which counts W's rounding where BASE is finer than MERGED."""
+    llama().save_pretrained(tmp_path / "base")
+    pm = peft_wrap(llama().to(torch.bfloat16), r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    pm.save_pretrained(tmp_path / "adapter")
+    pm.merge_and_unload().save_pretrained(tmp_path / "peft")
+    res = _verify(tmp_path, "peft")
+    assert res.ok, res.summary()
+    assert 0 < _status(res, Q0).bound <= 1
 
 
 def test_an_fp64_base_verifies(tmp_path):
