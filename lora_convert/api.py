@@ -6,7 +6,6 @@ conversions import it when they start.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -435,27 +434,34 @@ def merge(source: str | Path, *, output: str | Path, base: str | Path | None = N
     return convert(source, "merged", output=output, base=base, **kwargs)
 
 
+VERIFY_TOLERANCE_MAX = 1e6  # the largest --slack / --ulps: beyond, a tolerance means nothing
+
+
 def verify(
     merged: str | Path,
     *,
     base: str | Path,
     adapter: Spec | None = None,
     adapters: Sequence[Spec] | None = None,
-    ulps: float = 2.0,
+    slack: float = 1.0,
+    ulps: float = 0.0,
     logits: bool = False,
     progress: bool = False,
 ) -> Verification:
     """Check, tensor by tensor, that ``merged`` is ``base`` with the adapter(s) merged in.
 
-    Streams the three checkpoints (a few blocks in memory) and gives every tensor a status: ok, not
-    applied, wrong scale (with the c in base + c·ΔW), changed outside the adapter, mismatch, shape
-    mismatch, missing or unexpected.
+    Streams the three checkpoints (a few blocks in memory) and gives every tensor a status: ok (every
+    element within its error bound), not applied, wrong scale (base + c·ΔW with c measurably not 1, given
+    with its uncertainty), changed outside the adapter, mismatch, not finite, shape mismatch, missing or
+    unexpected.
 
     Args:
         merged: the merged checkpoint (plain).  base: the model the merge started from.
         adapter, adapters: the adapter(s) merged, ``REF[:WEIGHT]`` as for :func:`merge`.
-        ulps: the tolerance, in ulps of MERGED's dtype at each element's magnitude, plus one per adapter
-            beyond the first (see ``lora-convert verify --help``).
+        slack: the tolerance, as a multiple of each element's error bound (the most two correct
+            computations of the merge may differ by: see :mod:`lora_convert.routes.verify`), 0 to 1e6.
+        ulps: ulps of MERGED's dtype allowed on top (0 to 1e6).  Neither widens an element's tolerance
+            beyond 1/16 of its magnitude.
         logits: also compare MERGED's logits with PEFT's unmerged model on a few tokens (needs
             transformers and peft, and memory for two copies of the model in fp32; skipped otherwise).
 
@@ -471,15 +477,17 @@ def verify(
     specs = [*([adapter] if adapter is not None else []), *(adapters or [])]
     if not specs:
         raise RouteError("verify needs the adapter that was merged", hint=f"pass {option('adapter', 'ADAPTER')}")
-    if not (isinstance(ulps, int | float) and math.isfinite(ulps) and ulps >= 0):
-        raise OptionError(f"{option_name('ulps')} must be a number >= 0, not {ulps!r}")
+    for name, value in (("slack", slack), ("ulps", ulps)):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (ok and 0 <= value <= VERIFY_TOLERANCE_MAX):  # NaN fails too
+            raise OptionError(f"{option_name(name)} must be a number from 0 to {VERIFY_TOLERANCE_MAX:g}, not {value!r}")
     mck, minv = load_source(merged)
     try:
         if minv.form != "plain":
             raise RouteError(f"holds LoRA tensors ({minv.form} form); MERGED is a merged model", path=mck.root)
         plain = "BASE is the model the adapters were merged into"
         with _stack_request(base, specs, base=None, to="merged", progress=progress, plain=plain) as (req, warnings):
-            result = verify_merge(req, mck, ulps=float(ulps), progress=progress)
+            result = verify_merge(req, mck, slack=float(slack), ulps=float(ulps), progress=progress)
             result.warnings = warnings
             if logits:
                 from .logits_check import compare_logits

@@ -621,14 +621,16 @@ def combine_cmd(
     _report_conversion(res, as_json)
 
 
+SLACK_HELP = (
+    "Tolerance, as a multiple of each element's error bound: the most two correct computations of the merge "
+    "may differ by, from the magnitudes of BASE's weight and of each s*|B|*|A| term (fp32 dot products in any "
+    "order), DoRA's norm, and the rounding to MERGED's dtype, PEFT's roundings of dW and after each adapter "
+    "included (README: verify).  Every correct merge is within 1; a wrong one is off by many.  0 to 1e6."
+)
 ULPS_HELP = (
-    "Tolerance.  An element passes when it is within N ulps of what the merge should have written, "
-    "round(BASE + w*dW) computed in fp32: an ulp is the gap between neighbouring numbers of MERGED's dtype "
-    "at the element's magnitude (bf16: 2^-8 to 2^-7 of it, fp16 2^-11 to 2^-10; never finer than 2^-20 of it, "
-    "as two correct fp32 computations differ by a few fp32 ulps).  One more ulp is allowed per adapter beyond "
-    "the first.  lora-convert's own merge is 0 ulps off; PEFT's merge_and_unload rounds dW "
-    "before adding it (embeddings in half precision), sums in another order and rounds after each adapter: "
-    "a few ulps.  A wrong merge is off by many."
+    "Ulps of MERGED's dtype allowed beyond the bound (an ulp: the gap between neighbouring numbers at the "
+    "element's magnitude; bf16 2^-8 to 2^-7 of it).  0 to 1e6.  Neither option widens an element's tolerance "
+    "beyond 1/16 of its magnitude."
 )
 
 
@@ -642,7 +644,22 @@ ULPS_HELP = (
     required=True,
     help="The adapter merged, REF[:WEIGHT]; repeat it for several adapters merged together.",
 )
-@click.option("--ulps", type=float, default=2.0, show_default=True, help=ULPS_HELP)
+@click.option(
+    "--slack",
+    type=click.FloatRange(0, api.VERIFY_TOLERANCE_MAX),
+    default=1.0,
+    show_default=True,
+    metavar="K",
+    help=SLACK_HELP,
+)
+@click.option(
+    "--ulps",
+    type=click.FloatRange(0, api.VERIFY_TOLERANCE_MAX),
+    default=0.0,
+    show_default=True,
+    metavar="N",
+    help=ULPS_HELP,
+)
 @click.option(
     "--logits",
     is_flag=True,
@@ -653,19 +670,28 @@ ULPS_HELP = (
 @_debug_option
 @click.pass_context
 def verify_cmd(
-    ctx: click.Context, merged: str, base: str, adapters: tuple[str, ...], ulps: float, logits: bool, as_json: bool
+    ctx: click.Context,
+    merged: str,
+    base: str,
+    adapters: tuple[str, ...],
+    slack: float,
+    ulps: float,
+    logits: bool,
+    as_json: bool,
 ) -> None:
     """Check that MERGED is BASE with the adapter merged in, tensor by tensor (exit 0: all ok, 1: not).
 
-    Each tensor is ok, not applied (equals the base), wrong scale (equals base + c*dW, c printed: sqrt(r)
-    means alpha/sqrt(r) was used for alpha/r), changed outside the adapter, mismatch, shape mismatch,
-    missing or unexpected.  The three checkpoints are streamed: memory stays flat.
+    Each tensor is ok (every element within its error bound), not applied (equals the base), wrong scale
+    (equals base + c*dW with c measurably not 1, printed with its uncertainty: sqrt(r) means alpha/sqrt(r)
+    was used for alpha/r), changed outside the adapter, mismatch, not finite (NaN or Inf in MERGED), shape
+    mismatch, missing or unexpected.  The three checkpoints are streamed: memory stays flat.
     """
     res = run_guarded(
         lambda: api.verify(
             merged,
             base=base,
             adapters=list(adapters),
+            slack=slack,
             ulps=ulps,
             logits=logits,
             progress=not as_json and err.is_terminal,

@@ -1,27 +1,27 @@
-"""How close two tensors are, in the units their dtype can tell apart: pure tensors in, numbers out.
+"""How close two tensors are, and how close they must be: pure tensors in, numbers out.
 
 An *ulp* (unit in the last place) of a value ``x`` in a floating dtype is the gap between ``|x|`` and
 the next representable number: ``2^(e-p)`` for ``|x|`` in ``[2^(e-1), 2^e)`` with ``p`` significand
 bits (bf16 8, fp16 11, fp32 24).  Rounding to the nearest representable value moves a number by at
-most half an ulp, so two honest merges of the same weights, rounded differently, differ by a
-couple of ulps, while a wrong merge differs by many.
+most half an ulp, that is by at most ``u·|x|`` with the *unit roundoff* ``u = 2^-p``.
 
-:class:`Agreement` accumulates, block by block, how far a merged tensor is from what it should be,
-how far it is from the base, and the least-squares fit ``merged − base ≈ c·ΔW`` (the scale that
-explains it, when a wrong scaling does).
+:func:`merge_bound` and :func:`dora_bound` give, per element, how far two correct computations of
+the same merge may lie apart (the bound verify judges by, derived in ``routes/verify.py``'s
+docstring); :class:`Agreement` accumulates, block by block, how far a merged tensor is from what it
+should be in units of that bound, how far it is from the base, and the least-squares fit
+``merged − base ≈ c·ΔW`` with the uncertainty of ``c`` (the scale that explains it, when a wrong
+scaling does).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 FP32, FP64 = torch.float32, torch.float64
-# A unit never finer than 2^-20 of the magnitude: two correct fp32 computations of the same merge (ΔW
-# summed in another order, DoRA's norms) differ by a few fp32 ulps, which must not count as many units.
-ARITHMETIC_BITS = 20
 
 
 def significand_bits(dtype: torch.dtype) -> int:
@@ -67,94 +67,215 @@ def absmax(t: torch.Tensor) -> float:
     return max(abs(float(lo)), abs(float(hi)))
 
 
-def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
-    return FP64 if dtype in (FP32, FP64) else FP32
+Scratch = Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor]  # (role, shape, dtype) -> a reused tensor
+U32 = 2.0**-24  # fp32's unit roundoff: every fp32 operation's relative error is at most this
+CAP = 1 / 16  # slack and extra ulps never widen an element's tolerance beyond this fraction of its magnitude
+
+
+def gamma(k: int) -> float:
+    """γ_k = k·u/(1 − k·u): the relative error bound of a sum of ``k`` products in fp32, in any order
+    (Higham, *Accuracy and Stability of Numerical Algorithms*, §3.1), relative to Σ|aᵢ·bᵢ|."""
+    return k * U32 / (1 - k * U32) if k * U32 < 0.5 else math.inf
+
+
+def _half(dtype: torch.dtype) -> bool:
+    return significand_bits(dtype) < significand_bits(FP32)
+
+
+@dataclass(frozen=True)
+class MergeBound:
+    """Per-element bound of ``round(W + Σ sᵢ·Bᵢ·Aᵢ)`` computed twice, differently:
+    ``w·|W| + Σ termsᵢ·|sᵢ|·(|Bᵢ|·|Aᵢ|)`` — the output rounding comes on top (see :class:`Agreement`)."""
+
+    w: float
+    terms: tuple[float, ...]
+
+
+def merge_bound(ranks: list[int], out_dtype: torch.dtype, base_dtype: torch.dtype) -> MergeBound:
+    """The coefficients for ``n = len(ranks)`` LoRAs of ranks ``rᵢ`` summed into a weight, MERGED stored
+    in ``out_dtype`` (unit roundoff ``uₘ``), BASE in ``base_dtype``.  Each of the two computations (ours, and
+    PEFT's or any other correct one) makes, in fp32: the rank-rᵢ dot product (γ_rᵢ·Pᵢ with Pᵢ = |sᵢ|·|Bᵢ|·|Aᵢ|),
+    the scaling (u·Pᵢ) and n additions (u·(|W| + ΣPⱼ) each): twice that.  PEFT's merge may also round each
+    ΔWᵢ to the weight's dtype (uₘ·Pᵢ), round after each adapter but the last ((n−1)·uₘ·(|W| + ΣPⱼ)), and
+    — where BASE is finer than MERGED — start from W rounded to MERGED's dtype (uₘ·|W|)."""
+    n, um = len(ranks), unit_roundoff(out_dtype)
+    if n == 0:
+        return MergeBound(0.0, ())
+    pre = um if significand_bits(base_dtype) > significand_bits(out_dtype) else 0.0
+    w = 2 * n * U32 + (n - 1) * um + pre
+    return MergeBound(w, tuple(2 * (gamma(r) + (n + 1) * U32) + n * um for r in ranks))
+
+
+@dataclass(frozen=True)
+class DoraBound:
+    """Per-element bound of DoRA's ``round(f·(W + ΔW))``, ``f = m/‖W + ΔW‖`` per output feature, computed
+    twice: ``|f|·(w·|W| + p·P) + 2ρ·|E|`` with P = |s|·|B|·|A|, E the expected value, and the norm's relative
+    error ``ρ = rho + rho_p·‖P‖/‖W + ΔW‖`` per output feature (see :func:`dora_bound`)."""
+
+    w: float
+    p: float
+    rho: float
+    rho_p: float
+
+
+def dora_bound(rank: int, reduced: int, out_dtype: torch.dtype) -> DoraBound:
+    """DoRA on one LoRA of rank ``rank`` whose norms sum ``reduced`` squares.
+
+    V = W + ΔW is off by δV ≤ (γ_r + 3u)·P + u·|W| in fp32 (product, scaling, addition; ΔW rounded to
+    MERGED's dtype: uₘ·P more).  The norm of V: its sum of squares in any order is within γ_(L+1) relative
+    (L = ``reduced`` terms), its square root halves that and adds u; δV moves it by at most ‖δV‖, bounded
+    through ‖P‖ ≤ |s|·‖B‖·‖A‖ per feature; in half precision PEFT may hold V in the weight's dtype (uₘ
+    relative); f = m/N and f·V add 2u.  So per side ρ = ½γ_(L+1) + 4u (+ uₘ) + ((r + 4)·u + uₘ)·‖P‖/N, and
+    the element's error ≤ |f|·δV + ρ·|E|: the bound is twice that."""
+    um = unit_roundoff(out_dtype)
+    rho = gamma(reduced + 1) / 2 + 4 * U32 + (um if _half(out_dtype) else 0.0)
+    return DoraBound(w=2 * U32, p=2 * (gamma(rank) + 3 * U32) + um, rho=rho, rho_p=(rank + 4) * U32 + um)
 
 
 @dataclass
 class Agreement:
     """A merged tensor against its expected value (and the base), accumulated over its blocks.
 
-    ``worst`` is the largest distance from the expected value in ulps of the merged dtype at the
-    element's magnitude (the largest of merged, expected and base, so that cancellation does not
-    inflate it; an ulp is at least 2^-20 of it, see ``ARITHMETIC_BITS``); ``worst_base`` the same
-    against the base.  With a ΔW given, ``scale()`` is the
-    least-squares ``c`` in ``merged − base ≈ c·ΔW`` and ``fits()`` says whether the residual of that
-    fit is within rounding noise."""
+    Every element gets a *bound*: one ulp of MERGED's dtype at its magnitude (the larger of merged and
+    expected: two results rounded differently) plus the arithmetic bound the caller gives
+    (:func:`merge_bound`, :func:`dora_bound`).  Its *tolerance* is ``slack·bound + extra_ulps·ulp``,
+    widened by slack or extra ulps never beyond ``CAP`` of its magnitude (nor below the bound), so that
+    no option makes a random tensor pass.  ``worst`` is the largest ``|merged − expected| / tolerance``
+    (ok when ≤ 1), ``worst_bound`` the same in units of the bound, ``worst_ulps`` in ulps; ``worst_base``
+    against the base.  With a ΔW given, ``scale()`` is the least-squares ``c`` in ``merged − base ≈ c·ΔW``
+    with its uncertainty, and ``fits()`` says whether the fit's residual is within the tolerances."""
 
     dtype: torch.dtype  # the merged tensor's dtype: ulps are counted in it
+    slack: float = 1.0
+    extra_ulps: float = 0.0
     worst: float = 0.0
+    worst_bound: float = 0.0
+    worst_ulps: float = 0.0
     worst_base: float = 0.0
     worst_alt: float | None = None  # against an alternative expectation (e.g. DoRA without its rescaling)
     elements: int = 0
-    nonfinite: int = 0  # NaN/Inf values in the merged tensor: no scale or fit speaks for them
+    beyond: int = 0  # elements beyond their tolerance
+    nonfinite: int = 0  # NaN or Inf elements of MERGED
     _dx: float = 0.0  # Σ (merged − base)·ΔW
     _xx: float = 0.0  # Σ ΔW²
     _dd: float = 0.0  # Σ (merged − base)²
-    _noise: float = 0.0  # Σ ulp² at each element: the fit's rounding budget
+    _tt: float = 0.0  # Σ tolerance²: the fit's residual budget, and the uncertainty of c
+    scratch: Scratch | None = field(default=None, repr=False)  # a worker's reusable temporaries (pipeline)
+    _pool: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def add(
         self,
         merged: torch.Tensor,
         expected: torch.Tensor,
         base: torch.Tensor | None = None,
+        bound: torch.Tensor | None = None,
         delta: torch.Tensor | None = None,
         alt: torch.Tensor | None = None,
     ) -> None:
-        """One block: the merged values, what they should be (same dtype), the base's values and the
-        fp32 ΔW of the block (both optional), and an alternative expectation (optional)."""
+        """One block: the merged values, what they should be, the base's values, the arithmetic part of
+        each element's bound (fp32, overwritten), the fp32 ΔW of the block for the scale fit, and an
+        alternative expectation (all optional but the first two)."""
         self.elements += merged.numel()
+        if merged.numel() == 0:
+            return
         if not merged.is_floating_point():
             self.worst = max(self.worst, 0.0 if torch.equal(merged, expected) else math.inf)
+            self.worst_bound = self.worst_ulps = self.worst
             if base is not None:
                 self.worst_base = max(self.worst_base, 0.0 if torch.equal(merged, base) else math.inf)
             return
-        work = FP32  # elementwise: exact enough, as a unit is never finer than 2^-20 (ARITHMETIC_BITS)
-        self.nonfinite += merged.numel() - int(torch.isfinite(merged).sum())
-        m = merged.to(work)
-        b = base.to(work) if base is not None else None
-        # The element's magnitude: the larger of merged and base (where they agree with the expected
-        # value, it is the expected magnitude too; where they do not, the tensor is not ok anyway).
-        scale = m.abs()
-        if b is not None:
-            scale = torch.maximum(scale, b.abs(), out=scale)
-        unit = ulps(scale, self.dtype, max_bits=ARITHMETIC_BITS)
-        self.worst = max(self.worst, _max_ratio(m - expected.to(work), unit))
+        work = FP64 if merged.dtype == FP64 else FP32  # fp32 holds every narrower dtype exactly
+        shape = merged.shape
+        m, e = self._as(merged, "m", work), self._as(expected, "e", work)
+        unit = self._ulp_of_larger(m, e)  # one ulp at the element's magnitude
+        tol = unit if bound is None else bound.view(shape).add_(unit)  # the bound
+        diff = torch.sub(m, e, out=self._tmp("diff", shape, work))
+        scratch = self._tmp("scratch", shape, work)
+        self.worst_ulps = max(self.worst_ulps, _absmax(torch.div(diff, unit, out=scratch)))
+        b = self._as(base, "b", work) if base is not None else None
+        if self.slack != 1 or self.extra_ulps:  # rare: allocates
+            self.worst_bound = max(self.worst_bound, _absmax(diff / tol))
+            cap = e.abs() if b is None else torch.maximum(e.abs(), b.abs())
+            tol = torch.minimum(tol * self.slack + unit * self.extra_ulps, torch.maximum(cap.mul_(CAP), tol))
+        ratio = diff.div_(tol)
+        r = _absmax(ratio)
+        if self.slack == 1 and not self.extra_ulps:
+            self.worst_bound = max(self.worst_bound, r)
+        self.worst = max(self.worst, r)
+        if r > 1:  # the slow path, for tensors that fail: how many elements, how many not finite
+            self.beyond += int((ratio.abs_() > 1).sum())
+            if math.isinf(r):
+                self.nonfinite += int((~torch.isfinite(m)).sum())
         if alt is not None:
-            self.worst_alt = max(self.worst_alt or 0.0, _max_ratio(m - alt.to(work), unit))
+            self.worst_alt = max(self.worst_alt or 0.0, _absmax(torch.sub(m, alt, out=scratch).div_(tol)))
         if b is None:
             return
-        d = m.sub_(b)  # merged − base (m is a copy)
-        self.worst_base = max(self.worst_base, _max_ratio(d.abs(), unit))
+        d = torch.sub(m, b, out=self._tmp("d", shape, work))  # merged − base
+        self.worst_base = max(self.worst_base, _absmax(torch.div(d, tol, out=scratch)))
         if delta is not None:
-            # The fit's residual is a difference of nearly equal sums: accumulate them in fp64 where
-            # the rounding budget is fp32-fine.
-            acc = _sum_dtype(self.dtype)
-            x, d, unit = (t.reshape(-1).to(acc) for t in (delta, d, unit))
+            # The fit's residual is a difference of nearly equal sums: accumulate them in fp64 where the
+            # tolerance is fp32-fine (fp32 sums suffice against a half-precision tolerance).
+            acc = FP64 if not _half(self.dtype) else FP32
+            x, d, t = (self._as(v.reshape(shape), f"fit{i}", acc).view(-1) for i, v in enumerate((delta, d, tol)))
             self._dx += float(torch.dot(d, x))
             self._xx += float(torch.dot(x, x))
             self._dd += float(torch.dot(d, d))
-            self._noise += float(torch.dot(unit, unit))
+            self._tt += float(torch.dot(t, t))
+
+    def _tmp(self, name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """A block-sized temporary kept across blocks: allocating one per operation (page faults) costs more
+        than the arithmetic."""
+        if self.scratch is not None:
+            return self.scratch(f"agreement-{name}", tuple(shape), dtype)
+        t = self._pool.get(name)
+        if t is None or t.shape != shape or t.dtype != dtype:
+            t = self._pool[name] = torch.empty(shape, dtype=dtype)
+        return t
+
+    def _as(self, t: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """``t`` in ``dtype`` (itself when it is, else a pooled copy); contiguous."""
+        if t.dtype == dtype and t.is_contiguous():
+            return t
+        return self._tmp(name, t.shape, dtype).copy_(t)
+
+    def _ulp_of_larger(self, m: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """ulp of the merged dtype at max(|m|, |e|) (fp32 or fp64 in, same out): the larger exponent of the
+        two, read from their bits (the sign bit masked away), times 2^(1-p) — no abs or maximum of floats."""
+        p = significand_bits(self.dtype)
+        int_dtype, mask = _EXPONENT_BITS[m.dtype]
+        hi = torch.bitwise_and(m.view(int_dtype), mask, out=self._tmp("hi", m.shape, int_dtype))
+        lo = torch.bitwise_and(e.view(int_dtype), mask, out=self._tmp("lo", m.shape, int_dtype))
+        torch.maximum(hi, lo, out=hi)
+        return hi.view(m.dtype).mul_(2.0 ** (1 - p)).clamp_min_(torch.finfo(self.dtype).tiny * 2.0 ** (1 - p))
 
     def scale(self) -> float | None:
-        """c in ``merged − base ≈ c·ΔW`` (None without a ΔW, when ΔW is zero, or when the sums are not finite:
-        a NaN in MERGED is no scale of ΔW)."""
-        c = self._dx / self._xx if self._xx > 0 else None
-        return c if c is not None and math.isfinite(c) else None
+        """c in ``merged − base ≈ c·ΔW`` (None without a ΔW, or when ΔW is zero)."""
+        return self._dx / self._xx if self._xx > 0 and math.isfinite(self._dx) else None
 
-    def fits(self, tolerance_ulps: float) -> bool:
+    def scale_uncertainty(self) -> float | None:
+        """How far the fitted c may lie from the true scale when every element is off by up to its
+        tolerance: Σ tol·|ΔW| / Σ ΔW² in the worst case (errors all pushing one way), bounded here by
+        Cauchy–Schwarz as √(Σ tol² / Σ ΔW²), which needs no extra pass."""
+        return math.sqrt(self._tt / self._xx) if self._xx > 0 else None
+
+    def fits(self) -> bool:
         """Whether ``base + c·ΔW`` explains the merged tensor up to rounding: the root-mean-square
-        residual of the fit, in ulps, is within ``tolerance_ulps``."""
+        residual of the fit is within the root-mean-square tolerance."""
         c = self.scale()
         if c is None:
             return False
         residual = max(0.0, self._dd - c * self._dx)  # = Σ (d − c·x)² at the optimum
-        return residual <= tolerance_ulps**2 * self._noise
+        return residual <= self._tt
+
+    def scale_is_wrong(self) -> bool:
+        """c fits and lies measurably away from 1."""
+        c, dc = self.scale(), self.scale_uncertainty()
+        return c is not None and dc is not None and self.fits() and abs(c - 1) > dc
 
 
-def _max_ratio(diff: torch.Tensor, unit: torch.Tensor) -> float:
-    """max |diff| / unit, with ``diff`` a temporary it may overwrite; NaN counts as infinitely far."""
-    if diff.numel() == 0:
+def _absmax(t: torch.Tensor) -> float:
+    """max |t| in one pass (0 when empty); NaN counts as infinitely far."""
+    if t.numel() == 0:
         return 0.0
-    r = float(diff.abs_().div_(unit).max())
-    return math.inf if math.isnan(r) else r
+    lo, hi = (float(v) for v in torch.aminmax(t))
+    return math.inf if math.isnan(lo) or math.isnan(hi) else max(-lo, hi)

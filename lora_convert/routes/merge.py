@@ -456,8 +456,8 @@ def _dora_scales(
     transposed: bool,
     rows: int,
     cols: int,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(row scale, column scale) m/‖W+ΔW‖ — one pass over the base weight before the merge pass.
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """(row scale, column scale, the norms ‖W+ΔW‖) m/‖W+ΔW‖ — one pass over the base weight before the merge pass.
 
     DoRA normalises per output feature: a stored row for nn.Linear, a stored column for Conv1D and
     Embedding (whose stored weight is transposed to the LoRA view)."""
@@ -472,13 +472,14 @@ def _dora_scales(
                 w.view(w.shape[0], cols), delta, r.start, _acc(buf, w.shape[0], cols)
             )
             buf.give_back(w)
-        return lora_math.dora_scale(mag, norms), None
+        return lora_math.dora_scale(mag, norms), None, norms
     sq = torch.zeros(cols, dtype=torch.float32)
     for r in plan:
         w = buf.read(r)
         sq += lora_math.dora_col_sq_norms(w, delta, r.start, _acc(buf, w.shape[0], cols))
         buf.give_back(w)
-    return None, lora_math.dora_scale(mag, sq.sqrt_())
+    norms = sq.sqrt_()
+    return None, lora_math.dora_scale(mag, norms), norms
 
 
 def _acc(buf: Buffers, n: int, cols: int, device: str = "cpu") -> torch.Tensor:
@@ -511,6 +512,7 @@ class RowMerge:
     row_scale: torch.Tensor | None = None
     col_scale: torch.Tensor | None = None
     tokens: tuple[torch.Tensor, torch.Tensor] | None = None
+    norms: torch.Tensor | None = None  # DoRA's ‖W+ΔW‖ per output feature (verify bounds its error)
 
     def rows(self, w: torch.Tensor, start: int, out: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
         """Merged rows ``start:start+len(w)`` rounded once into ``out`` (a conv weight's rows are its
@@ -552,7 +554,9 @@ def prepare_rows(
     found = [_factors(lo, shape, conv1d_hint) for lo in ops.loras]
     rm = RowMerge([d for d, _ in found], tokens=_token_rows(ops, rows, cols))
     if ops.dora:  # a DoRA tensor has exactly one LoRA (see _assign)
-        rm.row_scale, rm.col_scale = _dora_scales(buf, plan, ops.loras[0], found[0][0], found[0][1], rows, cols)
+        rm.row_scale, rm.col_scale, rm.norms = _dora_scales(
+            buf, plan, ops.loras[0], found[0][0], found[0][1], rows, cols
+        )
     if device != "cpu":
         rm.deltas = [d.to(device) for d in rm.deltas]
         rm.row_scale = rm.row_scale.to(device) if rm.row_scale is not None else None

@@ -148,6 +148,10 @@ class ExpertPlan:
             u.users += 1  # A and B stay in memory until the last job that uses them is done
         return slab_merge_job(key, ck, src, out_dtype, lambda s: self._delta(slabs.get(s), info.shape), users)
 
+    def slab_delta(self, key: str, slab: int, shape: tuple[int, ...]) -> lora_math.DeltaFactors | None:
+        """The ΔW factors of slab ``slab`` of ``key``, as its merge job adds them (verify bounds their error)."""
+        return self._delta(self.targets[key].get(slab), shape)
+
     def _delta(self, parts: list[_Part] | None, shape: tuple[int, ...]) -> lora_math.DeltaFactors | None:
         if not parts:
             return None

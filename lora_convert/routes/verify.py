@@ -10,16 +10,46 @@ Each tensor gets one status:
 
 * ``ok`` — every element within the tolerance of the expected merge;
 * ``not applied`` — a tensor the adapter changes equals the base;
-* ``wrong scale`` — it equals ``base + c·ΔW`` for some ``c ≠ 1`` (c printed: ``√r`` means α/√r was used
-  for α/r, ``2`` that the adapter was applied twice);
+* ``wrong scale`` — it equals ``base + c·ΔW`` for a ``c`` measurably ``≠ 1`` (c printed with its uncertainty:
+  ``√r`` means α/√r was used for α/r, ``2`` that the adapter was applied twice);
 * ``changed outside the adapter`` — a tensor the adapter does not touch differs from the base;
 * ``mismatch`` — changed, but not into ``base + c·ΔW`` for any c;
 * ``shape mismatch``, ``missing`` (in BASE, not in MERGED), ``unexpected`` (in MERGED only).
 
-Tolerance, in ulps of MERGED's dtype at each element's magnitude (:mod:`..closeness`): ``--ulps``
-(default 2) plus one per adapter beyond the first.  lora-convert's merge is exact to 0 ulps; PEFT's
-``merge_and_unload`` rounds ΔW before adding it (embeddings in half precision), computes ΔW in a
-different order and, with several adapters, rounds after each one — a few ulps at most.
+* ``not finite`` — MERGED holds NaN or Inf (how many elements is said).
+
+The tolerance is an error bound per element, derived from what a merge computes, so that every
+correct merge passes whatever order its arithmetic took, and a wrong one fails by many bounds.  With
+u = 2⁻²⁴ (fp32's unit roundoff), uₘ MERGED's dtype's, P = |s|·(|B|·|A|) the absolute product beside ΔW
+(computed per block as a matmul of the factors' absolute values), n adapters of ranks rᵢ and
+γ_r = r·u/(1 − r·u), an element passes when
+
+    |merged − expected| ≤ ulpₘ(max(|merged|, |expected|)) + w·|W| + Σ pᵢ·Pᵢ
+
+* ``ulpₘ``: the two results are rounded to MERGED's dtype, each by at most half an ulp;
+* ``pᵢ = 2·(γ_rᵢ + (n+1)·u) + n·uₘ``: each of the two computations (ours, PEFT's or any correct one)
+  makes a rank-rᵢ fp32 dot product in any order (γ_rᵢ·Pᵢ), the scaling (u·Pᵢ) and n fp32 additions;
+  PEFT may round each ΔWᵢ to the weight's dtype before adding it (uₘ·Pᵢ: bf16 and fp16 bases, and
+  embeddings) and, with several adapters, rounds after each one but the last ((n−1)·uₘ);
+* ``w = 2n·u + (n−1)·uₘ`` (+ uₘ where BASE is finer than MERGED: W may be rounded to MERGED's dtype
+  first) — the same additions and roundings, on W's share.
+
+DoRA's ``f·(W + ΔW)`` with ``f = m/‖W + ΔW‖`` has ``|f|·(2u·|W| + (2γ_r + 6u + uₘ)·P) + 2ρ·|expected|``
+instead of the last two terms: the elementwise error of W + ΔW scaled by f, and the norm's relative
+error ρ = ½γ_(L+1) + 4u (+ uₘ in half precision, where PEFT may hold W + ΔW in the weight's dtype)
++ ((r+4)·u + uₘ)·‖P‖/‖W + ΔW‖ per output feature (L the norm's length, ‖P‖ ≤ |s|·‖B_row‖·‖A‖_F): a sum
+of squares in any order is within γ_(L+1), its square root halves that.  Copies must be exact up to
+one ulp; a quantized BASE is read dequantized (W is what dequantization gives); lora_bias is the
+merge bound with rank 0.  The bound is worst-case and order-free: it is loose by design for wide
+reductions (fp32 DoRA on 4096-wide rows: about 2.4e-4 relative), tight for the rounding to bf16.
+
+``--slack K`` multiplies the bound, ``--ulps N`` adds N ulps of MERGED's dtype (both 0 to 10⁶); whatever
+they say, an element's tolerance never grows beyond 1/16 of its magnitude (max of |expected|, |W|) by
+them, so no option makes an unrelated model pass.  ``wrong scale`` needs the least-squares c of
+``merged − base ≈ c·ΔW`` to fit (root-mean-square residual within the tolerances) and to lie further
+from 1 than its uncertainty √(Σ tol² / Σ ΔW²) (by Cauchy–Schwarz at least Σ tol·|ΔW| / Σ ΔW², the shift
+every element off by its full tolerance in one direction could cause); it is printed as
+``c = 1.0010 ± 0.0001``; a tensor off the bound whose c is within that of 1 is a ``mismatch``.
 """
 
 from __future__ import annotations
@@ -33,8 +63,8 @@ from typing import Any
 import torch
 
 from .. import arch, lora_math
-from ..closeness import Agreement, significand_bits
-from ..errors import RouteError, UnsupportedError, option_name
+from ..closeness import Agreement, dora_bound, merge_bound
+from ..errors import UnsupportedError
 from ..io.quantized import find_layout
 from ..io.reader import Checkpoint
 from ..pipeline import Buffers, Job, Read, execute
@@ -43,9 +73,9 @@ from .common import COPY_BLOCK
 from .merge import MergeOps, RowMerge, _KeyOps, bias_value, block_plan, merge_ops, prepare_rows
 from .plan import Request
 
-DEFAULT_ULPS = 2.0
 OK = "ok"
 Done = Callable[[Agreement], None]
+Bounder = Callable[[torch.Tensor, int, torch.Tensor, int], torch.Tensor]  # (W rows, start, expected, cols)
 
 
 @dataclass
@@ -56,7 +86,9 @@ class TensorCheck:
     status: str
     detail: str = ""
     ulps: float | None = None  # largest distance from the expected value, in ulps of MERGED's dtype
+    bound: float | None = None  # largest distance from the expected value, in units of the element's error bound
     scale: float | None = None  # c in merged − base ≈ c·ΔW (tensors with a plain LoRA)
+    scale_uncertainty: float | None = None  # how far c may lie from the true scale by rounding alone
 
 
 @dataclass
@@ -66,7 +98,8 @@ class Verification:
     merged: str
     base: str
     adapters: list[dict[str, Any]]  # {"adapter": ref, "weight": w}
-    tolerance_ulps: float
+    slack: float  # the error bound's multiplier (--slack)
+    tolerance_ulps: float  # ulps of MERGED's dtype allowed beyond the bound (--ulps)
     checks: list[TensorCheck] = field(default_factory=list)
     logits: dict[str, Any] | None = None  # see lora_convert.logits_check
     warnings: list[str] = field(default_factory=list)
@@ -85,7 +118,10 @@ class Verification:
             f"{a['adapter']}" + (f" × {a['weight']:g}" if a["weight"] != 1 else "") for a in self.adapters
         )
         verdict = "equals" if self.ok else "is NOT"
-        line = f"{len(self.checks)} tensors: {counts}. MERGED {verdict} BASE + {what} (tolerance {self.tolerance_ulps:g} ulps)"
+        tol = "the error bound" if self.slack == 1 else f"{self.slack:g} × the error bound"
+        if self.tolerance_ulps:
+            tol += f" + {self.tolerance_ulps:g} ulps"
+        line = f"{len(self.checks)} tensors: {counts}. MERGED {verdict} BASE + {what} (tolerance: {tol})"
         if self.logits is not None:
             line += f"; logits: {self.logits.get('summary', '')}"
         return line
@@ -96,49 +132,36 @@ class Verification:
         return d
 
 
-def _check_tolerance(merged: Checkpoint, ulps: float, tol: float) -> None:
-    """Refuse a tolerance that no longer tells a merge from any other model: 2^(p-2) ulps of a p-bit significand
-    are a quarter of the value itself (bf16: 64 ulps; fp32: 2^22), and ``--ulps 1e300`` passed a random model."""
-    floats = {info.dtype for info in merged.tensors.values() if info.is_float}
-    if not floats:
-        return
-    dtype = min(floats, key=significand_bits)
-    cap = 2.0 ** (significand_bits(dtype) - 2)
-    if tol >= cap:
-        name = str(dtype).removeprefix("torch.")
-        raise RouteError(
-            f"{option_name('ulps')} {ulps:g}: a tolerance of {tol:g} ulps is at least a quarter of each value in "
-            f"MERGED's {name} weights (it must be less than {cap:.0f}), so any model would pass",
-            hint="a correct merge is within a few ulps; the default is 2",
-        )
-
-
 def verify_merge(
-    req: Request, merged: Checkpoint, *, ulps: float = DEFAULT_ULPS, progress: bool = False
+    req: Request, merged: Checkpoint, *, slack: float = 1.0, ulps: float = 0.0, progress: bool = False
 ) -> Verification:
-    """Check every tensor of ``merged`` against the merge ``req`` describes (BASE + its adapters)."""
+    """Check every tensor of ``merged`` against the merge ``req`` describes (BASE + its adapters): each
+    element within ``slack`` × its error bound + ``ulps`` ulps (see the module docstring)."""
     layout = find_layout(merged)
     if layout is not None:  # a --requantize output holds the scheme's rounding besides ΔW, per block
         raise UnsupportedError(
-            f"MERGED is quantized ({layout.scheme}): verify compares float weights within a few ulps, and a "
-            "re-quantized merge differs from BASE + ΔW by the scheme's own rounding",
+            f"MERGED is quantized ({layout.scheme}): verify compares float weights within their rounding error, "
+            "and a re-quantized merge differs from BASE + ΔW by the scheme's own rounding",
             path=merged.root,
             tensor=next(iter(layout.tensors), None),
             hint="verify the merge written without --requantize (its re-quantization error is in that run's report)",
         )
     mo = merge_ops(req)
     inputs = req.adapters_in()
-    tol = ulps + len(inputs) - 1
-    _check_tolerance(merged, ulps, tol)
     result = Verification(
         str(merged.root),
         str(req.base_ref or req.ref),
         [{"adapter": inp.label, "weight": inp.weight} for inp in inputs],
-        tol,
+        slack,
+        ulps,
     )
     found: dict[str, TensorCheck] = {}
     jobs: list[Job] = []
     targets = _targets(mo, merged)
+
+    def agreement(dtype: torch.dtype, buf: Buffers | None = None) -> Agreement:
+        return Agreement(dtype, slack=slack, extra_ulps=ulps, scratch=buf.scratch if buf is not None else None)
+
     with progress_bar(progress, len(targets), "verifying", unit="tensors") as advance:
         for key, mk in targets:
             check = _static_check(key, mk, mo, merged)
@@ -149,7 +172,7 @@ def verify_merge(
             assert mk is not None
 
             def done(ag: Agreement, key: str = key, mk: str = mk) -> None:
-                found[key] = _classify(key, ag, mo.ops[key], tol, _on_experts(mo, key))
+                found[key] = _classify(key, ag, mo.ops[key], _on_experts(mo, key))
                 if mk != key and found[key].status != OK:
                     found[key].detail += (
                         f" (MERGED ties it to {mk}, so whatever changed that tensor changed this one too; "
@@ -157,7 +180,7 @@ def verify_merge(
                     )
                 advance(1)
 
-            jobs.append(_check_job(key, mk, mo.ops[key], mo, merged, done))
+            jobs.append(_check_job(key, mk, mo.ops[key], mo, merged, done, agreement))
         execute(jobs, None)
     result.checks = [found[key] for key, _ in targets]
     seen = {mk for _, mk in targets if mk is not None}
@@ -202,33 +225,44 @@ def _on_experts(mo: MergeOps, key: str) -> bool:
     return mo.experts is not None and key in mo.experts.targets
 
 
-def _classify(key: str, ag: Agreement, o: _KeyOps, tol: float, experts: bool = False) -> TensorCheck:
-    worst = round(ag.worst, 3)
-    if ag.worst <= tol:
-        return TensorCheck(key, OK, ulps=worst, scale=_scale(ag))
-    if ag.nonfinite:  # (a NaN made the fit's sums NaN: it read as "wrong scale c = nan")
-        return TensorCheck(key, "mismatch", f"holds {ag.nonfinite} NaN/Inf values of {ag.elements}", worst)
+def _classify(key: str, ag: Agreement, o: _KeyOps, experts: bool = False) -> TensorCheck:
+    c, dc = ag.scale(), ag.scale_uncertainty()
+    numbers = dict(
+        ulps=round(ag.worst_ulps, 3),
+        bound=round(ag.worst_bound, 3),
+        scale=round(c, 6) if c is not None else None,
+        scale_uncertainty=float(f"{dc:.3g}") if dc is not None else None,
+    )
+
+    def check(status: str, detail: str = "") -> TensorCheck:
+        return TensorCheck(key, status, detail, **numbers)
+
+    if ag.nonfinite:
+        return check("not finite", f"{ag.nonfinite} of {ag.elements} elements of MERGED are NaN or Inf")
+    if ag.worst <= 1:
+        return check(OK)
+    beyond = f"{ag.beyond} of {ag.elements} elements beyond their tolerance (at worst {_fmt(ag.worst)}× it)"
     if not (experts or o.loras or o.bias_adds or o.tokens is not None or o.replaced):
-        return TensorCheck(
-            key, "changed outside the adapter", f"{_fmt(ag.worst)} ulps from the base, which it should equal", worst
-        )
-    if ag.worst_base <= tol:
-        return TensorCheck(key, "not applied", "equals the base: the adapter's change is not in it", worst)
-    c = ag.scale()
-    if c is not None and ag.fits(tol):
-        return TensorCheck(key, "wrong scale", f"equals base + c·ΔW with c = {c:.4g}{_scale_hint(c, o)}", worst, c)
-    if ag.worst_alt is not None and ag.worst_alt <= tol:
-        return TensorCheck(key, "mismatch", "equals base + ΔW without DoRA's magnitude rescaling", worst)
-    return TensorCheck(key, "mismatch", f"{_fmt(ag.worst)} ulps from the expected merge, and not base + c·ΔW", worst, c)
-
-
-def _scale(ag: Agreement) -> float | None:
-    c = ag.scale()
-    return round(c, 6) if c is not None else None
+        return check("changed outside the adapter", f"{beyond}; it should equal the base")
+    if ag.worst_base <= 1:
+        return check("not applied", "equals the base: the adapter's change is not in it")
+    if c is not None and dc is not None and ag.scale_is_wrong():
+        return check("wrong scale", f"equals base + c·ΔW with c = {_pm(c, dc)}{_scale_hint(c, o)}")
+    if ag.worst_alt is not None and ag.worst_alt <= 1:
+        return check("mismatch", "equals base + ΔW without DoRA's magnitude rescaling")
+    if c is not None and dc is not None and ag.fits():
+        return check("mismatch", f"{beyond}; the scale fits c = {_pm(c, dc)}, so it is no scale error")
+    return check("mismatch", f"{beyond}, and not base + c·ΔW for any c")
 
 
 def _fmt(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x:.3g}"
+
+
+def _pm(c: float, dc: float) -> str:
+    """``c ± dc`` with the decimals dc's two leading digits need (four at least)."""
+    digits = 4 if dc <= 0 or not math.isfinite(dc) else min(12, max(4, 1 - math.floor(math.log10(dc))))
+    return f"{c:.{digits}f} ± {dc:.{digits}f}"
 
 
 def _scale_hint(c: float, o: _KeyOps) -> str:
@@ -246,23 +280,79 @@ def _scale_hint(c: float, o: _KeyOps) -> str:
     return ""
 
 
-def _check_job(key: str, mk: str, o: _KeyOps, mo: MergeOps, merged: Checkpoint, done: Done) -> Job:
+def _check_job(
+    key: str, mk: str, o: _KeyOps, mo: MergeOps, merged: Checkpoint, done: Done, agreement: Callable[..., Agreement]
+) -> Job:
     if _on_experts(mo, key):
-        return _mirror_job(key, mk, mo.job(key, None), mo.base.where(key), merged, done)
+        return _mirror_job(key, mk, mo, merged, done, agreement)
     if o.loras or o.tokens is not None:
-        return _rows_job(key, mk, o, mo, merged, done)
+        return _rows_job(key, mk, o, mo, merged, done, agreement)
     if o.bias_adds:
-        return _bias_job(key, mk, o, merged, done)
-    return _flat_job(key, mk, o, mo, merged, done)
+        return _bias_job(key, mk, o, merged, done, agreement)
+    return _flat_job(key, mk, o, mo, merged, done, agreement)
 
 
-def _rows_job(key: str, mk: str, o: _KeyOps, mo: MergeOps, merged: Checkpoint, done: Done) -> Job:
+def _merge_bounder(
+    deltas: list[lora_math.DeltaFactors], mdtype: torch.dtype, base_dtype: torch.dtype, buf: Buffers
+) -> Bounder:
+    """The arithmetic part of a plain merge's bound (:func:`..closeness.merge_bound`), per row block:
+    w·|W| + Σ pᵢ·|sᵢ|·(|leftᵢ| @ |rightᵢ|), one matmul of absolute values per LoRA beside the merge's own."""
+    mb = merge_bound([d.rank for d in deltas], mdtype, base_dtype)
+    factors = [(d.left.abs(), d.right.abs(), p * abs(d.scaling)) for d, p in zip(deltas, mb.terms, strict=True)]
+
+    def tile(w: torch.Tensor, start: int, want: torch.Tensor, cols: int) -> torch.Tensor:
+        n = w.numel() // cols
+        t = buf.scratch("bound", (n, cols), torch.float32)
+        t.copy_(w.view(n, cols)).abs_().mul_(mb.w)
+        for left, right, alpha in factors:
+            t.addmm_(left[start : start + n], right, alpha=alpha)
+        return t
+
+    return tile
+
+
+def _dora_bounder(rm: RowMerge, mdtype: torch.dtype, buf: Buffers) -> Bounder:
+    """DoRA's bound (:func:`..closeness.dora_bound`): the merge bound of W + ΔW scaled by |f| = |m|/‖W + ΔW‖,
+    plus the norm's relative error ρ (per output feature) on the expected value."""
+    (d,) = rm.deltas
+    assert rm.norms is not None
+    rows_norm = rm.row_scale is not None  # nn.Linear: a norm per stored row; Conv1D/Embedding: per column
+    f = (rm.row_scale if rows_norm else rm.col_scale).abs()  # type: ignore[union-attr]
+    db = dora_bound(d.rank, d.right.shape[1] if rows_norm else d.left.shape[0], mdtype)
+    s = abs(d.scaling)
+    if rows_norm:  # ‖P_row i‖ ≤ |s|·‖left_i‖·‖right‖_F
+        pn = torch.linalg.vector_norm(d.left, dim=1) * (s * float(torch.linalg.vector_norm(d.right)))
+    else:  # ‖P_col j‖ ≤ |s|·‖left‖_F·‖right_j‖
+        pn = torch.linalg.vector_norm(d.right, dim=0) * (s * float(torch.linalg.vector_norm(d.left)))
+    rho2 = (pn / rm.norms * db.rho_p + db.rho) * 2
+    left, right = d.left.abs(), d.right.abs()
+
+    def tile(w: torch.Tensor, start: int, want: torch.Tensor, cols: int) -> torch.Tensor:
+        n = w.numel() // cols
+        t = buf.scratch("bound", (n, cols), torch.float32)
+        t.copy_(w.view(n, cols)).abs_().mul_(db.w)
+        t.addmm_(left[start : start + n], right, alpha=db.p * s)
+        if rows_norm:
+            t.mul_(f[start : start + n].unsqueeze(1))
+            t.addcmul_(want.view(n, cols).abs().float(), rho2[start : start + n].unsqueeze(1))
+        else:
+            t.mul_(f.unsqueeze(0))
+            t.addcmul_(want.view(n, cols).abs().float(), rho2.unsqueeze(0))
+        return t
+
+    return tile
+
+
+def _rows_job(
+    key: str, mk: str, o: _KeyOps, mo: MergeOps, merged: Checkpoint, done: Done, agreement: Callable[..., Agreement]
+) -> Job:
     """A LoRA (or token) tensor: the expected rows, computed as the merge computes them, beside the
-    base's and MERGED's rows; ΔW's rows for the scale fit."""
+    base's and MERGED's rows, each element's bound, and ΔW's rows for the scale fit."""
     src_ck, src_key = o.source
     shape = tuple(src_ck.info(src_key).shape)
     cols = math.prod(shape[1:])  # a conv weight's rows are its flattened (out, in·k·k) matrix's
     mdtype = merged.info(mk).dtype
+    base_dtype = src_ck.info(src_key).dtype
     plan = block_plan(o, shape, mdtype)
     pairs = [(r, Read(merged, mk, r.start, r.stop)) for r in plan]
 
@@ -272,15 +362,23 @@ def _rows_job(key: str, mk: str, o: _KeyOps, mo: MergeOps, merged: Checkpoint, d
     def run(buf: Buffers) -> Iterator[torch.Tensor]:
         rm = prepare_rows(o, shape, mo.conv1d, buf, plan)
         plain = RowMerge(rm.deltas, tokens=rm.tokens) if o.dora else None  # DoRA without its rescaling
-        ag = Agreement(mdtype)
+        bounder: Bounder | None = None
+        if o.dora:
+            bounder = _dora_bounder(rm, mdtype, buf)
+        elif rm.deltas:
+            bounder = _merge_bounder(rm.deltas, mdtype, base_dtype, buf)
+        ag = agreement(mdtype, buf)
         for r, mr in pairs:
             w, m = buf.read(r), buf.read(mr)
             n = w.shape[0]
             acc = buf.scratch("acc", (n, cols), torch.float32)
             want = rm.rows(w, r.start, buf.scratch("expected", tuple(w.shape), mdtype), acc)
+            x = None  # fp32 ΔW rows, for the fit: the merge's tile less W
+            if rm.deltas and not o.dora:
+                x = torch.sub(acc, w.view(n, cols), out=buf.scratch("delta", (n, cols), torch.float32))
             alt = plain.rows(w, r.start, buf.scratch("alt", tuple(w.shape), mdtype), acc) if plain else None
-            x = lora_math.delta_rows(rm.deltas, r.start, r.stop) if rm.deltas and not o.dora else None
-            ag.add(m, want, w, x, alt)
+            bound = bounder(w, r.start, want, cols) if bounder is not None else None
+            ag.add(m, want, w, bound, x, alt)
             buf.give_back(w)
             buf.give_back(m)
         done(ag)
@@ -290,8 +388,10 @@ def _rows_job(key: str, mk: str, o: _KeyOps, mo: MergeOps, merged: Checkpoint, d
     return Job(key, torch.float32, (), run, "verify", reads=reads, writes=False)
 
 
-def _flat_job(key: str, mk: str, o: _KeyOps, mo: MergeOps, merged: Checkpoint, done: Done) -> Job:
-    """A tensor the merge copies (or replaces): MERGED must hold it, cast to MERGED's dtype."""
+def _flat_job(
+    key: str, mk: str, o: _KeyOps, mo: MergeOps, merged: Checkpoint, done: Done, agreement: Callable[..., Agreement]
+) -> Job:
+    """A tensor the merge copies (or replaces): MERGED must hold it, cast to MERGED's dtype (one ulp)."""
     src_ck, src_key = o.source
     info, minfo = src_ck.info(src_key), merged.info(mk)
     numel = info.nbytes // info.itemsize
@@ -314,7 +414,7 @@ def _flat_job(key: str, mk: str, o: _KeyOps, mo: MergeOps, merged: Checkpoint, d
         return [r for trio in blocks() for r in trio if r is not None]
 
     def run(buf: Buffers) -> Iterator[torch.Tensor]:
-        ag = Agreement(minfo.dtype)
+        ag = agreement(minfo.dtype, buf)
         for rs, rb, rm in blocks():
             s = buf.read(rs)
             b = buf.read(rb) if rb is not None else None
@@ -330,19 +430,34 @@ def _flat_job(key: str, mk: str, o: _KeyOps, mo: MergeOps, merged: Checkpoint, d
     return Job(key, torch.float32, (), run, "verify", reads=reads, writes=False)
 
 
-def _mirror_job(key: str, mk: str, inner: Job, base: tuple[Checkpoint, str], merged: Checkpoint, done: Done) -> Job:
+def _mirror_job(
+    key: str, mk: str, mo: MergeOps, merged: Checkpoint, done: Done, agreement: Callable[..., Agreement]
+) -> Job:
     """A tensor the merge writes with a job of its own (MoE experts, merged slab by slab): that job's blocks,
-    exactly as the merge writes them, against MERGED's and BASE's elements at the same offsets."""
-    mdtype = merged.info(mk).dtype
+    exactly as the merge writes them, against MERGED's and BASE's elements at the same offsets, with the
+    merge bound of each slab's ΔW factors."""
+    assert mo.experts is not None
+    experts = mo.experts
+    inner = mo.job(key, None)
+    bck, bkey = mo.base.where(key)
+    shape = tuple(bck.info(bkey).shape)
+    slab_rows, d2 = (shape[1], shape[2]) if len(shape) == 3 else shape
+    mdtype, base_dtype = merged.info(mk).dtype, bck.info(bkey).dtype
 
     def run(buf: Buffers) -> Iterator[torch.Tensor]:
-        ag = Agreement(mdtype)
+        ag = agreement(mdtype, buf)
         offset = 0
+        slab, bounder = -1, None
         for out in inner.blocks(buf):
             n = out.numel()
+            e, start = divmod(offset // d2, slab_rows)
+            if e != slab:
+                slab, delta = e, experts.slab_delta(key, e, shape)
+                bounder = _merge_bounder([delta], mdtype, base_dtype, buf) if delta is not None else None
             m = merged.read_flat(mk, offset, offset + n).view(out.shape)
-            b = base[0].read_flat(base[1], offset, offset + n).view(out.shape)
-            ag.add(m, out.to(mdtype), b)
+            b = bck.read_flat(bkey, offset, offset + n).view(out.shape)
+            bound = bounder(b, start, out, d2) if bounder is not None else None
+            ag.add(m, out.to(mdtype), b, bound)
             buf.give_back(out)
             offset += n
         done(ag)
@@ -352,13 +467,23 @@ def _mirror_job(key: str, mk: str, inner: Job, base: tuple[Checkpoint, str], mer
     return Job(key, torch.float32, (), run, "verify", reads=inner.reads, writes=False)
 
 
-def _bias_job(key: str, mk: str, o: _KeyOps, merged: Checkpoint, done: Done) -> Job:
-    """A bias with lora_bias added (small: read whole)."""
+def _bias_job(
+    key: str, mk: str, o: _KeyOps, merged: Checkpoint, done: Done, agreement: Callable[..., Agreement]
+) -> Job:
+    """A bias with lora_bias added (small: read whole): the merge bound with rank-0 terms |s|·|lora_B.bias|."""
 
     def run(buf: Buffers) -> Iterator[torch.Tensor]:
         m = merged.read(mk)
-        ag = Agreement(m.dtype)
-        ag.add(m, bias_value(o).to(m.dtype), o.source[0].read(o.source[1]))
+        base = o.source[0].read(o.source[1])
+        mb = merge_bound([0] * len(o.bias_adds), m.dtype, base.dtype)
+        bound = base.to(torch.float32).abs().mul_(mb.w)
+        for lo, p in zip(o.bias_adds, mb.terms, strict=True):
+            assert lo.module.bias_key is not None
+            bound.add_(
+                lo.ck.read(lo.module.bias_key).to(torch.float32).abs().reshape(bound.shape), alpha=p * abs(lo.scaling)
+            )
+        ag = agreement(m.dtype, buf)
+        ag.add(m, bias_value(o).to(m.dtype), base, bound)
         done(ag)
         return
         yield
