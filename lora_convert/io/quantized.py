@@ -218,11 +218,12 @@ def _ct_fp8(ck: Checkpoint, qc: dict[str, Any]) -> tuple[dict[str, QuantizedTens
     except UnsupportedError as exc:
         raise UnsupportedError(exc.message, path=ck.root, tensor=_first_quantized(ck)) from None
     try:  # numbers from config.json, bounded before they size a grid
-        blocks = {
+        sizes = [
             quant_bounds.fp8_block_size(w.get("block_structure"), "block_structure")
             for w in weights
             if w.get("strategy") == "block"
-        } - {None}
+        ]
+        blocks = {b for b in sizes if b is not None}
     except ValueError as exc:
         raise CheckpointError(
             f"config.json's quantization_config: {exc}", path=ck.root, hint="fix it in config.json"

@@ -662,7 +662,11 @@ def plan_extract(req: Request) -> Plan:
     inputs = _classify(tk, bk, opts, experts.keys)
     outcomes, changed_others = _first_pass(tk, bk, inputs, opts, req.progress, experts)
     out = _collect(tk, inputs, outcomes)
-    moe = experts.collect(lambda path, e, *rest: ModuleReport(path, "experts", *rest, expert=e))
+    moe = experts.collect(
+        lambda path, e, shape, rank, energy, error, method, capped: ModuleReport(
+            path, "experts", shape, rank, energy, error, method, capped, expert=e
+        )
+    )
     out.entries += moe.entries
     out.reports += moe.reports
     out.expert_ranks = moe.ranks

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from .. import arch
-from ..errors import AdapterError, RouteError, UnsupportedError, option, option_name
+from ..errors import AdapterError, RouteError, UnsupportedError, Where, option, option_name
 from ..inventory import LoraModule
 from ..io.gguf_sink import OUTTYPES, GgufSink, require_gguf
 from ..pipeline import Job
@@ -212,7 +212,7 @@ def _pairs(req: Request, modules: list[LoraModule], name: str, config: dict[str,
     hidden, vocab = text.get("hidden_size"), text.get("vocab_size")
     out: list[tuple[str, LoraModule]] = []
     for m in modules:
-        where = {"path": req.source.root, "tensor": m.module}
+        where: Where = {"path": req.source.root, "tensor": m.module}
         gname = tmap.get_name(text_module(m.module) + ".weight", try_suffixes=(".weight",))
         if gname is None or gname.endswith("_norm.weight"):
             raise UnsupportedError(f"llama.cpp's {name} has no tensor it applies LoRA to for this module", **where)
