@@ -560,7 +560,7 @@ def test_gguf_disk_full_is_the_message_every_sink_gives(gguf_work, tiny_fs):
 def test_combine_checks_its_options_before_opening_any_adapter(tmp_path, opts, needle):
     """Checked first: the adapters named here do not even exist."""
     out = tmp_path / "out"
-    one_error(cli("combine", tmp_path / "missing-a", tmp_path / "missing-b", *opts, "-o", out), needle, out=out)
+    one_error(cli("combine", tmp_path / "missing-a", tmp_path / "missing-b", *opts, "-o", out), needle, out=out, code=2)
 
 
 # -- fuzzing kohya names and alpha tensors, each case under a time and a memory limit ------------------------
