@@ -128,8 +128,12 @@ def write_output(
 
 def _input_paths(ck: Checkpoint) -> list[Path]:
     """What an output may never replace nor lie inside: the checkpoint's folder, and each file read from
-    it (a link into a Hugging Face cache's blobs resolves elsewhere than the folder)."""
-    paths = [ck.root, *ck.files]
+    it (a link into a Hugging Face cache's blobs resolves elsewhere than the folder).  A checkpoint given as
+    one file is that file (with the config files read beside it), not its folder: a new output folder beside
+    it replaces nothing it reads."""
+    paths = ([] if ck.single_file else [ck.root]) + [*ck.files]
+    if ck.config_path is not None:
+        paths.append(ck.config_path)
     return paths + ([ck.adapter_config_path] if ck.adapter_config_path is not None else [])
 
 

@@ -252,3 +252,21 @@ def test_unmerge_keeps_an_untied_head_that_differs(tmp_path):
     _, res, got, want, ties = _merge_then_unmerge(tmp_path / "q", qwen2(tie=True), save_embedding_layers=False)
     assert not torch.equal(got["model.embed_tokens.weight"], got["lm_head.weight"])  # (rounding)
     assert "lm_head.weight" in got and ties == [False, False, True]
+
+
+def test_an_output_beside_a_single_file_input_is_allowed(tmp_path):
+    """Item 4: the input is the file, not its folder; a new folder beside it replaces nothing read."""
+    folder = tmp_path / "downloads"
+    shutil.copytree(LORA, folder)
+    src = folder / "adapter_model.safetensors"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    res = cli("merge", src, "--base", BASE, "-o", folder / "merged")
+    assert res.exit_code == 0, res.output
+    ref = load_file(str(MERGED / "model.safetensors"))
+    got = load_file(str(folder / "merged" / "model.safetensors"))
+    assert ref.keys() == got.keys() and all(torch.allclose(ref[k], got[k], atol=1e-6) for k in ref)
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    # the folder given as a folder is still an input: an output inside it is refused
+    one_error(cli("merge", folder, "--base", BASE, "-o", folder / "merged2"), "inside an input folder")
+    # and the file itself can never be the output's target, nor lie inside it
+    one_error(cli("merge", src, "--base", BASE, "-o", folder, "--force"), "lies inside the output folder")

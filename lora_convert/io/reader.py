@@ -48,6 +48,7 @@ class Checkpoint:
     adapter_name: str | None = None  # from a named-adapter subfolder
     sources: list[TensorSource] = field(default_factory=list, repr=False)
     config_path: Path | None = None  # where config came from
+    single_file: bool = False  # opened from one weights file (its folder is where config files were looked for)
 
     # -- listing ---------------------------------------------------------------------
     def __contains__(self, name: str) -> bool:
@@ -281,6 +282,7 @@ def open_checkpoint(path: str | Path, *, adapter_name: str | None = None) -> Che
             None,
             cfg_path if kind == "adapter" and cfg_path.is_file() else None,
             sources=sources,
+            single_file=True,
         )
         _attach_config(ck, root)
         return ck
