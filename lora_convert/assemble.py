@@ -83,11 +83,14 @@ def write_output(
         inputs += _input_paths(inp.ck)
     if req.base is None and req.base_ref is not None and os.path.lexists(req.base_ref):
         inputs.append(Path(req.base_ref))  # a base read for its config.json alone (gguf, mlx)
-    single = plan.file_sink is not None  # one file (GGUF): no side files, no card
+    as_file = plan.one_file_suffix is not None and Path(output).suffix == plan.one_file_suffix
+    single = plan.file_sink is not None or as_file  # one file (GGUF, kohya's): no side files, no card
     out = AtomicOutput(output, force=force, inputs=inputs, file=single)
     with out as tmp:
         if plan.file_sink is not None:
             sink: TensorSink = plan.file_sink(tmp / Path(output).name)
+        elif as_file:  # the temp folder holds the file alone, named as -o: it is moved into place
+            sink = SafetensorsSink(tmp, max_shard_size=UNSHARDED, stem=Path(output).stem, metadata=plan.metadata)
         else:
             sink = SafetensorsSink(
                 tmp,

@@ -401,7 +401,7 @@ def _print_extract(res: Any, as_json: bool) -> None:
     required=True,
     type=click.Choice(["merged", "adapter", "unmerged", "base", "gguf", "mlx", "kohya", "diffusers"]),
     help="Target form; gguf: a llama.cpp LoRA file, mlx: an mlx-lm adapter folder, kohya: an sd-scripts/ComfyUI "
-    "LoRA file, diffusers: diffusers' LoRA file.",
+    "LoRA file (-o NAME.safetensors: that one file), diffusers: diffusers' LoRA file.",
 )
 @_conversion_options
 @click.option(

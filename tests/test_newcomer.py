@@ -270,3 +270,26 @@ def test_an_output_beside_a_single_file_input_is_allowed(tmp_path):
     one_error(cli("merge", folder, "--base", BASE, "-o", folder / "merged2"), "inside an input folder")
     # and the file itself can never be the output's target, nor lie inside it
     one_error(cli("merge", src, "--base", BASE, "-o", folder, "--force"), "lies inside the output folder")
+
+
+def test_kohya_to_a_safetensors_path_is_one_file(tmp_path):
+    """Item 3: `--to kohya -o NAME.safetensors` writes that one file (no folder, no card), the same bytes as
+    the folder form's lora.safetensors (which test_diffusion_lora checks against diffusers and sd-scripts);
+    -o FOLDER is as before."""
+    from tiny import unet
+
+    pm = peft_wrap(unet(), r=2, lora_alpha=4, target_modules=["to_q", "to_v", "conv1"])
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    res = cli("convert", tmp_path / "adapter", "--to", "kohya", "-o", tmp_path / "style.safetensors")
+    assert res.exit_code == 0, res.output
+    one = tmp_path / "style.safetensors"
+    assert one.is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name not in ("adapter", "style.safetensors")]
+    res = cli("convert", tmp_path / "adapter", "--to", "kohya", "-o", tmp_path / "folder")
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "folder" / "lora.safetensors").read_bytes() == one.read_bytes()
+    assert lc.detect(one).dialect == "kohya"
+    # existing file: --force replaces it, without it refused
+    one_error(cli("convert", tmp_path / "adapter", "--to", "kohya", "-o", one), "already exists")
+    res = cli("convert", tmp_path / "adapter", "--to", "kohya", "-o", one, "--force")
+    assert res.exit_code == 0 and (tmp_path / "folder" / "lora.safetensors").read_bytes() == one.read_bytes()

@@ -64,6 +64,7 @@ def plan_kohya(req: Request) -> Plan:
         jobs,
         stem=KOHYA_STEM,
         sharded=False,
+        one_file_suffix=".safetensors",  # `-o lora.safetensors`: the one file loaders take, as sd-scripts writes it
         metadata=_kohya_metadata(req, modules),
         warnings=notes,
         card_config=req.model_config,

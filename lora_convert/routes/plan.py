@@ -130,6 +130,7 @@ class Plan:
     unmerge: Unmerge | None = None  # the unmerge route's rounding bounds (filled while its jobs run)
     op_counts: dict[str, int] | None = None  # what the result reports as done (None: the jobs' ops counted)
     file_sink: Callable[[Path], TensorSink] | None = None  # the output is this one file (GGUF), no folder
+    one_file_suffix: str | None = None  # an -o ending in it is written as the tensor file alone (kohya's .safetensors)
     requantization: Requantization | None = None  # merge --requantize: the error each module's re-quantization adds
     metadata: dict[str, str] | None = None  # the safetensors header's metadata (kohya's ss_*, diffusers' config)
     dropped: list[dict[str, str]] = field(default_factory=list)  # tensors of the source left out ({tensor, reason})
