@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_hardening import FIXTURES, cli, one_error
+from helpers import FIXTURES, cli, one_error
 
 # -- 1. one-file outputs never write through a link into an input -------------------------------------------
 
