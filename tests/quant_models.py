@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tiny import VOCAB, decoder_config
 
-VOCAB = 96
 FP8_QC = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
 
 
@@ -29,21 +29,10 @@ def quiet() -> None:
 
 def llama(*, hidden: int = 128, inter: int = 256, seed: int = 0, dtype=torch.bfloat16, std: float = 0.05):
     """A Llama whose projections are all (multiples of 128) x (multiples of 128) when hidden/inter are."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        head_dim=hidden // 4,
-        tie_word_embeddings=False,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(decoder_config(hidden=hidden, inter=inter, kv_heads=4, head_dim=hidden // 4))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, std) if p.dim() > 1 else p.uniform_(0.9, 1.1)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import front_door
 from safetensors.torch import load_file, save_file
 from tiny import gpt2, llama, load_merged, logits, peft_wrap, qwen2, save_unmerged
 from toy_dialect import ToyDialect
@@ -62,26 +63,6 @@ def test_a_toy_dialect_is_one_module_and_merges_exactly(tmp_path):
     assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
 
 
-FRONT_DOOR = """
-import sys, runpy
-sys.argv = ["lora-convert", *sys.argv[1:]]
-try:
-    runpy.run_module("lora_convert.cli", run_name="__main__")
-except SystemExit as e:
-    code = e.code
-else:
-    code = 0
-print("TORCH_IMPORTED" if "torch" in sys.modules else "NO_TORCH", file=sys.stderr)
-sys.exit(code)
-"""
-
-
-def _front(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", FRONT_DOOR, *args], capture_output=True, text=True, cwd=ROOT, timeout=120
-    )
-
-
 def test_front_door_does_not_import_torch(tmp_path):
     pm = peft_wrap(llama(), r=4, lora_alpha=8, target_modules=["q_proj"])
     save_unmerged(pm, tmp_path / "u")
@@ -92,16 +73,16 @@ def test_front_door_does_not_import_torch(tmp_path):
     }
     save_file(kohya, str(tmp_path / "kohya.safetensors"))
     runs = {
-        "detect-kohya": _front("detect", str(tmp_path / "kohya.safetensors"), "--json"),
-        "help": _front("--help"),
-        "detect-adapter": _front("detect", "fixtures/tiny-llama-lora", "--json"),
-        "detect-unmerged": _front("detect", str(tmp_path / "u")),
-        "report": _front("report", "fixtures/tiny-llama-lora", "--base", "fixtures/tiny-llama-base", "--json"),
-        "push-error": _front("push", str(tmp_path / "nope"), "me/x"),
+        "detect-kohya": front_door("detect", str(tmp_path / "kohya.safetensors"), "--json"),
+        "help": front_door("--help"),
+        "detect-adapter": front_door("detect", "fixtures/tiny-llama-lora", "--json"),
+        "detect-unmerged": front_door("detect", str(tmp_path / "u")),
+        "report": front_door("report", "fixtures/tiny-llama-lora", "--base", "fixtures/tiny-llama-base", "--json"),
+        "push-error": front_door("push", str(tmp_path / "nope"), "me/x"),
     }
     for cmd in ("merge", "convert", "extract", "detect", "report", "push", "verify", "combine"):
-        runs[f"{cmd}-usage"] = _front(cmd, "--no-such-option")
-        runs[f"{cmd}-help"] = _front(cmd, "--help")
+        runs[f"{cmd}-usage"] = front_door(cmd, "--no-such-option")
+        runs[f"{cmd}-help"] = front_door(cmd, "--help")
     for name, r in runs.items():
         assert r.stderr.strip().endswith("NO_TORCH"), (name, r.stderr[-500:])
     assert runs["help"].returncode == 0 and runs["detect-adapter"].returncode == 0

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers import cli, one_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from lora_convert.cli import main
 from lora_convert.errors import LoraConvertError
 from lora_convert.io.reader import open_checkpoint
 from lora_convert.io.safetensors_format import MAX_HEADER_BYTES
@@ -45,20 +44,11 @@ def tiny(tmp_path_factory) -> Path:
     m.save_pretrained(str(root / "sharded"), max_shard_size="20KB")
     pm = peft_wrap(m, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     pm.save_pretrained(str(root / "adapter"))
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny import decoder_config
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(3)
-    other = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=96,
-            hidden_size=48,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-        )
-    )
+    other = LlamaForCausalLM(decoder_config(hidden=48, inter=64))
     other.save_pretrained(str(root / "other_base"))
     assert len(list((root / "sharded").glob("model-*.safetensors"))) >= 2
     return root
@@ -69,24 +59,6 @@ def work(tiny, tmp_path) -> Path:
     for name in ("base", "adapter", "sharded"):
         shutil.copytree(tiny / name, tmp_path / name)
     return tmp_path
-
-
-def cli(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=True)
-
-
-def assert_error(res, *needles: str, out: Path | None = None, code: int = 1) -> str:
-    """Exit ``code``, one ``error:`` line on stderr holding every needle, no output folder."""
-    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
-    assert res.exit_code == code, (res.exit_code, res.output)
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    for n in needles:
-        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
-    if out is not None:
-        assert not out.exists()
-        assert not [p for p in out.parent.iterdir() if ".tmp-lora-convert-" in p.name]
-    return lines[0]
 
 
 def merge(work: Path, *extra: str, src: str = "adapter", base: str = "base"):
@@ -193,7 +165,7 @@ def test_broken_safetensors(work, case, which):
     write_st(path, h, d, claim=claim)
     before = path.read_bytes()
     res, out = merge(work)
-    line = assert_error(res, str(path), *needles, out=out)
+    line = one_error(res, str(path), *needles, out=out)
     if case in ("overlap", "gap", "past-end", "shape-vs-span", "unknown-dtype"):
         assert any(f"{path}: {k}: " in line for k in h if k != "__metadata__"), "the tensor is named"
     assert path.read_bytes() == before, "inputs are never modified"
@@ -203,7 +175,7 @@ def test_empty_file(work):
     path = work / "adapter" / ADAPTER_FILE
     path.write_bytes(b"")
     res, out = merge(work)
-    assert_error(res, str(path), "truncated: 0 bytes", out=out)
+    one_error(res, str(path), "truncated: 0 bytes", out=out)
 
 
 # -- index.json ------------------------------------------------------------------------------------------
@@ -219,7 +191,7 @@ def test_index_missing_shard(work):
     shard = sorted(set(idx["weight_map"].values()))[-1]
     (work / "sharded" / shard).unlink()
     res, out = merge(work, base="sharded")
-    assert_error(res, str(p), f"names shard '{shard}', which is missing", "download every shard", out=out)
+    one_error(res, str(p), f"names shard '{shard}', which is missing", "download every shard", out=out)
 
 
 @pytest.mark.parametrize("rel", ["../outside.safetensors", "sub/../../outside.safetensors", "ABS"])
@@ -233,7 +205,7 @@ def test_index_shard_outside_folder(work, rel):
     idx["weight_map"] = {k: (rel if v == shard else v) for k, v in idx["weight_map"].items()}
     p.write_text(json.dumps(idx))
     res, out = merge(work, base="sharded")
-    assert_error(res, str(p), "escapes the checkpoint folder", out=out)
+    one_error(res, str(p), "escapes the checkpoint folder", out=out)
 
 
 def test_index_tensor_twice(work):
@@ -245,7 +217,7 @@ def test_index_tensor_twice(work):
     ]
     p.write_text('{"metadata": {}, "weight_map": {' + ", ".join(items) + "}}")
     res, out = merge(work, base="sharded")
-    assert_error(res, str(p), k, "two shards", out=out)
+    one_error(res, str(p), k, "two shards", out=out)
 
 
 def test_loose_shards_hold_same_tensor(work):
@@ -257,7 +229,7 @@ def test_loose_shards_hold_same_tensor(work):
     save_file({k: sd[k] for k in keys[:10]}, str(d / "a.safetensors"))
     save_file({k: sd[k] for k in keys[9:]}, str(d / "b.safetensors"))
     res, out = merge(work, base="loose")
-    assert_error(res, str(d / "b.safetensors"), keys[9], "two shards", out=out)
+    one_error(res, str(d / "b.safetensors"), keys[9], "two shards", out=out)
 
 
 # -- pickles ------------------------------------------------------------------------------------------------
@@ -279,7 +251,7 @@ def test_bin_pickle_payload_never_runs(work, zipfile):
     (work / "adapter" / ADAPTER_FILE).unlink()
     torch.save(sd, str(work / "adapter" / "adapter_model.bin"), _use_new_zipfile_serialization=zipfile)
     res, out = merge(work)
-    assert_error(
+    one_error(
         res,
         str(work / "adapter" / "adapter_model.bin"),
         "refused to unpickle: it asks to import posix.system",
@@ -288,7 +260,7 @@ def test_bin_pickle_payload_never_runs(work, zipfile):
     )
     assert not marker.exists(), "the payload ran"
     # detect refuses the same way
-    assert_error(cli("detect", str(work / "adapter")), "refused to unpickle")
+    one_error(cli("detect", str(work / "adapter")), "refused to unpickle")
     assert not marker.exists()
 
 
@@ -307,7 +279,7 @@ def test_legacy_bin_adapter_still_merges(work):
 
 def test_adapter_for_another_model(work, tiny):
     res, out = merge(work, base=str(tiny / "other_base"))
-    assert_error(
+    one_error(
         res, "model.layers.0.self_attn.q_proj", "(32, 32)", "(48, 48)", "is this adapter for this base model?", out=out
     )
 
@@ -322,7 +294,7 @@ def test_adapter_wrong_prefix(work):
         work / "adapter" / ADAPTER_FILE, lambda k: k.replace("base_model.model.model.layers", "base_model.model.layers")
     )
     res, out = merge(work)
-    assert_error(
+    one_error(
         res,
         "4 of 4 adapter modules match no tensor of the base",
         "layers.0.self_attn.q_proj",
@@ -335,7 +307,7 @@ def test_adapter_wrong_prefix(work):
 def test_adapter_matches_only_some_modules(work):
     _rename_keys(work / "adapter" / ADAPTER_FILE, lambda k: k.replace("layers.1.", "layers.7."))
     res, out = merge(work)
-    assert_error(res, "2 of 4 adapter modules match no tensor of the base", "model.layers.7.self_attn.q_proj", out=out)
+    one_error(res, "2 of 4 adapter modules match no tensor of the base", "model.layers.7.self_attn.q_proj", out=out)
 
 
 def test_adapter_keys_match_nothing(work):
@@ -344,7 +316,7 @@ def test_adapter_keys_match_nothing(work):
         lambda k: k.replace("self_attn.q_proj", "attn.c_attn").replace("self_attn.v_proj", "attn.c_proj"),
     )
     res, out = merge(work)
-    assert_error(res, "match no tensor of the base", "attn.c_attn", out=out)
+    one_error(res, "match no tensor of the base", "attn.c_attn", out=out)
 
 
 # -- adapter_config.json ------------------------------------------------------------------------------------
@@ -358,21 +330,21 @@ def _cfg(work: Path) -> tuple[Path, dict]:
 def test_adapter_config_missing(work):
     (work / "adapter" / "adapter_config.json").unlink()
     res, out = merge(work)
-    assert_error(res, str(work / "adapter"), "adapter_config.json is missing", out=out)
+    one_error(res, str(work / "adapter"), "adapter_config.json is missing", out=out)
 
 
 def test_adapter_config_not_json(work):
     p, _ = _cfg(work)
     p.write_text('{"r": 4,')
     res, out = merge(work)
-    assert_error(res, str(p), "not valid JSON", out=out)
+    one_error(res, str(p), "not valid JSON", out=out)
 
 
 def test_adapter_config_not_object(work):
     p, _ = _cfg(work)
     p.write_text("[1, 2]")
     res, out = merge(work)
-    assert_error(res, str(p), "not a JSON object", out=out)
+    one_error(res, str(p), "not a JSON object", out=out)
 
 
 def test_adapter_config_bad_r(work):
@@ -380,7 +352,7 @@ def test_adapter_config_bad_r(work):
     c["r"] = "four"
     p.write_text(json.dumps(c))
     res, out = merge(work)
-    assert_error(res, str(p), 'r must be a positive integer, not "four"', out=out)
+    one_error(res, str(p), 'r must be a positive integer, not "four"', out=out)
 
 
 def test_adapter_config_r_disagrees_refused(work):
@@ -389,7 +361,7 @@ def test_adapter_config_r_disagrees_refused(work):
     c["r"] = 16
     p.write_text(json.dumps(c))
     res, out = merge(work)
-    assert_error(res, str(p), "config says r=16, the tensors have rank 4", "PEFT refuses to load it", out=out)
+    one_error(res, str(p), "config says r=16, the tensors have rank 4", "PEFT refuses to load it", out=out)
 
 
 def test_adapter_config_unknown_peft_type(work):
@@ -397,7 +369,7 @@ def test_adapter_config_unknown_peft_type(work):
     c["peft_type"] = "FANCY"
     p.write_text(json.dumps(c))
     res, out = merge(work)
-    assert_error(res, str(p), "peft_type FANCY is not LoRA", out=out)
+    one_error(res, str(p), "peft_type FANCY is not LoRA", out=out)
 
 
 # -- tensors --------------------------------------------------------------------------------------------------
@@ -414,7 +386,7 @@ def _edit_adapter(work: Path, fn) -> Path:
 def test_lora_a_without_b(work):
     _edit_adapter(work, lambda sd: sd.pop(f"{Q0}.lora_B.weight"))
     res, out = merge(work)
-    assert_error(res, f"{Q0}.lora_A.weight", "lora_B is missing for module", out=out)
+    one_error(res, f"{Q0}.lora_A.weight", "lora_B is missing for module", out=out)
 
 
 def test_rank_zero(work):
@@ -424,13 +396,13 @@ def test_rank_zero(work):
 
     _edit_adapter(work, fn)
     res, out = merge(work)
-    assert_error(res, f"{Q0}.lora_A.weight", "rank 0", out=out)
+    one_error(res, f"{Q0}.lora_A.weight", "rank 0", out=out)
 
 
 def test_rank_mismatch(work):
     _edit_adapter(work, lambda sd: sd.__setitem__(f"{Q0}.lora_B.weight", torch.zeros(32, 3)))
     res, out = merge(work)
-    assert_error(res, f"{Q0}.lora_A.weight", "rank mismatch", out=out)
+    one_error(res, f"{Q0}.lora_A.weight", "rank mismatch", out=out)
 
 
 def test_nan_in_adapter(work):
@@ -439,7 +411,7 @@ def test_nan_in_adapter(work):
 
     _edit_adapter(work, fn)
     res, out = merge(work)
-    assert_error(res, f"{Q0}.lora_B.weight", "NaN or Inf", out=out)
+    one_error(res, f"{Q0}.lora_B.weight", "NaN or Inf", out=out)
 
 
 def test_inf_in_result(work):
@@ -449,7 +421,7 @@ def test_inf_in_result(work):
 
     _edit_adapter(work, fn)
     res, out = merge(work)
-    assert_error(res, "model.layers.0.self_attn.q_proj.weight", "merged weight holds NaN or Inf", out=out)
+    one_error(res, "model.layers.0.self_attn.q_proj.weight", "merged weight holds NaN or Inf", out=out)
 
 
 # -- unsupported ------------------------------------------------------------------------------------------------
@@ -469,7 +441,7 @@ def test_unsupported_adapter(work, change, needle):
     c.update(change)
     p.write_text(json.dumps(c))
     res, out = merge(work)
-    assert_error(res, needle, out=out)
+    one_error(res, needle, out=out)
 
 
 def test_quantized_base_config(work):
@@ -478,7 +450,7 @@ def test_quantized_base_config(work):
     c["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
     p.write_text(json.dumps(c))
     res, out = merge(work)
-    assert_error(
+    one_error(
         res, str(work / "base"), "quantization_config says bitsandbytes but no tensor is stored that way", out=out
     )
 
@@ -489,7 +461,7 @@ def test_quantized_base_tensors(work):
     sd["model.layers.0.self_attn.q_proj.weight_scale"] = torch.ones(32)
     save_file(sd, str(path), metadata={"format": "pt"})
     res, out = merge(work)
-    assert_error(
+    one_error(
         res,
         "model.layers.0.self_attn.q_proj.weight_scale: the base holds quantized weights but config.json has no "
         "quantization_config",
@@ -505,7 +477,7 @@ def test_output_exists_refused_then_force_replaces(work):
     out.mkdir()
     (out / "keep.txt").write_text("old")
     res, _ = merge(work)
-    assert_error(res, str(out), "already exists", "--force")
+    one_error(res, str(out), "already exists", "--force")
     assert (out / "keep.txt").read_text() == "old"
     res, _ = merge(work, "--force")
     assert res.exit_code == 0, res.output
@@ -517,7 +489,7 @@ def test_output_is_a_file(work):
     out = work / "out"
     out.write_text("x")
     res, _ = merge(work, "--force")
-    assert_error(res, str(out), "not a folder")
+    one_error(res, str(out), "not a folder")
     assert out.read_text() == "x"
 
 
@@ -525,12 +497,12 @@ def test_output_is_a_file(work):
 def test_output_inside_input(work, inside):
     out = work / inside / "merged"
     res = cli("merge", str(work / "adapter"), "--base", str(work / "base"), "-o", str(out))
-    assert_error(res, str(out), "inside an input folder", out=out)
+    one_error(res, str(out), "inside an input folder", out=out)
 
 
 def test_output_contains_input_with_force(work):
     res = cli("merge", str(work / "adapter"), "--base", str(work / "base"), "-o", str(work), "--force")
-    assert_error(res, f"an input ({work / 'adapter'}) lies inside the output folder", "--force would delete")
+    one_error(res, f"an input ({work / 'adapter'}) lies inside the output folder", "--force would delete")
     assert (work / "adapter" / ADAPTER_FILE).is_file()
 
 
@@ -538,7 +510,7 @@ def test_output_parent_is_a_file(work):
     (work / "afile").write_text("x")
     out = work / "afile" / "out"
     res = cli("merge", str(work / "adapter"), "--base", str(work / "base"), "-o", str(out))
-    assert_error(res, str(work / "afile"), "is a file")
+    one_error(res, str(work / "afile"), "is a file")
 
 
 def _mount_tmpfs(d: Path, opts: str) -> None:
@@ -553,7 +525,7 @@ def test_output_not_writable(work):
     _mount_tmpfs(d, "ro,size=64k")
     try:
         res = cli("merge", str(work / "adapter"), "--base", str(work / "base"), "-o", str(d / "out"))
-        assert_error(res, str(d), "not writable")
+        one_error(res, str(d), "not writable")
         assert os.listdir(d) == []
     finally:
         subprocess.run(["umount", str(d)], check=False)
@@ -572,12 +544,12 @@ def test_bad_max_shard_size(work):
 
 
 def test_missing_source_and_base(work):
-    assert_error(
+    one_error(
         cli("merge", str(work / "nope"), "--base", str(work / "base"), "-o", str(work / "o")),
         str(work / "nope"),
         "no such file or folder",
     )
-    assert_error(merge(work, base="nope")[0], str(work / "nope"))
+    one_error(merge(work, base="nope")[0], str(work / "nope"))
 
 
 def test_debug_shows_traceback(work):

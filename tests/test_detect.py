@@ -1,4 +1,4 @@
-"""detect gets form, targets, ranks and flags right for every PEFT configuration and layout."""
+"""detect gets form, targets, ranks and flags right for every PEFT configuration, in both forms."""
 
 from __future__ import annotations
 
@@ -85,19 +85,19 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("layout", ["adapter", "unmerged"])
+@pytest.mark.parametrize("form", ["adapter", "unmerged"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_detect_forms_and_evidence(tmp_path, case, layout):
+def test_detect_forms_and_evidence(tmp_path, case, form):
     factory, mkw, lkw, targets, ranks, dora = CASES[case]
     pm = peft_wrap(factory(**mkw), **lkw)
-    if layout == "adapter":
+    if form == "adapter":
         pm.save_pretrained(str(tmp_path / "x"))
     else:
         save_unmerged(pm, tmp_path / "x")
     res = CliRunner().invoke(main, ["detect", str(tmp_path / "x"), "--json"])
     assert res.exit_code == 0, res.output
     d = json.loads(res.stdout)
-    assert d["form"] == layout
+    assert d["form"] == form
     (ad,) = d["adapters"]
     assert ad["name"] == "default"
     assert ad["target_modules"] == targets

@@ -15,17 +15,16 @@ import json
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from helpers import diffusers_load
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny import UNET_XL, clip_text, unet, unet_out
+from tiny import UNET_XL, clip_text, peft_unet, unet, unet_out
 
 import lora_convert as lc
 
 TOL = 2e-6
-TARGETS = ["to_q", "to_k", "to_out.0", "ff.net.0.proj", "proj_in", "conv1", "conv_shortcut", "time_emb_proj"]
-TARGETS += ["downsamplers.0.conv"]
 KOHYA_MODULES = {  # module -> (rank, alpha or None): Linear, conv 1×1, conv 3×3 (stride 2 too), no alpha, alpha 0
     "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (4, 2.0),
     "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (4, 2.0),
@@ -82,40 +81,10 @@ def sd_scripts_delta(down, up, alpha):
     return torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3) * scale
 
 
-def _peft_unet(tmp_path, *, dora=False):
-    """Base UNet saved, then PEFT's LoRA on it (random B): the reference output and the model."""
-    model = unet()
-    _save(model, tmp_path / "unet")
-    cfg = LoraConfig(
-        r=4,
-        lora_alpha=8,
-        target_modules=TARGETS,
-        rank_pattern={"conv1": 2, "time_emb_proj": 6},
-        alpha_pattern={"proj_in": 3, "to_k": 5},
-        init_lora_weights=False,
-        use_dora=dora,
-    )
-    torch.manual_seed(1)
-    model.add_adapter(cfg)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_magnitude" in n:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model, unet_out(model)
-
-
-def _diffusers_load(path, fresh, weight_name=None, **kw):
-    """diffusers' own loading of a LoRA file onto ``fresh`` (kohya files: network_alphas; others: metadata)."""
-    kwargs = {"weight_name": weight_name} if weight_name else {}
-    sd, alphas, meta = StableDiffusionPipeline.lora_state_dict(str(path), return_lora_metadata=True, **kwargs, **kw)
-    fresh.load_lora_adapter(sd, prefix="unet", network_alphas=alphas, metadata=meta, adapter_name="x")
-    return unet_out(fresh)
-
-
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_peft_adapter_of_a_unet_merges_exactly(tmp_path, dora):
     """PEFT's own adapter folder of a UNet (conv LoRA and conv DoRA included): merged output = PEFT's."""
-    model, want = _peft_unet(tmp_path, dora=dora)
+    model, want = peft_unet(tmp_path, dora=dora)
     (tmp_path / "adapter").mkdir()
     sd = get_peft_model_state_dict(model)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "adapter" / "adapter_model.safetensors"))
@@ -130,7 +99,7 @@ def test_peft_adapter_of_a_unet_merges_exactly(tmp_path, dora):
     assert (unet_out(_load_unet(tmp_path / "unet")) - want).abs().max().item() > 0.1  # the LoRA does something
     # the same adapter as diffusers' file (component read from the module names): diffusers loads it exactly
     lc.convert(tmp_path / "adapter", "diffusers", output=tmp_path / "d")
-    assert (_diffusers_load(tmp_path / "d", unet()) - want).abs().max().item() <= TOL
+    assert (diffusers_load(tmp_path / "d", unet()) - want).abs().max().item() <= TOL
     if not dora:  # and as a kohya file, which our merge reads back exactly
         lc.convert(tmp_path / "adapter", "kohya", output=tmp_path / "k")
         lc.merge(tmp_path / "k", base=tmp_path / "unet", output=tmp_path / "m2")
@@ -138,7 +107,7 @@ def test_peft_adapter_of_a_unet_merges_exactly(tmp_path, dora):
 
 
 def test_diffusers_file_merges_and_converts_to_kohya_and_back(tmp_path):
-    model, want = _peft_unet(tmp_path)
+    model, want = peft_unet(tmp_path)
     StableDiffusionPipeline.save_lora_weights(
         str(tmp_path / "dlora"),
         unet_lora_layers=get_peft_model_state_dict(model),
@@ -170,7 +139,7 @@ def test_diffusers_file_merges_and_converts_to_kohya_and_back(tmp_path):
     assert res.files == ["pytorch_lora_weights.safetensors"]
     back = set(load_file(str(tmp_path / "back" / "pytorch_lora_weights.safetensors")))
     assert back == set(load_file(str(tmp_path / "dlora" / "pytorch_lora_weights.safetensors")))
-    got = _diffusers_load(tmp_path / "back", unet())  # diffusers reads our metadata: patterns included
+    got = diffusers_load(tmp_path / "back", unet())  # diffusers reads our metadata: patterns included
     assert (got - want).abs().max().item() <= TOL
 
 
@@ -207,11 +176,11 @@ def test_kohya_file_with_equal_alphas_as_diffusers_loads_it(tmp_path):
     _save(base, tmp_path / "unet")
     mods = {m: (r, 2.0) for m, (r, _) in KOHYA_MODULES.items()}
     _kohya_file(base, mods, tmp_path / "k" / "lora.safetensors")
-    want = _diffusers_load(tmp_path / "k", unet(), weight_name="lora.safetensors")
+    want = diffusers_load(tmp_path / "k", unet(), weight_name="lora.safetensors")
     lc.merge(tmp_path / "k", base=tmp_path / "unet", output=tmp_path / "merged")
     assert (unet_out(_load_unet(tmp_path / "merged")) - want).abs().max().item() <= TOL
     lc.convert(tmp_path / "k", "diffusers", output=tmp_path / "d")  # names read without the model
-    assert (_diffusers_load(tmp_path / "d", unet()) - want).abs().max().item() <= TOL
+    assert (diffusers_load(tmp_path / "d", unet()) - want).abs().max().item() <= TOL
     with pytest.raises(lc.RouteError, match="PEFT-style form is diffusers' LoRA file.*--to diffusers"):
         lc.convert(tmp_path / "k", "adapter", output=tmp_path / "peft")
 
@@ -250,7 +219,7 @@ def test_sdxl_sgm_names_are_renumbered_by_the_base_config(tmp_path):
     with pytest.raises(lc.RouteError, match="SGM-numbered blocks cannot be read .*pass --base"):
         lc.convert(tmp_path / "k", "diffusers", output=tmp_path / "d")
     lc.convert(tmp_path / "k", "diffusers", base=tmp_path / "unet", output=tmp_path / "d")
-    assert (_diffusers_load(tmp_path / "d", unet(**UNET_XL)) - want).abs().max().item() <= TOL
+    assert (diffusers_load(tmp_path / "d", unet(**UNET_XL)) - want).abs().max().item() <= TOL
     lc.convert(tmp_path / "k", "kohya", base=tmp_path / "unet", output=tmp_path / "k2")  # renamed to diffusers'
     keys = set(load_file(str(tmp_path / "k2" / "lora.safetensors")))
     assert "lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight" in keys
@@ -396,7 +365,7 @@ def test_what_kohya_cannot_hold_is_refused(tmp_path):
     pm.save_pretrained(str(tmp_path / "llm"))
     with pytest.raises(lc.RouteError, match="cannot tell which part of a diffusion pipeline"):
         lc.convert(tmp_path / "llm", "kohya", output=tmp_path / "out")
-    model, _ = _peft_unet(tmp_path, dora=True)
+    model, _ = peft_unet(tmp_path, dora=True)
     StableDiffusionPipeline.save_lora_weights(
         str(tmp_path / "dora"),
         unet_lora_layers=get_peft_model_state_dict(model),

@@ -10,7 +10,8 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from tiny import decoder_config
+from transformers import LlamaForCausalLM, Qwen2ForCausalLM
 
 from lora_convert import extract
 from lora_convert import svd as S
@@ -23,17 +24,7 @@ V, H = 96, 48
 
 def _llama(tie=False):
     torch.manual_seed(0)
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=V,
-            hidden_size=H,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=tie,
-        )
-    )
+    return LlamaForCausalLM(decoder_config(vocab=V, hidden=H, inter=96, tie=tie, max_positions=None))
 
 
 def _merge(base_dir, out_dir, r, targets, cls=LlamaForCausalLM, seed=1, dtype=None, rank_pattern=None):
@@ -56,17 +47,7 @@ def _merge(base_dir, out_dir, r, targets, cls=LlamaForCausalLM, seed=1, dtype=No
 
 def _qwen2(tie: bool) -> Qwen2ForCausalLM:
     torch.manual_seed(0)
-    return Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=V,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=tie,
-        )
-    )
+    return Qwen2ForCausalLM(decoder_config("Qwen2Config", vocab=V, inter=64, tie=tie, max_positions=None))
 
 
 @pytest.fixture(scope="module")

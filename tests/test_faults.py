@@ -9,31 +9,15 @@ import hashlib
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import slow_cli, temps, wait_for_temp
 
 from lora_convert.cli import main
 from lora_convert.errors import OutputError
 from lora_convert.io.output import TMP_MARK, AtomicOutput
-
-# A child that runs the real CLI, slowed down between tensors so that a signal lands midway.
-SLOW_CHILD = r"""
-import sys, time
-import lora_convert.io.writer as w
-orig = w.SafetensorsWriter.write
-def slow(self, name, data):
-    orig(self, name, data)
-    self._fh.flush()
-    time.sleep(0.1)
-w.SafetensorsWriter.write = slow
-from lora_convert.cli import main
-sys.argv = ["lora-convert"] + sys.argv[1:]
-main()
-"""
 
 
 @pytest.fixture(scope="session")
@@ -54,30 +38,16 @@ def checksums(*folders: Path) -> dict[str, str]:
     }
 
 
-def temps(folder: Path) -> list[Path]:
-    return [p for p in folder.iterdir() if TMP_MARK in p.name]
+SLOW = 0.1  # seconds the child sleeps after each tensor, so that a signal lands midway
 
 
-def start_slow_merge(pair: Path, out: Path) -> subprocess.Popen:
-    args = ["merge", str(pair / "adapter"), "--base", str(pair / "base"), "-o", str(out)]
-    return subprocess.Popen(
-        [sys.executable, "-c", SLOW_CHILD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+def start_slow_merge(pair: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return slow_cli("merge", pair / "adapter", "--base", pair / "base", "-o", out, *extra, delay=SLOW)
 
 
-def wait_midway(proc: subprocess.Popen, folder: Path, timeout: float = 60) -> Path:
-    """Until the child's temp folder holds part of the weights file."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        for t in temps(folder):
-            f = t / "model.safetensors"
-            if f.is_file() and f.stat().st_size > 64 * 1024:
-                return t
-        if proc.poll() is not None:
-            pytest.fail(f"the merge ended before it could be interrupted: {proc.communicate()}")
-        time.sleep(0.02)
-    proc.kill()
-    pytest.fail("the merge never got midway")
+def wait_midway(proc: subprocess.Popen, folder: Path) -> Path:
+    """Until the child's temp folder holds part of the weights file (more than 64 KiB of it)."""
+    return wait_for_temp(proc, folder, min_bytes=64 * 1024 + 1)
 
 
 def merge_ok(pair: Path, out: Path):
@@ -129,8 +99,7 @@ def test_sigkill_during_force_replace_keeps_old_until_done(pair, tmp_path):
     out = tmp_path / "merged"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    args = ["merge", str(pair / "adapter"), "--base", str(pair / "base"), "-o", str(out), "--force"]
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_CHILD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = start_slow_merge(pair, out, "--force")
     wait_midway(proc, tmp_path)
     proc.kill()
     proc.communicate(timeout=30)

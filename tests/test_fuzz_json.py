@@ -19,6 +19,7 @@ from typing import Self
 
 import pytest
 import torch
+from helpers import json_any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -39,60 +40,6 @@ MODULES = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj
     "model.embed_tokens",
     "lm_head",
 ]
-
-HOSTILE = [
-    float("nan"),
-    float("inf"),
-    -float("inf"),
-    1e300,
-    -1e300,
-    2**70,
-    -(2**70),
-    -1,
-    0,
-    1,
-    True,
-    False,
-    None,
-    "",
-    "false",
-    "true",
-    "none",
-    "\ud800",
-    "x\udfff",
-    "(.|.)+(?=Z)",
-    "([\\w.]|[\\w.])+(?=Z)",
-    "q_proj(",
-    "[/bold]",
-    "\x1b[31m",
-    "a" * 10_000,
-    "q_proj",
-    "lora_only",
-    "pissa",
-    "LORA",
-    "LOHA",
-    [],
-    {},
-    [1, 2],
-    [[1, 2]],
-    {"q_proj": 4},
-    {"q_proj": "4"},
-    {"(.|.)+(?=Z)": 2},
-    {"embed_tokens": [1, 2]},
-    3.5,
-    8.0,
-]
-leaf = st.one_of(
-    st.sampled_from(HOSTILE),
-    st.integers(-(2**64), 2**64),
-    st.floats(allow_nan=True),
-    st.text(max_size=8),
-    st.booleans(),
-    st.none(),
-)
-json_any = st.recursive(
-    leaf, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=6), c, max_size=4), max_leaves=12
-)
 
 
 @st.composite

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import json_any
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
-from test_fuzz_json import json_any
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 ROOT = Path(__file__).resolve().parent.parent

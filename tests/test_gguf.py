@@ -14,9 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gguf
 import pytest
 import torch
+from helpers import read_gguf
 from tiny import peft_wrap
 from tiny_archs import ARCHS, build, lora_layers
 
@@ -62,18 +62,6 @@ def unpermute(b: torch.Tensor, n_head: int) -> torch.Tensor:
     """Inverse of llama.cpp's q/k row permutation (new row h·d + 2i + j holds old row h·d + j·d/2 + i)."""
     d = b.shape[0] // n_head
     return b.reshape(n_head, d // 2, 2, -1).swapaxes(1, 2).reshape(b.shape)
-
-
-def read_gguf(path: Path) -> tuple[dict, dict]:
-    """({key: (value, type name)}, {tensor: (fp32 values in torch order, ggml ne, type name)})."""
-    r = gguf.GGUFReader(str(path))
-    kv = {k: (f.contents(), f.types[0].name) for k, f in r.fields.items() if not k.startswith("GGUF.")}
-    tensors = {}
-    for t in r.tensors:
-        ne = [int(x) for x in t.shape]
-        values = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(ne)))
-        tensors[t.name] = (torch.from_numpy(values.astype("float32")), ne, t.tensor_type.name)
-    return kv, tensors
 
 
 def make_case(tmp_path: Path, arch: str, targets=None, *, tie: bool = False, **lora):

@@ -117,7 +117,7 @@ def write_base(base: Path, path: Path) -> None:
     w.close()
 
 
-def read_gguf(path: Path) -> tuple[dict[str, object], dict[str, tuple[int, list[int], bytes]]]:
+def read_gguf_bytes(path: Path) -> tuple[dict[str, object], dict[str, tuple[int, list[int], bytes]]]:
     """({key: value}, {tensor name: (type, shape, bytes)}) of a GGUF file, through gguf-py's reader."""
     r = gguf.GGUFReader(str(path))
     kv = {f.name: f.contents() for f in r.fields.values() if not f.name.startswith("GGUF.")}
@@ -154,8 +154,8 @@ def test_plain_adapter_is_llama_cpp_converters_tensors(tmp_path, arch, outtype):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     lc.convert(tmp_path / "adapter", "gguf", base=tmp_path / "base", output=tmp_path / "a.gguf", outtype=outtype)
-    want_kv, want = read_gguf(ref)
-    got_kv, got = read_gguf(tmp_path / "a.gguf")
+    want_kv, want = read_gguf_bytes(ref)
+    got_kv, got = read_gguf_bytes(tmp_path / "a.gguf")
     assert set(got) == set(want) and got == want  # names, types, shapes, bytes (the order may differ)
     assert {k: v for k, v in got_kv.items() if k not in CARD_KEYS} == {
         k: v for k, v in want_kv.items() if k not in CARD_KEYS

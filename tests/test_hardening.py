@@ -13,13 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers import FIXTURES, cli, one_error
 from safetensors.torch import load_file, save_file
 
-from lora_convert.cli import main
 from lora_convert.text import escape_controls, safe
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 ADAPTER_FILE = "adapter_model.safetensors"
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
 
@@ -31,27 +29,9 @@ def work(tmp_path) -> Path:
     return tmp_path
 
 
-def cli(*args: str):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-
-
 def merge(work: Path, *extra: str, out: Path | None = None):
     out = out or work / "out"
     return cli("merge", work / "adapter", "--base", work / "base", "-o", out, *extra), out
-
-
-def one_error(res, *needles: str, out: Path | None = None, code: int = 1) -> str:
-    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
-    assert res.exit_code == code, (res.exit_code, res.output)
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    assert "Traceback" not in res.output
-    for n in needles:
-        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
-    if out is not None:
-        assert not out.exists()
-        assert not [p for p in out.parent.iterdir() if ".tmp-lora-convert-" in p.name]
-    return lines[0]
 
 
 def edit_config(work: Path, **changes) -> Path:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli, diffusers_load, one_error, peft_as_mlx, read_gguf
 from quant_models import deepseek_dequant, gpt_oss, llama, save_bnb, save_ct, save_fp8, save_mxfp4
 from safetensors.torch import load_file, save_file
-from test_hardening import cli, one_error
 from tiny import peft_wrap
 
 import lora_convert as lc
@@ -508,15 +508,14 @@ def test_diffusers_metadata_use_dora_without_magnitudes(tmp_path):
     LoRA's, so the merge, which would give the plain LoRA, refuses by the file's name."""
     from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
-    from test_diffusion_lora import _diffusers_load, _peft_unet
-    from tiny import unet
+    from tiny import peft_unet, unet
 
-    model, want = _peft_unet(tmp_path)  # plain LoRA, saved base at tmp_path / "unet"
+    model, want = peft_unet(tmp_path)  # plain LoRA, saved base at tmp_path / "unet"
     meta = dict(model.peft_config["default"].to_dict(), use_dora=True)
     StableDiffusionPipeline.save_lora_weights(
         str(tmp_path / "adapter"), unet_lora_layers=get_peft_model_state_dict(model), unet_lora_adapter_metadata=meta
     )
-    assert (_diffusers_load(tmp_path / "adapter", unet()) - want).abs().max().item() > 1e-2
+    assert (diffusers_load(tmp_path / "adapter", unet()) - want).abs().max().item() > 1e-2
     file = tmp_path / "adapter" / "pytorch_lora_weights.safetensors"
     d = lc.detect(tmp_path / "adapter")  # detect still describes it, and says why it is refused
     assert any("unet.use_dora: true" in w for w in d.warnings), d.warnings
@@ -529,7 +528,6 @@ def test_diffusers_metadata_use_dora_without_magnitudes(tmp_path):
 
 @pytest.mark.parametrize("config", [{"fine_tune_type": "dora"}, {"fine_tune_type": None, "use_dora": True}])
 def test_mlx_dora_without_magnitudes(tmp_path, config):
-    from test_mlx import peft_as_mlx
     from tiny import llama as tiny_llama
 
     tiny_llama().save_pretrained(tmp_path / "base")
@@ -642,8 +640,6 @@ def test_gguf_drop_norms_writes_the_pairs_and_lists_the_norms(mergekit_like):
     assert names == {f"blk.{i}.attn_{p}.weight.lora_{ab}" for i in (0, 1) for p in "qv" for ab in "ab"}
     assert not any("norm" in n for n in names)
     # the pairs are the adapter's: v is not permuted, so lora_a = A and lora_b = B (f32)
-    from test_gguf import read_gguf
-
     _, tensors = read_gguf(w / "a.gguf")
     sd = load_file(str(w / "adapter" / "adapter_model.safetensors"))
     v = "base_model.model.model.layers.1.self_attn.v_proj"

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_hardening import FIXTURES, cli, one_error
+from helpers import FIXTURES, cli, one_error
 
 # -- 1. one-file outputs never write through a link into an input -------------------------------------------
 
@@ -393,8 +393,9 @@ def test_a_bin_base_truncated_mid_merge_is_one_error_line(tmp_path, keep):
 
 
 def test_bin_tensors_read_without_mmap_equal_torch_load(tmp_path):
-    """Every layout a state dict can hold (views, transposes, expands, empties, shared storages) reads back
-    equal to torch.load's own tensors, whole and from an offset; a compressed record is refused by name."""
+    """Every way a state dict's tensors can sit in memory (views, transposes, expands, empties, shared
+    storages) reads back equal to torch.load's own tensors, whole and from an offset; a compressed record is
+    refused by name."""
     import zipfile
 
     import torch

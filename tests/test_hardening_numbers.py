@@ -19,12 +19,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from helpers import FIXTURES, ROOT, cli, one_error
 
-from lora_convert.cli import main
-
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-ROOT = Path(__file__).resolve().parent.parent
 CHILD_MEMORY = 3 << 30  # address space of a bounded child: torch and transformers import within ~1.5 GB
 
 
@@ -33,23 +29,6 @@ def work(tmp_path) -> Path:
     shutil.copytree(FIXTURES / "tiny-llama-base", tmp_path / "base")
     shutil.copytree(FIXTURES / "tiny-llama-lora", tmp_path / "adapter")
     return tmp_path
-
-
-def cli(*args: object):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-
-
-def one_error(res, *needles: str, out: Path | None = None, code: int = 1) -> str:
-    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
-    assert res.exit_code == code, (res.exit_code, res.output)
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    assert "internal error" not in lines[0] and "Traceback" not in res.output
-    for n in needles:
-        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
-    if out is not None:
-        assert not out.exists()
-    return lines[0]
 
 
 def edit_json(path: Path, **changes) -> None:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import ALL_LINEARS as ALL
+from helpers import ATTN, PEFT_CASES
 from rounding import assert_rounded_once, peft_deltas, ulps_apart
-from tiny import gpt2, llama, load_merged, logits, peft_wrap, qwen2, read_json, save_unmerged
+from tiny import llama, load_merged, logits, peft_wrap, qwen2, read_json, save_unmerged
 
 import lora_convert as lc
 
 TOL = 1e-5
-ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
-ALL = ATTN + ["gate_proj", "up_proj", "down_proj"]
 
 
 def _check(tmp_path, pm, *, via="adapter", name="default", expect_untied=None):
@@ -43,73 +43,10 @@ def _fresh_base(factory, tmp_path, **kw):
     return m
 
 
-CASES = {
-    "llama-attn": (llama, {}, dict(r=8, lora_alpha=16, target_modules=ATTN)),
-    "llama-all-linears": (llama, {}, dict(r=4, lora_alpha=8, target_modules=ALL)),
-    "llama-embed-lmhead": (
-        llama,
-        {},
-        dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "embed_tokens", "lm_head"]),
-    ),
-    "llama-rslora": (llama, {}, dict(r=16, lora_alpha=8, use_rslora=True, target_modules=ALL)),
-    "llama-patterns": (
-        llama,
-        {},
-        dict(
-            r=4,
-            lora_alpha=8,
-            target_modules=ALL,
-            rank_pattern={"q_proj": 2, "model.layers.1.mlp.down_proj": 6},
-            alpha_pattern={"^model.layers.0.self_attn.v_proj": 3, "up_proj": 32},
-        ),
-    ),
-    "llama-dora": (llama, {}, dict(r=4, lora_alpha=8, use_dora=True, target_modules=ALL + ["lm_head"])),
-    "llama-dora-embed": (llama, {}, dict(r=4, lora_alpha=8, use_dora=True, target_modules=["embed_tokens", "q_proj"])),
-    "llama-modules-to-save": (
-        llama,
-        {},
-        dict(r=4, lora_alpha=8, target_modules=ATTN, modules_to_save=["input_layernorm", "norm"]),
-    ),
-    "llama-layers-to-transform": (llama, {}, dict(r=4, lora_alpha=8, target_modules=ALL, layers_to_transform=[1])),
-    "llama-trainable-tokens": (
-        llama,
-        {},
-        dict(r=4, lora_alpha=8, target_modules=ATTN, trainable_token_indices=[3, 7, 50]),
-    ),
-    "qwen2-tied-embed": (qwen2, {}, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])),
-    "qwen2-tied-lmhead": (qwen2, {}, dict(r=4, lora_alpha=8, target_modules=["lm_head", "v_proj"])),
-    "qwen2-tied-tokens": (
-        qwen2,
-        {},
-        dict(r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=[3, 9]),
-    ),
-    "qwen2-lora-bias": (
-        qwen2,
-        {"tie": False},
-        dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"], lora_bias=True),
-    ),
-    "qwen2-bias-lora-only": (
-        qwen2,
-        {"tie": False},
-        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bias="lora_only"),
-    ),
-    "gpt2-conv1d": (
-        gpt2,
-        {},
-        dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True),
-    ),
-    "gpt2-conv1d-dora": (
-        gpt2,
-        {},
-        dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, use_dora=True),
-    ),
-}
-
-
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", sorted(PEFT_CASES))
 @pytest.mark.parametrize("via", ["adapter", "unmerged"])
 def test_merge_matches_peft_unmerged_logits(tmp_path, case, via):
-    factory, model_kw, lora_kw = CASES[case]
+    factory, model_kw, lora_kw = PEFT_CASES[case]
     base = _fresh_base(factory, tmp_path, **model_kw)
     pm = peft_wrap(base, **lora_kw)
     _check(tmp_path, pm, via=via)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import peft_as_mlx, peft_load
 from safetensors.torch import load_file, save_file
-from test_routes import _peft_load
 from tiny import SEQ, llama, load_merged, logits, peft_wrap, qwen2
 from tiny_archs import lora_layers
 
@@ -78,25 +78,6 @@ def test_peft_to_mlx_is_mlx_lm_format_with_peft_deltas(tmp_path):
         assert torch.allclose(got, want, atol=1e-6, rtol=1e-5), (module, (got - want).abs().max())
 
 
-def peft_as_mlx(pm, folder: Path, scale: float, **config) -> None:
-    """A PEFT adapter written in mlx-lm's format by hand (from the format's definition, not our writer)."""
-    out = {}
-    for k, v in pm.state_dict().items():
-        if ".lora_" in k and ".default" in k:
-            module = k.removeprefix("base_model.model.").split(".lora_")[0]
-            leaf = "lora_a" if ("lora_A" in k or "lora_embedding_A" in k) else "lora_b"
-            if "magnitude" in k:
-                leaf = "m"
-            out[f"{module}.{leaf}"] = (v if leaf == "m" else v.T).detach().contiguous().clone()
-    folder.mkdir()
-    save_file(out, folder / "adapters.safetensors")
-    rank = next(t.shape[1] for k, t in out.items() if k.endswith(".lora_a"))
-    config.setdefault("fine_tune_type", "lora")
-    config.setdefault("num_layers", 16)
-    config["lora_parameters"] = {"rank": rank, "scale": scale, "dropout": 0.0, **config.get("lora_parameters", {})}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-
-
 @pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
 def test_mlx_adapter_to_peft_and_merged(tmp_path, dora):
     pm = make_case(tmp_path, ["q_proj", "v_proj", "down_proj"], use_dora=dora, layers_to_transform=[1])
@@ -110,7 +91,7 @@ def test_mlx_adapter_to_peft_and_merged(tmp_path, dora):
     lc.merge(tmp_path / "mlx", base=tmp_path / "base", output=tmp_path / "merged")
     assert torch.allclose(logits(load_merged(tmp_path / "merged")), want, atol=1e-5)
     lc.convert(tmp_path / "mlx", "adapter", base=tmp_path / "base", output=tmp_path / "peft")
-    got = logits(_peft_load(llama, tmp_path / "peft"))  # only layer 1: no missing-key warning
+    got = logits(peft_load(llama, tmp_path / "peft"))  # only layer 1: no missing-key warning
     assert torch.allclose(got, want, atol=1e-5)
     back = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     for k, v in load_file(tmp_path / "adapter" / "adapter_model.safetensors").items():
@@ -303,6 +284,6 @@ def test_adapter_made_by_mlx_lm_converts_and_merges(tmp_path, dora):
         "lm_head",
     }
     lc.convert(tmp_path / "mlx", "adapter", output=tmp_path / "peft")  # the base from the config's "model"
-    assert torch.allclose(logits(_peft_load(llama, tmp_path / "peft")), want, atol=1e-4)
+    assert torch.allclose(logits(peft_load(llama, tmp_path / "peft")), want, atol=1e-4)
     lc.merge(tmp_path / "mlx", output=tmp_path / "merged")
     assert torch.allclose(logits(load_merged(tmp_path / "merged")), want, atol=1e-4)

@@ -9,9 +9,10 @@ import shutil
 
 import pytest
 import torch
+from helpers import peft_load
 from safetensors.torch import load_file, save_file
 from tiny import save_unmerged
-from tiny_moe import FF, E, H, load, logits, model, peft_experts, peft_load, save_base, v4_adapter
+from tiny_moe import FF, E, H, load, logits, model, peft_experts, save_base, v4_adapter
 
 import lora_convert as lc
 
@@ -204,7 +205,7 @@ def test_per_expert_adapter_matches_peft(tmp_path, name):
     m = model(name)
     save_base(m, tmp_path / "base")
     v4_adapter(name, m, tmp_path / "adapter", router=True)
-    ref = logits(peft_load(tmp_path / "base", tmp_path / "adapter"))
+    ref = logits(peft_load(load(tmp_path / "base"), tmp_path / "adapter"))
     assert (ref - logits(m)).abs().max() > 0.05
     lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "merged")
     assert (logits(load(tmp_path / "merged")) - ref).abs().max() <= TOL
@@ -216,7 +217,7 @@ def test_per_expert_adapter_on_fused_base(tmp_path):
     save_base(m, tmp_path / "base")
     save_base(m, tmp_path / "fused", save_original_format=False)
     v4_adapter("qwen3_moe", m, tmp_path / "adapter")
-    ref = logits(peft_load(tmp_path / "base", tmp_path / "adapter"))
+    ref = logits(peft_load(load(tmp_path / "base"), tmp_path / "adapter"))
     res = lc.merge(tmp_path / "adapter", base=tmp_path / "fused", output=tmp_path / "merged")
     assert "model.layers.0.mlp.experts.gate_up_proj" in load_file(tmp_path / "merged" / "model.safetensors")
     assert res.ops["merge"] == 2 * 3  # q_proj, gate_up_proj, down_proj per layer

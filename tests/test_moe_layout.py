@@ -10,9 +10,10 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import peft_load
 from safetensors.torch import load_file
 from tiny import save_unmerged
-from tiny_moe import FF, E, H, load, load_clean, logits, model, peft_experts, peft_load, save_base, v4_adapter
+from tiny_moe import FF, E, H, load, load_clean, logits, model, peft_experts, save_base, v4_adapter
 
 import lora_convert as lc
 from lora_convert.cli import main
@@ -91,7 +92,7 @@ def test_per_expert_adapter_to_fused_matches_peft_conversion(tmp_path):
     m = model("qwen3_moe")
     save_base(m, tmp_path / "base")
     v4_adapter("qwen3_moe", m, tmp_path / "v4", router=True)
-    pm = peft_load(tmp_path / "base", tmp_path / "v4")
+    pm = peft_load(load(tmp_path / "base"), tmp_path / "v4")
     ref = logits(pm)
     res = CliRunner().invoke(
         main,

@@ -16,33 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from helpers import FIXTURES, cli, one_error
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from tiny import SEQ, llama, peft_wrap, qwen2
 
 import lora_convert as lc
-from lora_convert.cli import main
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 LORA, BASE = FIXTURES / "tiny-llama-lora", FIXTURES / "tiny-llama-base"
 MERGED = FIXTURES / "tiny-llama-merged"
-
-
-def cli(*args: object):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
-
-
-def one_error(res, *needles: str, out: Path | None = None, code: int = 1) -> str:
-    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
-    assert res.exit_code == code, (res.exit_code, res.output)
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
-    for n in needles:
-        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
-    if out is not None:
-        assert not out.exists()
-    return lines[0]
 
 
 def _adapter_naming(tmp_path: Path, base_name: str) -> Path:

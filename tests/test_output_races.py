@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import FIXTURES, slow_cli, temps, wait_for_temp
 from safetensors.torch import load_file
 
 from lora_convert.cli import main
@@ -32,13 +33,8 @@ from lora_convert.io.output import (
     tmp_prefix,
 )
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 BASE, ADAPTER = FIXTURES / "tiny-llama-base", FIXTURES / "tiny-llama-lora"
 DEAD_PID = 2**22 + 777  # above the default pid_max: never alive
-
-
-def temps(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if TMP_MARK in p.name)
 
 
 def tree(folder: Path, *, with_temps: bool = True) -> dict[str, str]:
@@ -536,36 +532,10 @@ def test_parent_folders_go_after_a_failed_merge(tmp_path):
 
 # -- real merges, in parallel, on the real file system -----------------------------------------------------
 
-SLOW_CHILD = r"""
-import sys, time
-import lora_convert.io.writer as w
-orig = w.SafetensorsWriter.write
-def slow(self, name, data):
-    orig(self, name, data)
-    time.sleep(0.08)
-w.SafetensorsWriter.write = slow
-from lora_convert.cli import main
-sys.argv = ["lora-convert"] + sys.argv[1:]
-main()
-"""
-
 
 def slow_merge(out: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-c", SLOW_CHILD, "merge", str(ADAPTER), "--base", str(BASE), "-o", str(out), *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-
-
-def wait_for_temp(folder: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
-    t0 = time.monotonic()
-    while not any((p / "model.safetensors").exists() for p in temps(folder)):
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() - t0 < timeout
-        time.sleep(0.02)
+    """A real merge of the fixtures, 0.08 s after each tensor: two of them overlap."""
+    return slow_cli("merge", ADAPTER, "--base", BASE, "-o", out, *extra, delay=0.08)
 
 
 def reference_merge(tmp_path: Path) -> dict:
@@ -606,7 +576,7 @@ def test_target_created_by_the_user_during_a_merge_survives(tmp_path):
     """(--force alike: test_target_created_during_the_run_is_never_replaced, in-process.)"""
     target = tmp_path / "merged"
     proc = slow_merge(target)
-    wait_for_temp(tmp_path, proc)
+    wait_for_temp(proc, tmp_path)
     target.mkdir()
     (target / "mine.txt").write_text("the user's")
     _, err = proc.communicate(timeout=120)

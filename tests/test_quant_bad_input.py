@@ -6,9 +6,9 @@ import json
 import shutil
 
 import pytest
+from helpers import cli, front_door, one_error
 from quant_models import llama, save_fp8
 from safetensors.torch import load_file, save_file
-from test_bad_input import assert_error, cli
 from tiny import peft_wrap
 
 W = "model.layers.0.self_attn.q_proj.weight"
@@ -51,7 +51,7 @@ def _merge(work, *extra):
 def test_scale_missing(work):
     _edit(work, lambda sd: sd.pop(W + "_scale_inv"))
     res, out = _merge(work)
-    assert_error(res, f"{W}: quantized weight without its weight_scale_inv", out=out)
+    one_error(res, f"{W}: quantized weight without its weight_scale_inv", out=out)
 
 
 def test_scale_of_the_wrong_shape(work):
@@ -59,14 +59,14 @@ def test_scale_of_the_wrong_shape(work):
 
     _edit(work, lambda sd: sd.__setitem__(W + "_scale_inv", torch.ones(2, 1)))
     res, out = _merge(work)
-    assert_error(res, f"{W}_scale_inv: weight_scale_inv has shape [2, 1], expected [1, 1]", out=out)
+    one_error(res, f"{W}_scale_inv: weight_scale_inv has shape [2, 1], expected [1, 1]", out=out)
 
 
 def test_block_size_gives_the_grid(work):
     _config(work, lambda c: c["quantization_config"].update(weight_block_size=[64, 64]))
     res, out = _merge(work, "--requantize")
     down = "model.layers.0.mlp.down_proj.weight_scale_inv"  # the first fp8 weight in the file
-    assert_error(res, f"{down}: weight_scale_inv has shape [1, 2], expected [2, 4]", out=out)
+    one_error(res, f"{down}: weight_scale_inv has shape [1, 2], expected [2, 4]", out=out)
 
 
 def test_unknown_scheme(work):
@@ -79,7 +79,7 @@ def test_unknown_scheme(work):
         work, lambda sd: sd.__setitem__("model.layers.0.self_attn.q_proj.qweight", torch.zeros(4, 4, dtype=torch.int32))
     )
     res, out = _merge(work)
-    assert_error(
+    one_error(
         res, "model.layers.0.self_attn.q_proj", "quantized with awq, which lora-convert cannot dequantize", out=out
     )
 
@@ -87,22 +87,20 @@ def test_unknown_scheme(work):
 def test_requantize_needs_a_quantized_base(work):
     _config(work, lambda c: c.pop("quantization_config"))
     res, out = _merge(work, "--requantize")
-    assert_error(res, "down_proj.weight_scale_inv: the base holds quantized weights but config.json has no", out=out)
+    one_error(res, "down_proj.weight_scale_inv: the base holds quantized weights but config.json has no", out=out)
     plain = work / "plain"
     llama().save_pretrained(plain)
     res = cli("merge", str(work / "adapter"), "--base", str(plain), "-o", str(out), "--requantize")
-    assert_error(res, "--requantize: the base is not quantized", out=out)
+    one_error(res, "--requantize: the base is not quantized", out=out)
 
 
 def test_detect_and_report_name_the_scheme(work):
-    from test_architecture import _front
-
-    d = _front("detect", str(work / "base"), "--json")
+    d = front_door("detect", str(work / "base"), "--json")
     assert d.returncode == 0 and d.stderr.strip().endswith("NO_TORCH"), d.stderr[-400:]
     q = json.loads(d.stdout)["quantization"]
     assert q["method"] == "fp8" and q["scheme"] == "fp8 e4m3, 128×128 blocks" and q["tensors"] == 14
     assert q["stored_bytes"] < q["dequantized_bytes"]["BF16"] / 1.9
-    r = _front("report", str(work / "adapter"), "--base", str(work / "base"), "--json")
+    r = front_door("report", str(work / "adapter"), "--base", str(work / "base"), "--json")
     assert r.returncode == 0 and r.stderr.strip().endswith("NO_TORCH"), r.stderr[-400:]
     rep = json.loads(r.stdout)
     assert rep["quantization"]["method"] == "fp8"
@@ -119,7 +117,7 @@ def test_unmerged_on_a_quantized_base(tmp_path):
     (tmp_path / "u" / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "out"
     res = cli("merge", str(tmp_path / "u"), "-o", str(out))
-    assert_error(res, "an unmerged checkpoint on a quantized base", "convert --to adapter", out=out)
+    one_error(res, "an unmerged checkpoint on a quantized base", "convert --to adapter", out=out)
 
 
 def test_requantize_refuses_what_the_scheme_cannot_hold(work):
@@ -137,7 +135,7 @@ def test_requantize_refuses_what_the_scheme_cannot_hold(work):
     save_file(sd, str(path))
     out = work / "out"
     res = cli("merge", str(adapter), "--base", str(work / "base"), "-o", str(out), "--requantize")
-    assert_error(
+    one_error(
         res,
         "model.layers.1.self_attn.o_proj: merged weight of shape [64, 128] cannot be re-quantized into the base's "
         "fp8-block layout of shape [128, 128]",

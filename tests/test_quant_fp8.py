@@ -11,6 +11,7 @@ import json
 
 import pytest
 import torch
+from helpers import cli
 from quant_models import llama, load_dequantized, plain_from, save_ct, save_fp8
 from safetensors.torch import load_file
 from tiny import logits, peft_wrap
@@ -147,8 +148,6 @@ def test_compressed_tensors_fp8(tmp_path, scheme):
 
 
 def test_cli_requantize_table_and_json(fp8_base, tmp_path):
-    from test_bad_input import cli
-
     base, _ = fp8_base
     peft_wrap(llama().float(), r=4, lora_alpha=8, target_modules=["q_proj"]).save_pretrained(tmp_path / "adapter")
     res = cli("merge", str(tmp_path / "adapter"), "--base", str(base), "-o", str(tmp_path / "a"), "--requantize")

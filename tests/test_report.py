@@ -17,8 +17,9 @@ import torch
 from click.testing import CliRunner
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
+from tiny import decoder_config
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, GPT2Config
 
 from lora_convert.cli import main
 from lora_convert.costs import build_report
@@ -26,15 +27,7 @@ from lora_convert.render import report_markdown
 
 CASES = {
     "llama": (
-        LlamaConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=100,
-            tie_word_embeddings=False,
-        ),
+        decoder_config(vocab=100, inter=64, max_positions=None),
         dict(
             r=4,
             lora_alpha=8,
@@ -54,15 +47,7 @@ CASES = {
         ),
     ),
     "qwen2": (
-        Qwen2Config(
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=96,
-            tie_word_embeddings=True,
-        ),
+        decoder_config("Qwen2Config", tie=True, max_positions=None),
         dict(
             r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj", "up_proj"], layers_to_transform=[1]
         ),

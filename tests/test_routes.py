@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import warnings
 
 import pytest
 import torch
+from helpers import peft_load
 from safetensors.torch import load_file
 from tiny import gpt2, llama, logits, peft_wrap, qwen2, read_json, save_unmerged
 
@@ -17,23 +17,6 @@ ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 def _sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _peft_load(base_factory, adapter_dir, **kw):
-    """Load an adapter we wrote into PEFT; fail on any missing/unexpected-key warning."""
-    from peft import PeftModel
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pm = PeftModel.from_pretrained(base_factory(**kw), str(adapter_dir))
-    bad = [
-        str(w.message)
-        for w in caught
-        if "key" in str(w.message).lower()
-        and ("missing" in str(w.message).lower() or "unexpected" in str(w.message).lower())
-    ]
-    assert not bad, bad
-    return pm.eval()
 
 
 LORA_CASES = {
@@ -61,7 +44,7 @@ def test_unmerged_to_adapter_loads_in_peft(tmp_path, case):
     res = lc.convert(src, "adapter", output=tmp_path / "adapter")
     assert res.route == "unmerged->adapter"
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
-    loaded = _peft_load(factory, tmp_path / "adapter", **mkw)
+    loaded = peft_load(lambda: factory(**mkw), tmp_path / "adapter")
     assert (logits(loaded) - ref).abs().max() <= 1e-5
 
 

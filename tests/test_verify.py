@@ -1,4 +1,4 @@
-"""verify: does MERGED equal BASE + ADAPTER?  Every layout the merge handles verifies ok when merged by
+"""verify: does MERGED equal BASE + ADAPTER?  Every case of the PEFT matrix verifies ok when merged by
 lora-convert (0 ulps) and by PEFT's merge_and_unload, fp32 and bf16 (within the error bound, whatever the
 arithmetic order); each way a merge goes wrong gets its own status."""
 
@@ -10,57 +10,16 @@ import shutil
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import PEFT_CASES
 from safetensors.torch import load_file, save_file
-from tiny import gpt2, llama, peft_stack, peft_wrap, qwen2
+from tiny import llama, peft_stack, peft_wrap, qwen2
 
 import lora_convert as lc
 from lora_convert.cli import main
 
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-LAYOUTS = {
-    "llama-embed-head": (
-        llama,
-        {},
-        dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "embed_tokens", "lm_head"]),
-    ),
-    "llama-patterns-rslora": (
-        llama,
-        {},
-        dict(
-            r=4,
-            lora_alpha=8,
-            use_rslora=True,
-            target_modules=ALL,
-            rank_pattern={"q_proj": 2},
-            alpha_pattern={"up_proj": 3},
-        ),
-    ),
-    "llama-dora": (llama, {}, dict(r=4, lora_alpha=8, use_dora=True, target_modules=ALL + ["lm_head"])),
-    "llama-dora-embed": (llama, {}, dict(r=4, lora_alpha=8, use_dora=True, target_modules=["embed_tokens", "q_proj"])),
-    "llama-modules-to-save": (llama, {}, dict(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["norm"])),
-    "llama-tokens": (llama, {}, dict(r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=[3, 7, 50])),
-    "qwen2-tied-embed": (qwen2, {}, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])),
-    "qwen2-tied-head": (qwen2, {}, dict(r=4, lora_alpha=8, target_modules=["lm_head", "v_proj"])),
-    "qwen2-lora-bias": (
-        qwen2,
-        {"tie": False},
-        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_bias=True),
-    ),
-    "gpt2-conv1d": (
-        gpt2,
-        {},
-        dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True),
-    ),
-    "gpt2-conv1d-dora": (
-        gpt2,
-        {},
-        dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, use_dora=True),
-    ),
-}
 # PEFT's merge_and_unload of a tied model writes the embedding's delta into the shared tensor (see
 # test_a_tied_head_changed_twice_is_caught): those two are not expected to verify.
-PEFT_WRONG = {"qwen2-tied-embed", "qwen2-tied-head"}
+PEFT_WRONG = {"qwen2-tied-embed", "qwen2-tied-lmhead"}
 
 
 def _setup(tmp_path, factory, model_kw, lora_kw, dtype=None):
@@ -74,9 +33,9 @@ def _setup(tmp_path, factory, model_kw, lora_kw, dtype=None):
     return pm
 
 
-@pytest.mark.parametrize("case", sorted(LAYOUTS))
-def test_every_layout_verifies_merged_by_us_and_by_peft(tmp_path, case):
-    factory, model_kw, lora_kw = LAYOUTS[case]
+@pytest.mark.parametrize("case", sorted(PEFT_CASES))
+def test_every_case_verifies_merged_by_us_and_by_peft(tmp_path, case):
+    factory, model_kw, lora_kw = PEFT_CASES[case]
     pm = _setup(tmp_path, factory, model_kw, lora_kw)
     lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "ours")
     res = lc.verify(tmp_path / "ours", base=tmp_path / "base", adapter=str(tmp_path / "adapter"))
@@ -90,17 +49,17 @@ def test_every_layout_verifies_merged_by_us_and_by_peft(tmp_path, case):
     assert res.ok == (case not in PEFT_WRONG), res.summary()
 
 
-@pytest.mark.parametrize("case", sorted(set(LAYOUTS) - PEFT_WRONG))
+@pytest.mark.parametrize("case", sorted(set(PEFT_CASES) - PEFT_WRONG))
 def test_peft_bf16_merges_verify_within_the_bound(tmp_path, case):
     """PEFT rounds ΔW to bf16 before adding it (embeddings: computed in bf16): within the bound, which
     counts that rounding; the embedding's cancellations put some elements many ulps off."""
-    factory, model_kw, lora_kw = LAYOUTS[case]
+    factory, model_kw, lora_kw = PEFT_CASES[case]
     pm = _setup(tmp_path, factory, model_kw, lora_kw, dtype=torch.bfloat16)
     pm.merge_and_unload().save_pretrained(tmp_path / "peft")
     res = lc.verify(tmp_path / "peft", base=tmp_path / "base", adapter=str(tmp_path / "adapter"))
     assert res.ok and res.slack == 1 and res.tolerance_ulps == 0, res.summary()
     assert all(c.bound <= 1 for c in res.checks if c.bound is not None)
-    if case == "llama-embed-head":
+    if case == "llama-embed-lmhead-qv":
         emb = _status(res, "model.embed_tokens.weight")
         assert emb.ulps > 2 and 0 < emb.bound <= 1  # off by more than the old fixed 2 ulps, yet correct
 
@@ -371,7 +330,7 @@ U = 2.0**-24
 def rs(tmp_path):
     """PEFT's fp32 merge of an rsLoRA adapter with rank and alpha patterns on every projection (the case
     that a fresh machine found off by more than a fixed ulp count), and each target's (W, B, A, s)."""
-    factory, model_kw, lora_kw = LAYOUTS["llama-patterns-rslora"]
+    factory, model_kw, lora_kw = PEFT_CASES["llama-patterns-rslora"]
     pm = _setup(tmp_path, factory, model_kw, lora_kw)
     parts = {}
     for name, mod in pm.named_modules():
@@ -528,7 +487,7 @@ def test_a_peft_merge_into_a_dequantized_fp8_base_verifies(tmp_path):
 def test_dora_bound_is_tight_enough_to_catch_one_element(tmp_path):
     """DoRA's bound (the norm's error on top of the merge's) still catches one element of PEFT's fp32 merge
     moved by 1e-4 of its value, and admits PEFT's merge itself."""
-    factory, model_kw, lora_kw = LAYOUTS["llama-dora"]
+    factory, model_kw, lora_kw = PEFT_CASES["llama-dora"]
     _setup(tmp_path, factory, model_kw, lora_kw).merge_and_unload().save_pretrained(tmp_path / "peft")
     assert _verify(tmp_path, "peft").ok
     m = load_file(tmp_path / "peft" / "model.safetensors")[Q0].clone()

@@ -12,38 +12,49 @@ VOCAB = 96
 SEQ = torch.tensor([[1, 5, 9, 17, 33, 2, 64, 80, 95, 3, 7, 11]])
 
 
+def decoder_config(
+    config_cls: str = "LlamaConfig",
+    *,
+    vocab: int = VOCAB,
+    hidden: int = 32,
+    inter: int = 48,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    tie: bool = False,
+    max_positions: int | None = 64,
+    **extra,
+):
+    """The one tiny decoder config every builder starts from (``config_cls`` names a transformers config class;
+    ``extra`` adds that architecture's own fields); ``max_positions=None`` keeps the class's default."""
+    import transformers
+
+    fields = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        tie_word_embeddings=tie,
+    )
+    if max_positions is not None:
+        fields["max_position_embeddings"] = max_positions
+    return getattr(transformers, config_cls)(**fields, **extra)
+
+
 def llama(*, tie: bool = False, vocab: int = VOCAB, layers: int = 2, seed: int = 0, dtype=torch.float32):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tie,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).to(dtype).eval()
+    return LlamaForCausalLM(decoder_config(vocab=vocab, layers=layers, tie=tie)).to(dtype).eval()
 
 
 def qwen2(*, tie: bool = True, vocab: int = VOCAB, seed: int = 0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=tie,
-        max_position_embeddings=64,
-    )
-    return Qwen2ForCausalLM(cfg).eval()
+    return Qwen2ForCausalLM(decoder_config("Qwen2Config", vocab=vocab, tie=tie)).eval()
 
 
 def gpt2(*, seed: int = 0):
@@ -214,6 +225,35 @@ UNET_CONTEXT = torch.randn(1, 3, 8, generator=torch.Generator().manual_seed(6))
 @torch.no_grad()
 def unet_out(model) -> torch.Tensor:
     return model(*UNET_INPUT, UNET_CONTEXT).sample.float()
+
+
+UNET_TARGETS = ["to_q", "to_k", "to_out.0", "ff.net.0.proj", "proj_in", "conv1", "conv_shortcut", "time_emb_proj"]
+UNET_TARGETS += ["downsamplers.0.conv"]
+
+
+def peft_unet(tmp_path: Path, *, dora: bool = False):
+    """Base UNet saved at ``tmp_path / "unet"``, then PEFT's LoRA on it (random B; conv layers, rank and alpha
+    patterns, DoRA magnitudes moved off their start): the model and its reference output."""
+    from peft import LoraConfig
+
+    model = unet()
+    model.save_pretrained(str(tmp_path / "unet"))
+    cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=UNET_TARGETS,
+        rank_pattern={"conv1": 2, "time_emb_proj": 6},
+        alpha_pattern={"proj_in": 3, "to_k": 5},
+        init_lora_weights=False,
+        use_dora=dora,
+    )
+    torch.manual_seed(1)
+    model.add_adapter(cfg)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_magnitude" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model, unet_out(model)
 
 
 def clip_text(*, seed: int = 0):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import torch
+from tiny import VOCAB, decoder_config
 
 # architecture -> (config class, model class, extra config fields, every LoRA-able linear's short name)
 ARCHS = {
@@ -34,24 +35,13 @@ ARCHS = {
 }
 
 
-def build(name: str, *, tie: bool = False, vocab: int = 96, seed: int = 0):
+def build(name: str, *, tie: bool = False, vocab: int = VOCAB, seed: int = 0):
     import transformers
 
     config_cls, model_cls, extra, _ = ARCHS[name]
     torch.manual_seed(seed)
-    cfg = getattr(transformers, config_cls)(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-        tie_word_embeddings=tie,
-        bos_token_id=1,
-        eos_token_id=2,
-        **extra,
+    cfg = decoder_config(
+        config_cls, vocab=vocab, inter=64, tie=tie, head_dim=8, bos_token_id=1, eos_token_id=2, **extra
     )
     model = getattr(transformers, model_cls)(cfg).float().eval()
     with torch.no_grad():  # norms away from 1, so that a wrong tensor mapping shows in logits

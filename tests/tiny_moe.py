@@ -166,13 +166,6 @@ def load(path: Path):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
 
 
-def peft_load(base_path: Path, adapter_path: Path):
-    """PEFT's unmerged model from an adapter folder (the reference for every merge)."""
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(load(base_path), str(adapter_path)).eval()
-
-
 def load_clean(base, adapter):
     """PeftModel.from_pretrained's two steps, keeping the load result it drops: no missing keys (PEFT warns
     about those) and no unexpected keys (PEFT drops those silently)."""

@@ -22,9 +22,9 @@ Planner = Callable[[Request], Plan]
 ROUTES: dict[tuple[str, str], str] = {
     ("adapter", "merged"): "merge:plan_merge",
     ("unmerged", "merged"): "merge:plan_merge",
-    ("unmerged", "base"): "layout:plan_strip",
-    ("unmerged", "adapter"): "layout:plan_split",
-    ("adapter", "unmerged"): "layout:plan_attach",
+    ("unmerged", "base"): "strip_split_attach:plan_strip",
+    ("unmerged", "adapter"): "strip_split_attach:plan_split",
+    ("adapter", "unmerged"): "strip_split_attach:plan_attach",
     ("plain", "adapter"): "extract:plan_extract",
     ("adapter", "adapter"): "to_peft:plan_adapter",  # --moe-layout, or another dialect's adapter -> PEFT
     ("adapter", "gguf"): "gguf:plan_gguf",

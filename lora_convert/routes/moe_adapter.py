@@ -30,9 +30,9 @@ from ..moe_layouts import EXPERT_PARAM_ORDER, ExpertParam, MoeLayout
 from ..pipeline import Buffers, Job
 from .common import BaseView, copy_job
 from .extract import target_regex
-from .layout import adapter_config_out, split_names
 from .moe import SharedFactors, bind_experts, peft_version, transposed_reading
 from .plan import Plan, Request
+from .strip_split_attach import adapter_config_out, split_names
 
 MOE_LAYOUTS = ("per-expert", "fused")
 

@@ -1,7 +1,7 @@
 """An adapter in another dialect (mlx-lm's) -> a PEFT adapter folder.
 
 The dialect has already read the factors in PEFT's orientation and resolved each module's scaling into a
-PEFT config, so this is PEFT's split layout (:func:`~.layout.plan_split`: every factor under PEFT's
+PEFT config, so this is PEFT's split (:func:`~.strip_split_attach.plan_split`: every factor under PEFT's
 saved name, bytes as the dialect presents them) with ``target_modules`` naming exactly the modules
 written — an adapter may cover only some layers, and PEFT warns about every module it wraps but finds no
 weights for.
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from ..errors import RouteError
 from .extract import target_regex
-from .layout import plan_split
 from .plan import Plan, Request
+from .strip_split_attach import plan_split
 
 
 def plan_adapter(req: Request) -> Plan:

@@ -1,4 +1,4 @@
-"""The routes that only move tensors between PEFT's layouts, bytes untouched:
+"""The routes that only move tensors between PEFT's storage forms, bytes untouched:
 
 * unmerged -> base: strip the LoRA modules, the base tensors under their original names;
 * unmerged -> adapter: split the LoRA tensors out under PEFT's saved-adapter names;
@@ -63,7 +63,7 @@ def plan_split(req: Request) -> Plan:
 
 
 def split_names(inv: Inventory, adapter: str) -> dict[str, str]:
-    """Output key (PEFT's saved layout) -> source key, for every tensor of ``adapter``."""
+    """Output key (PEFT's saved-adapter name) -> source key, for every tensor of ``adapter``."""
     out: dict[str, str] = {}
     for mod, m in inv.modules(adapter).items():
         roles = (Role.EMBED_A, Role.EMBED_B) if m.kind == "embedding" else (Role.LORA_A, Role.LORA_B)
