@@ -1,45 +1,23 @@
-"""The Python API: every CLI command is one call here.
+"""The Python API: every CLI command is one call here, and nothing else.
 
-``detect``, ``report`` and ``push`` read headers and config files only, and never import torch; the
-conversions import it when they start.
+Each function checks its keywords into a few option records (:mod:`.options`: the output, the Hub push,
+the route's options), opens its inputs as one request (:func:`.requests.open_request`), and hands both to
+the route and the assembly.  ``detect``, ``report`` and ``push`` read headers and config files only, and
+never import torch; the conversions import it when they start.
 """
 
 from __future__ import annotations
 
-import os
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
-    AdapterError,
-    HubError,
-    LoraConvertError,
-    OptionError,
-    OutputError,
-    RouteError,
-    option,
-    option_name,
-    spelled,
-)
-from .fmt import form_word, human_bytes
-from .inputs import load_model_config, load_source, open_plain, pick_adapter, resolve  # noqa: F401 - load_source is public
-from .inventory import Inventory
-from .io.writer import parse_size
-from .stack import (
-    AdapterInput,
-    Spec,
-    check_same_base,
-    close_stack,
-    has_weight,
-    names_a_stack,
-    open_stack,
-    parse_spec,
-    parse_weights,
-)
+from .errors import OptionError, RouteError, option, option_name
+from .inputs import load_source  # noqa: F401 - public
+from .options import UNSHARDED, HubPush, Output, RouteOptions
+from .requests import combine_specs, open_request
+from .requests import extract_options as _extract_options
+from .stack import Spec
 
 if TYPE_CHECKING:
     from .assemble import ConvertResult
@@ -47,7 +25,7 @@ if TYPE_CHECKING:
     from .detection import DetectResult
     from .io.hub import PushResult
     from .routes.extract import ExtractOptions
-    from .routes.plan import Plan, Request
+    from .routes.plan import Request
     from .routes.verify import Verification
 
 
@@ -210,217 +188,29 @@ def convert(
         OutputError (the output exists, lies inside an input, the disk filled up), HubError (before any
         work: no token, a rejected one, a repo it cannot write; after: the push failed, the output stays).
     """
-    started = time.perf_counter()
-    _check_arguments(to, dtype, max_shard_size)
-    _check_format_options(to, output, dtype, outtype, drop_norms)
-    _check_device(device, to)
-    push_token = _check_push(push_to, to, output, force, token)
-    write = _Writer(output, force, max_shard_size, progress, command, started)
-    specs = _stack_specs(source, to, adapter, adapters, extract_options or moe_layout)
-    if specs is not None:
-        result = _convert_stack(
-            source, to, specs, base=base, dtype=dtype, requantize=requantize, device=device, write=write
-        )
-    else:
-        options = _RouteOptions(dtype, extract_options, outtype, requantize, device, moe_layout, drop_norms)
-        result = _convert_one(source, to, base=base, adapter=adapter, options=options, write=write)
-    if push_to is not None:
-        result.pushed = _push_output(result, push_to, private, push_token, progress)
+    out = Output(output, force, max_shard_size, progress, command)
+    route = RouteOptions(dtype, extract_options, outtype, requantize, device, moe_layout, drop_norms)
+    hub = HubPush(push_to, private, token) if push_to is not None else None
+    route.check(to, out)
+    if hub is not None:
+        hub = hub.preflight(to, out)  # the token and the right to write, before any work
+    with open_request(
+        source, to, base=base, adapter=adapter, adapters=adapters, route=route, progress=out.progress
+    ) as (req, warnings):
+        result = _write(req, to, warnings, out)
+    if hub is not None:
+        result.pushed = hub.upload(result.output, len(result.files), result.total_bytes, out.progress)
     return result
 
 
-@dataclass
-class _Writer:
-    """How an output is written, the same for every route (see :func:`assemble.write_output`)."""
+def _write(req: Request, to: str, warnings: list[str], out: Output) -> ConvertResult:
+    """The route's plan for ``req``, written where ``out`` says."""
+    from .assemble import write_output
+    from .routes import planner
 
-    output: str | Path
-    force: bool
-    max_shard_size: str | int
-    progress: bool
-    command: str | None
-    started: float
-
-    def __call__(self, plan: Plan, req: Request) -> ConvertResult:
-        from .assemble import write_output
-
-        return write_output(
-            plan,
-            req,
-            output=self.output,
-            force=self.force,
-            max_shard_size=self.max_shard_size,
-            progress=self.progress,
-            command=self.command,
-            started=self.started,
-        )
-
-
-@dataclass
-class _RouteOptions:
-    """The options that only some routes take (each refused by name elsewhere)."""
-
-    dtype: str
-    extract: ExtractOptions | dict[str, Any] | None
-    outtype: str | None
-    requantize: bool
-    device: str
-    moe_layout: str | None
-    drop_norms: bool = False
-
-
-def _convert_one(
-    source: str | Path, to: str, *, base: str | Path | None, adapter: str | None, options: _RouteOptions, write: _Writer
-) -> ConvertResult:
-    """One source (and its one adapter) converted along the route the table gives for its form."""
-    from .routes import FORMATS, NEEDS_BASE, OPTIONAL_BASE, Request, planner
-
-    ck, inv = load_source(source, adapter=adapter)
-    base_ck = None
-    try:
-        form = inv.form
-        opts = _route_extract_options(form, to, base, options, ck.root)
-        _check_moe_layout(form, to, options.moe_layout, ck.root)
-        if options.requantize and to != "merged":
-            raise RouteError(f"{option_name('requantize')} applies to merges into a quantized base", path=ck.root)
-        if options.device != "cpu" and to != "merged" and opts is None:
-            raise RouteError(
-                f"{option_name('device')} applies to merges and extraction, not {form_word(form)} -> {to}", path=ck.root
-            )
-        plan_for = planner(form, to, path=ck.root)
-        name = pick_adapter(inv, adapter, ck) if form != "plain" else "default"
-        warnings = _check_adapter(inv, name, ck.root) if form != "plain" else []
-        if (form, to) in NEEDS_BASE or (options.moe_layout is not None and form == "adapter"):
-            base_ck = open_plain(_base_ref(inv, name, base, f"{form_word(form)} -> {to}"), "the base")
-        elif (form, to) in OPTIONAL_BASE and base is not None:
-            base_ck = open_plain(resolve(base), "the base")
-        ref = str(source) if form != "plain" else str(Path(str(source)))
-        req = Request(
-            ck,
-            ref,
-            inv,
-            name,
-            base_ck,
-            str(base) if base is not None else None,
-            options.dtype,
-            opts,
-            write.progress,
-            base_config=_format_base_config(inv, name, base) if to in FORMATS else None,
-            outtype=options.outtype,
-            requantize=options.requantize,
-            moe_layout=options.moe_layout,
-            device=options.device,
-            drop_norms=options.drop_norms,
-        )
-        plan = plan_for(req)
-        plan.warnings[:0] = warnings
-        return write(plan, req)
-    finally:
-        ck.close()
-        if base_ck is not None:
-            base_ck.close()
-
-
-def _route_extract_options(
-    form: str, to: str, base: str | Path | None, options: _RouteOptions, root: Path
-) -> ExtractOptions | None:
-    """The extraction options, validated, on the SVD route (plain -> adapter with a base); refused elsewhere."""
-    if form == "plain" and to == "adapter":
-        if base is None:
-            raise RouteError(
-                "a full model holds no LoRA tensors; extracting an adapter needs the base",
-                path=root,
-                hint=f"pass {option('base', 'BASE')}",
-            )
-        given = options.extract
-        if options.device != "cpu":
-            given = _with_device(given, options.device)
-        return _extract_options(given, options.dtype)
-    if options.extract:
-        names = options.extract if isinstance(options.extract, dict) else {"extract_options": 1}
-        raise RouteError(
-            f"{', '.join(option_name(k) for k in names)}: extraction options apply "
-            f"only to a full model converted to an adapter with a base, not {form_word(form)} -> {to}",
-            path=root,
-        )
-    return None
-
-
-def _with_device(given: ExtractOptions | dict[str, Any] | None, device: str) -> ExtractOptions | dict[str, Any]:
-    from dataclasses import replace
-
-    from .routes.extract import ExtractOptions
-
-    if isinstance(given, ExtractOptions):
-        return replace(given, device=device)
-    return {**(given or {}), "device": device}
-
-
-def _check_device(device: str, to: str) -> None:
-    """``cpu``, or a CUDA device torch can see (checked before any work)."""
-    if device == "cpu":
-        return
-    if not device.startswith("cuda"):
-        raise OptionError(f"{option_name('device')} must be cpu or cuda[:N], not {device!r}")
-    import torch
-
-    if not torch.cuda.is_available():
-        raise RouteError(
-            f"{option_name('device')} {device}: no CUDA device is available",
-            hint="use " + spelled("--device cpu", 'device="cpu"'),
-        )
-
-
-def _check_arguments(to: str, dtype: str, max_shard_size: str | int) -> None:
-    from .routes import FORMATS, FORMS
-    from .routes.plan import output_dtype
-
-    if to not in FORMS + FORMATS:
-        raise OptionError(f"unknown target form {to!r} (choose from {', '.join(FORMS + FORMATS)})")
-    output_dtype(dtype)
-    try:
-        parse_size(max_shard_size)
-    except ValueError as exc:
-        raise OptionError(f"{option_name('max_shard_size')}: {exc}") from None
-
-
-def _check_push(push_to: str | None, to: str, output: str | Path, force: bool, token: str | None) -> str | None:
-    """Everything a push needs, before any work: the token, its right to write the repo, and (a rerun after a
-    failed push) no finished output in the way."""
-    if push_to is None:
-        return None
-    if to == "gguf":
-        raise RouteError(
-            f"{option_name('push_to')} uploads a folder and a gguf output is one file",
-            hint="upload the .gguf file with `hf upload REPO FILE`",
-        )
-    if Path(output).exists() and not force:
-        again = spelled(f"lora-convert push {output} {push_to}", f"lora_convert.push({str(output)!r}, {push_to!r})")
-        raise OutputError(
-            "already exists",
-            path=output,
-            hint=f"to push the folder that is there: {again}; to convert again, pass {option('force')}",
-        )
-    from .io.hub import check_push_access
-
-    return check_push_access(push_to, token)
-
-
-def _push_output(result: ConvertResult, repo_id: str, private: bool, token: str | None, progress: bool) -> PushResult:
-    """Push a finished output; a failure says that the output is complete and how to push it alone."""
-    from .io.hub import push_folder
-
-    try:
-        return push_folder(result.output, repo_id, private=private, token=token, progress=progress)
-    except HubError as exc:
-        again = spelled(
-            f"lora-convert push {result.output} {repo_id}", f"lora_convert.push({result.output!r}, {repo_id!r})"
-        )
-        raise HubError(
-            f"the output was written in full ({len(result.files)} weight file(s), "
-            f"{human_bytes(result.total_bytes)}), then the push failed: {exc.message}",
-            path=result.output,
-            hint=(f"{exc.hint}; then " if exc.hint else "") + f"push it without converting again: {again}",
-        ) from exc
+    plan = planner(req.inventory.form, to, path=req.source.root)(req)
+    plan.warnings[:0] = warnings
+    return write_output(plan, req, out)
 
 
 def merge(source: str | Path, *, output: str | Path, base: str | Path | None = None, **kwargs: Any) -> ConvertResult:
@@ -486,7 +276,7 @@ def verify(
         if minv.form != "plain":
             raise RouteError(f"holds LoRA tensors ({minv.form} form); MERGED is a merged model", path=mck.root)
         plain = "BASE is the model the adapters were merged into"
-        with _stack_request(base, specs, base=None, to="merged", progress=progress, plain=plain) as (req, warnings):
+        with open_request(base, "merged", adapters=specs, progress=progress, plain=plain) as (req, warnings):
             result = verify_merge(req, mck, slack=float(slack), ulps=float(ulps), progress=progress)
             result.warnings = warnings
             if logits:
@@ -534,123 +324,16 @@ def combine(
         adapters for different base models.  UnsupportedError: what PEFT's combination gets wrong (DoRA,
         modules_to_save, lora_bias, differing layer selections).  OutputError, CheckpointError, HubError.
     """
-    started = time.perf_counter()
-    specs = [parse_spec(s) for s in adapters]
-    if weights:
-        given = parse_weights(weights)
-        if any(has_weight(s) for s in adapters):
-            raise OptionError(f"give the weights either as REF:WEIGHT or with {option_name('weights')}, not both")
-        if len(given) != len(specs):
-            raise OptionError(f"{len(given)} weights for {len(specs)} adapters")
-        specs = [(ref, w) for (ref, _), w in zip(specs, given, strict=True)]
-    if not specs:
-        raise RouteError("nothing to combine", hint="name the adapters to combine")
+    out = Output(output, force, UNSHARDED, progress, command)
     from .assemble import write_output
     from .routes.combine import CombineOptions, plan_combine
-    from .routes.plan import Request
 
+    specs = combine_specs(None, adapters, weights)
     opts = CombineOptions(method, density, rank, seed, svd_clamp, majority_sign).validate()
-    stack = open_stack(specs, None)
-    try:
-        warnings = [w for inp in stack for w in _check_adapter(inp.inventory, inp.name, inp.ck.root)]
-        check_same_base(stack)
-        first = stack[0]
-        req = Request(first.ck, first.label, first.inventory, first.name, progress=progress, stack=stack)
+    with open_request(None, "combine", adapters=specs, progress=progress) as (req, warnings):
         plan = plan_combine(req, opts)
         plan.warnings[:0] = warnings
-        return write_output(
-            plan,
-            req,
-            output=output,
-            force=force,
-            max_shard_size=10**15,
-            progress=progress,
-            command=command,
-            started=started,
-        )
-    finally:
-        close_stack(stack)
-
-
-def _convert_stack(
-    source: str | Path,
-    to: str,
-    specs: Sequence[Spec],
-    *,
-    base: str | Path | None,
-    dtype: str,
-    requantize: bool,
-    device: str,
-    write: _Writer,
-) -> ConvertResult:
-    """merge (``to="merged"``) or unmerge (``to="base"``) with the adapters of ``specs``."""
-    from .routes import planner
-
-    if to not in ("merged", "base"):
-        merged, unmerged = spelled("--to merged", 'to="merged"'), spelled("--to base", 'to="base"')
-        raise RouteError(
-            f"adapters given as REF[:WEIGHT] are merged ({merged}) or unmerged ({unmerged}), not converted to {to}"
-        )
-    if requantize and to != "merged":
-        raise RouteError(f"{option_name('requantize')} applies to merges into a quantized base")
-    plain = "unmerging subtracts adapters from a merged model" if to == "base" else None
-    with _stack_request(source, specs, base=base, to=to, dtype=dtype, progress=write.progress, plain=plain) as (
-        req,
-        warnings,
-    ):
-        req.requantize, req.device = requantize, device
-        plan = planner(req.inventory.form, to, path=req.source.root)(req)
-        plan.warnings[:0] = warnings
-        return write(plan, req)
-
-
-@contextmanager
-def _stack_request(
-    source: str | Path,
-    specs: Sequence[Spec],
-    *,
-    base: str | Path | None,
-    to: str,
-    dtype: str = "auto",
-    progress: bool = False,
-    plain: str | None = None,
-) -> Iterator[tuple[Request, list[str]]]:
-    """The source, its adapters (``specs``) and, for an adapter source, the base, opened as one
-    Request (closed on the way out), and the adapters' warnings.  A plain source is the base (merge)
-    or the merged model (unmerge, verify); an unmerged one carries its base.  ``plain`` says why the
-    source must be plain, where it must (unmerge's MERGED, verify's BASE)."""
-    from .routes import Request
-
-    for spec in specs:
-        parse_spec(spec)  # a weight that does not parse fails before anything is opened
-    ck, inv = load_source(source)
-    stack: list[AdapterInput] = []
-    base_ck = None
-    try:
-        if plain and inv.form != "plain":
-            raise RouteError(f"holds LoRA tensors ({inv.form} form): {plain}", path=ck.root)
-        stack = open_stack(specs, (ck, inv))
-        warnings = [w for inp in stack for w in _check_adapter(inp.inventory, inp.name, inp.ck.root)]
-        check_same_base(stack)
-        if inv.form == "adapter":
-            base_ck = open_plain(_base_ref(stack[0].inventory, stack[0].name, base, f"adapter -> {to}"), "the base")
-        elif inv.form == "plain" and base is not None:
-            raise RouteError(
-                f"the source, a full model, is the model the adapters apply to; {option_name('base')} is not used "
-                "with it",
-                path=ck.root,
-                hint=f"drop {option_name('base')}, or give an adapter as the source",
-            )
-        ref = str(source)
-        base_ref = str(base) if base is not None else (ref if inv.form == "plain" else None)
-        if inv.form == "plain":
-            base_ck = ck  # the plain source is the base (merge, verify) or the merged model (unmerge)
-        yield Request(ck, ref, inv, stack[0].name, base_ck, base_ref, dtype, None, progress, stack=stack), warnings
-    finally:
-        close_stack(stack, keep=ck)
-        ck.close()
-        if base_ck is not None and base_ck is not ck:
-            base_ck.close()
+        return write_output(plan, req, out)
 
 
 def extract(
@@ -704,126 +387,3 @@ def extract(
         token=token,
         moe_layout=moe_layout,
     )
-
-
-def _extract_options(given: ExtractOptions | dict[str, Any] | None, dtype: str) -> ExtractOptions:
-    from .routes.extract import ExtractOptions
-
-    if isinstance(given, ExtractOptions):
-        return given.validate()
-    fields = dict(given or {})
-    if dtype != "auto":  # --dtype names the factors' dtype on this route
-        fields.setdefault("dtype", {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(dtype, dtype))
-    unknown = set(fields) - set(ExtractOptions.__dataclass_fields__)
-    if unknown:
-        raise OptionError(f"unknown extraction option(s): {', '.join(sorted(unknown))}")
-    return ExtractOptions(**fields).validate()
-
-
-def _stack_specs(
-    source: str | Path, to: str, adapter: Spec | None, adapters: Sequence[Spec] | None, extract_options: Any
-) -> list[Spec] | None:
-    """The adapters to merge or unmerge, or None for the one-adapter routes (``--adapter NAME`` picks one
-    adapter of a checkpoint holding several)."""
-    stacked = names_a_stack(adapter, adapters)
-    if not stacked and adapter is not None and to in ("merged", "base"):
-        stacked = _is_plain(source)  # a plain source has no adapter of that name: it is an adapter to apply
-    if not stacked:
-        return None
-    if extract_options:
-        raise RouteError("extraction options do not apply to merging or unmerging adapters")
-    return [*([adapter] if adapter is not None else []), *(adapters or [])]
-
-
-def _is_plain(source: str | Path) -> bool:
-    try:
-        ck, inv = load_source(source)
-    except LoraConvertError:
-        return False  # a folder of named adapters, say: the legacy --adapter NAME picks one of them
-    ck.close()
-    return inv.form == "plain"
-
-
-def _check_moe_layout(form: str, to: str, moe_layout: str | None, root: Path) -> None:
-    """--moe-layout shapes PEFT adapter outputs (an adapter converted to the other layout, or extracted)."""
-    if moe_layout is not None and to != "adapter":
-        raise RouteError(f"--moe-layout applies to adapter outputs, not {form_word(form)} -> {to}", path=root)
-
-
-def _check_format_options(
-    to: str, output: str | Path, dtype: str, outtype: str | None, drop_norms: bool = False
-) -> None:
-    """--outtype and --drop-norms are GGUF's (its types are not --dtype's), and a GGUF output is a ``.gguf`` file."""
-    from .io.gguf_sink import OUTTYPES
-
-    def target(form: str) -> str:
-        return spelled(f"--to {form}", f'to="{form}"')
-
-    if outtype is not None and to != "gguf":
-        raise OptionError(f"{option_name('outtype')} applies to {target('gguf')} only, not {target(to)}")
-    if drop_norms and to != "gguf":
-        raise OptionError(f"{option_name('drop_norms')} applies to {target('gguf')} only, not {target(to)}")
-    if to != "gguf":
-        return
-    if dtype != "auto":
-        raise OptionError(
-            f"{option_name('dtype')} does not apply to {target('gguf')}: use {option_name('outtype')} "
-            + "|".join(OUTTYPES)
-        )
-    if outtype is not None and outtype not in OUTTYPES:
-        raise OptionError(f"unknown {option_name('outtype')} {outtype!r} (choose from {', '.join(OUTTYPES)})")
-    if not str(output).endswith(".gguf"):
-        raise RouteError(
-            f"{target('gguf')} writes one file: give {spelled('-o', 'output=')} a path ending in .gguf", path=output
-        )
-
-
-def _format_base_config(inv: Inventory, adapter: str, base: str | Path | None) -> dict[str, Any] | None:
-    """The base's config.json for the gguf/mlx routes, which need no base weights: from --base, else from
-    the adapter config's ``base_model_name_or_path`` when that is a local path (None: the source's own)."""
-    if base is not None:
-        return load_model_config(base)
-    cfg = inv.config(adapter)
-    named = cfg.base_model_name_or_path if cfg is not None else None
-    if named and (Path(named) / "config.json").is_file():
-        return load_model_config(named)
-    return None
-
-
-def _base_ref(inv: Inventory, adapter: str, base: str | Path | None, route: str) -> Path:
-    """The base model: the one given, else the adapter config's ``base_model_name_or_path`` when it exists."""
-    if base is not None:
-        return resolve(base)
-    hint = f"pass {option('base', 'BASE')} (a folder or a Hub repo id)"
-    cfg = inv.config(adapter)
-    if cfg is None or not cfg.base_model_name_or_path:
-        raise RouteError(f"{route} needs the base model", hint=hint)
-    named = cfg.base_model_name_or_path
-    said = (
-        f"{route} needs the base model: base_model_name_or_path in adapter_config.json names {named!r}, "
-        "which is not a folder here"
-    )
-    try:
-        p = resolve(named)  # a repo id that is no local folder goes to the Hub, as --base would
-    except HubError as exc:  # (often a path relative to where the adapter was trained, not a repo)
-        raise HubError(
-            f"{said}, and {exc.message}", path=cfg.source, hint=f"{hint}; {exc.hint}" if exc.hint else hint
-        ) from exc
-    if os.path.exists(p):  # (False for a name too long, rather than raising)
-        return p
-    raise RouteError(said, path=cfg.source, hint=hint)
-
-
-def _check_adapter(inv: Inventory, name: str, root: Path) -> list[str]:
-    """The adapter's own config must be known (it sets the scaling) and agree with the tensors; returns
-    what its dialect warned about."""
-    problems = inv.problems.get(name)
-    if problems:
-        raise problems[0]
-    if inv.config(name) is None:
-        raise AdapterError(
-            "no adapter_config.json beside the LoRA tensors, so the scaling (lora_alpha / r) is unknown",
-            path=root,
-            hint="put the adapter_config.json of this fine-tune there",
-        )
-    return list(inv.warnings.get(name, []))

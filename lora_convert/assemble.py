@@ -18,6 +18,7 @@ from .folder import carry_files, read_json, update_config, write_json
 from .io.hub import PushResult, hub_repo_id
 from .io.output import AtomicOutput, stale_note
 from .io.writer import SafetensorsSink, TensorSink
+from .options import UNSHARDED, Output
 from .pipeline import execute
 from .progress import progress_bar
 from .routes.plan import Plan, Request
@@ -27,8 +28,6 @@ if TYPE_CHECKING:  # result types only: a merge need not import the extraction's
     from .routes.extract import Extraction
     from .routes.requantize import Requantization
     from .routes.unmerge import Unmerge
-
-UNSHARDED = 10**15  # an adapter is one file whatever its size, as PEFT writes it
 
 
 @dataclass
@@ -66,18 +65,9 @@ class ConvertResult:
         return d
 
 
-def write_output(
-    plan: Plan,
-    req: Request,
-    *,
-    output: str | Path,
-    force: bool,
-    max_shard_size: str | int,
-    progress: bool,
-    command: str | None,
-    started: float,
-) -> ConvertResult:
-    """Write ``plan`` into ``output`` atomically and say what was written."""
+def write_output(plan: Plan, req: Request, out: Output) -> ConvertResult:
+    """Write ``plan`` into ``out.path`` atomically and say what was written."""
+    output, force, progress = out.path, out.force, out.progress
     inputs = _input_paths(req.source) + (_input_paths(req.base) if req.base is not None else [])
     for inp in req.stack:
         inputs += _input_paths(inp.ck)
@@ -85,8 +75,8 @@ def write_output(
         inputs.append(Path(req.base_ref))  # a base read for its config.json alone (gguf, mlx)
     as_file = plan.one_file_suffix is not None and Path(output).suffix == plan.one_file_suffix
     single = plan.file_sink is not None or as_file  # one file (GGUF, kohya's): no side files, no card
-    out = AtomicOutput(output, force=force, inputs=inputs, file=single)
-    with out as tmp:
+    atomic = AtomicOutput(output, force=force, inputs=inputs, file=single)
+    with atomic as tmp:
         if plan.file_sink is not None:
             sink: TensorSink = plan.file_sink(tmp / Path(output).name)
         elif as_file:  # the temp folder holds the file alone, named as -o: it is moved into place
@@ -94,7 +84,7 @@ def write_output(
         else:
             sink = SafetensorsSink(
                 tmp,
-                max_shard_size=max_shard_size if plan.sharded else UNSHARDED,
+                max_shard_size=out.max_shard_size if plan.sharded else UNSHARDED,
                 stem=plan.stem,
                 metadata=plan.metadata,
             )
@@ -105,7 +95,7 @@ def write_output(
             files += _side_files(tmp, plan)
         total = sum((tmp / f).stat().st_size for f in files)
         if not single:
-            _write_card(tmp, plan, req, command, total)
+            _write_card(tmp, plan, req, out.command, total)
         n_tensors = sum(1 for j in plan.jobs if j.writes)
         result = ConvertResult(
             str(output),
@@ -123,9 +113,9 @@ def write_output(
             unmerge=plan.unmerge,
             dropped=list(plan.dropped),
         )
-    if out.stale_removed:
-        result.warnings.append(stale_note(out.stale_removed))
-    result.seconds = round(time.perf_counter() - started, 3)
+    if atomic.stale_removed:
+        result.warnings.append(stale_note(atomic.stale_removed))
+    result.seconds = round(time.perf_counter() - out.started, 3)
     return result
 
 

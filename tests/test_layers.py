@@ -21,6 +21,7 @@ LAYERS: dict[str, list[str]] = {
     "meaning": ["dialects", "dialects.*", "inventory", "config", "module_match", "inputs", "stack"],
     "jobs": ["pipeline"],
     "plans": ["routes", "routes.*"],
+    "requests": ["options", "requests"],
     "assembly": ["assemble", "card"],
     "surface": ["", "api", "detection", "costs", "compare", "logits_check"],
     "cli": ["cli", "cli_output"],
@@ -35,8 +36,9 @@ MAY_IMPORT: dict[str, set[str]] = {
     "meaning": {"util", "io", "math", "facts", "meaning"},
     "jobs": {"util", "io", "math", "jobs"},
     "plans": {"util", "io", "math", "facts", "meaning", "jobs", "plans"},
-    "assembly": {"util", "io", "math", "facts", "meaning", "jobs", "plans", "assembly"},
-    "surface": {"util", "io", "math", "facts", "meaning", "jobs", "plans", "assembly", "surface"},
+    "requests": {"util", "io", "math", "facts", "meaning", "plans", "requests"},
+    "assembly": {"util", "io", "math", "facts", "meaning", "jobs", "plans", "requests", "assembly"},
+    "surface": {"util", "io", "math", "facts", "meaning", "jobs", "plans", "requests", "assembly", "surface"},
 }
 # The CLI parses and prints: it reaches everything through the API, never a route, reader or I/O module.
 CLI_MAY_IMPORT = {"api", "cli_output", "errors", "text", "fmt", "bounds", "costs"}
