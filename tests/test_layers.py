@@ -17,7 +17,7 @@ LAYERS: dict[str, list[str]] = {
     "util": ["errors", "text", "fmt", "progress", "third_party", "bounds"],
     "io": ["io", "io.*", "folder"],
     "math": ["lora_math", "svd", "closeness", "combine_math", "difference", "quant", "quant.*"],
-    "facts": ["arch", "moe_layouts"],
+    "facts": ["arch", "moe_layouts", "diffusion_names", "module_order"],
     "meaning": ["dialects", "dialects.*", "inventory", "config", "module_match", "inputs", "stack"],
     "jobs": ["pipeline"],
     "plans": ["routes", "routes.*"],
