@@ -511,7 +511,19 @@ def build_report(
             "modules_to_save copies are counted as LoRA parameters: "
             + ", ".join(sorted(module_of(k) for k in set(ad.replace) - ad.saved_whole))
         )
-    rep = Report(str(path), form, name, b.name, b.source, seq_len, shape, rows, modules, notes, base_from=b.origin)
+    rep = Report(
+        path=str(path),
+        source_form=form,
+        adapter=name,
+        base=b.name,
+        base_source=b.source,
+        seq_len=seq_len,
+        model=shape,
+        rows=rows,
+        modules=modules,
+        notes=notes,
+        base_from=b.origin,
+    )
     rep.quantization = b.quant.get("summary")
     return rep
 
@@ -653,7 +665,9 @@ def _kinds(ad: _Adapter, routing: _Routing) -> list[KindRow]:
 
     def row(module: str) -> KindRow:
         k = arch.report_kind(module)
-        return kinds.setdefault(k, KindRow(k, 0, [], [], 0, 0, 0))
+        return kinds.setdefault(
+            k, KindRow(kind=k, count=0, ranks=[], scalings=[], lora_parameters=0, extra_flops=0, merge_flops=0)
+        )
 
     for m in ad.modules.values():
         r = row(m.module)
