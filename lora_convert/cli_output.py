@@ -1,5 +1,6 @@
 """How the command line prints: consoles sized for a terminal or for a pipe, tables that never cut the
-part of a name that tells rows apart, and the ``--json`` documents (versioned; errors are documents too).
+part of a name that tells rows apart, the ``--json`` documents (versioned; errors are documents too), and
+every failure as one ``error:`` line (:func:`run_guarded`).
 
 ``docs/json.md`` documents every document's shape.  Torch-free: ``--help`` and usage errors print
 through here.
@@ -9,20 +10,24 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
 
+import click
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
-from .errors import LoraConvertError, render
-from .text import safe
+from .errors import LoraConvertError, OptionError, render
+from .text import escape_controls, safe
 
 #: The version of every ``--json`` document's shape: it changes when a key is removed or changes meaning
 #: (new keys may appear within a version).  Each document says ``"schema": "<kind>/<version>"``.
 SCHEMA_VERSION = 1
 #: Line width off a terminal: whole lines for pipes and CI logs, which rich would wrap at 80 columns.
 PIPE_WIDTH = 4096
+BUG_HINT = "this is a bug in lora-convert: please report it with the command line; --debug shows the traceback"
 
 
 def fit_console(console: Console, *, soft_wrap: bool = False) -> None:
@@ -107,3 +112,50 @@ def error_document(
 
 def dumps(doc: dict[str, Any]) -> str:
     return json.dumps(doc, indent=2, default=str)
+
+
+# -- failures: one error line ------------------------------------------------------------------------------
+def run_guarded(fn: Callable[[], Any], debug: bool | Callable[[], bool], as_json: bool = False) -> Any:
+    """Turn every exception into one ``error:`` line (under --json, an error document on stdout too): ours and
+    the environment's (exit 1; an option's bad value, :class:`OptionError`, exit 2 as a usage error), Ctrl-C (exit 130), anything else as a bug to report (exit 1).  ``--debug``
+    (``debug``: a flag, or a function asked when something failed) re-raises."""
+    try:
+        return fn()
+    except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        raise
+    except (LoraConvertError, KeyboardInterrupt, MemoryError, Exception) as exc:
+        if debug() if callable(debug) else debug:
+            raise
+        _fail_on(exc, as_json)
+
+
+def _fail_on(exc: BaseException, as_json: bool) -> NoReturn:
+    if isinstance(exc, LoraConvertError):
+        _fail(exc, 2 if isinstance(exc, OptionError) else 1, exc.for_cli(), as_json)
+    if isinstance(exc, KeyboardInterrupt):
+        where = getattr(exc, "output_target", None)  # set by AtomicOutput on its way out
+        _fail(exc, 130, f"{where + ': ' if where else ''}interrupted; nothing was written", as_json, "Interrupted")
+    if isinstance(exc, MemoryError):
+        _fail(exc, 1, "out of memory", as_json)
+    if isinstance(exc, OSError):  # the environment (permissions, a name too long, I/O errors), not a bug
+        what = exc.strerror or type(exc).__name__
+        _fail(exc, 1, f"{exc.filename}: {what}" if exc.filename else what, as_json)
+    text = " ".join(str(exc).split())[:300]  # the last line of defence: one line, not a traceback
+    _fail(exc, 1, f"internal error ({type(exc).__name__}{': ' + text if text else ''}); {BUG_HINT}", as_json)
+
+
+def _fail(exc: BaseException, code: int, text: str, as_json: bool, type_name: str | None = None) -> NoReturn:
+    text = escape_controls(text)
+    if as_json:
+        click.echo(dumps(error_document(exc, code, message=text, type_name=type_name)))
+    click.echo(f"error: {text}", err=True)
+    sys.exit(code)
+
+
+def usage_error(exc: click.UsageError, as_json: bool) -> NoReturn:
+    """Under ``--json``, a usage error is an error document on stdout too (exit 2); otherwise click prints it."""
+    if not as_json:
+        raise exc
+    click.echo(dumps(error_document(exc, exc.exit_code, message=exc.format_message(), type_name="UsageError")))
+    exc.show()
+    raise click.exceptions.Exit(exc.exit_code)

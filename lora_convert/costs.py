@@ -41,7 +41,6 @@ from . import arch, moe_layouts
 from .arch import ModelShape, module_of
 from .bounds import MAX_SEQ_LEN
 from .errors import CheckpointError, UnsupportedError, option_name
-from .fmt import form_word, human_bytes
 from .inputs import load_source, open_plain, pick_adapter, resolve
 from .inventory import Inventory, LoraModule
 from .io.reader import Checkpoint
@@ -135,6 +134,15 @@ class Report:
         d["base_used"] = self.base_used()
         d["columns"] = column_notes(self)
         return d
+
+    def form_columns(self) -> list[str]:
+        return form_columns(self.seq_len)
+
+    def module_columns(self) -> list[str]:
+        return list(MODULE_COLUMNS)
+
+    def column_notes(self) -> dict[str, str]:
+        return column_notes(self)
 
     def base_used(self) -> str:
         """One line: which base the numbers stand on, and how it was found."""
@@ -503,7 +511,19 @@ def build_report(
             "modules_to_save copies are counted as LoRA parameters: "
             + ", ".join(sorted(module_of(k) for k in set(ad.replace) - ad.saved_whole))
         )
-    rep = Report(str(path), form, name, b.name, b.source, seq_len, shape, rows, modules, notes, base_from=b.origin)
+    rep = Report(
+        path=str(path),
+        source_form=form,
+        adapter=name,
+        base=b.name,
+        base_source=b.source,
+        seq_len=seq_len,
+        model=shape,
+        rows=rows,
+        modules=modules,
+        notes=notes,
+        base_from=b.origin,
+    )
     rep.quantization = b.quant.get("summary")
     return rep
 
@@ -566,19 +586,19 @@ def _rows(
     if form == "plain":
         return [
             FormRow(
-                "plain",
-                base_params,
-                0,
-                base_params,
-                0.0 if base_params else None,
-                src_bytes,
-                sum(src_bytes.values()),
-                sum(src_bytes.values()),
-                mm,
-                0,
-                attn,
-                merged_total,
-                0.0,
+                form="plain",
+                base_parameters=base_params,
+                lora_parameters=0,
+                total_parameters=base_params,
+                added_percent=0.0 if base_params else None,
+                bytes=src_bytes,
+                bytes_total=sum(src_bytes.values()),
+                load_bytes_total=sum(src_bytes.values()),
+                flops_base_matmul=mm,
+                flops_lora=0,
+                flops_attention=attn,
+                flops_total=merged_total,
+                overhead_percent=0.0,
                 measured=True,
             )
         ]
@@ -590,50 +610,50 @@ def _rows(
     ab = sum(adapter_bytes.values())
     return [
         FormRow(
-            "unmerged",
-            base_params,
-            lora_params,
-            total,
-            _percent(lora_params, base_params),
-            ub or {},
-            sum(ub.values()) if ub else 0,
-            sum(ub.values()) if ub else None,
-            mm,
-            lora_flops,
-            attn,
-            merged_total + lora_flops if merged_total is not None else None,
-            _percent(lora_flops, merged_total),
+            form="unmerged",
+            base_parameters=base_params,
+            lora_parameters=lora_params,
+            total_parameters=total,
+            added_percent=_percent(lora_params, base_params),
+            bytes=ub or {},
+            bytes_total=sum(ub.values()) if ub else 0,
+            load_bytes_total=sum(ub.values()) if ub else None,
+            flops_base_matmul=mm,
+            flops_lora=lora_flops,
+            flops_attention=attn,
+            flops_total=merged_total + lora_flops if merged_total is not None else None,
+            overhead_percent=_percent(lora_flops, merged_total),
             measured=form == "unmerged",
         ),
         FormRow(
-            "merged",
-            merged_params,
-            0,
-            merged_params,
-            0.0 if merged_params is not None else None,
-            mb,
-            sum(mb.values()),
-            sum(mb.values()) if merged is not None else None,
-            mm,
-            0,
-            attn,
-            merged_total,
-            0.0 if merged_total is not None else None,
+            form="merged",
+            base_parameters=merged_params,
+            lora_parameters=0,
+            total_parameters=merged_params,
+            added_percent=0.0 if merged_params is not None else None,
+            bytes=mb,
+            bytes_total=sum(mb.values()),
+            load_bytes_total=sum(mb.values()) if merged is not None else None,
+            flops_base_matmul=mm,
+            flops_lora=0,
+            flops_attention=attn,
+            flops_total=merged_total,
+            overhead_percent=0.0 if merged_total is not None else None,
         ),
         FormRow(
-            "adapter",
-            base_params,
-            lora_params,
-            total,
-            _percent(lora_params, base_params),
-            adapter_bytes,
-            ab,
-            ab + sum(base_bytes.values()) if base_bytes is not None else None,
-            mm,
-            0,
-            attn,
-            merged_total,
-            0.0 if merged_total is not None else None,
+            form="adapter",
+            base_parameters=base_params,
+            lora_parameters=lora_params,
+            total_parameters=total,
+            added_percent=_percent(lora_params, base_params),
+            bytes=adapter_bytes,
+            bytes_total=ab,
+            load_bytes_total=ab + sum(base_bytes.values()) if base_bytes is not None else None,
+            flops_base_matmul=mm,
+            flops_lora=0,
+            flops_attention=attn,
+            flops_total=merged_total,
+            overhead_percent=0.0 if merged_total is not None else None,
             merge_flops=sum(merge_module_flops(m) for m in ad.modules.values()),
             measured=form == "adapter",
         ),
@@ -645,7 +665,9 @@ def _kinds(ad: _Adapter, routing: _Routing) -> list[KindRow]:
 
     def row(module: str) -> KindRow:
         k = arch.report_kind(module)
-        return kinds.setdefault(k, KindRow(k, 0, [], [], 0, 0, 0))
+        return kinds.setdefault(
+            k, KindRow(kind=k, count=0, ranks=[], scalings=[], lora_parameters=0, extra_flops=0, merge_flops=0)
+        )
 
     for m in ad.modules.values():
         r = row(m.module)
@@ -669,21 +691,11 @@ def _kinds(ad: _Adapter, routing: _Routing) -> list[KindRow]:
     return out
 
 
-# -- rendering ------------------------------------------------------------------------------------
-def _n(x: int | float | None) -> str:
-    if x is None:
-        return "?"
-    if isinstance(x, float):
-        return f"{x:.3g}"
-    return f"{x:,}"
-
-
-def _pct(x: float | None) -> str:
-    return "?" if x is None else f"{x:.3g}%"
-
-
-def form_table(report: Report) -> tuple[list[str], list[list[str]]]:
-    head = [
+# -- column names ---------------------------------------------------------------------------------------
+def form_columns(seq_len: int) -> list[str]:
+    """The names of a form row's numbers, in order: the table headers, and the keys of ``Report.to_dict()``'s
+    ``columns`` (what each one counts)."""
+    return [
         "form",
         "base params",
         "LoRA params",
@@ -693,57 +705,20 @@ def form_table(report: Report) -> tuple[list[str], list[list[str]]]:
         "bytes to load",
         "base matmul FLOPs/token",
         "LoRA FLOPs/token",
-        f"attention FLOPs/token (L={report.seq_len})",
+        f"attention FLOPs/token (L={seq_len})",
         "total FLOPs/token",
         "overhead",
         "merge FLOPs (once)",
     ]
-    rows = []
-    for r in report.rows:
-        by_dtype = ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(r.bytes.items()))
-        disk = f"{human_bytes(r.bytes_total)} ({by_dtype})" if by_dtype else "?"
-        if r.bytes_total and not r.measured:
-            disk += " est."
-        rows.append(
-            [
-                form_word(r.form),
-                _n(r.base_parameters),
-                _n(r.lora_parameters),
-                _n(r.total_parameters),
-                _pct(r.added_percent),
-                disk,
-                human_bytes(r.load_bytes_total),
-                _n(r.flops_base_matmul),
-                _n(r.flops_lora),
-                _n(r.flops_attention),
-                _n(r.flops_total),
-                _pct(r.overhead_percent),
-                _n(r.merge_flops) if r.merge_flops is not None else "n/a",
-            ]
-        )
-    return head, rows
 
 
-def module_table(report: Report) -> tuple[list[str], list[list[str]]]:
-    head = ["module", "count", "rank", "scaling", "LoRA params", "extra FLOPs/token", "merge FLOPs"]
-    rows = [
-        [
-            k.kind,
-            str(k.count),
-            ",".join(map(str, k.ranks)) or "-",
-            ",".join(f"{s:g}" for s in k.scalings) or ("?" if k.count else "-"),
-            _n(k.lora_parameters),
-            _n(k.extra_flops),
-            _n(k.merge_flops),
-        ]
-        for k in report.modules
-    ]
-    return head, rows
+#: The names of a module row's numbers (:class:`KindRow`), in order.
+MODULE_COLUMNS = ["module", "count", "rank", "scaling", "LoRA params", "extra FLOPs/token", "merge FLOPs"]
 
 
 def column_notes(report: Report) -> dict[str, str]:
-    """What each column of :func:`form_table` and :func:`module_table` counts and assumes, by its header."""
-    head = form_table(report)[0]
+    """What each column (:func:`form_columns`, :data:`MODULE_COLUMNS`) counts and assumes, by its name."""
+    head = form_columns(report.seq_len)
     notes = [
         "",
         "parameters of the base model; a tied embedding / LM head counted once (as num_parameters() does)",
@@ -767,38 +742,3 @@ def column_notes(report: Report) -> dict[str, str]:
     out["extra FLOPs/token"] = "per token, run unmerged (the modules' share of LoRA FLOPs/token)"
     out["merge FLOPs"] = "one-off merge of these modules at load (their share of merge FLOPs)"
     return out
-
-
-def assumption_lines(report: Report, bullet: str = "") -> list[str]:
-    """The base used, each form's run-time assumption and each column's meaning: the lines every output
-    form prints (text as they are, Markdown with ``bullet="- "``)."""
-    sub = " " * len(bullet) + (bullet or "  ")
-    lines = [bullet + report.base_used(), bullet + "forms:"]
-    lines += [f"{sub}{form_word(r.form)}: {r.assumes}" for r in report.rows]
-    lines += [bullet + "columns:"]
-    lines += [f"{sub}{h}: {n}" for h, n in column_notes(report).items() if h in _shown_columns(report)]
-    return lines + [bullet + CONVENTIONS[0]]
-
-
-def _shown_columns(report: Report) -> set[str]:
-    return set(form_table(report)[0]) | (set(module_table(report)[0]) if report.modules else set())
-
-
-def _md(head: list[str], rows: list[list[str]]) -> list[str]:
-    esc = [[c.replace("|", "\\|") for c in r] for r in rows]
-    return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"] + [
-        "| " + " | ".join(r) + " |" for r in esc
-    ]
-
-
-def report_markdown(report: Report) -> str:
-    """The report as Markdown tables, ready for a model card's README.md."""
-    lines = ["## Cost by storage form", ""]
-    lines += _md(*form_table(report))
-    if report.modules:
-        lines += ["", "### LoRA modules", ""]
-        lines += _md(*module_table(report))
-    lines += ["", "### What the numbers assume", ""] + assumption_lines(report, "- ")
-    if report.notes:
-        lines += [""] + [f"- {n}" for n in report.notes]
-    return "\n".join(lines) + "\n"

@@ -9,7 +9,7 @@ tensors as it was saved.  The two can differ by
   pipeline component (``unet.``) in front of every module; GPT-2 is saved with or without ``transformer.``;
 * the spelling: kohya writes the path with ``_`` for ``.`` (:attr:`Inventory.spelled`), so a module is
   looked up by its spelling among the base's own names;
-* the block numbering: SDXL kohya files number UNet blocks the SGM way (:func:`arch.sgm_to_diffusers`,
+* the block numbering: SDXL kohya files number UNet blocks the SGM way (:func:`diffusion_names.sgm_to_diffusers`,
   which needs the base's config).
 
 Every reading of a module is looked up in the base: one hit is a match; two are refused, since the names
@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import arch
+from . import arch, diffusion_names
 
 
 def spelling(path: str) -> str:
@@ -132,7 +132,7 @@ def _readings(module: str, base: _BaseNames, config: dict[str, Any] | None) -> l
         out.append((rest, (head + ".", "")))  # a base saved without its base_model_prefix (GPT-2's ``h.0``)
     if config is not None:
         for r, change in list(out):
-            t = arch.sgm_to_diffusers(r[len(change[1]) :], config) if r.startswith(change[1]) else None
+            t = diffusion_names.sgm_to_diffusers(r[len(change[1]) :], config) if r.startswith(change[1]) else None
             if t is not None:
                 out.append((change[1] + t, (change[0], change[1] + SGM)))
     return out

@@ -152,12 +152,12 @@ def test_oserror_is_one_line_not_a_bug(work, monkeypatch):
 
 def test_printing_failure_is_one_line(work, monkeypatch):
     """An exception while printing a result (after the work) is caught too."""
-    import lora_convert.cli as cli_mod
+    from lora_convert import render
 
     def boom(*a, **k):
         raise UnicodeEncodeError("ascii", "é", 0, 1, "cannot encode")
 
-    monkeypatch.setattr(cli_mod, "_report_conversion", boom)
+    monkeypatch.setattr(render, "conversion", boom)
     res, _ = merge(work)
     one_error(res, "internal error", "UnicodeEncodeError")
 

@@ -130,7 +130,7 @@ def test_outputs_that_replace_no_input_still_work(gguf_work):
 
 def _old_read_kohya_name(name: str) -> tuple[str, bool]:
     """The reading before issue 23 (every span of tokens tried: cubic), the reference for equal results."""
-    from lora_convert import arch
+    from lora_convert import diffusion_names
     from lora_convert.dialects.kohya import _COMPOUNDS, _known
 
     tokens = name.split("_")
@@ -145,14 +145,14 @@ def _old_read_kohya_name(name: str) -> tuple[str, bool]:
         j = next((j for j in range(n, i + 1, -1) if "_".join(tokens[i:j]) in _COMPOUNDS), i + 1)
         parts.append("_".join(tokens[i:j]))
         i = j
-    return ".".join(parts), ways[0] == 1 and all(_known([p]) or p in arch.KOHYA_COMPOUNDS for p in parts)
+    return ".".join(parts), ways[0] == 1 and all(_known([p]) or p in diffusion_names.KOHYA_COMPOUNDS for p in parts)
 
 
 def _vocabulary() -> list[str]:
-    from lora_convert import arch
+    from lora_convert import diffusion_names
 
-    words = set(arch.KOHYA_PLAIN_NAMES)
-    for c in arch.KOHYA_COMPOUNDS | arch.KOHYA_SGM_COMPOUNDS:
+    words = set(diffusion_names.KOHYA_PLAIN_NAMES)
+    for c in diffusion_names.KOHYA_COMPOUNDS | diffusion_names.KOHYA_SGM_COMPOUNDS:
         words.update(c.split("_"))
     return sorted(words) + ["0", "1", "12", "", "x", "foo", "blocks", "time", "emb"]
 
@@ -578,7 +578,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import save_file
 
-from lora_convert import arch
+from lora_convert import diffusion_names as names
 from lora_convert.dialects import read_inventory
 from lora_convert.errors import LoraConvertError
 from lora_convert.io.reader import open_checkpoint
@@ -586,8 +586,8 @@ from lora_convert.io.reader import open_checkpoint
 EXAMPLE_SECONDS = 5.0
 SETTINGS = dict(max_examples=int(sys.argv[2]), deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
-WORDS = sorted(set(arch.KOHYA_PLAIN_NAMES) | {w for c in arch.KOHYA_COMPOUNDS | arch.KOHYA_SGM_COMPOUNDS
-                                               for w in c.split("_")}) + ["0", "7", "12", ""]
+WORDS = sorted(set(names.KOHYA_PLAIN_NAMES) | {w for c in names.KOHYA_COMPOUNDS | names.KOHYA_SGM_COMPOUNDS
+                                                for w in c.split("_")}) + ["0", "7", "12", ""]
 FLOATS = ["float16", "bfloat16", "float32", "float64", "float8_e4m3fn", "float8_e5m2"]
 OTHERS = ["int64", "int32", "uint8", "bool", "float8_e8m0fnu"]
 

@@ -22,7 +22,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from lora_convert.cli import main
-from lora_convert.costs import build_report, report_markdown
+from lora_convert.costs import build_report
+from lora_convert.render import report_markdown
 
 CASES = {
     "llama": (

@@ -2,14 +2,14 @@
 
 One safetensors file; per adapted module ``<prefix>_<path>.lora_down.weight`` (A), ``.lora_up.weight``
 (B) and a 0-d ``.alpha``, where ``<prefix>`` names the pipeline component (``lora_unet``, ``lora_te``,
-``lora_te1``/``lora_te2`` for SDXL's two text encoders: :data:`arch.KOHYA_PREFIXES`) and ``<path>`` is
+``lora_te1``/``lora_te2`` for SDXL's two text encoders: :data:`diffusion_names.KOHYA_PREFIXES`) and ``<path>`` is
 the module's path with every ``.`` written ``_``.
 
 * Scaling: ``alpha / rank``; a missing ``.alpha`` (old files) or 0 means alpha = rank, scale 1
   (sd-scripts' ``LoRAModule`` and ``create_network_from_weights``).
 * Kinds: Linear (down (r, in), up (out, r)) and convolutions (down (r, in, k, k), up (out, r, 1, 1)).
 * Names: each path is read back as ``<component>.<dotted path>`` with the module names diffusers and CLIP
-  use (:data:`arch.KOHYA_COMPOUNDS`); the inventory is ``spelled``, so against a base the base's own
+  use (:data:`diffusion_names.KOHYA_COMPOUNDS`); the inventory is ``spelled``, so against a base the base's own
   tensor names settle every reading, and a reading the names alone cannot settle is marked ``unsure``.
 * Refused with the reason: LyCORIS variants (LoHa, LoKr, Tucker ``lora_mid``, ``dora_scale``, full
   diffs) and bundled textual-inversion embeddings, which are not LoRA pairs.
@@ -20,16 +20,16 @@ from __future__ import annotations
 import math
 import re
 
-from .. import arch
+from .. import diffusion_names
 from ..config import FP32_MAX, AdapterConfig
 from ..errors import AdapterError, LoraConvertError, UnsupportedError
 from ..inventory import DEFAULT_ADAPTER, Inventory, LoraModule
 from ..io.reader import Checkpoint
 from .peft import conv_factors
 
-_PREFIX = "|".join(sorted(arch.KOHYA_PREFIXES, key=len, reverse=True))
+_PREFIX = "|".join(sorted(diffusion_names.KOHYA_PREFIXES, key=len, reverse=True))
 KEY = re.compile(rf"^(?P<prefix>{_PREFIX})_(?P<name>.+?)\.(?P<role>lora_down\.weight|lora_up\.weight|alpha)$")
-_COMPOUNDS = arch.KOHYA_COMPOUNDS | arch.KOHYA_SGM_COMPOUNDS
+_COMPOUNDS = diffusion_names.KOHYA_COMPOUNDS | diffusion_names.KOHYA_SGM_COMPOUNDS
 _SPAN = max(c.count("_") + 1 for c in _COMPOUNDS)  # the most '_'-separated tokens one known name spans
 _ANY_PREFIX = re.compile(rf"^(?:{_PREFIX})_")
 MAX_NAME_CHARS = 1024  # real kohya module names are under 150 characters
@@ -67,7 +67,7 @@ class KohyaDialect:
                     hint="this file is corrupted or not a kohya LoRA",
                 )
             reading, sure = read_kohya_name(name)
-            module = f"{arch.KOHYA_PREFIXES[prefix]}.{reading}"
+            module = f"{diffusion_names.KOHYA_PREFIXES[prefix]}.{reading}"
             if module in modules:
                 raise AdapterError(
                     f"{prefix}_{name} and {kohya_names[module]} are the same module ({module})",
@@ -195,10 +195,10 @@ def read_kohya_name(name: str) -> tuple[str, bool]:
         j = next((j for j in range(min(n, i + _SPAN), i + 1, -1) if "_".join(tokens[i:j]) in _COMPOUNDS), i + 1)
         parts.append("_".join(tokens[i:j]))
         i = j
-    return ".".join(parts), ways[0] == 1 and all(_known([p]) or p in arch.KOHYA_COMPOUNDS for p in parts)
+    return ".".join(parts), ways[0] == 1 and all(_known([p]) or p in diffusion_names.KOHYA_COMPOUNDS for p in parts)
 
 
 def _known(tokens: list[str]) -> bool:
     if len(tokens) == 1:
-        return tokens[0].isdigit() or tokens[0] in arch.KOHYA_PLAIN_NAMES
-    return "_".join(tokens) in arch.KOHYA_COMPOUNDS
+        return tokens[0].isdigit() or tokens[0] in diffusion_names.KOHYA_PLAIN_NAMES
+    return "_".join(tokens) in diffusion_names.KOHYA_COMPOUNDS

@@ -1,6 +1,6 @@
 """combine: several adapters -> one adapter, as PEFT's ``add_weighted_adapter`` makes it.
 
-One module at a time, in the model's registration order (:func:`..arch.registration_key`): the
+One module at a time, in the model's registration order (:func:`..module_order.registration_key`): the
 sources' factors are read (small), combined by :mod:`..combine_math`, written, and dropped, so memory
 is one module's factors (an SVD method: one module's ΔW and its SVD).  The result equals what
 ``torch.manual_seed(S); model.add_weighted_adapter(names, weights, "new", combination_type=...)``
@@ -9,7 +9,7 @@ saves for a PeftModel holding the source adapters, loaded the usual way (fp32 fa
 * the output config is the first source's with ``r = lora_alpha = new rank``, the union of the
   target modules and no rank/alpha patterns; the factors are fp32;
 * the seed (``--seed``, default 0) reproduces PEFT's dare masks when the architecture's module order
-  is the one :data:`..arch.REGISTRATION_ORDER` knows (Llama/Mistral/Qwen/Gemma-style decoders, GPT-2):
+  is the one :data:`..module_order.REGISTRATION_ORDER` knows (Llama/Mistral/Qwen/Gemma-style decoders, GPT-2):
   PEFT draws first the new adapter's initial values, then one mask per source factor (or ΔW), module
   by module in that order;
 * a single source is combined linearly, whatever the method (PEFT does the same);
@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .. import arch, combine_math, lora_math
+from .. import combine_math, lora_math, module_order
 from ..bounds import seed_ok
 from ..combine_math import FACTOR_METHODS, METHODS, PRUNING_METHODS, RANDOM_METHODS, SIGN_METHODS, SVD_METHODS
 from ..dialects.peft_keys import Role, format_key
@@ -211,7 +211,7 @@ def _modules(sources: list[AdapterInput]) -> list[_Module]:
             have.parts.append((inp, m))
     if not found:
         raise RouteError("the adapters hold no LoRA modules to combine")
-    return sorted(found.values(), key=lambda mod: arch.registration_key(mod.path))
+    return sorted(found.values(), key=lambda mod: module_order.registration_key(mod.path))
 
 
 def _check_products(sources: list[AdapterInput]) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .. import arch
+from .. import arch, diffusion_names
 from ..config import AdapterConfig
 from ..dialects.diffusers import METADATA_KEY
 from ..dialects.peft_keys import Role, format_key
@@ -120,7 +120,7 @@ def _placed(req: Request, fmt: str) -> tuple[dict[str, tuple[str, str]], list[st
         )
     out: dict[str, tuple[str, str]] = {}
     for mod in modules:
-        comp = arch.diffusion_component(mod, config)
+        comp = diffusion_names.diffusion_component(mod, config)
         if comp is None:
             raise RouteError(
                 f"cannot tell which part of a diffusion pipeline {mod} belongs to",
@@ -129,7 +129,7 @@ def _placed(req: Request, fmt: str) -> tuple[dict[str, tuple[str, str]], list[st
             )
         path = found.get(mod) or mod.removeprefix(comp + ".")
         if mod in inv.unsure and mod not in found:
-            sgm = "SDXL's SGM-numbered blocks" if arch.is_sgm_path(path) else "names"
+            sgm = "SDXL's SGM-numbered blocks" if diffusion_names.is_sgm_path(path) else "names"
             raise RouteError(
                 f"{spelling(path)}: {sgm} cannot be read as diffusers module paths without the model "
                 f"({len(inv.unsure - set(found))} such)",

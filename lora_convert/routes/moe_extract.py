@@ -25,6 +25,7 @@ from ..errors import CheckpointError, RouteError
 from ..io.reader import Checkpoint
 from ..moe_layouts import ExpertParam, MoeLayout
 from ..pipeline import Buffers, Job, Read
+from .extract_options import parse_layers
 
 FP32 = torch.float32
 
@@ -190,8 +191,6 @@ class ExpertPass:
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[opts.dtype]
 
     def _wanted(self, p: ExpertParam) -> bool:
-        from .extract import parse_layers
-
         inc, exc = self.opts.patterns()
         layers = parse_layers(self.opts.layers)
         if self.layout is None:

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
     from ..io.writer import TensorSink
     from ..pipeline import Job
-    from .extract import Extraction, ExtractOptions
+    from .extract import Extraction
+    from .extract_options import ExtractOptions
     from .requantize import Requantization
     from .unmerge import Unmerge
 
