@@ -152,6 +152,9 @@ def is_sgm_path(path: str) -> bool:
     )
 
 
+MAX_LAYERS_PER_BLOCK = 64  # SD 1.x/2.x and SDXL UNets have 1 to 3
+
+
 def sgm_to_diffusers(path: str, config: dict[str, Any] | None) -> str | None:
     """A UNet module path in SGM block numbering as diffusers names it, from the UNet's config
     (``layers_per_block``, the block types); None when ``path`` is not one or the config cannot say.
@@ -161,8 +164,10 @@ def sgm_to_diffusers(path: str, config: dict[str, Any] | None) -> str | None:
     whose parts are [resnet, attention if the block has one, upsampler if not the last block]."""
     cfg = config or {}
     lpb, down, up = cfg.get("layers_per_block"), cfg.get("down_block_types"), cfg.get("up_block_types")
-    if not isinstance(lpb, int) or not isinstance(down, list | tuple) or not isinstance(up, list | tuple):
+    if not isinstance(down, list | tuple) or not isinstance(up, list | tuple):
         return None
+    if isinstance(lpb, bool) or not isinstance(lpb, int) or not 1 <= lpb <= MAX_LAYERS_PER_BLOCK:
+        return None  # a count from a stranger's config.json: 0 or -1 would divide by zero below
     for old, new in _SGM_TOP.items():
         if path == old or path.startswith(old + "."):
             return new + path[len(old) :]

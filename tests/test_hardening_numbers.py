@@ -828,3 +828,15 @@ def test_gguf_adapter_layer_index_beyond_the_base_is_refused_before_the_name_map
     out = tmp_path / "x.gguf"
     res = cli("convert", work / "adapter", "--to", "gguf", "--base", work / "base", "-o", out)
     one_error(res, "LoRA on layer 999999999", "num_hidden_layers 2", out=out)
+
+
+@pytest.mark.parametrize("lpb", [-1, 0, True, 10**9, 2.0, [2, 2]])
+def test_sgm_names_with_a_layers_per_block_that_cannot_be_read(lpb):
+    """A UNet config's layers_per_block of 0 or -1 divided by zero while SGM block names were read: such a
+    config cannot say where a block lies, so the name is not translated (the module then matches nothing)."""
+    from lora_convert.diffusion_names import sgm_to_diffusers
+
+    cfg = {"layers_per_block": lpb, "down_block_types": ["DownBlock2D"] * 2, "up_block_types": ["UpBlock2D"] * 2}
+    assert sgm_to_diffusers("input_blocks.4.0.in_layers.2", cfg) is None
+    good = {**cfg, "layers_per_block": 2}
+    assert sgm_to_diffusers("input_blocks.4.0.in_layers.2", good) == "down_blocks.1.resnets.0.conv1"
