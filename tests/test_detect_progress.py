@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 
-import rich
+import rich.console
 from helpers import cli
 from rich.console import Console
 from safetensors import safe_open
@@ -47,9 +50,14 @@ def _tensor_bytes(folder: str) -> int:
 
 
 def _drawn(monkeypatch, **kw) -> tuple[lc.DetectResult, str]:
-    """api.detect with rich's global console (where the bars draw) a terminal writing into a buffer."""
+    """api.detect with the bar's stderr console a terminal writing into a buffer."""
     buf = io.StringIO()
-    monkeypatch.setattr(rich, "_console", Console(file=buf, force_terminal=True, width=120, color_system=None))
+
+    def terminal(*args, **kwargs) -> Console:
+        assert kwargs == {"stderr": True}  # the bar draws where the CLI looked for a terminal
+        return Console(file=buf, force_terminal=True, width=120, color_system=None)
+
+    monkeypatch.setattr(rich.console, "Console", terminal)
     res = lc.detect(TUNED, base=BASE, **kw)
     return res, buf.getvalue()
 
@@ -83,3 +91,27 @@ def test_help_says_what_base_costs():
     text = " ".join(cli("detect", "--help").output.split())
     assert "reads both checkpoints whole" in text
     assert "effective rank (a truncated SVD) of every changed weight" in text
+
+
+def test_cli_draws_the_bar_on_a_terminal_stderr_and_keeps_stdout_the_result():
+    """In a pty (stderr) with stdout piped: the bar draws on the terminal, the piped result is the text alone."""
+    master, slave = os.openpty()
+    env = dict(os.environ, COLUMNS="100")
+    cmd = [sys.executable, "-m", "lora_convert.cli", "detect", TUNED, "--base", BASE]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=slave, env=env) as proc:
+        os.close(slave)
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            drawn += chunk
+        stdout = proc.stdout.read().decode() if proc.stdout else ""
+    os.close(master)
+    assert proc.returncode == 0, drawn
+    assert b"comparing with the base" in drawn and b"86.7/86.7 kB" in drawn
+    assert stdout.startswith("form: merged\n")  # nothing of the bar in the result
+    assert "comparing" not in stdout and "\x1b" not in stdout
