@@ -29,14 +29,18 @@ if TYPE_CHECKING:
     from .routes.verify import Verification
 
 
-def detect(path: str | Path, *, base: str | Path | None = None, adapter: str | None = None) -> DetectResult:
+def detect(
+    path: str | Path, *, base: str | Path | None = None, adapter: str | None = None, progress: bool = False
+) -> DetectResult:
     """Say which storage form ``path`` is in, and what it holds.
 
     Args:
         path: a checkpoint folder or file, or a Hub repo id (``org/name[@revision]``).
         base: with a plain checkpoint, compare it with this base (reads tensor data): the form becomes
-            ``base``, ``merged`` (a low-rank difference) or ``fine-tuned``.
+            ``base``, ``merged`` (a low-rank difference) or ``fine-tuned``.  This reads both checkpoints
+            whole and computes an effective rank (a truncated SVD) of every changed weight.
         adapter: the adapter subfolder to read, for folders with several.
+        progress: show a progress bar while comparing with ``base`` (bytes of ``path`` compared).
 
     Returns:
         A :class:`~lora_convert.detect.DetectResult` (``.form``, adapters with their modules, warnings).
@@ -47,7 +51,7 @@ def detect(path: str | Path, *, base: str | Path | None = None, adapter: str | N
     """
     from .detection import detect as detect_checkpoint
 
-    return detect_checkpoint(path, base=base, adapter=adapter)
+    return detect_checkpoint(path, base=base, adapter=adapter, progress=progress)
 
 
 def report(

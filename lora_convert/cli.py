@@ -90,14 +90,19 @@ def _debug(ctx: click.Context) -> bool:
 
 @main.command("detect")
 @click.argument("path")
-@click.option("--base", help="Compare a full model (no LoRA tensors) with this base (reads tensor data).")
+@click.option(
+    "--base",
+    help="Compare a full model (no LoRA tensors) with this base: reads both checkpoints whole and computes an "
+    "effective rank (a truncated SVD) of every changed weight: slower than a merge (a progress bar on a terminal).",
+)
 @click.option("--adapter", help="Adapter name, for folders with several.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (docs/json.md).")
 @_debug_option
 @click.pass_context
 def detect_cmd(ctx: click.Context, path: str, base: str | None, adapter: str | None, as_json: bool) -> None:
     """Say which form PATH is in (adapter, unmerged, or a full model: with --base, base / merged / fine-tuned)."""
-    res = run_guarded(lambda: api.detect(path, base=base, adapter=adapter), _debug(ctx), as_json)
+    progress = not as_json and err.is_terminal
+    res = run_guarded(lambda: api.detect(path, base=base, adapter=adapter, progress=progress), _debug(ctx), as_json)
     if as_json:
         render.json_document("detect", res.to_dict())
     else:

@@ -10,15 +10,19 @@ import torch
 
 from . import svd
 from .arch import config_value, layer_index, short_name, tensor_kind
-from .difference import DELTA_BLOCK, difference
+from .difference import DELTA_BLOCK, Difference, row_blocks
 from .fmt import ranges
 from .io.reader import Checkpoint
+from .progress import progress_bar
 
 
 def analyse_difference(
-    tuned_ck: Checkpoint, base_ck: Checkpoint, *, energy: float = 0.999, k: int = 64
+    tuned_ck: Checkpoint, base_ck: Checkpoint, *, energy: float = 0.999, k: int = 64, progress: bool = False
 ) -> dict[str, Any]:
-    """Which tensors differ from the base, which module kinds in which layers, and the effective rank."""
+    """Which tensors differ from the base, which module kinds in which layers, and the effective rank.
+
+    Reads both checkpoints whole (every tensor they share) and factors each changed weight: ``progress``
+    shows a bar counting the tuned checkpoint's bytes compared."""
     model_config = tuned_ck.config or base_ck.config
     vocab = config_value(model_config, "vocab_size")
     changed: list[str] = []
@@ -27,28 +31,13 @@ def analyse_difference(
     for name in tuned_ck.tensors:
         if name not in base_ck.tensors:
             changed.append(name)
-    for name in names:
-        ta, tb = tuned_ck.info(name), base_ck.info(name)
-        if ta.shape != tb.shape:
-            changed.append(name)
-            modules[name] = {"kind": "resized", "shape": [list(tb.shape), list(ta.shape)]}
-            continue
-        kind = tensor_kind(name, tuple(ta.shape), vocab)
-        factor = kind != "other" and ta.is_float and tb.is_float
-        d = difference(tuned_ck.rows_of(name), base_ck.rows_of(name), keep=factor)
-        if d is None:
-            continue
-        changed.append(name)
-        entry: dict[str, Any] = {"kind": kind, "shape": list(ta.shape)}
-        if factor:
-            er, gap = svd.effective_rank(d, energy, k=k)
-            entry.update(
-                rank_at_energy=er,
-                rank_at_gap=gap,
-                relative_change=(svd.frobenius_sq(d) / max(_frobenius_sq_stored(tuned_ck, name), 1e-300)) ** 0.5,
-            )
-        del d
-        modules[name] = entry
+    with progress_bar(progress, sum(tuned_ck.info(n).nbytes for n in names), "comparing with the base") as advance:
+        for name in names:
+            entry = _compare_one(tuned_ck, base_ck, name, vocab, energy, k)
+            advance(tuned_ck.info(name).nbytes)
+            if entry is not None:
+                changed.append(name)
+                modules[name] = entry
     changed += [n for n in base_ck.tensors if n not in tuned_ck.tensors]
     return {
         "changed": changed,
@@ -56,6 +45,37 @@ def analyse_difference(
         "k": k,
         "summary": _summary(changed, modules, model_config, energy, k),
     }
+
+
+def _compare_one(
+    tuned_ck: Checkpoint, base_ck: Checkpoint, name: str, vocab: int | None, energy: float, k: int
+) -> dict[str, Any] | None:
+    """One tensor both checkpoints hold: None when equal, else its entry (kind, shape; for a weight a LoRA
+    can carry, the effective rank and the relative change)."""
+    ta, tb = tuned_ck.info(name), base_ck.info(name)
+    if ta.shape != tb.shape:
+        return {"kind": "resized", "shape": [list(tb.shape), list(ta.shape)]}
+    kind = tensor_kind(name, tuple(ta.shape), vocab)
+    factor = kind != "other" and ta.is_float and tb.is_float
+    tuned, base = tuned_ck.rows_of(name), base_ck.rows_of(name)
+    diff = Difference(tuned, base, keep=factor)
+    for s, e in row_blocks(tuned.shape):
+        diff.add(s, tuned.rows(s, e), base.rows(s, e))
+    d = diff.result()
+    if d is None:
+        return None
+    entry: dict[str, Any] = {"kind": kind, "shape": list(ta.shape)}
+    if factor:
+        # ‖ΔW‖²_F once: result() measured it on this same 2-D ΔW (a weight a LoRA carries is 2-D), the
+        # very number the SVD's energies and the relative change would each measure again
+        total = diff.total if diff.total is not None else svd.frobenius_sq(d)
+        er, gap = svd.effective_rank(d, energy, k=k, total=total)
+        entry.update(
+            rank_at_energy=er,
+            rank_at_gap=gap,
+            relative_change=(total / max(_frobenius_sq_stored(tuned_ck, name), 1e-300)) ** 0.5,
+        )
+    return entry
 
 
 def _frobenius_sq_stored(ck: Checkpoint, name: str) -> float:

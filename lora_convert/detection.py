@@ -194,13 +194,16 @@ def expert_groups(mods: Iterable[LoraModule]) -> list[ExpertGroup]:
     return out
 
 
-def detect(path: str | Path, *, base: str | Path | None = None, adapter: str | None = None) -> DetectResult:
+def detect(
+    path: str | Path, *, base: str | Path | None = None, adapter: str | None = None, progress: bool = False
+) -> DetectResult:
     """Say which form ``path`` is in: adapter, unmerged, plain (or, with ``base``: base, merged, fine-tuned).
+    ``progress``: a bar while a plain checkpoint is compared with ``base`` (the only step that reads data).
 
     A folder of adapters PEFT saved together is described whole: every adapter is listed, under the name
     ``--adapter`` takes (``default`` at the top, the others in subfolders named after them)."""
     first, others = _adapter_folders(resolve(path)) if adapter is None else (None, [])
-    res = _detect_one(path, base, adapter or first)
+    res = _detect_one(path, base, adapter or first, progress)
     if first is not None:
         res.files = [f"{first}/{f}" for f in res.files]
     for name in others:
@@ -231,7 +234,7 @@ def _add_adapter_folder(res: DetectResult, sub: DetectResult, name: str) -> None
     res.warnings += [w for w in sub.warnings if w not in res.warnings]
 
 
-def _detect_one(path: str | Path, base: str | Path | None, adapter: str | None) -> DetectResult:
+def _detect_one(path: str | Path, base: str | Path | None, adapter: str | None, progress: bool = False) -> DetectResult:
     ck, inv = load_source(path, adapter=adapter)
     with ck:
         warnings: list[str] = []
@@ -255,7 +258,7 @@ def _detect_one(path: str | Path, base: str | Path | None, adapter: str | None) 
             warnings.append("older PEFT layout: base weights at <module>.weight beside the LoRA tensors")
         res.module_prefixes = layout_of(m for name in inv.adapters for m in inv.modules(name))
         if base is not None and inv.form == "plain":
-            _compare_with_base(ck, resolve(base), res)
+            _compare_with_base(ck, resolve(base), res, progress)
         elif base is not None and inv.form == "adapter":
             _match_base(inv, resolve(base), res)
     return res
@@ -291,14 +294,14 @@ def _quantization(ck: Checkpoint, warnings: list[str]) -> dict[str, Any] | None:
     return summary(ck, layout) if layout is not None else None
 
 
-def _compare_with_base(ck: Checkpoint, base_path: Path, res: DetectResult) -> None:
+def _compare_with_base(ck: Checkpoint, base_path: Path, res: DetectResult, progress: bool = False) -> None:
     """Tensor-by-tensor comparison with a base: equal everywhere is ``base``; a difference of low
     effective rank in every changed weight is ``merged`` (a LoRA folded in); anything else —
     full-rank changes, or only norms/biases/resized tables — is ``fine-tuned``."""
     from .compare import analyse_difference  # effective rank per module; imported late (torch, SVD)
 
     with open_local(base_path) as b:
-        res.base_comparison = analyse_difference(ck, b)
+        res.base_comparison = analyse_difference(ck, b, progress=progress)
     res.differs_from_base = list(res.base_comparison.get("changed", []))
     if not res.differs_from_base:
         res.form = "base"

@@ -1,4 +1,5 @@
-"""Progress bars for long work, off unless asked for (the CLI asks when stderr is a terminal)."""
+"""Progress bars for long work, off unless asked for (the CLI asks when stderr is a terminal).  They draw on
+stderr, where the CLI looked for a terminal: stdout (a result, often piped) stays the result alone."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ def progress_bar(
     if not enabled:
         yield lambda n: None
         return
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -25,7 +27,12 @@ def progress_bar(
 
     counts = (DownloadColumn(), TransferSpeedColumn()) if unit == "bytes" else (MofNCompleteColumn(),)
     with Progress(
-        "[progress.description]{task.description}", BarColumn(), *counts, TimeRemainingColumn(), transient=True
+        "[progress.description]{task.description}",
+        BarColumn(),
+        *counts,
+        TimeRemainingColumn(),
+        transient=True,
+        console=Console(stderr=True),
     ) as p:
         task = p.add_task(description, total=total)
         yield lambda n: p.advance(task, n)

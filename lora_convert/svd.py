@@ -216,10 +216,11 @@ def pick_rank(
 
 
 def effective_rank(
-    delta: torch.Tensor, energy: float = 0.999, *, k: int = 64, seed: int = 0
+    delta: torch.Tensor, energy: float = 0.999, *, k: int = 64, seed: int = 0, total: float | None = None
 ) -> tuple[int | None, int | None]:
-    """(rank reaching ``energy``, or None if above ``k``; the rank after the largest spectral gap ≥ 10×)."""
-    f = factorise(delta, k, seed=seed)
+    """(rank reaching ``energy``, or None if above ``k``; the rank after the largest spectral gap ≥ 10×).
+    ``total`` is ``frobenius_sq(delta)`` when the caller measured it already."""
+    f = factorise(delta, k, seed=seed, total=total)
     r, capped = pick_rank(f, energy=energy, max_rank=k)
     S = f.S[: min(k, f.S.numel())].double()
     gap = None
