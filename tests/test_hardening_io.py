@@ -198,9 +198,10 @@ for size in (6_000, 100_000):
 """
 
 
-def test_long_kohya_names_parse_within_a_second():
+def test_long_kohya_names_parse_in_linear_time():
     """6 KB and 100 KB names of several shapes, parsed in a child under a wall-clock limit (a cubic parse
-    hangs the child, not the test run): each within a second."""
+    hangs the child, not the test run).  Each takes ~0.1-0.3 s here; the bound is 10 s so that a loaded CI
+    machine cannot fail it, while the old cubic parse did not finish a 6 KB name in a minute."""
     import subprocess
     import sys
 
@@ -210,7 +211,7 @@ def test_long_kohya_names_parse_within_a_second():
     assert len(lines) == 10
     for line in lines:
         seconds, _size, _unit, dots, _sure = line.split()
-        assert float(seconds) < 1.0 and int(dots) > 0, line
+        assert float(seconds) < 10.0 and int(dots) > 0, line
 
 
 def _kohya_sd(names: dict[str, float], rank: int = 2, width: int = 4, seed: int = 0):
