@@ -86,7 +86,7 @@ class QuantizedBase:
         plan.warnings.extend(self.scale_warnings)
         if self.requantize:
             assert self.report is not None
-            plan.requantization = self.report
+            plan.report = self.report
             plan.warnings.append(
                 f"the base is quantized ({self.layout.scheme}): merged weights re-quantized in its scheme, "
                 f"the {self.report.copied} untouched ones copied as they were"
