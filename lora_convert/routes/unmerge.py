@@ -27,7 +27,7 @@ from ..errors import RouteError, UnsupportedError, option, spelled
 from ..io.writer import PlannedTensor
 from ..pipeline import execute
 from ..stack import AdapterInput
-from .merge import MergeOps, merge_ops, tensor_job
+from .merge_engine import MergeOps, merge_ops, tensor_job
 from .plan import Plan, Request, output_dtype
 from .report import TextTable
 
