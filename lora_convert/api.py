@@ -166,8 +166,8 @@ def convert(
             LoRA cannot carry them and llama.cpp's LoRA loader ignores them), listed in ``.dropped``; without
             it such an adapter is refused.
         requantize: merging into a quantized base, write the merged weights back in its scheme (the
-            default writes them dequantized, in ``dtype``, bf16 for ``auto``); ``.requantization`` of the
-            result holds the error that adds per module.
+            default writes them dequantized, in ``dtype``, bf16 for ``auto``); ``.report`` of the
+            result (a :class:`~lora_convert.routes.requantize.Requantization`) holds the error that adds per module.
         device: ``cpu`` or ``cuda[:N]``: where a merge computes its fp32 tiles (the blocks still stream from
             and to the disk) or extraction its SVDs.
         push_to: push the output to this Hub repo (``namespace/name``) once written; the token and the right
@@ -183,8 +183,10 @@ def convert(
             the same as ``adapters=[adapter]``.
 
     Returns:
-        A :class:`~lora_convert.assemble.ConvertResult`; ``.extraction`` holds the SVD report, ``.pushed``
-        the push (a :class:`~lora_convert.io.hub.PushResult`), ``.unmerge`` the rounding bound of an unmerge.
+        A :class:`~lora_convert.assemble.ConvertResult`; ``.report`` holds the route's own report (the SVD
+        route's :class:`~lora_convert.routes.extract.Extraction`, an unmerge's rounding bound in a
+        :class:`~lora_convert.routes.unmerge.Unmerge`; None where the route has none), ``.pushed`` the push (a
+        :class:`~lora_convert.io.hub.PushResult`).
 
     Raises:
         RouteError: no such route, or a missing base.  CheckpointError, AdapterError (the adapter does not
@@ -367,7 +369,7 @@ def extract(
             default) or as one LoRA module per stored per-expert tensor (``per-expert``).
 
     Returns:
-        A :class:`~lora_convert.assemble.ConvertResult` whose ``.extraction`` has each module's rank,
+        A :class:`~lora_convert.assemble.ConvertResult` whose ``.report`` (an ``Extraction``) has each module's rank,
         energy kept and relative error measured on the factors as written.
 
     Raises:

@@ -23,16 +23,15 @@ from .pipeline import execute
 from .progress import progress_bar
 from .routes.plan import Plan, Request
 
-if TYPE_CHECKING:  # result types only: a merge need not import the extraction's or unmerge's modules
+if TYPE_CHECKING:
     from .io.reader import Checkpoint
-    from .routes.extract import Extraction
-    from .routes.requantize import Requantization
-    from .routes.unmerge import Unmerge
+    from .routes.report import RouteReport
 
 
 @dataclass
 class ConvertResult:
-    """What a conversion wrote.  ``extraction`` holds the SVD route's per-module report (None elsewhere)."""
+    """What a conversion wrote.  ``report`` is the route's own account (the extraction's per-module report, an
+    unmerge's rounding bounds, ``--requantize``'s error per module; None elsewhere): ``routes/report.py``."""
 
     output: str
     route: str
@@ -45,22 +44,15 @@ class ConvertResult:
     config_changes: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    extraction: Extraction | None = None
-    requantization: Requantization | None = None  # merge --requantize: per-module error
+    report: RouteReport | None = None
     pushed: PushResult | None = None  # set when the output was pushed to the Hub (push_to=)
-    unmerge: Unmerge | None = None  # the unmerge route's rounding bounds
     dropped: list[dict[str, str]] = field(default_factory=list)  # source tensors left out (--drop-norms)
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat JSON-able dict; the extraction's (re-quantization's, unmerge's) fields sit beside the common ones."""
-        skip = ("extraction", "requantization", "pushed", "unmerge")
-        d = {k: v for k, v in asdict(self).items() if k not in skip}
-        if self.extraction is not None:
-            d.update(self.extraction.to_dict())
-        if self.requantization is not None:
-            d.update(self.requantization.to_dict())
-        if self.unmerge is not None:
-            d.update(self.unmerge.to_dict())
+        """Flat JSON-able dict; the report's fields sit beside the common ones."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("report", "pushed")}
+        if self.report is not None:
+            d.update(self.report.to_dict())
         d["pushed"] = asdict(self.pushed) if self.pushed is not None else None
         return d
 
@@ -108,9 +100,7 @@ def write_output(plan: Plan, req: Request, out: Output) -> ConvertResult:
             plan.ops(),
             plan.config_changes,
             list(plan.warnings),
-            extraction=plan.extraction,
-            requantization=plan.requantization,
-            unmerge=plan.unmerge,
+            report=plan.report,
             dropped=list(plan.dropped),
         )
     if atomic.stale_removed:

@@ -129,11 +129,14 @@ def _experts(groups: list[Any]) -> None:
 
 # -- convert, merge, extract, combine ------------------------------------------------------------------------
 def conversion(res: Any) -> None:
-    """What a conversion wrote (a ``ConvertResult``): its extraction or re-quantization table first, if any."""
-    if res.extraction is not None:
-        _extraction(res)
-    if res.requantization is not None:
-        _requantization(res.requantization)
+    """What a conversion wrote (a ``ConvertResult``): the route's report (``res.report``: its tables and summary
+    above the ``wrote`` line, its notes under it), the ops, the config edits, what was left out."""
+    rep = res.report
+    if rep is not None:
+        for t in rep.tables():
+            out.print(table(out, t.title, t.head, t.rows))
+        for line in rep.summary_lines(res.total_bytes):
+            out.print(safe(line))
     out.print(
         "[green]wrote[/green] "
         + safe(
@@ -145,32 +148,13 @@ def conversion(res: Any) -> None:
         out.print(safe("  " + ", ".join(f"{k}: {v}" for k, v in sorted(res.ops.items()))))
     for k, v in res.config_changes.items():
         out.print(safe(f"  config.json: {k} = {v}"))
-    if res.unmerge is not None:
-        for line in res.unmerge.summary_lines():
-            out.print(safe("  " + line))
+    for line in rep.notes() if rep is not None else []:
+        out.print(safe("  " + line))
     for d in res.dropped:
         out.print(safe(f"  dropped: {d['tensor']} ({d['reason']})"))
     warnings(res.warnings)
     if res.pushed is not None:
         pushed(res.output, res.pushed)
-
-
-def _extraction(res: Any) -> None:
-    rows = [
-        [m.label, f"{m.shape[0]}x{m.shape[1]}", f"{m.rank}{'*' if m.capped else ''}"]
-        + [f"{m.energy:.6f}", f"{m.error:.3e}", m.method]
-        for m in res.extraction.modules
-    ]
-    head = ["module", "shape", "rank", "energy kept", "rel. error", "svd"]
-    out.print(table(out, "extracted modules", head, rows))
-    for line in res.extraction.summary_lines(res.total_bytes):
-        out.print(safe(line))
-
-
-def _requantization(rq: Any) -> None:
-    head, rows = rq.table()
-    title = f"re-quantized ({rq.scheme}); {rq.copied} untouched quantized weights copied"
-    out.print(table(out, title, head, rows))
 
 
 def pushed(folder: Any, res: Any) -> None:

@@ -88,11 +88,11 @@ def _logits(model):
 def test_recovers_merged_lora_exactly(pair, tmp_path):
     d, merged = pair
     res = extract(d / "tuned", base=d / "base", output=tmp_path / "a", rank=4)
-    kinds = {m.module: m.kind for m in res.extraction.modules}
-    assert len(res.extraction.modules) == 2 * 3 + 2 and kinds["model.embed_tokens"] == "embedding"
+    kinds = {m.module: m.kind for m in res.report.modules}
+    assert len(res.report.modules) == 2 * 3 + 2 and kinds["model.embed_tokens"] == "embedding"
     assert kinds["lm_head"] == "lm_head"
-    assert all(m.rank == 4 for m in res.extraction.modules)
-    assert res.extraction.worst_error <= 1e-4, res.extraction.worst_error
+    assert all(m.rank == 4 for m in res.report.modules)
+    assert res.report.worst_error <= 1e-4, res.report.worst_error
     # independent check of ΔW from the written tensors
     sd = load_file(tmp_path / "a" / "adapter_model.safetensors")
     t, b = open_checkpoint(d / "tuned"), open_checkpoint(d / "base")
@@ -137,7 +137,7 @@ def test_energy_and_max_error_pick_promised_ranks(tmp_path):
         res = extract(d / "tuned", base=d / "base", output=d / f"o{len(kw)}{list(kw)[0]}", **kw)
         t, b = open_checkpoint(d / "tuned"), open_checkpoint(d / "base")
         ranks = {}
-        for m in res.extraction.modules:
+        for m in res.report.modules:
             dw = t.read(m.module + ".weight") - b.read(m.module + ".weight")
             s2 = torch.linalg.svdvals(dw.double()).pow(2)
             frac = s2.cumsum(0) / s2.sum()
@@ -171,11 +171,11 @@ def test_filters_embeddings_and_1d(pair, tmp_path):
     res = extract(
         d / "tuned", base=d / "base", output=tmp_path / "f", rank=4, layers="0", exclude=["v_proj"], embeddings="skip"
     )
-    assert sorted(m.module for m in res.extraction.modules) == [
+    assert sorted(m.module for m in res.report.modules) == [
         "model.layers.0.mlp.down_proj",
         "model.layers.0.self_attn.q_proj",
     ]
-    reasons = {s["tensor"]: s["reason"] for s in res.extraction.skipped}
+    reasons = {s["tensor"]: s["reason"] for s in res.report.skipped}
     assert reasons["model.layers.1.self_attn.q_proj.weight"] == "outside --layers"
     assert reasons["model.layers.0.self_attn.v_proj.weight"] == "matched by --exclude"
     assert (
@@ -184,11 +184,11 @@ def test_filters_embeddings_and_1d(pair, tmp_path):
     _, bad = _load_quiet(d / "base", tmp_path / "f")
     assert not bad
     res = extract(d / "tuned", base=d / "base", output=tmp_path / "inc", rank=4, include=[r"mlp"], embeddings="full")
-    assert [m.module for m in res.extraction.modules] == [
+    assert [m.module for m in res.report.modules] == [
         "model.layers.0.mlp.down_proj",
         "model.layers.1.mlp.down_proj",
     ]
-    assert sorted(s["module"] for s in res.extraction.saved_whole) == ["lm_head", "model.embed_tokens"]
+    assert sorted(s["module"] for s in res.report.saved_whole) == ["lm_head", "model.embed_tokens"]
     cfg = json.loads((tmp_path / "inc" / "adapter_config.json").read_text())
     assert sorted(cfg["modules_to_save"]) == ["lm_head", "model.embed_tokens"]
     p, bad = _load_quiet(d / "base", tmp_path / "inc")
@@ -203,11 +203,11 @@ def test_changed_norm_reported_and_saved_on_request(pair, tmp_path):
         m.model.norm.weight.add_(0.25)
     m.save_pretrained(tmp_path / "t2")
     res = extract(tmp_path / "t2", base=d / "base", output=tmp_path / "x", rank=4)
-    reasons = {s["tensor"]: s["reason"] for s in res.extraction.skipped}
+    reasons = {s["tensor"]: s["reason"] for s in res.report.skipped}
     assert "model.norm.weight" in reasons and "--save-other" in reasons["model.norm.weight"]
     assert any("left out" in w for w in res.warnings)
     res = extract(tmp_path / "t2", base=d / "base", output=tmp_path / "y", rank=4, save_other=True)
-    assert "model.norm" in [s["module"] for s in res.extraction.saved_whole] and not res.extraction.skipped
+    assert "model.norm" in [s["module"] for s in res.report.saved_whole] and not res.report.skipped
     p, bad = _load_quiet(d / "base", tmp_path / "y")
     assert not bad, bad
     assert (_logits(p) - _logits(m)).abs().max() <= 1e-4
@@ -218,7 +218,7 @@ def test_tied_embeddings_qwen2(tmp_path):
     merged = _merge(tmp_path / "base", tmp_path / "tuned", 4, ["q_proj", "embed_tokens"], cls=Qwen2ForCausalLM)
     assert "lm_head.weight" not in open_checkpoint(tmp_path / "tuned").tensors
     res = extract(tmp_path / "tuned", base=tmp_path / "base", output=tmp_path / "a", rank=4)
-    assert res.extraction.worst_error <= 1e-4
+    assert res.report.worst_error <= 1e-4
     p, bad = _load_quiet(tmp_path / "base", tmp_path / "a", cls=Qwen2ForCausalLM)
     assert not bad, bad
     ref = _logits(merged)  # logits here are ~150 in size: compare relative to that (fp32 summation order)
@@ -248,10 +248,10 @@ def test_gpt2_conv1d_and_position_embedding(tmp_path):
         merged = pm.merge_and_unload()
     merged.save_pretrained(tmp_path / "tuned")
     res = extract(tmp_path / "tuned", base=tmp_path / "base", output=tmp_path / "a", rank=4)
-    kinds = {m.module: (m.kind, tuple(m.shape)) for m in res.extraction.modules}
+    kinds = {m.module: (m.kind, tuple(m.shape)) for m in res.report.modules}
     assert kinds["transformer.h.0.attn.c_attn"] == ("linear", (96, 32))  # (out, in), as PEFT's B·A
     assert kinds["transformer.wpe"][0] == "embedding"
-    assert res.extraction.worst_error <= 1e-4, res.extraction.worst_error
+    assert res.report.worst_error <= 1e-4, res.report.worst_error
     cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert cfg["fan_in_fan_out"] is True
     p, bad = _load_quiet(tmp_path / "base", tmp_path / "a", cls=GPT2LMHeadModel)
@@ -303,10 +303,10 @@ def test_bf16_floor(tmp_path, capsys):
     )
     s = torch.linalg.svdvals(dw.double())
     floor = (s[4:].pow(2).sum() / s.pow(2).sum()).sqrt().item()  # what bf16 rounding leaves beyond rank 4
-    m = next(x for x in res.extraction.modules if x.module == "model.layers.0.self_attn.q_proj")
+    m = next(x for x in res.report.modules if x.module == "model.layers.0.self_attn.q_proj")
     assert abs(m.error - floor) <= 1e-4 and 1e-4 < floor < 0.2
     print(
-        f"\nbf16 floor: worst {res.extraction.worst_error:.4f}, mean {res.extraction.mean_error:.4f} relative Frobenius error at rank 4"
+        f"\nbf16 floor: worst {res.report.worst_error:.4f}, mean {res.report.mean_error:.4f} relative Frobenius error at rank 4"
     )
 
 
@@ -378,10 +378,10 @@ def test_changed_bias_of_a_lora_module_is_carried(tmp_path):
         merged.model.layers[1].self_attn.q_proj.bias.add_(0.5)
     merged.save_pretrained(tmp_path / "tuned")
     res = extract(tmp_path / "tuned", base=tmp_path / "base", output=tmp_path / "a", rank=4)
-    assert res.extraction.carried_biases == [
+    assert res.report.carried_biases == [
         f"model.layers.{i}.self_attn.{p}.bias" for i in (0, 1) for p in ("q_proj", "v_proj")
     ]
-    assert not res.extraction.skipped
+    assert not res.report.skipped
     cfg_out = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
     assert cfg_out["bias"] == "lora_only"
     p, bad = _load_quiet(tmp_path / "base", tmp_path / "a", cls=Qwen2ForCausalLM)

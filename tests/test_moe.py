@@ -249,4 +249,4 @@ def test_expert_lora_into_mxfp4_gpt_oss(tmp_path):
     res = lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "rq", requantize=True)
     stored = load_file(tmp_path / "rq" / "model.safetensors")
     assert "model.layers.1.mlp.experts.gate_up_proj_blocks" in stored
-    assert len(res.requantization.modules) == 4  # gate_up_proj and down_proj of both layers
+    assert len(res.report.modules) == 4  # gate_up_proj and down_proj of both layers

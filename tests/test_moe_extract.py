@@ -26,7 +26,7 @@ def _tuned(tmp_path, name, **kw):
 def test_extract_experts_as_target_parameters(tmp_path, name):
     ref = _tuned(tmp_path, name, r=2)
     res = lc.extract(tmp_path / "tuned", base=tmp_path / "base", output=tmp_path / "ex", rank=2)
-    reports = [m for m in res.extraction.modules if m.kind == "experts"]
+    reports = [m for m in res.report.modules if m.kind == "experts"]
     assert len(reports) == 2 * 2 * E  # layers × parameters × experts, each with its own error
     assert {m.expert for m in reports} == set(range(E)) and max(m.error for m in reports) < 1e-5
     cfg = json.loads((tmp_path / "ex" / "adapter_config.json").read_text())
@@ -44,7 +44,7 @@ def test_extract_energy_gives_every_expert_the_largest_rank(tmp_path):
     PEFT merges them, are the optimal rank-k approximation (Eckart–Young) up to rounding."""
     ref = _tuned(tmp_path, "mixtral", r=6, attn=())  # rank-6 deltas: 90% of the energy needs fewer
     res = lc.extract(tmp_path / "tuned", base=tmp_path / "base", output=tmp_path / "ex", energy=0.9, max_rank=8)
-    reports = [m for m in res.extraction.modules if m.kind == "experts"]
+    reports = [m for m in res.report.modules if m.kind == "experts"]
     by_param: dict[str, set[int]] = {}
     for m in reports:
         by_param.setdefault(m.module, set()).add(m.rank)

@@ -257,7 +257,7 @@ def test_unmerge_gives_back_the_base_within_the_reported_bound(tmp_path, dtype):
     want = load_file(tmp_path / "base" / "model.safetensors")
     got = load_file(tmp_path / "unmerged" / "model.safetensors")
     merged = load_file(tmp_path / "merged" / "model.safetensors")
-    bounds = res.unmerge.bounds()
+    bounds = res.report.bounds()
     assert set(got) == set(want) and res.ops == {"unmerge": 10, "copy": 11}
     for k in ("model.embed_tokens.weight", "lm_head.weight"):  # PEFT saved these whole: restored exactly
         assert k not in bounds and torch.equal(got[k], want[k])

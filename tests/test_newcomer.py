@@ -211,7 +211,7 @@ def test_unmerge_of_a_tied_base_is_tied_again(tmp_path, dtype):
     merged, res, got, want, ties = _merge_then_unmerge(tmp_path, qwen2(tie=True).to(dtype))
     assert "lm_head.weight" not in want and ties == [False, True, True]  # the merge untied them; now tied again
     assert sorted(got) == sorted(want)
-    bounds = res.unmerge.bounds()
+    bounds = res.report.bounds()
     for k, w in want.items():
         assert got[k].dtype == w.dtype and got[k].shape == w.shape, k
         err = (got[k].double() - w.double()).abs().max().item()

@@ -109,7 +109,7 @@ def test_bnb_requantize_is_bitsandbytes_own(bnb_base, tmp_path):
             F.QuantState.from_dict({n[len(k) + 1 :]: v for n, v in out.items() if n.startswith(k + ".")}, device="cpu"),
         )
         assert torch.equal(got, F.dequantize_4bit(q, state).to(got.dtype))
-    rq = res.requantization
+    rq = res.report
     assert rq is not None and rq.copied == 6 and len(rq.modules) == 8
     reported = {m.tensor: m for m in rq.modules}
     written = {k: _bnb_dequant(out, k).float() for k in deq}

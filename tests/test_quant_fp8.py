@@ -103,7 +103,7 @@ def test_fp8_requantize_recomputes_block_scales(fp8_base, tmp_path):
     assert torch.equal(out[k + "_scale_inv"], ref[k + "_scale_inv"])
     cfg = json.loads((tmp_path / "rq" / "config.json").read_text())
     assert cfg["quantization_config"] == json.loads((base / "config.json").read_text())["quantization_config"]
-    rq = res.requantization
+    rq = res.report
     assert rq is not None and rq.copied == 6 and len(rq.modules) == 8
     assert all(0 < m.rel_error < 0.05 and m.delta > 0 for m in rq.modules)
     assert res.to_dict()["requantized"]["modules"][0]["tensor"] == rq.modules[0].tensor
@@ -142,7 +142,7 @@ def test_compressed_tensors_fp8(tmp_path, scheme):
         {"weight": rq[k], "weight_scale": rq[k + "_scale"]}, preset_name_to_scheme(scheme, ["Linear"])
     )
     assert (again["weight"].float() - out[k]).abs().max() <= out[k].abs().max() / 16  # fp8: 3 mantissa bits
-    assert all(m.rel_error < 0.05 for m in res.requantization.modules)
+    assert all(m.rel_error < 0.05 for m in res.report.modules)
     got = logits(load_dequantized(tmp_path / "rq"))
     assert (got - want).abs().max() <= 2 * (logits(base_deq) - logits(llama().float())).abs().max()
 

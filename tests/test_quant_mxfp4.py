@@ -50,7 +50,7 @@ def test_attention_lora_into_mxfp4_gpt_oss(tmp_path):
     rq = load_file(str(tmp_path / "rq" / "model.safetensors"))
     assert set(rq) == set(raw)
     assert all(torch.equal(rq[k], raw[k]) for k in raw if "experts" in k)  # untouched: byte for byte
-    assert res.requantization.copied == 4 and res.requantization.modules == []
+    assert res.report.copied == 4 and res.report.modules == []
     assert json.loads((tmp_path / "rq" / "config.json").read_text())["quantization_config"]["quant_method"] == "mxfp4"
     # the attention merge is the same bf16 one; the experts dequantize as before
     assert torch.equal(logits(load_dequantized(tmp_path / "rq")), logits(load_dequantized(tmp_path / "bf16")))

@@ -47,6 +47,7 @@ from .common import copy_job
 from .extract_options import ExtractOptions, check_layers, option_names, parse_layers
 from .moe_extract import ExpertPass
 from .plan import Plan, Request
+from .report import TextTable
 
 FP32 = torch.float32
 FACTOR_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # ExtractOptions.dtype
@@ -104,7 +105,21 @@ class Extraction:
             rows.append(f"| `{s['tensor']}` | – | – | 0 | 1 | skipped: {s['reason']} |")
         return "\n".join(rows)
 
+    def tables(self) -> list[TextTable]:
+        """The terminal's table: one row per factored module (``*``: its rank was capped)."""
+        rows = [
+            [m.label, f"{m.shape[0]}x{m.shape[1]}", f"{m.rank}{'*' if m.capped else ''}"]
+            + [f"{m.energy:.6f}", f"{m.error:.3e}", m.method]
+            for m in self.modules
+        ]
+        head = ["module", "shape", "rank", "energy kept", "rel. error", "svd"]
+        return [TextTable("extracted modules", head, rows)]
+
+    def notes(self) -> list[str]:
+        return []
+
     def summary_lines(self, total_bytes: int) -> list[str]:
+        """The totals, printed under the table and in the model card."""
         lines = [
             f"{len(self.modules)} modules factored; adapter parameters: {self.adapter_parameters:,}; "
             f"size on disk: {total_bytes:,} bytes",
@@ -568,6 +583,6 @@ def plan_extract(req: Request) -> Plan:
         card_lines=lambda total: [head, *report.summary_lines(total)],
         card_tables=[report.markdown_table()],
         card_config=tk.config,
-        extraction=report,
+        report=report,
         op_counts=ops,
     )

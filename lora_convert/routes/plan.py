@@ -23,10 +23,8 @@ if TYPE_CHECKING:
 
     from ..io.writer import TensorSink
     from ..pipeline import Job
-    from .extract import Extraction
     from .extract_options import ExtractOptions
-    from .requantize import Requantization
-    from .unmerge import Unmerge
+    from .report import RouteReport
 
 FORMS = ("merged", "adapter", "unmerged", "base")
 FORMATS = ("gguf", "mlx", "kohya", "diffusers")  # other ecosystems' adapters: llama.cpp's GGUF file, an mlx-lm
@@ -127,12 +125,10 @@ class Plan:
     card_lines: Callable[[int], list[str]] | None = None  # bytes written -> the card's lines (None: the default)
     card_tables: list[str] = field(default_factory=list)
     card_config: dict[str, Any] | None = None  # config for the card's pipeline tag when none is written
-    extraction: Extraction | None = None  # the SVD route's per-module report
-    unmerge: Unmerge | None = None  # the unmerge route's rounding bounds (filled while its jobs run)
+    report: RouteReport | None = None  # the route's own account (routes/report.py; filled while its jobs run)
     op_counts: dict[str, int] | None = None  # what the result reports as done (None: the jobs' ops counted)
     file_sink: Callable[[Path], TensorSink] | None = None  # the output is this one file (GGUF), no folder
     one_file_suffix: str | None = None  # an -o ending in it is written as the tensor file alone (kohya's .safetensors)
-    requantization: Requantization | None = None  # merge --requantize: the error each module's re-quantization adds
     metadata: dict[str, str] | None = None  # the safetensors header's metadata (kohya's ss_*, diffusers' config)
     dropped: list[dict[str, str]] = field(default_factory=list)  # tensors of the source left out ({tensor, reason})
 

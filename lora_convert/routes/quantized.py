@@ -28,7 +28,7 @@ from .plan import Plan, Request, output_dtype
 from .requantize import Requantization, lora_delta_norm, raw_jobs, requantize_jobs
 
 if TYPE_CHECKING:
-    from .merge import _KeyOps
+    from .merge_engine import KeyOps
 
 
 @dataclass
@@ -48,7 +48,7 @@ class QuantizedBase:
         dtype = torch.float32 if self.requantize else (output_dtype(asked) or torch.bfloat16)
         return {name: dtype for name in self.layout.tensors}
 
-    def jobs(self, jobs: list[Job], ops: dict[str, _KeyOps]) -> list[Job]:
+    def jobs(self, jobs: list[Job], ops: dict[str, KeyOps]) -> list[Job]:
         """With ``--requantize``: each quantized weight's job replaced by the jobs of its stored tensors."""
         if not self.requantize:
             return jobs
@@ -86,7 +86,7 @@ class QuantizedBase:
         plan.warnings.extend(self.scale_warnings)
         if self.requantize:
             assert self.report is not None
-            plan.requantization = self.report
+            plan.report = self.report
             plan.warnings.append(
                 f"the base is quantized ({self.layout.scheme}): merged weights re-quantized in its scheme, "
                 f"the {self.report.copied} untouched ones copied as they were"
@@ -100,7 +100,7 @@ class QuantizedBase:
         )
 
 
-def _delta(o: _KeyOps | None):  # type: ignore[no-untyped-def]
+def _delta(o: KeyOps | None):  # type: ignore[no-untyped-def]
     """‖ΔW‖ of a plain LoRA on this weight, read when the weight is done (None for anything else)."""
 
     def norm() -> float | None:

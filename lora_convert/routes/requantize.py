@@ -28,6 +28,7 @@ from ..io.reader import Checkpoint
 from ..pipeline import Buffers, Job
 from ..quant import bnb, fp8, mxfp4
 from .common import copy_job
+from .report import TextTable
 
 BAND_ELEMENTS = 1 << 20  # values per band where the scheme allows any whole number of rows or blocks
 _WIDEST_FLOAT = -1.2345678901234567e-123  # the longest repr json gives a float: sizes a 4-bit quant state
@@ -92,6 +93,18 @@ class Requantization:
             for m in self.modules
         ]
         return head, rows
+
+    def tables(self) -> list[TextTable]:
+        head, rows = self.table()
+        return [
+            TextTable(f"re-quantized ({self.scheme}); {self.copied} untouched quantized weights copied", head, rows)
+        ]
+
+    def summary_lines(self, total_bytes: int) -> list[str]:
+        return []
+
+    def notes(self) -> list[str]:
+        return []
 
     def markdown(self) -> str:
         head, rows = self.table()

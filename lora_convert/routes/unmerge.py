@@ -27,8 +27,9 @@ from ..errors import RouteError, UnsupportedError, option, spelled
 from ..io.writer import PlannedTensor
 from ..pipeline import execute
 from ..stack import AdapterInput
-from .merge import MergeOps, merge_ops, tensor_job
+from .merge_engine import MergeOps, merge_ops, tensor_job
 from .plan import Plan, Request, output_dtype
+from .report import TextTable
 
 FP32_ARITH = 2.0**-23  # two fp32 passes (merge and unmerge), half an fp32 ulp each, per term summed
 
@@ -80,7 +81,14 @@ class Unmerge:
         key, worst = self.worst()
         return {"unmerged_tensors": len(self.seen), "worst_bound": worst, "worst_tensor": key, "bounds": self.bounds()}
 
-    def summary_lines(self) -> list[str]:
+    def tables(self) -> list[TextTable]:
+        return []
+
+    def summary_lines(self, total_bytes: int) -> list[str]:
+        return []
+
+    def notes(self) -> list[str]:
+        """The bound, under the ``wrote`` line and in the model card."""
         key, worst = self.worst()
         return [
             f"{len(self.seen)} tensors unmerged; the result is the base only up to rounding: every element within "
@@ -129,8 +137,8 @@ def plan_unmerge(req: Request) -> Plan:
         carry_from=req.source.root,
         config_changes=mo.config_changes,
         warnings=mo.warnings,
-        card_lines=lambda total: [f"`{req.ref}` minus {took}", *report.summary_lines(), *mo.warnings],
-        unmerge=report,
+        card_lines=lambda total: [f"`{req.ref}` minus {took}", *report.notes(), *mo.warnings],
+        report=report,
         op_counts={"unmerge": len(report.seen), "copy": len(jobs) - len(report.seen)},
     )
 

@@ -1,7 +1,7 @@
 """verify: is MERGED the merge of the adapter(s) into BASE?  Tensor by tensor, from the files alone.
 
-The merge's own planner (:func:`.merge.merge_ops`) says what every tensor should be — which LoRAs,
-replacements, trainable tokens, lora_bias, tied heads — and its row merge (:class:`.merge.RowMerge`)
+The merge's own planner (:func:`.merge_engine.merge_ops`) says what every tensor should be — which LoRAs,
+replacements, trainable tokens, lora_bias, tied heads — and its row merge (:class:`.merge_engine.RowMerge`)
 computes each expected block, exactly what ``merge`` would write, beside the same rows of BASE and
 MERGED.  The blocks are read ahead through the pipeline (jobs that write nothing), so memory stays
 at a few blocks whatever the model size, and the three files stream at disk speed.
@@ -70,7 +70,7 @@ from ..io.reader import Checkpoint
 from ..pipeline import Buffers, Job, Read, execute
 from ..progress import progress_bar
 from .common import COPY_BLOCK
-from .merge import MergeOps, RowMerge, _KeyOps, bias_value, block_plan, merge_ops, prepare_rows
+from .merge_engine import KeyOps, MergeOps, RowMerge, bias_value, block_plan, merge_ops, prepare_rows
 from .plan import Request
 
 OK = "ok"
@@ -225,7 +225,7 @@ def _on_experts(mo: MergeOps, key: str) -> bool:
     return mo.experts is not None and key in mo.experts.targets
 
 
-def _classify(key: str, ag: Agreement, o: _KeyOps, experts: bool = False) -> TensorCheck:
+def _classify(key: str, ag: Agreement, o: KeyOps, experts: bool = False) -> TensorCheck:
     c, dc = ag.scale(), ag.scale_uncertainty()
     numbers = dict(
         ulps=round(ag.worst_ulps, 3),
@@ -265,7 +265,7 @@ def _pm(c: float, dc: float) -> str:
     return f"{c:.{digits}f} ± {dc:.{digits}f}"
 
 
-def _scale_hint(c: float, o: _KeyOps) -> str:
+def _scale_hint(c: float, o: KeyOps) -> str:
     """Name the usual culprits when c is one of them."""
     r = o.loras[0].module.rank if len(o.loras) == 1 else None
     known = [(2.0, "2", "the adapter applied twice?"), (-1.0, "-1", "ΔW subtracted?")]
@@ -281,7 +281,7 @@ def _scale_hint(c: float, o: _KeyOps) -> str:
 
 
 def _check_job(
-    key: str, mk: str, o: _KeyOps, mo: MergeOps, merged: Checkpoint, done: Done, agreement: Callable[..., Agreement]
+    key: str, mk: str, o: KeyOps, mo: MergeOps, merged: Checkpoint, done: Done, agreement: Callable[..., Agreement]
 ) -> Job:
     if _on_experts(mo, key):
         return _mirror_job(key, mk, mo, merged, done, agreement)
@@ -344,7 +344,7 @@ def _dora_bounder(rm: RowMerge, mdtype: torch.dtype, buf: Buffers) -> Bounder:
 
 
 def _rows_job(
-    key: str, mk: str, o: _KeyOps, mo: MergeOps, merged: Checkpoint, done: Done, agreement: Callable[..., Agreement]
+    key: str, mk: str, o: KeyOps, mo: MergeOps, merged: Checkpoint, done: Done, agreement: Callable[..., Agreement]
 ) -> Job:
     """A LoRA (or token) tensor: the expected rows, computed as the merge computes them, beside the
     base's and MERGED's rows, each element's bound, and ΔW's rows for the scale fit."""
@@ -389,7 +389,7 @@ def _rows_job(
 
 
 def _flat_job(
-    key: str, mk: str, o: _KeyOps, mo: MergeOps, merged: Checkpoint, done: Done, agreement: Callable[..., Agreement]
+    key: str, mk: str, o: KeyOps, mo: MergeOps, merged: Checkpoint, done: Done, agreement: Callable[..., Agreement]
 ) -> Job:
     """A tensor the merge copies (or replaces): MERGED must hold it, cast to MERGED's dtype (one ulp)."""
     src_ck, src_key = o.source
@@ -467,9 +467,7 @@ def _mirror_job(
     return Job(key, torch.float32, (), run, "verify", reads=inner.reads, writes=False)
 
 
-def _bias_job(
-    key: str, mk: str, o: _KeyOps, merged: Checkpoint, done: Done, agreement: Callable[..., Agreement]
-) -> Job:
+def _bias_job(key: str, mk: str, o: KeyOps, merged: Checkpoint, done: Done, agreement: Callable[..., Agreement]) -> Job:
     """A bias with lora_bias added (small: read whole): the merge bound with rank-0 terms |s|·|lora_B.bias|."""
 
     def run(buf: Buffers) -> Iterator[torch.Tensor]:

@@ -1,0 +1,588 @@
+"""The merge engine: what each output tensor of a merge is (a copy, a replacement, LoRA folded in, a bias, an
+expert slab) and how its rows are computed.  Shared by every route that merges or checks a merge: merge
+(``merge.py``), unmerge (the same ops with the weights negated), verify (the same rows recomputed beside
+MERGED's) and the quantized merge (``quantized.py`` re-quantizes the rows it yields).
+
+:func:`merge_ops` decides, for the request's adapters, a :class:`KeyOps` per base tensor (its
+:class:`WeightedLora` s, lora_bias adds, trainable tokens, replacement) and the output keys; :func:`tensor_job`
+(or :meth:`MergeOps.job`) turns one into a job whose blocks stream the base weight through
+:func:`lora_math.merge_rows` (fp32, rounded once): :func:`block_plan` says which row blocks it reads,
+:func:`prepare_rows` builds the :class:`RowMerge` that computes them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from .. import arch, lora_math
+from ..errors import AdapterError, RouteError, UnsupportedError, option
+from ..inventory import LoraModule
+from ..io.reader import Checkpoint
+from ..pipeline import Buffers, Job, Read
+from .common import BaseView, check_finite, copy_job, remap_modules, same_tensor
+from .moe import ExpertPlan, plan_expert_lora
+from .plan import AdapterInput, Request
+from .quantized import QuantizedBase, quantized_base
+
+
+@dataclass
+class WeightedLora:
+    """One adapter's LoRA on a base tensor, and the weight its ΔW is multiplied by (PEFT's ``set_scale``)."""
+
+    module: LoraModule
+    ck: Checkpoint
+    weight: float = 1.0
+
+    @property
+    def scaling(self) -> float:
+        assert self.module.scaling is not None
+        return self.module.scaling * self.weight
+
+
+@dataclass
+class KeyOps:
+    """What happens to one base tensor."""
+
+    source: tuple[Checkpoint, str]
+    loras: list[WeightedLora] = field(default_factory=list)  # summed into the tensor in one fp32 pass
+    bias_adds: list[WeightedLora] = field(default_factory=list)  # lora_bias: s·w·lora_B.bias added to the bias
+    tokens: tuple[Checkpoint, str, list[int]] | None = None
+    replaced: bool = False
+
+    @property
+    def dora(self) -> bool:
+        return any(lo.module.magnitude_key for lo in self.loras)
+
+    def signature(self) -> tuple[Any, ...]:
+        """What was applied, to decide whether two tied tensors end up equal."""
+        return (
+            self.source[1] if self.replaced else None,
+            tuple((str(lo.ck.root), lo.module.a_key, lo.weight) for lo in self.loras),
+            self.tokens[1] if self.tokens else None,
+        )
+
+
+@dataclass
+class MergeOps:
+    """What a merge does to every base tensor, before any job exists: shared by merge, unmerge and verify."""
+
+    base: BaseView
+    ops: dict[str, KeyOps]
+    keys: list[str]  # the output tensors, in order
+    tied: tuple[str, str] | None
+    conv1d: bool  # fan_in_fan_out or a Conv1D architecture (settles square weights)
+    config_changes: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    experts: ExpertPlan | None = None  # LoRA on MoE experts, merged slab by slab (moe.py)
+    qbase: QuantizedBase | None = None  # a quantized base, read through its dequantized view
+    device: str = "cpu"  # where the row merges' fp32 tiles are computed (--device)
+
+    def job(self, key: str, dtype: torch.dtype | None, observe: Observer | None = None) -> Job:
+        """The job that writes ``key``: an expert slab merge, a row merge, a bias, or a copy."""
+        if self.experts is not None and key in self.experts.targets:
+            return self.experts.job(key, self.base, dtype)
+        return tensor_job(key, self.ops[key], self.base, dtype, self.conv1d, observe, self.device)
+
+
+def merge_ops(req: Request) -> MergeOps:
+    """Every base tensor's ops, the output keys (a tied head written only when it ends up different) and
+    the config edits, for the request's adapters."""
+    model_config = req.model_config
+    if not req.stack and req.inventory.form == "plain":
+        raise RouteError(
+            "holds no LoRA tensors (a full model: base, merged or fine-tuned); nothing to convert to merged",
+            path=req.source.root,
+            hint=f"to merge adapters into it, pass {option('adapter', 'ADAPTER[:WEIGHT]')}",
+        )
+    for inp in req.adapters_in():
+        assert inp.config is not None, "the API checks that an adapter config exists"
+        inp.config.check_supported()
+    base = BaseView(req.base) if req.base is not None else BaseView(req.source, req.inventory.base)
+    qbase = quantized_base(req, base)  # read through its dequantized view
+    if qbase is not None:
+        base = BaseView(qbase.view)
+    tied = arch.tied_pair(model_config, base.keys())
+    warnings: list[str] = []
+    experts = _experts(req, base)
+    ops = _assign(req, base, tied, warnings, experts)
+    mo = MergeOps(base, ops, base.keys(), tied, False, warnings=warnings, experts=experts, qbase=qbase)
+    if tied is not None:
+        emb_key, head_key = tied
+        if ops[head_key].signature() != ops[emb_key].signature() and not _mirrors(ops[head_key], ops[emb_key]):
+            if head_key not in mo.keys:
+                mo.keys.append(head_key)
+            mo.config_changes["tie_word_embeddings"] = False
+            mo.warnings.append(
+                "embed_tokens and lm_head were tied in the base but differ after the merge: "
+                "both are written and tie_word_embeddings is set to false"
+            )
+        elif head_key in mo.keys:
+            mo.keys.remove(head_key)  # still tied: the shared tensor is stored once, as save_pretrained does
+    fan_in_fan_out = any(inp.config is not None and inp.config.fan_in_fan_out for inp in req.adapters_in())
+    mo.conv1d = fan_in_fan_out or arch.stores_conv1d(model_config)
+    mo.warnings += experts.warnings
+    vocab = _new_vocab(ops, base.keys(), tied, model_config)
+    if vocab is not None:
+        mo.config_changes["vocab_size"] = vocab
+    return mo
+
+
+def _experts(req: Request, base: BaseView) -> ExpertPlan:
+    """Where the adapters' MoE-expert LoRA lands (moe.py), each module's scaling times its adapter's
+    weight.  One adapter at most may put LoRA on experts: the slab merge sums one adapter's parts."""
+    plans = []
+    for inp in req.adapters_in():
+        modules = inp.inventory.modules(inp.name)
+        if inp.weight != 1:
+            modules = {k: replace(m, scaling=(m.scaling or 0.0) * inp.weight) for k, m in modules.items()}
+        plans.append((inp, plan_expert_lora(modules, inp.ck, base, req.model_config, inp.config)))
+    on_experts = [(inp, plan) for inp, plan in plans if plan.targets]
+    if len(on_experts) > 1:
+        raise UnsupportedError(
+            "several adapters put LoRA on MoE experts; merging them in one pass is not supported",
+            path=on_experts[1][0].ck.root,
+            hint="merge them one at a time",
+        )
+    chosen = on_experts[0][1] if on_experts else plans[0][1]
+    for _, plan in plans:
+        if plan is not chosen:
+            chosen.renames.update(plan.renames)  # where the base stores a module under another name
+    return chosen
+
+
+def _assign(
+    req: Request, base: BaseView, tied: tuple[str, str] | None, notes: list[str], experts: ExpertPlan
+) -> dict[str, KeyOps]:
+    """Base key -> what to do with it: its source (base or replacement), LoRAs, lora_bias, tokens.
+    ``notes`` receives how adapter modules were matched to the base (prefixes, parts left out); the
+    modules ``experts`` handles are merged there, and its renames say where the base stores others."""
+    view = dict(base.map)
+    if tied is not None:
+        view[tied[1]] = base.map[tied[0]]  # a tied head *is* the embedding, whatever the file stores
+    ops = {k: KeyOps((base.ck, src)) for k, src in view.items()}
+    for inp in req.adapters_in():
+        _assign_adapter(ops, inp, base, view, tied, notes, experts, req.model_config)
+    for k in experts.targets:
+        if ops[k].loras:
+            raise UnsupportedError(
+                f"{k}: LoRA on its experts from one adapter and on the whole tensor from another",
+                hint="merge them one at a time",
+            )
+    for k, o in ops.items():
+        if len(o.loras) > 1 and o.dora:
+            raise UnsupportedError(
+                f"{k}: several adapters change it and one is DoRA; PEFT applies DoRA adapters one after "
+                "the other (each rescales the result so far), which is not a sum",
+                hint="merge them one at a time, in the order PEFT would apply them",
+            )
+    return ops
+
+
+def _assign_adapter(
+    ops: dict[str, KeyOps],
+    inp: AdapterInput,
+    base: BaseView,
+    view: dict[str, str],
+    tied: tuple[str, str] | None,
+    notes: list[str],
+    experts: ExpertPlan,
+    model_config: dict[str, Any] | None,
+) -> None:
+    """One adapter's modules, replacements and tokens, added to ``ops``."""
+    inv, ad, name, cfg = inp.inventory, inp.ck, inp.name, inp.config
+    assert cfg is not None
+    modules = {k: m for k, m in inv.modules(name).items() if k not in experts.handled}
+    replaced, tokens = inv.replace.get(name, {}), inv.tokens.get(name, {})
+    all_mods = sorted(set(modules) | {k.rsplit(".", 1)[0] for k in replaced if k not in view} | set(tokens))
+    rest = [m for m in all_mods if m not in experts.renames]
+    remap = (
+        remap_modules(
+            rest,
+            BaseView(base.ck, view),
+            "adapter modules",
+            ad.root,
+            spelled=inv.spelled,
+            config=model_config,
+            notes=notes,
+        )
+        if rest
+        else {}
+    )
+    remap.update({m: d for m, d in experts.renames.items() if m in all_mods})
+    for k, src in replaced.items():
+        mod, _, param = k.rpartition(".")
+        bk = f"{remap.get(mod, mod)}.{param}" if mod in remap else k
+        if bk not in ops:
+            raise AdapterError(f"replaces {bk}, which the base does not have", path=ad.root, tensor=src)
+        if ops[bk].replaced:
+            raise UnsupportedError(
+                f"two adapters replace {bk} (modules_to_save); PEFT activates one adapter per saved module",
+                path=ad.root,
+                tensor=src,
+            )
+        ops[bk].source, ops[bk].replaced = (ad, src), True
+    for mod, m in modules.items():
+        if mod not in remap:
+            continue  # a part the base does not hold (reported in notes)
+        wk = f"{remap[mod]}.weight"
+        if wk not in ops:
+            raise AdapterError(f"module {mod} has no weight in the base", path=ad.root, tensor=m.a_key)
+        ops[wk].loras.append(WeightedLora(m, ad, inp.weight))
+        if m.bias_key:
+            bk = f"{remap.get(mod, mod)}.bias"
+            if bk not in ops:
+                raise UnsupportedError(
+                    f"lora_bias on {mod}, whose base layer has no bias: the merged model "
+                    "would need a new tensor its architecture cannot load",
+                    path=ad.root,
+                    tensor=m.bias_key,
+                )
+            ops[bk].bias_adds.append(WeightedLora(m, ad, inp.weight))
+    _assign_tokens(ops, inp, tokens, remap, tied)
+
+
+def _assign_tokens(
+    ops: dict[str, KeyOps],
+    inp: AdapterInput,
+    tokens: dict[str, str],
+    remap: dict[str, str],
+    tied: tuple[str, str] | None,
+) -> None:
+    """An adapter's trainable tokens (one adapter per token table, as PEFT activates them)."""
+    ad = inp.ck
+    assert inp.config is not None
+    token_map = inp.config.trainable_token_map()
+    emb_key, head_key = tied or (None, None)
+    for mod, key in tokens.items():
+        wk = f"{remap.get(mod, mod)}.weight"
+        if wk == head_key and any(f"{remap.get(m, m)}.weight" == emb_key for m in tokens):
+            continue  # the tied lm_head's token adapter is the embedding's (PEFT ties them); applied below
+        idx = token_map.get(arch.short_name(mod)) or token_map.get(mod)
+        if idx is None:
+            raise AdapterError(
+                f"trainable tokens for {mod} but trainable_token_indices names no indices for it",
+                path=ad.root,
+                tensor=key,
+            )
+        if ops[wk].tokens is not None:
+            raise UnsupportedError(
+                f"two adapters train tokens of {mod}; PEFT activates one adapter per token table",
+                path=ad.root,
+                tensor=key,
+            )
+        ops[wk].tokens = (ad, key, idx)
+        if wk == emb_key and head_key in ops:
+            ops[head_key].tokens = (ad, key, idx)  # PEFT ties the token adapter of a tied lm_head
+
+
+def _mirrors(head: KeyOps, emb: KeyOps) -> bool:
+    """Whether the tied head ends up equal to the embedding although its ops are spelled differently.
+
+    PEFT's ``ensure_weight_tying`` gives the head the embedding's adapter (lora_A = B_eᵀ, lora_B = A_eᵀ,
+    the same parameters) and saves both, each with its own copy of the shared base weight; the two
+    sides then stay equal and should stay tied, as in the unmerged model.
+    """
+    if head.tokens is not None or emb.tokens is not None or head.bias_adds or emb.bias_adds:
+        return False
+    if head.replaced != emb.replaced or (head.replaced and not same_tensor(head.source, emb.source)):
+        return False
+    if len(head.loras) != len(emb.loras) or len(head.loras) > 1:
+        return False
+    if not head.loras:
+        return True
+    (hl,), (el,) = head.loras, emb.loras
+    h, e = hl.module, el.module
+    if h.kind == "embedding" or e.kind != "embedding" or h.magnitude_key or e.magnitude_key:
+        return False
+    if hl.scaling != el.scaling:
+        return False
+    ha, hb = hl.ck.read(h.a_key), hl.ck.read(h.b_key)
+    ea, eb = el.ck.read(e.a_key), el.ck.read(e.b_key)
+    return ha.shape == eb.T.shape and hb.shape == ea.T.shape and torch.equal(ha, eb.T) and torch.equal(hb, ea.T)
+
+
+def _new_vocab(
+    ops: dict[str, KeyOps], keys: list[str], tied: tuple[str, str] | None, model_config: dict[str, Any] | None
+) -> int | None:
+    """The vocabulary size after a replaced (resized) input embedding, when config.json says otherwise."""
+    if tied is None and arch.HEAD_KEY not in ops:
+        return None
+    ek = tied[0] if tied is not None else arch.input_embedding_key(keys)
+    if ek is None or ek not in ops or not ops[ek].replaced:
+        return None
+    ck, key = ops[ek].source
+    vocab = ck.info(key).shape[0]
+    return vocab if model_config and model_config.get("vocab_size") not in (None, vocab) else None
+
+
+def tensor_job(
+    key: str,
+    o: KeyOps,
+    base: BaseView,
+    dtype: torch.dtype | None,
+    conv1d: bool,
+    observe: Observer | None = None,
+    device: str = "cpu",
+) -> Job:
+    src_ck, src_key = o.source
+    info = src_ck.info(src_key)
+    if dtype is not None and info.is_float:
+        out_dtype = dtype
+    elif key in base and info.is_float and base.ck.info(base.map[key]).is_float:
+        out_dtype = base.ck.info(base.map[key]).dtype  # a replacement is written in the base's dtype
+    else:
+        out_dtype = info.dtype
+    if o.loras or o.tokens is not None or o.bias_adds:
+        _check_float_target(src_ck, src_key)
+    if o.loras or o.tokens is not None:
+        return _merge_job(key, o, info.shape, out_dtype, conv1d, observe, device)
+    if o.bias_adds:
+        return _bias_job(key, o, out_dtype)
+    return copy_job(src_ck, src_key, key, out_dtype, "replace" if o.replaced else "copy")
+
+
+def _check_float_target(ck: Checkpoint, key: str) -> None:
+    """A merge adds a floating-point delta: into an integer (or float8, bool) weight it would be
+    rounded to a different tensor with no error.  Such targets are refused by name."""
+    info = ck.info(key)
+    if not info.is_float:
+        raise UnsupportedError(
+            f"the LoRA targets a weight stored as {info.dtype_name}; a merge can only change F32, F16, BF16 "
+            "or F64 weights",
+            path=ck.root,
+            tensor=key,
+            hint="merge into the base with floating-point weights (quantized bases: dequantize first)",
+        )
+
+
+def _factors(lo: WeightedLora, base_shape: tuple[int, ...], conv1d_hint: bool) -> tuple[lora_math.DeltaFactors, bool]:
+    """ΔW factors (weight folded into the scaling) in the stored orientation, and whether that
+    orientation is transposed."""
+    m, ck = lo.module, lo.ck
+    a = check_finite(ck.read(m.a_key), ck, m.a_key)
+    b = check_finite(ck.read(m.b_key), ck, m.b_key)
+    if m.kind == "embedding":
+        if tuple(base_shape) != (m.in_features, m.out_features):
+            raise AdapterError(
+                f"embedding LoRA for shape ({m.in_features}, {m.out_features}) but the base weight is "
+                f"{tuple(base_shape)}",
+                path=ck.root,
+                tensor=m.module,
+                hint="is this adapter for this base model?",
+            )
+        return lora_math.embedding_factors(a, b, lo.scaling), True
+    if m.kind == "conv" or len(base_shape) > 2:
+        return _conv_factors(lo, a, b, base_shape), False
+    try:
+        transposed = lora_math.is_transposed(base_shape, m.in_features, m.out_features, hint=conv1d_hint)
+    except ValueError as exc:
+        raise AdapterError(
+            f"LoRA expects (out, in) = ({m.out_features}, {m.in_features}) but the base weight is {tuple(base_shape)}",
+            path=ck.root,
+            tensor=m.module,
+            hint="is this adapter for this base model?",
+        ) from exc
+    return lora_math.linear_factors(a, b, lo.scaling, transposed=transposed), transposed
+
+
+def _conv_factors(
+    lo: WeightedLora, a: torch.Tensor, b: torch.Tensor, base_shape: tuple[int, ...]
+) -> lora_math.DeltaFactors:
+    """A convolution's ΔW on its flattened (out, in·k·k) weight, after checking the kernel fits."""
+    m = lo.module
+    kernel = tuple(a.shape[1:]) if a.dim() > 2 else (m.in_features, *([1] * (len(base_shape) - 2)))
+    if tuple(base_shape) != (m.out_features, *kernel) or any(d != 1 for d in b.shape[2:]):
+        raise AdapterError(
+            f"conv LoRA for weight shape {(m.out_features, *kernel)} (B {list(b.shape)}) but the base weight is "
+            f"{tuple(base_shape)}",
+            path=lo.ck.root,
+            tensor=m.module,
+            hint="is this adapter for this base model?",
+        )
+    return lora_math.conv_factors(a, b, lo.scaling)
+
+
+def _dora_scales(
+    buf: Buffers,
+    plan: list[Read],
+    lo: WeightedLora,
+    delta: lora_math.DeltaFactors,
+    transposed: bool,
+    rows: int,
+    cols: int,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """(row scale, column scale, the norms ‖W+ΔW‖) m/‖W+ΔW‖ — one pass over the base weight before the merge pass.
+
+    DoRA normalises per output feature: a stored row for nn.Linear, a stored column for Conv1D and
+    Embedding (whose stored weight is transposed to the LoRA view)."""
+    m, lck = lo.module, lo.ck
+    assert m.magnitude_key is not None
+    mag = check_finite(lck.read(m.magnitude_key), lck, m.magnitude_key).reshape(-1)  # conv: (1, out, 1, 1)
+    if not transposed:
+        norms = torch.empty(rows, dtype=torch.float32)
+        for r in plan:
+            w = buf.read(r)
+            norms[r.start : r.stop] = lora_math.dora_row_norms(
+                w.view(w.shape[0], cols), delta, r.start, _acc(buf, w.shape[0], cols)
+            )
+            buf.give_back(w)
+        return lora_math.dora_scale(mag, norms), None, norms
+    sq = torch.zeros(cols, dtype=torch.float32)
+    for r in plan:
+        w = buf.read(r)
+        sq += lora_math.dora_col_sq_norms(w, delta, r.start, _acc(buf, w.shape[0], cols))
+        buf.give_back(w)
+    norms = sq.sqrt_()
+    return None, lora_math.dora_scale(mag, norms), norms
+
+
+def _acc(buf: Buffers, n: int, cols: int, device: str = "cpu") -> torch.Tensor:
+    return buf.scratch("acc", (n, cols), torch.float32, device)
+
+
+def _token_rows(ops: KeyOps, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(row indices, their new values) of a trainable-tokens adapter, checked against the weight."""
+    if ops.tokens is None:
+        return None
+    tck, tkey, idx = ops.tokens
+    delta = check_finite(tck.read(tkey), tck, tkey)
+    if delta.shape != (len(idx), cols):
+        raise AdapterError(
+            f"trainable tokens delta has shape {list(delta.shape)}, expected [{len(idx)}, {cols}]",
+            path=tck.root,
+            tensor=tkey,
+        )
+    if len(idx) and (max(idx) >= rows or min(idx) < 0):
+        raise AdapterError(f"token index out of range for vocabulary {rows}", path=tck.root, tensor=tkey)
+    return torch.tensor(idx, dtype=torch.long), delta
+
+
+@dataclass
+class RowMerge:
+    """How the row blocks of one base tensor become merged rows, prepared once per tensor: the LoRA
+    deltas (summed in one tile), DoRA's scales and the trainable-token rows.  Merge and verify share it."""
+
+    deltas: list[lora_math.DeltaFactors]
+    row_scale: torch.Tensor | None = None
+    col_scale: torch.Tensor | None = None
+    tokens: tuple[torch.Tensor, torch.Tensor] | None = None
+    norms: torch.Tensor | None = None  # DoRA's ‖W+ΔW‖ per output feature (verify bounds its error)
+
+    def rows(self, w: torch.Tensor, start: int, out: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
+        """Merged rows ``start:start+len(w)`` rounded once into ``out`` (a conv weight's rows are its
+        flattened (out, in·k·k) matrix's)."""
+        if self.deltas:
+            n, cols = w.shape[0], acc.shape[1]
+            lora_math.merge_rows(
+                w.view(n, cols),
+                self.deltas,
+                start,
+                out.view(n, cols),
+                acc=acc,
+                col_scale=self.col_scale,
+                row_scale=self.row_scale,
+            )
+        else:
+            out.copy_(w)
+        if self.tokens is not None:
+            sel = (self.tokens[0] >= start) & (self.tokens[0] < start + w.shape[0])
+            if sel.any():
+                out[self.tokens[0][sel] - start] = self.tokens[1][sel].to(out.dtype)
+        return out
+
+
+def block_plan(ops: KeyOps, shape: tuple[int, ...], out_dtype: torch.dtype) -> list[Read]:
+    """The row blocks a merge of this tensor reads (once, or twice for DoRA's norm pass first)."""
+    src_ck, src_key = ops.source
+    rows, cols = shape[0], math.prod(shape[1:])  # a conv weight is merged as its (out, in·k·k) matrix
+    step = lora_math.block_rows(rows, cols, elem_bytes=max(src_ck.info(src_key).itemsize, out_dtype.itemsize))
+    return [Read(src_ck, src_key, s, min(s + step, rows)) for s in range(0, rows, step)]
+
+
+def prepare_rows(
+    ops: KeyOps, shape: tuple[int, ...], conv1d_hint: bool, buf: Buffers, plan: list[Read], device: str = "cpu"
+) -> RowMerge:
+    """Read the factors and tokens; for DoRA, make the norm pass over ``plan`` (its first reading).  With a
+    ``device`` other than the CPU, the factors and DoRA's scales move there: the tiles are computed there."""
+    rows, cols = shape[0], math.prod(shape[1:])
+    found = [_factors(lo, shape, conv1d_hint) for lo in ops.loras]
+    rm = RowMerge([d for d, _ in found], tokens=_token_rows(ops, rows, cols))
+    if ops.dora:  # a DoRA tensor has exactly one LoRA (see _assign)
+        rm.row_scale, rm.col_scale, rm.norms = _dora_scales(
+            buf, plan, ops.loras[0], found[0][0], found[0][1], rows, cols
+        )
+    if device != "cpu":
+        rm.deltas = [d.to(device) for d in rm.deltas]
+        rm.row_scale = rm.row_scale.to(device) if rm.row_scale is not None else None
+        rm.col_scale = rm.col_scale.to(device) if rm.col_scale is not None else None
+    return rm
+
+
+Observer = Callable[[torch.Tensor, torch.Tensor], None]  # (input block, output block), before both are released
+
+
+def _merge_job(
+    name: str,
+    ops: KeyOps,
+    shape: tuple[int, ...],
+    out_dtype: torch.dtype,
+    conv1d_hint: bool,
+    observe: Observer | None = None,
+    device: str = "cpu",
+) -> Job:
+    src_ck = ops.source[0]
+    cols = math.prod(shape[1:])
+    plan = block_plan(ops, shape, out_dtype)
+
+    def blocks(buf: Buffers) -> Iterator[torch.Tensor]:
+        rm = prepare_rows(ops, shape, conv1d_hint, buf, plan, device)
+        for r in plan:
+            w = buf.read(r)
+            acc = _acc(buf, w.shape[0], cols, device if rm.deltas else "cpu")
+            out = rm.rows(w, r.start, buf.out(tuple(w.shape), out_dtype), acc)
+            if observe is not None:
+                observe(w, out)
+            buf.give_back(w)
+            if not lora_math.all_finite(out):
+                raise AdapterError(
+                    "merged weight holds NaN or Inf",
+                    path=src_ck.root,
+                    tensor=name,
+                    hint="the adapter or the base has extreme values",
+                )
+            yield out
+
+    op = "dora" if ops.dora else ("merge" if ops.loras else "tokens")
+    return Job(name, out_dtype, shape, blocks, op, reads=lambda: plan * (2 if ops.dora else 1))
+
+
+def bias_value(ops: KeyOps) -> torch.Tensor:
+    """The merged bias in fp32: the base's plus Σ s·w·lora_B.bias (lora_bias)."""
+    src_ck, src_key = ops.source
+    b = src_ck.read(src_key).to(torch.float32)
+    for lo in ops.bias_adds:
+        m, lck = lo.module, lo.ck
+        assert m.bias_key is not None
+        extra = check_finite(lck.read(m.bias_key), lck, m.bias_key).to(torch.float32)
+        if extra.shape != b.shape:
+            raise AdapterError(
+                f"lora_B.bias has shape {list(extra.shape)}, base bias {list(b.shape)}",
+                path=lck.root,
+                tensor=m.bias_key,
+            )
+        b = b + extra * lo.scaling
+    return b
+
+
+def _bias_job(name: str, ops: KeyOps, out_dtype: torch.dtype) -> Job:
+    src_ck, src_key = ops.source
+
+    def blocks(buf: Buffers) -> Iterator[torch.Tensor]:
+        yield bias_value(ops).to(out_dtype)
+
+    return Job(name, out_dtype, src_ck.info(src_key).shape, blocks, "bias")
