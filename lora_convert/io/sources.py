@@ -79,6 +79,31 @@ def _pread_exact(fd: int, offset: int, nbytes: int, buf: torch.Tensor | None, pa
     return buf
 
 
+class _LazyFile:
+    """One file opened on first read and kept open until close(): the pipeline's reader and worker threads
+    may ask for it at once, so the open is guarded; a failure names the file and the tensor asked for."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh: Any = None
+        self._lock = threading.Lock()
+
+    def fileno(self, tensor: str) -> int:
+        if self._fh is None:
+            with self._lock:
+                if self._fh is None:
+                    try:
+                        self._fh = open(self.path, "rb", buffering=0)  # noqa: SIM115 - kept open until close()
+                    except OSError as exc:
+                        raise CheckpointError(f"cannot open: {exc.strerror}", path=self.path, tensor=tensor) from None
+        return self._fh.fileno()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
 class SafetensorsSource(TensorSource):
     """A ``.safetensors`` file: header parsed and validated on open, data read with ``preadv``."""
 
@@ -87,23 +112,13 @@ class SafetensorsSource(TensorSource):
         header = read_header(path, max_tensors=max_tensors)
         self.metadata = header.metadata
         self._infos = {n: _with_source(i, self) for n, i in header.tensors.items()}
-        self._fh: Any = None
-        self._lock = threading.Lock()  # the pipeline's reader and worker may open the file at once
+        self._file = _LazyFile(path)
 
     def infos(self) -> dict[str, TensorInfo]:
         return self._infos
 
     def _fileno(self, info: TensorInfo) -> int:
-        if self._fh is None:
-            with self._lock:
-                if self._fh is None:
-                    try:
-                        self._fh = open(self.path, "rb", buffering=0)  # noqa: SIM115 - kept open until close()
-                    except OSError as exc:
-                        raise CheckpointError(
-                            f"cannot open: {exc.strerror}", path=self.path, tensor=info.name
-                        ) from None
-        return self._fh.fileno()
+        return self._file.fileno(info.name)
 
     def read_into(self, info: TensorInfo, start: int, nbytes: int, buf: torch.Tensor | None) -> torch.Tensor:
         return _pread_exact(self._fileno(info), info.offset + start, nbytes, buf, self.path, info.name)
@@ -118,9 +133,7 @@ class SafetensorsSource(TensorSource):
             pass  # a hint: the read itself reports real errors
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        self._file.close()
 
 
 class BinSource(TensorSource):
@@ -144,21 +157,13 @@ class BinSource(TensorSource):
             dname = _bin_dtype(check_name(name, path), t, path)
             self._infos[name] = TensorInfo(name, dname, tuple(t.shape), path, 0, t.numel() * t.element_size(), self)
         self._flat: tuple[str, torch.Tensor] | None = None  # (name, contiguous bytes) of the tensor being read
-        self._fh: Any = None
-        self._lock = threading.Lock()
+        self._file = _LazyFile(path)
 
     def infos(self) -> dict[str, TensorInfo]:
         return self._infos
 
     def _fileno(self, name: str) -> int:
-        if self._fh is None:
-            with self._lock:
-                if self._fh is None:
-                    try:
-                        self._fh = open(self.path, "rb", buffering=0)  # noqa: SIM115 - kept open until close()
-                    except OSError as exc:
-                        raise CheckpointError(f"cannot open: {exc.strerror}", path=self.path, tensor=name) from None
-        return self._fh.fileno()
+        return self._file.fileno(name)
 
     def _span(self, name: str) -> tuple[int, int]:
         """(file offset, bytes) of the storage bytes the tensor covers, from its first element to its last."""
@@ -206,9 +211,7 @@ class BinSource(TensorSource):
     def close(self) -> None:
         self._tensors = {}
         self._flat = None
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        self._file.close()
 
 
 def _bin_dtype(name: str, t: torch.Tensor, path: Path) -> str:
