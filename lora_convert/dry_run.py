@@ -35,6 +35,7 @@ class DryRun:
     total_bytes: int  # bytes of ``files``, as ConvertResult.total_bytes would say
     bytes_exact: bool  # False: a one-file output (GGUF) counted by its tensor data alone
     read_bytes: int  # bytes of the row blocks the jobs declare they read (LoRA factors read whole not counted)
+    factor_bytes: int  # bytes on disk of the listed modules' factors (A, B, lora bias, DoRA magnitude)
     dtypes: dict[str, int]  # output tensors per dtype
     ops: dict[str, int]
     modules: list[dict[str, Any]]  # per adapter module touched: adapter, module, kind, rank, scaling, weight
@@ -82,6 +83,7 @@ def describe(plan: Plan, req: Request, out: Output) -> DryRun:
         total,
         exact,
         _read_bytes(plan),
+        _factor_bytes(req),
         dtypes,
         plan.ops(),
         _modules(req),
@@ -102,6 +104,17 @@ def _read_bytes(plan: Plan) -> int:
             else:
                 per = info.nbytes // max(1, info.shape[0] if info.shape else 1)
             total += (r.stop - r.start) * per
+    return total
+
+
+def _factor_bytes(req: Request) -> int:
+    """Bytes of every listed module's factors as stored (what a merge or combine reads whole)."""
+    total = 0
+    for a in req.adapters_in():
+        for m in a.inventory.modules(a.name).values():
+            for key in (m.a_key, m.b_key, m.bias_key, m.magnitude_key):
+                if key is not None and key in a.ck.tensors:
+                    total += a.ck.info(key).nbytes
     return total
 
 

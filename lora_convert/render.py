@@ -171,7 +171,8 @@ def dry_run(res: Any) -> None:
         "[cyan]dry run[/cyan] "
         + safe(
             f"{res.output} ({res.target_form}, from {form_word(res.source_form)}): would write {res.tensors} tensors, "
-            f"{about}{human_bytes(res.total_bytes)} in {', '.join(res.files)}; read {human_bytes(res.read_bytes)}"
+            f"{about}{human_bytes(res.total_bytes)} in {', '.join(res.files)}; read {human_bytes(res.read_bytes)} in blocks, "
+            f"{human_bytes(res.factor_bytes)} of LoRA factors"
         )
     )
     out.print(safe("  dtypes: " + ", ".join(f"{k}: {v}" for k, v in sorted(res.dtypes.items()))))

@@ -67,10 +67,13 @@ def test_merge_adapter_and_base(tmp_path):
     assert sorted({m["scaling"] for m in doc["modules"]}) == sorted({s for g in det.modules for s in g.scalings})
     # the blocks read: every base tensor once, whole (fixtures are tiny: one block each)
     base = lc.load_source(BASE)[0]
+    lora = lc.load_source(LORA)[0]
     try:
         assert doc["read_bytes"] == sum(t.nbytes for t in base.tensors.values())
+        assert doc["factor_bytes"] == sum(t.nbytes for n, t in lora.tensors.items() if "lora_" in n)
     finally:
         base.close()
+        lora.close()
 
 
 def test_convert_unmerged_to_adapter(tmp_path):
