@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .assemble import ConvertResult
     from .costs import Report
     from .detection import DetectResult
+    from .dry_run import DryRun
     from .io.hub import PushResult
     from .routes.extract import ExtractOptions
     from .routes.plan import Request
@@ -140,7 +141,8 @@ def convert(
     moe_layout: str | None = None,
     adapters: Sequence[Spec] | None = None,
     drop_norms: bool = False,
-) -> ConvertResult:
+    dry_run: bool = False,
+) -> ConvertResult | DryRun:
     """Convert ``source`` to the storage form ``to`` in the folder ``output``.
 
     Args:
@@ -181,9 +183,12 @@ def convert(
             ``source`` and ``to="base"`` it is subtracted (unmerge).  REF is an adapter checkpoint, or the
             name of an adapter inside ``source``.  An ``adapter`` that is a path (or has a weight) means
             the same as ``adapters=[adapter]``.
+        dry_run: plan the conversion and return a :class:`~lora_convert.dry_run.DryRun` (files, tensors,
+            bytes, modules, config changes, warnings) instead of writing it: nothing is written, no temporary
+            folder is made, nothing is pushed.  Not on the extraction route (its planner factors while planning).
 
     Returns:
-        A :class:`~lora_convert.assemble.ConvertResult`; ``.report`` holds the route's own report (the SVD
+        A :class:`~lora_convert.assemble.ConvertResult` (a ``DryRun`` with ``dry_run``); ``.report`` holds the route's own report (the SVD
         route's :class:`~lora_convert.routes.extract.Extraction`, an unmerge's rounding bound in a
         :class:`~lora_convert.routes.unmerge.Unmerge`; None where the route has none), ``.pushed`` the push (a
         :class:`~lora_convert.io.hub.PushResult`).
@@ -198,11 +203,13 @@ def convert(
     route = RouteOptions(dtype, extract_options, outtype, requantize, device, moe_layout, drop_norms)
     hub = HubPush(push_to, private, token) if push_to is not None else None
     route.check(to, out)
-    if hub is not None:
+    if hub is not None and not dry_run:
         hub = hub.preflight(to, out)  # the token and the right to write, before any work
     with open_request(
         source, to, base=base, adapter=adapter, adapters=adapters, route=route, progress=out.progress
     ) as (req, warnings):
+        if dry_run:
+            return _describe(req, to, warnings, out)
         result = _write(req, to, warnings, out)
     if hub is not None:
         result.pushed = hub.upload(result.output, len(result.files), result.total_bytes, out.progress)
@@ -219,14 +226,31 @@ def _write(req: Request, to: str, warnings: list[str], out: Output) -> ConvertRe
     return write_output(plan, req, out)
 
 
-def merge(source: str | Path, *, output: str | Path, base: str | Path | None = None, **kwargs: Any) -> ConvertResult:
+def _describe(req: Request, to: str, warnings: list[str], out: Output) -> DryRun:
+    """The route's plan for ``req``, described and not written (``dry_run=True``)."""
+    from .dry_run import describe
+    from .routes import planner
+
+    if req.extract is not None:
+        raise OptionError(
+            f"{option_name('dry_run')} is not available for extraction yet: its planner runs the SVDs while planning"
+        )
+    plan = planner(req.inventory.form, to, path=req.source.root)(req)
+    plan.warnings[:0] = warnings
+    return describe(plan, req, out)
+
+
+def merge(
+    source: str | Path, *, output: str | Path, base: str | Path | None = None, **kwargs: Any
+) -> ConvertResult | DryRun:
     """Fold the LoRA of an adapter (with ``base``) or of an unmerged checkpoint into the base weights.
 
     Several adapters at once: ``merge(BASE, adapters=["a", ("b", 0.5)], output=...)`` folds
     ``Σ wᵢ·ΔWᵢ`` in one fp32 pass, rounded once; the logits equal PEFT's with the same adapters loaded
     and active together (``set_scale(name, w)`` for the weights).
 
-    The same as ``convert(source, "merged", ...)``: see :func:`convert` for the arguments and errors."""
+    The same as ``convert(source, "merged", ...)``: see :func:`convert` for the arguments (``dry_run=True``: the
+    plan as a :class:`~lora_convert.dry_run.DryRun`, nothing written) and errors."""
     return convert(source, "merged", output=output, base=base, **kwargs)
 
 
@@ -308,7 +332,8 @@ def combine(
     force: bool = False,
     progress: bool = False,
     command: str | None = None,
-) -> ConvertResult:
+    dry_run: bool = False,
+) -> ConvertResult | DryRun:
     """Combine adapters into one, as PEFT's ``add_weighted_adapter`` does (bit for bit).
 
     Args:
@@ -321,6 +346,7 @@ def combine(
             methods' rank (default: the largest source rank).  seed: dare's masks; with PEFT, the seed of
             ``torch.manual_seed`` just before ``add_weighted_adapter``.  svd_clamp: PEFT's quantile clamp.
             majority_sign: ties' sign election, ``total`` or ``frequency``.
+        dry_run: return the plan as a :class:`~lora_convert.dry_run.DryRun` and write nothing.
 
     Returns:
         A :class:`~lora_convert.assemble.ConvertResult` for the new adapter folder.
@@ -339,6 +365,10 @@ def combine(
     with open_request(None, "combine", adapters=specs, progress=progress) as (req, warnings):
         plan = plan_combine(req, opts)
         plan.warnings[:0] = warnings
+        if dry_run:
+            from .dry_run import describe
+
+            return describe(plan, req, out)
         return write_output(plan, req, out)
 
 
@@ -355,8 +385,9 @@ def extract(
     private: bool = False,
     token: str | None = None,
     moe_layout: str | None = None,
+    dry_run: bool = False,
     **option_fields: Any,
-) -> ConvertResult:
+) -> ConvertResult | DryRun:
     """Factor every changed tensor of ``tuned`` against ``base`` into a PEFT LoRA adapter (SVD).
 
     Args:
@@ -367,6 +398,8 @@ def extract(
         push_to, private, token: push the adapter to the Hub once written, as :func:`convert` does.
         moe_layout: routed experts as one PEFT ``target_parameters`` pair per fused parameter (``fused``, the
             default) or as one LoRA module per stored per-expert tensor (``per-expert``).
+        dry_run: refused for now (an OptionError): extraction's planner runs its SVDs while planning, so a
+            dry run would cost as much as the run (issue 24 item 3).
 
     Returns:
         A :class:`~lora_convert.assemble.ConvertResult` whose ``.report`` (an ``Extraction``) has each module's rank,
@@ -392,4 +425,5 @@ def extract(
         private=private,
         token=token,
         moe_layout=moe_layout,
+        dry_run=dry_run,
     )

@@ -109,6 +109,12 @@ def detect_cmd(ctx: click.Context, path: str, base: str | None, adapter: str | N
         render.detection(res)
 
 
+_dry_run_option = click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the plan (modules, ranks, output files, dtypes, bytes, config changes, warnings); write nothing.",
+)
+
 _push_options = [
     click.option(
         "--push-to",
@@ -141,6 +147,7 @@ def _conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--max-shard-size", default="5GB", show_default=True, help="Shard limit, decimal units."),
         click.option("--force", is_flag=True, help="Replace an existing output folder."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON document (docs/json.md)."),
+        _dry_run_option,
         *_push_options,
         _debug_option,
     ]
@@ -157,6 +164,12 @@ def _adapter_args(adapters: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _print_conversion(res: Any, as_json: bool) -> None:
+    if getattr(res, "bytes_exact", None) is not None:  # a DryRun: the plan, nothing written
+        if as_json:
+            render.json_document("dry-run", res.to_dict())
+        else:
+            render.dry_run(res)
+        return
     if as_json:
         render.json_document("conversion", res.to_dict())
     else:
@@ -341,6 +354,7 @@ def merge_cmd(ctx: click.Context, source: str, adapters: tuple[str, ...], as_jso
 )
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (docs/json.md).")
+@_dry_run_option
 @_debug_option
 @click.pass_context
 def combine_cmd(
@@ -463,6 +477,7 @@ def report_cmd(
 @_moe_layout_option
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (docs/json.md).")
+@_dry_run_option
 @_push_options[0]
 @_push_options[1]
 @_push_options[2]

@@ -157,6 +157,39 @@ def conversion(res: Any) -> None:
         pushed(res.output, res.pushed)
 
 
+def dry_run(res: Any) -> None:
+    """``--dry-run``: the plan (a ``DryRun``): modules with rank and scaling, the files, dtypes and bytes it would
+    write, what it would read, the config edits and warnings; nothing was written."""
+    if res.modules:
+        rows = [
+            [m["adapter"], m["module"], m["kind"], str(m["rank"]), _num(m["scaling"]), f"{m['weight']:g}"]
+            for m in res.modules
+        ]
+        out.print(table(out, "modules", ["adapter", "module", "kind", "rank", "scaling", "weight"], rows))
+    about = "" if res.bytes_exact else "about "
+    out.print(
+        "[cyan]dry run[/cyan] "
+        + safe(
+            f"{res.output} ({res.target_form}, from {form_word(res.source_form)}): would write {res.tensors} tensors, "
+            f"{about}{human_bytes(res.total_bytes)} in {', '.join(res.files)}; read {human_bytes(res.read_bytes)} in blocks, "
+            f"{human_bytes(res.factor_bytes)} of LoRA factors"
+        )
+    )
+    out.print(safe("  dtypes: " + ", ".join(f"{k}: {v}" for k, v in sorted(res.dtypes.items()))))
+    if res.ops:
+        out.print(safe("  " + ", ".join(f"{k}: {v}" for k, v in sorted(res.ops.items()))))
+    for k, v in res.config_changes.items():
+        out.print(safe(f"  config.json: {k} = {v}"))
+    if res.output_exists:
+        out.print(safe("  the output exists: the real run needs --force"))
+    out.print("  nothing written")
+    warnings(res.warnings)
+
+
+def _num(x: Any) -> str:
+    return "?" if x is None else f"{x:g}"
+
+
 def pushed(folder: Any, res: Any) -> None:
     """``push`` (or a conversion's ``--push-to``): where the commit went (a ``PushResult``)."""
     out.print(f"[green]pushed[/green] {safe(folder)} -> {safe(res.commit_url)}")

@@ -220,6 +220,9 @@ def test_docs_json_md_shows_every_documents_keys(tmp_path):
         "report/1": json.loads(run("report", LORA, "--json").stdout),
         "conversion/1": json.loads(run("merge", LORA, "--base", BASE, "-o", str(tmp_path / "m"), "--json").stdout),
         "error/1": json.loads(run("merge", LORA, "--base", BASE, "-o", str(tmp_path / "m"), "--json").stdout),
+        "dry-run/1": json.loads(
+            run("merge", LORA, "--base", BASE, "-o", str(tmp_path / "d"), "--json", "--dry-run").stdout
+        ),
         "verify/1": json.loads(run("verify", str(tmp_path / "m"), "--base", BASE, "--adapter", LORA, "--json").stdout),
     }
     assert set(examples) == {*real, "push/1"}
@@ -230,3 +233,4 @@ def test_docs_json_md_shows_every_documents_keys(tmp_path):
     assert set(examples["report/1"]["rows"][0]) == set(real["report/1"]["rows"][0])
     assert set(examples["push/1"]) == {"schema"} | {f.name for f in fields(PushResult)}
     assert set(examples["verify/1"]["checks"][0]) == set(real["verify/1"]["checks"][0])
+    assert set(examples["dry-run/1"]["modules"][0]) == set(real["dry-run/1"]["modules"][0])

@@ -22,7 +22,7 @@ LAYERS: dict[str, list[str]] = {
     "jobs": ["pipeline"],
     "plans": ["routes", "routes.*"],
     "requests": ["options", "requests"],
-    "assembly": ["assemble", "card"],
+    "assembly": ["assemble", "card", "dry_run"],
     "surface": ["", "api", "detection", "costs", "compare", "logits_check"],
     "cli": ["cli", "cli_output", "render"],
 }

@@ -1,0 +1,136 @@
+"""``--dry-run``: a route's plan described instead of written.
+
+A dry run opens the request and asks the route for its plan, exactly as the real run does, and stops there:
+the plan already knows every output tensor (name, dtype, shape), the blocks each job will read, the config
+edits, the adapter config and the warnings, so the files and bytes of the output are computed from it (the
+safetensors headers are built as the sink will build them).  Nothing is written and no temporary folder is
+made.  Only a one-file output with its own sink (GGUF) is counted by its tensor data alone (``bytes_exact``
+false): its header is the sink's own business.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .io.safetensors_format import build_header
+from .io.writer import assign_shards, parse_size, shard_names
+from .options import UNSHARDED, Output
+from .routes.plan import Plan, Request
+
+
+@dataclass
+class DryRun:
+    """What a conversion would write, and nothing written."""
+
+    output: str
+    route: str
+    source_form: str
+    target_form: str
+    files: list[str]  # the weight files and adapter_config.json, as ConvertResult.files would list them
+    tensors: int
+    total_bytes: int  # bytes of ``files``, as ConvertResult.total_bytes would say
+    bytes_exact: bool  # False: a one-file output (GGUF) counted by its tensor data alone
+    read_bytes: int  # bytes of the row blocks the jobs declare they read (LoRA factors read whole not counted)
+    factor_bytes: int  # bytes on disk of the listed modules' factors (A, B, lora bias, DoRA magnitude)
+    dtypes: dict[str, int]  # output tensors per dtype
+    ops: dict[str, int]
+    modules: list[dict[str, Any]]  # per adapter module touched: adapter, module, kind, rank, scaling, weight
+    config_changes: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    output_exists: bool = False  # the real run needs force=True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dry_run": True, **asdict(self)}
+
+
+def describe(plan: Plan, req: Request, out: Output) -> DryRun:
+    """``plan`` as the files and bytes :func:`~.assemble.write_output` would write for it, writing nothing."""
+    from .io.safetensors_format import dtype_name
+
+    planned = [j.planned for j in plan.jobs if j.writes]
+    output = Path(out.path)
+    as_file = plan.one_file_suffix is not None and output.suffix == plan.one_file_suffix
+    exact = plan.file_sink is None
+    if plan.file_sink is not None:
+        files, total = [output.name], sum(p.nbytes for p in planned)
+    else:
+        stem = output.stem if as_file else plan.stem
+        limit = UNSHARDED if as_file or not plan.sharded else parse_size(out.max_shard_size)
+        metadata = {"format": "pt", **(plan.metadata or {})}
+        shards = assign_shards(planned, limit)
+        files = shard_names(len(shards), stem)
+        total = 0
+        for shard in shards:
+            header, _ = build_header([(p.name, p.dtype, p.shape) for p in shard], metadata)
+            total += len(header) + sum(p.nbytes for p in shard)
+        if plan.adapter_config is not None and not as_file:
+            files.append("adapter_config.json")
+            total += len((json.dumps(plan.adapter_config, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+    dtypes: dict[str, int] = {}
+    for p in planned:
+        dtypes[dtype_name(p.dtype)] = dtypes.get(dtype_name(p.dtype), 0) + 1
+    return DryRun(
+        str(out.path),
+        f"{req.inventory.form}->{plan.target_form}",
+        req.inventory.form,
+        plan.target_form,
+        sorted(set(files)),
+        len(planned),
+        total,
+        exact,
+        _read_bytes(plan),
+        _factor_bytes(req),
+        dtypes,
+        plan.ops(),
+        _modules(req),
+        dict(plan.config_changes),
+        list(plan.warnings),
+        output.exists() or output.is_symlink(),
+    )
+
+
+def _read_bytes(plan: Plan) -> int:
+    """Bytes of the blocks every job declares (``Job.reads``): rows of a tensor, or elements when flat."""
+    total = 0
+    for job in plan.jobs:
+        for r in job.reads():
+            info = r.ck.info(r.key)
+            if r.flat:
+                per = info.nbytes // max(1, math.prod(info.shape))
+            else:
+                per = info.nbytes // max(1, info.shape[0] if info.shape else 1)
+            total += (r.stop - r.start) * per
+    return total
+
+
+def _factor_bytes(req: Request) -> int:
+    """Bytes of every listed module's factors as stored (what a merge or combine reads whole)."""
+    total = 0
+    for a in req.adapters_in():
+        for m in a.inventory.modules(a.name).values():
+            for key in (m.a_key, m.b_key, m.bias_key, m.magnitude_key):
+                if key is not None and key in a.ck.tensors:
+                    total += a.ck.info(key).nbytes
+    return total
+
+
+def _modules(req: Request) -> list[dict[str, Any]]:
+    """Every LoRA module of the adapters applied, with its rank and scaling as ``detect`` reports them."""
+    rows: list[dict[str, Any]] = []
+    for a in req.adapters_in():
+        for _, m in sorted(a.inventory.modules(a.name).items()):
+            rows.append(
+                {
+                    "adapter": a.ref,
+                    "module": m.module,
+                    "kind": m.kind,
+                    "rank": m.rank,
+                    "scaling": m.scaling,
+                    "weight": a.weight,
+                }
+            )
+    return rows
