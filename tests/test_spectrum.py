@@ -1,0 +1,118 @@
+"""``spectrum TUNED --base BASE``: its singular values equal an independent ``torch.linalg.svdvals`` of each ΔW, its
+chosen rank is the one ``extract`` picks, its chart parses as SVG, its ``--json`` keys are documented."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import cli, one_error
+from safetensors.torch import load_file
+from tiny import llama, peft_wrap
+
+import lora_convert as lc
+from lora_convert import api
+
+TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj", "embed_tokens"]
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny Llama and the same model with a rank-4 PEFT LoRA merged in (attention, MLP, embeddings)."""
+    root = tmp_path_factory.mktemp("spectrum")
+    base, tuned = root / "base", root / "tuned"
+    llama().save_pretrained(base)
+    pm = peft_wrap(llama(), r=4, lora_alpha=8, target_modules=TARGETS)
+    pm.merge_and_unload().save_pretrained(tuned)
+    return tuned, base
+
+
+def _deltas(tuned: Path, base: Path) -> dict[str, torch.Tensor]:
+    t, b = load_file(tuned / "model.safetensors"), load_file(base / "model.safetensors")
+    return {k[: -len(".weight")]: t[k] - b[k] for k in t if t[k].ndim == 2 and k in b}  # fp32, as stored
+
+
+def test_singular_values_and_errors_equal_svdvals(pair):
+    tuned, base = pair
+    res = api.spectrum(tuned, base=base, energy=0.95)
+    deltas = {m: d for m, d in _deltas(tuned, base).items() if bool(d.abs().max() > 0)}
+    assert {m.module for m in res.modules} == set(deltas)  # every changed module, no other
+    assert {g.group for g in res.groups} == {"attention", "mlp", "embeddings"}
+    for m in res.modules:
+        d = deltas[m.module]
+        s = torch.linalg.svdvals(d).double()
+        assert m.method == "exact" and len(m.singular_values) == min(d.shape)
+        got = torch.tensor(m.singular_values, dtype=torch.float64)
+        torch.testing.assert_close(got, s, rtol=1e-6, atol=1e-6 * float(s[0]))
+        total = float(s.pow(2).sum())
+        for k in (1, 2, 4, len(m.error)):
+            tail = float(s[k:].pow(2).sum())
+            assert m.error[k - 1] == pytest.approx(math.sqrt(tail / total), rel=1e-4, abs=1e-6)
+            assert m.energy[k - 1] == pytest.approx(1 - tail / total, rel=1e-5, abs=1e-6)
+        assert m.error[3] < 1e-5  # the merged LoRA has rank 4
+        r = int(torch.nonzero(torch.cumsum(s.pow(2), 0) >= 0.95 * total)[0]) + 1
+        assert m.rank == r
+        assert m.parameters == r * sum(d.shape)
+    assert res.adapter_parameters == sum(m.parameters for m in res.modules)
+    assert res.adapter_bytes == 4 * res.adapter_parameters
+    for g in res.groups:  # a group's curve: its modules' residuals over their energies, summed
+        members = [deltas[m.module] for m in res.modules if m.group == g.group]
+        total = sum(float(d.double().pow(2).sum()) for d in members)
+        tail = sum(float(torch.linalg.svdvals(d).double()[2:].pow(2).sum()) for d in members)
+        assert g.error[1] == pytest.approx(math.sqrt(tail / total), rel=1e-4)
+
+
+@pytest.mark.parametrize("criterion", [{"energy": 0.9}, {"max_error": 0.3}, {"rank": 3}])
+def test_chosen_rank_is_what_extract_picks(pair, tmp_path, criterion):
+    tuned, base = pair
+    res = api.spectrum(tuned, base=base, **criterion)
+    got = lc.extract(tuned, base=base, output=tmp_path / "x", **criterion).report
+    assert {m.module: m.rank for m in res.modules} == {m.module: m.rank for m in got.modules}
+    assert res.adapter_parameters == sum(m.rank * sum(m.shape) for m in got.modules)
+
+
+def test_cli_json_and_svg_plot(pair, tmp_path):
+    tuned, base = pair
+    svg = tmp_path / "chart.svg"
+    r = cli("spectrum", tuned, "--base", base, "--energy", "0.9", "--plot", svg, "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["schema"] == "spectrum/1" and doc["plot"] == str(svg)
+    text = (Path(__file__).resolve().parents[1] / "docs" / "json.md").read_text()
+    example = next(json.loads(b) for b in re.findall(r"```json\n(.*?)```", text, re.S) if '"spectrum/1"' in b)
+    assert set(example) == set(doc)
+    assert set(example["modules"][0]) == set(doc["modules"][0])
+    assert set(example["groups"][0]) == set(doc["groups"][0])
+    root = ET.parse(svg).getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    assert root.tag == f"{ns}svg"
+    lines = {p.get("data-group"): p for p in root.iter(f"{ns}polyline")}
+    assert set(lines) == {g["group"] for g in doc["groups"]}
+    for g in doc["groups"]:
+        assert len(lines[g["group"]].get("points").split()) == len(g["error"])
+    marks = {c.get("data-group"): int(c.get("data-rank")) for c in root.iter(f"{ns}circle")}
+    assert marks == {g["group"]: g["ranks"][1] for g in doc["groups"]}
+
+
+def test_cli_text(pair):
+    tuned, base = pair
+    r = cli("spectrum", tuned, "--base", base, "--max-error", "0.5")
+    assert r.exit_code == 0, r.output
+    assert "relative error by group (max error 0.5)" in r.stdout and "adapter parameters" in r.stdout
+    assert "model.layers.0.mlp.up_proj" in r.stdout
+
+
+def test_plot_must_be_svg_and_writes_nothing(pair, tmp_path):
+    tuned, base = pair
+    out = tmp_path / "chart.png"
+    one_error(cli("spectrum", tuned, "--base", base, "--plot", out), "--plot", ".svg", out=out, code=2)
+
+
+def test_equal_models_say_so(pair):
+    tuned, base = pair
+    one_error(cli("spectrum", base, "--base", base), "no changed tensor")
