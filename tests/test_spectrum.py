@@ -116,3 +116,22 @@ def test_plot_must_be_svg_and_writes_nothing(pair, tmp_path):
 def test_equal_models_say_so(pair):
     tuned, base = pair
     one_error(cli("spectrum", base, "--base", base), "no changed tensor")
+
+
+def test_large_matrices_take_the_randomized_path(pair, monkeypatch):
+    """Past EXACT_SPECTRUM_DIM the top values come from svd.randomized_svd, said per module; on a rank-4 ΔW its
+    top values are the exact ones and the error at rank 4 is rounding."""
+    from lora_convert import spectrum
+
+    tuned, base = pair
+    monkeypatch.setattr(spectrum, "EXACT_SPECTRUM_DIM", 8)
+    res = api.spectrum(tuned, base=base, max_rank=6, include=["up_proj"])
+    deltas = _deltas(tuned, base)
+    assert res.modules and {m.method for m in res.modules} == {"randomized"}
+    for m in res.modules:
+        s = torch.linalg.svdvals(deltas[m.module]).double()
+        assert len(m.singular_values) == 6
+        torch.testing.assert_close(torch.tensor(m.singular_values[:4], dtype=torch.float64), s[:4], rtol=1e-4, atol=0)
+        assert m.error[3] < 1e-3 and m.error[0] == pytest.approx(
+            math.sqrt(float(s[1:].pow(2).sum() / s.pow(2).sum())), rel=1e-4
+        )
