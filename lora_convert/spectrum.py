@@ -8,6 +8,8 @@ Streamed as extraction is: one ΔW at a time, built in row blocks by :class:`~.d
 singular values kept and the matrix dropped.  Exact (``torch.linalg.svdvals``) when the short side is at
 most ``EXACT_SPECTRUM_DIM``; past it, the randomized range finder of :mod:`.svd` gives the top ``max``
 values, and the errors come from the measured ``‖ΔW‖_F`` (each module says which it used).
+Routed experts go through extraction's own per-expert jobs (:class:`~.routes.moe_extract.ExpertPass`), so
+their spectra are ``svd.factorise``'s and each parameter's rank is the largest any of its experts needs.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ import torch
 from . import arch, svd
 from .difference import Difference, row_blocks
 from .io.reader import Checkpoint
+from .pipeline import execute
 from .progress import progress_bar
 from .routes.extract import _SKIP_REASONS, _classify
 from .routes.extract_options import ExtractOptions, check_layers
+from .routes.moe_extract import ExpertPass
 
 EXACT_SPECTRUM_DIM = 1024  # svdvals of a 1024-wide matrix takes well under a second
 GROUPS = ("attention", "mlp", "embeddings", "experts")
@@ -108,13 +112,48 @@ def module_spectrum(delta: torch.Tensor, total: float, opts: ExtractOptions) -> 
 def spectrum(tk: Checkpoint, bk: Checkpoint, opts: ExtractOptions, *, progress: bool = False) -> Spectrum:
     """Every changed module that ``extract`` with ``opts`` would factor: its spectrum and chosen rank."""
     check_layers(opts.layers, tk)
-    inputs = _classify(tk, bk, opts, set())
+    experts = ExpertPass(tk, bk, opts, None)
+    inputs = _classify(tk, bk, opts, experts.keys)
     conv1d = arch.stores_conv1d(tk.config or bk.config)
     mods: list[ModuleSpectrum] = []
     totals: dict[str, float] = {}
     residuals: dict[str, list[float]] = {}
     skipped = list(inputs.skipped)
-    with progress_bar(progress, len(inputs.tasks), "spectrum", unit="modules") as advance:
+
+    def add(m: ModuleSpectrum, f: svd.Factorisation) -> None:
+        mods.append(m)
+        totals[m.group] = totals.get(m.group, 0.0) + f.total_energy
+        res = residuals.setdefault(m.group, [0.0] * opts.max_rank)
+        for k in range(opts.max_rank):  # past a module's own size its residual is 0
+            res[k] += f.residual_energy(k + 1) if k < len(m.error) else 0.0
+
+    with progress_bar(progress, len(inputs.tasks) + experts.count, "spectrum", unit="modules") as advance:
+        # routed experts: extract's own jobs and SVD (svd.factorise), and its rank: the largest any expert of
+        # a parameter needs (PEFT gives all experts of one parameter one rank)
+        execute(experts.jobs(advance), None, threads=torch.get_num_threads())
+        transposed = bool(experts.layout and experts.layout.peft_transposed)
+        for path, got in sorted(experts.got.items()):
+            p = experts.params[path]
+            r = max(x.rank for x in got.values())
+            shape = [p.shape[1], p.shape[0]] if transposed else list(p.shape)
+            for e, x in sorted(got.items()):
+                top = max(1, min(opts.max_rank, min(shape), int(x.f.S.numel())))
+                err, energy = _curves(x.f, top)
+                values = [float(v) for v in x.f.S[:top]]
+                m = ModuleSpectrum(
+                    f"{path}[{e}]",
+                    "experts",
+                    "experts",
+                    shape,
+                    x.f.method,
+                    values,
+                    err,
+                    energy,
+                    r,
+                    x.capped or r > x.rank,
+                    r * (shape[0] + shape[1]),
+                )
+                add(m, x.f)
         for task in inputs.tasks:
             advance(1)
             factor = task.kind not in _SKIP_REASONS and task.kind != "full"
@@ -138,7 +177,7 @@ def spectrum(tk: Checkpoint, bk: Checkpoint, opts: ExtractOptions, *, progress: 
             err, energy = _curves(f, top)
             group = group_of(task.module, task.kind)
             shape = [int(delta.shape[0]), int(delta.shape[1])]
-            mods.append(
+            add(
                 ModuleSpectrum(
                     task.module,
                     group,
@@ -151,12 +190,9 @@ def spectrum(tk: Checkpoint, bk: Checkpoint, opts: ExtractOptions, *, progress: 
                     r,
                     capped,
                     r * (shape[0] + shape[1]),
-                )
+                ),
+                f,
             )
-            totals[group] = totals.get(group, 0.0) + total
-            res = residuals.setdefault(group, [0.0] * opts.max_rank)
-            for k in range(opts.max_rank):  # past a module's own size its residual is 0
-                res[k] += f.residual_energy(k + 1) if k < top else 0.0
     groups = []
     for g in GROUPS:
         members = [m for m in mods if m.group == g]

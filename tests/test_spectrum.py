@@ -135,3 +135,26 @@ def test_large_matrices_take_the_randomized_path(pair, monkeypatch):
         assert m.error[3] < 1e-3 and m.error[0] == pytest.approx(
             math.sqrt(float(s[1:].pow(2).sum() / s.pow(2).sum())), rel=1e-4
         )
+
+
+def test_experts_group_and_ranks_match_extract(tmp_path):
+    """Routed experts (fused parameters): one row per expert in the ``experts`` group, its singular values an
+    independent svdvals of tuned − base, its rank extract's (the largest any expert of the parameter needs)."""
+    from tiny_moe import load, model, peft_experts, save_base
+
+    m = model("mixtral")
+    save_base(m, tmp_path / "base")
+    peft_experts(m, r=6, attn=()).merge_and_unload().save_pretrained(str(tmp_path / "tuned"))
+    res = api.spectrum(tmp_path / "tuned", base=tmp_path / "base", energy=0.9, max_rank=8)
+    got = lc.extract(tmp_path / "tuned", base=tmp_path / "base", output=tmp_path / "x", energy=0.9, max_rank=8)
+    ex = [m for m in res.modules if m.group == "experts"]
+    assert ex and {g.group for g in res.groups} >= {"experts"}
+    assert {m.module: m.rank for m in ex} == {m.label: m.rank for m in got.report.modules if m.kind == "experts"}
+    base = {k: v.detach() for k, v in load(tmp_path / "base").named_parameters()}
+    tuned = {k: v.detach() for k, v in load(tmp_path / "tuned").named_parameters()}
+    assert len(ex) == sum(1 for m in got.report.modules if m.kind == "experts")
+    for m in ex:
+        path, e = m.module[:-1].split("[")
+        s = torch.linalg.svdvals((tuned[path][int(e)] - base[path][int(e)]).float()).double()
+        top = torch.tensor(m.singular_values, dtype=torch.float64)
+        torch.testing.assert_close(top, s[: len(top)], rtol=1e-4, atol=1e-5 * float(s[0]))
