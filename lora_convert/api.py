@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import OptionError, RouteError, option, option_name
+from .errors import OptionError, OutputError, RouteError, option, option_name
 from .inputs import load_source  # noqa: F401 - public
 from .options import UNSHARDED, HubPush, Output, RouteOptions
 from .requests import combine_specs, open_request
@@ -429,6 +429,8 @@ def spectrum(
     opts = options if options is not None else _extract_options(option_fields, "auto")
     if plot is not None and Path(plot).suffix.lower() != ".svg":
         raise OptionError(f"{option_name('plot')} writes an SVG chart: name the file .svg (got {str(plot)[:80]!r})")
+    if plot is not None and not Path(plot).parent.is_dir():
+        raise OutputError("no such folder for the chart", path=Path(plot).parent)
     from .inputs import open_plain
     from .spectrum import spectrum as compute
     from .spectrum import svg
@@ -441,6 +443,9 @@ def spectrum(
                 path=tk.root,
             )
     if plot is not None:
-        Path(plot).write_text(svg(res), encoding="utf-8")
+        try:
+            Path(plot).write_text(svg(res), encoding="utf-8")
+        except OSError as e:
+            raise OutputError(f"cannot write the chart: {e.strerror or e}", path=plot) from None
         res.plot = str(plot)
     return res

@@ -158,3 +158,24 @@ def test_experts_group_and_ranks_match_extract(tmp_path):
         s = torch.linalg.svdvals((tuned[path][int(e)] - base[path][int(e)]).float()).double()
         top = torch.tensor(m.singular_values, dtype=torch.float64)
         torch.testing.assert_close(top, s[: len(top)], rtol=1e-4, atol=1e-5 * float(s[0]))
+
+
+def test_plot_into_a_missing_folder_is_one_error(pair, tmp_path):
+    tuned, base = pair
+    out = tmp_path / "nowhere" / "chart.svg"
+    one_error(cli("spectrum", tuned, "--base", base, "--plot", out), "no such folder", str(out.parent))
+    assert not out.parent.exists()
+
+
+def test_conv1d_model_ranks_match_extract(tmp_path):
+    """GPT-2 stores Conv1D weights (in, out): the spectrum is of the (out, in) view extract factors."""
+    from tiny import gpt2
+
+    gpt2().save_pretrained(tmp_path / "base")
+    pm = peft_wrap(gpt2(), r=3, lora_alpha=6, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    pm.merge_and_unload().save_pretrained(tmp_path / "tuned")
+    res = api.spectrum(tmp_path / "tuned", base=tmp_path / "base", max_error=0.2)
+    got = lc.extract(tmp_path / "tuned", base=tmp_path / "base", output=tmp_path / "x", max_error=0.2).report
+    assert {m.module: (m.rank, m.shape) for m in res.modules} == {m.module: (m.rank, m.shape) for m in got.modules}
+    assert {m.group for m in res.modules} == {"attention", "mlp"}
+    assert all(m.error[2] < 1e-5 for m in res.modules)  # rank 3 merged in
