@@ -23,7 +23,7 @@ import torch
 from . import arch, svd
 from .difference import Difference, row_blocks
 from .io.reader import Checkpoint
-from .pipeline import execute
+from .pipeline import Job, execute
 from .progress import progress_bar
 from .routes.extract import _SKIP_REASONS, _classify
 from .routes.extract_options import ExtractOptions, check_layers
@@ -101,12 +101,11 @@ def _curves(f: svd.Factorisation, top: int) -> tuple[list[float], list[float]]:
 def module_spectrum(delta: torch.Tensor, total: float, opts: ExtractOptions) -> svd.Factorisation:
     """The top singular values of one ΔW (2-D, fp32) as a :class:`~.svd.Factorisation` (no vectors)."""
     top = max(1, min(opts.max_rank, min(delta.shape)))
+    d, empty = delta.to(torch.device(opts.device), torch.float32), torch.empty(0)
     if min(delta.shape) <= EXACT_SPECTRUM_DIM:
-        S = torch.linalg.svdvals(delta.to(torch.float32))
-        empty = torch.empty(0)
-        return svd.Factorisation(empty, S, empty, total, "exact", True)
-    f = svd.randomized_svd(delta, top, seed=opts.seed, total=total)
-    return svd.Factorisation(torch.empty(0), f.S, torch.empty(0), total, "randomized", False)
+        return svd.Factorisation(empty, torch.linalg.svdvals(d).cpu(), empty, total, "exact", True)
+    f = svd.randomized_svd(d, top, seed=opts.seed, total=total)
+    return svd.Factorisation(empty, f.S.cpu(), empty, total, "randomized", False)
 
 
 def spectrum(tk: Checkpoint, bk: Checkpoint, opts: ExtractOptions, *, progress: bool = False) -> Spectrum:
@@ -130,9 +129,16 @@ def spectrum(tk: Checkpoint, bk: Checkpoint, opts: ExtractOptions, *, progress: 
     with progress_bar(progress, len(inputs.tasks) + experts.count, "spectrum", unit="modules") as advance:
         # routed experts: extract's own jobs and SVD (svd.factorise), and its rank: the largest any expert of
         # a parameter needs (PEFT gives all experts of one parameter one rank)
-        execute(experts.jobs(advance), None, threads=torch.get_num_threads())
+        # a parameter's experts at a time, their singular vectors dropped once done: memory stays one parameter's
+        by_param: dict[str, list[Job]] = {}
+        for job in experts.jobs(advance):
+            by_param.setdefault(job.name.rsplit("[", 1)[0], []).append(job)
         transposed = bool(experts.layout and experts.layout.peft_transposed)
-        for path, got in sorted(experts.got.items()):
+        for path, jobs in by_param.items():
+            execute(jobs, None, threads=torch.get_num_threads())
+            got = experts.got.pop(path, {})
+            if not got:
+                continue
             p = experts.params[path]
             r = max(x.rank for x in got.values())
             shape = [p.shape[1], p.shape[0]] if transposed else list(p.shape)
