@@ -99,10 +99,12 @@ def _curves(f: svd.Factorisation, top: int) -> tuple[list[float], list[float]]:
 
 
 def module_spectrum(delta: torch.Tensor, total: float, opts: ExtractOptions) -> svd.Factorisation:
-    """The top singular values of one ΔW (2-D, fp32) as a :class:`~.svd.Factorisation` (no vectors)."""
+    """The top singular values of one ΔW (2-D, fp32) as a :class:`~.svd.Factorisation` (no vectors): exact up to
+    a short side of ``EXACT_SPECTRUM_DIM`` under ``--svd auto`` (always with ``exact``), else the randomized range
+    finder's top ``max_rank`` (``--svd randomized``: several times faster on 1024-wide matrices)."""
     top = max(1, min(opts.max_rank, min(delta.shape)))
     d, empty = delta.to(torch.device(opts.device), torch.float32), torch.empty(0)
-    if min(delta.shape) <= EXACT_SPECTRUM_DIM:
+    if opts.svd == "exact" or (opts.svd == "auto" and min(delta.shape) <= EXACT_SPECTRUM_DIM):
         return svd.Factorisation(empty, torch.linalg.svdvals(d).cpu(), empty, total, "exact", True)
     f = svd.randomized_svd(d, top, seed=opts.seed, total=total)
     return svd.Factorisation(empty, f.S.cpu(), empty, total, "randomized", False)

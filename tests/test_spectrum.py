@@ -179,3 +179,14 @@ def test_conv1d_model_ranks_match_extract(tmp_path):
     assert {m.module: (m.rank, m.shape) for m in res.modules} == {m.module: (m.rank, m.shape) for m in got.modules}
     assert {m.group for m in res.modules} == {"attention", "mlp"}
     assert all(m.error[2] < 1e-5 for m in res.modules)  # rank 3 merged in
+
+
+def test_svd_option_picks_the_path(pair, monkeypatch):
+    """--svd randomized takes the fast path on any size, --svd exact svdvals past EXACT_SPECTRUM_DIM."""
+    from lora_convert import spectrum
+
+    tuned, base = pair
+    monkeypatch.setattr(spectrum, "EXACT_SPECTRUM_DIM", 8)
+    for how, want in (("randomized", "randomized"), ("exact", "exact"), ("auto", "randomized")):
+        res = api.spectrum(tuned, base=base, svd=how, max_rank=6, include=["up_proj"])
+        assert {m.method for m in res.modules} == {want}, how
