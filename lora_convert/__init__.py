@@ -7,6 +7,7 @@ Everything the CLI does is a function here::
     lc.merge("my-adapter", base="base-model", output="merged")
     lc.convert("unmerged-ckpt", "adapter", output="adapter-out")
     lc.extract("merged", base="base-model", output="adapter-out", rank=16)
+    lc.spectrum("merged", base="base-model", energy=0.9).groups  # error vs rank, before extracting
     lc.report("my-adapter", base="base-model").rows
     lc.verify("merged", base="base-model", adapter="my-adapter").ok
     lc.push("merged", "me/my-model")
@@ -16,7 +17,7 @@ Importing the package does not import torch: ``detect``, ``report`` and ``push``
 conversions import it when they run.
 """
 
-from .api import combine, convert, detect, extract, load_source, merge, push, report, verify
+from .api import combine, convert, detect, extract, load_source, merge, push, report, spectrum, verify
 from .errors import (
     AdapterError,
     CheckpointError,
@@ -52,6 +53,7 @@ __all__ = [
     "open_checkpoint",
     "push",
     "report",
+    "spectrum",
     "verify",
     "__version__",
 ]

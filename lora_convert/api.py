@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import OptionError, RouteError, option, option_name
+from .errors import OptionError, OutputError, RouteError, option, option_name
 from .inputs import load_source  # noqa: F401 - public
 from .options import UNSHARDED, HubPush, Output, RouteOptions
 from .requests import combine_specs, open_request
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .routes.extract import ExtractOptions
     from .routes.plan import Request
     from .routes.verify import Verification
+    from .spectrum import Spectrum
 
 
 def detect(
@@ -427,3 +428,58 @@ def extract(
         moe_layout=moe_layout,
         dry_run=dry_run,
     )
+
+
+def spectrum(
+    tuned: str | Path,
+    *,
+    base: str | Path,
+    plot: str | Path | None = None,
+    options: ExtractOptions | None = None,
+    progress: bool = False,
+    **option_fields: Any,
+) -> Spectrum:
+    """The singular values of every changed module's ΔW = TUNED − BASE, to choose a rank before extracting.
+
+    Args:
+        tuned: a fine-tuned or merged (plain) checkpoint.  base: the model it was tuned from.
+        plot: write an SVG chart of relative error vs rank per group, the chosen rank marked (a ``.svg`` path).
+        options: the :class:`~lora_convert.routes.extract.ExtractOptions` ``extract`` would take (or their fields
+            as keyword arguments): the criterion (``rank``/``energy``/``max_error``, capped by ``max_rank``, which
+            also bounds the curves), which tensors (``include``, ``exclude``, ``layers``, ``embeddings``), and
+            ``dtype`` (the factors' dtype, for the adapter size).
+
+    Returns:
+        A :class:`~lora_convert.spectrum.Spectrum`: per module the singular values, relative error and kept
+        energy at ranks 1…max and the rank extraction's criterion picks (the same code as :func:`extract`);
+        per group (attention, mlp, embeddings, experts) the same curves, and the adapter's parameters and bytes.
+
+    Raises:
+        OptionError: bad options, a ``plot`` path that is not ``.svg``.  RouteError: LoRA tensors in either
+        input, nothing changed.  CheckpointError: NaN/Inf in either input.
+    """
+    if options is not None and option_fields:
+        raise RouteError("give the extraction options either as options= or as keyword arguments, not both")
+    opts = options if options is not None else _extract_options(option_fields, "auto")
+    if plot is not None and Path(plot).suffix.lower() != ".svg":
+        raise OptionError(f"{option_name('plot')} writes an SVG chart: name the file .svg (got {str(plot)[:80]!r})")
+    if plot is not None and not Path(plot).parent.is_dir():
+        raise OutputError("no such folder for the chart", path=Path(plot).parent)
+    from .inputs import open_plain
+    from .spectrum import spectrum as compute
+    from .spectrum import svg
+
+    with open_plain(tuned, "the tuned model") as tk, open_plain(base, "the base") as bk:
+        res = compute(tk, bk, opts, progress=progress)
+        if not res.modules:
+            raise RouteError(
+                "no changed tensor to factor: the tuned checkpoint equals the base where a LoRA can go",
+                path=tk.root,
+            )
+    if plot is not None:
+        try:
+            Path(plot).write_text(svg(res), encoding="utf-8")
+        except OSError as e:
+            raise OutputError(f"cannot write the chart: {e.strerror or e}", path=plot) from None
+        res.plot = str(plot)
+    return res

@@ -490,6 +490,26 @@ def extract_cmd(ctx: click.Context, tuned: str, as_json: bool, **opts: Any) -> N
     _print_conversion(res, as_json)
 
 
+@main.command("spectrum")
+@click.argument("tuned")
+@click.option("--base", required=True, help="Base model folder or Hub repo id.")
+@click.option("--plot", help="Write an SVG chart of relative error vs rank per group, the chosen rank marked.")
+@_extraction_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (docs/json.md).")
+@_debug_option
+@click.pass_context
+def spectrum_cmd(ctx: click.Context, tuned: str, as_json: bool, **opts: Any) -> None:
+    """Singular values of every changed module of TUNED minus BASE: error and kept energy at ranks 1..max,
+    per module and per group, and the rank (and adapter size) --rank/--energy/--max-error would give."""
+    given = _given(opts)
+    progress = not as_json and err.is_terminal
+    res = run_guarded(lambda: api.spectrum(tuned, **opts, progress=progress, **given), _debug(ctx), as_json)
+    if as_json:
+        render.json_document("spectrum", res.to_dict())
+    else:
+        render.spectrum(res)
+
+
 @main.command("push")
 @click.argument("folder")
 @click.argument("repo_id")

@@ -317,3 +317,42 @@ def report_markdown(rep: Any) -> str:
     if rep.notes:
         lines += [""] + [f"- {n}" for n in rep.notes]
     return "\n".join(lines) + "\n"
+
+
+# -- spectrum ------------------------------------------------------------------------------------------------
+def _at_ranks(top: int) -> list[int]:
+    """The ranks a spectrum table shows: powers of two up to ``top``."""
+    return [k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if k <= top]
+
+
+def spectrum(res: Any) -> None:
+    """``spectrum``: per group and per module the relative error at a few ranks and the rank the criterion
+    picks (a ``Spectrum``); then the adapter that rank gives, and where the chart went."""
+    top = max((len(g.error) for g in res.groups), default=1)
+    ks = _at_ranks(top)
+    head = ["group", "modules", "rank"] + [f"err@{k}" for k in ks]
+    rows = []
+    for g in res.groups:
+        r = str(g.ranks[0]) if g.ranks[0] == g.ranks[1] else f"{g.ranks[0]}-{g.ranks[1]}"
+        rows.append([g.group, str(g.modules), r] + [f"{g.error[k - 1]:.2e}" if k <= len(g.error) else "" for k in ks])
+    out.print(table(out, f"relative error by group ({res.criterion})", head, rows))
+    head = ["module", "shape", "svd", "rank", "energy", "error"] + [f"err@{k}" for k in ks]
+    rows = [
+        [m.module, f"{m.shape[0]}x{m.shape[1]}", m.method, f"{m.rank}{'*' if m.capped else ''}"]
+        + [f"{m.energy[m.rank - 1]:.6f}", f"{m.error[m.rank - 1]:.3e}"]
+        + [f"{m.error[k - 1]:.2e}" if k <= len(m.error) else "" for k in ks]
+        for m in res.modules
+    ]
+    out.print(table(out, "modules", head, rows))
+    out.print(
+        safe(
+            f"{len(res.modules)} modules at {res.criterion} (max rank {res.max_rank}): adapter parameters "
+            f"{res.adapter_parameters:,}, factors {human_bytes(res.adapter_bytes)}"
+        )
+    )
+    if any(m.capped for m in res.modules):
+        out.print(safe("  *: --max-rank (or the matrix size) stopped short of the criterion"))
+    if res.skipped:
+        out.print(safe(f"  {len(res.skipped)} changed tensor(s) not analysed (see --json: skipped)"))
+    if res.plot is not None:
+        out.print("[green]wrote[/green] " + safe(f"{res.plot} (relative error vs rank per group, SVG)"))

@@ -224,6 +224,9 @@ def test_docs_json_md_shows_every_documents_keys(tmp_path):
             run("merge", LORA, "--base", BASE, "-o", str(tmp_path / "d"), "--json", "--dry-run").stdout
         ),
         "verify/1": json.loads(run("verify", str(tmp_path / "m"), "--base", BASE, "--adapter", LORA, "--json").stdout),
+        "spectrum/1": json.loads(
+            run("spectrum", str(tmp_path / "m"), "--base", BASE, "--max-rank", "4", "--json").stdout
+        ),
     }
     assert set(examples) == {*real, "push/1"}
     for schema, doc in real.items():
