@@ -12,7 +12,8 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -358,3 +359,19 @@ PEFT_CASES: dict[str, tuple[Callable[..., torch.nn.Module], dict, dict]] = {
         dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, use_dora=True),
     ),
 }
+
+
+@contextmanager
+def tmpfs(folder: Path, options: str) -> Iterator[Path]:
+    """``folder`` (created) with a tmpfs of ``options`` (e.g. ``size=1m``, ``ro,size=64k``) mounted on it for the
+    block: a small disk to fill, or one that refuses writes.  Skips where mounting needs privileges we lack."""
+    folder.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(
+            f"cannot mount a tmpfs ({options}): {r.stderr.strip() or r.returncode}; needs root with CAP_SYS_ADMIN"
+        )
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli, one_error
+from helpers import cli, one_error, tmpfs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -513,22 +513,11 @@ def test_output_parent_is_a_file(work):
     one_error(res, str(work / "afile"), "is a file")
 
 
-def _mount_tmpfs(d: Path, opts: str) -> None:
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(d)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}); needs root and CAP_SYS_ADMIN")
-
-
 def test_output_not_writable(work):
-    d = work / "ro"
-    _mount_tmpfs(d, "ro,size=64k")
-    try:
+    with tmpfs(work / "ro", "ro,size=64k") as d:
         res = cli("merge", str(work / "adapter"), "--base", str(work / "base"), "-o", str(d / "out"))
         one_error(res, str(d), "not writable")
         assert os.listdir(d) == []
-    finally:
-        subprocess.run(["umount", str(d)], check=False)
 
 
 def test_usage_error_exits_2(work):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from helpers import slow_cli, temps, wait_for_temp
+from helpers import slow_cli, temps, tmpfs, wait_for_temp
 
 from lora_convert.cli import main
 from lora_convert.errors import OutputError
@@ -141,13 +141,8 @@ def test_stale_temps_are_reported(pair, tmp_path):
 
 @pytest.fixture
 def tiny_fs(tmp_path):
-    d = tmp_path / "small"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a 1 MB tmpfs ({r.stderr.strip() or r.returncode}); needs root with CAP_SYS_ADMIN")
-    yield d
-    subprocess.run(["umount", "-l", str(d)], check=False)
+    with tmpfs(tmp_path / "small", "size=1m") as d:
+        yield d
 
 
 def test_disk_full(pair, tiny_fs):

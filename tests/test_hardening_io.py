@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import FIXTURES, cli, one_error
+from helpers import FIXTURES, cli, one_error, tmpfs
 
 # -- 1. one-file outputs never write through a link into an input -------------------------------------------
 
@@ -523,15 +523,8 @@ def test_integer_lora_factors_are_refused_by_name(tmp_path, dtype):
 
 @pytest.fixture
 def tiny_fs(tmp_path):
-    import subprocess
-
-    d = tmp_path / "small"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12k", "tmpfs", str(d)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a 12 KB tmpfs ({r.stderr.strip() or r.returncode}); needs root with CAP_SYS_ADMIN")
-    yield d
-    subprocess.run(["umount", "-l", str(d)], check=False)
+    with tmpfs(tmp_path / "small", "size=12k") as d:
+        yield d
 
 
 def test_gguf_disk_full_is_the_message_every_sink_gives(gguf_work, tiny_fs):
