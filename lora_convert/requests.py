@@ -298,14 +298,32 @@ def _route_extract_options(
         if route.device != "cpu":
             given = _with_device(given, route.device)
         return extract_options(given, route.dtype)
+    if route.extract is not None and not isinstance(route.extract, dict):
+        # the record comes from `extract` (or a caller who meant it): say what extraction takes, not a flag name
+        raise RouteError(
+            f"extraction takes a full model (fine-tuned or merged) and its base; this is {_FORM_WITH_ARTICLE.get(form, form)}",
+            path=root,
+            hint=_not_plain_hint(form),
+        )
     if route.extract:
-        names = route.extract if isinstance(route.extract, dict) else {"extract_options": 1}
+        names = route.extract
         raise RouteError(
             f"{', '.join(option_name(k) for k in names)}: extraction options apply "
             f"only to a full model converted to an adapter with a base, not {form_word(form)} -> {to}",
             path=root,
         )
     return None
+
+
+_FORM_WITH_ARTICLE = {"adapter": "an adapter", "unmerged": "an unmerged checkpoint (LoRA layers inside the model)"}
+
+
+def _not_plain_hint(form: str) -> str:
+    if form == "unmerged":
+        return "its adapter comes out whole with `convert --to adapter`; `convert --to merged` merges it"
+    if form == "adapter":
+        return "it is an adapter already: `convert --to merged --base BASE` merges it"
+    return "pass the fine-tuned model as SOURCE"
 
 
 def _with_device(given: ExtractOptions | dict[str, Any] | None, device: str) -> ExtractOptions | dict[str, Any]:

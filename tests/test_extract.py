@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli, one_error
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from tiny import decoder_config
@@ -471,3 +473,19 @@ def test_difference_is_allocated_only_when_a_block_differs(tmp_path, monkeypatch
     assert calls == ["late"] and torch.equal(res, late - w) and d.total == pytest.approx(float(((late - w) ** 2).sum()))
     with pytest.raises(Exception, match="NaN or Inf"):
         run("nan")
+
+
+@pytest.mark.parametrize(
+    ("fixture", "what", "hint"),
+    [
+        ("tiny-llama-lora", "this is an adapter", "convert --to merged --base BASE"),
+        ("tiny-llama-unmerged", "this is an unmerged checkpoint", "convert --to adapter"),
+    ],
+)
+def test_extract_from_a_lora_checkpoint_says_what_extraction_takes(tmp_path, fixture, what, hint):
+    """`extract ADAPTER --base BASE` used to blame an --extract-options flag the CLI does not have."""
+    fixtures = Path(__file__).resolve().parent.parent / "fixtures"
+    out = tmp_path / "x"
+    res = cli("extract", str(fixtures / fixture), "--base", str(fixtures / "tiny-llama-base"), "-o", str(out))
+    line = one_error(res, fixture, "extraction takes a full model", what, hint, out=out)
+    assert "--extract-options" not in line

@@ -503,6 +503,30 @@ def test_peft_use_dora_without_magnitudes(tmp_path, strip):
         refused(tmp_path, needle, what, "PEFT", args=args, out=Path(args[-1]))
 
 
+def test_peft_magnitudes_without_use_dora(tmp_path):
+    """The reverse: DoRA magnitudes beside use_dora: false.  PEFT drops them and gives the plain LoRA (not the
+    DoRA the tensors describe), so every route refuses, naming the first magnitude vector."""
+    from tiny import llama as tiny_llama
+    from tiny import logits
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    targets = ["q_proj", "v_proj"]
+    dora = peft_wrap(tiny_llama(), r=4, lora_alpha=8, target_modules=targets, use_dora=True)
+    dora.save_pretrained(tmp_path / "adapter")
+    plain = peft_wrap(tiny_llama(), r=4, lora_alpha=8, target_modules=targets)  # the same factors (same seed)
+    cfg_path = tmp_path / "adapter" / "adapter_config.json"
+    cfg_path.write_text(json.dumps(dict(json.loads(cfg_path.read_text()), use_dora=False)))
+    got = _peft_logits(tmp_path / "base", tmp_path / "adapter")  # what PEFT makes of it: the plain LoRA
+    assert (got - logits(plain)).abs().max() <= 1e-5 and (got - logits(dora)).abs().max() > 1e-4
+    mags = sorted(k for k in load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")) if "magnitude" in k)
+    needle = f"adapter_config.json: {mags[0]}: use_dora is false but {len(mags)} of the {len(mags)} LoRA modules"
+    for args in (
+        ("merge", tmp_path / "adapter", "--base", tmp_path / "base", "-o", tmp_path / "out"),
+        ("convert", tmp_path / "adapter", "--to", "gguf", "--base", tmp_path / "base", "-o", tmp_path / "out.gguf"),
+    ):
+        refused(tmp_path, needle, "PEFT would drop them", args=args, out=Path(args[-1]))
+
+
 def test_diffusers_metadata_use_dora_without_magnitudes(tmp_path):
     """diffusers loads the file as DoRA (magnitudes from the weight norms): its output differs from the plain
     LoRA's, so the merge, which would give the plain LoRA, refuses by the file's name."""

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from helpers import cli, one_error
 from tiny_moe import E, load, load_clean, logits, model, peft_experts, save_base
 
 import lora_convert as lc
@@ -91,3 +92,23 @@ def test_extract_per_expert_refused_for_fused_experts(tmp_path):
     with pytest.raises(lc.RouteError, match="store the experts fused"):
         lc.extract(tmp_path / "tuned", base=tmp_path / "base", output=tmp_path / "ex", moe_layout="per-expert")
     assert not (tmp_path / "ex").exists()
+
+
+def test_expert_factors_beyond_fp16_refused_by_the_experts_name(tmp_path):
+    """One expert's ΔP with √σ beyond fp16's 65504: fp16 factors would be Inf, so extraction refuses, naming
+    the fused parameter and the expert, and writes nothing; fp32 factors of it are fine."""
+    m = model("qwen3_moe")
+    save_base(m, tmp_path / "base")
+    with torch.no_grad():
+        m.get_parameter("model.layers.1.mlp.experts.down_proj")[1].add_(1e10)  # rank 1, B = A = 1e5
+    save_base(m, tmp_path / "tuned")
+    args = ("extract", tmp_path / "tuned", "--base", tmp_path / "base", "-o", tmp_path / "out", "--rank", "2")
+    one_error(
+        cli(*args, "--factor-dtype", "fp16"),
+        "tuned: model.layers.1.mlp.experts.down_proj[1]: the difference from the base factors into NaN or Inf in fp16",
+        "--factor-dtype fp32 holds up to 3.4e38",
+        out=tmp_path / "out",
+    )
+    res = lc.extract(tmp_path / "tuned", base=tmp_path / "base", output=tmp_path / "ok", rank=2)
+    worst = max(r.error for r in res.report.modules if r.kind == "experts")
+    assert worst < 1e-5

@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import peft_load
 from safetensors.torch import load_file
-from tiny import gpt2, llama, logits, peft_wrap, qwen2, read_json, save_unmerged
+from tiny import gpt2, llama, load_merged, logits, peft_wrap, qwen2, read_json, save_unmerged
 
 import lora_convert as lc
 
@@ -32,6 +32,8 @@ LORA_CASES = {
     ),
     "qwen2-lora-bias": (qwen2, {"tie": False}, dict(r=4, lora_alpha=8, target_modules=["q_proj"], lora_bias=True)),
     "gpt2": (gpt2, {}, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
+    # the base stores the tied head once, as the embedding: attach still finds lm_head (it refused before)
+    "qwen2-tied-head": (qwen2, {"tie": True}, dict(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])),
 }
 
 
@@ -137,3 +139,21 @@ def test_inputs_untouched_and_carried_files(tmp_path):
         "model.safetensors",
     } <= names
     assert not [p for p in tmp_path.iterdir() if ".tmp-lora-convert" in p.name]
+
+
+def test_tied_head_lora_attach_strip_merge_round_trip(tmp_path):
+    """A tied base stores lm_head once, as the embedding; a LoRA on lm_head attaches without a second copy,
+    strips back to the base's own bytes, and merges to PEFT's logits."""
+    base = qwen2(tie=True)
+    base.save_pretrained(str(tmp_path / "base"))
+    pm = peft_wrap(base, r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])
+    ref = logits(pm)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    lc.convert(tmp_path / "adapter", "unmerged", base=tmp_path / "base", output=tmp_path / "unmerged")
+    got = load_file(str(tmp_path / "unmerged" / "model.safetensors"))
+    assert "base_model.model.lm_head.lora_A.default.weight" in got
+    assert not [k for k in got if k.startswith("base_model.model.lm_head.base_layer")]
+    lc.convert(tmp_path / "unmerged", "base", output=tmp_path / "stripped")
+    assert _sha(tmp_path / "stripped" / "model.safetensors") == _sha(tmp_path / "base" / "model.safetensors")
+    lc.convert(tmp_path / "unmerged", "merged", output=tmp_path / "merged")
+    assert (logits(load_merged(tmp_path / "merged")) - ref).abs().max() <= 1e-5

@@ -62,7 +62,27 @@ class PeftDialect:
                     inv.modules(name).values(), path=own.source or ck.root, said="use_dora is true", loader="PEFT"
                 )
                 inv.problems[name] += [missing] if missing is not None else []
+            else:
+                unsaid = magnitudes_without_dora(inv.modules(name).values(), path=own.source or ck.root)
+                inv.problems[name] += [unsaid] if unsaid is not None else []
         return inv
+
+
+def magnitudes_without_dora(modules: Iterable[LoraModule], *, path: str | Path) -> AdapterError | None:
+    """The reverse of :func:`dora_without_magnitudes`: DoRA magnitude vectors beside a config that says
+    ``use_dora: false``.  PEFT builds plain LoRA layers and drops the magnitudes (an "unexpected keys"
+    warning), so its merge is not the DoRA the tensors describe; which of the two was trained cannot be told."""
+    mods = list(modules)
+    dora = [m for m in mods if m.magnitude_key is not None]
+    if not dora:
+        return None
+    return AdapterError(
+        f"use_dora is false but {len(dora)} of the {len(mods)} LoRA modules hold a DoRA magnitude vector: PEFT "
+        "would drop them and merge a plain LoRA, not the DoRA the tensors describe",
+        path=path,
+        tensor=dora[0].magnitude_key,
+        hint="set use_dora: true in adapter_config.json if it was trained as DoRA; remove the magnitudes if not",
+    )
 
 
 def _unflagged_bias(modules: list[LoraModule], source: str) -> str:

@@ -87,7 +87,11 @@ def plan_attach(req: Request) -> Plan:
     inv, ad, name = req.inventory, req.source, req.adapter
     # the base under the names PEFT's in-model state dict uses: MoE experts fused as transformers holds them
     mem = memory_view(req.base, req.model_config)
-    base = BaseView(req.base, {k: v[0] for k, v in mem.items()})
+    stored = {k: v[0] for k, v in mem.items()}
+    tied = arch.tied_pair(req.model_config, stored)
+    # a tied head the file does not store is still a module an adapter can target (PEFT wraps lm_head)
+    virtual_head = tied[1] if tied is not None and tied[1] not in stored else None
+    base = BaseView(req.base, {**stored, virtual_head: stored[tied[0]]} if tied and virtual_head else stored)
     modules, replace, tokens = inv.modules(name), inv.replace.get(name, {}), inv.tokens.get(name, {})
     targets = sorted(set(modules) | set(tokens))
     notes: list[str] = []
@@ -108,13 +112,18 @@ def plan_attach(req: Request) -> Plan:
     for k in base.keys():
         mod, _, param = k.rpartition(".")
         src = (ad, replace[k]) if k in replace else base.where(k)
-        if mod in wrappers or len(mem[k]) > 1:  # an expert parameter (wrapped, or fused from per-expert tensors)
+        if (
+            mod in wrappers or len(mem.get(k, ())) > 1
+        ):  # an expert parameter (wrapped, or fused from per-expert tensors)
             expert = experts_by_base.get(k)
             jobs += attach_expert_jobs(k, mem[k], src, expert, wrappers.get(mod, 0), ad, name, output_dtype(req.dtype))
             continue
+        if k == virtual_head and mod not in lora_by_base:
+            continue  # tied and untouched: the embedding alone is stored, as in the base
         if mod in lora_by_base:
             m = lora_by_base[mod]
-            jobs.append(copy(*src, format_key(mod, Role.BASE, param=param, base_layer=True)))
+            if k != virtual_head:  # a tied head's base_layer is the embedding: stored once, under its name
+                jobs.append(copy(*src, format_key(mod, Role.BASE, param=param, base_layer=True)))
             if param != "weight":
                 continue
             roles = (Role.EMBED_A, Role.EMBED_B) if m.kind == "embedding" else (Role.LORA_A, Role.LORA_B)
