@@ -186,7 +186,8 @@ def convert(
             the same as ``adapters=[adapter]``.
         dry_run: plan the conversion and return a :class:`~lora_convert.dry_run.DryRun` (files, tensors,
             bytes, modules, config changes, warnings) instead of writing it: nothing is written, no temporary
-            folder is made, nothing is pushed.  Not on the extraction route (its planner factors while planning).
+            folder is made, nothing is pushed.  On the extraction route the sizes are the plan's before its SVD pass
+            (``.assumptions`` says what that takes for granted; ranks an energy or error criterion picks are unknown).
 
     Returns:
         A :class:`~lora_convert.assemble.ConvertResult` (a ``DryRun`` with ``dry_run``); ``.report`` holds the route's own report (the SVD
@@ -232,10 +233,6 @@ def _describe(req: Request, to: str, warnings: list[str], out: Output) -> DryRun
     from .dry_run import describe
     from .routes import planner
 
-    if req.extract is not None:
-        raise OptionError(
-            f"{option_name('dry_run')} is not available for extraction yet: its planner runs the SVDs while planning"
-        )
     plan = planner(req.inventory.form, to, path=req.source.root)(req)
     plan.warnings[:0] = warnings
     return describe(plan, req, out)
@@ -293,7 +290,8 @@ def verify(
         RouteError: no adapter, a bad tolerance, MERGED or BASE holding LoRA tensors.  CheckpointError,
         AdapterError (the adapter does not fit BASE), UnsupportedError (what merge refuses), HubError.
     """
-    from .routes.verify import verify_merge
+    from .assemble import run_prepass
+    from .routes.verify import plan_verify
 
     specs = [*([adapter] if adapter is not None else []), *(adapters or [])]
     if not specs:
@@ -308,7 +306,9 @@ def verify(
             raise RouteError(f"holds LoRA tensors ({minv.form} form); MERGED is a merged model", path=mck.root)
         plain = "BASE is the model the adapters were merged into"
         with open_request(base, "merged", adapters=specs, progress=progress, plain=plain) as (req, warnings):
-            result = verify_merge(req, mck, slack=float(slack), ulps=float(ulps), progress=progress)
+            check = plan_verify(req, mck, slack=float(slack), ulps=float(ulps))
+            run_prepass(check, progress)
+            result = check.result()
             result.warnings = warnings
             if logits:
                 from .logits_check import compare_logits
@@ -399,8 +399,9 @@ def extract(
         push_to, private, token: push the adapter to the Hub once written, as :func:`convert` does.
         moe_layout: routed experts as one PEFT ``target_parameters`` pair per fused parameter (``fused``, the
             default) or as one LoRA module per stored per-expert tensor (``per-expert``).
-        dry_run: refused for now (an OptionError): extraction's planner runs its SVDs while planning, so a
-            dry run would cost as much as the run (issue 24 item 3).
+        dry_run: describe the adapter from headers alone, without the SVD pass (a
+            :class:`~lora_convert.dry_run.DryRun`): every tensor to factor counted as changed, ranks exact for
+            ``rank=`` and upper bounds (``max_rank``) for ``energy=``/``max_error=``, as its ``.assumptions`` say.
 
     Returns:
         A :class:`~lora_convert.assemble.ConvertResult` whose ``.report`` (an ``Extraction``) has each module's rank,

@@ -13,6 +13,7 @@ PEFT reads a fused (E, d1, d2) parameter as (E, out, in) unless the experts modu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,6 +219,26 @@ class ExpertPass:
 
                 out.append(expert_difference_job(self.tk, self.bk, p, e, done))
         return out
+
+    def estimate(
+        self, report: Callable[..., object], rank_of: Callable[[list[int]], tuple[int, bool]]
+    ) -> ExpertExtraction:
+        """What :meth:`collect` gives when every expert changed, at ``rank_of(shape)``, from headers alone: the
+        packed factors as meta tensors (shape and dtype, no data) and reports without energy or error."""
+        res = ExpertExtraction()
+        transposed = bool(self.layout and self.layout.peft_transposed)
+        nest = moe_layouts.wrapper_depths(self.params)
+        for path, p in sorted(self.params.items()):
+            shape = [p.shape[1], p.shape[0]] if transposed else list(p.shape)
+            r, capped = rank_of(shape)
+            A = torch.empty(p.experts * r, shape[1], dtype=self.dtype, device="meta")
+            B = torch.empty(shape[0], r * p.experts, dtype=self.dtype, device="meta")
+            res.entries += list(zip(lora_keys(p, nest[path]), (A, B), strict=True))
+            res.ranks[path] = r
+            k = min(self.opts.rank or self.opts.max_rank, self.opts.max_rank)
+            method = svd.choose_method((shape[0], shape[1]), k, self.opts.svd)
+            res.reports += [report(path, e, shape, r, math.nan, math.nan, method, capped) for e in range(p.experts)]
+        return res
 
     def collect(self, report: Callable[..., object]) -> ExpertExtraction:
         """The factors of every changed parameter, packed, and one report per changed expert

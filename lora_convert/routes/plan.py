@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import AdapterConfig
 from ..errors import RouteError
@@ -127,10 +127,20 @@ class Plan:
     card_config: dict[str, Any] | None = None  # config for the card's pipeline tag when none is written
     report: RouteReport | None = None  # the route's own account (routes/report.py; filled while its jobs run)
     op_counts: dict[str, int] | None = None  # what the result reports as done (None: the jobs' ops counted)
+    prepass: PlanPass | None = None  # work to run before writing; its outcome is the plan written (extraction)
     file_sink: Callable[[Path], TensorSink] | None = None  # the output is this one file (GGUF), no folder
     one_file_suffix: str | None = None  # an -o ending in it is written as the tensor file alone (kohya's .safetensors)
     metadata: dict[str, str] | None = None  # the safetensors header's metadata (kohya's ss_*, diffusers' config)
     dropped: list[dict[str, str]] = field(default_factory=list)  # tensors of the source left out ({tensor, reason})
+
+    def settled(self) -> Plan:
+        """The plan to write once :attr:`prepass` ran (this plan when it declares none); the warnings already
+        on this plan (the request's) come first."""
+        if self.prepass is None:
+            return self
+        final = self.prepass.plan()
+        final.warnings[:0] = self.warnings
+        return final
 
     def ops(self) -> dict[str, int]:
         if self.op_counts is not None:
@@ -139,3 +149,42 @@ class Plan:
         for j in self.jobs:
             out[j.op] = out.get(j.op, 0) + 1
         return out
+
+
+class Prepass(Protocol):
+    """Read-only work that needs tensor data (extraction's differences and SVDs, verify's recomputation):
+    declared by the route, run by the assembly (:func:`~lora_convert.assemble.run_prepass`), so that planning
+    reads headers only.  Its jobs write nothing (``writes=False``); what they find stays with the pass."""
+
+    label: str  # the progress bar's
+    unit: str
+
+    def size(self) -> int:
+        """Items the progress bar counts (``advance`` is called once per item)."""
+        ...
+
+    def jobs(self, advance: Callable[[int], None]) -> list[Job]: ...
+
+    def threads(self) -> int | None:
+        """torch's thread count for the jobs' kernels (None: the pipeline's default)."""
+        ...
+
+
+class PlanPass(Prepass, Protocol):
+    """A pre-pass whose outcome decides the output (which tensors, which ranks): :meth:`plan` is the plan to
+    write once the jobs ran, :meth:`estimate` the plan as far as headers tell (``--dry-run``)."""
+
+    def plan(self) -> Plan: ...
+
+    def estimate(self) -> Estimate: ...
+
+
+@dataclass
+class Estimate:
+    """A plan before its pre-pass ran, for ``--dry-run``: the output as far as headers tell, what that assumes
+    about the data not read, and the modules it would write (``rank`` None where only the pass can tell)."""
+
+    plan: Plan
+    assumptions: list[str]
+    modules: list[dict[str, Any]]
+    exact: bool  # the sizes are the real run's whenever the assumptions hold
