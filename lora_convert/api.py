@@ -291,7 +291,7 @@ def verify(
         AdapterError (the adapter does not fit BASE), UnsupportedError (what merge refuses), HubError.
     """
     from .assemble import run_prepass
-    from .routes.verify import plan_verify
+    from .routes import command_planner
 
     specs = [*([adapter] if adapter is not None else []), *(adapters or [])]
     if not specs:
@@ -306,7 +306,7 @@ def verify(
             raise RouteError(f"holds LoRA tensors ({minv.form} form); MERGED is a merged model", path=mck.root)
         plain = "BASE is the model the adapters were merged into"
         with open_request(base, "merged", adapters=specs, progress=progress, plain=plain) as (req, warnings):
-            check = plan_verify(req, mck, slack=float(slack), ulps=float(ulps))
+            check = command_planner("verify")(req, mck, slack=float(slack), ulps=float(ulps))
             run_prepass(check, progress)
             result = check.result()
             result.warnings = warnings
@@ -359,12 +359,13 @@ def combine(
     """
     out = Output(output, force, UNSHARDED, progress, command)
     from .assemble import write_output
-    from .routes.combine import CombineOptions, plan_combine
+    from .routes import command_planner
+    from .routes.combine import CombineOptions
 
     specs = combine_specs(None, adapters, weights)
     opts = CombineOptions(method, density, rank, seed, svd_clamp, majority_sign).validate()
     with open_request(None, "combine", adapters=specs, progress=progress) as (req, warnings):
-        plan = plan_combine(req, opts)
+        plan = command_planner("combine")(req, opts)
         plan.warnings[:0] = warnings
         if dry_run:
             from .dry_run import describe
