@@ -46,7 +46,9 @@ from ..errors import RouteError, option
 from ..io.reader import Checkpoint
 from ..pipeline import Buffers, Job, Read
 from .common import copy_job
-from .extract_options import ExtractOptions, check_layers, option_names, parse_layers
+from .extract_inputs import SKIP_REASONS, Inputs, Task, classify
+from .extract_options import ExtractOptions, check_layers, option_names
+from .extract_options import parse_layers as parse_layers  # (re-exported: older imports)
 from .moe_extract import ExpertExtraction, ExpertPass
 from .plan import Estimate, Plan, Request
 from .report import TextTable
@@ -143,90 +145,6 @@ class Extraction:
         return lines
 
 
-# -- classifying tensors ----------------------------------------------------------------------------
-
-
-@dataclass
-class _Task:
-    name: str  # tensor name in the tuned checkpoint
-    module: str
-    kind: str  # linear | embedding | lm_head | full | skip-* (see _SKIP_REASONS)
-
-
-_SKIP_REASONS = {
-    "skip-embedding": "--embeddings skip",
-    "skip-layers": "outside --layers",
-    "skip-include": "not matched by --include",
-    "skip-exclude": "matched by --exclude",
-}
-
-
-@dataclass
-class _Inputs:
-    """The tuned checkpoint's tensors, sorted."""
-
-    tasks: list[_Task]  # to factor, save whole or report, if changed
-    whole: list[tuple[str, str]]  # (module, reason) saved whole because their shape changed
-    skipped: list[dict[str, str]]
-    others: list[str]  # tensors a LoRA cannot carry: compared, reported (or saved with --save-other)
-    tied: bool
-
-
-def _classify(tk: Checkpoint, bk: Checkpoint, opts: ExtractOptions, skip: set[str]) -> _Inputs:
-    """Sort the tuned checkpoint's tensors (``skip``: expert tensors extracted as such)."""
-    model_config = tk.config or bk.config
-    vocab = arch.config_value(model_config, "vocab_size")
-    inc, exc = opts.patterns()
-    layer_set = parse_layers(opts.layers)
-    heads_stored = any(arch.tensor_kind(n, tk.info(n).shape, vocab) == "lm_head" for n in tk.tensors)
-    out = _Inputs([], [], [], [], arch.ties_embeddings(model_config, heads_stored) and not heads_stored)
-    for name, info in tk.tensors.items():
-        if name in skip:
-            continue
-        kind = arch.tensor_kind(name, info.shape, vocab)
-        if name not in bk.tensors:
-            out.skipped.append({"tensor": name, "reason": "not in the base"})
-            continue
-        module = arch.module_of(name)
-        if kind == "other":
-            out.others.append(name)
-            continue
-        if bk.info(name).shape != info.shape:
-            change = f"shape changed {list(bk.info(name).shape)} -> {list(info.shape)}"
-            if kind in ("embedding", "lm_head") and opts.embeddings != "skip":
-                out.whole.append(
-                    (module, f"{change} (vocabulary resized: resize the base's embeddings before loading)")
-                )
-            else:
-                out.skipped.append({"tensor": name, "reason": change})
-            continue
-        # --embeddings full/skip decide the embeddings and heads outright; everything that is to be
-        # decomposed (embeddings too, under --embeddings lora) goes through --include/--exclude, and
-        # decoder-layer modules through --layers.
-        if kind in ("embedding", "lm_head") and opts.embeddings != "lora":
-            kind = "skip-embedding" if opts.embeddings == "skip" else "full"
-        elif (
-            kind == "linear"
-            and layer_set is not None
-            and (li := arch.layer_index(module)) is not None
-            and li not in layer_set
-        ):
-            kind = "skip-layers"
-        elif inc and not any(p.search(module) for p in inc):
-            kind = "skip-include"
-        elif any(p.search(module) for p in exc):
-            kind = "skip-exclude"
-        out.tasks.append(_Task(name, module, kind))
-    for name in bk.tensors:
-        if (
-            name not in tk.tensors
-            and name not in skip
-            and not (out.tied and arch.tensor_kind(name, bk.info(name).shape, vocab) == "lm_head")
-        ):
-            out.skipped.append({"tensor": name, "reason": "in the base but not in the tuned checkpoint"})
-    return out
-
-
 # -- pass 1: differences and factors ---------------------------------------------------------------
 
 
@@ -266,7 +184,7 @@ def _difference_job(tk: Checkpoint, bk: Checkpoint, name: str, keep: bool, done:
 
 def _factor(
     delta: torch.Tensor,
-    task: _Task,
+    task: Task,
     opts: ExtractOptions,
     conv1d: bool,
     total: float | None,
@@ -318,7 +236,7 @@ class ExtractionPass:
 
     label, unit = "extracting", "items"
 
-    def __init__(self, req: Request, opts: ExtractOptions, inputs: _Inputs, experts: ExpertPass) -> None:
+    def __init__(self, req: Request, opts: ExtractOptions, inputs: Inputs, experts: ExpertPass) -> None:
         assert req.base is not None
         self.req, self.opts, self.inputs, self.experts = req, opts, inputs, experts
         self.tk, self.bk = req.source, req.base
@@ -336,10 +254,10 @@ class ExtractionPass:
         conv1d_model = arch.stores_conv1d(tk.config or bk.config)
         jobs = self.experts.jobs(advance)
         for i, task in enumerate(inputs.tasks):
-            factor = task.kind not in _SKIP_REASONS and task.kind != "full"
+            factor = task.kind not in SKIP_REASONS and task.kind != "full"
 
             def done(
-                delta: torch.Tensor | None, total: float | None, i: int = i, task: _Task = task, factor: bool = factor
+                delta: torch.Tensor | None, total: float | None, i: int = i, task: Task = task, factor: bool = factor
             ) -> None:
                 advance(1)
                 if delta is not None:
@@ -378,7 +296,7 @@ class ExtractionPass:
         conv1d_model = arch.stores_conv1d(self.tk.config or self.bk.config)
         outcomes: dict[int, _Factored] = {}
         for i, task in enumerate(self.inputs.tasks):
-            if task.kind in _SKIP_REASONS:
+            if task.kind in SKIP_REASONS:
                 continue  # left out whether it changed or not: a warning only the pass can give
             if task.kind == "full":
                 outcomes[i] = _Factored()
@@ -459,7 +377,7 @@ class _Adapter:
         self.saved_whole.append({"module": module, "reason": reason})
         self.entries += [(f"{PEFT_PREFIX}{k}", k) for k in keys]
 
-    def add_factors(self, task: _Task, got: _Factored, tied: bool) -> None:
+    def add_factors(self, task: Task, got: _Factored, tied: bool) -> None:
         assert got.factors is not None and got.report is not None
         B, A = got.factors
         if task.kind == "embedding":  # ΔW (vocab, dim) = (B_e·A_e)ᵀ: B_e = Aᵀ (dim, r), A_e = Bᵀ (r, vocab)
@@ -493,7 +411,7 @@ def _tensor_job(name: str, t: torch.Tensor) -> Job:
     return Job(name, t.dtype, tuple(t.shape), blocks, "lora")
 
 
-def _collect(tk: Checkpoint, inputs: _Inputs, outcomes: dict[int, _Factored]) -> _Adapter:
+def _collect(tk: Checkpoint, inputs: Inputs, outcomes: dict[int, _Factored]) -> _Adapter:
     out = _Adapter(tk, skipped=list(inputs.skipped))
     for module, reason in inputs.whole:
         out.save_whole(module, reason, [f"{module}.weight"])
@@ -503,8 +421,8 @@ def _collect(tk: Checkpoint, inputs: _Inputs, outcomes: dict[int, _Factored]) ->
         got = outcomes.get(i)
         if got is None:
             continue
-        if task.kind in _SKIP_REASONS:
-            out.skipped.append({"tensor": task.name, "reason": _SKIP_REASONS[task.kind]})
+        if task.kind in SKIP_REASONS:
+            out.skipped.append({"tensor": task.name, "reason": SKIP_REASONS[task.kind]})
         elif task.kind == "full":
             out.save_whole(task.module, "--embeddings full", [task.name])
         else:
@@ -610,12 +528,12 @@ def plan_extract(req: Request) -> Plan:
     assert bk is not None and opts is not None and req.base_ref is not None
     check_layers(opts.layers, tk)
     experts = ExpertPass(tk, bk, opts, req.moe_layout)
-    inputs = _classify(tk, bk, opts, experts.keys)
+    inputs = classify(tk, bk, opts, experts.keys)
     return Plan("adapter", [], prepass=ExtractionPass(req, opts, inputs, experts))
 
 
 def _adapter_plan(
-    req: Request, opts: ExtractOptions, inputs: _Inputs, out: _Adapter, moe: ExpertExtraction, changed_others: list[str]
+    req: Request, opts: ExtractOptions, inputs: Inputs, out: _Adapter, moe: ExpertExtraction, changed_others: list[str]
 ) -> Plan:
     """The adapter's plan: factors, tensors saved whole, config, report and card."""
     tk = req.source
