@@ -207,9 +207,7 @@ def convert(
     route.check(to, out)
     if hub is not None and not dry_run:
         hub = hub.preflight(to, out)  # the token and the right to write, before any work
-    with open_request(
-        source, to, base=base, adapter=adapter, adapters=adapters, route=route, progress=out.progress
-    ) as (req, warnings):
+    with open_request(source, to, base=base, adapter=adapter, adapters=adapters, route=route) as (req, warnings):
         if dry_run:
             return _describe(req, to, warnings, out)
         result = _write(req, to, warnings, out)
@@ -305,7 +303,7 @@ def verify(
         if minv.form != "plain":
             raise RouteError(f"holds LoRA tensors ({minv.form} form); MERGED is a merged model", path=mck.root)
         plain = "BASE is the model the adapters were merged into"
-        with open_request(base, "merged", adapters=specs, progress=progress, plain=plain) as (req, warnings):
+        with open_request(base, "merged", adapters=specs, plain=plain) as (req, warnings):
             check = command_planner("verify")(req, mck, slack=float(slack), ulps=float(ulps))
             run_prepass(check, progress)
             result = check.result()
@@ -364,7 +362,7 @@ def combine(
 
     specs = combine_specs(None, adapters, weights)
     opts = CombineOptions(method, density, rank, seed, svd_clamp, majority_sign).validate()
-    with open_request(None, "combine", adapters=specs, progress=progress) as (req, warnings):
+    with open_request(None, "combine", adapters=specs) as (req, warnings):
         plan = command_planner("combine")(req, opts)
         plan.warnings[:0] = warnings
         if dry_run:
