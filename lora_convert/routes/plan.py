@@ -30,7 +30,6 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-
     from ..io.writer import TensorSink
     from ..pipeline import Job
     from .extract_options import ExtractOptions
