@@ -186,7 +186,8 @@ def convert(
             the same as ``adapters=[adapter]``.
         dry_run: plan the conversion and return a :class:`~lora_convert.dry_run.DryRun` (files, tensors,
             bytes, modules, config changes, warnings) instead of writing it: nothing is written, no temporary
-            folder is made, nothing is pushed.  Not on the extraction route (its planner factors while planning).
+            folder is made, nothing is pushed.  On the extraction route the sizes are the plan's before its SVD pass
+            (``.assumptions`` says what that takes for granted; ranks an energy or error criterion picks are unknown).
 
     Returns:
         A :class:`~lora_convert.assemble.ConvertResult` (a ``DryRun`` with ``dry_run``); ``.report`` holds the route's own report (the SVD
@@ -206,9 +207,7 @@ def convert(
     route.check(to, out)
     if hub is not None and not dry_run:
         hub = hub.preflight(to, out)  # the token and the right to write, before any work
-    with open_request(
-        source, to, base=base, adapter=adapter, adapters=adapters, route=route, progress=out.progress
-    ) as (req, warnings):
+    with open_request(source, to, base=base, adapter=adapter, adapters=adapters, route=route) as (req, warnings):
         if dry_run:
             return _describe(req, to, warnings, out)
         result = _write(req, to, warnings, out)
@@ -232,10 +231,6 @@ def _describe(req: Request, to: str, warnings: list[str], out: Output) -> DryRun
     from .dry_run import describe
     from .routes import planner
 
-    if req.extract is not None:
-        raise OptionError(
-            f"{option_name('dry_run')} is not available for extraction yet: its planner runs the SVDs while planning"
-        )
     plan = planner(req.inventory.form, to, path=req.source.root)(req)
     plan.warnings[:0] = warnings
     return describe(plan, req, out)
@@ -293,7 +288,8 @@ def verify(
         RouteError: no adapter, a bad tolerance, MERGED or BASE holding LoRA tensors.  CheckpointError,
         AdapterError (the adapter does not fit BASE), UnsupportedError (what merge refuses), HubError.
     """
-    from .routes.verify import verify_merge
+    from .assemble import run_prepass
+    from .routes import command_planner
 
     specs = [*([adapter] if adapter is not None else []), *(adapters or [])]
     if not specs:
@@ -307,8 +303,10 @@ def verify(
         if minv.form != "plain":
             raise RouteError(f"holds LoRA tensors ({minv.form} form); MERGED is a merged model", path=mck.root)
         plain = "BASE is the model the adapters were merged into"
-        with open_request(base, "merged", adapters=specs, progress=progress, plain=plain) as (req, warnings):
-            result = verify_merge(req, mck, slack=float(slack), ulps=float(ulps), progress=progress)
+        with open_request(base, "merged", adapters=specs, plain=plain) as (req, warnings):
+            check = command_planner("verify")(req, mck, slack=float(slack), ulps=float(ulps))
+            run_prepass(check, progress)
+            result = check.result()
             result.warnings = warnings
             if logits:
                 from .logits_check import compare_logits
@@ -359,12 +357,13 @@ def combine(
     """
     out = Output(output, force, UNSHARDED, progress, command)
     from .assemble import write_output
-    from .routes.combine import CombineOptions, plan_combine
+    from .routes import command_planner
+    from .routes.combine import CombineOptions
 
     specs = combine_specs(None, adapters, weights)
     opts = CombineOptions(method, density, rank, seed, svd_clamp, majority_sign).validate()
-    with open_request(None, "combine", adapters=specs, progress=progress) as (req, warnings):
-        plan = plan_combine(req, opts)
+    with open_request(None, "combine", adapters=specs) as (req, warnings):
+        plan = command_planner("combine")(req, opts)
         plan.warnings[:0] = warnings
         if dry_run:
             from .dry_run import describe
@@ -399,8 +398,9 @@ def extract(
         push_to, private, token: push the adapter to the Hub once written, as :func:`convert` does.
         moe_layout: routed experts as one PEFT ``target_parameters`` pair per fused parameter (``fused``, the
             default) or as one LoRA module per stored per-expert tensor (``per-expert``).
-        dry_run: refused for now (an OptionError): extraction's planner runs its SVDs while planning, so a
-            dry run would cost as much as the run (issue 24 item 3).
+        dry_run: describe the adapter from headers alone, without the SVD pass (a
+            :class:`~lora_convert.dry_run.DryRun`): every tensor to factor counted as changed, ranks exact for
+            ``rank=`` and upper bounds (``max_rank``) for ``energy=``/``max_error=``, as its ``.assumptions`` say.
 
     Returns:
         A :class:`~lora_convert.assemble.ConvertResult` whose ``.report`` (an ``Extraction``) has each module's rank,

@@ -21,7 +21,7 @@ from .io.writer import SafetensorsSink, TensorSink
 from .options import UNSHARDED, Output
 from .pipeline import execute
 from .progress import progress_bar
-from .routes.plan import Plan, Request
+from .routes.plan import Plan, Prepass, Request
 
 if TYPE_CHECKING:
     from .io.reader import Checkpoint
@@ -57,9 +57,19 @@ class ConvertResult:
         return d
 
 
+def run_prepass(pre: Prepass, progress: bool) -> None:
+    """Run a route's declared pre-pass (jobs that read and compute, writing nothing), with its progress bar."""
+    with progress_bar(progress, pre.size(), pre.label, unit=pre.unit) as advance:
+        execute(pre.jobs(advance), None, threads=pre.threads())
+
+
 def write_output(plan: Plan, req: Request, out: Output) -> ConvertResult:
-    """Write ``plan`` into ``out.path`` atomically and say what was written."""
+    """Write ``plan`` into ``out.path`` atomically and say what was written; a plan that declares a pre-pass
+    (extraction's SVDs) has it run first, and its outcome is what is written."""
     output, force, progress = out.path, out.force, out.progress
+    if plan.prepass is not None:
+        run_prepass(plan.prepass, progress)
+        plan = plan.settled()
     inputs = _input_paths(req.source) + (_input_paths(req.base) if req.base is not None else [])
     for inp in req.stack:
         inputs += _input_paths(inp.ck)

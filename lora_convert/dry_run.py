@@ -6,6 +6,11 @@ edits, the adapter config and the warnings, so the files and bytes of the output
 safetensors headers are built as the sink will build them).  Nothing is written and no temporary folder is
 made.  Only a one-file output with its own sink (GGUF) is counted by its tensor data alone (``bytes_exact``
 false): its header is the sink's own business.
+
+A plan that declares a pre-pass (extraction: which tensors changed, and the ranks an energy or error criterion
+picks, are known only once its SVD pass has read them) is described by the pass's estimate, from headers alone:
+``assumptions`` says what it takes for granted, ``bytes_exact`` is false where the ranks are upper bounds, and
+each module's ``rank`` is None where only the pass can tell.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 from .io.safetensors_format import build_header
 from .io.writer import assign_shards, parse_size, shard_names
 from .options import UNSHARDED, Output
+from .pipeline import Job
 from .routes.plan import Plan, Request
 
 
@@ -42,6 +48,7 @@ class DryRun:
     config_changes: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     output_exists: bool = False  # the real run needs force=True
+    assumptions: list[str] = field(default_factory=list)  # what a plan with a pre-pass (extraction) takes for granted
 
     def to_dict(self) -> dict[str, Any]:
         return {"dry_run": True, **asdict(self)}
@@ -51,10 +58,19 @@ def describe(plan: Plan, req: Request, out: Output) -> DryRun:
     """``plan`` as the files and bytes :func:`~.assemble.write_output` would write for it, writing nothing."""
     from .io.safetensors_format import dtype_name
 
+    assumptions: list[str] = []
+    modules: list[dict[str, Any]] | None = None
+    exact = plan.file_sink is None
+    reading = list(plan.jobs)
+    if plan.prepass is not None:  # what the pass would find is not read: the plan as far as headers tell
+        estimate = plan.prepass.estimate()
+        estimate.plan.warnings[:0] = plan.warnings
+        reading = plan.prepass.jobs(lambda n: None) + estimate.plan.jobs  # the pass's jobs are built, never run
+        plan, assumptions, modules, exact = estimate.plan, estimate.assumptions, estimate.modules, estimate.exact
     planned = [j.planned for j in plan.jobs if j.writes]
     output = Path(out.path)
     as_file = plan.one_file_suffix is not None and output.suffix == plan.one_file_suffix
-    exact = plan.file_sink is None
+    exact = exact and plan.file_sink is None
     if plan.file_sink is not None:
         files, total = [output.name], sum(p.nbytes for p in planned)
     else:
@@ -82,21 +98,22 @@ def describe(plan: Plan, req: Request, out: Output) -> DryRun:
         len(planned),
         total,
         exact,
-        _read_bytes(plan),
+        _read_bytes(reading),
         _factor_bytes(req),
         dtypes,
         plan.ops(),
-        _modules(req),
+        _modules(req) if modules is None else modules,
         dict(plan.config_changes),
         list(plan.warnings),
         output.exists() or output.is_symlink(),
+        assumptions,
     )
 
 
-def _read_bytes(plan: Plan) -> int:
+def _read_bytes(jobs: list[Job]) -> int:
     """Bytes of the blocks every job declares (``Job.reads``): rows of a tensor, or elements when flat."""
     total = 0
-    for job in plan.jobs:
+    for job in jobs:
         for r in job.reads():
             info = r.ck.info(r.key)
             if r.flat:

@@ -64,6 +64,34 @@ class MoeLayout:
             out = out.replace(f".{disk}.", f".{mem}.")
         return out[1:-1]
 
+    def part(self, p: ExpertParam, e: int, part: str) -> ExpertPart:
+        """Where expert ``e``'s ``part`` (``gate_proj``, ``w3``...) of the fused parameter ``p`` lives: the stored
+        tensor (the fused one, slab ``e``; or expert ``e``'s own 2-D tensor), its rows in the expert's (d1, d2)
+        slab of the in-memory parameter, and its name as a per-expert module on disk.  The one place that
+        answers it: routes ask here instead of re-deriving names, orders and slices."""
+        parts = self.parts.get(p.param, ())
+        if part not in parts:
+            raise KeyError(f"{self.name} has no part {part!r} in {p.param} (parts: {', '.join(parts) or 'none'})")
+        i = parts.index(part)
+        if p.fused:
+            rows = part_slices(self, [p.shape[0] // len(parts)] * len(parts))[i]
+            tensor, slab = p.fused, e
+        else:
+            rows, tensor, slab = part_slices(self, p.part_rows)[i], p.per_expert[e][i], None
+        count = len(range(*rows.indices(p.shape[0])))
+        return ExpertPart(tensor, slab, rows, count, f"{self.to_disk(p.module)}.{e}.{part}")
+
+
+@dataclass(frozen=True)
+class ExpertPart:
+    """One expert's part of a fused parameter, located (:meth:`MoeLayout.part`)."""
+
+    tensor: str  # the stored tensor that holds it
+    slab: int | None  # its index along a fused tensor's first dimension; None: a per-expert tensor of its own
+    rows: slice  # its rows in the expert's (d1, d2) slab of the in-memory parameter (a step where interleaved)
+    count: int  # how many rows that is (a per-expert module's out_features)
+    module: str  # the per-expert module on disk, ``<experts>.<e>.<part>`` (as per-expert adapters name it)
+
 
 _QWEN2_PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
 QWEN2_MOE = MoeLayout("qwen2_moe", parts=_QWEN2_PARTS)

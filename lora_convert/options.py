@@ -3,7 +3,8 @@
 Three records replace the ~20 keywords that used to travel api -> writer -> assembly one by one:
 :class:`Output` (where and how the output is written: the assembly reads it), :class:`HubPush` (where it
 is pushed afterwards) and :class:`RouteOptions` (what only some routes take; the request builder checks
-each against the route and hands it to the :class:`~.routes.plan.Request`).  Each record checks its own
+each against the route and the :class:`~.routes.plan.Request` carries it: it lives beside the routes, in
+:mod:`.routes.route_options`, since they read it).  Each record checks its own
 values before any input is opened, so that a typo costs one ``error:`` line and nothing else.
 """
 
@@ -12,15 +13,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .errors import HubError, OptionError, OutputError, RouteError, option, option_name, spelled
 from .fmt import human_bytes
 from .io.writer import parse_size
+from .routes.route_options import RouteOptions
 
 if TYPE_CHECKING:
     from .io.hub import PushResult
-    from .routes.extract import ExtractOptions
+
+__all__ = ["UNSHARDED", "HubPush", "Output", "RouteOptions"]
 
 UNSHARDED = 10**15  # an adapter is one file whatever its size, as PEFT writes it
 
@@ -88,68 +91,3 @@ class HubPush:
                 path=output,
                 hint=(f"{exc.hint}; then " if exc.hint else "") + f"push it without converting again: {again}",
             ) from exc
-
-
-@dataclass(frozen=True)
-class RouteOptions:
-    """The options that only some routes take (each refused by name elsewhere)."""
-
-    dtype: str = "auto"
-    extract: ExtractOptions | dict[str, Any] | None = None
-    outtype: str | None = None
-    requantize: bool = False
-    device: str = "cpu"
-    moe_layout: str | None = None
-    drop_norms: bool = False
-
-    def check(self, to: str, output: Output) -> None:
-        """What can be refused from the target alone, before any input is opened."""
-        from .routes import FORMATS, FORMS
-        from .routes.plan import output_dtype
-
-        if to not in FORMS + FORMATS:
-            raise OptionError(f"unknown target form {to!r} (choose from {', '.join(FORMS + FORMATS)})")
-        output_dtype(self.dtype)
-        output.check()
-        self._check_format(to, output.path)
-        self._check_device()
-
-    def _check_format(self, to: str, output: str | Path) -> None:
-        """--outtype and --drop-norms are GGUF's (its types are not --dtype's), and a GGUF output is a ``.gguf``
-        file."""
-        from .io.gguf_sink import OUTTYPES
-
-        def target(form: str) -> str:
-            return spelled(f"--to {form}", f'to="{form}"')
-
-        if self.outtype is not None and to != "gguf":
-            raise OptionError(f"{option_name('outtype')} applies to {target('gguf')} only, not {target(to)}")
-        if self.drop_norms and to != "gguf":
-            raise OptionError(f"{option_name('drop_norms')} applies to {target('gguf')} only, not {target(to)}")
-        if to != "gguf":
-            return
-        if self.dtype != "auto":
-            raise OptionError(
-                f"{option_name('dtype')} does not apply to {target('gguf')}: use {option_name('outtype')} "
-                + "|".join(OUTTYPES)
-            )
-        if self.outtype is not None and self.outtype not in OUTTYPES:
-            raise OptionError(f"unknown {option_name('outtype')} {self.outtype!r} (choose from {', '.join(OUTTYPES)})")
-        if not str(output).endswith(".gguf"):
-            raise RouteError(
-                f"{target('gguf')} writes one file: give {spelled('-o', 'output=')} a path ending in .gguf", path=output
-            )
-
-    def _check_device(self) -> None:
-        """``cpu``, or a CUDA device torch can see (checked before any work)."""
-        if self.device == "cpu":
-            return
-        if not self.device.startswith("cuda"):
-            raise OptionError(f"{option_name('device')} must be cpu or cuda[:N], not {self.device!r}")
-        import torch
-
-        if not torch.cuda.is_available():
-            raise RouteError(
-                f"{option_name('device')} {self.device}: no CUDA device is available",
-                hint="use " + spelled("--device cpu", 'device="cpu"'),
-            )

@@ -162,7 +162,7 @@ def dry_run(res: Any) -> None:
     write, what it would read, the config edits and warnings; nothing was written."""
     if res.modules:
         rows = [
-            [m["adapter"], m["module"], m["kind"], str(m["rank"]), _num(m["scaling"]), f"{m['weight']:g}"]
+            [m["adapter"], m["module"], m["kind"], _num(m["rank"]), _num(m["scaling"]), f"{m['weight']:g}"]
             for m in res.modules
         ]
         out.print(table(out, "modules", ["adapter", "module", "kind", "rank", "scaling", "weight"], rows))
@@ -180,6 +180,8 @@ def dry_run(res: Any) -> None:
         out.print(safe("  " + ", ".join(f"{k}: {v}" for k, v in sorted(res.ops.items()))))
     for k, v in res.config_changes.items():
         out.print(safe(f"  config.json: {k} = {v}"))
+    for line in res.assumptions:
+        out.print(safe(f"  assumes: {line}"))
     if res.output_exists:
         out.print(safe("  the output exists: the real run needs --force"))
     out.print("  nothing written")

@@ -47,7 +47,6 @@ def open_request(
     adapters: Sequence[Spec] | None = None,
     weights: Sequence[float | str] | None = None,
     route: RouteOptions = NO_OPTIONS,
-    progress: bool = False,
     plain: str | None = None,
 ) -> Iterator[tuple[Request, list[str]]]:
     """The Request that converts ``source`` to ``to``, and the adapters' warnings; closed on the way out.
@@ -60,9 +59,9 @@ def open_request(
         if opened is not None:
             held.add(opened[0])
         if specs is not None:
-            yield _stacked(source, to, specs, opened, base, route, progress, plain, held)
+            yield _stacked(source, to, specs, opened, base, route, plain, held)
         elif source is not None:  # (specs are None only for a source's own adapter)
-            yield _one_adapter(source, to, adapter, base, route, progress, held)
+            yield _one_adapter(source, to, adapter, base, route, held)
     finally:
         held.close()
 
@@ -73,7 +72,6 @@ def _one_adapter(
     adapter: Spec | None,
     base: str | Path | None,
     route: RouteOptions,
-    progress: bool,
     held: _Held,
 ) -> tuple[Request, list[str]]:
     """One source and its one adapter (``adapter`` picks one of several), along the route of its form."""
@@ -100,15 +98,9 @@ def _one_adapter(
         name,
         base_ck,
         str(base) if base is not None else None,
-        route.dtype,
+        route,
         extract,
-        progress,
         base_config=_format_base_config(inv, name, base) if to in FORMATS else None,
-        outtype=route.outtype,
-        requantize=route.requantize,
-        moe_layout=route.moe_layout,
-        device=route.device,
-        drop_norms=route.drop_norms,
     )
     return req, warnings
 
@@ -120,7 +112,6 @@ def _stacked(
     opened: tuple[Checkpoint, Inventory] | None,
     base: str | Path | None,
     route: RouteOptions,
-    progress: bool,
     plain: str | None,
     held: _Held,
 ) -> tuple[Request, list[str]]:
@@ -130,7 +121,7 @@ def _stacked(
         stack = held.add_stack(open_stack(specs, None))
         warnings = _check_stack(stack)
         first = stack[0]
-        return Request(first.ck, first.label, first.inventory, first.name, progress=progress, stack=stack), warnings
+        return Request(first.ck, first.label, first.inventory, first.name, stack=stack), warnings
     ck, inv = opened if opened is not None else held.add_source(load_source(source))  # 2.
     if plain is None and to == "base":
         plain = "unmerging subtracts adapters from a merged model"
@@ -153,9 +144,7 @@ def _stacked(
     base_ref = str(base) if base is not None else (ref if inv.form == "plain" else None)
     if inv.form == "plain":
         base_ck = ck  # the plain source is the base (merge, verify) or the merged model (unmerge)
-    req = Request(ck, ref, inv, stack[0].name, base_ck, base_ref, route.dtype, None, progress, stack=stack)
-    req.requantize, req.device = route.requantize, route.device
-    return req, warnings
+    return Request(ck, ref, inv, stack[0].name, base_ck, base_ref, route, stack=stack), warnings
 
 
 class _Held:

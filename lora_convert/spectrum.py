@@ -25,7 +25,7 @@ from .difference import Difference, row_blocks
 from .io.reader import Checkpoint
 from .pipeline import Job, execute
 from .progress import progress_bar
-from .routes.extract import _SKIP_REASONS, _classify
+from .routes.extract_inputs import SKIP_REASONS, classify
 from .routes.extract_options import ExtractOptions, check_layers
 from .routes.moe_extract import ExpertPass
 
@@ -116,7 +116,7 @@ def spectrum(tk: Checkpoint, bk: Checkpoint, opts: ExtractOptions, *, progress: 
     """Every changed module that ``extract`` with ``opts`` would factor: its spectrum and chosen rank."""
     check_layers(opts.layers, tk)
     experts = ExpertPass(tk, bk, opts, None)
-    inputs = _classify(tk, bk, opts, experts.keys)
+    inputs = classify(tk, bk, opts, experts.keys)
     conv1d = arch.stores_conv1d(tk.config or bk.config)
     mods: list[ModuleSpectrum] = []
     totals: dict[str, float] = {}
@@ -166,7 +166,7 @@ def spectrum(tk: Checkpoint, bk: Checkpoint, opts: ExtractOptions, *, progress: 
                 add(m, x.f)
         for task in inputs.tasks:
             advance(1)
-            factor = task.kind not in _SKIP_REASONS and task.kind != "full"
+            factor = task.kind not in SKIP_REASONS and task.kind != "full"
             d = Difference(tk.rows_of(task.name), bk.rows_of(task.name), keep=factor)
             for s, e in row_blocks(tuple(tk.info(task.name).shape)):
                 d.add(s, tk.rows_of(task.name).rows(s, e), bk.rows_of(task.name).rows(s, e))
@@ -174,7 +174,7 @@ def spectrum(tk: Checkpoint, bk: Checkpoint, opts: ExtractOptions, *, progress: 
             if delta is None:
                 continue
             if not factor:
-                skipped.append({"tensor": task.name, "reason": _SKIP_REASONS.get(task.kind, "--embeddings full")})
+                skipped.append({"tensor": task.name, "reason": SKIP_REASONS.get(task.kind, "--embeddings full")})
                 continue
             total = float(d.total or 0.0)
             if conv1d and task.kind == "linear":

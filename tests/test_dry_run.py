@@ -8,14 +8,12 @@ import json
 import os
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 from tiny import llama, peft_wrap
 
 import lora_convert as lc
 from lora_convert.cli import main
 from lora_convert.dry_run import DryRun
-from lora_convert.errors import OptionError
 
 LORA, BASE, UNMERGED = "fixtures/tiny-llama-lora", "fixtures/tiny-llama-base", "fixtures/tiny-llama-unmerged"
 
@@ -113,10 +111,3 @@ def test_tiny_model_with_a_rank_pattern_api_and_text(tmp_path):
     assert text.exit_code == 0, text.output
     assert "would write" in text.output and "the real run needs --force" in text.output
     assert f"{done.tensors} tensors" in text.output
-
-
-def test_extract_is_refused_before_any_svd(tmp_path):
-    before = listing(tmp_path)
-    with pytest.raises(OptionError, match="not available for extraction"):
-        lc.extract("fixtures/tiny-llama-merged", base=BASE, output=tmp_path / "x", rank=8, dry_run=True)
-    assert listing(tmp_path) == before

@@ -3,6 +3,11 @@
 A planner takes a :class:`~.plan.Request` (the opened inputs) and returns a :class:`~.plan.Plan` (the
 jobs that write the output tensors and what the folder needs besides).  A new route is one planner
 here; the API looks the route up, and one folder assembly writes any plan.
+
+The commands that are no conversion of one source to a form sit in a second table beside it, ``COMMANDS``
+``{name: planner}``: ``combine`` (several adapters -> one, a :class:`~.plan.Plan` the assembly writes) and
+``verify`` (a merge checked: a pre-pass the assembly runs, whose result is the verdict).  The API looks them
+up there too (:func:`command_planner`).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..errors import RouteError
 from ..fmt import form_word
@@ -36,19 +42,44 @@ ROUTES: dict[tuple[str, str], str] = {
     ("plain", "merged"): "merge:plan_merge",  # the plain source is the base; the adapters come with --adapter
     ("plain", "base"): "unmerge:plan_unmerge",  # the plain source is a merged model; ΔW of --adapter is subtracted
 }
+# command -> "module:function": its planner takes the Request and the command's own inputs and options.
+COMMANDS: dict[str, str] = {
+    "combine": "combine:plan_combine",  # (Request, CombineOptions) -> Plan
+    "verify": "verify:plan_verify",  # (Request, MERGED, slack=, ulps=) -> VerifyPass, a pre-pass with a result()
+}
 NEEDS_BASE = frozenset({("adapter", "merged"), ("adapter", "unmerged"), ("plain", "adapter")})
 OPTIONAL_BASE = frozenset({("adapter", "kohya"), ("adapter", "diffusers")})  # the base settles module names
 
-__all__ = ["FORMATS", "FORMS", "NEEDS_BASE", "OPTIONAL_BASE", "ROUTES", "Plan", "Planner", "Request", "planner"]
+__all__ = [
+    "COMMANDS",
+    "FORMATS",
+    "FORMS",
+    "NEEDS_BASE",
+    "OPTIONAL_BASE",
+    "ROUTES",
+    "Plan",
+    "Planner",
+    "Request",
+    "command_planner",
+    "planner",
+]
+
+
+def _load(found: str) -> Any:
+    module, _, name = found.partition(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def command_planner(name: str) -> Callable[..., Any]:
+    """The planner of the command ``name`` in :data:`COMMANDS` (imported when first asked for)."""
+    return _load(COMMANDS[name])
 
 
 def planner(source_form: str, to: str, *, path: str | Path | None = None) -> Planner:
     """The planner of ``source_form -> to``, or a RouteError saying why there is none."""
     found = ROUTES.get((source_form, to))
     if found is not None:
-        module, _, name = found.partition(":")
-        mod = importlib.import_module(f"{__name__}.{module}")
-        return getattr(mod, name)
+        return _load(found)
     if source_form == "plain":
         raise RouteError(
             f"holds no LoRA tensors (a full model: base, merged or fine-tuned); nothing to convert to {to}", path=path

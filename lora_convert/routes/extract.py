@@ -1,9 +1,11 @@
 """plain (tuned or merged) + base -> adapter: a PEFT LoRA adapter with ``ΔW ≈ B·A`` by SVD.
 
-Two passes through the pipeline.  The first runs one job per changed tensor: its row blocks are read
-ahead from both files (the reader stage), ΔW is formed in fp32 (:mod:`..difference`), factored
-(:mod:`..svd`) and dropped, keeping only the thin factors.  The second writes the adapter: the factors,
-and tensors saved whole, streamed from the tuned checkpoint.
+Two passes through the pipeline.  The planner reads headers only and declares the first
+(:class:`ExtractionPass`, on ``Plan.prepass``), which the assembly runs: one job per changed tensor, its row
+blocks read ahead from both files (the reader stage), ΔW formed in fp32 (:mod:`..difference`), factored
+(:mod:`..svd`) and dropped, keeping only the thin factors.  The second writes the adapter the first put
+together: the factors, and tensors saved whole, streamed from the tuned checkpoint.  ``--dry-run`` runs
+neither: it describes :meth:`ExtractionPass.estimate`, the adapter as far as headers tell.
 
 GPT-2-style ``Conv1D`` weights are stored (in, out): their ΔW is factored in the (out, in) view that
 PEFT's ``B·A`` describes, and ``fan_in_fan_out`` is set.
@@ -25,10 +27,11 @@ Adapter layout (what ``PeftModel.from_pretrained(base, OUT)`` loads with no miss
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,12 +44,13 @@ from ..dialects.peft_keys import PEFT_PREFIX, Role, format_key
 from ..difference import Difference, row_blocks
 from ..errors import RouteError, option
 from ..io.reader import Checkpoint
-from ..pipeline import Buffers, Job, Read, execute
-from ..progress import progress_bar
+from ..pipeline import Buffers, Job, Read
 from .common import copy_job
-from .extract_options import ExtractOptions, check_layers, option_names, parse_layers
-from .moe_extract import ExpertPass
-from .plan import Plan, Request
+from .extract_inputs import SKIP_REASONS, Inputs, Task, classify
+from .extract_options import ExtractOptions, check_layers, option_names
+from .extract_options import parse_layers as parse_layers  # (re-exported: older imports)
+from .moe_extract import ExpertExtraction, ExpertPass
+from .plan import Estimate, Plan, Request
 from .report import TextTable
 
 FP32 = torch.float32
@@ -141,90 +145,6 @@ class Extraction:
         return lines
 
 
-# -- classifying tensors ----------------------------------------------------------------------------
-
-
-@dataclass
-class _Task:
-    name: str  # tensor name in the tuned checkpoint
-    module: str
-    kind: str  # linear | embedding | lm_head | full | skip-* (see _SKIP_REASONS)
-
-
-_SKIP_REASONS = {
-    "skip-embedding": "--embeddings skip",
-    "skip-layers": "outside --layers",
-    "skip-include": "not matched by --include",
-    "skip-exclude": "matched by --exclude",
-}
-
-
-@dataclass
-class _Inputs:
-    """The tuned checkpoint's tensors, sorted."""
-
-    tasks: list[_Task]  # to factor, save whole or report, if changed
-    whole: list[tuple[str, str]]  # (module, reason) saved whole because their shape changed
-    skipped: list[dict[str, str]]
-    others: list[str]  # tensors a LoRA cannot carry: compared, reported (or saved with --save-other)
-    tied: bool
-
-
-def _classify(tk: Checkpoint, bk: Checkpoint, opts: ExtractOptions, skip: set[str]) -> _Inputs:
-    """Sort the tuned checkpoint's tensors (``skip``: expert tensors extracted as such)."""
-    model_config = tk.config or bk.config
-    vocab = arch.config_value(model_config, "vocab_size")
-    inc, exc = opts.patterns()
-    layer_set = parse_layers(opts.layers)
-    heads_stored = any(arch.tensor_kind(n, tk.info(n).shape, vocab) == "lm_head" for n in tk.tensors)
-    out = _Inputs([], [], [], [], arch.ties_embeddings(model_config, heads_stored) and not heads_stored)
-    for name, info in tk.tensors.items():
-        if name in skip:
-            continue
-        kind = arch.tensor_kind(name, info.shape, vocab)
-        if name not in bk.tensors:
-            out.skipped.append({"tensor": name, "reason": "not in the base"})
-            continue
-        module = arch.module_of(name)
-        if kind == "other":
-            out.others.append(name)
-            continue
-        if bk.info(name).shape != info.shape:
-            change = f"shape changed {list(bk.info(name).shape)} -> {list(info.shape)}"
-            if kind in ("embedding", "lm_head") and opts.embeddings != "skip":
-                out.whole.append(
-                    (module, f"{change} (vocabulary resized: resize the base's embeddings before loading)")
-                )
-            else:
-                out.skipped.append({"tensor": name, "reason": change})
-            continue
-        # --embeddings full/skip decide the embeddings and heads outright; everything that is to be
-        # decomposed (embeddings too, under --embeddings lora) goes through --include/--exclude, and
-        # decoder-layer modules through --layers.
-        if kind in ("embedding", "lm_head") and opts.embeddings != "lora":
-            kind = "skip-embedding" if opts.embeddings == "skip" else "full"
-        elif (
-            kind == "linear"
-            and layer_set is not None
-            and (li := arch.layer_index(module)) is not None
-            and li not in layer_set
-        ):
-            kind = "skip-layers"
-        elif inc and not any(p.search(module) for p in inc):
-            kind = "skip-include"
-        elif any(p.search(module) for p in exc):
-            kind = "skip-exclude"
-        out.tasks.append(_Task(name, module, kind))
-    for name in bk.tensors:
-        if (
-            name not in tk.tensors
-            and name not in skip
-            and not (out.tied and arch.tensor_kind(name, bk.info(name).shape, vocab) == "lm_head")
-        ):
-            out.skipped.append({"tensor": name, "reason": "in the base but not in the tuned checkpoint"})
-    return out
-
-
 # -- pass 1: differences and factors ---------------------------------------------------------------
 
 
@@ -264,7 +184,7 @@ def _difference_job(tk: Checkpoint, bk: Checkpoint, name: str, keep: bool, done:
 
 def _factor(
     delta: torch.Tensor,
-    task: _Task,
+    task: Task,
     opts: ExtractOptions,
     conv1d: bool,
     total: float | None,
@@ -300,48 +220,136 @@ def _residual_error(delta: torch.Tensor, B: torch.Tensor, A: torch.Tensor, total
     return (acc / total) ** 0.5
 
 
-def _first_pass(
-    tk: Checkpoint, bk: Checkpoint, inputs: _Inputs, opts: ExtractOptions, progress: bool, experts: ExpertPass
-) -> tuple[dict[int, _Factored], list[str]]:
-    """Factor every changed task (and expert); returns task index -> outcome (changed tasks only) and the
-    changed 'others'."""
-    conv1d_model = arch.stores_conv1d(tk.config or bk.config)
-    outcomes: dict[int, _Factored] = {}
-    jobs: list[Job] = []
-    total = len(inputs.tasks) + len(inputs.others) + experts.count
-    with progress_bar(progress, total, "extracting", unit="items") as advance:
-        jobs += experts.jobs(advance)
+def _planned_rank(shape: list[int], opts: ExtractOptions) -> tuple[int, bool]:
+    """The rank the SVD pass will keep for a matrix of ``shape`` as far as headers tell: ``--rank`` (capped by
+    ``--max-rank`` and the matrix) exactly; for the energy and error criteria the most it can be."""
+    cap = max(1, min(opts.max_rank, *shape))
+    if opts.rank is not None:
+        return min(opts.rank, cap), opts.rank > cap
+    return cap, False
+
+
+class ExtractionPass:
+    """The first pass, declared on the plan and run by the assembly: one job per changed tensor (and expert)
+    forms ΔW from read-ahead blocks and factors it; :meth:`plan` then puts the adapter together from what
+    changed.  :meth:`estimate` is the same adapter from headers alone (``--dry-run``)."""
+
+    label, unit = "extracting", "items"
+
+    def __init__(self, req: Request, opts: ExtractOptions, inputs: Inputs, experts: ExpertPass) -> None:
+        assert req.base is not None
+        self.req, self.opts, self.inputs, self.experts = req, opts, inputs, experts
+        self.tk, self.bk = req.source, req.base
+        self.outcomes: dict[int, _Factored] = {}  # task index -> outcome (changed tasks only)
+        self.others: dict[int, bool] = {}  # index in inputs.others -> changed
+
+    def size(self) -> int:
+        return len(self.inputs.tasks) + len(self.inputs.others) + self.experts.count
+
+    def threads(self) -> int | None:
+        return torch.get_num_threads()  # the SVD's kernels take every core
+
+    def jobs(self, advance: Callable[[int], None]) -> list[Job]:
+        tk, bk, opts, inputs = self.tk, self.bk, self.opts, self.inputs
+        conv1d_model = arch.stores_conv1d(tk.config or bk.config)
+        jobs = self.experts.jobs(advance)
         for i, task in enumerate(inputs.tasks):
-            factor = task.kind not in _SKIP_REASONS and task.kind != "full"
+            factor = task.kind not in SKIP_REASONS and task.kind != "full"
 
             def done(
-                delta: torch.Tensor | None, total: float | None, i: int = i, task: _Task = task, factor: bool = factor
+                delta: torch.Tensor | None, total: float | None, i: int = i, task: Task = task, factor: bool = factor
             ) -> None:
                 advance(1)
                 if delta is not None:
                     conv1d = task.kind == "linear" and conv1d_model
-                    outcomes[i] = (
+                    self.outcomes[i] = (
                         _factor(delta, task, opts, conv1d, total, (tk.info(task.name).file, task.name))
                         if factor
                         else _Factored()
                     )
 
             jobs.append(_difference_job(tk, bk, task.name, factor, done))
-        others: dict[int, bool] = {}
         for i, name in enumerate(inputs.others):
             if tk.info(name).shape != bk.info(name).shape:
-                others[i] = True
+                self.others[i] = True
                 advance(1)
                 continue
 
             def other_done(delta: torch.Tensor | None, total: float | None, i: int = i) -> None:
                 advance(1)
-                others[i] = delta is not None
+                self.others[i] = delta is not None
 
             jobs.append(_difference_job(tk, bk, name, False, other_done))
-        execute(jobs, None, threads=torch.get_num_threads())  # the SVD's kernels take every core
-    changed_others = [name for i, name in enumerate(inputs.others) if others.get(i)]
-    return outcomes, changed_others
+        return jobs
+
+    def plan(self) -> Plan:
+        """The adapter of what the pass found changed."""
+        out = _collect(self.tk, self.inputs, self.outcomes)
+        moe = self.experts.collect(_expert_report)
+        changed_others = [name for i, name in enumerate(self.inputs.others) if self.others.get(i)]
+        return _adapter_plan(self.req, self.opts, self.inputs, out, moe, changed_others)
+
+    def estimate(self) -> Estimate:
+        """The adapter if every tensor to factor or save whole changed and nothing else did, at the ranks
+        :func:`_planned_rank` gives: factors as meta tensors (shape and dtype, no data)."""
+        opts, dtype = self.opts, FACTOR_TORCH_DTYPES[self.opts.dtype]
+        conv1d_model = arch.stores_conv1d(self.tk.config or self.bk.config)
+        outcomes: dict[int, _Factored] = {}
+        for i, task in enumerate(self.inputs.tasks):
+            if task.kind in SKIP_REASONS:
+                continue  # left out whether it changed or not: a warning only the pass can give
+            if task.kind == "full":
+                outcomes[i] = _Factored()
+                continue
+            info = self.tk.info(task.name)
+            shape = [info.shape[1], info.shape[0]] if task.kind == "linear" and conv1d_model else list(info.shape)
+            r, capped = _planned_rank(shape, opts)
+            B = torch.empty(shape[0], r, dtype=dtype, device="meta")
+            A = torch.empty(r, shape[1], dtype=dtype, device="meta")
+            method = svd.choose_method((shape[0], shape[1]), min(opts.rank or opts.max_rank, opts.max_rank), opts.svd)
+            rep = ModuleReport(task.module, task.kind, shape, r, math.nan, math.nan, method, capped)
+            outcomes[i] = _Factored((B, A), rep)
+        out = _collect(self.tk, self.inputs, outcomes)
+        moe = self.experts.estimate(_expert_report, lambda shape: _planned_rank(shape, opts))
+        plan = _adapter_plan(self.req, opts, self.inputs, out, moe, [])
+        modules = [
+            {
+                "adapter": self.req.ref,
+                "module": m.label,
+                "kind": m.kind,
+                "rank": m.rank if opts.rank is not None else None,
+                "scaling": 1.0,
+                "weight": 1.0,
+            }
+            for m in out.reports + moe.reports
+        ]
+        return Estimate(plan, self._assumptions(len(out.reports) + len(moe.reports)), modules, opts.rank is not None)
+
+    def _assumptions(self, factored: int) -> list[str]:
+        opts = self.opts
+        said = [
+            "sizes come from the plan, before the SVD pass (the only step that reads the tensors): every one of "
+            f"the {factored} matrices to factor (and each module to save whole) is counted as changed; the real "
+            "run leaves out those equal to the base"
+        ]
+        if self.inputs.others:
+            said.append(
+                f"{len(self.inputs.others)} tensor(s) a LoRA cannot carry (biases, norms) are counted as unchanged: "
+                "a changed bias of a factored module adds base_layer.bias tensors"
+                + (", and --save-other saves changed modules whole" if opts.save_other else "")
+            )
+        if opts.rank is None:
+            said.append(
+                f"ranks are unknown until the SVD pass runs: the {opts.criterion()} criterion picks each one; "
+                f"bytes are counted at the most it can pick (--max-rank {opts.max_rank}, or the matrix's size)"
+            )
+        return said
+
+
+def _expert_report(
+    path: str, e: int, shape: list[int], rank: int, energy: float, error: float, method: str, capped: bool
+) -> ModuleReport:
+    return ModuleReport(path, "experts", shape, rank, energy, error, method, capped, expert=e)
 
 
 # -- pass 2: the adapter ------------------------------------------------------------------------------
@@ -369,7 +377,7 @@ class _Adapter:
         self.saved_whole.append({"module": module, "reason": reason})
         self.entries += [(f"{PEFT_PREFIX}{k}", k) for k in keys]
 
-    def add_factors(self, task: _Task, got: _Factored, tied: bool) -> None:
+    def add_factors(self, task: Task, got: _Factored, tied: bool) -> None:
         assert got.factors is not None and got.report is not None
         B, A = got.factors
         if task.kind == "embedding":  # ΔW (vocab, dim) = (B_e·A_e)ᵀ: B_e = Aᵀ (dim, r), A_e = Bᵀ (r, vocab)
@@ -403,7 +411,7 @@ def _tensor_job(name: str, t: torch.Tensor) -> Job:
     return Job(name, t.dtype, tuple(t.shape), blocks, "lora")
 
 
-def _collect(tk: Checkpoint, inputs: _Inputs, outcomes: dict[int, _Factored]) -> _Adapter:
+def _collect(tk: Checkpoint, inputs: Inputs, outcomes: dict[int, _Factored]) -> _Adapter:
     out = _Adapter(tk, skipped=list(inputs.skipped))
     for module, reason in inputs.whole:
         out.save_whole(module, reason, [f"{module}.weight"])
@@ -413,8 +421,8 @@ def _collect(tk: Checkpoint, inputs: _Inputs, outcomes: dict[int, _Factored]) ->
         got = outcomes.get(i)
         if got is None:
             continue
-        if task.kind in _SKIP_REASONS:
-            out.skipped.append({"tensor": task.name, "reason": _SKIP_REASONS[task.kind]})
+        if task.kind in SKIP_REASONS:
+            out.skipped.append({"tensor": task.name, "reason": SKIP_REASONS[task.kind]})
         elif task.kind == "full":
             out.save_whole(task.module, "--embeddings full", [task.name])
         else:
@@ -514,19 +522,21 @@ def target_regex(modules: list[str]) -> str:
 
 
 def plan_extract(req: Request) -> Plan:
-    """Factor every changed tensor of the tuned checkpoint against the base into a PEFT adapter."""
+    """Sort the tuned checkpoint's tensors from the headers and declare the SVD pass (:class:`ExtractionPass`):
+    the assembly runs it, and writes the PEFT adapter it puts together."""
     tk, bk, opts = req.source, req.base, req.extract
     assert bk is not None and opts is not None and req.base_ref is not None
     check_layers(opts.layers, tk)
     experts = ExpertPass(tk, bk, opts, req.moe_layout)
-    inputs = _classify(tk, bk, opts, experts.keys)
-    outcomes, changed_others = _first_pass(tk, bk, inputs, opts, req.progress, experts)
-    out = _collect(tk, inputs, outcomes)
-    moe = experts.collect(
-        lambda path, e, shape, rank, energy, error, method, capped: ModuleReport(
-            path, "experts", shape, rank, energy, error, method, capped, expert=e
-        )
-    )
+    inputs = classify(tk, bk, opts, experts.keys)
+    return Plan("adapter", [], prepass=ExtractionPass(req, opts, inputs, experts))
+
+
+def _adapter_plan(
+    req: Request, opts: ExtractOptions, inputs: Inputs, out: _Adapter, moe: ExpertExtraction, changed_others: list[str]
+) -> Plan:
+    """The adapter's plan: factors, tensors saved whole, config, report and card."""
+    tk = req.source
     out.entries += moe.entries
     out.reports += moe.reports
     out.expert_ranks = moe.ranks
@@ -545,7 +555,7 @@ def plan_extract(req: Request) -> Plan:
             path=tk.root,
             hint=f"widen {option_names('include', 'layers')} or use {option('embeddings', 'lora')}",
         )
-    model_config = tk.config or bk.config
+    model_config = tk.config or (req.base.config if req.base is not None else None)
     config = _adapter_config(out, inputs.tied, str(req.base_ref), model_config)
     for reason, n in Counter(s["reason"] for s in out.skipped).items():
         out.warnings.append(f"{n} changed tensor(s) left out: {reason}")

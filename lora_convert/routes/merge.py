@@ -24,7 +24,7 @@ def plan_merge(req: Request) -> Plan:
     dtypes = qbase.dtypes(req.dtype) if qbase is not None else {}
     jobs = [mo.job(k, dtypes.get(k, dtype)) for k in mo.keys]
     if qbase is not None:
-        jobs = qbase.jobs(jobs, mo.ops)
+        jobs = qbase.jobs(jobs, mo.delta_norm)
     # Dequantized weights are written in --dtype, bf16 for auto: the config must say what is stored.
     written = "bf16" if qbase is not None and not qbase.requantize and req.dtype == "auto" else req.dtype
     mo.config_changes.update(dtype_config_changes(written, req.model_config))

@@ -28,6 +28,7 @@ from .common import BaseView, check_finite, copy_job, remap_modules, same_tensor
 from .moe import ExpertPlan, plan_expert_lora
 from .plan import AdapterInput, Request
 from .quantized import QuantizedBase, quantized_base
+from .requantize import lora_delta_norm
 
 
 @dataclass
@@ -81,6 +82,22 @@ class MergeOps:
     experts: ExpertPlan | None = None  # LoRA on MoE experts, merged slab by slab (moe.py)
     qbase: QuantizedBase | None = None  # a quantized base, read through its dequantized view
     device: str = "cpu"  # where the row merges' fp32 tiles are computed (--device)
+
+    def delta_norm(self, key: str) -> Callable[[], float | None]:
+        """‖ΔW‖ of a plain LoRA on ``key``, read when called (None for anything else: several LoRAs, DoRA,
+        tokens, a replacement): ``--requantize``'s report (:meth:`.quantized.QuantizedBase.jobs`)."""
+        o = self.ops.get(key)
+
+        def norm() -> float | None:
+            if o is None or len(o.loras) != 1 or o.tokens is not None or o.replaced:
+                return None
+            lo = o.loras[0]
+            m = lo.module
+            if m.magnitude_key or m.scaling is None:
+                return None
+            return lora_delta_norm(lo.ck.read(m.a_key), lo.ck.read(m.b_key), lo.scaling)
+
+        return norm
 
     def job(self, key: str, dtype: torch.dtype | None, observe: Observer | None = None) -> Job:
         """The job that writes ``key``: an expert slab merge, a row merge, a bias, or a copy."""

@@ -241,10 +241,11 @@ def _place_experts(plan: ExpertPlan, m: LoraModule, p: ExpertParam, transposed: 
         for e in range(p.experts):
             plan.add(p.fused, e, _Part(m, e, transposed))
         return
-    slices = moe_layouts.part_slices(layout, p.part_rows)
-    for e, keys in enumerate(p.per_expert):
-        for key, sl in zip(keys, slices, strict=True):
-            plan.add(key, 0, _Part(m, e, transposed, sub=sl))
+    assert layout is not None  # (per-expert tensors are found by the layout's part names only)
+    for e in range(p.experts):
+        for part in layout.parts[p.param]:
+            where = layout.part(p, e, part)
+            plan.add(where.tensor, 0, _Part(m, e, transposed, sub=where.rows))
 
 
 def _place_per_expert(
@@ -265,16 +266,15 @@ def _place_per_expert(
                 path=adapter.root,
                 tensor=m.a_key,
             )
-        rows = p.shape[0] // len(parts)
-        sl = moe_layouts.part_slices(layout, [rows] * len(parts))[parts.index(part)]
-        if (m.out_features, m.in_features) != (rows, p.shape[1]) or e >= p.experts:
+        where = layout.part(p, e, part)
+        if (m.out_features, m.in_features) != (where.count, p.shape[1]) or e >= p.experts:
             raise AdapterError(
                 f"per-expert LoRA ({m.out_features}×{m.in_features}) does not fit expert {e} of {p.fused} "
                 f"({p.experts}×{p.shape[0]}×{p.shape[1]})",
                 path=adapter.root,
                 tensor=m.a_key,
             )
-        plan.add(p.fused, e, _Part(m, None, False, rows=sl))
+        plan.add(where.tensor, e, _Part(m, None, False, rows=where.rows))
 
 
 def memory_view(ck: Checkpoint, model_config: dict[str, Any] | None) -> dict[str, list[str]]:

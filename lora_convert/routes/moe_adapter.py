@@ -127,14 +127,12 @@ def _to_per_expert(
             raise AdapterError(f"the base has no expert parameter {path}", path=ck.root, tensor=m.a_key)
         bind_experts(m, p, ck)
         transposed = transposed_reading(m, p.shape, layout, version, ck.root)
-        parts = layout.parts[p.param]
-        slices = moe_layouts.part_slices(layout, [p.shape[0] // len(parts)] * len(parts))
         sh = SharedFactors(ck, m)
         dtype = ck.info(m.a_key).dtype
         for e in range(p.experts):
-            for part, sl in zip(parts, slices, strict=True):
-                mod = f"{layout.to_disk(p.module)}.{e}.{part}"
-                rows = len(range(*sl.indices(p.shape[0])))
+            for part in layout.parts[p.param]:
+                where = layout.part(p, e, part)
+                mod, rows, sl = where.module, where.count, where.rows
                 out.jobs += [
                     _tensor_job(
                         format_key(mod, Role.LORA_A), (m.rank, p.shape[1]), dtype, _piece(sh, e, transposed, None)

@@ -13,6 +13,7 @@ PEFT reads a fused (E, d1, d2) parameter as (E, out, in) unless the experts modu
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +53,9 @@ def expert_params(tk: Checkpoint, bk: Checkpoint) -> tuple[MoeLayout | None, dic
     return layout, same
 
 
-def _reads(ck: Checkpoint, p: ExpertParam, e: int) -> list[tuple[Read, int]]:
-    """Row blocks of expert ``e``'s (d1, d2) matrix in ``ck``: (read, first row)."""
+def _reads(ck: Checkpoint, p: ExpertParam, e: int, layout: MoeLayout | None) -> list[tuple[Read, int]]:
+    """Row blocks of expert ``e``'s (d1, d2) matrix in ``ck``: (read, first row); per-expert parts where
+    ``layout`` says they lie."""
     d1, d2 = p.shape
     step = lora_math.block_rows(d1, d2)
     if p.fused:
@@ -61,19 +63,26 @@ def _reads(ck: Checkpoint, p: ExpertParam, e: int) -> list[tuple[Read, int]]:
         return [
             (Read(ck, p.fused, base + s * d2, base + min(s + step, d1) * d2, flat=True), s) for s in range(0, d1, step)
         ]
-    out, row = [], 0
-    for key, n in zip(p.per_expert[e], p.part_rows, strict=True):
+    assert layout is not None  # (per-expert tensors are found by the layout's part names only)
+    out = []
+    for part in layout.parts[p.param]:
+        where = layout.part(p, e, part)
+        n, row = where.count, where.rows.start
         sub = max(1, min(step, n))
-        out += [(Read(ck, key, s, min(s + sub, n)), row + s) for s in range(0, n, sub)]
-        row += n
+        out += [(Read(ck, where.tensor, s, min(s + sub, n)), row + s) for s in range(0, n, sub)]
     return out
 
 
 def expert_difference_job(
-    tk: Checkpoint, bk: Checkpoint, p: ExpertParam, e: int, done: Callable[[torch.Tensor | None], None]
+    tk: Checkpoint,
+    bk: Checkpoint,
+    p: ExpertParam,
+    e: int,
+    done: Callable[[torch.Tensor | None], None],
+    layout: MoeLayout | None = None,
 ) -> Job:
     """ΔP[e] in fp32 from read-ahead blocks of both checkpoints, handed to ``done`` (None: unchanged)."""
-    tuned, base = _reads(tk, p, e), _reads(bk, p, e)
+    tuned, base = _reads(tk, p, e, layout), _reads(bk, p, e, layout)
     d1, d2 = p.shape
 
     def reads() -> list[Read]:
@@ -216,8 +225,28 @@ class ExpertPass:
                             delta, transposed, self.opts, self.dtype, (self.tk.root, f"{path}[{e}]")
                         )
 
-                out.append(expert_difference_job(self.tk, self.bk, p, e, done))
+                out.append(expert_difference_job(self.tk, self.bk, p, e, done, self.layout))
         return out
+
+    def estimate(
+        self, report: Callable[..., object], rank_of: Callable[[list[int]], tuple[int, bool]]
+    ) -> ExpertExtraction:
+        """What :meth:`collect` gives when every expert changed, at ``rank_of(shape)``, from headers alone: the
+        packed factors as meta tensors (shape and dtype, no data) and reports without energy or error."""
+        res = ExpertExtraction()
+        transposed = bool(self.layout and self.layout.peft_transposed)
+        nest = moe_layouts.wrapper_depths(self.params)
+        for path, p in sorted(self.params.items()):
+            shape = [p.shape[1], p.shape[0]] if transposed else list(p.shape)
+            r, capped = rank_of(shape)
+            A = torch.empty(p.experts * r, shape[1], dtype=self.dtype, device="meta")
+            B = torch.empty(shape[0], r * p.experts, dtype=self.dtype, device="meta")
+            res.entries += list(zip(lora_keys(p, nest[path]), (A, B), strict=True))
+            res.ranks[path] = r
+            k = min(self.opts.rank or self.opts.max_rank, self.opts.max_rank)
+            method = svd.choose_method((shape[0], shape[1]), k, self.opts.svd)
+            res.reports += [report(path, e, shape, r, math.nan, math.nan, method, capped) for e in range(p.experts)]
+        return res
 
     def collect(self, report: Callable[..., object]) -> ExpertExtraction:
         """The factors of every changed parameter, packed, and one report per changed expert

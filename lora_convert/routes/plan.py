@@ -9,47 +9,31 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import AdapterConfig
-from ..errors import RouteError
 from ..folder import DTYPE_KEYS
 from ..inventory import Inventory
 from ..io.reader import Checkpoint
 from ..stack import AdapterInput
+from .route_options import FORMATS, FORMS, OUTPUT_DTYPES, RouteOptions, output_dtype
+
+__all__ = [
+    "FORMATS",
+    "FORMS",
+    "OUTPUT_DTYPES",
+    "Plan",
+    "Request",
+    "RouteOptions",
+    "dtype_config_changes",
+    "output_dtype",
+]
 
 if TYPE_CHECKING:
-    import torch
-
     from ..io.writer import TensorSink
     from ..pipeline import Job
     from .extract_options import ExtractOptions
     from .report import RouteReport
-
-FORMS = ("merged", "adapter", "unmerged", "base")
-FORMATS = ("gguf", "mlx", "kohya", "diffusers")  # other ecosystems' adapters: llama.cpp's GGUF file, an mlx-lm
-# adapter folder, a kohya (sd-scripts) file, diffusers' LoRA file
-OUTPUT_DTYPES = {
-    "auto": None,
-    "bf16": "bfloat16",
-    "bfloat16": "bfloat16",
-    "fp16": "float16",
-    "float16": "float16",
-    "fp32": "float32",
-    "float32": "float32",
-}
-
-
-def output_dtype(name: str) -> torch.dtype | None:
-    """``--dtype`` as a torch dtype (None: keep each tensor's own)."""
-    if name not in OUTPUT_DTYPES:
-        raise RouteError(f"unknown dtype {name!r} (choose from auto, bf16, fp16, fp32)")
-    attr = OUTPUT_DTYPES[name]
-    if attr is None:
-        return None
-    import torch
-
-    return getattr(torch, attr)
 
 
 def dtype_config_changes(name: str, model_config: dict[str, Any] | None) -> dict[str, Any]:
@@ -81,16 +65,41 @@ class Request:
     adapter: str  # the adapter converted ("default" where the source has none)
     base: Checkpoint | None = None  # the base model, for routes that need one
     base_ref: str | None = None  # the base as the user named it (adapter configs, model card)
-    dtype: str = "auto"  # --dtype
-    extract: ExtractOptions | None = None  # the SVD route's options
-    progress: bool = False  # progress bars for work done while planning (extraction's factorisations)
+    options: RouteOptions = field(default_factory=RouteOptions)  # the route options, as the API built them
+    extract: ExtractOptions | None = None  # the SVD route's options, validated (options.extract as given)
     base_config: dict[str, Any] | None = None  # the base's config.json, for routes that need no base weights
-    outtype: str | None = None  # --outtype of a GGUF output
-    requantize: bool = False  # merge into a quantized base: write the base's own scheme back
-    device: str = "cpu"  # merge --device: where the fp32 tiles are computed
-    moe_layout: str | None = None  # --moe-layout: expert LoRA written per-expert or fused (adapter outputs)
-    drop_norms: bool = False  # --drop-norms: a GGUF output leaves out norm weights saved whole (listed)
     stack: list[AdapterInput] = field(default_factory=list)  # several adapters (or one from elsewhere) at once
+
+    # The route options, read where the routes read them (the record is carried, not copied field by field).
+    @property
+    def dtype(self) -> str:
+        """--dtype"""
+        return self.options.dtype
+
+    @property
+    def outtype(self) -> str | None:
+        """--outtype of a GGUF output"""
+        return self.options.outtype
+
+    @property
+    def requantize(self) -> bool:
+        """merge into a quantized base: write the base's own scheme back"""
+        return self.options.requantize
+
+    @property
+    def device(self) -> str:
+        """--device: where a merge computes its fp32 tiles, or extraction its SVDs"""
+        return self.options.device
+
+    @property
+    def moe_layout(self) -> str | None:
+        """--moe-layout: expert LoRA written per-expert or fused (adapter outputs)"""
+        return self.options.moe_layout
+
+    @property
+    def drop_norms(self) -> bool:
+        """--drop-norms: a GGUF output leaves out norm weights saved whole (listed)"""
+        return self.options.drop_norms
 
     def adapters_in(self) -> list[AdapterInput]:
         """The adapters the route applies: the stack, or the source's own adapter with weight 1."""
@@ -127,10 +136,20 @@ class Plan:
     card_config: dict[str, Any] | None = None  # config for the card's pipeline tag when none is written
     report: RouteReport | None = None  # the route's own account (routes/report.py; filled while its jobs run)
     op_counts: dict[str, int] | None = None  # what the result reports as done (None: the jobs' ops counted)
+    prepass: PlanPass | None = None  # work to run before writing; its outcome is the plan written (extraction)
     file_sink: Callable[[Path], TensorSink] | None = None  # the output is this one file (GGUF), no folder
     one_file_suffix: str | None = None  # an -o ending in it is written as the tensor file alone (kohya's .safetensors)
     metadata: dict[str, str] | None = None  # the safetensors header's metadata (kohya's ss_*, diffusers' config)
     dropped: list[dict[str, str]] = field(default_factory=list)  # tensors of the source left out ({tensor, reason})
+
+    def settled(self) -> Plan:
+        """The plan to write once :attr:`prepass` ran (this plan when it declares none); the warnings already
+        on this plan (the request's) come first."""
+        if self.prepass is None:
+            return self
+        final = self.prepass.plan()
+        final.warnings[:0] = self.warnings
+        return final
 
     def ops(self) -> dict[str, int]:
         if self.op_counts is not None:
@@ -139,3 +158,42 @@ class Plan:
         for j in self.jobs:
             out[j.op] = out.get(j.op, 0) + 1
         return out
+
+
+class Prepass(Protocol):
+    """Read-only work that needs tensor data (extraction's differences and SVDs, verify's recomputation):
+    declared by the route, run by the assembly (:func:`~lora_convert.assemble.run_prepass`), so that planning
+    reads headers only.  Its jobs write nothing (``writes=False``); what they find stays with the pass."""
+
+    label: str  # the progress bar's
+    unit: str
+
+    def size(self) -> int:
+        """Items the progress bar counts (``advance`` is called once per item)."""
+        ...
+
+    def jobs(self, advance: Callable[[int], None]) -> list[Job]: ...
+
+    def threads(self) -> int | None:
+        """torch's thread count for the jobs' kernels (None: the pipeline's default)."""
+        ...
+
+
+class PlanPass(Prepass, Protocol):
+    """A pre-pass whose outcome decides the output (which tensors, which ranks): :meth:`plan` is the plan to
+    write once the jobs ran, :meth:`estimate` the plan as far as headers tell (``--dry-run``)."""
+
+    def plan(self) -> Plan: ...
+
+    def estimate(self) -> Estimate: ...
+
+
+@dataclass
+class Estimate:
+    """A plan before its pre-pass ran, for ``--dry-run``: the output as far as headers tell, what that assumes
+    about the data not read, and the modules it would write (``rank`` None where only the pass can tell)."""
+
+    plan: Plan
+    assumptions: list[str]
+    modules: list[dict[str, Any]]
+    exact: bool  # the sizes are the real run's whenever the assumptions hold

@@ -6,8 +6,9 @@ base's own scheme while untouched quantized weights are copied byte for byte.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -25,10 +26,9 @@ from ..io.reader import Checkpoint
 from ..pipeline import Job
 from .common import BaseView
 from .plan import Plan, Request, output_dtype
-from .requantize import Requantization, lora_delta_norm, raw_jobs, requantize_jobs
+from .requantize import Requantization, raw_jobs, requantize_jobs
 
-if TYPE_CHECKING:
-    from .merge_engine import KeyOps
+DeltaNorm = Callable[[str], Callable[[], float | None]]  # weight -> ‖ΔW‖ of its plain LoRA, read when needed
 
 
 @dataclass
@@ -48,8 +48,9 @@ class QuantizedBase:
         dtype = torch.float32 if self.requantize else (output_dtype(asked) or torch.bfloat16)
         return {name: dtype for name in self.layout.tensors}
 
-    def jobs(self, jobs: list[Job], ops: dict[str, KeyOps]) -> list[Job]:
-        """With ``--requantize``: each quantized weight's job replaced by the jobs of its stored tensors."""
+    def jobs(self, jobs: list[Job], delta_norm: DeltaNorm) -> list[Job]:
+        """With ``--requantize``: each quantized weight's job replaced by the jobs of its stored tensors
+        (``delta_norm``: the merge engine's :meth:`~.merge_engine.MergeOps.delta_norm`, for the report)."""
         if not self.requantize:
             return jobs
         self.report = Requantization(self.layout.scheme)
@@ -63,7 +64,7 @@ class QuantizedBase:
                 self.report.copied += 1
             else:
                 self._check(job, t)
-                out += requantize_jobs(job, t, self.raw, self.layout.config, self.report, _delta(ops.get(job.name)))
+                out += requantize_jobs(job, t, self.raw, self.layout.config, self.report, delta_norm(job.name))
         return out
 
     def _check(self, job: Job, t: QuantizedTensor) -> None:
@@ -98,21 +99,6 @@ class QuantizedBase:
             f"the base is quantized ({self.layout.scheme}): its {len(self.layout.tensors)} quantized weights "
             "were dequantized and the merged model is not quantized (quantization_config removed)"
         )
-
-
-def _delta(o: KeyOps | None):  # type: ignore[no-untyped-def]
-    """‖ΔW‖ of a plain LoRA on this weight, read when the weight is done (None for anything else)."""
-
-    def norm() -> float | None:
-        if o is None or len(o.loras) != 1 or o.tokens is not None or o.replaced:
-            return None
-        lo = o.loras[0]
-        m = lo.module
-        if m.magnitude_key or m.scaling is None:
-            return None
-        return lora_delta_norm(lo.ck.read(m.a_key), lo.ck.read(m.b_key), lo.scaling)
-
-    return norm
 
 
 def quantized_base(req: Request, base: BaseView) -> QuantizedBase | None:

@@ -67,8 +67,7 @@ from ..closeness import Agreement, dora_bound, merge_bound
 from ..errors import UnsupportedError
 from ..io.quantized import find_layout
 from ..io.reader import Checkpoint
-from ..pipeline import Buffers, Job, Read, execute
-from ..progress import progress_bar
+from ..pipeline import Buffers, Job, Read
 from .common import COPY_BLOCK
 from .merge_engine import KeyOps, MergeOps, RowMerge, bias_value, block_plan, merge_ops, prepare_rows
 from .plan import Request
@@ -132,41 +131,45 @@ class Verification:
         return d
 
 
-def verify_merge(
-    req: Request, merged: Checkpoint, *, slack: float = 1.0, ulps: float = 0.0, progress: bool = False
-) -> Verification:
-    """Check every tensor of ``merged`` against the merge ``req`` describes (BASE + its adapters): each
-    element within ``slack`` × its error bound + ``ulps`` ulps (see the module docstring)."""
-    layout = find_layout(merged)
-    if layout is not None:  # a --requantize output holds the scheme's rounding besides ΔW, per block
-        raise UnsupportedError(
-            f"MERGED is quantized ({layout.scheme}): verify compares float weights within their rounding error, "
-            "and a re-quantized merge differs from BASE + ΔW by the scheme's own rounding",
-            path=merged.root,
-            tensor=next(iter(layout.tensors), None),
-            hint="verify the merge written without --requantize (its re-quantization error is in that run's report)",
+class VerifyPass:
+    """verify's recomputation as a pre-pass (:class:`~.plan.Prepass`): planned from headers (the merge's own
+    plan, the tensors to check, what the headers alone decide), run by the assembly's
+    :func:`~lora_convert.assemble.run_prepass` in jobs that write nothing; :meth:`result` is then the verdict."""
+
+    label, unit = "verifying", "tensors"
+
+    def __init__(self, req: Request, merged: Checkpoint, slack: float, ulps: float) -> None:
+        self.merged, self.slack, self.ulps = merged, slack, ulps
+        self.mo = merge_ops(req)
+        self.result_ = Verification(
+            str(merged.root),
+            str(req.base_ref or req.ref),
+            [{"adapter": inp.label, "weight": inp.weight} for inp in req.adapters_in()],
+            slack,
+            ulps,
         )
-    mo = merge_ops(req)
-    inputs = req.adapters_in()
-    result = Verification(
-        str(merged.root),
-        str(req.base_ref or req.ref),
-        [{"adapter": inp.label, "weight": inp.weight} for inp in inputs],
-        slack,
-        ulps,
-    )
-    found: dict[str, TensorCheck] = {}
-    jobs: list[Job] = []
-    targets = _targets(mo, merged)
-
-    def agreement(dtype: torch.dtype, buf: Buffers | None = None) -> Agreement:
-        return Agreement(dtype, slack=slack, extra_ulps=ulps, scratch=buf.scratch if buf is not None else None)
-
-    with progress_bar(progress, len(targets), "verifying", unit="tensors") as advance:
-        for key, mk in targets:
-            check = _static_check(key, mk, mo, merged)
+        self.targets = _targets(self.mo, merged)
+        self.found: dict[str, TensorCheck] = {}  # expected tensor -> its check (static ones from the headers)
+        for key, mk in self.targets:
+            check = _static_check(key, mk, self.mo, merged)
             if check is not None:
-                found[key] = check
+                self.found[key] = check
+
+    def size(self) -> int:
+        return len(self.targets)
+
+    def threads(self) -> int | None:
+        return None
+
+    def _agreement(self, dtype: torch.dtype, buf: Buffers | None = None) -> Agreement:
+        scratch = buf.scratch if buf is not None else None
+        return Agreement(dtype, slack=self.slack, extra_ulps=self.ulps, scratch=scratch)
+
+    def jobs(self, advance: Callable[[int], None]) -> list[Job]:
+        mo, found = self.mo, self.found
+        jobs: list[Job] = []
+        for key, mk in self.targets:
+            if key in found:
                 advance(1)
                 continue
             assert mk is not None
@@ -180,16 +183,36 @@ def verify_merge(
                     )
                 advance(1)
 
-            jobs.append(_check_job(key, mk, mo.ops[key], mo, merged, done, agreement))
-        execute(jobs, None)
-    result.checks = [found[key] for key, _ in targets]
-    seen = {mk for _, mk in targets if mk is not None}
-    result.checks += [
-        TensorCheck(k, "unexpected", "in MERGED, but the merge of BASE + adapter writes no such tensor")
-        for k in merged.tensors
-        if k not in seen
-    ]
-    return result
+            jobs.append(_check_job(key, mk, mo.ops[key], mo, self.merged, done, self._agreement))
+        return jobs
+
+    def result(self) -> Verification:
+        """One check per expected tensor, in order, then MERGED's tensors the merge does not write."""
+        result = self.result_
+        result.checks = [self.found[key] for key, _ in self.targets]
+        seen = {mk for _, mk in self.targets if mk is not None}
+        result.checks += [
+            TensorCheck(k, "unexpected", "in MERGED, but the merge of BASE + adapter writes no such tensor")
+            for k in self.merged.tensors
+            if k not in seen
+        ]
+        return result
+
+
+def plan_verify(req: Request, merged: Checkpoint, *, slack: float = 1.0, ulps: float = 0.0) -> VerifyPass:
+    """The check of every tensor of ``merged`` against the merge ``req`` describes (BASE + its adapters), each
+    element within ``slack`` × its error bound + ``ulps`` ulps (see the module docstring), planned from headers:
+    the assembly runs it (:func:`~lora_convert.assemble.run_prepass`), then :meth:`VerifyPass.result` says."""
+    layout = find_layout(merged)
+    if layout is not None:  # a --requantize output holds the scheme's rounding besides ΔW, per block
+        raise UnsupportedError(
+            f"MERGED is quantized ({layout.scheme}): verify compares float weights within their rounding error, "
+            "and a re-quantized merge differs from BASE + ΔW by the scheme's own rounding",
+            path=merged.root,
+            tensor=next(iter(layout.tensors), None),
+            hint="verify the merge written without --requantize (its re-quantization error is in that run's report)",
+        )
+    return VerifyPass(req, merged, slack, ulps)
 
 
 def _targets(mo: MergeOps, merged: Checkpoint) -> list[tuple[str, str | None]]:
