@@ -67,9 +67,6 @@ def write_output(plan: Plan, req: Request, out: Output) -> ConvertResult:
     """Write ``plan`` into ``out.path`` atomically and say what was written; a plan that declares a pre-pass
     (extraction's SVDs) has it run first, and its outcome is what is written."""
     output, force, progress = out.path, out.force, out.progress
-    if plan.prepass is not None:
-        run_prepass(plan.prepass, progress)
-        plan = plan.settled()
     inputs = _input_paths(req.source) + (_input_paths(req.base) if req.base is not None else [])
     for inp in req.stack:
         inputs += _input_paths(inp.ck)
@@ -78,7 +75,10 @@ def write_output(plan: Plan, req: Request, out: Output) -> ConvertResult:
     as_file = plan.one_file_suffix is not None and Path(output).suffix == plan.one_file_suffix
     single = plan.file_sink is not None or as_file  # one file (GGUF, kohya's): no side files, no card
     atomic = AtomicOutput(output, force=force, inputs=inputs, file=single)
-    with atomic as tmp:
+    with atomic as tmp:  # taken before a pre-pass: an output that is there (or racing) is refused before the work
+        if plan.prepass is not None:
+            run_prepass(plan.prepass, progress)
+            plan = plan.settled()
         if plan.file_sink is not None:
             sink: TensorSink = plan.file_sink(tmp / Path(output).name)
         elif as_file:  # the temp folder holds the file alone, named as -o: it is moved into place

@@ -119,3 +119,13 @@ def test_cli_prints_the_plan_and_its_assumptions(tmp_path):
     assert "would write 32 tensors" in res.output and "nothing written" in res.output
     assert "assumes: ranks are unknown until the SVD pass runs" in res.output.replace("\n  ", " ")
     assert not (tmp_path / "x").exists()
+
+
+def test_an_existing_output_is_refused_before_the_svd_pass(tmp_path, monkeypatch):
+    """The output is taken before the pre-pass runs: a user who forgot --force hears it at once, not after
+    every matrix has been factored."""
+    tuned, base = _pair(tmp_path, llama())
+    (tmp_path / "adapter").mkdir()
+    monkeypatch.setattr(svd, "factorise", _no_svd)
+    with pytest.raises(lc.OutputError, match="already exists"):
+        lc.extract(tuned, base=base, output=tmp_path / "adapter", rank=2)
