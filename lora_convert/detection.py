@@ -99,7 +99,7 @@ def _summarise(
     for m in mods.values():
         groups.setdefault(m.name, []).append(m)
         if m.tuner != "lora":  # LoHa/LoKr: the factors PEFT trains, as stored
-            params += sum(ck.info(k).numel for k in m.factors.values())
+            params += m.factor_params
             continue
         params += m.stored_rank * (m.in_features + m.out_features)
         if m.magnitude_key:

@@ -45,6 +45,7 @@ class LoraModule:
     # lokr_t2, ...) in ``factors``; a_key/b_key then name two of them (for messages), never LoRA's A and B
     tuner: str = "lora"
     factors: dict[str, str] = field(default_factory=dict)
+    factor_params: int = 0  # their elements together: PEFT's trainable parameters of the module
 
     @property
     def name(self) -> str:

@@ -27,7 +27,7 @@ CONFIGS = {
         alpha=8,
         target_modules=t,
         init_weights=False,
-        rank_pattern={"k_proj": 2, "conv1": 2},
+        rank_pattern={"k_proj": 2},
         alpha_pattern={"v_proj": 3},
     ),
     "lokr": lambda t: LoKrConfig(r=4, alpha=6, target_modules=t, init_weights=False, rank_pattern={"o_proj": 2}),
@@ -68,6 +68,9 @@ def test_llama_merge_equals_peft_merge_and_unload(tmp_path: Path, kind: str) -> 
     assert a.tuner["peft_type"] == kind.split("-")[0].upper()
     assert a.lora_parameters == pm.get_nb_trainable_parameters()[0]
     assert not [w for w in d.warnings if "not plain LoRA" in w]
+    trainable, everything = pm.get_nb_trainable_parameters()
+    row = lc.report(tmp_path / "adapter", base=tmp_path / "base").row("adapter")
+    assert (row.lora_parameters, row.total_parameters) == (trainable, everything)
     res = lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "merged")
     assert res.ops.get("merge") == 2 * len(LLAMA_TARGETS)
     assert (logits(load_merged(tmp_path / "merged")) - want).abs().max().item() <= TOL
@@ -210,3 +213,32 @@ def test_gpt2_conv1d_peft_refuses_and_so_do_we(tmp_path: Path) -> None:
         f"{m}.hada_w1_a",
         out=tmp_path / "o",
     )
+
+
+def test_unmerge_verify_and_a_lora_beside_a_lokr(tmp_path: Path) -> None:
+    """merged - ΔW gives the base back (within rounding); verify catches the wrong adapter; a LoRA and a LoKr
+    merged in one pass (one fp32 tile) equal the two merged one after the other."""
+    from peft import LoraConfig
+
+    pm, want, _ = _llama_case(tmp_path, "lokr")
+    lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "merged")
+    lc.convert(tmp_path / "merged", "base", adapters=[str(tmp_path / "adapter")], output=tmp_path / "unmerged-base")
+    back, base = (
+        load_file(tmp_path / "unmerged-base" / "model.safetensors"),
+        load_file(tmp_path / "base" / "model.safetensors"),
+    )
+    assert max((back[k] - base[k]).abs().max().item() for k in base) <= 1e-5
+    torch.manual_seed(4)
+    other = get_peft_model(
+        llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    )
+    other.save_pretrained(str(tmp_path / "lora"))
+    assert not lc.verify(tmp_path / "merged", base=tmp_path / "base", adapter=tmp_path / "lora").ok
+    lc.merge(tmp_path / "base", adapters=[str(tmp_path / "adapter"), str(tmp_path / "lora")], output=tmp_path / "both")
+    lc.merge(tmp_path / "lora", base=tmp_path / "merged", output=tmp_path / "seq")
+    both, seq = load_file(tmp_path / "both" / "model.safetensors"), load_file(tmp_path / "seq" / "model.safetensors")
+    assert max((both[k] - seq[k]).abs().max().item() for k in seq) <= 1e-6
+    assert max((both[k] - base[k]).abs().max().item() for k in base) > 1e-2
+    assert lc.verify(
+        tmp_path / "both", base=tmp_path / "base", adapters=[str(tmp_path / "adapter"), str(tmp_path / "lora")]
+    ).ok

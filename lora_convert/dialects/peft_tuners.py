@@ -55,6 +55,7 @@ def tuner_module(ck: Checkpoint, adapter: str, module: str, parts: dict[str, Par
         out,
         tuner=tuner,
         factors={n: keys[n] for n in order},
+        factor_params=sum(math.prod(shapes[n]) for n in order),
     )
 
 
