@@ -242,3 +242,63 @@ def test_unmerge_verify_and_a_lora_beside_a_lokr(tmp_path: Path) -> None:
     assert lc.verify(
         tmp_path / "both", base=tmp_path / "base", adapters=[str(tmp_path / "adapter"), str(tmp_path / "lora")]
     ).ok
+
+
+Q = "base_model.model.model.layers.0.self_attn.q_proj"
+BAD_FACTORS = {  # q_proj is 32×32: LoKr w1 (4, 4) ⊗ w2 (8, 8)
+    "no-w1": ({"lokr_w2": (8, 8)}, "LOKR", "lokr_w1 is missing", "lokr_w2"),
+    "whole-and-halves": (
+        {"lokr_w1": (4, 4), "lokr_w1_a": (4, 2), "lokr_w1_b": (2, 4), "lokr_w2": (8, 8)},
+        "LOKR",
+        "holds lokr_w1 and its low-rank halves",
+        "lokr_w1",
+    ),
+    "kron-too-big": ({"lokr_w1": (4, 4), "lokr_w2": (8, 9)}, "LOKR", "elements", "lokr_w1"),
+    "t2-beside-whole": (
+        {"lokr_w1": (4, 4), "lokr_w2": (8, 8), "lokr_t2": (2, 2, 1, 1)},
+        "LOKR",
+        "lokr_t2 beside a whole lokr_w2",
+        "lokr_t2",
+    ),
+    "halves-do-not-multiply": (
+        {"lokr_w1": (4, 4), "lokr_w2_a": (8, 2), "lokr_w2_b": (3, 8)},
+        "LOKR",
+        "do not multiply",
+        "lokr_w2_a",
+    ),
+    "one-tucker-core": (
+        {
+            "hada_w1_a": (2, 32),
+            "hada_w1_b": (2, 32),
+            "hada_w2_a": (2, 32),
+            "hada_w2_b": (2, 32),
+            "hada_t1": (2, 2, 1, 1),
+        },
+        "LOHA",
+        "hada_t2 is missing",
+        "hada_",
+    ),
+    "nan": ({"lokr_w1": (4, 4), "lokr_w2": (8, 8), "nan": ()}, "LOKR", "NaN", "lokr_w2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FACTORS))
+def test_bad_factors_one_error_naming_file_and_tensor(tmp_path: Path, case: str) -> None:
+    shapes, peft_type, needle, tensor = BAD_FACTORS[case]
+    llama().save_pretrained(str(tmp_path / "base"))
+    ad = tmp_path / "adapter"
+    ad.mkdir()
+    t = {f"{Q}.{n}": torch.ones(s) for n, s in shapes.items() if n != "nan"}
+    if "nan" in shapes:
+        t[f"{Q}.lokr_w2"][0, 0] = float("nan")
+    save_file(t, str(ad / "adapter_model.safetensors"))
+    (ad / "adapter_config.json").write_text(json.dumps({"peft_type": peft_type, "r": 2, "alpha": 2}))
+    before = {p.name: p.read_bytes() for p in ad.iterdir()}
+    line = one_error(
+        cli("convert", ad, "--to", "merged", "--base", tmp_path / "base", "-o", tmp_path / "o"),
+        needle,
+        f"{Q}.{tensor}",
+        out=tmp_path / "o",
+    )
+    assert str(ad) in line
+    assert {p.name: p.read_bytes() for p in ad.iterdir()} == before  # inputs untouched
