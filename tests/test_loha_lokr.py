@@ -302,3 +302,61 @@ def test_bad_factors_one_error_naming_file_and_tensor(tmp_path: Path, case: str)
     )
     assert str(ad) in line
     assert {p.name: p.read_bytes() for p in ad.iterdir()} == before  # inputs untouched
+
+
+class ConvNet(torch.nn.Module):
+    """Every layer kind PEFT builds LoHa/LoKr on: Linear, Conv2d 3×3 and 1×1, Conv1d k=3 and k=1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(24, 36)
+        self.conv = torch.nn.Conv2d(8, 12, 3, padding=1)
+        self.pw = torch.nn.Conv2d(12, 8, 1)
+        self.c1 = torch.nn.Conv1d(8, 6, 3)
+        self.c1p = torch.nn.Conv1d(6, 10, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+CONV_CONFIGS = {
+    "loha": LoHaConfig(r=3, alpha=5, target_modules=["lin", "conv", "pw", "c1", "c1p"], init_weights=False),
+    "loha-tucker": LoHaConfig(
+        r=2, alpha=3, target_modules=["lin", "conv", "pw", "c1", "c1p"], init_weights=False, use_effective_conv2d=True
+    ),
+    "lokr": LoKrConfig(r=3, alpha=5, target_modules=["lin", "conv", "pw", "c1", "c1p"], init_weights=False),
+    "lokr-both": LoKrConfig(
+        r=1, alpha=2, target_modules=["lin", "conv", "pw", "c1", "c1p"], init_weights=False, decompose_both=True
+    ),
+    "lokr-tucker": LoKrConfig(  # not c1: PEFT's own get_delta_weight fails there (torch.kron on its layout)
+        r=1,
+        alpha=4,
+        target_modules=["lin", "conv", "pw", "c1p"],
+        init_weights=False,
+        decompose_both=True,
+        use_effective_conv2d=True,
+    ),
+    "lokr-factor": LoKrConfig(
+        r=2, alpha=3, target_modules=["lin", "conv", "pw", "c1", "c1p"], init_weights=False, decompose_factor=4
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CONV_CONFIGS))
+def test_every_layer_kind_merges_to_peft_merge_and_unload(tmp_path: Path, kind: str) -> None:
+    torch.manual_seed(0)
+    model = ConvNet()
+    (tmp_path / "base").mkdir()
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    save_file(base, str(tmp_path / "base" / "model.safetensors"))
+    pm = get_peft_model(model, CONV_CONFIGS[kind])
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    want = {k: v.detach() for k, v in copy.deepcopy(pm).merge_and_unload().state_dict().items()}
+    lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "merged")
+    got = load_file(tmp_path / "merged" / "model.safetensors")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert (got[k] - want[k]).abs().max().item() <= 1e-6, k
+    changed = [k for k in want if not torch.equal(want[k], base[k])]
+    assert len(changed) == len(CONV_CONFIGS[kind].target_modules)
+    assert lc.detect(tmp_path / "adapter").adapters[0].lora_parameters == pm.get_nb_trainable_parameters()[0]
