@@ -278,6 +278,12 @@ BAD_FACTORS = {  # q_proj is 32×32: LoKr w1 (4, 4) ⊗ w2 (8, 8)
         "hada_t2 is missing",
         "hada_",
     ),
+    "embedding": (
+        {"hada_w1_a": (96, 2), "hada_w1_b": (2, 32), "hada_w2_a": (96, 2), "hada_w2_b": (2, 32)},
+        "LOHA",
+        "PEFT builds LoHa/LoKr only on nn.Linear",
+        "hada_w1_a",
+    ),
     "nan": ({"lokr_w1": (4, 4), "lokr_w2": (8, 8), "nan": ()}, "LOKR", "NaN", "lokr_w2"),
 }
 
@@ -288,7 +294,8 @@ def test_bad_factors_one_error_naming_file_and_tensor(tmp_path: Path, case: str)
     llama().save_pretrained(str(tmp_path / "base"))
     ad = tmp_path / "adapter"
     ad.mkdir()
-    t = {f"{Q}.{n}": torch.ones(s) for n, s in shapes.items() if n != "nan"}
+    mod = "base_model.model.model.embed_tokens" if case == "embedding" else Q
+    t = {f"{mod}.{n}": torch.ones(s) for n, s in shapes.items() if n != "nan"}
     if "nan" in shapes:
         t[f"{Q}.lokr_w2"][0, 0] = float("nan")
     save_file(t, str(ad / "adapter_model.safetensors"))
@@ -297,7 +304,7 @@ def test_bad_factors_one_error_naming_file_and_tensor(tmp_path: Path, case: str)
     line = one_error(
         cli("convert", ad, "--to", "merged", "--base", tmp_path / "base", "-o", tmp_path / "o"),
         needle,
-        f"{Q}.{tensor}",
+        f"{mod}.{tensor}",
         out=tmp_path / "o",
     )
     assert str(ad) in line

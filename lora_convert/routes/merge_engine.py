@@ -234,6 +234,13 @@ def _assign_adapter(
         wk = f"{remap[mod]}.weight"
         if wk not in ops:
             raise AdapterError(f"module {mod} has no weight in the base", path=ad.root, tensor=m.a_key)
+        if m.tuner != "lora" and arch.is_embedding(remap[mod]):
+            raise UnsupportedError(
+                f"{m.tuner} module on the embedding {mod}: PEFT builds LoHa/LoKr only on nn.Linear, nn.Conv1d "
+                "and nn.Conv2d and refuses embeddings",
+                path=ad.root,
+                tensor=m.a_key,
+            )
         ops[wk].loras.append(WeightedLora(m, ad, inp.weight))
         if m.bias_key:
             bk = f"{remap.get(mod, mod)}.bias"
