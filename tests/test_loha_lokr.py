@@ -15,7 +15,7 @@ from diffusers import UNet2DConditionModel
 from helpers import cli, one_error, peft_load
 from peft import LoHaConfig, LoKrConfig, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
-from tiny import UNET_TARGETS, gpt2, llama, load_merged, logits, save_unmerged, unet, unet_out
+from tiny import UNET_TARGETS, gpt2, llama, load_merged, logits, qwen2, save_unmerged, unet, unet_out
 
 import lora_convert as lc
 
@@ -367,3 +367,17 @@ def test_every_layer_kind_merges_to_peft_merge_and_unload(tmp_path: Path, kind: 
     changed = [k for k in want if not torch.equal(want[k], base[k])]
     assert len(changed) == len(CONV_CONFIGS[kind].target_modules)
     assert lc.detect(tmp_path / "adapter").adapters[0].lora_parameters == pm.get_nb_trainable_parameters()[0]
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr-both"])
+def test_qwen2_tied_merge_equals_peft(tmp_path: Path, kind: str) -> None:
+    """Qwen2 (q/k/v biases, tied embeddings): the merge gives PEFT's merge_and_unload logits, the head stays tied."""
+    base = qwen2()
+    base.save_pretrained(str(tmp_path / "base"))
+    pm = _peft(copy.deepcopy(base), kind, LLAMA_TARGETS)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    want = logits(copy.deepcopy(pm).merge_and_unload())
+    assert (want - logits(base)).abs().max().item() > 1e-2
+    lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "merged")
+    assert (logits(load_merged(tmp_path / "merged")) - want).abs().max().item() <= TOL
+    assert "lm_head.weight" not in load_file(tmp_path / "merged" / "model.safetensors")
