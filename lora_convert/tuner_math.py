@@ -205,7 +205,7 @@ def lokr_side_bound(
     t: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """One side rebuilt from its factors' absolute values, and the length of the sums behind its entries
-    (0 stored whole, r for a @ b, r² + 1 for the Tucker rebuild): what bounds the side's rounding."""
+    (0 stored whole, r for a @ b, r² + 2 for the Tucker rebuild: r² triple products): what bounds the side's rounding."""
     mag = lokr_side(
         whole.abs() if whole is not None else None,
         a.abs() if a is not None else None,
@@ -214,7 +214,7 @@ def lokr_side_bound(
     )
     if whole is not None or a is None:
         return mag, 0
-    return mag, (t.shape[0] * t.shape[1] + 1) if t is not None else a.shape[1]
+    return mag, (t.shape[0] * t.shape[1] + 2) if t is not None else a.shape[1]
 
 
 def lokr_side(
