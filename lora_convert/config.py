@@ -28,6 +28,9 @@ from .io.files import MAX_CONFIG_BYTES, load_json
 # is relative to a residual base we do not have, so a plain merge would be wrong.
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "lora-ga")
 SUPPORTED_PEFT_TYPES = ("LORA",)
+# PEFT's LyCORIS tuners: merged (their ΔW in tuner_math) and moved between forms, but no LoRA route converts them;
+# their config says ``alpha`` where LoRA's says ``lora_alpha`` (scaling alpha / r, no rsLoRA)
+TUNER_PEFT_TYPES = ("LOHA", "LOKR")
 
 
 PATTERN_TIMEOUT_S = 2.0  # wall seconds for one key against one module name: real ones take microseconds
@@ -246,6 +249,10 @@ SCHEMA: dict[str, tuple[Any, str]] = {
     # read from the raw config by the MoE reading and the MLX route
     "target_parameters": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
     "lora_dropout": (lambda v: _is_number(v) and 0 <= v <= 1, "a number from 0 to 1 (a dropout probability)"),
+    "alpha": (_alpha, "a finite number that float32 can hold (|alpha| <= 3.4e38)"),  # LoHa/LoKr's lora_alpha
+    "use_effective_conv2d": (lambda v: isinstance(v, bool), "true or false"),
+    "decompose_both": (lambda v: isinstance(v, bool), "true or false"),
+    "decompose_factor": (_is_int, "an integer"),
     "peft_version": (
         lambda v: isinstance(v, str) and len(v) <= MAX_VERSION_CHARS,
         f"a version string of at most {MAX_VERSION_CHARS} characters",
@@ -315,6 +322,9 @@ class AdapterConfig:
         cfg.alpha_pattern = dict(data.get("alpha_pattern") or {})
         cfg.r = int(cfg.r)
         cfg.lora_alpha = float(cfg.lora_alpha)
+        if cfg.peft_type in TUNER_PEFT_TYPES:
+            alpha = data.get("alpha")
+            cfg.lora_alpha = float(alpha) if alpha is not None else 8.0  # PEFT's default
         cfg._patterns()  # compiled now: a key that is not a valid regex is refused at load
         return cfg
 
@@ -374,6 +384,19 @@ class AdapterConfig:
         return cls.from_dict(data, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
+        if self.peft_type in TUNER_PEFT_TYPES:  # LoHaConfig/LoKrConfig: their own keys, none of LoRA's
+            return {
+                **self.raw,
+                "r": self.r,
+                "alpha": int(self.lora_alpha) if float(self.lora_alpha).is_integer() else self.lora_alpha,
+                "rank_pattern": self.rank_pattern,
+                "alpha_pattern": self.alpha_pattern,
+                "target_modules": self.target_modules,
+                "modules_to_save": self.modules_to_save,
+                "peft_type": self.peft_type,
+                "base_model_name_or_path": self.base_model_name_or_path,
+                "task_type": self.task_type,
+            }
         out = dict(self.raw)
         out.update(
             r=self.r,
@@ -428,9 +451,15 @@ class AdapterConfig:
         return {str(k): [int(i) for i in v] for k, v in tti.items()}
 
     # -- what we cannot merge exactly ---------------------------------------------------
-    def unsupported_reasons(self) -> list[str]:
+    def unsupported_reasons(self, tuners: tuple[str, ...] = ()) -> list[str]:
+        """What stops a route; ``tuners``: the other peft_types it handles (merge and attach: LOHA, LOKR)."""
         reasons: list[str] = []
-        if self.peft_type not in SUPPORTED_PEFT_TYPES:
+        if self.peft_type in TUNER_PEFT_TYPES and self.peft_type not in tuners:
+            reasons.append(
+                f"peft_type {self.peft_type}: this conversion works on LoRA only (LoHa and LoKr adapters are "
+                "merged, verified, attached, split and stripped)"
+            )
+        elif self.peft_type not in SUPPORTED_PEFT_TYPES + tuners:
             reasons.append(f"peft_type {self.peft_type} is not LoRA (only LoRA and DoRA adapters are supported)")
         if self.layer_replication:
             reasons.append("layer_replication duplicates decoder layers; the base's layer layout cannot hold it")
@@ -448,7 +477,7 @@ class AdapterConfig:
                 reasons.append(f"{key.removesuffix('_config')} is a LoRA variant this tool cannot merge")
         return reasons
 
-    def check_supported(self) -> None:
-        reasons = self.unsupported_reasons()
+    def check_supported(self, tuners: tuple[str, ...] = ()) -> None:
+        reasons = self.unsupported_reasons(tuners)
         if reasons:
             raise UnsupportedError("; ".join(reasons), path=self.source)

@@ -23,6 +23,10 @@ Conventions
 * **Merge** (one-off, adapter loaded then merged): ``2·r·d_in·d_out`` for ``B @ A`` plus
   ``d_in·d_out`` for the add, per module (DoRA: ``+ 3·d_in·d_out`` for the column norm and
   rescale).
+* **LoHa / LoKr** (PEFT rebuilds ΔW at every forward): ``2·d_in·d_out`` per token for ``x @ ΔWᵀ``
+  (the rebuild is per forward, not per token: not counted); merge ``4·r·d_in·d_out + d_in·d_out``
+  (LoHa: two rank-r products, the add) or ``d_in·d_out`` (LoKr: the Kronecker product is element-wise);
+  parameters are the stored factors.
 * **Parameters** count a tied embedding / LM head once (as ``model.num_parameters()`` does);
   LoRA parameters are everything an adapter trains: A, B, ``lora_B`` bias, DoRA magnitudes,
   ``modules_to_save`` copies and trainable-token deltas (PEFT's trainable parameters).
@@ -280,6 +284,8 @@ def attention_flops(shape: ModelShape, seq_len: int) -> int | None:
 
 # -- LoRA counting ----------------------------------------------------------------------------
 def lora_module_params(m: LoraModule) -> int:
+    if m.tuner != "lora":  # LoHa/LoKr: the stored factors
+        return m.factor_params
     n = m.stored_rank * (m.in_features + m.out_features)
     if m.magnitude_key:
         n += m.out_features
@@ -291,6 +297,8 @@ def lora_module_params(m: LoraModule) -> int:
 def lora_module_flops(m: LoraModule, active: int | None = None) -> int:
     """Extra matmul FLOPs per token of the unmerged branch ``B(A x)``; LoRA on fused experts for the
     ``active`` experts a token goes through (all of them when unknown)."""
+    if m.tuner != "lora":  # LoHa/LoKr: PEFT rebuilds ΔW once per forward, then x @ ΔWᵀ per token
+        return 2 * m.in_features * m.out_features
     if m.kind == "experts":
         return min(active or m.experts, m.experts) * 2 * m.rank * (m.in_features + m.out_features)
     if m.kind == "embedding":
@@ -300,6 +308,10 @@ def lora_module_flops(m: LoraModule, active: int | None = None) -> int:
 
 def merge_module_flops(m: LoraModule) -> int:
     area = m.in_features * m.out_features
+    if m.tuner == "loha":  # two rank-r products, then ⊙ and the add
+        return 2 * 2 * m.rank * area + area
+    if m.tuner == "lokr":  # kron is element-wise (not counted); the add
+        return area
     flops = m.experts * (2 * m.rank * area + area)
     if m.magnitude_key:
         flops += 3 * area

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .arch import layout_of, short_name
-from .config import AdapterConfig
+from .config import TUNER_PEFT_TYPES, AdapterConfig
 from .inputs import load_source, open_local, resolve
 from .inventory import Inventory, LoraModule
 from .io.reader import ADAPTER_WEIGHTS, Checkpoint, named_adapters
@@ -64,6 +64,8 @@ class AdapterSummary:
     modules: list[ModuleGroup]
     lora_parameters: int
     experts: list[ExpertGroup] = field(default_factory=list)
+    # another PEFT tuner (LoHa, LoKr): its peft_type, its modules' factor layouts and its config's key parameters
+    tuner: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -96,6 +98,9 @@ def _summarise(
     params = 0
     for m in mods.values():
         groups.setdefault(m.name, []).append(m)
+        if m.tuner != "lora":  # LoHa/LoKr: the factors PEFT trains, as stored
+            params += m.factor_params
+            continue
         params += m.stored_rank * (m.in_features + m.out_features)
         if m.magnitude_key:
             params += m.out_features
@@ -131,7 +136,7 @@ def _summarise(
             warnings.append(f"adapter {name}: use_dora is set but no lora_magnitude_vector tensors were found")
         if has_mag and not cfg.use_dora:
             warnings.append(f"adapter {name}: DoRA magnitude tensors found but use_dora is false in the config")
-        for reason in cfg.unsupported_reasons():
+        for reason in cfg.unsupported_reasons(TUNER_PEFT_TYPES):
             warnings.append(f"adapter {name}: not plain LoRA: {reason}")
     return AdapterSummary(
         name=name,
@@ -148,6 +153,7 @@ def _summarise(
         rank_pattern=dict(cfg.rank_pattern) if cfg else {},
         alpha_pattern=dict(cfg.alpha_pattern) if cfg else {},
         modules=mg,
+        tuner=tuner_summary(mods.values(), cfg),
         lora_parameters=params,
         experts=expert_groups(mods.values()),
     )
@@ -316,3 +322,22 @@ def _compare_with_base(ck: Checkpoint, base_path: Path, res: DetectResult, progr
 
     low_rank = bool(weights) and all(low(e) for e in weights)
     res.form = "merged" if low_rank else "fine-tuned"
+
+
+def tuner_summary(modules: Iterable[LoraModule], cfg: AdapterConfig | None) -> dict[str, Any]:
+    """A LoHa/LoKr adapter's type and what shapes its ΔW: the config's conv and decomposition switches and,
+    per factor layout (``hada_w1_a+hada_w1_b+...``), how many modules use it."""
+    tuned = [m for m in modules if m.tuner != "lora"]
+    if not tuned:
+        return {}
+    layouts: dict[str, int] = {}
+    for m in tuned:
+        k = "+".join(m.factors)
+        layouts[k] = layouts.get(k, 0) + 1
+    raw = cfg.raw if cfg is not None else {}
+    keys = ("alpha", "use_effective_conv2d", "decompose_both", "decompose_factor", "rank_dropout", "module_dropout")
+    return {
+        "peft_type": tuned[0].tuner.upper(),
+        "layouts": dict(sorted(layouts.items())),
+        **{k: raw[k] for k in keys if k in raw},
+    }

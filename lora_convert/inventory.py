@@ -41,6 +41,11 @@ class LoraModule:
     nest: int = 0  # kind "experts": how many ParamWrappers wrap this one (0: outermost, ``experts.lora_A``)
     b_layout: str = "rank_major"  # kind "experts": expert e's B columns are e, e+E, ... or a block (grouped_by_expert)
     b_layout_assumed: bool = False  # no marker in adapter_config.json said which
+    # another PEFT tuner's module ("loha", "lokr"): its tensors by PEFT's parameter name (hada_w1_a, lokr_w1,
+    # lokr_t2, ...) in ``factors``; a_key/b_key then name two of them (for messages), never LoRA's A and B
+    tuner: str = "lora"
+    factors: dict[str, str] = field(default_factory=dict)
+    factor_params: int = 0  # their elements together: PEFT's trainable parameters of the module
 
     @property
     def name(self) -> str:

@@ -6,6 +6,9 @@ adapters merged at once are one sum in the same tile, not one rounding each).  I
 a full-size fp32 ΔW, and it gives ``round(fp32(W) + ΔW)`` rather than PEFT's
 ``W + round(ΔW)`` double rounding.
 
+Other tuners' ΔW (LoHa, LoKr: :mod:`lora_convert.tuner_math`) are :class:`RowDelta` s too: the tile adds
+their rows beside the LoRA products, still one rounding.
+
 Orientation: a stored weight is either *row-major in the LoRA sense* (nn.Linear: W is
 (out, in) and ΔW = B·A) or *transposed* (GPT-2 Conv1D: W is (in, out); nn.Embedding: W is
 (vocab, dim) and ΔW = (B_e·A_e)ᵀ).  :class:`DeltaFactors` hides which: rows of the stored ΔW
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -42,9 +46,52 @@ class DeltaFactors:
         """fp32 ΔW rows ``start:stop`` (small: one block)."""
         return torch.mm(self.left[start:stop], self.right).mul_(self.scaling)
 
+    def add_rows(self, acc: torch.Tensor, start: int, stop: int) -> None:
+        """``acc += ΔW[start:stop]``: one ``addmm`` (the product is never written out on its own)."""
+        acc.addmm_(self.left[start:stop], self.right, alpha=self.scaling)
+
+    @property
+    def depth(self) -> int:
+        """The length of the dot products behind each entry (for verify's rounding bound)."""
+        return self.rank
+
+    def magnitude(self, scale: float) -> DeltaFactors:
+        """``scale · |s| · |left| @ |right|``: what bounds each computed entry's rounding, times ``scale``."""
+        return DeltaFactors(self.left.abs(), self.right.abs(), scale * abs(self.scaling))
+
     def to(self, device: torch.device | str) -> DeltaFactors:
         """The factors on ``device`` (the merge's fp32 tiles are computed where the factors are)."""
         return DeltaFactors(self.left.to(device), self.right.to(device), self.scaling)
+
+
+class RowDelta(Protocol):
+    """Any additive ΔW the merge sums into its fp32 tile, by blocks of stored rows: LoRA's
+    :class:`DeltaFactors`, or another tuner's (``tuner_math``: LoHa, LoKr).  ``shape`` is the stored
+    weight seen as a matrix (a conv's (out, in·k…))."""
+
+    @property
+    def shape(self) -> tuple[int, int]: ...
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """A new fp32 tensor: ΔW rows ``start:stop``."""
+        ...
+
+    def add_rows(self, acc: torch.Tensor, start: int, stop: int) -> None:
+        """``acc += ΔW[start:stop]`` in place (``acc`` is fp32, (stop - start, cols))."""
+        ...
+
+    def to(self, device: torch.device | str) -> RowDelta: ...
+
+    @property
+    def depth(self) -> int:
+        """How many roundings of fp32 arithmetic each entry of ΔW goes through at most (a dot product of
+        length r counts r), for verify's bound (``closeness.merge_bound`` takes it as the rank)."""
+        ...
+
+    def magnitude(self, scale: float) -> RowDelta:
+        """A producer of ``scale · P``, P ≥ 0 bounding the magnitude of every product summed into each entry
+        (LoRA: ``|s|·|B|·|A|``): the error of a computed entry is at most γ_depth·P."""
+        ...
 
 
 def linear_factors(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float, *, transposed: bool) -> DeltaFactors:
@@ -116,11 +163,11 @@ def embedding_factors(lora_embedding_A: torch.Tensor, lora_embedding_B: torch.Te
     return DeltaFactors(lora_embedding_A.to(FP32).t().contiguous(), lora_embedding_B.to(FP32).t().contiguous(), scaling)
 
 
-Deltas = DeltaFactors | Sequence[DeltaFactors]  # one adapter's ΔW, or several summed
+Deltas = RowDelta | Sequence[RowDelta]  # one adapter's ΔW, or several summed
 
 
-def _each(delta: Deltas) -> Sequence[DeltaFactors]:
-    return (delta,) if isinstance(delta, DeltaFactors) else delta
+def _each(delta: Deltas) -> Sequence[RowDelta]:
+    return delta if isinstance(delta, (list, tuple)) else (delta,)  # type: ignore[return-value]
 
 
 def delta_rows(delta: Deltas, start: int, stop: int) -> torch.Tensor:
@@ -128,7 +175,7 @@ def delta_rows(delta: Deltas, start: int, stop: int) -> torch.Tensor:
     parts = _each(delta)
     out = parts[0].rows(start, stop)
     for d in parts[1:]:
-        out.addmm_(d.left[start:stop], d.right, alpha=d.scaling)
+        d.add_rows(out, start, stop)
     return out
 
 
@@ -157,14 +204,15 @@ def merge_rows(
 
 
 def _tile(w_rows: torch.Tensor, delta: Deltas, start: int, acc: torch.Tensor | None) -> torch.Tensor:
-    """fp32 ``W_rows + Σ sᵢ · leftᵢ_rows @ rightᵢ`` in ``acc`` (allocated when not given)."""
+    """fp32 ``W_rows + Σ ΔWᵢ_rows`` in ``acc`` (allocated when not given): LoRA's ``sᵢ · leftᵢ_rows @ rightᵢ``
+    as one ``addmm`` each, another tuner's rows added as it computes them."""
     stop = start + w_rows.shape[0]
     if acc is None:
         acc = w_rows.to(FP32, copy=True)
     else:
         acc.copy_(w_rows)
     for d in _each(delta):
-        acc.addmm_(d.left[start:stop], d.right, alpha=d.scaling)
+        d.add_rows(acc, start, stop)
     return acc
 
 

@@ -87,6 +87,8 @@ def _adapter(a: Any) -> None:
     out.print(table(out, f"adapter '{a.name}'", head, rows))
     if a.experts:
         _experts(a.experts)
+    if a.tuner:  # LoHa / LoKr
+        out.print(f"  {a.tuner['peft_type']}: " + "; ".join(f"{k} {v}" for k, v in a.tuner.items() if k != "peft_type"))
     flags = [
         f"DoRA: {a.dora}",
         f"rsLoRA: {a.use_rslora}",

@@ -16,10 +16,11 @@ from ..config import AdapterConfig
 from ..errors import AdapterError
 from ..inventory import DEFAULT_ADAPTER, Inventory, LoraModule
 from ..io.reader import Checkpoint
+from . import peft_tuners
 from .peft_experts import resolve_experts
 from .peft_keys import ParsedKey, Role, parse_key
 
-_FACTOR_ROLES = (Role.LORA_A, Role.LORA_B, Role.EMBED_A, Role.EMBED_B)
+_FACTOR_ROLES = (Role.LORA_A, Role.LORA_B, Role.EMBED_A, Role.EMBED_B, Role.TUNER)
 
 
 class PeftDialect:
@@ -51,9 +52,10 @@ class PeftDialect:
                     inv.problems[name] = [_not_its_config(ck, name, inv.adapters, sorted(configs))]
                 continue
             inv.configs[name] = own
+            inv.problems[name] = list(peft_tuners.resolve(own, inv.modules(name), name, ck))  # LoHa/LoKr: rank, type
             for m in inv.modules(name).values():
                 m.scaling = own.scaling_for(m.config_key, m.rank)
-            inv.problems[name] = list(_rank_disagreements(own, inv.modules(name).values(), name, ck))
+            inv.problems[name] += list(_rank_disagreements(own, inv.modules(name).values(), name, ck))
             biased = [m for m in inv.modules(name).values() if m.bias_key]
             if biased and not own.lora_bias:
                 inv.warnings.setdefault(name, []).append(_unflagged_bias(biased, own.source or str(ck.root)))
@@ -196,9 +198,12 @@ def build_inventory(ck: Checkpoint) -> Inventory:
     fallback = ck.adapter_name or DEFAULT_ADAPTER
     parts: dict[tuple[str, str], dict[Role, ParsedKey]] = {}
     bias_parts: dict[tuple[str, str], ParsedKey] = {}
+    tuner_parts: dict[tuple[str, str], dict[str, ParsedKey]] = {}
     for p in parsed:
         ad = p.adapter or fallback
-        if p.role.is_lora:
+        if p.role is Role.TUNER:
+            tuner_parts.setdefault((ad, p.module), {})[p.param] = p
+        elif p.role.is_lora:
             if p.role is Role.LORA_B and p.param == "bias":
                 bias_parts[(ad, p.module)] = p
             elif p.role is Role.LORA_A and p.param == "bias":
@@ -221,6 +226,14 @@ def build_inventory(ck: Checkpoint) -> Inventory:
             inv.base[p.base_key] = p.key
     for (ad, module), roles in sorted(parts.items()):
         inv.lora.setdefault(ad, {})[module] = _module(ck, ad, module, roles, bias_parts.pop((ad, module), None))
+    for (ad, module), factors in sorted(tuner_parts.items()):
+        if module in inv.lora.get(ad, {}):
+            raise AdapterError(
+                f"module {module} holds LoRA and LoHa/LoKr factors",
+                path=ck.root,
+                tensor=next(iter(factors.values())).key,
+            )
+        inv.lora.setdefault(ad, {})[module] = peft_tuners.tuner_module(ck, ad, module, factors)
     for (_, module), p in bias_parts.items():
         raise AdapterError(f"lora_B.bias without lora_A/lora_B for module {module}", path=ck.root, tensor=p.key)
     if form == "unmerged":

@@ -38,13 +38,22 @@ class Role(str, Enum):
     MODULES_TO_SAVE = "modules_to_save"  # the trained copy that replaces the module
     ORIGINAL_MODULE = "original_module"  # the frozen copy kept beside it
     TOKENS_DELTA = "trainable_tokens_delta"  # replaced rows of an embedding
+    TUNER = "tuner"  # a LoHa/LoKr factor (``hada_w1_a``, ``lokr_w2``, ...): its name in ``param``
 
     @property
     def is_lora(self) -> bool:
         return self in LORA_ROLES
 
 
-LORA_ROLES = frozenset({Role.LORA_A, Role.LORA_B, Role.EMBED_A, Role.EMBED_B, Role.MAGNITUDE})
+LORA_ROLES = frozenset({Role.LORA_A, Role.LORA_B, Role.EMBED_A, Role.EMBED_B, Role.MAGNITUDE, Role.TUNER})
+
+# PEFT's LoHa and LoKr parameters (``adapter_layer_names``): a ParameterDict each, so the in-model key is
+# ``<module>.<factor>.<adapter>`` and the saved one ``<module>.<factor>``
+TUNER_FACTORS = {
+    "loha": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+    "lokr": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+}
+_TUNER_NAMES = "|".join(n for names in TUNER_FACTORS.values() for n in names)
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,7 @@ _PATTERNS: list[tuple[Role, re.Pattern[str]]] = [
             r"^(?P<mod>.+)\.lora_magnitude_vector(?:\.(?P<name>(?!weight$)[^.]+))?(?:\.(?P<param>weight))?$", re.DOTALL
         ),
     ),
+    (Role.TUNER, re.compile(rf"^(?P<mod>.+)\.(?P<param>{_TUNER_NAMES}){_NAME}?$", re.DOTALL)),
     (Role.TOKENS_DELTA, re.compile(rf"^(?P<mod>.+)\.token_adapter\.trainable_tokens_delta{_NAME}?$", re.DOTALL)),
     (Role.MODULES_TO_SAVE, re.compile(r"^(?P<mod>.+?)\.modules_to_save\.(?P<name>[^.]+)\.(?P<param>.+)$", re.DOTALL)),
     (Role.ORIGINAL_MODULE, re.compile(r"^(?P<mod>.+?)\.original_module\.(?P<param>.+)$", re.DOTALL)),
@@ -136,6 +146,8 @@ def format_key(
         return f"{prefix}{module}.lora_magnitude_vector{name}" + (".weight" if adapter else "")
     if role is Role.TOKENS_DELTA:
         return f"{prefix}{module}.token_adapter.trainable_tokens_delta{name}"
+    if role is Role.TUNER:
+        return f"{prefix}{module}.{param}{name}"
     if role is Role.MODULES_TO_SAVE:
         return f"{prefix}{module}.modules_to_save.{adapter or 'default'}.{param}"
     if role is Role.ORIGINAL_MODULE:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import RouteError
+from ..errors import RouteError, UnsupportedError
 from ..fmt import form_word
 from .plan import FORMATS, FORMS, Plan, Request
 
@@ -75,11 +75,45 @@ def command_planner(name: str) -> Callable[..., Any]:
     return _load(COMMANDS[name])
 
 
+# the routes that know LoHa/LoKr modules (their ΔW: routes/tuner_terms; their keys moved as PEFT lays them out);
+# every other route converts LoRA factors and refuses them by name
+TUNER_ROUTES = frozenset(
+    {
+        ("adapter", "merged"),
+        ("unmerged", "merged"),
+        ("plain", "merged"),
+        ("plain", "base"),
+        ("unmerged", "base"),
+        ("unmerged", "adapter"),
+        ("adapter", "unmerged"),
+    }
+)
+
+
+def _lora_only(plan: Planner, to: str) -> Planner:
+    def checked(req: Request) -> Plan:
+        for inp in req.adapters_in():
+            tuned = [m for m in inp.inventory.modules(inp.name).values() if m.tuner != "lora"]
+            if tuned:
+                word = {"loha": "LoHa", "lokr": "LoKr"}.get(tuned[0].tuner, tuned[0].tuner)
+                raise UnsupportedError(
+                    f"a {word} adapter ({len(tuned)} module(s), first {tuned[0].module}): converting it to {to} "
+                    "needs LoRA factors; LoHa and LoKr adapters are merged, verified, attached, split and stripped",
+                    path=inp.ck.root,
+                    tensor=tuned[0].a_key,
+                    hint="merge it (--to merged with --base), then extract a LoRA from the merged model if needed",
+                )
+        return plan(req)
+
+    return checked
+
+
 def planner(source_form: str, to: str, *, path: str | Path | None = None) -> Planner:
     """The planner of ``source_form -> to``, or a RouteError saying why there is none."""
     found = ROUTES.get((source_form, to))
     if found is not None:
-        return _load(found)
+        found_planner = _load(found)
+        return found_planner if (source_form, to) in TUNER_ROUTES else _lora_only(found_planner, to)
     if source_form == "plain":
         raise RouteError(
             f"holds no LoRA tensors (a full model: base, merged or fine-tuned); nothing to convert to {to}", path=path

@@ -20,10 +20,12 @@ from typing import Any
 import torch
 
 from .. import arch, lora_math
+from ..config import TUNER_PEFT_TYPES
 from ..errors import AdapterError, RouteError, UnsupportedError, option
 from ..inventory import LoraModule
 from ..io.reader import Checkpoint
 from ..pipeline import Buffers, Job, Read
+from . import tuner_terms
 from .common import BaseView, check_finite, copy_job, remap_modules, same_tensor
 from .moe import ExpertPlan, plan_expert_lora
 from .plan import AdapterInput, Request
@@ -118,7 +120,7 @@ def merge_ops(req: Request) -> MergeOps:
         )
     for inp in req.adapters_in():
         assert inp.config is not None, "the API checks that an adapter config exists"
-        inp.config.check_supported()
+        inp.config.check_supported(TUNER_PEFT_TYPES)
     base = BaseView(req.base) if req.base is not None else BaseView(req.source, req.inventory.base)
     qbase = quantized_base(req, base)  # read through its dequantized view
     if qbase is not None:
@@ -249,6 +251,13 @@ def _assign_adapter(
         wk = f"{remap[mod]}.weight"
         if wk not in ops:
             raise AdapterError(f"module {mod} has no weight in the base", path=ad.root, tensor=m.a_key)
+        if m.tuner != "lora" and arch.is_embedding(remap[mod]):
+            raise UnsupportedError(
+                f"{m.tuner} module on the embedding {mod}: PEFT builds LoHa/LoKr only on nn.Linear, nn.Conv1d "
+                "and nn.Conv2d and refuses embeddings",
+                path=ad.root,
+                tensor=m.a_key,
+            )
         ops[wk].loras.append(WeightedLora(m, ad, inp.weight))
         if m.bias_key:
             bk = f"{remap.get(mod, mod)}.bias"
@@ -377,10 +386,12 @@ def _check_float_target(ck: Checkpoint, key: str) -> None:
         )
 
 
-def _factors(lo: WeightedLora, base_shape: tuple[int, ...], conv1d_hint: bool) -> tuple[lora_math.DeltaFactors, bool]:
+def _factors(lo: WeightedLora, base_shape: tuple[int, ...], conv1d_hint: bool) -> tuple[lora_math.RowDelta, bool]:
     """ΔW factors (weight folded into the scaling) in the stored orientation, and whether that
-    orientation is transposed."""
+    orientation is transposed.  Another tuner's module (LoHa, LoKr) gives its row producer."""
     m, ck = lo.module, lo.ck
+    if m.tuner != "lora":
+        return tuner_terms.delta(m, ck, lo.scaling, base_shape, conv1d_hint), False
     a = check_finite(ck.read(m.a_key), ck, m.a_key)
     b = check_finite(ck.read(m.b_key), ck, m.b_key)
     if m.kind == "embedding":
@@ -484,7 +495,7 @@ class RowMerge:
     """How the row blocks of one base tensor become merged rows, prepared once per tensor: the LoRA
     deltas (summed in one tile), DoRA's scales and the trainable-token rows.  Merge and verify share it."""
 
-    deltas: list[lora_math.DeltaFactors]
+    deltas: list[lora_math.RowDelta]  # LoRA's factors, or another tuner's rows (tuner_terms)
     row_scale: torch.Tensor | None = None
     col_scale: torch.Tensor | None = None
     tokens: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -530,9 +541,9 @@ def prepare_rows(
     found = [_factors(lo, shape, conv1d_hint) for lo in ops.loras]
     rm = RowMerge([d for d, _ in found], tokens=_token_rows(ops, rows, cols))
     if ops.dora:  # a DoRA tensor has exactly one LoRA (see _assign)
-        rm.row_scale, rm.col_scale, rm.norms = _dora_scales(
-            buf, plan, ops.loras[0], found[0][0], found[0][1], rows, cols
-        )
+        d0 = found[0][0]
+        assert isinstance(d0, lora_math.DeltaFactors), "DoRA is LoRA's"
+        rm.row_scale, rm.col_scale, rm.norms = _dora_scales(buf, plan, ops.loras[0], d0, found[0][1], rows, cols)
     if device != "cpu":
         rm.deltas = [d.to(device) for d in rm.deltas]
         rm.row_scale = rm.row_scale.to(device) if rm.row_scale is not None else None

@@ -11,7 +11,7 @@ from functools import partial
 from typing import Any
 
 from .. import arch
-from ..config import AdapterConfig
+from ..config import TUNER_PEFT_TYPES, AdapterConfig
 from ..dialects.peft_keys import PEFT_PREFIX, Role, format_key
 from ..inventory import Inventory, LoraModule
 from ..pipeline import Job
@@ -66,6 +66,9 @@ def split_names(inv: Inventory, adapter: str) -> dict[str, str]:
     """Output key (PEFT's saved-adapter name) -> source key, for every tensor of ``adapter``."""
     out: dict[str, str] = {}
     for mod, m in inv.modules(adapter).items():
+        if m.tuner != "lora":  # LoHa/LoKr: each factor under <module>.<factor>
+            out.update({format_key(mod, Role.TUNER, param=f): key for f, key in m.factors.items()})
+            continue
         roles = (Role.EMBED_A, Role.EMBED_B) if m.kind == "embedding" else (Role.LORA_A, Role.LORA_B)
         out[format_key(m.wrapped, roles[0])] = m.a_key  # expert LoRA: keyed by its (nested) ParamWrapper
         out[format_key(m.wrapped, roles[1])] = m.b_key
@@ -83,7 +86,7 @@ def split_names(inv: Inventory, adapter: str) -> dict[str, str]:
 def plan_attach(req: Request) -> Plan:
     """adapter + base -> unmerged: PEFT's in-model state dict (``base_layer``, ``lora_A.<name>``)."""
     assert req.base is not None and req.config is not None
-    req.config.check_supported()
+    req.config.check_supported(TUNER_PEFT_TYPES)
     inv, ad, name = req.inventory, req.source, req.adapter
     # the base under the names PEFT's in-model state dict uses: MoE experts fused as transformers holds them
     mem = memory_view(req.base, req.model_config)
@@ -126,6 +129,10 @@ def plan_attach(req: Request) -> Plan:
                 jobs.append(copy(*src, format_key(mod, Role.BASE, param=param, base_layer=True)))
             if param != "weight":
                 continue
+            if m.tuner != "lora":  # LoHa/LoKr: each factor under <module>.<factor>.<adapter>
+                for f, key in m.factors.items():
+                    jobs.append(copy(ad, key, format_key(mod, Role.TUNER, param=f, adapter=name), op="lora"))
+                continue
             roles = (Role.EMBED_A, Role.EMBED_B) if m.kind == "embedding" else (Role.LORA_A, Role.LORA_B)
             jobs.append(copy(ad, m.a_key, format_key(mod, roles[0], adapter=name), op="lora"))
             jobs.append(copy(ad, m.b_key, format_key(mod, roles[1], adapter=name), op="lora"))
@@ -165,10 +172,12 @@ def _renamed_config(d: dict[str, Any], modules: dict[str, LoraModule], remap: di
     cfg = AdapterConfig.for_modules(ranks, alphas)
     d.update(
         r=cfg.r,
-        lora_alpha=cfg.lora_alpha,
+        **{"alpha" if d.get("peft_type") in TUNER_PEFT_TYPES else "lora_alpha": cfg.lora_alpha},
         rank_pattern=cfg.rank_pattern,
         alpha_pattern=cfg.alpha_pattern,
         use_rslora=False,
         target_modules=cfg.target_modules,
     )
+    if d.get("peft_type") in TUNER_PEFT_TYPES:
+        d.pop("use_rslora")  # LoHa/LoKr configs have no rsLoRA
     return d

@@ -316,19 +316,20 @@ def _check_job(
 
 
 def _merge_bounder(
-    deltas: list[lora_math.DeltaFactors], mdtype: torch.dtype, base_dtype: torch.dtype, buf: Buffers
+    deltas: list[lora_math.RowDelta], mdtype: torch.dtype, base_dtype: torch.dtype, buf: Buffers
 ) -> Bounder:
     """The arithmetic part of a plain merge's bound (:func:`..closeness.merge_bound`), per row block:
-    w·|W| + Σ pᵢ·|sᵢ|·(|leftᵢ| @ |rightᵢ|), one matmul of absolute values per LoRA beside the merge's own."""
-    mb = merge_bound([d.rank for d in deltas], mdtype, base_dtype)
-    factors = [(d.left.abs(), d.right.abs(), p * abs(d.scaling)) for d, p in zip(deltas, mb.terms, strict=True)]
+    w·|W| + Σ pᵢ·Pᵢ — for a LoRA Pᵢ = |sᵢ|·(|leftᵢ| @ |rightᵢ|), one matmul of absolute values beside the
+    merge's own; for LoHa/LoKr the same formula on the factors' absolute values (``RowDelta.magnitude``)."""
+    mb = merge_bound([d.depth for d in deltas], mdtype, base_dtype)
+    mags = [d.magnitude(p) for d, p in zip(deltas, mb.terms, strict=True)]
 
     def tile(w: torch.Tensor, start: int, want: torch.Tensor, cols: int) -> torch.Tensor:
         n = w.numel() // cols
         t = buf.scratch("bound", (n, cols), torch.float32)
         t.copy_(w.view(n, cols)).abs_().mul_(mb.w)
-        for left, right, alpha in factors:
-            t.addmm_(left[start : start + n], right, alpha=alpha)
+        for m in mags:
+            m.add_rows(t, start, start + n)
         return t
 
     return tile
@@ -338,6 +339,7 @@ def _dora_bounder(rm: RowMerge, mdtype: torch.dtype, buf: Buffers) -> Bounder:
     """DoRA's bound (:func:`..closeness.dora_bound`): the merge bound of W + ΔW scaled by |f| = |m|/‖W + ΔW‖,
     plus the norm's relative error ρ (per output feature) on the expected value."""
     (d,) = rm.deltas
+    assert isinstance(d, lora_math.DeltaFactors), "DoRA is LoRA's"
     assert rm.norms is not None
     rows_norm = rm.row_scale is not None  # nn.Linear: a norm per stored row; Conv1D/Embedding: per column
     f = (rm.row_scale if rows_norm else rm.col_scale).abs()  # type: ignore[union-attr]
