@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .batch import Job, JobLine  # noqa: F401 - public: a batch's jobs
 from .errors import OptionError, OutputError, RouteError, option, option_name
 from .inputs import load_source  # noqa: F401 - public
 from .options import UNSHARDED, HubPush, Output, RouteOptions
@@ -20,7 +21,10 @@ from .requests import extract_options as _extract_options
 from .stack import Spec
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from .assemble import ConvertResult
+    from .batch import BatchResult, Outcome
     from .costs import Report
     from .detection import DetectResult
     from .dry_run import DryRun
@@ -483,3 +487,54 @@ def spectrum(
             raise OutputError(f"cannot write the chart: {e.strerror or e}", path=plot) from None
         res.plot = str(plot)
     return res
+
+
+def read_jobs(path: str | Path) -> list[JobLine]:
+    """The jobs of a job file (YAML or JSON Lines; see :func:`batch`), each a command line not yet parsed.
+
+    Raises:
+        OptionError: a file that cannot be read, is not YAML/JSON Lines, lists no job, or a job that is not one of
+        merge, convert, extract, verify, combine, push (naming the file and the job)."""
+    from .batch import read_job_file
+
+    return read_job_file(path)
+
+
+def batch_state_folder(path: str | Path) -> Path:
+    """Where a batch keeps its finished jobs' records by default: ``JOBS.state`` beside the job file."""
+    from .batch import state_folder
+
+    return state_folder(path)
+
+
+def batch(
+    jobs: Sequence[Job],
+    *,
+    state: str | Path | None = None,
+    workers: int | None = None,
+    ray: str | None = None,
+    rerun: bool = False,
+    on_change: Callable[[list[Outcome]], None] | None = None,
+) -> BatchResult:
+    """Run several jobs (each one call of ``merge``, ``convert``, ``extract``, ``verify``, ``combine`` or ``push``:
+    a :class:`~lora_convert.batch.Job` with the function's keywords) in parallel; one job's failure stops no other.
+
+    Args:
+        jobs: the jobs (the CLI parses a job file's command lines into them).
+        state: a folder for the finished jobs' records (what identified their inputs and what they wrote): a job
+            whose record still matches is skipped.  None: no records.  rerun: run every job all the same.
+        workers: jobs at once on this machine (default: its cores, fewer where their memory would not fit).
+        ray: run each job as a Ray task on this cluster: ``auto``, ``local`` (start one) or an address; needs ray.
+        on_change: called with every job's :class:`~lora_convert.batch.Outcome` whenever one changes.
+
+    Returns:
+        A :class:`~lora_convert.batch.BatchResult` (``.ok``, ``.jobs`` with each one's status and error line).
+
+    Raises:
+        OptionError: bad ``workers``, ``ray`` without ray installed, an address it cannot reach.
+    """
+    from .batch import check_job, run_batch
+
+    for j in jobs:
+        check_job(j)
+    return run_batch(list(jobs), state=state, workers=workers, ray=ray, rerun=rerun, on_change=on_change)
