@@ -416,15 +416,15 @@ def run_job(job: Job) -> Outcome:
 
 
 def _where() -> str:
-    """The node a job runs on: Ray's node id when it runs as a Ray task, else host:pid."""
+    """Where a job runs: ``ADDRESS/NODE_ID`` as a Ray task, else ``host:pid``."""
     import sys
 
     if "ray" in sys.modules:
         try:
             import ray
 
-            if ray.is_initialized():
-                return str(ray.get_runtime_context().get_node_id())
+            if ray.is_initialized():  # the address the node advertises, and its id (nodes may share an address)
+                return f"{ray.util.get_node_ip_address()}/{ray.get_runtime_context().get_node_id()}"
         except Exception:  # noqa: BLE001 - only a label
             pass
     return f"{socket.gethostname()}:{os.getpid()}"
