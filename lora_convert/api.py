@@ -8,6 +8,7 @@ never import torch; the conversions import it when they start.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +24,7 @@ from .stack import Spec
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from .assemble import ConvertResult
+    from .assemble import ConvertResult, TensorRun
     from .batch import BatchResult, Outcome
     from .costs import Report
     from .detection import DetectResult
@@ -147,6 +148,7 @@ def convert(
     adapters: Sequence[Spec] | None = None,
     drop_norms: bool = False,
     dry_run: bool = False,
+    ray: str | None = None,
 ) -> ConvertResult | DryRun:
     """Convert ``source`` to the storage form ``to`` in the folder ``output``.
 
@@ -191,6 +193,10 @@ def convert(
         dry_run: plan the conversion and return a :class:`~lora_convert.dry_run.DryRun` (files, tensors,
             bytes, modules, config changes, warnings) instead of writing it: nothing is written, no temporary
             folder is made, nothing is pushed.  Not on the extraction route (its planner factors while planning).
+        ray: ``to="merged"`` only: write the output shards as Ray tasks on this cluster (``auto``, ``local`` or an
+            address), one per shard, each reading the inputs again from storage every node sees (the paths must
+            be the same on every node); the driver writes index, config and card and publishes atomically.  The
+            output is the local run's byte for byte.  Needs ray.
 
     Returns:
         A :class:`~lora_convert.assemble.ConvertResult` (a ``DryRun`` with ``dry_run``); ``.report`` holds the route's own report (the SVD
@@ -208,6 +214,8 @@ def convert(
     route = RouteOptions(dtype, extract_options, outtype, requantize, device, moe_layout, drop_norms)
     hub = HubPush(push_to, private, token) if push_to is not None else None
     route.check(to, out)
+    if ray is not None and (to != "merged" or dry_run):
+        raise OptionError(f"{option_name('ray')} splits a merge by output shard: only with --to merged, not {to}")
     if hub is not None and not dry_run:
         hub = hub.preflight(to, out)  # the token and the right to write, before any work
     with open_request(
@@ -215,20 +223,39 @@ def convert(
     ) as (req, warnings):
         if dry_run:
             return _describe(req, to, warnings, out)
-        result = _write(req, to, warnings, out)
+        run = None
+        if ray is not None:
+            from .cluster import shard_run
+
+            reopen = {"source": _here(source), "to": to, "base": _here(base), "adapter": _here(adapter)}
+            reopen["adapters"] = [_here(a) for a in adapters] if adapters is not None else None
+            run = shard_run(ray, {**reopen, "route": route})
+        result = _write(req, to, warnings, out, run)
     if hub is not None:
         result.pushed = hub.upload(result.output, len(result.files), result.total_bytes, out.progress)
     return result
 
 
-def _write(req: Request, to: str, warnings: list[str], out: Output) -> ConvertResult:
-    """The route's plan for ``req``, written where ``out`` says."""
+def _here(ref: Any) -> Any:
+    """A local path made absolute (a Ray task's working folder is not ours); a Hub id, a name, a weight as given."""
+    if isinstance(ref, str | Path) and os.path.exists(ref):
+        return str(Path(ref).resolve())
+    if isinstance(ref, str) and ":" in ref and os.path.exists(ref.rpartition(":")[0]):
+        head, _, weight = ref.rpartition(":")
+        return f"{Path(head).resolve()}:{weight}"
+    if isinstance(ref, tuple | list) and ref:
+        return (_here(ref[0]), *ref[1:])
+    return ref
+
+
+def _write(req: Request, to: str, warnings: list[str], out: Output, run: TensorRun | None = None) -> ConvertResult:
+    """The route's plan for ``req``, written where ``out`` says (its tensors by ``run`` where given: ``ray``)."""
     from .assemble import write_output
     from .routes import planner
 
     plan = planner(req.inventory.form, to, path=req.source.root)(req)
     plan.warnings[:0] = warnings
-    return write_output(plan, req, out)
+    return write_output(plan, req, out, run)
 
 
 def _describe(req: Request, to: str, warnings: list[str], out: Output) -> DryRun:

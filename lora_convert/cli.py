@@ -23,9 +23,15 @@ JSON_KEY = "lora_convert.json"  # ctx.meta: the command line asked for --json
 
 def _command_line(argv: list[str] | None = None) -> str:
     """The command line for the model card (``argv``: a batch job's, else this process's), with a --token value
-    blanked out."""
-    args, hide = [], False
+    blanked out and ``--ray ADDRESS`` left out (where a merge ran is not what it is: the output is the same)."""
+    args, hide, skip = [], False, False
     for a in sys.argv[1:] if argv is None else argv:
+        if skip or a.startswith("--ray="):
+            skip = False
+            continue
+        if a == "--ray":
+            skip = True
+            continue
         args.append("***" if hide else ("--token=***" if a.startswith("--token=") else a))
         hide = a == "--token"
     return "lora-convert " + " ".join(shlex.quote(a) for a in args)
@@ -309,6 +315,12 @@ def _convert_args(source: str, to: str, adapters: tuple[str, ...], **opts: Any) 
     default="cpu",
     show_default=True,
     help="Where the fp32 merge tiles are computed: cpu or cuda[:N] (blocks still stream from and to the disk).",
+)
+@click.option(
+    "--ray",
+    metavar="ADDRESS",
+    help="Write the output shards as Ray tasks (auto, local, or a cluster's address), one per shard, each reading "
+    "the inputs from storage every node sees; byte for byte the local output.  Needs the ray extra.",
 )
 @click.pass_context
 def merge_cmd(ctx: click.Context, source: str, adapters: tuple[str, ...], as_json: bool, **opts: Any) -> None:

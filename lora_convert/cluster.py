@@ -89,3 +89,91 @@ class RayRunner(Runner):
             ray.cancel(ref, force=True)
         if self._owned:
             ray.shutdown()
+
+
+# -- one merge across the cluster: a task per output shard --------------------------------------------------------
+def shard_run(address: str, reopen: dict[str, Any]) -> Any:
+    """``merge --ray``: the function :func:`.assemble.write_output` calls instead of writing the tensors itself.  Each
+    output shard is one task that opens the inputs again from ``reopen`` (the paths and options: every node reads
+    them from storage it sees), plans the same merge, and writes that shard's file into the run's temporary folder
+    (the same bytes as the local writer: the same plan, the same header, the same order).  The driver then writes
+    the index; the assembly adds config, card, and publishes with its atomic rename."""
+    from pathlib import Path
+
+    from .io.writer import SafetensorsSink, SafetensorsWriter
+    from .routes.plan import Plan
+
+    def run(plan: Plan, tmp: Path, sink: SafetensorsSink) -> list[str]:
+        import ray
+
+        owned = connect(address)
+        try:
+            planned = [j.planned for j in plan.jobs if j.writes]
+            shape: dict[str, Any] = {
+                "max_shard_size": sink.max_shard_size,
+                "stem": sink.stem,
+                "metadata": sink.metadata,
+            }
+            writer = SafetensorsWriter(tmp, planned, **shape)
+            task = ray.remote(_write_shard).options(num_cpus=1, max_retries=TASK_RETRIES)
+            refs = [task.remote(dict(reopen), str(Path(tmp).resolve()), si, shape) for si in range(len(writer.shards))]
+            try:
+                ray.get(refs)
+            except ray.exceptions.RayTaskError as e:  # the shard's own failure: the error it raised
+                for ref in refs:
+                    ray.cancel(ref, force=True)
+                cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else None
+                raise (cause or e) from None
+            except ray.exceptions.RayError as e:
+                raise OptionError(
+                    f"--ray {address}: a shard's task failed ({type(e).__name__}) after retries"
+                ) from None
+            writer.write_index()
+            return list(writer.files)
+        finally:
+            if owned:
+                ray.shutdown()
+
+    return run
+
+
+def _write_shard(reopen: dict[str, Any], tmp: str, si: int, shape: dict[str, Any]) -> str:
+    """One output shard of a merge, in a Ray task: the plan made again from the inputs, its shard's jobs run."""
+    from pathlib import Path
+
+    from .batch import _as_alone
+    from .io.writer import SafetensorsWriter
+    from .pipeline import execute
+    from .requests import open_request
+    from .routes import planner
+
+    _as_alone()
+    to = reopen.pop("to")
+    source = reopen.pop("source")
+    with open_request(source, to, progress=False, **reopen) as (req, _):
+        plan = planner(req.inventory.form, to, path=req.source.root)(req)
+        planned = [j.planned for j in plan.jobs if j.writes]
+        writer = SafetensorsWriter(Path(tmp), planned, only=si, **shape)
+        names = {e.name for e in writer.shards[si]}
+        jobs = [j for j in plan.jobs if j.writes and j.planned.name in names]
+        execute(jobs, _Only(writer))
+    return writer.files[si]
+
+
+class _Only:
+    """A sink around a one-shard writer (the jobs given to it are that shard's)."""
+
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
+
+    def open(self, plan: list[Any]) -> None:
+        pass
+
+    def write(self, name: str, data: Any) -> None:
+        self.writer.write(name, data)
+
+    def close(self) -> list[str]:
+        return list(self.writer.close())
+
+    def abort(self) -> None:
+        self.writer.abort()

@@ -84,6 +84,13 @@ rep["node2"] = node2.node_id
 import lora_convert as lc
 from lora_convert.cli import _job
 
+# 3. one merge split by output shard over both nodes (before the node is lost): the local run's bytes
+lc.merge(sys.argv[2], base=sys.argv[3], output="shards-local", max_shard_size="40KB")
+res = lc.merge(sys.argv[2], base=sys.argv[3], output="shards-ray", max_shard_size="40KB", ray=cluster.address)
+rep["shards"] = {"files": res.files, "notes": sorted(os.listdir(work / "notes"))}
+for n in os.listdir(work / "notes"):
+    os.unlink(work / "notes" / n)
+
 jobs = [_job(line, "jobs.yaml") for line in lc.read_jobs("jobs.yaml")]
 done = {}
 t = threading.Thread(target=lambda: done.update(res=lc.batch(jobs, state="jobs.yaml.state", ray=cluster.address)))
@@ -146,7 +153,18 @@ def ray_run(tmp_path_factory):
     assert pool.returncode == 1, pool.stderr  # the bad job
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     child = subprocess.run(
-        ["unshare", "-n", "bash", "-c", 'ip link set lo up && exec "$0" -c "$1" "$2"', sys.executable, CHILD, work],
+        [
+            "unshare",
+            "-n",
+            "bash",
+            "-c",
+            'ip link set lo up && exec "$0" -c "$@"',
+            sys.executable,
+            CHILD,
+            work,
+            LORA,
+            BASE,
+        ],
         capture_output=True,
         text=True,
         timeout=900,
@@ -190,3 +208,26 @@ def test_two_node_cluster_survives_losing_a_node_mid_run(ray_run):
     assert on.count(rep["node2"]) == 1  # its first job finished there; the lost one was rerun on the head
     assert _tree(work / "ray-cluster" / "out") == _tree(work / "pool" / "out")
     assert not [p for p in (work / "ray-cluster" / "out").iterdir() if TMP_MARK in p.name]  # no temp folder left
+
+
+def test_one_merge_split_by_shard_over_two_nodes_is_the_local_output(ray_run):
+    """``merge --ray``: a task per output shard (3 here), on both nodes; driver writes index, config, card."""
+    work, rep = ray_run
+    shards = rep["shards"]
+    assert [f for f in shards["files"] if f.endswith(".safetensors")] == [
+        f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)
+    ]
+    assert len(shards["notes"]) == 3  # one writer per shard, each in a Ray worker
+    assert len({n.split(".")[0] for n in shards["notes"]}) == 2  # on both nodes
+    local, ray = _tree(work / "ray-cluster" / "shards-local"), _tree(work / "ray-cluster" / "shards-ray")
+    assert "model.safetensors.index.json" in ray and "README.md" in ray
+    assert local == ray
+
+
+def test_merge_ray_is_left_out_of_the_model_card(tmp_path):
+    """Where a merge ran is not what it is: ``--ray ADDRESS`` is not quoted in the card (no Ray started here: the
+    command line alone, as the card gets it)."""
+    from lora_convert.cli import _command_line
+
+    line = _command_line(["merge", "a", "--ray", "127.0.0.1:6379", "-o", "b", "--ray=auto", "--token", "t"])
+    assert line == "lora-convert merge a -o b --token '***'"
