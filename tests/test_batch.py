@@ -26,6 +26,7 @@ JOBS = [
     f"combine {LORA} {LORA}:0.5 --method cat -o out/combined",
     f"merge {LORA} --base {FIXTURES}/no-such-base -o out/bad",  # fails: its error line, nothing else stops
     "verify out/bad --base {BASE} --adapter {LORA}".replace("{BASE}", BASE).replace("{LORA}", LORA),  # blocked
+    f"verify {MERGED} --base {BASE} --adapter {LORA}:2",  # not ok: a failed job, with verify's verdict line
 ]
 
 
@@ -59,7 +60,7 @@ def ran(tmp_path_factory):
 
 def test_outputs_are_the_single_commands_byte_for_byte(ran):
     a, b, first, singles, _ = ran
-    assert [r.exit_code for r in singles] == [0, 0, 0, 0, 0, 0, 1, 1]
+    assert [r.exit_code for r in singles] == [0, 0, 0, 0, 0, 0, 1, 1, 1]
     got, want = _tree(a / "out"), _tree(b / "out")
     assert sorted(got) == sorted(want)
     assert {"merged/model.safetensors", "extracted/adapter_model.safetensors", "lora.gguf"} <= set(got)
@@ -83,6 +84,7 @@ def test_a_failed_job_is_its_error_line_and_stops_no_other(ran):
         "6:combine": "done",
         "7:merge": "failed",
         "8:verify": "blocked",
+        "9:verify": "failed",
     }
     bad = next(j for j in doc["jobs"] if j["name"] == "7:merge")
     alone = one_error(singles[6], "no-such-base")  # the line the command prints alone
@@ -90,7 +92,9 @@ def test_a_failed_job_is_its_error_line_and_stops_no_other(ran):
     blocked = next(j for j in doc["jobs"] if j["name"] == "8:verify")
     assert blocked["error"] == "needs the output of 7:merge"
     assert f"error: job 7:merge: {bad['error']}" in first.stderr  # every failure on stderr too
-    assert doc["counts"] == {"done": 6, "failed": 1, "blocked": 1}
+    assert doc["counts"] == {"done": 6, "failed": 2, "blocked": 1}
+    verdict = next(j for j in doc["jobs"] if j["name"] == "9:verify")["error"]
+    assert verdict.startswith("not ok: ") and verdict == singles[8].stdout.strip().splitlines()[-1]
 
 
 def test_a_rerun_skips_what_finished_with_the_same_inputs(ran):
@@ -99,6 +103,7 @@ def test_a_rerun_skips_what_finished_with_the_same_inputs(ran):
     status = {j["name"]: j["status"] for j in doc["jobs"]}
     assert [status[f"{i}:{c}"] for i, c in enumerate(["merge", "verify", "extract", "convert"], 1)] == ["skipped"] * 4
     assert status["7:merge"] == "failed" and status["8:verify"] == "blocked"  # a failure is never recorded
+    assert status["9:verify"] == "failed"
     records = sorted((a / "jobs.yaml.state").glob("*.json"))
     assert len(records) == 6
     rec = json.loads(records[0].read_text())
@@ -182,3 +187,29 @@ def test_batch_without_ray_never_imports_ray(tmp_path):
     assert run.stderr.splitlines()[-1] == "NO_RAY", run.stderr
     assert "ok: 1 jobs: 1 done" in run.stdout
     assert (tmp_path / "mlx" / "adapters.safetensors").is_file()
+
+
+def test_the_pool_admits_jobs_by_their_memory_footprint():
+    """Extraction holds its largest ΔW in fp32 three times beside a worker; a merge streams (a worker only).  The
+    pool starts a job while the footprints in flight fit the memory, and always one."""
+    from safetensors import safe_open
+
+    from lora_convert.batch import PROCESS_BYTES, Job, LocalPool, footprint
+
+    with safe_open(f"{BASE}/model.safetensors", "pt") as f:
+        largest = max(
+            f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1]
+            for k in f.keys()
+            if len(f.get_slice(k).get_shape()) == 2
+        )
+    extract = Job(1, "e", "extract", (), {"tuned": MERGED, "base": BASE, "output": "x"})
+    merge = Job(2, "m", "merge", (), {"source": LORA, "base": BASE, "output": "y"})
+    assert footprint(extract) == PROCESS_BYTES + 3 * 4 * largest
+    assert footprint(merge) == PROCESS_BYTES
+    pool = LocalPool(workers=4, memory=2 * PROCESS_BYTES)  # no process starts before a job is submitted
+    assert pool.fits(10 * PROCESS_BYTES, running=0)  # one job always runs, however large
+    pool._held = {"a": (merge, PROCESS_BYTES)}  # one worker's footprint in flight
+    assert pool.fits(PROCESS_BYTES, running=1) and not pool.fits(PROCESS_BYTES + 1, running=1)
+    pool._held = {"a": (merge, 0), "b": (merge, 0), "c": (merge, 0), "d": (merge, 0)}
+    assert not pool.fits(0, running=4)  # every worker busy
+    pool.close()
