@@ -97,6 +97,18 @@ def test_a_failed_job_is_its_error_line_and_stops_no_other(ran):
     assert verdict.startswith("not ok: ") and verdict == singles[8].stdout.strip().splitlines()[-1]
 
 
+def test_docs_json_md_shows_the_batch_document(ran):
+    """docs/json.md's batch/1 example carries exactly the keys the document and each job have."""
+    import re
+
+    text = (ROOT / "docs" / "json.md").read_text()
+    example = next(d for d in map(json.loads, re.findall(r"```json\n(.*?)```", text, re.S)) if d["schema"] == "batch/1")
+    real = json.loads(ran[2].stdout)
+    assert set(example) == set(real)
+    assert all(set(j) == set(real["jobs"][0]) for j in example["jobs"])
+    assert {j["status"] for j in example["jobs"]} <= {"done", "skipped", "failed", "blocked"}
+
+
 def test_a_rerun_skips_what_finished_with_the_same_inputs(ran):
     a, _, first, _, second = ran
     doc = json.loads(second.stdout)
