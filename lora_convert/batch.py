@@ -639,6 +639,12 @@ def run_batch(
             if progressed:
                 changed()
                 continue
+            if not running:  # what is left waits on itself: jobs that read each other's outputs
+                for i in pending:
+                    outcomes[i].status, outcomes[i].error = "blocked", "its inputs are outputs of jobs that wait for it"
+                pending.clear()
+                changed()
+                break
             for res in runner.wait(timeout=0.5):
                 running.discard(res.index)
                 if res.status == "done" and book is not None and res.identity is not None:

@@ -225,3 +225,15 @@ def test_the_pool_admits_jobs_by_their_memory_footprint():
     pool._held = {"a": (merge, 0), "b": (merge, 0), "c": (merge, 0), "d": (merge, 0)}
     assert not pool.fits(0, running=4)  # every worker busy
     pool.close()
+
+
+def test_jobs_that_read_each_others_outputs_are_blocked_not_hung(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("jobs.yaml").write_text(f"- merge b --base {BASE} -o a\n- merge a --base {BASE} -o b\n")
+    res = cli("batch", "jobs.yaml", "--json")
+    assert res.exit_code == 1
+    jobs = json.loads(res.stdout)["jobs"]
+    assert [(j["status"], j["error"]) for j in jobs] == [
+        ("blocked", "its inputs are outputs of jobs that wait for it")
+    ] * 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.yaml"]  # nothing ran, no state recorded
