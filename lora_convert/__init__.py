@@ -17,7 +17,21 @@ Importing the package does not import torch: ``detect``, ``report`` and ``push``
 conversions import it when they run.
 """
 
-from .api import combine, convert, detect, extract, load_source, merge, push, report, spectrum, verify
+from .api import (
+    Job,
+    batch,
+    combine,
+    convert,
+    detect,
+    extract,
+    load_source,
+    merge,
+    push,
+    read_jobs,
+    report,
+    spectrum,
+    verify,
+)
 from .errors import (
     AdapterError,
     CheckpointError,
@@ -44,6 +58,9 @@ __all__ = [
     "RouteError",
     "UnsafeInputError",
     "UnsupportedError",
+    "Job",
+    "batch",
+    "read_jobs",
     "combine",
     "convert",
     "detect",

@@ -8,10 +8,12 @@ never import torch; the conversions import it when they start.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .batch import Job, JobLine  # noqa: F401 - public: a batch's jobs
 from .errors import OptionError, OutputError, RouteError, option, option_name
 from .inputs import load_source  # noqa: F401 - public
 from .options import UNSHARDED, HubPush, Output, RouteOptions
@@ -20,7 +22,10 @@ from .requests import extract_options as _extract_options
 from .stack import Spec
 
 if TYPE_CHECKING:
-    from .assemble import ConvertResult
+    from collections.abc import Callable
+
+    from .assemble import ConvertResult, TensorRun
+    from .batch import BatchResult, Outcome
     from .costs import Report
     from .detection import DetectResult
     from .dry_run import DryRun
@@ -143,6 +148,7 @@ def convert(
     adapters: Sequence[Spec] | None = None,
     drop_norms: bool = False,
     dry_run: bool = False,
+    ray: str | None = None,
 ) -> ConvertResult | DryRun:
     """Convert ``source`` to the storage form ``to`` in the folder ``output``.
 
@@ -188,6 +194,10 @@ def convert(
             bytes, modules, config changes, warnings) instead of writing it: nothing is written, no temporary
             folder is made, nothing is pushed.  On the extraction route the sizes are the plan's before its SVD pass
             (``.assumptions`` says what that takes for granted; ranks an energy or error criterion picks are unknown).
+        ray: ``to="merged"`` only: write the output shards as Ray tasks on this cluster (``auto``, ``local`` or an
+            address), one per shard, each reading the inputs again from storage every node sees (the paths must
+            be the same on every node); the driver writes index, config and card and publishes atomically.  The
+            output is the local run's byte for byte.  Needs ray.
 
     Returns:
         A :class:`~lora_convert.assemble.ConvertResult` (a ``DryRun`` with ``dry_run``); ``.report`` holds the route's own report (the SVD
@@ -205,25 +215,46 @@ def convert(
     route = RouteOptions(dtype, extract_options, outtype, requantize, device, moe_layout, drop_norms)
     hub = HubPush(push_to, private, token) if push_to is not None else None
     route.check(to, out)
+    if ray is not None and (to != "merged" or dry_run):
+        raise OptionError(f"{option_name('ray')} splits a merge by output shard: only with --to merged, not {to}")
     if hub is not None and not dry_run:
         hub = hub.preflight(to, out)  # the token and the right to write, before any work
     with open_request(source, to, base=base, adapter=adapter, adapters=adapters, route=route) as (req, warnings):
         if dry_run:
             return _describe(req, to, warnings, out)
-        result = _write(req, to, warnings, out)
+        run = None
+        if ray is not None:
+            from .cluster import shard_run
+
+            reopen = {"source": _here(source), "to": to, "base": _here(base), "adapter": _here(adapter)}
+            reopen["adapters"] = [_here(a) for a in adapters] if adapters is not None else None
+            run = shard_run(ray, {**reopen, "route": route})
+        result = _write(req, to, warnings, out, run)
     if hub is not None:
         result.pushed = hub.upload(result.output, len(result.files), result.total_bytes, out.progress)
     return result
 
 
-def _write(req: Request, to: str, warnings: list[str], out: Output) -> ConvertResult:
-    """The route's plan for ``req``, written where ``out`` says."""
+def _here(ref: Any) -> Any:
+    """A local path made absolute (a Ray task's working folder is not ours); a Hub id, a name, a weight as given."""
+    if isinstance(ref, str | Path) and os.path.exists(ref):
+        return str(Path(ref).resolve())
+    if isinstance(ref, str) and ":" in ref and os.path.exists(ref.rpartition(":")[0]):
+        head, _, weight = ref.rpartition(":")
+        return f"{Path(head).resolve()}:{weight}"
+    if isinstance(ref, tuple | list) and ref:
+        return (_here(ref[0]), *ref[1:])
+    return ref
+
+
+def _write(req: Request, to: str, warnings: list[str], out: Output, run: TensorRun | None = None) -> ConvertResult:
+    """The route's plan for ``req``, written where ``out`` says (its tensors by ``run`` where given: ``ray``)."""
     from .assemble import write_output
     from .routes import planner
 
     plan = planner(req.inventory.form, to, path=req.source.root)(req)
     plan.warnings[:0] = warnings
-    return write_output(plan, req, out)
+    return write_output(plan, req, out, run)
 
 
 def _describe(req: Request, to: str, warnings: list[str], out: Output) -> DryRun:
@@ -483,3 +514,54 @@ def spectrum(
             raise OutputError(f"cannot write the chart: {e.strerror or e}", path=plot) from None
         res.plot = str(plot)
     return res
+
+
+def read_jobs(path: str | Path) -> list[JobLine]:
+    """The jobs of a job file (YAML or JSON Lines; see :func:`batch`), each a command line not yet parsed.
+
+    Raises:
+        OptionError: a file that cannot be read, is not YAML/JSON Lines, lists no job, or a job that is not one of
+        merge, convert, extract, verify, combine, push (naming the file and the job)."""
+    from .batch import read_job_file
+
+    return read_job_file(path)
+
+
+def batch_state_folder(path: str | Path) -> Path:
+    """Where a batch keeps its finished jobs' records by default: ``JOBS.state`` beside the job file."""
+    from .batch import state_folder
+
+    return state_folder(path)
+
+
+def batch(
+    jobs: Sequence[Job],
+    *,
+    state: str | Path | None = None,
+    workers: int | None = None,
+    ray: str | None = None,
+    rerun: bool = False,
+    on_change: Callable[[list[Outcome]], None] | None = None,
+) -> BatchResult:
+    """Run several jobs (each one call of ``merge``, ``convert``, ``extract``, ``verify``, ``combine`` or ``push``:
+    a :class:`~lora_convert.batch.Job` with the function's keywords) in parallel; one job's failure stops no other.
+
+    Args:
+        jobs: the jobs (the CLI parses a job file's command lines into them).
+        state: a folder for the finished jobs' records (what identified their inputs and what they wrote): a job
+            whose record still matches is skipped.  None: no records.  rerun: run every job all the same.
+        workers: jobs at once on this machine (default: its cores, fewer where their memory would not fit).
+        ray: run each job as a Ray task on this cluster: ``auto``, ``local`` (start one) or an address; needs ray.
+        on_change: called with every job's :class:`~lora_convert.batch.Outcome` whenever one changes.
+
+    Returns:
+        A :class:`~lora_convert.batch.BatchResult` (``.ok``, ``.jobs`` with each one's status and error line).
+
+    Raises:
+        OptionError: bad ``workers``, ``ray`` without ray installed, an address it cannot reach.
+    """
+    from .batch import check_job, run_batch
+
+    for j in jobs:
+        check_job(j)
+    return run_batch(list(jobs), state=state, workers=workers, ray=ray, rerun=rerun, on_change=on_change)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,15 +58,21 @@ class ConvertResult:
         return d
 
 
+#: Writes a plan's tensors into the temporary folder some other way than ``execute`` here (``merge --ray``: one task
+#: per output shard): given the plan, the temporary folder and the sink it would have used; returns the files.
+TensorRun = Callable[[Plan, Path, SafetensorsSink], list[str]]
+
+
 def run_prepass(pre: Prepass, progress: bool) -> None:
     """Run a route's declared pre-pass (jobs that read and compute, writing nothing), with its progress bar."""
     with progress_bar(progress, pre.size(), pre.label, unit=pre.unit) as advance:
         execute(pre.jobs(advance), None, threads=pre.threads())
 
 
-def write_output(plan: Plan, req: Request, out: Output) -> ConvertResult:
-    """Write ``plan`` into ``out.path`` atomically and say what was written; a plan that declares a pre-pass
-    (extraction's SVDs) has it run first, and its outcome is what is written."""
+def write_output(plan: Plan, req: Request, out: Output, run: TensorRun | None = None) -> ConvertResult:
+    """Write ``plan`` into ``out.path`` atomically and say what was written (the tensors by ``run`` when given: the
+    side files, card and rename stay here); a plan that declares a pre-pass (extraction's SVDs) has it run first,
+    and its outcome is what is written."""
     output, force, progress = out.path, out.force, out.progress
     inputs = _input_paths(req.source) + (_input_paths(req.base) if req.base is not None else [])
     for inp in req.stack:
@@ -91,8 +98,11 @@ def write_output(plan: Plan, req: Request, out: Output) -> ConvertResult:
                 metadata=plan.metadata,
             )
         planned = sum(j.planned.nbytes for j in plan.jobs if j.writes)
-        with progress_bar(progress, planned, "writing") as advance:
-            files = execute(plan.jobs, sink, progress=advance)
+        if run is not None and isinstance(sink, SafetensorsSink):
+            files = run(plan, tmp, sink)
+        else:
+            with progress_bar(progress, planned, "writing") as advance:
+                files = execute(plan.jobs, sink, progress=advance)
         if not single:
             files += _side_files(tmp, plan)
         total = sum((tmp / f).stat().st_size for f in files)

@@ -15,15 +15,23 @@ import click
 from . import api, render
 from .bounds import MAX_SEED, MAX_SEQ_LEN
 from .cli_output import fit_console, run_guarded, usage_error
+from .errors import OptionError
 from .render import err, out
 
 JSON_KEY = "lora_convert.json"  # ctx.meta: the command line asked for --json
 
 
-def _command_line() -> str:
-    """The command line for the model card, with a --token value blanked out."""
-    args, hide = [], False
-    for a in sys.argv[1:]:
+def _command_line(argv: list[str] | None = None) -> str:
+    """The command line for the model card (``argv``: a batch job's, else this process's), with a --token value
+    blanked out and ``--ray ADDRESS`` left out (where a merge ran is not what it is: the output is the same)."""
+    args, hide, skip = [], False, False
+    for a in sys.argv[1:] if argv is None else argv:
+        if skip or a.startswith("--ray="):
+            skip = False
+            continue
+        if a == "--ray":
+            skip = True
+            continue
         args.append("***" if hide else ("--token=***" if a.startswith("--token=") else a))
         hide = a == "--token"
     return "lora-convert " + " ".join(shlex.quote(a) for a in args)
@@ -281,17 +289,17 @@ def convert_cmd(
     A PEFT adapter SOURCE with --to adapter --moe-layout per-expert|fused gets its expert LoRA in the
     other layout (PEFT target_parameters <-> one LoRA module per expert).
     """
+    args = _convert_args(source=source, to=to, adapters=adapters, **opts)
+    res = run_guarded(lambda: api.convert(**args, **_writing(as_json)), _debug(ctx), as_json)
+    _print_conversion(res, as_json)
+
+
+def _convert_args(source: str, to: str, adapters: tuple[str, ...], **opts: Any) -> dict[str, Any]:
+    """``convert``'s options as :func:`api.convert`'s keywords (here and in a batch job)."""
     given = _given(opts)  # the other options are the API's keywords
     if opts["push_to"] and to == "gguf":
         raise click.UsageError("--push-to uploads a folder; upload the .gguf file with `hf upload REPO FILE`")
-    res = run_guarded(
-        lambda: api.convert(
-            source, to, **_adapter_args(adapters), **opts, **_writing(as_json), extract_options=given or None
-        ),
-        _debug(ctx),
-        as_json,
-    )
-    _print_conversion(res, as_json)
+    return {"source": source, "to": to, **_adapter_args(adapters), **opts, "extract_options": given or None}
 
 
 @main.command("merge")
@@ -308,6 +316,12 @@ def convert_cmd(
     show_default=True,
     help="Where the fp32 merge tiles are computed: cpu or cuda[:N] (blocks still stream from and to the disk).",
 )
+@click.option(
+    "--ray",
+    metavar="ADDRESS",
+    help="Write the output shards as Ray tasks (auto, local, or a cluster's address), one per shard, each reading "
+    "the inputs from storage every node sees; byte for byte the local output.  Needs the ray extra.",
+)
 @click.pass_context
 def merge_cmd(ctx: click.Context, source: str, adapters: tuple[str, ...], as_json: bool, **opts: Any) -> None:
     """Fold LoRA into the base weights (SOURCE: an adapter with --base, or an unmerged checkpoint).
@@ -318,10 +332,13 @@ def merge_cmd(ctx: click.Context, source: str, adapters: tuple[str, ...], as_jso
 
     A quantized base (fp8, compressed-tensors fp8, bitsandbytes 4/8-bit, MXFP4) is dequantized block by
     block; with --requantize the merged weights are quantized again in its scheme."""
-    res = run_guarded(
-        lambda: api.merge(source, **_adapter_args(adapters), **opts, **_writing(as_json)), _debug(ctx), as_json
-    )
+    args = _merge_args(source=source, adapters=adapters, **opts)
+    res = run_guarded(lambda: api.merge(**args, **_writing(as_json)), _debug(ctx), as_json)
     _print_conversion(res, as_json)
+
+
+def _merge_args(source: str, adapters: tuple[str, ...], **opts: Any) -> dict[str, Any]:
+    return {"source": source, **_adapter_args(adapters), **opts}
 
 
 @main.command("combine")
@@ -366,10 +383,13 @@ def combine_cmd(
     targets) and is built one module at a time.  What PEFT gets wrong is refused with the reason: DoRA,
     modules_to_save and lora_bias adapters; rsLoRA sources are written with use_rslora false.
     """
-    res = run_guarded(
-        lambda: api.combine(list(adapters), weights=list(weights), **opts, **_writing(as_json)), _debug(ctx), as_json
-    )
+    args = _combine_args(adapters=adapters, weights=weights, **opts)
+    res = run_guarded(lambda: api.combine(**args, **_writing(as_json)), _debug(ctx), as_json)
     _print_conversion(res, as_json)
+
+
+def _combine_args(adapters: tuple[str, ...], weights: tuple[str, ...], **opts: Any) -> dict[str, Any]:
+    return {"adapters": list(adapters), "weights": list(weights), **opts}
 
 
 SLACK_HELP = (
@@ -429,14 +449,17 @@ def verify_cmd(ctx: click.Context, merged: str, adapters: tuple[str, ...], as_js
     mismatch, missing or unexpected.  The three checkpoints are streamed: memory stays flat.
     """
     progress = not as_json and err.is_terminal
-    res = run_guarded(
-        lambda: api.verify(merged, adapters=list(adapters), **opts, progress=progress), _debug(ctx), as_json
-    )
+    args = _verify_args(merged=merged, adapters=adapters, **opts)
+    res = run_guarded(lambda: api.verify(**args, progress=progress), _debug(ctx), as_json)
     if as_json:
         render.json_document("verify", res.to_dict())
     else:
         render.verification(res)
     sys.exit(0 if res.ok else 1)
+
+
+def _verify_args(merged: str, adapters: tuple[str, ...], **opts: Any) -> dict[str, Any]:
+    return {"merged": merged, "adapters": list(adapters), **opts}
 
 
 @main.command("report")
@@ -485,9 +508,14 @@ def report_cmd(
 @click.pass_context
 def extract_cmd(ctx: click.Context, tuned: str, as_json: bool, **opts: Any) -> None:
     """Extract a LoRA adapter from TUNED minus BASE by SVD of every changed weight."""
-    given = _given(opts)
-    res = run_guarded(lambda: api.extract(tuned, **opts, **_writing(as_json), **given), _debug(ctx), as_json)
+    args = _extract_args(tuned=tuned, **opts)
+    res = run_guarded(lambda: api.extract(**args, **_writing(as_json)), _debug(ctx), as_json)
     _print_conversion(res, as_json)
+
+
+def _extract_args(tuned: str, **opts: Any) -> dict[str, Any]:
+    given = _given(opts)
+    return {"tuned": tuned, **opts, **given}
 
 
 @main.command("spectrum")
@@ -525,11 +553,100 @@ def spectrum_cmd(ctx: click.Context, tuned: str, as_json: bool, **opts: Any) -> 
 def push_cmd(ctx: click.Context, folder: str, repo_id: str, as_json: bool, **opts: Any) -> None:
     """Push FOLDER (an output of ours) to the Hub as REPO_ID in one commit."""
     progress = not as_json and err.is_terminal
-    res = run_guarded(lambda: api.push(folder, repo_id, **opts, progress=progress), _debug(ctx), as_json)
+    res = run_guarded(lambda: api.push(**_push_args(folder, repo_id, **opts), progress=progress), _debug(ctx), as_json)
     if as_json:
         render.json_document("push", asdict(res))
     else:
         render.pushed(folder, res)
+
+
+def _push_args(folder: str, repo_id: str, **opts: Any) -> dict[str, Any]:
+    return {"folder": folder, "repo_id": repo_id, **opts}
+
+
+#: The commands a batch job may run: how each turns its parsed options into its API function's keywords (the same
+#: functions the commands themselves use), and whether it writes an output whose model card quotes the command line.
+_JOB_ARGS: dict[str, tuple[Callable[..., dict[str, Any]], bool]] = {
+    "merge": (_merge_args, True),
+    "convert": (_convert_args, True),
+    "extract": (_extract_args, True),
+    "combine": (_combine_args, True),
+    "verify": (_verify_args, False),
+    "push": (_push_args, False),
+}
+
+
+def _job(line: Any, jobs_file: str) -> Any:
+    """A job line of the file (``api.JobLine``) parsed by its command's own options into an ``api.Job``; a bad
+    option is an OptionError naming the file and the job (one error line, nothing run)."""
+    name, argv = line.argv[0], list(line.argv[1:])
+    where = f"job {line.index} ({line.name})"
+    if any(a in ("-h", "--help") for a in argv):
+        raise OptionError(f"{where}: --help has no place in a job", path=jobs_file)
+    cmd = main.commands[name]
+    try:
+        with cmd.make_context(f"lora-convert {name}", argv) as ctx:
+            params = dict(ctx.params)
+        params.pop("as_json", None)
+        to_kwargs, writes = _JOB_ARGS[name]
+        kwargs = to_kwargs(**params)
+    except click.UsageError as exc:
+        raise OptionError(f"{where}: {exc.format_message()}", path=jobs_file) from None
+    if kwargs.get("dry_run"):
+        raise OptionError(f"{where}: --dry-run has no place in a batch (run it on its own)", path=jobs_file)
+    kwargs["progress"] = False
+    if writes:
+        kwargs["command"] = _command_line(list(line.argv))
+    return api.Job(line.index, line.name, name, tuple(line.argv), kwargs)
+
+
+@main.command("batch")
+@click.argument("jobs")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 1024),
+    help="Jobs at once on this machine.  [default: its cores; fewer where the jobs' memory would not fit]",
+)
+@click.option(
+    "--ray",
+    "ray_address",
+    metavar="ADDRESS",
+    help="Run each job as a Ray task: auto (the cluster this machine belongs to), local (start one here), or a "
+    "cluster's address (host:port, ray://host:port).  Needs the ray extra.",
+)
+@click.option("--state", help="Folder of the finished jobs' records.  [default: JOBS.state beside JOBS]")
+@click.option("--rerun", is_flag=True, help="Run every job, also those finished before with the same inputs.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document, every job (docs/json.md).")
+@_debug_option
+@click.pass_context
+def batch_cmd(
+    ctx: click.Context,
+    jobs: str,
+    workers: int | None,
+    ray_address: str | None,
+    state: str | None,
+    rerun: bool,
+    as_json: bool,
+) -> None:
+    """Run the jobs of JOBS (YAML, or JSON Lines: one command line of merge, convert, extract, verify, combine or
+    push per job) in parallel, each as its command would alone; a failed job stops no other (exit 1 if any failed).
+
+    A job reading another job's output waits for it.  A rerun skips the jobs that finished before with the same
+    inputs (records in --state)."""
+
+    def go() -> Any:
+        parsed = [_job(line, jobs) for line in api.read_jobs(jobs)]
+        folder = state if state is not None else str(api.batch_state_folder(jobs))
+        with render.BatchLive(enabled=not as_json and err.is_terminal) as live:
+            return api.batch(parsed, state=folder, workers=workers, ray=ray_address, rerun=rerun, on_change=live.update)
+
+    res = run_guarded(go, _debug(ctx), as_json)
+    if as_json:
+        render.json_document("batch", res.to_dict())
+        render.batch_errors(res)
+    else:
+        render.batch(res)
+    sys.exit(0 if res.ok else 1)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
-from .errors import LoraConvertError, OptionError, render
+from .errors import LoraConvertError, OptionError, error_line, render
 from .text import escape_controls, safe
 
 #: The version of every ``--json`` document's shape: it changes when a key is removed or changes meaning
@@ -27,7 +27,6 @@ from .text import escape_controls, safe
 SCHEMA_VERSION = 1
 #: Line width off a terminal: whole lines for pipes and CI logs, which rich would wrap at 80 columns.
 PIPE_WIDTH = 4096
-BUG_HINT = "this is a bug in lora-convert: please report it with the command line; --debug shows the traceback"
 
 
 def fit_console(console: Console, *, soft_wrap: bool = False) -> None:
@@ -130,18 +129,12 @@ def run_guarded(fn: Callable[[], Any], debug: bool | Callable[[], bool], as_json
 
 
 def _fail_on(exc: BaseException, as_json: bool) -> NoReturn:
+    text = error_line(exc)  # the same line batch reports for a failed job
     if isinstance(exc, LoraConvertError):
-        _fail(exc, 2 if isinstance(exc, OptionError) else 1, exc.for_cli(), as_json)
+        _fail(exc, 2 if isinstance(exc, OptionError) else 1, text, as_json)
     if isinstance(exc, KeyboardInterrupt):
-        where = getattr(exc, "output_target", None)  # set by AtomicOutput on its way out
-        _fail(exc, 130, f"{where + ': ' if where else ''}interrupted; nothing was written", as_json, "Interrupted")
-    if isinstance(exc, MemoryError):
-        _fail(exc, 1, "out of memory", as_json)
-    if isinstance(exc, OSError):  # the environment (permissions, a name too long, I/O errors), not a bug
-        what = exc.strerror or type(exc).__name__
-        _fail(exc, 1, f"{exc.filename}: {what}" if exc.filename else what, as_json)
-    text = " ".join(str(exc).split())[:300]  # the last line of defence: one line, not a traceback
-    _fail(exc, 1, f"internal error ({type(exc).__name__}{': ' + text if text else ''}); {BUG_HINT}", as_json)
+        _fail(exc, 130, text, as_json, "Interrupted")
+    _fail(exc, 1, text, as_json)
 
 
 def _fail(exc: BaseException, code: int, text: str, as_json: bool, type_name: str | None = None) -> NoReturn:

@@ -125,3 +125,24 @@ class OutputError(LoraConvertError):
 
 class HubError(LoraConvertError):
     """A Hugging Face Hub operation failed (auth, missing repo, server error, offline)."""
+
+
+BUG_HINT = "this is a bug in lora-convert: please report it with the command line; --debug shows the traceback"
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line (after ``error:``) the CLI prints for ``exc``: ours as :meth:`LoraConvertError.for_cli`, the
+    environment's (an OSError, memory) as what happened, anything else as a bug to report.  ``batch`` reports each
+    failed job with it."""
+    if isinstance(exc, LoraConvertError):
+        return exc.for_cli()
+    if isinstance(exc, KeyboardInterrupt):
+        where = getattr(exc, "output_target", None)  # set by AtomicOutput on its way out
+        return f"{where + ': ' if where else ''}interrupted; nothing was written"
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    if isinstance(exc, OSError):  # the environment (permissions, a name too long, I/O errors), not a bug
+        what = exc.strerror or type(exc).__name__
+        return escape_controls(f"{exc.filename}: {what}" if exc.filename else what)
+    text = " ".join(str(exc).split())[:300]  # the last line of defence: one line, not a traceback
+    return escape_controls(f"internal error ({type(exc).__name__}{': ' + text if text else ''}); {BUG_HINT}")

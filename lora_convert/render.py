@@ -360,3 +360,62 @@ def spectrum(res: Any) -> None:
         out.print(safe(f"  {len(res.skipped)} changed tensor(s) not analysed (see --json: skipped)"))
     if res.plot is not None:
         out.print("[green]wrote[/green] " + safe(f"{res.plot} (relative error vs rank per group, SVG)"))
+
+
+# -- batch -----------------------------------------------------------------------------------------------------
+def batch_rows(jobs: list[Any]) -> list[list[str]]:
+    """One row per job (an ``Outcome``): name, command, status, seconds, output, and its error line if it failed."""
+    rows = []
+    for j in jobs:
+        secs = "" if j.seconds is None else f"{j.seconds:.1f}"
+        rows.append([j.name, j.command, j.status, secs, j.output or "", j.error or ""])
+    return rows
+
+
+BATCH_HEAD = ["job", "command", "status", "s", "output", "error"]
+
+
+class BatchLive:
+    """The live table of a batch on a terminal (stderr, redrawn as jobs change, gone when it ends: the final table
+    is printed by :func:`batch`).  Off a terminal, or with ``--json``, it does nothing."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._live: Any = None
+
+    def __enter__(self) -> BatchLive:
+        if self.enabled:
+            from rich.live import Live
+
+            self._live = Live(console=err, transient=True, refresh_per_second=4)
+            self._live.__enter__()
+        return self
+
+    def update(self, jobs: list[Any]) -> None:
+        if self._live is not None:
+            counts: dict[str, int] = {}
+            for j in jobs:
+                counts[j.status] = counts.get(j.status, 0) + 1
+            title = "batch: " + ", ".join(f"{n} {s}" for s, n in counts.items())
+            self._live.update(table(err, title, BATCH_HEAD, batch_rows(jobs)))
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.__exit__(None, None, None)
+
+
+def batch(res: Any) -> None:
+    """``batch``: every job's status in one table, then each failure as its own ``error:`` line (grep-able, as the
+    single command prints it), then the counts."""
+    rows = [r[:5] for r in batch_rows(res.jobs)]
+    out.print(table(out, f"batch ({res.runner}, {res.workers} at once)", BATCH_HEAD[:5], rows))
+    batch_errors(res)
+    counts = ", ".join(f"{n} {s}" for s, n in res.counts().items())
+    click.echo(f"{'ok' if res.ok else 'not ok'}: {len(res.jobs)} jobs: {counts} in {res.seconds:.1f} s")
+
+
+def batch_errors(res: Any) -> None:
+    """Each failed (or blocked) job as its own ``error: job NAME: ...`` line on stderr, also under ``--json``."""
+    for j in res.jobs:
+        if j.error:
+            click.echo(escape_controls(f"error: job {j.name}: {j.error}"), err=True)

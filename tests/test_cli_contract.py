@@ -228,7 +228,7 @@ def test_docs_json_md_shows_every_documents_keys(tmp_path):
             run("spectrum", str(tmp_path / "m"), "--base", BASE, "--max-rank", "4", "--json").stdout
         ),
     }
-    assert set(examples) == {*real, "push/1"}
+    assert set(examples) == {*real, "push/1", "batch/1"}  # batch/1's keys: test_batch (it runs worker processes)
     for schema, doc in real.items():
         assert set(examples[schema]) == set(doc), schema
     assert set(examples["error/1"]["error"]) == set(real["error/1"]["error"])

@@ -23,7 +23,7 @@ LAYERS: dict[str, list[str]] = {
     "plans": ["routes", "routes.*"],
     "requests": ["options", "requests"],
     "assembly": ["assemble", "card", "dry_run"],
-    "surface": ["", "api", "detection", "costs", "compare", "logits_check", "spectrum"],
+    "surface": ["", "api", "detection", "costs", "compare", "logits_check", "spectrum", "batch", "cluster"],
     "cli": ["cli", "cli_output", "render"],
 }
 

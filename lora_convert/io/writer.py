@@ -112,9 +112,13 @@ class SafetensorsWriter:
         max_shard_size: int | str = "5GB",
         stem: str = "model",
         metadata: dict[str, str] | None = None,
+        only: int | None = None,
     ) -> None:
+        """``only``: write that shard alone (its tensors, in plan order) and no index: one task of a merge split by
+        output shard (``merge --ray``); :meth:`write_index` writes the index once every shard is there."""
         self.folder = Path(folder)
         self.entries = list(entries)
+        self.only = only
         names = [e.name for e in self.entries]
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
@@ -123,7 +127,7 @@ class SafetensorsWriter:
         self.shards = assign_shards(self.entries, parse_size(max_shard_size))
         self.files = shard_names(len(self.shards), stem)
         self.stem = stem
-        self._order = [(si, e) for si, shard in enumerate(self.shards) for e in shard]
+        self._order = [(si, e) for si, shard in enumerate(self.shards) for e in shard if only in (None, si)]
         self._pos = 0  # index into _order of the tensor being written
         self._written = 0  # bytes of that tensor written so far
         self._fh: BinaryIO | None = None
@@ -187,6 +191,13 @@ class SafetensorsWriter:
         if not self.entries:
             header, _ = build_header([], self.metadata)
             (self.folder / self.files[0]).write_bytes(header)
+        if self.only is not None:
+            return [self.files[self.only]]
+        self.write_index()
+        return list(self.files)
+
+    def write_index(self) -> None:
+        """The index of a sharded output (nothing for one file)."""
         if len(self.files) > 1:
             index = {
                 "metadata": {"total_size": self.total_size},
@@ -194,7 +205,6 @@ class SafetensorsWriter:
             }
             path = self.folder / f"{self.stem}.safetensors.index.json"
             self._guard(path.write_text, json.dumps(index, indent=2, sort_keys=True) + "\n", path)
-        return list(self.files)
 
     def abort(self) -> None:
         """Close whatever is open after a failure.  Closing flushes, which on a full disk fails
