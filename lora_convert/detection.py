@@ -64,6 +64,7 @@ class AdapterSummary:
     modules: list[ModuleGroup]
     lora_parameters: int
     experts: list[ExpertGroup] = field(default_factory=list)
+    tuner: dict[str, Any] = field(default_factory=dict)  # another PEFT tuner than LoRA: peft_type, key parameters
 
 
 @dataclass
@@ -85,7 +86,11 @@ class DetectResult:
     quantization: dict[str, Any] | None = None  # a quantized checkpoint: scheme, weights, bytes (io/quantized.summary)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        for a in out["adapters"]:  # only another tuner's adapters carry the key: LoRA documents stay as they were
+            if not a["tuner"]:
+                del a["tuner"]
+        return out
 
 
 def _summarise(
@@ -96,6 +101,9 @@ def _summarise(
     params = 0
     for m in mods.values():
         groups.setdefault(m.name, []).append(m)
+        if m.trained_params is not None:  # another tuner read as LoRA (AdaLoRA's lora_E): its own count
+            params += m.trained_params
+            continue
         params += m.stored_rank * (m.in_features + m.out_features)
         if m.magnitude_key:
             params += m.out_features
@@ -150,6 +158,7 @@ def _summarise(
         modules=mg,
         lora_parameters=params,
         experts=expert_groups(mods.values()),
+        tuner=dict(inv.tuner.get(name, {})),
     )
 
 

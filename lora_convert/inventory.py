@@ -41,6 +41,8 @@ class LoraModule:
     nest: int = 0  # kind "experts": how many ParamWrappers wrap this one (0: outermost, ``experts.lora_A``)
     b_layout: str = "rank_major"  # kind "experts": expert e's B columns are e, e+E, ... or a block (grouped_by_expert)
     b_layout_assumed: bool = False  # no marker in adapter_config.json said which
+    # another PEFT tuner read as LoRA factors (AdaLoRA, VeRA): its own trainable count, which is not A's and B's
+    trained_params: int | None = None
 
     @property
     def name(self) -> str:
@@ -95,6 +97,11 @@ class Inventory:
     spelled: bool = False  # module paths are readings of '_'-joined names (kohya): the base's own names settle them
     unsure: set[str] = field(default_factory=set)  # readings the names alone do not settle (need the base)
     old_layout: bool = False  # base weight at q_proj.weight beside q_proj.lora_A.<name>.weight
+    # another PEFT tuner than LoRA, read as LoRA factors through views (dialects/adalora.py): its peft_type and
+    # key parameters per adapter, and per module its own tensors (role -> source key), which the routes that
+    # write the tuner's own layout (split, attach) copy in place of the views
+    tuner: dict[str, dict[str, object]] = field(default_factory=dict)
+    native: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
 
     @property
     def adapters(self) -> list[str]:

@@ -87,7 +87,8 @@ def _adapter(a: Any) -> None:
     out.print(table(out, f"adapter '{a.name}'", head, rows))
     if a.experts:
         _experts(a.experts)
-    flags = [
+    flags = [", ".join(f"{k}={v}" for k, v in a.tuner.items())] if a.tuner else []
+    flags += [
         f"DoRA: {a.dora}",
         f"rsLoRA: {a.use_rslora}",
         f"lora_bias: {a.lora_bias}",

@@ -14,6 +14,7 @@ from typing import Protocol
 from ..errors import AdapterError
 from ..inventory import Inventory
 from ..io.reader import Checkpoint
+from .adalora import AdaloraDialect
 from .diffusers import DiffusersDialect
 from .kohya import KohyaDialect
 from .mlx import MlxDialect
@@ -76,3 +77,4 @@ def _check_factor_dtypes(ck: Checkpoint, inv: Inventory) -> None:
 register(MlxDialect())
 register(KohyaDialect())
 register(DiffusersDialect())
+register(AdaloraDialect())  # claimed by lora_E tensors or peft_type ADALORA, which no other dialect reads

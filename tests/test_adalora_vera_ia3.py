@@ -1,0 +1,181 @@
+"""PEFT's other tuners read as LoRA factors — AdaLoRA — checked against PEFT itself: merges give PEFT's
+``merge_and_unload`` logits, strip/split/attach give PEFT's own tensors (and PeftModel loads them), detect and
+report count PEFT's trainable parameters, bad input ends in one error line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import cli, one_error, peft_load
+from safetensors.torch import load_file, save_file
+from tiny import gpt2, llama, load_merged, logits, save_unmerged
+
+import lora_convert as lc
+
+TOL = 1e-5
+
+# -- AdaLoRA ---------------------------------------------------------------------------------------------
+
+# (factory, AdaLoraConfig kwargs, the budget's masks per module: rows kept, a layer cut to none)
+ADALORA_CASES = {
+    "llama": (
+        llama,
+        dict(init_r=4, target_r=2, lora_alpha=8, total_step=10, target_modules=["q_proj", "v_proj", "down_proj"]),
+        {
+            "model.layers.0.self_attn.q_proj.lora_E": [True, False, True, True],
+            "model.layers.1.mlp.down_proj.lora_E": [False] * 4,
+        },
+    ),
+    "llama-unresized": (
+        llama,
+        dict(init_r=3, target_r=2, lora_alpha=0, total_step=10, target_modules=["k_proj", "o_proj", "gate_proj"]),
+        None,
+    ),
+    "gpt2-conv1d": (
+        gpt2,
+        dict(
+            init_r=4, target_r=2, lora_alpha=16, total_step=10, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True
+        ),
+        {"transformer.h.1.attn.c_attn.lora_E": [False, True, True, False]},
+    ),
+}
+
+
+def _adalora(tmp_path, case):
+    """The base saved, an AdaLoRA adapter with random singular values saved as PEFT saves it (its budget's
+    masks applied), and PEFT's model loaded from that adapter (the reference)."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    factory, kw, masks = ADALORA_CASES[case]
+    base = factory()
+    base.save_pretrained(str(tmp_path / "base"))
+    torch.manual_seed(1)
+    pm = get_peft_model(base, AdaLoraConfig(**kw))
+    with torch.no_grad():  # PEFT initialises E to zeros: ΔW = 0 would make every test pass
+        for name, p in pm.named_parameters():
+            if "lora_E" in name:
+                p.copy_(torch.randn_like(p))
+    if masks is not None:
+        pm.peft_config["default"].rank_pattern = {k.replace(".lora_E", ".lora_E.default"): v for k, v in masks.items()}
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    ref = peft_load(factory, tmp_path / "adapter")
+    return factory, ref
+
+
+@pytest.mark.parametrize("case", sorted(ADALORA_CASES))
+@pytest.mark.parametrize("via", ["adapter", "unmerged"])
+def test_adalora_merge_matches_peft(tmp_path, case, via):
+    factory, ref = _adalora(tmp_path, case)
+    want = logits(ref)
+    assert (want - logits(factory())).abs().max() > 1e-3  # the adapter changes the model
+    if via == "adapter":
+        lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "merged")
+    else:  # PEFT's own in-model state dict (base_layer, lora_E.default, ranknum.default)
+        lc.merge(save_unmerged(ref, tmp_path / "unmerged"), output=tmp_path / "merged")
+    got = logits(load_merged(tmp_path / "merged"))
+    assert (got - want).abs().max().item() <= TOL
+    peft_merged = logits(ref.merge_and_unload())
+    assert (got - peft_merged).abs().max().item() <= TOL
+
+
+def test_adalora_detect_and_report_count_peft_trainable(tmp_path):
+    from peft import PeftModel
+
+    factory, _ = _adalora(tmp_path, "llama")
+    trainable = PeftModel.from_pretrained(factory(), str(tmp_path / "adapter"), is_trainable=True)
+    want = trainable.get_nb_trainable_parameters()[0]
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert want == sum(v.numel() for v in saved.values())  # A, B and E (rows the budget kept)
+    det = lc.detect(tmp_path / "adapter")
+    assert det.dialect == "adalora"
+    (a,) = det.adapters
+    assert a.lora_parameters == want
+    assert a.tuner == {"peft_type": "ADALORA", "init_r": 4, "target_r": 2, "lora_alpha": 8.0, "rank_pattern": "yes"}
+    assert a.ranks == [3, 4]  # q_proj of layer 0 kept 3 rows; layer 1's down_proj (0 rows) adds nothing
+    assert a.modules[0].scalings == [round(8 / (4 + 1e-5), 6)]
+    rep = lc.report(tmp_path / "adapter", base=tmp_path / "base")
+    assert {r.form: r.lora_parameters for r in rep.rows}["adapter"] == want
+
+
+def test_adalora_attach_split_strip_are_peft_tensors(tmp_path):
+    factory, ref = _adalora(tmp_path, "llama")
+    want = logits(ref)
+    lc.convert(tmp_path / "adapter", "unmerged", base=tmp_path / "base", output=tmp_path / "u")
+    got = load_file(str(tmp_path / "u" / "model.safetensors"))
+    state = ref.state_dict()  # PEFT's in-model state dict: lora_A/B/E.default, ranknum.default, base_layer
+    assert set(got) == set(state)
+    for k, v in got.items():
+        assert v.dtype == state[k].dtype and torch.equal(v, state[k]), k
+    lc.convert(tmp_path / "u", "adapter", output=tmp_path / "a2")
+    a1 = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    a2 = load_file(str(tmp_path / "a2" / "adapter_model.safetensors"))
+    assert set(a1) == set(a2) and all(torch.equal(a1[k], a2[k]) for k in a1)
+    cfg = json.loads((tmp_path / "a2" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "ADALORA" and cfg["rank_pattern"]["model.layers.1.mlp.down_proj.lora_E"] == [False] * 4
+    assert (logits(peft_load(factory, tmp_path / "a2")) - want).abs().max().item() <= TOL
+    lc.convert(tmp_path / "u", "base", output=tmp_path / "b")
+    b0, b1 = (
+        load_file(str(tmp_path / "base" / "model.safetensors")),
+        load_file(str(tmp_path / "b" / "model.safetensors")),
+    )
+    assert set(b0) == set(b1) and all(torch.equal(b0[k], b1[k]) for k in b0)
+
+
+def _edit_adapter(tmp_path, drop=None, reshape=None, config=None):
+    """The llama case's adapter with one tensor dropped or replaced, or its config changed."""
+    _adalora(tmp_path, "llama")
+    f = tmp_path / "adapter" / "adapter_model.safetensors"
+    sd = load_file(str(f))
+    if drop:
+        del sd[drop]
+    if reshape:
+        sd[reshape[0]] = torch.randn(*reshape[1])
+    save_file(sd, str(f), metadata={"format": "pt"})
+    if config:
+        p = tmp_path / "adapter" / "adapter_config.json"
+        p.write_text(json.dumps({**json.loads(p.read_text()), **config}))
+    return f
+
+
+Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+V1 = "base_model.model.model.layers.1.self_attn.v_proj"
+
+
+@pytest.mark.parametrize(
+    "edit, needles",
+    [
+        (dict(drop=f"{V1}.lora_E"), ["lora_E is missing for AdaLoRA module", f"{V1}.lora_"]),
+        (dict(reshape=(f"{V1}.lora_E", (4,))), ["lora_E has shape [4], expected [4, 1]", f"{V1}.lora_E"]),
+        (dict(reshape=(f"{V1}.lora_B", (16, 5))), ["lora_A has 4 rows, lora_B has 5 columns", f"{V1}.lora_B"]),
+        (dict(reshape=(f"{V1}.lora_A", (4, 31))), ["31", "32"]),
+        (dict(config={"init_r": 6}), ["init_r is 6, the tensors have rank 4", "PEFT refuses to load it"]),
+        (
+            dict(config={"rank_pattern": {"model.layers.0.self_attn.q_proj.lora_E": [True, True, False, False]}}),
+            ["rank_pattern keeps 2 of its rows, the tensors have rank 3", f"{Q0}.lora_A"],
+        ),
+    ],
+)
+def test_adalora_bad_input_one_error_nothing_written(tmp_path, edit, needles):
+    f = _edit_adapter(tmp_path, **edit)
+    before = f.read_bytes()
+    out = tmp_path / "out"
+    res = cli("merge", tmp_path / "adapter", "--base", tmp_path / "base", "-o", out)
+    one_error(res, *needles, out=out)
+    assert f.read_bytes() == before
+
+
+def test_adalora_configs_peft_refuses_are_refused_by_name(tmp_path):
+    _edit_adapter(tmp_path, config={"use_dora": True})
+    out = tmp_path / "out"
+    res = cli("merge", tmp_path / "adapter", "--base", tmp_path / "base", "-o", out)
+    one_error(res, "AdaLoRA with use_dora", "PEFT refuses", out=out)
+
+
+def test_adalora_without_its_config_is_refused(tmp_path):
+    _adalora(tmp_path, "llama")
+    (tmp_path / "adapter" / "adapter_config.json").unlink()
+    out = tmp_path / "out"
+    res = cli("merge", tmp_path / "adapter", "--base", tmp_path / "base", "-o", out)
+    one_error(res, "AdaLoRA tensors (lora_E) without an adapter_config.json", out=out)
