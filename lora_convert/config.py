@@ -27,7 +27,7 @@ from .io.files import MAX_CONFIG_BYTES, load_json
 # init_lora_weights values that change the *base* weights at init time: the saved adapter
 # is relative to a residual base we do not have, so a plain merge would be wrong.
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "lora-ga")
-SUPPORTED_PEFT_TYPES = ("LORA", "ADALORA")  # AdaLoRA: read as LoRA factors by dialects/adalora.py
+SUPPORTED_PEFT_TYPES = ("LORA", "ADALORA", "VERA")  # read as LoRA factors by dialects/adalora.py, vera.py
 
 
 PATTERN_TIMEOUT_S = 2.0  # wall seconds for one key against one module name: real ones take microseconds
@@ -396,9 +396,8 @@ class AdapterConfig:
             base_model_name_or_path=self.base_model_name_or_path,
             task_type=self.task_type,
         )
-        if self.peft_type != "LORA":  # another tuner's own patterns (AdaLoRA's rank masks), written back as read
-            out["rank_pattern"] = self.raw.get("rank_pattern")
-            out["alpha_pattern"] = self.raw.get("alpha_pattern", {})
+        if self.peft_type != "LORA":  # another tuner's config (AdaLoRA, VeRA) is written back as it was read:
+            return {**self.raw, **{k: out[k] for k in ("peft_type", "base_model_name_or_path") if k in self.raw}}
         # Normalise so that the numbers round-trip as PEFT writes them.
         if float(out["lora_alpha"]).is_integer():
             out["lora_alpha"] = int(out["lora_alpha"])
@@ -434,7 +433,9 @@ class AdapterConfig:
     def unsupported_reasons(self) -> list[str]:
         reasons: list[str] = []
         if self.peft_type not in SUPPORTED_PEFT_TYPES:
-            reasons.append(f"peft_type {self.peft_type} is not LoRA (LoRA, DoRA and AdaLoRA adapters are supported)")
+            reasons.append(
+                f"peft_type {self.peft_type} is not LoRA (LoRA, DoRA, AdaLoRA and VeRA adapters are supported)"
+            )
         if self.layer_replication:
             reasons.append("layer_replication duplicates decoder layers; the base's layer layout cannot hold it")
         init = self.init_lora_weights

@@ -179,3 +179,152 @@ def test_adalora_without_its_config_is_refused(tmp_path):
     out = tmp_path / "out"
     res = cli("merge", tmp_path / "adapter", "--base", tmp_path / "base", "-o", out)
     one_error(res, "AdaLoRA tensors (lora_E) without an adapter_config.json", out=out)
+
+
+# -- VeRA ------------------------------------------------------------------------------------------------
+
+VERA_CASES = {
+    # q_proj/v_proj are 32 wide, down_proj 48: vera_A is cut per layer; v_proj's 16 outputs cut vera_B
+    "llama": (llama, dict(r=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "gpt2-conv1d": (gpt2, dict(r=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
+}
+
+
+def _vera(tmp_path, case, **extra):
+    """The base saved, a VeRA adapter with random λ vectors saved as PEFT saves it, and PEFT's model loaded
+    from it (the reference)."""
+    from peft import VeraConfig, get_peft_model
+
+    factory, kw = VERA_CASES[case]
+    base = factory()
+    base.save_pretrained(str(tmp_path / "base"))
+    torch.manual_seed(1)
+    pm = get_peft_model(base, VeraConfig(**kw, **extra))
+    with torch.no_grad():  # PEFT initialises λ_b to zeros: ΔW = 0 would make every test pass
+        for name, p in pm.named_parameters():
+            if "vera_lambda" in name:
+                p.copy_(torch.randn_like(p))
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    if extra.get("save_projection") is False:
+        return factory, None
+    return factory, peft_load(factory, tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("case", sorted(VERA_CASES))
+@pytest.mark.parametrize("via", ["adapter", "unmerged"])
+def test_vera_merge_matches_peft(tmp_path, case, via):
+    factory, ref = _vera(tmp_path, case)
+    want = logits(ref)
+    assert (want - logits(factory())).abs().max() > 1e-3
+    if via == "adapter":
+        lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "merged")
+    else:  # PEFT's in-model state dict: λ vectors, the projections under every layer and base_model.vera_A.default
+        lc.merge(save_unmerged(ref, tmp_path / "unmerged"), output=tmp_path / "merged")
+    got = logits(load_merged(tmp_path / "merged"))
+    assert (got - want).abs().max().item() <= TOL
+    assert (got - logits(ref.merge_and_unload())).abs().max().item() <= TOL
+
+
+def test_vera_detect_and_report_count_peft_trainable(tmp_path):
+    from peft import PeftModel
+
+    factory, _ = _vera(tmp_path, "llama")
+    want = PeftModel.from_pretrained(factory(), str(tmp_path / "adapter"), is_trainable=True)
+    want = want.get_nb_trainable_parameters()[0]
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert want == sum(v.numel() for k, v in saved.items() if "vera_lambda" in k)  # the projections are frozen
+    det = lc.detect(tmp_path / "adapter")
+    assert det.dialect == "vera"
+    (a,) = det.adapters
+    assert a.lora_parameters == want
+    assert a.tuner == {
+        "peft_type": "VERA",
+        "r": 8,
+        "vera_A": [8, 48],
+        "vera_B": [32, 8],
+        "input_widths": "from the base",
+    }
+    assert a.modules[0].scalings == [1.0]
+    rep = lc.report(tmp_path / "adapter", base=tmp_path / "base")
+    assert {r.form: r.lora_parameters for r in rep.rows}["adapter"] == want
+
+
+@pytest.mark.parametrize("case", sorted(VERA_CASES))
+def test_vera_attach_split_strip_are_peft_tensors(tmp_path, case):
+    factory, ref = _vera(tmp_path, case)
+    want = logits(ref)
+    lc.convert(tmp_path / "adapter", "unmerged", base=tmp_path / "base", output=tmp_path / "u")
+    got = load_file(str(tmp_path / "u" / "model.safetensors"))
+    state = ref.state_dict()
+    missing = set(state) - set(got)
+    assert all("lm_head" in k for k in missing), sorted(missing)  # a tied head is stored once, as for LoRA
+    assert set(got) <= set(state)
+    for k, v in got.items():
+        assert v.dtype == state[k].dtype and torch.equal(v, state[k]), k
+    lc.convert(tmp_path / "u", "adapter", output=tmp_path / "a2")
+    a1 = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    a2 = load_file(str(tmp_path / "a2" / "adapter_model.safetensors"))
+    assert set(a1) == set(a2) and all(torch.equal(a1[k], a2[k]) for k in a1)
+    cfg = json.loads((tmp_path / "a2" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "VERA" and "lora_alpha" not in cfg  # VeRA's own config, as PEFT wrote it
+    assert (logits(peft_load(factory, tmp_path / "a2")) - want).abs().max().item() <= TOL
+    lc.convert(tmp_path / "u", "base", output=tmp_path / "b")
+    b0, b1 = (
+        load_file(str(tmp_path / "base" / "model.safetensors")),
+        load_file(str(tmp_path / "b" / "model.safetensors")),
+    )
+    assert set(b0) == set(b1) and all(torch.equal(b0[k], b1[k]) for k in b0)
+
+
+VQ0 = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+@pytest.mark.parametrize(
+    "drop, reshape, needles",
+    [
+        (f"{VQ0}.vera_lambda_d", None, ["vera_lambda_d is missing for VeRA module", f"{VQ0}.vera_lambda_b"]),
+        ("base_model.vera_B", None, ["vera_B is missing beside", "base_model.vera_A"]),
+        (
+            None,
+            (f"{VQ0}.vera_lambda_d", (7,)),
+            ["vera_lambda_d has 7 values, vera_A has r=8 rows", f"{VQ0}.vera_lambda_d"],
+        ),
+        (
+            None,
+            (f"{VQ0}.vera_lambda_b", (40,)),
+            ["vera_lambda_b has 40 values, more than vera_B's 32", f"{VQ0}.vera_lambda_b"],
+        ),
+        (None, ("base_model.vera_A", (8, 40)), ["the layer takes 48 inputs, more than vera_A's 40 columns"]),
+        (None, ("base_model.vera_A", (6, 48)), ["do not have r=8 rows", "base_model.vera_A"]),
+    ],
+)
+def test_vera_bad_input_one_error_nothing_written(tmp_path, drop, reshape, needles):
+    _vera(tmp_path, "llama")
+    f = tmp_path / "adapter" / "adapter_model.safetensors"
+    sd = load_file(str(f))
+    if drop:
+        del sd[drop]
+    if reshape:
+        sd[reshape[0]] = torch.randn(*reshape[1])
+    save_file(sd, str(f), metadata={"format": "pt"})
+    before = f.read_bytes()
+    out = tmp_path / "out"
+    res = cli("merge", tmp_path / "adapter", "--base", tmp_path / "base", "-o", out)
+    one_error(res, *needles, out=out)
+    assert f.read_bytes() == before
+
+
+def test_vera_without_saved_projections_is_refused_by_name(tmp_path):
+    _vera(tmp_path, "llama", save_projection=False)
+    assert "base_model.vera_A" not in load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    out = tmp_path / "out"
+    res = cli("merge", tmp_path / "adapter", "--base", tmp_path / "base", "-o", out)
+    one_error(res, "saved without its projections", "projection_prng_key", out=out)
+
+
+def test_vera_routes_without_the_base_are_refused(tmp_path):
+    """vera_A is as wide as the widest layer: a route that does not read the base cannot cut it per layer."""
+    _vera(tmp_path, "llama")
+    out = tmp_path / "out"
+    res = cli("convert", tmp_path / "adapter", "--to", "mlx", "-o", out)
+    one_error(res, "input width comes from the base", out=out)

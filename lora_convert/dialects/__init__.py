@@ -19,6 +19,7 @@ from .diffusers import DiffusersDialect
 from .kohya import KohyaDialect
 from .mlx import MlxDialect
 from .peft import PeftDialect
+from .vera import VeraDialect
 
 
 class Dialect(Protocol):
@@ -77,4 +78,5 @@ def _check_factor_dtypes(ck: Checkpoint, inv: Inventory) -> None:
 register(MlxDialect())
 register(KohyaDialect())
 register(DiffusersDialect())
+register(VeraDialect())  # claimed by vera_lambda_* tensors or peft_type VERA
 register(AdaloraDialect())  # claimed by lora_E tensors or peft_type ADALORA, which no other dialect reads

@@ -76,23 +76,36 @@ class ScaledSource(TensorSource):
     def __init__(self) -> None:
         self.metadata: dict[str, str] = {}
         self._parts: dict[str, tuple[TensorInfo, TensorInfo | None, int, tuple[int, int]]] = {}
+        self._stored: dict[str, TensorInfo] = {}
         self._held: tuple[str, torch.Tensor] | None = None
         self._lock = threading.Lock()
 
     def view(
-        self, name: str, factor: TensorInfo, scale: TensorInfo | None, axis: int, shape: tuple[int, int]
+        self,
+        name: str,
+        factor: TensorInfo,
+        scale: TensorInfo | None,
+        axis: int,
+        shape: tuple[int, int],
+        stored: TensorInfo | None = None,
     ) -> TensorInfo:
         """``factor[:shape[0], :shape[1]]`` times ``scale`` (a vector of ``shape[axis]`` numbers, any shape
-        with that many elements) along ``axis``, named ``name``.  The caller checks the shapes fit."""
-        if len(factor.shape) != 2 or isinstance(factor.source, (ScaledSource, TransposedSource)):
+        with that many elements) along ``axis``, named ``name``; ``stored`` is the tensor stored under
+        ``name`` (``factor`` when None: AdaLoRA's A; VeRA's views take the names of its λ vectors, since
+        its factors are shared).  The caller checks the shapes fit."""
+        for t in (factor, scale, stored):
+            if t is not None and isinstance(t.source, (ScaledSource, TransposedSource)):
+                raise ValueError(f"{t.name}: a view cannot be viewed again")
+        if len(factor.shape) != 2:
             raise ValueError(f"{factor.name}: only a stored 2-D tensor can be viewed scaled")
         self._parts[name] = (factor, scale, axis, shape)
+        self._stored[name] = stored or factor
         self.path = factor.file
         return TensorInfo(name, "F32", shape, factor.file, 0, 4 * shape[0] * shape[1], self)
 
     def stored(self, name: str) -> TensorInfo:
         """The factor a view was made from, as stored (what a route writing the tuner's own layout copies)."""
-        return self._parts[name][0]
+        return self._stored[name]
 
     def infos(self) -> dict[str, TensorInfo]:
         return {}

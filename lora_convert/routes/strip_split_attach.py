@@ -82,7 +82,8 @@ def split_names(inv: Inventory, adapter: str) -> dict[str, str]:
     out: dict[str, str] = {}
     native = inv.native.get(adapter, {})
     for mod, keys in native.items():  # another tuner's own tensors, as PEFT saves them (AdaLoRA: no ranknum)
-        out.update({f"{PEFT_PREFIX}{mod}.{role}": src for role, src in keys.items() if role != "ranknum"})
+        where = f"{PEFT_PREFIX}{mod}." if mod else "base_model."  # "": the tuner's own (VeRA's projections)
+        out.update({f"{where}{role}": src for role, src in keys.items() if role != "ranknum"})
     for mod, m in inv.modules(adapter).items():
         if mod in native:
             continue
@@ -111,7 +112,7 @@ def plan_attach(req: Request) -> Plan:
     modules, replace, tokens = inv.modules(name), inv.replace.get(name, {}), inv.tokens.get(name, {})
     native = inv.native.get(name, {})
     raw = stored(ad, inv)
-    targets = sorted(set(modules) | set(tokens) | set(native))
+    targets = sorted(set(modules) | set(tokens) | set(native) - {""})
     notes: list[str] = []
     remap = (
         remap_modules(
@@ -125,6 +126,7 @@ def plan_attach(req: Request) -> Plan:
     wrappers = expert_wrappers(experts_by_base)  # experts module -> how many ParamWrappers nest around it
     tok_by_base = {remap[m]: key for m, key in tokens.items() if m in remap}
     native_by_base = {remap[m]: keys for m, keys in native.items() if m in remap}
+    shared = native.get("", {})  # VeRA's projections: PEFT's in-model state dict holds them under every layer too
     saved_modules = {k.rsplit(".", 1)[0] for k in replace} - set(lora_by_base) - set(tok_by_base) - set(native_by_base)
     jobs: list[Job] = []
     copy = partial(copy_job, dtype=output_dtype(req.dtype))  # --dtype casts floating tensors
@@ -138,7 +140,7 @@ def plan_attach(req: Request) -> Plan:
         if mod in native_by_base:
             jobs.append(copy(*src, format_key(mod, Role.BASE, param=param, base_layer=True)))
             if param == "weight":
-                jobs += _native_jobs(raw, mod, native_by_base[mod], name, inv.tuner.get(name, {}), copy)
+                jobs += _native_jobs(raw, mod, {**native_by_base[mod], **shared}, name, inv.tuner.get(name, {}), copy)
         elif mod in lora_by_base:
             m = lora_by_base[mod]
             jobs.append(copy(*src, format_key(mod, Role.BASE, param=param, base_layer=True)))
@@ -161,6 +163,7 @@ def plan_attach(req: Request) -> Plan:
             )
         else:
             jobs.append(copy(*src, f"{PEFT_PREFIX}{k}"))
+    jobs += [copy(raw, src, f"base_model.{role}.{name}", op="lora") for role, src in shared.items()]
     return Plan(
         "unmerged",
         jobs,
