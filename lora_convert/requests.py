@@ -140,6 +140,8 @@ def _stacked(
     (merge, verify) or the merged model (unmerge); an unmerged one carries its base."""
     if source is None:  # combine: the adapters alone
         stack = held.add_stack(open_stack(specs, None))
+        for inp in stack:
+            _bind(inp.ck, inp.inventory, inp.name, None)
         warnings = _check_stack(stack)
         first = stack[0]
         return Request(first.ck, first.label, first.inventory, first.name, progress=progress, stack=stack), warnings

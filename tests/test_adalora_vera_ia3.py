@@ -328,3 +328,31 @@ def test_vera_routes_without_the_base_are_refused(tmp_path):
     out = tmp_path / "out"
     res = cli("convert", tmp_path / "adapter", "--to", "mlx", "-o", out)
     one_error(res, "input width comes from the base", out=out)
+
+
+def test_vera_unprefixed_unmerged_layout(tmp_path):
+    """An in-model state dict saved without ``base_model.model.`` (the projections keep ``base_model.``)."""
+    factory, ref = _vera(tmp_path, "llama")
+    src = save_unmerged(ref, tmp_path / "unmerged", prefixed=False)
+    assert "model.layers.0.self_attn.q_proj.vera_lambda_b.default" in load_file(str(src / "model.safetensors"))
+    lc.merge(src, output=tmp_path / "merged")
+    assert (logits(load_merged(tmp_path / "merged")) - logits(ref)).abs().max().item() <= TOL
+
+
+def test_two_adalora_adapters_in_one_checkpoint_are_refused(tmp_path):
+    """The config beside them is one adapter's: a second one's alpha and init_r would be guessed."""
+    _, ref = _adalora(tmp_path, "llama")
+    src = save_unmerged(ref, tmp_path / "unmerged")
+    f = src / "model.safetensors"
+    sd = load_file(str(f))
+    sd.update({k.replace(".default", ".other"): v.clone() for k, v in sd.items() if ".default" in k})
+    save_file(sd, str(f), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    one_error(cli("merge", src, "-o", out), "2 AdaLoRA adapters in one checkpoint (default, other)", ".other", out=out)
+
+
+def test_combine_refuses_vera(tmp_path):
+    _vera(tmp_path, "llama")
+    out = tmp_path / "out"
+    res = cli("combine", tmp_path / "adapter", tmp_path / "adapter", "--method", "cat", "-o", out)
+    one_error(res, "input width comes from the base", out=out)

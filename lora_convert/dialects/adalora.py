@@ -34,6 +34,7 @@ from ..io.files import MAX_CONFIG_BYTES, load_json
 from ..io.reader import Checkpoint
 from ..io.views import ScaledSource
 from .peft_keys import Role, parse_key
+from .vera import one_adapter
 
 PEFT_TYPE = "ADALORA"
 ROLES = ("lora_A", "lora_B", "lora_E")
@@ -108,6 +109,7 @@ class AdaloraDialect:
             raise AdapterError(
                 "adapter_config.json says AdaLoRA, but no lora_A/lora_B/lora_E tensors are here", path=where
             )
+        one_adapter(ck, parts, "AdaLoRA")
         views = ScaledSource()
         init_r = int(data.get("init_r") or 12)
         masks = {k.removeprefix(_PREFIX): v for k, v in (data.get("rank_pattern") or {}).items()}

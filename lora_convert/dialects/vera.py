@@ -35,7 +35,7 @@ from .peft_keys import Role, parse_key
 
 PEFT_TYPE = "VERA"
 SHARED = "base_model."  # the projections are the tuner's, not a layer's: base_model.vera_A
-_SHARED = re.compile(r"^base_model\.(?P<role>vera_A|vera_B)(?:\.(?P<name>[^.]+))?$", re.DOTALL)
+_SHARED = re.compile(r"^(?:base_model\.)?(?P<role>vera_A|vera_B)(?:\.(?P<name>[^.]+))?$", re.DOTALL)  # (unprefixed too)
 _SAVED = re.compile(r"^(?P<mod>.+)\.(?P<role>vera_lambda_b|vera_lambda_d)$", re.DOTALL)
 _IN_MODEL = re.compile(
     r"^(?P<mod>.+)\.(?P<role>vera_lambda_b|vera_lambda_d|vera_A|vera_B)\.(?P<name>(?!weight$|bias$)[^.]+)$", re.DOTALL
@@ -91,6 +91,7 @@ class VeraDialect:
                 path=where,
                 hint="save the adapter with save_projection=True (PEFT's default)",
             )
+        one_adapter(ck, parts, "VeRA")
         views = ScaledSource()
         for ad in sorted({a for a, _ in parts}):
             proj = shared.get(ad) or shared.get(DEFAULT_ADAPTER) or next(iter(shared.values()))
@@ -114,6 +115,21 @@ class VeraDialect:
             if inv.form == "adapter":
                 inv.tuner[ad][NEEDS_BASE] = "from the base"
         return inv
+
+
+def one_adapter(ck: Checkpoint, parts: dict[tuple[str, str], dict[str, str]], tuner: str) -> None:
+    """One adapter per checkpoint: PEFT keeps each named adapter's config in its own subfolder, and a tuner's
+    config here is the top-level one, so a second adapter's numbers would be guessed."""
+    names = sorted({a for a, _ in parts})
+    if len(names) > 1:
+        key = next(k for (a, _), keys in sorted(parts.items()) if a == names[1] for k in keys.values())
+        raise UnsupportedError(
+            f"{len(names)} {tuner} adapters in one checkpoint ({', '.join(names)}): only one is read, with the "
+            "adapter_config.json beside it",
+            path=ck.root,
+            tensor=key,
+            hint="save each adapter on its own (PEFT's save_pretrained(selected_adapters=[...]))",
+        )
 
 
 def _stored(ck: Checkpoint, key: str) -> TensorInfo:
