@@ -27,7 +27,7 @@ from .io.files import MAX_CONFIG_BYTES, load_json
 # init_lora_weights values that change the *base* weights at init time: the saved adapter
 # is relative to a residual base we do not have, so a plain merge would be wrong.
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "lora-ga")
-SUPPORTED_PEFT_TYPES = ("LORA", "ADALORA", "VERA")  # read as LoRA factors by dialects/adalora.py, vera.py
+SUPPORTED_PEFT_TYPES = ("LORA", "ADALORA", "VERA", "IA3")  # dialects/adalora.py, vera.py, ia3.py read the others
 
 
 PATTERN_TIMEOUT_S = 2.0  # wall seconds for one key against one module name: real ones take microseconds
@@ -434,7 +434,7 @@ class AdapterConfig:
         reasons: list[str] = []
         if self.peft_type not in SUPPORTED_PEFT_TYPES:
             reasons.append(
-                f"peft_type {self.peft_type} is not LoRA (LoRA, DoRA, AdaLoRA and VeRA adapters are supported)"
+                f"peft_type {self.peft_type} is not LoRA (LoRA, DoRA, AdaLoRA, VeRA and IA³ adapters are supported)"
             )
         if self.layer_replication:
             reasons.append("layer_replication duplicates decoder layers; the base's layer layout cannot hold it")

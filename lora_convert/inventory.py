@@ -27,7 +27,8 @@ class LoraModule:
 
     module: str  # path in the base model, e.g. model.layers.0.self_attn.q_proj
     adapter: str
-    kind: str  # "linear", "embedding" or "conv" (A (r, in, *kernel), B (out, r, 1, ...); in_features = in·k·k)
+    kind: str  # "linear", "embedding", "conv" (A (r, in, *kernel), B (out, r, 1, ...); in_features = in·k·k), or "ia3"
+    # (PEFT IA³: a_key is the vector that scales W; in_features or out_features is its length, the other 0)
     a_key: str
     b_key: str
     rank: int

@@ -356,3 +356,133 @@ def test_combine_refuses_vera(tmp_path):
     out = tmp_path / "out"
     res = cli("combine", tmp_path / "adapter", tmp_path / "adapter", "--method", "cat", "-o", out)
     one_error(res, "input width comes from the base", out=out)
+
+
+# -- IA³ -------------------------------------------------------------------------------------------------
+
+IA3_CASES = {
+    # attention modules scale their outputs (rows), down_proj its inputs (columns)
+    "llama": (llama, dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
+    # Conv1D stores (in, out): c_attn's vector scales its columns and its bias, mlp.c_proj's its rows
+    "gpt2-conv1d": (
+        gpt2,
+        dict(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True),
+    ),
+}
+
+
+def _ia3(tmp_path, case):
+    """The base saved, an IA³ adapter with vectors away from 1 saved as PEFT saves it, and PEFT's model loaded
+    from it (the reference)."""
+    from peft import IA3Config, get_peft_model
+
+    factory, kw = IA3_CASES[case]
+    base = factory()
+    base.save_pretrained(str(tmp_path / "base"))
+    torch.manual_seed(1)
+    pm = get_peft_model(base, IA3Config(**kw))
+    with torch.no_grad():  # PEFT initialises l to ones: W ⊙ 1 would make every test pass
+        for name, p in pm.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1 + torch.randn_like(p) * 0.5)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    return factory, peft_load(factory, tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("case", sorted(IA3_CASES))
+@pytest.mark.parametrize("via", ["adapter", "unmerged"])
+def test_ia3_merge_matches_peft(tmp_path, case, via):
+    factory, ref = _ia3(tmp_path, case)
+    want = logits(ref)
+    assert (want - logits(factory())).abs().max() > 1e-3
+    if via == "adapter":
+        lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "merged")
+    else:
+        lc.merge(save_unmerged(ref, tmp_path / "unmerged"), output=tmp_path / "merged")
+    got = logits(load_merged(tmp_path / "merged"))
+    assert (got - want).abs().max().item() <= TOL
+    peft_merged = ref.merge_and_unload()
+    assert (got - logits(peft_merged)).abs().max().item() <= TOL
+    ours = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    for k, v in peft_merged.state_dict().items():  # every tensor, the scaled biases too, within one rounding
+        if k in ours:
+            assert torch.allclose(ours[k], v, rtol=1e-6, atol=0), k
+
+
+def test_ia3_detect_and_report_count_peft_trainable(tmp_path):
+    from peft import PeftModel
+
+    factory, _ = _ia3(tmp_path, "llama")
+    want = PeftModel.from_pretrained(factory(), str(tmp_path / "adapter"), is_trainable=True)
+    want = want.get_nb_trainable_parameters()[0]
+    det = lc.detect(tmp_path / "adapter")
+    assert det.dialect == "ia3"
+    (a,) = det.adapters
+    assert a.lora_parameters == want == 2 * (16 + 16 + 48)
+    assert a.tuner == {"peft_type": "IA3", "feedforward_modules": ["down_proj"]}
+    rep = lc.report(tmp_path / "adapter", base=tmp_path / "base")
+    assert {r.form: r.lora_parameters for r in rep.rows}["adapter"] == want
+
+
+@pytest.mark.parametrize("case", sorted(IA3_CASES))
+def test_ia3_attach_split_strip_are_peft_tensors(tmp_path, case):
+    factory, ref = _ia3(tmp_path, case)
+    want = logits(ref)
+    lc.convert(tmp_path / "adapter", "unmerged", base=tmp_path / "base", output=tmp_path / "u")
+    got = load_file(str(tmp_path / "u" / "model.safetensors"))
+    state = ref.state_dict()
+    assert all("lm_head" in k for k in set(state) - set(got)) and set(got) <= set(state)
+    for k, v in got.items():
+        assert v.dtype == state[k].dtype and torch.equal(v, state[k]), k
+    lc.convert(tmp_path / "u", "adapter", output=tmp_path / "a2")
+    a1 = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    a2 = load_file(str(tmp_path / "a2" / "adapter_model.safetensors"))
+    assert set(a1) == set(a2) and all(torch.equal(a1[k], a2[k]) for k in a1)
+    assert json.loads((tmp_path / "a2" / "adapter_config.json").read_text())["peft_type"] == "IA3"
+    assert (logits(peft_load(factory, tmp_path / "a2")) - want).abs().max().item() <= TOL
+    lc.convert(tmp_path / "u", "base", output=tmp_path / "b")
+    b0, b1 = (
+        load_file(str(tmp_path / "base" / "model.safetensors")),
+        load_file(str(tmp_path / "b" / "model.safetensors")),
+    )
+    assert set(b0) == set(b1) and all(torch.equal(b0[k], b1[k]) for k in b0)
+
+
+IK0 = "base_model.model.model.layers.0.self_attn.k_proj.ia3_l"
+
+
+@pytest.mark.parametrize(
+    "shape, config, needles",
+    [
+        ((15, 1), None, ["ia3_l has 15 values, the base layer's side it scales has 16", IK0]),
+        ((16,), None, ["ia3_l of shape [16]", IK0]),
+        ((1, 32), None, ["is not in feedforward_modules", "(out, 1), not [1, 32]", IK0]),
+        (None, {"feedforward_modules": ["down_proj", "k_proj"]}, ["is in feedforward_modules", IK0]),
+    ],
+)
+def test_ia3_bad_input_one_error_nothing_written(tmp_path, shape, config, needles):
+    _ia3(tmp_path, "llama")
+    f = tmp_path / "adapter" / "adapter_model.safetensors"
+    if shape:
+        sd = load_file(str(f))
+        sd[IK0] = torch.rand(*shape) + 0.5
+        save_file(sd, str(f), metadata={"format": "pt"})
+    if config:
+        p = tmp_path / "adapter" / "adapter_config.json"
+        p.write_text(json.dumps({**json.loads(p.read_text()), **config}))
+    before = f.read_bytes()
+    out = tmp_path / "out"
+    one_error(cli("merge", tmp_path / "adapter", "--base", tmp_path / "base", "-o", out), *needles, out=out)
+    assert f.read_bytes() == before
+
+
+def test_ia3_weighted_or_stacked_or_lora_formats_are_refused_by_name(tmp_path):
+    """W ⊙ l has no weight, no sum with other adapters, and no LoRA factors."""
+    _ia3(tmp_path, "llama")
+    out = tmp_path / "out"
+    res = cli("merge", tmp_path / "base", "--adapter", f"{tmp_path / 'adapter'}:0.5", "-o", out)
+    one_error(res, "IA³ scales this weight", out=out)
+    res = cli("combine", tmp_path / "adapter", tmp_path / "adapter", "--method", "cat", "-o", out)
+    one_error(res, "IA³ adapter scales weights", out=out)
+    res = cli("convert", tmp_path / "adapter", "--to", "mlx", "-o", out)
+    one_error(res, "ia3", "has no", out=out)

@@ -186,14 +186,18 @@ def _sort(
         )
     form = "unmerged" if in_model else "adapter"
     inv = Inventory(form=form, dialect="vera", prefixed=any(k.startswith(_PREFIX) for k in ck.tensors))
+    sort_rest(ck, inv, rest, fallback, "a VeRA checkpoint: VeRA's are vera_lambda_b/d and vera_A/B")
+    return (saved or in_model), shared, inv
+
+
+def sort_rest(ck: Checkpoint, inv: Inventory, rest: list[str], fallback: str, where: str) -> None:
+    """The tensors of a tuner's checkpoint that are not the tuner's: base tensors (unmerged), replacements
+    (modules_to_save, layers saved whole); a LoRA tensor among them is refused (``where`` says whose)."""
+    form = inv.form
     for k in rest:
         p = parse_key(k)
         if p.role.is_lora or p.role is Role.TOKENS_DELTA:
-            raise UnsupportedError(
-                f"a {p.role.value} tensor in a VeRA checkpoint: VeRA's are vera_lambda_b/d and vera_A/B",
-                path=ck.root,
-                tensor=k,
-            )
+            raise UnsupportedError(f"a {p.role.value} tensor in {where}", path=ck.root, tensor=k)
         if p.role is Role.MODULES_TO_SAVE:
             inv.replace.setdefault(p.adapter or fallback, {})[p.base_key] = k
         elif p.role is Role.ORIGINAL_MODULE:
@@ -204,7 +208,6 @@ def _sort(
                 inv.saved_layers.setdefault(fallback, set()).add(p.base_key)
         elif not (p.base_key in inv.base and not p.via_base_layer):
             inv.base[p.base_key] = k
-    return (saved or in_model), shared, inv
 
 
 def _base_width(ck: Checkpoint, inv: Inventory, mod: str, cfg: AdapterConfig, keys: dict[str, str]) -> int:
