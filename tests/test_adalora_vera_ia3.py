@@ -360,12 +360,24 @@ def test_combine_refuses_vera(tmp_path):
 
 # -- IA³ -------------------------------------------------------------------------------------------------
 
+
+def gpt2_biased():
+    """Tiny GPT-2 with non-zero biases (its init leaves them 0, and IA³ scales c_attn's: 0 · l would pass)."""
+    model = gpt2()
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
 IA3_CASES = {
     # attention modules scale their outputs (rows), down_proj its inputs (columns)
     "llama": (llama, dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
     # Conv1D stores (in, out): c_attn's vector scales its columns and its bias, mlp.c_proj's its rows
     "gpt2-conv1d": (
-        gpt2,
+        gpt2_biased,
         dict(target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True),
     ),
 }
