@@ -498,3 +498,19 @@ def test_ia3_weighted_or_stacked_or_lora_formats_are_refused_by_name(tmp_path):
     one_error(res, "IA³ adapter scales weights", out=out)
     res = cli("convert", tmp_path / "adapter", "--to", "mlx", "-o", out)
     one_error(res, "ia3", "has no", out=out)
+
+
+def test_attach_under_other_module_names_is_refused(tmp_path):
+    """A tuner's config keeps the adapter's own paths: attached under the base's other spelling
+    (``h.0.attn.c_attn`` -> ``transformer.h.0.attn.c_attn``) it would not describe the unmerged model."""
+    _, ref = _vera(tmp_path, "gpt2-conv1d")
+    f = tmp_path / "adapter" / "adapter_model.safetensors"
+    sd = load_file(str(f))
+    save_file({k.replace("model.transformer.", "model."): v for k, v in sd.items()}, str(f), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    res = cli("convert", tmp_path / "adapter", "--to", "unmerged", "--base", tmp_path / "base", "-o", out)
+    one_error(
+        res, "h.0.attn.c_attn is transformer.h.0.attn.c_attn in the base", "VERA adapter under other names", out=out
+    )
+    lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "merged")  # a merge writes no config
+    assert (logits(load_merged(tmp_path / "merged")) - logits(ref)).abs().max().item() <= TOL

@@ -16,6 +16,7 @@ import torch
 from .. import arch
 from ..config import AdapterConfig
 from ..dialects.peft_keys import PEFT_PREFIX, Role, format_key
+from ..errors import UnsupportedError
 from ..inventory import Inventory, LoraModule
 from ..io.reader import Checkpoint
 from ..io.views import stored_tensors
@@ -121,6 +122,15 @@ def plan_attach(req: Request) -> Plan:
         if targets
         else {}
     )
+    renamed = [m for m in native if m and remap.get(m, m) != m]
+    if renamed:  # _renamed_config rewrites LoRA's patterns; another tuner's config names the adapter's own paths
+        raise UnsupportedError(
+            f"the adapter's module {renamed[0]} is {remap[renamed[0]]} in the base: attaching a "
+            f"{inv.tuner.get(name, {}).get('peft_type')} adapter under other names than its own is not supported "
+            "(its adapter_config.json would name paths the unmerged model does not have)",
+            path=ad.root,
+            tensor=renamed[0],
+        )
     lora_by_base = {remap[m]: lm for m, lm in modules.items() if m in remap and lm.kind != "experts"}
     experts_by_base = {remap[m]: lm for m, lm in modules.items() if m in remap and lm.kind == "experts"}
     wrappers = expert_wrappers(experts_by_base)  # experts module -> how many ParamWrappers nest around it
