@@ -286,6 +286,8 @@ def attention_flops(shape: ModelShape, seq_len: int) -> int | None:
 def lora_module_params(m: LoraModule) -> int:
     if m.tuner != "lora":  # LoHa/LoKr: the stored factors
         return m.factor_params
+    if m.trained_params is not None:  # another tuner read as LoRA (AdaLoRA's lora_E): its own count
+        return m.trained_params
     n = m.stored_rank * (m.in_features + m.out_features)
     if m.magnitude_key:
         n += m.out_features

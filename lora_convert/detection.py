@@ -87,7 +87,11 @@ class DetectResult:
     quantization: dict[str, Any] | None = None  # a quantized checkpoint: scheme, weights, bytes (io/quantized.summary)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        for a in out["adapters"]:  # only another tuner's adapters carry the key: LoRA documents stay as they were
+            if not a["tuner"]:
+                del a["tuner"]
+        return out
 
 
 def _summarise(
@@ -100,6 +104,9 @@ def _summarise(
         groups.setdefault(m.name, []).append(m)
         if m.tuner != "lora":  # LoHa/LoKr: the factors PEFT trains, as stored
             params += m.factor_params
+            continue
+        if m.trained_params is not None:  # another tuner read as LoRA (AdaLoRA's lora_E): its own count
+            params += m.trained_params
             continue
         params += m.stored_rank * (m.in_features + m.out_features)
         if m.magnitude_key:
@@ -153,9 +160,9 @@ def _summarise(
         rank_pattern=dict(cfg.rank_pattern) if cfg else {},
         alpha_pattern=dict(cfg.alpha_pattern) if cfg else {},
         modules=mg,
-        tuner=tuner_summary(mods.values(), cfg),
         lora_parameters=params,
         experts=expert_groups(mods.values()),
+        tuner=tuner_summary(mods.values(), cfg) or dict(inv.tuner.get(name, {})),
     )
 
 

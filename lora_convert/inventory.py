@@ -27,7 +27,8 @@ class LoraModule:
 
     module: str  # path in the base model, e.g. model.layers.0.self_attn.q_proj
     adapter: str
-    kind: str  # "linear", "embedding" or "conv" (A (r, in, *kernel), B (out, r, 1, ...); in_features = in·k·k)
+    kind: str  # "linear", "embedding", "conv" (A (r, in, *kernel), B (out, r, 1, ...); in_features = in·k·k), or "ia3"
+    # (PEFT IA³: a_key is the vector that scales W; in_features or out_features is its length, the other 0)
     a_key: str
     b_key: str
     rank: int
@@ -46,6 +47,8 @@ class LoraModule:
     tuner: str = "lora"
     factors: dict[str, str] = field(default_factory=dict)
     factor_params: int = 0  # their elements together: PEFT's trainable parameters of the module
+    # another PEFT tuner read as LoRA factors (AdaLoRA, VeRA): its own trainable count, which is not A's and B's
+    trained_params: int | None = None
 
     @property
     def name(self) -> str:
@@ -100,6 +103,11 @@ class Inventory:
     spelled: bool = False  # module paths are readings of '_'-joined names (kohya): the base's own names settle them
     unsure: set[str] = field(default_factory=set)  # readings the names alone do not settle (need the base)
     old_layout: bool = False  # base weight at q_proj.weight beside q_proj.lora_A.<name>.weight
+    # another PEFT tuner than LoRA, read as LoRA factors through views (dialects/adalora.py): its peft_type and
+    # key parameters per adapter, and per module its own tensors (role -> source key), which the routes that
+    # write the tuner's own layout (split, attach) copy in place of the views
+    tuner: dict[str, dict[str, object]] = field(default_factory=dict)
+    native: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
 
     @property
     def adapters(self) -> list[str]:

@@ -22,7 +22,18 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import AdapterError, HubError, LoraConvertError, OptionError, RouteError, option, option_name, spelled
+from .dialects.vera import NEEDS_BASE, bind_to_base
+from .errors import (
+    AdapterError,
+    HubError,
+    LoraConvertError,
+    OptionError,
+    RouteError,
+    UnsupportedError,
+    option,
+    option_name,
+    spelled,
+)
 from .fmt import form_word
 from .inputs import load_model_config, load_source, open_plain, pick_adapter, resolve
 from .inventory import Inventory
@@ -90,6 +101,7 @@ def _one_adapter(
         base_ck = held.add(open_plain(_base_ref(inv, name, base, f"{form_word(form)} -> {to}"), "the base"))
     elif (form, to) in OPTIONAL_BASE and base is not None:
         base_ck = held.add(open_plain(resolve(base), "the base"))
+    _bind(ck, inv, name, base_ck)
     ref = str(source) if form != "plain" else str(Path(str(source)))
     req = Request(  # 5.
         ck,
@@ -119,6 +131,13 @@ def _stacked(
     (merge, verify) or the merged model (unmerge); an unmerged one carries its base."""
     if source is None:  # combine: the adapters alone
         stack = held.add_stack(open_stack(specs, None))
+        for inp in stack:
+            _bind(inp.ck, inp.inventory, inp.name, None)
+            if inp.inventory.dialect == "ia3":
+                raise UnsupportedError(
+                    "an IA³ adapter scales weights (W ⊙ l): it cannot be combined with adapters that add to them",
+                    path=inp.ck.root,
+                )
         warnings = _check_stack(stack)
         first = stack[0]
         return Request(first.ck, first.label, first.inventory, first.name, stack=stack), warnings
@@ -144,6 +163,8 @@ def _stacked(
     base_ref = str(base) if base is not None else (ref if inv.form == "plain" else None)
     if inv.form == "plain":
         base_ck = ck  # the plain source is the base (merge, verify) or the merged model (unmerge)
+    for inp in stack:
+        _bind(inp.ck, inp.inventory, inp.name, base_ck)
     return Request(ck, ref, inv, stack[0].name, base_ck, base_ref, route, stack=stack), warnings
 
 
@@ -236,6 +257,19 @@ def combine_specs(
     if not parsed:
         raise RouteError("nothing to combine", hint="name the adapters to combine")
     return list(parsed)
+
+
+def _bind(ck: Checkpoint, inv: Inventory, name: str, base: Checkpoint | None) -> None:
+    """A VeRA adapter's layers take their input width from the base: bound to it here, refused without one."""
+    if base is not None:
+        bind_to_base(ck, inv, name, base, base.config)
+    if NEEDS_BASE in inv.tuner.get(name, {}):
+        raise UnsupportedError(
+            "a VeRA adapter's shared vera_A is as wide as its widest layer: each layer's input width comes from "
+            "the base, which this route does not read",
+            path=ck.root,
+            hint=f"merge it or attach it with {option('base', 'BASE')}",
+        )
 
 
 def _check_stack(stack: Sequence[AdapterInput]) -> list[str]:

@@ -14,10 +14,13 @@ from typing import Protocol
 from ..errors import AdapterError
 from ..inventory import Inventory
 from ..io.reader import Checkpoint
+from .adalora import AdaloraDialect
 from .diffusers import DiffusersDialect
+from .ia3 import Ia3Dialect
 from .kohya import KohyaDialect
 from .mlx import MlxDialect
 from .peft import PeftDialect
+from .vera import VeraDialect
 
 
 class Dialect(Protocol):
@@ -76,3 +79,6 @@ def _check_factor_dtypes(ck: Checkpoint, inv: Inventory) -> None:
 register(MlxDialect())
 register(KohyaDialect())
 register(DiffusersDialect())
+register(VeraDialect())  # claimed by vera_lambda_* tensors or peft_type VERA
+register(Ia3Dialect())  # claimed by ia3_l tensors or peft_type IA3
+register(AdaloraDialect())  # claimed by lora_E tensors or peft_type ADALORA, which no other dialect reads

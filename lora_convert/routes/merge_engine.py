@@ -56,10 +56,16 @@ class KeyOps:
     bias_adds: list[WeightedLora] = field(default_factory=list)  # lora_bias: s·w·lora_B.bias added to the bias
     tokens: tuple[Checkpoint, str, list[int]] | None = None
     replaced: bool = False
+    bias_scales: list[WeightedLora] = field(default_factory=list)  # IA³ on the output side: the bias scaled too
 
     @property
     def dora(self) -> bool:
         return any(lo.module.magnitude_key for lo in self.loras)
+
+    @property
+    def ia3(self) -> bool:
+        """IA³ scales the weight (``W ⊙ l``) instead of adding to it: alone on its tensor (see _assign)."""
+        return any(lo.module.kind == "ia3" for lo in self.loras)
 
     def signature(self) -> tuple[Any, ...]:
         """What was applied, to decide whether two tied tensors end up equal."""
@@ -193,6 +199,12 @@ def _assign(
                 hint="merge them one at a time",
             )
     for k, o in ops.items():
+        if o.ia3 and (len(o.loras) > 1 or o.loras[0].weight != 1.0):
+            raise UnsupportedError(
+                f"{k}: IA³ scales this weight (W ⊙ l); with another adapter on it, a weight or an unmerge the "
+                "result is not what PEFT merges",
+                hint="merge an IA³ adapter alone, at weight 1",
+            )
         if len(o.loras) > 1 and o.dora:
             raise UnsupportedError(
                 f"{k}: several adapters change it and one is DoRA; PEFT applies DoRA adapters one after "
@@ -259,6 +271,8 @@ def _assign_adapter(
                 tensor=m.a_key,
             )
         ops[wk].loras.append(WeightedLora(m, ad, inp.weight))
+        if m.kind == "ia3" and m.out_features and f"{remap[mod]}.bias" in ops:  # output side: PEFT scales the bias
+            ops[f"{remap[mod]}.bias"].bias_scales.append(WeightedLora(m, ad, inp.weight))
         if m.bias_key:
             bk = f"{remap.get(mod, mod)}.bias"
             if bk not in ops:
@@ -363,11 +377,11 @@ def tensor_job(
         out_dtype = base.ck.info(base.map[key]).dtype  # a replacement is written in the base's dtype
     else:
         out_dtype = info.dtype
-    if o.loras or o.tokens is not None or o.bias_adds:
+    if o.loras or o.tokens is not None or o.bias_adds or o.bias_scales:
         _check_float_target(src_ck, src_key)
     if o.loras or o.tokens is not None:
         return _merge_job(key, o, info.shape, out_dtype, conv1d, observe, device)
-    if o.bias_adds:
+    if o.bias_adds or o.bias_scales:
         return _bias_job(key, o, out_dtype)
     return copy_job(src_ck, src_key, key, out_dtype, "replace" if o.replaced else "copy")
 
@@ -469,6 +483,36 @@ def _dora_scales(
     return None, lora_math.dora_scale(mag, norms), norms
 
 
+def _ia3_vector(lo: WeightedLora, n: int) -> torch.Tensor:
+    """IA³'s ``ia3_l`` as an fp32 vector of ``n`` values (refused by name when the base has another size)."""
+    m, ck = lo.module, lo.ck
+    vec = check_finite(ck.read(m.a_key), ck, m.a_key).to(torch.float32).reshape(-1)
+    if vec.numel() != n:
+        raise AdapterError(
+            f"ia3_l has {vec.numel()} values, the base layer's side it scales has {n}",
+            path=ck.root,
+            tensor=m.a_key,
+            hint="is this adapter for this base model?",
+        )
+    return vec
+
+
+def _ia3_scales(
+    lo: WeightedLora, shape: tuple[int, ...], fan_in_fan_out: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(row scale, column scale) of PEFT's IA³ merge ``W ⊙ transpose(l, fan_in_fan_out)``: a feed-forward
+    module's ``(1, in)`` vector scales nn.Linear's columns (Conv1D's rows), another's ``(out, 1)`` its rows."""
+    if len(shape) != 2:
+        raise UnsupportedError(
+            f"IA³ on a weight of shape {list(shape)}: only linear layers are merged",
+            path=lo.ck.root,
+            tensor=lo.module.a_key,
+        )
+    on_rows = bool(lo.module.out_features) != fan_in_fan_out
+    vec = _ia3_vector(lo, shape[0] if on_rows else shape[1])
+    return (vec, None) if on_rows else (None, vec)
+
+
 def _acc(buf: Buffers, n: int, cols: int, device: str = "cpu") -> torch.Tensor:
     return buf.scratch("acc", (n, cols), torch.float32, device)
 
@@ -504,7 +548,7 @@ class RowMerge:
     def rows(self, w: torch.Tensor, start: int, out: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
         """Merged rows ``start:start+len(w)`` rounded once into ``out`` (a conv weight's rows are its
         flattened (out, in·k·k) matrix's)."""
-        if self.deltas:
+        if self.deltas or self.row_scale is not None or self.col_scale is not None:
             n, cols = w.shape[0], acc.shape[1]
             lora_math.merge_rows(
                 w.view(n, cols),
@@ -538,6 +582,10 @@ def prepare_rows(
     """Read the factors and tokens; for DoRA, make the norm pass over ``plan`` (its first reading).  With a
     ``device`` other than the CPU, the factors and DoRA's scales move there: the tiles are computed there."""
     rows, cols = shape[0], math.prod(shape[1:])
+    if ops.ia3:  # alone on its tensor (see _assign): rows or columns scaled, nothing added
+        rm = RowMerge([], tokens=_token_rows(ops, rows, cols))
+        rm.row_scale, rm.col_scale = _ia3_scales(ops.loras[0], shape, conv1d_hint)
+        return rm
     found = [_factors(lo, shape, conv1d_hint) for lo in ops.loras]
     rm = RowMerge([d for d, _ in found], tokens=_token_rows(ops, rows, cols))
     if ops.dora:  # a DoRA tensor has exactly one LoRA (see _assign)
@@ -604,6 +652,9 @@ def bias_value(ops: KeyOps) -> torch.Tensor:
                 tensor=m.bias_key,
             )
         b = b + extra * lo.scaling
+    for lo in ops.bias_scales:  # IA³: b ⊙ l
+        vec = _ia3_vector(lo, b.numel())
+        b = b * vec.reshape(b.shape)
     return b
 
 
