@@ -88,8 +88,8 @@ def split_names(inv: Inventory, adapter: str) -> dict[str, str]:
     for mod, m in inv.modules(adapter).items():
         if m.tuner != "lora":  # LoHa/LoKr: each factor under <module>.<factor>
             out.update({format_key(mod, Role.TUNER, param=f): key for f, key in m.factors.items()})
-        if mod in native:
             continue
+        if mod in native:
             continue
         roles = (Role.EMBED_A, Role.EMBED_B) if m.kind == "embedding" else (Role.LORA_A, Role.LORA_B)
         out[format_key(m.wrapped, roles[0])] = m.a_key  # expert LoRA: keyed by its (nested) ParamWrapper
