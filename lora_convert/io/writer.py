@@ -3,8 +3,9 @@
 A sink is told the whole plan first (names, dtypes, shapes: every job knows them before any data is
 read), then receives each tensor's data in plan order, whole or as consecutive row blocks.  A new
 output format is one sink.  The safetensors sink computes each file's header from the plan, so it
-writes each file front to back in one pass and never holds more than the block being written;
-sharding follows huggingface_hub (an index when there are several files).
+writes each file front to back in one pass and never holds more than the block being written and
+one 8 MB staging buffer, which goes to the disk around the page cache (``O_DIRECT``, io/direct.py);
+each file is fsynced when done.  Sharding follows huggingface_hub (an index when there are several files).
 """
 
 from __future__ import annotations
