@@ -27,6 +27,8 @@ import argparse
 import json
 import os
 import shlex
+import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -151,6 +153,71 @@ def run_size(size: str, layers: int, args: argparse.Namespace, env: dict[str, st
     elif not args.skip_mergekit:
         print(f"[bench] no mergekit venv at {args.mergekit_venv}: bash bench/setup_mergekit.sh", file=sys.stderr)
     results: dict[str, Measurement] = {}
+    pairs: dict[str, list[Measurement]] = {}
+    diff_lines: list[str] = []
+    busy = start_busy() if args.busy else None
+    try:
+        if args.pairs:  # cold pairs: cp, ours (and the baseline) alternated, so drifting load hits all alike
+            pair_tools = [t for t in ("cp", "ours", "baseline") if t in cmds]
+            for i in range(args.pairs):
+                for tool in pair_tools:
+                    m = measure_tool(
+                        tool,
+                        cmds[tool],
+                        outs.get(tool),
+                        cache=args.cache,
+                        inputs=[base, adapter],
+                        timeout=args.timeout,
+                        env=envs[tool],
+                        cwd=cwds[tool],
+                        label=f"{name} pair {i + 1}/{args.pairs}: ",
+                    )
+                    pairs.setdefault(tool, []).append(m)
+                    if not args.keep and (tool != "ours" or i < args.pairs - 1):  # at 8B: 16 GB each
+                        rm(outs[tool])
+            for tool, ms in pairs.items():
+                results[tool] = sorted(ms, key=lambda m: m.wall_s)[len(ms) // 2]  # the median run
+            tools = [t for t in tools if t not in pairs]
+        diff_lines = _run_tools(tools, outs, cmds, envs, cwds, results, base, adapter, args, name, layers)
+    finally:
+        if busy is not None:
+            stop_busy(busy)
+    if not diff_lines:
+        diff_lines = _compare(base, adapter, outs, results, layers)
+    if not args.keep:
+        for p in outs.values():
+            rm(p)
+    return {
+        "size": size,
+        "layers": layers,
+        "base_bytes": folder_bytes(base),
+        "results": results,
+        "pairs": pairs,
+        "diff": diff_lines,
+        "busy": bool(args.busy),
+    }
+
+
+BUSY = "while True: pass"
+
+
+def start_busy() -> subprocess.Popen:
+    """One other CPU-bound process (a Python spin loop: one core, no I/O) for the whole of the runs."""
+    print("[bench] starting one CPU-bound process beside the runs (--busy)", file=sys.stderr)
+    return subprocess.Popen([sys.executable, "-c", BUSY])
+
+
+def stop_busy(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _run_tools(tools, outs, cmds, envs, cwds, results, base, adapter, args, name, layers) -> list[str]:  # noqa: ANN001
+    """Each tool ``--repeat`` times (best kept); the merged tensors compared before mergekit (outputs then go)."""
     diff_lines: list[str] = []
     # Outputs are deleted as soon as nothing needs them: at 8B each is 16 GB (mergekit's LoRA cache another
     # 16), and they do not all fit beside the base.  ours and peft stay until they have been compared.
@@ -178,12 +245,7 @@ def run_size(size: str, layers: int, args: argparse.Namespace, env: dict[str, st
                 break
         if tool in ("cp", "mergekit", "baseline") and not args.keep:
             rm(outs[tool]), rm(outs.get(f"{tool}-cache", outs[tool]))
-    if not diff_lines:
-        diff_lines = _compare(base, adapter, outs, results, layers)
-    if not args.keep:
-        for p in outs.values():
-            rm(p)
-    return {"size": size, "layers": layers, "base_bytes": folder_bytes(base), "results": results, "diff": diff_lines}
+    return diff_lines
 
 
 def _compare(base: Path, adapter: Path, outs: dict[str, Path], results: dict, layers: int) -> list[str]:
@@ -230,6 +292,41 @@ def _model(s: dict) -> str:
     return f"{s['size']}/L{s['layers']}"
 
 
+def pair_table(s: dict) -> str:
+    """Each cold pair (cp, ours, [baseline]) as one row, then the medians: walls, CPU (user/sys) and the
+    ratios ours/cp of wall, of wall against cp's wall plus its sync, and of CPU."""
+    ps = s["pairs"]
+    n = min(len(v) for v in ps.values())
+    rows, wall_r, durable_r, cpu_r = [], [], [], []
+    for i in range(n):
+        cp, ours = ps["cp"][i], ps["ours"][i]
+        w, d, c = ours.wall_s / cp.wall_s, ours.wall_s / (cp.wall_s + cp.sync_s), ours.cpu_s / cp.cpu_s
+        wall_r.append(w), durable_r.append(d), cpu_r.append(c)
+        cells = [str(i + 1)]
+        for tool in ps:
+            m = ps[tool][i]
+            cells.append(f"{m.wall_s:.2f} ({m.user_s:.2f}+{m.sys_s:.2f})")
+        cells += [f"{cp.sync_s:.2f}", f"{w:.2f}x", f"{d:.2f}x", f"{c:.2f}x", f"{ps['ours'][i].load_before:.1f}"]
+        rows.append(cells)
+    med = statistics.median
+    cells = ["median"]
+    for tool in ps:
+        ms = ps[tool][:n]
+        wall, user, sys_ = med(m.wall_s for m in ms), med(m.user_s for m in ms), med(m.sys_s for m in ms)
+        cells.append(f"{wall:.2f} ({user:.2f}+{sys_:.2f})")
+    cells += [
+        f"{med(m.sync_s for m in ps['cp'][:n]):.2f}",
+        f"{med(wall_r):.2f}x",
+        f"{med(durable_r):.2f}x",
+        f"{med(cpu_r):.2f}x",
+        f"{med(m.load_before for m in ps['ours'][:n]):.1f}",
+    ]
+    rows.append(cells)
+    head = ["pair"] + [f"{t} wall (user+sys) s" for t in ps]
+    head += ["cp sync s", "ours/cp wall", "ours/(cp+sync) wall", "ours/cp CPU", "load before ours"]
+    return f"cold pairs, {_model(s)}:\n" + table(head, rows)
+
+
 def report(sizes: list[dict], args: argparse.Namespace) -> str:
     label = {
         "cp": "cp -r (floor)",
@@ -249,6 +346,8 @@ def report(sizes: list[dict], args: argparse.Namespace) -> str:
                     _model(s),
                     fmt(m.wall_s, 2),
                     fmt(m.cpu_s, 2),
+                    fmt(m.user_s, 2),
+                    fmt(m.sys_s, 2),
                     fmt(m.peak_rss_mb, 0),
                     fmt(m.sync_s, 2),
                     fmt(m.extra["out_bytes"] / 1e6, 0),
@@ -258,16 +357,27 @@ def report(sizes: list[dict], args: argparse.Namespace) -> str:
             )
     out = [
         table(
-            ["tool", "model", "wall s", "CPU s", "peak RSS MB", "sync s", "out MB", "load b/a", "status"],
+            ["tool", "model", "wall s", "CPU s", "user s", "sys s", "peak RSS MB", "sync s", "out MB", "load b/a"]
+            + ["status"],
             rows,
-            right={1, 2, 3, 4, 5, 6, 7},
+            right={1, 2, 3, 4, 5, 6, 7, 8, 9},
         )
     ]
     cache = {m.cache for s in sizes for m in s["results"].values()}
+    runs = f"median of {args.pairs} pairs for {', '.join(sizes[0]['pairs'])}, " if args.pairs else ""
     out.append(
-        f"page cache before each run: {', '.join(sorted(cache))}; best of {args.repeat} run(s) per tool;"
+        f"page cache before each run: {', '.join(sorted(cache))}; {runs}best of {args.repeat} run(s) per other tool;"
         f" load b/a = 1-min load average before/after the run ({os.cpu_count()} CPUs)"
+        + ("; one other CPU-bound process ran throughout (--busy)" if args.busy else "")
     )
+    out.append(
+        "CPU = user + sys of the process tree; sync s = a `sync` right after the run (cp leaves its output"
+        " dirty in the page cache; our merge fsyncs before its rename, inside its wall)"
+    )
+    for s in sizes:
+        if s["pairs"]:
+            out.append("")
+            out.append(pair_table(s))
     out.append("")
     ratio_rows = []
     for s in sizes:
@@ -326,6 +436,10 @@ def main(argv: list[str] | None = None) -> int:
         help="page cache before each run: drop (cold; falls back to warm without root), warm, none",
     )
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool, best kept")
+    ap.add_argument(
+        "--pairs", type=int, default=0, help="cp and ours (and --baseline-cmd) alternated N times; medians reported"
+    )
+    ap.add_argument("--busy", action="store_true", help="one other CPU-bound process runs during all the runs")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per command")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tool-cmd", help="how to call lora-convert (default: python -m lora_convert.cli)")
@@ -346,7 +460,11 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(
             json.dumps(
                 [
-                    {**s, "results": {k: {**asdict(m), "cpu_s": m.cpu_s} for k, m in s["results"].items()}}
+                    {
+                        **s,
+                        "results": {k: {**asdict(m), "cpu_s": m.cpu_s} for k, m in s["results"].items()},
+                        "pairs": {k: [{**asdict(m), "cpu_s": m.cpu_s} for m in v] for k, v in s["pairs"].items()},
+                    }
                     for s in sizes
                 ],
                 indent=2,

@@ -260,7 +260,8 @@ def _stages(jobs: list[Job], buffers: Buffers) -> Iterator[tuple[str, torch.Tens
             for i, r in enumerate(plan):
                 # Keep READAHEAD bytes requested ahead (POSIX_FADV_WILLNEED): the disk keeps working
                 # while this thread waits for a free slot; the kernel's own readahead stalls with
-                # the reader (bench/README.md).
+                # the reader (bench/README.md).  Blocks read around the page cache (io/direct.py) skip
+                # the hint: they are already read one large window at a time.
                 while asked < len(plan) and window < READAHEAD:
                     q = plan[asked]
                     q.ck.prefetch(q.key, q.start, q.stop, flat=q.flat)

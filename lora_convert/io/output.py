@@ -94,6 +94,35 @@ def rename_noreplace(src: Path, dst: Path) -> None:
     os.rename(src, dst)
 
 
+def sync_tree(path: Path) -> None:
+    """``fsync`` every file under ``path`` (or the one file) and every folder, deepest first: the output is on
+    the disk before it is renamed into place, so a crash after the rename never leaves a folder of empty or
+    short files under the final name.  Files the safetensors writer wrote are synced already (cheap again)."""
+    if not path.is_dir():
+        _fsync_path(path, os.O_RDONLY)
+        return
+    for root, _dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            _fsync_path(Path(root) / name, os.O_RDONLY | os.O_NOFOLLOW)
+        _fsync_path(Path(root), os.O_RDONLY | os.O_DIRECTORY)
+
+
+def _fsync_path(path: Path, flags: int) -> None:
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.ENOENT):  # a link, a socket, gone: nothing of ours
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EROFS):  # a file system without fsync for this kind of file
+            raise
+    finally:
+        os.close(fd)
+
+
 # -- identities, markers, locks ---------------------------------------------------------------------
 
 
@@ -535,6 +564,12 @@ class AtomicOutput:
         assert self.tmp is not None
         t = self.target
         trash: Path | None = None
+        try:
+            sync_tree(self._done())
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutputError("disk full while writing; nothing was written", path=t) from None
+            raise OutputError(f"write failed: {exc.strerror or exc}; nothing was written", path=t) from None
         with _DirLock(t.parent):  # concurrent runs in this folder take turns from here
             now = _identity(t)
             if now is not None and now != self._start_id:
@@ -570,6 +605,10 @@ class AtomicOutput:
                 raise OutputError(
                     f"cannot move the finished {what} into place: {exc.strerror}" + kept, path=t
                 ) from None
+            try:  # the rename itself reaches the disk (best effort: the output is in place either way)
+                _fsync_path(t.parent if str(t.parent) else Path("."), os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                pass
         return trash
 
     def _move_aside(self, t: Path) -> Path:

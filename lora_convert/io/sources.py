@@ -15,6 +15,7 @@ we hold, and a file that ends early is a :class:`CheckpointError` naming the fil
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
@@ -25,10 +26,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError, UnsafeInputError
+from . import direct as direct_io
 from .safetensors_format import MAX_TENSORS, TensorInfo, check_name, dtype_name, read_header, too_many
 
 if TYPE_CHECKING:
     import torch
+
+DIRECT_MIN = 256 << 10  # reads at least this large go around the page cache (io/direct.py); smaller ones through it
 
 
 class TensorSource:
@@ -87,6 +91,8 @@ class _LazyFile:
         self.path = path
         self._fh: Any = None
         self._lock = threading.Lock()
+        self._direct: direct_io.DirectReader | None = None  # opened on the first large read
+        self._refused = False  # the file system refuses O_DIRECT: plain reads only
 
     def fileno(self, tensor: str) -> int:
         if self._fh is None:
@@ -98,10 +104,62 @@ class _LazyFile:
                         raise CheckpointError(f"cannot open: {exc.strerror}", path=self.path, tensor=tensor) from None
         return self._fh.fileno()
 
+    def direct(self, tensor: str) -> direct_io.DirectReader | None:
+        """A reader that bypasses the page cache (io/direct.py), or None where the file system refuses it."""
+        if self._direct is None and not self._refused:
+            plain = self.fileno(tensor)
+            with self._lock:
+                if self._direct is None and not self._refused:
+                    try:
+                        if not direct_io.O_DIRECT or direct_io.DISABLED:
+                            raise OSError(errno.EINVAL, "no O_DIRECT")
+                        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | direct_io.O_DIRECT)
+                    except OSError:  # EINVAL: no O_DIRECT on this file system
+                        self._refused = True
+                    else:
+                        self._direct = direct_io.DirectReader(plain, fd)
+        return self._direct
+
+    def no_direct(self) -> None:
+        """The file system took the direct open but refused a direct read: plain reads from now on."""
+        with self._lock:
+            self._refused = True
+            self._close_direct()
+
+    def _close_direct(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
+            os.close(self._direct.direct)
+            self._direct = None
+
     def close(self) -> None:
+        with self._lock:
+            self._close_direct()
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def _read_direct(file: _LazyFile, offset: int, nbytes: int, buf: torch.Tensor | None, name: str) -> torch.Tensor | None:
+    """A large read through :class:`~lora_convert.io.direct.DirectReader`; None where direct reads are
+    refused (the caller reads plainly)."""
+    reader = file.direct(name) if nbytes >= DIRECT_MIN else None
+    if reader is None:
+        return None
+    if buf is None:
+        buf = _empty_bytes(nbytes)
+    try:
+        got = reader.read_into(buf.numpy().data[:nbytes], offset)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            file.no_direct()
+            return None
+        raise CheckpointError(f"cannot read: {exc.strerror}", path=file.path, tensor=name) from None
+    if got != nbytes:
+        raise CheckpointError(
+            "file ended while reading this tensor (truncated after opening?)", path=file.path, tensor=name
+        )
+    return buf
 
 
 class SafetensorsSource(TensorSource):
@@ -121,11 +179,17 @@ class SafetensorsSource(TensorSource):
         return self._file.fileno(info.name)
 
     def read_into(self, info: TensorInfo, start: int, nbytes: int, buf: torch.Tensor | None) -> torch.Tensor:
+        got = _read_direct(self._file, info.offset + start, nbytes, buf, info.name)
+        if got is not None:
+            return got
         return _pread_exact(self._fileno(info), info.offset + start, nbytes, buf, self.path, info.name)
 
     def prefetch(self, info: TensorInfo, start: int, nbytes: int) -> None:
-        """``POSIX_FADV_WILLNEED``: the disk starts reading while we compute on the previous block."""
+        """``POSIX_FADV_WILLNEED``: the disk starts reading while we compute on the previous block.  Not
+        for reads that go around the page cache (they would read the same bytes twice)."""
         if not nbytes or not hasattr(os, "posix_fadvise"):
+            return
+        if nbytes >= DIRECT_MIN and self._file.direct(info.name) is not None:
             return
         try:
             os.posix_fadvise(self._fileno(info), info.offset + start, nbytes, os.POSIX_FADV_WILLNEED)
@@ -195,6 +259,9 @@ class BinSource(TensorSource):
     def read_into(self, info: TensorInfo, start: int, nbytes: int, buf: torch.Tensor | None) -> torch.Tensor:
         if info.name in self._offsets and self._tensors[info.name].is_contiguous():
             offset = self._span(info.name)[0]
+            got = _read_direct(self._file, offset + start, nbytes, buf, info.name)
+            if got is not None:
+                return got
             return _pread_exact(self._fileno(info.name), offset + start, nbytes, buf, self.path, info.name)
         piece = self._bytes_of(info.name)[start : start + nbytes]
         return piece.clone() if buf is None else buf.copy_(piece)
