@@ -222,6 +222,7 @@ def _write(req: Request, to: str, warnings: list[str], out: Output) -> ConvertRe
     from .assemble import write_output
     from .routes import planner
 
+    _lora_only(req, to)
     plan = planner(req.inventory.form, to, path=req.source.root)(req)
     plan.warnings[:0] = warnings
     return write_output(plan, req, out)
@@ -236,9 +237,17 @@ def _describe(req: Request, to: str, warnings: list[str], out: Output) -> DryRun
         raise OptionError(
             f"{option_name('dry_run')} is not available for extraction yet: its planner runs the SVDs while planning"
         )
+    _lora_only(req, to)
     plan = planner(req.inventory.form, to, path=req.source.root)(req)
     plan.warnings[:0] = warnings
     return describe(plan, req, out)
+
+
+def _lora_only(req: Request, to: str) -> None:
+    """LoHa/LoKr/full-diff modules (LyCORIS files) go to a merge or a kohya file; other routes refuse them."""
+    from .routes.tuner_terms import refuse_tuners
+
+    refuse_tuners(((a.inventory, a.name, a.ck.root) for a in req.adapters_in()), to)
 
 
 def merge(
@@ -364,6 +373,7 @@ def combine(
     specs = combine_specs(None, adapters, weights)
     opts = CombineOptions(method, density, rank, seed, svd_clamp, majority_sign).validate()
     with open_request(None, "combine", adapters=specs, progress=progress) as (req, warnings):
+        _lora_only(req, "combine")
         plan = plan_combine(req, opts)
         plan.warnings[:0] = warnings
         if dry_run:

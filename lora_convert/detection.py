@@ -28,6 +28,9 @@ class ModuleGroup:
     ranks: list[int]
     alphas: list[float]
     scalings: list[float]
+    # LyCORIS files: the algorithm of each module of the group (lora, loha, lokr, full); None (and left out of
+    # the JSON) where every module is LoRA
+    algorithms: list[str] | None = None
 
 
 @dataclass
@@ -85,7 +88,12 @@ class DetectResult:
     quantization: dict[str, Any] | None = None  # a quantized checkpoint: scheme, weights, bytes (io/quantized.summary)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        for a in d["adapters"]:
+            for g in a["modules"]:
+                if g["algorithms"] is None:
+                    del g["algorithms"]
+        return d
 
 
 def _summarise(
@@ -96,6 +104,9 @@ def _summarise(
     params = 0
     for m in mods.values():
         groups.setdefault(m.name, []).append(m)
+        if m.tuner != "lora":  # another algorithm's tensors, counted as stored (alpha is no parameter)
+            params += sum(ck.info(k).numel for role, k in m.factors.items() if role != "alpha")
+            continue
         params += m.stored_rank * (m.in_features + m.out_features)
         if m.magnitude_key:
             params += m.out_features
@@ -105,6 +116,7 @@ def _summarise(
     for g, ms in sorted(groups.items()):
         alphas = sorted({cfg.alpha_for(m.config_key) for m in ms}) if cfg else []
         scal = sorted({round(m.scaling, 6) for m in ms if m.scaling is not None})
+        algos = sorted({m.tuner for m in ms})
         mg.append(
             ModuleGroup(
                 g,
@@ -113,6 +125,7 @@ def _summarise(
                 sorted({m.rank for m in ms}),
                 alphas,
                 scal,
+                None if algos == ["lora"] else algos,
             )
         )
     replace = inv.replace.get(name, {})
@@ -141,7 +154,7 @@ def _summarise(
         lora_alpha=cfg.lora_alpha if cfg else None,
         use_rslora=bool(cfg.use_rslora) if cfg else False,
         dora=any(m.magnitude_key for m in mods.values()),
-        lora_bias=any(m.bias_key for m in mods.values()),
+        lora_bias=any(m.bias_key for m in mods.values() if m.tuner == "lora"),  # (a full diff's diff_b is none)
         modules_to_save=sorted({k.rsplit(".", 1)[0] for k in replace if k not in inv.saved_layers.get(name, ())}),
         saved_layers=sorted(inv.saved_layers.get(name, ())),
         trainable_tokens=tokens,
