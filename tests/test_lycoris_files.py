@@ -30,7 +30,7 @@ from lycoris.modules.lokr import LokrModule
 from lycoris.wrapper import LycorisNetwork
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from tiny import UNET_XL, unet, unet_out
+from tiny import UNET_XL, clip_text, unet, unet_out
 
 import lora_convert as lc
 
@@ -131,6 +131,53 @@ def test_a_lycoris_file_merges_as_lycoris_applies_it(tmp_path):
     got = _merged(tmp_path / "merged")
     assert (got - want).abs().max().item() <= TOL
     assert (unet_out(unet()) - want).abs().max().item() > 0.1  # the file does something
+    assert lc.verify(tmp_path / "merged", base=tmp_path / "unet", adapter=tmp_path / "k").ok  # verify knows each ΔW
+    assert not lc.verify(tmp_path / "unet", base=tmp_path / "unet", adapter=tmp_path / "k").ok
+
+
+def test_text_encoder_lycoris_modules_merge_into_the_text_encoder(tmp_path):
+    """LoHa and LoKr on CLIP's attention and MLP, kohya-named from ``text_model`` (``lora_te_text_model_...``), in
+    one file with UNet modules: the text encoder's merge equals the LyCORIS modules applied, the UNet part is
+    left out and said so."""
+    from transformers import CLIPTextModel
+
+    te = clip_text()
+    te.save_pretrained(str(tmp_path / "text_encoder"))
+    named = dict(te.named_modules())
+    torch.manual_seed(4)
+    specs = {
+        "text_model.encoder.layers.0.self_attn.q_proj": (LohaModule, dict(lora_dim=2, alpha=3)),
+        "text_model.encoder.layers.1.mlp.fc1": (LokrModule, dict(lora_dim=1, alpha=2, factor=4)),
+    }
+    sd, mods = {}, []
+    for mod, (cls, kw) in specs.items():
+        path = mod if mod in named else mod.removeprefix("text_model.")  # transformers 5 may save CLIP without it
+        m = cls("lora_te_" + mod.replace(".", "_"), named[path], 1.0, **kw)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if n != "scalar":
+                    p.normal_(0, 0.3)
+        sd.update({f"{m.lora_name}.{k}": v.detach().clone() for k, v in m.custom_state_dict().items()})
+        mods.append(m)
+    for m in mods:
+        m.apply_to()
+    with torch.no_grad():
+        want = te(CLIP_SEQ).last_hidden_state
+    for m in mods:
+        m.restore()
+    unet_part, _ = lycoris_file(unet(), {f"{ATTN}.attn1.to_q": SPECS[f"{ATTN}.attn1.to_q"]})
+    (tmp_path / "k").mkdir()
+    save_file(sd | unet_part, str(tmp_path / "k" / "lyco.safetensors"))
+    res = lc.merge(tmp_path / "k", base=tmp_path / "text_encoder", output=tmp_path / "merged")
+    assert any(w.startswith("1 module of 'unet' left out") for w in res.warnings), res.warnings
+    with torch.no_grad():
+        got = CLIPTextModel.from_pretrained(str(tmp_path / "merged")).eval()(CLIP_SEQ).last_hidden_state
+    assert (got - want).abs().max().item() <= TOL
+    with torch.no_grad():
+        assert (te(CLIP_SEQ).last_hidden_state - want).abs().max().item() > 0.01
+
+
+CLIP_SEQ = torch.tensor([[0, 5, 9, 17, 33, 2]])
 
 
 def test_tucker_lokr_merges_as_the_lycoris_module_computes_it(tmp_path):
