@@ -22,7 +22,8 @@ and the table gives wall s, CPU s, peak RSS MB, the ratios, and how far the merg
 from an fp32 reference (W + alpha/r · up·down, rounded once to fp16).
 
 ``--algo loha`` / ``--algo lokr``: the same modules as a LyCORIS file instead (LoHa rank 32 Linear / 8 conv;
-LoKr with LyCORIS's default factorisation, w1 whole and w2 = w2_a·w2_b of rank 8 / 4; alpha = rank, so
+LoKr with LyCORIS's default factorisation, w1 whole and w2 = w2_a·w2_b of rank 8 (Linear) or whole (conv);
+alpha = rank, so
 lycoris-lora's ``merge_to``, which applies alpha/rank twice, merges the same ΔW), and the third tool is
 lycoris-lora's own merge (``python bench/lycoris_merge.py BASE LORA OUT``) instead of diffusers, which does not
 load these files.
@@ -173,9 +174,14 @@ def lycoris_entries(base: Path, algo: str) -> dict[str, tuple[int, ...]]:
                 out[f"{name}.hada_w{i}_a"], out[f"{name}.hada_w{i}_b"] = (shape[0], r), (r, cols)
         else:
             (a, b), (c, d) = factorization(shape[0], -1), factorization(shape[1], -1)
-            kk = cols // shape[1]
-            r = min(r, (max(b, d) - 1) // 2)  # below half of w2's larger side, or LyCORIS builds w2 whole
-            out[f"{name}.lokr_w1"], out[f"{name}.lokr_w2_a"], out[f"{name}.lokr_w2_b"] = (a, c), (b, r), (r, d * kk)
+            out[f"{name}.lokr_w1"] = (a, c)
+            if len(shape) > 2:  # conv: w2 whole (b, d, k, k), as LyCORIS keeps it at a large conv_dim; with
+                # w2_a/w2_b lycoris-lora 4.1.3 cannot load its own file where in ≠ out (up_blocks.1.resnets.0.conv1:
+                # make_module_from_state_dict guesses the factor from w2_b's d·k·k columns)
+                out[f"{name}.lokr_w2"] = (b, d, *shape[2:])
+            else:
+                r = min(r, (max(b, d) - 1) // 2)  # below half of w2's larger side, or LyCORIS builds w2 whole
+                out[f"{name}.lokr_w2_a"], out[f"{name}.lokr_w2_b"] = (b, r), (r, d)
         out[f"{name}.alpha"] = ()
     return out
 
@@ -186,11 +192,9 @@ def make_lycoris(base: Path, seed: int, algo: str) -> Path:
     def build(folder: Path) -> None:
         def produce(key: str) -> torch.Tensor:
             shape = entries[key]
-            if not shape:
-                return torch.tensor(
-                    float(entries[key.replace(".alpha", ".hada_w1_b" if algo == "loha" else ".lokr_w2_b")][0]),
-                    dtype=torch.float16,
-                )
+            if not shape:  # alpha = rank (scale 1; both LoKr sides whole: LyCORIS's scale is 1 anyway)
+                rank = entries.get(key.replace(".alpha", ".hada_w1_b" if algo == "loha" else ".lokr_w2_b"), (1,))[0]
+                return torch.tensor(float(rank), dtype=torch.float16)
             std = 0.1 if key.endswith(("_a", "lokr_w1")) else 0.05
             return torch.randn(shape, generator=synth._gen(seed, algo, key)).mul_(std).to(torch.float16)
 
@@ -204,8 +208,10 @@ def lycoris_delta(fl: TensorFolder, name: str, algo: str, shape: tuple[int, ...]
     if algo == "loha":
         w1 = fl.get(f"{name}.hada_w1_a").float() @ fl.get(f"{name}.hada_w1_b").float()
         return (w1 * (fl.get(f"{name}.hada_w2_a").float() @ fl.get(f"{name}.hada_w2_b").float())).reshape(shape)
-    w2 = fl.get(f"{name}.lokr_w2_a").float() @ fl.get(f"{name}.lokr_w2_b").float()
-    return torch.kron(fl.get(f"{name}.lokr_w1").float(), w2).reshape(shape)
+    w1 = fl.get(f"{name}.lokr_w1").float()
+    if len(shape) > 2:  # w2 whole (b, d, k, k): kron with w1 as a 1×1 kernel
+        return torch.kron(w1[:, :, None, None], fl.get(f"{name}.lokr_w2").float())
+    return torch.kron(w1, fl.get(f"{name}.lokr_w2_a").float() @ fl.get(f"{name}.lokr_w2_b").float())
 
 
 def compare(base: Path, lora: Path, outs: dict[str, Path], algo: str = "lora") -> list[str]:
