@@ -21,6 +21,13 @@ Each tool runs as a child process with the page cache dropped before it (see mea
 and the table gives wall s, CPU s, peak RSS MB, the ratios, and how far the merged tensors of each lie
 from an fp32 reference (W + alpha/r · up·down, rounded once to fp16).
 
+``--algo loha`` / ``--algo lokr``: the same modules as a LyCORIS file instead (LoHa rank 32 Linear / 8 conv;
+LoKr with LyCORIS's default factorisation, w1 whole and w2 = w2_a·w2_b of rank 8 (Linear) or whole (conv);
+alpha = rank, so
+lycoris-lora's ``merge_to``, which applies alpha/rank twice, merges the same ΔW), and the third tool is
+lycoris-lora's own merge (``python bench/lycoris_merge.py BASE LORA OUT``) instead of diffusers, which does not
+load these files.
+
     python bench/bench_kohya.py                  # SDXL size
     python bench/bench_kohya.py --size tiny      # seconds: checks the script end to end
 """
@@ -150,7 +157,64 @@ def make_lora(base: Path, seed: int) -> Path:
     return synth._cached(CACHE / f"{base.name}-lora", {"base": base.name, "seed": seed}, build, False, False)
 
 
-def compare(base: Path, lora: Path, outs: dict[str, Path]) -> list[str]:
+RANKS = {"loha": (32, 8), "lokr": (8, 4)}  # (Linear, conv) rank of the LyCORIS files
+
+
+def lycoris_entries(base: Path, algo: str) -> dict[str, tuple[int, ...]]:
+    """key -> shape of the LyCORIS file of ``algo`` on the benchmark's modules (alpha = rank: scale 1)."""
+    from lycoris.functional.general import factorization
+
+    out: dict[str, tuple[int, ...]] = {}
+    for mod, (shape, lr, _) in lora_modules(base).items():
+        name = "lora_unet_" + mod.replace(".", "_")
+        r = RANKS[algo][0 if lr == 32 else 1]
+        cols = int(torch.tensor(shape[1:]).prod())
+        if algo == "loha":
+            for i in ("1", "2"):
+                out[f"{name}.hada_w{i}_a"], out[f"{name}.hada_w{i}_b"] = (shape[0], r), (r, cols)
+        else:
+            (a, b), (c, d) = factorization(shape[0], -1), factorization(shape[1], -1)
+            out[f"{name}.lokr_w1"] = (a, c)
+            if len(shape) > 2:  # conv: w2 whole (b, d, k, k), as LyCORIS keeps it at a large conv_dim; with
+                # w2_a/w2_b lycoris-lora 4.1.3 cannot load its own file where in ≠ out (up_blocks.1.resnets.0.conv1:
+                # make_module_from_state_dict guesses the factor from w2_b's d·k·k columns)
+                out[f"{name}.lokr_w2"] = (b, d, *shape[2:])
+            else:
+                r = min(r, (max(b, d) - 1) // 2)  # below half of w2's larger side, or LyCORIS builds w2 whole
+                out[f"{name}.lokr_w2_a"], out[f"{name}.lokr_w2_b"] = (b, r), (r, d)
+        out[f"{name}.alpha"] = ()
+    return out
+
+
+def make_lycoris(base: Path, seed: int, algo: str) -> Path:
+    entries = lycoris_entries(base, algo)
+
+    def build(folder: Path) -> None:
+        def produce(key: str) -> torch.Tensor:
+            shape = entries[key]
+            if not shape:  # alpha = rank (scale 1; both LoKr sides whole: LyCORIS's scale is 1 anyway)
+                rank = entries.get(key.replace(".alpha", ".hada_w1_b" if algo == "loha" else ".lokr_w2_b"), (1,))[0]
+                return torch.tensor(float(rank), dtype=torch.float16)
+            std = 0.1 if key.endswith(("_a", "lokr_w1")) else 0.05
+            return torch.randn(shape, generator=synth._gen(seed, algo, key)).mul_(std).to(torch.float16)
+
+        synth.write_safetensors(folder / "lora.safetensors", list(entries.items()), produce, torch.float16)
+
+    return synth._cached(CACHE / f"{base.name}-{algo}", {"base": base.name, "seed": seed}, build, False, False)
+
+
+def lycoris_delta(fl: TensorFolder, name: str, algo: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """fp32 ΔW of one module of a LyCORIS file, by the formula (scale 1: alpha = rank)."""
+    if algo == "loha":
+        w1 = fl.get(f"{name}.hada_w1_a").float() @ fl.get(f"{name}.hada_w1_b").float()
+        return (w1 * (fl.get(f"{name}.hada_w2_a").float() @ fl.get(f"{name}.hada_w2_b").float())).reshape(shape)
+    w1 = fl.get(f"{name}.lokr_w1").float()
+    if len(shape) > 2:  # w2 whole (b, d, k, k): kron with w1 as a 1×1 kernel
+        return torch.kron(w1[:, :, None, None], fl.get(f"{name}.lokr_w2").float())
+    return torch.kron(w1, fl.get(f"{name}.lokr_w2_a").float() @ fl.get(f"{name}.lokr_w2_b").float())
+
+
+def compare(base: Path, lora: Path, outs: dict[str, Path], algo: str = "lora") -> list[str]:
     """Max abs difference to the fp32 reference on a few merged tensors (Linear and conv)."""
     fb, fl = TensorFolder(base), TensorFolder(lora.parent)
     mods = lora_modules(base)
@@ -160,10 +224,13 @@ def compare(base: Path, lora: Path, outs: dict[str, Path]) -> list[str]:
     lines = []
     for mod in picks:
         name = "lora_unet_" + mod.replace(".", "_")
-        down, up = fl.get(f"{name}.lora_down.weight").float(), fl.get(f"{name}.lora_up.weight").float()
-        alpha, r = fl.get(f"{name}.alpha").float().item(), down.shape[0]
         w = fb.get(f"{mod}.weight").float()
-        delta = (up.reshape(up.shape[0], r) @ down.reshape(r, -1)).reshape(w.shape) * (alpha / r)
+        if algo != "lora":
+            delta = lycoris_delta(fl, name, algo, tuple(w.shape))
+        else:
+            down, up = fl.get(f"{name}.lora_down.weight").float(), fl.get(f"{name}.lora_up.weight").float()
+            alpha, r = fl.get(f"{name}.alpha").float().item(), down.shape[0]
+            delta = (up.reshape(up.shape[0], r) @ down.reshape(r, -1)).reshape(w.shape) * (alpha / r)
         ref = (w + delta).to(torch.float16).float()
         parts = [f"{mod:<70}"]
         for tool, f in folders.items():
@@ -175,7 +242,8 @@ def compare(base: Path, lora: Path, outs: dict[str, Path]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="sdxl")
-    ap.add_argument("--skip-diffusers", action="store_true")
+    ap.add_argument("--algo", choices=("lora", "loha", "lokr"), default="lora", help="the file's algorithm")
+    ap.add_argument("--skip-diffusers", action="store_true", help="(and, with --algo loha/lokr, lycoris-lora)")
     ap.add_argument("--keep", action="store_true", help=f"keep the outputs under {OUT_ROOT}")
     ap.add_argument("--cache", choices=("drop", "warm", "none"), default="drop")
     ap.add_argument("--timeout", type=float, default=3600)
@@ -186,27 +254,29 @@ def main(argv: list[str] | None = None) -> int:
         print("[bench] cannot drop the page cache (not root?): warming inputs before each run instead", file=sys.stderr)
     t0 = time.perf_counter()
     base = make_base(args.size, args.seed)
-    lora = make_lora(base, args.seed) / "lora.safetensors"
+    lycoris = args.algo != "lora"
+    lora = (make_lycoris(base, args.seed, args.algo) if lycoris else make_lora(base, args.seed)) / "lora.safetensors"
     print(
         f"[bench] inputs ready in {time.perf_counter() - t0:.1f} s (UNet {folder_bytes(base) / 1e9:.2f} GB, "
         f"LoRA {folder_bytes(lora) / 1e6:.0f} MB)",
         file=sys.stderr,
     )
-    out_root = OUT_ROOT / f"kohya-{args.size}"
+    out_root = OUT_ROOT / f"kohya-{args.size}{'-' + args.algo if lycoris else ''}"
     out_root.mkdir(parents=True, exist_ok=True)
-    outs = {t: out_root / t for t in ("cp", "ours", "diffusers")}
+    lib = "lycoris" if lycoris else "diffusers"  # the library's own merge
+    outs = {t: out_root / t for t in ("cp", "ours", lib)}
     cmds = {
         "cp": ["cp", "-r", str(base), str(outs["cp"])],
         "ours": lora_convert_cmd(args.tool_cmd) + ["merge", str(lora), "--base", str(base), "-o", str(outs["ours"])],
-        "diffusers": [
+        lib: [
             sys.executable,
-            str(BENCH_DIR / "diffusers_fuse.py"),
+            str(BENCH_DIR / ("lycoris_merge.py" if lycoris else "diffusers_fuse.py")),
             str(base),
             str(lora),
-            str(outs["diffusers"]),
+            str(outs[lib]),
         ],
     }
-    tools = ["cp", "ours"] + ([] if args.skip_diffusers else ["diffusers"])
+    tools = ["cp", "ours"] + ([] if args.skip_diffusers else [lib])
     results: dict[str, Measurement] = {}
     for tool in tools:
         results[tool] = measure_tool(
@@ -226,19 +296,22 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(table(["tool", "wall s", "CPU s", "peak RSS MB", "out MB", "load b/a", "status"], rows))
     cache = {m.cache for m in results.values()}
-    print(f"UNet size {args.size}; page cache before each run: {', '.join(sorted(cache))} ({os.cpu_count()} CPUs)")
+    print(
+        f"UNet size {args.size}, {args.algo}; page cache before each run: {', '.join(sorted(cache))} ({os.cpu_count()} CPUs)"
+    )
 
     def g(tool: str, attr: str) -> float | None:
         m = results.get(tool)
         return getattr(m, attr) if m is not None and m.ok else None
 
     print(
-        f"merge wall / cp wall {ratio(g('ours', 'wall_s'), g('cp', 'wall_s'))}; diffusers wall / merge wall "
-        f"{ratio(g('diffusers', 'wall_s'), g('ours', 'wall_s'))}; diffusers RSS / merge RSS "
-        f"{ratio(g('diffusers', 'peak_rss_mb'), g('ours', 'peak_rss_mb'))}"
+        f"merge wall / cp wall {ratio(g('ours', 'wall_s'), g('cp', 'wall_s'))}; {lib} wall / merge wall "
+        f"{ratio(g(lib, 'wall_s'), g('ours', 'wall_s'))}; {lib} RSS / merge RSS "
+        f"{ratio(g(lib, 'peak_rss_mb'), g('ours', 'peak_rss_mb'))}"
     )
-    print("merged tensors, max abs diff to fp32 W + alpha/r·up·down rounded once to fp16:")
-    for line in compare(base, lora, {t: outs[t] for t in ("ours", "diffusers") if t in results}):
+    what = "ΔW by its formula" if lycoris else "alpha/r·up·down"
+    print(f"merged tensors, max abs diff to fp32 W + {what} rounded once to fp16:")
+    for line in compare(base, lora, {t: outs[t] for t in ("ours", lib) if t in results}, args.algo):
         print("  " + line)
     if not args.keep:
         for p in outs.values():

@@ -28,6 +28,9 @@ class ModuleGroup:
     ranks: list[int]
     alphas: list[float]
     scalings: list[float]
+    # LyCORIS files: the algorithm of each module of the group (lora, loha, lokr, full); None (and left out of
+    # the JSON) where every module is LoRA
+    algorithms: list[str] | None = None
 
 
 @dataclass
@@ -91,6 +94,9 @@ class DetectResult:
         for a in out["adapters"]:  # only another tuner's adapters carry the key: LoRA documents stay as they were
             if not a["tuner"]:
                 del a["tuner"]
+            for g in a["modules"]:  # only LyCORIS files say which algorithm each module group uses
+                if g["algorithms"] is None:
+                    del g["algorithms"]
         return out
 
 
@@ -117,6 +123,7 @@ def _summarise(
     for g, ms in sorted(groups.items()):
         alphas = sorted({cfg.alpha_for(m.config_key) for m in ms}) if cfg else []
         scal = sorted({round(m.scaling, 6) for m in ms if m.scaling is not None})
+        algos = sorted({m.tuner for m in ms})
         mg.append(
             ModuleGroup(
                 g,
@@ -125,6 +132,7 @@ def _summarise(
                 sorted({m.rank for m in ms}),
                 alphas,
                 scal,
+                None if algos == ["lora"] else algos,
             )
         )
     replace = inv.replace.get(name, {})
@@ -153,7 +161,7 @@ def _summarise(
         lora_alpha=cfg.lora_alpha if cfg else None,
         use_rslora=bool(cfg.use_rslora) if cfg else False,
         dora=any(m.magnitude_key for m in mods.values()),
-        lora_bias=any(m.bias_key for m in mods.values()),
+        lora_bias=any(m.bias_key for m in mods.values() if m.tuner == "lora"),  # (a full diff's diff_b is none)
         modules_to_save=sorted({k.rsplit(".", 1)[0] for k in replace if k not in inv.saved_layers.get(name, ())}),
         saved_layers=sorted(inv.saved_layers.get(name, ())),
         trainable_tokens=tokens,
@@ -335,7 +343,7 @@ def tuner_summary(modules: Iterable[LoraModule], cfg: AdapterConfig | None) -> d
     """A LoHa/LoKr adapter's type and what shapes its ΔW: the config's conv and decomposition switches and,
     per factor layout (``hada_w1_a+hada_w1_b+...``), how many modules use it."""
     tuned = [m for m in modules if m.tuner != "lora"]
-    if not tuned:
+    if not tuned or cfg is None or cfg.peft_type not in TUNER_PEFT_TYPES:  # LyCORIS files say it per module group
         return {}
     layouts: dict[str, int] = {}
     for m in tuned:

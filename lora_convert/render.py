@@ -84,6 +84,10 @@ def _adapter(a: Any) -> None:
         for g in a.modules
     ]
     head = ["module", "count", "layers", "rank", "alpha", "scaling"]
+    if any(g.algorithms for g in a.modules):  # a LyCORIS file: which algorithm each group's modules use
+        head.append("algorithm")
+        for row, g in zip(rows, a.modules, strict=True):
+            row.append(",".join(g.algorithms or ["lora"]))
     out.print(table(out, f"adapter '{a.name}'", head, rows))
     if a.experts:
         _experts(a.experts)

@@ -328,10 +328,10 @@ def test_a_name_the_base_spells_twice_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "key, error, message",
     [
-        ("lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a", lc.UnsupportedError, "LoHa is a LyCORIS variant"),
-        ("lora_unet_down_blocks_0_resnets_0_conv1.dora_scale", lc.UnsupportedError, "LyCORIS DoRA"),
+        ("lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a", lc.AdapterError, r"hada_w1_a \(loha\) beside"),
+        ("lora_unet_down_blocks_0_resnets_0_conv1.dora_scale", lc.UnsupportedError, "LyCORIS weight_decompose"),
         ("bundle_emb.my_token.string_to_param.*", lc.UnsupportedError, "textual-inversion embeddings"),
-        ("lora_unet_down_blocks_0_resnets_0_conv1.lora_up.bias", lc.AdapterError, "not a kohya LoRA key"),
+        ("lora_unet_down_blocks_0_resnets_0_conv1.lora_up.bias", lc.AdapterError, "not a kohya LoRA or LyCORIS key"),
     ],
 )
 def test_what_kohya_files_hold_beside_lora_is_refused_by_name(tmp_path, key, error, message):

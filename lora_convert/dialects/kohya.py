@@ -11,8 +11,10 @@ the module's path with every ``.`` written ``_``.
 * Names: each path is read back as ``<component>.<dotted path>`` with the module names diffusers and CLIP
   use (:data:`diffusion_names.KOHYA_COMPOUNDS`); the inventory is ``spelled``, so against a base the base's own
   tensor names settle every reading, and a reading the names alone cannot settle is marked ``unsure``.
-* Refused with the reason: LyCORIS variants (LoHa, LoKr, Tucker ``lora_mid``, ``dora_scale``, full
-  diffs) and bundled textual-inversion embeddings, which are not LoRA pairs.
+* LyCORIS's LoHa, LoKr and full-diff modules (same names, other tensors) are read beside LoRA pairs by
+  :mod:`.lycoris`, one algorithm per module, told by its tensors.
+* Refused with the reason: the LyCORIS variants not read (Tucker LoCon ``lora_mid``, ``dora_scale``
+  weight decomposition, OFT/BOFT, IA3, GLoRA, norms) and bundled textual-inversion embeddings.
 """
 
 from __future__ import annotations
@@ -25,22 +27,25 @@ from ..config import FP32_MAX, AdapterConfig
 from ..errors import AdapterError, LoraConvertError, UnsupportedError
 from ..inventory import DEFAULT_ADAPTER, Inventory, LoraModule
 from ..io.reader import Checkpoint
+from . import lycoris
 from .peft import conv_factors
 
 _PREFIX = "|".join(sorted(diffusion_names.KOHYA_PREFIXES, key=len, reverse=True))
-KEY = re.compile(rf"^(?P<prefix>{_PREFIX})_(?P<name>.+?)\.(?P<role>lora_down\.weight|lora_up\.weight|alpha)$")
+_ROLES = "|".join(["lora_down\\.weight", "lora_up\\.weight", "alpha", *lycoris.ROLES])
+KEY = re.compile(rf"^(?P<prefix>{_PREFIX})_(?P<name>.+?)\.(?P<role>{_ROLES})$")
 _COMPOUNDS = diffusion_names.KOHYA_COMPOUNDS | diffusion_names.KOHYA_SGM_COMPOUNDS
 _SPAN = max(c.count("_") + 1 for c in _COMPOUNDS)  # the most '_'-separated tokens one known name spans
 _ANY_PREFIX = re.compile(rf"^(?:{_PREFIX})_")
 MAX_NAME_CHARS = 1024  # real kohya module names are under 150 characters
-_LYCORIS = {
-    "hada_": "LoHa",
-    "lokr_": "LoKr",
+_LYCORIS = {  # the LyCORIS variants not read (LoHa, LoKr and full diffs are: dialects/lycoris.py)
     "lora_mid": "LoCon with Tucker decomposition (lora_mid)",
-    "dora_scale": "LyCORIS DoRA (dora_scale)",
-    "diff": "a full weight difference (diff)",
-    "oft_": "OFT",
+    "dora_scale": "LyCORIS weight_decompose (DoRA, dora_scale)",
+    "oft_": "OFT/BOFT",
     "ia3": "IA3",
+    "w_norm": "LyCORIS norm layers (w_norm)",
+    "b_norm": "LyCORIS norm layers (b_norm)",
+    "a1": "GLoRA",
+    "lokr_t1": "LoKr with lokr_t1 (no LyCORIS version builds one)",
 }
 
 
@@ -75,7 +80,12 @@ class KohyaDialect:
                     tensor=roles.get("lora_down.weight"),
                 )
             kohya_names[module] = f"{prefix}_{name}"
-            modules[module], alphas[module] = _module(ck, module, roles)
+            algo = lycoris.algorithm(ck, roles)
+            if algo == "lora":
+                modules[module], alphas[module] = _module(ck, module, roles)
+            else:
+                alpha = _alpha(ck, roles["alpha"]) if "alpha" in roles else None
+                modules[module], alphas[module] = lycoris.read_module(ck, module, roles, algo, alpha)
             if not sure:
                 inv.unsure.add(module)
         if not modules:
@@ -83,7 +93,7 @@ class KohyaDialect:
         inv.lora[DEFAULT_ADAPTER] = modules
         ranks = {m: lm.rank for m, lm in modules.items()}
         inv.configs[DEFAULT_ADAPTER] = AdapterConfig.for_modules(ranks, alphas, source=str(ck.root))
-        missing = [m for m in modules if f"{kohya_names[m]}.alpha" not in ck.tensors]
+        missing = [m for m in modules if f"{kohya_names[m]}.alpha" not in ck.tensors and modules[m].tuner != "full"]
         if missing:
             inv.warnings[DEFAULT_ADAPTER] = [
                 f"{len(missing)} module(s) without .alpha (e.g. {kohya_names[missing[0]]}): alpha = rank, "
@@ -109,13 +119,20 @@ def _refusal(ck: Checkpoint, key: str) -> LoraConvertError:
     for mark, what in _LYCORIS.items():
         if suffix.startswith(mark):
             return UnsupportedError(
-                f"{what} is a LyCORIS variant, not LoRA", path=ck.root, tensor=key, hint="only lora_down/lora_up pairs"
+                f"{what} is a LyCORIS variant lora-convert does not read",
+                path=ck.root,
+                tensor=key,
+                hint="LoRA pairs, LoHa, LoKr and full diffs are read",
             )
     if key.startswith("bundle_emb"):
         return UnsupportedError(
             "bundled textual-inversion embeddings are not LoRA", path=ck.root, tensor=key, hint="save them apart"
         )
-    return AdapterError("not a kohya LoRA key (lora_down.weight, lora_up.weight, alpha)", path=ck.root, tensor=key)
+    return AdapterError(
+        "not a kohya LoRA or LyCORIS key (lora_down.weight, lora_up.weight, alpha; hada_*, lokr_*, diff)",
+        path=ck.root,
+        tensor=key,
+    )
 
 
 def _module(ck: Checkpoint, module: str, roles: dict[str, str]) -> tuple[LoraModule, float]:

@@ -93,6 +93,8 @@ TUNER_ROUTES = frozenset(
 def _lora_only(plan: Planner, to: str) -> Planner:
     def checked(req: Request) -> Plan:
         for inp in req.adapters_in():
+            if inp.inventory.dialect == "kohya":  # LyCORIS files: merged or written back (tuner_terms.refuse_tuners)
+                continue
             tuned = [m for m in inp.inventory.modules(inp.name).values() if m.tuner != "lora"]
             if tuned:
                 word = {"loha": "LoHa", "lokr": "LoKr"}.get(tuned[0].tuner, tuned[0].tuner)

@@ -1,6 +1,8 @@
 """An adapter for a diffusion pipeline written as a kohya (sd-scripts) file or as diffusers' own LoRA file.
 
-* ``--to kohya``: ``lora.safetensors`` with ``lora_unet_<path>.lora_down.weight`` (= A, bytes untouched),
+* ``--to kohya``: a LyCORIS source's LoHa/LoKr/full modules keep every tensor as stored (``hada_*``,
+  ``lokr_*``, ``diff``/``diff_b`` and its own ``.alpha``), under the names below; LoRA pairs go as
+  ``lora.safetensors`` with ``lora_unet_<path>.lora_down.weight`` (= A, bytes untouched),
   ``.lora_up.weight`` (= B) and a 0-d float32 ``.alpha`` = scaling · rank, so that kohya's alpha / rank
   gives back every module's exact scaling (rsLoRA and patterns included); sd-scripts' ``ss_*`` metadata.
   Paths are diffusers' (``down_blocks_0_...``), which diffusers, ComfyUI and sd-scripts all read;
@@ -55,6 +57,12 @@ def plan_kohya(req: Request) -> Plan:
             path = "text_model." + path  # kohya's text-encoder names start at CLIP's text_model
         prefix = KOHYA_PREFIX.get(comp) or ("lora_te1" if two_encoders else "lora_te")
         name = f"{prefix}_{spelling(path)}"
+        if m.tuner != "lora":  # LyCORIS: every tensor under its own name, alpha as the file stores it
+            jobs.extend(
+                copy_job(req.source, k, f"{name}.{role}", None if role == "alpha" else dtype, op="lora")
+                for role, k in sorted(m.factors.items())
+            )
+            continue
         jobs.append(copy_job(req.source, m.a_key, f"{name}.lora_down.weight", dtype, op="lora"))
         jobs.append(copy_job(req.source, m.b_key, f"{name}.lora_up.weight", dtype, op="lora"))
         jobs.append(_scalar_job(f"{name}.alpha", m.alpha))
@@ -155,7 +163,7 @@ def _carried(req: Request, fmt: str) -> dict[str, LoraModule]:
     for m in modules.values():
         if m.kind == "embedding":
             raise UnsupportedError(f"embedding LoRA has no {fmt} form", path=where, tensor=m.module)
-        if fmt == "kohya" and (m.magnitude_key or m.bias_key):
+        if fmt == "kohya" and m.tuner == "lora" and (m.magnitude_key or m.bias_key):
             what = "DoRA" if m.magnitude_key else "lora_bias"
             raise UnsupportedError(f"{what} has no kohya LoRA form", path=where, tensor=m.magnitude_key or m.bias_key)
         assert m.scaling is not None, "the dialects resolve every module's scaling"
@@ -182,6 +190,10 @@ def _component_config(comp: str, mods: dict[str, LoraModule]) -> dict[str, objec
 def _kohya_metadata(req: Request, modules: dict[str, tuple[str, str]]) -> dict[str, str]:
     """sd-scripts' header fields (informational: the per-module ``.alpha`` tensors are what loaders use)."""
     mods = [req.inventory.modules(req.adapter)[m] for m in modules]
+    algos = sorted({m.tuner for m in mods} - {"lora"})
+    if algos:  # a LyCORIS file, as LyCORIS's kohya network writes its header
+        args = {"algo": algos[0]} if len(algos) == 1 else {"algo": "mixed: " + ", ".join(algos)}
+        return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(args)}
     cfg = AdapterConfig.for_modules({m.module: m.rank for m in mods}, {m.module: m.alpha for m in mods})
     meta = {
         "ss_network_module": "networks.lora",

@@ -1,4 +1,4 @@
-"""A LoHa or LoKr module's ΔW as the merge engine's row producer (:class:`lora_math.RowDelta`): its
+"""A LoHa, LoKr or full-diff module's ΔW as the merge engine's row producer (:class:`lora_math.RowDelta`): its
 factors read and checked against each other and the base weight, then handed to :mod:`..tuner_math`.
 
 PEFT builds LoHa and LoKr only on ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (its ``layers_mapping``):
@@ -9,18 +9,45 @@ rather than given a reading PEFT never defined.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
 from .. import lora_math, tuner_math
 from ..errors import AdapterError, UnsupportedError
-from ..inventory import LoraModule
+from ..inventory import Inventory, LoraModule
 from ..io.reader import Checkpoint
 from .common import check_finite
 
 LOHA_FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 LOHA_TUCKER = ("hada_t1", "hada_t2")
 LOKR_FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+
+# the outputs a module of another algorithm (LoHa, LoKr, full diff) can go to: a merge (its ΔW through
+# :func:`delta`), and a kohya file (LyCORIS's own layout, tensors copied); every other route takes LoRA pairs
+TUNER_OUTPUTS = frozenset({"merged", "kohya"})
+
+
+def refuse_tuners(inputs: Iterable[tuple[Inventory, str, Path]], to: str) -> None:
+    """Refuse by name a LyCORIS module (LoHa, LoKr, full diff in a kohya file) on a route that only knows LoRA
+    pairs (``to``: the output form, or ``combine``); ``inputs``: (inventory, adapter, where) of each adapter the
+    route reads."""
+    if to in TUNER_OUTPUTS:
+        return
+    for inv, name, where in inputs:
+        if inv.dialect != "kohya":  # PEFT's LoHa/LoKr adapters: routes.planner knows the routes that take them
+            continue
+        for m in inv.modules(name).values():
+            if m.tuner != "lora":
+                raise UnsupportedError(
+                    f"{m.tuner} module {m.module}: {'combining' if to == 'combine' else f'--to {to}'} takes "
+                    "LoRA modules only",
+                    path=where,
+                    tensor=m.a_key,
+                    hint="merge it into its base, or write it back with --to kohya",
+                )
 
 
 def _read(m: LoraModule, ck: Checkpoint, name: str) -> torch.Tensor | None:
@@ -54,6 +81,8 @@ def delta(
         return _loha(m, ck, scaling, base_shape)
     if m.tuner == "lokr":
         return _lokr(m, ck, scaling, base_shape)
+    if m.tuner == "full":
+        return _full(m, ck, scaling, base_shape)
     raise UnsupportedError(f"{m.tuner} module {m.module}: no merge for this tuner", path=ck.root, tensor=m.a_key)
 
 
@@ -128,3 +157,14 @@ def _lokr(m: LoraModule, ck: Checkpoint, scaling: float, shape: tuple[int, ...])
         return tuner_math.LokrDelta.build(sides[0][0], sides[1][0], scaling, shape, bounds=(sides[0][1], sides[1][1]))
     except ValueError as exc:
         raise _unfit(m, ck, f"{exc}") from None
+
+
+def _full(m: LoraModule, ck: Checkpoint, scaling: float, shape: tuple[int, ...]) -> lora_math.RowDelta:
+    """LyCORIS's full ``diff``: ΔW stored whole.  It is kron([[1]], diff), so :class:`~..tuner_math.LokrDelta`
+    serves its rows (and verify's bound: a side stored whole is exact) with no producer of its own."""
+    diff = _read(m, ck, "diff")
+    if diff is None:
+        raise _unfit(m, ck, "diff is missing")
+    if tuple(diff.shape) != tuple(shape):
+        raise _unfit(m, ck, f"diff {list(diff.shape)} is not the base weight's shape {list(shape)}", m.factors["diff"])
+    return tuner_math.LokrDelta.build(torch.ones(1, 1), diff, scaling, shape)
