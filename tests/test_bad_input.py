@@ -430,7 +430,7 @@ def test_inf_in_result(work):
 @pytest.mark.parametrize(
     "change,needle",
     [
-        ({"peft_type": "LOHA"}, "peft_type LOHA is not LoRA"),
+        ({"peft_type": "OFT"}, "peft_type OFT is not LoRA"),
         ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication"),
         ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights='pissa_niter_4' changes the base weights"),
         ({"init_lora_weights": "olora"}, "changes the base weights"),
