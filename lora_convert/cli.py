@@ -4,7 +4,6 @@ lives here: how a failure prints is ``cli_output``'s, how a result reads is ``re
 from __future__ import annotations
 
 import gc
-import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -12,29 +11,12 @@ from typing import Any
 
 import click
 
-from . import api, render
-from .bounds import MAX_SEED, MAX_SEQ_LEN
+from . import api, cli_args, render
+from .bounds import MAX_SEQ_LEN
 from .cli_output import fit_console, run_guarded, usage_error
-from .errors import OptionError
 from .render import err, out
 
 JSON_KEY = "lora_convert.json"  # ctx.meta: the command line asked for --json
-
-
-def _command_line(argv: list[str] | None = None) -> str:
-    """The command line for the model card (``argv``: a batch job's, else this process's), with a --token value
-    blanked out and ``--ray ADDRESS`` left out (where a merge ran is not what it is: the output is the same)."""
-    args, hide, skip = [], False, False
-    for a in sys.argv[1:] if argv is None else argv:
-        if skip or a.startswith("--ray="):
-            skip = False
-            continue
-        if a == "--ray":
-            skip = True
-            continue
-        args.append("***" if hide else ("--token=***" if a.startswith("--token=") else a))
-        hide = a == "--token"
-    return "lora-convert " + " ".join(shlex.quote(a) for a in args)
 
 
 class _Main(click.Group):
@@ -164,13 +146,6 @@ def _conversion_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def _adapter_args(adapters: tuple[str, ...]) -> dict[str, Any]:
-    """One --adapter is a name or a REF[:WEIGHT] (the API tells which); several are a stack."""
-    if len(adapters) == 1:
-        return {"adapter": adapters[0]}
-    return {"adapters": list(adapters)} if adapters else {}
-
-
 def _print_conversion(res: Any, as_json: bool) -> None:
     if getattr(res, "bytes_exact", None) is not None:  # a DryRun: the plan, nothing written
         if as_json:
@@ -182,74 +157,6 @@ def _print_conversion(res: Any, as_json: bool) -> None:
         render.json_document("conversion", res.to_dict())
     else:
         render.conversion(res)
-
-
-SEED = click.IntRange(0, MAX_SEED)  # torch's generators take 64-bit seeds: beyond, a usage error (exit 2)
-
-
-#: The SVD options, shared by ``extract`` and ``convert --to adapter`` (defaults applied by the API).
-_EXTRACTION_OPTIONS: list[tuple[str, dict[str, Any]]] = [
-    ("--rank", {"type": int, "help": "Fixed rank per module (default 16 when no other criterion is given)."}),
-    ("--energy", {"type": float, "help": "Smallest rank keeping this fraction of ||dW||_F^2, e.g. 0.95."}),
-    ("--max-error", {"type": float, "help": "Smallest rank with relative Frobenius error at most this."}),
-    ("--max-rank", {"type": int, "help": "Cap on every module's rank.  [default: 128]"}),
-    ("--include", {"multiple": True, "help": "Only modules whose path matches this regex (repeatable)."}),
-    ("--exclude", {"multiple": True, "help": "Leave out modules whose path matches this regex (repeatable)."}),
-    ("--layers", {"help": "Only these decoder layers, e.g. 0-15,20."}),
-    (
-        "--embeddings",
-        {
-            "type": click.Choice(["lora", "full", "skip"]),
-            "help": "Embeddings and lm_head: factor, save whole (modules_to_save), or leave out.  [default: lora]",
-        },
-    ),
-    (
-        "--save-other",
-        {"is_flag": True, "default": None, "help": "Save modules whose norms/biases changed whole (modules_to_save)."},
-    ),
-    ("--svd", {"type": click.Choice(["auto", "exact", "randomized"]), "help": "[default: auto]"}),
-    ("--device", {"help": "cpu or cuda.  [default: cpu]"}),
-    ("--seed", {"type": SEED, "help": "Seed of the randomized SVD.  [default: 0]"}),
-    (
-        "--factor-dtype",
-        {
-            "type": click.Choice(["fp32", "bf16", "fp16"]),
-            "help": "dtype of the written LoRA factors (the error is measured on them).  [default: fp32]",
-        },
-    ),
-]
-_EXTRACTION_NAMES = [flag[2:].replace("-", "_") for flag, _ in _EXTRACTION_OPTIONS]
-
-
-def _extraction_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    for flag, kwargs in reversed(_EXTRACTION_OPTIONS):
-        f = click.option(flag, **kwargs)(f)
-    return f
-
-
-def _moe_layout_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--moe-layout",
-        type=click.Choice(["per-expert", "fused"]),
-        help="Expert LoRA in the adapter written: one module per expert, or fused (PEFT target_parameters).",
-    )(f)
-
-
-def _given(opts: dict[str, Any]) -> dict[str, Any]:
-    """Takes the extraction options out of ``opts`` (the command's parameters) and returns those the user
-    actually gave (click passes None / () for the others), as the API takes them: --factor-dtype is
-    extract(dtype=...), repeated options are lists.  extract() supplies the defaults of the rest."""
-    given = {k: opts.pop(k) for k in _EXTRACTION_NAMES}
-    out = {k: list(v) if isinstance(v, tuple) else v for k, v in given.items() if v is not None and v != ()}
-    if "factor_dtype" in out:
-        out["dtype"] = out.pop("factor_dtype")
-    return out
-
-
-def _writing(as_json: bool) -> dict[str, Any]:
-    """What a command that writes an output passes besides the user's options: a progress bar on a
-    terminal, and the command line for the model card."""
-    return {"progress": not as_json and err.is_terminal, "command": _command_line()}
 
 
 @main.command("convert")
@@ -274,8 +181,8 @@ def _writing(as_json: bool) -> dict[str, Any]:
     help="With --to gguf: leave out the norm weights an adapter saves whole (mergekit writes them; GGUF LoRA "
     "cannot carry them and llama.cpp ignores them) and list them; without it such an adapter is refused.",
 )
-@_extraction_options
-@_moe_layout_option
+@cli_args.extraction_options
+@cli_args.moe_layout_option
 @click.pass_context
 def convert_cmd(
     ctx: click.Context, source: str, to: str, adapters: tuple[str, ...], as_json: bool, **opts: Any
@@ -289,17 +196,9 @@ def convert_cmd(
     A PEFT adapter SOURCE with --to adapter --moe-layout per-expert|fused gets its expert LoRA in the
     other layout (PEFT target_parameters <-> one LoRA module per expert).
     """
-    args = _convert_args(source=source, to=to, adapters=adapters, **opts)
-    res = run_guarded(lambda: api.convert(**args, **_writing(as_json)), _debug(ctx), as_json)
+    args = cli_args.convert_args(source=source, to=to, adapters=adapters, **opts)
+    res = run_guarded(lambda: api.convert(**args, **cli_args.writing(as_json)), _debug(ctx), as_json)
     _print_conversion(res, as_json)
-
-
-def _convert_args(source: str, to: str, adapters: tuple[str, ...], **opts: Any) -> dict[str, Any]:
-    """``convert``'s options as :func:`api.convert`'s keywords (here and in a batch job)."""
-    given = _given(opts)  # the other options are the API's keywords
-    if opts["push_to"] and to == "gguf":
-        raise click.UsageError("--push-to uploads a folder; upload the .gguf file with `hf upload REPO FILE`")
-    return {"source": source, "to": to, **_adapter_args(adapters), **opts, "extract_options": given or None}
 
 
 @main.command("merge")
@@ -332,13 +231,9 @@ def merge_cmd(ctx: click.Context, source: str, adapters: tuple[str, ...], as_jso
 
     A quantized base (fp8, compressed-tensors fp8, bitsandbytes 4/8-bit, MXFP4) is dequantized block by
     block; with --requantize the merged weights are quantized again in its scheme."""
-    args = _merge_args(source=source, adapters=adapters, **opts)
-    res = run_guarded(lambda: api.merge(**args, **_writing(as_json)), _debug(ctx), as_json)
+    args = cli_args.merge_args(source=source, adapters=adapters, **opts)
+    res = run_guarded(lambda: api.merge(**args, **cli_args.writing(as_json)), _debug(ctx), as_json)
     _print_conversion(res, as_json)
-
-
-def _merge_args(source: str, adapters: tuple[str, ...], **opts: Any) -> dict[str, Any]:
-    return {"source": source, **_adapter_args(adapters), **opts}
 
 
 @main.command("combine")
@@ -356,7 +251,7 @@ def _merge_args(source: str, adapters: tuple[str, ...], **opts: Any) -> dict[str
 @click.option("--rank", type=int, help="Rank of the svd methods' result.  [default: the largest source rank]")
 @click.option(
     "--seed",
-    type=SEED,
+    type=cli_args.SEED,
     default=0,
     show_default=True,
     help="dare's random masks: the same as torch.manual_seed(SEED) just before PEFT's add_weighted_adapter.",
@@ -383,13 +278,9 @@ def combine_cmd(
     targets) and is built one module at a time.  What PEFT gets wrong is refused with the reason: DoRA,
     modules_to_save and lora_bias adapters; rsLoRA sources are written with use_rslora false.
     """
-    args = _combine_args(adapters=adapters, weights=weights, **opts)
-    res = run_guarded(lambda: api.combine(**args, **_writing(as_json)), _debug(ctx), as_json)
+    args = cli_args.combine_args(adapters=adapters, weights=weights, **opts)
+    res = run_guarded(lambda: api.combine(**args, **cli_args.writing(as_json)), _debug(ctx), as_json)
     _print_conversion(res, as_json)
-
-
-def _combine_args(adapters: tuple[str, ...], weights: tuple[str, ...], **opts: Any) -> dict[str, Any]:
-    return {"adapters": list(adapters), "weights": list(weights), **opts}
 
 
 SLACK_HELP = (
@@ -449,17 +340,13 @@ def verify_cmd(ctx: click.Context, merged: str, adapters: tuple[str, ...], as_js
     mismatch, missing or unexpected.  The three checkpoints are streamed: memory stays flat.
     """
     progress = not as_json and err.is_terminal
-    args = _verify_args(merged=merged, adapters=adapters, **opts)
+    args = cli_args.verify_args(merged=merged, adapters=adapters, **opts)
     res = run_guarded(lambda: api.verify(**args, progress=progress), _debug(ctx), as_json)
     if as_json:
         render.json_document("verify", res.to_dict())
     else:
         render.verification(res)
     sys.exit(0 if res.ok else 1)
-
-
-def _verify_args(merged: str, adapters: tuple[str, ...], **opts: Any) -> dict[str, Any]:
-    return {"merged": merged, "adapters": list(adapters), **opts}
 
 
 @main.command("report")
@@ -496,8 +383,8 @@ def report_cmd(
 @click.argument("tuned")
 @click.option("--base", required=True, help="Base model folder or Hub repo id.")
 @click.option("-o", "--output", required=True, help="Output adapter folder (created atomically).")
-@_extraction_options
-@_moe_layout_option
+@cli_args.extraction_options
+@cli_args.moe_layout_option
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (docs/json.md).")
 @_dry_run_option
@@ -508,28 +395,23 @@ def report_cmd(
 @click.pass_context
 def extract_cmd(ctx: click.Context, tuned: str, as_json: bool, **opts: Any) -> None:
     """Extract a LoRA adapter from TUNED minus BASE by SVD of every changed weight."""
-    args = _extract_args(tuned=tuned, **opts)
-    res = run_guarded(lambda: api.extract(**args, **_writing(as_json)), _debug(ctx), as_json)
+    args = cli_args.extract_args(tuned=tuned, **opts)
+    res = run_guarded(lambda: api.extract(**args, **cli_args.writing(as_json)), _debug(ctx), as_json)
     _print_conversion(res, as_json)
-
-
-def _extract_args(tuned: str, **opts: Any) -> dict[str, Any]:
-    given = _given(opts)
-    return {"tuned": tuned, **opts, **given}
 
 
 @main.command("spectrum")
 @click.argument("tuned")
 @click.option("--base", required=True, help="Base model folder or Hub repo id.")
 @click.option("--plot", help="Write an SVG chart of relative error vs rank per group, the chosen rank marked.")
-@_extraction_options
+@cli_args.extraction_options
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (docs/json.md).")
 @_debug_option
 @click.pass_context
 def spectrum_cmd(ctx: click.Context, tuned: str, as_json: bool, **opts: Any) -> None:
     """Singular values of every changed module of TUNED minus BASE: error and kept energy at ranks 1..max,
     per module and per group, and the rank (and adapter size) --rank/--energy/--max-error would give."""
-    given = _given(opts)
+    given = cli_args.given_extraction(opts)
     progress = not as_json and err.is_terminal
     res = run_guarded(lambda: api.spectrum(tuned, **opts, progress=progress, **given), _debug(ctx), as_json)
     if as_json:
@@ -553,51 +435,13 @@ def spectrum_cmd(ctx: click.Context, tuned: str, as_json: bool, **opts: Any) -> 
 def push_cmd(ctx: click.Context, folder: str, repo_id: str, as_json: bool, **opts: Any) -> None:
     """Push FOLDER (an output of ours) to the Hub as REPO_ID in one commit."""
     progress = not as_json and err.is_terminal
-    res = run_guarded(lambda: api.push(**_push_args(folder, repo_id, **opts), progress=progress), _debug(ctx), as_json)
+    res = run_guarded(
+        lambda: api.push(**cli_args.push_args(folder, repo_id, **opts), progress=progress), _debug(ctx), as_json
+    )
     if as_json:
         render.json_document("push", asdict(res))
     else:
         render.pushed(folder, res)
-
-
-def _push_args(folder: str, repo_id: str, **opts: Any) -> dict[str, Any]:
-    return {"folder": folder, "repo_id": repo_id, **opts}
-
-
-#: The commands a batch job may run: how each turns its parsed options into its API function's keywords (the same
-#: functions the commands themselves use), and whether it writes an output whose model card quotes the command line.
-_JOB_ARGS: dict[str, tuple[Callable[..., dict[str, Any]], bool]] = {
-    "merge": (_merge_args, True),
-    "convert": (_convert_args, True),
-    "extract": (_extract_args, True),
-    "combine": (_combine_args, True),
-    "verify": (_verify_args, False),
-    "push": (_push_args, False),
-}
-
-
-def _job(line: Any, jobs_file: str) -> Any:
-    """A job line of the file (``api.JobLine``) parsed by its command's own options into an ``api.Job``; a bad
-    option is an OptionError naming the file and the job (one error line, nothing run)."""
-    name, argv = line.argv[0], list(line.argv[1:])
-    where = f"job {line.index} ({line.name})"
-    if any(a in ("-h", "--help") for a in argv):
-        raise OptionError(f"{where}: --help has no place in a job", path=jobs_file)
-    cmd = main.commands[name]
-    try:
-        with cmd.make_context(f"lora-convert {name}", argv) as ctx:
-            params = dict(ctx.params)
-        params.pop("as_json", None)
-        to_kwargs, writes = _JOB_ARGS[name]
-        kwargs = to_kwargs(**params)
-    except click.UsageError as exc:
-        raise OptionError(f"{where}: {exc.format_message()}", path=jobs_file) from None
-    if kwargs.get("dry_run"):
-        raise OptionError(f"{where}: --dry-run has no place in a batch (run it on its own)", path=jobs_file)
-    kwargs["progress"] = False
-    if writes:
-        kwargs["command"] = _command_line(list(line.argv))
-    return api.Job(line.index, line.name, name, tuple(line.argv), kwargs)
 
 
 @main.command("batch")
@@ -635,7 +479,7 @@ def batch_cmd(
     inputs (records in --state)."""
 
     def go() -> Any:
-        parsed = [_job(line, jobs) for line in api.read_jobs(jobs)]
+        parsed = [cli_args.parse_job(line, jobs) for line in api.read_jobs(jobs)]
         folder = state if state is not None else str(api.batch_state_folder(jobs))
         with render.BatchLive(enabled=not as_json and err.is_terminal) as live:
             return api.batch(parsed, state=folder, workers=workers, ray=ray_address, rerun=rerun, on_change=live.update)

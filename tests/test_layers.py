@@ -24,7 +24,7 @@ LAYERS: dict[str, list[str]] = {
     "requests": ["options", "requests"],
     "assembly": ["assemble", "card", "dry_run"],
     "surface": ["", "api", "detection", "costs", "compare", "logits_check", "spectrum", "batch", "cluster"],
-    "cli": ["cli", "cli_output", "render"],
+    "cli": ["cli", "cli_args", "cli_output", "render"],
 }
 
 # layer: the layers it may import from (its own included)

@@ -82,7 +82,7 @@ rep["address"] = cluster.address
 rep["node2"] = node2.node_id
 
 import lora_convert as lc
-from lora_convert.cli import _job
+from lora_convert.cli_args import parse_job as _job
 
 # 3. one merge split by output shard over both nodes (before the node is lost): the local run's bytes
 lc.merge(sys.argv[2], base=sys.argv[3], output="shards-local", max_shard_size="40KB")
@@ -227,7 +227,7 @@ def test_one_merge_split_by_shard_over_two_nodes_is_the_local_output(ray_run):
 def test_merge_ray_is_left_out_of_the_model_card(tmp_path):
     """Where a merge ran is not what it is: ``--ray ADDRESS`` is not quoted in the card (no Ray started here: the
     command line alone, as the card gets it)."""
-    from lora_convert.cli import _command_line
+    from lora_convert.cli_args import command_line as _command_line
 
     line = _command_line(["merge", "a", "--ray", "127.0.0.1:6379", "-o", "b", "--ray=auto", "--token", "t"])
     assert line == "lora-convert merge a -o b --token '***'"
