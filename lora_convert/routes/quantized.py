@@ -25,10 +25,10 @@ from ..io.reader import Checkpoint
 from ..pipeline import Job
 from .common import BaseView
 from .plan import Plan, Request, output_dtype
-from .requantize import Requantization, lora_delta_norm, raw_jobs, requantize_jobs
 
 if TYPE_CHECKING:
     from .merge_engine import KeyOps
+    from .requantize import Requantization
 
 
 @dataclass
@@ -52,6 +52,8 @@ class QuantizedBase:
         """With ``--requantize``: each quantized weight's job replaced by the jobs of its stored tensors."""
         if not self.requantize:
             return jobs
+        from .requantize import Requantization, raw_jobs, requantize_jobs  # (only --requantize needs them)
+
         self.report = Requantization(self.layout.scheme)
         out: list[Job] = []
         for job in jobs:
@@ -110,6 +112,8 @@ def _delta(o: KeyOps | None):  # type: ignore[no-untyped-def]
         m = lo.module
         if m.magnitude_key or m.scaling is None:
             return None
+        from .requantize import lora_delta_norm
+
         return lora_delta_norm(lo.ck.read(m.a_key), lo.ck.read(m.b_key), lo.scaling)
 
     return norm
