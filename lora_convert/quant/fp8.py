@@ -48,7 +48,10 @@ def dequantize_rows_into(
     multiplied in place by its row of column scales — no (rows, cols) scale tensor."""
     bh, bw = block
     rows, cols = q.shape
-    out.copy_(q)
+    if q.dtype == FP8:  # the values by a 256-entry table: torch's own fp8 → fp32 cast is scalar (~3× slower)
+        torch.index_select(_e4m3_values(), 0, q.view(torch.uint8).reshape(-1).to(torch.int32), out=out.view(-1))
+    else:
+        out.copy_(q)
     if scale.numel() == 1:
         return out.mul_(scale.float().reshape(1, 1))
     s = scale.float().reshape(scale.shape[0], -1)
@@ -62,6 +65,16 @@ def dequantize_rows_into(
         a, b = max(start, band * bh) - start, min(start + rows, (band + 1) * bh) - start
         out[a:b].mul_(per_col[band])
     return out
+
+
+_E4M3: list[torch.Tensor] = []
+
+
+def _e4m3_values() -> torch.Tensor:
+    """fp32 value of each of the 256 e4m3fn codes (NaN for 0x7F and 0xFF), made once."""
+    if not _E4M3:
+        _E4M3.append(torch.arange(256, dtype=torch.uint8).view(FP8).float())
+    return _E4M3[0]
 
 
 def has_nan_code(q: torch.Tensor) -> bool:
