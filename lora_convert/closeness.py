@@ -45,6 +45,7 @@ def spacing(value: float, dtype: torch.dtype) -> float:
 
 
 _EXPONENT_BITS = {FP32: (torch.int32, 0x7F800000), FP64: (torch.int64, 0x7FF0000000000000)}
+_HALF_EXPONENT = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}  # the exponent field of a 16-bit pattern
 
 
 def ulps(scale: torch.Tensor, dtype: torch.dtype, *, max_bits: int | None = None) -> torch.Tensor:
@@ -187,25 +188,30 @@ class Agreement:
         work = FP64 if merged.dtype == FP64 else FP32  # fp32 holds every narrower dtype exactly
         shape = merged.shape
         m, e = self._as(merged, "m", work), self._as(expected, "e", work)
-        unit = self._ulp_of_larger(m, e)  # one ulp at the element's magnitude
+        unit = self._ulp_of_larger(m, e, merged, expected)  # one ulp at the element's magnitude
         tol = unit if bound is None else bound.view(shape).add_(unit)  # the bound
         diff = torch.sub(m, e, out=self._tmp("diff", shape, work))
         scratch = self._tmp("scratch", shape, work)
-        self.worst_ulps = max(self.worst_ulps, _absmax(torch.div(diff, unit, out=scratch)))
+        lo, hi = torch.aminmax(diff)
+        exact = float(lo) == 0 and float(hi) == 0  # merged == expected everywhere (NaN is not): 0 ulps, 0 bounds
+        if not exact:
+            self.worst_ulps = max(self.worst_ulps, _absmax(torch.div(diff, unit, out=scratch)))
         b = self._as(base, "b", work) if base is not None else None
         if self.slack != 1 or self.extra_ulps:  # rare: allocates
-            self.worst_bound = max(self.worst_bound, _absmax(diff / tol))
+            if not exact:
+                self.worst_bound = max(self.worst_bound, _absmax(diff / tol))
             cap = e.abs() if b is None else torch.maximum(e.abs(), b.abs())
             tol = torch.minimum(tol * self.slack + unit * self.extra_ulps, torch.maximum(cap.mul_(CAP), tol))
-        ratio = diff.div_(tol)
-        r = _absmax(ratio)
-        if self.slack == 1 and not self.extra_ulps:
-            self.worst_bound = max(self.worst_bound, r)
-        self.worst = max(self.worst, r)
-        if r > 1:  # the slow path, for tensors that fail: how many elements, how many not finite
-            self.beyond += int((ratio.abs_() > 1).sum())
-            if math.isinf(r):
-                self.nonfinite += int((~torch.isfinite(m)).sum())
+        if not exact:
+            ratio = diff.div_(tol)
+            r = _absmax(ratio)
+            if self.slack == 1 and not self.extra_ulps:
+                self.worst_bound = max(self.worst_bound, r)
+            self.worst = max(self.worst, r)
+            if r > 1:  # the slow path, for tensors that fail: how many elements, how many not finite
+                self.beyond += int((ratio.abs_() > 1).sum())
+                if math.isinf(r):
+                    self.nonfinite += int((~torch.isfinite(m)).sum())
         if alt is not None:
             self.worst_alt = max(self.worst_alt or 0.0, _absmax(torch.sub(m, alt, out=scratch).div_(tol)))
         if b is None:
@@ -238,15 +244,28 @@ class Agreement:
             return t
         return self._tmp(name, t.shape, dtype).copy_(t)
 
-    def _ulp_of_larger(self, m: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        """ulp of the merged dtype at max(|m|, |e|) (fp32 or fp64 in, same out): the larger exponent of the
-        two, read from their bits (the sign bit masked away), times 2^(1-p) — no abs or maximum of floats."""
+    def _ulp_of_larger(self, m: torch.Tensor, e: torch.Tensor, ms: torch.Tensor, es: torch.Tensor) -> torch.Tensor:
+        """ulp of the merged dtype at max(|m|, |e|) (fp32 or fp64 in, same out; ``ms``, ``es`` the same blocks
+        as stored): the larger exponent of the two, read from their bits (the sign bit masked away), times
+        2^(1-p) — no abs or maximum of floats."""
         p = significand_bits(self.dtype)
+        floor = torch.finfo(self.dtype).tiny * 2.0 ** (1 - p)
+        half = _HALF_EXPONENT.get(self.dtype)
+        if half is not None and ms.dtype == es.dtype == self.dtype:
+            # Both stored in MERGED's half-precision dtype: the exponents from their 16-bit patterns (half the
+            # bytes of fp32's).  Masked to its exponent, a bf16/fp16 pattern is the power of two at or below |x|
+            # (0 for a subnormal, Inf for Inf/NaN), which fp32 holds exactly: the 2^e fp32's bits give, and a
+            # subnormal's fp32 power times 2^(1-p) lies below the floor either way.
+            hi = torch.bitwise_and(ms.view(torch.int16), half, out=self._tmp("hi16", m.shape, torch.int16))
+            lo = torch.bitwise_and(es.view(torch.int16), half, out=self._tmp("lo16", m.shape, torch.int16))
+            torch.maximum(hi, lo, out=hi)
+            power = self._tmp("power", m.shape, m.dtype).copy_(hi.view(self.dtype))
+            return power.mul_(2.0 ** (1 - p)).clamp_min_(floor)
         int_dtype, mask = _EXPONENT_BITS[m.dtype]
         hi = torch.bitwise_and(m.view(int_dtype), mask, out=self._tmp("hi", m.shape, int_dtype))
         lo = torch.bitwise_and(e.view(int_dtype), mask, out=self._tmp("lo", m.shape, int_dtype))
         torch.maximum(hi, lo, out=hi)
-        return hi.view(m.dtype).mul_(2.0 ** (1 - p)).clamp_min_(torch.finfo(self.dtype).tiny * 2.0 ** (1 - p))
+        return hi.view(m.dtype).mul_(2.0 ** (1 - p)).clamp_min_(floor)
 
     def scale(self) -> float | None:
         """c in ``merged − base ≈ c·ΔW`` (None without a ΔW, or when ΔW is zero)."""

@@ -4,6 +4,9 @@ shows a low rank, a full fine-tune does not)."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -12,7 +15,7 @@ from . import svd
 from .arch import config_value, layer_index, short_name, tensor_kind
 from .difference import DELTA_BLOCK, Difference, row_blocks
 from .fmt import ranges
-from .io.reader import Checkpoint
+from .io.reader import Checkpoint, TensorInfo
 from .progress import progress_bar
 
 
@@ -59,8 +62,12 @@ def _compare_one(
     factor = kind != "other" and ta.is_float and tb.is_float
     tuned, base = tuned_ck.rows_of(name), base_ck.rows_of(name)
     diff = Difference(tuned, base, keep=factor)
+    norm = _StoredNorm(ta) if factor else None
     for s, e in row_blocks(tuned.shape):
-        diff.add(s, tuned.rows(s, e), base.rows(s, e))
+        rows = tuned.rows(s, e)
+        diff.add(s, rows, base.rows(s, e))
+        if norm is not None:
+            norm.add(s, rows)
     d = diff.result()
     if d is None:
         return None
@@ -69,13 +76,66 @@ def _compare_one(
         # ‖ΔW‖²_F once: result() measured it on this same 2-D ΔW (a weight a LoRA carries is 2-D), the
         # very number the SVD's energies and the relative change would each measure again
         total = diff.total if diff.total is not None else svd.frobenius_sq(d)
-        er, gap = svd.effective_rank(d, energy, k=k, total=total)
+        with _kernel_threads():
+            er, gap = svd.effective_rank(d, energy, k=k, total=total)
+        stored = norm.result() if norm is not None else None
         entry.update(
             rank_at_energy=er,
             rank_at_gap=gap,
-            relative_change=(total / max(_frobenius_sq_stored(tuned_ck, name), 1e-300)) ** 0.5,
+            relative_change=(
+                total / max(stored if stored is not None else _frobenius_sq_stored(tuned_ck, name), 1e-300)
+            )
+            ** 0.5,
         )
     return entry
+
+
+@contextmanager
+def _kernel_threads() -> Iterator[None]:
+    """The factorisation on all cores but one, as the merge's kernels run (``pipeline.execute``): its QR and
+    skinny GEMMs gain little from a second thread, and on a busy 2-core machine an oversubscribed OpenMP
+    thread spins — a 32000×74 QR took 10× the wall time with 2 threads beside other work than with 1.
+    Only the factorisation: the norms' reductions (whose digits ``relative_change`` prints) keep torch's
+    own thread count, so the figures stay the bytes they were."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(before, (os.cpu_count() or 2) - 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _StoredNorm:
+    """‖W_tuned‖²_F from the rows the difference pass reads anyway, added exactly as
+    :func:`_frobenius_sq_stored` adds them (same fp32 block sums, same order of the fp64 additions), so
+    the relative change costs no second read of the tuned tensor.  Where that function's blocks do not
+    fall on the difference's (a 2-D tensor whose read blocks are not whole multiples of the difference's
+    row blocks, or any other shape), ``result()`` is None and the caller reads again."""
+
+    def __init__(self, info: TensorInfo) -> None:
+        shape = tuple(info.shape)
+        self.ok = len(shape) == 2 and shape[0] > 0 and shape[1] > 0
+        self.blocks: list[float] = []
+        self.current = 0.0
+        if not self.ok:
+            return
+        rows, cols = shape
+        self.step = max(1, DELTA_BLOCK // max(1, info.nbytes // rows))  # _frobenius_sq_stored's read blocks
+        diff_step = max(1, DELTA_BLOCK // (4 * cols))  # row_blocks' step: each block one of frobenius_sq's sums
+        self.ok = diff_step == max(1, (1 << 20) // cols) and (self.step % diff_step == 0 or self.step >= rows)
+
+    def add(self, start: int, rows: torch.Tensor) -> None:
+        if not self.ok:
+            return
+        if start % self.step == 0 and start:
+            self.blocks.append(self.current)
+            self.current = 0.0
+        self.current += svd.frobenius_sq(rows)
+
+    def result(self) -> float | None:
+        if not self.ok:
+            return None
+        return sum([*self.blocks, self.current])
 
 
 def _frobenius_sq_stored(ck: Checkpoint, name: str) -> float:

@@ -491,13 +491,85 @@ class DequantizingSource(TensorSource):
             if self._owner != t.name:  # a model's scales add up (DeepSeek-V3: 160 MB): keep one tensor's
                 self._small.clear()
                 self._owner = t.name
+            direct = self._fp8_into(t, info, first, count, buf)
+            if direct is not None:
+                return direct
             values = self._elements(t, first, first + count).to(info.dtype)
-        if not lora_math.all_finite(values):
+        if not self._finite_by_scales(t, info) and not lora_math.all_finite(values):
             self._non_finite(t)
         data = values.reshape(-1).view(torch.uint8)
         if buf is None:
             return data.clone()
         return buf.copy_(data)
+
+    def _fp8_into(
+        self, t: QuantizedTensor, info: TensorInfo, first: int, count: int, buf: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Whole fp8 rows dequantized to fp32 straight into ``buf`` (one conversion pass and one in-place
+        multiply per band of rows, :func:`..quant.fp8.dequantize_rows_into`), their finiteness read from the
+        fp8 bytes and the scales (:meth:`_finite_by_scales`) rather than from the fp32 values; None where the
+        read is anything else (the general path)."""
+        import torch
+
+        from ..quant import fp8
+
+        cols = t.shape[1] if len(t.shape) == 2 else 0
+        if (
+            t.scheme not in ("fp8-block", "ct-fp8")
+            or info.dtype != torch.float32
+            or buf is None
+            or not cols
+            or first % cols
+            or count % cols
+            or not buf.is_contiguous()
+            or buf.numel() != count * 4
+            or buf.storage_offset() % 4
+        ):
+            return None
+        r0, r1 = first // cols, (first + count) // cols
+        q = self.ck.read_rows(t.stored["weight"], r0, r1)
+        if q.dtype != fp8.FP8:
+            return None
+        scale = self._scale(t)
+        out = fp8.dequantize_rows_into(q, scale, r0, t.params["block"], buf.view(torch.float32).view(r1 - r0, cols))
+        if not self._finite_by_scales(t, info) or fp8.has_nan_code(q):
+            from .. import lora_math
+
+            if not lora_math.all_finite(out):
+                self._non_finite(t)
+        return buf
+
+    def _finite_by_scales(self, t: QuantizedTensor, info: TensorInfo) -> bool:
+        """Whether every value × scale of ``t`` is finite in ``info``'s dtype whatever its stored values, from
+        its scales alone (checked finite when read): |value| is at most 448 for fp8 e4m3 (NaN codes are
+        checked apart), the largest |code| for 4-bit; so max |scale| × that ≤ the dtype's largest finite
+        value means no product can overflow.  Computed once per tensor; False where not known."""
+        import torch
+
+        key = f"{t.name}//finite"
+        cached = self._small.get(key)
+        if cached is not None:
+            return bool(cached)
+        limit = torch.finfo(info.dtype).max if info.dtype.is_floating_point else 0.0
+        bound = math.inf
+        if t.scheme in ("fp8-block", "ct-fp8") and self.ck.info(t.stored["weight"]).dtype_name == "F8_E4M3":
+            bound = 448.0 * float(self._scale(t).abs().max())
+        elif t.scheme in ("bnb-nf4", "bnb-fp4") and not t.params["nested"]:
+            code = float(self._cached(t.stored["quant_map"]).float().abs().max())
+            bound = code * float(self._cached(t.stored["absmax"]).float().abs().max())
+        ok = bound <= limit
+        self._small[key] = torch.tensor(ok)
+        return ok
+
+    def _scale(self, t: QuantizedTensor) -> torch.Tensor:
+        """fp32 values of an fp8 or int8 weight's scales, read and checked once per tensor."""
+        key = t.stored["scale"]
+        scale = self._small.get(key)
+        if scale is None:
+            raw = self.ck.read(key)
+            scale = self._small[key] = raw.float() if t.scheme == "bnb-int8" else scale_values(raw)
+            check_scale_values(self.ck, key, scale)
+        return scale
 
     def _non_finite(self, t: QuantizedTensor) -> None:
         """Dequantized values that are NaN or Inf, from scales that passed :func:`check_scales`: a stored
@@ -543,12 +615,7 @@ class DequantizingSource(TensorSource):
         from ..quant import bnb, fp8
 
         q = self.ck.read_rows(t.stored["weight"], r0, r1)
-        key = t.stored["scale"]
-        scale = self._small.get(key)
-        if scale is None:  # fp32 values, read and checked once per tensor
-            raw = self.ck.read(key)
-            scale = self._small[key] = raw.float() if t.scheme == "bnb-int8" else scale_values(raw)
-            check_scale_values(self.ck, key, scale)
+        scale = self._scale(t)
         if t.scheme == "bnb-int8":
             return bnb.dequantize_int8_rows(q, scale[r0:r1])
         return fp8.dequantize_rows(q, scale, r0, t.params["block"])
@@ -569,6 +636,11 @@ class DequantizingSource(TensorSource):
             check_scale_values(self.ck, t.stored["absmax"], stored.float())
         absmax = bnb.absmax_values(stored, b0, nested)
         code = self._cached(t.stored["quant_map"])
+        if first % bs == 0 and first % 2 == 0:  # a run of whole blocks (a merge's row blocks): the fast decode
+            pairs = self._small.get(f"{t.name}//pairs")
+            if pairs is None:
+                pairs = self._small[f"{t.name}//pairs"] = bnb.code_pairs(code)
+            return bnb.dequantize_4bit_aligned(packed, stop - first, absmax, bs, pairs)
         return bnb.dequantize_4bit(packed, first, stop - first, absmax, b0, bs, code)
 
     def _mxfp4(self, t: QuantizedTensor, first: int, stop: int) -> torch.Tensor:

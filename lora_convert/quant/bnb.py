@@ -58,6 +58,29 @@ def dequantize_4bit(
     return code.float()[codes] * absmax[blocks]
 
 
+def code_pairs(code: torch.Tensor) -> torch.Tensor:
+    """(256, 2) fp32: the two values each packed byte holds (high nibble first), for a one-gather decode."""
+    c = code.float().reshape(-1)
+    b = torch.arange(256)
+    return torch.stack([c[b >> 4], c[b & 0xF]], dim=1)
+
+
+def dequantize_4bit_aligned(
+    packed: torch.Tensor, count: int, absmax: torch.Tensor, blocksize: int, pairs: torch.Tensor
+) -> torch.Tensor:
+    """:func:`dequantize_4bit` for a run that starts on a block boundary at an even element (so ``packed``
+    starts with it, and ``absmax`` with its block): the same fp32 products ``code[c] · absmax[block]``, from
+    one gather of value pairs per byte and one multiply per block — no int64 code or block index per element."""
+    p = packed.reshape(-1)[: (count + 1) // 2]
+    vals = torch.index_select(pairs, 0, p.to(torch.int32)).reshape(-1)[:count]
+    whole = count // blocksize
+    if whole:
+        vals[: whole * blocksize].view(whole, blocksize).mul_(absmax[:whole].reshape(-1, 1))
+    if count > whole * blocksize:
+        vals[whole * blocksize :].mul_(absmax[whole])
+    return vals
+
+
 def dequantize_int8_rows(q: torch.Tensor, scb: torch.Tensor) -> torch.Tensor:
     """fp32 rows of an 8-bit weight, as ``int8_vectorwise_dequant``."""
     return q * scb.float().view(-1, 1) * INV127

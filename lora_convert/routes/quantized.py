@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,9 +26,11 @@ from ..io.reader import Checkpoint
 from ..pipeline import Job
 from .common import BaseView
 from .plan import Plan, Request, output_dtype
-from .requantize import Requantization, raw_jobs, requantize_jobs
 
 DeltaNorm = Callable[[str], Callable[[], float | None]]  # weight -> ‖ΔW‖ of its plain LoRA, read when needed
+
+if TYPE_CHECKING:
+    from .requantize import Requantization
 
 
 @dataclass
@@ -53,6 +55,8 @@ class QuantizedBase:
         (``delta_norm``: the merge engine's :meth:`~.merge_engine.MergeOps.delta_norm`, for the report)."""
         if not self.requantize:
             return jobs
+        from .requantize import Requantization, raw_jobs, requantize_jobs  # (only --requantize needs them)
+
         self.report = Requantization(self.layout.scheme)
         out: list[Job] = []
         for job in jobs:

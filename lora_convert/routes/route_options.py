@@ -76,7 +76,6 @@ class RouteOptions:
     def _check_format(self, to: str, output: str | Path) -> None:
         """--outtype and --drop-norms are GGUF's (its types are not --dtype's), and a GGUF output is a ``.gguf``
         file."""
-        from ..io.gguf_sink import OUTTYPES
 
         def target(form: str) -> str:
             return spelled(f"--to {form}", f'to="{form}"')
@@ -87,6 +86,8 @@ class RouteOptions:
             raise OptionError(f"{option_name('drop_norms')} applies to {target('gguf')} only, not {target(to)}")
         if to != "gguf":
             return
+        from ..io.gguf_sink import OUTTYPES  # (imported only for a GGUF output: it is no merge's concern)
+
         if self.dtype != "auto":
             raise OptionError(
                 f"{option_name('dtype')} does not apply to {target('gguf')}: use {option_name('outtype')} "
