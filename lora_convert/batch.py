@@ -343,26 +343,58 @@ class State:
     def path(self, job: Job) -> Path:
         return self.folder / f"{job.key()}.json"
 
-    def finished(self, job: Job) -> bool:
-        """Whether ``job`` ran to the end with the inputs it has now, and its output is still what it wrote."""
+    def _pending_path(self, job: Job) -> Path:
+        return self.folder / f"{job.key()}.pending.json"
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any] | None:
         try:
-            rec = json.loads(self.path(job).read_text(encoding="utf-8"))
+            rec = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
+            return None
+        return rec if isinstance(rec, dict) and rec.get("version") == STATE_VERSION else None
+
+    def finished(self, job: Job) -> bool:
+        """Whether ``job`` ran to the end with the inputs it has now, and its output is still what it wrote; or
+        whether it published its output and the batch was stopped before recording it (:meth:`started`)."""
+        rec = self._read(self.path(job))
+        if rec is not None:
+            return rec.get("identity") == identity(job) and rec.get("output") == listing(job.output)
+        pending = self._read(self._pending_path(job))
+        if pending is None or pending.get("output_existed") is not False or job.output is None:
             return False
-        if not isinstance(rec, dict) or rec.get("version") != STATE_VERSION:
+        ident = identity(job)
+        if pending.get("identity") != ident or not os.path.lexists(job.output):
             return False
-        return rec.get("identity") == identity(job) and rec.get("output") == listing(job.output)
+        # the output appeared after this job started with these inputs, and outputs appear only whole (the
+        # atomic rename): the job's own, published before a kill took the batch down, so it is recorded now
+        self.record(job, ident)
+        return True
+
+    def started(self, job: Job) -> None:
+        """Before ``job`` runs: its inputs' identity and whether its output was already there, so that a batch
+        killed between the output's rename and its record still knows the output for this job's (see
+        :meth:`finished`)."""
+        self.forget(job)
+        ident = identity(job)
+        existed = job.output is not None and os.path.lexists(job.output)
+        self._write(self._pending_path(job), {"version": STATE_VERSION, "identity": ident, "output_existed": existed})
 
     def record(self, job: Job, ident: dict[str, Any]) -> None:
         """``job`` finished with the inputs ``ident`` identified (taken before it ran)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
         rec = {"version": STATE_VERSION, "job": job.name, "identity": ident, "output": listing(job.output)}
-        tmp = self.path(job).with_suffix(f".{os.getpid()}.tmp")
+        self._write(self.path(job), rec)
+        self._pending_path(job).unlink(missing_ok=True)
+
+    def _write(self, path: Path, rec: dict[str, Any]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(rec, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, self.path(job))
+        os.replace(tmp, path)
 
     def forget(self, job: Job) -> None:
         self.path(job).unlink(missing_ok=True)
+        self._pending_path(job).unlink(missing_ok=True)
 
 
 def state_folder(jobs_file: str | Path) -> Path:
@@ -630,7 +662,7 @@ def run_batch(
                 if not runner.fits(needs[i], len(running)):
                     break  # in the file's order: a large job is not overtaken forever by small ones
                 if book is not None:
-                    book.forget(job)
+                    book.started(job)
                 runner.submit(job, needs[i])
                 outcomes[i].status = "running"
                 pending.remove(i)
@@ -649,6 +681,8 @@ def run_batch(
                 running.discard(res.index)
                 if res.status == "done" and book is not None and res.identity is not None:
                     book.record(by_index[res.index], res.identity)
+                elif book is not None:
+                    book.forget(by_index[res.index])  # failed: its output (if any) was there before it
                 outcomes[res.index] = res
                 changed()
     finally:
