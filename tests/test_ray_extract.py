@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from helpers import FIXTURES, ROOT
+from safetensors.torch import load_file, save_file
 from tiny_moe import logits, model, peft_experts, save_base
 
 from lora_convert.io.output import TMP_MARK
@@ -74,6 +75,12 @@ run = subprocess.run(cli + ["-o", "adapter"], capture_output=True, text=True, ti
 assert run.returncode == 0, run.stderr
 lc.extract(tuned, base=base, output="api-local", energy=0.99, max_rank=6, svd="randomized")
 lc.extract("moe/tuned", base="moe/base", output="moe-local", rank=2)
+def error(**kw):
+    try:
+        lc.extract("nan", base=base, output="nan-out", rank=2, **kw)
+    except lc.LoraConvertError as e:
+        return [type(e).__name__, str(e)]
+rep["nan_local"] = error()
 
 import ray
 from ray.cluster_utils import Cluster
@@ -102,6 +109,9 @@ res = lc.extract(tuned, base=base, output="api-ray", energy=0.99, max_rank=6, sv
 rep["api"] = {"notes": notes(), "modules": len(res.report.modules), "files": res.files}
 res = lc.extract("moe/tuned", base="moe/base", output="moe-ray", rank=2, ray=cluster.address)
 rep["moe"] = {"notes": notes(), "experts": sum(m.kind == "experts" for m in res.report.modules)}
+rep["nan_ray"] = error(ray=cluster.address)
+rep["nan_out"] = sorted(os.listdir(work))
+notes()
 run = subprocess.run(cli + ["-o", "adapter", "--ray", cluster.address], capture_output=True, text=True, timeout=300,
                      cwd=work / "cli-ray")
 rep["cli"] = {"rc": run.returncode, "stderr": run.stderr[-3000:], "notes": notes()}
@@ -144,6 +154,11 @@ def ray_run(tmp_path_factory):
     pm = peft_experts(m, r=2)
     logits(pm)
     pm.merge_and_unload().save_pretrained(str(work / "moe" / "tuned"))
+    (work / "nan").mkdir()  # the tuned model with a NaN in one matrix: the task that meets it fails
+    shutil.copy(FIXTURES / "tiny-llama-merged" / "config.json", work / "nan" / "config.json")
+    tensors = load_file(FIXTURES / "tiny-llama-merged" / "model.safetensors")
+    tensors["model.layers.1.self_attn.v_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, work / "nan" / "model.safetensors", metadata={"format": "pt"})
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     child = subprocess.run(
         ["unshare", "-n", "bash", "-c", 'ip link set lo up && exec "$0" -c "$@"', sys.executable, CHILD]
@@ -158,6 +173,16 @@ def ray_run(tmp_path_factory):
     rep = json.loads(child.stdout.strip().splitlines()[-1])
     assert child.returncode == 0, (rep, child.stderr[-3000:])
     return work, rep
+
+
+def test_a_task_error_is_the_local_error_and_nothing_is_written(ray_run):
+    """A NaN in one matrix: the group that meets it fails; the driver raises the error it raised (file, tensor),
+    the file named by the absolute path the tasks were given."""
+    work, rep = ray_run
+    assert rep["nan_local"][0] == "CheckpointError" and "v_proj.weight" in rep["nan_local"][1]
+    assert "NaN or Inf" in rep["nan_local"][1]
+    assert rep["nan_ray"] == ["CheckpointError", f"{work.resolve()}/{rep['nan_local'][1]}"]  # the path made absolute
+    assert "nan-out" not in rep["nan_out"] and not [n for n in rep["nan_out"] if TMP_MARK in n]
 
 
 def _groups(notes: list[str]) -> list[tuple[str, str, int]]:
