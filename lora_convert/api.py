@@ -24,7 +24,7 @@ from .stack import Spec
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from .assemble import ConvertResult, TensorRun
+    from .assemble import ConvertResult, PrepassRun, TensorRun
     from .batch import BatchResult, Outcome
     from .costs import Report
     from .detection import DetectResult
@@ -194,10 +194,11 @@ def convert(
             bytes, modules, config changes, warnings) instead of writing it: nothing is written, no temporary
             folder is made, nothing is pushed.  On the extraction route the sizes are the plan's before its SVD pass
             (``.assumptions`` says what that takes for granted; ranks an energy or error criterion picks are unknown).
-        ray: ``to="merged"`` only: write the output shards as Ray tasks on this cluster (``auto``, ``local`` or an
+        ray: ``to="merged"``: write the output shards as Ray tasks on this cluster (``auto``, ``local`` or an
             address), one per shard, each reading the inputs again from storage every node sees (the paths must
-            be the same on every node); the driver writes index, config and card and publishes atomically.  The
-            output is the local run's byte for byte.  Needs ray.
+            be the same on every node); the driver writes index, config and card and publishes atomically.
+            ``to="adapter"`` from a plain checkpoint (extraction): the SVDs as Ray tasks, by module group
+            (:func:`extract`).  The output is the local run's byte for byte.  Needs ray.
 
     Returns:
         A :class:`~lora_convert.assemble.ConvertResult` (a ``DryRun`` with ``dry_run``); ``.report`` holds the route's own report (the SVD
@@ -215,21 +216,30 @@ def convert(
     route = RouteOptions(dtype, extract_options, outtype, requantize, device, moe_layout, drop_norms)
     hub = HubPush(push_to, private, token) if push_to is not None else None
     route.check(to, out)
-    if ray is not None and (to != "merged" or dry_run):
-        raise OptionError(f"{option_name('ray')} splits a merge by output shard: only with --to merged, not {to}")
+    if ray is not None and (to not in ("merged", "adapter") or dry_run):
+        raise OptionError(
+            f"{option_name('ray')} splits a merge by output shard or an extraction by module group: not --to {to}"
+            if not dry_run
+            else f"{option_name('ray')} runs the work on a cluster: --dry-run does none"
+        )
     if hub is not None and not dry_run:
         hub = hub.preflight(to, out)  # the token and the right to write, before any work
     with open_request(source, to, base=base, adapter=adapter, adapters=adapters, route=route) as (req, warnings):
         if dry_run:
             return _describe(req, to, warnings, out)
-        run = None
+        run, prepass = None, None
         if ray is not None:
-            from .cluster import shard_run
+            from .cluster import prepass_run, shard_run
 
             reopen = {"source": _here(source), "to": to, "base": _here(base), "adapter": _here(adapter)}
             reopen["adapters"] = [_here(a) for a in adapters] if adapters is not None else None
-            run = shard_run(ray, {**reopen, "route": route})
-        result = _write(req, to, warnings, out, run)
+            if to == "merged":
+                run = shard_run(ray, {**reopen, "route": route})
+            elif req.extract is not None:
+                prepass = prepass_run(ray, {**reopen, "route": route})
+            else:
+                raise OptionError(f"{option_name('ray')} with --to adapter splits an extraction (a plain SOURCE)")
+        result = _write(req, to, warnings, out, run, prepass)
     if hub is not None:
         result.pushed = hub.upload(result.output, len(result.files), result.total_bytes, out.progress)
     return result
@@ -247,15 +257,23 @@ def _here(ref: Any) -> Any:
     return ref
 
 
-def _write(req: Request, to: str, warnings: list[str], out: Output, run: TensorRun | None = None) -> ConvertResult:
-    """The route's plan for ``req``, written where ``out`` says (its tensors by ``run`` where given: ``ray``)."""
+def _write(
+    req: Request,
+    to: str,
+    warnings: list[str],
+    out: Output,
+    run: TensorRun | None = None,
+    prepass: PrepassRun | None = None,
+) -> ConvertResult:
+    """The route's plan for ``req``, written where ``out`` says (its tensors by ``run``, its pre-pass by ``prepass``
+    where given: ``ray``)."""
     from .assemble import write_output
     from .routes import planner
 
     _lora_only(req, to)
     plan = planner(req.inventory.form, to, path=req.source.root)(req)
     plan.warnings[:0] = warnings
-    return write_output(plan, req, out, run)
+    return write_output(plan, req, out, run, prepass)
 
 
 def _describe(req: Request, to: str, warnings: list[str], out: Output) -> DryRun:
@@ -427,6 +445,7 @@ def extract(
     token: str | None = None,
     moe_layout: str | None = None,
     dry_run: bool = False,
+    ray: str | None = None,
     **option_fields: Any,
 ) -> ConvertResult | DryRun:
     """Factor every changed tensor of ``tuned`` against ``base`` into a PEFT LoRA adapter (SVD).
@@ -442,6 +461,10 @@ def extract(
         dry_run: describe the adapter from headers alone, without the SVD pass (a
             :class:`~lora_convert.dry_run.DryRun`): every tensor to factor counted as changed, ranks exact for
             ``rank=`` and upper bounds (``max_rank``) for ``energy=``/``max_error=``, as its ``.assumptions`` say.
+        ray: run the differences and SVDs as Ray tasks on this cluster (``auto``, ``local`` or an address), a group
+            of modules of about equal size each, every task reading the inputs again from storage every node sees
+            (the same paths on every node) and factoring with this process's torch thread count; the factors come
+            back here and the adapter is written as ever: the local run's byte for byte.  Needs ray.
 
     Returns:
         A :class:`~lora_convert.assemble.ConvertResult` whose ``.report`` (an ``Extraction``) has each module's rank,
@@ -468,6 +491,7 @@ def extract(
         token=token,
         moe_layout=moe_layout,
         dry_run=dry_run,
+        ray=ray,
     )
 
 

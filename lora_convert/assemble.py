@@ -63,16 +63,23 @@ class ConvertResult:
 TensorRun = Callable[[Plan, Path, SafetensorsSink], list[str]]
 
 
+#: Runs a plan's pre-pass some other way than :func:`run_prepass` (``extract --ray``: its jobs split into groups, a
+#: Ray task each, their outcomes gathered into the pass): given the pass and whether to show progress.
+PrepassRun = Callable[[Prepass, bool], None]
+
+
 def run_prepass(pre: Prepass, progress: bool) -> None:
     """Run a route's declared pre-pass (jobs that read and compute, writing nothing), with its progress bar."""
     with progress_bar(progress, pre.size(), pre.label, unit=pre.unit) as advance:
         execute(pre.jobs(advance), None, threads=pre.threads())
 
 
-def write_output(plan: Plan, req: Request, out: Output, run: TensorRun | None = None) -> ConvertResult:
+def write_output(
+    plan: Plan, req: Request, out: Output, run: TensorRun | None = None, prepass: PrepassRun | None = None
+) -> ConvertResult:
     """Write ``plan`` into ``out.path`` atomically and say what was written (the tensors by ``run`` when given: the
-    side files, card and rename stay here); a plan that declares a pre-pass (extraction's SVDs) has it run first,
-    and its outcome is what is written."""
+    side files, card and rename stay here); a plan that declares a pre-pass (extraction's SVDs) has it run first
+    (by ``prepass`` when given), and its outcome is what is written."""
     output, force, progress = out.path, out.force, out.progress
     inputs = _input_paths(req.source) + (_input_paths(req.base) if req.base is not None else [])
     for inp in req.stack:
@@ -84,7 +91,7 @@ def write_output(plan: Plan, req: Request, out: Output, run: TensorRun | None = 
     atomic = AtomicOutput(output, force=force, inputs=inputs, file=single)
     with atomic as tmp:  # taken before a pre-pass: an output that is there (or racing) is refused before the work
         if plan.prepass is not None:
-            run_prepass(plan.prepass, progress)
+            (prepass or run_prepass)(plan.prepass, progress)
             plan = plan.settled()
         if plan.file_sink is not None:
             sink: TensorSink = plan.file_sink(tmp / Path(output).name)

@@ -391,6 +391,12 @@ def report_cmd(
 @_push_options[0]
 @_push_options[1]
 @_push_options[2]
+@click.option(
+    "--ray",
+    metavar="ADDRESS",
+    help="Run the differences and SVDs as Ray tasks (auto, local, or a cluster's address), by module group, each "
+    "reading the inputs from storage every node sees; byte for byte the local output.  Needs the ray extra.",
+)
 @_debug_option
 @click.pass_context
 def extract_cmd(ctx: click.Context, tuned: str, as_json: bool, **opts: Any) -> None:

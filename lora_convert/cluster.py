@@ -177,3 +177,94 @@ class _Only:
 
     def abort(self) -> None:
         self.writer.abort()
+
+
+# -- one extraction across the cluster: a task per group of modules ------------------------------------------------
+#: ``extract --ray`` splits the pass into this many groups per task the cluster can run at once (uneven SVD times
+#: even out; each group opens the inputs again, a few headers).
+GROUPS_PER_SLOT = 2
+
+
+def prepass_run(address: str, reopen: dict[str, Any]) -> Any:
+    """``extract --ray``: the function :func:`.assemble.write_output` calls instead of running the extraction's
+    pre-pass here.  Its jobs (one per changed tensor or expert: ΔW formed, factored) are split into groups of about
+    equal matrix size, each a Ray task that opens the inputs again from ``reopen`` (paths every node sees), plans
+    the same extraction and runs its group's jobs with the driver's torch thread count (the SVD's bits depend on
+    it), returning the factors and report numbers; the driver gathers them into the pass, and the assembly writes
+    the adapter as ever (the local run's bytes)."""
+    from .progress import progress_bar
+
+    try:
+        import ray  # noqa: F401  (refused before the output is begun)
+    except ImportError:
+        raise OptionError("--ray needs Ray: pip install 'lora-convert[ray]'") from None
+
+    def run(pre: Any, progress: bool) -> None:
+        import ray
+
+        owned = connect(address)
+        try:
+            threads = pre.threads() or 1
+            cpus = int(ray.cluster_resources().get("CPU", 1))
+            widest = max((int(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1)
+            per_task = max(1, min(threads, widest))  # a node's cores for the SVD's threads, as the local run has
+            with progress_bar(progress, pre.size(), pre.label, unit=pre.unit) as advance:
+                jobs = pre.jobs(advance)  # (not run here: their names and sizes; shape changes are counted now)
+                groups = _groups(pre.weights(jobs), max(1, cpus // per_task) * GROUPS_PER_SLOT)
+                task = ray.remote(_extract_group).options(
+                    num_cpus=per_task, max_retries=TASK_RETRIES, scheduling_strategy="SPREAD"
+                )
+                held = {task.remote(dict(reopen), g, [jobs[i].name for i in g], threads): len(g) for g in groups if g}
+                try:
+                    while held:
+                        ready, _ = ray.wait(list(held), num_returns=1)
+                        for ref in ready:
+                            pre.absorb(ray.get(ref))
+                            advance(held.pop(ref))
+                except ray.exceptions.RayTaskError as e:  # the group's own failure: the error it raised
+                    cause = e.cause if isinstance(getattr(e, "cause", None), Exception) else None
+                    raise (cause or e) from None
+                except ray.exceptions.RayError as e:
+                    raise OptionError(
+                        f"--ray {address}: an extraction task failed ({type(e).__name__}) after retries"
+                    ) from None
+                finally:
+                    for ref in held:
+                        ray.cancel(ref, force=True)
+        finally:
+            if owned:
+                ray.shutdown()
+
+    return run
+
+
+def _groups(weights: list[int], n: int) -> list[list[int]]:
+    """Job indices in ``n`` groups of about equal total weight (the largest first, each to the lightest group),
+    each in job order; deterministic."""
+    n = max(1, min(n, len(weights)))
+    load: list[int] = [0] * n
+    out: list[list[int]] = [[] for _ in range(n)]
+    for i in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
+        g = min(range(n), key=lambda g: (load[g], g))
+        load[g] += weights[i]
+        out[g].append(i)
+    return [sorted(g) for g in out]
+
+
+def _extract_group(reopen: dict[str, Any], indices: list[int], names: list[str], threads: int) -> dict[str, Any]:
+    """One group of an extraction's jobs, in a Ray task: the pass planned again from the inputs, its jobs run with
+    the driver's torch threads (Ray sets a task's OpenMP threads to its CPUs; the SVD rounds by the count)."""
+    from .errors import RouteError
+    from .pipeline import execute
+    from .requests import open_request
+    from .routes import planner
+
+    to = reopen.pop("to")
+    source = reopen.pop("source")
+    with open_request(source, to, **reopen) as (req, _):
+        pre: Any = planner(req.inventory.form, to, path=req.source.root)(req).prepass
+        jobs = pre.jobs(lambda n: None)
+        if [jobs[i].name for i in indices if i < len(jobs)] != names:
+            raise RouteError("the inputs changed while the extraction ran on the cluster", path=req.source.root)
+        execute([jobs[i] for i in indices], None, threads=threads)
+        return dict(pre.outcome())

@@ -282,6 +282,26 @@ class ExtractionPass:
             jobs.append(_difference_job(tk, bk, name, False, other_done))
         return jobs
 
+    def weights(self, jobs: list[Job]) -> list[int]:
+        """Each job's matrix size in elements (what its SVD and reads cost), in the order of ``jobs``: for
+        ``extract --ray``, which splits the jobs into groups of about equal size."""
+        sizes = {
+            f"{path}[{e}]": p.shape[0] * p.shape[1] for path, p in self.experts.params.items() for e in range(p.experts)
+        }
+        return [sizes[j.name] if j.name in sizes else self.tk.info(j.name).numel for j in jobs]
+
+    def outcome(self) -> dict[str, Any]:
+        """What the jobs run so far found (factors and reports): a Ray task of ``extract --ray`` runs a group of the
+        jobs and returns this to the driver, whose :meth:`absorb` gathers every group's."""
+        return {"outcomes": self.outcomes, "others": self.others, "experts": self.experts.got}
+
+    def absorb(self, got: dict[str, Any]) -> None:
+        """Add a group's :meth:`outcome` (indices are the same on every node: the same inputs, planned alike)."""
+        self.outcomes.update(got["outcomes"])
+        self.others.update(got["others"])
+        for path, experts in got["experts"].items():
+            self.experts.got.setdefault(path, {}).update(experts)
+
     def plan(self) -> Plan:
         """The adapter of what the pass found changed."""
         out = _collect(self.tk, self.inputs, self.outcomes)
