@@ -215,12 +215,7 @@ def convert_cmd(
     show_default=True,
     help="Where the fp32 merge tiles are computed: cpu or cuda[:N] (blocks still stream from and to the disk).",
 )
-@click.option(
-    "--ray",
-    metavar="ADDRESS",
-    help="Write the output shards as Ray tasks (auto, local, or a cluster's address), one per shard, each reading "
-    "the inputs from storage every node sees; byte for byte the local output.  Needs the ray extra.",
-)
+@cli_args.ray_option("Write the output shards as Ray tasks", "one per shard")
 @click.pass_context
 def merge_cmd(ctx: click.Context, source: str, adapters: tuple[str, ...], as_json: bool, **opts: Any) -> None:
     """Fold LoRA into the base weights (SOURCE: an adapter with --base, or an unmerged checkpoint).
@@ -391,12 +386,7 @@ def report_cmd(
 @_push_options[0]
 @_push_options[1]
 @_push_options[2]
-@click.option(
-    "--ray",
-    metavar="ADDRESS",
-    help="Run the differences and SVDs as Ray tasks (auto, local, or a cluster's address), by module group, each "
-    "reading the inputs from storage every node sees; byte for byte the local output.  Needs the ray extra.",
-)
+@cli_args.ray_option("Run the differences and SVDs as Ray tasks", "by module group")
 @_debug_option
 @click.pass_context
 def extract_cmd(ctx: click.Context, tuned: str, as_json: bool, **opts: Any) -> None:

@@ -91,6 +91,16 @@ def moe_layout_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
+def ray_option(what: str, split: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--ray ADDRESS`` on a command that splits one job over a cluster (merge: by shard; extract: by module)."""
+    return click.option(
+        "--ray",
+        metavar="ADDRESS",
+        help=f"{what} (auto, local, or a cluster's address), {split}, each reading the inputs from storage every "
+        "node sees; byte for byte the local output.  Needs the ray extra.",
+    )
+
+
 def given_extraction(opts: dict[str, Any]) -> dict[str, Any]:
     """Takes the extraction options out of ``opts`` (the command's parameters) and returns those the user
     actually gave (click passes None / () for the others), as the API takes them: --factor-dtype is
