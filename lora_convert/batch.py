@@ -431,7 +431,7 @@ def run_job(job: Job) -> Outcome:
     res = Outcome(job.index, job.name, job.command, status="running", output=job.output, node=_where())
     try:
         res.identity = identity(job)
-        _as_alone()
+        threads_as_alone()
         from . import api
 
         result = getattr(api, job.command)(**job.kwargs)
@@ -462,7 +462,7 @@ def _where() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _as_alone() -> None:
+def threads_as_alone() -> None:
     """Under Ray, torch's threads as a command run alone on this node would have them: Ray sets OMP_NUM_THREADS to a
     task's CPUs (1), and extraction's SVDs round differently with another thread count (LAPACK's blocking), so the
     output would not be the single command's byte for byte.  A local pool worker keeps the default as it is."""
@@ -588,10 +588,10 @@ class LocalPool(Runner):
                 got.append(fut.result())
             except BrokenProcessPool:
                 broken = True
-                got.append(_lost(job, "its worker process died (killed, or out of memory)"))
+                got.append(lost(job, "its worker process died (killed, or out of memory)"))
         if broken:
             for job, _ in list(self._held.values()):
-                got.append(_lost(job, "its worker process died (killed, or out of memory)"))
+                got.append(lost(job, "its worker process died (killed, or out of memory)"))
             self._held.clear()
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = self._new_pool()
@@ -602,7 +602,7 @@ class LocalPool(Runner):
             self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _lost(job: Job, why: str) -> Outcome:
+def lost(job: Job, why: str) -> Outcome:
     return Outcome(job.index, job.name, job.command, status="failed", error=f"job {job.name}: {why}", output=job.output)
 
 

@@ -16,7 +16,7 @@ import logging
 import os
 from typing import Any
 
-from .batch import Job, Outcome, Runner, _lost, run_job
+from .batch import Job, Outcome, Runner, lost, run_job
 from .errors import OptionError
 
 #: Ray retries a task this many times when its worker process or node dies (not when the job itself fails).
@@ -79,7 +79,7 @@ class RayRunner(Runner):
             try:
                 got.append(ray.get(ref))
             except ray.exceptions.RayError as e:  # retries spent: the node or worker kept dying
-                got.append(_lost(job, f"its Ray task failed ({type(e).__name__}) after {TASK_RETRIES} retries"))
+                got.append(lost(job, f"its Ray task failed ({type(e).__name__}) after {TASK_RETRIES} retries"))
         return got
 
     def close(self) -> None:
@@ -141,13 +141,13 @@ def _write_shard(reopen: dict[str, Any], tmp: str, si: int, shape: dict[str, Any
     """One output shard of a merge, in a Ray task: the plan made again from the inputs, its shard's jobs run."""
     from pathlib import Path
 
-    from .batch import _as_alone
+    from .batch import threads_as_alone
     from .io.writer import SafetensorsWriter
     from .pipeline import execute
     from .requests import open_request
     from .routes import planner
 
-    _as_alone()
+    threads_as_alone()
     to = reopen.pop("to")
     source = reopen.pop("source")
     with open_request(source, to, **reopen) as (req, _):
