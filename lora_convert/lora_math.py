@@ -244,6 +244,22 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
+def merged_finite(t: torch.Tensor) -> bool:
+    """:func:`all_finite` for a merged output block, with a cheaper first pass: a sum is NaN or Inf as
+    soon as one element is (IEEE: NaN absorbs, Inf + finite is Inf, Inf - Inf is NaN), so a finite sum
+    proves every element finite.  ``sum`` reads a bf16 block in about half the time of ``aminmax``
+    (bench/README.md); only a non-finite sum — a real NaN/Inf, or finite values whose sum overflows —
+    pays for the exact check.  Same verdict as :func:`all_finite` on every input.  float16 goes straight
+    to the exact check: its sums overflow at 65504, so the first pass would often be wasted."""
+    if t.dtype in _SUMMED and t.numel():
+        if bool(torch.isfinite(t.sum())):
+            return True
+    return all_finite(t)
+
+
+_SUMMED = (torch.bfloat16, torch.float32, torch.float64)
+
+
 def block_rows(n_rows: int, n_cols: int, budget_bytes: int = 2 << 20, *, elem_bytes: int = 4) -> int:
     """Rows per block so that one fp32 tile — or a block of ``elem_bytes`` elements, when those are
     wider (fp64 inputs) — stays near ``budget_bytes``.

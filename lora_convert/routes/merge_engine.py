@@ -624,7 +624,7 @@ def _merge_job(
             if observe is not None:
                 observe(w, out)
             buf.give_back(w)
-            if not lora_math.all_finite(out):
+            if not lora_math.merged_finite(out):
                 raise AdapterError(
                     "merged weight holds NaN or Inf",
                     path=src_ck.root,
