@@ -25,8 +25,8 @@ Conventions
   rescale).
 * **LoHa / LoKr** (PEFT rebuilds ΔW at every forward): ``2·d_in·d_out`` per token for ``x @ ΔWᵀ``
   (the rebuild is per forward, not per token: not counted); merge ``4·r·d_in·d_out + d_in·d_out``
-  (LoHa: two rank-r products, the add) or ``d_in·d_out`` (LoKr: the Kronecker product is element-wise);
-  parameters are the stored factors.
+  (LoHa: two rank-r products, the add) or ``d_in·d_out`` (LoKr: the Kronecker product is element-wise; a
+  LyCORIS full diff: the add alone); parameters are the stored factors.
 * **Parameters** count a tied embedding / LM head once (as ``model.num_parameters()`` does);
   LoRA parameters are everything an adapter trains: A, B, ``lora_B`` bias, DoRA magnitudes,
   ``modules_to_save`` copies and trainable-token deltas (PEFT's trainable parameters).
@@ -299,7 +299,7 @@ def lora_module_params(m: LoraModule) -> int:
 def lora_module_flops(m: LoraModule, active: int | None = None) -> int:
     """Extra matmul FLOPs per token of the unmerged branch ``B(A x)``; LoRA on fused experts for the
     ``active`` experts a token goes through (all of them when unknown)."""
-    if m.tuner != "lora":  # LoHa/LoKr: PEFT rebuilds ΔW once per forward, then x @ ΔWᵀ per token
+    if m.tuner != "lora":  # LoHa/LoKr/full: ΔW rebuilt once per forward, then x @ ΔWᵀ per token
         return 2 * m.in_features * m.out_features
     if m.kind == "experts":
         return min(active or m.experts, m.experts) * 2 * m.rank * (m.in_features + m.out_features)
@@ -312,7 +312,7 @@ def merge_module_flops(m: LoraModule) -> int:
     area = m.in_features * m.out_features
     if m.tuner == "loha":  # two rank-r products, then ⊙ and the add
         return 2 * 2 * m.rank * area + area
-    if m.tuner == "lokr":  # kron is element-wise (not counted); the add
+    if m.tuner in ("lokr", "full"):  # kron is element-wise (not counted), a full diff has no product: the add
         return area
     flops = m.experts * (2 * m.rank * area + area)
     if m.magnitude_key:

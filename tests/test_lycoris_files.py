@@ -365,3 +365,22 @@ def test_a_bad_lycoris_file_is_one_error_naming_file_and_tensor(tmp_path, case):
     line = one_error(cli("merge", tmp_path / "k", "--base", tmp_path / "unet", "-o", out), tensor, message, out=out)
     assert "lyco.safetensors" in line or str(tmp_path / "k") in line
     assert (tmp_path / "k" / "lyco.safetensors").read_bytes() == before
+
+
+def test_report_counts_each_lycoris_algorithm_by_its_own_formula(tmp_path):
+    """Per token every algorithm is one x @ ΔWᵀ; a merge costs LoHa its two rank-r products, LoKr and a full diff
+    only the add (a full diff's 'rank' is its matrix's, which a LoRA formula would have multiplied in)."""
+    from lora_convert.costs import lora_module_flops, merge_module_flops
+    from lora_convert.inputs import load_source
+
+    lycoris_file(unet(), SPECS, tmp_path / "k" / "lyco.safetensors")
+    ck, inv = load_source(tmp_path / "k")
+    try:
+        mods = list(inv.modules(inv.adapters[0]).values())
+        assert sorted({m.tuner for m in mods}) == ["full", "loha", "lokr"]
+        for m in mods:
+            area = m.in_features * m.out_features
+            assert lora_module_flops(m) == 2 * area, m.module
+            assert merge_module_flops(m) == (4 * m.rank * area + area if m.tuner == "loha" else area), m.module
+    finally:
+        ck.close()
