@@ -28,13 +28,12 @@ import struct
 from typing import Any
 
 from ..config import AdapterConfig, check_schema
-from ..errors import AdapterError, LoraConvertError, UnsupportedError
+from ..errors import AdapterError, UnsupportedError
 from ..inventory import DEFAULT_ADAPTER, Inventory, LoraModule
-from ..io.files import MAX_CONFIG_BYTES, load_json
 from ..io.reader import Checkpoint
 from ..io.views import ScaledSource
 from .peft_keys import Role, parse_key
-from .vera import one_adapter
+from .vera import config_of_type, one_adapter
 
 PEFT_TYPE = "ADALORA"
 ROLES = ("lora_A", "lora_B", "lora_E")
@@ -61,22 +60,6 @@ SCHEMA: dict[str, tuple[Any, str]] = {
 }
 
 
-def adalora_config_data(ck: Checkpoint) -> dict[str, Any] | None:
-    """The adapter_config.json's object when it says ``peft_type: ADALORA`` (None otherwise, or unreadable:
-    the PEFT dialect then names what is wrong with it)."""
-    if ck.adapter_config_path is None:
-        return None
-    try:
-        data = load_json(
-            ck.adapter_config_path, what="an adapter config", max_bytes=MAX_CONFIG_BYTES, error=AdapterError
-        )
-    except LoraConvertError:
-        return None
-    if isinstance(data, dict) and str(data.get("peft_type") or "").upper() == PEFT_TYPE:
-        return data
-    return None
-
-
 def _fp32(x: float) -> float:
     return float(struct.unpack("f", struct.pack("f", x))[0])
 
@@ -91,10 +74,10 @@ class AdaloraDialect:
             return True
         if any((m := _IN_MODEL.fullmatch(k)) and m["role"] in ("lora_E", "ranknum") for k in ck.tensors):
             return True
-        return adalora_config_data(ck) is not None
+        return config_of_type(ck, PEFT_TYPE) is not None
 
     def read(self, ck: Checkpoint) -> Inventory:
-        data = adalora_config_data(ck)
+        data = config_of_type(ck, PEFT_TYPE)
         where = ck.adapter_config_path or ck.root
         if data is None:
             raise AdapterError(

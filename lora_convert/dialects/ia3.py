@@ -17,31 +17,15 @@ import re
 from typing import Any
 
 from ..config import AdapterConfig
-from ..errors import AdapterError, LoraConvertError
+from ..errors import AdapterError
 from ..inventory import DEFAULT_ADAPTER, Inventory, LoraModule
-from ..io.files import MAX_CONFIG_BYTES, load_json
 from ..io.reader import Checkpoint
-from .vera import one_adapter, sort_rest
+from .vera import config_of_type, one_adapter, sort_rest
 
 PEFT_TYPE = "IA3"
 _SAVED = re.compile(r"^(?P<mod>.+)\.ia3_l$", re.DOTALL)
 _IN_MODEL = re.compile(r"^(?P<mod>.+)\.ia3_l\.(?P<name>(?!weight$|bias$)[^.]+)$", re.DOTALL)
 _PREFIX = "base_model.model."
-
-
-def ia3_config_data(ck: Checkpoint) -> dict[str, Any] | None:
-    """The adapter_config.json's object when it says ``peft_type: IA3`` (None otherwise, or unreadable)."""
-    if ck.adapter_config_path is None:
-        return None
-    try:
-        data = load_json(
-            ck.adapter_config_path, what="an adapter config", max_bytes=MAX_CONFIG_BYTES, error=AdapterError
-        )
-    except LoraConvertError:
-        return None
-    if isinstance(data, dict) and str(data.get("peft_type") or "").upper() == PEFT_TYPE:
-        return data
-    return None
 
 
 def _feedforward(data: dict[str, Any], module: str) -> bool:
@@ -60,10 +44,10 @@ class Ia3Dialect:
     def claims(self, ck: Checkpoint) -> bool:
         if any(_SAVED.fullmatch(k) or _IN_MODEL.fullmatch(k) for k in ck.tensors):
             return True
-        return ia3_config_data(ck) is not None
+        return config_of_type(ck, PEFT_TYPE) is not None
 
     def read(self, ck: Checkpoint) -> Inventory:
-        data = ia3_config_data(ck)
+        data = config_of_type(ck, PEFT_TYPE)
         where = ck.adapter_config_path or ck.root
         if data is None:
             raise AdapterError(

@@ -44,8 +44,9 @@ _PREFIX = "base_model.model."
 NEEDS_BASE = "input_widths"  # inv.tuner key: the adapter's layers take their input width from the base
 
 
-def vera_config_data(ck: Checkpoint) -> dict[str, Any] | None:
-    """The adapter_config.json's object when it says ``peft_type: VERA`` (None otherwise, or unreadable)."""
+def config_of_type(ck: Checkpoint, peft_type: str) -> dict[str, Any] | None:
+    """The adapter_config.json's object when it says ``peft_type`` (None otherwise, or unreadable: the PEFT
+    dialect then names what is wrong with it).  Each of PEFT's other tuners claims its checkpoints by it."""
     if ck.adapter_config_path is None:
         return None
     try:
@@ -54,7 +55,7 @@ def vera_config_data(ck: Checkpoint) -> dict[str, Any] | None:
         )
     except LoraConvertError:
         return None
-    if isinstance(data, dict) and str(data.get("peft_type") or "").upper() == PEFT_TYPE:
+    if isinstance(data, dict) and str(data.get("peft_type") or "").upper() == peft_type:
         return data
     return None
 
@@ -67,10 +68,10 @@ class VeraDialect:
     def claims(self, ck: Checkpoint) -> bool:
         if any(".vera_lambda_" in k for k in ck.tensors):
             return True
-        return vera_config_data(ck) is not None
+        return config_of_type(ck, PEFT_TYPE) is not None
 
     def read(self, ck: Checkpoint) -> Inventory:
-        data = vera_config_data(ck)
+        data = config_of_type(ck, PEFT_TYPE)
         where = ck.adapter_config_path or ck.root
         if data is None:
             raise AdapterError(
