@@ -7,7 +7,9 @@ One place for each, so that a harness made stricter is stricter for every test; 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -375,3 +377,24 @@ def tmpfs(folder: Path, options: str) -> Iterator[Path]:
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+# -- Ray, only inside a network namespace that holds loopback alone (every address 127.x) ------------------------
+def loopback_namespace_unavailable() -> str | None:
+    """None where this process may make a network namespace holding only loopback; else why not."""
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return "unshare or ip is missing"
+    try:
+        r = subprocess.run(["unshare", "-n", "ip", "link", "set", "lo", "up"], capture_output=True, timeout=30)
+    except OSError as e:
+        return str(e)
+    return None if r.returncode == 0 else f"cannot make a network namespace (not root?): {r.stderr.decode()[:200]}"
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (relative path) -> its sha256: two outputs compared byte for byte."""
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }

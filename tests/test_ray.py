@@ -11,16 +11,13 @@ the tests skip and say so.  One child for the whole module: Ray's start-up is th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from helpers import FIXTURES, ROOT
+from helpers import FIXTURES, ROOT, loopback_namespace_unavailable, tree_digest
 
 from lora_convert.io.output import TMP_MARK
 
@@ -112,28 +109,9 @@ print(json.dumps(rep))
 """
 
 
-def _namespace_ok() -> str | None:
-    """None where this process may make a network namespace holding only loopback; else why not."""
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        return "unshare or ip is missing"
-    try:
-        r = subprocess.run(["unshare", "-n", "ip", "link", "set", "lo", "up"], capture_output=True, timeout=30)
-    except OSError as e:
-        return str(e)
-    return None if r.returncode == 0 else f"cannot make a network namespace (not root?): {r.stderr.decode()[:200]}"
-
-
-def _tree(folder: Path) -> dict[str, str]:
-    return {
-        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
 @pytest.fixture(scope="module")
 def ray_run(tmp_path_factory):
-    why = _namespace_ok()
+    why = loopback_namespace_unavailable()
     if why:
         pytest.skip(f"Ray runs only inside a loopback-only network namespace here: {why}")
     work = tmp_path_factory.mktemp("ray")
@@ -190,7 +168,7 @@ def test_ray_local_runs_every_job_on_loopback_as_the_pool_does(ray_run):
     assert _statuses(doc) == ["done"] * 6 + ["failed"]
     assert doc["jobs"][-1]["error"].endswith("no-such-base: no such file or folder")
     assert all(j["node"].startswith("127.") for j in doc["jobs"])  # NodeManagerAddress/NODE_ID of each task
-    assert _tree(work / "ray-local" / "out") == _tree(work / "pool" / "out")
+    assert tree_digest(work / "ray-local" / "out") == tree_digest(work / "pool" / "out")
 
 
 def test_two_node_cluster_survives_losing_a_node_mid_run(ray_run):
@@ -206,7 +184,7 @@ def test_two_node_cluster_survives_losing_a_node_mid_run(ray_run):
     assert len(began) == 7  # six outputs, the one lost begun twice; the bad job writes nothing
     on = [j["node"].split("/")[1] for j in doc["jobs"][:6]]
     assert on.count(rep["node2"]) == 1  # its first job finished there; the lost one was rerun on the head
-    assert _tree(work / "ray-cluster" / "out") == _tree(work / "pool" / "out")
+    assert tree_digest(work / "ray-cluster" / "out") == tree_digest(work / "pool" / "out")
     assert not [p for p in (work / "ray-cluster" / "out").iterdir() if TMP_MARK in p.name]  # no temp folder left
 
 
@@ -219,7 +197,7 @@ def test_one_merge_split_by_shard_over_two_nodes_is_the_local_output(ray_run):
     ]
     assert len(shards["notes"]) == 3  # one writer per shard, each in a Ray worker
     assert len({n.split(".")[0] for n in shards["notes"]}) == 2  # on both nodes
-    local, ray = _tree(work / "ray-cluster" / "shards-local"), _tree(work / "ray-cluster" / "shards-ray")
+    local, ray = tree_digest(work / "ray-cluster" / "shards-local"), tree_digest(work / "ray-cluster" / "shards-ray")
     assert "model.safetensors.index.json" in ray and "README.md" in ray
     assert local == ray
 

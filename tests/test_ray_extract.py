@@ -10,16 +10,14 @@ skip and say so.  The local references are made in the child before Ray starts, 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from helpers import FIXTURES, ROOT
+from helpers import FIXTURES, ROOT, loopback_namespace_unavailable, tree_digest
 from safetensors.torch import load_file, save_file
 from tiny_moe import logits, model, peft_experts, save_base
 
@@ -121,28 +119,9 @@ print(json.dumps(rep))
 """
 
 
-def _namespace_ok() -> str | None:
-    """None where this process may make a network namespace holding only loopback; else why not."""
-    if shutil.which("unshare") is None or shutil.which("ip") is None:
-        return "unshare or ip is missing"
-    try:
-        r = subprocess.run(["unshare", "-n", "ip", "link", "set", "lo", "up"], capture_output=True, timeout=30)
-    except OSError as e:
-        return str(e)
-    return None if r.returncode == 0 else f"cannot make a network namespace (not root?): {r.stderr.decode()[:200]}"
-
-
-def _tree(folder: Path) -> dict[str, str]:
-    return {
-        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
 @pytest.fixture(scope="module")
 def ray_run(tmp_path_factory):
-    why = _namespace_ok()
+    why = loopback_namespace_unavailable()
     if why:
         pytest.skip(f"Ray runs only inside a loopback-only network namespace here: {why}")
     work = tmp_path_factory.mktemp("ray-extract")
@@ -202,7 +181,7 @@ def test_extraction_split_over_two_nodes_is_the_local_adapter(ray_run):
     assert {g[1] for g in groups} == {str(rep["threads"])}
     assert rep["threads"] == 2  # (so the check above is not the 1 Ray sets: the child's default on 2 cores)
     assert sum(g[2] for g in groups) == 2 * 9 + 3  # 2 layers × (7 linears + 2 norms); embeddings, final norm, head
-    local, ray = _tree(work / "api-local"), _tree(work / "api-ray")
+    local, ray = tree_digest(work / "api-local"), tree_digest(work / "api-ray")
     assert "adapter_model.safetensors" in ray and "adapter_config.json" in ray and "README.md" in ray
     assert local == ray
     assert not [p for p in work.iterdir() if TMP_MARK in p.name]  # no temporary folder left
@@ -213,7 +192,7 @@ def test_moe_experts_split_over_two_nodes_are_the_local_adapter(ray_run):
     groups = _groups(rep["moe"]["notes"])
     assert {g[0] for g in groups} == set(rep["nodes"])
     assert rep["moe"]["experts"] > 0
-    assert _tree(work / "moe-local") == _tree(work / "moe-ray")
+    assert tree_digest(work / "moe-local") == tree_digest(work / "moe-ray")
 
 
 def test_cli_extract_ray_is_the_local_output(ray_run):
@@ -221,8 +200,8 @@ def test_cli_extract_ray_is_the_local_output(ray_run):
     work, rep = ray_run
     assert rep["cli"]["rc"] == 0, rep["cli"]["stderr"]
     assert {g[0] for g in _groups(rep["cli"]["notes"])} == set(rep["nodes"])
-    ray = _tree(work / "cli-ray")
-    assert "adapter/README.md" in ray and ray == _tree(work / "cli-local")
+    ray = tree_digest(work / "cli-ray")
+    assert "adapter/README.md" in ray and ray == tree_digest(work / "cli-local")
     assert "--ray" not in (work / "cli-ray" / "adapter" / "README.md").read_text()
 
 
