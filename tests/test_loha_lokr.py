@@ -15,7 +15,7 @@ from diffusers import UNet2DConditionModel
 from helpers import cli, one_error, peft_load
 from peft import LoHaConfig, LoKrConfig, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
-from tiny import UNET_TARGETS, gpt2, llama, load_merged, logits, qwen2, save_unmerged, unet, unet_out
+from tiny import UNET_TARGETS, LayerKinds, gpt2, llama, load_merged, logits, qwen2, save_unmerged, unet, unet_out
 
 import lora_convert as lc
 
@@ -311,21 +311,6 @@ def test_bad_factors_one_error_naming_file_and_tensor(tmp_path: Path, case: str)
     assert {p.name: p.read_bytes() for p in ad.iterdir()} == before  # inputs untouched
 
 
-class ConvNet(torch.nn.Module):
-    """Every layer kind PEFT builds LoHa/LoKr on: Linear, Conv2d 3×3 and 1×1, Conv1d k=3 and k=1."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(24, 36)
-        self.conv = torch.nn.Conv2d(8, 12, 3, padding=1)
-        self.pw = torch.nn.Conv2d(12, 8, 1)
-        self.c1 = torch.nn.Conv1d(8, 6, 3)
-        self.c1p = torch.nn.Conv1d(6, 10, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
 CONV_CONFIGS = {
     "loha": LoHaConfig(r=3, alpha=5, target_modules=["lin", "conv", "pw", "c1", "c1p"], init_weights=False),
     "loha-tucker": LoHaConfig(
@@ -352,7 +337,7 @@ CONV_CONFIGS = {
 @pytest.mark.parametrize("kind", sorted(CONV_CONFIGS))
 def test_every_layer_kind_merges_to_peft_merge_and_unload(tmp_path: Path, kind: str) -> None:
     torch.manual_seed(0)
-    model = ConvNet()
+    model = LayerKinds()
     (tmp_path / "base").mkdir()
     base = {k: v.detach().clone() for k, v in model.state_dict().items()}
     save_file(base, str(tmp_path / "base" / "model.safetensors"))

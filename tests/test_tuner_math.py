@@ -6,28 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoHaConfig, LoKrConfig, get_peft_model
+from tiny import LayerKinds
 
 from lora_convert import lora_math, tuner_math
 
 TARGETS = ["lin", "conv", "pw", "c1", "c1p"]
 
 
-class Layers(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lin = torch.nn.Linear(24, 36)
-        self.conv = torch.nn.Conv2d(8, 12, 3, padding=1)
-        self.pw = torch.nn.Conv2d(12, 8, 1)
-        self.c1 = torch.nn.Conv1d(8, 6, 3)
-        self.c1p = torch.nn.Conv1d(8, 6, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
 def _layers(cfg):
     torch.manual_seed(0)
-    pm = get_peft_model(Layers(), cfg)
+    pm = get_peft_model(LayerKinds(), cfg)
     return {n: getattr(pm.base_model.model, n) for n in TARGETS}
 
 

@@ -290,3 +290,18 @@ def peft_stack(base, adapters: list[tuple[Path, float]]):
             for name, (_, weight) in zip(names, adapters, strict=True):
                 mod.set_scale(name, weight)
     return model.eval()
+
+
+class LayerKinds(torch.nn.Module):
+    """Every layer kind PEFT builds LoHa/LoKr on: Linear, Conv2d 3×3 and 1×1, Conv1d k=3 and k=1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(24, 36)
+        self.conv = torch.nn.Conv2d(8, 12, 3, padding=1)
+        self.pw = torch.nn.Conv2d(12, 8, 1)
+        self.c1 = torch.nn.Conv1d(8, 6, 3)
+        self.c1p = torch.nn.Conv1d(6, 10, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
