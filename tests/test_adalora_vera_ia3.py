@@ -5,6 +5,7 @@ report count PEFT's trainable parameters, bad input ends in one error line."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,13 @@ from tiny import gpt2, llama, load_merged, logits, save_unmerged
 import lora_convert as lc
 
 TOL = 1e-5
+
+
+def _same_tensors(p0: Path, p1: Path) -> None:
+    """The two safetensors files hold the same names and bit-equal tensors."""
+    t0, t1 = load_file(str(p0)), load_file(str(p1))
+    assert set(t0) == set(t1) and all(torch.equal(t0[k], t1[k]) for k in t0)
+
 
 # -- AdaLoRA ---------------------------------------------------------------------------------------------
 
@@ -116,11 +124,7 @@ def test_adalora_attach_split_strip_are_peft_tensors(tmp_path):
     assert cfg["peft_type"] == "ADALORA" and cfg["rank_pattern"]["model.layers.1.mlp.down_proj.lora_E"] == [False] * 4
     assert (logits(peft_load(factory, tmp_path / "a2")) - want).abs().max().item() <= TOL
     lc.convert(tmp_path / "u", "base", output=tmp_path / "b")
-    b0, b1 = (
-        load_file(str(tmp_path / "base" / "model.safetensors")),
-        load_file(str(tmp_path / "b" / "model.safetensors")),
-    )
-    assert set(b0) == set(b1) and all(torch.equal(b0[k], b1[k]) for k in b0)
+    _same_tensors(tmp_path / "base" / "model.safetensors", tmp_path / "b" / "model.safetensors")
 
 
 def _edit_adapter(tmp_path, drop=None, reshape=None, config=None):
@@ -269,11 +273,7 @@ def test_vera_attach_split_strip_are_peft_tensors(tmp_path, case):
     assert cfg["peft_type"] == "VERA" and "lora_alpha" not in cfg  # VeRA's own config, as PEFT wrote it
     assert (logits(peft_load(factory, tmp_path / "a2")) - want).abs().max().item() <= TOL
     lc.convert(tmp_path / "u", "base", output=tmp_path / "b")
-    b0, b1 = (
-        load_file(str(tmp_path / "base" / "model.safetensors")),
-        load_file(str(tmp_path / "b" / "model.safetensors")),
-    )
-    assert set(b0) == set(b1) and all(torch.equal(b0[k], b1[k]) for k in b0)
+    _same_tensors(tmp_path / "base" / "model.safetensors", tmp_path / "b" / "model.safetensors")
 
 
 VQ0 = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -453,11 +453,7 @@ def test_ia3_attach_split_strip_are_peft_tensors(tmp_path, case):
     assert json.loads((tmp_path / "a2" / "adapter_config.json").read_text())["peft_type"] == "IA3"
     assert (logits(peft_load(factory, tmp_path / "a2")) - want).abs().max().item() <= TOL
     lc.convert(tmp_path / "u", "base", output=tmp_path / "b")
-    b0, b1 = (
-        load_file(str(tmp_path / "base" / "model.safetensors")),
-        load_file(str(tmp_path / "b" / "model.safetensors")),
-    )
-    assert set(b0) == set(b1) and all(torch.equal(b0[k], b1[k]) for k in b0)
+    _same_tensors(tmp_path / "base" / "model.safetensors", tmp_path / "b" / "model.safetensors")
 
 
 IK0 = "base_model.model.model.layers.0.self_attn.k_proj.ia3_l"
