@@ -49,6 +49,8 @@ class LoraModule:
     factor_params: int = 0  # their elements together: PEFT's trainable parameters of the module
     # another PEFT tuner read as LoRA factors (AdaLoRA, VeRA): its own trainable count, which is not A's and B's
     trained_params: int | None = None
+    # the numbers another tuner's ΔW is built with beside its tensors (OFT: coft, eps, Cayley-Neumann terms)
+    tuner_options: dict[str, object] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

@@ -19,6 +19,7 @@ from .diffusers import DiffusersDialect
 from .ia3 import Ia3Dialect
 from .kohya import KohyaDialect
 from .mlx import MlxDialect
+from .oft import OftDialect
 from .peft import PeftDialect
 from .vera import VeraDialect
 
@@ -81,4 +82,5 @@ register(KohyaDialect())
 register(DiffusersDialect())
 register(VeraDialect())  # claimed by vera_lambda_* tensors or peft_type VERA
 register(Ia3Dialect())  # claimed by ia3_l tensors or peft_type IA3
+register(OftDialect())  # claimed by oft_R / oft_embedding_R tensors or peft_type OFT
 register(AdaloraDialect())  # claimed by lora_E tensors or peft_type ADALORA, which no other dialect reads

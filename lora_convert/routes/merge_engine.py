@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 
-from .. import arch, lora_math
+from .. import arch, lora_math, oft_math
 from ..config import TUNER_PEFT_TYPES
 from ..errors import AdapterError, RouteError, UnsupportedError, option
 from ..inventory import LoraModule
 from ..io.reader import Checkpoint
 from ..pipeline import Buffers, Job, Read
-from . import tuner_terms
+from . import oft_terms, tuner_terms
 from .common import BaseView, check_finite, copy_job, remap_modules, same_tensor
 from .moe import ExpertPlan, plan_expert_lora
 from .plan import AdapterInput, Request
@@ -67,6 +67,11 @@ class KeyOps:
         """IA³ scales the weight (``W ⊙ l``) instead of adding to it: alone on its tensor (see _assign)."""
         return any(lo.module.kind == "ia3" for lo in self.loras)
 
+    @property
+    def oft(self) -> bool:
+        """OFT rotates the weight's input side (``W·Rᵀ``) instead of adding to it: alone on its tensor (_assign)."""
+        return any(lo.module.tuner == "oft" for lo in self.loras)
+
     def signature(self) -> tuple[Any, ...]:
         """What was applied, to decide whether two tied tensors end up equal."""
         return (
@@ -101,7 +106,7 @@ class MergeOps:
                 return None
             lo = o.loras[0]
             m = lo.module
-            if m.magnitude_key or m.scaling is None:
+            if m.magnitude_key or m.scaling is None or m.tuner != "lora" or m.kind == "ia3":
                 return None
             return lora_delta_norm(lo.ck.read(m.a_key), lo.ck.read(m.b_key), lo.scaling)
 
@@ -205,6 +210,12 @@ def _assign(
                 "result is not what PEFT merges",
                 hint="merge an IA³ adapter alone, at weight 1",
             )
+        if o.oft and (len(o.loras) > 1 or o.loras[0].weight != 1.0):
+            raise UnsupportedError(
+                f"{k}: OFT rotates this weight's input side (W·Rᵀ); with another adapter on it, a weight or an "
+                "unmerge the result is not what PEFT merges (PEFT's OFT has no scale)",
+                hint="merge an OFT adapter alone, at weight 1",
+            )
         if len(o.loras) > 1 and o.dora:
             raise UnsupportedError(
                 f"{k}: several adapters change it and one is DoRA; PEFT applies DoRA adapters one after "
@@ -263,7 +274,7 @@ def _assign_adapter(
         wk = f"{remap[mod]}.weight"
         if wk not in ops:
             raise AdapterError(f"module {mod} has no weight in the base", path=ad.root, tensor=m.a_key)
-        if m.tuner != "lora" and arch.is_embedding(remap[mod]):
+        if m.tuner not in ("lora", "oft") and arch.is_embedding(remap[mod]):
             raise UnsupportedError(
                 f"{m.tuner} module on the embedding {mod}: PEFT builds LoHa/LoKr only on nn.Linear, nn.Conv1d "
                 "and nn.Conv2d and refuses embeddings",
@@ -544,11 +555,16 @@ class RowMerge:
     col_scale: torch.Tensor | None = None
     tokens: tuple[torch.Tensor, torch.Tensor] | None = None
     norms: torch.Tensor | None = None  # DoRA's ‖W+ΔW‖ per output feature (verify bounds its error)
+    rotation: oft_math.BlockRotation | None = None  # OFT: each row times Rᵀ, block by block (alone on its tensor)
 
     def rows(self, w: torch.Tensor, start: int, out: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
         """Merged rows ``start:start+len(w)`` rounded once into ``out`` (a conv weight's rows are its
         flattened (out, in·k·k) matrix's)."""
-        if self.deltas or self.row_scale is not None or self.col_scale is not None:
+        if self.rotation is not None:
+            n, cols = w.shape[0], acc.shape[1]
+            acc.copy_(w.view(n, cols))
+            out.view(n, cols).copy_(self.rotation.rotate_(acc))
+        elif self.deltas or self.row_scale is not None or self.col_scale is not None:
             n, cols = w.shape[0], acc.shape[1]
             lora_math.merge_rows(
                 w.view(n, cols),
@@ -582,6 +598,11 @@ def prepare_rows(
     """Read the factors and tokens; for DoRA, make the norm pass over ``plan`` (its first reading).  With a
     ``device`` other than the CPU, the factors and DoRA's scales move there: the tiles are computed there."""
     rows, cols = shape[0], math.prod(shape[1:])
+    if ops.oft:  # alone on its tensor (see _assign): rows rotated, nothing added
+        (lo,) = ops.loras
+        emb = lo.module.kind == "embedding" or arch.is_embedding(lo.module.module)
+        rot = oft_terms.rotation(lo.module, lo.ck, shape, conv1d_hint, emb)
+        return RowMerge([], tokens=_token_rows(ops, rows, cols), rotation=rot.to(device) if device != "cpu" else rot)
     if ops.ia3:  # alone on its tensor (see _assign): rows or columns scaled, nothing added
         rm = RowMerge([], tokens=_token_rows(ops, rows, cols))
         rm.row_scale, rm.col_scale = _ia3_scales(ops.loras[0], shape, conv1d_hint)
@@ -619,7 +640,7 @@ def _merge_job(
         rm = prepare_rows(ops, shape, conv1d_hint, buf, plan, device)
         for r in plan:
             w = buf.read(r)
-            acc = _acc(buf, w.shape[0], cols, device if rm.deltas else "cpu")
+            acc = _acc(buf, w.shape[0], cols, device if rm.deltas or rm.rotation is not None else "cpu")
             out = rm.rows(w, r.start, buf.out(tuple(w.shape), out_dtype), acc)
             if observe is not None:
                 observe(w, out)

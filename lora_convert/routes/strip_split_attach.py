@@ -15,6 +15,7 @@ import torch
 
 from .. import arch
 from ..config import TUNER_PEFT_TYPES, AdapterConfig
+from ..dialects import oft
 from ..dialects.peft_keys import PEFT_PREFIX, Role, format_key
 from ..errors import UnsupportedError
 from ..inventory import Inventory, LoraModule
@@ -86,8 +87,8 @@ def split_names(inv: Inventory, adapter: str) -> dict[str, str]:
         where = f"{PEFT_PREFIX}{mod}." if mod else "base_model."  # "": the tuner's own (VeRA's projections)
         out.update({f"{where}{role}": src for role, src in keys.items() if role != "ranknum"})
     for mod, m in inv.modules(adapter).items():
-        if m.tuner != "lora":  # LoHa/LoKr: each factor under <module>.<factor>
-            out.update({format_key(mod, Role.TUNER, param=f): key for f, key in m.factors.items()})
+        if m.tuner != "lora":  # LoHa/LoKr: each factor under <module>.<factor>; OFT's <module>.oft_R.weight
+            out.update({_factor_key(m, mod, f): key for f, key in m.factors.items()})
             continue
         if mod in native:
             continue
@@ -168,7 +169,7 @@ def plan_attach(req: Request) -> Plan:
                 continue
             if m.tuner != "lora":  # LoHa/LoKr: each factor under <module>.<factor>.<adapter>
                 for f, key in m.factors.items():
-                    jobs.append(copy(ad, key, format_key(mod, Role.TUNER, param=f, adapter=name), op="lora"))
+                    jobs.append(copy(ad, key, _factor_key(m, mod, f, name), op="lora"))
                 continue
             roles = (Role.EMBED_A, Role.EMBED_B) if m.kind == "embedding" else (Role.LORA_A, Role.LORA_B)
             jobs.append(copy(ad, m.a_key, format_key(mod, roles[0], adapter=name), op="lora"))
@@ -197,6 +198,14 @@ def plan_attach(req: Request) -> Plan:
         adapter_config=_renamed_config(adapter_config_out(req), modules, remap),
         warnings=notes,
     )
+
+
+def _factor_key(m: LoraModule, mod: str, factor: str, adapter: str | None = None) -> str:
+    """Another tuner's tensor as PEFT keys it: a ParameterDict's ``<module>.<factor>[.<adapter>]`` (LoHa, LoKr), or
+    OFT's module dict of ``OFTRotationModule`` s, ``<module>.oft_R[.<adapter>].weight``."""
+    if m.tuner == "oft":
+        return oft.key(mod, factor, adapter)
+    return format_key(mod, Role.TUNER, param=factor, adapter=adapter)
 
 
 def _native_jobs(

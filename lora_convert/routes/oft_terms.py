@@ -1,0 +1,63 @@
+"""An OFT module's rotation as the merge engine applies it (:class:`..oft_math.BlockRotation`): its tensor
+read and checked against the base weight, then built with the adapter config's numbers.
+
+PEFT builds OFT only on ``nn.Linear``, ``nn.Conv2d`` (groups 1) and ``nn.Embedding`` (its
+``_get_tuner_layer_class``): a weight stored transposed (GPT-2's ``Conv1D``), a Conv1d/Conv3d kernel or a
+grouped conv has no OFT in PEFT, so one is refused by name rather than given a reading PEFT never defined.
+OFT is a product, not a sum: it is alone on its tensor, at weight 1 (``merge_engine._assign``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from .. import oft_math
+from ..errors import AdapterError, UnsupportedError
+from ..inventory import LoraModule
+from ..io.reader import Checkpoint
+from .common import check_finite
+
+
+def rotation(
+    m: LoraModule, ck: Checkpoint, shape: tuple[int, ...], conv1d_hint: bool, embedding: bool
+) -> oft_math.BlockRotation:
+    """The rotation of ``m`` on a base weight of ``shape`` (``embedding``: the base layer is an embedding)."""
+    ((factor, key),) = m.factors.items()
+    on_embedding = factor == "oft_embedding_R"
+    if len(shape) not in (2, 4) or (len(shape) == 2 and conv1d_hint and not on_embedding):
+        what = "stored transposed (GPT-2's Conv1D, fan_in_fan_out)" if len(shape) == 2 else f"of shape {list(shape)}"
+        raise UnsupportedError(
+            f"OFT module {m.module} on a weight {what}: PEFT builds OFT only on nn.Linear, nn.Conv2d and "
+            "nn.Embedding and refuses this layer",
+            path=ck.root,
+            tensor=key,
+        )
+    if (embedding and not on_embedding) or (on_embedding and len(shape) != 2):
+        have = "an embedding" if embedding else ("a conv" if len(shape) == 4 else "a linear layer")
+        raise AdapterError(
+            f"OFT module {m.module}: {factor} on {have}; PEFT's OFT is oft_embedding_R on nn.Embedding and "
+            "oft_R on nn.Linear/nn.Conv2d",
+            path=ck.root,
+            tensor=key,
+            hint="is this adapter for this base model?",
+        )
+    cols = int(shape[1]) if on_embedding else math.prod(shape[1:])
+    vec = check_finite(ck.read(key), ck, key)
+    o = m.tuner_options
+    try:
+        return oft_math.BlockRotation.build(
+            vec,
+            cols,
+            transposed=not on_embedding,
+            coft=bool(o.get("coft", False)),
+            eps=float(o.get("eps", 6e-5)),  # type: ignore[arg-type]
+            neumann=bool(o.get("use_cayley_neumann", True)),
+            terms=int(o.get("num_cayley_neumann_terms", 5)),  # type: ignore[call-overload]
+        )
+    except ValueError as exc:
+        raise AdapterError(
+            f"OFT module {m.module}: {factor} {list(vec.shape)} does not fit the base weight {list(shape)}: {exc}",
+            path=ck.root,
+            tensor=key,
+            hint="is this adapter for this base model?",
+        ) from None
