@@ -138,6 +138,11 @@ def _stacked(
                     "an IA³ adapter scales weights (W ⊙ l): it cannot be combined with adapters that add to them",
                     path=inp.ck.root,
                 )
+            if inp.inventory.dialect == "oft":
+                raise UnsupportedError(
+                    "an OFT adapter rotates weights (W·Rᵀ): it cannot be combined with adapters that add to them",
+                    path=inp.ck.root,
+                )
         warnings = _check_stack(stack)
         first = stack[0]
         return Request(first.ck, first.label, first.inventory, first.name, stack=stack), warnings

@@ -62,7 +62,7 @@ from typing import Any
 
 import torch
 
-from .. import arch, lora_math
+from .. import arch, lora_math, oft_math
 from ..closeness import Agreement, dora_bound, merge_bound
 from ..errors import UnsupportedError
 from ..io.quantized import find_layout
@@ -335,6 +335,24 @@ def _merge_bounder(
     return tile
 
 
+def _rotation_bounder(
+    rot: oft_math.BlockRotation, mdtype: torch.dtype, base_dtype: torch.dtype, buf: Buffers
+) -> Bounder:
+    """OFT's bound: each merged entry is a dot product of a row's b-wide slice with a block of R, whose entries
+    are themselves sums (the Cayley-Neumann series, or the solve) — :func:`..closeness.merge_bound` for one
+    term of that depth, on P = |W|·|R|ᵀ (the rotation applied to absolute values), plus its w·|W|."""
+    mb = merge_bound([rot.depth], mdtype, base_dtype)
+    mag = rot.magnitude()
+
+    def tile(w: torch.Tensor, start: int, want: torch.Tensor, cols: int) -> torch.Tensor:
+        n = w.numel() // cols
+        t = buf.scratch("bound", (n, cols), torch.float32)
+        mag.rotate_(t.copy_(w.view(n, cols)).abs_()).mul_(mb.terms[0])
+        return t.add_(w.view(n, cols).abs().float(), alpha=mb.w)
+
+    return tile
+
+
 def _dora_bounder(rm: RowMerge, mdtype: torch.dtype, buf: Buffers) -> Bounder:
     """DoRA's bound (:func:`..closeness.dora_bound`): the merge bound of W + ΔW scaled by |f| = |m|/‖W + ΔW‖,
     plus the norm's relative error ρ (per output feature) on the expected value."""
@@ -392,6 +410,8 @@ def _rows_job(
             bounder = _dora_bounder(rm, mdtype, buf)
         elif rm.deltas:
             bounder = _merge_bounder(rm.deltas, mdtype, base_dtype, buf)
+        elif rm.rotation is not None:
+            bounder = _rotation_bounder(rm.rotation, mdtype, base_dtype, buf)
         ag = agreement(mdtype, buf)
         for r, mr in pairs:
             w, m = buf.read(r), buf.read(mr)
