@@ -299,6 +299,8 @@ def lora_module_params(m: LoraModule) -> int:
 def lora_module_flops(m: LoraModule, active: int | None = None) -> int:
     """Extra matmul FLOPs per token of the unmerged branch ``B(A x)``; LoRA on fused experts for the
     ``active`` experts a token goes through (all of them when unknown)."""
+    if m.tuner == "oft":  # OFT: the input (an embedding: its output) rotated, a b-long dot per feature
+        return 2 * m.rank * m.in_features
     if m.tuner != "lora":  # LoHa/LoKr/full: ΔW rebuilt once per forward, then x @ ΔWᵀ per token
         return 2 * m.in_features * m.out_features
     if m.kind == "experts":
@@ -312,6 +314,8 @@ def merge_module_flops(m: LoraModule) -> int:
     area = m.in_features * m.out_features
     if m.tuner == "loha":  # two rank-r products, then ⊙ and the add
         return 2 * 2 * m.rank * area + area
+    if m.tuner == "oft":  # every merged entry a b-long dot product (rank: the block size b)
+        return 2 * m.rank * area
     if m.tuner in ("lokr", "full"):  # kron is element-wise (not counted), a full diff has no product: the add
         return area
     flops = m.experts * (2 * m.rank * area + area)

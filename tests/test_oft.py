@@ -260,3 +260,23 @@ def test_oft_weighted_or_stacked_or_lora_formats_are_refused_by_name(tmp_path):
     one_error(res, "OFT adapter", "needs LoRA factors", out=out)
     res = cli("combine", tmp_path / "adapter", tmp_path / "adapter", "--method", "cat", "-o", out)
     one_error(res, "an OFT adapter rotates weights", out=out)
+
+
+def test_report_counts_oft_flops_by_its_own_formula(tmp_path):
+    """Per token the input (an embedding: its output) is rotated, b multiply-adds per feature; a merge makes every
+    weight entry a b-long dot product.  The unmerged checkpoint gives each module its base weight's sides."""
+    from lora_convert.costs import lora_module_flops, merge_module_flops
+    from lora_convert.inputs import load_source
+
+    _, ref = _oft(tmp_path, "llama")
+    ck, inv = load_source(save_unmerged(ref, tmp_path / "u"))
+    try:
+        mods = inv.modules(inv.adapters[0])
+        sides = {k: (m.rank, m.in_features, m.out_features) for k, m in mods.items() if k.startswith("model.layers.0")}
+        assert sides == {"model.layers.0.self_attn.q_proj": (8, 32, 32), "model.layers.0.mlp.down_proj": (8, 48, 32)}
+        assert (mods["model.embed_tokens"].in_features, mods["model.embed_tokens"].out_features) == (32, 96)
+        for m in mods.values():
+            assert lora_module_flops(m) == 2 * 8 * m.in_features, m.module
+            assert merge_module_flops(m) == 2 * 8 * m.in_features * m.out_features, m.module
+    finally:
+        ck.close()

@@ -133,12 +133,13 @@ def _module(ck: Checkpoint, inv: Inventory, adapter: str, mod: str, keys: dict[s
             path=info.file,
             tensor=k,
         )
-    in_f = 0 if share else info.shape[0] * b
+    in_f, out_f = (0 if share else info.shape[0] * b), 0
     base = inv.base.get(f"{mod}.weight")
     kind = "embedding" if factor == "oft_embedding_R" else "linear"
     if base is not None:
         shape = ck.info(base).shape
         kind = "conv" if len(shape) > 2 and kind == "linear" else kind
+        out_f = shape[0] if shape else 0
         if share and len(shape) >= 2:
             in_f = shape[1] if kind == "embedding" else math.prod(shape[1:])
     return LoraModule(
@@ -149,7 +150,7 @@ def _module(ck: Checkpoint, inv: Inventory, adapter: str, mod: str, keys: dict[s
         k,
         b,
         in_f,
-        0,
+        out_f,
         scaling=1.0,
         tuner="oft",
         factors={factor: k},
