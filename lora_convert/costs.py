@@ -301,6 +301,8 @@ def lora_module_flops(m: LoraModule, active: int | None = None) -> int:
     ``active`` experts a token goes through (all of them when unknown)."""
     if m.tuner == "oft":  # OFT: the input (an embedding: its output) rotated, a b-long dot per feature
         return 2 * m.rank * m.in_features
+    if m.tuner == "boft":  # BOFT: PEFT rebuilds the dense rotation and multiplies the weight per forward
+        return 2 * m.in_features * m.out_features
     if m.tuner != "lora":  # LoHa/LoKr/full: ΔW rebuilt once per forward, then x @ ΔWᵀ per token
         return 2 * m.in_features * m.out_features
     if m.kind == "experts":
@@ -314,7 +316,7 @@ def merge_module_flops(m: LoraModule) -> int:
     area = m.in_features * m.out_features
     if m.tuner == "loha":  # two rank-r products, then ⊙ and the add
         return 2 * 2 * m.rank * area + area
-    if m.tuner == "oft":  # every merged entry a b-long dot product (rank: the block size b)
+    if m.tuner in ("oft", "boft"):  # a b-long dot per merged entry (rank: the block size b; BOFT's one factor)
         return 2 * m.rank * area
     if m.tuner in ("lokr", "full"):  # kron is element-wise (not counted), a full diff has no product: the add
         return area

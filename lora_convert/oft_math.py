@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -127,13 +128,9 @@ class BlockRotation:
         m = self.blocks.transpose(-2, -1) if self.transposed else self.blocks
         return m.expand(self.count, -1, -1) if m.shape[0] != self.count else m
 
-    def rotate_(self, acc: torch.Tensor) -> torch.Tensor:
+    def rotate_(self, acc: torch.Tensor, start: int = 0) -> torch.Tensor:
         """``acc`` (n, cols) fp32 rows replaced by their rotation: one bmm over the blocks."""
-        n, b = acc.shape[0], self.size
-        x = acc.view(n, self.count, b).transpose(0, 1)  # (count, n, b)
-        y = torch.bmm(x, self._each())
-        acc.view(n, self.count, b).copy_(y.transpose(0, 1))
-        return acc
+        return _blockwise_(acc, self._each())
 
     @property
     def depth(self) -> int:
@@ -148,3 +145,112 @@ class BlockRotation:
 
     def to(self, device: torch.device | str) -> BlockRotation:
         return BlockRotation(self.blocks.to(device), self.count, self.transposed, self.terms)
+
+
+def _blockwise_(acc: torch.Tensor, each: torch.Tensor) -> torch.Tensor:
+    """``acc`` (n, k·b) with each b-wide slice j replaced by ``slice @ each[j]`` ((k, b, b)): one bmm."""
+    n, (k, b) = acc.shape[0], each.shape[:2]
+    y = torch.bmm(acc.view(n, k, b).transpose(0, 1), each)  # (k, n, b)
+    acc.view(n, k, b).copy_(y.transpose(0, 1))
+    return acc
+
+
+class Rotation(Protocol):
+    """What the merge engine applies to a row block in place of adding a ΔW: OFT's :class:`BlockRotation`,
+    BOFT's :class:`ButterflyRotation`.  ``rotate_`` rewrites fp32 rows ``start:start+n`` of the merged weight."""
+
+    def rotate_(self, acc: torch.Tensor, start: int = 0) -> torch.Tensor: ...
+
+    @property
+    def depth(self) -> int: ...
+
+    def magnitude(self) -> Rotation: ...
+
+    def to(self, device: torch.device | str) -> Rotation: ...
+
+
+def butterfly_perm(n: int, b: int, r: int, n_butterfly_factor: int) -> torch.Tensor:
+    """PEFT's ``BOFTLayer.block_butterfly_perm``: the column order of one butterfly factor (n inputs, b blocks
+    after it, base block r; identity when there is one factor)."""
+    if n_butterfly_factor == 0:
+        return torch.arange(n)
+    if b * r * 2 > n:
+        raise ValueError("Invalid number of blocks!")
+    size = int(n // b)
+    indices = torch.arange(n)
+    step = size / r
+    initial = torch.arange(size)
+    order = torch.empty(size, dtype=torch.long)
+    seq = torch.cat((torch.arange(0, step, 2), torch.arange(1, step, 2)), dim=0)
+    for i, pos in enumerate(seq):
+        order[int(i * r) : int(i * r + r)] = initial[int(pos * r) : int(pos * r + r)]
+    for i in range(0, n, size):
+        indices[i : i + size] = indices[i : i + size][order]
+    return indices
+
+
+def boft_cayley(data: torch.Tensor) -> torch.Tensor:
+    """PEFT's ``BOFTLayer.cayley_batch``: (k, b, b) free matrices, their skew part S = (A − Aᵀ)/2, the exact
+    Cayley ``(I − S)(I + S)⁻¹`` by ``solve``.  fp32."""
+    data = data.to(FP32)
+    k, b, _ = data.shape
+    s = 0.5 * (data - data.transpose(1, 2))
+    eye = torch.eye(b, dtype=FP32).unsqueeze(0).expand(k, b, b)
+    return torch.linalg.solve(eye + s, eye - s, left=False)
+
+
+@dataclass
+class ButterflyRotation:
+    """BOFT: ``W ← (R·Wᵀ)ᵀ ⊙ s`` with R = F_(m−1)···F_1·F_0, each factor F_i = P_i·B_i·P_iᵀ (B_i block-diagonal,
+    P_i PEFT's butterfly permutation) and s one scale per output row.  A row times Rᵀ is the row times
+    F_0ᵀ, then F_1ᵀ, …: per factor its columns permuted, each b-wide slice times a block, permuted back.
+
+    ``blocks`` (m, D, b, b) the Cayley blocks of each factor; ``perms`` each factor's column order (None:
+    the identity); ``scale`` (out,) fp32."""
+
+    blocks: torch.Tensor
+    perms: list[torch.Tensor | None]
+    scale: torch.Tensor
+
+    @classmethod
+    def build(cls, boft_r: torch.Tensor, boft_s: torch.Tensor, cols: int) -> ButterflyRotation:
+        """From the stored ``boft_R`` (m, D, b, b) and ``boft_s`` for a weight of ``cols`` input columns; raises
+        ValueError when they are no butterfly of that width."""
+        if boft_r.dim() != 4 or boft_r.shape[2] != boft_r.shape[3]:
+            raise ValueError(f"boft_R of shape {list(boft_r.shape)}: PEFT's is (factors, blocks, b, b)")
+        m, d, b, _ = boft_r.shape
+        if d * b != cols:
+            raise ValueError(f"{d} block(s) of {b}×{b} do not cover the weight's {cols} input columns")
+        if m > 1 and (d % (2 ** (m - 1)) or b % 2 or d % 2):
+            raise ValueError(f"{m} butterfly factors of {d} blocks of {b}×{b}: PEFT builds no such butterfly")
+        perms: list[torch.Tensor | None] = []
+        for i in range(m):
+            p = butterfly_perm(cols, int(d / (2**i)), int(b / 2), m - 1)
+            perms.append(None if torch.equal(p, torch.arange(cols)) else p)
+        blocks = boft_cayley(boft_r.reshape(m * d, b, b)).reshape(m, d, b, b)
+        return cls(blocks, perms, boft_s.to(FP32).reshape(-1))
+
+    def rotate_(self, acc: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """``acc`` (n, cols) fp32 rows ``start:start+n`` replaced by ``row·Rᵀ ⊙ s``."""
+        for f, perm in enumerate(self.perms):
+            each = self.blocks[f].transpose(-2, -1)
+            if perm is None:
+                _blockwise_(acc, each)
+                continue
+            x = acc[:, torch.argsort(perm)]  # x·P_i
+            acc.copy_(_blockwise_(x, each)[:, perm])  # ·B_iᵀ·P_iᵀ
+        return acc.mul_(self.scale[start : start + acc.shape[0]].unsqueeze(1))
+
+    @property
+    def depth(self) -> int:
+        """m factors, each a b-long dot product on entries from a b×b solve, then the scale."""
+        m, _, b, _ = self.blocks.shape
+        return m * b * (1 + b) + 1
+
+    def magnitude(self) -> ButterflyRotation:
+        """The same factors on ``|B_i|`` and ``|s|``: applied to |W| they bound every product in an entry."""
+        return ButterflyRotation(self.blocks.abs(), self.perms, self.scale.abs())
+
+    def to(self, device: torch.device | str) -> ButterflyRotation:
+        perms = [p.to(device) if p is not None else None for p in self.perms]
+        return ButterflyRotation(self.blocks.to(device), perms, self.scale.to(device))

@@ -138,9 +138,10 @@ def _stacked(
                     "an IA³ adapter scales weights (W ⊙ l): it cannot be combined with adapters that add to them",
                     path=inp.ck.root,
                 )
-            if inp.inventory.dialect == "oft":
+            if inp.inventory.dialect in ("oft", "boft"):
                 raise UnsupportedError(
-                    "an OFT adapter rotates weights (W·Rᵀ): it cannot be combined with adapters that add to them",
+                    f"an {inp.inventory.dialect.upper()} adapter rotates weights (W·Rᵀ): it cannot be combined with "
+                    "adapters that add to them",
                     path=inp.ck.root,
                 )
         warnings = _check_stack(stack)

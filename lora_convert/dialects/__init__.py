@@ -15,6 +15,7 @@ from ..errors import AdapterError
 from ..inventory import Inventory
 from ..io.reader import Checkpoint
 from .adalora import AdaloraDialect
+from .boft import BoftDialect
 from .diffusers import DiffusersDialect
 from .ia3 import Ia3Dialect
 from .kohya import KohyaDialect
@@ -83,4 +84,5 @@ register(DiffusersDialect())
 register(VeraDialect())  # claimed by vera_lambda_* tensors or peft_type VERA
 register(Ia3Dialect())  # claimed by ia3_l tensors or peft_type IA3
 register(OftDialect())  # claimed by oft_R / oft_embedding_R tensors or peft_type OFT
+register(BoftDialect())  # claimed by boft_R / boft_s tensors or peft_type BOFT
 register(AdaloraDialect())  # claimed by lora_E tensors or peft_type ADALORA, which no other dialect reads

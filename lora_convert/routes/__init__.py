@@ -97,7 +97,9 @@ def _lora_only(plan: Planner, to: str) -> Planner:
                 continue
             tuned = [m for m in inp.inventory.modules(inp.name).values() if m.tuner != "lora"]
             if tuned:
-                word = {"loha": "LoHa", "lokr": "LoKr", "oft": "OFT"}.get(tuned[0].tuner, tuned[0].tuner)
+                word = {"loha": "LoHa", "lokr": "LoKr", "oft": "OFT", "boft": "BOFT"}.get(
+                    tuned[0].tuner, tuned[0].tuner
+                )
                 raise UnsupportedError(
                     f"a {word} adapter ({len(tuned)} module(s), first {tuned[0].module}): converting it to {to} "
                     "needs LoRA factors; LoHa and LoKr adapters are merged, verified, attached, split and stripped",

@@ -69,8 +69,8 @@ class KeyOps:
 
     @property
     def oft(self) -> bool:
-        """OFT rotates the weight's input side (``W·Rᵀ``) instead of adding to it: alone on its tensor (_assign)."""
-        return any(lo.module.tuner == "oft" for lo in self.loras)
+        """OFT/BOFT rotate the weight's input side (``W·Rᵀ``) instead of adding to it: alone on its tensor (_assign)."""
+        return any(lo.module.tuner in ("oft", "boft") for lo in self.loras)
 
     def signature(self) -> tuple[Any, ...]:
         """What was applied, to decide whether two tied tensors end up equal."""
@@ -212,9 +212,9 @@ def _assign(
             )
         if o.oft and (len(o.loras) > 1 or o.loras[0].weight != 1.0):
             raise UnsupportedError(
-                f"{k}: OFT rotates this weight's input side (W·Rᵀ); with another adapter on it, a weight or an "
-                "unmerge the result is not what PEFT merges (PEFT's OFT has no scale)",
-                hint="merge an OFT adapter alone, at weight 1",
+                f"{k}: {o.loras[0].module.tuner.upper()} rotates this weight's input side (W·Rᵀ); with another "
+                "adapter on it, a weight or an unmerge the result is not what PEFT merges (PEFT's OFT has no scale)",
+                hint="merge an OFT or BOFT adapter alone, at weight 1",
             )
         if len(o.loras) > 1 and o.dora:
             raise UnsupportedError(
@@ -274,7 +274,7 @@ def _assign_adapter(
         wk = f"{remap[mod]}.weight"
         if wk not in ops:
             raise AdapterError(f"module {mod} has no weight in the base", path=ad.root, tensor=m.a_key)
-        if m.tuner not in ("lora", "oft") and arch.is_embedding(remap[mod]):
+        if m.tuner not in ("lora", "oft", "boft") and arch.is_embedding(remap[mod]):
             raise UnsupportedError(
                 f"{m.tuner} module on the embedding {mod}: PEFT builds LoHa/LoKr only on nn.Linear, nn.Conv1d "
                 "and nn.Conv2d and refuses embeddings",
@@ -555,7 +555,7 @@ class RowMerge:
     col_scale: torch.Tensor | None = None
     tokens: tuple[torch.Tensor, torch.Tensor] | None = None
     norms: torch.Tensor | None = None  # DoRA's ‖W+ΔW‖ per output feature (verify bounds its error)
-    rotation: oft_math.BlockRotation | None = None  # OFT: each row times Rᵀ, block by block (alone on its tensor)
+    rotation: oft_math.Rotation | None = None  # OFT/BOFT: each row times Rᵀ, block by block (alone on its tensor)
 
     def rows(self, w: torch.Tensor, start: int, out: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
         """Merged rows ``start:start+len(w)`` rounded once into ``out`` (a conv weight's rows are its
@@ -563,7 +563,7 @@ class RowMerge:
         if self.rotation is not None:
             n, cols = w.shape[0], acc.shape[1]
             acc.copy_(w.view(n, cols))
-            out.view(n, cols).copy_(self.rotation.rotate_(acc))
+            out.view(n, cols).copy_(self.rotation.rotate_(acc, start))
         elif self.deltas or self.row_scale is not None or self.col_scale is not None:
             n, cols = w.shape[0], acc.shape[1]
             lora_math.merge_rows(

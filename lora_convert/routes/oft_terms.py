@@ -1,10 +1,11 @@
-"""An OFT module's rotation as the merge engine applies it (:class:`..oft_math.BlockRotation`): its tensor
-read and checked against the base weight, then built with the adapter config's numbers.
+"""An OFT or BOFT module's rotation as the merge engine applies it (:class:`..oft_math.BlockRotation`,
+:class:`..oft_math.ButterflyRotation`): its tensors read and checked against the base weight, then built with
+the adapter config's numbers.
 
-PEFT builds OFT only on ``nn.Linear``, ``nn.Conv2d`` (groups 1) and ``nn.Embedding`` (its
-``_get_tuner_layer_class``): a weight stored transposed (GPT-2's ``Conv1D``), a Conv1d/Conv3d kernel or a
-grouped conv has no OFT in PEFT, so one is refused by name rather than given a reading PEFT never defined.
-OFT is a product, not a sum: it is alone on its tensor, at weight 1 (``merge_engine._assign``).
+PEFT builds OFT only on ``nn.Linear``, ``nn.Conv2d`` (groups 1) and ``nn.Embedding``, BOFT on the first two
+(their ``_get_tuner_layer_class``): a weight stored transposed (GPT-2's ``Conv1D``), a Conv1d/Conv3d kernel or a
+grouped conv has neither in PEFT, so one is refused by name rather than given a reading PEFT never defined.
+Both are products, not sums: alone on their tensor, at weight 1 (``merge_engine._assign``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from .common import check_finite
 
 def rotation(
     m: LoraModule, ck: Checkpoint, shape: tuple[int, ...], conv1d_hint: bool, embedding: bool
-) -> oft_math.BlockRotation:
+) -> oft_math.Rotation:
     """The rotation of ``m`` on a base weight of ``shape`` (``embedding``: the base layer is an embedding)."""
+    if m.tuner == "boft":
+        return _butterfly(m, ck, shape, conv1d_hint, embedding)
     ((factor, key),) = m.factors.items()
     on_embedding = factor == "oft_embedding_R"
     if len(shape) not in (2, 4) or (len(shape) == 2 and conv1d_hint and not on_embedding):
@@ -59,5 +62,44 @@ def rotation(
             f"OFT module {m.module}: {factor} {list(vec.shape)} does not fit the base weight {list(shape)}: {exc}",
             path=ck.root,
             tensor=key,
+            hint="is this adapter for this base model?",
+        ) from None
+
+
+def _butterfly(
+    m: LoraModule, ck: Checkpoint, shape: tuple[int, ...], conv1d_hint: bool, embedding: bool
+) -> oft_math.ButterflyRotation:
+    key_r, key_s = m.factors.get("boft_R"), m.factors.get("boft_s")
+    if key_r is None or key_s is None:
+        raise AdapterError(
+            f"BOFT module {m.module}: {'boft_R' if key_r is None else 'boft_s'} is missing",
+            path=ck.root,
+            tensor=key_s or key_r or m.a_key,
+        )
+    if len(shape) not in (2, 4) or embedding or (len(shape) == 2 and conv1d_hint):
+        what = "stored transposed (GPT-2's Conv1D, fan_in_fan_out)" if len(shape) == 2 else f"of shape {list(shape)}"
+        raise UnsupportedError(
+            f"BOFT module {m.module} on {'an embedding' if embedding else f'a weight {what}'}: PEFT builds BOFT only "
+            "on nn.Linear and nn.Conv2d and refuses this layer",
+            path=ck.root,
+            tensor=key_r,
+        )
+    r = check_finite(ck.read(key_r), ck, key_r)
+    s = check_finite(ck.read(key_s), ck, key_s)
+    if s.numel() != shape[0] or s.dim() != 2 or 1 not in s.shape:
+        raise AdapterError(
+            f"BOFT module {m.module}: boft_s {list(s.shape)} is not one scale per output row of the base weight "
+            f"{list(shape)}",
+            path=ck.root,
+            tensor=key_s,
+            hint="is this adapter for this base model?",
+        )
+    try:
+        return oft_math.ButterflyRotation.build(r, s, math.prod(shape[1:]))
+    except ValueError as exc:
+        raise AdapterError(
+            f"BOFT module {m.module}: boft_R {list(r.shape)} does not fit the base weight {list(shape)}: {exc}",
+            path=ck.root,
+            tensor=key_r,
             hint="is this adapter for this base model?",
         ) from None

@@ -335,9 +335,7 @@ def _merge_bounder(
     return tile
 
 
-def _rotation_bounder(
-    rot: oft_math.BlockRotation, mdtype: torch.dtype, base_dtype: torch.dtype, buf: Buffers
-) -> Bounder:
+def _rotation_bounder(rot: oft_math.Rotation, mdtype: torch.dtype, base_dtype: torch.dtype, buf: Buffers) -> Bounder:
     """OFT's bound: each merged entry is a dot product of a row's b-wide slice with a block of R, whose entries
     are themselves sums (the Cayley-Neumann series, or the solve) — :func:`..closeness.merge_bound` for one
     term of that depth, on P = |W|·|R|ᵀ (the rotation applied to absolute values), plus its w·|W|."""
@@ -347,7 +345,7 @@ def _rotation_bounder(
     def tile(w: torch.Tensor, start: int, want: torch.Tensor, cols: int) -> torch.Tensor:
         n = w.numel() // cols
         t = buf.scratch("bound", (n, cols), torch.float32)
-        mag.rotate_(t.copy_(w.view(n, cols)).abs_()).mul_(mb.terms[0])
+        mag.rotate_(t.copy_(w.view(n, cols)).abs_(), start).mul_(mb.terms[0])
         return t.add_(w.view(n, cols).abs().float(), alpha=mb.w)
 
     return tile
