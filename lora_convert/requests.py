@@ -140,7 +140,8 @@ def _stacked(
                 )
             if inp.inventory.dialect in ("oft", "boft"):
                 raise UnsupportedError(
-                    f"an {inp.inventory.dialect.upper()} adapter rotates weights (W·Rᵀ): it cannot be combined with "
+                    f"{'an OFT' if inp.inventory.dialect == 'oft' else 'a BOFT'} adapter rotates weights (W·Rᵀ): it "
+                    "cannot be combined with "
                     "adapters that add to them",
                     path=inp.ck.root,
                 )
