@@ -301,6 +301,8 @@ def lora_module_flops(m: LoraModule, active: int | None = None) -> int:
     ``active`` experts a token goes through (all of them when unknown)."""
     if m.tuner == "oft":  # OFT: the input (an embedding: its output) rotated, a b-long dot per feature
         return 2 * m.rank * m.in_features
+    if m.tuner == "hra":  # HRA: x − ((x·V)·T)·Vᵀ, two thin products
+        return 4 * m.rank * m.in_features + 2 * m.rank * m.rank
     if m.tuner == "boft":  # BOFT: PEFT rebuilds the dense rotation and multiplies the weight per forward
         return 2 * m.in_features * m.out_features
     if m.tuner != "lora":  # LoHa/LoKr/full: ΔW rebuilt once per forward, then x @ ΔWᵀ per token
@@ -316,8 +318,10 @@ def merge_module_flops(m: LoraModule) -> int:
     area = m.in_features * m.out_features
     if m.tuner == "loha":  # two rank-r products, then ⊙ and the add
         return 2 * 2 * m.rank * area + area
-    if m.tuner in ("oft", "boft"):  # a b-long dot per merged entry (rank: the block size b; BOFT's one factor)
+    if m.tuner in ("oft", "boft"):  # a b-long dot product per merged entry (rank: the block size b; BOFT's one factor)
         return 2 * m.rank * area
+    if m.tuner == "hra":  # per row: row·V, ·T, ·Vᵀ (rank: r)
+        return 4 * m.rank * area + 2 * m.rank * m.rank * m.out_features
     if m.tuner in ("lokr", "full"):  # kron is element-wise (not counted), a full diff has no product: the add
         return area
     flops = m.experts * (2 * m.rank * area + area)

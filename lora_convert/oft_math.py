@@ -254,3 +254,55 @@ class ButterflyRotation:
     def to(self, device: torch.device | str) -> ButterflyRotation:
         perms = [p.to(device) if p is not None else None for p in self.perms]
         return ButterflyRotation(self.blocks.to(device), perms, self.scale.to(device))
+
+
+def householder_vt(u: torch.Tensor, apply_gs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's ``HRALayer._get_householder_vt``: (V, T) with the product of the r reflections of ``u``'s columns
+    H = I − V·T·Vᵀ (compact WY form).  ``apply_gs``: V = Q of u's reduced QR and T = 2I; else V = u's columns
+    normalised and T = (I/2 + triu(VᵀV, 1))⁻¹ by a triangular solve.  fp32."""
+    u = u.to(FP32)
+    eye = torch.eye(u.shape[1], dtype=FP32)
+    if apply_gs:
+        return torch.linalg.qr(u, mode="reduced").Q, 2 * eye
+    v = u / u.norm(dim=0)
+    tinv = 0.5 * eye + torch.triu(v.T @ v, diagonal=1)
+    return v, torch.linalg.solve_triangular(tinv, eye, upper=True)
+
+
+@dataclass
+class HouseholderRotation:
+    """HRA: ``W ← W·H`` with H = I − V·T·Vᵀ (V (in, r), T (r, r)): a row becomes ``row − ((row·V)·T)·Vᵀ``, two thin
+    products (cost 2·in·r per row), never the dense (in × in) H PEFT builds.  ``sign`` −1; +1 for the
+    magnitude that bounds it (|W| + |W|·|V|·|T|·|V|ᵀ)."""
+
+    v: torch.Tensor
+    t: torch.Tensor
+    sign: float = -1.0
+
+    @classmethod
+    def build(cls, u: torch.Tensor, cols: int, *, apply_gs: bool) -> HouseholderRotation:
+        """From the stored ``hra_u`` (in, r) for a weight of ``cols`` input columns; raises ValueError when it is
+        not as wide as the weight, or has more reflections than columns."""
+        if u.dim() != 2 or u.shape[0] != cols:
+            raise ValueError(f"hra_u {list(u.shape)} is not (in, r) with in = the weight's {cols} input columns")
+        if u.shape[1] > cols or u.shape[1] == 0:
+            raise ValueError(f"hra_u {list(u.shape)} holds {u.shape[1]} reflections of {cols}-wide rows")
+        v, t = householder_vt(u, apply_gs)
+        return cls(v, t)
+
+    def rotate_(self, acc: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """``acc`` (n, cols) fp32 rows replaced by ``row·H``."""
+        return acc.addmm_(torch.mm(torch.mm(acc, self.v), self.t), self.v.T, alpha=self.sign)
+
+    @property
+    def depth(self) -> int:
+        """row·V is a dot product of length in, then ·T (r) and ·Vᵀ (r), the subtraction; V and T themselves
+        come from a normalisation or QR and a triangular solve of order r (counted r² more)."""
+        r = int(self.v.shape[1])
+        return int(self.v.shape[0]) + 2 * r + r * r + 1
+
+    def magnitude(self) -> HouseholderRotation:
+        return HouseholderRotation(self.v.abs(), self.t.abs(), 1.0)
+
+    def to(self, device: torch.device | str) -> HouseholderRotation:
+        return HouseholderRotation(self.v.to(device), self.t.to(device), self.sign)

@@ -138,9 +138,10 @@ def _stacked(
                     "an IA³ adapter scales weights (W ⊙ l): it cannot be combined with adapters that add to them",
                     path=inp.ck.root,
                 )
-            if inp.inventory.dialect in ("oft", "boft"):
+            if inp.inventory.dialect in ("oft", "boft", "hra"):
                 raise UnsupportedError(
-                    f"{'an OFT' if inp.inventory.dialect == 'oft' else 'a BOFT'} adapter rotates weights (W·Rᵀ): it "
+                    f"{'an OFT' if inp.inventory.dialect == 'oft' else 'a ' + inp.inventory.dialect.upper()} adapter "
+                    "rotates weights (W·Rᵀ): it "
                     "cannot be combined with "
                     "adapters that add to them",
                     path=inp.ck.root,

@@ -17,6 +17,7 @@ from ..io.reader import Checkpoint
 from .adalora import AdaloraDialect
 from .boft import BoftDialect
 from .diffusers import DiffusersDialect
+from .hra import HraDialect
 from .ia3 import Ia3Dialect
 from .kohya import KohyaDialect
 from .mlx import MlxDialect
@@ -85,4 +86,5 @@ register(VeraDialect())  # claimed by vera_lambda_* tensors or peft_type VERA
 register(Ia3Dialect())  # claimed by ia3_l tensors or peft_type IA3
 register(OftDialect())  # claimed by oft_R / oft_embedding_R tensors or peft_type OFT
 register(BoftDialect())  # claimed by boft_R / boft_s tensors or peft_type BOFT
+register(HraDialect())  # claimed by hra_u tensors or peft_type HRA
 register(AdaloraDialect())  # claimed by lora_E tensors or peft_type ADALORA, which no other dialect reads

@@ -32,6 +32,48 @@ _PREFIX = "base_model.model."
 KEYS = ("boft_block_size", "boft_block_num", "boft_n_butterfly_factor")  # shown by detect
 
 
+def read_parameter_dicts(
+    ck: Checkpoint, peft_type: str, dialect: str, roles: tuple[str, ...], keys: tuple[str, ...]
+) -> tuple[Inventory, dict[str, Any], AdapterConfig, dict[tuple[str, str], dict[str, str]]]:
+    """A tuner whose tensors are ParameterDicts (``<module>.<role>`` saved, ``<module>.<role>.<name>`` in-model)
+    and whose config says ``peft_type``: the inventory with the other tensors sorted, the config's object, the
+    config (without ``keys``, the tuner's own fields) and the tensors per (adapter, module).  BOFT, HRA."""
+    words = "|".join(roles)
+    saved = re.compile(rf"^(?P<mod>.+)\.(?P<role>{words})$", re.DOTALL)
+    in_model_re = re.compile(rf"^(?P<mod>.+)\.(?P<role>{words})\.(?P<name>(?!weight$|bias$)[^.]+)$", re.DOTALL)
+    data = config_of_type(ck, peft_type)
+    where = ck.adapter_config_path or ck.root
+    if data is None:
+        raise AdapterError(
+            f"{peft_type} tensors ({', '.join(roles)}) without an adapter_config.json saying peft_type {peft_type}",
+            path=where,
+            hint=f"put the adapter_config.json PEFT saved with this {peft_type} adapter beside its weights",
+        )
+    cfg = AdapterConfig.from_dict({k: v for k, v in data.items() if k not in keys}, source=str(where))
+    cfg.raw, cfg.peft_type = dict(data), peft_type
+    fallback = ck.adapter_name or DEFAULT_ADAPTER
+    parts: dict[tuple[str, str], dict[str, str]] = {}
+    rest: list[str] = []
+    in_model = any(in_model_re.fullmatch(k) for k in ck.tensors)
+    for k in ck.tensors:
+        m = in_model_re.fullmatch(k) if in_model else saved.fullmatch(k)
+        if m:
+            ad = m.groupdict().get("name") or fallback
+            parts.setdefault((ad, m["mod"].removeprefix(_PREFIX)), {})[m["role"]] = k
+        else:
+            rest.append(k)
+    if not parts:
+        raise AdapterError(f"adapter_config.json says {peft_type}, but no {roles[0]} tensors are here", path=where)
+    one_adapter(ck, parts, peft_type)
+    inv = Inventory(
+        form="unmerged" if in_model else "adapter",
+        dialect=dialect,
+        prefixed=any(k.startswith(_PREFIX) for k in ck.tensors),
+    )
+    sort_rest(ck, inv, rest, fallback, f"a {peft_type} checkpoint: {peft_type}'s are {' and '.join(roles)}")
+    return inv, data, cfg, parts
+
+
 class BoftDialect:
     """BOFT checkpoints: claimed by ``boft_R``/``boft_s`` tensors or an adapter_config.json saying BOFT."""
 
@@ -43,36 +85,7 @@ class BoftDialect:
         return config_of_type(ck, PEFT_TYPE) is not None
 
     def read(self, ck: Checkpoint) -> Inventory:
-        data = config_of_type(ck, PEFT_TYPE)
-        where = ck.adapter_config_path or ck.root
-        if data is None:
-            raise AdapterError(
-                "BOFT tensors (boft_R, boft_s) without an adapter_config.json saying peft_type BOFT",
-                path=where,
-                hint="put the adapter_config.json PEFT saved with this BOFT adapter beside its weights",
-            )
-        cfg = AdapterConfig.from_dict({k: v for k, v in data.items() if k not in KEYS}, source=str(where))
-        cfg.raw, cfg.peft_type = dict(data), PEFT_TYPE
-        fallback = ck.adapter_name or DEFAULT_ADAPTER
-        parts: dict[tuple[str, str], dict[str, str]] = {}
-        rest: list[str] = []
-        in_model = any(_IN_MODEL.fullmatch(k) for k in ck.tensors)
-        for k in ck.tensors:
-            m = _IN_MODEL.fullmatch(k) if in_model else _SAVED.fullmatch(k)
-            if m:
-                ad = m.groupdict().get("name") or fallback
-                parts.setdefault((ad, m["mod"].removeprefix(_PREFIX)), {})[m["role"]] = k
-            else:
-                rest.append(k)
-        if not parts:
-            raise AdapterError("adapter_config.json says BOFT, but no boft_R tensors are here", path=where)
-        one_adapter(ck, parts, "BOFT")
-        inv = Inventory(
-            form="unmerged" if in_model else "adapter",
-            dialect="boft",
-            prefixed=any(k.startswith(_PREFIX) for k in ck.tensors),
-        )
-        sort_rest(ck, inv, rest, fallback, "a BOFT checkpoint: BOFT's are boft_R and boft_s")
+        inv, data, cfg, parts = read_parameter_dicts(ck, PEFT_TYPE, "boft", ("boft_R", "boft_s"), KEYS)
         factors: set[int] = set()
         for (ad, mod), keys in sorted(parts.items()):
             bm = _module(ck, inv, ad, mod, keys)

@@ -97,7 +97,7 @@ def _lora_only(plan: Planner, to: str) -> Planner:
                 continue
             tuned = [m for m in inp.inventory.modules(inp.name).values() if m.tuner != "lora"]
             if tuned:
-                word = {"loha": "LoHa", "lokr": "LoKr", "oft": "OFT", "boft": "BOFT"}.get(
+                word = {"loha": "LoHa", "lokr": "LoKr", "oft": "OFT", "boft": "BOFT", "hra": "HRA"}.get(
                     tuned[0].tuner, tuned[0].tuner
                 )
                 raise UnsupportedError(

@@ -32,6 +32,8 @@ from .plan import AdapterInput, Request
 from .quantized import QuantizedBase, quantized_base
 from .requantize import lora_delta_norm
 
+ROTATIONS = ("oft", "boft", "hra")  # the tuners that rotate a weight's input side (routes/oft_terms.py)
+
 
 @dataclass
 class WeightedLora:
@@ -69,8 +71,8 @@ class KeyOps:
 
     @property
     def oft(self) -> bool:
-        """OFT/BOFT rotate the weight's input side (``W·Rᵀ``) instead of adding to it: alone on its tensor (_assign)."""
-        return any(lo.module.tuner in ("oft", "boft") for lo in self.loras)
+        """OFT/BOFT/HRA rotate the weight's input side (``W·Rᵀ``) instead of adding to it: alone on its tensor (_assign)."""
+        return any(lo.module.tuner in ROTATIONS for lo in self.loras)
 
     def signature(self) -> tuple[Any, ...]:
         """What was applied, to decide whether two tied tensors end up equal."""
@@ -274,7 +276,7 @@ def _assign_adapter(
         wk = f"{remap[mod]}.weight"
         if wk not in ops:
             raise AdapterError(f"module {mod} has no weight in the base", path=ad.root, tensor=m.a_key)
-        if m.tuner not in ("lora", "oft", "boft") and arch.is_embedding(remap[mod]):
+        if m.tuner not in ("lora", *ROTATIONS) and arch.is_embedding(remap[mod]):
             raise UnsupportedError(
                 f"{m.tuner} module on the embedding {mod}: PEFT builds LoHa/LoKr only on nn.Linear, nn.Conv1d "
                 "and nn.Conv2d and refuses embeddings",

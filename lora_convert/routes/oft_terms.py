@@ -1,8 +1,8 @@
-"""An OFT or BOFT module's rotation as the merge engine applies it (:class:`..oft_math.BlockRotation`,
-:class:`..oft_math.ButterflyRotation`): its tensors read and checked against the base weight, then built with
-the adapter config's numbers.
+"""An OFT, BOFT or HRA module's rotation as the merge engine applies it (:class:`..oft_math.BlockRotation`,
+:class:`..oft_math.ButterflyRotation`, :class:`..oft_math.HouseholderRotation`): its tensors read and checked
+against the base weight, then built with the adapter config's numbers.
 
-PEFT builds OFT only on ``nn.Linear``, ``nn.Conv2d`` (groups 1) and ``nn.Embedding``, BOFT on the first two
+PEFT builds OFT only on ``nn.Linear``, ``nn.Conv2d`` (groups 1) and ``nn.Embedding``, BOFT and HRA on the first two
 (their ``_get_tuner_layer_class``): a weight stored transposed (GPT-2's ``Conv1D``), a Conv1d/Conv3d kernel or a
 grouped conv has neither in PEFT, so one is refused by name rather than given a reading PEFT never defined.
 Both are products, not sums: alone on their tensor, at weight 1 (``merge_engine._assign``).
@@ -22,9 +22,11 @@ from .common import check_finite
 def rotation(
     m: LoraModule, ck: Checkpoint, shape: tuple[int, ...], conv1d_hint: bool, embedding: bool
 ) -> oft_math.Rotation:
-    """The rotation of ``m`` on a base weight of ``shape`` (``embedding``: the base layer is an embedding)."""
+    """The rotation of ``m`` (OFT, BOFT, HRA) on a base weight of ``shape`` (``embedding``: the base layer is an embedding)."""
     if m.tuner == "boft":
         return _butterfly(m, ck, shape, conv1d_hint, embedding)
+    if m.tuner == "hra":
+        return _householder(m, ck, shape, conv1d_hint, embedding)
     ((factor, key),) = m.factors.items()
     on_embedding = factor == "oft_embedding_R"
     if len(shape) not in (2, 4) or (len(shape) == 2 and conv1d_hint and not on_embedding):
@@ -101,5 +103,31 @@ def _butterfly(
             f"BOFT module {m.module}: boft_R {list(r.shape)} does not fit the base weight {list(shape)}: {exc}",
             path=ck.root,
             tensor=key_r,
+            hint="is this adapter for this base model?",
+        ) from None
+
+
+def _householder(
+    m: LoraModule, ck: Checkpoint, shape: tuple[int, ...], conv1d_hint: bool, embedding: bool
+) -> oft_math.HouseholderRotation:
+    key = m.factors["hra_u"]
+    if len(shape) not in (2, 4) or embedding or (len(shape) == 2 and conv1d_hint):
+        what = "stored transposed (GPT-2's Conv1D, fan_in_fan_out)" if len(shape) == 2 else f"of shape {list(shape)}"
+        raise UnsupportedError(
+            f"HRA module {m.module} on {'an embedding' if embedding else f'a weight {what}'}: PEFT builds HRA only "
+            "on nn.Linear and nn.Conv2d and refuses this layer",
+            path=ck.root,
+            tensor=key,
+        )
+    u = check_finite(ck.read(key), ck, key)
+    try:
+        return oft_math.HouseholderRotation.build(
+            u, math.prod(shape[1:]), apply_gs=bool(m.tuner_options.get("apply_GS", False))
+        )
+    except ValueError as exc:
+        raise AdapterError(
+            f"HRA module {m.module}: does not fit the base weight {list(shape)}: {exc}",
+            path=ck.root,
+            tensor=key,
             hint="is this adapter for this base model?",
         ) from None
