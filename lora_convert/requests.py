@@ -139,11 +139,9 @@ def _stacked(
                     path=inp.ck.root,
                 )
             if inp.inventory.dialect in ("oft", "boft", "hra"):
+                word = {"oft": "an OFT", "boft": "a BOFT", "hra": "an HRA"}[inp.inventory.dialect]
                 raise UnsupportedError(
-                    f"{'an OFT' if inp.inventory.dialect == 'oft' else 'a ' + inp.inventory.dialect.upper()} adapter "
-                    "rotates weights (W·Rᵀ): it "
-                    "cannot be combined with "
-                    "adapters that add to them",
+                    f"{word} adapter rotates weights (W·Rᵀ): it cannot be combined with adapters that add to them",
                     path=inp.ck.root,
                 )
         warnings = _check_stack(stack)

@@ -165,4 +165,4 @@ def test_hra_on_gpt2_conv1d_and_lora_routes_are_refused_by_name(tmp_path):
     res = cli("convert", tmp_path / "l" / "adapter", "--to", "gguf", "-o", tmp_path / "out.gguf")
     one_error(res, "HRA adapter", "needs LoRA factors", out=tmp_path / "out.gguf")
     res = cli("combine", tmp_path / "l" / "adapter", tmp_path / "l" / "adapter", "--method", "cat", "-o", out)
-    one_error(res, "a HRA adapter rotates weights", out=out)
+    one_error(res, "an HRA adapter rotates weights", out=out)

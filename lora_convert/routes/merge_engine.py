@@ -215,8 +215,8 @@ def _assign(
         if o.oft and (len(o.loras) > 1 or o.loras[0].weight != 1.0):
             raise UnsupportedError(
                 f"{k}: {o.loras[0].module.tuner.upper()} rotates this weight's input side (W·Rᵀ); with another "
-                "adapter on it, a weight or an unmerge the result is not what PEFT merges (PEFT's OFT has no scale)",
-                hint="merge an OFT or BOFT adapter alone, at weight 1",
+                "adapter on it, a weight or an unmerge the result is not what PEFT merges (PEFT gives it no scale)",
+                hint="merge this adapter alone, at weight 1",
             )
         if len(o.loras) > 1 and o.dora:
             raise UnsupportedError(
@@ -557,7 +557,7 @@ class RowMerge:
     col_scale: torch.Tensor | None = None
     tokens: tuple[torch.Tensor, torch.Tensor] | None = None
     norms: torch.Tensor | None = None  # DoRA's ‖W+ΔW‖ per output feature (verify bounds its error)
-    rotation: oft_math.Rotation | None = None  # OFT/BOFT: each row times Rᵀ, block by block (alone on its tensor)
+    rotation: oft_math.Rotation | None = None  # OFT/BOFT/HRA: each row times Rᵀ (alone on its tensor)
 
     def rows(self, w: torch.Tensor, start: int, out: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
         """Merged rows ``start:start+len(w)`` rounded once into ``out`` (a conv weight's rows are its

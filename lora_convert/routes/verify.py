@@ -336,9 +336,9 @@ def _merge_bounder(
 
 
 def _rotation_bounder(rot: oft_math.Rotation, mdtype: torch.dtype, base_dtype: torch.dtype, buf: Buffers) -> Bounder:
-    """OFT's bound: each merged entry is a dot product of a row's b-wide slice with a block of R, whose entries
-    are themselves sums (the Cayley-Neumann series, or the solve) — :func:`..closeness.merge_bound` for one
-    term of that depth, on P = |W|·|R|ᵀ (the rotation applied to absolute values), plus its w·|W|."""
+    """OFT's, BOFT's and HRA's bound: each merged entry is a dot product of a row with R's entries, which are
+    themselves sums (the Cayley-Neumann series, a solve, the WY product) — :func:`..closeness.merge_bound` for
+    one term of the rotation's ``depth``, on P = |W|·|R|ᵀ (the rotation applied to absolute values), plus w·|W|."""
     mb = merge_bound([rot.depth], mdtype, base_dtype)
     mag = rot.magnitude()
 
