@@ -206,3 +206,22 @@ def test_boft_on_gpt2_conv1d_and_lora_routes_are_refused_by_name(tmp_path):
     one_error(res, "BOFT adapter", "needs LoRA factors", out=out)
     res = cli("combine", tmp_path / "l" / "adapter", tmp_path / "l" / "adapter", "--method", "cat", "-o", out)
     one_error(res, "a BOFT adapter rotates weights", out=out)
+
+
+def test_report_counts_boft_flops_by_its_own_formula(tmp_path):
+    """Per token PEFT's forward multiplies x by the rotated, scaled weight it rebuilds (one x @ W'ᵀ); a merge makes
+    every weight entry a b-long dot product."""
+    from lora_convert.costs import lora_module_flops, merge_module_flops
+    from lora_convert.inputs import load_source
+
+    _, ref = _boft(tmp_path, "llama")
+    ck, inv = load_source(save_unmerged(ref, tmp_path / "u"))
+    try:
+        mods = inv.modules(inv.adapters[0])
+        m = mods["model.layers.0.mlp.down_proj"]
+        assert (m.rank, m.in_features, m.out_features) == (4, 48, 32)
+        for m in mods.values():
+            assert lora_module_flops(m) == 2 * m.in_features * m.out_features, m.module
+            assert merge_module_flops(m) == 2 * 4 * m.in_features * m.out_features, m.module
+    finally:
+        ck.close()

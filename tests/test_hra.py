@@ -166,3 +166,21 @@ def test_hra_on_gpt2_conv1d_and_lora_routes_are_refused_by_name(tmp_path):
     one_error(res, "HRA adapter", "needs LoRA factors", out=tmp_path / "out.gguf")
     res = cli("combine", tmp_path / "l" / "adapter", tmp_path / "l" / "adapter", "--method", "cat", "-o", out)
     one_error(res, "an HRA adapter rotates weights", out=out)
+
+
+def test_report_counts_hra_flops_by_its_own_formula(tmp_path):
+    """Per token x − ((x·V)·T)·Vᵀ: two (in × r) products and the r × r one; a merge the same per weight row."""
+    from lora_convert.costs import lora_module_flops, merge_module_flops
+    from lora_convert.inputs import load_source
+
+    _, ref = _hra(tmp_path, "llama")
+    ck, inv = load_source(save_unmerged(ref, tmp_path / "u"))
+    try:
+        mods = inv.modules(inv.adapters[0])
+        m = mods["model.layers.0.mlp.down_proj"]
+        assert (m.rank, m.in_features, m.out_features) == (3, 48, 32)
+        for m in mods.values():
+            assert lora_module_flops(m) == 4 * 3 * m.in_features + 2 * 3 * 3, m.module
+            assert merge_module_flops(m) == (4 * 3 * m.in_features + 2 * 3 * 3) * m.out_features, m.module
+    finally:
+        ck.close()
