@@ -299,7 +299,9 @@ def lora_module_params(m: LoraModule) -> int:
 def lora_module_flops(m: LoraModule, active: int | None = None) -> int:
     """Extra matmul FLOPs per token of the unmerged branch ``B(A x)``; LoRA on fused experts for the
     ``active`` experts a token goes through (all of them when unknown)."""
-    if m.tuner != "lora":  # LoHa/LoKr/full: ΔW rebuilt once per forward, then x @ ΔWᵀ per token
+    if m.tuner == "shira":  # the sparse ΔW applied to x: a product and an add per stored value
+        return 2 * m.factor_params
+    if m.tuner != "lora":  # LoHa/LoKr/full/FourierFT: ΔW rebuilt once per forward, then x @ ΔWᵀ per token
         return 2 * m.in_features * m.out_features
     if m.kind == "experts":
         return min(active or m.experts, m.experts) * 2 * m.rank * (m.in_features + m.out_features)
@@ -314,6 +316,10 @@ def merge_module_flops(m: LoraModule) -> int:
         return 2 * 2 * m.rank * area + area
     if m.tuner in ("lokr", "full"):  # kron is element-wise (not counted), a full diff has no product: the add
         return area
+    if m.tuner == "shira":  # each stored value scaled and added at its place
+        return 2 * m.factor_params
+    if m.tuner == "fourierft":  # an inverse 2-D FFT of the (out, in) spectrum (~5·N·log₂N), the scaling and the add
+        return round(5 * area * math.log2(area)) + 2 * area if area > 1 else 2 * area
     flops = m.experts * (2 * m.rank * area + area)
     if m.magnitude_key:
         flops += 3 * area

@@ -9,6 +9,7 @@ routes and report read the inventory and never parse keys again.  Torch-free.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .arch import layer_index, short_name
 from .config import AdapterConfig
@@ -47,6 +48,7 @@ class LoraModule:
     tuner: str = "lora"
     factors: dict[str, str] = field(default_factory=dict)
     factor_params: int = 0  # their elements together: PEFT's trainable parameters of the module
+    tuner_args: dict[str, Any] = field(default_factory=dict)  # the config's numbers its ΔW needs (SHiRA's r, ...)
     # another PEFT tuner read as LoRA factors (AdaLoRA, VeRA): its own trainable count, which is not A's and B's
     trained_params: int | None = None
 

@@ -16,7 +16,17 @@ PKG = ROOT / "lora_convert"
 LAYERS: dict[str, list[str]] = {
     "util": ["errors", "text", "fmt", "progress", "third_party", "bounds"],
     "io": ["io", "io.*", "folder"],
-    "math": ["lora_math", "svd", "closeness", "combine_math", "difference", "tuner_math", "quant", "quant.*"],
+    "math": [
+        "lora_math",
+        "svd",
+        "closeness",
+        "combine_math",
+        "difference",
+        "tuner_math",
+        "additive_math",
+        "quant",
+        "quant.*",
+    ],
     "facts": ["arch", "moe_layouts", "diffusion_names", "module_order"],
     "meaning": ["dialects", "dialects.*", "inventory", "config", "module_match", "inputs", "stack"],
     "jobs": ["pipeline"],

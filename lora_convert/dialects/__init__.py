@@ -15,6 +15,7 @@ from ..errors import AdapterError
 from ..inventory import Inventory
 from ..io.reader import Checkpoint
 from .adalora import AdaloraDialect
+from .additive import AdditiveDialect
 from .diffusers import DiffusersDialect
 from .ia3 import Ia3Dialect
 from .kohya import KohyaDialect
@@ -82,3 +83,5 @@ register(DiffusersDialect())
 register(VeraDialect())  # claimed by vera_lambda_* tensors or peft_type VERA
 register(Ia3Dialect())  # claimed by ia3_l tensors or peft_type IA3
 register(AdaloraDialect())  # claimed by lora_E tensors or peft_type ADALORA, which no other dialect reads
+register(AdditiveDialect("shira"))  # claimed by shira_weight/shira_indices tensors or peft_type SHIRA
+register(AdditiveDialect("fourierft"))  # claimed by fourierft_spectrum tensors or peft_type FOURIERFT

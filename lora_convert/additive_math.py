@@ -1,0 +1,158 @@
+"""ΔW of PEFT's newer additive tuners (SHiRA, FourierFT), pure tensors in and out: no files, no config parsing.
+
+Each class is a :class:`lora_math.RowDelta`: the merge engine asks for the fp32 rows ``start:stop`` of ΔW
+(the stored weight's layout) and adds them into the same tile as LoRA's ``addmm``, rounded once.
+
+* SHiRA (``peft/tuners/shira``): ΔW = ``sparse_coo_tensor(indices, w · s, (out, in))`` — a sparse matrix
+  whose entries are trained.  The entries are sorted by row once; a block of rows is a slice of them,
+  scattered into the tile (``index_put_`` with accumulation: repeated indices sum, as a COO tensor's do).
+  The random mask PEFT draws when an in-model state dict holds no indices is :func:`shira_random_indices`,
+  PEFT's ``random_mask`` step for step.
+* FourierFT (``peft/tuners/fourierft``): ΔW = ``Re(ifft2(S)) · s`` with S the (out, in) matrix that holds the
+  trained spectrum at ``n`` places drawn by ``torch.randperm`` from ``random_loc_seed``
+  (:func:`fourier_indices`, PEFT's draw).  An inverse 2-D FFT mixes every entry into every row, so ΔW is
+  built whole once per tensor with the same ``torch.fft.ifft2`` PEFT calls (bit-equal to its ΔW) and handed
+  out by rows: one tensor-sized fp32 ΔW (and ifft2's complex temporary) while that tensor is merged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .lora_math import FP32
+
+
+def shira_random_indices(out_f: int, in_f: int, r: int, seed: int | None) -> torch.Tensor:
+    """PEFT's ``shira.mask_functions.random_mask`` then ``torch.where(mask == 1)``: ``r·(in+out)`` places of
+    an (out, in) weight drawn by ``torch.randperm`` (seeded when ``seed`` is given, else a fresh generator's
+    default seed, as PEFT does), in row-major order; (2, n) int32."""
+    gen = torch.Generator()
+    if seed is not None:
+        gen.manual_seed(seed)
+    idx = torch.randperm(out_f * in_f, generator=gen)[: r * (out_f + in_f)]
+    flat = torch.sort(idx).values
+    return torch.stack([flat // in_f, flat % in_f]).to(torch.int32)
+
+
+def fourier_indices(out_f: int, in_f: int, n: int, seed: int) -> torch.Tensor:
+    """FourierFT's spectral places of an (out, in) weight: PEFT's ``update_layer``, ``torch.randperm(out·in)``
+    from a generator seeded with ``random_loc_seed``, the first ``n``, as (row, column); (2, n) int64."""
+    idx = torch.randperm(out_f * in_f, generator=torch.Generator().manual_seed(seed))[:n]
+    return torch.stack([idx // in_f, idx % in_f], dim=0)
+
+
+@dataclass
+class SparseDelta:
+    """ΔW = scaling · Σₖ wₖ e_{rₖ, cₖ} on a weight of ``shape`` = (rows, cols) as stored; ``rows``/``cols``/
+    ``values`` are sorted by row, ``starts[i]`` the first entry of row i (``searchsorted``)."""
+
+    rows_of: torch.Tensor  # int64 (n,)
+    cols_of: torch.Tensor  # int64 (n,)
+    values: torch.Tensor  # fp32 (n,)
+    scaling: float
+    shape: tuple[int, int]
+    repeats: int = 1  # the most entries at one place (each a rounding of the sum)
+
+    @classmethod
+    def build(
+        cls, indices: torch.Tensor, values: torch.Tensor, scaling: float, shape: tuple[int, int], *, transposed: bool
+    ) -> SparseDelta:
+        """From PEFT's (2, n) (row, column) ``indices`` of an (out, in) ΔW and its ``values``; ``transposed``:
+        the stored weight is (in, out), so the places swap.  The caller checks the indices are in range."""
+        idx = indices.to(torch.int64)
+        r, c = (idx[1], idx[0]) if transposed else (idx[0], idx[1])
+        order = torch.argsort(r, stable=True)
+        r, c, v = r[order].contiguous(), c[order].contiguous(), values.to(FP32).reshape(-1)[order].contiguous()
+        flat = r * shape[1] + c
+        repeats = int(torch.unique(flat, return_counts=True)[1].max()) if flat.numel() else 1
+        return cls(r, c, v, scaling, shape, repeats)
+
+    def _span(self, start: int, stop: int) -> tuple[int, int]:
+        lo, hi = torch.searchsorted(self.rows_of, torch.tensor([start, stop], dtype=torch.int64)).tolist()
+        return int(lo), int(hi)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """fp32 ΔW rows ``start:stop``, (stop - start, cols)."""
+        out = torch.zeros(stop - start, self.shape[1], dtype=FP32)
+        self.add_rows(out, start, stop)
+        return out
+
+    def add_rows(self, acc: torch.Tensor, start: int, stop: int) -> None:
+        lo, hi = self._span(start, stop)
+        if hi > lo:
+            vals = self.values[lo:hi] * self.scaling
+            acc.index_put_((self.rows_of[lo:hi] - start, self.cols_of[lo:hi]), vals, accumulate=True)
+
+    @property
+    def depth(self) -> int:
+        """One product (w·s), then the repeated places' sum."""
+        return self.repeats + 1
+
+    def magnitude(self, scale: float) -> SparseDelta:
+        return SparseDelta(
+            self.rows_of, self.cols_of, self.values.abs(), scale * abs(self.scaling), self.shape, self.repeats
+        )
+
+    def to(self, device: torch.device | str) -> SparseDelta:
+        return SparseDelta(
+            self.rows_of.to(device),
+            self.cols_of.to(device),
+            self.values.to(device),
+            self.scaling,
+            self.shape,
+            self.repeats,
+        )
+
+
+@dataclass
+class DenseDelta:
+    """A ΔW built whole (FourierFT's inverse FFT), handed out by rows; ``bound`` is a per-entry bound of the
+    products behind each entry and ``depth`` the roundings (for verify)."""
+
+    dense: torch.Tensor  # fp32 (rows, cols), the stored layout
+    depth_: int
+    bound: float
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.dense.shape[0]), int(self.dense.shape[1]))
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return self.dense[start:stop].clone()
+
+    def add_rows(self, acc: torch.Tensor, start: int, stop: int) -> None:
+        acc.add_(self.dense[start:stop])
+
+    @property
+    def depth(self) -> int:
+        return self.depth_
+
+    def magnitude(self, scale: float) -> DenseDelta:
+        """A constant: every entry of an inverse FFT is bounded by the same sum."""
+        return DenseDelta(torch.full_like(self.dense, scale * self.bound), self.depth_, scale * self.bound)
+
+    def to(self, device: torch.device | str) -> DenseDelta:
+        return DenseDelta(self.dense.to(device), self.depth_, self.bound)
+
+
+def fourier_delta(
+    spectrum: torch.Tensor, indices: torch.Tensor, scaling: float, out_f: int, in_f: int, *, transposed: bool
+) -> DenseDelta:
+    """FourierFT's ΔW as PEFT's ``get_delta_weight`` computes it (fp32 spectrum placed in an (out, in) matrix,
+    ``torch.fft.ifft2(...).real * scaling``), transposed for a weight stored (in, out) (GPT-2's Conv1D,
+    ``fan_in_fan_out``).
+
+    For verify: each entry is (s/(out·in))·Σₖ Sₖ·cos(…), but the FFT's rounding is norm-wise — at most
+    about c·log₂(N)·u·‖S‖₂/√N per entry (N = out·in) — so the bound used is |s|·Σ|Sₖ|/√N with a depth of
+    4·⌈log₂ N⌉ + 4 roundings, which covers both that and the scaling."""
+    dense = torch.zeros(out_f, in_f, dtype=FP32)
+    dense[indices[0, :], indices[1, :]] = spectrum.to(FP32).reshape(-1)
+    delta = torch.fft.ifft2(dense).real * scaling
+    if transposed:
+        delta = delta.t()
+    n = out_f * in_f
+    bound = abs(scaling) * float(spectrum.to(FP32).abs().sum()) / math.sqrt(n)
+    return DenseDelta(delta.contiguous(), 4 * math.ceil(math.log2(max(n, 2))) + 4, bound)

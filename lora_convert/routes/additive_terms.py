@@ -1,0 +1,107 @@
+"""A SHiRA or FourierFT module's ΔW as the merge engine's row producer (:class:`lora_math.RowDelta`): its tensors
+read and checked against the config and the base weight, then handed to :mod:`..additive_math`.
+
+PEFT builds SHiRA on ``nn.Linear`` only (GPT-2's ``Conv1D`` is refused by its ``_create_new_module``), so a
+SHiRA module on a weight stored transposed is refused by name; FourierFT also takes ``Conv1D`` (ΔW transposed
+by ``fan_in_fan_out``).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .. import additive_math, lora_math
+from ..dialects.additive import WORDS
+from ..errors import AdapterError, UnsupportedError
+from ..inventory import LoraModule
+from ..io.reader import Checkpoint
+from .common import check_finite
+
+
+def _unfit(m: LoraModule, ck: Checkpoint, what: str, tensor: str | None = None) -> AdapterError:
+    return AdapterError(
+        f"{WORDS[m.tuner]} module {m.module}: {what}",
+        path=ck.root,
+        tensor=tensor or m.a_key,
+        hint="is this adapter for this base model?",
+    )
+
+
+def delta(
+    m: LoraModule, ck: Checkpoint, scaling: float, base_shape: tuple[int, ...], conv1d_hint: bool
+) -> lora_math.RowDelta:
+    """The module's ΔW (``scaling`` holds the tuner's own scale times the adapter's weight) on a base weight of
+    ``base_shape``; the config's numbers it needs are the module's ``tuner_args``."""
+    raw = m.tuner_args
+    word = WORDS[m.tuner]
+    if len(base_shape) != 2:
+        raise UnsupportedError(
+            f"{word} module {m.module} on a weight of shape {list(base_shape)}: PEFT builds {word} on linear layers only",
+            path=ck.root,
+            tensor=m.a_key,
+        )
+    if m.tuner == "shira" and conv1d_hint:
+        raise UnsupportedError(
+            f"SHiRA module {m.module} on a weight stored transposed (GPT-2's Conv1D, fan_in_fan_out): PEFT builds "
+            "SHiRA only on nn.Linear and refuses this layer",
+            path=ck.root,
+            tensor=m.a_key,
+        )
+    rows, cols = int(base_shape[0]), int(base_shape[1])
+    out_f, in_f = (cols, rows) if conv1d_hint else (rows, cols)
+    if m.tuner == "shira":
+        return _shira(m, ck, scaling, out_f, in_f, raw)
+    return _fourierft(m, ck, scaling, out_f, in_f, conv1d_hint, raw)
+
+
+def _shira(m: LoraModule, ck: Checkpoint, scaling: float, out_f: int, in_f: int, raw: dict) -> lora_math.RowDelta:
+    wk, ik = m.factors["shira_weight"], m.factors.get("shira_indices")
+    if ik is None:
+        raise _unfit(m, ck, "shira_indices is missing")
+    values = check_finite(ck.read(wk), ck, wk)
+    idx = ck.read(ik)
+    n = values.numel()
+    r = int(raw.get("r", 32))
+    if n != r * (in_f + out_f):
+        raise _unfit(
+            m,
+            ck,
+            f"shira_weight has {n} values; PEFT's SHiRA with r={r} on a ({out_f}, {in_f}) weight has "
+            f"r·(in+out) = {r * (in_f + out_f)}: PEFT refuses to load it",
+            wk,
+        )
+    if idx.is_floating_point():  # PEFT saves them as float32 on Windows and takes them back as int
+        if not bool(torch.isfinite(idx).all()) or not bool((idx == idx.round()).all()):
+            raise _unfit(m, ck, "shira_indices holds values that are not whole numbers", ik)
+    elif idx.dtype == torch.bool or idx.is_complex():
+        raise _unfit(m, ck, f"shira_indices is {idx.dtype}: PEFT's are integers", ik)
+    if tuple(idx.shape) != (2, n):
+        raise _unfit(m, ck, f"shira_indices has shape {list(idx.shape)}; beside {n} values PEFT's is [2, {n}]", ik)
+    idx = idx.to(torch.int64)
+    if n and (int(idx.min()) < 0 or int(idx[0].max()) >= out_f or int(idx[1].max()) >= in_f):
+        raise _unfit(m, ck, f"shira_indices out of range for a ({out_f}, {in_f}) weight", ik)
+    return additive_math.SparseDelta.build(idx, values, scaling, (out_f, in_f), transposed=False)
+
+
+def _n_for(module: str, raw: dict) -> int:
+    """PEFT's FourierFT ``_create_and_replace``: the first ``n_frequency_pattern`` key ``re.match``-ing
+    ``.*\\.<key>$`` on the module's path, else ``n_frequency``."""
+    pattern = raw.get("n_frequency_pattern") or {}
+    key = next((k for k in pattern if re.match(rf".*\.{k}$", module)), None)
+    return int(pattern[key]) if key is not None else int(raw.get("n_frequency", 1000))
+
+
+def _fourierft(
+    m: LoraModule, ck: Checkpoint, scaling: float, out_f: int, in_f: int, transposed: bool, raw: dict
+) -> lora_math.RowDelta:
+    sk = m.factors["fourierft_spectrum"]
+    spectrum = check_finite(ck.read(sk), ck, sk)
+    n, want = spectrum.numel(), _n_for(m.module, raw)
+    if n != want:
+        raise _unfit(m, ck, f"fourierft_spectrum has {n} values, the config's n_frequency for it is {want}", sk)
+    if n > out_f * in_f:
+        raise _unfit(m, ck, f"fourierft_spectrum has {n} values, more than the ({out_f}, {in_f}) weight's entries", sk)
+    idx = additive_math.fourier_indices(out_f, in_f, n, int(raw.get("random_loc_seed", 777)))
+    return additive_math.fourier_delta(spectrum, idx, scaling, out_f, in_f, transposed=transposed)
