@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .lora_math import FP32
+from .lora_math import FP32, DeltaFactors
 
 
 def shira_random_indices(out_f: int, in_f: int, r: int, seed: int | None) -> torch.Tensor:
@@ -156,3 +156,48 @@ def fourier_delta(
     n = out_f * in_f
     bound = abs(scaling) * float(spectrum.to(FP32).abs().sum()) / math.sqrt(n)
     return DenseDelta(delta.contiguous(), 4 * math.ceil(math.log2(max(n, 2))) + 4, bound)
+
+
+def vblora_side(bank: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """VB-LoRA's ``_get_low_rank_matrix`` once its top-k are chosen: each sub-vector is Σⱼ wⱼ·bank[iⱼ] over the
+    last axis of ``indices``/``weights`` (…, k); (…, L) fp32."""
+    return (weights.to(FP32).unsqueeze(-1) * bank.to(FP32)[indices.to(torch.int64)]).sum(-2)
+
+
+def vblora_topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's choice from full logits: ``logits.topk(k)`` and the softmax of those k (fp32)."""
+    top, idx = logits.to(FP32).topk(k, dim=-1)
+    return idx, torch.softmax(top, dim=-1)
+
+
+def vblora_saved_topk(indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k of a ``save_only_topk_weights`` file: its k - 1 weights and the last as 1 minus their sum (what
+    PEFT's loading rebuilds before it takes the softmax of their logarithms again)."""
+    w = weights.to(FP32)
+    return indices, torch.cat([w, 1 - w.sum(-1, keepdim=True)], dim=-1)
+
+
+def vblora_factors(
+    bank: torch.Tensor, a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA's A (r, in) and B (out, r) as PEFT's ``_get_lora_matrices`` builds them from the vector bank (V, L) and
+    each side's (indices, weights): A's sub-vectors (r, in/L, L) laid along its rows, B's (out/L, r, L) down its
+    columns."""
+    side_a = vblora_side(bank, *a)
+    side_b = vblora_side(bank, *b)
+    return side_a.reshape(side_a.shape[0], -1), side_b.transpose(1, 2).reshape(-1, side_b.shape[1])
+
+
+@dataclass
+class BuiltFactors(DeltaFactors):
+    """LoRA factors built from other numbers (VB-LoRA's bank): each entry of A and B is itself a k-term sum, which
+    verify's depth counts beside the rank."""
+
+    built_depth: int = 0
+
+    @property
+    def depth(self) -> int:
+        return self.rank + self.built_depth
+
+    def to(self, device: torch.device | str) -> BuiltFactors:
+        return BuiltFactors(self.left.to(device), self.right.to(device), self.scaling, self.built_depth)

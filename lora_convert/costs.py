@@ -301,6 +301,8 @@ def lora_module_flops(m: LoraModule, active: int | None = None) -> int:
     ``active`` experts a token goes through (all of them when unknown)."""
     if m.tuner == "shira":  # the sparse ΔW applied to x: a product and an add per stored value
         return 2 * m.factor_params
+    if m.tuner == "vblora":  # A and B built once per forward, then B(A x) as LoRA's
+        return 2 * m.rank * (m.in_features + m.out_features)
     if m.tuner != "lora":  # LoHa/LoKr/full/FourierFT: ΔW rebuilt once per forward, then x @ ΔWᵀ per token
         return 2 * m.in_features * m.out_features
     if m.kind == "experts":
@@ -318,6 +320,10 @@ def merge_module_flops(m: LoraModule) -> int:
         return area
     if m.tuner == "shira":  # each stored value scaled and added at its place
         return 2 * m.factor_params
+    if m.tuner == "vblora":  # A and B from the bank (k products and sums per entry), then LoRA's product and add
+        return (
+            2 * int(m.tuner_args.get("topk", 2)) * m.rank * (m.in_features + m.out_features) + 2 * m.rank * area + area
+        )
     if m.tuner == "fourierft":  # an inverse 2-D FFT of the (out, in) spectrum (~5·N·log₂N), the scaling and the add
         return round(5 * area * math.log2(area)) + 2 * area if area > 1 else 2 * area
     flops = m.experts * (2 * m.rank * area + area)

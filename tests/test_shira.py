@@ -151,6 +151,12 @@ def test_bad_config_and_lora_only_routes(tmp_path: Path) -> None:
     _case(tmp_path)
     bad = _edit(tmp_path / "adapter", tmp_path / "r", lambda t: None, {"r": "two"})
     one_error(cli("detect", bad), "r is 'two'", str(bad / "adapter_config.json"))
+    one_error(
+        cli("combine", tmp_path / "adapter", tmp_path / "adapter", "--method", "cat", "-o", tmp_path / "c"),
+        "a SHIRA adapter",
+        "cannot be combined",
+        out=tmp_path / "c",
+    )
     for to in ("kohya", "gguf"):
         out = tmp_path / ("o.gguf" if to == "gguf" else "o-kohya")
         one_error(

@@ -85,3 +85,4 @@ register(Ia3Dialect())  # claimed by ia3_l tensors or peft_type IA3
 register(AdaloraDialect())  # claimed by lora_E tensors or peft_type ADALORA, which no other dialect reads
 register(AdditiveDialect("shira"))  # claimed by shira_weight/shira_indices tensors or peft_type SHIRA
 register(AdditiveDialect("fourierft"))  # claimed by fourierft_spectrum tensors or peft_type FOURIERFT
+register(AdditiveDialect("vblora"))  # claimed by vblora_logits_* tensors or peft_type VBLORA

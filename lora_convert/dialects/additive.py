@@ -1,6 +1,6 @@
-"""PEFT's newer additive tuners whose ΔW is neither low-rank nor a LyCORIS product: SHiRA (``peft_type: SHIRA``)
-and FourierFT (``FOURIERFT``).  Each module is a :class:`LoraModule` with ``tuner`` set and its tensors by
-PEFT's parameter name in ``factors``; the merge builds its ΔW (``routes/additive_terms.py``, math in
+"""PEFT's newer additive tuners: SHiRA (``peft_type: SHIRA``), FourierFT (``FOURIERFT``) and VB-LoRA
+(``VBLORA``).  Each module is a :class:`LoraModule` with ``tuner`` set and its tensors by PEFT's parameter
+name in ``factors``; the merge builds its ΔW (``routes/additive_terms.py``, math in
 ``additive_math.py``), split and attach move those tensors under PEFT's names (``Role.TUNER``: saved
 ``<module>.<param>``, in-model ``<module>.<param>.<adapter>``), and every LoRA-only route refuses it by name.
 
@@ -10,8 +10,15 @@ PEFT's parameter name in ``factors``; the merge builds its ΔW (``routes/additiv
   the tensor ``<module>.shira_indices.<adapter>`` (so a split writes it, as PEFT's save does); attach writes it
   beside ``shira_weight`` (a mask of another kind would otherwise be lost).
 * FourierFT: ``fourierft_spectrum`` (n values); the places are drawn from ``random_loc_seed`` by the merge.
+* VB-LoRA: ``vblora_logits_A``/``_B`` per layer (or a ``save_only_topk_weights`` file's ``_topk_indices`` and
+  ``_topk_weights``) and the bank ``base_model.vblora_vector_bank`` shared by every layer (kept in
+  ``Inventory.native[adapter][""]`` so split and attach write it where PEFT does; PEFT's in-model state dict
+  also holds a copy under every layer).  A top-k file is read as PEFT loads it: the logits rebuilt (computed
+  tensors), which attach writes; a split of an unmerged checkpoint whose config says ``save_only_topk_weights``
+  writes the top-k PEFT's save takes.
 
-Neither stores its layer's width: an adapter's modules have in/out features 0 until a merge reads the base.
+SHiRA and FourierFT do not store their layer's width: an adapter's modules have in/out features 0 (their merge
+reads it from the base; ``report`` of an adapter then counts FourierFT's merge FLOPs as 0).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from ..config import AdapterConfig
 from ..errors import AdapterError, UnsupportedError
 from ..inventory import DEFAULT_ADAPTER, Inventory, LoraModule
 from ..io.reader import Checkpoint
-from ..io.safetensors_format import TensorInfo
+from ..io.safetensors_format import DTYPE_TABLE, TensorInfo
 from ..io.sources import TensorSource
 from .peft_keys import PEFT_PREFIX
 from .vera import config_of_type, one_adapter, sort_rest
@@ -38,7 +45,16 @@ if TYPE_CHECKING:
 TUNERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "shira": ("SHIRA", "SHiRA", ("shira_weight", "shira_indices")),
     "fourierft": ("FOURIERFT", "FourierFT", ("fourierft_spectrum",)),
+    "vblora": (
+        "VBLORA",
+        "VB-LoRA",
+        ("vblora_logits_A", "vblora_logits_B")
+        + tuple(f"vblora_logits_{s}_topk_{t}" for s in "AB" for t in ("indices", "weights")),
+    ),
 }
+BANK = "vblora_vector_bank"  # VB-LoRA's bank, shared by every layer: base_model.vblora_vector_bank[.<adapter>]
+_BANK = re.compile(rf"^(?:base_model\.)?{BANK}(?:\.(?P<name>[^.]+))?$", re.DOTALL)
+_BANK_COPY = re.compile(rf"^.+\.{BANK}\.[^.]+$", re.DOTALL)  # the in-model copy under every layer
 WORDS = {t: w for t, (_, w, _) in TUNERS.items()}
 _LORA_KEYS = ("r", "target_modules", "modules_to_save", "fan_in_fan_out", "peft_type", "base_model_name_or_path")
 
@@ -110,8 +126,14 @@ class AdditiveDialect:
         fallback = ck.adapter_name or DEFAULT_ADAPTER
         parts: dict[tuple[str, str], dict[str, str]] = {}
         rest: list[str] = []
+        banks: dict[str, str] = {}
         in_model = any((m := self._key.fullmatch(k)) and m["name"] for k in ck.tensors)
         for k in ck.tensors:
+            if self.tuner == "vblora" and (b := _BANK.fullmatch(k)):
+                banks[b["name"] or fallback] = k
+                continue
+            if self.tuner == "vblora" and in_model and _BANK_COPY.fullmatch(k):
+                continue  # written again by attach from the shared one
             m = self._key.fullmatch(k)
             if m and bool(m["name"]) == in_model:
                 parts.setdefault((m["name"] or fallback, m["mod"].removeprefix(PEFT_PREFIX)), {})[m["param"]] = k
@@ -130,15 +152,24 @@ class AdditiveDialect:
         sort_rest(ck, inv, rest, fallback, f"a {self.word} checkpoint: {self.word}'s are {', '.join(self.params)}")
         made = GeneratedSource()
         for (ad, mod), keys in sorted(parts.items()):
-            inv.lora.setdefault(ad, {})[mod] = self._module(ck, inv, data, ad, mod, keys, made)
+            if self.tuner == "vblora":
+                inv.lora.setdefault(ad, {})[mod] = self._vblora(ck, inv, data, ad, mod, keys, banks, made, not inv.lora)
+            else:
+                inv.lora.setdefault(ad, {})[mod] = self._module(ck, inv, data, ad, mod, keys, made)
         ad = next(iter(inv.lora))
+        if self.tuner == "vblora":
+            inv.native[ad] = {"": {BANK: next(iter(inv.lora[ad].values())).tuner_args["bank"]}}
         inv.configs[ad] = cfg
         inv.tuner[ad] = {"peft_type": self.peft_type, **self._summary(data)}
         return inv
 
     # -- per tuner -------------------------------------------------------------------------------------------
     def _check_config(self, data: dict[str, Any], where: Any) -> None:
-        if self.tuner == "shira":
+        if self.tuner == "vblora":
+            for key, default in (("r", 4), ("topk", 2), ("num_vectors", 256), ("vector_length", 256)):
+                v = data.get(key, default)
+                _check(data, where, key, _is_int(v) and v > 0, "a positive integer")
+        elif self.tuner == "shira":
             _check(data, where, "r", _is_int(data.get("r", 32)) and data.get("r", 32) > 0, "a positive integer")
             seed = data.get("random_seed")
             _check(data, where, "random_seed", seed is None or _is_int(seed), "an integer or null")
@@ -154,15 +185,22 @@ class AdditiveDialect:
             _check(data, where, "n_frequency_pattern", ok, "an object of positive integers")
 
     def _summary(self, data: dict[str, Any]) -> dict[str, Any]:
+        if self.tuner == "vblora":
+            vb: dict[str, Any] = {"r": 4, "topk": 2, "num_vectors": 256, "vector_length": 256}
+            return {k: data.get(k, d) for k, d in {**vb, "save_only_topk_weights": False}.items()}
         if self.tuner == "shira":
             return {
                 "r": data.get("r", 32),
                 "mask_type": data.get("mask_type", "random"),
                 "random_seed": data.get("random_seed"),
             }
-        keys = ("n_frequency", "scaling", "random_loc_seed", "n_frequency_pattern")
-        defaults = {"n_frequency": 1000, "scaling": 150.0, "random_loc_seed": 777, "n_frequency_pattern": {}}
-        return {k: data.get(k, defaults[k]) for k in keys}
+        fourier: dict[str, Any] = {
+            "n_frequency": 1000,
+            "scaling": 150.0,
+            "random_loc_seed": 777,
+            "n_frequency_pattern": {},
+        }
+        return {k: data.get(k, d) for k, d in fourier.items()}
 
     def _module(
         self,
@@ -253,3 +291,164 @@ class AdditiveDialect:
         stub = TensorInfo(name, "I32", (2, n), ck.info(main).file, 0, 8 * n)
         ck.tensors[name] = made.add(stub, lambda: shira_random_indices(shape[0], shape[1], r, seed))
         return name
+
+    def _vblora(
+        self,
+        ck: Checkpoint,
+        inv: Inventory,
+        data: dict[str, Any],
+        ad: str,
+        mod: str,
+        keys: dict[str, str],
+        banks: dict[str, str],
+        made: GeneratedSource,
+        first: bool,
+    ) -> LoraModule:
+        """A VB-LoRA module: full logits ``vblora_logits_A`` (r, in/L, V) and ``_B`` (out/L, r, V), or a
+        ``save_only_topk_weights`` file's top-k ``_indices`` (…, k) and first k - 1 ``_weights``; checked
+        against each other, the bank (V, L) and the config's ``topk``.  The bank's parameters count once (on the
+        adapter's first module), as PEFT's trainable count has them."""
+        any_key = next(iter(keys.values()))
+
+        def bad(what: str, key: str = any_key) -> AdapterError:
+            return AdapterError(f"VB-LoRA module {mod}: {what}", path=ck.root, tensor=key)
+
+        bank = banks.get(ad) or banks.get(DEFAULT_ADAPTER) or next(iter(banks.values()), None)
+        if bank is None:
+            raise bad(f"{BANK} (the bank every layer's vectors come from) is missing")
+        binfo = ck.info(bank)
+        if not binfo.is_float or len(binfo.shape) != 2 or 0 in binfo.shape:
+            raise AdapterError(
+                f"{BANK} of shape {list(binfo.shape)} ({binfo.dtype_name}): PEFT's is (num_vectors, vector_length) "
+                "floating-point",
+                path=binfo.file,
+                tensor=bank,
+            )
+        n_vec, length = binfo.shape
+        k = int(data.get("topk", 2))
+        shapes: dict[str, tuple[int, ...]] = {}
+        topk = "vblora_logits_A" not in keys and "vblora_logits_B" not in keys
+        for side in "AB":
+            names: tuple[str, ...] = (
+                (f"vblora_logits_{side}_topk_indices", f"vblora_logits_{side}_topk_weights")
+                if topk
+                else (f"vblora_logits_{side}",)
+            )
+            for n in names:
+                if n not in keys:
+                    raise bad(f"{n} is missing")
+                info = ck.info(keys[n])
+                integer = n.endswith("indices")
+                if integer == info.is_float or len(info.shape) != 3 or 0 in info.shape:
+                    kind = "an integer" if integer else "a floating-point"
+                    raise bad(
+                        f"{n} of shape {list(info.shape)} ({info.dtype_name}): PEFT's is {kind} 3-D tensor", keys[n]
+                    )
+            lead = ck.info(keys[names[0]]).shape
+            want = (*lead[:2], k) if topk else (*lead[:2], n_vec)
+            if tuple(lead) != want:
+                raise bad(
+                    f"{names[0]} has shape {list(lead)}, {list(want)} with topk={k} and a bank of {n_vec} vectors",
+                    keys[names[0]],
+                )
+            if topk and tuple(ck.info(keys[names[1]]).shape) != (*lead[:2], k - 1):
+                raise bad(
+                    f"{names[1]} has shape {list(ck.info(keys[names[1]]).shape)}, PEFT's is {[*lead[:2], k - 1]}",
+                    keys[names[1]],
+                )
+            shapes[side] = tuple(lead)
+        r, r_b = shapes["A"][0], shapes["B"][1]
+        if r != r_b:
+            a_key = keys["vblora_logits_A" if not topk else "vblora_logits_A_topk_indices"]
+            raise bad(f"the A logits have rank {r}, the B logits {r_b}", a_key)
+        in_f, out_f = shapes["A"][1] * length, shapes["B"][0] * length
+        params = (shapes["A"][0] * shapes["A"][1] + shapes["B"][0] * shapes["B"][1]) * n_vec
+        main = keys["vblora_logits_A" if not topk else "vblora_logits_A_topk_weights"]
+        factors = {p: keys[p] for p in self.params if p in keys}
+        prefix = PEFT_PREFIX if inv.prefixed else ""
+        if topk:  # PEFT's loading: the logits rebuilt from the top-k (what its in-model state dict then holds)
+            factors = {}
+            for side in "AB":
+                name = f"{prefix}{mod}.vblora_logits_{side}"
+                ik, wk = keys[f"vblora_logits_{side}_topk_indices"], keys[f"vblora_logits_{side}_topk_weights"]
+                info = TensorInfo(
+                    name,
+                    "F32",
+                    (*shapes[side][:2], n_vec),
+                    ck.info(main).file,
+                    0,
+                    4 * n_vec * math.prod(shapes[side][:2]),
+                )
+                ck.tensors[name] = made.add(info, _logits_from_topk(ck, ik, wk, n_vec, f"VB-LoRA module {mod}"))
+                factors[f"vblora_logits_{side}"] = name
+        elif data.get("save_only_topk_weights") and inv.form == "unmerged":  # PEFT's save: the top-k of the logits
+            factors = {}
+            for side in "AB":
+                lk = keys[f"vblora_logits_{side}"]
+                for part in ("indices", "weights"):
+                    name = f"{prefix}{mod}.vblora_logits_{side}_topk_{part}.{ad}"
+                    lead = (*shapes[side][:2], k if part == "indices" else k - 1)
+                    dtype = _index_dtype(n_vec) if part == "indices" else "F32"
+                    size = math.prod(lead) * (DTYPE_TABLE[dtype][0])
+                    info = TensorInfo(name, dtype, lead, ck.info(lk).file, 0, size)
+                    ck.tensors[name] = made.add(info, _topk_of_logits(ck, lk, k, part, dtype))
+                    factors[f"vblora_logits_{side}_topk_{part}"] = name
+        return LoraModule(
+            mod,
+            ad,
+            "linear",
+            main,
+            keys["vblora_logits_B" if not topk else "vblora_logits_B_topk_weights"],
+            r,
+            in_f,
+            out_f,
+            scaling=1.0,
+            tuner="vblora",
+            factors=factors,
+            factor_params=params + (binfo.numel if first else 0),
+            tuner_args={"topk": k, "bank": bank},
+        )
+
+
+def _index_dtype(n_vec: int) -> str:
+    """PEFT's ``_get_adapter_state_dict``: the smallest integer type that holds a bank index."""
+    return "U8" if n_vec < 2**8 else "I16" if n_vec < 2**15 else "I32" if n_vec < 2**31 else "I64"
+
+
+def _logits_from_topk(ck: Checkpoint, ik: str, wk: str, n_vec: int, what: str) -> Callable[[], torch.Tensor]:
+    """PEFT's ``_remap_adapter_state_dict_for_load``: the k - 1 weights and 1 minus their sum, their logarithms
+    at the top-k places of a row of -inf; the indices and weights checked first (one error naming the tensor)."""
+
+    def make() -> torch.Tensor:
+        import torch
+
+        idx = ck.read(ik).to(torch.int64)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n_vec):
+            raise AdapterError(
+                f"{what}: top-k indices out of range for a bank of {n_vec} vectors", path=ck.root, tensor=ik
+            )
+        w = ck.read(wk)
+        if not bool(torch.isfinite(w).all()):
+            raise AdapterError(f"{what}: NaN or Inf among the top-k weights", path=ck.root, tensor=wk)
+        w = torch.cat([w, 1 - w.sum(-1, keepdim=True)], dim=-1)
+        out = torch.zeros([*w.shape[:-1], n_vec]).fill_(float("-inf"))
+        return out.scatter(-1, idx, torch.log(w).to(out.dtype))
+
+    return make
+
+
+def _topk_of_logits(ck: Checkpoint, lk: str, k: int, part: str, dtype: str) -> Callable[[], torch.Tensor]:
+    """PEFT's save with ``save_only_topk_weights``: ``logits.topk(k)``'s indices in ``dtype``, or the softmax of
+    the top logits without its last column."""
+
+    def make() -> torch.Tensor:
+        import torch
+
+        from ..io.safetensors_format import torch_dtype
+
+        logits, indices = ck.read(lk).topk(k)
+        if part == "indices":
+            return indices.to(torch_dtype(dtype))
+        return torch.softmax(logits, dim=-1)[:, :, :-1].contiguous()
+
+    return make

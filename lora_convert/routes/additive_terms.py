@@ -49,6 +49,8 @@ def delta(
             path=ck.root,
             tensor=m.a_key,
         )
+    if m.tuner == "vblora":
+        return _vblora(m, ck, scaling, base_shape, conv1d_hint)
     rows, cols = int(base_shape[0]), int(base_shape[1])
     out_f, in_f = (cols, rows) if conv1d_hint else (rows, cols)
     if m.tuner == "shira":
@@ -105,3 +107,39 @@ def _fourierft(
         raise _unfit(m, ck, f"fourierft_spectrum has {n} values, more than the ({out_f}, {in_f}) weight's entries", sk)
     idx = additive_math.fourier_indices(out_f, in_f, n, int(raw.get("random_loc_seed", 777)))
     return additive_math.fourier_delta(spectrum, idx, scaling, out_f, in_f, transposed=transposed)
+
+
+def _vblora(
+    m: LoraModule, ck: Checkpoint, scaling: float, base_shape: tuple[int, ...], conv1d_hint: bool
+) -> lora_math.RowDelta:
+    """PEFT's ``get_delta_weight``: A and B from the bank and each side's top-k (chosen from the logits, or as a
+    ``save_only_topk_weights`` file stores them), ΔW = transpose(B @ A, fan_in_fan_out): LoRA factors."""
+    try:
+        transposed = lora_math.is_transposed(base_shape, m.in_features, m.out_features, hint=conv1d_hint)
+    except ValueError:
+        raise _unfit(
+            m, ck, f"the logits build a ({m.out_features}, {m.in_features}) ΔW, the base weight is {list(base_shape)}"
+        ) from None
+    bank_key = m.tuner_args["bank"]
+    bank = check_finite(ck.read(bank_key), ck, bank_key)
+    k = int(m.tuner_args["topk"])
+    sides = []
+    for side in "AB":
+        full = m.factors.get(f"vblora_logits_{side}")
+        if full is not None:
+            logits = ck.read(full)
+            if bool(torch.isnan(logits).any()):
+                raise _unfit(m, ck, "NaN among the logits", full)
+            if k > logits.shape[-1]:
+                raise _unfit(m, ck, f"topk={k} of {logits.shape[-1]} vectors", full)
+            sides.append(additive_math.vblora_topk(logits, k))
+            continue
+        ik, wk = m.factors[f"vblora_logits_{side}_topk_indices"], m.factors[f"vblora_logits_{side}_topk_weights"]
+        idx, weights = ck.read(ik).to(torch.int64), check_finite(ck.read(wk), ck, wk)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= bank.shape[0]):
+            raise _unfit(m, ck, f"vblora_logits_{side}_topk_indices out of range for a bank of {bank.shape[0]}", ik)
+        sides.append(additive_math.vblora_saved_topk(idx, weights))
+    a, b = additive_math.vblora_factors(bank, sides[0], sides[1])
+    if transposed:  # GPT-2's Conv1D: the stored weight is (in, out), its rows Aᵀ's
+        return additive_math.BuiltFactors(a.t().contiguous(), b.t().contiguous(), scaling, k)
+    return additive_math.BuiltFactors(b.contiguous(), a.contiguous(), scaling, k)
