@@ -1,4 +1,5 @@
-"""ΔW of PEFT's newer additive tuners (SHiRA, FourierFT), pure tensors in and out: no files, no config parsing.
+"""ΔW of PEFT's newer additive tuners (SHiRA, FourierFT, VB-LoRA, DeLoRA, C3A), pure tensors in and out: no files,
+no config parsing.
 
 Each class is a :class:`lora_math.RowDelta`: the merge engine asks for the fp32 rows ``start:stop`` of ΔW
 (the stored weight's layout) and adds them into the same tile as LoRA's ``addmm``, rounded once.
@@ -13,6 +14,8 @@ Each class is a :class:`lora_math.RowDelta`: the merge engine asks for the fp32 
   (:func:`fourier_indices`, PEFT's draw).  An inverse 2-D FFT mixes every entry into every row, so ΔW is
   built whole once per tensor with the same ``torch.fft.ifft2`` PEFT calls (bit-equal to its ΔW) and handed
   out by rows: one tensor-sized fp32 ΔW (and ifft2's complex temporary) while that tensor is merged.
+* VB-LoRA, DeLoRA: LoRA factors built from their own numbers (a vector bank and top-k logits; norms and a λ).
+* C3A: a block-circulant ΔW, each entry a kernel value, so rows come straight from the kernel.
 """
 
 from __future__ import annotations
@@ -201,3 +204,60 @@ class BuiltFactors(DeltaFactors):
 
     def to(self, device: torch.device | str) -> BuiltFactors:
         return BuiltFactors(self.left.to(device), self.right.to(device), self.scaling, self.built_depth)
+
+
+def delora_factors(
+    a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, w_norm: torch.Tensor, scaling: float
+) -> DeltaFactors:
+    """DeLoRA's ``_compute_delta``: ΔW = (B · diag(λ / r / (‖Aᵢ‖·‖Bⁱ‖)) · A) ⊙ w_norm per input column, each
+    norm clamped at 1e-4 as PEFT clamps it — LoRA factors with the diagonal folded into B's columns and the
+    column norms into A's (the same product, summed in another order: within fp32 rounding of PEFT's)."""
+    a, b = a.to(FP32), b.to(FP32)
+    r = a.shape[0]
+    an = torch.clamp(a.norm(dim=1), min=1e-4)
+    bn = torch.clamp(b.norm(dim=0), min=1e-4)
+    diag = lam.to(FP32).reshape(()) / r / (an * bn)
+    return DeltaFactors((b * diag.unsqueeze(0)).contiguous(), (a * w_norm.to(FP32).unsqueeze(0)).contiguous(), scaling)
+
+
+@dataclass
+class CirculantDelta:
+    """C3A's ΔW = get_circulant_fast(kernel) / in: block (m, n) of the (out, in) weight is the b×b circulant
+    matrix with entries ``kernel[m, n, (q - p) mod b]`` at (p, q) — what PEFT's FFTs compute (fft(ifft(x) ⊙
+    fft(w)) is x circularly correlated with w), taken here entry by entry, a block of rows at a time.
+
+    For verify: PEFT computes it through two FFTs, whose rounding is norm-wise; the bound used is Σ|kernel[m, n]|
+    over the block's b values, times |s|/in, with 4·⌈log₂ b⌉ + 4 roundings."""
+
+    kernel: torch.Tensor  # fp32 (out/b, in/b, b)
+    scaling: float  # 1/in times the adapter's weight
+    magnitude_of: bool = False  # the bound's producer: each block's Σ|w| in every entry
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        m, n, b = self.kernel.shape
+        return (m * b, n * b)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        m, n, b = self.kernel.shape
+        i = torch.arange(start, stop, device=self.kernel.device)
+        blocks = self.kernel[i // b]  # (rows, n, b)
+        if self.magnitude_of:
+            out = blocks.abs().sum(-1, keepdim=True).expand(-1, -1, b)
+        else:
+            shift = (torch.arange(b, device=i.device).unsqueeze(0) - (i % b).unsqueeze(1)) % b  # (rows, b)
+            out = blocks.gather(2, shift.unsqueeze(1).expand(-1, n, -1))
+        return out.reshape(stop - start, n * b).mul(self.scaling)
+
+    def add_rows(self, acc: torch.Tensor, start: int, stop: int) -> None:
+        acc.add_(self.rows(start, stop))
+
+    @property
+    def depth(self) -> int:
+        return 4 * math.ceil(math.log2(max(self.kernel.shape[2], 2))) + 4
+
+    def magnitude(self, scale: float) -> CirculantDelta:
+        return CirculantDelta(self.kernel, scale * abs(self.scaling), True)
+
+    def to(self, device: torch.device | str) -> CirculantDelta:
+        return CirculantDelta(self.kernel.to(device), self.scaling, self.magnitude_of)

@@ -301,8 +301,13 @@ def lora_module_flops(m: LoraModule, active: int | None = None) -> int:
     ``active`` experts a token goes through (all of them when unknown)."""
     if m.tuner == "shira":  # the sparse ΔW applied to x: a product and an add per stored value
         return 2 * m.factor_params
-    if m.tuner == "vblora":  # A and B built once per forward, then B(A x) as LoRA's
+    if m.tuner in ("vblora", "delora"):  # A and B (re)built once per forward, then B(A x) as LoRA's
         return 2 * m.rank * (m.in_features + m.out_features)
+    if m.tuner == "c3a":  # PEFT's block-circulant product: FFTs of the input and output blocks, products per block pair
+        b = max(m.rank, 2)
+        return (
+            round(5 * b * math.log2(b) * (m.in_features + m.out_features) / b) + 8 * m.in_features * m.out_features // b
+        )
     if m.tuner != "lora":  # LoHa/LoKr/full/FourierFT: ΔW rebuilt once per forward, then x @ ΔWᵀ per token
         return 2 * m.in_features * m.out_features
     if m.kind == "experts":
@@ -320,6 +325,10 @@ def merge_module_flops(m: LoraModule) -> int:
         return area
     if m.tuner == "shira":  # each stored value scaled and added at its place
         return 2 * m.factor_params
+    if m.tuner == "delora":  # the norms and the diagonal (small), LoRA's product, the column scale and the add
+        return 2 * m.rank * area + 2 * area
+    if m.tuner == "c3a":  # each entry looked up in its circulant block, scaled by 1/in and added
+        return 2 * area
     if m.tuner == "vblora":  # A and B from the bank (k products and sums per entry), then LoRA's product and add
         return (
             2 * int(m.tuner_args.get("topk", 2)) * m.rank * (m.in_features + m.out_features) + 2 * m.rank * area + area

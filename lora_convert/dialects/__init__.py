@@ -86,3 +86,5 @@ register(AdaloraDialect())  # claimed by lora_E tensors or peft_type ADALORA, wh
 register(AdditiveDialect("shira"))  # claimed by shira_weight/shira_indices tensors or peft_type SHIRA
 register(AdditiveDialect("fourierft"))  # claimed by fourierft_spectrum tensors or peft_type FOURIERFT
 register(AdditiveDialect("vblora"))  # claimed by vblora_logits_* tensors or peft_type VBLORA
+register(AdditiveDialect("delora"))  # claimed by delora_* tensors or peft_type DELORA
+register(AdditiveDialect("c3a"))  # claimed by c3a_kernel tensors or peft_type C3A

@@ -1,5 +1,5 @@
-"""PEFT's newer additive tuners: SHiRA (``peft_type: SHIRA``), FourierFT (``FOURIERFT``) and VB-LoRA
-(``VBLORA``).  Each module is a :class:`LoraModule` with ``tuner`` set and its tensors by PEFT's parameter
+"""PEFT's newer additive tuners: SHiRA (``peft_type: SHIRA``), FourierFT (``FOURIERFT``), VB-LoRA (``VBLORA``),
+DeLoRA (``DELORA``) and C3A (``C3A``).  Each module is a :class:`LoraModule` with ``tuner`` set and its tensors by PEFT's parameter
 name in ``factors``; the merge builds its ΔW (``routes/additive_terms.py``, math in
 ``additive_math.py``), split and attach move those tensors under PEFT's names (``Role.TUNER``: saved
 ``<module>.<param>``, in-model ``<module>.<param>.<adapter>``), and every LoRA-only route refuses it by name.
@@ -16,6 +16,9 @@ name in ``factors``; the merge builds its ΔW (``routes/additive_terms.py``, mat
   also holds a copy under every layer).  A top-k file is read as PEFT loads it: the logits rebuilt (computed
   tensors), which attach writes; a split of an unmerged checkpoint whose config says ``save_only_topk_weights``
   writes the top-k PEFT's save takes.
+
+* DeLoRA: ``delora_A``, ``delora_B``, ``delora_lambda`` and the base's column norms ``delora_w_norm``;
+  C3A: ``c3a_kernel``.  Each module's tensors as they are.
 
 SHiRA and FourierFT do not store their layer's width: an adapter's modules have in/out features 0 (their merge
 reads it from the base; ``report`` of an adapter then counts FourierFT's merge FLOPs as 0).
@@ -45,6 +48,8 @@ if TYPE_CHECKING:
 TUNERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "shira": ("SHIRA", "SHiRA", ("shira_weight", "shira_indices")),
     "fourierft": ("FOURIERFT", "FourierFT", ("fourierft_spectrum",)),
+    "delora": ("DELORA", "DeLoRA", ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")),
+    "c3a": ("C3A", "C3A", ("c3a_kernel",)),
     "vblora": (
         "VBLORA",
         "VB-LoRA",
@@ -165,7 +170,11 @@ class AdditiveDialect:
 
     # -- per tuner -------------------------------------------------------------------------------------------
     def _check_config(self, data: dict[str, Any], where: Any) -> None:
-        if self.tuner == "vblora":
+        if self.tuner in ("delora", "c3a"):
+            key, default = ("r", 8) if self.tuner == "delora" else ("block_size", 256)
+            v = data.get(key, default)
+            _check(data, where, key, _is_int(v) and v > 0, "a positive integer")
+        elif self.tuner == "vblora":
             for key, default in (("r", 4), ("topk", 2), ("num_vectors", 256), ("vector_length", 256)):
                 v = data.get(key, default)
                 _check(data, where, key, _is_int(v) and v > 0, "a positive integer")
@@ -185,6 +194,10 @@ class AdditiveDialect:
             _check(data, where, "n_frequency_pattern", ok, "an object of positive integers")
 
     def _summary(self, data: dict[str, Any]) -> dict[str, Any]:
+        if self.tuner == "delora":
+            return {k: data.get(k, d) for k, d in {"r": 8, "delora_lambda": 15, "rank_pattern": {}}.items()}
+        if self.tuner == "c3a":
+            return {k: data.get(k, d) for k, d in {"block_size": 256, "block_size_pattern": {}}.items()}
         if self.tuner == "vblora":
             vb: dict[str, Any] = {"r": 4, "topk": 2, "num_vectors": 256, "vector_length": 256}
             return {k: data.get(k, d) for k, d in {**vb, "save_only_topk_weights": False}.items()}
@@ -217,6 +230,8 @@ class AdditiveDialect:
             raise AdapterError(
                 f"{self.word} module {mod}: {self.params[0]} is missing", path=ck.root, tensor=next(iter(keys.values()))
             )
+        if self.tuner in ("delora", "c3a"):
+            return self._factored(ck, ad, mod, keys, main)
         info = ck.info(main)
         if not info.is_float or len(info.shape) != 1 or info.shape[0] == 0:
             raise AdapterError(
@@ -407,6 +422,63 @@ class AdditiveDialect:
             factors=factors,
             factor_params=params + (binfo.numel if first else 0),
             tuner_args={"topk": k, "bank": bank},
+        )
+
+    def _factored(self, ck: Checkpoint, ad: str, mod: str, keys: dict[str, str], main: str) -> LoraModule:
+        """A DeLoRA module (``delora_A`` (r, in), ``delora_B`` (out, r), ``delora_lambda`` (1), the base's column
+        norms ``delora_w_norm`` (in), a buffer: not trained) or a C3A one (``c3a_kernel`` (out/b, in/b, b)), its
+        tensors checked against each other (their fit to the base weight is the merge's)."""
+
+        def bad(what: str, key: str) -> AdapterError:
+            return AdapterError(f"{self.word} module {mod}: {what}", path=ck.root, tensor=key)
+
+        for p in self.params:
+            if p not in keys:
+                raise bad(f"{p} is missing", main)
+        shapes = {p: tuple(ck.info(keys[p]).shape) for p in self.params}
+        for p in self.params:
+            info = ck.info(keys[p])
+            dims = {"delora_A": 2, "delora_B": 2, "delora_lambda": 1, "delora_w_norm": 1, "c3a_kernel": 3}[p]
+            if not info.is_float or len(info.shape) != dims or 0 in info.shape:
+                raise bad(
+                    f"{p} of shape {list(info.shape)} ({info.dtype_name}): PEFT's is {dims}-D floating-point", keys[p]
+                )
+        if self.tuner == "c3a":
+            m_b, n_b, b = shapes["c3a_kernel"]
+            rank, in_f, out_f, params = b, n_b * b, m_b * b, m_b * n_b * b
+            args: dict[str, Any] = {"block_size": b}
+        else:
+            (r, in_f), (out_f, r_b) = shapes["delora_A"], shapes["delora_B"]
+            if r_b != r:
+                raise bad(
+                    f"delora_A {list(shapes['delora_A'])} and delora_B {list(shapes['delora_B'])} do not multiply",
+                    keys["delora_B"],
+                )
+            if shapes["delora_lambda"] != (1,):
+                raise bad(
+                    f"delora_lambda has shape {list(shapes['delora_lambda'])}, PEFT's is [1]", keys["delora_lambda"]
+                )
+            if shapes["delora_w_norm"] != (in_f,):
+                raise bad(
+                    f"delora_w_norm has shape {list(shapes['delora_w_norm'])}; beside delora_A {list(shapes['delora_A'])} "
+                    f"PEFT's is [{in_f}]",
+                    keys["delora_w_norm"],
+                )
+            rank, params, args = r, r * (in_f + out_f) + 1, {}
+        return LoraModule(
+            mod,
+            ad,
+            "linear",
+            main,
+            keys.get("delora_B", main),
+            rank,
+            in_f,
+            out_f,
+            scaling=1.0,
+            tuner=self.tuner,
+            factors={p: keys[p] for p in self.params},
+            factor_params=params,
+            tuner_args=args,
         )
 
 

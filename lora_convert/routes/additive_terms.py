@@ -51,6 +51,8 @@ def delta(
         )
     if m.tuner == "vblora":
         return _vblora(m, ck, scaling, base_shape, conv1d_hint)
+    if m.tuner in ("delora", "c3a"):
+        return _linear_only(m, ck, scaling, base_shape, conv1d_hint)
     rows, cols = int(base_shape[0]), int(base_shape[1])
     out_f, in_f = (cols, rows) if conv1d_hint else (rows, cols)
     if m.tuner == "shira":
@@ -143,3 +145,25 @@ def _vblora(
     if transposed:  # GPT-2's Conv1D: the stored weight is (in, out), its rows Aᵀ's
         return additive_math.BuiltFactors(a.t().contiguous(), b.t().contiguous(), scaling, k)
     return additive_math.BuiltFactors(b.contiguous(), a.contiguous(), scaling, k)
+
+
+def _linear_only(
+    m: LoraModule, ck: Checkpoint, scaling: float, base_shape: tuple[int, ...], conv1d_hint: bool
+) -> lora_math.RowDelta:
+    """DeLoRA and C3A: PEFT builds them on ``nn.Linear`` only (a (out, in) weight), refusing GPT-2's Conv1D."""
+    word = WORDS[m.tuner]
+    if conv1d_hint:
+        raise UnsupportedError(
+            f"{word} module {m.module} on a weight stored transposed (GPT-2's Conv1D, fan_in_fan_out): PEFT builds "
+            f"{word} only on nn.Linear and refuses this layer",
+            path=ck.root,
+            tensor=m.a_key,
+        )
+    if tuple(base_shape) != (m.out_features, m.in_features):
+        raise _unfit(
+            m, ck, f"its tensors build a ({m.out_features}, {m.in_features}) ΔW, the base weight is {list(base_shape)}"
+        )
+    t = {p: check_finite(ck.read(k), ck, k) for p, k in m.factors.items()}
+    if m.tuner == "c3a":  # PEFT divides by the base weight's input size
+        return additive_math.CirculantDelta(t["c3a_kernel"].to(torch.float32), scaling / m.in_features)
+    return additive_math.delora_factors(t["delora_A"], t["delora_B"], t["delora_lambda"], t["delora_w_norm"], scaling)
