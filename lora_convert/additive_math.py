@@ -1,5 +1,5 @@
-"""ΔW of PEFT's newer additive tuners (SHiRA, FourierFT, VB-LoRA, DeLoRA, C3A), pure tensors in and out: no files,
-no config parsing.
+"""ΔW of PEFT's newer additive tuners (SHiRA, FourierFT, VB-LoRA, DeLoRA, C3A, RandLoRA), pure tensors in and out:
+no files, no config parsing.
 
 Each class is a :class:`lora_math.RowDelta`: the merge engine asks for the fp32 rows ``start:stop`` of ΔW
 (the stored weight's layout) and adds them into the same tile as LoRA's ``addmm``, rounded once.
@@ -14,7 +14,8 @@ Each class is a :class:`lora_math.RowDelta`: the merge engine asks for the fp32 
   (:func:`fourier_indices`, PEFT's draw).  An inverse 2-D FFT mixes every entry into every row, so ΔW is
   built whole once per tensor with the same ``torch.fft.ifft2`` PEFT calls (bit-equal to its ΔW) and handed
   out by rows: one tensor-sized fp32 ΔW (and ifft2's complex temporary) while that tensor is merged.
-* VB-LoRA, DeLoRA: LoRA factors built from their own numbers (a vector bank and top-k logits; norms and a λ).
+* VB-LoRA, DeLoRA, RandLoRA: LoRA factors built from their own numbers (a vector bank and top-k logits; norms
+  and a λ; shared random bases scaled by λ and γ).
 * C3A: a block-circulant ΔW, each entry a kernel value, so rows come straight from the kernel.
 """
 
@@ -261,3 +262,25 @@ class CirculantDelta:
 
     def to(self, device: torch.device | str) -> CirculantDelta:
         return CirculantDelta(self.kernel.to(device), self.scaling, self.magnitude_of)
+
+
+def randlora_factors(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    lam: torch.Tensor,
+    gamma: torch.Tensor,
+    out_f: int,
+    in_f: int,
+    scaling: float,
+) -> DeltaFactors:
+    """RandLoRA's ``get_delta_weight`` on an (out, in) ΔW: the shared bases cut to the layer (A[:, :n, :min],
+    B[:max, :n, :]), A scaled by λ (r, n) and γ (n, min) and flattened (r·n, min), B flattened (max, n·r) — the
+    two flattenings pair their rows and columns as PEFT's do — then B·A on the smaller side's orientation:
+    (out, K)·(K, in) when in ≤ out, else its transpose; LoRA factors of rank K = r·n."""
+    lo, hi = min(out_f, in_f), max(out_f, in_f)
+    n = gamma.shape[0]
+    update_a = (lam.to(FP32)[:, :, None] * a.to(FP32)[:, :n, :lo] * gamma.to(FP32)[None]).flatten(end_dim=1)
+    update_b = b.to(FP32)[:hi, :n, :].flatten(start_dim=1)
+    if lo == in_f:  # ΔW = update_b @ update_a: (out, K) @ (K, in)
+        return DeltaFactors(update_b.contiguous(), update_a.contiguous(), scaling)
+    return DeltaFactors(update_a.t().contiguous(), update_b.t().contiguous(), scaling)  # (out, K) @ (K, in)

@@ -303,6 +303,8 @@ def lora_module_flops(m: LoraModule, active: int | None = None) -> int:
         return 2 * m.factor_params
     if m.tuner in ("vblora", "delora"):  # A and B (re)built once per forward, then B(A x) as LoRA's
         return 2 * m.rank * (m.in_features + m.out_features)
+    if m.tuner == "randlora":  # B(A x) through its r·bases columns
+        return 2 * m.rank * int(m.tuner_args.get("bases", 1)) * (m.in_features + m.out_features)
     if m.tuner == "c3a":  # PEFT's block-circulant product: FFTs of the input and output blocks, products per block pair
         b = max(m.rank, 2)
         return (
@@ -325,6 +327,8 @@ def merge_module_flops(m: LoraModule) -> int:
         return area
     if m.tuner == "shira":  # each stored value scaled and added at its place
         return 2 * m.factor_params
+    if m.tuner == "randlora":  # the scaled bases, then a product of rank r·bases and the add
+        return 2 * m.rank * int(m.tuner_args.get("bases", 1)) * area + area
     if m.tuner == "delora":  # the norms and the diagonal (small), LoRA's product, the column scale and the add
         return 2 * m.rank * area + 2 * area
     if m.tuner == "c3a":  # each entry looked up in its circulant block, scaled by 1/in and added

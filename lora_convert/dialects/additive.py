@@ -1,5 +1,5 @@
 """PEFT's newer additive tuners: SHiRA (``peft_type: SHIRA``), FourierFT (``FOURIERFT``), VB-LoRA (``VBLORA``),
-DeLoRA (``DELORA``) and C3A (``C3A``).  Each module is a :class:`LoraModule` with ``tuner`` set and its tensors by PEFT's parameter
+DeLoRA (``DELORA``), C3A (``C3A``) and RandLoRA (``RANDLORA``).  Each module is a :class:`LoraModule` with ``tuner`` set and its tensors by PEFT's parameter
 name in ``factors``; the merge builds its ΔW (``routes/additive_terms.py``, math in
 ``additive_math.py``), split and attach move those tensors under PEFT's names (``Role.TUNER``: saved
 ``<module>.<param>``, in-model ``<module>.<param>.<adapter>``), and every LoRA-only route refuses it by name.
@@ -19,9 +19,11 @@ name in ``factors``; the merge builds its ΔW (``routes/additive_terms.py``, mat
 
 * DeLoRA: ``delora_A``, ``delora_B``, ``delora_lambda`` and the base's column norms ``delora_w_norm``;
   C3A: ``c3a_kernel``.  Each module's tensors as they are.
+* RandLoRA: ``randlora_lambda``/``randlora_gamma`` per layer and the random bases ``base_model.randlora_A``/``_B``
+  shared as VB-LoRA's bank is (saved without them: refused by name, as VeRA's projections are).
 
-SHiRA and FourierFT do not store their layer's width: an adapter's modules have in/out features 0 (their merge
-reads it from the base; ``report`` of an adapter then counts FourierFT's merge FLOPs as 0).
+SHiRA, FourierFT and RandLoRA do not store their layer's width: an adapter's modules have in/out features 0 (their
+merge reads it from the base; ``report`` of an adapter then counts FourierFT's and RandLoRA's FLOPs as 0).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
 TUNERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "shira": ("SHIRA", "SHiRA", ("shira_weight", "shira_indices")),
     "fourierft": ("FOURIERFT", "FourierFT", ("fourierft_spectrum",)),
+    "randlora": ("RANDLORA", "RandLoRA", ("randlora_lambda", "randlora_gamma")),
     "delora": ("DELORA", "DeLoRA", ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")),
     "c3a": ("C3A", "C3A", ("c3a_kernel",)),
     "vblora": (
@@ -58,8 +61,9 @@ TUNERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     ),
 }
 BANK = "vblora_vector_bank"  # VB-LoRA's bank, shared by every layer: base_model.vblora_vector_bank[.<adapter>]
-_BANK = re.compile(rf"^(?:base_model\.)?{BANK}(?:\.(?P<name>[^.]+))?$", re.DOTALL)
-_BANK_COPY = re.compile(rf"^.+\.{BANK}\.[^.]+$", re.DOTALL)  # the in-model copy under every layer
+# tensors a tuner shares between its layers: base_model.<role>[.<adapter>] (PEFT's in-model state dict also holds a
+# copy under every layer, <module>.<role>.<adapter>, which attach writes again from the shared one)
+SHARED = {"vblora": (BANK,), "randlora": ("randlora_A", "randlora_B")}
 WORDS = {t: w for t, (_, w, _) in TUNERS.items()}
 _LORA_KEYS = ("r", "target_modules", "modules_to_save", "fan_in_fan_out", "peft_type", "base_model_name_or_path")
 
@@ -108,6 +112,9 @@ class AdditiveDialect:
         self.peft_type, self.word, self.params = TUNERS[tuner]
         self.name = tuner
         names = "|".join(self.params)
+        roles = "|".join(SHARED.get(tuner, ("(?!)",)))
+        self._shared = re.compile(rf"^(?:base_model\.)?(?P<role>{roles})(?:\.(?P<name>[^.]+))?$", re.DOTALL)
+        self._copy = re.compile(rf"^.+\.(?:{roles})\.[^.]+$", re.DOTALL)
         self._key = re.compile(rf"^(?P<mod>.+)\.(?P<param>{names})(?:\.(?P<name>(?!weight$|bias$)[^.]+))?$", re.DOTALL)
 
     def claims(self, ck: Checkpoint) -> bool:
@@ -131,13 +138,13 @@ class AdditiveDialect:
         fallback = ck.adapter_name or DEFAULT_ADAPTER
         parts: dict[tuple[str, str], dict[str, str]] = {}
         rest: list[str] = []
-        banks: dict[str, str] = {}
+        shared: dict[str, dict[str, str]] = {}
         in_model = any((m := self._key.fullmatch(k)) and m["name"] for k in ck.tensors)
         for k in ck.tensors:
-            if self.tuner == "vblora" and (b := _BANK.fullmatch(k)):
-                banks[b["name"] or fallback] = k
+            if b := self._shared.fullmatch(k):
+                shared.setdefault(b["name"] or fallback, {})[b["role"]] = k
                 continue
-            if self.tuner == "vblora" and in_model and _BANK_COPY.fullmatch(k):
+            if in_model and self._copy.fullmatch(k):
                 continue  # written again by attach from the shared one
             m = self._key.fullmatch(k)
             if m and bool(m["name"]) == in_model:
@@ -156,21 +163,32 @@ class AdditiveDialect:
         )
         sort_rest(ck, inv, rest, fallback, f"a {self.word} checkpoint: {self.word}'s are {', '.join(self.params)}")
         made = GeneratedSource()
+        ours = self._own_shared(ck, data, shared, next(iter(parts))[0], where)
+        banks = {a: d[BANK] for a, d in shared.items() if BANK in d}
         for (ad, mod), keys in sorted(parts.items()):
             if self.tuner == "vblora":
                 inv.lora.setdefault(ad, {})[mod] = self._vblora(ck, inv, data, ad, mod, keys, banks, made, not inv.lora)
+            elif self.tuner == "randlora":
+                inv.lora.setdefault(ad, {})[mod] = self._randlora(ck, inv, data, ad, mod, keys, ours)
             else:
                 inv.lora.setdefault(ad, {})[mod] = self._module(ck, inv, data, ad, mod, keys, made)
         ad = next(iter(inv.lora))
         if self.tuner == "vblora":
             inv.native[ad] = {"": {BANK: next(iter(inv.lora[ad].values())).tuner_args["bank"]}}
+        elif ours:
+            inv.native[ad] = {"": dict(ours)}
         inv.configs[ad] = cfg
         inv.tuner[ad] = {"peft_type": self.peft_type, **self._summary(data)}
         return inv
 
     # -- per tuner -------------------------------------------------------------------------------------------
     def _check_config(self, data: dict[str, Any], where: Any) -> None:
-        if self.tuner in ("delora", "c3a"):
+        if self.tuner == "randlora":
+            _check(data, where, "r", _is_int(data.get("r", 32)) and data.get("r", 32) > 0, "a positive integer")
+            a = data.get("randlora_alpha", 640)
+            ok = isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a)
+            _check(data, where, "randlora_alpha", ok, "a finite number")
+        elif self.tuner in ("delora", "c3a"):
             key, default = ("r", 8) if self.tuner == "delora" else ("block_size", 256)
             v = data.get(key, default)
             _check(data, where, key, _is_int(v) and v > 0, "a positive integer")
@@ -194,6 +212,9 @@ class AdditiveDialect:
             _check(data, where, "n_frequency_pattern", ok, "an object of positive integers")
 
     def _summary(self, data: dict[str, Any]) -> dict[str, Any]:
+        if self.tuner == "randlora":
+            rl: dict[str, Any] = {"r": 32, "randlora_alpha": 640, "projection_prng_key": 0, "sparse": False}
+            return {k: data.get(k, d) for k, d in {**rl, "very_sparse": False}.items()}
         if self.tuner == "delora":
             return {k: data.get(k, d) for k, d in {"r": 8, "delora_lambda": 15, "rank_pattern": {}}.items()}
         if self.tuner == "c3a":
@@ -422,6 +443,93 @@ class AdditiveDialect:
             factors=factors,
             factor_params=params + (binfo.numel if first else 0),
             tuner_args={"topk": k, "bank": bank},
+        )
+
+    def _own_shared(
+        self, ck: Checkpoint, data: dict[str, Any], shared: dict[str, dict[str, str]], ad: str, where: Any
+    ) -> dict[str, str]:
+        """RandLoRA's shared random bases of adapter ``ad``: both there, 3-D floating-point, ``r`` as the config
+        says; refused by name when the adapter was saved without them (as VeRA's: PEFT regenerates them with
+        torch's generator)."""
+        if self.tuner != "randlora":
+            return {}
+        got = shared.get(ad) or shared.get(DEFAULT_ADAPTER) or next(iter(shared.values()), {})
+        if data.get("save_projection") is False or not got:
+            raise UnsupportedError(
+                "RandLoRA adapter saved without its random bases (save_projection false, no randlora_A/randlora_B): "
+                "PEFT regenerates them from projection_prng_key with torch's generator over the model's largest layers",
+                path=where,
+                hint="save the adapter with save_projection=True (PEFT's default)",
+            )
+        r = int(data.get("r", 32))
+        for role in ("randlora_A", "randlora_B"):
+            if role not in got:
+                have = next(iter(got.values()))
+                raise AdapterError(f"{role} is missing beside {have}", path=ck.root, tensor=have)
+            info = ck.info(got[role])
+            rank = info.shape[0] if role == "randlora_A" else (info.shape[-1] if info.shape else 0)
+            if not info.is_float or len(info.shape) != 3 or rank != r or 0 in info.shape:
+                raise AdapterError(
+                    f"{role} of shape {list(info.shape)} ({info.dtype_name}): PEFT's is a 3-D floating-point basis "
+                    f"with r={r} {'rows' if role == 'randlora_A' else 'in its last axis'}",
+                    path=info.file,
+                    tensor=got[role],
+                )
+        return dict(got)
+
+    def _randlora(
+        self,
+        ck: Checkpoint,
+        inv: Inventory,
+        data: dict[str, Any],
+        ad: str,
+        mod: str,
+        keys: dict[str, str],
+        shared: dict[str, str],
+    ) -> LoraModule:
+        """A RandLoRA module: ``randlora_lambda`` (r, bases) and ``randlora_gamma`` (bases, min(in, out)), checked
+        against each other and PEFT's count of bases, ⌈min(in, out) / r⌉ (their fit to the base is the merge's)."""
+        any_key = next(iter(keys.values()))
+        for p in self.params:
+            if p not in keys:
+                raise AdapterError(f"RandLoRA module {mod}: {p} is missing", path=ck.root, tensor=any_key)
+            info = ck.info(keys[p])
+            if not info.is_float or len(info.shape) != 2 or 0 in info.shape:
+                raise AdapterError(
+                    f"RandLoRA module {mod}: {p} of shape {list(info.shape)} ({info.dtype_name}): PEFT's is a 2-D "
+                    "floating-point matrix",
+                    path=info.file,
+                    tensor=keys[p],
+                )
+        (r, nb), (nb_g, min_dim) = ck.info(keys["randlora_lambda"]).shape, ck.info(keys["randlora_gamma"]).shape
+        want = -(-min_dim // r)
+        if r != int(data.get("r", 32)) or nb != nb_g or nb != want:
+            raise AdapterError(
+                f"RandLoRA module {mod}: randlora_lambda {[r, nb]} and randlora_gamma {[nb_g, min_dim]} do not fit "
+                f"r={data.get('r', 32)} and ⌈{min_dim}/r⌉ = {want} bases",
+                path=ck.root,
+                tensor=keys["randlora_lambda"],
+            )
+        out_f = in_f = 0
+        base = inv.base.get(f"{mod}.weight")
+        if inv.form == "unmerged" and base is not None and len(ck.info(base).shape) == 2:
+            out_f, in_f = ck.info(base).shape
+            if data.get("fan_in_fan_out"):
+                out_f, in_f = in_f, out_f
+        return LoraModule(
+            mod,
+            ad,
+            "linear",
+            keys["randlora_lambda"],
+            keys["randlora_gamma"],
+            r,
+            in_f,
+            out_f,
+            scaling=float(data.get("randlora_alpha", 640)) / r,
+            tuner="randlora",
+            factors={p: keys[p] for p in self.params},
+            factor_params=r * nb + nb_g * min_dim,
+            tuner_args={"A": shared["randlora_A"], "B": shared["randlora_B"], "bases": nb, "min_dim": min_dim},
         )
 
     def _factored(self, ck: Checkpoint, ad: str, mod: str, keys: dict[str, str], main: str) -> LoraModule:

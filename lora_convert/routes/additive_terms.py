@@ -53,6 +53,8 @@ def delta(
         return _vblora(m, ck, scaling, base_shape, conv1d_hint)
     if m.tuner in ("delora", "c3a"):
         return _linear_only(m, ck, scaling, base_shape, conv1d_hint)
+    if m.tuner == "randlora":
+        return _randlora(m, ck, scaling, base_shape, conv1d_hint)
     rows, cols = int(base_shape[0]), int(base_shape[1])
     out_f, in_f = (cols, rows) if conv1d_hint else (rows, cols)
     if m.tuner == "shira":
@@ -167,3 +169,34 @@ def _linear_only(
     if m.tuner == "c3a":  # PEFT divides by the base weight's input size
         return additive_math.CirculantDelta(t["c3a_kernel"].to(torch.float32), scaling / m.in_features)
     return additive_math.delora_factors(t["delora_A"], t["delora_B"], t["delora_lambda"], t["delora_w_norm"], scaling)
+
+
+def _randlora(
+    m: LoraModule, ck: Checkpoint, scaling: float, base_shape: tuple[int, ...], conv1d_hint: bool
+) -> lora_math.RowDelta:
+    """PEFT's RandLoRA on nn.Linear or GPT-2's Conv1D (ΔW transposed by ``fan_in_fan_out``): the layer's min/max
+    sides from the base weight, checked against γ's width and the shared bases' sizes."""
+    rows, cols = int(base_shape[0]), int(base_shape[1])
+    out_f, in_f = (cols, rows) if conv1d_hint else (rows, cols)
+    lo, hi = min(out_f, in_f), max(out_f, in_f)
+    args = m.tuner_args
+    if lo != args["min_dim"]:
+        raise _unfit(
+            m, ck, f"randlora_gamma is {args['min_dim']} wide, the ({out_f}, {in_f}) weight's smaller side is {lo}"
+        )
+    a = check_finite(ck.read(args["A"]), ck, args["A"])
+    b = check_finite(ck.read(args["B"]), ck, args["B"])
+    if a.shape[-1] < lo or b.shape[0] < hi or b.shape[1] < args["bases"]:
+        raise _unfit(
+            m,
+            ck,
+            f"the shared bases randlora_A {list(a.shape)} and randlora_B {list(b.shape)} are smaller than this layer "
+            f"needs ({lo} wide, {hi} long, {args['bases']} bases)",
+            args["A"] if a.shape[-1] < lo else args["B"],
+        )
+    lam = check_finite(ck.read(m.factors["randlora_lambda"]), ck, m.factors["randlora_lambda"])
+    gamma = check_finite(ck.read(m.factors["randlora_gamma"]), ck, m.factors["randlora_gamma"])
+    d = additive_math.randlora_factors(a, b, lam, gamma, out_f, in_f, scaling)
+    if conv1d_hint:  # the stored weight is (in, out): its rows are ΔWᵀ's
+        return lora_math.DeltaFactors(d.right.t().contiguous(), d.left.t().contiguous(), d.scaling)
+    return d
