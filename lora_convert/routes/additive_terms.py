@@ -1,9 +1,10 @@
-"""A SHiRA or FourierFT module's ΔW as the merge engine's row producer (:class:`lora_math.RowDelta`): its tensors
-read and checked against the config and the base weight, then handed to :mod:`..additive_math`.
+"""A SHiRA, FourierFT, VB-LoRA, DeLoRA, C3A or RandLoRA module's ΔW as the merge engine's row producer
+(:class:`lora_math.RowDelta`): its tensors read and checked against the config and the base weight, then handed
+to :mod:`..additive_math`.
 
-PEFT builds SHiRA on ``nn.Linear`` only (GPT-2's ``Conv1D`` is refused by its ``_create_new_module``), so a
-SHiRA module on a weight stored transposed is refused by name; FourierFT also takes ``Conv1D`` (ΔW transposed
-by ``fan_in_fan_out``).
+PEFT builds SHiRA, DeLoRA and C3A on ``nn.Linear`` only (GPT-2's ``Conv1D`` is refused by its
+``_create_new_module``), so such a module on a weight stored transposed is refused by name; FourierFT, VB-LoRA
+and RandLoRA also take ``Conv1D`` (ΔW transposed by ``fan_in_fan_out``).
 """
 
 from __future__ import annotations

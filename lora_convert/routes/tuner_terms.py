@@ -70,7 +70,7 @@ def delta(
     m: LoraModule, ck: Checkpoint, scaling: float, base_shape: tuple[int, ...], conv1d_hint: bool
 ) -> lora_math.RowDelta:
     """The module's ΔW (``scaling`` already holds the adapter's weight) on a base weight of ``base_shape``."""
-    if m.tuner in ADDITIVE:  # SHiRA, FourierFT: routes/additive_terms
+    if m.tuner in ADDITIVE:  # SHiRA, FourierFT, VB-LoRA, DeLoRA, C3A, RandLoRA: routes/additive_terms
         return additive_terms.delta(m, ck, scaling, base_shape, conv1d_hint)
     if len(base_shape) < 2:
         raise _unfit(m, ck, f"the base weight is {list(base_shape)}, not a matrix or a conv kernel")
