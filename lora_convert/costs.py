@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from typing import Any
 from . import arch, moe_layouts
 from .arch import ModelShape, module_of
 from .bounds import MAX_SEQ_LEN
+from .config import AdapterConfig
 from .errors import CheckpointError, UnsupportedError, option_name
 from .inputs import load_source, open_plain, pick_adapter, resolve
 from .inventory import Inventory, LoraModule
@@ -536,6 +537,7 @@ def build_report(
         if b.source == "weights" and b.tensors is not None:  # the layer count, bounded by the weights' layers
             arch.check_layer_count(b.config, b.tensors, b.name or path)
         ad = _adapter(ck, inv, name, notes)
+        _bind_widths(ad, b.tensors, cfg)
         src_bytes = ck.dtypes()
     shape = arch.model_shape(b.config, head_stored=b.tensors is not None and arch.HEAD_KEY in b.tensors)
     if b.tensors is not None and shape.vocab is None:
@@ -565,6 +567,21 @@ def build_report(
     )
     rep.quantization = b.quant.get("summary")
     return rep
+
+
+def _bind_widths(ad: _Adapter, tensors: dict[str, _T] | None, cfg: AdapterConfig | None) -> None:
+    """SHiRA, FourierFT and RandLoRA adapters do not store their layers' widths (dialects/additive.py): each
+    module's taken from the base's weight of the same name, when the base is known, for its FLOPs."""
+    if tensors is None:
+        return
+    bound = dict(ad.modules)
+    for mod, m in ad.modules.items():
+        t = tensors.get(f"{m.module}.weight")
+        if m.tuner == "lora" or m.in_features or m.out_features or t is None or len(t.shape) != 2:
+            continue
+        out_f, in_f = (t.shape[1], t.shape[0]) if cfg is not None and cfg.fan_in_fan_out else t.shape
+        bound[mod] = replace(m, in_features=int(in_f), out_features=int(out_f))
+    ad.modules = bound
 
 
 def _merged_tensors(b: _Base, ad: _Adapter) -> dict[str, _T] | None:

@@ -67,14 +67,20 @@ def test_merge_equals_peft_merge_and_unload(tmp_path: Path, arch: str) -> None:
     assert all(torch.equal(got[k], sd[k]) for k in got)  # fp32: the same ifft2, the same sum
 
 
-def test_report_flops_of_an_unmerged_checkpoint(tmp_path: Path) -> None:
-    """The in-model state dict gives each layer's width: the unmerged forward costs x @ ΔWᵀ per token."""
+def test_report_flops_from_the_layer_widths(tmp_path: Path) -> None:
+    """FourierFT does not store its layers' widths: the in-model state dict's base weights give them, and an
+    adapter's come from the base it is reported on. The unmerged forward costs x @ ΔWᵀ per token; the merge an
+    inverse 2-D FFT (~5·N·log₂N), the scaling and the add."""
+    import math
+
     _, pm, _, _ = _case(tmp_path)
     save_unmerged(pm, tmp_path / "unmerged")
-    r = lc.report(tmp_path / "unmerged")
     widths = {"q_proj": (32, 32), "v_proj": (16, 32), "down_proj": (32, 48)}
     want = sum(2 * o * i for o, i in widths.values()) * 2  # two layers
-    assert r.row("unmerged").flops_lora == want
+    merge = sum(round(5 * o * i * math.log2(o * i)) + 2 * o * i for o, i in widths.values()) * 2
+    assert lc.report(tmp_path / "unmerged").row("unmerged").flops_lora == want
+    r = lc.report(tmp_path / "adapter", base=tmp_path / "base")
+    assert (r.row("unmerged").flops_lora, r.row("adapter").merge_flops) == (want, merge)
 
 
 def test_split_attach_strip_round_trip_as_peft_lays_it_out(tmp_path: Path) -> None:

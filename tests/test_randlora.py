@@ -50,13 +50,15 @@ def test_merge_equals_peft_merge_and_unload(tmp_path: Path, arch: str) -> None:
         kw["randlora_alpha"],
     )
     assert a.lora_parameters == pm.get_nb_trainable_parameters()[0]  # λ and γ (the bases are frozen)
-    row = lc.report(tmp_path / "adapter", base=tmp_path / "base").row("adapter")
+    r = lc.report(tmp_path / "adapter", base=tmp_path / "base")
+    row = r.row("adapter")
     assert (row.lora_parameters, row.total_parameters) == pm.get_nb_trainable_parameters()
+    save_unmerged(pm, tmp_path / "unmerged")  # widths from its base weights; the adapter's from the base given
+    assert r.row("unmerged").flops_lora == lc.report(tmp_path / "unmerged").row("unmerged").flops_lora > 0
     lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "merged")
     assert (logits(load_merged(tmp_path / "merged")) - want).abs().max().item() <= TOL
     assert lc.verify(tmp_path / "merged", base=tmp_path / "base", adapter=tmp_path / "adapter").ok
     assert not lc.verify(tmp_path / "base", base=tmp_path / "base", adapter=tmp_path / "adapter").ok
-    save_unmerged(pm, tmp_path / "unmerged")
     lc.convert(tmp_path / "unmerged", "merged", output=tmp_path / "merged2")
     assert (logits(load_merged(tmp_path / "merged2")) - want).abs().max().item() <= TOL
 
