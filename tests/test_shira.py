@@ -53,6 +53,9 @@ def test_merge_equals_peft_merge_and_unload(tmp_path: Path, arch: str) -> None:
     assert (logits(load_merged(tmp_path / "merged")) - want).abs().max().item() <= TOL
     assert lc.verify(tmp_path / "merged", base=tmp_path / "base", adapter=tmp_path / "adapter").ok
     assert not lc.verify(tmp_path / "base", base=tmp_path / "base", adapter=tmp_path / "adapter").ok
+    lc.convert(tmp_path / "merged", "base", adapters=[str(tmp_path / "adapter")], output=tmp_path / "back")  # unmerge
+    back, base = load_file(tmp_path / "back" / "model.safetensors"), load_file(tmp_path / "base" / "model.safetensors")
+    assert back.keys() == base.keys() and max((back[k] - base[k]).abs().max().item() for k in base) <= 1e-6
     # unmerged -> merged: PEFT's in-model state dict holds no indices (a plain dict on the layer): the mask is
     # drawn from random_seed as PEFT's random_mask draws it
     save_unmerged(pm, tmp_path / "unmerged")
