@@ -27,8 +27,22 @@ from .io.files import MAX_CONFIG_BYTES, load_json
 # init_lora_weights values that change the *base* weights at init time: the saved adapter
 # is relative to a residual base we do not have, so a plain merge would be wrong.
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "lora-ga")
-# dialects/adalora.py, vera.py, ia3.py, oft.py, boft.py, hra.py read the others
-SUPPORTED_PEFT_TYPES = ("LORA", "ADALORA", "VERA", "IA3", "OFT", "BOFT", "HRA")
+# dialects/ read the others than LoRA (adalora, vera, ia3, oft, boft, hra, additive)
+SUPPORTED_PEFT_TYPES = (
+    "LORA",
+    "ADALORA",
+    "VERA",
+    "IA3",
+    "OFT",
+    "BOFT",
+    "HRA",
+    "SHIRA",
+    "FOURIERFT",
+    "VBLORA",
+    "DELORA",
+    "C3A",
+    "RANDLORA",
+)
 # PEFT's LyCORIS tuners: merged (their ΔW in tuner_math) and moved between forms, but no LoRA route converts them;
 # their config says ``alpha`` where LoRA's says ``lora_alpha`` (scaling alpha / r, no rsLoRA)
 TUNER_PEFT_TYPES = ("LOHA", "LOKR")
@@ -464,7 +478,8 @@ class AdapterConfig:
             )
         elif self.peft_type not in SUPPORTED_PEFT_TYPES + tuners:
             reasons.append(
-                f"peft_type {self.peft_type} is not LoRA (LoRA, DoRA, AdaLoRA, VeRA, IA³, OFT, BOFT, HRA, LoHa and LoKr adapters are supported)"
+                f"peft_type {self.peft_type} is not LoRA (LoRA, DoRA, AdaLoRA, VeRA, IA³, OFT, BOFT, HRA, LoHa, LoKr, "
+                "SHiRA, FourierFT, VB-LoRA, DeLoRA, C3A and RandLoRA adapters are supported)"
             )
         if self.layer_replication:
             reasons.append("layer_replication duplicates decoder layers; the base's layer layout cannot hold it")

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from typing import Any
 from . import arch, moe_layouts
 from .arch import ModelShape, module_of
 from .bounds import MAX_SEQ_LEN
+from .config import AdapterConfig
 from .errors import CheckpointError, UnsupportedError, option_name
 from .inputs import load_source, open_plain, pick_adapter, resolve
 from .inventory import Inventory, LoraModule
@@ -305,7 +306,18 @@ def lora_module_flops(m: LoraModule, active: int | None = None) -> int:
         return 4 * m.rank * m.in_features + 2 * m.rank * m.rank
     if m.tuner == "boft":  # BOFT: PEFT rebuilds the dense rotation and multiplies the weight per forward
         return 2 * m.in_features * m.out_features
-    if m.tuner != "lora":  # LoHa/LoKr/full: ΔW rebuilt once per forward, then x @ ΔWᵀ per token
+    if m.tuner == "shira":  # the sparse ΔW applied to x: a product and an add per stored value
+        return 2 * m.factor_params
+    if m.tuner in ("vblora", "delora"):  # A and B (re)built once per forward, then B(A x) as LoRA's
+        return 2 * m.rank * (m.in_features + m.out_features)
+    if m.tuner == "randlora":  # B(A x) through its r·bases columns
+        return 2 * m.rank * int(m.tuner_args.get("bases", 1)) * (m.in_features + m.out_features)
+    if m.tuner == "c3a":  # PEFT's block-circulant product: FFTs of the input and output blocks, products per block pair
+        b = max(m.rank, 2)
+        return (
+            round(5 * b * math.log2(b) * (m.in_features + m.out_features) / b) + 8 * m.in_features * m.out_features // b
+        )
+    if m.tuner != "lora":  # LoHa/LoKr/full/FourierFT: ΔW rebuilt once per forward, then x @ ΔWᵀ per token
         return 2 * m.in_features * m.out_features
     if m.kind == "experts":
         return min(active or m.experts, m.experts) * 2 * m.rank * (m.in_features + m.out_features)
@@ -324,6 +336,20 @@ def merge_module_flops(m: LoraModule) -> int:
         return 4 * m.rank * area + 2 * m.rank * m.rank * m.out_features
     if m.tuner in ("lokr", "full"):  # kron is element-wise (not counted), a full diff has no product: the add
         return area
+    if m.tuner == "shira":  # each stored value scaled and added at its place
+        return 2 * m.factor_params
+    if m.tuner == "randlora":  # the scaled bases, then a product of rank r·bases and the add
+        return 2 * m.rank * int(m.tuner_args.get("bases", 1)) * area + area
+    if m.tuner == "delora":  # the norms and the diagonal (small), LoRA's product, the column scale and the add
+        return 2 * m.rank * area + 2 * area
+    if m.tuner == "c3a":  # each entry looked up in its circulant block, scaled by 1/in and added
+        return 2 * area
+    if m.tuner == "vblora":  # A and B from the bank (k products and sums per entry), then LoRA's product and add
+        return (
+            2 * int(m.tuner_args.get("topk", 2)) * m.rank * (m.in_features + m.out_features) + 2 * m.rank * area + area
+        )
+    if m.tuner == "fourierft":  # an inverse 2-D FFT of the (out, in) spectrum (~5·N·log₂N), the scaling and the add
+        return round(5 * area * math.log2(area)) + 2 * area if area > 1 else 2 * area
     flops = m.experts * (2 * m.rank * area + area)
     if m.magnitude_key:
         flops += 3 * area
@@ -521,6 +547,7 @@ def build_report(
         if b.source == "weights" and b.tensors is not None:  # the layer count, bounded by the weights' layers
             arch.check_layer_count(b.config, b.tensors, b.name or path)
         ad = _adapter(ck, inv, name, notes)
+        _bind_widths(ad, b.tensors, cfg)
         src_bytes = ck.dtypes()
     shape = arch.model_shape(b.config, head_stored=b.tensors is not None and arch.HEAD_KEY in b.tensors)
     if b.tensors is not None and shape.vocab is None:
@@ -550,6 +577,21 @@ def build_report(
     )
     rep.quantization = b.quant.get("summary")
     return rep
+
+
+def _bind_widths(ad: _Adapter, tensors: dict[str, _T] | None, cfg: AdapterConfig | None) -> None:
+    """SHiRA, FourierFT and RandLoRA adapters do not store their layers' widths (dialects/additive.py): each
+    module's taken from the base's weight of the same name, when the base is known, for its FLOPs."""
+    if tensors is None:
+        return
+    bound = dict(ad.modules)
+    for mod, m in ad.modules.items():
+        t = tensors.get(f"{m.module}.weight")
+        if m.tuner == "lora" or m.in_features or m.out_features or t is None or len(t.shape) != 2:
+            continue
+        out_f, in_f = (t.shape[1], t.shape[0]) if cfg is not None and cfg.fan_in_fan_out else t.shape
+        bound[mod] = replace(m, in_features=int(in_f), out_features=int(out_f))
+    ad.modules = bound
 
 
 def _merged_tensors(b: _Base, ad: _Adapter) -> dict[str, _T] | None:

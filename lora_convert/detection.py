@@ -170,7 +170,7 @@ def _summarise(
         modules=mg,
         lora_parameters=params,
         experts=expert_groups(mods.values()),
-        tuner=tuner_summary(mods.values(), cfg) or dict(inv.tuner.get(name, {})),
+        tuner={**tuner_summary(mods.values(), cfg), **inv.tuner.get(name, {})},  # (dialects/additive's tuners: both)
     )
 
 

@@ -9,6 +9,7 @@ routes and report read the inventory and never parse keys again.  Torch-free.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .arch import layer_index, short_name
 from .config import AdapterConfig
@@ -47,10 +48,11 @@ class LoraModule:
     tuner: str = "lora"
     factors: dict[str, str] = field(default_factory=dict)
     factor_params: int = 0  # their elements together: PEFT's trainable parameters of the module
+    # the numbers another tuner's ΔW is built with beside its tensors (SHiRA's r, OFT's coft/eps/Cayley-Neumann
+    # terms, HRA's apply_GS, VB-LoRA's top-k and bank, ...)
+    tuner_args: dict[str, Any] = field(default_factory=dict)
     # another PEFT tuner read as LoRA factors (AdaLoRA, VeRA): its own trainable count, which is not A's and B's
     trained_params: int | None = None
-    # the numbers another tuner's ΔW is built with beside its tensors (OFT: coft, eps, Cayley-Neumann terms)
-    tuner_options: dict[str, object] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

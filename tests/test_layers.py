@@ -24,6 +24,7 @@ LAYERS: dict[str, list[str]] = {
         "difference",
         "tuner_math",
         "oft_math",
+        "additive_math",
         "quant",
         "quant.*",
     ],

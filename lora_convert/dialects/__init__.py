@@ -15,6 +15,7 @@ from ..errors import AdapterError
 from ..inventory import Inventory
 from ..io.reader import Checkpoint
 from .adalora import AdaloraDialect
+from .additive import AdditiveDialect
 from .boft import BoftDialect
 from .diffusers import DiffusersDialect
 from .hra import HraDialect
@@ -88,3 +89,9 @@ register(OftDialect())  # claimed by oft_R / oft_embedding_R tensors or peft_typ
 register(BoftDialect())  # claimed by boft_R / boft_s tensors or peft_type BOFT
 register(HraDialect())  # claimed by hra_u tensors or peft_type HRA
 register(AdaloraDialect())  # claimed by lora_E tensors or peft_type ADALORA, which no other dialect reads
+register(AdditiveDialect("shira"))  # claimed by shira_weight/shira_indices tensors or peft_type SHIRA
+register(AdditiveDialect("fourierft"))  # claimed by fourierft_spectrum tensors or peft_type FOURIERFT
+register(AdditiveDialect("vblora"))  # claimed by vblora_logits_* tensors or peft_type VBLORA
+register(AdditiveDialect("delora"))  # claimed by delora_* tensors or peft_type DELORA
+register(AdditiveDialect("c3a"))  # claimed by c3a_kernel tensors or peft_type C3A
+register(AdditiveDialect("randlora"))  # claimed by randlora_lambda/gamma tensors or peft_type RANDLORA

@@ -60,7 +60,7 @@ class HraDialect:
                 tuner="hra",
                 factors={"hra_u": key},
                 factor_params=info.shape[0] * info.shape[1],
-                tuner_options={"apply_GS": gs},
+                tuner_args={"apply_GS": gs},
             )
             inv.lora.setdefault(ad, {})[mod] = m
             inv.configs[ad] = cfg

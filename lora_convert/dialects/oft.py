@@ -108,7 +108,7 @@ class OftDialect:
         share = bool(data.get("block_share", False))
         for (ad, mod), keys in sorted(parts.items()):
             inv.lora.setdefault(ad, {})[mod] = _module(ck, inv, ad, mod, keys, share)
-            inv.lora[ad][mod].tuner_options = {k: data.get(k, v) for k, v in KEYS.items()}
+            inv.lora[ad][mod].tuner_args = {k: data.get(k, v) for k, v in KEYS.items()}
             inv.configs[ad] = cfg
             inv.tuner[ad] = {"peft_type": PEFT_TYPE, **{k: data.get(k, v) for k, v in KEYS.items()}}
         return inv

@@ -147,6 +147,15 @@ def _check_sources(sources: list[AdapterInput]) -> list[str]:
         assert cfg is not None
         cfg.check_supported()
         where: Where = {"path": inp.ck.root}
+        tuned = next((m for m in inv.modules(inp.name).values() if m.tuner != "lora"), None)
+        if tuned is not None:  # dialects/additive's tuners (LoHa/LoKr stop at check_supported)
+            raise UnsupportedError(
+                f"a {cfg.peft_type} adapter (module {tuned.module}) cannot be combined: PEFT's add_weighted_adapter "
+                "combines LoRA factors",
+                hint="merge the adapters into the base one after the other instead",
+                path=inp.ck.root,
+                tensor=tuned.a_key,
+            )
         if any(m.magnitude_key for m in inv.modules(inp.name).values()) or cfg.use_dora:
             raise UnsupportedError(
                 "DoRA adapters cannot be combined: PEFT's add_weighted_adapter gives the result a magnitude "

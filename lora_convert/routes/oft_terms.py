@@ -48,7 +48,7 @@ def rotation(
         )
     cols = int(shape[1]) if on_embedding else math.prod(shape[1:])
     vec = check_finite(ck.read(key), ck, key)
-    o = m.tuner_options
+    o = m.tuner_args
     try:
         return oft_math.BlockRotation.build(
             vec,
@@ -122,7 +122,7 @@ def _householder(
     u = check_finite(ck.read(key), ck, key)
     try:
         return oft_math.HouseholderRotation.build(
-            u, math.prod(shape[1:]), apply_gs=bool(m.tuner_options.get("apply_GS", False))
+            u, math.prod(shape[1:]), apply_gs=bool(m.tuner_args.get("apply_GS", False))
         )
     except ValueError as exc:
         raise AdapterError(

@@ -167,8 +167,8 @@ def plan_attach(req: Request) -> Plan:
                 jobs.append(copy(*src, format_key(mod, Role.BASE, param=param, base_layer=True)))
             if param != "weight":
                 continue
-            if m.tuner != "lora":  # LoHa/LoKr: each factor under <module>.<factor>.<adapter>
-                for f, key in m.factors.items():
+            if m.tuner != "lora":  # LoHa/LoKr/...: each factor under <module>.<factor>.<adapter>
+                for f, key in {**m.factors, **shared}.items():  # (and a tuner's shared tensors: VB-LoRA's bank)
                     jobs.append(copy(ad, key, _factor_key(m, mod, f, name), op="lora"))
                 continue
             roles = (Role.EMBED_A, Role.EMBED_B) if m.kind == "embedding" else (Role.LORA_A, Role.LORA_B)

@@ -15,9 +15,11 @@ from pathlib import Path
 import torch
 
 from .. import lora_math, tuner_math
+from ..dialects.additive import TUNERS as ADDITIVE
 from ..errors import AdapterError, UnsupportedError
 from ..inventory import Inventory, LoraModule
 from ..io.reader import Checkpoint
+from . import additive_terms
 from .common import check_finite
 
 LOHA_FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
@@ -68,6 +70,8 @@ def delta(
     m: LoraModule, ck: Checkpoint, scaling: float, base_shape: tuple[int, ...], conv1d_hint: bool
 ) -> lora_math.RowDelta:
     """The module's ΔW (``scaling`` already holds the adapter's weight) on a base weight of ``base_shape``."""
+    if m.tuner in ADDITIVE:  # SHiRA, FourierFT, VB-LoRA, DeLoRA, C3A, RandLoRA: routes/additive_terms
+        return additive_terms.delta(m, ck, scaling, base_shape, conv1d_hint)
     if len(base_shape) < 2:
         raise _unfit(m, ck, f"the base weight is {list(base_shape)}, not a matrix or a conv kernel")
     if len(base_shape) == 2 and conv1d_hint:
