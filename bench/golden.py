@@ -185,7 +185,15 @@ def run_cases(inp: Path, code: Path, work: Path, only: list[str] | None) -> dict
         work.mkdir(parents=True)
         out = work / name
         args = [a.format(i=inp, o=out, f=FIX) for a in argv]
-        r = subprocess.run([sys.executable, "-m", "lora_convert.cli", *args], env=env, capture_output=True, text=True)
+        # cwd=code: ``python -m`` puts the working folder first on sys.path, ahead of PYTHONPATH, so a run started
+        # from another checkout would otherwise test that checkout's code
+        r = subprocess.run(
+            [sys.executable, "-m", "lora_convert.cli", *args],
+            env=env,
+            cwd=code.resolve(),
+            capture_output=True,
+            text=True,
+        )
         entry: dict = {"exit": r.returncode}
         if "--json" in args:
             entry["json"] = _json_or_text(r.stdout)
