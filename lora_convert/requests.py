@@ -133,11 +133,6 @@ def _stacked(
         stack = held.add_stack(open_stack(specs, None))
         for inp in stack:
             _bind(inp.ck, inp.inventory, inp.name, None)
-            if inp.inventory.dialect == "ia3":
-                raise UnsupportedError(
-                    "an IA³ adapter scales weights (W ⊙ l): it cannot be combined with adapters that add to them",
-                    path=inp.ck.root,
-                )
         warnings = _check_stack(stack)
         first = stack[0]
         return Request(first.ck, first.label, first.inventory, first.name, stack=stack), warnings

@@ -20,7 +20,7 @@ from ..config import AdapterConfig
 from ..errors import AdapterError
 from ..inventory import DEFAULT_ADAPTER, Inventory, LoraModule
 from ..io.reader import Checkpoint
-from .vera import config_of_type, one_adapter, sort_rest
+from .peft_common import config_of_type, one_adapter, sort_rest
 
 PEFT_TYPE = "IA3"
 _SAVED = re.compile(r"^(?P<mod>.+)\.ia3_l$", re.DOTALL)
