@@ -67,10 +67,16 @@ CONVENTIONS = [
     "attention: one token attending to seq_len positions, 4·L·n_heads·head_dim per layer (score + value); "
     "causal-prefill mean is (L+1)/2 positions",
     "merge (one-off): 2·r·d_in·d_out + d_in·d_out per module (DoRA +3·d_in·d_out)",
-    "VeRA per token: 2·r·(d_in+d_out) + r + d_out (its λ scales); merge r·(d_in+d_out) + 2·r·d_in·d_out + d_in·d_out",
-    "IA³ per token: one multiply per scaled feature; merge: one per weight element (+ d_out for an output-side bias)",
     "parameters: tied weights once; LoRA = A, B, lora bias, DoRA magnitude, modules_to_save, trainable tokens",
 ]
+
+#: Added to a report's conventions when its adapter holds such modules (a LoRA report's stay as they were).
+TUNER_CONVENTIONS = {
+    "vera": "VeRA per token: 2·r·(d_in+d_out) + r + d_out (its λ scales); merge r·(d_in+d_out) + 2·r·d_in·d_out "
+    "+ d_in·d_out",
+    "ia3": "IA³ per token: one multiply per scaled feature; merge: one per weight element (+ d_out for an "
+    "output-side bias)",
+}
 
 #: What each form is assumed to do at run time: the numbers of its row follow from it.
 FORM_ASSUMPTIONS = {
@@ -574,6 +580,10 @@ def build_report(
         base_from=b.origin,
     )
     rep.quantization = b.quant.get("summary")
+    if ad.vera:
+        rep.conventions.append(TUNER_CONVENTIONS["vera"])
+    if any(m.kind == "ia3" for m in ad.modules.values()):
+        rep.conventions.append(TUNER_CONVENTIONS["ia3"])
     return rep
 
 

@@ -14,6 +14,7 @@ from peft import IA3Config, VeraConfig, get_peft_model
 from tiny import SEQ, gpt2, llama
 
 import lora_convert as lc
+from lora_convert.costs import TUNER_CONVENTIONS
 
 
 def _gpt2_biased():
@@ -76,6 +77,7 @@ def test_vera_flops_per_token_and_merge_from_first_principles(tmp_path, case):
     assert rows["adapter"].merge_flops == merge
     assert sum(k.extra_flops for k in rep.modules) == per_token
     assert sum(k.merge_flops for k in rep.modules) == merge
+    assert any(c.startswith("VeRA per token") for c in rep.conventions)
     # an unmerged checkpoint carries its base: the same numbers
     lc.convert(tmp_path / "adapter", "unmerged", base=tmp_path / "base", output=tmp_path / "u")
     rows = _rows(lc.report(tmp_path / "u"))
@@ -123,6 +125,7 @@ def test_ia3_flops_per_token_and_merge_from_first_principles(tmp_path, case):
     assert rows["unmerged"].flops_lora == per_token
     assert rows["adapter"].merge_flops == merge
     assert sum(k.merge_flops for k in rep.modules) == merge
+    assert [c for c in rep.conventions if "VeRA" in c or "IA³" in c] == [TUNER_CONVENTIONS["ia3"]]
     # without the base, the merge is not counted and a note says why
     no_base = lc.report(tmp_path / "adapter", base=tmp_path / "nowhere")
     assert _rows(no_base)["adapter"].merge_flops == 0
