@@ -78,6 +78,13 @@ def test_conv_ia3_merges_to_peft_merge_and_unload(tmp_path, case):
     assert changed == sorted([f"{t}.weight" for t in targets] + biases)  # output side: the bias scaled too
     det = lc.detect(tmp_path / "adapter")
     assert det.adapters[0].lora_parameters == pm.get_nb_trainable_parameters()[0]
+    v = lc.verify(tmp_path / "merged", base=tmp_path / "base", adapter=tmp_path / "adapter")
+    assert v.ok, v
+    # verify knows b ⊙ l: a merge that left an output-side bias as it was is caught
+    save_file({**got, biases[0]: base[biases[0]]}, str(tmp_path / "merged" / "model.safetensors"))
+    v = lc.verify(tmp_path / "merged", base=tmp_path / "base", adapter=tmp_path / "adapter")
+    assert {c.tensor: c.status for c in v.checks if c.status != "ok"} == {biases[0]: "not applied"}
+    save_file(got, str(tmp_path / "merged" / "model.safetensors"))
     # attached (PEFT's in-model tensors), then stripped and split back: the same tensors
     lc.convert(tmp_path / "adapter", "unmerged", base=tmp_path / "base", output=tmp_path / "u")
     lc.merge(tmp_path / "u", output=tmp_path / "merged2")
@@ -160,6 +167,8 @@ def test_adalora_builds_svdconv2d_and_it_merges_as_peft_does(tmp_path):
     got = load_file(tmp_path / "merged" / "model.safetensors")
     for k in want:
         assert (got[k] - want[k]).abs().max().item() <= TOL, k
+    v = lc.verify(tmp_path / "merged", base=tmp_path / "base", adapter=tmp_path / "adapter")
+    assert v.ok, v
 
 
 def test_vera_on_a_convolution_is_refused_by_name(tmp_path):
