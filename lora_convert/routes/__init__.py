@@ -144,7 +144,9 @@ def refuse_untaken(req: Request, route: Route) -> None:
                 f"modules{origin} are {_listed(verbs)}",
                 path=inp.ck.root,
                 tensor=m.a_key,
-                hint="merge it into its base, then extract a LoRA from the merged model if needed"
+                hint=None
+                if route == ("plain", "base")  # an unmerge: nothing else to offer
+                else "merge it into its base, then extract a LoRA from the merged model if needed"
                 + (", or write it back with --to kohya" if key == "lycoris" else ""),
             )
 
