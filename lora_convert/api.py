@@ -270,7 +270,6 @@ def _write(
     from .assemble import write_output
     from .routes import planner
 
-    _lora_only(req, to)
     plan = planner(req.inventory.form, to, path=req.source.root)(req)
     plan.warnings[:0] = warnings
     return write_output(plan, req, out, run, prepass)
@@ -281,17 +280,9 @@ def _describe(req: Request, to: str, warnings: list[str], out: Output) -> DryRun
     from .dry_run import describe
     from .routes import planner
 
-    _lora_only(req, to)
     plan = planner(req.inventory.form, to, path=req.source.root)(req)
     plan.warnings[:0] = warnings
     return describe(plan, req, out)
-
-
-def _lora_only(req: Request, to: str) -> None:
-    """LoHa/LoKr/full-diff modules (LyCORIS files) go to a merge or a kohya file; other routes refuse them."""
-    from .routes.tuner_terms import refuse_tuners
-
-    refuse_tuners(((a.inventory, a.name, a.ck.root) for a in req.adapters_in()), to)
 
 
 def merge(
@@ -421,7 +412,6 @@ def combine(
     specs = combine_specs(None, adapters, weights)
     opts = CombineOptions(method, density, rank, seed, svd_clamp, majority_sign).validate()
     with open_request(None, "combine", adapters=specs) as (req, warnings):
-        _lora_only(req, "combine")
         plan = command_planner("combine")(req, opts)
         plan.warnings[:0] = warnings
         if dry_run:

@@ -27,6 +27,14 @@ Conventions
   (the rebuild is per forward, not per token: not counted); merge ``4·r·d_in·d_out + d_in·d_out``
   (LoHa: two rank-r products, the add) or ``d_in·d_out`` (LoKr: the Kronecker product is element-wise; a
   LyCORIS full diff: the add alone); parameters are the stored factors.
+* **VeRA** (PEFT's ``λ_b ⊙ (B_s (λ_d ⊙ (A_s x)))`` with ``A_s = vera_A[:r, :d_in]``, ``B_s = vera_B[:d_out, :r]``,
+  each layer's ``d_in`` from its base weight): per token ``2·r·(d_in + d_out)`` for the two products and
+  ``r + d_out`` for the two vector scales; merge ``(λ_b ⊙ B_s) @ (λ_d ⊙ A_s)`` then the add:
+  ``r·(d_in + d_out) + 2·r·d_in·d_out + d_in·d_out``.
+* **IA³** (PEFT scales the layer's input, feed-forward, or its output by ``l``): per token one multiply per
+  scaled feature, ``len(l)`` (the tuner's whole cost, so counted though element-wise); merge ``W ⊙ l`` one
+  multiply per weight element, plus the bias ``b ⊙ l`` (``d_out``) on an output-side module with a bias.
+  Both need the base weight's shape; without a base the merge is not counted.
 * **Parameters** count a tied embedding / LM head once (as ``model.num_parameters()`` does);
   LoRA parameters are everything an adapter trains: A, B, ``lora_B`` bias, DoRA magnitudes,
   ``modules_to_save`` copies and trainable-token deltas (PEFT's trainable parameters).
@@ -62,6 +70,14 @@ CONVENTIONS = [
     "merge (one-off): 2·r·d_in·d_out + d_in·d_out per module (DoRA +3·d_in·d_out)",
     "parameters: tied weights once; LoRA = A, B, lora bias, DoRA magnitude, modules_to_save, trainable tokens",
 ]
+
+#: Added to a report's conventions when its adapter holds such modules (a LoRA report's stay as they were).
+TUNER_CONVENTIONS = {
+    "vera": "VeRA per token: 2·r·(d_in+d_out) + r + d_out (its λ scales); merge r·(d_in+d_out) + 2·r·d_in·d_out "
+    "+ d_in·d_out",
+    "ia3": "IA³ per token: one multiply per scaled feature; merge: one per weight element (+ d_out for an "
+    "output-side bias)",
+}
 
 #: What each form is assumed to do at run time: the numbers of its row follow from it.
 FORM_ASSUMPTIONS = {
@@ -297,9 +313,9 @@ def lora_module_params(m: LoraModule) -> int:
     return n
 
 
-def lora_module_flops(m: LoraModule, active: int | None = None) -> int:
-    """Extra matmul FLOPs per token of the unmerged branch ``B(A x)``; LoRA on fused experts for the
-    ``active`` experts a token goes through (all of them when unknown)."""
+def lora_module_flops(m: LoraModule, active: int | None = None, *, vera: bool = False) -> int:
+    """Extra FLOPs per token of the unmerged branch ``B(A x)``; LoRA on fused experts for the ``active``
+    experts a token goes through (all of them when unknown); ``vera``: a VeRA module (its λ scales too)."""
     if m.tuner == "oft":  # OFT: the input (an embedding: its output) rotated, a b-long dot per feature
         return 2 * m.rank * m.in_features
     if m.tuner == "hra":  # HRA: x − ((x·V)·T)·Vᵀ, two thin products
@@ -319,14 +335,23 @@ def lora_module_flops(m: LoraModule, active: int | None = None) -> int:
         )
     if m.tuner != "lora":  # LoHa/LoKr/full/FourierFT: ΔW rebuilt once per forward, then x @ ΔWᵀ per token
         return 2 * m.in_features * m.out_features
+    if m.kind == "ia3":  # x ⊙ l or (W x) ⊙ l: one multiply per feature of its side (the other side is 0)
+        return m.in_features + m.out_features
     if m.kind == "experts":
         return min(active or m.experts, m.experts) * 2 * m.rank * (m.in_features + m.out_features)
     if m.kind == "embedding":
         return 2 * m.rank * m.out_features  # gather of A's column is a lookup
+    if vera:  # λ_b ⊙ (B_s (λ_d ⊙ (A_s x))): the two products and the two vector scales
+        return 2 * m.rank * (m.in_features + m.out_features) + m.rank + m.out_features
     return 2 * m.rank * (m.in_features + m.out_features)
 
 
-def merge_module_flops(m: LoraModule) -> int:
+def merge_module_flops(
+    m: LoraModule, *, vera: bool = False, weight: tuple[int, ...] | None = None, bias: bool = False
+) -> int:
+    """One-off FLOPs of merging ``m`` into its base weight.  ``vera``: a VeRA module; ``weight`` and ``bias``:
+    the base weight's shape and whether the layer has a bias (IA³ scales the whole weight: without its shape,
+    0, not counted)."""
     area = m.in_features * m.out_features
     if m.tuner == "loha":  # two rank-r products, then ⊙ and the add
         return 2 * 2 * m.rank * area + area
@@ -350,7 +375,13 @@ def merge_module_flops(m: LoraModule) -> int:
         )
     if m.tuner == "fourierft":  # an inverse 2-D FFT of the (out, in) spectrum (~5·N·log₂N), the scaling and the add
         return round(5 * area * math.log2(area)) + 2 * area if area > 1 else 2 * area
+    if m.kind == "ia3":  # W ⊙ l: one multiply per element; an output-side module scales the bias too
+        if weight is None:
+            return 0
+        return math.prod(weight) + (m.out_features if bias and m.out_features else 0)
     flops = m.experts * (2 * m.rank * area + area)
+    if vera:  # λ_b ⊙ B_s and λ_d ⊙ A_s before the product
+        flops += m.rank * (m.in_features + m.out_features)
     if m.magnitude_key:
         flops += 3 * area
     return flops
@@ -483,6 +514,15 @@ class _Adapter:
     trained: set[str]  # replacement / token keys that count as trained parameters
     saved_whole: set[str]
     tokens: dict[str, str]  # module -> trainable-tokens delta key
+    vera: bool = False  # a VeRA adapter: its λ scales counted (lora_module_flops, merge_module_flops)
+    weights: dict[str, tuple[tuple[int, ...], bool]] = field(default_factory=dict)  # module -> base (shape, bias)
+
+    def flops(self, m: LoraModule, active: int | None = None) -> int:
+        return lora_module_flops(m, active, vera=self.vera)
+
+    def merge_flops(self, m: LoraModule) -> int:
+        shape, bias = self.weights.get(m.module, (None, False))
+        return merge_module_flops(m, vera=self.vera, weight=shape, bias=bias)
 
 
 def _adapter(ck: Checkpoint, inv: Inventory, name: str | None, notes: list[str]) -> _Adapter:
@@ -548,6 +588,7 @@ def build_report(
             arch.check_layer_count(b.config, b.tensors, b.name or path)
         ad = _adapter(ck, inv, name, notes)
         _bind_widths(ad, b.tensors, cfg)
+        _base_shapes(ad, inv, name, b, notes)
         src_bytes = ck.dtypes()
     shape = arch.model_shape(b.config, head_stored=b.tensors is not None and arch.HEAD_KEY in b.tensors)
     if b.tensors is not None and shape.vocab is None:
@@ -576,6 +617,10 @@ def build_report(
         base_from=b.origin,
     )
     rep.quantization = b.quant.get("summary")
+    if ad.vera:
+        rep.conventions.append(TUNER_CONVENTIONS["vera"])
+    if any(m.kind == "ia3" for m in ad.modules.values()):
+        rep.conventions.append(TUNER_CONVENTIONS["ia3"])
     return rep
 
 
@@ -592,6 +637,33 @@ def _bind_widths(ad: _Adapter, tensors: dict[str, _T] | None, cfg: AdapterConfig
         out_f, in_f = (t.shape[1], t.shape[0]) if cfg is not None and cfg.fan_in_fan_out else t.shape
         bound[mod] = replace(m, in_features=int(in_f), out_features=int(out_f))
     ad.modules = bound
+
+
+def _base_shapes(ad: _Adapter, inv: Inventory, name: str | None, b: _Base, notes: list[str]) -> None:
+    """Each module's base weight shape (and bias) where the tuner's counts need it: IA³ scales the whole weight,
+    and a VeRA adapter's layers take their input width from the base (unbound, each is as wide as vera_A)."""
+    tuner = inv.tuner.get(name or "", {})
+    ad.vera = tuner.get("peft_type") == "VERA"
+    unbound = ad.vera and "input_widths" in tuner  # dialects.vera.NEEDS_BASE
+    if not (unbound or any(m.kind == "ia3" for m in ad.modules.values())):
+        return
+    if b.tensors is None:
+        what = "VeRA's input widths (vera_A's full width counted, an upper bound)" if unbound else "IA³'s merge"
+        notes.append(f"{what}: the base weights' shapes are unknown")
+        return
+    from .module_match import match_modules
+
+    match = match_modules(list(ad.modules), b.tensors, spelled=inv.spelled, config=b.config)
+    cfg = inv.config(name or "")
+    for mod, m in list(ad.modules.items()):
+        at = match.mapping.get(mod, mod)
+        t = b.tensors.get(f"{at}.weight")
+        if t is None:
+            continue
+        ad.weights[mod] = (t.shape, f"{at}.bias" in b.tensors)
+        if unbound and len(t.shape) == 2:
+            width = t.shape[0] if cfg is not None and cfg.fan_in_fan_out else t.shape[1]
+            ad.modules[mod] = replace(m, in_features=width)
 
 
 def _merged_tensors(b: _Base, ad: _Adapter) -> dict[str, _T] | None:
@@ -611,10 +683,10 @@ def _percent(a: int, b: int | None) -> float | None:
     return round(100.0 * a / b, 4) if b else None
 
 
-def _lora_flops(m: LoraModule, routing: _Routing) -> int:
+def _lora_flops(m: LoraModule, routing: _Routing, ad: _Adapter) -> int:
     """Per token: an expert LoRA only on the experts a token goes through (per-expert modules: their
     share of them)."""
-    return round(lora_module_flops(m, routing.active) * routing.weight(f"{m.module}.weight"))
+    return round(ad.flops(m, routing.active) * routing.weight(f"{m.module}.weight"))
 
 
 def _moe_notes(routing: _Routing, ad: _Adapter, notes: list[str]) -> None:
@@ -640,7 +712,7 @@ def _rows(
 ) -> list[FormRow]:
     routing = _routing(b.tensors, b.config, b.name)
     lora_params = sum(lora_module_params(m) for m in ad.modules.values()) + sum(ad.tensors[k].numel for k in ad.trained)
-    lora_flops = sum(_lora_flops(m, routing) for m in ad.modules.values())
+    lora_flops = sum(_lora_flops(m, routing, ad) for m in ad.modules.values())
     attn = attention_flops(shape, seq_len)
     if attn is None:
         notes.append("config.json lacks layers/heads: attention FLOPs not reported")
@@ -720,7 +792,7 @@ def _rows(
             flops_attention=attn,
             flops_total=merged_total,
             overhead_percent=0.0 if merged_total is not None else None,
-            merge_flops=sum(merge_module_flops(m) for m in ad.modules.values()),
+            merge_flops=sum(ad.merge_flops(m) for m in ad.modules.values()),
             measured=form == "adapter",
         ),
     ]
@@ -743,8 +815,8 @@ def _kinds(ad: _Adapter, routing: _Routing) -> list[KindRow]:
         if m.scaling is not None and round(m.scaling, 6) not in r.scalings:
             r.scalings.append(round(m.scaling, 6))
         r.lora_parameters += lora_module_params(m)
-        r.extra_flops += _lora_flops(m, routing)
-        r.merge_flops += merge_module_flops(m)
+        r.extra_flops += _lora_flops(m, routing, ad)
+        r.merge_flops += ad.merge_flops(m)
     for bk, t in ad.replace.items():
         if bk not in ad.saved_whole:
             row(module_of(bk)).lora_parameters += t.numel

@@ -41,7 +41,8 @@ class DryRun:
     total_bytes: int  # bytes of ``files``, as ConvertResult.total_bytes would say
     bytes_exact: bool  # False: a one-file output (GGUF) counted by its tensor data alone
     read_bytes: int  # bytes of the row blocks the jobs declare they read (LoRA factors read whole not counted)
-    factor_bytes: int  # bytes on disk of the listed modules' factors (A, B, lora bias, DoRA magnitude)
+    factor_bytes: int  # bytes on disk of the listed modules' factors (A, B, lora bias, DoRA magnitude; every
+    # factor of a LoHa/LoKr/full-diff module), each tensor once
     dtypes: dict[str, int]  # output tensors per dtype
     ops: dict[str, int]
     modules: list[dict[str, Any]]  # per adapter module touched: adapter, module, kind, rank, scaling, weight
@@ -125,12 +126,18 @@ def _read_bytes(jobs: list[Job]) -> int:
 
 
 def _factor_bytes(req: Request) -> int:
-    """Bytes of every listed module's factors as stored (what a merge or combine reads whole)."""
+    """Bytes of every listed module's factors as stored (what a merge or combine reads whole), each tensor once: a
+    LoHa, LoKr or full-diff module's are all its factors (LoHa's four and Tucker cores, LoKr's w1/w2 or their
+    halves and core, the diff and its bias), not the two that ``a_key``/``b_key`` name for messages; the alpha
+    is read with the inventory, not by the merge."""
     total = 0
     for a in req.adapters_in():
+        seen: set[str] = set()
         for m in a.inventory.modules(a.name).values():
-            for key in (m.a_key, m.b_key, m.bias_key, m.magnitude_key):
-                if key is not None and key in a.ck.tensors:
+            keys = [m.a_key, m.b_key] if m.tuner == "lora" else [k for r, k in m.factors.items() if r != "alpha"]
+            for key in (*keys, m.bias_key, m.magnitude_key):
+                if key is not None and key not in seen and key in a.ck.tensors:
+                    seen.add(key)
                     total += a.ck.info(key).nbytes
     return total
 

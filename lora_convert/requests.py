@@ -133,17 +133,6 @@ def _stacked(
         stack = held.add_stack(open_stack(specs, None))
         for inp in stack:
             _bind(inp.ck, inp.inventory, inp.name, None)
-            if inp.inventory.dialect == "ia3":
-                raise UnsupportedError(
-                    "an IA³ adapter scales weights (W ⊙ l): it cannot be combined with adapters that add to them",
-                    path=inp.ck.root,
-                )
-            if inp.inventory.dialect in ("oft", "boft", "hra"):
-                word = {"oft": "an OFT", "boft": "a BOFT", "hra": "an HRA"}[inp.inventory.dialect]
-                raise UnsupportedError(
-                    f"{word} adapter rotates weights (W·Rᵀ): it cannot be combined with adapters that add to them",
-                    path=inp.ck.root,
-                )
         warnings = _check_stack(stack)
         first = stack[0]
         return Request(first.ck, first.label, first.inventory, first.name, stack=stack), warnings

@@ -203,9 +203,9 @@ def test_boft_on_gpt2_conv1d_and_lora_routes_are_refused_by_name(tmp_path):
     res = cli("merge", tmp_path / "l" / "base", "--adapter", f"{tmp_path / 'l' / 'adapter'}:0.5", "-o", out)
     one_error(res, "BOFT rotates this weight's input side", out=out)
     res = cli("convert", tmp_path / "l" / "adapter", "--to", "mlx", "-o", out)
-    one_error(res, "BOFT adapter", "needs LoRA factors", out=out)
+    one_error(res, "BOFT module(s)", "does not take them", out=out)
     res = cli("combine", tmp_path / "l" / "adapter", tmp_path / "l" / "adapter", "--method", "cat", "-o", out)
-    one_error(res, "a BOFT adapter rotates weights", out=out)
+    one_error(res, "BOFT module(s)", "combining does not take them", out=out)
 
 
 def test_report_counts_boft_flops_by_its_own_formula(tmp_path):

@@ -163,9 +163,9 @@ def test_hra_on_gpt2_conv1d_and_lora_routes_are_refused_by_name(tmp_path):
     res = cli("merge", tmp_path / "l" / "base", "--adapter", f"{tmp_path / 'l' / 'adapter'}:0.5", "-o", out)
     one_error(res, "HRA rotates this weight's input side", out=out)
     res = cli("convert", tmp_path / "l" / "adapter", "--to", "gguf", "-o", tmp_path / "out.gguf")
-    one_error(res, "HRA adapter", "needs LoRA factors", out=tmp_path / "out.gguf")
+    one_error(res, "HRA module(s)", "does not take them", out=tmp_path / "out.gguf")
     res = cli("combine", tmp_path / "l" / "adapter", tmp_path / "l" / "adapter", "--method", "cat", "-o", out)
-    one_error(res, "an HRA adapter rotates weights", out=out)
+    one_error(res, "HRA module(s)", "combining does not take them", out=out)
 
 
 def test_report_counts_hra_flops_by_its_own_formula(tmp_path):

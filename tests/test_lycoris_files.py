@@ -274,9 +274,9 @@ def test_routes_that_take_lora_pairs_only_refuse_lycoris_modules_by_name(tmp_pat
     lycoris_file(unet(), {f"{ATTN}.attn1.to_q": SPECS[f"{ATTN}.attn1.to_q"]}, tmp_path / "k" / "lyco.safetensors")
     out = tmp_path / "out"
     one_error(
-        cli("convert", tmp_path / "k", "--to", "diffusers", "-o", out), "loha module", "LoRA modules only", out=out
+        cli("convert", tmp_path / "k", "--to", "diffusers", "-o", out), "loha module", "does not take them", out=out
     )
-    one_error(cli("convert", tmp_path / "k", "--to", "mlx", "-o", out), "loha module", "LoRA modules only", out=out)
+    one_error(cli("convert", tmp_path / "k", "--to", "mlx", "-o", out), "loha module", "does not take them", out=out)
     # diffusers' own loader does not read an SD/SDXL LyCORIS file either (LoKr only for Z-Image and Flux2)
     with pytest.raises(ValueError, match="have not been correctly renamed"):
         diffusers_load(tmp_path / "k", unet())

@@ -257,9 +257,9 @@ def test_oft_weighted_or_stacked_or_lora_formats_are_refused_by_name(tmp_path):
     res = cli("merge", tmp_path / "base", "--adapter", f"{tmp_path / 'adapter'}:0.5", "-o", out)
     one_error(res, "OFT rotates this weight's input side", out=out)
     res = cli("convert", tmp_path / "adapter", "--to", "mlx", "-o", out)
-    one_error(res, "OFT adapter", "needs LoRA factors", out=out)
+    one_error(res, "OFT module(s)", "does not take them", out=out)
     res = cli("combine", tmp_path / "adapter", tmp_path / "adapter", "--method", "cat", "-o", out)
-    one_error(res, "an OFT adapter rotates weights", out=out)
+    one_error(res, "OFT module(s)", "combining does not take them", out=out)
 
 
 def test_report_counts_oft_flops_by_its_own_formula(tmp_path):

@@ -156,15 +156,15 @@ def test_bad_config_and_lora_only_routes(tmp_path: Path) -> None:
     one_error(cli("detect", bad), "r is 'two'", str(bad / "adapter_config.json"))
     one_error(
         cli("combine", tmp_path / "adapter", tmp_path / "adapter", "--method", "cat", "-o", tmp_path / "c"),
-        "a SHIRA adapter",
-        "cannot be combined",
+        "SHiRA module(s)",
+        "combining does not take them",
         out=tmp_path / "c",
     )
     for to in ("kohya", "gguf"):
         out = tmp_path / ("o.gguf" if to == "gguf" else "o-kohya")
         one_error(
             cli("convert", tmp_path / "adapter", "--to", to, "--base", tmp_path / "base", "-o", out),
-            "needs LoRA factors",
+            "does not take them",
             out=out,
         )
     (tmp_path / "noconf").mkdir()

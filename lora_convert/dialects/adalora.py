@@ -32,8 +32,8 @@ from ..errors import AdapterError, UnsupportedError
 from ..inventory import DEFAULT_ADAPTER, Inventory, LoraModule
 from ..io.reader import Checkpoint
 from ..io.views import ScaledSource
+from .peft_common import config_of_type, one_adapter
 from .peft_keys import Role, parse_key
-from .vera import config_of_type, one_adapter
 
 PEFT_TYPE = "ADALORA"
 ROLES = ("lora_A", "lora_B", "lora_E")

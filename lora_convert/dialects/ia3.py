@@ -2,7 +2,9 @@
 
 PEFT's ``ia3.Linear.merge`` is ``W ← W ⊙ transpose(l, fan_in_fan_out)`` with ``l = ia3_l`` of shape
 ``(1, in)`` on a feed-forward module (its input side: columns of nn.Linear's ``(out, in)`` weight) and
-``(out, 1)`` otherwise (rows), where the base bias is scaled too (``b ← b ⊙ l``).  Each module is a
+``(out, 1)`` otherwise (rows), where the base bias is scaled too (``b ← b ⊙ l``).  On nn.Conv2d/Conv3d
+(``ia3._ConvNd``) the vector is ``(1, n, 1, 1[, 1])`` either way: a feed-forward module's scales the input
+channels (every kernel element of a channel), another's the output channels and the bias.  Each module is a
 :class:`LoraModule` of kind ``ia3`` whose ``a_key`` is the vector: the merge engine multiplies the base's
 rows or columns by it (``routes/merge_engine.py``, the scales DoRA also uses) and no route that writes
 LoRA factors takes it.  Split and attach write IA³'s own tensors.
@@ -20,7 +22,7 @@ from ..config import AdapterConfig
 from ..errors import AdapterError
 from ..inventory import DEFAULT_ADAPTER, Inventory, LoraModule
 from ..io.reader import Checkpoint
-from .vera import config_of_type, one_adapter, sort_rest
+from .peft_common import config_of_type, one_adapter, sort_rest
 
 PEFT_TYPE = "IA3"
 _SAVED = re.compile(r"^(?P<mod>.+)\.ia3_l$", re.DOTALL)
@@ -93,25 +95,28 @@ class Ia3Dialect:
 
 def _module(ck: Checkpoint, adapter: str, mod: str, key: str, feedforward: bool) -> LoraModule:
     """One IA³ module: ``in_features`` is the vector's length on a feed-forward module, else ``out_features``
-    (the other side stays 0: the vector alone does not say it)."""
+    (the other side stays 0: the vector alone does not say it).  A linear layer's vector is ``(1, in)`` or
+    ``(out, 1)``; a Conv2d/Conv3d layer's ``(1, n, 1, 1[, 1])`` on either side (PEFT's ``_ConvNd``)."""
     info = ck.info(key)
-    if not info.is_float or len(info.shape) != 2 or 1 not in info.shape:
+    shape = tuple(info.shape)
+    conv = len(shape) in (4, 5) and shape[0] == 1 and all(d == 1 for d in shape[2:])
+    if not info.is_float or not (len(shape) == 2 and 1 in shape or conv):
         raise AdapterError(
-            f"ia3_l of shape {list(info.shape)} ({info.dtype_name}): PEFT's IA³ on a linear layer is a float "
-            "(1, in) or (out, 1) vector",
+            f"ia3_l of shape {list(shape)} ({info.dtype_name}): PEFT's IA³ is a float (1, in) or (out, 1) vector "
+            "on a linear layer, (1, channels, 1, 1[, 1]) on a convolution",
             path=info.file,
             tensor=key,
         )
-    if (info.shape[0] == 1) != feedforward and info.shape != (1, 1):
+    if not conv and (shape[0] == 1) != feedforward and shape != (1, 1):
         said = "is" if feedforward else "is not"
         want = "(1, in)" if feedforward else "(out, 1)"
         raise AdapterError(
             f"module {mod} {said} in feedforward_modules, so PEFT builds its ia3_l as {want}, not "
-            f"{list(info.shape)}: PEFT refuses to load it",
+            f"{list(shape)}: PEFT refuses to load it",
             path=info.file,
             tensor=key,
         )
-    n = info.shape[1] if feedforward else info.shape[0]
+    n = shape[1] if feedforward or conv else shape[0]
     return LoraModule(
         mod,
         adapter,

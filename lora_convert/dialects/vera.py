@@ -25,13 +25,12 @@ import re
 from typing import Any
 
 from ..config import AdapterConfig
-from ..errors import AdapterError, LoraConvertError, UnsupportedError
+from ..errors import AdapterError, UnsupportedError
 from ..inventory import DEFAULT_ADAPTER, Inventory, LoraModule
-from ..io.files import MAX_CONFIG_BYTES, load_json
 from ..io.reader import Checkpoint
 from ..io.safetensors_format import TensorInfo
 from ..io.views import ScaledSource
-from .peft_keys import Role, parse_key
+from .peft_common import config_of_type, one_adapter, sort_rest
 
 PEFT_TYPE = "VERA"
 SHARED = "base_model."  # the projections are the tuner's, not a layer's: base_model.vera_A
@@ -42,22 +41,6 @@ _IN_MODEL = re.compile(
 )
 _PREFIX = "base_model.model."
 NEEDS_BASE = "input_widths"  # inv.tuner key: the adapter's layers take their input width from the base
-
-
-def config_of_type(ck: Checkpoint, peft_type: str) -> dict[str, Any] | None:
-    """The adapter_config.json's object when it says ``peft_type`` (None otherwise, or unreadable: the PEFT
-    dialect then names what is wrong with it).  Each of PEFT's other tuners claims its checkpoints by it."""
-    if ck.adapter_config_path is None:
-        return None
-    try:
-        data = load_json(
-            ck.adapter_config_path, what="an adapter config", max_bytes=MAX_CONFIG_BYTES, error=AdapterError
-        )
-    except LoraConvertError:
-        return None
-    if isinstance(data, dict) and str(data.get("peft_type") or "").upper() == peft_type:
-        return data
-    return None
 
 
 class VeraDialect:
@@ -118,21 +101,6 @@ class VeraDialect:
         return inv
 
 
-def one_adapter(ck: Checkpoint, parts: dict[tuple[str, str], dict[str, str]], tuner: str) -> None:
-    """One adapter per checkpoint: PEFT keeps each named adapter's config in its own subfolder, and a tuner's
-    config here is the top-level one, so a second adapter's numbers would be guessed."""
-    names = sorted({a for a, _ in parts})
-    if len(names) > 1:
-        key = next(k for (a, _), keys in sorted(parts.items()) if a == names[1] for k in keys.values())
-        raise UnsupportedError(
-            f"{len(names)} {tuner} adapters in one checkpoint ({', '.join(names)}): only one is read, with the "
-            "adapter_config.json beside it",
-            path=ck.root,
-            tensor=key,
-            hint="save each adapter on its own (PEFT's save_pretrained(selected_adapters=[...]))",
-        )
-
-
 def _stored(ck: Checkpoint, key: str) -> TensorInfo:
     info = ck.info(key)
     return info.source.stored(key) if isinstance(info.source, ScaledSource) else info  # a second reading
@@ -189,26 +157,6 @@ def _sort(
     inv = Inventory(form=form, dialect="vera", prefixed=any(k.startswith(_PREFIX) for k in ck.tensors))
     sort_rest(ck, inv, rest, fallback, "a VeRA checkpoint: VeRA's are vera_lambda_b/d and vera_A/B")
     return (saved or in_model), shared, inv
-
-
-def sort_rest(ck: Checkpoint, inv: Inventory, rest: list[str], fallback: str, where: str) -> None:
-    """The tensors of a tuner's checkpoint that are not the tuner's: base tensors (unmerged), replacements
-    (modules_to_save, layers saved whole); a LoRA tensor among them is refused (``where`` says whose)."""
-    form = inv.form
-    for k in rest:
-        p = parse_key(k)
-        if p.role.is_lora or p.role is Role.TOKENS_DELTA:
-            raise UnsupportedError(f"a {p.role.value} tensor in {where}", path=ck.root, tensor=k)
-        if p.role is Role.MODULES_TO_SAVE:
-            inv.replace.setdefault(p.adapter or fallback, {})[p.base_key] = k
-        elif p.role is Role.ORIGINAL_MODULE:
-            inv.base[p.base_key] = k
-        elif form == "adapter":
-            inv.replace.setdefault(fallback, {})[p.base_key] = k
-            if p.via_base_layer:
-                inv.saved_layers.setdefault(fallback, set()).add(p.base_key)
-        elif not (p.base_key in inv.base and not p.via_base_layer):
-            inv.base[p.base_key] = k
 
 
 def _base_width(ck: Checkpoint, inv: Inventory, mod: str, cfg: AdapterConfig, keys: dict[str, str]) -> int:

@@ -12,6 +12,7 @@ up there too (:func:`command_planner`).
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 from pathlib import Path
@@ -59,9 +60,13 @@ __all__ = [
     "ROUTES",
     "Plan",
     "Planner",
+    "TUNER_TAKES",
     "Request",
+    "Route",
     "command_planner",
     "planner",
+    "refuse_untaken",
+    "tuner_key",
 ]
 
 
@@ -71,43 +76,120 @@ def _load(found: str) -> Any:
 
 
 def command_planner(name: str) -> Callable[..., Any]:
-    """The planner of the command ``name`` in :data:`COMMANDS` (imported when first asked for)."""
-    return _load(COMMANDS[name])
+    """The planner of the command ``name`` in :data:`COMMANDS` (imported when first asked for), which first
+    refuses the tuners :data:`TUNER_TAKES` does not give it."""
+    return _checked(_load(COMMANDS[name]), name)
 
 
-# the routes that know LoHa/LoKr modules (their ΔW: routes/tuner_terms; their keys moved as PEFT lays them out);
-# every other route converts LoRA factors and refuses them by name
-TUNER_ROUTES = frozenset(
-    {
-        ("adapter", "merged"),
-        ("unmerged", "merged"),
-        ("plain", "merged"),
-        ("plain", "base"),
-        ("unmerged", "base"),
-        ("unmerged", "adapter"),
-        ("adapter", "unmerged"),
-    }
-)
+# Which routes and commands take a module of each tuner: ONE table, read by :func:`refuse_untaken` for every
+# route (:func:`planner`) and command (:func:`command_planner`).  A module's key is :func:`tuner_key`'s; LoRA
+# pairs (and the tuners read as LoRA factors, AdaLoRA and VeRA) go everywhere and are not listed.  A route is
+# its (from, to) pair, a command its name.
+Route = tuple[str, str] | str
+_MERGES: frozenset[Route] = frozenset({("adapter", "merged"), ("unmerged", "merged"), ("plain", "merged"), "verify"})
+# the tuner's own tensors moved as PEFT lays them out (strip, split, attach)
+_PEFT_LAYOUT: frozenset[Route] = frozenset({("unmerged", "base"), ("unmerged", "adapter"), ("adapter", "unmerged")})
+TUNER_TAKES: dict[str, frozenset[Route]] = {
+    # PEFT's LoHa and LoKr: ΔW merged, verified and subtracted (routes/tuner_terms), their tensors moved as PEFT's
+    "loha": _MERGES | _PEFT_LAYOUT | {("plain", "base")},
+    "lokr": _MERGES | _PEFT_LAYOUT | {("plain", "base")},
+    # IA³ scales W (W ⊙ l): merged and verified, its own tensors moved, its adapter rewritten as PEFT's;
+    # no unmerge (the merge engine scales, it does not divide), no LoRA factors for the formats, no combine
+    "ia3": _MERGES | _PEFT_LAYOUT | {("adapter", "adapter")},
+    # a LyCORIS file's LoHa, LoKr and full diff: merged, verified, or written back as LyCORIS's own kohya file
+    "lycoris": _MERGES | {("adapter", "kohya")},
+    # OFT, BOFT and HRA rotate W (routes/oft_terms): merged, verified, their tensors moved; no unmerge (no
+    # inverse rotation is applied), no LoRA factors, no combine
+    "oft": _MERGES | _PEFT_LAYOUT,
+    "boft": _MERGES | _PEFT_LAYOUT,
+    "hra": _MERGES | _PEFT_LAYOUT,
+    # PEFT's additive tuners (routes/additive_terms): ΔW merged, verified and subtracted, their tensors moved
+    **{
+        t: _MERGES | _PEFT_LAYOUT | {("plain", "base")}
+        for t in ("shira", "fourierft", "vblora", "delora", "c3a", "randlora")
+    },
+}
+_TUNER_WORDS = {
+    "loha": "LoHa",
+    "lokr": "LoKr",
+    "ia3": "IA³",
+    "full": "full diff",
+    "oft": "OFT",
+    "boft": "BOFT",
+    "hra": "HRA",
+    "shira": "SHiRA",
+    "fourierft": "FourierFT",
+    "vblora": "VB-LoRA",
+    "delora": "DeLoRA",
+    "c3a": "C3A",
+    "randlora": "RandLoRA",
+}
+_ROUTE_WORDS: dict[Route, str] = {
+    ("adapter", "merged"): "merged",
+    ("unmerged", "merged"): "merged",
+    ("plain", "merged"): "merged",
+    "verify": "verified",
+    ("plain", "base"): "unmerged",
+    ("adapter", "unmerged"): "attached",
+    ("unmerged", "adapter"): "split",
+    ("unmerged", "base"): "stripped",
+    ("adapter", "adapter"): "rewritten as a PEFT adapter",
+    ("adapter", "kohya"): "written back as a kohya file",
+}
 
 
-def _lora_only(plan: Planner, to: str) -> Planner:
-    def checked(req: Request) -> Plan:
-        for inp in req.adapters_in():
-            if inp.inventory.dialect == "kohya":  # LyCORIS files: merged or written back (tuner_terms.refuse_tuners)
+def tuner_key(dialect: str, tuner: str, kind: str) -> str:
+    """A module's row in :data:`TUNER_TAKES` ("lora": every route): a LyCORIS module of a kohya file is
+    "lycoris" whatever its algorithm, a PEFT LoHa/LoKr module its tuner, an IA³ module "ia3"."""
+    if tuner != "lora":
+        return "lycoris" if dialect == "kohya" else tuner
+    return "ia3" if kind == "ia3" else "lora"
+
+
+def refuse_untaken(req: Request, route: Route) -> None:
+    """Refuse by name the first module of an adapter ``req`` reads whose tuner :data:`TUNER_TAKES` does not
+    give ``route`` (one message shape for every tuner, route and command)."""
+    for inp in req.adapters_in():
+        inv = inp.inventory
+        modules = list(inv.modules(inp.name).values())
+        for m in modules:
+            key = tuner_key(inv.dialect, m.tuner, m.kind)
+            if key == "lora":
                 continue
-            tuned = [m for m in inp.inventory.modules(inp.name).values() if m.tuner != "lora"]
-            if tuned:
-                word = {"loha": "LoHa", "lokr": "LoKr", "oft": "OFT", "boft": "BOFT", "hra": "HRA"}.get(
-                    tuned[0].tuner, tuned[0].tuner
-                )
-                raise UnsupportedError(
-                    f"a {word} adapter ({len(tuned)} module(s), first {tuned[0].module}): converting it to {to} "
-                    "needs LoRA factors; LoHa and LoKr adapters are merged, verified, attached, split and stripped",
-                    path=inp.ck.root,
-                    tensor=tuned[0].a_key,
-                    hint="merge it (--to merged with --base), then extract a LoRA from the merged model if needed",
-                )
-        return plan(req)
+            takes = TUNER_TAKES.get(key, frozenset())  # a tuner the table does not list goes nowhere
+            if route in takes:
+                continue
+            tuner = m.tuner if m.tuner != "lora" else m.kind
+            word = _TUNER_WORDS.get(tuner, tuner)
+            origin = " from a LyCORIS file" if key == "lycoris" else ""
+            n = sum(o.tuner == m.tuner and o.kind == m.kind for o in modules)
+            doing = "combining" if route == "combine" else f"--to {route[1] if isinstance(route, tuple) else route}"
+            verbs = list(dict.fromkeys(w for r, w in _ROUTE_WORDS.items() if r in takes))
+            raise UnsupportedError(
+                f"{tuner} module {m.module} ({n} {word} module(s){origin}): {doing} does not take them; {word} "
+                f"modules{origin} are {_listed(verbs)}",
+                path=inp.ck.root,
+                tensor=m.a_key,
+                hint=None
+                if route == ("plain", "base")  # an unmerge: nothing else to offer
+                else "merge it into its base, then extract a LoRA from the merged model if needed"
+                + (", or write it back with --to kohya" if key == "lycoris" else ""),
+            )
+
+
+def _listed(words: list[str]) -> str:
+    if not words:
+        return "taken by no route"
+    return " and ".join(filter(None, (", ".join(words[:-1]), words[-1])))
+
+
+def _checked(plan: Callable[..., Any], route: Route) -> Callable[..., Any]:
+    """``plan`` behind :func:`refuse_untaken` (its name and signature kept: the tables are inspected)."""
+
+    @functools.wraps(plan)
+    def checked(req: Request, *args: Any, **kwargs: Any) -> Any:
+        refuse_untaken(req, route)
+        return plan(req, *args, **kwargs)
 
     return checked
 
@@ -116,8 +198,8 @@ def planner(source_form: str, to: str, *, path: str | Path | None = None) -> Pla
     """The planner of ``source_form -> to``, or a RouteError saying why there is none."""
     found = ROUTES.get((source_form, to))
     if found is not None:
-        found_planner = _load(found)
-        return found_planner if (source_form, to) in TUNER_ROUTES else _lora_only(found_planner, to)
+        found_planner: Planner = _checked(_load(found), (source_form, to))
+        return found_planner
     if source_form == "plain":
         raise RouteError(
             f"holds no LoRA tensors (a full model: base, merged or fine-tuned); nothing to convert to {to}", path=path

@@ -451,6 +451,8 @@ def _conv_factors(
     """A convolution's ΔW on its flattened (out, in·k·k) weight, after checking the kernel fits."""
     m = lo.module
     kernel = tuple(a.shape[1:]) if a.dim() > 2 else (m.in_features, *([1] * (len(base_shape) - 2)))
+    if m.kind == "linear" and a.dim() == 2 and len(base_shape) == 4 and math.prod(base_shape[1:]) == m.in_features:
+        kernel = tuple(base_shape[1:])  # AdaLoRA's SVDConv2d: A (r, in·k·k), ΔW = B·(A ⊙ E) reshaped to the kernel
     if tuple(base_shape) != (m.out_features, *kernel) or any(d != 1 for d in b.shape[2:]):
         raise AdapterError(
             f"conv LoRA for weight shape {(m.out_features, *kernel)} (B {list(b.shape)}) but the base weight is "
@@ -514,14 +516,30 @@ def _ia3_scales(
     lo: WeightedLora, shape: tuple[int, ...], fan_in_fan_out: bool
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(row scale, column scale) of PEFT's IA³ merge ``W ⊙ transpose(l, fan_in_fan_out)``: a feed-forward
-    module's ``(1, in)`` vector scales nn.Linear's columns (Conv1D's rows), another's ``(out, 1)`` its rows."""
+    module's ``(1, in)`` vector scales nn.Linear's columns (Conv1D's rows), another's ``(out, 1)`` its rows.  On
+    a Conv2d/Conv3d weight ``(out, in, *kernel)``, merged as its ``(out, in·k)`` matrix, an output-side vector
+    scales the rows and a feed-forward one each input channel's k columns (PEFT's ``_ConvNd.merge``)."""
+    m = lo.module
+    if len(shape) in (4, 5):
+        if m.out_features:
+            return _ia3_vector(lo, shape[0]), None
+        if m.in_features != shape[1] and m.in_features % shape[1] == 0:
+            raise UnsupportedError(
+                f"IA³ on the input side of a grouped convolution ({m.in_features} input channels, "
+                f"{shape[1]} per group): PEFT scales each group's weights by another slice of ia3_l, which is no "
+                "row or column scale of the weight; not merged",
+                path=lo.ck.root,
+                tensor=m.a_key,
+            )
+        kernel = math.prod(shape[2:])
+        return None, _ia3_vector(lo, shape[1]).repeat_interleave(kernel)
     if len(shape) != 2:
         raise UnsupportedError(
-            f"IA³ on a weight of shape {list(shape)}: only linear layers are merged",
+            f"IA³ on a weight of shape {list(shape)}: PEFT's IA³ wraps nn.Linear, Conv1D, nn.Conv2d and nn.Conv3d",
             path=lo.ck.root,
-            tensor=lo.module.a_key,
+            tensor=m.a_key,
         )
-    on_rows = bool(lo.module.out_features) != fan_in_fan_out
+    on_rows = bool(m.out_features) != fan_in_fan_out
     vec = _ia3_vector(lo, shape[0] if on_rows else shape[1])
     return (vec, None) if on_rows else (None, vec)
 

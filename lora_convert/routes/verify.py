@@ -265,7 +265,7 @@ def _classify(key: str, ag: Agreement, o: KeyOps, experts: bool = False) -> Tens
     if ag.worst <= 1:
         return check(OK)
     beyond = f"{ag.beyond} of {ag.elements} elements beyond their tolerance (at worst {_fmt(ag.worst)}× it)"
-    if not (experts or o.loras or o.bias_adds or o.tokens is not None or o.replaced):
+    if not (experts or o.loras or o.bias_adds or o.bias_scales or o.tokens is not None or o.replaced):
         return check("changed outside the adapter", f"{beyond}; it should equal the base")
     if ag.worst_base <= 1:
         return check("not applied", "equals the base: the adapter's change is not in it")
@@ -310,7 +310,7 @@ def _check_job(
         return _mirror_job(key, mk, mo, merged, done, agreement)
     if o.loras or o.tokens is not None:
         return _rows_job(key, mk, o, mo, merged, done, agreement)
-    if o.bias_adds:
+    if o.bias_adds or o.bias_scales:  # lora_bias added, or IA³'s b ⊙ l on an output-side layer
         return _bias_job(key, mk, o, merged, done, agreement)
     return _flat_job(key, mk, o, mo, merged, done, agreement)
 
@@ -511,7 +511,8 @@ def _mirror_job(
 
 
 def _bias_job(key: str, mk: str, o: KeyOps, merged: Checkpoint, done: Done, agreement: Callable[..., Agreement]) -> Job:
-    """A bias with lora_bias added (small: read whole): the merge bound with rank-0 terms |s|·|lora_B.bias|."""
+    """A bias with lora_bias added (small: read whole): the merge bound with rank-0 terms |s|·|lora_B.bias|.  IA³'s
+    b ⊙ l alone is one fp32 product, computed as the merge computes it: no bound beyond MERGED's rounding."""
 
     def run(buf: Buffers) -> Iterator[torch.Tensor]:
         m = merged.read(mk)
