@@ -1,4 +1,4 @@
-"""An OFT, BOFT or HRA module's rotation as the merge engine applies it (:class:`..oft_math.BlockRotation`,
+"""An OFT, BOFT, HRA or LyCORIS Diag-OFT module's rotation as the merge engine applies it (:class:`..oft_math.BlockRotation`,
 :class:`..oft_math.ButterflyRotation`, :class:`..oft_math.HouseholderRotation`): its tensors read and checked
 against the base weight, then built with the adapter config's numbers.
 
@@ -27,6 +27,8 @@ def rotation(
         return _butterfly(m, ck, shape, conv1d_hint, embedding)
     if m.tuner == "hra":
         return _householder(m, ck, shape, conv1d_hint, embedding)
+    if m.tuner == "diag-oft":
+        return _diag_oft(m, ck, shape, conv1d_hint, embedding)
     ((factor, key),) = m.factors.items()
     on_embedding = factor == "oft_embedding_R"
     if len(shape) not in (2, 4) or (len(shape) == 2 and conv1d_hint and not on_embedding):
@@ -129,5 +131,40 @@ def _householder(
             f"HRA module {m.module}: does not fit the base weight {list(shape)}: {exc}",
             path=ck.root,
             tensor=key,
+            hint="is this adapter for this base model?",
+        ) from None
+
+
+def _diag_oft(
+    m: LoraModule, ck: Checkpoint, shape: tuple[int, ...], conv1d_hint: bool, embedding: bool
+) -> oft_math.OutputRotation:
+    """LyCORIS's Diag-OFT (a kohya file): its output rows rotated.  LyCORIS builds it on Linear and Conv1d/2d/3d."""
+    key = m.factors.get("oft_blocks")
+    if key is None:
+        raise AdapterError(f"diag-oft module {m.module}: oft_blocks is missing", path=ck.root, tensor=m.a_key)
+    if len(shape) < 2 or embedding or (len(shape) == 2 and conv1d_hint):
+        what = "stored transposed (GPT-2's Conv1D)" if len(shape) == 2 else f"of shape {list(shape)}"
+        raise UnsupportedError(
+            f"diag-oft module {m.module} on {'an embedding' if embedding else f'a weight {what}'}: LyCORIS builds "
+            "Diag-OFT only on Linear and Conv1d/2d/3d layers",
+            path=ck.root,
+            tensor=key,
+        )
+    blocks = check_finite(ck.read(key), ck, key)
+    rkey = m.factors.get("rescale")
+    rescale = check_finite(ck.read(rkey), ck, rkey) if rkey is not None else None
+    try:
+        return oft_math.OutputRotation.build(
+            blocks,
+            rescale,
+            int(shape[0]),
+            float(m.tuner_options.get("constraint", 0.0)),  # type: ignore[arg-type]
+        )
+    except ValueError as exc:
+        raise AdapterError(
+            f"diag-oft module {m.module}: oft_blocks {list(blocks.shape)} does not fit the base weight "
+            f"{list(shape)}: {exc}",
+            path=ck.root,
+            tensor=rkey if rescale is not None and "rescale" in str(exc) else key,
             hint="is this adapter for this base model?",
         ) from None
