@@ -1,10 +1,10 @@
-"""LyCORIS Diag-OFT in a kohya file (``oft_blocks``, ``rescale``, ``alpha`` = the constraint): detect, merge into a
-diffusers UNet equal to lycoris-lora's own reading, ``--to kohya`` tensor for tensor, other routes refused.
+"""LyCORIS Diag-OFT and BOFT in a kohya file (``oft_blocks``, ``rescale``, ``alpha`` = the constraint): detect, merge
+into a diffusers UNet equal to lycoris-lora's own reading, ``--to kohya`` tensor for tensor, other routes refused.
 
-The reference is ``lycoris-lora`` itself on the tiny UNet of tests/tiny.py: ``DiagOFTModule`` makes the tensors
-and its ``state_dict`` the file, ``create_lycoris_from_weights`` loads it onto a fresh UNet, then both its forward
+The reference is ``lycoris-lora`` itself on the tiny UNet of tests/tiny.py: ``DiagOFTModule`` (``ButterflyOFTModule``)
+makes the tensors and its ``state_dict`` the file, ``create_lycoris_from_weights`` loads it onto a fresh UNet, then both its forward
 (``apply_to``) and its own merge (``merge_to``) are compared.  Diag-OFT rotates a weight's OUTPUT rows
-(``W ← rescale ⊙ Rᵀ·W``, R block-diagonal), unlike PEFT's OFT on the input side.
+(``W ← rescale ⊙ Rᵀ·W``, R block-diagonal; BOFT: m butterfly stages), unlike PEFT's OFT/BOFT on the input side.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from helpers import cli, one_error
 from lycoris import create_lycoris_from_weights
+from lycoris.modules.boft import ButterflyOFTModule
 from lycoris.modules.diag_oft import DiagOFTModule
 from lycoris.wrapper import LycorisNetwork
 from safetensors import safe_open
@@ -34,6 +35,13 @@ SPECS = {  # module -> DiagOFTModule arguments (out rows = blocks · b)
     "up_blocks.0.resnets.0.conv2": dict(lora_dim=4, constraint=1e-3),  # conv 3×3, out 16, clamped hard
 }
 BLOCKS = {"to_q": 2, "proj": 4, "conv1": 2, "conv2": 4}
+BOFT = {  # module -> ButterflyOFTModule arguments: (stages, blocks, b, b) oft_blocks, a full butterfly of the rows
+    f"{ATTN}.attn1.to_q": dict(lora_dim=2, constraint=0.05, rescaled=True),  # (3, 4, 2, 2), clamped
+    f"{ATTN}.ff.net.0.proj": dict(lora_dim=4),  # Linear 64: (5, 16, 4, 4)
+    "down_blocks.0.resnets.0.conv1": dict(lora_dim=2, rescaled=True),  # conv 3×3, out 8: (3, 4, 2, 2)
+    "up_blocks.0.resnets.0.conv2": dict(lora_dim=4, constraint=1e-3),  # conv 3×3, out 16: (3, 4, 4, 4), clamped
+}
+MODULES = {"diag-oft": (DiagOFTModule, SPECS), "boft": (ButterflyOFTModule, BOFT)}
 
 
 @pytest.fixture(autouse=True)
@@ -49,14 +57,14 @@ def _name(path: str) -> str:
     return "lora_unet_" + path.replace(".", "_")
 
 
-def oft_file(model, specs, path=None, *, seed=7):
-    """The file LyCORIS saves for Diag-OFT ``specs`` on ``model``: random blocks (LyCORIS starts them at 0) and
-    rescales moved off 1."""
+def oft_file(model, specs, path=None, *, seed=7, cls=DiagOFTModule):
+    """The file LyCORIS saves for Diag-OFT (or BOFT: ``cls``) ``specs`` on ``model``: random blocks (LyCORIS
+    starts them at 0) and rescales moved off 1."""
     torch.manual_seed(seed)
     named = dict(model.named_modules())
     sd = {}
     for mod, kw in specs.items():
-        m = DiagOFTModule(_name(mod), named[mod], 1.0, **kw)
+        m = cls(_name(mod), named[mod], 1.0, **kw)
         with torch.no_grad():
             m.oft_blocks.normal_(0, 0.3)
             if m.rescaled:
@@ -68,10 +76,13 @@ def oft_file(model, specs, path=None, *, seed=7):
     return sd
 
 
-def test_diag_oft_merges_as_lycoris_applies_and_merges_it(tmp_path):
+@pytest.mark.parametrize("algo", list(MODULES))
+def test_lycoris_oft_merges_as_lycoris_applies_and_merges_it(tmp_path, algo):
+    """Diag-OFT and BOFT (its butterfly stages over all the rows: the engine reads the whole tensor's rows)."""
+    cls, specs = MODULES[algo]
     base = unet()
     base.save_pretrained(str(tmp_path / "unet"))
-    oft_file(base, SPECS, tmp_path / "k" / "oft.safetensors")
+    oft_file(base, specs, tmp_path / "k" / "oft.safetensors", cls=cls)
     ref = unet()
     net, _ = create_lycoris_from_weights(1.0, str(tmp_path / "k" / "oft.safetensors"), ref)
     assert len(net.loras) == len(SPECS)
@@ -79,7 +90,7 @@ def test_diag_oft_merges_as_lycoris_applies_and_merges_it(tmp_path):
     want = unet_out(ref)
     d = lc.detect(tmp_path / "k")
     groups = {g.name: g for g in d.adapters[0].modules}
-    assert {n: g.algorithms for n, g in groups.items()} == {n: ["diag-oft"] for n in BLOCKS}
+    assert {n: g.algorithms for n, g in groups.items()} == {n: [algo] for n in BLOCKS}
     assert {n: g.ranks for n, g in groups.items()} == {n: [b] for n, b in BLOCKS.items()}
     stored = sum(v.numel() for k, v in load_file(str(tmp_path / "k" / "oft.safetensors")).items() if "alpha" not in k)
     assert d.adapters[0].lora_parameters == stored  # oft_blocks and rescale: what LyCORIS trains
@@ -119,16 +130,19 @@ def test_the_constraint_clamps_the_skew_part_as_lycoris_does():
         rot.rotate_(w[1:4].clone(), 1)
 
 
-def test_a_row_block_plan_reads_whole_rotation_blocks(tmp_path, monkeypatch):
-    """With tiles smaller than a rotation block (a tiny budget), the engine still reads whole blocks of b rows."""
+@pytest.mark.parametrize("algo", list(MODULES))
+def test_a_row_block_plan_reads_whole_rotation_blocks(tmp_path, monkeypatch, algo):
+    """With tiles smaller than a rotation block (a tiny budget), the engine still reads whole blocks of b rows
+    (BOFT: whole butterflies)."""
+    cls, specs = MODULES[algo]
     from lora_convert import lora_math
 
     real = lora_math.block_rows
     monkeypatch.setattr(lora_math, "block_rows", lambda r, c, budget_bytes=0, elem_bytes=4: real(r, c, 1))
     base = unet()
     base.save_pretrained(str(tmp_path / "unet"))
-    spec = {f"{ATTN}.ff.net.0.proj": SPECS[f"{ATTN}.ff.net.0.proj"]}
-    oft_file(base, spec, tmp_path / "k" / "oft.safetensors")
+    spec = {f"{ATTN}.ff.net.0.proj": specs[f"{ATTN}.ff.net.0.proj"]}
+    oft_file(base, spec, tmp_path / "k" / "oft.safetensors", cls=cls)
     ref = unet()
     create_lycoris_from_weights(1.0, str(tmp_path / "k" / "oft.safetensors"), ref)[0].merge_to(1.0)
     lc.merge(tmp_path / "k", base=tmp_path / "unet", output=tmp_path / "merged")
@@ -138,7 +152,10 @@ def test_a_row_block_plan_reads_whole_rotation_blocks(tmp_path, monkeypatch):
 
 
 def test_to_kohya_writes_every_tensor_back_and_other_routes_refuse_it(tmp_path):
-    sd = oft_file(unet(), SPECS, tmp_path / "k" / "oft.safetensors")
+    sd = oft_file(unet(), SPECS)
+    sd |= oft_file(unet(), {"up_blocks.1.resnets.0.conv1": dict(lora_dim=2, rescaled=True)}, cls=ButterflyOFTModule)
+    (tmp_path / "k").mkdir()
+    save_file(sd, str(tmp_path / "k" / "oft.safetensors"))
     res = cli("convert", tmp_path / "k", "--to", "kohya", "-o", tmp_path / "out")
     assert res.exit_code == 0, res.output
     back = load_file(str(tmp_path / "out" / "lora.safetensors"))
@@ -146,7 +163,7 @@ def test_to_kohya_writes_every_tensor_back_and_other_routes_refuse_it(tmp_path):
     for k, v in sd.items():
         assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v), k
     with safe_open(str(tmp_path / "out" / "lora.safetensors"), "pt") as f:
-        assert json.loads(f.metadata()["ss_network_args"]) == {"algo": "diag-oft"}
+        assert json.loads(f.metadata()["ss_network_args"]) == {"algo": "mixed: boft, diag-oft"}
     out = tmp_path / "o2"
     for to in ("diffusers", "mlx"):
         one_error(
@@ -174,7 +191,7 @@ BAD_FILES = {  # what is done to a good file -> the tensor the error names and w
     "blocks not square": (
         lambda sd: sd.__setitem__(f"{TO_Q}.oft_blocks", torch.zeros(4, 2, 3)),
         f"{TO_Q}.oft_blocks",
-        "are not (k, b, b) blocks",
+        "are not (k, b, b) or (m, k, b, b) blocks",
     ),
     "rescale of another size": (
         lambda sd: sd.__setitem__(f"{PROJ}.rescale", torch.ones(32, 1)),
@@ -183,10 +200,15 @@ BAD_FILES = {  # what is done to a good file -> the tensor the error names and w
     ),
     "missing oft_blocks": (lambda sd: sd.pop(f"{PROJ}.oft_blocks"), f"{PROJ}.", "without oft_blocks"),
     "missing alpha": (lambda sd: sd.pop(f"{TO_Q}.alpha"), f"{TO_Q}.oft_blocks", "without alpha"),
-    "LyCORIS BOFT": (
+    "BOFT stages LyCORIS does not build": (
+        lambda sd: sd.__setitem__(f"{TO_Q}.oft_blocks", torch.zeros(4, 4, 2, 2)),
+        f"{TO_Q}.oft_blocks",
+        "no butterfly of these stages",
+    ),
+    "BOFT for another weight": (
         lambda sd: sd.__setitem__(f"{TO_Q}.oft_blocks", torch.zeros(2, 2, 2, 2)),
         f"{TO_Q}.oft_blocks",
-        "LyCORIS BOFT",
+        "2 block(s) of 2×2 do not cover the weight's 8 output rows",
     ),
 }
 

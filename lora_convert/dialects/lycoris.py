@@ -15,7 +15,8 @@ them alone (LyCORIS's own ``get_module``: ``hada_*`` LoHa, ``lokr_*`` LoKr, ``di
 * **Diag-OFT** ``oft_blocks`` (k, b, b), optional ``rescale`` (out, 1, …) and ``alpha`` (its ``constraint``, not a
   scale): the weight's OUTPUT rows rotated, ``W ← rescale ⊙ (Rᵀ·W)`` per b-row block, R the Cayley transform of
   the blocks' skew part (:class:`..oft_math.OutputRotation`).  ``rank`` is b (a b-long dot per merged entry).
-  LyCORIS's BOFT (4-D ``oft_blocks``) is refused by name.
+* **BOFT** the same tensors with 4-D ``oft_blocks`` (m, k, b, b): m butterfly stages on the output rows
+  (:class:`..oft_math.OutputButterfly`), then ``rescale``; algorithm ``boft`` (its tensors tell it from PEFT's).
 
 A missing or 0 ``alpha`` means alpha = r (scale 1), as LyCORIS and ComfyUI load it.  ``use_scalar`` and
 ``rs_lora`` leave no trace in the file (LyCORIS folds the scalar into ``hada_w1_a``/``lokr_w1`` and rs_lora into
@@ -236,24 +237,28 @@ def _full(
 def _diag_oft(
     ck: Checkpoint, module: str, roles: dict[str, str], s: dict[str, tuple[int, ...]], alpha: float | None
 ) -> tuple[LoraModule, float]:
-    """A Diag-OFT module: its blocks checked square, its rescale one value per row of k·b; scale 1 (alpha is the
-    constraint, kept in ``tuner_options``).  The input side is not in the file (0 until a base says it)."""
-    _need(ck, roles, "Diag-OFT", "oft_blocks", "alpha")
+    """A Diag-OFT or BOFT module: its blocks checked square (a butterfly LyCORIS builds), its rescale one value per
+    row of k·b; scale 1 (alpha is the constraint, kept in ``tuner_options``).  The input side is not in the file
+    (0: no base is read here)."""
+    _need(ck, roles, "Diag-OFT/BOFT", "oft_blocks", "alpha")
     blocks = s["oft_blocks"]
-    if len(blocks) == 4:
-        raise UnsupportedError(
-            "LyCORIS BOFT (butterfly OFT: 4-D oft_blocks) is a LyCORIS variant lora-convert does not read",
-            path=ck.root,
-            tensor=roles["oft_blocks"],
-            hint="LoRA pairs, LoHa, LoKr, full diffs and Diag-OFT are read",
+    butterfly = len(blocks) == 4  # LyCORIS's BOFT: (m, k, b, b), m butterfly stages
+    what = "BOFT" if butterfly else "Diag-OFT"
+    if len(blocks) not in (3, 4) or blocks[-1] != blocks[-2] or 0 in blocks:
+        raise _unfit(
+            ck, roles, "oft_blocks", f"{what}: oft_blocks {list(blocks)} are not (k, b, b) or (m, k, b, b) blocks"
         )
-    if len(blocks) != 3 or blocks[1] != blocks[2] or 0 in blocks:
-        raise _unfit(ck, roles, "oft_blocks", f"Diag-OFT: oft_blocks {list(blocks)} are not (k, b, b) blocks")
-    out = blocks[0] * blocks[1]
+    b, k = blocks[-1], blocks[-3] if len(blocks) >= 3 else 0
+    out = k * b
+    stages = blocks[0] if butterfly else 1
+    if butterfly and (b % 2 or k % 2 ** (stages - 1)):
+        raise _unfit(
+            ck, roles, "oft_blocks", f"BOFT: oft_blocks {list(blocks)}: LyCORIS builds no butterfly of these stages"
+        )
     rescale = s.get("rescale")
     if rescale is not None and (not rescale or rescale[0] != out or math.prod(rescale) != out):
         raise _unfit(
-            ck, roles, "rescale", f"Diag-OFT: rescale {list(rescale)} is not one scale per row of oft_blocks' {out}"
+            ck, roles, "rescale", f"{what}: rescale {list(rescale)} is not one scale per row of oft_blocks' {out}"
         )
     conv = rescale is not None and len(rescale) > 2
     factors = {r: k for r, k in roles.items() if r in DIAG_OFT or r == "alpha"}
@@ -263,13 +268,14 @@ def _diag_oft(
         "conv" if conv else "linear",
         roles["oft_blocks"],
         roles.get("rescale", roles["oft_blocks"]),
-        blocks[1],
+        b,
         0,
         out,
         scaling=1.0,
-        tuner="diag-oft",
+        tuner="boft" if butterfly else "diag-oft",
         factors=factors,
         factor_params=math.prod(blocks) + (out if rescale is not None else 0),
-        tuner_options={"constraint": float(alpha or 0.0)},
+        # rows_mixed: the rows the rotation mixes (a block, the last butterfly stage): the engine reads whole ones
+        tuner_options={"constraint": float(alpha or 0.0), "rows_mixed": 2 ** (stages - 1) * b},
     )
-    return lm, float(blocks[1])
+    return lm, float(b)
