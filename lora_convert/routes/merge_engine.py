@@ -216,9 +216,13 @@ def _assign(
         if o.oft and (len(o.loras) > 1 or o.loras[0].weight != 1.0):
             raise UnsupportedError(
                 f"{k}: {o.loras[0].module.tuner.upper()} rotates this weight"
-                + (" (R·W)" if "rows_mixed" in o.loras[0].module.tuner_options else "'s input side (W·Rᵀ)")
-                + "; with another adapter on it, a weight or an unmerge the result is not what PEFT merges "
-                "(PEFT gives it no scale)",
+                + (
+                    " (R·W, LyCORIS); with another adapter on it, a weight or an unmerge the result is no rotation "
+                    "lora-convert merges (only weight 1 is)"
+                    if "rows_mixed" in o.loras[0].module.tuner_options
+                    else "'s input side (W·Rᵀ); with another adapter on it, a weight or an unmerge the result is not "
+                    "what PEFT merges (PEFT gives it no scale)"
+                ),
                 hint="merge this adapter alone, at weight 1",
             )
         if len(o.loras) > 1 and o.dora:
