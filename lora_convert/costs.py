@@ -355,7 +355,7 @@ def merge_module_flops(
     area = m.in_features * m.out_features
     if m.tuner == "loha":  # two rank-r products, then ⊙ and the add
         return 2 * 2 * m.rank * area + area
-    if m.tuner in ("oft", "boft"):  # a b-long dot product per merged entry (rank: the block size b; BOFT's one factor)
+    if m.tuner in ("oft", "boft", "diag-oft"):  # a b-long dot product per merged entry (rank: the block size b)
         return 2 * m.rank * area
     if m.tuner == "hra":  # per row: row·V, ·T, ·Vᵀ (rank: r)
         return 4 * m.rank * area + 2 * m.rank * m.rank * m.out_features

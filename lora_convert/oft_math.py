@@ -306,3 +306,150 @@ class HouseholderRotation:
 
     def to(self, device: torch.device | str) -> HouseholderRotation:
         return HouseholderRotation(self.v.to(device), self.t.to(device), self.sign)
+
+
+def lycoris_cayley(oft_blocks: torch.Tensor, constraint: float) -> torch.Tensor:
+    """LyCORIS's Diag-OFT and BOFT ``get_r``: Q = A − Aᵀ of the stored (…, b, b) blocks, scaled down to the norm
+    ``constraint`` when the Frobenius norm of all k of them together (+1e-8) exceeds it (``constraint`` > 0),
+    then R = (I + Q)(I − Q)⁻¹ — the other sign from PEFT's.  fp32."""
+    a = oft_blocks.to(FP32)
+    q = a - a.transpose(-2, -1)
+    if constraint > 0:
+        norm = torch.norm(q) + 1e-8
+        if norm > constraint:
+            q = q * constraint / norm
+    eye = torch.eye(a.shape[-1], dtype=FP32).unsqueeze(0).expand_as(q)
+    return torch.linalg.solve(eye - q, eye + q, left=False)
+
+
+@dataclass
+class OutputRotation:
+    """LyCORIS's Diag-OFT: ``W ← s ⊙ (Rᵀ·W)`` with R block-diagonal on the weight's OUTPUT side (LyCORIS's
+    ``einsum("k n m, k n ... -> k m ...", R, W)``: rows ``j·b … j·b+b−1`` mixed by ``R_jᵀ``) and ``s`` its optional
+    per-row ``rescale``.  A row depends on the b rows of its block, so the engine reads whole blocks of rows
+    (``block_plan`` rounds its step to a multiple of ``unit``): memory stays one row block's fp32 tile.
+
+    ``blocks`` (k, b, b) fp32; ``scale`` (out,) fp32 or None."""
+
+    blocks: torch.Tensor
+    scale: torch.Tensor | None = None
+
+    @classmethod
+    def build(
+        cls, oft_blocks: torch.Tensor, rescale: torch.Tensor | None, rows: int, constraint: float
+    ) -> OutputRotation:
+        """From the stored ``oft_blocks`` (k, b, b), ``rescale`` (out, 1, …) and ``alpha`` (the constraint, times
+        the output rows as LyCORIS multiplies it) for a weight of ``rows`` output rows; raises ValueError when they
+        do not fit it."""
+        if oft_blocks.dim() != 3 or oft_blocks.shape[1] != oft_blocks.shape[2] or 0 in oft_blocks.shape:
+            raise ValueError(f"oft_blocks {list(oft_blocks.shape)} are not (k, b, b) blocks")
+        k, b, _ = oft_blocks.shape
+        if k * b != rows:
+            raise ValueError(f"{k} block(s) of {b}×{b} do not cover the weight's {rows} output rows")
+        scale = None
+        if rescale is not None:
+            if rescale.numel() != rows or rescale.shape[0] != rows:
+                raise ValueError(f"rescale {list(rescale.shape)} is not one scale per output row ({rows})")
+            scale = rescale.to(FP32).reshape(-1)
+        return cls(lycoris_cayley(oft_blocks, constraint * rows), scale)
+
+    @property
+    def unit(self) -> int:
+        """The rows one block mixes: a row block read must start and end on a multiple of it."""
+        return int(self.blocks.shape[-1])
+
+    def rotate_(self, acc: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """``acc`` (n, cols) fp32 rows ``start:start+n`` (whole blocks) replaced by their rotation: one bmm."""
+        n, cols = acc.shape
+        b = self.unit
+        if start % b or n % b:
+            raise ValueError(f"rows {start}:{start + n} are not whole {b}-row blocks of an output-side rotation")
+        k0 = start // b
+        blocks = self.blocks[k0 : k0 + n // b].transpose(-2, -1)  # Rᵀ per block
+        y = torch.bmm(blocks, acc.view(n // b, b, cols))
+        acc.view(n // b, b, cols).copy_(y)
+        if self.scale is not None:
+            acc.mul_(self.scale[start : start + n].unsqueeze(1))
+        return acc
+
+    @property
+    def depth(self) -> int:
+        """Each merged entry is a b-long dot product with R's entries, themselves from a b×b solve (b·b), then
+        the scale."""
+        b = self.unit
+        return b * (1 + b) + 1
+
+    def magnitude(self) -> OutputRotation:
+        return OutputRotation(self.blocks.abs(), self.scale.abs() if self.scale is not None else None)
+
+    def to(self, device: torch.device | str) -> OutputRotation:
+        return OutputRotation(self.blocks.to(device), self.scale.to(device) if self.scale is not None else None)
+
+
+@dataclass
+class OutputButterfly:
+    """LyCORIS's BOFT: the weight's output rows through m butterfly stages, then ``rescale``: stage i mixes, within
+    each group of 2^i·b rows, the rows ``j`` and ``j + 2^(i−1)·b``… as LyCORIS's ``_diff_weight`` regroups them
+    (``(c g k) -> (c k g)``, g = 2, k = 2^i·b/2), each b rows times its block ``B`` (not Bᵀ), and back.  The last
+    stage mixes 2^(m−1)·b rows (``unit``, for a full butterfly all of them): the engine reads whole units, so a
+    merge holds at most that many rows' fp32 tile.
+
+    ``blocks`` (m, k, b, b) fp32 (k·b = out); ``scale`` (out,) fp32 or None."""
+
+    blocks: torch.Tensor
+    scale: torch.Tensor | None = None
+
+    @classmethod
+    def build(
+        cls, oft_blocks: torch.Tensor, rescale: torch.Tensor | None, rows: int, constraint: float
+    ) -> OutputButterfly:
+        """From the stored ``oft_blocks`` (m, k, b, b), ``rescale`` (out, 1, …) and ``alpha`` (the constraint,
+        times the output rows as LyCORIS multiplies it); raises ValueError when they do not fit ``rows``."""
+        if oft_blocks.dim() != 4 or oft_blocks.shape[2] != oft_blocks.shape[3] or 0 in oft_blocks.shape:
+            raise ValueError(f"oft_blocks {list(oft_blocks.shape)} are not (m, k, b, b) butterfly blocks")
+        m, k, b, _ = oft_blocks.shape
+        if k * b != rows:
+            raise ValueError(f"{k} block(s) of {b}×{b} do not cover the weight's {rows} output rows")
+        if b % 2 or k % (2 ** (m - 1)):
+            raise ValueError(f"{m} butterfly stages of {k} blocks of {b}×{b}: LyCORIS builds no such butterfly")
+        scale = None
+        if rescale is not None:
+            if rescale.numel() != rows or rescale.shape[0] != rows:
+                raise ValueError(f"rescale {list(rescale.shape)} is not one scale per output row ({rows})")
+            scale = rescale.to(FP32).reshape(-1)
+        return cls(lycoris_cayley(oft_blocks, constraint * rows), scale)
+
+    @property
+    def unit(self) -> int:
+        m, _, b, _ = self.blocks.shape
+        return int(2 ** (m - 1) * b)
+
+    def rotate_(self, acc: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """``acc`` (n, cols) fp32 rows ``start:start+n`` (whole units) replaced by the butterfly's."""
+        n, cols = acc.shape
+        m, _, b, _ = self.blocks.shape
+        if start % self.unit or n % self.unit:
+            raise ValueError(f"rows {start}:{start + n} are not whole {self.unit}-row units of a butterfly")
+        x = acc
+        first = start // b
+        for i in range(m):
+            k = 2**i * (b // 2)
+            x = x.view(-1, 2, k, cols).transpose(1, 2).reshape(n // b, b, cols)  # (c g k) -> (c k g), b at a time
+            x = torch.bmm(self.blocks[i, first : first + n // b], x)
+            x = x.view(-1, k, 2, cols).transpose(1, 2).reshape(n, cols)  # back
+        acc.copy_(x)
+        if self.scale is not None:
+            acc.mul_(self.scale[start : start + n].unsqueeze(1))
+        return acc
+
+    @property
+    def depth(self) -> int:
+        """m stages, each a b-long dot product on entries from a b×b solve, then the scale."""
+        m, _, b, _ = self.blocks.shape
+        return m * b * (1 + b) + 1
+
+    def magnitude(self) -> OutputButterfly:
+        return OutputButterfly(self.blocks.abs(), self.scale.abs() if self.scale is not None else None)
+
+    def to(self, device: torch.device | str) -> OutputButterfly:
+        return OutputButterfly(self.blocks.to(device), self.scale.to(device) if self.scale is not None else None)

@@ -11,10 +11,10 @@ the module's path with every ``.`` written ``_``.
 * Names: each path is read back as ``<component>.<dotted path>`` with the module names diffusers and CLIP
   use (:data:`diffusion_names.KOHYA_COMPOUNDS`); the inventory is ``spelled``, so against a base the base's own
   tensor names settle every reading, and a reading the names alone cannot settle is marked ``unsure``.
-* LyCORIS's LoHa, LoKr and full-diff modules (same names, other tensors) are read beside LoRA pairs by
+* LyCORIS's LoHa, LoKr, full-diff, Diag-OFT and BOFT modules (same names, other tensors) are read beside LoRA pairs by
   :mod:`.lycoris`, one algorithm per module, told by its tensors.
 * Refused with the reason: the LyCORIS variants not read (Tucker LoCon ``lora_mid``, ``dora_scale``
-  weight decomposition, OFT/BOFT, IA3, GLoRA, norms) and bundled textual-inversion embeddings.
+  weight decomposition, BOFT, IA3, GLoRA, norms) and bundled textual-inversion embeddings.
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ _COMPOUNDS = diffusion_names.KOHYA_COMPOUNDS | diffusion_names.KOHYA_SGM_COMPOUN
 _SPAN = max(c.count("_") + 1 for c in _COMPOUNDS)  # the most '_'-separated tokens one known name spans
 _ANY_PREFIX = re.compile(rf"^(?:{_PREFIX})_")
 MAX_NAME_CHARS = 1024  # real kohya module names are under 150 characters
-_LYCORIS = {  # the LyCORIS variants not read (LoHa, LoKr and full diffs are: dialects/lycoris.py)
+_LYCORIS = {  # the LyCORIS variants not read (LoHa, LoKr, full diffs, Diag-OFT, BOFT are: dialects/lycoris.py)
     "lora_mid": "LoCon with Tucker decomposition (lora_mid)",
     "dora_scale": "LyCORIS weight_decompose (DoRA, dora_scale)",
-    "oft_": "OFT/BOFT",
+    "oft_": "OFT/BOFT (other than LyCORIS's oft_blocks)",
     "ia3": "IA3",
     "w_norm": "LyCORIS norm layers (w_norm)",
     "b_norm": "LyCORIS norm layers (b_norm)",
@@ -84,7 +84,8 @@ class KohyaDialect:
             if algo == "lora":
                 modules[module], alphas[module] = _module(ck, module, roles)
             else:
-                alpha = _alpha(ck, roles["alpha"]) if "alpha" in roles else None
+                read_alpha = lycoris.constraint if algo == "diag-oft" else _alpha  # (B)OFT: alpha is a bound
+                alpha = read_alpha(ck, roles["alpha"]) if "alpha" in roles else None
                 modules[module], alphas[module] = lycoris.read_module(ck, module, roles, algo, alpha)
             if not sure:
                 inv.unsure.add(module)
@@ -122,7 +123,7 @@ def _refusal(ck: Checkpoint, key: str) -> LoraConvertError:
                 f"{what} is a LyCORIS variant lora-convert does not read",
                 path=ck.root,
                 tensor=key,
-                hint="LoRA pairs, LoHa, LoKr and full diffs are read",
+                hint="LoRA pairs, LoHa, LoKr, full diffs, Diag-OFT and BOFT are read",
             )
     if key.startswith("bundle_emb"):
         return UnsupportedError(

@@ -12,6 +12,11 @@ them alone (LyCORIS's own ``get_module``: ``hada_*`` LoHa, ``lokr_*`` LoKr, ``di
   of the decomposed side.  Both sides whole (``full_matrix``): scale 1 whatever ``alpha`` says (LyCORIS sets
   alpha = dim then; diffusers' ``_bake_lokr_alpha_`` and ComfyUI drop it too).
 * **full** ``diff`` (= ΔW, the weight's shape) and ``diff_b`` (added to the bias), no scale.
+* **Diag-OFT** ``oft_blocks`` (k, b, b), optional ``rescale`` (out, 1, …) and ``alpha`` (its ``constraint``, not a
+  scale): the weight's OUTPUT rows rotated, ``W ← rescale ⊙ (Rᵀ·W)`` per b-row block, R the Cayley transform of
+  the blocks' skew part (:class:`..oft_math.OutputRotation`).  ``rank`` is b (a b-long dot per merged entry).
+* **BOFT** the same tensors with 4-D ``oft_blocks`` (m, k, b, b): m butterfly stages on the output rows
+  (:class:`..oft_math.OutputButterfly`), then ``rescale``; algorithm ``boft`` (its tensors tell it from PEFT's).
 
 A missing or 0 ``alpha`` means alpha = r (scale 1), as LyCORIS and ComfyUI load it.  ``use_scalar`` and
 ``rs_lora`` leave no trace in the file (LyCORIS folds the scalar into ``hada_w1_a``/``lokr_w1`` and rs_lora into
@@ -29,8 +34,9 @@ from ..io.reader import Checkpoint
 LOHA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 FULL = ("diff", "diff_b")
-ROLES = LOHA + LOKR + FULL
-ALGORITHMS = {"loha": LOHA, "lokr": LOKR, "full": FULL}
+DIAG_OFT = ("oft_blocks", "rescale")
+ROLES = LOHA + LOKR + FULL + DIAG_OFT
+ALGORITHMS = {"loha": LOHA, "lokr": LOKR, "full": FULL, "diag-oft": DIAG_OFT}
 # what a LyCORIS tensor can be stored as (the same floats a LoRA factor can)
 FACTOR_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 
@@ -58,8 +64,10 @@ def read_module(
 ) -> tuple[LoraModule, float]:
     """One LyCORIS module (``roles``: role -> key, ``alpha`` as the file stores it, None when absent) after
     checking that its tensors fit each other; and the alpha that gives its scale with alpha / rank."""
-    for key in roles.values():
+    for role, key in roles.items():
         info = ck.info(key)
+        if role == "alpha" and algo == "diag-oft":
+            continue  # its constraint, read by :func:`constraint`
         if info.dtype_name not in FACTOR_DTYPES:
             raise AdapterError(
                 f"a LyCORIS tensor stored as {info.dtype_name}: its factors are floating-point numbers",
@@ -67,6 +75,8 @@ def read_module(
                 tensor=key,
             )
     shapes = {r: tuple(ck.info(k).shape) for r, k in roles.items() if r != "alpha"}
+    if algo == "diag-oft":
+        return _diag_oft(ck, module, roles, shapes, alpha)
     if algo == "loha":
         rank, out, cols, conv = _loha(ck, roles, shapes)
     elif algo == "lokr":
@@ -94,6 +104,27 @@ def read_module(
         factor_params=sum(math.prod(shapes[r]) for r in factors if r != "alpha"),
     )
     return lm, scaling * rank
+
+
+CONSTRAINT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "I64", "I32"})
+
+
+def constraint(ck: Checkpoint, key: str) -> float:
+    """A Diag-OFT module's ``alpha``: its constraint, one finite value >= 0.  LyCORIS saves
+    ``torch.tensor(constraint)``: an int64 0 when no constraint was asked for, a float32 otherwise."""
+    info = ck.info(key)
+    if info.dtype_name not in CONSTRAINT_DTYPES or info.numel != 1:
+        raise AdapterError(
+            f"Diag-OFT alpha (its constraint) stored as {info.dtype_name} {list(info.shape)}: it is one number",
+            path=info.file,
+            tensor=key,
+        )
+    value = float(ck.read(key).reshape(-1)[0].double())
+    if not math.isfinite(value) or value < 0:
+        raise AdapterError(
+            f"Diag-OFT alpha (its constraint) {value:g} is not a finite number >= 0", path=info.file, tensor=key
+        )
+    return value
 
 
 def _two(roles: dict[str, str], names: tuple[str, ...]) -> tuple[str, str]:
@@ -201,3 +232,50 @@ def _full(
         )
     cols = math.prod(d[1:])
     return min(d[0], cols), d[0], cols, len(d) > 2
+
+
+def _diag_oft(
+    ck: Checkpoint, module: str, roles: dict[str, str], s: dict[str, tuple[int, ...]], alpha: float | None
+) -> tuple[LoraModule, float]:
+    """A Diag-OFT or BOFT module: its blocks checked square (a butterfly LyCORIS builds), its rescale one value per
+    row of k·b; scale 1 (alpha is the constraint, kept in ``tuner_args``).  The input side is not in the file
+    (0: no base is read here)."""
+    _need(ck, roles, "Diag-OFT/BOFT", "oft_blocks", "alpha")
+    blocks = s["oft_blocks"]
+    butterfly = len(blocks) == 4  # LyCORIS's BOFT: (m, k, b, b), m butterfly stages
+    what = "BOFT" if butterfly else "Diag-OFT"
+    if len(blocks) not in (3, 4) or blocks[-1] != blocks[-2] or 0 in blocks:
+        raise _unfit(
+            ck, roles, "oft_blocks", f"{what}: oft_blocks {list(blocks)} are not (k, b, b) or (m, k, b, b) blocks"
+        )
+    b, k = blocks[-1], blocks[-3] if len(blocks) >= 3 else 0
+    out = k * b
+    stages = blocks[0] if butterfly else 1
+    if butterfly and (b % 2 or k % 2 ** (stages - 1)):
+        raise _unfit(
+            ck, roles, "oft_blocks", f"BOFT: oft_blocks {list(blocks)}: LyCORIS builds no butterfly of these stages"
+        )
+    rescale = s.get("rescale")
+    if rescale is not None and (not rescale or rescale[0] != out or math.prod(rescale) != out):
+        raise _unfit(
+            ck, roles, "rescale", f"{what}: rescale {list(rescale)} is not one scale per row of oft_blocks' {out}"
+        )
+    conv = rescale is not None and len(rescale) > 2
+    factors = {r: k for r, k in roles.items() if r in DIAG_OFT or r == "alpha"}
+    lm = LoraModule(
+        module,
+        DEFAULT_ADAPTER,
+        "conv" if conv else "linear",
+        roles["oft_blocks"],
+        roles.get("rescale", roles["oft_blocks"]),
+        b,
+        0,
+        out,
+        scaling=1.0,
+        tuner="boft" if butterfly else "diag-oft",
+        factors=factors,
+        factor_params=math.prod(blocks) + (out if rescale is not None else 0),
+        # rows_mixed: the rows the rotation mixes (a block, the last butterfly stage): the engine reads whole ones
+        tuner_args={"constraint": float(alpha or 0.0), "rows_mixed": 2 ** (stages - 1) * b},
+    )
+    return lm, float(b)

@@ -114,6 +114,7 @@ _TUNER_WORDS = {
     "lokr": "LoKr",
     "ia3": "IA³",
     "full": "full diff",
+    "diag-oft": "Diag-OFT",
     "oft": "OFT",
     "boft": "BOFT",
     "hra": "HRA",

@@ -32,7 +32,8 @@ from .plan import AdapterInput, Request
 from .quantized import QuantizedBase, quantized_base
 from .requantize import lora_delta_norm
 
-ROTATIONS = ("oft", "boft", "hra")  # the tuners that rotate a weight's input side (routes/oft_terms.py)
+# the tuners that rotate a weight (routes/oft_terms.py): its input side, or its output rows (LyCORIS's Diag-OFT/BOFT)
+ROTATIONS = ("oft", "boft", "hra", "diag-oft")
 
 
 @dataclass
@@ -214,8 +215,14 @@ def _assign(
             )
         if o.oft and (len(o.loras) > 1 or o.loras[0].weight != 1.0):
             raise UnsupportedError(
-                f"{k}: {o.loras[0].module.tuner.upper()} rotates this weight's input side (W·Rᵀ); with another "
-                "adapter on it, a weight or an unmerge the result is not what PEFT merges (PEFT gives it no scale)",
+                f"{k}: {o.loras[0].module.tuner.upper()} rotates this weight"
+                + (
+                    " (R·W, LyCORIS); with another adapter on it, a weight or an unmerge the result is no rotation "
+                    "lora-convert merges (only weight 1 is)"
+                    if "rows_mixed" in o.loras[0].module.tuner_args
+                    else "'s input side (W·Rᵀ); with another adapter on it, a weight or an unmerge the result is not "
+                    "what PEFT merges (PEFT gives it no scale)"
+                ),
                 hint="merge this adapter alone, at weight 1",
             )
         if len(o.loras) > 1 and o.dora:
@@ -609,6 +616,9 @@ def block_plan(ops: KeyOps, shape: tuple[int, ...], out_dtype: torch.dtype) -> l
     src_ck, src_key = ops.source
     rows, cols = shape[0], math.prod(shape[1:])  # a conv weight is merged as its (out, in·k·k) matrix
     step = lora_math.block_rows(rows, cols, elem_bytes=max(src_ck.info(src_key).itemsize, out_dtype.itemsize))
+    # an output-side rotation (LyCORIS's Diag-OFT, BOFT) mixes the rows of a block or butterfly: read whole ones
+    unit = max((int(lo.module.tuner_args.get("rows_mixed", 1)) for lo in ops.loras), default=1)
+    step = -(-step // unit) * unit
     return [Read(src_ck, src_key, s, min(s + step, rows)) for s in range(0, rows, step)]
 
 

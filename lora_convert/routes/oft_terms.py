@@ -1,4 +1,4 @@
-"""An OFT, BOFT or HRA module's rotation as the merge engine applies it (:class:`..oft_math.BlockRotation`,
+"""An OFT, BOFT, HRA or LyCORIS Diag-OFT/BOFT module's rotation as the merge engine applies it (:class:`..oft_math.BlockRotation`,
 :class:`..oft_math.ButterflyRotation`, :class:`..oft_math.HouseholderRotation`): its tensors read and checked
 against the base weight, then built with the adapter config's numbers.
 
@@ -23,6 +23,8 @@ def rotation(
     m: LoraModule, ck: Checkpoint, shape: tuple[int, ...], conv1d_hint: bool, embedding: bool
 ) -> oft_math.Rotation:
     """The rotation of ``m`` (OFT, BOFT, HRA) on a base weight of ``shape`` (``embedding``: the base layer is an embedding)."""
+    if "oft_blocks" in m.factors or m.tuner == "diag-oft":  # LyCORIS's Diag-OFT and BOFT (kohya files)
+        return _lycoris_oft(m, ck, shape, conv1d_hint, embedding)
     if m.tuner == "boft":
         return _butterfly(m, ck, shape, conv1d_hint, embedding)
     if m.tuner == "hra":
@@ -55,9 +57,9 @@ def rotation(
             cols,
             transposed=not on_embedding,
             coft=bool(o.get("coft", False)),
-            eps=float(o.get("eps", 6e-5)),  # type: ignore[arg-type]
+            eps=float(o.get("eps", 6e-5)),
             neumann=bool(o.get("use_cayley_neumann", True)),
-            terms=int(o.get("num_cayley_neumann_terms", 5)),  # type: ignore[call-overload]
+            terms=int(o.get("num_cayley_neumann_terms", 5)),
         )
     except ValueError as exc:
         raise AdapterError(
@@ -129,5 +131,37 @@ def _householder(
             f"HRA module {m.module}: does not fit the base weight {list(shape)}: {exc}",
             path=ck.root,
             tensor=key,
+            hint="is this adapter for this base model?",
+        ) from None
+
+
+def _lycoris_oft(
+    m: LoraModule, ck: Checkpoint, shape: tuple[int, ...], conv1d_hint: bool, embedding: bool
+) -> oft_math.OutputRotation | oft_math.OutputButterfly:
+    """LyCORIS's Diag-OFT or BOFT (a kohya file): its output rows rotated.  LyCORIS builds both on Linear and
+    Conv1d/2d/3d layers."""
+    key = m.factors.get("oft_blocks")
+    if key is None:
+        raise AdapterError(f"{m.tuner} module {m.module}: oft_blocks is missing", path=ck.root, tensor=m.a_key)
+    if len(shape) < 2 or embedding or (len(shape) == 2 and conv1d_hint):
+        what = "stored transposed (GPT-2's Conv1D)" if len(shape) == 2 else f"of shape {list(shape)}"
+        raise UnsupportedError(
+            f"{m.tuner} module {m.module} on {'an embedding' if embedding else f'a weight {what}'}: LyCORIS builds "
+            "Diag-OFT and BOFT only on Linear and Conv1d/2d/3d layers",
+            path=ck.root,
+            tensor=key,
+        )
+    blocks = check_finite(ck.read(key), ck, key)
+    rkey = m.factors.get("rescale")
+    rescale = check_finite(ck.read(rkey), ck, rkey) if rkey is not None else None
+    build = oft_math.OutputButterfly.build if blocks.dim() == 4 else oft_math.OutputRotation.build
+    try:
+        return build(blocks, rescale, int(shape[0]), float(m.tuner_args.get("constraint", 0.0)))
+    except ValueError as exc:
+        raise AdapterError(
+            f"{m.tuner} module {m.module}: oft_blocks {list(blocks.shape)} does not fit the base weight "
+            f"{list(shape)}: {exc}",
+            path=ck.root,
+            tensor=rkey if rescale is not None and "rescale" in str(exc) else key,
             hint="is this adapter for this base model?",
         ) from None
