@@ -34,7 +34,8 @@ def analyse_difference(
     for name in tuned_ck.tensors:
         if name not in base_ck.tensors:
             changed.append(name)
-    with progress_bar(progress, sum(tuned_ck.info(n).nbytes for n in names), "comparing with the base") as advance:
+    nbytes = sum(tuned_ck.info(n).nbytes for n in names)
+    with progress_bar(progress, nbytes, "comparing with the base") as advance, _kernel_threads():
         for name in names:
             entry = _compare_one(tuned_ck, base_ck, name, vocab, energy, k)
             advance(tuned_ck.info(name).nbytes)
@@ -76,8 +77,7 @@ def _compare_one(
         # ‖ΔW‖²_F once: result() measured it on this same 2-D ΔW (a weight a LoRA carries is 2-D), the
         # very number the SVD's energies and the relative change would each measure again
         total = diff.total if diff.total is not None else svd.frobenius_sq(d)
-        with _kernel_threads():
-            er, gap = svd.effective_rank(d, energy, k=k, total=total)
+        er, gap = svd.effective_rank(d, energy, k=k, total=total)
         stored = norm.result() if norm is not None else None
         entry.update(
             rank_at_energy=er,
@@ -92,11 +92,11 @@ def _compare_one(
 
 @contextmanager
 def _kernel_threads() -> Iterator[None]:
-    """The factorisation on all cores but one, as the merge's kernels run (``pipeline.execute``): its QR and
-    skinny GEMMs gain little from a second thread, and on a busy 2-core machine an oversubscribed OpenMP
-    thread spins — a 32000×74 QR took 10× the wall time with 2 threads beside other work than with 1.
-    Only the factorisation: the norms' reductions (whose digits ``relative_change`` prints) keep torch's
-    own thread count, so the figures stay the bytes they were."""
+    """The whole comparison on all cores but one, as the merge's kernels run (``pipeline.execute``): its
+    copies, sums, QR and skinny GEMMs gain little from a second thread, and on a busy 2-core machine an
+    oversubscribed OpenMP thread spins — a 32000×74 QR took 10× the wall time with 2 threads beside other
+    work than with 1, and the difference pass's copies and sums doubled the CPU time.  The norms' sums
+    (whose digits ``relative_change`` prints) split the same way on every machine with as many cores."""
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, min(before, (os.cpu_count() or 2) - 1)))
     try:
