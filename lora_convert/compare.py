@@ -62,13 +62,12 @@ def _compare_one(
     kind = tensor_kind(name, tuple(ta.shape), vocab)
     factor = kind != "other" and ta.is_float and tb.is_float
     tuned, base = tuned_ck.rows_of(name), base_ck.rows_of(name)
-    diff = Difference(tuned, base, keep=factor)
     norm = _StoredNorm(ta) if factor else None
+    diff = Difference(tuned, base, keep=factor, measure_tuned=norm is not None and norm.ok)
     for s, e in row_blocks(tuned.shape):
-        rows = tuned.rows(s, e)
-        diff.add(s, rows, base.rows(s, e))
-        if norm is not None:
-            norm.add(s, rows)
+        diff.add(s, tuned.rows(s, e), base.rows(s, e))
+        if norm is not None and diff.tuned_sq is not None:
+            norm.add(s, diff.tuned_sq)
     d = diff.result()
     if d is None:
         return None
@@ -124,13 +123,14 @@ class _StoredNorm:
         diff_step = max(1, DELTA_BLOCK // (4 * cols))  # row_blocks' step: each block one of frobenius_sq's sums
         self.ok = diff_step == max(1, (1 << 20) // cols) and (self.step % diff_step == 0 or self.step >= rows)
 
-    def add(self, start: int, rows: torch.Tensor) -> None:
+    def add(self, start: int, block_sq: float) -> None:
+        """The rows from ``start``: their Σ W² (``frobenius_sq`` of them, which the difference measured)."""
         if not self.ok:
             return
         if start % self.step == 0 and start:
             self.blocks.append(self.current)
             self.current = 0.0
-        self.current += svd.frobenius_sq(rows)
+        self.current += block_sq
 
     def result(self) -> float | None:
         if not self.ok:

@@ -64,8 +64,11 @@ class Difference:
         *,
         keep: bool,
         out: torch.Tensor | Callable[[], torch.Tensor] | None = None,
+        measure_tuned: bool = False,
     ) -> None:
         """``out``: where a kept ΔW is built ((rows, cols) fp32), or what gives it (fresh when None).
+        ``measure_tuned``: each :meth:`add` also leaves ``tuned_sq``, the fp32 sum of the tuned block's squares
+        — :func:`~.svd.frobenius_sq` of those rows, bit for bit, from the fp32 copy the difference makes anyway.
 
         A kept ΔW is only allocated at the first block that differs: the rows before it are zeros.  A
         tensor the fine-tune left alone (the embedding, often: at Llama-3-8B's vocabulary its fp32 ΔW is
@@ -80,6 +83,8 @@ class Difference:
         self.kept = False  # the whole ΔW is being built (keep, and a block differed)
         self.changed = False
         self.total: float | None = None  # ‖ΔW‖²_F once result() has measured it (keep)
+        self.tuned_sq: float | None = None  # the last block's Σ tuned² (measure_tuned)
+        self._sq = torch.empty_like(self.delta) if measure_tuned else None  # its squares, reused
 
     def _keep_from(self, start: int, n: int) -> None:
         """Move to building the whole ΔW: rows before ``start`` are zero, the block just formed is copied."""
@@ -104,7 +109,10 @@ class Difference:
             self.changed = self.changed or not torch.equal(a, b)  # integer buffers: compare exactly
             return
         d = self.delta[start : start + n] if self.kept else self.delta[:n]
-        d.copy_(a).sub_(b)  # b is promoted inside the kernel: no fp32 copy of either side
+        d.copy_(a)
+        if self._sq is not None:  # the tuned rows in fp32, as frobenius_sq would widen them: one block of its sums
+            self.tuned_sq = float(torch.sum(torch.mul(d, d, out=self._sq[:n])))
+        d.sub_(b)  # b is promoted inside the kernel: no fp32 copy of either side
         if self.kept or not d.numel():
             return  # a kept ΔW is checked once, by the norm result() measures anyway
         lo, hi = torch.aminmax(d)  # NaN propagates, Inf is an extreme: one pass checks both inputs too
