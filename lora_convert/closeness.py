@@ -144,7 +144,8 @@ class Agreement:
     widened by slack or extra ulps never beyond ``CAP`` of its magnitude (nor below the bound), so that
     no option makes a random tensor pass.  ``worst`` is the largest ``|merged − expected| / tolerance``
     (ok when ≤ 1), ``worst_bound`` the same in units of the bound, ``worst_ulps`` in ulps; ``worst_base``
-    against the base.  With a ΔW given, ``scale()`` is the least-squares ``c`` in ``merged − base ≈ c·ΔW``
+    against the base — measured until it passes 1, which is all it is read for ("equals the base" or not).
+    With a ΔW given, ``scale()`` is the least-squares ``c`` in ``merged − base ≈ c·ΔW``
     with its uncertainty, and ``fits()`` says whether the fit's residual is within the tolerances."""
 
     dtype: torch.dtype  # the merged tensor's dtype: ulps are counted in it

@@ -35,9 +35,10 @@ def analyse_difference(
         if name not in base_ck.tensors:
             changed.append(name)
     nbytes = sum(tuned_ck.info(n).nbytes for n in names)
+    blocks = _Blocks()
     with progress_bar(progress, nbytes, "comparing with the base") as advance, _kernel_threads():
         for name in names:
-            entry = _compare_one(tuned_ck, base_ck, name, vocab, energy, k)
+            entry = _compare_one(tuned_ck, base_ck, name, vocab, energy, k, blocks)
             advance(tuned_ck.info(name).nbytes)
             if entry is not None:
                 changed.append(name)
@@ -51,8 +52,32 @@ def analyse_difference(
     }
 
 
+class _Blocks:
+    """Two byte buffers the row blocks of both checkpoints are read into, reused from block to block and tensor
+    to tensor (grown when a block is larger): a fresh tensor per block is an allocation and its page faults,
+    for every 2–4 MB read."""
+
+    def __init__(self) -> None:
+        self.raw = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
+
+    def rows(self, side: int, ck: Checkpoint, name: str, start: int, stop: int) -> torch.Tensor:
+        info = ck.info(name)
+        if not info.shape:
+            return ck.read(name)
+        nbytes = ck.span(name, start, stop)[1]
+        if self.raw[side].numel() < nbytes:
+            self.raw[side] = torch.empty(nbytes, dtype=torch.uint8)
+        return ck.read_rows(name, start, stop, out=self.raw[side][:nbytes].view(info.dtype))
+
+
 def _compare_one(
-    tuned_ck: Checkpoint, base_ck: Checkpoint, name: str, vocab: int | None, energy: float, k: int
+    tuned_ck: Checkpoint,
+    base_ck: Checkpoint,
+    name: str,
+    vocab: int | None,
+    energy: float,
+    k: int,
+    blocks: _Blocks | None = None,
 ) -> dict[str, Any] | None:
     """One tensor both checkpoints hold: None when equal, else its entry (kind, shape; for a weight a LoRA
     can carry, the effective rank and the relative change)."""
@@ -64,8 +89,9 @@ def _compare_one(
     tuned, base = tuned_ck.rows_of(name), base_ck.rows_of(name)
     norm = _StoredNorm(ta) if factor else None
     diff = Difference(tuned, base, keep=factor, measure_tuned=norm is not None and norm.ok)
+    blocks = blocks or _Blocks()
     for s, e in row_blocks(tuned.shape):
-        diff.add(s, tuned.rows(s, e), base.rows(s, e))
+        diff.add(s, blocks.rows(0, tuned_ck, name, s, e), blocks.rows(1, base_ck, name, s, e))
         if norm is not None and diff.tuned_sq is not None:
             norm.add(s, diff.tuned_sq)
     d = diff.result()
