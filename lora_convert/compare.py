@@ -34,9 +34,11 @@ def analyse_difference(
     for name in tuned_ck.tensors:
         if name not in base_ck.tensors:
             changed.append(name)
-    with progress_bar(progress, sum(tuned_ck.info(n).nbytes for n in names), "comparing with the base") as advance:
+    nbytes = sum(tuned_ck.info(n).nbytes for n in names)
+    blocks = _Blocks()
+    with progress_bar(progress, nbytes, "comparing with the base") as advance, _kernel_threads():
         for name in names:
-            entry = _compare_one(tuned_ck, base_ck, name, vocab, energy, k)
+            entry = _compare_one(tuned_ck, base_ck, name, vocab, energy, k, blocks)
             advance(tuned_ck.info(name).nbytes)
             if entry is not None:
                 changed.append(name)
@@ -50,8 +52,32 @@ def analyse_difference(
     }
 
 
+class _Blocks:
+    """Two byte buffers the row blocks of both checkpoints are read into, reused from block to block and tensor
+    to tensor (grown when a block is larger): a fresh tensor per block is an allocation and its page faults,
+    for every 2–4 MB read."""
+
+    def __init__(self) -> None:
+        self.raw = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
+
+    def rows(self, side: int, ck: Checkpoint, name: str, start: int, stop: int) -> torch.Tensor:
+        info = ck.info(name)
+        if not info.shape:
+            return ck.read(name)
+        nbytes = ck.span(name, start, stop)[1]
+        if self.raw[side].numel() < nbytes:
+            self.raw[side] = torch.empty(nbytes, dtype=torch.uint8)
+        return ck.read_rows(name, start, stop, out=self.raw[side][:nbytes].view(info.dtype))
+
+
 def _compare_one(
-    tuned_ck: Checkpoint, base_ck: Checkpoint, name: str, vocab: int | None, energy: float, k: int
+    tuned_ck: Checkpoint,
+    base_ck: Checkpoint,
+    name: str,
+    vocab: int | None,
+    energy: float,
+    k: int,
+    blocks: _Blocks | None = None,
 ) -> dict[str, Any] | None:
     """One tensor both checkpoints hold: None when equal, else its entry (kind, shape; for a weight a LoRA
     can carry, the effective rank and the relative change)."""
@@ -61,13 +87,13 @@ def _compare_one(
     kind = tensor_kind(name, tuple(ta.shape), vocab)
     factor = kind != "other" and ta.is_float and tb.is_float
     tuned, base = tuned_ck.rows_of(name), base_ck.rows_of(name)
-    diff = Difference(tuned, base, keep=factor)
     norm = _StoredNorm(ta) if factor else None
+    diff = Difference(tuned, base, keep=factor, measure_tuned=norm is not None and norm.ok)
+    blocks = blocks or _Blocks()
     for s, e in row_blocks(tuned.shape):
-        rows = tuned.rows(s, e)
-        diff.add(s, rows, base.rows(s, e))
-        if norm is not None:
-            norm.add(s, rows)
+        diff.add(s, blocks.rows(0, tuned_ck, name, s, e), blocks.rows(1, base_ck, name, s, e))
+        if norm is not None and diff.tuned_sq is not None:
+            norm.add(s, diff.tuned_sq)
     d = diff.result()
     if d is None:
         return None
@@ -76,8 +102,7 @@ def _compare_one(
         # ‖ΔW‖²_F once: result() measured it on this same 2-D ΔW (a weight a LoRA carries is 2-D), the
         # very number the SVD's energies and the relative change would each measure again
         total = diff.total if diff.total is not None else svd.frobenius_sq(d)
-        with _kernel_threads():
-            er, gap = svd.effective_rank(d, energy, k=k, total=total)
+        er, gap = svd.effective_rank(d, energy, k=k, total=total)
         stored = norm.result() if norm is not None else None
         entry.update(
             rank_at_energy=er,
@@ -92,11 +117,11 @@ def _compare_one(
 
 @contextmanager
 def _kernel_threads() -> Iterator[None]:
-    """The factorisation on all cores but one, as the merge's kernels run (``pipeline.execute``): its QR and
-    skinny GEMMs gain little from a second thread, and on a busy 2-core machine an oversubscribed OpenMP
-    thread spins — a 32000×74 QR took 10× the wall time with 2 threads beside other work than with 1.
-    Only the factorisation: the norms' reductions (whose digits ``relative_change`` prints) keep torch's
-    own thread count, so the figures stay the bytes they were."""
+    """The whole comparison on all cores but one, as the merge's kernels run (``pipeline.execute``): its
+    copies, sums, QR and skinny GEMMs gain little from a second thread, and on a busy 2-core machine an
+    oversubscribed OpenMP thread spins — a 32000×74 QR took 10× the wall time with 2 threads beside other
+    work than with 1, and the difference pass's copies and sums doubled the CPU time.  The norms' sums
+    (whose digits ``relative_change`` prints) split the same way on every machine with as many cores."""
     before = torch.get_num_threads()
     torch.set_num_threads(max(1, min(before, (os.cpu_count() or 2) - 1)))
     try:
@@ -124,13 +149,14 @@ class _StoredNorm:
         diff_step = max(1, DELTA_BLOCK // (4 * cols))  # row_blocks' step: each block one of frobenius_sq's sums
         self.ok = diff_step == max(1, (1 << 20) // cols) and (self.step % diff_step == 0 or self.step >= rows)
 
-    def add(self, start: int, rows: torch.Tensor) -> None:
+    def add(self, start: int, block_sq: float) -> None:
+        """The rows from ``start``: their Σ W² (``frobenius_sq`` of them, which the difference measured)."""
         if not self.ok:
             return
         if start % self.step == 0 and start:
             self.blocks.append(self.current)
             self.current = 0.0
-        self.current += svd.frobenius_sq(rows)
+        self.current += block_sq
 
     def result(self) -> float | None:
         if not self.ok:

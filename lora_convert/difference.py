@@ -18,7 +18,6 @@ import torch
 
 from .errors import CheckpointError, UnsupportedError
 from .lora_math import all_finite
-from .svd import frobenius_sq
 
 FP32 = torch.float32
 DELTA_BLOCK = 4 << 20  # bytes of fp32 ΔW built per step from the two files
@@ -64,8 +63,11 @@ class Difference:
         *,
         keep: bool,
         out: torch.Tensor | Callable[[], torch.Tensor] | None = None,
+        measure_tuned: bool = False,
     ) -> None:
         """``out``: where a kept ΔW is built ((rows, cols) fp32), or what gives it (fresh when None).
+        ``measure_tuned``: each :meth:`add` also leaves ``tuned_sq``, the fp32 sum of the tuned block's squares
+        — :func:`~.svd.frobenius_sq` of those rows, bit for bit, from the fp32 copy the difference makes anyway.
 
         A kept ΔW is only allocated at the first block that differs: the rows before it are zeros.  A
         tensor the fine-tune left alone (the embedding, often: at Llama-3-8B's vocabulary its fp32 ΔW is
@@ -80,6 +82,9 @@ class Difference:
         self.kept = False  # the whole ΔW is being built (keep, and a block differed)
         self.changed = False
         self.total: float | None = None  # ‖ΔW‖²_F once result() has measured it (keep)
+        self.tuned_sq: float | None = None  # the last block's Σ tuned² (measure_tuned)
+        self._sq = torch.empty_like(self.delta) if measure_tuned or keep else None  # squares of a block, reused
+        self._total = 0.0  # Σ over the blocks so far of their ΔW²: frobenius_sq's sums, block by block (keep)
 
     def _keep_from(self, start: int, n: int) -> None:
         """Move to building the whole ΔW: rows before ``start`` are zero, the block just formed is copied."""
@@ -104,9 +109,15 @@ class Difference:
             self.changed = self.changed or not torch.equal(a, b)  # integer buffers: compare exactly
             return
         d = self.delta[start : start + n] if self.kept else self.delta[:n]
-        d.copy_(a).sub_(b)  # b is promoted inside the kernel: no fp32 copy of either side
-        if self.kept or not d.numel():
+        d.copy_(a)
+        if self._sq is not None:  # the tuned rows in fp32, as frobenius_sq would widen them: one block of its sums
+            self.tuned_sq = float(torch.sum(torch.mul(d, d, out=self._sq[:n])))
+        d.sub_(b)  # b is promoted inside the kernel: no fp32 copy of either side
+        if self.kept:
+            self._measure(d, n)
             return  # a kept ΔW is checked once, by the norm result() measures anyway
+        if not d.numel():
+            return
         lo, hi = torch.aminmax(d)  # NaN propagates, Inf is an extreme: one pass checks both inputs too
         if not (torch.isfinite(lo) and torch.isfinite(hi)):
             self._non_finite()
@@ -114,6 +125,15 @@ class Difference:
             self.changed = True
             if self.keep:
                 self._keep_from(start, n)
+                self._measure(d, n)
+
+    def _measure(self, d: torch.Tensor, n: int) -> None:
+        """Add a kept block's Σ ΔW² while it is in cache: :func:`~.svd.frobenius_sq` of the whole ΔW sums the
+        same row blocks (``row_blocks``' step is its step) in the same order — the rows before the first
+        block that differs are zeros, whose sums add nothing — so ``result()`` has its figure bit for bit
+        without a second pass over ΔW."""
+        assert self._sq is not None
+        self._total += float(torch.sum(torch.mul(d, d, out=self._sq[:n])))
 
     def _non_finite(self) -> None:
         """Name the input that holds NaN/Inf (read again, only on this error path), or the overflow."""
@@ -135,7 +155,7 @@ class Difference:
         A kept ΔW's ‖ΔW‖²_F (the SVD needs it) also says whether anything changed and whether anything
         is NaN/Inf: no separate pass over it."""
         if self.keep:
-            self.total = frobenius_sq(self.delta) if self.kept else 0.0
+            self.total = self._total if self.kept else 0.0
             if not math.isfinite(self.total):
                 self._non_finite()
             self.changed = self.changed or self.total > 0

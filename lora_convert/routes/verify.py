@@ -74,6 +74,7 @@ from .plan import Request
 
 OK = "ok"
 Done = Callable[[Agreement], None]
+_EXACT_IN_FP32 = (torch.bfloat16, torch.float16, torch.float32)  # base dtypes fp32 holds exactly
 Bounder = Callable[[torch.Tensor, int, torch.Tensor, int], torch.Tensor]  # (W rows, start, expected, cols)
 
 
@@ -327,7 +328,10 @@ def _merge_bounder(
     def tile(w: torch.Tensor, start: int, want: torch.Tensor, cols: int) -> torch.Tensor:
         n = w.numel() // cols
         t = buf.scratch("bound", (n, cols), torch.float32)
-        t.copy_(w.view(n, cols)).abs_().mul_(mb.w)
+        if w.dtype == torch.float32:  # widened already (the rows job): |W| in one pass
+            torch.abs(w.view(n, cols), out=t).mul_(mb.w)
+        else:
+            t.copy_(w.view(n, cols)).abs_().mul_(mb.w)
         for m in mags:
             m.add_rows(t, start, start + n)
         return t
@@ -411,9 +415,14 @@ def _rows_job(
         elif rm.rotation is not None:
             bounder = _rotation_bounder(rm.rotation, mdtype, base_dtype, buf)
         ag = agreement(mdtype, buf)
+        widen = not o.dora and base_dtype in _EXACT_IN_FP32
         for r, mr in pairs:
-            w, m = buf.read(r), buf.read(mr)
-            n = w.shape[0]
+            stored, m = buf.read(r), buf.read(mr)
+            w, n = stored, stored.shape[0]
+            if widen and not (w.dtype == torch.float32 and w.is_contiguous()):
+                # W in fp32 once (exactly: bf16/fp16 widen without rounding), for the tile, ΔW, the bound and
+                # the base comparison, which would each widen it again; the same numbers, one pass fewer each
+                w = buf.scratch("w32", tuple(w.shape), torch.float32).copy_(w)
             acc = buf.scratch("acc", (n, cols), torch.float32)
             want = rm.rows(w, r.start, buf.scratch("expected", tuple(w.shape), mdtype), acc)
             x = None  # fp32 ΔW rows, for the fit: the merge's tile less W
@@ -422,7 +431,7 @@ def _rows_job(
             alt = plain.rows(w, r.start, buf.scratch("alt", tuple(w.shape), mdtype), acc) if plain else None
             bound = bounder(w, r.start, want, cols) if bounder is not None else None
             ag.add(m, want, w, bound, x, alt)
-            buf.give_back(w)
+            buf.give_back(stored)
             buf.give_back(m)
         done(ag)
         return
