@@ -26,11 +26,13 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .io.direct import ALIGN
 from .io.reader import Checkpoint
 from .io.writer import PlannedTensor, TensorSink
 
@@ -113,9 +115,10 @@ class Buffers:
         self.closed = threading.Event()
         size = slot_bytes or TILE_BYTES
         self._out = _Pool(out_slots or QUEUE_DEPTH + 2, size, self.closed)
-        self._read = _Pool(read_slots or READ_SLOTS, size, self.closed)
+        self._read = _Pool(read_slots or READ_SLOTS, size + 2 * ALIGN, self.closed)  # room for direct reads
         self._scratch: dict[tuple[str, str], torch.Tensor] = {}
         self._fetched: queue.Queue[Any] | None = None  # the reader stage's output, when it runs
+        self.side: ThreadPoolExecutor | None = None  # a second compute thread for the worker (see execute)
 
     def out(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An output block of ``shape``/``dtype``; waits while the writer holds every slot."""
@@ -151,9 +154,11 @@ class Buffers:
             raise RuntimeError(f"declared read never consumed: {got.key}[{got.start}:{got.stop}]")
 
     def fetch(self, r: Read) -> torch.Tensor:
-        info = r.ck.info(r.key)
-        slot = self._read.take((r.ck.span(r.key, r.start, r.stop, flat=r.flat)[1],), torch.uint8).view(info.dtype)
-        return (r.ck.read_flat if r.flat else r.ck.read_rows)(r.key, r.start, r.stop, out=slot)
+        """The block ``r``, read into a pooled slot: straight from the disk into it where the file allows
+        (``Checkpoint.read_block``: the slot's spare bytes around the block take the direct read's alignment)."""
+        nbytes = r.ck.span(r.key, r.start, r.stop, flat=r.flat)[1]
+        slot = self._read.take((nbytes + 2 * ALIGN,), torch.uint8)
+        return r.ck.read_block(r.key, r.start, r.stop, slot, flat=r.flat)
 
     def give_back(self, block: torch.Tensor) -> None:
         ptr = block.untyped_storage().data_ptr()
@@ -223,6 +228,10 @@ def execute(
     buffers = Buffers()
     before = torch.get_num_threads()
     torch.set_num_threads(threads or max(1, min(before, (os.cpu_count() or 2) - 1)))
+    if torch.get_num_threads() == 1 and (os.cpu_count() or 1) > 1:
+        # The kernels run on one thread (a 2-core machine: one core left to the reader and the writer), yet
+        # those two mostly wait on the disk: a job may hand every other block to this thread (merge_engine).
+        buffers.side = ThreadPoolExecutor(1, thread_name_prefix="lora-convert-side")
     try:
         for name, block in _stages(jobs, buffers):
             assert sink is not None
@@ -232,6 +241,8 @@ def execute(
             buffers.give_back(block)
         return sink.close() if sink is not None else []
     finally:
+        if buffers.side is not None:
+            buffers.side.shutdown(wait=True)  # a block it still computes ends before its buffers go
         torch.set_num_threads(before)
         if sink is not None:
             sink.abort()

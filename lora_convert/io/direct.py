@@ -214,6 +214,38 @@ class DirectReader:
             done += k
         return done
 
+    def read_spare(self, buf: memoryview, addr: int, offset: int, n: int) -> int | None:
+        """Bytes ``offset:offset+n`` of the file into ``buf`` (writable bytes at address ``addr``, all of them
+        scratch), with no copy: one ``O_DIRECT`` read of the aligned range around them lands at the first
+        aligned address in ``buf``.  Returns where in ``buf`` the bytes start, or None when ``buf`` has no room
+        for the aligned range.  Pages all in the page cache are read from there (a plain read, straight to
+        the place the direct read would have put them).  A file that ends first gives ``-1``.  OSError
+        propagates (``EINVAL``: the file system refuses direct reads).
+
+        Why: the window (:meth:`read_into`) reads the disk once per 8 MB but copies every block out of it; a
+        block of a few MB read in place costs the kernel the same and the CPU no copy."""
+        head = offset % ALIGN
+        first = -addr % ALIGN  # buf[first] is aligned; it takes the file's byte offset - head
+        length = -(-(head + n) // ALIGN) * ALIGN
+        if first + length > len(buf):
+            return None
+        at = first + head
+        cached = cached_pages(self.plain, offset - head, length)
+        if cached is not None and cached * mmap.PAGESIZE >= length:
+            fd, pos, want, stop = self.plain, offset, at, at + n
+        else:
+            fd, pos, want, stop = self.direct, offset - head, first, first + length
+        done = want
+        while done < at + n:
+            got = os.preadv(fd, [buf[done:stop]], pos + done - want)
+            if got == 0:
+                return -1
+            done += got
+            if fd == self.direct and done % ALIGN and done < at + n:  # short, off the alignment: plain from here
+                fd = self.plain
+                stop = at + n
+        return at
+
     def close(self) -> None:
         """The calling thread's window forgets this file (other threads' windows hold a token never reused)."""
         st = getattr(_window, "st", None)

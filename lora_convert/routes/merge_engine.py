@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -617,21 +618,43 @@ def _merge_job(
 
     def blocks(buf: Buffers) -> Iterator[torch.Tensor]:
         rm = prepare_rows(ops, shape, conv1d_hint, buf, plan, device)
-        for r in plan:
-            w = buf.read(r)
-            acc = _acc(buf, w.shape[0], cols, device if rm.deltas else "cpu")
-            out = rm.rows(w, r.start, buf.out(tuple(w.shape), out_dtype), acc)
+        on = device if rm.deltas else "cpu"
+        side = buf.side if observe is None and on == "cpu" and len(plan) > 1 else None
+
+        def compute(w: torch.Tensor, start: int, out: torch.Tensor, role: str) -> bool:
+            """Merged rows into ``out``; whether they are all finite (checked where they were made)."""
+            rm.rows(w, start, out, buf.scratch(role, (w.shape[0], cols), torch.float32, on))
+            return lora_math.merged_finite(out)
+
+        def done(finite: bool, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             if observe is not None:
                 observe(w, out)
             buf.give_back(w)
-            if not lora_math.merged_finite(out):
+            if not finite:
                 raise AdapterError(
                     "merged weight holds NaN or Inf",
                     path=src_ck.root,
                     tensor=name,
                     hint="the adapter or the base has extreme values",
                 )
-            yield out
+            return out
+
+        # With a side thread, every other block is computed there while this thread computes the next one
+        # (the kernels release the GIL): two cores' worth of kernels, blocks still yielded in order, and each
+        # block computed by the same single-threaded kernels, so the bytes do not depend on who made them.
+        held: tuple[Future[bool], torch.Tensor, torch.Tensor] | None = None
+        for i, r in enumerate(plan):
+            w = buf.read(r)
+            out = buf.out(tuple(w.shape), out_dtype)
+            if side is not None and held is None and i + 1 < len(plan):
+                held = (side.submit(compute, w, r.start, out, "acc-side"), w, out)
+                continue
+            finite = compute(w, r.start, out, "acc")
+            if held is not None:
+                fut, hw, hout = held
+                held = None
+                yield done(fut.result(), hw, hout)
+            yield done(finite, w, out)
 
     op = "dora" if ops.dora else ("merge" if ops.loras else "tokens")
     return Job(name, out_dtype, shape, blocks, op, reads=lambda: plan * (2 if ops.dora else 1))
