@@ -37,9 +37,11 @@ from .io.reader import Checkpoint
 from .io.writer import PlannedTensor, TensorSink
 
 QUEUE_DEPTH = 3  # blocks waiting for the writer
-READ_SLOTS = 16  # blocks the reader may hold ahead of the worker (plus those on their way to the writer)
+READ_SLOTS = 4  # largest blocks the reader may hold ahead of the worker (more of smaller ones: a byte budget)
 READAHEAD = 64 << 20  # input bytes asked of the disk ahead of the reader (page cache, not RSS)
-TILE_BYTES = 2 << 20  # largest pooled block: one fp32 working tile (see lora_math.block_rows)
+TILE_BYTES = 8 << 20  # largest pooled block (a merge's row block: lora_math.block_rows); larger ones are fresh
+IN_PLACE = 2 << 20  # blocks this large are read straight into their slot; smaller ones through the 8 MB window
+POOL_GRAIN = 256 << 10  # pooled buffers are made in multiples of this, so blocks of one tensor share them
 
 
 class _Stopped(Exception):
@@ -47,25 +49,49 @@ class _Stopped(Exception):
 
 
 class _Pool:
-    """``slots`` reusable byte buffers of ``slot_bytes``; a larger request gets a fresh tensor."""
+    """Reusable byte buffers, ``budget`` bytes of them at most: a request takes the smallest free buffer that
+    holds it, or a new one while the budget allows, or drops free buffers that are too small to make room,
+    or waits for one to come back.  So 1 MB blocks get several times as many buffers as 8 MB ones in the
+    same memory.  A request larger than ``largest`` gets a fresh tensor."""
 
-    def __init__(self, slots: int, slot_bytes: int, closed: threading.Event) -> None:
-        self.slots, self.slot_bytes, self.closed = slots, slot_bytes, closed
-        self._free: queue.Queue[torch.Tensor] = queue.Queue()
-        self._made = 0
+    def __init__(self, budget: int, largest: int, closed: threading.Event) -> None:
+        self.budget, self.largest, self.closed = budget, largest, closed
+        self._free: list[torch.Tensor] = []
+        self._held = 0  # bytes of the buffers made and not dropped
+        self._cond = threading.Condition()
         self.owns: dict[int, torch.Tensor] = {}
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         nbytes = _nbytes(shape, dtype)
-        if nbytes > self.slot_bytes:
+        if nbytes > self.largest:
             return torch.empty(shape, dtype=dtype)
-        if self._made < self.slots and self._free.empty():
-            self._made += 1
-            raw = torch.empty(self.slot_bytes, dtype=torch.uint8)
-            self.owns[raw.data_ptr()] = raw
-        else:
-            raw = _get(self._free, self.closed)
+        grain = min(POOL_GRAIN, self.largest)
+        size = min(self.largest, max(grain, -(-nbytes // grain) * grain))
+        with self._cond:
+            while True:
+                fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+                if fits:
+                    raw = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+                    break
+                if self._held + size <= self.budget or not self.owns:
+                    raw = torch.empty(size, dtype=torch.uint8)
+                    self._held += size
+                    self.owns[raw.data_ptr()] = raw
+                    break
+                if self._free:  # free buffers too small for this block: dropped to make room
+                    small = self._free.pop()
+                    del self.owns[small.data_ptr()]
+                    self._held -= small.numel()
+                    continue
+                if self.closed.is_set():
+                    raise _Stopped()
+                self._cond.wait(0.1)
         return raw[:nbytes].view(dtype).view(shape)
+
+    def put(self, raw: torch.Tensor) -> None:
+        with self._cond:
+            self._free.append(raw)
+            self._cond.notify()
 
 
 def _get(q: queue.Queue[Any], closed: threading.Event) -> Any:
@@ -114,8 +140,8 @@ class Buffers:
     ) -> None:
         self.closed = threading.Event()
         size = slot_bytes or TILE_BYTES
-        self._out = _Pool(out_slots or QUEUE_DEPTH + 2, size, self.closed)
-        self._read = _Pool(read_slots or READ_SLOTS, size + 2 * ALIGN, self.closed)  # room for direct reads
+        self._out = _Pool((out_slots or QUEUE_DEPTH + 2) * size, size, self.closed)
+        self._read = _Pool((read_slots or READ_SLOTS) * (size + 2 * ALIGN), size + 2 * ALIGN, self.closed)
         self._scratch: dict[tuple[str, str], torch.Tensor] = {}
         self._fetched: queue.Queue[Any] | None = None  # the reader stage's output, when it runs
         self.side: ThreadPoolExecutor | None = None  # a second compute thread for the worker (see execute)
@@ -157,15 +183,19 @@ class Buffers:
         """The block ``r``, read into a pooled slot: straight from the disk into it where the file allows
         (``Checkpoint.read_block``: the slot's spare bytes around the block take the direct read's alignment)."""
         nbytes = r.ck.span(r.key, r.start, r.stop, flat=r.flat)[1]
-        slot = self._read.take((nbytes + 2 * ALIGN,), torch.uint8)
-        return r.ck.read_block(r.key, r.start, r.stop, slot, flat=r.flat)
+        if nbytes >= IN_PLACE:
+            slot = self._read.take((nbytes + 2 * ALIGN,), torch.uint8)
+            return r.ck.read_block(r.key, r.start, r.stop, slot, flat=r.flat)
+        info = r.ck.info(r.key)
+        slot = self._read.take((nbytes,), torch.uint8).view(info.dtype)
+        return (r.ck.read_flat if r.flat else r.ck.read_rows)(r.key, r.start, r.stop, out=slot)
 
     def give_back(self, block: torch.Tensor) -> None:
         ptr = block.untyped_storage().data_ptr()
         for pool in (self._out, self._read):
             raw = pool.owns.get(ptr)
             if raw is not None:
-                pool._free.put(raw)
+                pool.put(raw)
                 return
 
     def scratch(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
