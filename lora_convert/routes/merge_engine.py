@@ -623,21 +623,31 @@ def _merge_job(
 ) -> Job:
     src_ck = ops.source[0]
     cols = math.prod(shape[1:])
-    # Blocks as large as the pipeline pools (8 MB): the per-block interpreter and dispatch cost is paid an
-    # eighth as often as with 1 MB tiles, and the kernels cost the same per byte at either size (bench/README.md).
-    # Not for DoRA: a transposed weight's norms are summed block by block, so its blocks are part of the result
-    # (verify recomputes them with block_plan's default tiles).
+    # Blocks as large as the pipeline pools (8 MB) are read and written: one direct read each, an eighth of the
+    # pipeline's hand-offs; each is computed in cache-sized tiles (block_rows: the kernels cost ~1.5x per byte
+    # on a 16 MB fp32 tile, bench/README.md).  Not for DoRA: a transposed weight's norms are summed block by
+    # block, so its blocks are part of the result (verify recomputes them with block_plan's default tiles).
     plan = block_plan(ops, shape, out_dtype, None if ops.dora else TILE_BYTES)
+    elem = max(src_ck.info(ops.source[1]).itemsize, out_dtype.itemsize)
+    tile = lora_math.block_rows(shape[0], cols, elem_bytes=elem) if shape else 1
 
     def blocks(buf: Buffers) -> Iterator[torch.Tensor]:
         rm = prepare_rows(ops, shape, conv1d_hint, buf, plan, device)
         on = device if rm.deltas else "cpu"
         side = buf.side if observe is None and on == "cpu" and len(plan) > 1 else None
 
+        step = tile if on == "cpu" else max(1, shape[0])  # another device: one kernel launch per block
+
         def compute(w: torch.Tensor, start: int, out: torch.Tensor, role: str) -> bool:
-            """Merged rows into ``out``; whether they are all finite (checked where they were made)."""
-            rm.rows(w, start, out, buf.scratch(role, (w.shape[0], cols), torch.float32, on))
-            return lora_math.merged_finite(out)
+            """Merged rows into ``out``, a tile at a time; whether they are all finite (each tile checked while
+            it is in the cache)."""
+            finite, n = True, w.shape[0]
+            for s in range(0, n, step):
+                e = min(n, s + step)
+                o = out[s:e]
+                rm.rows(w[s:e], start + s, o, buf.scratch(role, (e - s, cols), torch.float32, on))
+                finite = lora_math.merged_finite(o) and finite
+            return finite
 
         def done(finite: bool, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             if observe is not None:
