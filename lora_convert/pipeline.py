@@ -140,15 +140,26 @@ class Buffers:
     ) -> None:
         self.closed = threading.Event()
         size = slot_bytes or TILE_BYTES
-        self._out = _Pool((out_slots or QUEUE_DEPTH + 2) * size, size, self.closed)
+        self._out = _Pool((out_slots or QUEUE_DEPTH + 2) * (size + ALIGN), size + ALIGN, self.closed)  # (see out)
         self._read = _Pool((read_slots or READ_SLOTS) * (size + 2 * ALIGN), size + 2 * ALIGN, self.closed)
         self._scratch: dict[tuple[str, str], torch.Tensor] = {}
         self._fetched: queue.Queue[Any] | None = None  # the reader stage's output, when it runs
         self.side: ThreadPoolExecutor | None = None  # a second compute thread for the worker (see execute)
+        self.file_offset: Callable[[str], int | None] | None = None  # the sink's, where it has one (see out)
 
-    def out(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """An output block of ``shape``/``dtype``; waits while the writer holds every slot."""
-        return self._out.take(shape, dtype)
+    def out(self, shape: tuple[int, ...], dtype: torch.dtype, at: tuple[str, int] | None = None) -> torch.Tensor:
+        """An output block of ``shape``/``dtype``; waits while the writer holds every slot.  ``at`` (the output
+        tensor's name, the block's byte offset in it): the block is placed in its slot at the alignment of its
+        place in the output file, so the writer can hand it to the disk from there (``StagedFile.write_at``)."""
+        start = self.file_offset(at[0]) if at is not None and self.file_offset is not None else None
+        if start is None:
+            return self._out.take(shape, dtype)
+        nbytes = _nbytes(shape, dtype)
+        slot = self._out.take((nbytes + ALIGN,), torch.uint8)
+        k = (start + at[1] - slot.data_ptr()) % ALIGN  # type: ignore[index]
+        if k % dtype.itemsize:
+            k = 0
+        return slot[k : k + nbytes].view(dtype).view(shape)
 
     def read(self, r: Read) -> torch.Tensor:
         """The block ``r`` (which must be the next one declared), as a pooled tensor."""
@@ -256,6 +267,7 @@ def execute(
     if sink is not None:
         sink.open(planned)
     buffers = Buffers()
+    buffers.file_offset = getattr(sink, "file_offset", None)
     before = torch.get_num_threads()
     torch.set_num_threads(threads or max(1, min(before, (os.cpu_count() or 2) - 1)))
     if torch.get_num_threads() == 1 and (os.cpu_count() or 1) > 1:

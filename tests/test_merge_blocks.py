@@ -153,3 +153,38 @@ def test_side_thread_merge_is_byte_identical(tmp_path: Path, monkeypatch: pytest
     a, b = ad[f"base_model.model.{key}.lora_A.weight"].float(), ad[f"base_model.model.{key}.lora_B.weight"].float()
     want = torch.addmm(w[f"{key}.weight"].float(), b, a, alpha=2.0).to(torch.bfloat16)
     assert torch.equal(got[f"{key}.weight"], want)
+
+
+@pytest.mark.parametrize("phase", [0, 1000])
+def test_placed_block_goes_to_the_disk_from_where_it_lies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, phase: int
+) -> None:
+    """A block at the file position's alignment: its aligned middle is one write straight from its memory (the
+    staging buffer takes only the partial pages); a block off the alignment is staged.  Same bytes either way."""
+    lens: list[int] = []
+    real = os.write
+
+    def spy(fd: int, data: memoryview) -> int:
+        lens.append(len(data))
+        return real(fd, data)
+
+    monkeypatch.setattr(direct.os, "write", spy)
+    g = torch.Generator().manual_seed(1)
+    head = torch.randint(0, 256, (1000,), dtype=torch.uint8, generator=g)
+    block = torch.randint(0, 256, (300_000,), dtype=torch.uint8, generator=g)
+    f = direct.StagedFile(tmp_path / "f", stage_bytes=16 * direct.ALIGN)
+    try:
+        f.write(head.numpy().data)
+        slot = torch.empty(len(block) + direct.ALIGN, dtype=torch.uint8)
+        k = (1000 + phase - slot.data_ptr()) % direct.ALIGN  # phase 0: at the file position's alignment
+        placed = slot[k : k + len(block)]
+        placed.copy_(block)
+        f.write_at(placed.numpy().data, placed.data_ptr())
+        f.sync()
+    finally:
+        f.close()
+    assert (tmp_path / "f").read_bytes() == bytes(head.numpy()) + bytes(block.numpy())
+    if direct.O_DIRECT and not direct.DISABLED:
+        straight = (len(block) - (direct.ALIGN - 1000)) // direct.ALIGN * direct.ALIGN
+        assert (straight in lens) == (phase == 0), lens
+        assert max(lens) <= 16 * direct.ALIGN or phase == 0

@@ -668,7 +668,7 @@ def _merge_job(
         held: tuple[Future[bool], torch.Tensor, torch.Tensor] | None = None
         for i, r in enumerate(plan):
             w = buf.read(r)
-            out = buf.out(tuple(w.shape), out_dtype)
+            out = buf.out(tuple(w.shape), out_dtype, (name, r.start * cols * out_dtype.itemsize))
             if side is not None and held is None and i + 1 < len(plan):
                 held = (side.submit(compute, w, r.start, out, "acc-side"), w, out)
                 continue
