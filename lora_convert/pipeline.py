@@ -37,7 +37,7 @@ from .io.reader import Checkpoint
 from .io.writer import PlannedTensor, TensorSink
 
 QUEUE_DEPTH = 3  # blocks waiting for the writer
-READ_SLOTS = 4  # largest blocks the reader may hold ahead of the worker (more of smaller ones: a byte budget)
+READ_SLOTS = 6  # largest blocks the reader may hold (two in the worker's hands; more of smaller ones: a byte budget)
 READAHEAD = 64 << 20  # input bytes asked of the disk ahead of the reader (page cache, not RSS)
 TILE_BYTES = 8 << 20  # largest pooled block (a merge's row block: lora_math.block_rows); larger ones are fresh
 IN_PLACE = 2 << 20  # blocks this large are read straight into their slot; smaller ones through the 8 MB window
