@@ -8,9 +8,15 @@ overlap (the profile that showed it is in bench/README.md).
 
 Why buffer pools: a fresh tensor per block means the kernel maps and zeroes new pages for every
 block (for a 2 GB merge, several times the checkpoint in page faults across reads, fp32 tiles and
-outputs).  Reusing a few dozen small slots is faster on the compute side and keeps memory flat: the
-pools, the scratch tiles and the queues are all a conversion ever holds (~60 MB).  Copies move flat
-byte ranges, so that bound holds whatever the shape; a merge block is at least one row of a 2-D weight.
+outputs).  Reusing pooled buffers is faster on the compute side and keeps memory flat: the pools (a byte
+budget each: ~50 MB of reads ahead, ~40 MB of output), the scratch tiles and the queues are all a
+conversion ever holds.  Copies move flat byte ranges, so that bound holds whatever the shape; a merge block
+is at least one row of a 2-D weight.
+
+Why a side thread (2-core machines, where the kernels get one thread): the reader and the writer mostly
+wait on the disk, and a merge is bound by its worker's kernels; the merge job hands every other row block to
+the side thread (``Buffers.side``), which runs the same single-threaded kernels, so the bytes do not change
+(issue 26, bench/README.md).
 
 Jobs that write nothing (``Job.writes`` false: extraction's factorisations) run through the same
 stages, so their reads are fetched ahead too; they hand their results back through their own state.
