@@ -8,9 +8,15 @@ overlap (the profile that showed it is in bench/README.md).
 
 Why buffer pools: a fresh tensor per block means the kernel maps and zeroes new pages for every
 block (for a 2 GB merge, several times the checkpoint in page faults across reads, fp32 tiles and
-outputs).  Reusing a few dozen small slots is faster on the compute side and keeps memory flat: the
-pools, the scratch tiles and the queues are all a conversion ever holds (~60 MB).  Copies move flat
-byte ranges, so that bound holds whatever the shape; a merge block is at least one row of a 2-D weight.
+outputs).  Reusing pooled buffers is faster on the compute side and keeps memory flat: the pools (a byte
+budget each: ~50 MB of reads ahead, ~40 MB of output), the scratch tiles and the queues are all a
+conversion ever holds.  Copies move flat byte ranges, so that bound holds whatever the shape; a merge block
+is at least one row of a 2-D weight.
+
+Why a side thread (2-core machines, where the kernels get one thread): the reader and the writer mostly
+wait on the disk, and a merge is bound by its worker's kernels; the merge job hands every other row block to
+the side thread (``Buffers.side``), which runs the same single-threaded kernels, so the bytes do not change
+(issue 26, bench/README.md).
 
 Jobs that write nothing (``Job.writes`` false: extraction's factorisations) run through the same
 stages, so their reads are fetched ahead too; they hand their results back through their own state.
@@ -26,18 +32,22 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .io.direct import ALIGN
 from .io.reader import Checkpoint
 from .io.writer import PlannedTensor, TensorSink
 
 QUEUE_DEPTH = 3  # blocks waiting for the writer
-READ_SLOTS = 16  # blocks the reader may hold ahead of the worker (plus those on their way to the writer)
+READ_SLOTS = 6  # largest blocks the reader may hold (two in the worker's hands; more of smaller ones: a byte budget)
 READAHEAD = 64 << 20  # input bytes asked of the disk ahead of the reader (page cache, not RSS)
-TILE_BYTES = 2 << 20  # largest pooled block: one fp32 working tile (see lora_math.block_rows)
+TILE_BYTES = 8 << 20  # largest pooled block (a merge's row block: lora_math.block_rows); larger ones are fresh
+IN_PLACE = 2 << 20  # blocks this large are read straight into their slot; smaller ones through the 8 MB window
+POOL_GRAIN = 256 << 10  # pooled buffers are made in multiples of this, so blocks of one tensor share them
 
 
 class _Stopped(Exception):
@@ -45,25 +55,49 @@ class _Stopped(Exception):
 
 
 class _Pool:
-    """``slots`` reusable byte buffers of ``slot_bytes``; a larger request gets a fresh tensor."""
+    """Reusable byte buffers, ``budget`` bytes of them at most: a request takes the smallest free buffer that
+    holds it, or a new one while the budget allows, or drops free buffers that are too small to make room,
+    or waits for one to come back.  So 1 MB blocks get several times as many buffers as 8 MB ones in the
+    same memory.  A request larger than ``largest`` gets a fresh tensor."""
 
-    def __init__(self, slots: int, slot_bytes: int, closed: threading.Event) -> None:
-        self.slots, self.slot_bytes, self.closed = slots, slot_bytes, closed
-        self._free: queue.Queue[torch.Tensor] = queue.Queue()
-        self._made = 0
+    def __init__(self, budget: int, largest: int, closed: threading.Event) -> None:
+        self.budget, self.largest, self.closed = budget, largest, closed
+        self._free: list[torch.Tensor] = []
+        self._held = 0  # bytes of the buffers made and not dropped
+        self._cond = threading.Condition()
         self.owns: dict[int, torch.Tensor] = {}
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         nbytes = _nbytes(shape, dtype)
-        if nbytes > self.slot_bytes:
+        if nbytes > self.largest:
             return torch.empty(shape, dtype=dtype)
-        if self._made < self.slots and self._free.empty():
-            self._made += 1
-            raw = torch.empty(self.slot_bytes, dtype=torch.uint8)
-            self.owns[raw.data_ptr()] = raw
-        else:
-            raw = _get(self._free, self.closed)
+        grain = min(POOL_GRAIN, self.largest)
+        size = min(self.largest, max(grain, -(-nbytes // grain) * grain))
+        with self._cond:
+            while True:
+                fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+                if fits:
+                    raw = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+                    break
+                if self._held + size <= self.budget or not self.owns:
+                    raw = torch.empty(size, dtype=torch.uint8)
+                    self._held += size
+                    self.owns[raw.data_ptr()] = raw
+                    break
+                if self._free:  # free buffers too small for this block: dropped to make room
+                    small = self._free.pop()
+                    del self.owns[small.data_ptr()]
+                    self._held -= small.numel()
+                    continue
+                if self.closed.is_set():
+                    raise _Stopped()
+                self._cond.wait(0.1)
         return raw[:nbytes].view(dtype).view(shape)
+
+    def put(self, raw: torch.Tensor) -> None:
+        with self._cond:
+            self._free.append(raw)
+            self._cond.notify()
 
 
 def _get(q: queue.Queue[Any], closed: threading.Event) -> Any:
@@ -112,14 +146,26 @@ class Buffers:
     ) -> None:
         self.closed = threading.Event()
         size = slot_bytes or TILE_BYTES
-        self._out = _Pool(out_slots or QUEUE_DEPTH + 2, size, self.closed)
-        self._read = _Pool(read_slots or READ_SLOTS, size, self.closed)
+        self._out = _Pool((out_slots or QUEUE_DEPTH + 2) * (size + ALIGN), size + ALIGN, self.closed)  # (see out)
+        self._read = _Pool((read_slots or READ_SLOTS) * (size + 2 * ALIGN), size + 2 * ALIGN, self.closed)
         self._scratch: dict[tuple[str, str], torch.Tensor] = {}
         self._fetched: queue.Queue[Any] | None = None  # the reader stage's output, when it runs
+        self.side: ThreadPoolExecutor | None = None  # a second compute thread for the worker (see execute)
+        self.file_offset: Callable[[str], int | None] | None = None  # the sink's, where it has one (see out)
 
-    def out(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """An output block of ``shape``/``dtype``; waits while the writer holds every slot."""
-        return self._out.take(shape, dtype)
+    def out(self, shape: tuple[int, ...], dtype: torch.dtype, at: tuple[str, int] | None = None) -> torch.Tensor:
+        """An output block of ``shape``/``dtype``; waits while the writer holds every slot.  ``at`` (the output
+        tensor's name, the block's byte offset in it): the block is placed in its slot at the alignment of its
+        place in the output file, so the writer can hand it to the disk from there (``StagedFile.write_at``)."""
+        start = self.file_offset(at[0]) if at is not None and self.file_offset is not None else None
+        if start is None:
+            return self._out.take(shape, dtype)
+        nbytes = _nbytes(shape, dtype)
+        slot = self._out.take((nbytes + ALIGN,), torch.uint8)
+        k = (start + at[1] - slot.data_ptr()) % ALIGN  # type: ignore[index]
+        if k % dtype.itemsize:
+            k = 0
+        return slot[k : k + nbytes].view(dtype).view(shape)
 
     def read(self, r: Read) -> torch.Tensor:
         """The block ``r`` (which must be the next one declared), as a pooled tensor."""
@@ -151,8 +197,14 @@ class Buffers:
             raise RuntimeError(f"declared read never consumed: {got.key}[{got.start}:{got.stop}]")
 
     def fetch(self, r: Read) -> torch.Tensor:
+        """The block ``r``, read into a pooled slot: straight from the disk into it where the file allows
+        (``Checkpoint.read_block``: the slot's spare bytes around the block take the direct read's alignment)."""
+        nbytes = r.ck.span(r.key, r.start, r.stop, flat=r.flat)[1]
+        if nbytes >= IN_PLACE:
+            slot = self._read.take((nbytes + 2 * ALIGN,), torch.uint8)
+            return r.ck.read_block(r.key, r.start, r.stop, slot, flat=r.flat)
         info = r.ck.info(r.key)
-        slot = self._read.take((r.ck.span(r.key, r.start, r.stop, flat=r.flat)[1],), torch.uint8).view(info.dtype)
+        slot = self._read.take((nbytes,), torch.uint8).view(info.dtype)
         return (r.ck.read_flat if r.flat else r.ck.read_rows)(r.key, r.start, r.stop, out=slot)
 
     def give_back(self, block: torch.Tensor) -> None:
@@ -160,7 +212,7 @@ class Buffers:
         for pool in (self._out, self._read):
             raw = pool.owns.get(ptr)
             if raw is not None:
-                pool._free.put(raw)
+                pool.put(raw)
                 return
 
     def scratch(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
@@ -221,8 +273,13 @@ def execute(
     if sink is not None:
         sink.open(planned)
     buffers = Buffers()
+    buffers.file_offset = getattr(sink, "file_offset", None)
     before = torch.get_num_threads()
     torch.set_num_threads(threads or max(1, min(before, (os.cpu_count() or 2) - 1)))
+    if torch.get_num_threads() == 1 and (os.cpu_count() or 1) > 1:
+        # The kernels run on one thread (a 2-core machine: one core left to the reader and the writer), yet
+        # those two mostly wait on the disk: a job may hand every other block to this thread (merge_engine).
+        buffers.side = ThreadPoolExecutor(1, thread_name_prefix="lora-convert-side")
     try:
         for name, block in _stages(jobs, buffers):
             assert sink is not None
@@ -232,6 +289,8 @@ def execute(
             buffers.give_back(block)
         return sink.close() if sink is not None else []
     finally:
+        if buffers.side is not None:
+            buffers.side.shutdown(wait=True)  # a block it still computes ends before its buffers go
         torch.set_num_threads(before)
         if sink is not None:
             sink.abort()

@@ -132,6 +132,24 @@ class Checkpoint:
         buf = _byte_view(out, info, nbytes, f"elements {start}:{stop}")
         return info.source.read_into(info, offset, nbytes, buf).view(info.dtype)
 
+    def read_block(self, name: str, start: int, stop: int, slot: torch.Tensor, *, flat: bool = False) -> torch.Tensor:
+        """:meth:`read_rows` (or, with ``flat``, :meth:`read_flat`) into ``slot`` (uint8, contiguous, at least the
+        block's bytes; every byte of it scratch): where the file allows, one direct read lands the block
+        somewhere inside ``slot`` with no copy (``slot`` needs :data:`~lora_convert.io.direct.ALIGN` bytes of
+        room on each side for that), and the block returned is a view of it.  The pipeline's reader reads so."""
+        info = self.info(name)
+        offset, nbytes = self.span(name, start, stop, flat=flat)
+        if info.shape and isinstance(info.source, SafetensorsSource):
+            got = info.source.read_spare(info, offset, nbytes, slot)
+            if got is not None and got.storage_offset() % info.itemsize == 0:
+                data = got.view(info.dtype)
+                if flat:
+                    return data
+                rows = max(0, min(stop, info.shape[0]) - start)
+                return data.reshape((rows, *info.shape[1:]))
+        out = slot[:nbytes].view(info.dtype)
+        return (self.read_flat if flat else self.read_rows)(name, start, stop, out=out)
+
     def span(self, name: str, start: int, stop: int, *, flat: bool = False) -> tuple[int, int]:
         """(offset within the tensor's data, byte count) of rows ``start:stop`` — or, with ``flat``, of
         elements of the flattened tensor — clamped to the tensor's end.  The one place that turns a

@@ -162,6 +162,29 @@ def _read_direct(file: _LazyFile, offset: int, nbytes: int, buf: torch.Tensor | 
     return buf
 
 
+def read_spare(file: _LazyFile, offset: int, nbytes: int, slot: torch.Tensor, name: str) -> torch.Tensor | None:
+    """``nbytes`` at ``offset`` read straight into ``slot`` (uint8, contiguous, every byte of it scratch) with one
+    direct read (:meth:`~lora_convert.io.direct.DirectReader.read_spare`): the uint8 view of ``slot`` that holds
+    them, or None where that cannot be done (a small read, no room, no ``O_DIRECT``: the caller reads plainly)."""
+    reader = file.direct(name) if nbytes >= DIRECT_MIN else None
+    if reader is None:
+        return None
+    try:
+        at = reader.read_spare(slot.numpy().data, slot.data_ptr(), offset, nbytes)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            file.no_direct()
+            return None
+        raise CheckpointError(f"cannot read: {exc.strerror}", path=file.path, tensor=name) from None
+    if at is None:
+        return None
+    if at < 0:
+        raise CheckpointError(
+            "file ended while reading this tensor (truncated after opening?)", path=file.path, tensor=name
+        )
+    return slot[at : at + nbytes]
+
+
 class SafetensorsSource(TensorSource):
     """A ``.safetensors`` file: header parsed and validated on open, data read with ``preadv``."""
 
@@ -183,6 +206,11 @@ class SafetensorsSource(TensorSource):
         if got is not None:
             return got
         return _pread_exact(self._fileno(info), info.offset + start, nbytes, buf, self.path, info.name)
+
+    def read_spare(self, info: TensorInfo, start: int, nbytes: int, slot: torch.Tensor) -> torch.Tensor | None:
+        """Bytes ``start:start+nbytes`` of ``info``'s data somewhere inside ``slot`` (every byte of it scratch), with
+        no copy; None where only :meth:`read_into` can read them (see :func:`read_spare`)."""
+        return read_spare(self._file, info.offset + start, nbytes, slot, info.name)
 
     def prefetch(self, info: TensorInfo, start: int, nbytes: int) -> None:
         """``POSIX_FADV_WILLNEED``: the disk starts reading while we compute on the previous block.  Not

@@ -80,11 +80,12 @@ def shard_names(n: int, stem: str = "model") -> list[str]:
     return [f"{stem}-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
 
-def _as_bytes(t: torch.Tensor) -> memoryview:
+def _as_bytes(t: torch.Tensor) -> tuple[memoryview, int]:
+    """The tensor's bytes and their address (a contiguous copy's, for a strided tensor)."""
     import torch
 
     t = t.detach().contiguous().reshape(-1)
-    return memoryview(t.view(torch.uint8).numpy().data) if t.numel() else memoryview(b"")
+    return (memoryview(t.view(torch.uint8).numpy().data), t.data_ptr()) if t.numel() else (memoryview(b""), 0)
 
 
 class TensorSink(Protocol):
@@ -134,6 +135,18 @@ class SafetensorsWriter:
         self._written = 0  # bytes of that tensor written so far
         self._fh: StagedFile | None = None
         self._shard = -1
+        self._starts: dict[str, int] | None = None  # file offsets of the tensors' data (file_offset)
+
+    def file_offset(self, name: str) -> int | None:
+        """Where tensor ``name``'s data starts in its file (None for a tensor this writer does not write):
+        ``Buffers.out`` places output blocks at that alignment, so the disk takes them from where they lie."""
+        if self._starts is None:
+            self._starts = {}
+            for si, shard in enumerate(self.shards):
+                if self.only in (None, si):
+                    header, starts = build_header([(e.name, e.dtype, e.shape) for e in shard], self.metadata)
+                    self._starts.update({e.name: len(header) + at for e, at in zip(shard, starts, strict=True)})
+        return self._starts.get(name)
 
     @property
     def total_size(self) -> int:
@@ -178,11 +191,12 @@ class SafetensorsWriter:
             raise ValueError(f"{name}: dtype {data.dtype}, planned {entry.dtype}")
         if self._shard != si:
             self._open_shard(si)
-        raw = _as_bytes(data)
+        raw, addr = _as_bytes(data)
         if self._written + len(raw) > entry.nbytes:
             raise ValueError(f"{name}: more bytes than its planned shape {entry.shape}")
-        assert self._fh is not None
-        self._guard(self._fh.write, raw, self.folder / self.files[si])
+        fh = self._fh
+        assert fh is not None
+        self._guard(lambda r: fh.write_at(r, addr), raw, self.folder / self.files[si])
         self._written += len(raw)
         if self._written == entry.nbytes:
             self._pos += 1
@@ -251,6 +265,10 @@ class SafetensorsSink:
     def write(self, name: str, data: torch.Tensor) -> None:
         assert self._writer is not None, "open() first"
         self._writer.write(name, data)
+
+    def file_offset(self, name: str) -> int | None:
+        """See :meth:`SafetensorsWriter.file_offset`."""
+        return self._writer.file_offset(name) if self._writer is not None else None
 
     def close(self) -> list[str]:
         assert self._writer is not None, "open() first"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -24,7 +25,7 @@ from ..config import TUNER_PEFT_TYPES
 from ..errors import AdapterError, RouteError, UnsupportedError, option
 from ..inventory import LoraModule
 from ..io.reader import Checkpoint
-from ..pipeline import Buffers, Job, Read
+from ..pipeline import TILE_BYTES, Buffers, Job, Read
 from . import oft_terms, tuner_terms
 from .common import BaseView, check_finite, copy_job, remap_modules, same_tensor
 from .moe import ExpertPlan, plan_expert_lora
@@ -611,14 +612,29 @@ class RowMerge:
         return out
 
 
-def block_plan(ops: KeyOps, shape: tuple[int, ...], out_dtype: torch.dtype) -> list[Read]:
-    """The row blocks a merge of this tensor reads (once, or twice for DoRA's norm pass first)."""
+def _whole_groups(ops: KeyOps, step: int) -> int:
+    """``step`` rounded up to whole groups of the rows an output-side rotation mixes (LyCORIS's Diag-OFT: its
+    blocks, BOFT: its butterfly); 1 row for everything else."""
+    unit = max((int(lo.module.tuner_args.get("rows_mixed", 1)) for lo in ops.loras), default=1)
+    return -(-step // unit) * unit
+
+
+def block_plan(
+    ops: KeyOps, shape: tuple[int, ...], out_dtype: torch.dtype, block_bytes: int | None = None
+) -> list[Read]:
+    """The row blocks a merge of this tensor reads (once, or twice for DoRA's norm pass first): with
+    ``block_bytes``, blocks of up to that many bytes in and out; else :func:`lora_math.block_rows`' tiles."""
     src_ck, src_key = ops.source
     rows, cols = shape[0], math.prod(shape[1:])  # a conv weight is merged as its (out, in·k·k) matrix
-    step = lora_math.block_rows(rows, cols, elem_bytes=max(src_ck.info(src_key).itemsize, out_dtype.itemsize))
+    elem = max(src_ck.info(src_key).itemsize, out_dtype.itemsize)
+    if block_bytes is not None:  # an even count of equal blocks where the rows allow: two threads take turns
+        cap = max(1, block_bytes // max(1, elem * cols))
+        n = -(-rows // cap)
+        step = min(cap, max(1, -(-rows // (n + n % 2))))
+    else:
+        step = lora_math.block_rows(rows, cols, elem_bytes=elem)
     # an output-side rotation (LyCORIS's Diag-OFT, BOFT) mixes the rows of a block or butterfly: read whole ones
-    unit = max((int(lo.module.tuner_args.get("rows_mixed", 1)) for lo in ops.loras), default=1)
-    step = -(-step // unit) * unit
+    step = _whole_groups(ops, step)
     return [Read(src_ck, src_key, s, min(s + step, rows)) for s in range(0, rows, step)]
 
 
@@ -664,25 +680,61 @@ def _merge_job(
 ) -> Job:
     src_ck = ops.source[0]
     cols = math.prod(shape[1:])
-    plan = block_plan(ops, shape, out_dtype)
+    # Blocks as large as the pipeline pools (8 MB) are read and written: one direct read each, an eighth of the
+    # pipeline's hand-offs; each is computed in cache-sized tiles (block_rows: the kernels cost ~1.5x per byte
+    # on a 16 MB fp32 tile, bench/README.md).  Not for DoRA: a transposed weight's norms are summed block by
+    # block, so its blocks are part of the result (verify recomputes them with block_plan's default tiles).
+    plan = block_plan(ops, shape, out_dtype, None if ops.dora else TILE_BYTES)
+    elem = max(src_ck.info(ops.source[1]).itemsize, out_dtype.itemsize)
+    tile = _whole_groups(ops, lora_math.block_rows(shape[0], cols, elem_bytes=elem)) if shape else 1
 
     def blocks(buf: Buffers) -> Iterator[torch.Tensor]:
         rm = prepare_rows(ops, shape, conv1d_hint, buf, plan, device)
-        for r in plan:
-            w = buf.read(r)
-            acc = _acc(buf, w.shape[0], cols, device if rm.deltas or rm.rotation is not None else "cpu")
-            out = rm.rows(w, r.start, buf.out(tuple(w.shape), out_dtype), acc)
+        on = device if rm.deltas or rm.rotation is not None else "cpu"
+        side = buf.side if observe is None and on == "cpu" and len(plan) > 1 else None
+
+        step = tile if on == "cpu" else max(1, shape[0])  # another device: one kernel launch per block
+
+        def compute(w: torch.Tensor, start: int, out: torch.Tensor, role: str) -> bool:
+            """Merged rows into ``out``, a tile at a time; whether they are all finite (each tile checked while
+            it is in the cache)."""
+            finite, n = True, w.shape[0]
+            for s in range(0, n, step):
+                e = min(n, s + step)
+                o = out[s:e]
+                rm.rows(w[s:e], start + s, o, buf.scratch(role, (e - s, cols), torch.float32, on))
+                finite = lora_math.merged_finite(o) and finite
+            return finite
+
+        def done(finite: bool, w: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             if observe is not None:
                 observe(w, out)
             buf.give_back(w)
-            if not lora_math.merged_finite(out):
+            if not finite:
                 raise AdapterError(
                     "merged weight holds NaN or Inf",
                     path=src_ck.root,
                     tensor=name,
                     hint="the adapter or the base has extreme values",
                 )
-            yield out
+            return out
+
+        # With a side thread, every other block is computed there while this thread computes the next one
+        # (the kernels release the GIL): two cores' worth of kernels, blocks still yielded in order, and each
+        # block computed by the same single-threaded kernels, so the bytes do not depend on who made them.
+        held: tuple[Future[bool], torch.Tensor, torch.Tensor] | None = None
+        for i, r in enumerate(plan):
+            w = buf.read(r)
+            out = buf.out(tuple(w.shape), out_dtype, (name, r.start * cols * out_dtype.itemsize))
+            if side is not None and held is None and i + 1 < len(plan):
+                held = (side.submit(compute, w, r.start, out, "acc-side"), w, out)
+                continue
+            finite = compute(w, r.start, out, "acc")
+            if held is not None:
+                fut, hw, hout = held
+                held = None
+                yield done(fut.result(), hw, hout)
+            yield done(finite, w, out)
 
     op = "dora" if ops.dora else ("merge" if ops.loras else "tokens")
     return Job(name, out_dtype, shape, blocks, op, reads=lambda: plan * (2 if ops.dora else 1))
