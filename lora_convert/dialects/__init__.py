@@ -5,22 +5,25 @@ LoRA modules (A, B, rank, kind, scaling) and replacement tensors it holds.  Ever
 detect, the routes, report — reads only the inventory, so supporting a new adapter format is one
 dialect module: a class with ``name``, ``claims(ck)`` and ``read(ck)``, registered with
 :func:`register`.  PEFT's layout is the first dialect and the fallback.
+
+The other built-in dialects are registered *lazily* (:class:`LazyDialect`): each with a cheap test on names,
+metadata and the adapter config's ``peft_type`` that every checkpoint it claims passes, so that its module is
+imported only for a checkpoint that may be its own.  A PEFT LoRA — most inputs, and every base — imports none of
+them (start-up: issue 26).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import importlib
+from collections.abc import Callable
+from typing import Any, Protocol
 
-from ..errors import AdapterError
+from .. import arch
+from ..errors import AdapterError, LoraConvertError
 from ..inventory import Inventory
+from ..io.files import MAX_CONFIG_BYTES, load_json
 from ..io.reader import Checkpoint
-from .adalora import AdaloraDialect
-from .diffusers import DiffusersDialect
-from .ia3 import Ia3Dialect
-from .kohya import KohyaDialect
-from .mlx import MlxDialect
 from .peft import PeftDialect
-from .vera import VeraDialect
 
 
 class Dialect(Protocol):
@@ -31,6 +34,27 @@ class Dialect(Protocol):
 
     def read(self, ck: Checkpoint) -> Inventory:
         """The inventory of ``ck``.  Raises AdapterError for LoRA tensors that do not add up."""
+
+
+class LazyDialect:
+    """A dialect whose module is imported the first time a checkpoint passes ``may_claim``: a necessary condition
+    of the dialect's own ``claims`` (tests/test_lazy_dialects.py holds every built-in one to it), so that a
+    checkpoint failing it is not the dialect's and its module need not be read to be told so."""
+
+    def __init__(self, name: str, module: str, cls: str, may_claim: Callable[[Checkpoint], bool]) -> None:
+        self.name, self.module, self.cls, self.may_claim = name, module, cls, may_claim
+        self._dialect: Dialect | None = None
+
+    def load(self) -> Dialect:
+        if self._dialect is None:
+            self._dialect = getattr(importlib.import_module(self.module, __name__), self.cls)()
+        return self._dialect
+
+    def claims(self, ck: Checkpoint) -> bool:
+        return self.may_claim(ck) and self.load().claims(ck)
+
+    def read(self, ck: Checkpoint) -> Inventory:
+        return self.load().read(ck)
 
 
 DIALECTS: list[Dialect] = [PeftDialect()]
@@ -76,9 +100,54 @@ def _check_factor_dtypes(ck: Checkpoint, inv: Inventory) -> None:
                     )
 
 
-register(MlxDialect())
-register(KohyaDialect())
-register(DiffusersDialect())
-register(VeraDialect())  # claimed by vera_lambda_* tensors or peft_type VERA
-register(Ia3Dialect())  # claimed by ia3_l tensors or peft_type IA3
-register(AdaloraDialect())  # claimed by lora_E tensors or peft_type ADALORA, which no other dialect reads
+def adapter_config_object(ck: Checkpoint) -> dict[str, Any] | None:
+    """The adapter_config.json's object (None: no such file, or one that cannot be read or is no object: the PEFT
+    dialect then names what is wrong with it).  PEFT's other tuners claim their checkpoints by its peft_type."""
+    if ck.adapter_config_path is None:
+        return None
+    try:
+        data = load_json(
+            ck.adapter_config_path, what="an adapter config", max_bytes=MAX_CONFIG_BYTES, error=AdapterError
+        )
+    except LoraConvertError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def declared_peft_type(ck: Checkpoint) -> str:
+    """The adapter config's ``peft_type``, upper case ("" without one)."""
+    data = adapter_config_object(ck)
+    return str(data.get("peft_type") or "").upper() if data is not None else ""
+
+
+def _names_or_type(markers: tuple[str, ...], peft_type: str) -> Callable[[Checkpoint], bool]:
+    """PEFT's other tuners: a tensor name holding one of ``markers``, or an adapter config saying ``peft_type``."""
+    return lambda ck: any(m in k for k in ck.tensors for m in markers) or declared_peft_type(ck) == peft_type
+
+
+def _diffusers(ck: Checkpoint) -> bool:
+    """No adapter config, and the diffusers metadata or a pipeline component's name first in some tensor name."""
+    if ck.adapter_config_path is not None:
+        return False
+    return "lora_adapter_metadata" in ck.metadata or any(
+        k.split(".", 1)[0] in arch.DIFFUSION_COMPONENTS for k in ck.tensors
+    )
+
+
+# Consulted in this order, each before those registered earlier (PEFT, the fallback, stays last).
+register(
+    LazyDialect("mlx", ".mlx", "MlxDialect", lambda ck: any(k.endswith((".lora_a", ".lora_b")) for k in ck.tensors))
+)
+register(  # every kohya prefix (diffusion_names.KOHYA_PREFIXES) begins "lora_"
+    LazyDialect(
+        "kohya",
+        ".kohya",
+        "KohyaDialect",
+        lambda ck: ck.adapter_config_path is None and any(k.startswith("lora_") for k in ck.tensors),
+    )
+)
+register(LazyDialect("diffusers", ".diffusers", "DiffusersDialect", _diffusers))
+register(LazyDialect("vera", ".vera", "VeraDialect", _names_or_type((".vera_lambda_",), "VERA")))
+register(LazyDialect("ia3", ".ia3", "Ia3Dialect", _names_or_type(("ia3_l",), "IA3")))
+# claimed by lora_E tensors (ranknum in an unmerged model) or peft_type ADALORA, which no other dialect reads
+register(LazyDialect("adalora", ".adalora", "AdaloraDialect", _names_or_type(("lora_E", "ranknum"), "ADALORA")))

@@ -25,12 +25,12 @@ import re
 from typing import Any
 
 from ..config import AdapterConfig
-from ..errors import AdapterError, LoraConvertError, UnsupportedError
+from ..errors import AdapterError, UnsupportedError
 from ..inventory import DEFAULT_ADAPTER, Inventory, LoraModule
-from ..io.files import MAX_CONFIG_BYTES, load_json
 from ..io.reader import Checkpoint
 from ..io.safetensors_format import TensorInfo
 from ..io.views import ScaledSource
+from . import adapter_config_object
 from .peft_keys import Role, parse_key
 
 PEFT_TYPE = "VERA"
@@ -47,17 +47,8 @@ NEEDS_BASE = "input_widths"  # inv.tuner key: the adapter's layers take their in
 def config_of_type(ck: Checkpoint, peft_type: str) -> dict[str, Any] | None:
     """The adapter_config.json's object when it says ``peft_type`` (None otherwise, or unreadable: the PEFT
     dialect then names what is wrong with it).  Each of PEFT's other tuners claims its checkpoints by it."""
-    if ck.adapter_config_path is None:
-        return None
-    try:
-        data = load_json(
-            ck.adapter_config_path, what="an adapter config", max_bytes=MAX_CONFIG_BYTES, error=AdapterError
-        )
-    except LoraConvertError:
-        return None
-    if isinstance(data, dict) and str(data.get("peft_type") or "").upper() == peft_type:
-        return data
-    return None
+    data = adapter_config_object(ck)
+    return data if data is not None and str(data.get("peft_type") or "").upper() == peft_type else None
 
 
 class VeraDialect:

@@ -25,12 +25,10 @@ from ..errors import AdapterError, RouteError, UnsupportedError, option
 from ..inventory import LoraModule
 from ..io.reader import Checkpoint
 from ..pipeline import Buffers, Job, Read
-from . import tuner_terms
 from .common import BaseView, check_finite, copy_job, remap_modules, same_tensor
 from .moe import ExpertPlan, plan_expert_lora
 from .plan import AdapterInput, Request
 from .quantized import QuantizedBase, quantized_base
-from .requantize import lora_delta_norm
 
 
 @dataclass
@@ -103,6 +101,8 @@ class MergeOps:
             m = lo.module
             if m.magnitude_key or m.scaling is None:
                 return None
+            from .requantize import lora_delta_norm  # (only --requantize asks: a plain merge never imports it)
+
             return lora_delta_norm(lo.ck.read(m.a_key), lo.ck.read(m.b_key), lo.scaling)
 
         return norm
@@ -405,6 +405,8 @@ def _factors(lo: WeightedLora, base_shape: tuple[int, ...], conv1d_hint: bool) -
     orientation is transposed.  Another tuner's module (LoHa, LoKr) gives its row producer."""
     m, ck = lo.module, lo.ck
     if m.tuner != "lora":
+        from . import tuner_terms  # (LoHa, LoKr: a LoRA merge never imports their formulas)
+
         return tuner_terms.delta(m, ck, lo.scaling, base_shape, conv1d_hint), False
     a = check_finite(ck.read(m.a_key), ck, m.a_key)
     b = check_finite(ck.read(m.b_key), ck, m.b_key)

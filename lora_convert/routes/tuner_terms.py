@@ -9,45 +9,18 @@ rather than given a reading PEFT never defined.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 
 from .. import lora_math, tuner_math
 from ..errors import AdapterError, UnsupportedError
-from ..inventory import Inventory, LoraModule
+from ..inventory import LoraModule
 from ..io.reader import Checkpoint
 from .common import check_finite
 
 LOHA_FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 LOHA_TUCKER = ("hada_t1", "hada_t2")
 LOKR_FACTORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
-
-
-# the outputs a module of another algorithm (LoHa, LoKr, full diff) can go to: a merge (its ΔW through
-# :func:`delta`), and a kohya file (LyCORIS's own layout, tensors copied); every other route takes LoRA pairs
-TUNER_OUTPUTS = frozenset({"merged", "kohya"})
-
-
-def refuse_tuners(inputs: Iterable[tuple[Inventory, str, Path]], to: str) -> None:
-    """Refuse by name a LyCORIS module (LoHa, LoKr, full diff in a kohya file) on a route that only knows LoRA
-    pairs (``to``: the output form, or ``combine``); ``inputs``: (inventory, adapter, where) of each adapter the
-    route reads."""
-    if to in TUNER_OUTPUTS:
-        return
-    for inv, name, where in inputs:
-        if inv.dialect != "kohya":  # PEFT's LoHa/LoKr adapters: routes.planner knows the routes that take them
-            continue
-        for m in inv.modules(name).values():
-            if m.tuner != "lora":
-                raise UnsupportedError(
-                    f"{m.tuner} module {m.module}: {'combining' if to == 'combine' else f'--to {to}'} takes "
-                    "LoRA modules only",
-                    path=where,
-                    tensor=m.a_key,
-                    hint="merge it into its base, or write it back with --to kohya",
-                )
 
 
 def _read(m: LoraModule, ck: Checkpoint, name: str) -> torch.Tensor | None:
