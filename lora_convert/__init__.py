@@ -17,8 +17,9 @@ Importing the package does not import torch: ``detect``, ``report`` and ``push``
 conversions import it when they run.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .api import (
-    Job,
     batch,
     combine,
     convert,
@@ -45,7 +46,20 @@ from .errors import (
 )
 from .io.reader import Checkpoint, open_checkpoint
 
+if TYPE_CHECKING:
+    from .batch import Job
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """``Job`` is imported when first asked for (see :func:`.api.__getattr__`): a merge has no batch to run."""
+    if name == "Job":
+        from .batch import Job
+
+        return Job
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AdapterError",

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .batch import Job, JobLine  # noqa: F401 - public: a batch's jobs
 from .errors import OptionError, OutputError, RouteError, option, option_name
 from .inputs import load_source  # noqa: F401 - public
 from .options import UNSHARDED, HubPush, Output, RouteOptions
@@ -25,7 +24,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from .assemble import ConvertResult, PrepassRun, TensorRun
-    from .batch import BatchResult, Outcome
+    from .batch import BatchResult, Job, JobLine, Outcome
     from .costs import Report
     from .detection import DetectResult
     from .dry_run import DryRun
@@ -34,6 +33,16 @@ if TYPE_CHECKING:
     from .routes.plan import Request
     from .routes.verify import Verification
     from .spectrum import Spectrum
+
+
+def __getattr__(name: str) -> Any:
+    """``Job`` and ``JobLine`` (a batch's jobs, public here) come from :mod:`.batch` when first asked for: no
+    other command runs a batch, and that module (job files, state records, hashing) is no small import."""
+    if name in ("Job", "JobLine"):
+        from . import batch
+
+        return getattr(batch, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def detect(

@@ -71,7 +71,7 @@ PrepassRun = Callable[[Prepass, bool], None]
 def run_prepass(pre: Prepass, progress: bool) -> None:
     """Run a route's declared pre-pass (jobs that read and compute, writing nothing), with its progress bar."""
     with progress_bar(progress, pre.size(), pre.label, unit=pre.unit) as advance:
-        execute(pre.jobs(advance), None, threads=pre.threads())
+        execute(pre.jobs(advance), None, threads=pre.threads(), finish=getattr(pre, "finish", None))
 
 
 def write_output(

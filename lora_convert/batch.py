@@ -186,11 +186,12 @@ def _job_line(index: int, entry: Any, p: Path) -> JobLine:
 # -- what a job costs ----------------------------------------------------------------------------------------
 def footprint(job: Job) -> int:
     """The peak memory a job is expected to need, in bytes, from the inputs' headers: a worker process and the
-    pipeline's pools; extraction (and combine's svd methods) also hold one changed matrix in fp32 three times
+    pipeline's pools; extraction holds a changed matrix in fp32 once per factorising thread and once more where the
+    next is formed (routes/factoring.py: as many threads as cores, at most 4), combine's svd methods three times
     (ΔW, and the factorisation's workspace); verify --logits two fp32 copies of the model."""
     need = PROCESS_BYTES
     if job.command == "extract" or (job.command == "convert" and job.kwargs.get("to") == "adapter"):
-        need += 3 * 4 * _largest_matrix(job.kwargs.get("base"))
+        need += (min(os.cpu_count() or 1, 4) + 1) * 4 * _largest_matrix(job.kwargs.get("base"))
     elif job.command == "combine" and str(job.kwargs.get("method", "")).endswith("svd"):
         need += 3 * 4 * _largest_matrix(None, adapters=job.inputs())
     elif job.command == "verify" and job.kwargs.get("logits"):

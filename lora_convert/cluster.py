@@ -266,5 +266,5 @@ def _extract_group(reopen: dict[str, Any], indices: list[int], names: list[str],
         jobs = pre.jobs(lambda n: None)
         if [jobs[i].name for i in indices if i < len(jobs)] != names:
             raise RouteError("the inputs changed while the extraction ran on the cluster", path=req.source.root)
-        execute([jobs[i] for i in indices], None, threads=threads)
+        execute([jobs[i] for i in indices], None, threads=threads, finish=getattr(pre, "finish", None))
         return dict(pre.outcome())

@@ -260,13 +260,16 @@ def execute(
     *,
     progress: Callable[[int], None] | None = None,
     threads: int | None = None,
+    finish: Callable[[], None] | None = None,
 ) -> list[str]:
     """Stream every job's blocks into ``sink``; returns the names of the files it wrote.
 
     ``progress`` is called with the bytes of each block written.  ``threads`` is torch's thread count
     for the jobs' kernels; by default one core is left to the reader and the writer, whose copies into
     and out of the page cache need a CPU of their own (oversubscribed OpenMP workers spin against
-    the writer: same wall time, far more CPU time).  Jobs whose kernels dominate (an SVD) take all."""
+    the writer: same wall time, far more CPU time).  Jobs whose kernels dominate (an SVD) take all.  ``finish`` is
+    called once every job ran, while ``threads`` still holds (jobs that hand work to threads of their own wait
+    for it there: extraction's factorisations)."""
     planned = [j.planned for j in jobs if j.writes]
     if planned and sink is None:
         raise ValueError("jobs that write need a sink")
@@ -287,6 +290,8 @@ def execute(
             if progress is not None:
                 progress(block.numel() * block.element_size())
             buffers.give_back(block)
+        if finish is not None:
+            finish()
         return sink.close() if sink is not None else []
     finally:
         if buffers.side is not None:

@@ -22,7 +22,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .dialects.vera import NEEDS_BASE, bind_to_base
 from .errors import (
     AdapterError,
     HubError,
@@ -256,6 +255,10 @@ def combine_specs(
 
 def _bind(ck: Checkpoint, inv: Inventory, name: str, base: Checkpoint | None) -> None:
     """A VeRA adapter's layers take their input width from the base: bound to it here, refused without one."""
+    if inv.tuner.get(name, {}).get("peft_type") != "VERA":
+        return  # (nothing to bind: the VeRA dialect's module is imported for VeRA adapters only)
+    from .dialects.vera import NEEDS_BASE, bind_to_base
+
     if base is not None:
         bind_to_base(ck, inv, name, base, base.config)
     if NEEDS_BASE in inv.tuner.get(name, {}):

@@ -64,8 +64,12 @@ import torch
 work, tuned, base = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 os.chdir(work)
 import lora_convert as lc
+from lora_convert.routes import factoring
 
-rep = {"threads": torch.get_num_threads()}
+# One factorisation at a time on every core, here and (through the threads the driver hands them) in the tasks: the
+# tasks must then factor with the driver's 2 threads, not the 1 Ray gives a one-CPU task.
+factoring.MAX_WORKERS = 1
+rep = {"threads": factoring.plan_threads()[1]}
 cli = [sys.executable, "-m", "lora_convert.cli", "extract", tuned, "--base", base, "--rank", "4", "--json"]
 # the local references, before Ray: the CLI, the API (randomized SVD too), the MoE's experts
 (work / "cli-local").mkdir(), (work / "cli-ray").mkdir()  # the card quotes the command line: the same -o
@@ -179,7 +183,7 @@ def test_extraction_split_over_two_nodes_is_the_local_adapter(ray_run):
     assert {g[0] for g in groups} == set(rep["nodes"])  # tasks seen on both nodes
     assert len(groups) == 4  # 2 CPUs, one per task: 2 slots × 2 groups each
     assert {g[1] for g in groups} == {str(rep["threads"])}
-    assert rep["threads"] == 2  # (so the check above is not the 1 Ray sets: the child's default on 2 cores)
+    assert rep["threads"] == 2  # (so the check above is not the 1 Ray sets: all 2 cores for one factorisation)
     assert sum(g[2] for g in groups) == 2 * 9 + 3  # 2 layers × (7 linears + 2 norms); embeddings, final norm, head
     local, ray = tree_digest(work / "api-local"), tree_digest(work / "api-ray")
     assert "adapter_model.safetensors" in ray and "adapter_config.json" in ray and "README.md" in ray

@@ -5,26 +5,25 @@ LoRA modules (A, B, rank, kind, scaling) and replacement tensors it holds.  Ever
 detect, the routes, report — reads only the inventory, so supporting a new adapter format is one
 dialect module: a class with ``name``, ``claims(ck)`` and ``read(ck)``, registered with
 :func:`register`.  PEFT's layout is the first dialect and the fallback.
+
+The other built-in dialects are registered *lazily* (:class:`LazyDialect`): each with a cheap test on names,
+metadata and the adapter config's ``peft_type`` that every checkpoint it claims passes, so that its module is
+imported only for a checkpoint that may be its own.  A PEFT LoRA — most inputs, and every base — imports none of
+them (start-up: issue 26).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import importlib
+from collections.abc import Callable
+from typing import Any, Protocol
 
+from .. import arch
 from ..errors import AdapterError
 from ..inventory import Inventory
 from ..io.reader import Checkpoint
-from .adalora import AdaloraDialect
-from .additive import AdditiveDialect
-from .boft import BoftDialect
-from .diffusers import DiffusersDialect
-from .hra import HraDialect
-from .ia3 import Ia3Dialect
-from .kohya import KohyaDialect
-from .mlx import MlxDialect
-from .oft import OftDialect
 from .peft import PeftDialect
-from .vera import VeraDialect
+from .peft_common import adapter_config_object
 
 
 class Dialect(Protocol):
@@ -35,6 +34,27 @@ class Dialect(Protocol):
 
     def read(self, ck: Checkpoint) -> Inventory:
         """The inventory of ``ck``.  Raises AdapterError for LoRA tensors that do not add up."""
+
+
+class LazyDialect:
+    """A dialect whose module is imported the first time a checkpoint passes ``may_claim``: a necessary condition
+    of the dialect's own ``claims`` (tests/test_lazy_dialects.py holds every built-in one to it), so that a
+    checkpoint failing it is not the dialect's and its module need not be read to be told so."""
+
+    def __init__(self, name: str, module: str, cls: str, may_claim: Callable[[Checkpoint], bool], *args: Any) -> None:
+        self.name, self.module, self.cls, self.may_claim, self.args = name, module, cls, may_claim, args
+        self._dialect: Dialect | None = None
+
+    def load(self) -> Dialect:
+        if self._dialect is None:
+            self._dialect = getattr(importlib.import_module(self.module, __name__), self.cls)(*self.args)
+        return self._dialect
+
+    def claims(self, ck: Checkpoint) -> bool:
+        return self.may_claim(ck) and self.load().claims(ck)
+
+    def read(self, ck: Checkpoint) -> Inventory:
+        return self.load().read(ck)
 
 
 DIALECTS: list[Dialect] = [PeftDialect()]
@@ -80,18 +100,57 @@ def _check_factor_dtypes(ck: Checkpoint, inv: Inventory) -> None:
                     )
 
 
-register(MlxDialect())
-register(KohyaDialect())
-register(DiffusersDialect())
-register(VeraDialect())  # claimed by vera_lambda_* tensors or peft_type VERA
-register(Ia3Dialect())  # claimed by ia3_l tensors or peft_type IA3
-register(OftDialect())  # claimed by oft_R / oft_embedding_R tensors or peft_type OFT
-register(BoftDialect())  # claimed by boft_R / boft_s tensors or peft_type BOFT
-register(HraDialect())  # claimed by hra_u tensors or peft_type HRA
-register(AdaloraDialect())  # claimed by lora_E tensors or peft_type ADALORA, which no other dialect reads
-register(AdditiveDialect("shira"))  # claimed by shira_weight/shira_indices tensors or peft_type SHIRA
-register(AdditiveDialect("fourierft"))  # claimed by fourierft_spectrum tensors or peft_type FOURIERFT
-register(AdditiveDialect("vblora"))  # claimed by vblora_logits_* tensors or peft_type VBLORA
-register(AdditiveDialect("delora"))  # claimed by delora_* tensors or peft_type DELORA
-register(AdditiveDialect("c3a"))  # claimed by c3a_kernel tensors or peft_type C3A
-register(AdditiveDialect("randlora"))  # claimed by randlora_lambda/gamma tensors or peft_type RANDLORA
+def declared_peft_type(ck: Checkpoint) -> str:
+    """The adapter config's ``peft_type``, upper case ("" without one)."""
+    data = adapter_config_object(ck)
+    return str(data.get("peft_type") or "").upper() if data is not None else ""
+
+
+def _names_or_type(markers: tuple[str, ...], peft_type: str) -> Callable[[Checkpoint], bool]:
+    """PEFT's other tuners: a tensor name holding one of ``markers``, or an adapter config saying ``peft_type``."""
+    return lambda ck: any(m in k for k in ck.tensors for m in markers) or declared_peft_type(ck) == peft_type
+
+
+def _diffusers(ck: Checkpoint) -> bool:
+    """No adapter config, and the diffusers metadata or a pipeline component's name first in some tensor name."""
+    if ck.adapter_config_path is not None:
+        return False
+    return "lora_adapter_metadata" in ck.metadata or any(
+        k.split(".", 1)[0] in arch.DIFFUSION_COMPONENTS for k in ck.tensors
+    )
+
+
+# Consulted in this order, each before those registered earlier (PEFT, the fallback, stays last).
+register(
+    LazyDialect("mlx", ".mlx", "MlxDialect", lambda ck: any(k.endswith((".lora_a", ".lora_b")) for k in ck.tensors))
+)
+register(  # every kohya prefix (diffusion_names.KOHYA_PREFIXES) begins "lora_"
+    LazyDialect(
+        "kohya",
+        ".kohya",
+        "KohyaDialect",
+        lambda ck: ck.adapter_config_path is None and any(k.startswith("lora_") for k in ck.tensors),
+    )
+)
+register(LazyDialect("diffusers", ".diffusers", "DiffusersDialect", _diffusers))
+register(LazyDialect("vera", ".vera", "VeraDialect", _names_or_type((".vera_lambda_",), "VERA")))
+register(LazyDialect("ia3", ".ia3", "Ia3Dialect", _names_or_type(("ia3_l",), "IA3")))
+register(LazyDialect("oft", ".oft", "OftDialect", _names_or_type((".oft_R.", ".oft_embedding_R.", ".oft_r"), "OFT")))
+register(LazyDialect("boft", ".boft", "BoftDialect", _names_or_type((".boft_R", ".boft_s"), "BOFT")))
+register(LazyDialect("hra", ".hra", "HraDialect", _names_or_type((".hra_u",), "HRA")))
+# claimed by lora_E tensors (ranknum in an unmerged model) or peft_type ADALORA, which no other dialect reads
+register(LazyDialect("adalora", ".adalora", "AdaloraDialect", _names_or_type(("lora_E", "ranknum"), "ADALORA")))
+# PEFT's additive tuners (dialects/additive.py: one class, a tuner each), claimed by their tensors or peft_type
+for _tuner, _peft_type, _params in (
+    ("shira", "SHIRA", ("shira_weight", "shira_indices")),
+    ("fourierft", "FOURIERFT", ("fourierft_spectrum",)),
+    ("vblora", "VBLORA", ("vblora_logits_",)),
+    ("delora", "DELORA", ("delora_",)),
+    ("c3a", "C3A", ("c3a_kernel",)),
+    ("randlora", "RANDLORA", ("randlora_lambda", "randlora_gamma")),
+):
+    register(
+        LazyDialect(
+            _tuner, ".additive", "AdditiveDialect", _names_or_type(tuple(f".{p}" for p in _params), _peft_type), _tuner
+        )
+    )

@@ -15,9 +15,9 @@ from ..io.reader import Checkpoint
 from .peft_keys import Role, parse_key
 
 
-def config_of_type(ck: Checkpoint, peft_type: str) -> dict[str, Any] | None:
-    """The adapter_config.json's object when it says ``peft_type`` (None otherwise, or unreadable: the PEFT
-    dialect then names what is wrong with it).  Each of PEFT's other tuners claims its checkpoints by it."""
+def adapter_config_object(ck: Checkpoint) -> dict[str, Any] | None:
+    """The adapter_config.json's object (None: no such file, or one that cannot be read or is no object: the PEFT
+    dialect then names what is wrong with it).  PEFT's other tuners claim their checkpoints by its peft_type."""
     if ck.adapter_config_path is None:
         return None
     try:
@@ -26,9 +26,14 @@ def config_of_type(ck: Checkpoint, peft_type: str) -> dict[str, Any] | None:
         )
     except LoraConvertError:
         return None
-    if isinstance(data, dict) and str(data.get("peft_type") or "").upper() == peft_type:
-        return data
-    return None
+    return data if isinstance(data, dict) else None
+
+
+def config_of_type(ck: Checkpoint, peft_type: str) -> dict[str, Any] | None:
+    """The adapter_config.json's object when it says ``peft_type`` (None otherwise, or unreadable: the PEFT
+    dialect then names what is wrong with it).  Each of PEFT's other tuners claims its checkpoints by it."""
+    data = adapter_config_object(ck)
+    return data if data is not None and str(data.get("peft_type") or "").upper() == peft_type else None
 
 
 def one_adapter(ck: Checkpoint, parts: dict[tuple[str, str], dict[str, str]], tuner: str) -> None:

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import RouteError, UnsupportedError
 from ..fmt import form_word
 from .plan import FORMATS, FORMS, Plan, Request
+
+if TYPE_CHECKING:
+    from ..inventory import Inventory
 
 Planner = Callable[[Request], Plan]
 
@@ -212,3 +215,28 @@ def planner(source_form: str, to: str, *, path: str | Path | None = None) -> Pla
     raise RouteError(
         f"no route from {form_word(source_form)} to {to}", path=path
     )  # pragma: no cover - the table is complete
+
+
+# the outputs a module of another algorithm (LoHa, LoKr, full diff) can go to: a merge (its ΔW through
+# :func:`.tuner_terms.delta`), and a kohya file (LyCORIS's own layout, tensors copied); every other route takes LoRA pairs
+TUNER_OUTPUTS = frozenset({"merged", "kohya"})
+
+
+def refuse_tuners(inputs: Iterable[tuple[Inventory, str, Path]], to: str) -> None:
+    """Refuse by name a LyCORIS module (LoHa, LoKr, full diff in a kohya file) on a route that only knows LoRA
+    pairs (``to``: the output form, or ``combine``); ``inputs``: (inventory, adapter, where) of each adapter the
+    route reads."""
+    if to in TUNER_OUTPUTS:
+        return
+    for inv, name, where in inputs:
+        if inv.dialect != "kohya":  # PEFT's LoHa/LoKr adapters: routes.planner knows the routes that take them
+            continue
+        for m in inv.modules(name).values():
+            if m.tuner != "lora":
+                raise UnsupportedError(
+                    f"{m.tuner} module {m.module}: {'combining' if to == 'combine' else f'--to {to}'} takes "
+                    "LoRA modules only",
+                    path=where,
+                    tensor=m.a_key,
+                    hint="merge it into its base, or write it back with --to kohya",
+                )

@@ -49,6 +49,7 @@ from .common import copy_job
 from .extract_inputs import SKIP_REASONS, Inputs, Task, classify
 from .extract_options import ExtractOptions, check_layers, option_names
 from .extract_options import parse_layers as parse_layers  # (re-exported: older imports)
+from .factoring import Factoring, plan_threads
 from .moe_extract import ExpertExtraction, ExpertPass
 from .plan import Estimate, Plan, Request
 from .report import TextTable
@@ -156,26 +157,41 @@ class _Factored:
     report: ModuleReport | None = None
 
 
-def _difference_job(tk: Checkpoint, bk: Checkpoint, name: str, keep: bool, done: Any) -> Job:
+def _difference_job(
+    tk: Checkpoint, bk: Checkpoint, name: str, keep: bool, done: Any, factoring: Factoring | None = None
+) -> Job:
     """A job that forms ΔW of ``name`` from read-ahead blocks and hands it, with ‖ΔW‖²_F when it was kept, to
-    ``done`` (None: unchanged)."""
+    ``done`` (None: unchanged).  A kept ΔW is formed in one of ``factoring``'s buffers (reused from task to task),
+    which ``done`` hands on to be factored."""
     blocks_ = row_blocks(tuple(tk.info(name).shape))
 
     def reads() -> list[Read]:
         return [r for s, e in blocks_ for r in (Read(tk, name, s, e), Read(bk, name, s, e))]
 
     def run(buf: Buffers) -> Iterator[torch.Tensor]:
-        info = tk.info(name)  # a kept ΔW lives in one buffer reused from task to task (no fresh pages each time)
+        info = tk.info(name)
         rows = info.shape[0] if info.shape else 1
         shape = (rows, max(1, info.numel // max(1, rows)))
-        d = Difference(tk.rows_of(name), bk.rows_of(name), keep=keep, out=lambda: buf.scratch("delta", shape, FP32))
+        taken: list[torch.Tensor] = []
+
+        def out() -> torch.Tensor:
+            if factoring is None:
+                return buf.scratch("delta", shape, FP32)
+            taken.append(factoring.delta(shape))
+            return taken[-1]
+
+        d = Difference(tk.rows_of(name), bk.rows_of(name), keep=keep, out=out)
         for s, e in blocks_:
             a = buf.read(Read(tk, name, s, e))
             b = buf.read(Read(bk, name, s, e))
             d.add(s, a, b)
             buf.give_back(a)
             buf.give_back(b)
-        done(d.result(), d.total)
+        delta = d.result()
+        if delta is None and factoring is not None:
+            for t in taken:  # differing bits, equal values (-0.0 against 0.0): nothing to factor
+                factoring.give_back(t)
+        done(delta, d.total)
         return
         yield  # a generator that writes nothing
 
@@ -239,6 +255,8 @@ class ExtractionPass:
     def __init__(self, req: Request, opts: ExtractOptions, inputs: Inputs, experts: ExpertPass) -> None:
         assert req.base is not None
         self.req, self.opts, self.inputs, self.experts = req, opts, inputs, experts
+        workers, self._threads = plan_threads()
+        self.factoring = Factoring(workers)  # the SVDs, beside the pipeline's worker (routes/factoring.py)
         self.tk, self.bk = req.source, req.base
         self.outcomes: dict[int, _Factored] = {}  # task index -> outcome (changed tasks only)
         self.others: dict[int, bool] = {}  # index in inputs.others -> changed
@@ -247,12 +265,18 @@ class ExtractionPass:
         return len(self.inputs.tasks) + len(self.inputs.others) + self.experts.count
 
     def threads(self) -> int | None:
-        return torch.get_num_threads()  # the SVD's kernels take every core
+        """Each factorisation's intra-op threads: the cores shared among the factorising threads."""
+        return self._threads
+
+    def finish(self) -> None:
+        """Wait for the factorisations still running (the pipeline calls this once every job ran, while its
+        thread count still holds: the factors depend on it)."""
+        self.factoring.finish()
 
     def jobs(self, advance: Callable[[int], None]) -> list[Job]:
         tk, bk, opts, inputs = self.tk, self.bk, self.opts, self.inputs
         conv1d_model = arch.stores_conv1d(tk.config or bk.config)
-        jobs = self.experts.jobs(advance)
+        jobs = self.experts.jobs(advance, self.factoring.submit)
         for i, task in enumerate(inputs.tasks):
             factor = task.kind not in SKIP_REASONS and task.kind != "full"
 
@@ -260,15 +284,20 @@ class ExtractionPass:
                 delta: torch.Tensor | None, total: float | None, i: int = i, task: Task = task, factor: bool = factor
             ) -> None:
                 advance(1)
-                if delta is not None:
-                    conv1d = task.kind == "linear" and conv1d_model
-                    self.outcomes[i] = (
-                        _factor(delta, task, opts, conv1d, total, (tk.info(task.name).file, task.name))
-                        if factor
-                        else _Factored()
-                    )
+                if delta is None:
+                    return
+                if not factor:
+                    self.outcomes[i] = _Factored()
+                    return
+                conv1d = task.kind == "linear" and conv1d_model
+                where = (tk.info(task.name).file, task.name)
 
-            jobs.append(_difference_job(tk, bk, task.name, factor, done))
+                def factor_it(delta: torch.Tensor = delta) -> None:
+                    self.outcomes[i] = _factor(delta, task, opts, conv1d, total, where)
+
+                self.factoring.submit(delta, factor_it)
+
+            jobs.append(_difference_job(tk, bk, task.name, factor, done, self.factoring if factor else None))
         for i, name in enumerate(inputs.others):
             if tk.info(name).shape != bk.info(name).shape:
                 self.others[i] = True
@@ -293,6 +322,7 @@ class ExtractionPass:
     def outcome(self) -> dict[str, Any]:
         """What the jobs run so far found (factors and reports): a Ray task of ``extract --ray`` runs a group of the
         jobs and returns this to the driver, whose :meth:`absorb` gathers every group's."""
+        self.finish()
         return {"outcomes": self.outcomes, "others": self.others, "experts": self.experts.got}
 
     def absorb(self, got: dict[str, Any]) -> None:
@@ -304,6 +334,7 @@ class ExtractionPass:
 
     def plan(self) -> Plan:
         """The adapter of what the pass found changed."""
+        self.finish()
         out = _collect(self.tk, self.inputs, self.outcomes)
         moe = self.experts.collect(_expert_report)
         changed_others = [name for i, name in enumerate(self.inputs.others) if self.others.get(i)]

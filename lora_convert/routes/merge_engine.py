@@ -16,22 +16,23 @@ import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .. import arch, lora_math, oft_math
+from .. import arch, lora_math
 from ..config import TUNER_PEFT_TYPES
 from ..errors import AdapterError, RouteError, UnsupportedError, option
 from ..inventory import LoraModule
 from ..io.reader import Checkpoint
 from ..pipeline import TILE_BYTES, Buffers, Job, Read
-from . import oft_terms, tuner_terms
 from .common import BaseView, check_finite, copy_job, remap_modules, same_tensor
 from .moe import ExpertPlan, plan_expert_lora
 from .plan import AdapterInput, Request
 from .quantized import QuantizedBase, quantized_base
-from .requantize import lora_delta_norm
+
+if TYPE_CHECKING:
+    from .. import oft_math
 
 # the tuners that rotate a weight (routes/oft_terms.py): its input side, or its output rows (LyCORIS's Diag-OFT/BOFT)
 ROTATIONS = ("oft", "boft", "hra", "diag-oft")
@@ -112,6 +113,8 @@ class MergeOps:
             m = lo.module
             if m.magnitude_key or m.scaling is None or m.tuner != "lora" or m.kind == "ia3":
                 return None
+            from .requantize import lora_delta_norm  # (only --requantize asks: a plain merge never imports it)
+
             return lora_delta_norm(lo.ck.read(m.a_key), lo.ck.read(m.b_key), lo.scaling)
 
         return norm
@@ -426,6 +429,8 @@ def _factors(lo: WeightedLora, base_shape: tuple[int, ...], conv1d_hint: bool) -
     orientation is transposed.  Another tuner's module (LoHa, LoKr) gives its row producer."""
     m, ck = lo.module, lo.ck
     if m.tuner != "lora":
+        from . import tuner_terms  # (LoHa, LoKr: a LoRA merge never imports their formulas)
+
         return tuner_terms.delta(m, ck, lo.scaling, base_shape, conv1d_hint), False
     a = check_finite(ck.read(m.a_key), ck, m.a_key)
     b = check_finite(ck.read(m.b_key), ck, m.b_key)
@@ -647,6 +652,8 @@ def prepare_rows(
     if ops.oft:  # alone on its tensor (see _assign): rows rotated, nothing added
         (lo,) = ops.loras
         emb = lo.module.kind == "embedding" or arch.is_embedding(lo.module.module)
+        from . import oft_terms  # (OFT/BOFT/HRA/Diag-OFT: a LoRA merge never imports their rotations)
+
         rot = oft_terms.rotation(lo.module, lo.ck, shape, conv1d_hint, emb)
         return RowMerge([], tokens=_token_rows(ops, rows, cols), rotation=rot.to(device) if device != "cpu" else rot)
     if ops.ia3:  # alone on its tensor (see _assign): rows or columns scaled, nothing added

@@ -212,7 +212,11 @@ class ExpertPass:
     def count(self) -> int:
         return sum(p.experts for p in self.params.values())
 
-    def jobs(self, advance: Callable[[int], None]) -> list[Job]:
+    def jobs(
+        self, advance: Callable[[int], None], submit: Callable[[torch.Tensor, Callable[[], None]], None] | None = None
+    ) -> list[Job]:
+        """One job per expert of every changed parameter; each ΔP[e] is factored by ``submit(ΔP, factor)`` (the
+        extraction's pool of factorising threads, routes/factoring.py), or where it was formed without one."""
         out = []
         transposed = bool(self.layout and self.layout.peft_transposed)
         for path, p in self.params.items():
@@ -220,10 +224,18 @@ class ExpertPass:
 
                 def done(delta: torch.Tensor | None, path: str = path, e: int = e) -> None:
                     advance(1)
-                    if delta is not None:
+                    if delta is None:
+                        return
+
+                    def factor(delta: torch.Tensor = delta) -> None:
                         self.got.setdefault(path, {})[e] = factor_expert(
                             delta, transposed, self.opts, self.dtype, (self.tk.root, f"{path}[{e}]")
                         )
+
+                    if submit is None:
+                        factor()
+                    else:
+                        submit(delta, factor)
 
                 out.append(expert_difference_job(self.tk, self.bk, p, e, done, self.layout))
         return out

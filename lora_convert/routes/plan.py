@@ -175,7 +175,8 @@ class Prepass(Protocol):
     def jobs(self, advance: Callable[[int], None]) -> list[Job]: ...
 
     def threads(self) -> int | None:
-        """torch's thread count for the jobs' kernels (None: the pipeline's default)."""
+        """torch's thread count for the jobs' kernels (None: the pipeline's default).  A pass whose jobs hand work
+        to threads of its own also has ``finish()``, which waits for it (called once every job ran)."""
         ...
 
 
