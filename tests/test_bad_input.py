@@ -430,7 +430,7 @@ def test_inf_in_result(work):
 @pytest.mark.parametrize(
     "change,needle",
     [
-        ({"peft_type": "OFT"}, "peft_type OFT is not LoRA"),
+        ({"peft_type": "POLY"}, "peft_type POLY is not LoRA"),  # (OFT merges now: a tuner PEFT cannot merge)
         ({"layer_replication": [[0, 2], [1, 2]]}, "layer_replication"),
         ({"init_lora_weights": "pissa_niter_4"}, "init_lora_weights='pissa_niter_4' changes the base weights"),
         ({"init_lora_weights": "olora"}, "changes the base weights"),
