@@ -22,7 +22,7 @@ name in ``factors``; the merge builds its ΔW (``routes/additive_terms.py``, mat
 * RandLoRA: ``randlora_lambda``/``randlora_gamma`` per layer and the random bases ``base_model.randlora_A``/``_B``
   shared as VB-LoRA's bank is (saved without them: refused by name, as VeRA's projections are).
 
-SHiRA, FourierFT and RandLoRA do not store their layer's width: an adapter's modules have in/out features 0 (their
+SHiRA, FourierFT, RandLoRA and MiSS do not store their layer's width: an adapter's modules have in/out features 0 (their
 merge reads it from the base; ``report`` takes it from the base it is given, ``costs._bind_widths``).
 """
 
@@ -53,6 +53,7 @@ TUNERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "randlora": ("RANDLORA", "RandLoRA", ("randlora_lambda", "randlora_gamma")),
     "delora": ("DELORA", "DeLoRA", ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")),
     "c3a": ("C3A", "C3A", ("c3a_kernel",)),
+    "miss": ("MISS", "MiSS", ("miss_block",)),
     "vblora": (
         "VBLORA",
         "VB-LoRA",
@@ -196,6 +197,18 @@ class AdditiveDialect:
             for key, default in (("r", 4), ("topk", 2), ("num_vectors", 256), ("vector_length", 256)):
                 v = data.get(key, default)
                 _check(data, where, key, _is_int(v) and v > 0, "a positive integer")
+        elif self.tuner == "miss":
+            _check(data, where, "r", _is_int(data.get("r", 64)) and data.get("r", 64) > 0, "a positive integer")
+            mini = data.get("mini_r", 1)
+            _check(data, where, "mini_r", _is_int(mini) and mini > 0, "a positive integer")
+            init = data.get("init_weights", True)
+            _check(
+                data,
+                where,
+                "init_weights",
+                isinstance(init, bool) or init in ("bat", "mini"),
+                'a bool, "bat" or "mini"',
+            )
         elif self.tuner == "shira":
             _check(data, where, "r", _is_int(data.get("r", 32)) and data.get("r", 32) > 0, "a positive integer")
             seed = data.get("random_seed")
@@ -217,6 +230,8 @@ class AdditiveDialect:
             return {k: data.get(k, d) for k, d in {**rl, "very_sparse": False}.items()}
         if self.tuner == "delora":
             return {k: data.get(k, d) for k, d in {"r": 8, "delora_lambda": 15, "rank_pattern": {}}.items()}
+        if self.tuner == "miss":
+            return {k: data.get(k, d) for k, d in {"r": 64, "init_weights": True, "mini_r": 1}.items()}
         if self.tuner == "c3a":
             return {k: data.get(k, d) for k, d in {"block_size": 256, "block_size_pattern": {}}.items()}
         if self.tuner == "vblora":
@@ -253,6 +268,8 @@ class AdditiveDialect:
             )
         if self.tuner in ("delora", "c3a"):
             return self._factored(ck, ad, mod, keys, main)
+        if self.tuner == "miss":
+            return self._miss(ck, data, ad, mod, main)
         info = ck.info(main)
         if not info.is_float or len(info.shape) != 1 or info.shape[0] == 0:
             raise AdapterError(
@@ -443,6 +460,43 @@ class AdditiveDialect:
             factors=factors,
             factor_params=params + (binfo.numel if first else 0),
             tuner_args={"topk": k, "bank": bank},
+        )
+
+    def _miss(self, ck: Checkpoint, data: dict[str, Any], ad: str, mod: str, main: str) -> LoraModule:
+        """A MiSS module: ``miss_block`` (r, out) (PEFT's default), (r, mini_r) (``init_weights: mini``) or
+        (out/r, r, r) (``bat``), checked against the config's r and mini_r (its fit to the base is the merge's).
+        The layer's widths are not all stored (in/out features 0, taken from the base as SHiRA's)."""
+        info = ck.info(main)
+        variant = data.get("init_weights", True)
+        variant = variant if variant in ("bat", "mini") else "miss"
+        r, mini = int(data.get("r", 64)), int(data.get("mini_r", 1))
+        shape = tuple(info.shape)
+        want = {"bat": "(out/r, r, r)", "mini": f"(r, mini_r) = ({r}, {mini})", "miss": f"(r, out) with r={r}"}[variant]
+        if variant == "bat":
+            ok = len(shape) == 3 and shape[1] == shape[2] == r and shape[0] > 0
+        else:
+            ok = len(shape) == 2 and shape[0] == r and (shape[1] == mini if variant == "mini" else shape[1] > 0)
+        if not info.is_float or not ok:
+            raise AdapterError(
+                f"MiSS module {mod}: miss_block of shape {list(shape)} ({info.dtype_name}): PEFT's with init_weights "
+                f"{data.get('init_weights', True)!r} is a floating-point {want}",
+                path=info.file,
+                tensor=main,
+            )
+        return LoraModule(
+            mod,
+            ad,
+            "linear",
+            main,
+            main,
+            r,
+            0,
+            0,
+            scaling=1.0,
+            tuner="miss",
+            factors={"miss_block": main},
+            factor_params=info.numel,
+            tuner_args={"variant": variant, "r": r, "mini_r": mini},
         )
 
     def _own_shared(

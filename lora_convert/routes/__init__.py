@@ -106,7 +106,7 @@ TUNER_TAKES: dict[str, frozenset[Route]] = {
     # PEFT's additive tuners (routes/additive_terms): ΔW merged, verified and subtracted, their tensors moved
     **{
         t: _MERGES | _PEFT_LAYOUT | {("plain", "base")}
-        for t in ("shira", "fourierft", "vblora", "delora", "c3a", "randlora")
+        for t in ("shira", "fourierft", "vblora", "delora", "c3a", "randlora", "miss")
     },
 }
 _TUNER_WORDS = {
@@ -124,6 +124,7 @@ _TUNER_WORDS = {
     "delora": "DeLoRA",
     "c3a": "C3A",
     "randlora": "RandLoRA",
+    "miss": "MiSS",
 }
 _ROUTE_WORDS: dict[Route, str] = {
     ("adapter", "merged"): "merged",

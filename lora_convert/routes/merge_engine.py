@@ -73,8 +73,9 @@ class KeyOps:
 
     @property
     def oft(self) -> bool:
-        """OFT/BOFT/HRA rotate the weight's input side (``W·Rᵀ``) instead of adding to it: alone on its tensor (_assign)."""
-        return any(lo.module.tuner in ROTATIONS for lo in self.loras)
+        """OFT/BOFT/HRA rotate the weight's input side (``W·Rᵀ``) instead of adding to it, MiSS ``bat`` multiplies
+        its blocks (``W_ij·(I + B_i) + B_i``): alone on its tensor (_assign)."""
+        return any(lo.module.tuner in ROTATIONS or lo.module.tuner_args.get("variant") == "bat" for lo in self.loras)
 
     def signature(self) -> tuple[Any, ...]:
         """What was applied, to decide whether two tied tensors end up equal."""

@@ -16,6 +16,7 @@ from .. import oft_math
 from ..errors import AdapterError, UnsupportedError
 from ..inventory import LoraModule
 from ..io.reader import Checkpoint
+from . import additive_terms
 from .common import check_finite
 
 
@@ -23,6 +24,8 @@ def rotation(
     m: LoraModule, ck: Checkpoint, shape: tuple[int, ...], conv1d_hint: bool, embedding: bool
 ) -> oft_math.Rotation:
     """The rotation of ``m`` (OFT, BOFT, HRA) on a base weight of ``shape`` (``embedding``: the base layer is an embedding)."""
+    if m.tuner == "miss":  # MiSS bat: W's r×r blocks times (I + B_i), plus B_i (routes/additive_terms)
+        return additive_terms.bat(m, ck, shape, conv1d_hint)
     if "oft_blocks" in m.factors or m.tuner == "diag-oft":  # LyCORIS's Diag-OFT and BOFT (kohya files)
         return _lycoris_oft(m, ck, shape, conv1d_hint, embedding)
     if m.tuner == "boft":
