@@ -94,5 +94,6 @@ register(AdditiveDialect("fourierft"))  # claimed by fourierft_spectrum tensors 
 register(AdditiveDialect("vblora"))  # claimed by vblora_logits_* tensors or peft_type VBLORA
 register(AdditiveDialect("delora"))  # claimed by delora_* tensors or peft_type DELORA
 register(AdditiveDialect("c3a"))  # claimed by c3a_kernel tensors or peft_type C3A
+register(AdditiveDialect("road"))  # claimed by road_theta/road_alpha tensors or peft_type ROAD
 register(AdditiveDialect("miss"))  # claimed by miss_block tensors or peft_type MISS
 register(AdditiveDialect("randlora"))  # claimed by randlora_lambda/gamma tensors or peft_type RANDLORA

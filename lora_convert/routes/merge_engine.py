@@ -34,7 +34,7 @@ from .quantized import QuantizedBase, quantized_base
 from .requantize import lora_delta_norm
 
 # the tuners that rotate a weight (routes/oft_terms.py): its input side, or its output rows (LyCORIS's Diag-OFT/BOFT)
-ROTATIONS = ("oft", "boft", "hra", "diag-oft")
+ROTATIONS = ("oft", "boft", "hra", "diag-oft", "road")
 
 
 @dataclass
@@ -294,6 +294,8 @@ def _assign_adapter(
             )
         ops[wk].loras.append(WeightedLora(m, ad, inp.weight))
         if m.kind == "ia3" and m.out_features and f"{remap[mod]}.bias" in ops:  # output side: PEFT scales the bias
+            ops[f"{remap[mod]}.bias"].bias_scales.append(WeightedLora(m, ad, inp.weight))
+        if m.tuner == "road" and f"{remap[mod]}.bias" in ops:  # R·(Wx + b): PEFT rotates the bias too
             ops[f"{remap[mod]}.bias"].bias_scales.append(WeightedLora(m, ad, inp.weight))
         if m.bias_key:
             bk = f"{remap.get(mod, mod)}.bias"
@@ -756,7 +758,11 @@ def bias_value(ops: KeyOps) -> torch.Tensor:
                 tensor=m.bias_key,
             )
         b = b + extra * lo.scaling
-    for lo in ops.bias_scales:  # IA³: b ⊙ l
+    for lo in ops.bias_scales:  # IA³: b ⊙ l; RoAd: R·b
+        if lo.module.tuner == "road":
+            rot = oft_terms.rotation(lo.module, lo.ck, (b.numel(), 1), False, False)
+            b = rot.rotate_(b.reshape(-1, 1).clone()).reshape(b.shape)
+            continue
         vec = _ia3_vector(lo, b.numel())
         b = b * vec.reshape(b.shape)
     return b
