@@ -164,6 +164,9 @@ def test_bad_config_gpt2_conv1d_unmerge_and_lora_only_routes(tmp_path: Path) -> 
         out=out,
     )
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(data))
+    out = tmp_path / "weighted"  # R·W has no weight (PEFT's RoAd has no scale)
+    res = cli("merge", tmp_path / "base", "--adapter", f"{tmp_path / 'adapter'}:0.5", "-o", out)
+    one_error(res, "RoAd rotates this weight's output rows", out=out)
     lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "merged")
     for to, out in (("kohya", tmp_path / "o-kohya"), ("gguf", tmp_path / "o.gguf"), ("base", tmp_path / "back")):
         args = ("--adapter", tmp_path / "adapter") if to == "base" else ("--base", tmp_path / "base")

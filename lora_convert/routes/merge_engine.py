@@ -215,6 +215,13 @@ def _assign(
                 "result is not what PEFT merges",
                 hint="merge an IA³ adapter alone, at weight 1",
             )
+        products = {"road": "RoAd rotates this weight's output rows (R·W)", "miss": "MiSS bat multiplies this weight"}
+        if o.oft and o.loras[0].module.tuner in products and (len(o.loras) > 1 or o.loras[0].weight != 1.0):
+            raise UnsupportedError(
+                f"{k}: {products[o.loras[0].module.tuner]}; with another adapter on it, a weight or an unmerge the "
+                "result is not what PEFT merges (PEFT gives it no scale and no inverse here)",
+                hint="merge this adapter alone, at weight 1",
+            )
         if o.oft and (len(o.loras) > 1 or o.loras[0].weight != 1.0):
             raise UnsupportedError(
                 f"{k}: {o.loras[0].module.tuner.upper()} rotates this weight"
