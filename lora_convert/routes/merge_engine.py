@@ -767,7 +767,9 @@ def bias_value(ops: KeyOps) -> torch.Tensor:
         b = b + extra * lo.scaling
     for lo in ops.bias_scales:  # IA³: b ⊙ l; RoAd: R·b
         if lo.module.tuner == "road":
-            rot = oft_terms.rotation(lo.module, lo.ck, (b.numel(), 1), False, False)
+            from . import oft_terms as rotations  # (imported where used: main imports tuner code lazily)
+
+            rot = rotations.rotation(lo.module, lo.ck, (b.numel(), 1), False, False)
             b = rot.rotate_(b.reshape(-1, 1).clone()).reshape(b.shape)
             continue
         vec = _ia3_vector(lo, b.numel())
