@@ -17,6 +17,10 @@ Each class is a :class:`lora_math.RowDelta`: the merge engine asks for the fp32 
 * VB-LoRA, DeLoRA, RandLoRA: LoRA factors built from their own numbers (a vector bank and top-k logits; norms
   and a λ; shared random bases scaled by λ and γ).
 * C3A: a block-circulant ΔW, each entry a kernel value, so rows come straight from the kernel.
+* MiSS (``peft/tuners/miss``, its default and ``mini`` variants): ΔW[o, c] = block[c mod r, o mod w], the
+  shared (r, w) block tiled over the weight (w = out, or ``mini_r`` repeated), each entry a block value.
+  Its ``bat`` variant is no sum: :class:`BatBlocks` rewrites each r×r block of W as W_ij·(I + B_i) + B_i, a row
+  at a time (a :class:`oft_math.Rotation` to the merge engine: alone on its tensor).
 """
 
 from __future__ import annotations
@@ -284,3 +288,74 @@ def randlora_factors(
     if lo == in_f:  # ΔW = update_b @ update_a: (out, K) @ (K, in)
         return DeltaFactors(update_b.contiguous(), update_a.contiguous(), scaling)
     return DeltaFactors(update_a.t().contiguous(), update_b.t().contiguous(), scaling)  # (out, K) @ (K, in)
+
+
+@dataclass
+class TiledDelta:
+    """MiSS's ΔW on an (out, in) weight: ``block`` (r, w) tiled, ΔW[o, c] = block[c mod r, o mod w] — what PEFT's
+    ``get_delta_weight_miss`` adds (the (in/r) whole r-wide column blocks and the remainder's first columns alike;
+    ``mini``'s block repeated out/w times along the output).  Each entry is a stored value: no rounding but the
+    add's."""
+
+    block: torch.Tensor  # fp32 (r, w)
+    out_f: int
+    in_f: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_f, self.in_f)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        r, w = self.block.shape
+        dev = self.block.device
+        cols = torch.arange(self.in_f, device=dev) % r
+        outs = torch.arange(start, stop, device=dev) % w
+        return self.block.t()[outs][:, cols].contiguous()
+
+    def add_rows(self, acc: torch.Tensor, start: int, stop: int) -> None:
+        acc.add_(self.rows(start, stop))
+
+    @property
+    def depth(self) -> int:
+        return 1
+
+    def magnitude(self, scale: float) -> TiledDelta:
+        return TiledDelta(self.block.abs() * scale, self.out_f, self.in_f)
+
+    def to(self, device: torch.device | str) -> TiledDelta:
+        return TiledDelta(self.block.to(device), self.out_f, self.in_f)
+
+
+@dataclass
+class BatBlocks:
+    """MiSS ``bat``: PEFT's ``get_delta_weight`` on an (out, in) weight cut in r×r blocks W_ij (i over output
+    rows) is ΔW_ij = W_ij·B_i + B_i, merged as W + ΔW.  Row p of W (block i = p // r, q = p mod r) only needs
+    itself: its r-wide pieces times B_i, plus B_i's row q.  ``rotate_`` rewrites fp32 rows ``start:start+n``
+    in place, one output block at a time (any tile: memory one tile and B)."""
+
+    blocks: torch.Tensor  # fp32 (out/r, r, r)
+    scale: float = 1.0  # (magnitude: |B| at |scale|, applied to |W|: |W| + |W|·|B_i| + |B_i|, verify's P)
+
+    def rotate_(self, acc: torch.Tensor, start: int = 0) -> torch.Tensor:
+        n, cols = acc.shape
+        r = self.blocks.shape[-1]
+        p = start
+        while p < start + n:
+            i, q = divmod(p, r)
+            e = min(start + n, (i + 1) * r)
+            rows = acc[p - start : e - start].view(e - p, cols // r, r)
+            b = self.blocks[i]
+            add = torch.matmul(rows, b).add_(b[q : q + (e - p)].unsqueeze(1)).mul_(self.scale)
+            rows.add_(add)
+            p = e
+        return acc
+
+    @property
+    def depth(self) -> int:
+        return self.blocks.shape[-1] + 2
+
+    def magnitude(self) -> BatBlocks:
+        return BatBlocks(self.blocks.abs(), abs(self.scale))
+
+    def to(self, device: torch.device | str) -> BatBlocks:
+        return BatBlocks(self.blocks.to(device), self.scale)

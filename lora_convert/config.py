@@ -42,6 +42,8 @@ SUPPORTED_PEFT_TYPES = (
     "DELORA",
     "C3A",
     "RANDLORA",
+    "MISS",
+    "ROAD",
 )
 # PEFT's LyCORIS tuners: merged (their ΔW in tuner_math) and moved between forms, but no LoRA route converts them;
 # their config says ``alpha`` where LoRA's says ``lora_alpha`` (scaling alpha / r, no rsLoRA)
@@ -479,7 +481,7 @@ class AdapterConfig:
         elif self.peft_type not in SUPPORTED_PEFT_TYPES + tuners:
             reasons.append(
                 f"peft_type {self.peft_type} is not LoRA (LoRA, DoRA, AdaLoRA, VeRA, IA³, OFT, BOFT, HRA, LoHa, LoKr, "
-                "SHiRA, FourierFT, VB-LoRA, DeLoRA, C3A and RandLoRA adapters are supported)"
+                "SHiRA, FourierFT, VB-LoRA, DeLoRA, C3A, RandLoRA, MiSS and RoAd adapters are supported)"
             )
         if self.layer_replication:
             reasons.append("layer_replication duplicates decoder layers; the base's layer layout cannot hold it")

@@ -328,6 +328,12 @@ def lora_module_flops(m: LoraModule, active: int | None = None, *, vera: bool = 
         return 2 * m.rank * (m.in_features + m.out_features)
     if m.tuner == "randlora":  # B(A x) through its r·bases columns
         return 2 * m.rank * int(m.tuner_args.get("bases", 1)) * (m.in_features + m.out_features)
+    if m.tuner == "road":  # the output rotated in pairs: y·c + swapped(y)·s (and c, s rebuilt from θ, α)
+        return 3 * m.out_features
+    if m.tuner == "miss":  # x summed by r-wide pieces, times the block (bat: W rebuilt per forward, then x @ Wᵀ)
+        if m.tuner_args.get("variant") == "bat":
+            return 2 * m.rank * m.in_features * m.out_features + 2 * m.in_features * m.out_features
+        return m.in_features + 2 * m.rank * m.out_features
     if m.tuner == "c3a":  # PEFT's block-circulant product: FFTs of the input and output blocks, products per block pair
         b = max(m.rank, 2)
         return (
@@ -367,6 +373,10 @@ def merge_module_flops(
         return 2 * m.rank * int(m.tuner_args.get("bases", 1)) * area + area
     if m.tuner == "delora":  # the norms and the diagonal (small), LoRA's product, the column scale and the add
         return 2 * m.rank * area + 2 * area
+    if m.tuner == "road":  # each merged entry two products and a sum (the bias too)
+        return 3 * area + (3 * m.out_features if bias else 0)
+    if m.tuner == "miss":  # the tiled block added (bat: each r-wide row piece times B_i, then two adds)
+        return 2 * m.rank * area + 2 * area if m.tuner_args.get("variant") == "bat" else area
     if m.tuner == "c3a":  # each entry looked up in its circulant block, scaled by 1/in and added
         return 2 * area
     if m.tuner == "vblora":  # A and B from the bank (k products and sums per entry), then LoRA's product and add
@@ -625,7 +635,7 @@ def build_report(
 
 
 def _bind_widths(ad: _Adapter, tensors: dict[str, _T] | None, cfg: AdapterConfig | None) -> None:
-    """SHiRA, FourierFT and RandLoRA adapters do not store their layers' widths (dialects/additive.py): each
+    """SHiRA, FourierFT, RandLoRA, MiSS and RoAd adapters do not store their layers' widths (dialects/additive.py): each
     module's taken from the base's weight of the same name, when the base is known, for its FLOPs."""
     if tensors is None:
         return

@@ -453,3 +453,65 @@ class OutputButterfly:
 
     def to(self, device: torch.device | str) -> OutputButterfly:
         return OutputButterfly(self.blocks.to(device), self.scale.to(device) if self.scale is not None else None)
+
+
+def road_columns(
+    variant: str, group: int, theta: torch.Tensor, alpha: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's RoAd ``_prepare_cols``: per output row j, the diagonal α·cosθ and the partner's α·sinθ (road_1: one
+    (θ, α) per pair, repeated over the group's halves; road_2: one per row; road_4: separate (θ, α) for the two)."""
+    theta, alpha = theta.to(FP32), alpha.to(FP32)
+    if variant == "road_1":
+        theta = theta.reshape(-1, group // 2).repeat_interleave(2, dim=0).flatten()
+        alpha = alpha.reshape(-1, group // 2).repeat_interleave(2, dim=0).flatten()
+        return alpha * theta.cos(), alpha * theta.sin()
+    if variant == "road_2":
+        return alpha * theta.cos(), alpha * theta.sin()
+    t, a = theta.reshape(-1, 2, group), alpha.reshape(-1, 2, group)
+    return a[:, 0, :].flatten() * t[:, 0, :].cos().flatten(), a[:, 1, :].flatten() * t[:, 1, :].sin().flatten()
+
+
+@dataclass
+class RoadRotation:
+    """PEFT's RoAd merge ``W ← R·W`` (and ``b ← R·b``): R mixes output rows in groups of ``unit``, row j of the
+    first half with row j + unit/2: y_j = c_j·x_j − s_j·x_{j+g/2}, y_{j+g/2} = c_{j+g/2}·x_{j+g/2} + s_{j+g/2}·x_j
+    (``first``: c, ``second``: s, per output row).  The engine reads whole groups (``rows_mixed``)."""
+
+    first: torch.Tensor  # fp32 (out,)
+    second: torch.Tensor  # fp32 (out,)
+    unit: int
+
+    def rotate_(self, acc: torch.Tensor, start: int = 0) -> torch.Tensor:
+        n, cols = acc.shape
+        g = self.unit
+        if start % g or n % g:
+            raise ValueError(f"rows {start}:{start + n} are not whole {g}-row groups of RoAd's rotation")
+        x = acc.view(n // g, 2, g // 2, cols)
+        c = self.first[start : start + n].view(n // g, 2, g // 2, 1)
+        s = self.second[start : start + n].view(n // g, 2, g // 2, 1)
+        swapped = torch.stack((-x[:, 1], x[:, 0]), dim=1)
+        acc.view(n // g, 2, g // 2, cols).copy_(x * c + swapped * s)
+        return acc
+
+    @property
+    def depth(self) -> int:
+        return 3
+
+    def magnitude(self) -> RoadRotation:
+        """|R| applied to |W| (the partner's term made positive too)."""
+        return _RoadMagnitude(self.first.abs(), self.second.abs(), self.unit)
+
+    def to(self, device: torch.device | str) -> RoadRotation:
+        return type(self)(self.first.to(device), self.second.to(device), self.unit)
+
+
+class _RoadMagnitude(RoadRotation):
+    def rotate_(self, acc: torch.Tensor, start: int = 0) -> torch.Tensor:
+        n, cols = acc.shape
+        g = self.unit
+        x = acc.view(n // g, 2, g // 2, cols)
+        c = self.first[start : start + n].view(n // g, 2, g // 2, 1)
+        s = self.second[start : start + n].view(n // g, 2, g // 2, 1)
+        swapped = torch.stack((x[:, 1], x[:, 0]), dim=1)
+        acc.view(n // g, 2, g // 2, cols).copy_(x * c + swapped * s)
+        return acc

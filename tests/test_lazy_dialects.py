@@ -31,10 +31,11 @@ PIECES = [
     "oft_R", "oft_embedding_R", "oft_r", "boft_R", "boft_s", "hra_u", "shira_weight", "shira_indices",
     "fourierft_spectrum", "vblora_logits_A", "vblora_logits_B_topk_indices", "vblora_vector_bank", "delora_A",
     "delora_lambda", "c3a_kernel", "randlora_lambda", "randlora_gamma", "randlora_A", "oft", "hra",
+    "miss_block", "road_theta", "road_alpha",
 ]  # fmt: skip
 PEFT_TYPES = [
     None, "LORA", "VERA", "IA3", "ADALORA", "vera", "ia3", "AdaLoRA", "LOHA", "not a type",
-    "OFT", "BOFT", "hra", "SHIRA", "FourierFT", "VBLORA", "DELORA", "C3A", "RANDLORA",
+    "OFT", "BOFT", "hra", "SHIRA", "FourierFT", "VBLORA", "DELORA", "C3A", "RANDLORA", "MISS", "ROAD",
 ]  # fmt: skip
 
 
@@ -100,6 +101,8 @@ def test_each_lazy_dialect_claims_its_own_and_only_its_own(configs):
         "delora": _ck(["base_model.model.q_proj.delora_A"], configs["DELORA"], False),
         "c3a": _ck(["base_model.model.q_proj.c3a_kernel"], configs["C3A"], False),
         "randlora": _ck(["base_model.model.q_proj.randlora_lambda"], configs["RANDLORA"], False),
+        "miss": _ck(["base_model.model.q_proj.miss_block"], configs["MISS"], False),
+        "road": _ck(["base_model.model.q_proj.road_theta"], configs["ROAD"], False),
     }
     assert sorted(own) == sorted(d.name for d in LAZY)
     for name, ck in own.items():

@@ -148,6 +148,8 @@ for _tuner, _peft_type, _params in (
     ("delora", "DELORA", ("delora_",)),
     ("c3a", "C3A", ("c3a_kernel",)),
     ("randlora", "RANDLORA", ("randlora_lambda", "randlora_gamma")),
+    ("miss", "MISS", ("miss_block",)),
+    ("road", "ROAD", ("road_theta", "road_alpha")),
 ):
     register(
         LazyDialect(

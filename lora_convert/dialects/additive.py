@@ -22,7 +22,7 @@ name in ``factors``; the merge builds its ΔW (``routes/additive_terms.py``, mat
 * RandLoRA: ``randlora_lambda``/``randlora_gamma`` per layer and the random bases ``base_model.randlora_A``/``_B``
   shared as VB-LoRA's bank is (saved without them: refused by name, as VeRA's projections are).
 
-SHiRA, FourierFT and RandLoRA do not store their layer's width: an adapter's modules have in/out features 0 (their
+SHiRA, FourierFT, RandLoRA, MiSS and RoAd do not store their layer's width: an adapter's modules have in/out features 0 (their
 merge reads it from the base; ``report`` takes it from the base it is given, ``costs._bind_widths``).
 """
 
@@ -53,6 +53,8 @@ TUNERS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "randlora": ("RANDLORA", "RandLoRA", ("randlora_lambda", "randlora_gamma")),
     "delora": ("DELORA", "DeLoRA", ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")),
     "c3a": ("C3A", "C3A", ("c3a_kernel",)),
+    "miss": ("MISS", "MiSS", ("miss_block",)),
+    "road": ("ROAD", "RoAd", ("road_theta", "road_alpha")),
     "vblora": (
         "VBLORA",
         "VB-LoRA",
@@ -64,6 +66,7 @@ BANK = "vblora_vector_bank"  # VB-LoRA's bank, shared by every layer: base_model
 # tensors a tuner shares between its layers: base_model.<role>[.<adapter>] (PEFT's in-model state dict also holds a
 # copy under every layer, <module>.<role>.<adapter>, which attach writes again from the shared one)
 SHARED = {"vblora": (BANK,), "randlora": ("randlora_A", "randlora_B")}
+ROAD_SIZES = {"road_1": 1, "road_2": 2, "road_4": 4}  # RoAd's θ (and α) numbers per output row, times 2
 WORDS = {t: w for t, (_, w, _) in TUNERS.items()}
 _LORA_KEYS = ("r", "target_modules", "modules_to_save", "fan_in_fan_out", "peft_type", "base_model_name_or_path")
 
@@ -196,6 +199,22 @@ class AdditiveDialect:
             for key, default in (("r", 4), ("topk", 2), ("num_vectors", 256), ("vector_length", 256)):
                 v = data.get(key, default)
                 _check(data, where, key, _is_int(v) and v > 0, "a positive integer")
+        elif self.tuner == "road":
+            _check(data, where, "variant", data.get("variant", "road_1") in ROAD_SIZES, "road_1, road_2 or road_4")
+            g = data.get("group_size", 64)
+            _check(data, where, "group_size", _is_int(g) and g > 0 and g % 2 == 0, "a positive even integer")
+        elif self.tuner == "miss":
+            _check(data, where, "r", _is_int(data.get("r", 64)) and data.get("r", 64) > 0, "a positive integer")
+            mini = data.get("mini_r", 1)
+            _check(data, where, "mini_r", _is_int(mini) and mini > 0, "a positive integer")
+            init = data.get("init_weights", True)
+            _check(
+                data,
+                where,
+                "init_weights",
+                isinstance(init, bool) or init in ("bat", "mini"),
+                'a bool, "bat" or "mini"',
+            )
         elif self.tuner == "shira":
             _check(data, where, "r", _is_int(data.get("r", 32)) and data.get("r", 32) > 0, "a positive integer")
             seed = data.get("random_seed")
@@ -217,6 +236,10 @@ class AdditiveDialect:
             return {k: data.get(k, d) for k, d in {**rl, "very_sparse": False}.items()}
         if self.tuner == "delora":
             return {k: data.get(k, d) for k, d in {"r": 8, "delora_lambda": 15, "rank_pattern": {}}.items()}
+        if self.tuner == "road":
+            return {k: data.get(k, d) for k, d in {"variant": "road_1", "group_size": 64}.items()}
+        if self.tuner == "miss":
+            return {k: data.get(k, d) for k, d in {"r": 64, "init_weights": True, "mini_r": 1}.items()}
         if self.tuner == "c3a":
             return {k: data.get(k, d) for k, d in {"block_size": 256, "block_size_pattern": {}}.items()}
         if self.tuner == "vblora":
@@ -253,6 +276,10 @@ class AdditiveDialect:
             )
         if self.tuner in ("delora", "c3a"):
             return self._factored(ck, ad, mod, keys, main)
+        if self.tuner == "miss":
+            return self._miss(ck, data, ad, mod, main)
+        if self.tuner == "road":
+            return self._road(ck, data, ad, mod, keys)
         info = ck.info(main)
         if not info.is_float or len(info.shape) != 1 or info.shape[0] == 0:
             raise AdapterError(
@@ -443,6 +470,85 @@ class AdditiveDialect:
             factors=factors,
             factor_params=params + (binfo.numel if first else 0),
             tuner_args={"topk": k, "bank": bank},
+        )
+
+    def _miss(self, ck: Checkpoint, data: dict[str, Any], ad: str, mod: str, main: str) -> LoraModule:
+        """A MiSS module: ``miss_block`` (r, out) (PEFT's default), (r, mini_r) (``init_weights: mini``) or
+        (out/r, r, r) (``bat``), checked against the config's r and mini_r (its fit to the base is the merge's).
+        The layer's widths are not all stored (in/out features 0, taken from the base as SHiRA's)."""
+        info = ck.info(main)
+        variant = data.get("init_weights", True)
+        variant = variant if variant in ("bat", "mini") else "miss"
+        r, mini = int(data.get("r", 64)), int(data.get("mini_r", 1))
+        shape = tuple(info.shape)
+        want = {"bat": "(out/r, r, r)", "mini": f"(r, mini_r) = ({r}, {mini})", "miss": f"(r, out) with r={r}"}[variant]
+        if variant == "bat":
+            ok = len(shape) == 3 and shape[1] == shape[2] == r and shape[0] > 0
+        else:
+            ok = len(shape) == 2 and shape[0] == r and (shape[1] == mini if variant == "mini" else shape[1] > 0)
+        if not info.is_float or not ok:
+            raise AdapterError(
+                f"MiSS module {mod}: miss_block of shape {list(shape)} ({info.dtype_name}): PEFT's with init_weights "
+                f"{data.get('init_weights', True)!r} is a floating-point {want}",
+                path=info.file,
+                tensor=main,
+            )
+        return LoraModule(
+            mod,
+            ad,
+            "linear",
+            main,
+            main,
+            r,
+            0,
+            0,
+            scaling=1.0,
+            tuner="miss",
+            factors={"miss_block": main},
+            factor_params=info.numel,
+            tuner_args={"variant": variant, "r": r, "mini_r": mini},
+        )
+
+    def _road(self, ck: Checkpoint, data: dict[str, Any], ad: str, mod: str, keys: dict[str, str]) -> LoraModule:
+        """A RoAd module: ``road_theta`` and ``road_alpha``, 1-D floating-point, as long as each other: out/2
+        (road_1), out (road_2) or 2·out (road_4) numbers, so the layer's output width is theirs (``tuner_args["out"]``; its
+        fit to ``group_size`` and the base is the merge's; in/out features 0, bound from the base as MiSS's)."""
+        any_key = next(iter(keys.values()))
+        for p in self.params:
+            if p not in keys:
+                raise AdapterError(f"RoAd module {mod}: {p} is missing", path=ck.root, tensor=any_key)
+            info = ck.info(keys[p])
+            if not info.is_float or len(info.shape) != 1 or info.shape[0] == 0:
+                raise AdapterError(
+                    f"RoAd module {mod}: {p} of shape {list(info.shape)} ({info.dtype_name}): PEFT's is a non-empty "
+                    "1-D floating-point vector",
+                    path=info.file,
+                    tensor=keys[p],
+                )
+        n, n_a = ck.info(keys["road_theta"]).shape[0], ck.info(keys["road_alpha"]).shape[0]
+        variant, g = str(data.get("variant", "road_1")), int(data.get("group_size", 64))
+        per = ROAD_SIZES[variant]  # numbers per output row, times 2
+        if n != n_a or (2 * n) % per:
+            raise AdapterError(
+                f"RoAd module {mod}: road_theta has {n} numbers and road_alpha {n_a}; PEFT's {variant} has "
+                f"{per // 2 if per > 1 else '1/2'} of each per output row",
+                path=ck.root,
+                tensor=keys["road_alpha"],
+            )
+        return LoraModule(
+            mod,
+            ad,
+            "linear",
+            keys["road_theta"],
+            keys["road_alpha"],
+            g,
+            0,
+            0,
+            scaling=1.0,
+            tuner="road",
+            factors={p: keys[p] for p in self.params},
+            factor_params=2 * n,
+            tuner_args={"variant": variant, "group_size": g, "rows_mixed": g, "out": 2 * n // per},
         )
 
     def _own_shared(

@@ -106,10 +106,12 @@ TUNER_TAKES: dict[str, frozenset[Route]] = {
     "oft": _MERGES | _PEFT_LAYOUT,
     "boft": _MERGES | _PEFT_LAYOUT,
     "hra": _MERGES | _PEFT_LAYOUT,
+    # RoAd mixes pairs of output rows (R·W, R·b): merged, verified, its tensors moved; no unmerge (no inverse)
+    "road": _MERGES | _PEFT_LAYOUT,
     # PEFT's additive tuners (routes/additive_terms): ΔW merged, verified and subtracted, their tensors moved
     **{
         t: _MERGES | _PEFT_LAYOUT | {("plain", "base")}
-        for t in ("shira", "fourierft", "vblora", "delora", "c3a", "randlora")
+        for t in ("shira", "fourierft", "vblora", "delora", "c3a", "randlora", "miss")
     },
 }
 _TUNER_WORDS = {
@@ -127,6 +129,8 @@ _TUNER_WORDS = {
     "delora": "DeLoRA",
     "c3a": "C3A",
     "randlora": "RandLoRA",
+    "miss": "MiSS",
+    "road": "RoAd",
 }
 _ROUTE_WORDS: dict[Route, str] = {
     ("adapter", "merged"): "merged",

@@ -52,10 +52,14 @@ def delta(
         )
     if m.tuner == "vblora":
         return _vblora(m, ck, scaling, base_shape, conv1d_hint)
+    if m.tuner in ("delora", "c3a", "miss") and conv1d_hint:
+        return _linear_only(m, ck, scaling, base_shape, conv1d_hint)
     if m.tuner in ("delora", "c3a"):
         return _linear_only(m, ck, scaling, base_shape, conv1d_hint)
     if m.tuner == "randlora":
         return _randlora(m, ck, scaling, base_shape, conv1d_hint)
+    if m.tuner == "miss":
+        return _miss(m, ck, scaling, base_shape)
     rows, cols = int(base_shape[0]), int(base_shape[1])
     out_f, in_f = (cols, rows) if conv1d_hint else (rows, cols)
     if m.tuner == "shira":
@@ -201,3 +205,55 @@ def _randlora(
     if conv1d_hint:  # the stored weight is (in, out): its rows are ΔWᵀ's
         return lora_math.DeltaFactors(d.right.t().contiguous(), d.left.t().contiguous(), d.scaling)
     return d
+
+
+def _miss(m: LoraModule, ck: Checkpoint, scaling: float, base_shape: tuple[int, ...]) -> lora_math.RowDelta:
+    """PEFT's MiSS on ``nn.Linear`` (its default and ``mini``: the block tiled over W, added; PEFT gives MiSS no
+    scale of its own: ``scaling`` is the adapter's weight), checked as PEFT's ``update_layer`` checks the layer:
+    r ≤ in, the block as wide as the output (``mini``: out divisible by mini_r)."""
+    out_f, in_f = int(base_shape[0]), int(base_shape[1])
+    key = m.factors["miss_block"]
+    block = check_finite(ck.read(key), ck, key).to(torch.float32)
+    args = m.tuner_args
+    r = int(args["r"])
+    if r > in_f:
+        raise _unfit(m, ck, f"r={r} is more than the ({out_f}, {in_f}) weight's {in_f} inputs: PEFT refuses it", key)
+    if args["variant"] == "mini":
+        if out_f % block.shape[1]:
+            raise _unfit(m, ck, f"mini_r={block.shape[1]} does not divide the weight's {out_f} outputs", key)
+    elif block.shape[1] != out_f:
+        raise _unfit(
+            m,
+            ck,
+            f"miss_block {list(block.shape)} is for {block.shape[1]} outputs, the base weight is {list(base_shape)}",
+            key,
+        )
+    return additive_math.TiledDelta(block * scaling, out_f, in_f)
+
+
+def bat(m: LoraModule, ck: Checkpoint, base_shape: tuple[int, ...], conv1d_hint: bool) -> additive_math.BatBlocks:
+    """PEFT's MiSS ``bat`` on ``nn.Linear``: the (out/r, r, r) blocks on an (out, in) weight both sides of which
+    r divides (PEFT's ``update_layer`` refuses any other)."""
+    if len(base_shape) != 2 or conv1d_hint:
+        what = "stored transposed (GPT-2's Conv1D, fan_in_fan_out)" if conv1d_hint else f"of shape {list(base_shape)}"
+        raise UnsupportedError(
+            f"MiSS module {m.module} on a weight {what}: PEFT builds MiSS only on nn.Linear and refuses this layer",
+            path=ck.root,
+            tensor=m.a_key,
+        )
+    key = m.factors["miss_block"]
+    out_f, in_f = int(base_shape[0]), int(base_shape[1])
+    blocks = check_finite(ck.read(key), ck, key).to(torch.float32)
+    r = int(blocks.shape[-1])
+    if in_f % r or out_f % r:
+        raise _unfit(
+            m, ck, f"the ({out_f}, {in_f}) weight is not made of whole {r}×{r} blocks: PEFT refuses bat on it", key
+        )
+    if blocks.shape[0] * r != out_f:
+        raise _unfit(
+            m,
+            ck,
+            f"miss_block {list(blocks.shape)} is for {blocks.shape[0] * r} outputs, the base weight is {list(base_shape)}",
+            key,
+        )
+    return additive_math.BatBlocks(blocks)

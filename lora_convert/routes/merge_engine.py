@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .. import oft_math
 
 # the tuners that rotate a weight (routes/oft_terms.py): its input side, or its output rows (LyCORIS's Diag-OFT/BOFT)
-ROTATIONS = ("oft", "boft", "hra", "diag-oft")
+ROTATIONS = ("oft", "boft", "hra", "diag-oft", "road")
 
 
 @dataclass
@@ -74,8 +74,9 @@ class KeyOps:
 
     @property
     def oft(self) -> bool:
-        """OFT/BOFT/HRA rotate the weight's input side (``W·Rᵀ``) instead of adding to it: alone on its tensor (_assign)."""
-        return any(lo.module.tuner in ROTATIONS for lo in self.loras)
+        """OFT/BOFT/HRA rotate the weight's input side (``W·Rᵀ``) instead of adding to it, MiSS ``bat`` multiplies
+        its blocks (``W_ij·(I + B_i) + B_i``): alone on its tensor (_assign)."""
+        return any(lo.module.tuner in ROTATIONS or lo.module.tuner_args.get("variant") == "bat" for lo in self.loras)
 
     def signature(self) -> tuple[Any, ...]:
         """What was applied, to decide whether two tied tensors end up equal."""
@@ -217,6 +218,13 @@ def _assign(
                 "result is not what PEFT merges",
                 hint="merge an IA³ adapter alone, at weight 1",
             )
+        products = {"road": "RoAd rotates this weight's output rows (R·W)", "miss": "MiSS bat multiplies this weight"}
+        if o.oft and o.loras[0].module.tuner in products and (len(o.loras) > 1 or o.loras[0].weight != 1.0):
+            raise UnsupportedError(
+                f"{k}: {products[o.loras[0].module.tuner]}; with another adapter on it, a weight or an unmerge the "
+                "result is not what PEFT merges (PEFT gives it no scale and no inverse here)",
+                hint="merge this adapter alone, at weight 1",
+            )
         if o.oft and (len(o.loras) > 1 or o.loras[0].weight != 1.0):
             raise UnsupportedError(
                 f"{k}: {o.loras[0].module.tuner.upper()} rotates this weight"
@@ -296,6 +304,8 @@ def _assign_adapter(
             )
         ops[wk].loras.append(WeightedLora(m, ad, inp.weight))
         if m.kind == "ia3" and m.out_features and f"{remap[mod]}.bias" in ops:  # output side: PEFT scales the bias
+            ops[f"{remap[mod]}.bias"].bias_scales.append(WeightedLora(m, ad, inp.weight))
+        if m.tuner == "road" and f"{remap[mod]}.bias" in ops:  # R·(Wx + b): PEFT rotates the bias too
             ops[f"{remap[mod]}.bias"].bias_scales.append(WeightedLora(m, ad, inp.weight))
         if m.bias_key:
             bk = f"{remap.get(mod, mod)}.bias"
@@ -762,7 +772,13 @@ def bias_value(ops: KeyOps) -> torch.Tensor:
                 tensor=m.bias_key,
             )
         b = b + extra * lo.scaling
-    for lo in ops.bias_scales:  # IA³: b ⊙ l
+    for lo in ops.bias_scales:  # IA³: b ⊙ l; RoAd: R·b
+        if lo.module.tuner == "road":
+            from . import oft_terms as rotations  # (imported where used: main imports tuner code lazily)
+
+            rot = rotations.rotation(lo.module, lo.ck, (b.numel(), 1), False, False)
+            b = rot.rotate_(b.reshape(-1, 1).clone()).reshape(b.shape)
+            continue
         vec = _ia3_vector(lo, b.numel())
         b = b * vec.reshape(b.shape)
     return b

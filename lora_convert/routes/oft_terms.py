@@ -16,6 +16,7 @@ from .. import oft_math
 from ..errors import AdapterError, UnsupportedError
 from ..inventory import LoraModule
 from ..io.reader import Checkpoint
+from . import additive_terms
 from .common import check_finite
 
 
@@ -23,6 +24,10 @@ def rotation(
     m: LoraModule, ck: Checkpoint, shape: tuple[int, ...], conv1d_hint: bool, embedding: bool
 ) -> oft_math.Rotation:
     """The rotation of ``m`` (OFT, BOFT, HRA) on a base weight of ``shape`` (``embedding``: the base layer is an embedding)."""
+    if m.tuner == "road":
+        return _road(m, ck, shape, conv1d_hint, embedding)
+    if m.tuner == "miss":  # MiSS bat: W's r×r blocks times (I + B_i), plus B_i (routes/additive_terms)
+        return additive_terms.bat(m, ck, shape, conv1d_hint)
     if "oft_blocks" in m.factors or m.tuner == "diag-oft":  # LyCORIS's Diag-OFT and BOFT (kohya files)
         return _lycoris_oft(m, ck, shape, conv1d_hint, embedding)
     if m.tuner == "boft":
@@ -165,3 +170,36 @@ def _lycoris_oft(
             tensor=rkey if rescale is not None and "rescale" in str(exc) else key,
             hint="is this adapter for this base model?",
         ) from None
+
+
+def _road(
+    m: LoraModule, ck: Checkpoint, shape: tuple[int, ...], conv1d_hint: bool, embedding: bool
+) -> oft_math.Rotation:
+    """PEFT's RoAd on ``nn.Linear`` only: R (out×out, pairs of rows in groups of ``group_size``) times W, or times
+    the bias (``shape`` (out, 1)); out must be as θ says and divisible by the group."""
+    key = m.factors["road_theta"]
+    if len(shape) != 2 or conv1d_hint or embedding:
+        what = (
+            "stored transposed (GPT-2's Conv1D, fan_in_fan_out)"
+            if conv1d_hint
+            else ("of an embedding" if embedding else f"of shape {list(shape)}")
+        )
+        raise UnsupportedError(
+            f"RoAd module {m.module} on a weight {what}: PEFT builds RoAd only on nn.Linear and refuses this layer",
+            path=ck.root,
+            tensor=key,
+        )
+    out, g, variant = int(shape[0]), int(m.tuner_args["group_size"]), str(m.tuner_args["variant"])
+    if out != m.tuner_args["out"] or out % g:
+        raise AdapterError(
+            f"RoAd module {m.module}: road_theta is for {m.tuner_args['out']} output rows in groups of {g}, the base "
+            f"weight is {list(shape)}" + (": PEFT needs the rows divisible by group_size" if out % g else ""),
+            path=ck.root,
+            tensor=key,
+            hint="is this adapter for this base model?",
+        )
+    theta = check_finite(ck.read(key), ck, key)
+    ak = m.factors["road_alpha"]
+    alpha = check_finite(ck.read(ak), ck, ak)
+    first, second = oft_math.road_columns(variant, g, theta, alpha)
+    return oft_math.RoadRotation(first.contiguous(), second.contiguous(), g)
