@@ -151,7 +151,7 @@ def _summarise(
             warnings.append(f"adapter {name}: use_dora is set but no lora_magnitude_vector tensors were found")
         if has_mag and not cfg.use_dora:
             warnings.append(f"adapter {name}: DoRA magnitude tensors found but use_dora is false in the config")
-        for reason in cfg.unsupported_reasons(TUNER_PEFT_TYPES):
+        for reason in cfg.unsupported_reasons():
             warnings.append(f"adapter {name}: not plain LoRA: {reason}")
     return AdapterSummary(
         name=name,

@@ -21,7 +21,6 @@ from typing import Any
 import torch
 
 from .. import arch, lora_math, oft_math
-from ..config import TUNER_PEFT_TYPES
 from ..errors import AdapterError, RouteError, UnsupportedError, option
 from ..inventory import LoraModule
 from ..io.reader import Checkpoint
@@ -135,7 +134,7 @@ def merge_ops(req: Request) -> MergeOps:
         )
     for inp in req.adapters_in():
         assert inp.config is not None, "the API checks that an adapter config exists"
-        inp.config.check_supported(TUNER_PEFT_TYPES)
+        inp.config.check_supported()
     base = BaseView(req.base) if req.base is not None else BaseView(req.source, req.inventory.base)
     qbase = quantized_base(req, base)  # read through its dequantized view
     if qbase is not None:
