@@ -12,7 +12,7 @@ from typing import Any
 from .arch import layout_of, short_name
 from .config import TUNER_PEFT_TYPES, AdapterConfig
 from .inputs import load_source, open_local, resolve
-from .inventory import Inventory, LoraModule
+from .inventory import ROTATION_TUNERS, Inventory, LoraModule
 from .io.reader import ADAPTER_WEIGHTS, Checkpoint, named_adapters
 from .module_match import match_modules
 from .moe_layouts import split_expert_module
@@ -121,8 +121,9 @@ def _summarise(
             params += m.out_features
     mg = []
     for g, ms in sorted(groups.items()):
-        alphas = sorted({cfg.alpha_for(m.config_key) for m in ms}) if cfg else []
-        scal = sorted({round(m.scaling, 6) for m in ms if m.scaling is not None})
+        added = [m for m in ms if m.tuner not in ROTATION_TUNERS]  # a rotation has no alpha and no scaling
+        alphas = sorted({cfg.alpha_for(m.config_key) for m in added}) if cfg else []
+        scal = sorted({round(m.scaling, 6) for m in added if m.scaling is not None})
         algos = sorted({m.tuner for m in ms})
         mg.append(
             ModuleGroup(

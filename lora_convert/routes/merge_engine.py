@@ -22,7 +22,7 @@ import torch
 
 from .. import arch, lora_math, oft_math
 from ..errors import AdapterError, RouteError, UnsupportedError, option
-from ..inventory import LoraModule
+from ..inventory import ROTATION_TUNERS, LoraModule
 from ..io.reader import Checkpoint
 from ..pipeline import TILE_BYTES, Buffers, Job, Read
 from . import TUNER_WORDS, oft_terms, tuner_terms
@@ -33,7 +33,7 @@ from .quantized import QuantizedBase, quantized_base
 from .requantize import lora_delta_norm
 
 # the tuners that rotate a weight (routes/oft_terms.py): its input side, or its output rows (LyCORIS's Diag-OFT/BOFT)
-ROTATIONS = ("oft", "boft", "hra", "diag-oft")
+ROTATIONS = ROTATION_TUNERS
 
 
 @dataclass
