@@ -470,15 +470,12 @@ class AdapterConfig:
         return {str(k): [int(i) for i in v] for k, v in tti.items()}
 
     # -- what we cannot merge exactly ---------------------------------------------------
-    def unsupported_reasons(self, tuners: tuple[str, ...] = ()) -> list[str]:
-        """What stops a route; ``tuners``: the other peft_types it handles (merge and attach: LOHA, LOKR)."""
+    def unsupported_reasons(self) -> list[str]:
+        """What stops a route, read from the config alone.  Which tuner's modules a route takes is
+        ``routes.TUNER_TAKES``'s, asked per module: a LoHa/LoKr config is no reason here (with LoHa/LoKr modules
+        the table refuses them by name; with none, as here with LoRA tensors, the inventory does)."""
         reasons: list[str] = []
-        if self.peft_type in TUNER_PEFT_TYPES and self.peft_type not in tuners:
-            reasons.append(
-                f"peft_type {self.peft_type}: this conversion works on LoRA only (LoHa and LoKr adapters are "
-                "merged, verified, attached, split and stripped)"
-            )
-        elif self.peft_type not in SUPPORTED_PEFT_TYPES + tuners:
+        if self.peft_type not in SUPPORTED_PEFT_TYPES + TUNER_PEFT_TYPES:
             reasons.append(
                 f"peft_type {self.peft_type} is not LoRA (LoRA, DoRA, AdaLoRA, VeRA, IA³, OFT, BOFT, HRA, LoHa, LoKr, "
                 "SHiRA, FourierFT, VB-LoRA, DeLoRA, C3A, RandLoRA, MiSS and RoAd adapters are supported)"
@@ -499,7 +496,7 @@ class AdapterConfig:
                 reasons.append(f"{key.removesuffix('_config')} is a LoRA variant this tool cannot merge")
         return reasons
 
-    def check_supported(self, tuners: tuple[str, ...] = ()) -> None:
-        reasons = self.unsupported_reasons(tuners)
+    def check_supported(self) -> None:
+        reasons = self.unsupported_reasons()
         if reasons:
             raise UnsupportedError("; ".join(reasons), path=self.source)

@@ -52,7 +52,6 @@ from typing import Any
 from . import arch, moe_layouts
 from .arch import ModelShape, module_of
 from .bounds import MAX_SEQ_LEN
-from .config import AdapterConfig
 from .errors import CheckpointError, UnsupportedError, option_name
 from .inputs import load_source, open_plain, pick_adapter, resolve
 from .inventory import Inventory, LoraModule
@@ -361,8 +360,10 @@ def merge_module_flops(
     area = m.in_features * m.out_features
     if m.tuner == "loha":  # two rank-r products, then ⊙ and the add
         return 2 * 2 * m.rank * area + area
-    if m.tuner in ("oft", "boft", "diag-oft"):  # a b-long dot product per merged entry (rank: the block size b)
+    if m.tuner in ("oft", "diag-oft"):  # a b-long dot product per merged entry (rank: the block size b)
         return 2 * m.rank * area
+    if m.tuner == "boft":  # one b-long dot product per merged entry for each of its m butterfly stages
+        return 2 * int(m.tuner_args.get("stages", 1)) * m.rank * area
     if m.tuner == "hra":  # per row: row·V, ·T, ·Vᵀ (rank: r)
         return 4 * m.rank * area + 2 * m.rank * m.rank * m.out_features
     if m.tuner in ("lokr", "full"):  # kron is element-wise (not counted), a full diff has no product: the add
@@ -597,7 +598,6 @@ def build_report(
         if b.source == "weights" and b.tensors is not None:  # the layer count, bounded by the weights' layers
             arch.check_layer_count(b.config, b.tensors, b.name or path)
         ad = _adapter(ck, inv, name, notes)
-        _bind_widths(ad, b.tensors, cfg)
         _base_shapes(ad, inv, name, b, notes)
         src_bytes = ck.dtypes()
     shape = arch.model_shape(b.config, head_stored=b.tensors is not None and arch.HEAD_KEY in b.tensors)
@@ -634,46 +634,69 @@ def build_report(
     return rep
 
 
-def _bind_widths(ad: _Adapter, tensors: dict[str, _T] | None, cfg: AdapterConfig | None) -> None:
-    """SHiRA, FourierFT, RandLoRA, MiSS and RoAd adapters do not store their layers' widths (dialects/additive.py): each
-    module's taken from the base's weight of the same name, when the base is known, for its FLOPs."""
-    if tensors is None:
-        return
-    bound = dict(ad.modules)
-    for mod, m in ad.modules.items():
-        t = tensors.get(f"{m.module}.weight")
-        if m.tuner == "lora" or m.in_features or m.out_features or t is None or len(t.shape) != 2:
-            continue
-        out_f, in_f = (t.shape[1], t.shape[0]) if cfg is not None and cfg.fan_in_fan_out else t.shape
-        bound[mod] = replace(m, in_features=int(in_f), out_features=int(out_f))
-    ad.modules = bound
-
-
 def _base_shapes(ad: _Adapter, inv: Inventory, name: str | None, b: _Base, notes: list[str]) -> None:
-    """Each module's base weight shape (and bias) where the tuner's counts need it: IA³ scales the whole weight,
-    and a VeRA adapter's layers take their input width from the base (unbound, each is as wide as vera_A)."""
+    """Each module's base weight shape (and bias) where its counts need the base: IA³ scales the whole weight, a
+    VeRA adapter's layers take their input width from the base (unbound, each is as wide as vera_A), and a tuner
+    whose file does not say a layer's width takes the missing one from its base weight: SHiRA, FourierFT and
+    RandLoRA store none, PEFT's OFT (and HRA) no output width, OFT's ``block_share`` no input width, LyCORIS's
+    Diag-OFT/BOFT no input width.  Without the base such widths stay 0 and a note says so."""
     tuner = inv.tuner.get(name or "", {})
     ad.vera = tuner.get("peft_type") == "VERA"
     unbound = ad.vera and "input_widths" in tuner  # dialects.vera.NEEDS_BASE
-    if not (unbound or any(m.kind == "ia3" for m in ad.modules.values())):
+    ia3 = any(m.kind == "ia3" for m in ad.modules.values())
+    widthless = sorted({_TUNER_NAMES.get(m.tuner, m.tuner) for m in ad.modules.values() if _widthless(m)})
+    if not (unbound or ia3 or widthless):
         return
     if b.tensors is None:
-        what = "VeRA's input widths (vera_A's full width counted, an upper bound)" if unbound else "IA³'s merge"
-        notes.append(f"{what}: the base weights' shapes are unknown")
+        if unbound or ia3:
+            what = "VeRA's input widths (vera_A's full width counted, an upper bound)" if unbound else "IA³'s merge"
+            notes.append(f"{what}: the base weights' shapes are unknown")
+        if widthless:
+            notes.append(
+                f"{', '.join(widthless)}: the file does not say every layer's width and the base weights' shapes are "
+                "unknown: those modules' FLOPs are not counted (0; pass --base)"
+            )
         return
     from .module_match import match_modules
 
     match = match_modules(list(ad.modules), b.tensors, spelled=inv.spelled, config=b.config)
     cfg = inv.config(name or "")
+    flip = cfg is not None and bool(cfg.fan_in_fan_out)
     for mod, m in list(ad.modules.items()):
         at = match.mapping.get(mod, mod)
         t = b.tensors.get(f"{at}.weight")
         if t is None:
             continue
         ad.weights[mod] = (t.shape, f"{at}.bias" in b.tensors)
+        if len(t.shape) < 2:
+            continue
+        out_f, in_f = (t.shape[1], t.shape[0]) if flip and len(t.shape) == 2 else (t.shape[0], math.prod(t.shape[1:]))
         if unbound and len(t.shape) == 2:
-            width = t.shape[0] if cfg is not None and cfg.fan_in_fan_out else t.shape[1]
-            ad.modules[mod] = replace(m, in_features=width)
+            ad.modules[mod] = replace(m, in_features=int(in_f))
+        elif _widthless(m):
+            ad.modules[mod] = replace(
+                m, in_features=m.in_features or int(in_f), out_features=m.out_features or int(out_f)
+            )
+
+
+#: How a note names a tuner (``LoraModule.tuner``).
+_TUNER_NAMES = {
+    "diag-oft": "Diag-OFT",
+    "boft": "BOFT",
+    "oft": "OFT",
+    "hra": "HRA",
+    "shira": "SHiRA",
+    "fourierft": "FourierFT",
+    "randlora": "RandLoRA",
+    "vblora": "VB-LoRA",
+    "delora": "DeLoRA",
+    "c3a": "C3A",
+}
+
+
+def _widthless(m: LoraModule) -> bool:
+    """A module of another tuner whose file leaves one of its layer's widths unsaid (0)."""
+    return m.tuner != "lora" and not (m.in_features and m.out_features)
 
 
 def _merged_tensors(b: _Base, ad: _Adapter) -> dict[str, _T] | None:

@@ -12,7 +12,7 @@ from typing import Any
 from .arch import layout_of, short_name
 from .config import TUNER_PEFT_TYPES, AdapterConfig
 from .inputs import load_source, open_local, resolve
-from .inventory import Inventory, LoraModule
+from .inventory import ROTATION_TUNERS, Inventory, LoraModule
 from .io.reader import ADAPTER_WEIGHTS, Checkpoint, named_adapters
 from .module_match import match_modules
 from .moe_layouts import split_expert_module
@@ -121,8 +121,9 @@ def _summarise(
             params += m.out_features
     mg = []
     for g, ms in sorted(groups.items()):
-        alphas = sorted({cfg.alpha_for(m.config_key) for m in ms}) if cfg else []
-        scal = sorted({round(m.scaling, 6) for m in ms if m.scaling is not None})
+        added = [m for m in ms if m.tuner not in ROTATION_TUNERS]  # a rotation has no alpha and no scaling
+        alphas = sorted({cfg.alpha_for(m.config_key) for m in added}) if cfg else []
+        scal = sorted({round(m.scaling, 6) for m in added if m.scaling is not None})
         algos = sorted({m.tuner for m in ms})
         mg.append(
             ModuleGroup(
@@ -151,7 +152,7 @@ def _summarise(
             warnings.append(f"adapter {name}: use_dora is set but no lora_magnitude_vector tensors were found")
         if has_mag and not cfg.use_dora:
             warnings.append(f"adapter {name}: DoRA magnitude tensors found but use_dora is false in the config")
-        for reason in cfg.unsupported_reasons(TUNER_PEFT_TYPES):
+        for reason in cfg.unsupported_reasons():
             warnings.append(f"adapter {name}: not plain LoRA: {reason}")
     return AdapterSummary(
         name=name,

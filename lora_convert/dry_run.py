@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .io.safetensors_format import build_header
+from .io.views import ScaledSource
 from .io.writer import assign_shards, parse_size, shard_names
 from .options import UNSHARDED, Output
 from .pipeline import Job
@@ -42,7 +43,7 @@ class DryRun:
     bytes_exact: bool  # False: a one-file output (GGUF) counted by its tensor data alone
     read_bytes: int  # bytes of the row blocks the jobs declare they read (LoRA factors read whole not counted)
     factor_bytes: int  # bytes on disk of the listed modules' factors (A, B, lora bias, DoRA magnitude; every
-    # factor of a LoHa/LoKr/full-diff module), each tensor once
+    # factor of a LoHa/LoKr/full-diff module; VeRA's and AdaLoRA's stored tensors, not their views), each tensor once
     dtypes: dict[str, int]  # output tensors per dtype
     ops: dict[str, int]
     modules: list[dict[str, Any]]  # per adapter module touched: adapter, module, kind, rank, scaling, weight
@@ -129,16 +130,21 @@ def _factor_bytes(req: Request) -> int:
     """Bytes of every listed module's factors as stored (what a merge or combine reads whole), each tensor once: a
     LoHa, LoKr or full-diff module's are all its factors (LoHa's four and Tucker cores, LoKr's w1/w2 or their
     halves and core, the diff and its bias), not the two that ``a_key``/``b_key`` name for messages; the alpha
-    is read with the inventory, not by the merge."""
+    is read with the inventory, not by the merge.  A factor another tuner presents as a view (VeRA's
+    ``λ_d ⊙ vera_A``, AdaLoRA's ``lora_A ⊙ lora_E``) counts the stored tensors it reads: the shared projections once."""
     total = 0
     for a in req.adapters_in():
         seen: set[str] = set()
         for m in a.inventory.modules(a.name).values():
             keys = [m.a_key, m.b_key] if m.tuner == "lora" else [k for r, k in m.factors.items() if r != "alpha"]
             for key in (*keys, m.bias_key, m.magnitude_key):
-                if key is not None and key not in seen and key in a.ck.tensors:
-                    seen.add(key)
-                    total += a.ck.info(key).nbytes
+                if key is None or key not in a.ck.tensors:
+                    continue
+                info = a.ck.info(key)
+                for t in info.source.reads(key) if isinstance(info.source, ScaledSource) else [info]:
+                    if t.name not in seen:
+                        seen.add(t.name)
+                        total += t.nbytes
     return total
 
 

@@ -16,6 +16,9 @@ from .config import AdapterConfig
 from .errors import AdapterError, LoraConvertError
 
 DEFAULT_ADAPTER = "default"
+#: Tuners that rotate a weight rather than add to it: no alpha and no scaling; ``rank`` is the block size (OFT, BOFT,
+#: LyCORIS Diag-OFT), the reflections r (HRA) or the group size (RoAd).
+ROTATION_TUNERS = ("oft", "boft", "hra", "diag-oft", "road")
 
 
 @dataclass

@@ -71,19 +71,29 @@ def detection(res: Any) -> None:
     warnings(res.warnings)
 
 
+#: What a rotation tuner's ``rank`` is (it has no alpha and no scaling): its block size, or HRA's reflections r.
+_ROTATION_SIZE = {"oft": "block size", "boft": "block size", "diag-oft": "block size", "hra": "reflections r"}
+
+
 def _adapter(a: Any) -> None:
+    rotation = [bool(g.algorithms) and set(g.algorithms) <= _ROTATION_SIZE.keys() for g in a.modules]
     rows = [
         [
             g.name,
             str(g.count),
             ranges(g.layers) if g.layers else "-",
             ",".join(map(str, g.ranks)),
-            ",".join(f"{x:g}" for x in g.alphas) or "?",
-            ",".join(f"{x:g}" for x in g.scalings) or "?",
+            "-" if rot else ",".join(f"{x:g}" for x in g.alphas) or "?",
+            "-" if rot else ",".join(f"{x:g}" for x in g.scalings) or "?",
         ]
-        for g in a.modules
+        for g, rot in zip(a.modules, rotation, strict=True)
     ]
     head = ["module", "count", "layers", "rank", "alpha", "scaling"]
+    if any(rotation):  # OFT, BOFT, HRA, Diag-OFT: the rank column is their size, under its own name
+        sizes = sorted({_ROTATION_SIZE[t] for g in a.modules for t in g.algorithms or () if t in _ROTATION_SIZE})
+        head[3] = " / ".join(sizes if all(rotation) else ["rank", *sizes])
+        if all(rotation):  # no alpha, no scaling to show
+            head, rows = head[:4], [row[:4] for row in rows]
     if any(g.algorithms for g in a.modules):  # a LyCORIS file: which algorithm each group's modules use
         head.append("algorithm")
         for row, g in zip(rows, a.modules, strict=True):

@@ -281,7 +281,7 @@ BAD_FACTORS = {  # q_proj is 32×32: LoKr w1 (4, 4) ⊗ w2 (8, 8)
     "embedding": (
         {"hada_w1_a": (96, 2), "hada_w1_b": (2, 32), "hada_w2_a": (96, 2), "hada_w2_b": (2, 32)},
         "LOHA",
-        "PEFT builds LoHa/LoKr only on nn.Linear",
+        "PEFT builds LoHa only on nn.Linear",
         "hada_w1_a",
     ),
     "nan": ({"lokr_w1": (4, 4), "lokr_w2": (8, 8), "nan": ()}, "LOKR", "NaN", "lokr_w2"),

@@ -177,7 +177,7 @@ def test_a_weighted_diag_oft_merge_is_refused_by_name(tmp_path):
     oft_file(base, SPECS, tmp_path / "k" / "oft.safetensors")
     out = tmp_path / "merged"
     res = cli("merge", tmp_path / "unet", "--adapter", f"{tmp_path / 'k'}:0.5", "-o", out)
-    one_error(res, "DIAG-OFT rotates this weight (R·W, LyCORIS)", "only weight 1", out=out)
+    one_error(res, "Diag-OFT rotates this weight (R·W, LyCORIS)", "only weight 1", out=out)
 
 
 TO_Q = _name(f"{ATTN}.attn1.to_q")

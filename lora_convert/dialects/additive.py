@@ -23,7 +23,7 @@ name in ``factors``; the merge builds its ΔW (``routes/additive_terms.py``, mat
   shared as VB-LoRA's bank is (saved without them: refused by name, as VeRA's projections are).
 
 SHiRA, FourierFT, RandLoRA, MiSS and RoAd do not store their layer's width: an adapter's modules have in/out features 0 (their
-merge reads it from the base; ``report`` takes it from the base it is given, ``costs._bind_widths``).
+merge reads it from the base; ``report`` takes it from the base it is given, ``costs._base_shapes``).
 """
 
 from __future__ import annotations

@@ -136,4 +136,5 @@ def _module(ck: Checkpoint, inv: Inventory, adapter: str, mod: str, keys: dict[s
         tuner="boft",
         factors={"boft_R": keys["boft_R"], "boft_s": keys["boft_s"]},
         factor_params=r.shape[0] * d * b * b + s.shape[0] * s.shape[1],
+        tuner_args={"stages": r.shape[0]},  # m butterfly factors (its merge FLOPs)
     )

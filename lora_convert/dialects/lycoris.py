@@ -276,6 +276,6 @@ def _diag_oft(
         factors=factors,
         factor_params=math.prod(blocks) + (out if rescale is not None else 0),
         # rows_mixed: the rows the rotation mixes (a block, the last butterfly stage): the engine reads whole ones
-        tuner_args={"constraint": float(alpha or 0.0), "rows_mixed": 2 ** (stages - 1) * b},
+        tuner_args={"constraint": float(alpha or 0.0), "rows_mixed": 2 ** (stages - 1) * b, "stages": stages},
     )
     return lm, float(b)

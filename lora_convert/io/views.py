@@ -107,6 +107,12 @@ class ScaledSource(TensorSource):
         """The factor a view was made from, as stored (what a route writing the tuner's own layout copies)."""
         return self._stored[name]
 
+    def reads(self, name: str) -> list[TensorInfo]:
+        """The stored tensors a view reads whole: its factor and its scale (VeRA's shared ``vera_A`` and a layer's
+        ``λ_d``), what a dry run counts as read rather than the view's own float32 size."""
+        factor, scale, _, _ = self._parts[name]
+        return [factor] if scale is None else [factor, scale]
+
     def infos(self) -> dict[str, TensorInfo]:
         return {}
 

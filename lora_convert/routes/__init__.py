@@ -64,6 +64,7 @@ __all__ = [
     "Plan",
     "Planner",
     "TUNER_TAKES",
+    "TUNER_WORDS",
     "Request",
     "Route",
     "command_planner",
@@ -114,7 +115,8 @@ TUNER_TAKES: dict[str, frozenset[Route]] = {
         for t in ("shira", "fourierft", "vblora", "delora", "c3a", "randlora", "miss")
     },
 }
-_TUNER_WORDS = {
+#: How messages name each tuner (``LoraModule.tuner``, or an IA³ module's kind).
+TUNER_WORDS = {
     "loha": "LoHa",
     "lokr": "LoKr",
     "ia3": "IA³",
@@ -168,7 +170,7 @@ def refuse_untaken(req: Request, route: Route) -> None:
             if route in takes:
                 continue
             tuner = m.tuner if m.tuner != "lora" else m.kind
-            word = _TUNER_WORDS.get(tuner, tuner)
+            word = TUNER_WORDS.get(tuner, tuner)
             origin = " from a LyCORIS file" if key == "lycoris" else ""
             n = sum(o.tuner == m.tuner and o.kind == m.kind for o in modules)
             doing = "combining" if route == "combine" else f"--to {route[1] if isinstance(route, tuple) else route}"

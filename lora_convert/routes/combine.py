@@ -148,7 +148,7 @@ def _check_sources(sources: list[AdapterInput]) -> list[str]:
         cfg.check_supported()
         where: Where = {"path": inp.ck.root}
         tuned = next((m for m in inv.modules(inp.name).values() if m.tuner != "lora"), None)
-        if tuned is not None:  # dialects/additive's tuners (LoHa/LoKr stop at check_supported)
+        if tuned is not None:  # another tuner (routes.refuse_untaken refuses every one by name first: a backstop)
             raise UnsupportedError(
                 f"a {cfg.peft_type} adapter (module {tuned.module}) cannot be combined: PEFT's add_weighted_adapter "
                 "combines LoRA factors",

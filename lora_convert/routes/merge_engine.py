@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import arch, lora_math
-from ..config import TUNER_PEFT_TYPES
 from ..errors import AdapterError, RouteError, UnsupportedError, option
-from ..inventory import LoraModule
+from ..inventory import ROTATION_TUNERS, LoraModule
 from ..io.reader import Checkpoint
 from ..pipeline import TILE_BYTES, Buffers, Job, Read
+from . import TUNER_WORDS
 from .common import BaseView, check_finite, copy_job, remap_modules, same_tensor
 from .moe import ExpertPlan, plan_expert_lora
 from .plan import AdapterInput, Request
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .. import oft_math
 
 # the tuners that rotate a weight (routes/oft_terms.py): its input side, or its output rows (LyCORIS's Diag-OFT/BOFT)
-ROTATIONS = ("oft", "boft", "hra", "diag-oft", "road")
+ROTATIONS = ROTATION_TUNERS
 
 
 @dataclass
@@ -139,7 +139,7 @@ def merge_ops(req: Request) -> MergeOps:
         )
     for inp in req.adapters_in():
         assert inp.config is not None, "the API checks that an adapter config exists"
-        inp.config.check_supported(TUNER_PEFT_TYPES)
+        inp.config.check_supported()
     base = BaseView(req.base) if req.base is not None else BaseView(req.source, req.inventory.base)
     qbase = quantized_base(req, base)  # read through its dequantized view
     if qbase is not None:
@@ -213,9 +213,12 @@ def _assign(
             )
     for k, o in ops.items():
         if o.ia3 and (len(o.loras) > 1 or o.loras[0].weight != 1.0):
+            lo = next((lo for lo in o.loras if lo.module.kind == "ia3"), o.loras[0])
             raise UnsupportedError(
                 f"{k}: IA³ scales this weight (W ⊙ l); with another adapter on it, a weight or an unmerge the "
                 "result is not what PEFT merges",
+                path=lo.ck.root,
+                tensor=lo.module.a_key,
                 hint="merge an IA³ adapter alone, at weight 1",
             )
         products = {"road": "RoAd rotates this weight's output rows (R·W)", "miss": "MiSS bat multiplies this weight"}
@@ -226,15 +229,18 @@ def _assign(
                 hint="merge this adapter alone, at weight 1",
             )
         if o.oft and (len(o.loras) > 1 or o.loras[0].weight != 1.0):
+            lo = next((lo for lo in o.loras if lo.module.tuner in ROTATIONS), o.loras[0])
             raise UnsupportedError(
-                f"{k}: {o.loras[0].module.tuner.upper()} rotates this weight"
+                f"{k}: {TUNER_WORDS.get(lo.module.tuner, lo.module.tuner)} rotates this weight"
                 + (
                     " (R·W, LyCORIS); with another adapter on it, a weight or an unmerge the result is no rotation "
                     "lora-convert merges (only weight 1 is)"
-                    if "rows_mixed" in o.loras[0].module.tuner_args
+                    if "rows_mixed" in lo.module.tuner_args
                     else "'s input side (W·Rᵀ); with another adapter on it, a weight or an unmerge the result is not "
                     "what PEFT merges (PEFT gives it no scale)"
                 ),
+                path=lo.ck.root,
+                tensor=lo.module.a_key,
                 hint="merge this adapter alone, at weight 1",
             )
         if len(o.loras) > 1 and o.dora:
@@ -296,9 +302,16 @@ def _assign_adapter(
         if wk not in ops:
             raise AdapterError(f"module {mod} has no weight in the base", path=ad.root, tensor=m.a_key)
         if m.tuner not in ("lora", *ROTATIONS) and arch.is_embedding(remap[mod]):
+            word = TUNER_WORDS.get(m.tuner, m.tuner)
             raise UnsupportedError(
-                f"{m.tuner} module on the embedding {mod}: PEFT builds LoHa/LoKr only on nn.Linear, nn.Conv1d "
-                "and nn.Conv2d and refuses embeddings",
+                f"{m.tuner} module on the embedding {mod}: "
+                + (
+                    f"lora-convert merges a LyCORIS {word} module into linear and conv weights only"
+                    if inv.dialect == "kohya"
+                    else f"PEFT builds {word} only on nn.Linear, nn.Conv1d and nn.Conv2d and refuses embeddings"
+                    if m.tuner in ("loha", "lokr")
+                    else f"PEFT builds {word} on no embedding layer (it refuses nn.Embedding)"
+                ),
                 path=ad.root,
                 tensor=m.a_key,
             )

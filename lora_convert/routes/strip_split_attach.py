@@ -109,7 +109,7 @@ def split_names(inv: Inventory, adapter: str) -> dict[str, str]:
 def plan_attach(req: Request) -> Plan:
     """adapter + base -> unmerged: PEFT's in-model state dict (``base_layer``, ``lora_A.<name>``)."""
     assert req.base is not None and req.config is not None
-    req.config.check_supported(TUNER_PEFT_TYPES)
+    req.config.check_supported()
     inv, ad, name = req.inventory, req.source, req.adapter
     # the base under the names PEFT's in-model state dict uses: MoE experts fused as transformers holds them
     mem = memory_view(req.base, req.model_config)
