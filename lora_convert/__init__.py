@@ -47,7 +47,7 @@ from .errors import (
 from .io.reader import Checkpoint, open_checkpoint
 
 if TYPE_CHECKING:
-    from .batch import Job
+    from .fleet import Job
 
 __version__ = "0.1.0"
 
@@ -55,7 +55,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     """``Job`` is imported when first asked for (see :func:`.api.__getattr__`): a merge has no batch to run."""
     if name == "Job":
-        from .batch import Job
+        from .fleet import Job
 
         return Job
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

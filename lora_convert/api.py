@@ -24,10 +24,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from .assemble import ConvertResult, PrepassRun, TensorRun
-    from .batch import BatchResult, Job, JobLine, Outcome
     from .costs import Report
     from .detection import DetectResult
     from .dry_run import DryRun
+    from .fleet import BatchResult, Job, JobLine, Outcome
     from .io.hub import PushResult
     from .routes.extract import ExtractOptions
     from .routes.plan import Request
@@ -36,12 +36,12 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    """``Job`` and ``JobLine`` (a batch's jobs, public here) come from :mod:`.batch` when first asked for: no
+    """``Job`` and ``JobLine`` (a batch's jobs, public here) come from :mod:`.fleet` when first asked for: no
     other command runs a batch, and that module (job files, state records, hashing) is no small import."""
     if name in ("Job", "JobLine"):
-        from . import batch
+        from . import fleet
 
-        return getattr(batch, name)
+        return getattr(fleet, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -555,14 +555,14 @@ def read_jobs(path: str | Path) -> list[JobLine]:
     Raises:
         OptionError: a file that cannot be read, is not YAML/JSON Lines, lists no job, or a job that is not one of
         merge, convert, extract, verify, combine, push (naming the file and the job)."""
-    from .batch import read_job_file
+    from .fleet import read_job_file
 
     return read_job_file(path)
 
 
 def batch_state_folder(path: str | Path) -> Path:
     """Where a batch keeps its finished jobs' records by default: ``JOBS.state`` beside the job file."""
-    from .batch import state_folder
+    from .fleet import state_folder
 
     return state_folder(path)
 
@@ -577,7 +577,7 @@ def batch(
     on_change: Callable[[list[Outcome]], None] | None = None,
 ) -> BatchResult:
     """Run several jobs (each one call of ``merge``, ``convert``, ``extract``, ``verify``, ``combine`` or ``push``:
-    a :class:`~lora_convert.batch.Job` with the function's keywords) in parallel; one job's failure stops no other.
+    a :class:`~lora_convert.fleet.Job` with the function's keywords) in parallel; one job's failure stops no other.
 
     Args:
         jobs: the jobs (the CLI parses a job file's command lines into them).
@@ -585,15 +585,15 @@ def batch(
             whose record still matches is skipped.  None: no records.  rerun: run every job all the same.
         workers: jobs at once on this machine (default: its cores, fewer where their memory would not fit).
         ray: run each job as a Ray task on this cluster: ``auto``, ``local`` (start one) or an address; needs ray.
-        on_change: called with every job's :class:`~lora_convert.batch.Outcome` whenever one changes.
+        on_change: called with every job's :class:`~lora_convert.fleet.Outcome` whenever one changes.
 
     Returns:
-        A :class:`~lora_convert.batch.BatchResult` (``.ok``, ``.jobs`` with each one's status and error line).
+        A :class:`~lora_convert.fleet.BatchResult` (``.ok``, ``.jobs`` with each one's status and error line).
 
     Raises:
         OptionError: bad ``workers``, ``ray`` without ray installed, an address it cannot reach.
     """
-    from .batch import check_job, run_batch
+    from .fleet import check_job, run_batch
 
     for j in jobs:
         check_job(j)

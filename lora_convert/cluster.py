@@ -1,7 +1,7 @@
 """Jobs as Ray tasks (``batch --ray ADDRESS``): the only module that imports ray, and only when asked to.
 
-Each job is one task running :func:`.batch.run_job` (the same function a local pool worker runs), with one CPU and
-the memory its footprint needs requested (:func:`.batch.footprint`, capped at the largest node's), and retried by
+Each job is one task running :func:`.fleet.run_job` (the same function a local pool worker runs), with one CPU and
+the memory its footprint needs requested (:func:`.fleet.footprint`, capped at the largest node's), and retried by
 Ray when its worker or node dies (``max_retries``): the API writes outputs atomically, so a task killed half-way
 leaves a marked temporary folder that the retry's own run cleans up, and nothing published.  A job's own failure
 is not retried: it is its error line, returned like any outcome.  The driver gathers every outcome as it comes.
@@ -16,8 +16,8 @@ import logging
 import os
 from typing import Any
 
-from .batch import Job, Outcome, Runner, lost, run_job
 from .errors import OptionError
+from .fleet import Job, Outcome, Runner, lost, run_job
 
 #: Ray retries a task this many times when its worker process or node dies (not when the job itself fails).
 TASK_RETRIES = 3
@@ -141,7 +141,7 @@ def _write_shard(reopen: dict[str, Any], tmp: str, si: int, shape: dict[str, Any
     """One output shard of a merge, in a Ray task: the plan made again from the inputs, its shard's jobs run."""
     from pathlib import Path
 
-    from .batch import threads_as_alone
+    from .fleet import threads_as_alone
     from .io.writer import SafetensorsWriter
     from .pipeline import execute
     from .requests import open_request

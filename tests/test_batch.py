@@ -207,7 +207,7 @@ def test_the_pool_admits_jobs_by_their_memory_footprint():
     memory, and always one."""
     from safetensors import safe_open
 
-    from lora_convert.batch import PROCESS_BYTES, Job, LocalPool, footprint
+    from lora_convert.fleet import PROCESS_BYTES, Job, LocalPool, footprint
 
     with safe_open(f"{BASE}/model.safetensors", "pt") as f:
         largest = max(
@@ -238,3 +238,15 @@ def test_jobs_that_read_each_others_outputs_are_blocked_not_hung(tmp_path, monke
         ("blocked", "its inputs are outputs of jobs that wait for it")
     ] * 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jobs.yaml"]  # nothing ran, no state recorded
+
+
+def test_the_package_batch_stays_the_function_once_the_fleet_module_is_imported():
+    """``lora_convert.batch`` is the API function: the module that runs fleets is imported lazily (start-up), and a
+    submodule of the same name, once imported, would have replaced the package's attribute with itself (this broke
+    ``lc.batch(...)`` after a ``merge --ray``: 'module' object is not callable)."""
+    code = (
+        "import lora_convert as lc, lora_convert.fleet, lora_convert.cluster, lora_convert.api as api\n"
+        "assert lc.batch is api.batch and callable(lc.batch), lc.batch\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -73,7 +73,7 @@ def test_an_output_published_before_its_record_is_adopted_only_if_the_job_made_i
     """The window the kill above lands in most often, made on purpose: the job started (its pending record), its
     output renamed into place, no final record.  The rerun takes the output as the job's; an output that was
     there before the job started is never taken for it."""
-    from lora_convert.batch import Job, State
+    from lora_convert.fleet import Job, State
 
     job = Job(
         1,

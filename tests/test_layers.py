@@ -43,7 +43,7 @@ LAYERS: dict[str, list[str]] = {
     "plans": ["routes", "routes.*"],
     "requests": ["options", "requests"],
     "assembly": ["assemble", "card", "dry_run"],
-    "surface": ["", "api", "detection", "costs", "compare", "logits_check", "spectrum", "batch", "cluster"],
+    "surface": ["", "api", "detection", "costs", "compare", "logits_check", "spectrum", "fleet", "cluster"],
     "cli": ["cli", "cli_args", "cli_output", "render"],
 }
 

@@ -141,7 +141,7 @@ def test_a_merge_imports_no_other_dialect(tmp_path):
         "lora_convert.routes.additive_terms",
         "lora_convert.oft_math",
         "lora_convert.additive_math",
-        "lora_convert.batch",
+        "lora_convert.fleet",
         "lora_convert.routes.requantize",
         "lora_convert.routes.tuner_terms",
         "lora_convert.tuner_math",

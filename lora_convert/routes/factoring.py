@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-MAX_WORKERS = 4  # factorisations at once (each a ΔW held in memory; batch.footprint counts them)
+MAX_WORKERS = 4  # factorisations at once (each a ΔW held in memory; fleet.footprint counts them)
 
 
 def plan_threads(cpus: int | None = None) -> tuple[int, int]:
