@@ -17,13 +17,14 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from click.testing import CliRunner, Result
 from hypothesis import strategies as st
 from safetensors.torch import save_file
-from tiny import gpt2, llama, qwen2
+from tiny import LayerKinds, gpt2, llama, qwen2
 
 from lora_convert.cli import main
 from lora_convert.io.output import TMP_MARK
@@ -398,3 +399,31 @@ def tree_digest(folder: Path) -> dict[str, str]:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
     }
+
+
+def merge_layer_kinds_like_peft(tmp_path: Path, config: Any) -> list[str]:
+    """A tiny LayerKinds model (Linear, Conv2d 3×3 and 1×1) with PEFT's tuner ``config`` on it, merged by us from
+    its saved adapter: every merged tensor within 1e-6 of PEFT's ``merge_and_unload``, and ``detect``'s count PEFT's
+    trainable count.  Returns the names of the tensors PEFT's merge changed (sorted), for the caller's check."""
+    import copy
+
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+
+    import lora_convert as lc
+
+    torch.manual_seed(0)
+    model = LayerKinds()
+    (tmp_path / "base").mkdir()
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    save_file(base, str(tmp_path / "base" / "model.safetensors"))
+    pm = get_peft_model(model, config)
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    want = {k: v.detach() for k, v in copy.deepcopy(pm).merge_and_unload().state_dict().items()}
+    lc.merge(tmp_path / "adapter", base=tmp_path / "base", output=tmp_path / "merged")
+    got = load_file(tmp_path / "merged" / "model.safetensors")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert (got[k] - want[k]).abs().max().item() <= 1e-6, k
+    assert lc.detect(tmp_path / "adapter").adapters[0].lora_parameters == pm.get_nb_trainable_parameters()[0]
+    return sorted(k for k in want if not torch.equal(want[k], base[k]))
